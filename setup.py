@@ -1,0 +1,79 @@
+"""Builds smskd_fast._C: the CPU operators always, the CUDA ones when possible.
+
+CUDA sources (csrc/cuda/*.cu, kernels/*.cu) are compiled for sm_80 and sm_90
+whenever the installed torch is a CUDA build and nvcc is found, so that a
+machine without a GPU still compiles (and so checks) every kernel.
+Set SMSKD_FAST_NO_CUDA=1 to build the CPU part only.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sysconfig
+
+import torch
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CUDA_ARCHS = ("80", "90")
+
+
+def sources(*patterns: str) -> list[str]:
+    """Repository-relative paths matching the patterns, sorted for stable builds."""
+    found: list[str] = []
+    for pattern in patterns:
+        found += sorted(glob.glob(pattern, root_dir=ROOT, recursive=True))
+    return found
+
+
+def cuda_build_reason() -> str | None:
+    """None when the CUDA part should be built, else why not."""
+    if os.environ.get("SMSKD_FAST_NO_CUDA", "0") not in ("", "0"):
+        return "SMSKD_FAST_NO_CUDA is set"
+    if torch.version.cuda is None:
+        return "the installed torch is not a CUDA build"
+    if cpp_extension.CUDA_HOME is None:
+        return "no CUDA toolkit found (set CUDA_HOME)"
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    if not os.path.exists(nvcc) and shutil.which("nvcc") is None:
+        return f"nvcc not found under CUDA_HOME={cpp_extension.CUDA_HOME}"
+    return None
+
+
+def pip_cuda_include_dirs() -> list[str]:
+    """Headers of the pip-installed CUDA runtime that CUDA builds of torch depend on."""
+    site = sysconfig.get_paths()["purelib"]
+    return [path for path in glob.glob(os.path.join(site, "nvidia", "cu*", "include")) if os.path.isdir(path)]
+
+
+def extension() -> cpp_extension.CppExtension:
+    cxx_flags = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x030a0000"]
+    include_dirs = [os.path.join(ROOT, "kernels"), os.path.join(ROOT, "csrc")]
+    cpu_sources = sources("csrc/*.cpp", "csrc/cpu/*.cpp")
+    reason = cuda_build_reason()
+    if reason is not None:
+        print(f"smskd_fast: building the CPU operators only ({reason})")
+        return cpp_extension.CppExtension(
+            "smskd_fast._C", cpu_sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"], py_limited_api=True,
+        )
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(f"{a[0]}.{a[1]}" for a in CUDA_ARCHS))
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
+    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "-Xptxas=-warn-spills", *gencode]
+    cuda_sources = sources("csrc/cuda/*.cpp", "csrc/cuda/*.cu", "kernels/*.cu")
+    print(f"smskd_fast: building CPU and CUDA operators for sm_{', sm_'.join(CUDA_ARCHS)}")
+    return cpp_extension.CUDAExtension(
+        "smskd_fast._C", cpu_sources + cuda_sources,
+        include_dirs=include_dirs + pip_cuda_include_dirs(),
+        extra_compile_args={"cxx": cxx_flags + ["-DSMSKD_FAST_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"], py_limited_api=True,
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)

@@ -1,0 +1,10 @@
+"""Loss backends. Each module registers one backend; import order does not matter."""
+from .compiled import CompiledOpBackend
+from .reference import ReferenceBackend
+from .registry import available_backends, register_backend, resolve_backend
+
+register_backend(CompiledOpBackend("cpu", device_type="cpu", dispatch_key="CPU"), rank=10)
+register_backend(CompiledOpBackend("cuda", device_type="cuda", dispatch_key="CUDA"), rank=20)
+register_backend(ReferenceBackend(), rank=1000)
+
+__all__ = ["available_backends", "register_backend", "resolve_backend"]

@@ -1,0 +1,74 @@
+"""What every loss backend receives and returns: flattened rows in, per-row terms out."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+
+WEIGHTINGS = ("inverse_tcp", "tcp", "constant")
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Scalar settings of the loss (SPEC.md section 2)."""
+
+    temperature: float = 4.0
+    ce_weight: float = 1.0
+    kd_weight: float = 1.0
+    ref_weight: float = 1.0
+    weighting: str = "inverse_tcp"
+    ignore_index: int = -100
+
+
+@dataclass(frozen=True)
+class RowInputs:
+    """Validated inputs flattened to rows: logits (N, C), target (N,) or None."""
+
+    student: torch.Tensor
+    target: Optional[torch.Tensor]
+    teacher: Optional[torch.Tensor]
+    reference: Optional[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RowOutputs:
+    """Per-row results, each of shape (N,) in the accumulation dtype.
+
+    loss is differentiable with respect to the student logits; the other fields
+    are the unweighted terms (ref already includes the weight w_i) and the TCP
+    and weight of each row, all zero on ignored rows.
+    """
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kd: torch.Tensor
+    ref: torch.Tensor
+    tcp: torch.Tensor
+    weight: torch.Tensor
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can run here, and why not. Truthy when available."""
+
+    available: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.available
+
+
+class Backend(Protocol):
+    """A loss implementation that the registry can dispatch to."""
+
+    name: str
+
+    def status(self) -> BackendStatus:
+        """Whether this backend can run in this process, and why not."""
+
+    def supports(self, device: torch.device) -> bool:
+        """Whether this backend runs tensors on the given device."""
+
+    def rows(self, inputs: RowInputs, options: LossOptions) -> RowOutputs:
+        """Computes the per-row loss terms of SPEC.md section 2."""

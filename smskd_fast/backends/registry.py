@@ -1,0 +1,83 @@
+"""The backend registry: which loss backends exist, which can run, and which "auto" picks.
+
+A backend registers itself with a preference rank; backend="auto" takes, for the
+device of the inputs, the most preferred available backend that supports it,
+unless a chooser registered for that device type (e.g. one that measured which
+GPU backend is faster per dtype and C) names another. Callers never change when
+a backend is added.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .base import Backend, BackendStatus
+
+# A chooser gets (candidate names, dtype, number of classes) and returns one name.
+AutoChooser = Callable[[List[str], torch.dtype, int], str]
+
+_BACKENDS: Dict[str, Tuple[int, Backend]] = {}
+_CHOOSERS: Dict[str, AutoChooser] = {}
+_STATUS: Dict[str, BackendStatus] = {}  # filled on first use: availability is fixed per process
+
+
+def register_backend(backend: Backend, *, rank: int) -> None:
+    """Adds a backend; lower rank is preferred by backend="auto"."""
+    _BACKENDS[backend.name] = (rank, backend)
+    _STATUS.pop(backend.name, None)
+
+
+def backend_status(name: str) -> BackendStatus:
+    """The (cached) status of a registered backend."""
+    if name not in _STATUS:
+        _STATUS[name] = _BACKENDS[name][1].status()
+    return _STATUS[name]
+
+
+def register_auto_chooser(device_type: str, chooser: AutoChooser) -> None:
+    """Lets backend="auto" choose among several available backends of one device type."""
+    _CHOOSERS[device_type] = chooser
+
+
+def backend_names() -> List[str]:
+    """All registered backend names, most preferred first."""
+    return [name for name, _ in sorted(_BACKENDS.items(), key=lambda item: item[1][0])]
+
+
+def available_backends() -> Dict[str, BackendStatus]:
+    """Every registered backend with whether it can run here and why not."""
+    return {name: backend_status(name) for name in backend_names()}
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called name; an error that says why when it cannot run."""
+    if name not in _BACKENDS:
+        raise ValueError(
+            f"backend must be 'auto' or one of {backend_names()}, got {name!r}"
+        )
+    backend = _BACKENDS[name][1]
+    status = backend_status(name)
+    if not status.available:
+        raise RuntimeError(f"backend {name!r} is not available: {status.reason}")
+    return backend
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, num_classes: int) -> Backend:
+    """The backend to run for inputs on device; name may be "auto"."""
+    if name != "auto":
+        backend = get_backend(name)
+        if not backend.supports(device):
+            raise ValueError(
+                f"backend {name!r} does not run tensors on device {device}; "
+                f"use backend='auto' or one that supports {device.type}"
+            )
+        return backend
+    candidates = [
+        candidate
+        for candidate in backend_names()
+        if _BACKENDS[candidate][1].supports(device) and backend_status(candidate).available
+    ]
+    chooser: Optional[AutoChooser] = _CHOOSERS.get(device.type)
+    chosen = chooser(candidates, dtype, num_classes) if chooser and len(candidates) > 1 else candidates[0]
+    return _BACKENDS[chosen][1]

@@ -1,0 +1,56 @@
+"""Python half of the smskd_fast::smskd_loss_rows operator: fake kernel and autograd.
+
+The schema and the device kernels are C++ (csrc/); here we add what
+torch.compile needs (a fake implementation that only computes shapes) and the
+autograd formula. The kernel writes the gradient of each row's loss during the
+forward pass ("backward in forward"), so backward only scales it by grad_output.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._extension import extension_loaded
+
+OP_NAME = "smskd_fast::smskd_loss_rows"
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_smskd_loss_rows(
+    student, target, teacher, reference, temperature, ce_weight, kd_weight,
+    ref_weight, weighting, ignore_index, compute_grad,
+):
+    n, c = student.shape
+    acc = _accumulation_dtype(student.dtype)
+    per_row = [student.new_empty((n,), dtype=acc) for _ in range(6)]
+    grad = student.new_empty((n if compute_grad else 0, c))
+    return (*per_row, grad)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    compute_grad = inputs[-1]
+    ctx.compute_grad = compute_grad
+    ctx.save_for_backward(output[-1])
+
+
+def _backward(ctx, grad_loss, *unused_grads):
+    if not ctx.compute_grad:
+        raise RuntimeError(
+            "smskd_loss_rows was called with compute_grad=False, so it has no gradient; "
+            "call it with compute_grad=True when the student logits require grad"
+        )
+    (row_grad,) = ctx.saved_tensors
+    grad_student = row_grad * grad_loss.to(row_grad.dtype).unsqueeze(-1)
+    return grad_student, None, None, None, None, None, None, None, None, None, None
+
+
+def register() -> None:
+    """Adds fake and autograd implementations to the compiled operator."""
+    torch.library.register_fake(OP_NAME)(_fake_smskd_loss_rows)
+    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+
+
+if extension_loaded():
+    register()

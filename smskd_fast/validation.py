@@ -1,0 +1,101 @@
+"""Argument checks for the public loss API: one clear error per bad input.
+
+Each message names the argument and what was expected, so that a user sees what
+to fix without reading a kernel's stack trace.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .backends.base import WEIGHTINGS
+
+REDUCTIONS = ("mean", "sum", "none")
+FLOATING_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_logits(name: str, logits: torch.Tensor) -> None:
+    """Logits must be a floating tensor with at least one dimension (the classes)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in FLOATING_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float64, float32, bfloat16 or float16), got {logits.dtype}"
+        )
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape (..., C) with C >= 1, got {tuple(logits.shape)}")
+
+
+def check_companion_logits(name: str, logits: Optional[torch.Tensor], student: torch.Tensor) -> None:
+    """Teacher or reference logits must match the student's shape, dtype and device."""
+    if logits is None:
+        return
+    check_logits(name, logits)
+    if logits.shape != student.shape:
+        raise ValueError(
+            f"{name} must have the student_logits' shape {tuple(student.shape)}, got {tuple(logits.shape)}"
+        )
+    if logits.dtype != student.dtype:
+        raise TypeError(
+            f"{name} must have the student_logits' dtype {student.dtype}, got {logits.dtype}; "
+            "cast all logits to one dtype"
+        )
+    if logits.device != student.device:
+        raise ValueError(
+            f"{name} must be on the student_logits' device {student.device}, got {logits.device}"
+        )
+
+
+def check_target(target: torch.Tensor, student: torch.Tensor, ignore_index: int) -> None:
+    """Target: integer class indices with the logits' leading shape, in [0, C) or ignore_index."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor of class indices, got {target.dtype}")
+    leading = tuple(student.shape[:-1])
+    if tuple(target.shape) != leading:
+        raise ValueError(
+            f"target must have the leading shape {leading} of student_logits {tuple(student.shape)}, "
+            f"got {tuple(target.shape)}"
+        )
+    if target.device != student.device:
+        raise ValueError(f"target must be on the student_logits' device {student.device}, got {target.device}")
+    # A data-dependent check needs the values on the host: done eagerly on the
+    # CPU; CUDA kernels check on the device instead, and compiled graphs rely on
+    # the kernels' own checks.
+    if target.device.type == "cpu" and not torch.compiler.is_compiling() and target.numel() > 0:
+        num_classes = student.shape[-1]
+        bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+        if bool(bad.any()):
+            first = int(target[bad].flatten()[0])
+            raise ValueError(
+                f"target values must be in [0, {num_classes}) or equal ignore_index={ignore_index}, "
+                f"found {first}"
+            )
+
+
+def check_options(temperature: float, reduction: str, weighting: str, weights: dict) -> None:
+    """Scalar options: T > 0, known reduction and weighting, finite loss weights."""
+    if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature != temperature:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if temperature == float("inf"):
+        raise ValueError("temperature must be finite, got inf")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    for name, value in weights.items():
+        if not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_weighting_has_tcp(
+    weighting: str, teacher: Optional[torch.Tensor], reference: Optional[torch.Tensor]
+) -> None:
+    """A TCP-based weighting of the reference term needs the teacher's logits."""
+    if reference is not None and teacher is None and weighting != "constant":
+        raise ValueError(
+            f"weighting={weighting!r} computes each row's weight from the teacher's true-class "
+            "probability, so it needs teacher_logits; pass teacher_logits or use weighting='constant'"
+        )

@@ -84,6 +84,7 @@ def smskd_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     backend: str = "auto",
+    overwrite_student_logits: bool = False,
 ) -> SMSKDLossOutput:
     """CE + KD to the teacher + TCP-weighted KL to the reference, fused per row.
 
@@ -92,6 +93,9 @@ def smskd_loss(
     (SPEC.md section 2). Logits have shape (..., C), target the leading shape.
     Rows whose target is ignore_index count for nothing; "mean" divides by the
     number of other rows and is 0 (not NaN) when there are none.
+    overwrite_student_logits=True lets a GPU backend store the gradient in the
+    student logits' memory instead of a new N x C buffer; their values are then
+    lost, so allow it only when nothing reads them after this call.
     """
     validation.check_logits("student_logits", student_logits)
     validation.check_companion_logits("teacher_logits", teacher_logits, student_logits)
@@ -103,7 +107,7 @@ def smskd_loss(
     )
     validation.check_weighting_has_tcp(weighting, teacher_logits, reference_logits)
     options = LossOptions(float(temperature), float(ce_weight), float(kd_weight), float(ref_weight),
-                          weighting, int(ignore_index))
+                          weighting, int(ignore_index), bool(overwrite_student_logits))
     rows = _run(student_logits, target, teacher_logits, reference_logits, options, backend)
 
     leading = tuple(target.shape)
@@ -125,6 +129,7 @@ def kd_loss(
     temperature: float = 4.0,
     reduction: str = "mean",
     backend: str = "auto",
+    overwrite_student_logits: bool = False,
 ) -> torch.Tensor:
     """Hinton's KD term alone: T^2 * KL(softmax(t/T) || softmax(s/T)) per row.
 
@@ -137,7 +142,7 @@ def kd_loss(
     validation.check_companion_logits("teacher_logits", teacher_logits, student_logits)
     validation.check_options(temperature, reduction, "constant", {})
     options = LossOptions(float(temperature), ce_weight=0.0, kd_weight=1.0, ref_weight=0.0,
-                          weighting="constant")
+                          weighting="constant", overwrite_student_logits=bool(overwrite_student_logits))
     rows = _run(student_logits, None, teacher_logits, None, options, backend)
     leading = tuple(student_logits.shape[:-1])
     return _reduce(rows.loss, rows.loss.shape[0], reduction, leading)

@@ -19,6 +19,9 @@ class LossOptions:
     ref_weight: float = 1.0
     weighting: str = "inverse_tcp"
     ignore_index: int = -100
+    # The caller allows a GPU backend to write the gradient into the student
+    # logits' own storage (no extra N x C buffer); the logits' values are then lost.
+    overwrite_student_logits: bool = False
 
 
 @dataclass(frozen=True)

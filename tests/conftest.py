@@ -1,0 +1,28 @@
+"""Shared fixtures: deterministic random logits for the loss tests."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def make_logits(shape, dtype=torch.float64, *, seed=0, scale=3.0, with_reference=True,
+                num_classes=None, ignore_every=0):
+    """Student, target, teacher and reference of the given (..., C) shape."""
+    generator = torch.Generator().manual_seed(seed)
+    c = shape[-1]
+
+    def logits():
+        return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+
+    student, teacher = logits(), logits()
+    reference = logits() if with_reference else None
+    target = torch.randint(0, num_classes or c, shape[:-1], generator=generator)
+    if ignore_every:
+        flat = target.view(-1)
+        flat[::ignore_every] = -100
+    return student, target, teacher, reference
+
+
+@pytest.fixture
+def logits_factory():
+    return make_logits

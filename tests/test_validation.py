@@ -1,0 +1,149 @@
+"""Every bad input to the public loss API gives one clear error naming the argument."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import smskd_fast
+from smskd_fast.backends import registry
+from smskd_fast.backends.base import BackendStatus
+from conftest import make_logits
+
+
+@pytest.fixture
+def inputs():
+    student, target, teacher, reference = make_logits((4, 6), dtype=torch.float32)
+    return dict(student_logits=student, target=target, teacher_logits=teacher, reference_logits=reference)
+
+
+def call(inputs, **overrides):
+    args = {**inputs, **{k: v for k, v in overrides.items() if k in inputs}}
+    options = {k: v for k, v in overrides.items() if k not in inputs}
+    return smskd_fast.smskd_loss(args["student_logits"], args["target"], args["teacher_logits"],
+                                 args["reference_logits"], backend="reference", **options)
+
+
+@pytest.mark.parametrize("name", ["teacher_logits", "reference_logits"])
+def test_logits_shape_mismatch(inputs, name):
+    with pytest.raises(ValueError, match=rf"{name} must have the student_logits' shape \(4, 6\), got \(4, 5\)"):
+        call(inputs, **{name: torch.zeros(4, 5)})
+
+
+def test_target_shape_mismatch(inputs):
+    with pytest.raises(ValueError, match=r"target must have the leading shape \(4,\).*got \(4, 1\)"):
+        call(inputs, target=torch.zeros(4, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["teacher_logits", "reference_logits"])
+def test_mixed_dtypes(inputs, name):
+    with pytest.raises(TypeError, match=rf"{name} must have the student_logits' dtype torch.float32, "
+                                        r"got torch.bfloat16"):
+        call(inputs, **{name: inputs[name].bfloat16()})
+
+
+def test_mixed_devices(inputs):
+    with pytest.raises(ValueError, match=r"teacher_logits must be on the student_logits' device cpu, got meta"):
+        call(inputs, teacher_logits=torch.empty(4, 6, device="meta"))
+    with pytest.raises(ValueError, match=r"target must be on the student_logits' device cpu, got meta"):
+        call(inputs, target=torch.empty(4, dtype=torch.long, device="meta"))
+
+
+@pytest.mark.parametrize("name", ["student_logits", "teacher_logits", "reference_logits"])
+def test_non_floating_logits(inputs, name):
+    with pytest.raises(TypeError, match=rf"{name} must be a floating tensor .* got torch.int64"):
+        call(inputs, **{name: torch.zeros(4, 6, dtype=torch.long)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_non_integer_target(inputs, dtype):
+    with pytest.raises(TypeError, match=rf"target must be an integer tensor of class indices, got {dtype}"):
+        call(inputs, target=torch.zeros(4, dtype=dtype))
+
+
+@pytest.mark.parametrize("bad", [6, -1, 100])
+def test_target_out_of_range(inputs, bad):
+    target = inputs["target"].clone()
+    target[2] = bad
+    with pytest.raises(ValueError, match=rf"target values must be in \[0, 6\) or equal ignore_index=-100, "
+                                         rf"found {bad}"):
+        call(inputs, target=target)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_temperature(inputs, temperature):
+    with pytest.raises(ValueError, match="temperature must be"):
+        call(inputs, temperature=temperature)
+
+
+def test_unknown_reduction(inputs):
+    with pytest.raises(ValueError, match=r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"):
+        call(inputs, reduction="avg")
+
+
+def test_unknown_weighting(inputs):
+    with pytest.raises(ValueError, match=r"weighting must be one of .*inverse_tcp.*got 'uniform'"):
+        call(inputs, weighting="uniform")
+
+
+def test_unknown_backend(inputs):
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \[.*'reference'.*\], got 'fast'"):
+        smskd_fast.smskd_loss(inputs["student_logits"], inputs["target"], backend="fast")
+
+
+class UnbuiltBackend:
+    """A registered backend that cannot run, standing in for e.g. cuda on a CPU machine."""
+
+    name = "unbuilt"
+
+    def status(self):
+        return BackendStatus(False, "built without its kernels")
+
+    def supports(self, device):
+        return True
+
+    def rows(self, inputs, options):
+        raise AssertionError("an unavailable backend must never run")
+
+
+def test_unavailable_backend_says_why(inputs, monkeypatch):
+    monkeypatch.setattr(registry, "_BACKENDS", {**registry._BACKENDS, "unbuilt": (0, UnbuiltBackend())})
+    monkeypatch.setattr(registry, "_STATUS", {})
+    with pytest.raises(RuntimeError, match=r"backend 'unbuilt' is not available: built without its kernels"):
+        smskd_fast.smskd_loss(inputs["student_logits"], inputs["target"], backend="unbuilt")
+    assert smskd_fast.available_backends()["unbuilt"].reason == "built without its kernels"
+    # auto skips it although it is the most preferred
+    smskd_fast.smskd_loss(inputs["student_logits"], inputs["target"])
+
+
+def test_backend_for_another_device(inputs):
+    with pytest.raises(ValueError, match=r"backend 'cuda' does not run tensors on device cpu|"
+                                         r"backend 'cuda' is not available"):
+        smskd_fast.smskd_loss(inputs["student_logits"], inputs["target"], backend="cuda")
+
+
+@pytest.mark.parametrize("weighting", ["inverse_tcp", "tcp"])
+def test_tcp_weighting_without_teacher(inputs, weighting):
+    with pytest.raises(ValueError, match=rf"weighting='{weighting}' .* needs teacher_logits"):
+        call(inputs, teacher_logits=None, weighting=weighting)
+    call(inputs, teacher_logits=None, weighting="constant")  # allowed: needs no TCP
+
+
+@pytest.mark.parametrize("name", ["ce_weight", "kd_weight", "ref_weight"])
+def test_non_finite_loss_weight(inputs, name):
+    with pytest.raises(ValueError, match=rf"{name} must be a finite number, got nan"):
+        call(inputs, **{name: float("nan")})
+
+
+def test_kd_loss_errors():
+    student = torch.zeros(3, 5)
+    with pytest.raises(ValueError, match="teacher_logits must be a tensor for kd_loss, got None"):
+        smskd_fast.kd_loss(student, None)
+    with pytest.raises(ValueError, match="teacher_logits must have the student_logits' shape"):
+        smskd_fast.kd_loss(student, torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="temperature must be"):
+        smskd_fast.kd_loss(student, student, temperature=0)
+
+
+def test_zero_dimensional_logits():
+    with pytest.raises(ValueError, match=r"student_logits must have shape \(\.\.\., C\) with C >= 1, got \(\)"):
+        smskd_fast.smskd_loss(torch.tensor(1.0), torch.tensor(0))

@@ -50,13 +50,18 @@ def available_backends() -> Dict[str, BackendStatus]:
     return {name: backend_status(name) for name in backend_names()}
 
 
-def get_backend(name: str) -> Backend:
-    """The backend called name; an error that says why when it cannot run."""
+def get_backend(name: str, device: Optional[torch.device] = None) -> Backend:
+    """The backend called name; an error that says why when it cannot run (on device)."""
     if name not in _BACKENDS:
         raise ValueError(
             f"backend must be 'auto' or one of {backend_names()}, got {name!r}"
         )
     backend = _BACKENDS[name][1]
+    if device is not None and not backend.supports(device):
+        raise ValueError(
+            f"backend {name!r} does not run tensors on device {device}; "
+            f"use backend='auto' or one that supports {device.type}"
+        )
     status = backend_status(name)
     if not status.available:
         raise RuntimeError(f"backend {name!r} is not available: {status.reason}")
@@ -66,13 +71,7 @@ def get_backend(name: str) -> Backend:
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, num_classes: int) -> Backend:
     """The backend to run for inputs on device; name may be "auto"."""
     if name != "auto":
-        backend = get_backend(name)
-        if not backend.supports(device):
-            raise ValueError(
-                f"backend {name!r} does not run tensors on device {device}; "
-                f"use backend='auto' or one that supports {device.type}"
-            )
-        return backend
+        return get_backend(name, device)
     candidates = [
         candidate
         for candidate in backend_names()

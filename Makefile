@@ -1,0 +1,51 @@
+# One-command set-up, demo and tests on a fresh machine (see README.md).
+#   make demo   creates .venv, builds the package with its compiled extension, runs the main job
+#   make test   the same set-up, then the whole test suite and the CMake/ctest build
+PYTHON ?= python3
+VENV := .venv
+PY := $(abspath $(VENV))/bin/python
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+CMAKE_BUILD := build/cmake
+
+# CUDA sources compile (for sm_80 and sm_90) wherever nvcc is, GPU or not.
+export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda))
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export MAX_JOBS ?= 2
+
+.PHONY: all venv build demo test test-python test-cmake bench clean
+
+all: test
+
+$(VENV)/.deps: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.deps
+
+# Editable install: the compiled extension lands in smskd_fast/ (rebuilt by ninja when sources change).
+build: venv
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import smskd_fast; print(smskd_fast.available_backends())"
+
+demo: build
+	$(PY) -m smskd_fast.bench
+
+test: test-python test-cmake
+
+test-python: build
+	$(PY) -m pytest tests -q
+
+test-cmake: venv
+	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DPython_EXECUTABLE=$(PY) \
+	  -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja $(CMAKE_ARGS)
+	cmake --build $(CMAKE_BUILD)
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+bench: build
+	$(PY) -m smskd_fast.bench
+
+clean:
+	rm -rf build $(VENV) smskd_fast/_C*.so *.egg-info .pytest_cache

@@ -3,6 +3,7 @@ from ._extension import extension_loaded
 from . import ops  # noqa: F401  registers fake/autograd for the compiled operators
 from .backends import available_backends
 from .functional import SMSKDLossOutput, kd_loss, smskd_loss, true_class_probability
+from .fused_linear import fused_linear_smskd_loss
 from .nn import KDLoss, SMSKDLoss
 
 __version__ = "0.1.0"
@@ -13,6 +14,7 @@ __all__ = [
     "KDLoss",
     "available_backends",
     "extension_loaded",
+    "fused_linear_smskd_loss",
     "kd_loss",
     "smskd_loss",
     "true_class_probability",

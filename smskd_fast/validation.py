@@ -49,23 +49,26 @@ def check_companion_logits(name: str, logits: Optional[torch.Tensor], student: t
 
 def check_target(target: torch.Tensor, student: torch.Tensor, ignore_index: int) -> None:
     """Target: integer class indices with the logits' leading shape, in [0, C) or ignore_index."""
+    check_class_indices(target, tuple(student.shape[:-1]), student.shape[-1], student.device,
+                        ignore_index, owner="student_logits")
+
+
+def check_class_indices(target: torch.Tensor, leading: tuple, num_classes: int, device: torch.device,
+                        ignore_index: int, *, owner: str) -> None:
+    """Target of shape leading with values in [0, num_classes) or ignore_index, on device."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"target must be an integer tensor of class indices, got {target.dtype}")
-    leading = tuple(student.shape[:-1])
     if tuple(target.shape) != leading:
-        raise ValueError(
-            f"target must have the leading shape {leading} of student_logits {tuple(student.shape)}, "
-            f"got {tuple(target.shape)}"
-        )
-    if target.device != student.device:
-        raise ValueError(f"target must be on the student_logits' device {student.device}, got {target.device}")
+        raise ValueError(f"target must have the leading shape {leading} of {owner}, got {tuple(target.shape)}")
+    if target.device != device:
+        possessive = f"{owner}'" if owner.endswith("s") else f"{owner}'s"
+        raise ValueError(f"target must be on the {possessive} device {device}, got {target.device}")
     # A data-dependent check needs the values on the host: done eagerly on the
     # CPU; CUDA kernels check on the device instead, and compiled graphs rely on
     # the kernels' own checks.
     if target.device.type == "cpu" and not torch.compiler.is_compiling() and target.numel() > 0:
-        num_classes = student.shape[-1]
         bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
         if bool(bad.any()):
             first = int(target[bad].flatten()[0])

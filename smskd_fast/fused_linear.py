@@ -1,0 +1,232 @@
+"""fused_linear_smskd_loss: the SMSKD loss straight from hidden states, one token chunk at a time.
+
+For language models the logits (tokens x vocabulary, for student, teacher and
+reference) take more memory than the models. Here each chunk of rows is
+projected to logits, the row kernel of the chosen backend computes the loss and
+d loss / d logits, and those are folded into the gradients of the student's
+hidden states, head weight and bias at once, so that peak memory holds one
+chunk's logits instead of all of them.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import validation
+from .backends import resolve_backend
+from .backends.base import LossOptions, RowInputs
+from .functional import SMSKDLossOutput
+
+__all__ = ["fused_linear_smskd_loss"]
+
+# Rows per chunk are chosen so that one chunk's logits hold about this many values.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+class _Head:
+    """A frozen or trainable projection hidden -> logits, or precomputed logits."""
+
+    def __init__(self, hidden=None, weight=None, bias=None, logits=None):
+        self.hidden, self.weight, self.bias, self.logits = hidden, weight, bias, logits
+
+    def present(self) -> bool:
+        return self.logits is not None or self.hidden is not None
+
+    def chunk_logits(self, start: int, end: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        if self.logits is not None:
+            return self.logits[start:end].to(dtype)
+        if self.hidden is None:
+            return None
+        logits = torch.nn.functional.linear(self.hidden[start:end], self.weight, self.bias)
+        return logits.to(dtype)
+
+
+def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.Tensor,
+                options: LossOptions, backend: str, chunk_size: int,
+                row_scale: Optional[torch.Tensor], need: Tuple[bool, bool, bool]):
+    """Per-row loss terms over all chunks; with row_scale, also the scaled parameter gradients.
+
+    row_scale (N,) multiplies each row's gradient (1/n_valid for "mean", 1 for
+    "sum", grad_output for "none"). need says which of (hidden, weight, bias)
+    gradients to accumulate. Gradients accumulate in float32.
+    """
+    hidden, weight, bias = student.hidden, student.weight, student.bias
+    n = hidden.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    chosen = resolve_backend(backend, hidden.device, hidden.dtype, weight.shape[0])
+    columns: List[List[torch.Tensor]] = [[] for _ in range(6)]
+    grad_hidden = torch.empty_like(hidden) if row_scale is not None and need[0] else None
+    grad_weight = torch.zeros_like(weight, dtype=acc) if row_scale is not None and need[1] else None
+    grad_bias = torch.zeros_like(bias, dtype=acc) if row_scale is not None and need[2] else None
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        h = hidden[start:end]
+        with torch.no_grad():
+            teacher_logits = teacher.chunk_logits(start, end, hidden.dtype)
+            reference_logits = reference.chunk_logits(start, end, hidden.dtype)
+            logits = torch.nn.functional.linear(h, weight, bias)
+        with torch.enable_grad():
+            logits.requires_grad_(row_scale is not None)
+            rows = chosen.rows(RowInputs(logits, target[start:end], teacher_logits, reference_logits), options)
+            if row_scale is not None:
+                (grad_logits,) = torch.autograd.grad(rows.loss, logits, grad_outputs=row_scale[start:end])
+        for column, value in zip(columns, (rows.loss, rows.ce, rows.kd, rows.ref, rows.tcp, rows.weight)):
+            column.append(value.detach())
+        if row_scale is None:
+            continue
+        with torch.no_grad():
+            if grad_hidden is not None:
+                grad_hidden[start:end] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.t() @ h).to(acc)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0, dtype=acc)
+        del logits, grad_logits
+    per_row = [torch.cat(column) if column else hidden.new_zeros((0,), dtype=acc) for column in columns]
+    return per_row, grad_hidden, grad_weight, grad_bias
+
+
+class _FusedLinearSMSKD(torch.autograd.Function):
+    """Autograd wrapper: gradients are computed in forward for "mean"/"sum", in backward for "none"."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher, reference, target, options, backend, chunk_size, reduction):
+        need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        valid = target != options.ignore_index
+        student = _Head(hidden, weight, bias)
+        grads = any(need) and reduction != "none"
+        row_scale = None
+        if grads:
+            row_scale = valid.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+            if reduction == "mean":
+                row_scale = row_scale / valid.sum().clamp(min=1)
+        per_row, grad_hidden, grad_weight, grad_bias = _chunk_pass(
+            student, teacher, reference, target, options, backend, chunk_size, row_scale, need)
+        ctx.reduction, ctx.need = reduction, need
+        ctx.replay = (student, teacher, reference, target, options, backend, chunk_size)
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        loss, ce, kd, ref, tcp, w = per_row
+        if reduction == "none":
+            reduced = (loss, ce, kd, ref)
+        else:
+            divisor = valid.sum().clamp(min=1).to(loss.dtype) if reduction == "mean" else 1
+            reduced = tuple(values.sum() / divisor for values in (loss, ce, kd, ref))
+        ctx.mark_non_differentiable(*reduced[1:], tcp, w)
+        return (*reduced, tcp, w)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        if ctx.reduction == "none":
+            student, teacher, reference, target, options, backend, chunk_size = ctx.replay
+            _, grad_hidden, grad_weight, grad_bias = _chunk_pass(
+                student, teacher, reference, target, options, backend, chunk_size, grad_loss, ctx.need)
+        else:
+            grad_hidden, grad_weight, grad_bias = (
+                None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
+        student = ctx.replay[0]
+        grad_hidden = None if grad_hidden is None else grad_hidden.to(student.hidden.dtype)
+        grad_weight = None if grad_weight is None else grad_weight.to(student.weight.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(student.bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def _check_head(prefix: str, hidden, weight, bias, rows_shape, vocabulary: Optional[int]) -> None:
+    if (hidden is None) != (weight is None):
+        raise ValueError(f"{prefix}_hidden and {prefix}_head_weight must be given together")
+    if hidden is None:
+        if bias is not None:
+            raise ValueError(f"{prefix}_head_bias needs {prefix}_hidden and {prefix}_head_weight")
+        return
+    validation.check_logits(f"{prefix}_hidden", hidden)
+    validation.check_logits(f"{prefix}_head_weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{prefix}_head_weight must have shape (V, {hidden.shape[-1]}) to project "
+                         f"{prefix}_hidden, got {tuple(weight.shape)}")
+    if tuple(hidden.shape[:-1]) != rows_shape:
+        raise ValueError(f"{prefix}_hidden must have the leading shape {rows_shape} of student_hidden, "
+                         f"got {tuple(hidden.shape[:-1])}")
+    if vocabulary is not None and weight.shape[0] != vocabulary:
+        raise ValueError(f"{prefix}_head_weight must have the student's vocabulary size {vocabulary} rows, "
+                         f"got {weight.shape[0]}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{prefix}_head_bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    for name, tensor in ((f"{prefix}_head_weight", weight), (f"{prefix}_head_bias", bias)):
+        if tensor is not None and tensor.device != hidden.device:
+            raise ValueError(f"{name} must be on {prefix}_hidden's device {hidden.device}, got {tensor.device}")
+
+
+def fused_linear_smskd_loss(
+    student_hidden: torch.Tensor,
+    student_head_weight: torch.Tensor,
+    target: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_head_weight: Optional[torch.Tensor] = None,
+    teacher_logits: Optional[torch.Tensor] = None,
+    reference_hidden: Optional[torch.Tensor] = None,
+    reference_head_weight: Optional[torch.Tensor] = None,
+    *,
+    student_head_bias: Optional[torch.Tensor] = None,
+    teacher_head_bias: Optional[torch.Tensor] = None,
+    reference_head_bias: Optional[torch.Tensor] = None,
+    temperature: float = 4.0,
+    ce_weight: float = 1.0,
+    kd_weight: float = 1.0,
+    ref_weight: float = 1.0,
+    weighting: str = "inverse_tcp",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+) -> SMSKDLossOutput:
+    """smskd_loss(student_hidden @ W_s.T + b_s, target, teacher logits, reference logits) without
+    materialising the logits: rows are processed chunk_size at a time.
+
+    Hidden states have shape (..., H) (teacher and reference may have their own H),
+    head weights (V, H), target the leading shape. The teacher is given either as
+    hidden states plus head or as logits (..., V). Gradients flow to the student's
+    hidden states, head weight and bias only. chunk_size defaults to about 2^24 / V rows.
+    """
+    validation.check_logits("student_hidden", student_hidden)
+    rows_shape = tuple(student_hidden.shape[:-1])
+    _check_head("student", student_hidden, student_head_weight, student_head_bias, rows_shape, None)
+    vocabulary = student_head_weight.shape[0]
+    if student_head_weight.dtype != student_hidden.dtype:
+        raise TypeError(f"student_head_weight must have student_hidden's dtype {student_hidden.dtype}, "
+                        f"got {student_head_weight.dtype}")
+    if teacher_logits is not None and teacher_hidden is not None:
+        raise ValueError("give the teacher either as teacher_hidden with teacher_head_weight or as "
+                         "teacher_logits, not both")
+    _check_head("teacher", teacher_hidden, teacher_head_weight, teacher_head_bias, rows_shape, vocabulary)
+    _check_head("reference", reference_hidden, reference_head_weight, reference_head_bias, rows_shape,
+                vocabulary)
+    if teacher_logits is not None:
+        validation.check_logits("teacher_logits", teacher_logits)
+        if tuple(teacher_logits.shape) != rows_shape + (vocabulary,):
+            raise ValueError(f"teacher_logits must have shape {rows_shape + (vocabulary,)}, "
+                             f"got {tuple(teacher_logits.shape)}")
+    validation.check_class_indices(target, rows_shape, vocabulary, student_hidden.device, ignore_index,
+                                   owner="student_hidden")
+    validation.check_options(temperature, reduction, weighting,
+                             {"ce_weight": ce_weight, "kd_weight": kd_weight, "ref_weight": ref_weight})
+    has_teacher = teacher_logits is not None or teacher_hidden is not None
+    validation.check_weighting_has_tcp(weighting, True if has_teacher else None,
+                                       True if reference_hidden is not None else None)
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // vocabulary)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+    def flat(tensor):
+        return None if tensor is None else tensor.reshape(-1, tensor.shape[-1])
+
+    options = LossOptions(float(temperature), float(ce_weight), float(kd_weight), float(ref_weight),
+                          weighting, int(ignore_index))
+    teacher = _Head(flat(teacher_hidden), teacher_head_weight, teacher_head_bias, flat(teacher_logits))
+    reference = _Head(flat(reference_hidden), reference_head_weight, reference_head_bias)
+    loss, ce, kd, ref, tcp, w = _FusedLinearSMSKD.apply(
+        flat(student_hidden), student_head_weight, student_head_bias, teacher, reference, target.reshape(-1),
+        options, backend, chunk_size, reduction)
+    if reduction == "none":
+        loss, ce, kd, ref = (values.reshape(rows_shape) for values in (loss, ce, kd, ref))
+    return SMSKDLossOutput(loss, ce, kd, ref, tcp.reshape(rows_shape), w.reshape(rows_shape))

@@ -1,0 +1,152 @@
+"""fused_linear_smskd_loss against the unfused composition: logits = hidden @ W.T + b, then smskd_loss."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import smskd_fast
+from smskd_fast.fused_linear import fused_linear_smskd_loss
+
+
+def make_problem(rows_shape=(3, 5), hidden=8, vocab=11, teacher_hidden=6, dtype=torch.float64, seed=0,
+                 bias=True, ignore_every=4):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    p = dict(
+        student_hidden=randn(*rows_shape, hidden).requires_grad_(),
+        student_head_weight=randn(vocab, hidden, scale=0.5).requires_grad_(),
+        student_head_bias=randn(vocab).requires_grad_() if bias else None,
+        teacher_hidden=randn(*rows_shape, teacher_hidden),
+        teacher_head_weight=randn(vocab, teacher_hidden, scale=0.5),
+        teacher_head_bias=randn(vocab) if bias else None,
+        reference_hidden=randn(*rows_shape, hidden),
+        reference_head_weight=randn(vocab, hidden, scale=0.5),
+        target=torch.randint(0, vocab, rows_shape, generator=g),
+    )
+    if ignore_every:
+        p["target"].view(-1)[::ignore_every] = -100
+    return p
+
+
+def logits_of(hidden, weight, bias):
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+def unfused(p, **options):
+    """The composition the fused path must equal: materialise all logits, then smskd_loss."""
+    student = logits_of(p["student_hidden"], p["student_head_weight"], p["student_head_bias"])
+    teacher = logits_of(p["teacher_hidden"], p["teacher_head_weight"], p["teacher_head_bias"])
+    reference = logits_of(p["reference_hidden"], p["reference_head_weight"], None)
+    return smskd_fast.smskd_loss(student, p["target"], teacher.to(student.dtype), reference.to(student.dtype),
+                                 backend="reference", **options)
+
+
+def fused(p, **options):
+    return fused_linear_smskd_loss(
+        p["student_hidden"], p["student_head_weight"], p["target"], p["teacher_hidden"],
+        p["teacher_head_weight"], None, p["reference_hidden"], p["reference_head_weight"],
+        student_head_bias=p["student_head_bias"], teacher_head_bias=p["teacher_head_bias"], **options)
+
+
+def grads(p, loss):
+    params = [p["student_hidden"], p["student_head_weight"]] + ([p["student_head_bias"]]
+                                                                 if p["student_head_bias"] is not None else [])
+    return torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [1, 4, 15, 1000])
+@pytest.mark.parametrize("weighting", ["inverse_tcp", "constant"])
+def test_matches_unfused_composition_in_float64(reduction, chunk_size, weighting):
+    p = make_problem()
+    options = dict(temperature=2.0, ce_weight=0.5, kd_weight=1.5, ref_weight=0.8, weighting=weighting,
+                   reduction=reduction)
+    got = fused(p, chunk_size=chunk_size, backend="reference", **options)
+    want = unfused(p, **options)
+    for key in ("loss", "ce", "kd", "ref", "tcp", "weight"):
+        torch.testing.assert_close(getattr(got, key), getattr(want, key).detach(), rtol=1e-12, atol=1e-12)
+    upstream = torch.rand_like(want.loss) if reduction == "none" else torch.tensor(0.7, dtype=torch.float64)
+    for g_fused, g_unfused in zip(grads(p, (got.loss * upstream).sum()), grads(p, (want.loss * upstream).sum())):
+        torch.testing.assert_close(g_fused, g_unfused, rtol=1e-11, atol=1e-12)
+
+
+def test_gradcheck_float64():
+    p = make_problem(rows_shape=(5,), hidden=4, vocab=6, teacher_hidden=3)
+
+    def loss(hidden, weight, bias):
+        return fused_linear_smskd_loss(hidden, weight, p["target"], p["teacher_hidden"], p["teacher_head_weight"],
+                                       None, p["reference_hidden"], p["reference_head_weight"],
+                                       student_head_bias=bias, chunk_size=2, backend="reference").loss
+
+    assert torch.autograd.gradcheck(loss, (p["student_hidden"], p["student_head_weight"], p["student_head_bias"]))
+
+
+def test_teacher_as_logits_equals_teacher_as_hidden():
+    p = make_problem()
+    teacher_logits = logits_of(p["teacher_hidden"], p["teacher_head_weight"], p["teacher_head_bias"])
+    as_logits = fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"],
+                                        teacher_logits=teacher_logits, reference_hidden=p["reference_hidden"],
+                                        reference_head_weight=p["reference_head_weight"],
+                                        student_head_bias=p["student_head_bias"], chunk_size=4,
+                                        backend="reference")
+    as_hidden = fused(p, chunk_size=7, backend="reference")
+    torch.testing.assert_close(as_logits.loss, as_hidden.loss, rtol=1e-12, atol=0)
+
+
+def test_all_rows_ignored_gives_zero_loss_and_gradient():
+    p = make_problem(ignore_every=0)
+    p["target"].fill_(-100)
+    out = fused(p, chunk_size=4, backend="reference")
+    assert out.loss.item() == 0
+    assert all(torch.all(g == 0) for g in grads(p, out.loss))
+
+
+def test_no_grad_computes_the_loss_only():
+    p = make_problem()
+    with torch.no_grad():
+        out = fused(p, chunk_size=4, backend="reference")
+    torch.testing.assert_close(out.loss, unfused(p).loss.detach(), rtol=1e-12, atol=0)
+    assert not out.loss.requires_grad
+
+
+# bf16 hidden states and heads: logits are rounded to bf16 in both paths, the loss
+# accumulates in fp32, and gradients of hidden/weight are bf16 matmuls of a bf16
+# d loss / d logits; the oracle is the float64 unfused composition on the same
+# bf16 values, so the error is bf16 rounding of the logits and gradients (~2^-8).
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_bfloat16_against_float64_unfused(backend):
+    p = make_problem(rows_shape=(64,), hidden=32, vocab=500, teacher_hidden=48, dtype=torch.bfloat16, seed=1)
+    got = fused(p, chunk_size=24, backend=backend)
+    got_grads = grads(p, got.loss)
+    p64 = {k: (None if v is None else v.detach().double().requires_grad_(v.requires_grad) if v.is_floating_point()
+               else v) for k, v in p.items()}
+    want = unfused(p64)
+    torch.testing.assert_close(got.loss.double(), want.loss.detach(), rtol=2e-2, atol=2e-2)
+    for g, w in zip(got_grads, grads(p64, want.loss)):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.double(), w, rtol=5e-2, atol=5e-2 * w.abs().max().item())
+
+
+def test_bad_arguments_name_the_argument():
+    p = make_problem()
+    with pytest.raises(ValueError, match=r"student_head_weight must have shape \(V, 8\)"):
+        fused_linear_smskd_loss(p["student_hidden"], torch.zeros(11, 7, dtype=torch.float64), p["target"])
+    with pytest.raises(ValueError, match="teacher_hidden and teacher_head_weight must be given together"):
+        fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], p["teacher_hidden"])
+    with pytest.raises(ValueError, match="either as teacher_hidden .* or as teacher_logits, not both"):
+        fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], p["teacher_hidden"],
+                                p["teacher_head_weight"], torch.zeros(3, 5, 11, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"teacher_head_weight must have the student's vocabulary size 11"):
+        fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], p["teacher_hidden"],
+                                torch.zeros(10, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"target values must be in \[0, 11\)"):
+        fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], torch.full((3, 5), 11))
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
+        fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], chunk_size=0)
+    with pytest.raises(ValueError, match="weighting='inverse_tcp' .* needs teacher_logits"):
+        fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"],
+                                reference_hidden=p["reference_hidden"],
+                                reference_head_weight=p["reference_head_weight"])

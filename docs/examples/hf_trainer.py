@@ -1,0 +1,62 @@
+"""Distilling a Hugging Face causal LM with smskd-fast inside transformers.Trainer.
+
+Subclass Trainer and override compute_loss: run the frozen teacher (and, from
+the second SMSKD stage on, the frozen reference) without gradients, then call
+either smskd_fast.smskd_loss on the shifted logits, or
+smskd_fast.fused_linear_smskd_loss on the last hidden states and the LM heads so
+that the vocabulary-sized logits are never materialised all at once.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers import Trainer
+
+import smskd_fast
+
+
+class SMSKDTrainer(Trainer):
+    """A Trainer whose loss is SMSKD's CE + KD to the teacher + TCP-weighted KL to a reference."""
+
+    def __init__(self, *args, teacher: torch.nn.Module, reference: Optional[torch.nn.Module] = None,
+                 fused_linear: bool = True, loss_options: Optional[dict] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.reference = None if reference is None else reference.eval().requires_grad_(False)
+        self.fused_linear = fused_linear
+        self.loss_options = {"temperature": 2.0, **(loss_options or {})}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"][:, 1:]  # token t predicts token t+1; padding is -100 = ignore_index
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        if self.fused_linear:
+            out = self._fused_linear_loss(model, model_inputs, labels)
+        else:
+            out = self._logits_loss(model, model_inputs, labels)
+        return (out.loss, out) if return_outputs else out.loss
+
+    def _logits_loss(self, model, model_inputs, labels):
+        student = model(**model_inputs).logits[:, :-1]
+        with torch.no_grad():
+            teacher = self.teacher(**model_inputs).logits[:, :-1].to(student.dtype)
+            reference = None
+            if self.reference is not None:
+                reference = self.reference(**model_inputs).logits[:, :-1].to(student.dtype)
+        return smskd_fast.smskd_loss(student, labels, teacher, reference, **self.loss_options)
+
+    def _fused_linear_loss(self, model, model_inputs, labels):
+        hidden = model.model(**model_inputs).last_hidden_state[:, :-1]
+        with torch.no_grad():
+            teacher_hidden = self.teacher.model(**model_inputs).last_hidden_state[:, :-1]
+            reference_hidden = reference_weight = None
+            if self.reference is not None:
+                reference_hidden = self.reference.model(**model_inputs).last_hidden_state[:, :-1]
+                reference_weight = self.reference.lm_head.weight
+        return smskd_fast.fused_linear_smskd_loss(
+            hidden, model.lm_head.weight, labels,
+            teacher_hidden=teacher_hidden, teacher_head_weight=self.teacher.lm_head.weight,
+            reference_hidden=reference_hidden, reference_head_weight=reference_weight,
+            student_head_bias=model.lm_head.bias, teacher_head_bias=self.teacher.lm_head.bias,
+            reference_head_bias=None if self.reference is None else self.reference.lm_head.bias,
+            **self.loss_options)

@@ -1,0 +1,127 @@
+"""Peak memory and time of fused_linear_smskd_loss against the unfused composition.
+
+Each (variant, shape) runs in a fresh subprocess so that peak memory is its own:
+on the CPU the peak resident set size above the level reached once the inputs
+exist (VmHWM - VmRSS), on CUDA torch.cuda.max_memory_allocated above the inputs.
+Forward plus backward, student/teacher/reference heads, median of --repeats.
+
+    python benchmarks/fused_linear_memory.py --device cpu --tokens 2048 --hidden 512 \
+        --vocab 32000 128256 --dtype float32 --out benchmarks/results/fused_linear_cpu
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def read_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure(variant: str, tokens: int, hidden: int, vocab: int, dtype: str, device: str, repeats: int) -> dict:
+    """Runs in the child process: returns time and peak extra memory of one variant."""
+    import smskd_fast
+    from smskd_fast.backends import resolve_backend
+
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+
+    def param(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dt)
+
+    h_s, h_t, h_r = param(tokens, hidden), param(tokens, hidden), param(tokens, hidden)
+    w_s, w_t, w_r = (param(vocab, hidden, scale=hidden ** -0.5) for _ in range(3))
+    target = torch.randint(0, vocab, (tokens,), generator=g).to(device)
+    h_s.requires_grad_(True)
+    w_s.requires_grad_(True)
+
+    def step():
+        h_s.grad = w_s.grad = None
+        if variant == "fused":
+            out = smskd_fast.fused_linear_smskd_loss(h_s, w_s, target, h_t, w_t, None, h_r, w_r)
+        else:
+            s, t, r = h_s @ w_s.t(), (h_t @ w_t.t()).detach(), (h_r @ w_r.t()).detach()
+            out = smskd_fast.smskd_loss(s, target, t, r)
+        out.loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = read_status_kib("VmRSS") * 1024
+    step()  # warm-up; its peak counts (the first step allocates the .grad buffers too)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else read_status_kib("VmHWM") * 1024
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"variant": variant, "tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": dtype,
+            "device": device, "median_s": statistics.median(times), "times_s": times,
+            "peak_extra_bytes": peak - base,
+            "backend": resolve_backend("auto", h_s.device, dt, vocab).name}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        variant, tokens, hidden, vocab, dtype, repeats = args.child
+        print(json.dumps(measure(variant, int(tokens), int(hidden), int(vocab), dtype, args.device, int(repeats))))
+        return
+    results = []
+    for vocab in args.vocab:
+        for variant in ("unfused", "fused"):
+            child = [sys.executable, __file__, "--device", args.device, "--child", variant, str(args.tokens),
+                     str(args.hidden), str(vocab), args.dtype, str(args.repeats)]
+            results.append(json.loads(subprocess.run(child, check=True, capture_output=True, text=True)
+                                      .stdout.strip().splitlines()[-1]))
+            print(results[-1], flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    header = (f"fused_linear_smskd_loss vs unfused, fwd+bwd, tokens={args.tokens} hidden={args.hidden} "
+              f"{args.dtype} on {args.device} ({device_name}), torch {torch.__version__}, commit {commit}, "
+              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    lines = [header, "", "| vocab | variant | median ms | peak extra MiB | memory vs unfused | time vs unfused |",
+             "|---|---|---|---|---|---|"]
+    for vocab in args.vocab:
+        rows = {r["variant"]: r for r in results if r["vocab"] == vocab}
+        for variant in ("unfused", "fused"):
+            r = rows[variant]
+            lines.append(f"| {vocab} | {variant} | {r['median_s'] * 1e3:.1f} | {r['peak_extra_bytes'] / 2**20:.0f} | "
+                         f"{r['peak_extra_bytes'] / rows['unfused']['peak_extra_bytes']:.3f} | "
+                         f"{r['median_s'] / rows['unfused']['median_s']:.2f}x |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps({"header": header, "command": sys.argv,
+                                                             "results": results}, indent=1))
+        args.out.with_suffix(".md").write_text(f"Command: `python {' '.join(sys.argv)}`\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Per-dtype tolerances for comparing a backend with the float64 reference, in one place.
+
+Both sides see the same input values (the low-precision inputs, upcast exactly for
+the reference), so what is left is:
+- fp32 accumulation: terms such as lse(s) - s_y or T^2 * (sum p(x - z)/T - lse(x/T) + lse(z/T))
+  cancel values of size |x|max (times T for the KD and reference terms), so the absolute
+  error is a few fp32 ulps of |x|max * max(1, T) per unit of loss weight;
+- the gradient's rounding to the input dtype (half an ulp of its largest entry: 2^-8 bf16,
+  2^-11 fp16, 2^-24 fp32) plus the same fp32 error propagated through exp.
+"""
+from __future__ import annotations
+
+import torch
+
+FP32_EPS = torch.finfo(torch.float32).eps
+SLACK = 16  # ulps: allows a few roundings per term and the vectorised reduction order
+
+
+def loss_tolerance(max_abs_logit: float, temperature: float, weight_sum: float) -> tuple[float, float]:
+    """(rtol, atol) for per-row loss terms."""
+    atol = SLACK * FP32_EPS * (1.0 + max_abs_logit) * max(1.0, temperature) * max(1.0, weight_sum)
+    return 1e-5, atol
+
+
+def grad_tolerance(dtype: torch.dtype, max_abs_logit: float, temperature: float,
+                   grad_scale: float) -> tuple[float, float]:
+    """(rtol, atol) for d loss / d student, whose entries are at most about grad_scale."""
+    rounding = 0.0 if dtype in (torch.float32, torch.float64) else torch.finfo(dtype).eps
+    fp32_error = SLACK * FP32_EPS * (1.0 + max_abs_logit / min(1.0, temperature))
+    return 0.0, (rounding + fp32_error) * grad_scale

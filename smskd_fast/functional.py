@@ -14,6 +14,7 @@ import torch
 from . import validation
 from .backends import resolve_backend
 from .backends.base import LossOptions, RowInputs, RowOutputs
+from .topk import TopKTeacher
 
 __all__ = ["SMSKDLossOutput", "smskd_loss", "kd_loss", "true_class_probability"]
 
@@ -59,14 +60,17 @@ def _run(
     reference_logits: Optional[torch.Tensor],
     options: LossOptions,
     backend: str,
+    teacher_topk: Optional[TopKTeacher] = None,
 ) -> RowOutputs:
     inputs = RowInputs(
         student=_rows(student_logits),
         target=None if target is None else target.reshape(-1),
         teacher=_rows(teacher_logits),
         reference=_rows(reference_logits),
+        teacher_topk=None if teacher_topk is None else teacher_topk.rows(),
     )
-    chosen = resolve_backend(backend, student_logits.device, student_logits.dtype, student_logits.shape[-1])
+    chosen = resolve_backend(backend, student_logits.device, student_logits.dtype, student_logits.shape[-1],
+                             topk=teacher_topk is not None)
     return chosen.rows(inputs, options)
 
 
@@ -85,6 +89,7 @@ def smskd_loss(
     reduction: str = "mean",
     backend: str = "auto",
     overwrite_student_logits: bool = False,
+    teacher_topk: Optional[TopKTeacher] = None,
 ) -> SMSKDLossOutput:
     """CE + KD to the teacher + TCP-weighted KL to the reference, fused per row.
 
@@ -96,6 +101,8 @@ def smskd_loss(
     overwrite_student_logits=True lets a GPU backend store the gradient in the
     student logits' memory instead of a new N x C buffer; their values are then
     lost, so allow it only when nothing reads them after this call.
+    teacher_topk (instead of teacher_logits) gives the teacher in the top-k form
+    of a logit cache; TCP stays exact and KD follows smskd_fast/topk.py.
     """
     validation.check_logits("student_logits", student_logits)
     validation.check_companion_logits("teacher_logits", teacher_logits, student_logits)
@@ -105,10 +112,12 @@ def smskd_loss(
         temperature, reduction, weighting,
         {"ce_weight": ce_weight, "kd_weight": kd_weight, "ref_weight": ref_weight},
     )
-    validation.check_weighting_has_tcp(weighting, teacher_logits, reference_logits)
+    validation.check_teacher_topk(teacher_topk, teacher_logits, student_logits)
+    validation.check_weighting_has_tcp(weighting, teacher_logits if teacher_topk is None else teacher_topk,
+                                       reference_logits)
     options = LossOptions(float(temperature), float(ce_weight), float(kd_weight), float(ref_weight),
                           weighting, int(ignore_index), bool(overwrite_student_logits))
-    rows = _run(student_logits, target, teacher_logits, reference_logits, options, backend)
+    rows = _run(student_logits, target, teacher_logits, reference_logits, options, backend, teacher_topk)
 
     leading = tuple(target.shape)
     valid_rows = (target != ignore_index).sum()

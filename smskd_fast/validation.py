@@ -93,9 +93,35 @@ def check_options(temperature: float, reduction: str, weighting: str, weights: d
             raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
-def check_weighting_has_tcp(
-    weighting: str, teacher: Optional[torch.Tensor], reference: Optional[torch.Tensor]
-) -> None:
+def check_teacher_topk(teacher_topk, teacher_logits: Optional[torch.Tensor], student: torch.Tensor) -> None:
+    """A top-k teacher replaces teacher_logits and must fit the student's rows and classes."""
+    if teacher_topk is None:
+        return
+    if teacher_logits is not None:
+        raise ValueError("give the teacher either as teacher_logits or as teacher_topk, not both")
+    leading, num_classes = tuple(student.shape[:-1]), student.shape[-1]
+    k = teacher_topk.values.shape[-1] if teacher_topk.values.dim() else 0
+    for name, tensor, shape in (("values", teacher_topk.values, leading + (k,)),
+                                ("indices", teacher_topk.indices, leading + (k,)),
+                                ("true_logit", teacher_topk.true_logit, leading),
+                                ("log_sum_exp", teacher_topk.log_sum_exp, leading),
+                                ("log_sum_exp_at_temperature", teacher_topk.log_sum_exp_at_temperature, leading)):
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"teacher_topk.{name} must have shape {shape} for student_logits "
+                             f"{tuple(student.shape)}, got {tuple(tensor.shape)}")
+        if tensor.device != student.device:
+            raise ValueError(f"teacher_topk.{name} must be on the student_logits' device {student.device}, "
+                             f"got {tensor.device}")
+    if not 1 <= k <= num_classes:
+        raise ValueError(f"teacher_topk must keep between 1 and C={num_classes} classes per row, got {k}")
+    if teacher_topk.indices.dtype.is_floating_point:
+        raise TypeError(f"teacher_topk.indices must be an integer tensor, got {teacher_topk.indices.dtype}")
+    if teacher_topk.indices.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(((teacher_topk.indices < 0) | (teacher_topk.indices >= num_classes)).any()):
+            raise ValueError(f"teacher_topk.indices must be in [0, {num_classes})")
+
+
+def check_weighting_has_tcp(weighting: str, teacher, reference: Optional[torch.Tensor]) -> None:
     """A TCP-based weighting of the reference term needs the teacher's logits."""
     if reference is not None and teacher is None and weighting != "constant":
         raise ValueError(

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from ..topk import TopKTeacher
 
 WEIGHTINGS = ("inverse_tcp", "tcp", "constant")
 
@@ -26,12 +29,18 @@ class LossOptions:
 
 @dataclass(frozen=True)
 class RowInputs:
-    """Validated inputs flattened to rows: logits (N, C), target (N,) or None."""
+    """Validated inputs flattened to rows: logits (N, C), target (N,) or None.
+
+    The teacher comes either as dense logits or, from a top-k logit cache, as
+    teacher_topk (see smskd_fast/topk.py); only backends whose supports_topk is
+    True are given the latter.
+    """
 
     student: torch.Tensor
     target: Optional[torch.Tensor]
     teacher: Optional[torch.Tensor]
     reference: Optional[torch.Tensor]
+    teacher_topk: Optional["TopKTeacher"] = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,7 @@ class Backend(Protocol):
     """A loss implementation that the registry can dispatch to."""
 
     name: str
+    supports_topk: bool  # accepts RowInputs.teacher_topk (absent means False)
 
     def status(self) -> BackendStatus:
         """Whether this backend can run in this process, and why not."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..topk import topk_kl, topk_tcp
 from .base import BackendStatus, LossOptions, RowInputs, RowOutputs
 
 
@@ -38,6 +39,7 @@ class ReferenceBackend:
     """Composition of torch operations; runs on any device and dtype."""
 
     name = "reference"
+    supports_topk = True
 
     def status(self) -> BackendStatus:
         return BackendStatus(True, "pure PyTorch, always available")
@@ -72,13 +74,18 @@ class ReferenceBackend:
 
         kd = zeros
         tcp = zeros
-        if inputs.teacher is not None:
+        if inputs.teacher_topk is not None:
+            kd = T * T * topk_kl(inputs.teacher_topk, log_q, T)
+            if inputs.target is not None:
+                tcp = topk_tcp(inputs.teacher_topk).to(acc)
+        elif inputs.teacher is not None:
             teacher = masked(inputs.teacher).detach()
             kd = T * T * softened_kl(teacher, log_q, T)
             if inputs.target is not None:
                 tcp = F.softmax(teacher, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
-        weight = per_row_weight(options.weighting, tcp, has_tcp=inputs.teacher is not None and inputs.target is not None)
+        has_teacher = inputs.teacher is not None or inputs.teacher_topk is not None
+        weight = per_row_weight(options.weighting, tcp, has_tcp=has_teacher and inputs.target is not None)
         ref = zeros
         if inputs.reference is not None:
             reference = masked(inputs.reference).detach()

@@ -50,8 +50,13 @@ def available_backends() -> Dict[str, BackendStatus]:
     return {name: backend_status(name) for name in backend_names()}
 
 
-def get_backend(name: str, device: Optional[torch.device] = None) -> Backend:
-    """The backend called name; an error that says why when it cannot run (on device)."""
+def supports_topk(backend: Backend) -> bool:
+    """Whether a backend accepts the top-k teacher form."""
+    return bool(getattr(backend, "supports_topk", False))
+
+
+def get_backend(name: str, device: Optional[torch.device] = None, *, topk: bool = False) -> Backend:
+    """The backend called name; an error that says why when it cannot run (on device, with a top-k teacher)."""
     if name not in _BACKENDS:
         raise ValueError(
             f"backend must be 'auto' or one of {backend_names()}, got {name!r}"
@@ -65,17 +70,22 @@ def get_backend(name: str, device: Optional[torch.device] = None) -> Backend:
     status = backend_status(name)
     if not status.available:
         raise RuntimeError(f"backend {name!r} is not available: {status.reason}")
+    if topk and not supports_topk(backend):
+        raise ValueError(f"backend {name!r} does not accept teacher_topk; use backend='auto' or one of "
+                         f"{[n for n in backend_names() if supports_topk(_BACKENDS[n][1])]}")
     return backend
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, num_classes: int) -> Backend:
-    """The backend to run for inputs on device; name may be "auto"."""
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, num_classes: int, *,
+                    topk: bool = False) -> Backend:
+    """The backend to run for inputs on device (with a top-k teacher when topk); name may be "auto"."""
     if name != "auto":
-        return get_backend(name, device)
+        return get_backend(name, device, topk=topk)
     candidates = [
         candidate
         for candidate in backend_names()
         if _BACKENDS[candidate][1].supports(device) and backend_status(candidate).available
+        and (not topk or supports_topk(_BACKENDS[candidate][1]))
     ]
     chooser: Optional[AutoChooser] = _CHOOSERS.get(device.type)
     chosen = chooser(candidates, dtype, num_classes) if chooser and len(candidates) > 1 else candidates[0]

@@ -25,9 +25,12 @@ $(VENV)/.deps: requirements-dev.txt
 
 venv: $(VENV)/.deps
 
-# Editable install: the compiled extension lands in smskd_fast/ (rebuilt by ninja when sources change).
+# The extension is built in place (build/, incremental through ninja: only changed sources
+# recompile), and the package is installed editable once, without building it again.
 build: venv
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) setup.py -q build_ext --inplace
+	test -f $(VENV)/.editable || { SMSKD_FAST_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation \
+	  --no-deps -e . && touch $(VENV)/.editable; }
 	$(PY) -c "import smskd_fast; print(smskd_fast.available_backends())"
 
 demo: build

@@ -3,7 +3,9 @@
 CUDA sources (csrc/cuda/*.cu, kernels/*.cu) are compiled for sm_80 and sm_90
 whenever the installed torch is a CUDA build and nvcc is found, so that a
 machine without a GPU still compiles (and so checks) every kernel.
-Set SMSKD_FAST_NO_CUDA=1 to build the CPU part only.
+Set SMSKD_FAST_NO_CUDA=1 to build the CPU part only, and SMSKD_FAST_SKIP_EXTENSION=1
+to install the Python package without building (the Makefile builds the extension
+in place first, incrementally, then installs the package editable this way).
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ def extension() -> cpp_extension.CppExtension:
 
 
 setup(
-    ext_modules=[extension()],
+    ext_modules=[] if os.environ.get("SMSKD_FAST_SKIP_EXTENSION", "0") not in ("", "0") else [extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

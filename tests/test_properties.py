@@ -108,7 +108,12 @@ def test_non_finite_inputs_give_what_the_reference_gives(backend, where, value):
         assert torch.equal(torch.isinf(got_v), torch.isinf(want_v)), (key, got_v, want_v)
         finite = torch.isfinite(want_v)
         torch.testing.assert_close(got_v[finite], want_v[finite], rtol=1e-5, atol=1e-5)
-    # Gradients: equal where the reference's is finite, non-finite where it is not.
+    # Gradients: every entry where the reference's is finite agrees (an infinite loss can
+    # have a finite gradient, e.g. a -inf student logit where the teacher has mass); a row
+    # where the reference's has a NaN or inf has one too, so that an inf/NaN check on the
+    # gradients sees it. Which entries of such a row are non-finite depends on the
+    # formula (autograd through log_softmax or the closed form) and is not compared.
     finite = torch.isfinite(want_grad)
     torch.testing.assert_close(grad.double()[finite], want_grad[finite], rtol=0, atol=1e-5)
-    assert not torch.isfinite(grad.double()[~finite]).any()
+    for row in torch.nonzero(~finite.all(dim=-1)).flatten():
+        assert not torch.isfinite(grad[row]).all(), f"row {row}: the reference's gradient is not finite, ours is"

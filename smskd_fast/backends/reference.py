@@ -22,7 +22,9 @@ def softened_kl(source: torch.Tensor, student_log_q: torch.Tensor, temperature: 
     """Per row KL(softmax(source/T) || q), given log q; entries with p = 0 add 0."""
     log_p = F.log_softmax(source / temperature, dim=-1).detach()
     p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - student_log_q), torch.zeros_like(p))
+    # p = 0 adds nothing even where log q = -inf; a NaN p (a NaN or +inf teacher
+    # logit) must stay NaN, so the test is p == 0, not p > 0.
+    terms = torch.where(p == 0, torch.zeros_like(p), p * (log_p - student_log_q))
     return terms.sum(dim=-1)
 
 
@@ -70,7 +72,8 @@ class ReferenceBackend:
 
         ce = zeros
         if inputs.target is not None:
-            ce = -F.log_softmax(student, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            # lse(s) - s_y, literally: a +inf logit gives CE = +inf (log_softmax would give NaN).
+            ce = torch.logsumexp(student, dim=-1) - student.gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
         kd = zeros
         tcp = zeros

@@ -27,7 +27,7 @@ class DigitsCNN(nn.Module):
 
 
 def digits_cnn_large(num_classes: int = 10, in_channels: int = 1) -> DigitsCNN:
-    return DigitsCNN((32, 64, 128), num_classes, in_channels)
+    return DigitsCNN((16, 32, 64), num_classes, in_channels)
 
 
 def digits_cnn_small(num_classes: int = 10, in_channels: int = 1) -> DigitsCNN:

@@ -39,6 +39,7 @@ class DataConfig:
     batch_size: int = 64
     eval_batch_size: int = 256
     augment: str = "none"
+    crop_padding: int = 4
     image_size: int = 224
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
@@ -100,6 +101,7 @@ class RunConfig:
     backend: str = "auto"
     progress: bool = True
     plots: bool = True
+    teacher_training: Optional[StageConfig] = None
 
     def stage_names(self) -> List[str]:
         return [stage.name or f"stage{index + 1}_{'+'.join(m.name for m in stage.methods)}"
@@ -151,13 +153,13 @@ def _build(kind: Any, value: Any, path: str) -> Any:
     raise ConfigError(f"{path}: expected {_type_name(kind)}, got {type(value).__name__} {value!r}")
 
 
-def _expand_stage(stage: Any, defaults: Dict[str, Any], index: int) -> Any:
+def _expand_stage(stage: Any, defaults: Dict[str, Any], path: str) -> Any:
     if not isinstance(stage, dict):
-        raise ConfigError(f"stages[{index}]: expected a mapping, got {type(stage).__name__} {stage!r}")
+        raise ConfigError(f"{path}: expected a mapping, got {type(stage).__name__} {stage!r}")
     merged = _deep_merge(copy.deepcopy(defaults), stage)
     if "method" in merged:
         if "methods" in merged:
-            raise ConfigError(f"stages[{index}]: give either 'method' or 'methods', not both")
+            raise ConfigError(f"{path}: give either 'method' or 'methods', not both")
         merged["methods"] = [merged.pop("method")]
     if isinstance(merged.get("methods"), list):
         merged["methods"] = [{"name": m} if isinstance(m, str) else m for m in merged["methods"]]
@@ -187,6 +189,7 @@ def _validate(config: RunConfig) -> None:
     _check(config.data.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
     _check(config.data.augment in ("none", "crop", "crop_flip"), "data.augment",
            f"must be 'none', 'crop' or 'crop_flip', got {config.data.augment!r}")
+    _check(config.data.crop_padding >= 0, "data.crop_padding", f"must be >= 0, got {config.data.crop_padding}")
     _check(len(config.stages) >= 1, "stages", "needs at least one stage")
     for index, stage in enumerate(config.stages):
         path = f"stages[{index}]"
@@ -223,7 +226,10 @@ def parse_config(raw: Dict[str, Any]) -> RunConfig:
     if not isinstance(defaults, dict):
         raise ConfigError(f"defaults: expected a mapping, got {type(defaults).__name__}")
     if isinstance(raw.get("stages"), list):
-        raw["stages"] = [_expand_stage(stage, defaults, i) for i, stage in enumerate(raw["stages"])]
+        raw["stages"] = [_expand_stage(stage, defaults, f"stages[{i}]") for i, stage in enumerate(raw["stages"])]
+    if isinstance(raw.get("teacher_training"), dict):  # the teacher trains alone (CE only)
+        teacher_stage = {"method": "none", **raw["teacher_training"]}
+        raw["teacher_training"] = _expand_stage(teacher_stage, defaults, "teacher_training")
     config = _build(RunConfig, raw, "")
     _validate(config)
     return config

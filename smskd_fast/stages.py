@@ -241,7 +241,8 @@ class SMSKDTrainer:
         steps = math.ceil(len(train) / config.data.batch_size)
         progress = Progress(steps, f"{self.stage_names[index]} epoch {epoch + 1}/{stage.epochs}", config.progress)
         for images, labels, indices in iterate_batches(train, config.data.batch_size, shuffle=True, generator=generator):
-            images = train.normalize(augment(images, config.data.augment, generator)).to(self.device)
+            images = train.normalize(augment(images, config.data.augment, generator, config.data.crop_padding))
+            images = images.to(self.device)
             labels = labels.to(self.device)
             with torch.no_grad():
                 teacher_logits = self.teacher(images) if self.teacher is not None else None

@@ -228,7 +228,9 @@ def parse_config(raw: Dict[str, Any]) -> RunConfig:
     if isinstance(raw.get("stages"), list):
         raw["stages"] = [_expand_stage(stage, defaults, f"stages[{i}]") for i, stage in enumerate(raw["stages"])]
     if isinstance(raw.get("teacher_training"), dict):  # the teacher trains alone (CE only)
-        teacher_stage = {"method": "none", **raw["teacher_training"]}
+        teacher_stage = dict(raw["teacher_training"])
+        if "method" not in teacher_stage and "methods" not in teacher_stage:
+            teacher_stage["method"] = "none"
         raw["teacher_training"] = _expand_stage(teacher_stage, defaults, "teacher_training")
     config = _build(RunConfig, raw, "")
     _validate(config)

@@ -144,7 +144,7 @@ class CRD(DistillMethod):
         scores = torch.exp(torch.bmm(bank_rows.detach(), query.unsqueeze(2)).squeeze(2) / self.nce_t)
         if self.normalizer[side] < 0:  # fixed once, from the first batch, as in CRD
             self.normalizer[side] = scores.mean().detach() * self.num_samples
-        return scores / self.normalizer[side]
+        return scores / float(self.normalizer[side])
 
     def _nce(self, scores: torch.Tensor) -> torch.Tensor:
         """-(log D(positive) + sum log(1 - D(negatives))) averaged over the batch, with

@@ -89,6 +89,7 @@ def _eval(args: argparse.Namespace) -> int:
     model_file = args.model_file or args.run_dir / "student.pt"
     entry = load_model_file(model_file)
     test = load_splits(config.data.name, args.data_dir or config.data.root, config.data.image_size).test
+    test = test.subset(config.data.test_subset)
     model = build_model(entry["model"], entry["num_classes"], entry["in_channels"])
     model.load_state_dict(entry["state_dict"])
     device = torch.device(args.device or "cpu")

@@ -99,6 +99,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"
+    threads: Optional[int] = None
     progress: bool = True
     plots: bool = True
     teacher_training: Optional[StageConfig] = None
@@ -190,6 +191,7 @@ def _validate(config: RunConfig) -> None:
     _check(config.data.augment in ("none", "crop", "crop_flip"), "data.augment",
            f"must be 'none', 'crop' or 'crop_flip', got {config.data.augment!r}")
     _check(config.data.crop_padding >= 0, "data.crop_padding", f"must be >= 0, got {config.data.crop_padding}")
+    _check(config.threads is None or config.threads >= 1, "threads", f"must be >= 1, got {config.threads}")
     _check(len(config.stages) >= 1, "stages", "needs at least one stage")
     for index, stage in enumerate(config.stages):
         path = f"stages[{index}]"

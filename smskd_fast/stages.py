@@ -278,6 +278,15 @@ class SMSKDTrainer:
     def run(self, resume: bool = False, max_epochs: Optional[int] = None) -> Optional[Dict[str, Any]]:
         """Trains every stage; returns the summary, or None when stopped after max_epochs epochs
         (an interruption, for tests and time-boxed jobs; resume=True continues it)."""
+        threads = torch.get_num_threads()
+        if self.config.threads is not None:  # small models run faster on one thread than on a busy pool
+            torch.set_num_threads(self.config.threads)
+        try:
+            return self._run(resume, max_epochs)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self, resume: bool, max_epochs: Optional[int]) -> Optional[Dict[str, Any]]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.run_dir / "metrics.jsonl"
         start_stage, start_epoch, global_epoch, histograms, resumed = 0, 0, 0, {}, None

@@ -10,7 +10,7 @@ import copy
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 from .config import MethodConfig, RunConfig, StageConfig
 from .stages import SMSKDTrainer
@@ -56,7 +56,8 @@ def variant_configs(config: RunConfig, teacher_checkpoint: str, names: Sequence[
     config = _replace(config, teacher=_replace(config.teacher, checkpoint=teacher_checkpoint))
     total = sum(stage.epochs for stage in config.stages)
     all_methods = [method for stage in config.stages for method in stage.methods if method.name != "none"]
-    kd = [MethodConfig(name="kd")]
+    configured_kd = [method for method in all_methods if method.name == "kd"]
+    kd = configured_kd[:1] or [MethodConfig(name="kd")]  # the KD baseline uses the config's KD weight
     builders: Dict[str, Callable[[], RunConfig]] = {
         "student_alone": lambda: _single_stage(config, [MethodConfig(name="none")], total, "student_alone"),
         "kd_short": lambda: _single_stage(config, kd, config.stages[0].epochs, "kd_short"),

@@ -29,7 +29,7 @@ from torch import nn
 from .config import RunConfig, StageConfig, config_to_dict
 from .data import DataSplits, ImageSet, augment, iterate_batches, load_splits
 from .functional import SMSKDLossOutput, smskd_loss
-from .methods import DistillMethod, FeatureTaps, MethodInputs, build_method
+from .methods import FeatureTaps, MethodInputs, build_method
 from .models import build_model
 from .runio import (Progress, append_jsonl, load_model_file, read_jsonl, save_atomic, save_model_file,
                     write_jsonl)

@@ -90,8 +90,17 @@ def train_teacher(config: RunConfig, out: Path, log: Callable[[str], None] = pri
     """Trains the teacher into out (reusing a finished one there); returns its model file."""
     model_file = Path(out) / "student.pt"
     if not model_file.is_file():
-        SMSKDTrainer(teacher_config(config), Path(out), log=log).run()
+        _run_or_resume(teacher_config(config), Path(out), log)
     return model_file
+
+
+def _run_or_resume(config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> Dict[str, Any]:
+    """The run's summary: read when finished, resumed when interrupted, trained otherwise."""
+    summary_file = run_dir / "summary.json"
+    if summary_file.is_file():
+        return json.loads(summary_file.read_text())
+    resume = (run_dir / "checkpoints" / "latest.pt").is_file()
+    return SMSKDTrainer(config, run_dir, log=log).run(resume=resume)
 
 
 def run_variants(config: RunConfig, out: Path, names: Sequence[str], seeds: Sequence[int],
@@ -109,10 +118,7 @@ def run_variants(config: RunConfig, out: Path, names: Sequence[str], seeds: Sequ
         log(f"seed {seed}: teacher {rows[-1]['last_test_acc']:.2f}%")
         for name, variant in variant_configs(seeded, str(teacher_file), names).items():
             started = time.monotonic()
-            run_dir = out / f"seed{seed}" / name
-            summary_file = run_dir / "summary.json"
-            summary = (json.loads(summary_file.read_text()) if summary_file.is_file()
-                       else SMSKDTrainer(variant, run_dir, log=_quiet).run())
+            summary = _run_or_resume(variant, out / f"seed{seed}" / name, _quiet)
             rows.append({"variant": name, "seed": seed, "last_test_acc": summary["last_test_acc"],
                          "best_test_acc": summary["best_test_acc"], "epochs": summary["epochs"],
                          "seconds": time.monotonic() - started})

@@ -140,3 +140,18 @@ def test_existing_run_directory_is_not_overwritten(teacher_file, tmp_path):
     SMSKDTrainer(config, tmp_path / "run", log=lambda _: None).run()
     with pytest.raises(FileExistsError, match="already holds a run"):
         SMSKDTrainer(config, tmp_path / "run", log=lambda _: None).run()
+
+
+@pytest.mark.parametrize("methods", [["dkd"], ["pkt"], ["sp"], ["at"], ["kd", "fitnet", "rkd", "crd"]],
+                         ids=lambda m: "+".join(m))
+def test_every_method_trains_in_a_stage_after_a_kd_stage(teacher_file, tmp_path, methods):
+    method_entries = [{"name": m, "params": {"feat_dim": 8, "nce_k": 16}} if m == "crd" else m for m in methods]
+    config = tiny_config(teacher_file, [{"method": "kd", "epochs": 1}, {"methods": method_entries, "epochs": 1}],
+                         data={"name": "digits", "batch_size": 32, "train_subset": 64, "test_subset": 32})
+    trainer = SMSKDTrainer(config, tmp_path / "run", log=lambda _: None)
+    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    trainer.run()
+    record = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert record["train_method"] > 0  # every listed set has a non-fused method
+    assert record["train_ref"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in trainer.student.state_dict().items())

@@ -264,7 +264,7 @@ class SMSKDTrainer:
             for key, value in (("loss", loss), ("ce", fused.ce), ("kd", fused.kd), ("ref", fused.ref),
                                ("method", method_loss), ("weight", fused.weight.float().mean())):
                 sums[key] += float(value.detach()) * size
-            if teacher_logits is not None:
+            if reference_logits is not None:
                 histogram += torch.histc(fused.weight.detach().float().cpu(), HISTOGRAM_BINS, 0.0, 1.0)
             correct += int((student_logits.argmax(-1) == labels).sum())
             count += size
@@ -336,8 +336,8 @@ class SMSKDTrainer:
                           **record, "test_loss": test["loss"], "test_acc": test["acc"],
                           "seconds": time.monotonic() - started}
                 append_jsonl(metrics_path, record)
-                if epoch == stage.epochs - 1 and self.teacher is not None:
-                    histograms[name] = histogram.tolist()
+                if epoch == stage.epochs - 1 and state.reference is not None:
+                    histograms[name] = histogram.tolist()  # w_i of the last epoch, where a reference used it
                 self._save_latest(index, epoch + 1, global_epoch, state, histograms)
                 self.log(f"[{name}] epoch {epoch + 1}/{stage.epochs} loss {record['train_loss']:.4f} "
                          f"train {record['train_acc']:.2f}% test {record['test_acc']:.2f}%")

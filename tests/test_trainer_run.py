@@ -38,6 +38,7 @@ def test_two_stage_run_writes_the_run_directory(teacher_file, tmp_path):
         assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     weights = json.loads((run / "tcp_weights.json").read_text())
     assert sum(weights["counts"]["stage2_fitnet"]) == 96  # the last epoch: every training sample once
+    assert "stage1_kd" not in weights["counts"]  # no reference in stage 1, so no weights to show
     final = load_model_file(run / "student.pt", "digits_cnn_small")
     stage2 = torch.load(run / "checkpoints" / "stage2.pt", weights_only=True)["student"]
     assert all(torch.equal(final["state_dict"][k], stage2[k]) for k in stage2)

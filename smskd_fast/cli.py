@@ -148,11 +148,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
-
     handlers = {"train": _train, "train-teacher": _train_teacher, "eval": _eval, "demo": _demo}
     try:
         return handlers[args.command](args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as error:  # bad config, files or names
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"error: {message}", file=sys.stderr)
         return 2

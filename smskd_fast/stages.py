@@ -143,6 +143,11 @@ class SMSKDTrainer:
         self.student = self._build(config.student.name)
         if config.student.checkpoint:
             self.student.load_state_dict(load_model_file(Path(config.student.checkpoint), config.student.name)["state_dict"])
+        for index in range(len(config.stages)):  # bad method parameters or layer names fail now, not stages later
+            for method in self._methods(index):
+                FeatureTaps(self.student, method.student_layers, "student").remove()
+                if self.teacher is not None:
+                    FeatureTaps(self.teacher, method.teacher_layers, "teacher").remove()
 
     # ----- set-up -------------------------------------------------------------------------
     def _build(self, name: str) -> nn.Module:
@@ -175,14 +180,17 @@ class SMSKDTrainer:
         return MethodInputs(student_logits, teacher_logits, labels.to(self.device), indices,
                             student_taps.take(), teacher_taps.take() if teacher_taps else {})
 
+    def _methods(self, index: int) -> nn.ModuleList:
+        return nn.ModuleList([
+            build_method(m.name, self.student, self.teacher, weight=m.weight, student_layers=m.student_layers,
+                         teacher_layers=m.teacher_layers, params=m.params)
+            for m in self.config.stages[index].methods
+        ])
+
     def _start_stage(self, index: int) -> _StageState:
         stage = self.config.stages[index]
         torch.manual_seed(derive_seed(self.config.seed, index, "methods"))
-        methods = nn.ModuleList([
-            build_method(m.name, self.student, self.teacher, weight=m.weight, student_layers=m.student_layers,
-                         teacher_layers=m.teacher_layers, params=m.params)
-            for m in stage.methods
-        ])
+        methods = self._methods(index)
         student_taps = FeatureTaps(self.student, [n for m in methods for n in m.student_layers], "student")
         teacher_taps = (FeatureTaps(self.teacher, [n for m in methods for n in m.teacher_layers], "teacher")
                         if self.teacher is not None else None)

@@ -156,3 +156,11 @@ def test_every_method_trains_in_a_stage_after_a_kd_stage(teacher_file, tmp_path,
     assert record["train_method"] > 0  # every listed set has a non-fused method
     assert record["train_ref"] > 0
     assert any(not torch.equal(before[k], v) for k, v in trainer.student.state_dict().items())
+
+
+def test_a_wrong_layer_name_in_a_later_stage_fails_before_training(teacher_file, tmp_path):
+    stages = [{"method": "kd", "epochs": 1},
+              {"method": {"name": "fitnet", "student_layers": ["stage7"], "teacher_layers": ["stage2"]}, "epochs": 1}]
+    with pytest.raises(KeyError, match="student has no layer named 'stage7'; available layer names: stage1"):
+        SMSKDTrainer(tiny_config(teacher_file, stages), tmp_path / "run", log=lambda _: None)
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,188 @@
+"""Data sets for the trainer: embedded digits, CIFAR-100 from disk, ImageFolder.
+
+Every split is an ImageSet that turns a list of indices into a batch. Random
+augmentation is not done per item inside a loader but per batch with an explicit
+torch.Generator (see augment), so that a run seeded per (seed, stage, epoch) draws
+the same batches and the same crops after a resume as without one.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["ImageSet", "DataSplits", "load_splits", "iterate_batches", "augment", "DATASETS"]
+
+DIGITS_FILE = Path(__file__).resolve().parent / "data" / "digits.npz"
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DATASETS = ("digits", "cifar100", "imagefolder")
+
+
+@dataclass
+class ImageSet:
+    """A split of labelled images; batch(indices) gives float images in [0, 1] and labels.
+
+    Images live in memory as uint8 (N, C, H, W) divided by `scale`, or, for
+    ImageFolder, are loaded on demand by `load_item`.
+    """
+
+    labels: torch.Tensor
+    num_classes: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    images: Optional[torch.Tensor] = None
+    scale: float = 255.0
+    load_item: Optional[Callable[[int], torch.Tensor]] = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, indices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.images is not None:
+            images = self.images[indices].float() / self.scale
+        else:
+            images = torch.stack([self.load_item(int(i)) for i in indices])
+        return images, self.labels[indices]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+    def subset(self, count: Optional[int]) -> "ImageSet":
+        """The first `count` items (all when None): small runs for tests and smoke checks."""
+        if count is None or count >= len(self):
+            return self
+        keep = torch.arange(count)
+        return ImageSet(
+            labels=self.labels[keep], num_classes=self.num_classes, mean=self.mean, std=self.std,
+            images=None if self.images is None else self.images[keep], scale=self.scale,
+            load_item=self.load_item,
+        )
+
+    @property
+    def image_shape(self) -> Tuple[int, ...]:
+        images, _ = self.batch(torch.arange(1))
+        return tuple(images.shape[1:])
+
+
+@dataclass
+class DataSplits:
+    train: ImageSet
+    test: ImageSet
+
+
+def _digits() -> DataSplits:
+    with np.load(DIGITS_FILE) as archive:
+        arrays = {key: torch.from_numpy(archive[key]) for key in archive.files}
+    train_images = arrays["train_images"].unsqueeze(1)  # (N, 1, 8, 8), 0..16
+    scaled = train_images.float() / 16.0
+    stats = dict(mean=(float(scaled.mean()),), std=(float(scaled.std()),), scale=16.0, num_classes=10)
+    return DataSplits(
+        train=ImageSet(labels=arrays["train_labels"], images=train_images, **stats),
+        test=ImageSet(labels=arrays["test_labels"], images=arrays["test_images"].unsqueeze(1), **stats),
+    )
+
+
+def _read_cifar_file(path: Path) -> Tuple[torch.Tensor, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"CIFAR-100 file {path} not found; data.root must hold torchvision's layout "
+            "(<root>/cifar-100-python/{train,test}), e.g. from "
+            "torchvision.datasets.CIFAR100(root, download=True)"
+        )
+    with open(path, "rb") as handle:
+        entry = pickle.load(handle, encoding="latin1")
+    data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return torch.from_numpy(data.copy()), torch.as_tensor(entry["fine_labels"], dtype=torch.int64)
+
+
+def _cifar100(root: Path) -> DataSplits:
+    base = root / "cifar-100-python"
+    stats = dict(mean=CIFAR100_MEAN, std=CIFAR100_STD, scale=255.0, num_classes=100)
+    train_images, train_labels = _read_cifar_file(base / "train")
+    test_images, test_labels = _read_cifar_file(base / "test")
+    return DataSplits(
+        train=ImageSet(labels=train_labels, images=train_images, **stats),
+        test=ImageSet(labels=test_labels, images=test_images, **stats),
+    )
+
+
+def _image_folder_split(folder: Path, image_size: int, classes: Optional[Sequence[str]]) -> ImageSet:
+    from torchvision import datasets, transforms
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"ImageFolder split {folder} not found; data.root must hold train/ and test/ (or val/)")
+    transform = transforms.Compose([
+        transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(),
+    ])
+    folder_set = datasets.ImageFolder(str(folder), transform=transform)
+    if classes is not None and list(folder_set.classes) != list(classes):
+        raise ValueError(f"{folder} has classes {folder_set.classes}, but the train split has {list(classes)}")
+    labels = torch.as_tensor(folder_set.targets, dtype=torch.int64)
+    return ImageSet(labels=labels, num_classes=len(folder_set.classes), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                    load_item=lambda index: folder_set[index][0])
+
+
+def _image_folder(root: Path, image_size: int) -> DataSplits:
+    from torchvision import datasets
+
+    train = _image_folder_split(root / "train", image_size, None)
+    classes = datasets.ImageFolder(str(root / "train")).classes
+    test_dir = root / "test" if (root / "test").is_dir() else root / "val"
+    return DataSplits(train=train, test=_image_folder_split(test_dir, image_size, classes))
+
+
+def load_splits(name: str, root: Optional[str] = None, image_size: int = 224) -> DataSplits:
+    """The train and test splits of data set `name` (one of DATASETS)."""
+    if name == "digits":
+        return _digits()
+    if name not in DATASETS:
+        raise ValueError(f"data.name must be one of {list(DATASETS)}, got {name!r}")
+    if root is None:
+        raise ValueError(f"data.root (or --data-dir) is required for data set {name!r}")
+    if name == "cifar100":
+        return _cifar100(Path(root))
+    return _image_folder(Path(root), image_size)
+
+
+def iterate_batches(dataset: ImageSet, batch_size: int, *, shuffle: bool,
+                    generator: Optional[torch.Generator] = None,
+                    drop_last: bool = False) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yields (images in [0, 1], labels, indices) batches; the order comes from `generator`."""
+    count = len(dataset)
+    order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
+    stop = count - count % batch_size if drop_last and count >= batch_size else count
+    for start in range(0, stop, batch_size):
+        indices = order[start:start + batch_size]
+        images, labels = dataset.batch(indices)
+        yield images, labels, indices
+
+
+def augment(images: torch.Tensor, kind: str, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Batch augmentation drawn from `generator`: "none", "crop" (zero-pad and random crop)
+    or "crop_flip" (also a horizontal flip with probability 1/2), as in the CIFAR KD recipes."""
+    if kind == "none":
+        return images
+    if kind not in ("crop", "crop_flip"):
+        raise ValueError(f"data.augment must be 'none', 'crop' or 'crop_flip', got {kind!r}")
+    count, channels, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    offset_y = torch.randint(0, 2 * padding + 1, (count,), generator=generator)
+    offset_x = torch.randint(0, 2 * padding + 1, (count,), generator=generator)
+    rows = (offset_y[:, None] + torch.arange(height)).view(count, 1, height, 1)
+    cols = (offset_x[:, None] + torch.arange(width)).view(count, 1, 1, width)
+    batch_index = torch.arange(count).view(count, 1, 1, 1)
+    channel_index = torch.arange(channels).view(1, channels, 1, 1)
+    cropped = padded[batch_index, channel_index, rows, cols]
+    if kind == "crop_flip":
+        flip = torch.rand(count, generator=generator) < 0.5
+        cropped = torch.where(flip.view(count, 1, 1, 1), cropped.flip(-1), cropped)
+    return cropped

@@ -1,0 +1,392 @@
+"""The SMSKD trainer: a run is a list of stages trained in sequence.
+
+Stage k trains the student with its method(s) against the frozen teacher. From
+stage 2 on (unless the stage sets reference: false), a frozen copy of the student
+as it ended stage k-1 is the reference, and the TCP-weighted reference term of
+SPEC.md joins the loss. The CE, Hinton-KD and reference terms are one fused
+smskd_loss call; feature and relation methods add their own losses.
+
+Reproducibility and resume: every epoch reseeds torch from (seed, stage, epoch) and
+draws its batch order and augmentation from a generator seeded the same way, the
+learning rate is a function of the epoch, and latest.pt (written atomically after
+every epoch) holds the student, the method modules and the optimizer. A run resumed
+from any epoch boundary therefore ends with the same weights as one never stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import yaml
+from torch import nn
+
+from .config import RunConfig, StageConfig, config_to_dict
+from .data import DataSplits, ImageSet, augment, iterate_batches, load_splits
+from .functional import SMSKDLossOutput, smskd_loss
+from .methods import FeatureTaps, MethodInputs, build_method
+from .models import build_model
+from .runio import (Progress, append_jsonl, load_model_file, read_jsonl, save_atomic, save_model_file,
+                    write_jsonl)
+
+__all__ = ["SMSKDTrainer", "stage_loss", "learning_rate", "derive_seed", "evaluate", "freeze",
+           "model_fingerprint", "HISTOGRAM_BINS"]
+
+HISTOGRAM_BINS = 20
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    """A 63-bit seed determined by the run seed and a path such as (stage, epoch)."""
+    digest = hashlib.sha256(repr((seed,) + parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def learning_rate(stage: StageConfig, epoch: int) -> float:
+    """The stage's learning rate for 0-based epoch `epoch`."""
+    base, schedule = stage.optimizer.lr, stage.schedule
+    if schedule.name == "multistep":
+        return base * schedule.gamma ** sum(epoch >= milestone for milestone in schedule.milestones)
+    if schedule.name == "cosine":
+        return 0.5 * base * (1 + math.cos(math.pi * epoch / stage.epochs))
+    return base
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: a frozen teacher or reference."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer: shows that a frozen model was not changed."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def stage_loss(student_logits: torch.Tensor, target: torch.Tensor, teacher_logits: Optional[torch.Tensor],
+               reference_logits: Optional[torch.Tensor], stage: StageConfig, fused_kd_weight: float,
+               backend: str = "auto") -> SMSKDLossOutput:
+    """The fused CE + KD + TCP-weighted reference term of one batch (SPEC.md section 2).
+
+    Without a teacher the weighting falls back to "constant" (no TCP exists), which
+    the config only allows when no reference term needs it.
+    """
+    weighting = stage.weighting if teacher_logits is not None else "constant"
+    return smskd_loss(student_logits, target, teacher_logits, reference_logits,
+                      temperature=stage.temperature, ce_weight=stage.ce_weight, kd_weight=fused_kd_weight,
+                      ref_weight=stage.ref_weight if reference_logits is not None else 0.0,
+                      weighting=weighting, backend=backend)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: ImageSet, batch_size: int, device: torch.device) -> Dict[str, float]:
+    """Test loss (CE) and top-1 accuracy (%) of `model` on `dataset`; restores its train/eval mode."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for images, labels, _ in iterate_batches(dataset, batch_size, shuffle=False):
+        images, labels = dataset.normalize(images).to(device), labels.to(device)
+        logits = model(images)
+        total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+        count += int(labels.shape[0])
+    model.train(was_training)
+    return {"loss": total_loss / max(count, 1), "acc": 100.0 * correct / max(count, 1)}
+
+
+@dataclass
+class _StageState:
+    """What one stage trains: its methods, optimizer, feature taps and reference."""
+
+    methods: nn.ModuleList
+    optimizer: torch.optim.Optimizer
+    student_taps: FeatureTaps
+    teacher_taps: Optional[FeatureTaps]
+    reference: Optional[nn.Module]
+    reference_fingerprint: Optional[str]
+
+    @property
+    def fused_kd_weight(self) -> float:
+        return sum(method.fused_kd_weight for method in self.methods)
+
+    def close(self) -> None:
+        self.student_taps.remove()
+        if self.teacher_taps is not None:
+            self.teacher_taps.remove()
+
+
+class SMSKDTrainer:
+    """Trains config.stages in sequence in run_dir; see the module docstring."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, log: Callable[[str], None] = print):
+        self.config, self.run_dir, self.log = config, Path(run_dir), log
+        self.device = torch.device(config.device)
+        self.stage_names = config.stage_names()
+        splits = load_splits(config.data.name, config.data.root, config.data.image_size)
+        self.data = DataSplits(train=splits.train.subset(config.data.train_subset),
+                               test=splits.test.subset(config.data.test_subset))
+        self.num_classes = self.data.train.num_classes
+        self.in_channels = self.data.train.image_shape[0]
+        self.teacher = self._load_teacher()
+        self.teacher_fingerprint = None if self.teacher is None else model_fingerprint(self.teacher)
+        torch.manual_seed(derive_seed(config.seed, "student"))
+        self.student = self._build(config.student.name)
+        if config.student.checkpoint:
+            self.student.load_state_dict(load_model_file(Path(config.student.checkpoint), config.student.name)["state_dict"])
+        for index in range(len(config.stages)):  # bad method parameters or layer names fail now, not stages later
+            for method in self._methods(index):
+                FeatureTaps(self.student, method.student_layers, "student").remove()
+                if self.teacher is not None:
+                    FeatureTaps(self.teacher, method.teacher_layers, "teacher").remove()
+
+    # ----- set-up -------------------------------------------------------------------------
+    def _build(self, name: str) -> nn.Module:
+        return build_model(name, self.num_classes, self.in_channels).to(self.device)
+
+    def _load_teacher(self) -> Optional[nn.Module]:
+        spec = self.config.teacher
+        if spec is None:
+            return None
+        if not spec.checkpoint:
+            raise ValueError("teacher.checkpoint is required: the teacher must be trained "
+                             "(see `smskd-fast train-teacher`); no weights are downloaded")
+        entry = load_model_file(Path(spec.checkpoint), spec.name)
+        if entry["num_classes"] != self.num_classes:
+            raise ValueError(f"teacher {spec.checkpoint} has {entry['num_classes']} classes, the data {self.num_classes}")
+        teacher = build_model(spec.name, self.num_classes, self.in_channels)
+        teacher.load_state_dict(entry["state_dict"])
+        return freeze(teacher.to(self.device))
+
+    def _probe_inputs(self, student_taps: FeatureTaps, teacher_taps: Optional[FeatureTaps]) -> MethodInputs:
+        """Features of the first training batch (student in eval mode: its statistics stay untouched)."""
+        images, labels, indices = next(iterate_batches(self.data.train, self.config.data.batch_size, shuffle=False))
+        images = self.data.train.normalize(images).to(self.device)
+        was_training = self.student.training
+        self.student.eval()
+        with torch.no_grad():
+            student_logits = self.student(images)
+            teacher_logits = self.teacher(images) if self.teacher is not None else None
+        self.student.train(was_training)
+        return MethodInputs(student_logits, teacher_logits, labels.to(self.device), indices,
+                            student_taps.take(), teacher_taps.take() if teacher_taps else {})
+
+    def _methods(self, index: int) -> nn.ModuleList:
+        return nn.ModuleList([
+            build_method(m.name, self.student, self.teacher, weight=m.weight, student_layers=m.student_layers,
+                         teacher_layers=m.teacher_layers, params=m.params)
+            for m in self.config.stages[index].methods
+        ])
+
+    def _start_stage(self, index: int) -> _StageState:
+        stage = self.config.stages[index]
+        torch.manual_seed(derive_seed(self.config.seed, index, "methods"))
+        methods = self._methods(index)
+        student_taps = FeatureTaps(self.student, [n for m in methods for n in m.student_layers], "student")
+        teacher_taps = (FeatureTaps(self.teacher, [n for m in methods for n in m.teacher_layers], "teacher")
+                        if self.teacher is not None else None)
+        probe = self._probe_inputs(student_taps, teacher_taps)
+        for method in methods:
+            method.build(probe, len(self.data.train))
+        methods.to(self.device)
+        reference = None
+        if index > 0 and stage.reference and stage.ref_weight > 0:
+            reference = self._build(self.config.student.name)
+            reference.load_state_dict(self._stage_checkpoint(index - 1)["student"])
+            freeze(reference)
+        parameters = list(self.student.parameters()) + list(methods.parameters())
+        return _StageState(methods, self._optimizer(stage, parameters), student_taps, teacher_taps, reference,
+                           None if reference is None else model_fingerprint(reference))
+
+    @staticmethod
+    def _optimizer(stage: StageConfig, parameters: List[nn.Parameter]) -> torch.optim.Optimizer:
+        spec = stage.optimizer
+        if spec.name == "sgd":
+            return torch.optim.SGD(parameters, lr=spec.lr, momentum=spec.momentum,
+                                   weight_decay=spec.weight_decay, nesterov=spec.nesterov)
+        optimizer_class = torch.optim.Adam if spec.name == "adam" else torch.optim.AdamW
+        return optimizer_class(parameters, lr=spec.lr, weight_decay=spec.weight_decay)
+
+    # ----- files ----------------------------------------------------------------------------
+    def _stage_path(self, index: int) -> Path:
+        return self.run_dir / "checkpoints" / f"stage{index + 1}.pt"
+
+    def _stage_checkpoint(self, index: int) -> Dict[str, Any]:
+        return torch.load(self._stage_path(index), map_location=self.device, weights_only=True)
+
+    def _save_latest(self, stage_index: int, epochs_done: int, global_epoch: int, state: _StageState,
+                     histograms: Dict[str, Any]) -> None:
+        save_atomic({
+            "stage": stage_index, "epochs_done": epochs_done, "global_epoch": global_epoch,
+            "student": self.student.state_dict(), "methods": state.methods.state_dict(),
+            "optimizer": state.optimizer.state_dict(), "histograms": histograms,
+        }, self.run_dir / "checkpoints" / "latest.pt")
+
+    # ----- training ---------------------------------------------------------------------------
+    def _train_epoch(self, index: int, epoch: int, state: _StageState, histogram: torch.Tensor) -> Dict[str, float]:
+        stage, config = self.config.stages[index], self.config
+        torch.manual_seed(derive_seed(config.seed, index, epoch))
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, index, epoch, "data"))
+        lr = learning_rate(stage, epoch)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        for method in state.methods:
+            method.set_epoch(epoch)
+        self.student.train()
+        state.methods.train()
+        sums = dict(loss=0.0, ce=0.0, kd=0.0, ref=0.0, method=0.0, weight=0.0)
+        correct = count = 0
+        train = self.data.train
+        steps = math.ceil(len(train) / config.data.batch_size)
+        progress = Progress(steps, f"{self.stage_names[index]} epoch {epoch + 1}/{stage.epochs}", config.progress)
+        for images, labels, indices in iterate_batches(train, config.data.batch_size, shuffle=True, generator=generator):
+            images = train.normalize(augment(images, config.data.augment, generator, config.data.crop_padding))
+            images = images.to(self.device)
+            labels = labels.to(self.device)
+            with torch.no_grad():
+                teacher_logits = self.teacher(images) if self.teacher is not None else None
+                reference_logits = state.reference(images) if state.reference is not None else None
+            student_logits = self.student(images)
+            inputs = MethodInputs(student_logits, teacher_logits, labels, indices, state.student_taps.take(),
+                                  state.teacher_taps.take() if state.teacher_taps else {})
+            fused = stage_loss(student_logits, labels, teacher_logits, reference_logits, stage,
+                               state.fused_kd_weight, config.backend)
+            method_loss = sum((method.loss(inputs) for method in state.methods), student_logits.new_zeros(()))
+            loss = fused.loss + method_loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{self.stage_names[index]} epoch {epoch + 1}: the loss is {float(loss)}; "
+                                         "lower the learning rate or the method weight")
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            state.optimizer.step()
+            size = int(labels.shape[0])
+            for key, value in (("loss", loss), ("ce", fused.ce), ("kd", fused.kd), ("ref", fused.ref),
+                               ("method", method_loss), ("weight", fused.weight.float().mean())):
+                sums[key] += float(value.detach()) * size
+            if reference_logits is not None:
+                histogram += torch.histc(fused.weight.detach().float().cpu(), HISTOGRAM_BINS, 0.0, 1.0)
+            correct += int((student_logits.argmax(-1) == labels).sum())
+            count += size
+            progress.step(f"loss {float(loss.detach()):.4f}")
+        progress.close()
+        record = {f"train_{key}": value / max(count, 1) for key, value in sums.items()}
+        record["train_acc"] = 100.0 * correct / max(count, 1)
+        record["lr"] = lr
+        return record
+
+    def run(self, resume: bool = False, max_epochs: Optional[int] = None) -> Optional[Dict[str, Any]]:
+        """Trains every stage; returns the summary, or None when stopped after max_epochs epochs
+        (an interruption, for tests and time-boxed jobs; resume=True continues it)."""
+        threads = torch.get_num_threads()
+        if self.config.threads is not None:  # small models run faster on one thread than on a busy pool
+            torch.set_num_threads(self.config.threads)
+        try:
+            return self._run(resume, max_epochs)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self, resume: bool, max_epochs: Optional[int]) -> Optional[Dict[str, Any]]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.run_dir / "metrics.jsonl"
+        start_stage, start_epoch, global_epoch, histograms, resumed = 0, 0, 0, {}, None
+        latest_path = self.run_dir / "checkpoints" / "latest.pt"
+        if resume:
+            if not latest_path.is_file():
+                raise FileNotFoundError(f"cannot resume: {latest_path} not found")
+            resumed = torch.load(latest_path, map_location=self.device, weights_only=True)
+            self.student.load_state_dict(resumed["student"])
+            start_stage, start_epoch = resumed["stage"], resumed["epochs_done"]
+            global_epoch, histograms = resumed["global_epoch"], resumed["histograms"]
+            write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["global_epoch"] <= global_epoch])
+            if start_epoch == self.config.stages[start_stage].epochs:
+                if not self._stage_path(start_stage).is_file():  # stopped between the two writes
+                    save_atomic({"student": resumed["student"], "methods": resumed["methods"],
+                                 "stage": start_stage}, self._stage_path(start_stage))
+                start_stage, start_epoch, resumed = start_stage + 1, 0, None
+        else:
+            if metrics_path.exists() or latest_path.exists():
+                raise FileExistsError(f"{self.run_dir} already holds a run; use --resume or another --out")
+            with open(self.run_dir / "config.yaml", "w") as handle:
+                yaml.safe_dump(config_to_dict(self.config), handle, sort_keys=False)
+        if self.teacher is not None and global_epoch == 0:
+            teacher_eval = evaluate(self.teacher, self.data.test, self.config.data.eval_batch_size, self.device)
+            self.log(f"teacher {self.config.teacher.name}: test accuracy {teacher_eval['acc']:.2f}%")
+            (self.run_dir / "teacher_eval.json").write_text(json.dumps(teacher_eval))
+        epochs_run = 0
+        for index in range(start_stage, len(self.config.stages)):
+            stage, name = self.config.stages[index], self.stage_names[index]
+            state = self._start_stage(index)
+            histogram = torch.zeros(HISTOGRAM_BINS)
+            if resumed is not None and index == start_stage:
+                state.methods.load_state_dict(resumed["methods"])
+                state.optimizer.load_state_dict(resumed["optimizer"])
+            first_epoch = start_epoch if index == start_stage else 0
+            for epoch in range(first_epoch, stage.epochs):
+                if max_epochs is not None and epochs_run >= max_epochs:
+                    state.close()
+                    return None
+                started = time.monotonic()
+                histogram.zero_()
+                record = self._train_epoch(index, epoch, state, histogram)
+                test = evaluate(self.student, self.data.test, self.config.data.eval_batch_size, self.device)
+                global_epoch += 1
+                epochs_run += 1
+                record = {"stage": index + 1, "stage_name": name, "epoch": epoch + 1, "global_epoch": global_epoch,
+                          **record, "test_loss": test["loss"], "test_acc": test["acc"],
+                          "seconds": time.monotonic() - started}
+                append_jsonl(metrics_path, record)
+                if epoch == stage.epochs - 1 and state.reference is not None:
+                    histograms[name] = histogram.tolist()  # w_i of the last epoch, where a reference used it
+                self._save_latest(index, epoch + 1, global_epoch, state, histograms)
+                self.log(f"[{name}] epoch {epoch + 1}/{stage.epochs} loss {record['train_loss']:.4f} "
+                         f"train {record['train_acc']:.2f}% test {record['test_acc']:.2f}%")
+            self._check_frozen(state, name)
+            save_atomic({"student": self.student.state_dict(), "methods": state.methods.state_dict(),
+                         "stage": index}, self._stage_path(index))
+            state.close()
+        return self._finish(histograms)
+
+    def _check_frozen(self, state: _StageState, name: str) -> None:
+        if state.reference is not None and model_fingerprint(state.reference) != state.reference_fingerprint:
+            raise RuntimeError(f"{name}: the frozen reference model changed during the stage")
+        if self.teacher is not None and model_fingerprint(self.teacher) != self.teacher_fingerprint:
+            raise RuntimeError(f"{name}: the frozen teacher model changed during the stage")
+
+    def _finish(self, histograms: Dict[str, Any]) -> Dict[str, Any]:
+        save_model_file(self.student, self.config.student.name, self.num_classes, self.in_channels,
+                        self.run_dir / "student.pt")
+        records = read_jsonl(self.run_dir / "metrics.jsonl")
+        (self.run_dir / "tcp_weights.json").write_text(json.dumps(
+            {"bins": [i / HISTOGRAM_BINS for i in range(HISTOGRAM_BINS + 1)], "counts": histograms}))
+        summary = summarize(records)
+        teacher_eval = self.run_dir / "teacher_eval.json"
+        if teacher_eval.is_file():
+            summary["teacher_test_acc"] = json.loads(teacher_eval.read_text())["acc"]
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.config.plots:
+            from .plots import plot_run
+
+            plot_run(self.run_dir)
+        return summary
+
+
+def summarize(records: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Last-epoch and best-epoch test accuracy overall and per stage (tables show the last epoch)."""
+    best = max(records, key=lambda r: r["test_acc"])
+    stages = []
+    for name in dict.fromkeys(r["stage_name"] for r in records):
+        rows = [r for r in records if r["stage_name"] == name]
+        stages.append({"name": name, "last_test_acc": rows[-1]["test_acc"],
+                       "best_test_acc": max(r["test_acc"] for r in rows)})
+    return {"last_test_acc": records[-1]["test_acc"], "best_test_acc": best["test_acc"],
+            "best_global_epoch": best["global_epoch"], "epochs": len(records), "stages": stages,
+            "table_shows": "last_test_acc"}

@@ -1,0 +1,51 @@
+"""Tiny digits runs shared by the trainer tests (a few batches per epoch, seconds per run)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+from smskd_fast.config import parse_config
+from smskd_fast.models import build_model
+from smskd_fast.runio import save_model_file
+
+
+def write_teacher(path: Path) -> Path:
+    """A digits teacher file: a briefly fitted digits_cnn_large (its TCP values vary per sample)."""
+    from smskd_fast.data import load_splits
+
+    torch.manual_seed(0)
+    teacher = build_model("digits_cnn_large", 10, 1)
+    train = load_splits("digits").train
+    images, labels = train.batch(torch.arange(128))
+    optimizer = torch.optim.SGD(teacher.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(teacher(train.normalize(images)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    save_model_file(teacher, "digits_cnn_large", 10, 1, path)
+    return path
+
+
+def tiny_raw(teacher_file: Path, stages: List[Dict[str, Any]], **changes: Any) -> Dict[str, Any]:
+    raw = {
+        "seed": 1,
+        "plots": False,
+        "progress": False,
+        "backend": "auto",
+        "threads": 1,
+        "data": {"name": "digits", "batch_size": 32, "train_subset": 96, "test_subset": 64,
+                 "augment": "crop", "crop_padding": 1},
+        "student": {"name": "digits_cnn_small"},
+        "teacher": {"name": "digits_cnn_large", "checkpoint": str(teacher_file)},
+        "defaults": {"optimizer": {"lr": 0.05}, "schedule": {"name": "cosine"}},
+        "stages": stages,
+    }
+    raw.update(changes)
+    return raw
+
+
+def tiny_config(teacher_file: Path, stages: List[Dict[str, Any]], **changes: Any):
+    return parse_config(tiny_raw(teacher_file, stages, **changes))

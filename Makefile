@@ -34,7 +34,7 @@ build: venv
 	$(PY) -c "import smskd_fast; print(smskd_fast.available_backends())"
 
 demo: build
-	$(PY) -m smskd_fast.bench
+	$(PY) -m smskd_fast demo
 
 test: test-python test-cmake
 
@@ -48,7 +48,7 @@ test-cmake: venv
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
 bench: build
-	$(PY) -m smskd_fast.bench
+	$(PY) -m smskd_fast bench
 
 clean:
 	rm -rf build $(VENV) smskd_fast/_C*.so *.egg-info .pytest_cache

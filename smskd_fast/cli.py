@@ -11,7 +11,7 @@ import yaml
 
 __all__ = ["main"]
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits_demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "digits_demo.yaml"  # shipped in the wheel
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""The smskd-fast command line: train, train-teacher, eval, demo, bench."""
+"""The smskd-fast command line: train, train-teacher, eval, demo, cache build, bench."""
 from __future__ import annotations
 
 import argparse
@@ -115,6 +115,33 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_build(args: argparse.Namespace) -> int:
+    """Builds (or finishes) the config's teacher logit cache, so that the run only reads it."""
+    import torch
+
+    from .frozen_logits import open_or_build, teacher_cache_spec
+    from .stages import SMSKDTrainer
+
+    config = _load(args)
+    if config.cache is None or config.cache.teacher is None:
+        raise ValueError("cache.teacher: the config has no teacher cache to build (add cache: {teacher: {dir: ...}})")
+    trainer = SMSKDTrainer(config, Path("."), log=lambda _: None)  # loads the data and the frozen teacher
+    store = config.cache.teacher
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        cache, written = open_or_build(Path(store.dir), teacher_cache_spec(config, trainer.teacher, trainer.data.train),
+                                       trainer.teacher, trainer.data.train, config, store.batch_size, trainer.device)
+    finally:
+        torch.set_num_threads(threads)
+    shards = sum(1 for _ in cache.spec.shards())
+    print(f"teacher logit cache {store.dir}: {shards} shards ({written} written now, {shards - written} reused), "
+          f"{cache.spec.format} {cache.spec.dtype}, epochs 0..{max(cache.spec.epochs)}, "
+          f"{cache.spec.num_samples} samples")
+    return 0
+
+
 def _bench(argv: List[str]) -> int:
     from . import bench  # imported lazily: benchmarks need nothing from the trainer
 
@@ -139,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=int, nargs="+", help="seeds to average over (default: the config's)")
     demo.add_argument("--all-variants", action="store_true",
                       help="also summed methods, sequential without reference, short KD and every weighting")
+    cache = commands.add_parser("cache", help="frozen-model logit caches")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True)
+    cache_build = cache_commands.add_parser("build", help="build the config's teacher logit cache ahead of a run "
+                                                          "(resumable after a kill)")
+    _add_config_options(cache_build)
     commands.add_parser("bench", help="loss backend benchmark (smskd_fast.bench)", add_help=False)
     return parser
 
@@ -148,10 +180,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
     args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "train-teacher": _train_teacher, "eval": _eval, "demo": _demo}
+    from .cache import CacheCorruptedError
+
+    handlers = {"train": _train, "train-teacher": _train_teacher, "eval": _eval, "demo": _demo, "cache": _cache_build}
     try:
         return handlers[args.command](args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as error:  # bad config, files or names
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, CacheCorruptedError) as error:  # bad config, files or names
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)
         return 2

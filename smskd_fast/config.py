@@ -19,7 +19,8 @@ import yaml
 
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "OptimizerConfig", "ScheduleConfig", "MethodConfig",
-    "StageConfig", "RunConfig", "load_config", "parse_config", "apply_overrides", "config_to_dict",
+    "StageConfig", "CacheStoreConfig", "CacheConfig", "RunConfig", "load_config", "parse_config",
+    "apply_overrides", "config_to_dict",
     "WEIGHTINGS",
 ]
 
@@ -91,6 +92,26 @@ class StageConfig:
 
 
 @dataclass
+class CacheStoreConfig:
+    """One frozen model's logit cache (smskd_fast/cache.py): where and in which form."""
+
+    dir: Optional[str] = None
+    format: str = "dense"
+    dtype: str = "float16"
+    k: int = 0
+    shard_rows: int = 4096
+    batch_size: int = 1024
+
+
+@dataclass
+class CacheConfig:
+    """`cache: {teacher: ..., reference: ...}`: read these frozen models' logits from disk."""
+
+    teacher: Optional[CacheStoreConfig] = None
+    reference: Optional[CacheStoreConfig] = None
+
+
+@dataclass
 class RunConfig:
     student: ModelConfig
     stages: List[StageConfig]
@@ -103,6 +124,7 @@ class RunConfig:
     progress: bool = True
     plots: bool = True
     teacher_training: Optional[StageConfig] = None
+    cache: Optional[CacheConfig] = None
 
     def stage_names(self) -> List[str]:
         return [stage.name or f"stage{index + 1}_{'+'.join(m.name for m in stage.methods)}"
@@ -215,8 +237,31 @@ def _validate(config: RunConfig) -> None:
         if uses_reference and stage.weighting != "constant":
             _check(config.teacher is not None, "teacher",
                    f"is required: {path} weights its reference term by the teacher's TCP ({stage.weighting!r})")
+    if config.cache is not None:
+        _validate_cache(config)
     names = config.stage_names()
     _check(len(set(names)) == len(names), "stages", f"stage names must be unique, got {names}")
+
+
+def _validate_cache(config: RunConfig) -> None:
+    from .cache import FORMATS, STORED_DTYPES
+
+    for role in ("teacher", "reference"):
+        store, path = getattr(config.cache, role), f"cache.{role}"
+        if store is None:
+            continue
+        _check(store.format in FORMATS, f"{path}.format", f"must be one of {list(FORMATS)}, got {store.format!r}")
+        _check(store.dtype in STORED_DTYPES, f"{path}.dtype", f"must be one of {list(STORED_DTYPES)}, got {store.dtype!r}")
+        _check(store.shard_rows >= 1, f"{path}.shard_rows", f"must be >= 1, got {store.shard_rows}")
+        _check(store.batch_size >= 1, f"{path}.batch_size", f"must be >= 1, got {store.batch_size}")
+        if store.format == "topk":
+            _check(store.k >= 1, f"{path}.k", f"must be >= 1 for the top-k format, got {store.k}")
+    if config.cache.teacher is not None:
+        _check(config.cache.teacher.dir is not None, "cache.teacher.dir", "is required")
+        _check(config.teacher is not None, "teacher", "is required: cache.teacher caches the teacher's logits")
+    if config.cache.reference is not None:  # the reference term is a dense KL: there is no top-k form of it
+        _check(config.cache.reference.format == "dense", "cache.reference.format",
+               f"must be 'dense' (the reference term needs every logit), got {config.cache.reference.format!r}")
 
 
 def parse_config(raw: Dict[str, Any]) -> RunConfig:

@@ -1,12 +1,14 @@
 """Data sets for the trainer: embedded digits, CIFAR-100 from disk, ImageFolder.
 
 Every split is an ImageSet that turns a list of indices into a batch. Random
-augmentation is not done per item inside a loader but per batch with an explicit
-torch.Generator (see augment), so that a run seeded per (seed, stage, epoch) draws
-the same batches and the same crops after a resume as without one.
+augmentation is replayable: each sample's crop and flip come from uniforms that are
+a pure function of (seed, epoch, sample index) (see augmentation_draws), not of the
+stage, the batch or the order. A resumed run, a later stage with the same epoch
+index, and the logit cache's builder therefore all see the same view of a sample.
 """
 from __future__ import annotations
 
+import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,8 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["ImageSet", "DataSplits", "load_splits", "iterate_batches", "augment", "DATASETS"]
+__all__ = ["ImageSet", "DataSplits", "load_splits", "iterate_batches", "augment",
+           "augmentation_draws", "AUGMENT_STREAMS", "DATASETS"]
 
 DIGITS_FILE = Path(__file__).resolve().parent / "data" / "digits.npz"
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -23,6 +26,8 @@ CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DATASETS = ("digits", "cifar100", "imagefolder")
+AUGMENT_STREAMS = 3  # uniforms per sample: crop row, crop column, flip
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 @dataclass
@@ -166,23 +171,47 @@ def iterate_batches(dataset: ImageSet, batch_size: int, *, shuffle: bool,
         yield images, labels, indices
 
 
-def augment(images: torch.Tensor, kind: str, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Batch augmentation drawn from `generator`: "none", "crop" (zero-pad and random crop)
-    or "crop_flip" (also a horizontal flip with probability 1/2), as in the CIFAR KD recipes."""
+def _splitmix64(counter: np.ndarray) -> np.ndarray:
+    """The splitmix64 output function: a well-mixed 64-bit value per (uint64) counter."""
+    z = counter * _GOLDEN  # wraps modulo 2**64, like every uint64 array operation below
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def augmentation_draws(seed: int, epoch: int, indices: torch.Tensor, streams: int = AUGMENT_STREAMS) -> torch.Tensor:
+    """Uniforms in [0, 1) of shape (len(indices), streams), a pure function of (seed, epoch, sample index).
+
+    A counter-based generator: sample i's stream s is splitmix64 of a key hashed from
+    (seed, epoch) plus the counter i * streams + s, so any subset of samples, in any
+    order or batch, gets the same numbers.
+    """
+    key = int.from_bytes(hashlib.sha256(repr(("augment", int(seed), int(epoch))).encode()).digest()[:8], "little")
+    counters = indices.cpu().numpy().astype(np.uint64)[:, None] * np.uint64(streams) + np.arange(streams, dtype=np.uint64)
+    bits = _splitmix64(counters + np.uint64(key))
+    return torch.from_numpy((bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53)
+
+
+def augment(images: torch.Tensor, kind: str, draws: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """Per-sample augmentation from draws (N, AUGMENT_STREAMS) of augmentation_draws: "none",
+    "crop" (zero-pad and random crop) or "crop_flip" (also a horizontal flip with probability
+    1/2), as in the CIFAR KD recipes."""
     if kind == "none":
         return images
     if kind not in ("crop", "crop_flip"):
         raise ValueError(f"data.augment must be 'none', 'crop' or 'crop_flip', got {kind!r}")
     count, channels, height, width = images.shape
+    if draws.shape != (count, AUGMENT_STREAMS):
+        raise ValueError(f"augment: draws must have shape {(count, AUGMENT_STREAMS)}, got {tuple(draws.shape)}")
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
-    offset_y = torch.randint(0, 2 * padding + 1, (count,), generator=generator)
-    offset_x = torch.randint(0, 2 * padding + 1, (count,), generator=generator)
+    offset_y = (draws[:, 0] * (2 * padding + 1)).long()
+    offset_x = (draws[:, 1] * (2 * padding + 1)).long()
     rows = (offset_y[:, None] + torch.arange(height)).view(count, 1, height, 1)
     cols = (offset_x[:, None] + torch.arange(width)).view(count, 1, 1, width)
     batch_index = torch.arange(count).view(count, 1, 1, 1)
     channel_index = torch.arange(channels).view(1, channels, 1, 1)
     cropped = padded[batch_index, channel_index, rows, cols]
     if kind == "crop_flip":
-        flip = torch.rand(count, generator=generator) < 0.5
+        flip = draws[:, 2] < 0.5
         cropped = torch.where(flip.view(count, 1, 1, 1), cropped.flip(-1), cropped)
     return cropped

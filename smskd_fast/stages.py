@@ -6,8 +6,13 @@ as it ended stage k-1 is the reference, and the TCP-weighted reference term of
 SPEC.md joins the loss. The CE, Hinton-KD and reference terms are one fused
 smskd_loss call; feature and relation methods add their own losses.
 
+With `cache:` in the config, the teacher's (and each stage's reference's) logits are
+read from a logit cache instead of running the frozen model (frozen_logits.py); a
+stage whose methods need teacher features still runs the teacher.
+
 Reproducibility and resume: every epoch reseeds torch from (seed, stage, epoch) and
-draws its batch order and augmentation from a generator seeded the same way, the
+draws its batch order from a generator seeded the same way; each sample's
+augmentation is a function of (seed, epoch, sample index) alone; the
 learning rate is a function of the epoch, and latest.pt (written atomically after
 every epoch) holds the student, the method modules and the optimizer. A run resumed
 from any epoch boundary therefore ends with the same weights as one never stopped.
@@ -27,12 +32,15 @@ import yaml
 from torch import nn
 
 from .config import RunConfig, StageConfig, config_to_dict
-from .data import DataSplits, ImageSet, augment, iterate_batches, load_splits
+from .data import DataSplits, ImageSet, iterate_batches, load_splits
+from .frozen_logits import (CachedLogits, open_or_build, reference_cache_dir, reference_cache_spec,
+                            teacher_cache_spec, training_view)
 from .functional import SMSKDLossOutput, smskd_loss
 from .methods import FeatureTaps, MethodInputs, build_method
 from .models import build_model
 from .runio import (Progress, append_jsonl, load_model_file, read_jsonl, save_atomic, save_model_file,
                     write_jsonl)
+from .topk import TopKTeacher
 
 __all__ = ["SMSKDTrainer", "stage_loss", "learning_rate", "derive_seed", "evaluate", "freeze",
            "model_fingerprint", "HISTOGRAM_BINS"]
@@ -75,17 +83,18 @@ def model_fingerprint(model: nn.Module) -> str:
 
 def stage_loss(student_logits: torch.Tensor, target: torch.Tensor, teacher_logits: Optional[torch.Tensor],
                reference_logits: Optional[torch.Tensor], stage: StageConfig, fused_kd_weight: float,
-               backend: str = "auto") -> SMSKDLossOutput:
+               backend: str = "auto", teacher_topk: Optional[TopKTeacher] = None) -> SMSKDLossOutput:
     """The fused CE + KD + TCP-weighted reference term of one batch (SPEC.md section 2).
 
     Without a teacher the weighting falls back to "constant" (no TCP exists), which
     the config only allows when no reference term needs it.
     """
-    weighting = stage.weighting if teacher_logits is not None else "constant"
+    has_teacher = teacher_logits is not None or teacher_topk is not None
+    weighting = stage.weighting if has_teacher else "constant"
     return smskd_loss(student_logits, target, teacher_logits, reference_logits,
                       temperature=stage.temperature, ce_weight=stage.ce_weight, kd_weight=fused_kd_weight,
                       ref_weight=stage.ref_weight if reference_logits is not None else 0.0,
-                      weighting=weighting, backend=backend)
+                      weighting=weighting, backend=backend, teacher_topk=teacher_topk)
 
 
 @torch.no_grad()
@@ -114,6 +123,8 @@ class _StageState:
     teacher_taps: Optional[FeatureTaps]
     reference: Optional[nn.Module]
     reference_fingerprint: Optional[str]
+    teacher_cache: Optional[CachedLogits] = None    # set: read the teacher's logits instead of running it
+    reference_cache: Optional[CachedLogits] = None  # set: read the reference's logits instead of running it
 
     @property
     def fused_kd_weight(self) -> float:
@@ -139,6 +150,7 @@ class SMSKDTrainer:
         self.in_channels = self.data.train.image_shape[0]
         self.teacher = self._load_teacher()
         self.teacher_fingerprint = None if self.teacher is None else model_fingerprint(self.teacher)
+        self._teacher_cache = None  # the run's teacher LogitCache, opened by run() when the config has one
         torch.manual_seed(derive_seed(config.seed, "student"))
         self.student = self._build(config.student.name)
         if config.student.checkpoint:
@@ -205,7 +217,57 @@ class SMSKDTrainer:
             freeze(reference)
         parameters = list(self.student.parameters()) + list(methods.parameters())
         return _StageState(methods, self._optimizer(stage, parameters), student_taps, teacher_taps, reference,
-                           None if reference is None else model_fingerprint(reference))
+                           None if reference is None else model_fingerprint(reference),
+                           self._stage_teacher_cache(index, methods), self._stage_reference_cache(index, reference))
+
+    # ----- logit caches (frozen_logits.py) ----------------------------------------------------
+    def _open_teacher_cache(self) -> None:
+        """Opens the run's teacher cache, building any missing shards (`smskd-fast cache build` does it ahead)."""
+        store = self.config.cache.teacher if self.config.cache is not None else None
+        if store is None:
+            return
+        spec = teacher_cache_spec(self.config, self.teacher, self.data.train)
+        self._teacher_cache, written = open_or_build(Path(store.dir), spec, self.teacher, self.data.train,
+                                                     self.config, store.batch_size, self.device)
+        if written:
+            self.log(f"teacher logit cache {store.dir}: wrote {written} shards")
+
+    def _stage_teacher_cache(self, index: int, methods: nn.ModuleList) -> Optional[CachedLogits]:
+        """The teacher cache for this stage, or None where the teacher must run: its features are
+        needed, or a method needs its dense logits and the cache keeps only the top k."""
+        cache = self._teacher_cache
+        if cache is None:
+            return None
+        topk = cache.spec.format == "topk"
+        if any(m.teacher_layers or (topk and m.reads_teacher_logits) for m in methods):
+            return None
+        return CachedLogits(cache, self.config.stages[index].temperature, self.device)
+
+    def _stage_reference_cache(self, index: int, reference: Optional[nn.Module]) -> Optional[CachedLogits]:
+        """Builds (or reuses, on resume) this stage's reference cache from the frozen reference."""
+        store = self.config.cache.reference if self.config.cache is not None else None
+        if store is None or reference is None:
+            return None
+        spec = reference_cache_spec(self.config, index, reference, self.data.train)
+        path = reference_cache_dir(self.config, self.run_dir, index)
+        cache, written = open_or_build(path, spec, reference, self.data.train, self.config, store.batch_size,
+                                       self.device)
+        if written:
+            self.log(f"{self.stage_names[index]}: reference logit cache {path}: wrote {written} shards")
+        return CachedLogits(cache, self.config.stages[index].temperature, self.device)
+
+    def _frozen_logits(self, state: _StageState, epoch: int, images: torch.Tensor, indices: torch.Tensor):
+        """(teacher logits, teacher top-k, reference logits) of a batch: from the caches or the models."""
+        teacher_logits = teacher_topk = reference_logits = None
+        if state.teacher_cache is not None:
+            teacher_logits, teacher_topk = state.teacher_cache.read(epoch, indices)
+        elif self.teacher is not None:
+            teacher_logits = self.teacher(images)
+        if state.reference_cache is not None:
+            reference_logits, _ = state.reference_cache.read(epoch, indices)
+        elif state.reference is not None:
+            reference_logits = state.reference(images)
+        return teacher_logits, teacher_topk, reference_logits
 
     @staticmethod
     def _optimizer(stage: StageConfig, parameters: List[nn.Parameter]) -> torch.optim.Optimizer:
@@ -235,7 +297,7 @@ class SMSKDTrainer:
     def _train_epoch(self, index: int, epoch: int, state: _StageState, histogram: torch.Tensor) -> Dict[str, float]:
         stage, config = self.config.stages[index], self.config
         torch.manual_seed(derive_seed(config.seed, index, epoch))
-        generator = torch.Generator().manual_seed(derive_seed(config.seed, index, epoch, "data"))
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, index, epoch, "data"))  # batch order
         lr = learning_rate(stage, epoch)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
@@ -249,17 +311,15 @@ class SMSKDTrainer:
         steps = math.ceil(len(train) / config.data.batch_size)
         progress = Progress(steps, f"{self.stage_names[index]} epoch {epoch + 1}/{stage.epochs}", config.progress)
         for images, labels, indices in iterate_batches(train, config.data.batch_size, shuffle=True, generator=generator):
-            images = train.normalize(augment(images, config.data.augment, generator, config.data.crop_padding))
-            images = images.to(self.device)
+            images = training_view(train, images, indices, config, epoch).to(self.device)
             labels = labels.to(self.device)
             with torch.no_grad():
-                teacher_logits = self.teacher(images) if self.teacher is not None else None
-                reference_logits = state.reference(images) if state.reference is not None else None
+                teacher_logits, teacher_topk, reference_logits = self._frozen_logits(state, epoch, images, indices)
             student_logits = self.student(images)
             inputs = MethodInputs(student_logits, teacher_logits, labels, indices, state.student_taps.take(),
                                   state.teacher_taps.take() if state.teacher_taps else {})
             fused = stage_loss(student_logits, labels, teacher_logits, reference_logits, stage,
-                               state.fused_kd_weight, config.backend)
+                               state.fused_kd_weight, config.backend, teacher_topk)
             method_loss = sum((method.loss(inputs) for method in state.methods), student_logits.new_zeros(()))
             loss = fused.loss + method_loss
             if not torch.isfinite(loss):
@@ -321,6 +381,7 @@ class SMSKDTrainer:
             teacher_eval = evaluate(self.teacher, self.data.test, self.config.data.eval_batch_size, self.device)
             self.log(f"teacher {self.config.teacher.name}: test accuracy {teacher_eval['acc']:.2f}%")
             (self.run_dir / "teacher_eval.json").write_text(json.dumps(teacher_eval))
+        self._open_teacher_cache()
         epochs_run = 0
         for index in range(start_stage, len(self.config.stages)):
             stage, name = self.config.stages[index], self.stage_names[index]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from smskd_fast.data import augment, iterate_batches, load_splits
+from smskd_fast.data import augment, augmentation_draws, iterate_batches, load_splits
 from smskd_fast.config import parse_config
 from smskd_fast.stages import SMSKDTrainer
 
@@ -100,11 +100,34 @@ def test_batches_cover_the_data_once_in_generator_order():
 
 def test_crop_flip_takes_windows_of_the_padded_image():
     images = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
-    out = augment(images, "crop_flip", torch.Generator().manual_seed(0), padding=2)
+    draws = augmentation_draws(0, 0, torch.arange(2))
+    out = augment(images, "crop_flip", draws, padding=2)
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     for n in range(2):
-        windows = [padded[n, :, y:y + 5, x:x + 5] for y in range(5) for x in range(5)]
-        assert any(torch.equal(out[n], w) or torch.equal(out[n], w.flip(-1)) for w in windows)
-    assert torch.equal(augment(images, "none", torch.Generator()), images)
+        y, x = int(draws[n, 0] * 5), int(draws[n, 1] * 5)  # the window the draws pick, flipped iff draw < 1/2
+        window = padded[n, :, y:y + 5, x:x + 5]
+        assert torch.equal(out[n], window.flip(-1) if draws[n, 2] < 0.5 else window)
+    assert torch.equal(augment(images, "none", draws), images)
     with pytest.raises(ValueError, match="data.augment"):
-        augment(images, "rotate", torch.Generator())
+        augment(images, "rotate", draws)
+    with pytest.raises(ValueError, match="draws must have shape"):
+        augment(images, "crop", draws[:1])
+
+
+def test_augmentation_draws_depend_only_on_seed_epoch_and_sample():
+    everything = augmentation_draws(7, 3, torch.arange(1000))
+    some = torch.tensor([999, 5, 500, 5])
+    assert torch.equal(augmentation_draws(7, 3, some), everything[some])  # any order, any batch, repeats
+    assert not torch.equal(augmentation_draws(8, 3, torch.arange(1000)), everything)  # another seed
+    assert not torch.equal(augmentation_draws(7, 4, torch.arange(1000)), everything)  # another epoch
+    assert everything.min() >= 0 and everything.max() < 1
+    # Roughly uniform and independent streams: 3000 draws, mean 1/2 +- 4 sigma, tiny correlation.
+    assert abs(float(everything.mean()) - 0.5) < 4 * (1 / 12 / 3000) ** 0.5
+    assert abs(float(torch.corrcoef(everything.T)[0, 1])) < 0.15
+
+
+def test_every_crop_window_and_both_flips_occur():
+    draws = augmentation_draws(0, 0, torch.arange(2000))
+    offsets = (draws[:, :2] * 9).long()  # padding 4: 9 offsets per axis
+    assert set(offsets[:, 0].tolist()) == set(range(9)) and set(offsets[:, 1].tolist()) == set(range(9))
+    assert 0.45 < float((draws[:, 2] < 0.5).double().mean()) < 0.55

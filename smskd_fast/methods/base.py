@@ -42,6 +42,7 @@ class DistillMethod(nn.Module):
     name: ClassVar[str] = ""
     layer_kind: ClassVar[str] = "none"
     default_weight: ClassVar[float] = 1.0
+    reads_teacher_logits: ClassVar[bool] = False  # needs the teacher's dense logits in MethodInputs
 
     def __init__(self, weight: Optional[float] = None):
         super().__init__()

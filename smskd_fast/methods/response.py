@@ -36,6 +36,7 @@ class DKD(DistillMethod):
     both T^2-scaled and averaged over the batch, ramped in linearly over `warmup` epochs."""
 
     name = "dkd"
+    reads_teacher_logits = True
 
     def __init__(self, weight=None, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
                  warmup: int = 20):

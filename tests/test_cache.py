@@ -140,6 +140,14 @@ def test_hashes_change_with_the_weights_and_the_data():
     assert data_fingerprint([images, labels]) != fingerprint
 
 
+def test_model_hash_covers_scalar_buffers():
+    """BatchNorm's num_batches_tracked is a 0-d buffer: hashed like any other tensor."""
+    model = torch.nn.BatchNorm1d(3)
+    before = model_hash(model)
+    model.num_batches_tracked += 1
+    assert model_hash(model) != before
+
+
 BUILDER = """
 import sys, time, torch
 sys.path.insert(0, {tests!r})

@@ -11,11 +11,11 @@ from smskd_fast.models import build_model
 from smskd_fast.runio import save_model_file
 
 
-def write_teacher(path: Path) -> Path:
+def write_teacher(path: Path, seed: int = 0) -> Path:
     """A digits teacher file: a briefly fitted digits_cnn_large (its TCP values vary per sample)."""
     from smskd_fast.data import load_splits
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     teacher = build_model("digits_cnn_large", 10, 1)
     train = load_splits("digits").train
     images, labels = train.batch(torch.arange(128))

@@ -32,8 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
 
 # Weighting modes, as constexpr codes (base.WEIGHTINGS order is not relied on).
 WEIGHTING_CODES = {"constant": 0, "inverse_tcp": 1, "tcp": 2}

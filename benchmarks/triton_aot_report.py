@@ -8,7 +8,7 @@ stack and local bytes, and triton's ptxas -v its spill stores and loads. Writes 
 benchmarks/results/ and exits with status 1 on any spill (spill stores, loads
 or local bytes > 0), a failed compile, or when the target check kernel lost its device-side assert.
 
-    python benchmarks/triton_aot_report.py                 # everything (about 250 compiles)
+    python benchmarks/triton_aot_report.py                 # everything (338 compiles)
     python benchmarks/triton_aot_report.py --ci --jobs 2   # what CI runs: gradient variants, fp32 + bf16
 """
 from __future__ import annotations
@@ -114,13 +114,14 @@ def signature(fn, dtype: str, has_target: bool, align_ints: bool):
     return sig, attrs
 
 
-def ptxas_spills(ptx: str, arch: int) -> Dict[str, int]:
-    """Spill stores and loads as ptxas -v reports them for the kernel's PTX."""
+def ptxas_spills(ptx: str) -> Dict[str, int]:
+    """Spill stores and loads as ptxas -v reports them for the kernel's PTX (its own .target, e.g. sm_90a)."""
+    arch = re.search(r"^\.target\s+(sm_\w+)", ptx, flags=re.MULTILINE).group(1)
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "kernel.ptx"
         source.write_text(ptx)
-        log = subprocess.run([str(ptxas), "-v", f"--gpu-name=sm_{arch}", str(source), "-o", str(Path(folder) / "k.o")],
+        log = subprocess.run([str(ptxas), "-v", f"--gpu-name={arch}", str(source), "-o", str(Path(folder) / "k.o")],
                              capture_output=True, text=True, check=True).stderr
     stores = re.search(r"(\d+) bytes spill stores", log)
     loads = re.search(r"(\d+) bytes spill loads", log)
@@ -156,7 +157,7 @@ def compile_job(job: Job) -> Row:
         compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", job.arch, 32),
                                   options=options)
         usage = resource_usage(compiled.asm["cubin"])
-        usage.update(ptxas_spills(compiled.asm["ptx"], job.arch))
+        usage.update(ptxas_spills(compiled.asm["ptx"]))
     except Exception as error:  # reported as a failed row, and the script fails
         return Row(job.kernel, job.config, job.variant, job.dtype, f"sm_{job.arch}", job.num_warps,
                    -1, -1, -1, -1, -1, -1, None, error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")

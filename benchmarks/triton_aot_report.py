@@ -94,7 +94,12 @@ def cuobjdump() -> str:
 
 
 def signature(fn, dtype: str, has_target: bool, align_ints: bool):
-    """Argument types and the divisibility the JIT would specialize for aligned tensors."""
+    """Argument types and the divisibility the JIT would specialize for aligned tensors.
+
+    Online kernels are compiled as for C = 32000 or 128256 (C and strides divisible
+    by 16, ROW_ALIGN = 16), tile kernels as for C = 1000 (no integer
+    specialization, ROW_ALIGN = 8).
+    """
     sig, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in OUTPUT_POINTERS:
@@ -180,11 +185,11 @@ def jobs(variants, dtypes) -> List[Job]:
                 for tile in launch.all_tile_configs():
                     result.append(Job("_smskd_rows_tile_kernel", f"ROWS={tile.rows} BLOCK_C={tile.block_c}",
                                       variant, dtype, arch, tile.num_warps,
-                                      flags + (("ROWS", tile.rows), ("BLOCK_C", tile.block_c))))
+                                      flags + (("ROWS", tile.rows), ("BLOCK_C", tile.block_c), ("ROW_ALIGN", 8))))
                 for online in launch.ONLINE_CONFIGS:
                     result.append(Job("_smskd_rows_online_kernel", f"BLOCK_C={online.block_c}",
                                       variant, dtype, arch, online.num_warps,
-                                      flags + (("BLOCK_C", online.block_c),)))
+                                      flags + (("BLOCK_C", online.block_c), ("ROW_ALIGN", 16))))
     return result
 
 

@@ -346,3 +346,17 @@ def test_cases_under_the_interpreter():
     summary = result.stdout[-6000:] + result.stderr[-2000:]
     assert result.returncode == 0, summary
     assert " passed" in result.stdout and "failed" not in result.stdout, summary
+
+
+@needs_kernels
+@pytest.mark.parametrize("c", [24, 4104])
+def test_strided_rows_and_columns(c):
+    """Rows sliced out of wider tensors (row stride != C, different per input) and a transposed teacher."""
+    student, target, teacher, reference = make_inputs(6, c + 8, seed=13)
+    student = student[:, 3:c + 3]  # row stride c + 8, unaligned start
+    reference = reference[:, :c]
+    teacher = teacher[:, :c].t().contiguous().t()  # column stride 6: copied by the op
+    assert student.stride(0) != c and teacher.stride(-1) != 1
+    options = LossOptions(temperature=1.5)
+    expected, grad = reference_rows(student, target, teacher, reference, options)
+    assert_rows_match(triton_rows(student, target, teacher, reference, options), expected, grad, torch.float32)

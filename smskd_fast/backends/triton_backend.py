@@ -98,7 +98,8 @@ if _IMPORT_ERROR is None:
         """The fused per-row loss of SPEC.md section 2 on (N, C) rows (see csrc/ops.cpp)."""
         _check_dtype(student)
         return triton_launch.launch_rows(
-            _unit_column_stride(student), target, _unit_column_stride(teacher), _unit_column_stride(reference),
+            _unit_column_stride(student), None if target is None else target.contiguous(),
+            _unit_column_stride(teacher), _unit_column_stride(reference),
             temperature, ce_weight, kd_weight, ref_weight, weighting, ignore_index, compute_grad,
             wrap=_traceable,
         )
@@ -185,7 +186,8 @@ class TritonBackend:
         _check_dtype(inputs.student)
         if _may_overwrite(inputs, options):
             loss, ce, kd, ref, tcp, weight = _OverwriteStudentRows.apply(
-                inputs.student, inputs.target, _unit_column_stride(inputs.teacher),
+                inputs.student, None if inputs.target is None else inputs.target.contiguous(),
+                _unit_column_stride(inputs.teacher),
                 _unit_column_stride(inputs.reference), options,
             )
             return RowOutputs(loss, ce, kd, ref, tcp, weight)

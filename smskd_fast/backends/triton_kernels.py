@@ -39,6 +39,20 @@ WEIGHTING_CODES = {"constant": 0, "inverse_tcp": 1, "tcp": 2}
 
 
 @triton.jit
+def _aligned(num_classes, student_stride, teacher_stride, reference_stride, grad_stride, ROW_ALIGN: tl.constexpr):
+    """C and the row strides, rebuilt as (x // ROW_ALIGN) * ROW_ALIGN so the compiler sees the factor.
+
+    The host passes the largest power of two <= 16 that divides them all, so the
+    values are unchanged. Triton specializes integers only for divisibility by
+    16, and tl.multiple_of does not reach scalar arguments: without this, C = 1000
+    in bf16 gives 2-byte loads where 16-byte ones are possible.
+    """
+    return ((num_classes // ROW_ALIGN) * ROW_ALIGN, (student_stride // ROW_ALIGN) * ROW_ALIGN,
+            (teacher_stride // ROW_ALIGN) * ROW_ALIGN, (reference_stride // ROW_ALIGN) * ROW_ALIGN,
+            (grad_stride // ROW_ALIGN) * ROW_ALIGN)
+
+
+@triton.jit
 def _rescale(m_old, m_new, scale):
     """exp2((m_old - m_new) * scale), 0 when m_old is -inf, with a -inf m_new read as 0."""
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -119,9 +133,11 @@ def _smskd_rows_online_kernel(
     num_classes, student_stride, teacher_stride, reference_stride, grad_stride,
     temperature, ce_weight, kd_weight, ref_weight, ignore_index,
     HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_REFERENCE: tl.constexpr,
-    WEIGHTING: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_C: tl.constexpr,
+    WEIGHTING: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     """One program per row; column blocks with online statistics; optional gradient sweep."""
+    num_classes, student_stride, teacher_stride, reference_stride, grad_stride = _aligned(
+        num_classes, student_stride, teacher_stride, reference_stride, grad_stride, ROW_ALIGN)
     NEED_TCP: tl.constexpr = HAS_TARGET and HAS_TEACHER
     row = tl.program_id(0).to(tl.int64)
     s_row = student_ptr + row * student_stride
@@ -255,8 +271,11 @@ def _smskd_rows_tile_kernel(
     temperature, ce_weight, kd_weight, ref_weight, ignore_index,
     HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_REFERENCE: tl.constexpr,
     WEIGHTING: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
     """ROWS rows per program, each row whole in one [ROWS, BLOCK_C] tile (BLOCK_C >= C)."""
+    num_classes, student_stride, teacher_stride, reference_stride, grad_stride = _aligned(
+        num_classes, student_stride, teacher_stride, reference_stride, grad_stride, ROW_ALIGN)
     NEED_TCP: tl.constexpr = HAS_TARGET and HAS_TEACHER
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)

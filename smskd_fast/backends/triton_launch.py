@@ -79,6 +79,14 @@ def online_config(num_classes: int) -> OnlineConfig:
     return DEFAULT_ONLINE_CONFIG
 
 
+def row_alignment(*values: int) -> int:
+    """The largest power of two <= 16 that divides every value (C and the row strides)."""
+    align = 16
+    while align > 1 and any(value % align for value in values):
+        align //= 2
+    return align
+
+
 def kernels_interpreted() -> bool:
     """Whether the kernels were built by Triton's CPU interpreter (TRITON_INTERPRET=1)."""
     from triton.runtime.interpreter import InterpretedFunction
@@ -154,6 +162,7 @@ def launch_rows(
     )
     scalars = (float(temperature), float(ce_weight), float(kd_weight), float(ref_weight), int(ignore_index))
     flags = dict(
+        ROW_ALIGN=row_alignment(num_classes, *strides),
         HAS_TARGET=target is not None,
         HAS_TEACHER=teacher is not None,
         HAS_REFERENCE=reference is not None,

@@ -22,6 +22,10 @@ TILE_MAX_C = 4096
 TILE_ELEMENTS = 2048
 TILE_MAX_ROWS = 16
 CHECK_BLOCK = 1024
+# Tile widths where the default warps (about 8 elements per thread) make ptxas
+# spill 8 bytes in some variant, and 4 warps spill in none (BLOCK_C=256: smskd+grad
+# in bf16/fp16; 2048: kd+grad on sm_80); benchmarks/results/triton_aot_report.md.
+TILE_WARPS_OVERRIDE = {256: 4, 2048: 4}
 
 
 @dataclass(frozen=True)
@@ -56,11 +60,7 @@ def tile_config(num_classes: int) -> TileConfig:
     """The tile shape for C <= TILE_MAX_C: about 8 elements per thread and input."""
     block_c = max(16, triton.next_power_of_2(num_classes))
     rows = max(1, min(TILE_MAX_ROWS, TILE_ELEMENTS // block_c))
-    num_warps = max(1, min(16, rows * block_c // 256))
-    if block_c == 2048:
-        # 8 warps make ptxas spill 8 bytes in the kd-only variant on sm_80;
-        # 4 warps spill nowhere (benchmarks/results/triton_aot_report.md).
-        num_warps = 4
+    num_warps = TILE_WARPS_OVERRIDE.get(block_c, max(1, min(16, rows * block_c // 256)))
     return TileConfig(rows, block_c, num_warps)
 
 

@@ -22,7 +22,6 @@ float64 logits are refused with a TypeError naming the alternatives.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Optional, Tuple
 
 import torch
@@ -69,19 +68,16 @@ def _unit_column_stride(logits: Optional[torch.Tensor]) -> Optional[torch.Tensor
 
 if _IMPORT_ERROR is None:
 
-    # The schema string of csrc/ops.cpp; a torch whose triton_op takes no schema
-    # infers it from the hints below (then ignore_index reads SymInt, not int).
+    # The schema string of csrc/ops.cpp. torch 2.11's triton_op accepts and ignores it
+    # (it infers from the hints below: int -> SymInt, unnamed outputs); later torch uses it.
     _SCHEMA = (
         "(Tensor student, Tensor? target, Tensor? teacher, Tensor? reference, float temperature, "
         "float ce_weight, float kd_weight, float ref_weight, str weighting, int ignore_index, "
         "bool compute_grad) -> (Tensor loss, Tensor ce, Tensor kd, Tensor ref, Tensor tcp, "
         "Tensor weight, Tensor grad)"
     )
-    _SCHEMA_KWARGS = (
-        {"schema": _SCHEMA} if "schema" in inspect.signature(torch.library.triton_op).parameters else {}
-    )
 
-    @torch.library.triton_op(OP_NAME, mutates_args=(), **_SCHEMA_KWARGS)
+    @torch.library.triton_op(OP_NAME, mutates_args=(), schema=_SCHEMA)
     def smskd_loss_rows_triton(
         student: torch.Tensor,
         target: Optional[torch.Tensor],
@@ -105,11 +101,13 @@ if _IMPORT_ERROR is None:
         )
 
     def _register_fake_and_autograd() -> None:
-        # The same shape function and gradient formula as smskd_fast::smskd_loss_rows.
+        # The shape function and gradient formula of smskd_fast::smskd_loss_rows. The
+        # fake replaces triton_op's default (running the body on fake tensors), which
+        # the interpreter's kernels cannot do.
         from ..ops import _backward, _fake_smskd_loss_rows, _setup_context
 
-        torch.library.register_fake(OP_NAME)(_fake_smskd_loss_rows)
-        torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+        smskd_loss_rows_triton.register_fake(_fake_smskd_loss_rows)
+        smskd_loss_rows_triton.register_autograd(_backward, setup_context=_setup_context)
 
     _register_fake_and_autograd()
 

@@ -6,7 +6,8 @@ target (sm_80, sm_90), triton.compile with a GPUTarget builds the cubin; the
 cuobjdump shipped inside triton's package reads its registers, shared memory,
 stack and local bytes, and triton's ptxas -v its spill stores and loads. Writes a Markdown table and the raw JSON to
 benchmarks/results/ and exits with status 1 on any spill (spill stores, loads
-or local bytes > 0), a failed compile, or when the target check kernel lost its device-side assert.
+or local bytes > 0), a failed compile, or when the target check kernel lost its device-side assert (debug build) or
+its trap (both builds).
 
     python benchmarks/triton_aot_report.py                 # everything (338 compiles)
     python benchmarks/triton_aot_report.py --ci --jobs 2   # what CI runs: gradient variants, fp32 + bf16
@@ -77,7 +78,7 @@ class Row:
     local_bytes: int
     spill_stores: int
     spill_loads: int
-    has_device_assert: Optional[bool]
+    check_live: Optional[bool]
     error: str = ""
 
     @property
@@ -157,7 +158,7 @@ def compile_job(job: Job) -> Row:
         sig, attrs = signature(fn, DTYPES[job.dtype], has_target, align_ints=job.kernel.endswith("online_kernel"))
     options = {"num_warps": job.num_warps}
     if job.kernel == "_check_targets_kernel":
-        options["debug"] = True  # what @triton.jit(debug=True) gives at run time
+        options["debug"] = job.variant == "debug"  # what @triton.jit(debug=True) gives eagerly
     try:
         compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", job.arch, 32),
                                   options=options)
@@ -166,17 +167,21 @@ def compile_job(job: Job) -> Row:
     except Exception as error:  # reported as a failed row, and the script fails
         return Row(job.kernel, job.config, job.variant, job.dtype, f"sm_{job.arch}", job.num_warps,
                    -1, -1, -1, -1, -1, -1, None, error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
-    assert_live = "__assertfail" in compiled.asm["ptx"] if job.kernel == "_check_targets_kernel" else None
+    check_live = None
+    if job.kernel == "_check_targets_kernel":
+        ptx = compiled.asm["ptx"]
+        check_live = "trap" in ptx and (job.variant != "debug" or "__assertfail" in ptx)
     return Row(job.kernel, job.config, job.variant, job.dtype, f"sm_{job.arch}", job.num_warps,
                usage["REG"], usage["SHARED"], usage["STACK"], usage["LOCAL"], usage["spill_stores"],
-               usage["spill_loads"], assert_live)
+               usage["spill_loads"], check_live)
 
 
 def jobs(variants, dtypes) -> List[Job]:
     result = []
     for arch in ARCHS:
-        result.append(Job("_check_targets_kernel", f"BLOCK={launch.CHECK_BLOCK}", "-", "i64", arch, 4,
-                          (("BLOCK", launch.CHECK_BLOCK),)))
+        for build in ("debug", "no-debug"):  # as launched eagerly; as Inductor re-jits it
+            result.append(Job("_check_targets_kernel", f"BLOCK={launch.CHECK_BLOCK}", build, "i64", arch, 4,
+                              (("BLOCK", launch.CHECK_BLOCK),)))
         for variant in variants:
             has_target, has_teacher, has_reference, weighting, grad = VARIANTS[variant]
             flags = (("HAS_TARGET", has_target), ("HAS_TEACHER", has_teacher), ("HAS_REFERENCE", has_reference),
@@ -203,10 +208,10 @@ def git_commit() -> str:
 
 def markdown(rows: List[Row], header: str) -> str:
     lines = [header, "",
-             "| kernel | config | variant | dtype | arch | warps | regs | shared B | stack B | local B | spill st/ld B | assert | error |",
+             "| kernel | config | variant | dtype | arch | warps | regs | shared B | stack B | local B | spill st/ld B | target check | error |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        assert_text = "" if row.has_device_assert is None else ("live" if row.has_device_assert else "MISSING")
+        assert_text = "" if row.check_live is None else ("live" if row.check_live else "MISSING")
         lines.append(f"| {row.kernel} | {row.config} | {row.variant} | {row.dtype} | {row.arch} | {row.num_warps} | "
                      f"{row.registers} | {row.shared_bytes} | {row.stack_bytes} | {row.local_bytes} | "
                      f"{row.spill_stores}/{row.spill_loads} | "
@@ -228,12 +233,12 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         rows = list(pool.map(compile_job, work))
 
-    failures = [row for row in rows if row.error or row.spills or row.has_device_assert is False]
+    failures = [row for row in rows if row.error or row.spills or row.check_live is False]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python benchmarks/triton_aot_report.py" + (" --ci" if args.ci else "")
     header = (f"# Triton kernels compiled ahead of time (no GPU)\n\n"
               f"Command: `{command}`; {stamp}; commit {git_commit()}; triton {triton.__version__}; "
-              f"{len(rows)} compiles, {len(failures)} with a spill, an error or a missing assert.\n"
+              f"{len(rows)} compiles, {len(failures)} with a spill, an error or a missing target check.\n"
               f"regs: registers per thread; spills: ptxas -v spill stores/loads, local: cuobjdump local bytes; any > 0 fails.\n"
               f"A stack frame without spills (e.g. the assert call of the check kernel) is reported, not failed.")
     args.out.mkdir(parents=True, exist_ok=True)

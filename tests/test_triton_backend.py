@@ -254,23 +254,33 @@ def test_out_of_range_target_is_an_error():
         with pytest.raises(ValueError, match=r"target values must be in \[0, 9\)"):
             triton_rows(student, target, teacher, reference, LossOptions())
     else:
-        run_device_assert_subprocess()
+        result = run_bad_target_subprocess(compiled=False)
+        assert "device-side assert" in result.stderr or "target out of range" in result.stdout + result.stderr, \
+            result.stderr[-2000:]
 
 
-def run_device_assert_subprocess():
-    """A device-side assert kills the CUDA context, so it is provoked in a child process."""
-    code = textwrap.dedent("""
+@gpu_only
+def test_out_of_range_target_fails_under_torch_compile():
+    """Inductor re-jits the check kernel without debug (assert compiled out): its trap must still fire."""
+    run_bad_target_subprocess(compiled=True)
+
+
+def run_bad_target_subprocess(compiled: bool) -> subprocess.CompletedProcess:
+    """A device-side assert or trap kills the CUDA context, so it is provoked in a child process."""
+    code = textwrap.dedent(f"""
         import torch, smskd_fast
         s = torch.randn(3, 9, device="cuda")
         y = torch.tensor([0, 9, 1], device="cuda")
-        out = torch.ops.smskd_fast.smskd_loss_rows_triton(s, y, s, s, 2.0, 1.0, 1.0, 1.0, "inverse_tcp", -100, True)
+        def loss(s):
+            return smskd_fast.smskd_loss(s, y, s, s, backend="triton").loss
+        fn = torch.compile(loss, fullgraph=True) if {compiled} else loss
+        out = fn(s)
         torch.cuda.synchronize()
-        print("NO ERROR", out[0])
+        print("NO ERROR", out)
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode != 0 and "NO ERROR" not in result.stdout, result.stdout + result.stderr
-    assert "device-side assert" in result.stderr or "target out of range" in result.stdout + result.stderr, \
-        result.stderr[-2000:]
+    return result
 
 
 @needs_kernels

@@ -23,9 +23,11 @@ carry float64 accuracy). Exponentials are exp2 with log2(e) folded into the scal
 
 Target checks: _check_targets_kernel is compiled with debug=True so its
 tl.device_assert is live; an out-of-range target aborts the CUDA context with
-"device-side assert triggered" (under TRITON_INTERPRET=1 it raises). It is a
-separate, tiny launch (N integers) so that the main kernels need no debug build,
-which would add overflow checks to every integer operation.
+"device-side assert triggered"; a PTX trap after it covers builds without debug
+(torch.compile re-jits user kernels without the flag). It is a separate, tiny
+launch (N integers) so that the main kernels need no debug build, which would
+add overflow checks to every integer operation. Triton's interpreter runs
+neither: the launcher checks on the host there.
 """
 from __future__ import annotations
 
@@ -375,9 +377,20 @@ def _smskd_rows_tile_kernel(
 
 @triton.jit(debug=True)
 def _check_targets_kernel(target_ptr, num_rows, num_classes, ignore_index, BLOCK: tl.constexpr):
-    """Device-side range check of the targets: an assert that aborts the launch, never a silent value."""
+    """Device-side range check of the targets: aborts the launch, never lets a wrong value through.
+
+    tl.device_assert gives the message when the kernel is built with debug=True (as
+    launched eagerly); torch.compile's Inductor re-jits user kernels without that flag,
+    which compiles the assert out, so a PTX trap follows it as the backstop
+    ("unspecified launch failure" instead of the message).
+    """
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < num_rows
     y = tl.load(target_ptr + offsets, mask=inside, other=0).to(tl.int64)
     ok = (y == ignore_index) | ((y >= 0) & (y < num_classes))
     tl.device_assert(ok | ~inside, "smskd_fast: target out of range: must be in [0, C) or equal ignore_index")
+    bad = tl.where(ok | ~inside, 0, 1)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred bad; setp.ne.s32 bad, $1, 0; @bad trap; mov.u32 $0, 0; }",
+        "=r,r", [bad], dtype=tl.int32, is_pure=False, pack=1,
+    )

@@ -22,10 +22,11 @@ TILE_MAX_C = 4096
 TILE_ELEMENTS = 2048
 TILE_MAX_ROWS = 16
 CHECK_BLOCK = 1024
-# Tile widths where the default warps (about 8 elements per thread) make ptxas
-# spill 8 bytes in some variant, and 4 warps spill in none (BLOCK_C=256: smskd+grad
-# in bf16/fp16; 2048: kd+grad on sm_80); benchmarks/results/triton_aot_report.md.
-TILE_WARPS_OVERRIDE = {256: 4, 2048: 4}
+# Tile widths where the default warps (about 8 elements per thread) made ptxas
+# spill 4-8 bytes in some variant, and 4 warps spill in none, under triton 3.8 and
+# 3.6 (128: ce+grad fp32 on sm_80 with 3.6; 256: smskd+grad bf16/fp16; 2048: kd+grad
+# on sm_80). benchmarks/results/triton_aot_report*.md list every configuration.
+TILE_WARPS_OVERRIDE = {128: 4, 256: 4, 2048: 4}
 
 
 @dataclass(frozen=True)

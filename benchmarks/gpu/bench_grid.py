@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -137,31 +138,37 @@ def make_inputs(n: int, c: int, dtype: torch.dtype, device: str):
 
 
 def measure(name: str, loss_fn: Callable, n: int, c: int, dtype: torch.dtype, device: str, timer: Timer) -> Dict:
+    """One grid point; errors (out of memory included) are recorded, and the memory is released."""
     row = {"impl": name, "N": n, "C": c, "dtype": str(dtype).replace("torch.", "")}
     try:
-        student, target, teacher, reference = make_inputs(n, c, dtype, device)
-        student.requires_grad_()
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            baseline = torch.cuda.memory_allocated()
-
-        def step():
-            loss_fn(student, target, teacher, reference).backward()
-
-        row["ms"] = timer(step, [student])
-        if device == "cuda":
-            row["peak_extra_GB"] = (torch.cuda.max_memory_allocated() - baseline) / 1e9
-        floor_bytes = n * c * 4 * student.element_size()
-        row["floor_GB"] = floor_bytes / 1e9
-        row["GBps"] = floor_bytes / (row["ms"] * 1e-3) / 1e9
+        row.update(_time_one(loss_fn, n, c, dtype, device, timer))
     except torch.cuda.OutOfMemoryError:
         row["error"] = "out of memory"
     except Exception as error:  # reported in the table, the grid goes on
         row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
-    finally:
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return row
+
+
+def _time_one(loss_fn: Callable, n: int, c: int, dtype: torch.dtype, device: str, timer: Timer) -> Dict:
+    student, target, teacher, reference = make_inputs(n, c, dtype, device)
+    student.requires_grad_()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+
+    def step():
+        loss_fn(student, target, teacher, reference).backward()
+
+    result = {"ms": timer(step, [student])}
+    if device == "cuda":
+        result["peak_extra_GB"] = (torch.cuda.max_memory_allocated() - baseline) / 1e9
+    floor_bytes = n * c * 4 * student.element_size()
+    result["floor_GB"] = floor_bytes / 1e9
+    result["GBps"] = floor_bytes / (result["ms"] * 1e-3) / 1e9
+    return result
 
 
 def sweep_online_configs(c: int, dtype: torch.dtype, device: str, timer: Timer, n: int) -> List[Dict]:
@@ -313,10 +320,16 @@ def main(argv=None) -> int:
             if time.monotonic() - start > args.deadline:
                 results["skipped"].append(f"sweep {dtype} C={c} (deadline)")
                 continue
-            results["sweep"] += sweep_online_configs(c, dtype, device, timer, n=8 if args.dry_run else 4096)
+            try:
+                results["sweep"] += sweep_online_configs(c, dtype, device, timer, n=8 if args.dry_run else 4096)
+            except Exception as error:  # recorded, the rest still runs
+                results["skipped"].append(f"sweep {dtype} C={c} ({type(error).__name__}: {error})")
             write(results, args.out)
     write(results, args.out)
-    plot(results, args.out / "bench_plot.png")
+    try:
+        plot(results, args.out / "bench_plot.png")
+    except Exception as error:  # the JSON and the table matter more than the picture
+        print(f"plot failed: {type(error).__name__}: {error}", file=sys.stderr)
     print(summary_markdown(results))
     return 0
 

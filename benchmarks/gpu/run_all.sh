@@ -47,7 +47,10 @@ export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 $PY -c "import smskd_fast; [print(f'{k:10s} {v}') for k, v in smskd_fast.available_backends().items()]"
 
 step "Triton backend tests on the GPU (full shape grid)"
-timeout 200 $PY -m pytest tests/test_triton_backend.py -q -p no:cacheprovider -rs \
+# pytest-xdist (in the GPU image) spreads the kernel compilations over processes.
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+BUDGET=$(( $(left) - 230 )); [ "$BUDGET" -gt 300 ] && BUDGET=300; [ "$BUDGET" -lt 60 ] && BUDGET=60
+timeout "$BUDGET" $PY -m pytest tests/test_triton_backend.py -q -p no:cacheprovider -rs $XDIST \
   --junitxml="$OUT/tests_triton.xml"
 TRITON_TESTS=$?
 echo "triton tests exit status: $TRITON_TESTS"
@@ -57,7 +60,7 @@ timeout 90 $PY benchmarks/triton_aot_report.py --ci --jobs 16 --out /tmp/aot \
   && cp /tmp/aot/triton_aot_report_ci.md "$OUT/" || { echo "AOT report failed"; cp /tmp/aot/triton_aot_report_ci.md "$OUT/" 2>/dev/null; }
 
 step "the rest of the test suite (GPU tests run, CPU tests too)"
-REST=$(( $(left) - 260 ))
+REST=$(( $(left) - 200 ))
 if [ "$REST" -gt 30 ]; then
   timeout "$REST" $PY -m pytest tests -q -p no:cacheprovider -rs \
     --ignore=tests/test_triton_backend.py --junitxml="$OUT/tests_all.xml" || echo "other tests: failures or timeout"

@@ -78,6 +78,9 @@ class Row:
     local_bytes: int
     spill_stores: int
     spill_loads: int
+    ldg128: int
+    ldg_narrow: int
+    ex2: int
     check_live: Optional[bool]
     error: str = ""
 
@@ -135,16 +138,24 @@ def ptxas_spills(ptx: str) -> Dict[str, int]:
 
 
 def resource_usage(cubin: bytes) -> Dict[str, int]:
+    """Registers, stack, shared and local bytes; and from the SASS, the 16-byte global loads,
+    the narrower ones, and the MUFU.EX2 (exponential) instructions."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
         handle.write(cubin)
     try:
         text = subprocess.run([cuobjdump(), "--dump-resource-usage", handle.name],
                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([cuobjdump(), "-sass", handle.name], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(handle.name)
     line = next(line for line in text.splitlines() if "REG:" in line)
     fields = dict(item.split(":", 1) for item in line.split())
-    return {key: int(fields[key]) for key in ("REG", "STACK", "SHARED", "LOCAL")}
+    usage = {key: int(fields[key]) for key in ("REG", "STACK", "SHARED", "LOCAL")}
+    loads = re.findall(r"\bLDG\.E[.\w]*", sass)
+    usage["ldg128"] = sum(1 for load in loads if load.endswith("128"))
+    usage["ldg_narrow"] = len(loads) - usage["ldg128"]
+    usage["ex2"] = len(re.findall(r"\bMUFU\.EX2\b", sass))
+    return usage
 
 
 def compile_job(job: Job) -> Row:
@@ -166,14 +177,14 @@ def compile_job(job: Job) -> Row:
         usage.update(ptxas_spills(compiled.asm["ptx"]))
     except Exception as error:  # reported as a failed row, and the script fails
         return Row(job.kernel, job.config, job.variant, job.dtype, f"sm_{job.arch}", job.num_warps,
-                   -1, -1, -1, -1, -1, -1, None, error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+                   -1, -1, -1, -1, -1, -1, -1, -1, -1, None, error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
     check_live = None
     if job.kernel == "_check_targets_kernel":
         ptx = compiled.asm["ptx"]
         check_live = "trap" in ptx and (job.variant != "debug" or "__assertfail" in ptx)
     return Row(job.kernel, job.config, job.variant, job.dtype, f"sm_{job.arch}", job.num_warps,
                usage["REG"], usage["SHARED"], usage["STACK"], usage["LOCAL"], usage["spill_stores"],
-               usage["spill_loads"], check_live)
+               usage["spill_loads"], usage["ldg128"], usage["ldg_narrow"], usage["ex2"], check_live)
 
 
 def jobs(variants, dtypes) -> List[Job]:
@@ -208,13 +219,13 @@ def git_commit() -> str:
 
 def markdown(rows: List[Row], header: str) -> str:
     lines = [header, "",
-             "| kernel | config | variant | dtype | arch | warps | regs | shared B | stack B | local B | spill st/ld B | target check | error |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| kernel | config | variant | dtype | arch | warps | regs | shared B | stack B | local B | spill st/ld B | LDG 16B/narrow | EX2 | target check | error |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         assert_text = "" if row.check_live is None else ("live" if row.check_live else "MISSING")
         lines.append(f"| {row.kernel} | {row.config} | {row.variant} | {row.dtype} | {row.arch} | {row.num_warps} | "
                      f"{row.registers} | {row.shared_bytes} | {row.stack_bytes} | {row.local_bytes} | "
-                     f"{row.spill_stores}/{row.spill_loads} | "
+                     f"{row.spill_stores}/{row.spill_loads} | {row.ldg128}/{row.ldg_narrow} | {row.ex2} | "
                      f"{assert_text} | {row.error} |")
     return "\n".join(lines) + "\n"
 
@@ -240,7 +251,9 @@ def main(argv=None) -> int:
               f"Command: `{command}`; {stamp}; commit {git_commit()}; triton {triton.__version__}; "
               f"{len(rows)} compiles, {len(failures)} with a spill, an error or a missing target check.\n"
               f"regs: registers per thread; spills: ptxas -v spill stores/loads, local: cuobjdump local bytes; any > 0 fails.\n"
-              f"A stack frame without spills (e.g. the assert call of the check kernel) is reported, not failed.")
+              f"A stack frame without spills (e.g. the assert call of the check kernel) is reported, not failed.\n"
+              f"LDG 16B/narrow: global loads in the SASS, 16-byte vectors / narrower (scalar loads of the\n"
+              f"target and of s_y, t_y are narrow by nature); EX2: MUFU.EX2 instructions (static count).")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "triton_aot_report_ci" if args.ci else "triton_aot_report"
     (args.out / f"{stem}.md").write_text(markdown(rows, header))

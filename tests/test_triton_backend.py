@@ -352,11 +352,12 @@ def test_status_says_why():
 
 
 @pytest.mark.skipif(INTERPRETED or ON_GPU, reason="the cases run directly in this process")
+@pytest.mark.skipif(not hasattr(torch.ops.smskd_fast, "smskd_loss_rows_triton"),
+                    reason="triton is not importable, so there are no kernels to interpret")
 def test_cases_under_the_interpreter():
     """Runs this file under TRITON_INTERPRET=1 in a fresh interpreter (see the module docstring)."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=900,

@@ -210,6 +210,9 @@ def jobs(variants, dtypes) -> List[Job]:
 
 
 def git_commit() -> str:
+    """HEAD's short hash; SMSKD_COMMIT where the tree is a copy without .git (the GPU machine)."""
+    if os.environ.get("SMSKD_COMMIT"):
+        return os.environ["SMSKD_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()

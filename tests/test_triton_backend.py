@@ -380,3 +380,24 @@ def test_strided_rows_and_columns(c):
     options = LossOptions(temperature=1.5)
     expected, grad = reference_rows(student, target, teacher, reference, options)
     assert_rows_match(triton_rows(student, target, teacher, reference, options), expected, grad, torch.float32)
+
+
+@gpu_only
+def test_overwrite_student_logits_allocates_no_gradient_buffer():
+    """Forward+backward peak memory: the functional op allocates an N x C gradient, the overwrite path none."""
+    n, c = 256, 32000
+    student, target, teacher, reference = make_inputs(n, c, dtype=torch.bfloat16)
+    grad_bytes = n * c * student.element_size()
+    extra = {}
+    for overwrite in (False, True):
+        leaf = student.detach().clone().requires_grad_()
+        logits = leaf * 1.0
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        out = smskd_fast.smskd_loss(logits, target, teacher, reference, backend="triton",
+                                    overwrite_student_logits=overwrite)
+        torch.autograd.grad(out.loss, logits)
+        extra[overwrite] = torch.cuda.max_memory_allocated() - baseline
+    assert extra[False] >= grad_bytes
+    assert extra[True] < grad_bytes / 4, extra

@@ -193,11 +193,14 @@ def environment(device: str) -> Dict:
             "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
             "backends": {name: str(status) for name, status in smskd_fast.available_backends().items()}}
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                        text=True).stdout.strip() or "unknown"
-    except OSError:
-        info["commit"] = "unknown"
+    # The device machine gets a copy of the tree without .git: pass SMSKD_COMMIT there.
+    info["commit"] = os.environ.get("SMSKD_COMMIT", "")
+    if not info["commit"]:
+        try:
+            info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                            text=True).stdout.strip() or "unknown"
+        except OSError:
+            info["commit"] = "unknown"
     return info
 
 

@@ -3,8 +3,9 @@
 # builds the package in place, runs the GPU tests, the AOT spill check under this
 # machine's triton, and the forward+backward benchmark grid, all inside ~9.5 minutes.
 #
-#   OUT=/some/folder bash benchmarks/gpu/run_all.sh
+#   OUT=/some/folder SMSKD_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu/run_all.sh
 #
+# (the device tool copies the tree without .git, so name the commit in SMSKD_COMMIT.)
 # Writes to $OUT (default benchmarks/results/gpu_<date>): run_all.log, tests_triton.xml,
 # tests_all.xml, triton_aot_report_ci.md, bench_results.json, bench_summary.md,
 # bench_plot.png (7 files: the device tool returns at most 8). Wheels in .whl/ (e.g.
@@ -27,7 +28,7 @@ step() { echo; echo "== $1 ($(( $(date +%s) - START )) s elapsed, $(left) s left
 step "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
 $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name())"
-git -C "$ROOT" log -1 --format='commit %h %s' 2>/dev/null || true
+echo "commit ${SMSKD_COMMIT:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 
 step "wheels from .whl/"
 if compgen -G ".whl/*.whl" > /dev/null; then

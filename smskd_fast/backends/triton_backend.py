@@ -180,6 +180,9 @@ class TritonBackend:
             return True
         return device.type == "cpu" and kernels_interpreted()
 
+    def supports_dtype(self, dtype: torch.dtype) -> bool:
+        return dtype != torch.float64  # fp32 scalars in the kernels: see _check_dtype
+
     def rows(self, inputs: RowInputs, options: LossOptions) -> RowOutputs:
         _check_dtype(inputs.student)
         if _may_overwrite(inputs, options):

@@ -100,16 +100,20 @@ def make_step(method: str, mode: str, inputs, backend: str = "auto") -> Callable
     return forward_backward
 
 
-def median_seconds(step: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of step() over repeats calls, after warmup calls."""
-    for _ in range(warmup):
-        step()
-    times = []
+def interleaved_seconds(steps: Dict[str, Callable[[], object]], repeats: int,
+                        warmup: int = 1) -> Dict[str, List[float]]:
+    """Wall times of each step over repeats rounds; each round runs every step once, in turn,
+    so that a change in the machine's load (other processes) affects all steps alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: Dict[str, List[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def _status_bytes(key: str) -> int:
@@ -120,7 +124,7 @@ def _status_bytes(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def _return_freed_memory_at_once() -> None:
+def prepare_memory_measurement() -> None:
     """Makes glibc map every allocation of 64 KiB or more on its own, so that freeing
     it lowers the resident size at once and the peak resident size is a peak of tensors."""
     libc = ctypes.CDLL("libc.so.6")
@@ -136,7 +140,7 @@ def peak_memory_supported() -> bool:
 def peak_extra_bytes(step: Callable[[], object]) -> int:
     """Peak resident memory of one step() beyond what was resident before it (inputs),
     counting what it returns (e.g. the gradient). Linux only; call step() once before."""
-    _return_freed_memory_at_once()
+    prepare_memory_measurement()
     gc.collect()
     before = _status_bytes("VmRSS:")
     with open("/proc/self/clear_refs", "w") as clear_refs:
@@ -155,6 +159,7 @@ class Measurement:
     mode: str
     method: str
     median_ms: float
+    min_ms: float
     peak_extra_mib: Optional[float]
     gradient_mib: float  # one N x C buffer in the input dtype, the memory target's unit
 
@@ -162,29 +167,34 @@ class Measurement:
         return asdict(self)
 
 
-def measure(n: int, c: int, dtype: torch.dtype, mode: str, method: str, repeats: int,
-            backend: str = "auto", with_memory: bool = True) -> Measurement:
-    """Median time and peak extra memory of one method on one shape."""
+def measure_group(n: int, c: int, dtype: torch.dtype, mode: str, methods: Sequence[str], repeats: int,
+                  backend: str = "auto", with_memory: bool = True) -> List[Measurement]:
+    """Time (interleaved) and peak extra memory of each method on one shape, dtype and mode."""
+    if with_memory and peak_memory_supported():
+        prepare_memory_measurement()  # before any allocation, so that memory is comparable
     inputs = make_inputs(n, c, dtype)
-    step = make_step(method, mode, inputs, backend)
-    seconds = median_seconds(step, repeats)
-    peak = peak_extra_bytes(step) / 2**20 if with_memory and peak_memory_supported() else None
+    steps = {method: make_step(method, mode, inputs, backend) for method in methods}
+    times = interleaved_seconds(steps, repeats)
     element = torch.empty((), dtype=dtype).element_size()
-    return Measurement(n, c, str(dtype).replace("torch.", ""), mode, method, seconds * 1e3, peak,
-                       n * c * element / 2**20)
+    results = []
+    for method, step in steps.items():
+        peak = peak_extra_bytes(step) / 2**20 if with_memory and peak_memory_supported() else None
+        results.append(Measurement(n, c, str(dtype).replace("torch.", ""), mode, method,
+                                   statistics.median(times[method]) * 1e3, min(times[method]) * 1e3,
+                                   peak, n * c * element / 2**20))
+    return results
 
 
 def run_grid(shapes: Sequence[Tuple[int, int]] = SHAPES, dtypes: Iterable[torch.dtype] = DTYPES,
-             modes: Iterable[str] = MODES, methods: Iterable[str] = METHODS, repeats: int = 5,
+             modes: Iterable[str] = MODES, methods: Sequence[str] = METHODS, repeats: int = 5,
              backend: str = "auto", with_memory: bool = True,
              progress: Optional[Callable[[Measurement], None]] = None) -> List[Measurement]:
-    """Every (shape, dtype, mode, method) of the grid, measured one after another."""
+    """Every (shape, dtype, mode) of the grid, with all methods measured side by side."""
     results = []
     for n, c in shapes:
         for dtype in dtypes:
             for mode in modes:
-                for method in methods:
-                    result = measure(n, c, dtype, mode, method, repeats, backend, with_memory)
+                for result in measure_group(n, c, dtype, mode, methods, repeats, backend, with_memory):
                     results.append(result)
                     if progress is not None:
                         progress(result)
@@ -202,12 +212,15 @@ def speedups(results: Sequence[Measurement], method: str = "smskd_fast") -> List
         if ours is None:
             continue
         row = {"n": n, "c": c, "dtype": dtype, "mode": mode, f"{method}_ms": ours.median_ms,
-               f"{method}_peak_mib": ours.peak_extra_mib, "gradient_mib": ours.gradient_mib}
+               f"{method}_min_ms": ours.min_ms, f"{method}_peak_mib": ours.peak_extra_mib,
+               "gradient_mib": ours.gradient_mib}
         for other, measurement in by_method.items():
             if other == method:
                 continue
             row[f"{other}_ms"] = measurement.median_ms
+            row[f"{other}_min_ms"] = measurement.min_ms
             row[f"{other}_peak_mib"] = measurement.peak_extra_mib
             row[f"speedup_vs_{other}"] = measurement.median_ms / ours.median_ms
+            row[f"min_speedup_vs_{other}"] = measurement.min_ms / ours.min_ms
         rows.append(row)
     return rows

@@ -172,6 +172,11 @@ def measure_group(n: int, c: int, dtype: torch.dtype, mode: str, methods: Sequen
     """Time (interleaved) and peak extra memory of each method on one shape, dtype and mode."""
     if with_memory and peak_memory_supported():
         prepare_memory_measurement()  # before any allocation, so that memory is comparable
+    if "torch.compile" in methods:
+        # A fresh compilation per shape: dynamo's per-function recompile limit is
+        # otherwise reached on a long grid (fullgraph=True then fails).
+        torch._dynamo.reset()
+        _COMPILED.clear()
     inputs = make_inputs(n, c, dtype)
     steps = {method: make_step(method, mode, inputs, backend) for method in methods}
     times = interleaved_seconds(steps, repeats)

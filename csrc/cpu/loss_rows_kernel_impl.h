@@ -273,7 +273,7 @@ class RowKernel {
     for (int64_t i = 0; i < n; i += Vec::size()) {
       const Vec s = load_padded(x.student + i, n - i);
       const Vec ds = s - s_shift;
-      Vec us = zero;
+      Vec us = zero;  // exp((s - max)/T)
       if constexpr (Has::soft_student) {
         us = vexp(ds * inv_t);
         s_soft += us;
@@ -381,7 +381,7 @@ class RowKernel {
       const Vec s = load_padded(x.student + i, n - i);
       const Vec ds = s - s_shift;
       Vec g(acc_t(0));
-      Vec us = g;
+      Vec us(acc_t(0));  // exp((s - max)/T), unnormalised
       if constexpr (Has::soft_student) {
         us = vexp(ds * inv_t);
         g = s_coef * (us * inv_s_soft);

@@ -151,6 +151,45 @@ def test_single_row_and_large_vocabulary():
     assert_matches_reference(student, target, teacher, reference, options_for("smskd"))
 
 
+@pytest.fixture
+def two_threads():
+    """At least two threads, so that rows fewer than threads take the column-split path."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, 2))
+    yield
+    torch.set_num_threads(before)
+
+
+# Fewer rows than threads and C >= 2 * threads * 1024: each row's columns are split among
+# the threads and the partial online-softmax statistics merged.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_rows_split_over_columns(two_threads, dtype):
+    c = 9000
+    student, target, teacher, reference = make_rows(1, c, dtype)
+    student[0, 8000] = 40.0  # the row's maxima lie in the last part: the merge rescales the first
+    teacher[0, 7000] = 40.0
+    assert_matches_reference(student, target, teacher, reference, options_for("smskd"))
+    for x in (student, teacher, reference):
+        x[0, : c // 2] = float("-inf")  # the first part has probability 0 everywhere
+    target[0] = c - 1
+    assert_matches_reference(student, target, teacher, reference, options_for("smskd"))
+    student, target, teacher, _ = make_rows(1, c, dtype, config="ce_kd")
+    assert_matches_reference(student, target, teacher, None, options_for("ce_kd"))
+    student, _, teacher, _ = make_rows(1, c, dtype, config="kd_only")
+    assert_matches_reference(student, None, teacher, None, options_for("kd_only"))
+
+
+def test_rows_split_over_columns_nan_and_ignored(two_threads):
+    student, target, teacher, reference = make_rows(1, 9000, torch.float32)
+    teacher[0, 8500] = float("nan")
+    loss, *_, grad = op_rows(student, target, teacher, reference, options_for("smskd"))
+    assert torch.isnan(loss).all() and torch.isnan(grad).all()
+    target[0] = -100
+    outputs = op_rows(student, target, teacher, reference, options_for("smskd"))
+    assert all((values == 0).all() for values in outputs)
+
+
 def test_many_rows_run_in_parallel():
     student, target, teacher, reference = make_rows(257, 64, torch.float32)
     assert_matches_reference(student, target, teacher, reference, options_for("smskd"))

@@ -25,6 +25,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "loss_rows_args.h"
 
@@ -162,6 +163,23 @@ struct RunningStats {
     max = block_max;
   }
 
+  // Combines the statistics of another, disjoint, range of the same row's columns.
+  void merge(const RunningStats& other, acc_t inv_temperature) {
+    if (std::isnan(other.max)) max = other.max;
+    if (std::isnan(max) || other.max == kNegInf<acc_t>) return;  // other's sums are all 0
+    if (max == kNegInf<acc_t>) {
+      *this = other;
+      return;
+    }
+    const acc_t top = max > other.max ? max : other.max;
+    const acc_t own_soft = std::exp((max - top) * inv_temperature), own_one = std::exp(max - top);
+    const acc_t other_soft = std::exp((other.max - top) * inv_temperature), other_one = std::exp(other.max - top);
+    soft = soft * own_soft + other.soft * other_soft;
+    cross = cross * own_soft + other.cross * other_soft;
+    one = one * own_one + other.one * other_one;
+    max = top;
+  }
+
   // What exp's argument is shifted by: the maximum, or 0 while every value so
   // far is -inf (their exp is then 0, not NaN).
   acc_t shift() const { return max == kNegInf<acc_t> ? acc_t(0) : max; }
@@ -191,71 +209,140 @@ class RowKernel {
     integer_power_ = (t == std::floor(t) && t >= 1 && t <= kMaxIntegerTemperature) ? static_cast<int>(t) : 0;
   }
 
-  void run_rows(int64_t begin, int64_t end) {
-    alignas(64) acc_t student_buffer[kBlock];
-    alignas(64) acc_t teacher_buffer[kBlock];
-    alignas(64) acc_t reference_buffer[kBlock];
-    alignas(64) acc_t grad_buffer[kBlock];
-    Buffers buffers{student_buffer, teacher_buffer, reference_buffer, grad_buffer};
-    for (int64_t row = begin; row < end; ++row) run_row(row, buffers);
+  // Rows [begin, end), each row by this thread alone.
+  void run_rows(int64_t begin, int64_t end) const {
+    Scratch scratch;
+    for (int64_t row = begin; row < end; ++row) {
+      if (skip_ignored(row)) continue;
+      const int64_t target = target_of(row);
+      const Coefficients c = finish_row(row, target, stats_of(row, 0, args_.classes, scratch));
+      if (wants_grad(row)) write_grad(row, 0, args_.classes, target, c, scratch);
+    }
+  }
+
+  // Every row, one after another, with each row's columns split into `parts` ranges
+  // that run in parallel (partial statistics merged): for fewer rows than threads.
+  void run_rows_split_columns(int64_t parts) const {
+    const int64_t part_width = ceil_div(ceil_div(args_.classes, kBlock), parts) * kBlock;
+    std::vector<RowStats> partial(parts);
+    for (int64_t row = 0; row < args_.rows; ++row) {
+      if (skip_ignored(row)) continue;
+      at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+        Scratch scratch;
+        for (int64_t part = first; part < last; ++part) {
+          const int64_t begin = part * part_width;
+          partial[part] = stats_of(row, begin, std::min(args_.classes, begin + part_width), scratch);
+        }
+      });
+      RowStats stats = partial[0];
+      for (int64_t part = 1; part < parts; ++part) stats.merge(partial[part], inv_temperature_);
+      const int64_t target = target_of(row);
+      const Coefficients c = finish_row(row, target, stats);
+      if (!wants_grad(row)) continue;
+      at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+        Scratch scratch;
+        for (int64_t part = first; part < last; ++part) {
+          const int64_t begin = part * part_width;
+          write_grad(row, begin, std::min(args_.classes, begin + part_width), target, c, scratch);
+        }
+      });
+    }
   }
 
  private:
-  struct Buffers {
-    acc_t* student;
-    acc_t* teacher;
-    acc_t* reference;
-    acc_t* grad;
+  // Per-thread blocks for converted or gathered inputs and the staged gradient.
+  struct Scratch {
+    alignas(64) acc_t student[kBlock];
+    alignas(64) acc_t teacher[kBlock];
+    alignas(64) acc_t reference[kBlock];
+    alignas(64) acc_t grad[kBlock];
   };
+
+  struct RowStats {
+    RunningStats<acc_t> student, teacher, reference;
+
+    void merge(const RowStats& other, acc_t inv_temperature) {
+      student.merge(other.student, inv_temperature);
+      teacher.merge(other.teacher, inv_temperature);
+      reference.merge(other.reference, inv_temperature);
+    }
+  };
+
+  // Everything pass 2 needs: the shifts and normalisers of each softmax and the
+  // gradient's coefficient of each (SPEC.md section 2).
+  struct Coefficients {
+    acc_t s_shift = 0, t_shift = 0, r_shift = 0;
+    acc_t inv_s_one = 0, inv_s_soft = 0, inv_t_soft = 0, inv_r_soft = 0;
+    acc_t ce = 0;       // ce_weight, on softmax(s) - onehot(y)
+    acc_t student = 0;  // T*(kd_weight + ref_weight*w), on softmax(s/T)
+    acc_t teacher = 0;  // T*kd_weight, on softmax(t/T)
+    acc_t reference = 0;  // T*ref_weight*w, on softmax(r/T)
+  };
+
   struct Blocks {
     const acc_t* student = nullptr;
     const acc_t* teacher = nullptr;
     const acc_t* reference = nullptr;
   };
-  struct RowStats {
-    RunningStats<acc_t> student, teacher, reference;
-  };
 
-  Blocks load(int64_t row, int64_t begin, int64_t n, const Buffers& buffers) const {
+  static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+  acc_t* per_row(int which) const { return static_cast<acc_t*>(args_.per_row[which]); }
+  scalar_t* grad_row(int64_t row) const { return static_cast<scalar_t*>(args_.grad) + row * args_.classes; }
+
+  // Writes the zeros of an ignored row (target == ignore_index) and returns true.
+  bool skip_ignored(int64_t row) const {
+    if constexpr (Has::target) {
+      if (args_.target[row] == args_.ignore_index) {
+        for (int k = 0; k < 6; ++k) per_row(k)[row] = 0;
+        if (args_.grad != nullptr) std::memset(grad_row(row), 0, args_.classes * sizeof(scalar_t));
+        return true;
+      }
+    }
+    return false;
+  }
+
+  int64_t target_of(int64_t row) const {
+    if constexpr (Has::target) return args_.target[row];
+    return 0;
+  }
+
+  Blocks load(int64_t row, int64_t begin, int64_t n, Scratch& scratch) const {
     Blocks blocks;
-    blocks.student = row_block<scalar_t, acc_t>(args_.student, row, begin, n, buffers.student);
-    if constexpr (Has::teacher) blocks.teacher = row_block<scalar_t, acc_t>(args_.teacher, row, begin, n, buffers.teacher);
+    blocks.student = row_block<scalar_t, acc_t>(args_.student, row, begin, n, scratch.student);
+    if constexpr (Has::teacher) blocks.teacher = row_block<scalar_t, acc_t>(args_.teacher, row, begin, n, scratch.teacher);
     if constexpr (Has::reference) {
-      blocks.reference = row_block<scalar_t, acc_t>(args_.reference, row, begin, n, buffers.reference);
+      blocks.reference = row_block<scalar_t, acc_t>(args_.reference, row, begin, n, scratch.reference);
     }
     return blocks;
   }
 
-  acc_t* per_row(int which) const { return static_cast<acc_t*>(args_.per_row[which]); }
-
-  void run_row(int64_t row, const Buffers& buffers) {
-    const int64_t classes = args_.classes;
-    int64_t target = 0;
-    if constexpr (Has::target) {
-      target = args_.target[row];
-      if (target == args_.ignore_index) {
-        for (int k = 0; k < 6; ++k) per_row(k)[row] = 0;
-        if (args_.grad != nullptr) {
-          std::memset(static_cast<scalar_t*>(args_.grad) + row * classes, 0, classes * sizeof(scalar_t));
-        }
-        return;
-      }
-    }
+  // Pass 1 over columns [begin, end) of a row (begin a multiple of kBlock).
+  RowStats stats_of(int64_t row, int64_t begin, int64_t end, Scratch& scratch) const {
     RowStats stats;
-    for (int64_t begin = 0; begin < classes; begin += kBlock) {
-      const int64_t n = std::min(kBlock, classes - begin);
-      accumulate_block(load(row, begin, n, buffers), n, stats);
+    for (int64_t block = begin; block < end; block += kBlock) {
+      const int64_t n = std::min(kBlock, end - block);
+      accumulate_block(load(row, block, n, scratch), n, stats);
     }
-    const Coefficients c = finish_row(row, target, stats);
-    if (args_.grad == nullptr) return;
-    scalar_t* grad = static_cast<scalar_t*>(args_.grad) + row * classes;
-    if (std::isnan(per_row(0)[row])) {
-      std::fill(grad, grad + classes, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
-      return;
-    }
-    for (int64_t begin = 0; begin < classes; begin += kBlock) {
-      const int64_t n = std::min(kBlock, classes - begin);
-      write_grad_block(load(row, begin, n, buffers), begin, n, target, c, grad, buffers.grad);
+    return stats;
+  }
+
+  // Whether pass 2 runs for a finished row: a gradient is wanted and the loss is not
+  // NaN (a NaN loss gets an all-NaN gradient row here instead).
+  bool wants_grad(int64_t row) const {
+    if (args_.grad == nullptr) return false;
+    if (!std::isnan(per_row(0)[row])) return true;
+    scalar_t* grad = grad_row(row);
+    std::fill(grad, grad + args_.classes, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
+    return false;
+  }
+
+  // Pass 2 over columns [begin, end) of a row (begin a multiple of kBlock).
+  void write_grad(int64_t row, int64_t begin, int64_t end, int64_t target, const Coefficients& c,
+                  Scratch& scratch) const {
+    for (int64_t block = begin; block < end; block += kBlock) {
+      const int64_t n = std::min(kBlock, end - block);
+      write_grad_block(load(row, block, n, scratch), block, n, target, c, grad_row(row), scratch.grad);
     }
   }
 
@@ -302,17 +389,6 @@ class RowKernel {
     stats.reference.soft += hsum(r_soft);
     stats.reference.cross += hsum(r_cross);
   }
-
-  // Everything pass 2 needs: the shifts and normalisers of each softmax and the
-  // gradient's coefficient of each (SPEC.md section 2).
-  struct Coefficients {
-    acc_t s_shift = 0, t_shift = 0, r_shift = 0;
-    acc_t inv_s_one = 0, inv_s_soft = 0, inv_t_soft = 0, inv_r_soft = 0;
-    acc_t ce = 0;       // ce_weight, on softmax(s) - onehot(y)
-    acc_t student = 0;  // T*(kd_weight + ref_weight*w), on softmax(s/T)
-    acc_t teacher = 0;  // T*kd_weight, on softmax(t/T)
-    acc_t reference = 0;  // T*ref_weight*w, on softmax(r/T)
-  };
 
   // KL(softmax(x/T) || softmax(s/T)) from the running statistics of x and s.
   acc_t softened_kl(const RunningStats<acc_t>& x, const RunningStats<acc_t>& s) const {
@@ -368,9 +444,9 @@ class RowKernel {
 
   // Pass 2 over one block: the gradient of the row's loss with respect to s.
   void write_grad_block(const Blocks& x, int64_t begin, int64_t n, int64_t target, const Coefficients& c,
-                        scalar_t* grad_row, acc_t* grad_buffer) const {
+                        scalar_t* row_grad, acc_t* grad_buffer) const {
     constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
-    acc_t* out = direct ? reinterpret_cast<acc_t*>(grad_row + begin) : grad_buffer;
+    acc_t* out = direct ? reinterpret_cast<acc_t*>(row_grad + begin) : grad_buffer;
     const Vec inv_t(inv_temperature_);
     const Vec s_shift(c.s_shift), t_shift(c.t_shift), r_shift(c.r_shift);
     const Vec inv_s_one(c.inv_s_one), inv_s_soft(c.inv_s_soft), inv_t_soft(c.inv_t_soft), inv_r_soft(c.inv_r_soft);
@@ -401,7 +477,7 @@ class RowKernel {
       g.store(out + i, static_cast<int>(std::min<int64_t>(n - i, Vec::size())));
     }
     if (Has::target && target >= begin && target < begin + n) out[target - begin] -= c.ce;
-    if constexpr (!direct) at::vec::convert(grad_buffer, grad_row + begin, n);
+    if constexpr (!direct) at::vec::convert(grad_buffer, row_grad + begin, n);
   }
 
   const LossRowsArgs& args_;
@@ -415,10 +491,15 @@ inline int64_t grain_size(int64_t classes) { return std::max<int64_t>(1, 32768 /
 
 template <typename scalar_t, typename Has>
 void run_all_rows(const LossRowsArgs& args) {
-  at::parallel_for(0, args.rows, grain_size(args.classes), [&](int64_t begin, int64_t end) {
-    RowKernel<scalar_t, Has> kernel(args);
-    kernel.run_rows(begin, end);
-  });
+  const RowKernel<scalar_t, Has> kernel(args);
+  const int64_t threads = at::get_num_threads();
+  // Fewer rows than threads, each of several blocks per thread: split the columns.
+  if (threads > 1 && args.rows < threads && args.classes >= 2 * threads * kBlock) {
+    kernel.run_rows_split_columns(threads);
+    return;
+  }
+  at::parallel_for(0, args.rows, grain_size(args.classes),
+                   [&](int64_t begin, int64_t end) { kernel.run_rows(begin, end); });
 }
 
 template <typename scalar_t>

@@ -2,8 +2,10 @@
 from .compiled import CompiledOpBackend
 from .reference import ReferenceBackend
 from .registry import available_backends, register_backend, resolve_backend
+from .triton_backend import TritonBackend
 
 register_backend(CompiledOpBackend("cpu", device_type="cpu", dispatch_key="CPU"), rank=10)
+register_backend(TritonBackend(), rank=15)
 register_backend(CompiledOpBackend("cuda", device_type="cuda", dispatch_key="CUDA"), rank=20)
 register_backend(ReferenceBackend(), rank=1000)
 

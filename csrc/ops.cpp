@@ -30,4 +30,17 @@ TORCH_LIBRARY(smskd_fast, m) {
       "float ref_weight, str weighting, int ignore_index, bool compute_grad) "
       "-> (Tensor loss, Tensor ce, Tensor kd, Tensor ref, Tensor tcp, "
       "Tensor weight, Tensor grad)");
+  // The same loss and outputs with the teacher in the top-k form of a logit
+  // cache (smskd_fast/topk.py): per row its k largest logits (values, (N, k))
+  // and their classes (indices, (N, k)), the true-class logit and the row's
+  // log-sum-exp at T = 1 and at the loss temperature ((N,) each). TCP is exact;
+  // KD is the coarsened KL (kept classes exact, the rest spread like the student).
+  m.def(
+      "smskd_loss_rows_topk(Tensor student, Tensor? target, Tensor topk_values, "
+      "Tensor topk_indices, Tensor true_logit, Tensor log_sum_exp, "
+      "Tensor log_sum_exp_at_temperature, Tensor? reference, float temperature, "
+      "float ce_weight, float kd_weight, float ref_weight, str weighting, "
+      "int ignore_index, bool compute_grad) "
+      "-> (Tensor loss, Tensor ce, Tensor kd, Tensor ref, Tensor tcp, "
+      "Tensor weight, Tensor grad)");
 }

@@ -1,4 +1,4 @@
-"""Python half of the smskd_fast::smskd_loss_rows operator: fake kernel and autograd.
+"""Python half of the smskd_fast::smskd_loss_rows(_topk) operators: fake kernels and autograd.
 
 The schema and the device kernels are C++ (csrc/); here we add what
 torch.compile needs (a fake implementation that only computes shapes) and the
@@ -14,6 +14,8 @@ import torch
 from ._extension import extension_loaded
 
 OP_NAME = "smskd_fast::smskd_loss_rows"
+TOPK_OP_NAME = "smskd_fast::smskd_loss_rows_topk"  # the teacher in top-k form (smskd_fast/topk.py)
+TOPK_OP_ARGS = 15
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -29,6 +31,14 @@ def _fake_smskd_loss_rows(
     per_row = [student.new_empty((n,), dtype=acc) for _ in range(6)]
     grad = student.new_empty((n if compute_grad else 0, c))
     return (*per_row, grad)
+
+
+def _fake_smskd_loss_rows_topk(
+    student, target, topk_values, topk_indices, true_logit, log_sum_exp, log_sum_exp_at_temperature, reference,
+    temperature, ce_weight, kd_weight, ref_weight, weighting, ignore_index, compute_grad,
+):
+    return _fake_smskd_loss_rows(student, target, None, reference, temperature, ce_weight, kd_weight, ref_weight,
+                                 weighting, ignore_index, compute_grad)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -50,8 +60,17 @@ def _last_use_of_saved_tensors(saved: torch.Tensor) -> bool:
 
 
 def _backward(ctx, grad_loss, *unused_grads):
+    return _student_gradient(ctx, grad_loss, 11)
+
+
+def _backward_topk(ctx, grad_loss, *unused_grads):
+    return _student_gradient(ctx, grad_loss, TOPK_OP_ARGS)
+
+
+def _student_gradient(ctx, grad_loss, num_inputs: int):
+    """The gradient for every op input: the student's first, None for the rest."""
     if grad_loss is None:
-        return (None,) * 11
+        return (None,) * num_inputs
     if not ctx.compute_grad:
         raise RuntimeError(
             "smskd_loss_rows was called with compute_grad=False, so it has no gradient; "
@@ -63,13 +82,15 @@ def _backward(ctx, grad_loss, *unused_grads):
     # scale it in place: the gradient then costs one N x C buffer instead of two.
     in_place = _last_use_of_saved_tensors(row_grad)
     grad_student = row_grad.mul_(scale) if in_place else row_grad * scale
-    return grad_student, None, None, None, None, None, None, None, None, None, None
+    return (grad_student,) + (None,) * (num_inputs - 1)
 
 
 def register() -> None:
     """Adds fake and autograd implementations to the compiled operator."""
     torch.library.register_fake(OP_NAME)(_fake_smskd_loss_rows)
     torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+    torch.library.register_fake(TOPK_OP_NAME)(_fake_smskd_loss_rows_topk)
+    torch.library.register_autograd(TOPK_OP_NAME, _backward_topk, setup_context=_setup_context)
 
 
 if extension_loaded():

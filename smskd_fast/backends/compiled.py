@@ -2,7 +2,8 @@
 
 One class serves every device whose kernel csrc/ registers: the "cpu" backend
 is the CPU kernel, the "cuda" backend the CUDA one. A backend is available
-exactly when the loaded library has a kernel for its dispatch key.
+exactly when the loaded library has a kernel for its dispatch key, and accepts
+the top-k teacher form when it also has a kernel of smskd_loss_rows_topk (CPU).
 """
 from __future__ import annotations
 
@@ -38,10 +39,22 @@ class CompiledOpBackend:
             return BackendStatus(False, "smskd_fast._C has a CUDA kernel but no CUDA device is visible")
         return BackendStatus(True, f"smskd_fast._C loaded with its {self.dispatch_key} kernel")
 
+    @property
+    def supports_topk(self) -> bool:
+        """Whether the library has this device's kernel of the top-k form (the CPU does; CUDA not yet)."""
+        if not extension_loaded():
+            return False
+        try:
+            return torch._C._dispatch_has_kernel_for_dispatch_key(ops.TOPK_OP_NAME, self.dispatch_key)
+        except RuntimeError:  # a library built before the top-k schema existed
+            return False
+
     def supports(self, device: torch.device) -> bool:
         return device.type == self.device_type
 
     def rows(self, inputs: RowInputs, options: LossOptions) -> RowOutputs:
+        if inputs.teacher_topk is not None:
+            return self._topk_rows(inputs, options)
         loss, ce, kd, ref, tcp, weight, _ = torch.ops.smskd_fast.smskd_loss_rows(
             inputs.student,
             inputs.target,
@@ -53,6 +66,17 @@ class CompiledOpBackend:
             float(options.ref_weight),
             options.weighting,
             int(options.ignore_index),
+            needs_student_grad(inputs.student),
+        )
+        return RowOutputs(loss, ce.detach(), kd.detach(), ref.detach(), tcp.detach(), weight.detach())
+
+    def _topk_rows(self, inputs: RowInputs, options: LossOptions) -> RowOutputs:
+        teacher = inputs.teacher_topk
+        loss, ce, kd, ref, tcp, weight, _ = torch.ops.smskd_fast.smskd_loss_rows_topk(
+            inputs.student, inputs.target, teacher.values, teacher.indices, teacher.true_logit,
+            teacher.log_sum_exp, teacher.log_sum_exp_at_temperature, inputs.reference,
+            float(options.temperature), float(options.ce_weight), float(options.kd_weight),
+            float(options.ref_weight), options.weighting, int(options.ignore_index),
             needs_student_grad(inputs.student),
         )
         return RowOutputs(loss, ce.detach(), kd.detach(), ref.detach(), tcp.detach(), weight.detach())

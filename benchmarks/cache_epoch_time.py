@@ -1,0 +1,159 @@
+"""Time per training epoch with and without the logit caches, side by side in one process.
+
+For each model pair: (a) a KD stage running the teacher vs reading the teacher cache
+(dense fp16, and top-k); (b) an SMSKD stage (KD + reference) with the teacher cached,
+running the reference vs reading the reference cache, against the plain KD stage with
+the teacher cached. Epochs are timed with SMSKDTrainer._train_epoch (the trainer's
+own loop); cache building is timed separately (it is paid once per run for the
+teacher, once per stage for the reference). Also the cache's bytes per sample.
+
+    PYTHONPATH=. python benchmarks/cache_epoch_time.py --pair digits --repeats 3
+    PYTHONPATH=. python benchmarks/cache_epoch_time.py --pair cifar --samples 256 --repeats 2
+
+The CIFAR pair (resnet32x4 -> resnet8x4, 100 classes, 32x32) reads synthetic images
+in the real CIFAR-100 file format: timing does not depend on the pixels.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from smskd_fast.config import parse_config
+from smskd_fast.runio import save_atomic, save_model_file
+from smskd_fast.models import build_model
+from smskd_fast.stages import SMSKDTrainer
+
+PAIRS = {
+    "digits": dict(teacher="digits_cnn_large", student="digits_cnn_small", data="digits", classes=10, channels=1),
+    "cifar": dict(teacher="resnet32x4", student="resnet8x4", data="cifar100", classes=100, channels=3),
+}
+
+
+def write_synthetic_cifar(root: Path, count: int) -> None:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        entry = {"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+                 "fine_labels": rng.integers(0, 100, count).tolist()}
+        with open(folder / split, "wb") as handle:
+            pickle.dump(entry, handle)
+
+
+def make_config(pair: dict, work: Path, samples: int, teacher_cache: dict | None, reference_cache: dict | None,
+                threads: int):
+    raw = {
+        "seed": 0, "plots": False, "progress": False, "threads": threads,
+        "data": {"name": pair["data"], "root": str(work / "data"), "batch_size": 64, "train_subset": samples,
+                 "test_subset": 64, "augment": "crop_flip"},
+        "student": {"name": pair["student"]},
+        "teacher": {"name": pair["teacher"], "checkpoint": str(work / "teacher.pt")},
+        "defaults": {"optimizer": {"lr": 0.01}, "schedule": {"name": "constant"}},
+        "stages": [{"method": "kd", "epochs": 1}, {"method": "kd", "epochs": 1}],
+    }
+    cache = {}
+    if teacher_cache is not None:
+        cache["teacher"] = {"dir": str(work / f"teacher_{teacher_cache['format']}_{teacher_cache.get('k', 0)}"),
+                            **teacher_cache}
+    if reference_cache is not None:
+        cache["reference"] = reference_cache
+    if cache:
+        raw["cache"] = cache
+    return parse_config(raw)
+
+
+def time_epochs(config, run_dir: Path, stage_index: int, repeats: int):
+    """(epoch seconds, cache build seconds) for stage_index of config, the trainer's own loop."""
+    trainer = SMSKDTrainer(config, run_dir, log=lambda _: None)
+    torch.set_num_threads(config.threads)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    save_atomic({"student": trainer.student.state_dict(), "methods": {}, "stage": 0}, trainer._stage_path(0))
+    started = time.perf_counter()
+    trainer._open_teacher_cache()
+    state = trainer._start_stage(stage_index)
+    build_seconds = time.perf_counter() - started
+    histogram = torch.zeros(20)
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        trainer._train_epoch(stage_index, 0, state, histogram)
+        seconds.append(time.perf_counter() - started)
+    state.close()
+    return seconds, build_seconds
+
+
+def cache_bytes_per_sample(path: Path, samples: int, epochs: int) -> float:
+    return sum(f.stat().st_size for f in path.glob("shard-*.npy")) / (samples * epochs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pair", choices=sorted(PAIRS), default="digits")
+    parser.add_argument("--samples", type=int, default=1438)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--topk", type=int, default=10)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    pair = PAIRS[args.pair]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if pair["data"] == "cifar100":
+            write_synthetic_cifar(work / "data", args.samples)
+        torch.manual_seed(0)
+        save_model_file(build_model(pair["teacher"], pair["classes"], pair["channels"]), pair["teacher"],
+                        pair["classes"], pair["channels"], work / "teacher.pt")
+        fp16 = {"format": "dense", "dtype": "float16"}
+        topk = {"format": "topk", "k": min(args.topk, pair["classes"]), "dtype": "float16"}
+        variants = [
+            ("kd, teacher runs", 0, None, None),
+            ("kd, teacher cache fp16", 0, fp16, None),
+            (f"kd, teacher cache top-{topk['k']}", 0, topk, None),
+            ("smskd, teacher cache fp16, reference runs", 1, fp16, None),
+            ("smskd, teacher + reference cache fp16", 1, fp16, {"dtype": "float16"}),
+        ]
+        rows = []
+        for index, (name, stage, teacher_cache, reference_cache) in enumerate(variants):
+            config = make_config(pair, work, args.samples, teacher_cache, reference_cache, args.threads)
+            seconds, build = time_epochs(config, work / f"run{index}", stage, args.repeats)
+            rows.append({"variant": name, "epoch_seconds": seconds, "median": statistics.median(seconds),
+                         "setup_seconds": build})
+        sizes = {
+            "dense fp16": cache_bytes_per_sample(work / "teacher_dense_0", args.samples, 1),
+            f"top-{topk['k']} fp16": cache_bytes_per_sample(work / f"teacher_topk_{topk['k']}", args.samples, 1),
+        }
+    base = rows[0]["median"]
+    kd_cached = rows[1]["median"]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines = [f"# cache_epoch_time: {args.pair} ({pair['teacher']} -> {pair['student']}), {args.samples} samples, "
+             f"batch 64, {args.threads} thread(s), {args.repeats} repeats",
+             f"# device: CPU {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+             f"commit {commit}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             f"{'variant':45s} {'median s/epoch':>15s} {'vs kd uncached':>15s} {'vs kd cached':>13s} "
+             f"{'setup s':>8s}  epochs"]
+    for row in rows:
+        lines.append(f"{row['variant']:45s} {row['median']:15.3f} {row['median'] / base:15.3f} "
+                     f"{row['median'] / kd_cached:13.3f} {row['setup_seconds']:8.2f}  "
+                     + " ".join(f"{s:.3f}" for s in row["epoch_seconds"]))
+    lines.append("cache bytes per sample per epoch: " + ", ".join(f"{k}: {v:.1f}" for k, v in sizes.items()))
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "bytes_per_sample": sizes,
+                                                             "args": {k: str(v) for k, v in vars(args).items()}},
+                                                            indent=1))
+
+
+if __name__ == "__main__":
+    main()

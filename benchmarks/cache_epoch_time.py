@@ -4,8 +4,9 @@ For each model pair: (a) a KD stage running the teacher vs reading the teacher c
 (dense fp16, and top-k); (b) an SMSKD stage (KD + reference) with the teacher cached,
 running the reference vs reading the reference cache, against the plain KD stage with
 the teacher cached. Epochs are timed with SMSKDTrainer._train_epoch (the trainer's
-own loop); cache building is timed separately (it is paid once per run for the
-teacher, once per stage for the reference). Also the cache's bytes per sample.
+own loop), the variants in turn, round robin; cache building is timed separately
+("setup": paid once per run for the teacher, once per stage for the reference).
+Also the cache's bytes per sample.
 
     PYTHONPATH=. python benchmarks/cache_epoch_time.py --pair digits --repeats 3
     PYTHONPATH=. python benchmarks/cache_epoch_time.py --pair cifar --samples 256 --repeats 2
@@ -72,24 +73,23 @@ def make_config(pair: dict, work: Path, samples: int, teacher_cache: dict | None
     return parse_config(raw)
 
 
-def time_epochs(config, run_dir: Path, stage_index: int, repeats: int):
-    """(epoch seconds, cache build seconds) for stage_index of config, the trainer's own loop."""
+def prepare(config, run_dir: Path, stage_index: int):
+    """A trainer and its stage state ready to train stage_index, and the seconds its set-up took
+    (cache building included: the teacher cache once per run, the reference cache once per stage)."""
     trainer = SMSKDTrainer(config, run_dir, log=lambda _: None)
-    torch.set_num_threads(config.threads)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_atomic({"student": trainer.student.state_dict(), "methods": {}, "stage": 0}, trainer._stage_path(0))
     started = time.perf_counter()
     trainer._open_teacher_cache()
     state = trainer._start_stage(stage_index)
-    build_seconds = time.perf_counter() - started
-    histogram = torch.zeros(20)
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        trainer._train_epoch(stage_index, 0, state, histogram)
-        seconds.append(time.perf_counter() - started)
-    state.close()
-    return seconds, build_seconds
+    return trainer, state, time.perf_counter() - started
+
+
+def time_epoch(trainer, state, stage_index: int) -> float:
+    """Seconds of one epoch of the trainer's own loop."""
+    started = time.perf_counter()
+    trainer._train_epoch(stage_index, 0, state, torch.zeros(20))
+    return time.perf_counter() - started
 
 
 def cache_bytes_per_sample(path: Path, samples: int, epochs: int) -> float:
@@ -122,12 +122,17 @@ def main() -> None:
             ("smskd, teacher cache fp16, reference runs", 1, fp16, None),
             ("smskd, teacher + reference cache fp16", 1, fp16, {"dtype": "float16"}),
         ]
-        rows = []
+        torch.set_num_threads(args.threads)
+        prepared = []
         for index, (name, stage, teacher_cache, reference_cache) in enumerate(variants):
             config = make_config(pair, work, args.samples, teacher_cache, reference_cache, args.threads)
-            seconds, build = time_epochs(config, work / f"run{index}", stage, args.repeats)
-            rows.append({"variant": name, "epoch_seconds": seconds, "median": statistics.median(seconds),
-                         "setup_seconds": build})
+            prepared.append((name, stage) + prepare(config, work / f"run{index}", stage))
+        seconds = {name: [] for name, *_ in prepared}
+        for _ in range(args.repeats):  # round robin, so that a change of machine load hits every variant alike
+            for name, stage, trainer, state, _ in prepared:
+                seconds[name].append(time_epoch(trainer, state, stage))
+        rows = [{"variant": name, "epoch_seconds": seconds[name], "median": statistics.median(seconds[name]),
+                 "setup_seconds": setup} for name, _, _, _, setup in prepared]
         sizes = {
             "dense fp16": cache_bytes_per_sample(work / "teacher_dense_0", args.samples, 1),
             f"top-{topk['k']} fp16": cache_bytes_per_sample(work / f"teacher_topk_{topk['k']}", args.samples, 1),

@@ -128,10 +128,17 @@ def test_cache_build_then_train_reuses_the_cache(teacher_file, tmp_path, capsys)
     config = _write_config(_raw(teacher_file, tmp_path, teacher={"dtype": "float16"}), tmp_path / "run.yaml")
     assert main(["cache", "build", "--config", str(config)]) == 0
     assert "6 shards (6 written now, 0 reused)" in capsys.readouterr().out
-    shards = sorted((tmp_path / "teacher_cache").glob("shard-*"))
+    shards = sorted((tmp_path / "teacher_cache").glob("shard-*.npy"))
     stamps = [path.stat().st_mtime_ns for path in shards]
     assert main(["cache", "build", "--config", str(config)]) == 0
     assert "6 shards (0 written now, 6 reused)" in capsys.readouterr().out
+    killed = shards[3]  # as a build killed before this shard's rename leaves it: absent (tests/test_cache.py kills one)
+    kept_bytes = killed.read_bytes()
+    killed.unlink()
+    assert main(["cache", "build", "--config", str(config)]) == 0
+    assert "6 shards (1 written now, 5 reused)" in capsys.readouterr().out
+    assert killed.read_bytes() == kept_bytes  # rebuilt to the same bytes: the views are replayable
+    stamps[3] = killed.stat().st_mtime_ns
     logs = []
     _train(yaml.safe_load(config.read_text()), tmp_path / "run", log=logs.append)
     assert not any("logit cache" in line for line in logs)  # nothing rebuilt

@@ -35,7 +35,7 @@ def teacher_config(config: RunConfig) -> RunConfig:
                             optimizer=copy.deepcopy(first.optimizer), schedule=copy.deepcopy(first.schedule))
     stage.name = "teacher"
     return _replace(config, student=copy.deepcopy(config.teacher), teacher=None, stages=[stage],
-                    teacher_training=None)
+                    teacher_training=None, cache=None)  # no frozen model: nothing to cache
 
 
 def _replace(config: RunConfig, **changes: Any) -> RunConfig:

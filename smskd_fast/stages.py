@@ -224,7 +224,7 @@ class SMSKDTrainer:
     def _open_teacher_cache(self) -> None:
         """Opens the run's teacher cache, building any missing shards (`smskd-fast cache build` does it ahead)."""
         store = self.config.cache.teacher if self.config.cache is not None else None
-        if store is None:
+        if store is None or self.teacher is None:
             return
         spec = teacher_cache_spec(self.config, self.teacher, self.data.train)
         self._teacher_cache, written = open_or_build(Path(store.dir), spec, self.teacher, self.data.train,

@@ -198,3 +198,13 @@ def test_a_run_with_caches_resumes_mid_stage_with_the_same_weights(teacher_file,
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name
     assert not any("logit cache" in line for line in logs)  # stage 2's reference cache was reused, not rebuilt
+
+
+def test_training_the_teacher_ignores_the_teacher_cache(teacher_file, tmp_path):
+    from smskd_fast.experiments import teacher_config
+
+    config = teacher_config(parse_config(_raw(teacher_file, tmp_path, [{"method": "kd", "epochs": 1}],
+                                              teacher={"dtype": "float16"})))
+    assert config.cache is None
+    SMSKDTrainer(config, tmp_path / "teacher_run", log=lambda _: None).run()
+    assert not (tmp_path / "teacher_cache").exists()

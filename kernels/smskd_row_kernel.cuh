@@ -283,6 +283,11 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
       continue;
     }
 
+    // The true-class logits are read before the row's barrier: with an in-place
+    // gradient, sweep 2 of another thread may overwrite s[y] after it.
+    const float s_y = kTarget ? to_float(s_row[y]) : 0.0f;
+    const float t_y = Need::kTeacher1 ? to_float(t_row[y]) : 0.0f;
+
     // Sweep 1: statistics of s, t and r.
     RowStats st;
     sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
@@ -314,6 +319,8 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
 #pragma unroll 4
       for (int w = 1; w < kWarps; ++w) merge_row<kTarget, kTeacher, kRef>(st, warp_stats[w], k1, kT);
       __syncthreads();  // warp_stats is rewritten for the next row
+    } else {
+      __syncwarp();  // orders every lane's reads of s before any lane's writes of grad
     }
 
     // Row results (every thread of the row computes them; lane 0 stores them).
@@ -321,8 +328,8 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
     const float lse_sT = Need::kSoftened ? st.s.max * invT + logf(st.s.sumT) : 0.0f;
     const float lse_tT = kTeacher ? st.t.max * invT + logf(st.t.sumT) : 0.0f;
     const float lse_rT = kRef ? st.r.max * invT + logf(st.r.sumT) : 0.0f;
-    const float ce = kTarget ? lse_s - to_float(s_row[y]) : 0.0f;
-    const float tcp = Need::kTeacher1 ? expf(to_float(t_row[y]) - (st.t.max + logf(st.t.sum1))) : 0.0f;
+    const float ce = kTarget ? lse_s - s_y : 0.0f;
+    const float tcp = Need::kTeacher1 ? expf(t_y - (st.t.max + logf(st.t.sum1))) : 0.0f;
     const float kd = kTeacher ? T_ * T_ * (st.t.dot / st.t.sumT - lse_tT + lse_sT) : 0.0f;
     float w = 0.0f;
     if (prm.weighting == SMSKD_WEIGHT_CONSTANT) {

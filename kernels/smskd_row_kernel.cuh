@@ -28,21 +28,23 @@ extern "C" __host__ __device__ void __assert_fail(const char* assertion, const c
 namespace smskd {
 namespace kernels {
 
+#define SMSKD_HD __host__ __device__ __forceinline__
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kPackBytes = 16;
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+SMSKD_HD float to_float(float x) { return x; }
+SMSKD_HD float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+SMSKD_HD float to_float(__half x) { return __half2float(x); }
 
 template <typename T>
-__device__ __forceinline__ T from_float(float x);
+SMSKD_HD T from_float(float x);
 template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
+SMSKD_HD float from_float<float>(float x) { return x; }
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+SMSKD_HD __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+SMSKD_HD __half from_float<__half>(float x) { return __float2half_rn(x); }
 
 // N consecutive elements moved as one aligned load or store (16 bytes at most).
 template <typename T, int N>
@@ -51,14 +53,14 @@ struct alignas(sizeof(T) * N) Pack {
 };
 
 template <int N, typename T>
-__device__ __forceinline__ void load_pack(const T* p, float (&out)[N]) {
+SMSKD_HD void load_pack(const T* p, float (&out)[N]) {
   const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N>*>(p);
 #pragma unroll
   for (int k = 0; k < N; ++k) out[k] = to_float(pack.v[k]);
 }
 
 template <int N, typename T>
-__device__ __forceinline__ void store_pack(T* p, const float (&in)[N]) {
+SMSKD_HD void store_pack(T* p, const float (&in)[N]) {
   Pack<T, N> pack;
 #pragma unroll
   for (int k = 0; k < N; ++k) pack.v[k] = from_float<T>(in[k]);
@@ -81,7 +83,7 @@ struct StreamStats {
 };
 
 template <bool kSum1, bool kSumT, bool kDot, int N>
-__device__ __forceinline__ void add_values(StreamStats& st, const float (&x)[N], const float (&d)[N], float k1,
+SMSKD_HD void add_values(StreamStats& st, const float (&x)[N], const float (&d)[N], float k1,
                                            float kT) {
   float m = x[0];
 #pragma unroll
@@ -110,7 +112,7 @@ __device__ __forceinline__ void add_values(StreamStats& st, const float (&x)[N],
 }
 
 template <bool kSum1, bool kSumT, bool kDot>
-__device__ __forceinline__ void merge_stats(StreamStats& a, const StreamStats& b, float k1, float kT) {
+SMSKD_HD void merge_stats(StreamStats& a, const StreamStats& b, float k1, float kT) {
   const float m = fmaxf(a.max, b.max);
   const float shift_a = a.max == m ? 0.0f : a.max - m;  // equal maxima (even both -inf) scale by 1
   const float shift_b = b.max == m ? 0.0f : b.max - m;
@@ -160,7 +162,7 @@ __device__ __forceinline__ void warp_merge_row(RowStats& st, float k1, float kT)
 }
 
 template <bool kTarget, bool kTeacher, bool kRef>
-__device__ __forceinline__ void merge_row(RowStats& a, const RowStats& b, float k1, float kT) {
+SMSKD_HD void merge_row(RowStats& a, const RowStats& b, float k1, float kT) {
   using N = Needs<kTarget, kTeacher, kRef>;
   merge_stats<N::kStudent1, N::kStudentT, false>(a.s, b.s, k1, kT);
   if (kTeacher) merge_stats<N::kTeacher1, true, true>(a.t, b.t, k1, kT);
@@ -193,7 +195,7 @@ struct RowSweep {
   int64_t head, packs, tail_begin;
   int lane;
 
-  __device__ RowSweep(const T* row, int64_t cols, bool vectorized, int lane_) : lane(lane_) {
+  SMSKD_HD RowSweep(const T* row, int64_t cols, bool vectorized, int lane_) : lane(lane_) {
     const int misaligned = static_cast<int>((reinterpret_cast<uintptr_t>(row) % kPackBytes) / sizeof(T));
     head = vectorized ? (misaligned ? kVec - misaligned : 0) : cols;
     head = head < cols ? head : cols;
@@ -203,8 +205,9 @@ struct RowSweep {
 
   // Calls visit(column, stride, Packs, N) on chunks of Packs x N elements:
   // pack p covers columns [column + p*stride, column + p*stride + N).
+#pragma nv_exec_check_disable
   template <typename Visit>
-  __device__ __forceinline__ void run(int64_t cols, Visit&& visit) const {
+  SMSKD_HD void run(int64_t cols, Visit&& visit) const {
     using One = std::integral_constant<int, 1>;
     using Vec = std::integral_constant<int, kVec>;
     using Two = std::integral_constant<int, kUnroll>;
@@ -218,7 +221,7 @@ struct RowSweep {
 };
 
 template <int P, int N, typename T>
-__device__ __forceinline__ void load_chunk(const T* row, int64_t column, int64_t stride, float (&out)[P * N]) {
+SMSKD_HD void load_chunk(const T* row, int64_t column, int64_t stride, float (&out)[P * N]) {
 #pragma unroll
   for (int p = 0; p < P; ++p) {
     float part[N];
@@ -228,33 +231,143 @@ __device__ __forceinline__ void load_chunk(const T* row, int64_t column, int64_t
   }
 }
 
+template <int P, int N, typename T>
+SMSKD_HD void store_chunk(T* row, int64_t column, int64_t stride, const float (&in)[P * N]) {
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    float part[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) part[k] = in[p * N + k];
+    store_pack<N>(row + column + p * stride, part);
+  }
+}
+
+template <int P, int N, typename T>
+SMSKD_HD void zero_chunk(T* row, int64_t column, int64_t stride) {
+  const float zeros[P * N] = {};
+  store_chunk<P, N>(row, column, stride, zeros);
+}
+
 // Trips a device-side assertion whatever NDEBUG says (as c10's CUDA_KERNEL_ASSERT).
 __device__ __forceinline__ void fail_target_out_of_range() {
   __assert_fail("smskd: target out of range [0, C) and not ignore_index", __FILE__, __LINE__, __func__);
 }
 
+// Per-row outputs, and the gradient's coefficients and log2-scaled offsets.
+struct RowResult {
+  float loss = 0.0f, ce = 0.0f, kd = 0.0f, ref = 0.0f, tcp = 0.0f, weight = 0.0f;
+  float a = 0.0f, b = 0.0f, g = 0.0f;  // CE, KD and reference coefficients of the gradient
+  float off_s = 0.0f, off_sT = 0.0f, off_tT = 0.0f, off_rT = 0.0f;  // lse * log2 e
+};
+
+// The arithmetic of one row, independent of how threads share it: what a
+// thread adds to the statistics for a chunk of columns, the row's results from
+// the merged statistics, and the gradient of a chunk. Host and device code, so
+// that tests/test_row_math_host.cu checks it on a machine without a GPU.
+template <typename T, bool kTarget, bool kTeacher, bool kRef>
+struct RowMath {
+  using Need = Needs<kTarget, kTeacher, kRef>;
+  const T* s_row;
+  const T* t_row;
+  const T* r_row;
+  float temperature, invT, kT;
+  static constexpr float k1 = kLog2e;
+
+  SMSKD_HD RowMath(const T* s, const T* t, const T* r, float temperature_)
+      : s_row(s), t_row(t), r_row(r), temperature(temperature_), invT(1.0f / temperature_), kT(kLog2e / temperature_) {}
+
+  // Sweep 1: P packs of N columns, pack p starting at column c + p * stride.
+  template <int P, int N>
+  SMSKD_HD void accumulate(RowStats& st, int64_t c, int64_t stride) const {
+    constexpr int M = P * N;
+    float s[M], t[M], r[M], d[M];
+    load_chunk<P, N>(s_row, c, stride, s);
+    if (kTeacher) load_chunk<P, N>(t_row, c, stride, t);
+    if (kRef) load_chunk<P, N>(r_row, c, stride, r);
+    add_values<Need::kStudent1, Need::kStudentT, false>(st.s, s, d, k1, kT);
+    if (kTeacher) {
+#pragma unroll
+      for (int k = 0; k < M; ++k) d[k] = (t[k] - s[k]) * invT;
+      add_values<Need::kTeacher1, true, true>(st.t, t, d, k1, kT);
+    }
+    if (kRef) {
+#pragma unroll
+      for (int k = 0; k < M; ++k) d[k] = (r[k] - s[k]) * invT;
+      add_values<false, true, true>(st.r, r, d, k1, kT);
+    }
+  }
+
+  // SPEC.md section 2 from the row's statistics and its true-class logits.
+  SMSKD_HD RowResult finish(const RowStats& st, float s_y, float t_y, const Params& prm) const {
+    RowResult res;
+    const float T2 = temperature * temperature;
+    const float lse_s = kTarget ? st.s.max + logf(st.s.sum1) : 0.0f;
+    const float lse_sT = Need::kSoftened ? st.s.max * invT + logf(st.s.sumT) : 0.0f;
+    const float lse_tT = kTeacher ? st.t.max * invT + logf(st.t.sumT) : 0.0f;
+    const float lse_rT = kRef ? st.r.max * invT + logf(st.r.sumT) : 0.0f;
+    res.ce = kTarget ? lse_s - s_y : 0.0f;
+    res.tcp = Need::kTeacher1 ? expf(t_y - (st.t.max + logf(st.t.sum1))) : 0.0f;
+    res.kd = kTeacher ? T2 * (st.t.dot / st.t.sumT - lse_tT + lse_sT) : 0.0f;
+    if (prm.weighting == SMSKD_WEIGHT_CONSTANT) {
+      res.weight = 1.0f;
+    } else if (Need::kTeacher1) {
+      res.weight = prm.weighting == SMSKD_WEIGHT_TCP ? res.tcp : 1.0f - res.tcp;
+    }
+    res.ref = kRef ? T2 * res.weight * (st.r.dot / st.r.sumT - lse_rT + lse_sT) : 0.0f;
+    res.loss = prm.ce_weight * res.ce + prm.kd_weight * res.kd + prm.ref_weight * res.ref;
+    res.a = kTarget ? prm.ce_weight : 0.0f;
+    res.b = kTeacher ? temperature * prm.kd_weight : 0.0f;
+    res.g = kRef ? temperature * prm.ref_weight * res.weight : 0.0f;
+    res.off_s = lse_s * kLog2e;
+    res.off_sT = lse_sT * kLog2e;
+    res.off_tT = lse_tT * kLog2e;
+    res.off_rT = lse_rT * kLog2e;
+    return res;
+  }
+
+  // Sweep 2: d loss / d s = a (softmax(s) - onehot(y)) + (b + g) softmax(s/T)
+  //                         - b softmax(t/T) - g softmax(r/T).
+  template <int P, int N>
+  SMSKD_HD void gradient(const RowResult& res, T* g_row, int64_t y, int64_t c, int64_t stride) const {
+    constexpr int M = P * N;
+    float s[M], t[M], r[M], out[M];
+    load_chunk<P, N>(s_row, c, stride, s);
+    if (kTeacher) load_chunk<P, N>(t_row, c, stride, t);
+    if (kRef) load_chunk<P, N>(r_row, c, stride, r);
+#pragma unroll
+    for (int k = 0; k < M; ++k) {
+      float v = 0.0f;
+      if (Need::kSoftened) v = (res.b + res.g) * exp2f(fmaf(s[k], kT, -res.off_sT));
+      if (kTarget) {
+        const int64_t column = c + (k / N) * stride + (k % N);
+        v += res.a * (exp2f(fmaf(s[k], k1, -res.off_s)) - (column == y ? 1.0f : 0.0f));
+      }
+      if (kTeacher) v -= res.b * exp2f(fmaf(t[k], kT, -res.off_tT));
+      if (kRef) v -= res.g * exp2f(fmaf(r[k], kT, -res.off_rT));
+      out[k] = v;
+    }
+    store_chunk<P, N>(g_row, c, stride, out);
+  }
+};
+
 template <typename T, int kThreads, int kRowsPerBlock, bool kTarget, bool kTeacher, bool kRef>
 __device__ __forceinline__ void process_rows(const Params& prm, const T* student_base,
                                              const T* __restrict__ teacher_base, const T* __restrict__ ref_base,
                                              T* grad_base) {
-  using Need = Needs<kTarget, kTeacher, kRef>;
+  using Math = RowMath<T, kTarget, kTeacher, kRef>;
   constexpr int kWarps = kThreads / 32;
   __shared__ RowStats warp_stats[kWarps > 1 ? kWarps : 1];
 
   const int lane = threadIdx.x % kThreads;
-  const float T_ = prm.temperature;
-  const float invT = 1.0f / T_;
-  const float k1 = kLog2e, kT = kLog2e * invT;
   const int64_t cols = prm.cols;
 
   for (int64_t row = int64_t{blockIdx.x} * kRowsPerBlock + threadIdx.x / kThreads; row < prm.rows;
        row += int64_t{gridDim.x} * kRowsPerBlock) {
     // Student reads go through the generic path, not __ldg: grad may alias them.
-    const T* s_row = student_base + row * prm.student_stride;
-    const T* t_row = kTeacher ? teacher_base + row * prm.teacher_stride : nullptr;
-    const T* r_row = kRef ? ref_base + row * prm.reference_stride : nullptr;
+    const Math math(student_base + row * prm.student_stride, kTeacher ? teacher_base + row * prm.teacher_stride : nullptr,
+                    kRef ? ref_base + row * prm.reference_stride : nullptr, prm.temperature);
     T* g_row = grad_base ? grad_base + row * prm.grad_stride : nullptr;
-    const RowSweep<T, kThreads> sweep(s_row, cols, prm.vectorized, lane);
+    const RowSweep<T, kThreads> sweep(math.s_row, cols, prm.vectorized, lane);
 
     int64_t y = 0;
     bool valid = true;
@@ -274,10 +387,7 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
       }
       if (g_row) {
         sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
-          constexpr int P = decltype(packs)::value, N = decltype(n)::value;
-          const float zeros[N] = {};
-#pragma unroll
-          for (int p = 0; p < P; ++p) store_pack<N>(g_row + c + p * stride, zeros);
+          zero_chunk<decltype(packs)::value, decltype(n)::value>(g_row, c, stride);
         });
       }
       continue;
@@ -285,101 +395,40 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
 
     // The true-class logits are read before the row's barrier: with an in-place
     // gradient, sweep 2 of another thread may overwrite s[y] after it.
-    const float s_y = kTarget ? to_float(s_row[y]) : 0.0f;
-    const float t_y = Need::kTeacher1 ? to_float(t_row[y]) : 0.0f;
+    const float s_y = kTarget ? to_float(math.s_row[y]) : 0.0f;
+    const float t_y = Math::Need::kTeacher1 ? to_float(math.t_row[y]) : 0.0f;
 
-    // Sweep 1: statistics of s, t and r.
     RowStats st;
     sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
-      constexpr int M = decltype(packs)::value * decltype(n)::value;
-      constexpr int P = decltype(packs)::value, N = decltype(n)::value;
-      float s[M], t[M], r[M], d[M];
-      load_chunk<P, N>(s_row, c, stride, s);
-      if (kTeacher) load_chunk<P, N>(t_row, c, stride, t);
-      if (kRef) load_chunk<P, N>(r_row, c, stride, r);
-      add_values<Need::kStudent1, Need::kStudentT, false>(st.s, s, d, k1, kT);
-      if (kTeacher) {
-#pragma unroll
-        for (int k = 0; k < M; ++k) d[k] = (t[k] - s[k]) * invT;
-        add_values<Need::kTeacher1, true, true>(st.t, t, d, k1, kT);
-      }
-      if (kRef) {
-#pragma unroll
-        for (int k = 0; k < M; ++k) d[k] = (r[k] - s[k]) * invT;
-        add_values<false, true, true>(st.r, r, d, k1, kT);
-      }
+      math.template accumulate<decltype(packs)::value, decltype(n)::value>(st, c, stride);
     });
 
-    warp_merge_row<kTarget, kTeacher, kRef>(st, k1, kT);
+    warp_merge_row<kTarget, kTeacher, kRef>(st, Math::k1, math.kT);
     if (kWarps > 1) {
       const int warp = lane / 32;
       if (lane % 32 == 0) warp_stats[warp] = st;
       __syncthreads();
       st = warp_stats[0];
 #pragma unroll 4
-      for (int w = 1; w < kWarps; ++w) merge_row<kTarget, kTeacher, kRef>(st, warp_stats[w], k1, kT);
+      for (int w = 1; w < kWarps; ++w) merge_row<kTarget, kTeacher, kRef>(st, warp_stats[w], Math::k1, math.kT);
       __syncthreads();  // warp_stats is rewritten for the next row
     } else {
       __syncwarp();  // orders every lane's reads of s before any lane's writes of grad
     }
 
-    // Row results (every thread of the row computes them; lane 0 stores them).
-    const float lse_s = kTarget ? st.s.max + logf(st.s.sum1) : 0.0f;
-    const float lse_sT = Need::kSoftened ? st.s.max * invT + logf(st.s.sumT) : 0.0f;
-    const float lse_tT = kTeacher ? st.t.max * invT + logf(st.t.sumT) : 0.0f;
-    const float lse_rT = kRef ? st.r.max * invT + logf(st.r.sumT) : 0.0f;
-    const float ce = kTarget ? lse_s - s_y : 0.0f;
-    const float tcp = Need::kTeacher1 ? expf(t_y - (st.t.max + logf(st.t.sum1))) : 0.0f;
-    const float kd = kTeacher ? T_ * T_ * (st.t.dot / st.t.sumT - lse_tT + lse_sT) : 0.0f;
-    float w = 0.0f;
-    if (prm.weighting == SMSKD_WEIGHT_CONSTANT) {
-      w = 1.0f;
-    } else if (Need::kTeacher1) {
-      w = prm.weighting == SMSKD_WEIGHT_TCP ? tcp : 1.0f - tcp;
-    }
-    const float ref = kRef ? T_ * T_ * w * (st.r.dot / st.r.sumT - lse_rT + lse_sT) : 0.0f;
+    // Every thread of the row computes the results; lane 0 stores them.
+    const RowResult res = math.finish(st, s_y, t_y, prm);
     if (lane == 0) {
-      prm.loss[row] = prm.ce_weight * ce + prm.kd_weight * kd + prm.ref_weight * ref;
-      prm.ce[row] = ce;
-      prm.kd[row] = kd;
-      prm.ref[row] = ref;
-      prm.tcp[row] = tcp;
-      prm.weight[row] = w;
+      prm.loss[row] = res.loss;
+      prm.ce[row] = res.ce;
+      prm.kd[row] = res.kd;
+      prm.ref[row] = res.ref;
+      prm.tcp[row] = res.tcp;
+      prm.weight[row] = res.weight;
     }
     if (!g_row) continue;
-
-    // Sweep 2: d loss / d s = a (softmax(s) - onehot(y)) + (b + g) softmax(s/T)
-    //                         - b softmax(t/T) - g softmax(r/T).
-    const float a = kTarget ? prm.ce_weight : 0.0f;
-    const float b = kTeacher ? T_ * prm.kd_weight : 0.0f;
-    const float g = kRef ? T_ * prm.ref_weight * w : 0.0f;
-    const float off_s = lse_s * k1, off_sT = lse_sT * kLog2e, off_tT = lse_tT * kLog2e, off_rT = lse_rT * kLog2e;
     sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
-      constexpr int P = decltype(packs)::value, N = decltype(n)::value;
-      constexpr int M = P * N;
-      float s[M], t[M], r[M], out[M];
-      load_chunk<P, N>(s_row, c, stride, s);
-      if (kTeacher) load_chunk<P, N>(t_row, c, stride, t);
-      if (kRef) load_chunk<P, N>(r_row, c, stride, r);
-#pragma unroll
-      for (int k = 0; k < M; ++k) {
-        float v = 0.0f;
-        if (Need::kSoftened) v = (b + g) * exp2f(fmaf(s[k], kT, -off_sT));
-        if (kTarget) {
-          const int64_t column = c + (k / N) * stride + (k % N);
-          v += a * (exp2f(fmaf(s[k], k1, -off_s)) - (column == y ? 1.0f : 0.0f));
-        }
-        if (kTeacher) v -= b * exp2f(fmaf(t[k], kT, -off_tT));
-        if (kRef) v -= g * exp2f(fmaf(r[k], kT, -off_rT));
-        out[k] = v;
-      }
-#pragma unroll
-      for (int p = 0; p < P; ++p) {
-        float part[N];
-#pragma unroll
-        for (int k = 0; k < N; ++k) part[k] = out[p * N + k];
-        store_pack<N>(g_row + c + p * stride, part);
-      }
+      math.template gradient<decltype(packs)::value, decltype(n)::value>(res, g_row, y, c, stride);
     });
   }
 }

@@ -83,23 +83,27 @@ cudaError_t launch_layout(const smskd_loss_rows_args& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+int default_threads_per_row(int64_t cols) {
+  return cols <= kWarpMaxCols ? 32 : cols <= kBlockSmallMaxCols ? 256 : 512;
+}
+
 template <typename T>
 cudaError_t launch_dtype(const smskd_loss_rows_args& a, cudaStream_t stream) {
-  if (a.cols <= kWarpMaxCols) return launch_layout<T, 32, kWarpRowsPerBlock>(a, stream);
-  if (a.cols <= kBlockSmallMaxCols) return launch_layout<T, 256, 1>(a, stream);
-  return launch_layout<T, 512, 1>(a, stream);
+  switch (a.threads_per_row ? a.threads_per_row : default_threads_per_row(a.cols)) {
+    case 32:
+      return launch_layout<T, 32, kWarpRowsPerBlock>(a, stream);
+    case 256:
+      return launch_layout<T, 256, 1>(a, stream);
+    default:
+      return launch_layout<T, 512, 1>(a, stream);
+  }
 }
 
 }  // namespace
 
 extern "C" void smskd_loss_rows_config(int64_t cols, int* threads_per_row, int* rows_per_block) {
-  if (cols <= kWarpMaxCols) {
-    *threads_per_row = 32;
-    *rows_per_block = kWarpRowsPerBlock;
-  } else {
-    *threads_per_row = cols <= kBlockSmallMaxCols ? 256 : 512;
-    *rows_per_block = 1;
-  }
+  *threads_per_row = default_threads_per_row(cols);
+  *rows_per_block = *threads_per_row == 32 ? kWarpRowsPerBlock : 1;
 }
 
 extern "C" const char* smskd_loss_rows_invalid(const smskd_loss_rows_args* a) {
@@ -112,6 +116,8 @@ extern "C" const char* smskd_loss_rows_invalid(const smskd_loss_rows_args* a) {
       a->weighting != SMSKD_WEIGHT_CONSTANT)
     return "weighting must be SMSKD_WEIGHT_INVERSE_TCP, SMSKD_WEIGHT_TCP or SMSKD_WEIGHT_CONSTANT";
   if (!(a->temperature > 0.0f) || std::isinf(a->temperature)) return "temperature must be finite and > 0";
+  if (a->threads_per_row != 0 && a->threads_per_row != 32 && a->threads_per_row != 256 && a->threads_per_row != 512)
+    return "threads_per_row must be 0 (automatic), 32, 256 or 512";
   if (a->rows == 0) return nullptr;
   if (a->student == nullptr) return "student must not be NULL";
   if (!a->loss || !a->ce || !a->kd || !a->ref || !a->tcp || !a->weight)

@@ -66,6 +66,10 @@ typedef struct {
   float ref_weight;
   smskd_weighting weighting;
   int64_t ignore_index;
+
+  /* 0: the launcher picks the layout for cols (smskd_loss_rows_config). For
+   * tuning: 32 (a warp per row), 256 or 512 (a block per row) forces one. */
+  int threads_per_row;
 } smskd_loss_rows_args;
 
 /* Checks the arguments on the host (no device access): NULL when they are

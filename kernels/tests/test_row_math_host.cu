@@ -145,12 +145,11 @@ void run_dtype(smskd_dtype dtype, std::mt19937& rng) {
         const Case ce_kd{cols, offset, vectorized, true, true, false, SMSKD_WEIGHT_TCP, true};
         const Case ce{cols, offset, vectorized, true, false, false, SMSKD_WEIGHT_INVERSE_TCP, false};
         const Case masked_all{cols, offset, vectorized, true, true, true, SMSKD_WEIGHT_TCP, true};
-        if (cols <= 2048) {
-          for (const Case& k : {all, kd_only, ce_ref, ce_kd, ce, masked_all}) run_inputs<T, 32>(dtype, k, rng);
-        } else if (cols <= 16384) {
-          for (const Case& k : {all, kd_only, ce_ref, ce_kd, ce, masked_all}) run_inputs<T, 256>(dtype, k, rng);
-        } else {
-          for (const Case& k : {all, kd_only, masked_all}) run_inputs<T, 512>(dtype, k, rng);
+        // Every layout (the launcher can be told to use any), each with every input combination.
+        for (const Case& k : {all, kd_only, ce_ref, ce_kd, ce, masked_all}) {
+          run_inputs<T, 32>(dtype, k, rng);
+          run_inputs<T, 256>(dtype, k, rng);
+          run_inputs<T, 512>(dtype, k, rng);
         }
       }
 }

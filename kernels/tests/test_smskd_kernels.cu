@@ -46,6 +46,7 @@ struct Case {
   int64_t offset;   // elements before row 0 (misaligns the 16-byte packs when odd)
   int64_t padding;  // stride = cols + padding
   bool in_place;    // grad written over the student
+  int threads_per_row = 0;  // 0: the launcher's choice
 };
 
 struct DeviceBuffer {
@@ -120,6 +121,7 @@ void run_case(const Case& k, std::mt19937& rng) {
   a.ref_weight = 0.9f;
   a.weighting = k.weighting;
   a.ignore_index = ignore;
+  a.threads_per_row = k.threads_per_row;
 
   CHECK_CUDA(smskd_loss_rows_launch(&a, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
@@ -149,10 +151,10 @@ void run_case(const Case& k, std::mt19937& rng) {
     }
   }
   std::printf("%s %-4s rows=%lld cols=%lld target=%d teacher=%d ref=%d weighting=%d offset=%lld pad=%lld "
-              "in_place=%d  max|err| value %.2e grad %.2e\n",
+              "in_place=%d threads=%d  max|err| value %.2e grad %.2e\n",
               bad ? "FAIL" : "ok  ", name_of(k.dtype), (long long)k.rows, (long long)k.cols, k.target, k.teacher,
-              k.reference, int(k.weighting), (long long)k.offset, (long long)k.padding, k.in_place, worst_value,
-              worst_grad);
+              k.reference, int(k.weighting), (long long)k.offset, (long long)k.padding, k.in_place, k.threads_per_row,
+              worst_value, worst_grad);
   if (bad) ++failures;
 }
 
@@ -174,6 +176,8 @@ int run_grid(bool quick) {
       run_case({d, rows, cols, false, true, false, SMSKD_WEIGHT_CONSTANT, 3, 0, false}, rng);
       run_case({d, rows, cols, true, false, true, SMSKD_WEIGHT_CONSTANT, 0, 1, false}, rng);
       run_case({d, rows, cols, true, false, false, SMSKD_WEIGHT_INVERSE_TCP, 5, 0, true}, rng);
+      for (int threads : {32, 256, 512})  // every layout at every size, not only the automatic one
+        run_case({d, rows, cols, true, true, true, SMSKD_WEIGHT_INVERSE_TCP, 1, 0, false, threads}, rng);
     }
   }
   std::printf(failures ? "%d case(s) FAILED\n" : "all cases passed\n", failures);
@@ -238,23 +242,28 @@ int run_bench() {
   const double copy_ms = time_ms([&] { CHECK_CUDA(cudaMemcpyAsync(dg.ptr, ds.ptr, elements * 2, cudaMemcpyDeviceToDevice)); });
   const double copy_gbs = 2.0 * elements * 2 / copy_ms / 1e6;
   std::printf("copy bandwidth: %.1f GB/s\n", copy_gbs);
-  std::printf("%8s %8s %10s %10s %8s\n", "C", "N", "ms", "GB/s", "of_copy");
-  for (int64_t cols : {1024, 4096, 32768, 131072, 262144}) {
-    const int64_t rows = elements / cols;
-    smskd_loss_rows_args a{};
-    a.rows = rows, a.cols = cols, a.dtype = SMSKD_BFLOAT16;
-    a.student = ds.ptr, a.teacher = dt.ptr, a.reference = dr.ptr, a.grad = dg.ptr;
-    a.student_stride = a.teacher_stride = a.reference_stride = a.grad_stride = cols;
-    a.target = static_cast<const int64_t*>(dy.ptr), a.target_stride = 1;
-    float* out = static_cast<float*>(dout.ptr);
-    a.loss = out, a.ce = out + rows, a.kd = out + 2 * rows, a.ref = out + 3 * rows, a.tcp = out + 4 * rows;
-    a.weight = out + 5 * rows;
-    a.temperature = 4.0f, a.ce_weight = a.kd_weight = a.ref_weight = 1.0f;
-    a.weighting = SMSKD_WEIGHT_INVERSE_TCP, a.ignore_index = -100;
-    const double ms = time_ms([&] { CHECK_CUDA(smskd_loss_rows_launch(&a, nullptr)); });
-    const double gbs = double(elements) * 4 * 2 / ms / 1e6;
-    std::printf("%8lld %8lld %10.4f %10.1f %7.1f%%\n", (long long)cols, (long long)rows, ms, gbs,
-                100.0 * gbs / copy_gbs);
+  std::printf("%8s %8s %7s %10s %10s %8s\n", "C", "N", "threads", "ms", "GB/s", "of_copy");
+  for (int64_t cols : {128, 1024, 2048, 4096, 16384, 32768, 131072, 262144}) {
+    int automatic = 0, rows_per_block = 0;
+    smskd_loss_rows_config(cols, &automatic, &rows_per_block);
+    for (int threads : {32, 256, 512}) {  // every layout, to tune the automatic choice (marked *)
+      const int64_t rows = elements / cols;
+      smskd_loss_rows_args a{};
+      a.rows = rows, a.cols = cols, a.dtype = SMSKD_BFLOAT16;
+      a.student = ds.ptr, a.teacher = dt.ptr, a.reference = dr.ptr, a.grad = dg.ptr;
+      a.student_stride = a.teacher_stride = a.reference_stride = a.grad_stride = cols;
+      a.target = static_cast<const int64_t*>(dy.ptr), a.target_stride = 1;
+      float* out = static_cast<float*>(dout.ptr);
+      a.loss = out, a.ce = out + rows, a.kd = out + 2 * rows, a.ref = out + 3 * rows, a.tcp = out + 4 * rows;
+      a.weight = out + 5 * rows;
+      a.temperature = 4.0f, a.ce_weight = a.kd_weight = a.ref_weight = 1.0f;
+      a.weighting = SMSKD_WEIGHT_INVERSE_TCP, a.ignore_index = -100;
+      a.threads_per_row = threads;
+      const double ms = time_ms([&] { CHECK_CUDA(smskd_loss_rows_launch(&a, nullptr)); });
+      const double gbs = double(rows) * cols * 4 * 2 / ms / 1e6;
+      std::printf("%8lld %8lld %6d%s %10.4f %10.1f %7.1f%%\n", (long long)cols, (long long)rows, threads,
+                  threads == automatic ? "*" : " ", ms, gbs, 100.0 * gbs / copy_gbs);
+    }
   }
   return 0;
 }

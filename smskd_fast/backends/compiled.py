@@ -62,9 +62,14 @@ def _scalar_arguments(options: LossOptions) -> tuple:
 
 
 def can_overwrite_student(student: torch.Tensor, device_type: str) -> bool:
-    """The in-place gradient runs on CUDA for (N, C) logits with contiguous columns."""
+    """The in-place gradient runs eagerly on CUDA for (N, C) logits with contiguous columns.
+
+    Under torch.compile the functional op is used instead: its graph then has
+    no mutation of an autograd input to reason about.
+    """
     return (
         device_type == "cuda"
+        and not torch.compiler.is_compiling()
         and needs_student_grad(student)
         and student.dtype != torch.float64
         and (student.shape[-1] <= 1 or student.stride(-1) == 1)

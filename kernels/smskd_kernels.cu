@@ -12,11 +12,15 @@ namespace {
 using smskd::kernels::Params;
 using smskd::kernels::smskd_rows_kernel;
 
-// Up to this many columns one warp owns a row; up to kBlockSmallMaxCols a
-// 256-thread block does; beyond, a 512-thread block (SPEC's large vocabularies).
+// Up to kEighthWarpMaxCols columns 8 lanes own a row (4 rows per warp), up to
+// kHalfWarpMaxCols 16 lanes, up to kWarpMaxCols a warp, up to kBlockSmallMaxCols
+// a 256-thread block, beyond that a 512-thread block (LLM vocabularies).
+// Sub-block layouts run 128-thread blocks.
+constexpr int64_t kEighthWarpMaxCols = 128;
+constexpr int64_t kHalfWarpMaxCols = 512;
 constexpr int64_t kWarpMaxCols = 2048;
 constexpr int64_t kBlockSmallMaxCols = 16384;
-constexpr int kWarpRowsPerBlock = 4;
+constexpr int kSmallBlockThreads = 128;
 
 size_t element_size(smskd_dtype dtype) { return dtype == SMSKD_FLOAT32 ? 4 : 2; }
 
@@ -84,14 +88,21 @@ cudaError_t launch_layout(const smskd_loss_rows_args& a, cudaStream_t stream) {
 }
 
 int default_threads_per_row(int64_t cols) {
-  return cols <= kWarpMaxCols ? 32 : cols <= kBlockSmallMaxCols ? 256 : 512;
+  if (cols <= kEighthWarpMaxCols) return 8;
+  if (cols <= kHalfWarpMaxCols) return 16;
+  if (cols <= kWarpMaxCols) return 32;
+  return cols <= kBlockSmallMaxCols ? 256 : 512;
 }
 
 template <typename T>
 cudaError_t launch_dtype(const smskd_loss_rows_args& a, cudaStream_t stream) {
   switch (a.threads_per_row ? a.threads_per_row : default_threads_per_row(a.cols)) {
+    case 8:
+      return launch_layout<T, 8, kSmallBlockThreads / 8>(a, stream);
+    case 16:
+      return launch_layout<T, 16, kSmallBlockThreads / 16>(a, stream);
     case 32:
-      return launch_layout<T, 32, kWarpRowsPerBlock>(a, stream);
+      return launch_layout<T, 32, kSmallBlockThreads / 32>(a, stream);
     case 256:
       return launch_layout<T, 256, 1>(a, stream);
     default:
@@ -103,7 +114,7 @@ cudaError_t launch_dtype(const smskd_loss_rows_args& a, cudaStream_t stream) {
 
 extern "C" void smskd_loss_rows_config(int64_t cols, int* threads_per_row, int* rows_per_block) {
   *threads_per_row = default_threads_per_row(cols);
-  *rows_per_block = *threads_per_row == 32 ? kWarpRowsPerBlock : 1;
+  *rows_per_block = *threads_per_row <= 32 ? kSmallBlockThreads / *threads_per_row : 1;
 }
 
 extern "C" const char* smskd_loss_rows_invalid(const smskd_loss_rows_args* a) {
@@ -116,8 +127,9 @@ extern "C" const char* smskd_loss_rows_invalid(const smskd_loss_rows_args* a) {
       a->weighting != SMSKD_WEIGHT_CONSTANT)
     return "weighting must be SMSKD_WEIGHT_INVERSE_TCP, SMSKD_WEIGHT_TCP or SMSKD_WEIGHT_CONSTANT";
   if (!(a->temperature > 0.0f) || std::isinf(a->temperature)) return "temperature must be finite and > 0";
-  if (a->threads_per_row != 0 && a->threads_per_row != 32 && a->threads_per_row != 256 && a->threads_per_row != 512)
-    return "threads_per_row must be 0 (automatic), 32, 256 or 512";
+  const int forced = a->threads_per_row;
+  if (forced != 0 && forced != 8 && forced != 16 && forced != 32 && forced != 256 && forced != 512)
+    return "threads_per_row must be 0 (automatic), 8, 16, 32, 256 or 512";
   if (a->rows == 0) return nullptr;
   if (a->student == nullptr) return "student must not be NULL";
   if (!a->loss || !a->ce || !a->kd || !a->ref || !a->tcp || !a->weight)

@@ -68,7 +68,8 @@ typedef struct {
   int64_t ignore_index;
 
   /* 0: the launcher picks the layout for cols (smskd_loss_rows_config). For
-   * tuning: 32 (a warp per row), 256 or 512 (a block per row) forces one. */
+   * tuning: 8 or 16 (lanes of a warp per row), 32 (a warp per row), 256 or 512
+   * (a block per row) forces one. */
   int threads_per_row;
 } smskd_loss_rows_args;
 
@@ -87,7 +88,7 @@ const char* smskd_loss_rows_invalid(const smskd_loss_rows_args* args);
 cudaError_t smskd_loss_rows_launch(const smskd_loss_rows_args* args, cudaStream_t stream);
 
 /* Which kernel configuration the launcher picks for cols (for reports and
- * benchmarks): threads per row (32 = one warp per row) and rows per block. */
+ * benchmarks): threads per row (<= 32: within one warp) and rows per block. */
 void smskd_loss_rows_config(int64_t cols, int* threads_per_row, int* rows_per_block);
 
 #ifdef __cplusplus

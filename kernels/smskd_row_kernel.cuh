@@ -1,8 +1,8 @@
 // The fused SMSKD row kernel (SPEC.md section 2), templated over the input dtype,
 // the threads that share a row, and which of teacher / reference / target exist.
 //
-// One row is the unit of work: a warp per row for small C, a block per row for
-// large C. Each thread sweeps its share of the row once, in 16-byte packs when
+// One row is the unit of work: 8 or 16 lanes of a warp per row for the smallest
+// C, a warp per row for small C, a block per row for large C. Each thread sweeps its share of the row once, in 16-byte packs when
 // the pointers allow, keeping fp32 online-softmax statistics of s, t and r
 // (StreamStats); warp shuffles and then shared memory merge them into the row's
 // log-sum-exps and KL sums. A second sweep, while the row is still in L1/L2,
@@ -125,17 +125,27 @@ SMSKD_HD void merge_stats(StreamStats& a, const StreamStats& b, float k1, float 
   a.max = m;
 }
 
-template <bool kSum1, bool kSumT, bool kDot>
-__device__ __forceinline__ void warp_merge(StreamStats& st, float k1, float kT) {
+// Butterfly merge over the kLanes (<= 32) lanes of a row that share a warp;
+// mask names exactly those lanes, so rows sharing a warp may diverge.
+template <int kLanes, bool kSum1, bool kSumT, bool kDot>
+__device__ __forceinline__ void warp_merge(StreamStats& st, unsigned mask, float k1, float kT) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
+  for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
     StreamStats other;
-    other.max = __shfl_xor_sync(0xffffffffu, st.max, offset);
-    if (kSum1) other.sum1 = __shfl_xor_sync(0xffffffffu, st.sum1, offset);
-    if (kSumT) other.sumT = __shfl_xor_sync(0xffffffffu, st.sumT, offset);
-    if (kDot) other.dot = __shfl_xor_sync(0xffffffffu, st.dot, offset);
+    other.max = __shfl_xor_sync(mask, st.max, offset);
+    if (kSum1) other.sum1 = __shfl_xor_sync(mask, st.sum1, offset);
+    if (kSumT) other.sumT = __shfl_xor_sync(mask, st.sumT, offset);
+    if (kDot) other.dot = __shfl_xor_sync(mask, st.dot, offset);
     merge_stats<kSum1, kSumT, kDot>(st, other, k1, kT);
   }
+}
+
+// The lanes of the calling thread's warp that work on its row.
+template <int kLanes>
+__device__ __forceinline__ unsigned row_lane_mask() {
+  if (kLanes >= 32) return 0xffffffffu;
+  const int first = (threadIdx.x % 32) / kLanes * kLanes;
+  return ((1u << kLanes) - 1u) << first;
 }
 
 // Which statistics each stream needs, given which inputs exist.
@@ -153,12 +163,12 @@ struct RowStats {
   StreamStats s, t, r;
 };
 
-template <bool kTarget, bool kTeacher, bool kRef>
-__device__ __forceinline__ void warp_merge_row(RowStats& st, float k1, float kT) {
+template <int kLanes, bool kTarget, bool kTeacher, bool kRef>
+__device__ __forceinline__ void warp_merge_row(RowStats& st, unsigned mask, float k1, float kT) {
   using N = Needs<kTarget, kTeacher, kRef>;
-  warp_merge<N::kStudent1, N::kStudentT, false>(st.s, k1, kT);
-  if (kTeacher) warp_merge<N::kTeacher1, true, true>(st.t, k1, kT);
-  if (kRef) warp_merge<false, true, true>(st.r, k1, kT);
+  warp_merge<kLanes, N::kStudent1, N::kStudentT, false>(st.s, mask, k1, kT);
+  if (kTeacher) warp_merge<kLanes, N::kTeacher1, true, true>(st.t, mask, k1, kT);
+  if (kRef) warp_merge<kLanes, false, true, true>(st.r, mask, k1, kT);
 }
 
 template <bool kTarget, bool kTeacher, bool kRef>
@@ -356,7 +366,9 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
                                              T* grad_base) {
   using Math = RowMath<T, kTarget, kTeacher, kRef>;
   constexpr int kWarps = kThreads / 32;
+  constexpr int kLanes = kThreads < 32 ? kThreads : 32;  // lanes of one row within a warp
   __shared__ RowStats warp_stats[kWarps > 1 ? kWarps : 1];
+  const unsigned mask = row_lane_mask<kLanes>();
 
   const int lane = threadIdx.x % kThreads;
   const int64_t cols = prm.cols;
@@ -403,7 +415,7 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
       math.template accumulate<decltype(packs)::value, decltype(n)::value>(st, c, stride);
     });
 
-    warp_merge_row<kTarget, kTeacher, kRef>(st, Math::k1, math.kT);
+    warp_merge_row<kLanes, kTarget, kTeacher, kRef>(st, mask, Math::k1, math.kT);
     if (kWarps > 1) {
       const int warp = lane / 32;
       if (lane % 32 == 0) warp_stats[warp] = st;
@@ -413,7 +425,7 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
       for (int w = 1; w < kWarps; ++w) merge_row<kTarget, kTeacher, kRef>(st, warp_stats[w], Math::k1, math.kT);
       __syncthreads();  // warp_stats is rewritten for the next row
     } else {
-      __syncwarp();  // orders every lane's reads of s before any lane's writes of grad
+      __syncwarp(mask);  // orders every lane's reads of s before any lane's writes of grad
     }
 
     // Every thread of the row computes the results; lane 0 stores them.

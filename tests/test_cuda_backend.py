@@ -23,9 +23,9 @@ pytestmark = [
 ]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Straddles the kernel layouts (warp <= 2048 < 256-thread block <= 16384 < 512-thread block),
-# odd sizes for unaligned heads and tails, and LLM vocabularies.
-CLASSES = (1, 7, 100, 1000, 2048, 2049, 5003, 16384, 16385, 32000, 50257, 131072)
+# Straddles the kernel layouts (8 lanes <= 128 < 16 lanes <= 512 < warp <= 2048 < 256-thread
+# block <= 16384 < 512-thread block), odd sizes for unaligned heads and tails, LLM vocabularies.
+CLASSES = (1, 7, 100, 129, 513, 1000, 2048, 2049, 5003, 16384, 16385, 32000, 50257, 131072)
 # (target, teacher, reference, weighting): every input combination the public API allows.
 INPUTS = (
     (True, True, True, "inverse_tcp"),

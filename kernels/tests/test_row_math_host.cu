@@ -134,7 +134,7 @@ void run_inputs(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
 
 template <typename T>
 void run_dtype(smskd_dtype dtype, std::mt19937& rng) {
-  const int64_t cols_grid[] = {1, 7, 100, 2048, 2049, 5003, 40000};
+  const int64_t cols_grid[] = {1, 7, 100, 129, 513, 2049, 5003, 40000};
   const int64_t offsets[] = {0, 1, 3};
   for (int64_t cols : cols_grid)
     for (int64_t offset : offsets)
@@ -147,6 +147,8 @@ void run_dtype(smskd_dtype dtype, std::mt19937& rng) {
         const Case masked_all{cols, offset, vectorized, true, true, true, SMSKD_WEIGHT_TCP, true};
         // Every layout (the launcher can be told to use any), each with every input combination.
         for (const Case& k : {all, kd_only, ce_ref, ce_kd, ce, masked_all}) {
+          run_inputs<T, 8>(dtype, k, rng);
+          run_inputs<T, 16>(dtype, k, rng);
           run_inputs<T, 32>(dtype, k, rng);
           run_inputs<T, 256>(dtype, k, rng);
           run_inputs<T, 512>(dtype, k, rng);

@@ -162,11 +162,11 @@ void run_case(const Case& k, std::mt19937& rng) {
 int run_grid(bool quick) {
   std::mt19937 rng(1234);
   const smskd_dtype dtypes[] = {SMSKD_FLOAT32, SMSKD_BFLOAT16, SMSKD_FLOAT16};
-  // Columns straddle the layouts (warp <= 2048 < 256-thread block <= 16384 < 512-thread block),
-  // with odd sizes for scalar heads and tails.
-  const std::vector<int64_t> cols_grid = quick ? std::vector<int64_t>{7, 2049, 40000}
-                                               : std::vector<int64_t>{1, 7, 64, 1000, 2048, 2049, 5003, 16384,
-                                                                      16385, 40000};
+  // Columns straddle the layouts (8 lanes <= 128 < 16 lanes <= 512 < warp <= 2048 < 256-thread
+  // block <= 16384 < 512-thread block), with odd sizes for scalar heads and tails.
+  const std::vector<int64_t> cols_grid =
+      quick ? std::vector<int64_t>{7, 300, 2049, 40000}
+            : std::vector<int64_t>{1, 7, 64, 128, 129, 512, 513, 1000, 2048, 2049, 5003, 16384, 16385, 40000};
   for (smskd_dtype d : dtypes) {
     for (int64_t cols : cols_grid) {
       const int64_t rows = cols > 5000 ? 6 : 37;
@@ -176,7 +176,7 @@ int run_grid(bool quick) {
       run_case({d, rows, cols, false, true, false, SMSKD_WEIGHT_CONSTANT, 3, 0, false}, rng);
       run_case({d, rows, cols, true, false, true, SMSKD_WEIGHT_CONSTANT, 0, 1, false}, rng);
       run_case({d, rows, cols, true, false, false, SMSKD_WEIGHT_INVERSE_TCP, 5, 0, true}, rng);
-      for (int threads : {32, 256, 512})  // every layout at every size, not only the automatic one
+      for (int threads : {8, 16, 32, 256, 512})  // every layout at every size, not only the automatic one
         run_case({d, rows, cols, true, true, true, SMSKD_WEIGHT_INVERSE_TCP, 1, 0, false, threads}, rng);
     }
   }
@@ -243,10 +243,10 @@ int run_bench() {
   const double copy_gbs = 2.0 * elements * 2 / copy_ms / 1e6;
   std::printf("copy bandwidth: %.1f GB/s\n", copy_gbs);
   std::printf("%8s %8s %7s %10s %10s %8s\n", "C", "N", "threads", "ms", "GB/s", "of_copy");
-  for (int64_t cols : {128, 1024, 2048, 4096, 16384, 32768, 131072, 262144}) {
+  for (int64_t cols : {32, 128, 512, 1024, 2048, 4096, 16384, 32768, 131072, 262144}) {
     int automatic = 0, rows_per_block = 0;
     smskd_loss_rows_config(cols, &automatic, &rows_per_block);
-    for (int threads : {32, 256, 512}) {  // every layout, to tune the automatic choice (marked *)
+    for (int threads : {8, 16, 32, 256, 512}) {  // every layout, to tune the automatic choice (marked *)
       const int64_t rows = elements / cols;
       smskd_loss_rows_args a{};
       a.rows = rows, a.cols = cols, a.dtype = SMSKD_BFLOAT16;

@@ -143,9 +143,12 @@ __device__ __forceinline__ void warp_merge(StreamStats& st, unsigned mask, float
 // The lanes of the calling thread's warp that work on its row.
 template <int kLanes>
 __device__ __forceinline__ unsigned row_lane_mask() {
-  if (kLanes >= 32) return 0xffffffffu;
-  const int first = (threadIdx.x % 32) / kLanes * kLanes;
-  return ((1u << kLanes) - 1u) << first;
+  if constexpr (kLanes >= 32) {
+    return 0xffffffffu;
+  } else {
+    const int first = (threadIdx.x % 32) / kLanes * kLanes;
+    return ((1u << kLanes) - 1u) << first;
+  }
 }
 
 // Which statistics each stream needs, given which inputs exist.

@@ -14,6 +14,8 @@ import torch
 from ._extension import extension_loaded
 
 OP_NAME = "smskd_fast::smskd_loss_rows"
+# The same loss writing the gradient over the student logits (GPU backends).
+INPLACE_OP_NAME = "smskd_fast::smskd_loss_rows_inplace_"
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -29,6 +31,15 @@ def _fake_smskd_loss_rows(
     per_row = [student.new_empty((n,), dtype=acc) for _ in range(6)]
     grad = student.new_empty((n if compute_grad else 0, c))
     return (*per_row, grad)
+
+
+def _fake_smskd_loss_rows_inplace_(
+    student, target, teacher, reference, temperature, ce_weight, kd_weight,
+    ref_weight, weighting, ignore_index,
+):
+    n = student.shape[0]
+    acc = _accumulation_dtype(student.dtype)
+    return tuple(student.new_empty((n,), dtype=acc) for _ in range(6))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -69,6 +80,7 @@ def _backward(ctx, grad_loss, *unused_grads):
 def register() -> None:
     """Adds fake and autograd implementations to the compiled operator."""
     torch.library.register_fake(OP_NAME)(_fake_smskd_loss_rows)
+    torch.library.register_fake(INPLACE_OP_NAME)(_fake_smskd_loss_rows_inplace_)
     torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
 
 

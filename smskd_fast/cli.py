@@ -57,7 +57,10 @@ def _train(args: argparse.Namespace) -> int:
         config = parse_config(apply_overrides(yaml.safe_load(config_file.read_text()), _overrides(args)))
     else:
         config, run_dir = _load(args), _default_out(args)
-    summary = SMSKDTrainer(config, run_dir).run(resume=args.resume is not None)
+    trainer = SMSKDTrainer(config, run_dir)
+    summary = trainer.run(resume=args.resume is not None)
+    if not trainer.dist.is_main:  # under torchrun, rank 0 reports
+        return 0
     print(f"run directory: {run_dir}")
     print(f"test accuracy: last epoch {summary['last_test_acc']:.2f}%, "
           f"best epoch {summary['best_test_acc']:.2f}% (epoch {summary['best_global_epoch']})")

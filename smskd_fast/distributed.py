@@ -25,6 +25,7 @@ so single-process runs are unchanged bit for bit.
 from __future__ import annotations
 
 import atexit
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Tuple
@@ -156,6 +157,12 @@ class DatasetShard:
         return getattr(self.dataset, name)
 
 
+# torch >= 2.14 names the option forward_sync_buffers (broadcast_buffers is deprecated there)
+_NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                           if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                           else {"broadcast_buffers": False})
+
+
 class _TrainedModules(nn.Module):
     """The student and the stage's method modules as one module for DDP: its forward is the
     student's, and the methods' parameters (used by their losses after the forward) get their
@@ -227,7 +234,7 @@ class DistributedContext:
             return student
         return nn.parallel.DistributedDataParallel(
             _TrainedModules(student, methods), device_ids=[device] if device.type == "cuda" else None,
-            broadcast_buffers=False)
+            **_NO_FORWARD_BUFFER_SYNC)
 
     def reduce_totals(self, sums: Dict[str, float], *counts: int) -> Tuple[Dict[str, float], ...]:
         """Per-epoch sums and counts added over ranks (in float64)."""

@@ -1,0 +1,200 @@
+"""Distributed training on the CPU: torchrun, gloo, 2 ranks (smskd_fast/distributed.py).
+
+Each torchrun launch costs a few seconds of process start-up; the module runs four
+launches and two in-process runs on tiny digits subsets (about a minute on 2 cores).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from smskd_fast.distributed import all_gather_rows, global_mean, shard_bounds, shard_sizes
+from smskd_fast.models import MODELS
+from smskd_fast.runio import read_jsonl
+from smskd_fast.stages import SMSKDTrainer
+from smskd_fast.config import load_config
+
+from distributed_worker import DigitsMLP
+from trainer_helpers import tiny_raw, write_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+# The 1-rank and 2-rank runs below differ only in the order of floating-point sums: the
+# gradient is the all-reduced average of two half-batch means instead of one batch mean,
+# and every loss term is evaluated on half batches, each rounding at float32's 6e-8.
+# Measured over this 5-epoch run (2026-11-25): weights differ by at most 6e-8 (|w| <= 0.29)
+# and the epoch metrics by at most 8e-6 relative (the small reference and CRD terms, which
+# are differences of nearly equal float32 sums). The tolerances leave a margin of more than
+# 10 above that. Accuracy counts samples and agrees exactly on every epoch (checked; a
+# sample would have to sit within ~1e-6 of the decision boundary to flip).
+LOSS_RTOL, LOSS_ATOL, WEIGHT_ATOL = 1e-4, 1e-6, 1e-6
+LOSS_KEYS = ("train_loss", "train_ce", "train_kd", "train_ref", "train_method", "train_weight", "test_loss")
+EXACT_KEYS = ("train_acc", "test_acc", "lr", "global_epoch", "stage", "epoch")
+
+
+def torchrun(nproc: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={nproc}", *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("distributed")
+
+
+@pytest.fixture(scope="module")
+def teacher_file(workdir) -> Path:
+    return write_teacher(workdir / "teacher.pt")
+
+
+@pytest.fixture(scope="module")
+def mlp_config(workdir, teacher_file) -> Path:
+    """KD for 3 epochs, then KD + CRD against the stage-1 reference for 2; 91 samples in
+    batches of 32 make a last global batch of 27, split 14 + 13 (unequal shards)."""
+    raw = tiny_raw(teacher_file, [
+        {"method": "kd", "epochs": 3},
+        {"methods": [{"name": "kd"}, {"name": "crd", "params": {"nce_k": 32, "feat_dim": 16}}], "epochs": 2},
+    ])
+    raw["student"] = {"name": "digits_mlp"}
+    raw["data"]["train_subset"] = 91
+    path = workdir / "mlp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run_in_process(config: Path, run_dir: Path, resume: bool = False) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(MODELS, "digits_mlp", DigitsMLP)
+        SMSKDTrainer(load_config(config), run_dir).run(resume=resume)
+
+
+def student_weights(run_dir: Path):
+    return torch.load(run_dir / "student.pt", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(workdir, mlp_config) -> Path:
+    run_in_process(mlp_config, workdir / "one_rank")
+    return workdir / "one_rank"
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(workdir, mlp_config) -> Path:
+    torchrun(2, str(WORKER), str(mlp_config), str(workdir / "two_ranks"))
+    return workdir / "two_ranks"
+
+
+def assert_same_metrics(actual, expected) -> None:
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected):
+        for key in EXACT_KEYS:
+            assert got[key] == want[key], (key, got, want)
+        for key in LOSS_KEYS:
+            assert got[key] == pytest.approx(want[key], rel=LOSS_RTOL, abs=LOSS_ATOL), (key, got, want)
+
+
+def assert_same_weights(actual, expected) -> None:
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        difference = (actual[key] - expected[key]).abs().max().item()
+        assert difference <= WEIGHT_ATOL, f"{key}: max difference {difference:.3g}"
+
+
+def test_shard_bounds_cover_the_batch_in_order():
+    for count in range(0, 12):
+        for shards in range(1, 5):
+            bounds = [shard_bounds(count, shard, shards) for shard in range(shards)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == count
+            assert all(stop == next_start for (_, stop), (next_start, _) in zip(bounds, bounds[1:]))
+            sizes = [stop - start for start, stop in bounds]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_collectives_are_the_identity_in_one_process():
+    rows = torch.arange(6.0).view(3, 2)
+    assert shard_sizes(3) == [3]
+    assert all_gather_rows(rows)[0] is rows
+    assert torch.equal(global_mean(rows), rows.mean())
+
+
+def test_two_ranks_match_one_rank(one_rank_run, two_rank_run):
+    """Same seed and global batch: 2 ranks (DDP, sharded batches, gathered CRD banks) give the
+    1-rank metrics and weights within the rounding tolerance above, and the ranks agree exactly."""
+    assert_same_metrics(read_jsonl(two_rank_run / "metrics.jsonl"), read_jsonl(one_rank_run / "metrics.jsonl"))
+    assert_same_weights(student_weights(two_rank_run), student_weights(one_rank_run))
+    ranks = two_rank_run / "ranks"
+    for name in ("student", "stage1_kd_methods", "stage2_kd+crd_methods"):
+        rank0, rank1 = (torch.load(ranks / f"rank{r}_{name}.pt", weights_only=True) for r in (0, 1))
+        assert rank0.keys() == rank1.keys()
+        for key in rank0:  # student, CRD heads and both CRD memory banks: identical on every rank
+            assert torch.equal(rank0[key], rank1[key]), (name, key)
+    one_rank_banks = torch.load(one_rank_run / "checkpoints" / "stage2.pt", weights_only=True)["methods"]
+    two_rank_banks = torch.load(two_rank_run / "checkpoints" / "stage2.pt", weights_only=True)["methods"]
+    assert "1.memory_student" in one_rank_banks
+    for key in one_rank_banks:
+        assert (two_rank_banks[key] - one_rank_banks[key]).abs().max() <= WEIGHT_ATOL, key
+
+
+def test_rank_killed_mid_stage_then_resumed_on_one_rank(workdir, mlp_config, one_rank_run, two_rank_run):
+    """Rank 1 is SIGKILLed as it starts epoch 2 of stage 1; torchrun stops the job; the run is
+    resumed on another world size (1 process) and ends where the uninterrupted runs end."""
+    run_dir = workdir / "killed"
+    result = torchrun(2, str(WORKER), str(mlp_config), str(run_dir), "--kill-rank", "1", "--kill-epoch", "2",
+                      check=False)
+    assert result.returncode != 0
+    latest = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    assert (latest["stage"], latest["epochs_done"]) == (0, 1)
+    assert len(read_jsonl(run_dir / "metrics.jsonl")) == 1
+    assert not (run_dir / "student.pt").exists()
+    run_in_process(mlp_config, run_dir, resume=True)
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["global_epoch"] for r in records] == [1, 2, 3, 4, 5]
+    assert_same_metrics(records, read_jsonl(one_rank_run / "metrics.jsonl"))
+    assert_same_weights(student_weights(run_dir), student_weights(two_rank_run))
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_torchrun_cli_two_stages_end_to_end(workdir, teacher_file):
+    """The documented command: torchrun -m smskd_fast train, 2 ranks, a BatchNorm student, KD then
+    KD + FitNet (connector) + CRD with the stage-1 reference; rank 0 alone writes the run."""
+    raw = tiny_raw(teacher_file, [
+        {"method": "kd", "epochs": 2},
+        {"methods": [{"name": "kd"}, {"name": "fitnet", "weight": 1.0},
+                     {"name": "crd", "params": {"nce_k": 32, "feat_dim": 16}}], "epochs": 2},
+    ], plots=True)
+    config = workdir / "cli.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run_dir = workdir / "cli_run"
+    result = torchrun(2, "-m", "smskd_fast", "train", "--config", str(config), "--out", str(run_dir))
+    assert result.stdout.count("run directory:") == 1  # only rank 0 reports
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [(r["stage"], r["epoch"]) for r in records] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert records[0]["train_ref"] == 0 and records[2]["train_ref"] > 0 and records[2]["train_method"] > 0
+    for name in ("config.yaml", "teacher_eval.json", "student.pt", "summary.json", "tcp_weights.json",
+                 "accuracy.png", "checkpoints/stage1.pt", "checkpoints/stage2.pt", "checkpoints/latest.pt"):
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.rglob("*.tmp"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 4 and summary["last_test_acc"] == records[-1]["test_acc"]
+    stage2 = torch.load(run_dir / "checkpoints" / "stage2.pt", weights_only=True)
+    assert not any(key.startswith("module.") for key in stage2["student"])  # unwrapped state dicts
+    assert any(key.startswith("1.connectors.") for key in stage2["methods"])
+    histogram = json.loads((run_dir / "tcp_weights.json").read_text())["counts"]
+    assert sum(next(iter(histogram.values()))) == 96  # every training sample of both ranks counted once

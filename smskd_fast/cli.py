@@ -73,7 +73,10 @@ def _train_teacher(args: argparse.Namespace) -> int:
 
     config = _load(args)
     run_dir = _default_out(args, "_teacher")
-    summary = SMSKDTrainer(teacher_config(config), run_dir).run()
+    trainer = SMSKDTrainer(teacher_config(config), run_dir)
+    summary = trainer.run()
+    if not trainer.dist.is_main:
+        return 0
     print(f"teacher test accuracy: last epoch {summary['last_test_acc']:.2f}%, best {summary['best_test_acc']:.2f}%")
     print(f"teacher weights: {run_dir / 'student.pt'}  (use --set teacher.checkpoint={run_dir / 'student.pt'})")
     return 0

@@ -198,3 +198,54 @@ def test_torchrun_cli_two_stages_end_to_end(workdir, teacher_file):
     assert any(key.startswith("1.connectors.") for key in stage2["methods"])
     histogram = json.loads((run_dir / "tcp_weights.json").read_text())["counts"]
     assert sum(next(iter(histogram.values()))) == 96  # every training sample of both ranks counted once
+
+
+def test_fused_loss_under_ddp_with_bf16_autocast(workdir):
+    """smskd_loss on bf16 logits from autocast, student in DDP on 2 ranks: the all-reduced
+    gradient is the same on both ranks and equals the float64 full-batch gradient to bf16
+    accuracy. bf16 rounds the logits (|s| < 8 here) to 2^-9 relative, i.e. up to ~1.6e-2
+    absolute; measured: loss 1.1e-3 relative, gradients 4e-3 absolute (max |grad| 0.79), so
+    the tolerances below (1e-2 relative, 2e-2 absolute) keep a margin of about 5."""
+    from distributed_loss_worker import LOSS_OPTIONS, models_and_batch
+
+    from smskd_fast.functional import smskd_loss
+
+    out_dir = workdir / "bf16"
+    out_dir.mkdir()
+    torchrun(2, str(Path(__file__).resolve().parent / "distributed_loss_worker.py"), str(out_dir))
+    ranks = [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert ranks[0]["dtype"] == "torch.bfloat16"
+    for key in ("weight_grad", "bias_grad"):
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    (student, teacher, reference), inputs, target = models_and_batch()
+    student, teacher, reference, inputs = student.double(), teacher.double(), reference.double(), inputs.double()
+    expected = smskd_loss(student(inputs), target, teacher(inputs), reference(inputs), **LOSS_OPTIONS)
+    expected.loss.backward()
+    mean_loss = (ranks[0]["loss"] + ranks[1]["loss"]).double() / 2  # equal halves of the batch
+    assert mean_loss.item() == pytest.approx(expected.loss.item(), rel=1e-2)
+    torch.testing.assert_close(ranks[0]["weight_grad"].double(), student.weight.grad, rtol=0, atol=2e-2)
+    torch.testing.assert_close(ranks[0]["bias_grad"].double(), student.bias.grad, rtol=0, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (host synchronisation is a GPU notion)")
+def test_fused_loss_does_not_synchronise_the_host_on_cuda():
+    """Forward and backward of smskd_loss (mean reduction, every term) issue no blocking
+    device-to-host copy: torch's sync debug mode turns any into an error."""
+    from smskd_fast.functional import smskd_loss
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    student = torch.randn(64, 100, device="cuda", generator=generator, requires_grad=True)
+    teacher, reference = (torch.randn(64, 100, device="cuda", generator=generator) for _ in range(2))
+    target = torch.randint(0, 100, (64,), device="cuda", generator=generator)
+    target[:3] = -100
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = student.detach().to(dtype).requires_grad_()
+            output = smskd_loss(logits, target, teacher.to(dtype), reference.to(dtype))
+            output.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert torch.isfinite(logits.grad.float()).all()

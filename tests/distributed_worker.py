@@ -1,25 +1,27 @@
 """One rank of the distributed trainer tests, started by torchrun (tests/test_distributed.py).
 
-    torchrun --nproc_per_node=N tests/distributed_worker.py CONFIG.yaml RUN_DIR [--resume] [--kill-rank R --kill-epoch E]
+    torchrun --nproc_per_node=N tests/distributed_worker.py RANKS_DIR [--kill-rank R --kill-epoch E] -- CLI ARGS
 
-Trains like `smskd-fast train`, with two test-only additions: a BatchNorm-free student
-"digits_mlp" (BatchNorm normalises each rank's shard by its own statistics, so only a
-model without it can match a single-process run to rounding), and RUN_DIR/ranks/ holding
-each rank's final student and per-stage method states, so that the test can check the
-ranks agree. --kill-rank R --kill-epoch E makes rank R SIGKILL itself when it starts its
-E-th epoch (1-based, counted in this process): a rank dying mid-stage.
+Runs `smskd-fast CLI ARGS` (e.g. `train --config F --out D`) with two test-only additions:
+a BatchNorm-free student "digits_mlp" (BatchNorm normalises each rank's shard by its own
+statistics, so only a model without it can match a single-process run to rounding), and
+RANKS_DIR holding each rank's final student and per-stage method states, so that the
+test can check that the ranks agree. --kill-rank R --kill-epoch E makes rank R SIGKILL
+itself when it starts its E-th epoch (1-based, counted in this process): a rank dying
+mid-stage.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import signal
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from smskd_fast.config import load_config
+from smskd_fast import cli
 from smskd_fast.models import MODELS
 from smskd_fast.stages import SMSKDTrainer
 
@@ -45,20 +47,18 @@ def register_test_models() -> None:
     MODELS["digits_mlp"] = DigitsMLP
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("config", type=Path)
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("ranks_dir", type=Path)
     parser.add_argument("--kill-rank", type=int)
     parser.add_argument("--kill-epoch", type=int)
-    args = parser.parse_args()
+    separator = sys.argv.index("--")
+    args, cli_args = parser.parse_args(sys.argv[1:separator]), sys.argv[separator + 1:]
     register_test_models()
     rank = int(os.environ.get("RANK", "0"))
-    ranks_dir = args.run_dir / "ranks"
-    ranks_dir.mkdir(parents=True, exist_ok=True)
+    args.ranks_dir.mkdir(parents=True, exist_ok=True)
 
-    train_epoch, check_frozen = SMSKDTrainer._train_epoch, SMSKDTrainer._check_frozen
+    run, train_epoch, check_frozen = SMSKDTrainer.run, SMSKDTrainer._train_epoch, SMSKDTrainer._check_frozen
     epochs_started = [0]
 
     def train_epoch_or_die(self, *inputs):
@@ -68,14 +68,18 @@ def main() -> None:
         return train_epoch(self, *inputs)
 
     def check_frozen_and_dump(self, state, name):
-        torch.save(state.methods.state_dict(), ranks_dir / f"rank{rank}_{name}_methods.pt")
+        torch.save(state.methods.state_dict(), args.ranks_dir / f"rank{rank}_{name}_methods.pt")
         return check_frozen(self, state, name)
 
-    SMSKDTrainer._train_epoch, SMSKDTrainer._check_frozen = train_epoch_or_die, check_frozen_and_dump
-    trainer = SMSKDTrainer(load_config(args.config), args.run_dir)
-    trainer.run(resume=args.resume)
-    torch.save(trainer.student.state_dict(), ranks_dir / f"rank{rank}_student.pt")
+    def run_and_dump(self, *inputs, **options):
+        summary = run(self, *inputs, **options)
+        torch.save(self.student.state_dict(), args.ranks_dir / f"rank{rank}_student.pt")
+        return summary
+
+    SMSKDTrainer.run, SMSKDTrainer._train_epoch = run_and_dump, train_epoch_or_die
+    SMSKDTrainer._check_frozen = check_frozen_and_dump
+    return cli.main(cli_args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -97,8 +97,9 @@ def one_rank_run(workdir, mlp_config) -> Path:
 
 @pytest.fixture(scope="module")
 def two_rank_run(workdir, mlp_config) -> Path:
-    torchrun(2, str(WORKER), str(mlp_config), str(workdir / "two_ranks"))
-    return workdir / "two_ranks"
+    run_dir = workdir / "two_ranks"
+    torchrun(2, str(WORKER), str(run_dir / "ranks"), "--", "train", "--config", str(mlp_config), "--out", str(run_dir))
+    return run_dir
 
 
 def assert_same_metrics(actual, expected) -> None:
@@ -156,8 +157,8 @@ def test_rank_killed_mid_stage_then_resumed_on_one_rank(workdir, mlp_config, one
     """Rank 1 is SIGKILLed as it starts epoch 2 of stage 1; torchrun stops the job; the run is
     resumed on another world size (1 process) and ends where the uninterrupted runs end."""
     run_dir = workdir / "killed"
-    result = torchrun(2, str(WORKER), str(mlp_config), str(run_dir), "--kill-rank", "1", "--kill-epoch", "2",
-                      check=False)
+    result = torchrun(2, str(WORKER), str(run_dir / "ranks"), "--kill-rank", "1", "--kill-epoch", "2", "--",
+                      "train", "--config", str(mlp_config), "--out", str(run_dir), check=False)
     assert result.returncode != 0
     latest = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
     assert (latest["stage"], latest["epochs_done"]) == (0, 1)
@@ -171,9 +172,11 @@ def test_rank_killed_mid_stage_then_resumed_on_one_rank(workdir, mlp_config, one
     assert not list(run_dir.rglob("*.tmp"))
 
 
-def test_torchrun_cli_two_stages_end_to_end(workdir, teacher_file):
-    """The documented command: torchrun -m smskd_fast train, 2 ranks, a BatchNorm student, KD then
-    KD + FitNet (connector) + CRD with the stage-1 reference; rank 0 alone writes the run."""
+def test_two_ranks_two_stages_end_to_end(workdir, teacher_file):
+    """`smskd-fast train` under torchrun, 2 ranks, a BatchNorm student, KD then KD + FitNet
+    (connector) + CRD against the stage-1 reference: rank 0 alone writes the run, and the
+    ranks end every stage with identical students (BatchNorm statistics averaged) and
+    identical method modules (connector, CRD heads and banks)."""
     raw = tiny_raw(teacher_file, [
         {"method": "kd", "epochs": 2},
         {"methods": [{"name": "kd"}, {"name": "fitnet", "weight": 1.0},
@@ -181,8 +184,8 @@ def test_torchrun_cli_two_stages_end_to_end(workdir, teacher_file):
     ], plots=True)
     config = workdir / "cli.yaml"
     config.write_text(yaml.safe_dump(raw))
-    run_dir = workdir / "cli_run"
-    result = torchrun(2, "-m", "smskd_fast", "train", "--config", str(config), "--out", str(run_dir))
+    run_dir, ranks = workdir / "cli_run", workdir / "cli_ranks"
+    result = torchrun(2, str(WORKER), str(ranks), "--", "train", "--config", str(config), "--out", str(run_dir))
     assert result.stdout.count("run directory:") == 1  # only rank 0 reports
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert [(r["stage"], r["epoch"]) for r in records] == [(1, 1), (1, 2), (2, 1), (2, 2)]
@@ -196,6 +199,13 @@ def test_torchrun_cli_two_stages_end_to_end(workdir, teacher_file):
     stage2 = torch.load(run_dir / "checkpoints" / "stage2.pt", weights_only=True)
     assert not any(key.startswith("module.") for key in stage2["student"])  # unwrapped state dicts
     assert any(key.startswith("1.connectors.") for key in stage2["methods"])
+    for name in ("student", "stage1_kd_methods", "stage2_kd+fitnet+crd_methods"):
+        rank0, rank1 = (torch.load(ranks / f"rank{r}_{name}.pt", weights_only=True) for r in (0, 1))
+        assert rank0.keys() == rank1.keys()
+        for key in rank0:
+            assert torch.equal(rank0[key], rank1[key]), (name, key)
+    for key, value in stage2["student"].items():  # what rank 0 saved is what every rank trained
+        assert torch.equal(value, torch.load(ranks / "rank0_student.pt", weights_only=True)[key]), key
     histogram = json.loads((run_dir / "tcp_weights.json").read_text())["counts"]
     assert sum(next(iter(histogram.values()))) == 96  # every training sample of both ranks counted once
 

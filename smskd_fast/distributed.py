@@ -25,6 +25,7 @@ so single-process runs are unchanged bit for bit.
 from __future__ import annotations
 
 import atexit
+import gc
 import inspect
 import os
 from dataclasses import dataclass
@@ -286,5 +287,8 @@ class DistributedContext:
 
 
 def _destroy_process_group() -> None:
+    """At exit, while the interpreter is whole: free unreachable DDP wrappers (their reducers
+    hold the group), then the group itself, so no gloo/NCCL thread outlives Python."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

@@ -15,7 +15,8 @@ import pytest
 import torch
 import yaml
 
-from smskd_fast.distributed import all_gather_rows, global_mean, shard_bounds, shard_sizes
+from smskd_fast.data import load_splits
+from smskd_fast.distributed import ShardedBatches, all_gather_rows, global_mean, shard_bounds, shard_sizes
 from smskd_fast.models import MODELS
 from smskd_fast.runio import read_jsonl
 from smskd_fast.stages import SMSKDTrainer
@@ -126,6 +127,29 @@ def test_shard_bounds_cover_the_batch_in_order():
             assert all(stop == next_start for (_, stop), (next_start, _) in zip(bounds, bounds[1:]))
             sizes = [stop - start for start, stop in bounds]
             assert max(sizes) - min(sizes) <= 1
+
+
+def test_rank_shards_join_into_the_single_process_batches():
+    """Each rank's shard of every step, put back together in rank order, is the single-process
+    batch (same samples, same crops and flips); a last global batch smaller than the number of
+    ranks is skipped (9 samples in batches of 4 on 2 ranks: 4, 4, then 1 skipped)."""
+    data = load_splits("digits").train.subset(9)
+
+    def epoch(shard: int, shards: int):
+        generator = torch.Generator().manual_seed(7)
+        batches = ShardedBatches(data, 4, generator, "crop_flip", 1, shard, shards)
+        return [(images, labels, indices, batches.loss_scale(len(labels))) for images, labels, indices in batches]
+
+    single, ranks = epoch(0, 1), [epoch(shard, 2) for shard in range(2)]
+    assert [len(step[1]) for step in single] == [4, 4, 1]
+    assert len(ranks[0]) == len(ranks[1]) == 2
+    for step, whole in enumerate(single[:2]):
+        for part in range(3):
+            assert torch.equal(torch.cat([ranks[0][step][part], ranks[1][step][part]]), whole[part])
+        assert ranks[0][step][3] == ranks[1][step][3] == whole[3] == 1.0
+    odd = ShardedBatches(data, 9, torch.Generator().manual_seed(7), "none", 1, 0, 2)
+    assert [len(labels) for _, labels, _ in odd] == [5]
+    assert odd.loss_scale(5) == pytest.approx(10 / 9)  # 5 of 9 rows: DDP's average of 2 ranks weights it 5/9
 
 
 def test_collectives_are_the_identity_in_one_process():

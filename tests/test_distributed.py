@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -177,9 +178,11 @@ def test_two_ranks_match_one_rank(one_rank_run, two_rank_run):
         assert (two_rank_banks[key] - one_rank_banks[key]).abs().max() <= WEIGHT_ATOL, key
 
 
-def test_rank_killed_mid_stage_then_resumed_on_one_rank(workdir, mlp_config, one_rank_run, two_rank_run):
-    """Rank 1 is SIGKILLed as it starts epoch 2 of stage 1; torchrun stops the job; the run is
-    resumed on another world size (1 process) and ends where the uninterrupted runs end."""
+def test_rank_killed_mid_stage_then_resumed_on_one_or_two_ranks(workdir, mlp_config, one_rank_run, two_rank_run):
+    """Rank 1 is SIGKILLed as it starts epoch 2 of stage 1; torchrun stops the job. Resumed on
+    another world size (1 process) the run ends where the uninterrupted runs end (within the
+    rounding tolerance); resumed on 2 ranks again it ends bit for bit where the uninterrupted
+    2-rank run ends."""
     run_dir = workdir / "killed"
     result = torchrun(2, str(WORKER), str(run_dir / "ranks"), "--kill-rank", "1", "--kill-epoch", "2", "--",
                       "train", "--config", str(mlp_config), "--out", str(run_dir), check=False)
@@ -188,12 +191,24 @@ def test_rank_killed_mid_stage_then_resumed_on_one_rank(workdir, mlp_config, one
     assert (latest["stage"], latest["epochs_done"]) == (0, 1)
     assert len(read_jsonl(run_dir / "metrics.jsonl")) == 1
     assert not (run_dir / "student.pt").exists()
+    again_on_two = workdir / "killed_resumed_on_two"
+    shutil.copytree(run_dir, again_on_two)
+
     run_in_process(mlp_config, run_dir, resume=True)
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["global_epoch"] for r in records] == [1, 2, 3, 4, 5]
     assert_same_metrics(records, read_jsonl(one_rank_run / "metrics.jsonl"))
     assert_same_weights(student_weights(run_dir), student_weights(two_rank_run))
     assert not list(run_dir.rglob("*.tmp"))
+
+    torchrun(2, str(WORKER), str(again_on_two / "ranks"), "--", "train", "--resume", str(again_on_two))
+    expected = student_weights(two_rank_run)
+    for key, value in student_weights(again_on_two).items():
+        assert torch.equal(value, expected[key]), key
+    def without_timing(path: Path):
+        return [{key: value for key, value in record.items() if key != "seconds"} for record in read_jsonl(path)]
+
+    assert without_timing(again_on_two / "metrics.jsonl") == without_timing(two_rank_run / "metrics.jsonl")
 
 
 def test_two_ranks_two_stages_end_to_end(workdir, teacher_file):

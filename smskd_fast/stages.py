@@ -11,6 +11,9 @@ draws its batch order and augmentation from a generator seeded the same way, the
 learning rate is a function of the epoch, and latest.pt (written atomically after
 every epoch) holds the student, the method modules and the optimizer. A run resumed
 from any epoch boundary therefore ends with the same weights as one never stopped.
+
+Under torchrun each process trains on its shard of every global batch with DDP; the
+hooks (self.dist) are in distributed.py, and only rank 0 writes the run directory.
 """
 from __future__ import annotations
 

@@ -16,6 +16,8 @@ from ._extension import extension_loaded
 OP_NAME = "smskd_fast::smskd_loss_rows"
 TOPK_OP_NAME = "smskd_fast::smskd_loss_rows_topk"  # the teacher in top-k form (smskd_fast/topk.py)
 TOPK_OP_ARGS = 15
+# The same loss writing the gradient over the student logits (GPU backends).
+INPLACE_OP_NAME = "smskd_fast::smskd_loss_rows_inplace_"
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,6 +41,15 @@ def _fake_smskd_loss_rows_topk(
 ):
     return _fake_smskd_loss_rows(student, target, None, reference, temperature, ce_weight, kd_weight, ref_weight,
                                  weighting, ignore_index, compute_grad)
+
+
+def _fake_smskd_loss_rows_inplace_(
+    student, target, teacher, reference, temperature, ce_weight, kd_weight,
+    ref_weight, weighting, ignore_index,
+):
+    n = student.shape[0]
+    acc = _accumulation_dtype(student.dtype)
+    return tuple(student.new_empty((n,), dtype=acc) for _ in range(6))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -88,6 +99,7 @@ def _student_gradient(ctx, grad_loss, num_inputs: int):
 def register() -> None:
     """Adds fake and autograd implementations to the compiled operator."""
     torch.library.register_fake(OP_NAME)(_fake_smskd_loss_rows)
+    torch.library.register_fake(INPLACE_OP_NAME)(_fake_smskd_loss_rows_inplace_)
     torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
     torch.library.register_fake(TOPK_OP_NAME)(_fake_smskd_loss_rows_topk)
     torch.library.register_autograd(TOPK_OP_NAME, _backward_topk, setup_context=_setup_context)

@@ -16,6 +16,9 @@ augmentation is a function of (seed, epoch, sample index) alone; the
 learning rate is a function of the epoch, and latest.pt (written atomically after
 every epoch) holds the student, the method modules and the optimizer. A run resumed
 from any epoch boundary therefore ends with the same weights as one never stopped.
+
+Under torchrun each process trains on its shard of every global batch with DDP; the
+hooks (self.dist) are in distributed.py, and only rank 0 writes the run directory.
 """
 from __future__ import annotations
 
@@ -33,8 +36,9 @@ from torch import nn
 
 from .config import RunConfig, StageConfig, config_to_dict
 from .data import DataSplits, ImageSet, iterate_batches, load_splits
-from .frozen_logits import (CachedLogits, open_or_build, reference_cache_dir, reference_cache_spec,
-                            teacher_cache_spec, training_view)
+from .distributed import DistributedContext
+from .cache import CacheSpec, LogitCache
+from .frozen_logits import CachedLogits, open_or_build, reference_cache_dir, reference_cache_spec, teacher_cache_spec
 from .functional import SMSKDLossOutput, smskd_loss
 from .methods import FeatureTaps, MethodInputs, build_method
 from .models import build_model
@@ -123,6 +127,7 @@ class _StageState:
     teacher_taps: Optional[FeatureTaps]
     reference: Optional[nn.Module]
     reference_fingerprint: Optional[str]
+    student_forward: nn.Module  # the student, or DDP over the student and methods (distributed.py)
     teacher_cache: Optional[CachedLogits] = None    # set: read the teacher's logits instead of running it
     reference_cache: Optional[CachedLogits] = None  # set: read the reference's logits instead of running it
 
@@ -141,7 +146,9 @@ class SMSKDTrainer:
 
     def __init__(self, config: RunConfig, run_dir: Path, log: Callable[[str], None] = print):
         self.config, self.run_dir, self.log = config, Path(run_dir), log
-        self.device = torch.device(config.device)
+        self.dist, self.device = DistributedContext.from_environment(torch.device(config.device))
+        if not self.dist.is_main:  # one log, from rank 0
+            self.log = lambda message: None
         self.stage_names = config.stage_names()
         splits = load_splits(config.data.name, config.data.root, config.data.image_size)
         self.data = DataSplits(train=splits.train.subset(config.data.train_subset),
@@ -218,6 +225,7 @@ class SMSKDTrainer:
         parameters = list(self.student.parameters()) + list(methods.parameters())
         return _StageState(methods, self._optimizer(stage, parameters), student_taps, teacher_taps, reference,
                            None if reference is None else model_fingerprint(reference),
+                           self.dist.wrap(self.student, methods, self.device),
                            self._stage_teacher_cache(index, methods), self._stage_reference_cache(index, reference))
 
     # ----- logit caches (frozen_logits.py) ----------------------------------------------------
@@ -227,10 +235,16 @@ class SMSKDTrainer:
         if store is None or self.teacher is None:
             return
         spec = teacher_cache_spec(self.config, self.teacher, self.data.train)
-        self._teacher_cache, written = open_or_build(Path(store.dir), spec, self.teacher, self.data.train,
-                                                     self.config, store.batch_size, self.device)
+        self._teacher_cache, written = self._open_or_build(Path(store.dir), spec, self.teacher, store.batch_size)
         if written:
             self.log(f"teacher logit cache {store.dir}: wrote {written} shards")
+
+    def _open_or_build(self, path: Path, spec: CacheSpec, model: nn.Module, batch_size: int):
+        """open_or_build on rank 0 (the only writer); the other ranks open the cache once it is built."""
+        cache, written = (open_or_build(path, spec, model, self.data.train, self.config, batch_size, self.device)
+                          if self.dist.is_main else (None, 0))
+        self.dist.barrier()
+        return (cache if cache is not None else LogitCache.open(path, spec)), written
 
     def _stage_teacher_cache(self, index: int, methods: nn.ModuleList) -> Optional[CachedLogits]:
         """The teacher cache for this stage, or None where the teacher must run: its features are
@@ -250,8 +264,7 @@ class SMSKDTrainer:
             return None
         spec = reference_cache_spec(self.config, index, reference, self.data.train)
         path = reference_cache_dir(self.config, self.run_dir, index)
-        cache, written = open_or_build(path, spec, reference, self.data.train, self.config, store.batch_size,
-                                       self.device)
+        cache, written = self._open_or_build(path, spec, reference, store.batch_size)
         if written:
             self.log(f"{self.stage_names[index]}: reference logit cache {path}: wrote {written} shards")
         return CachedLogits(cache, self.config.stages[index].temperature, self.device)
@@ -287,6 +300,8 @@ class SMSKDTrainer:
 
     def _save_latest(self, stage_index: int, epochs_done: int, global_epoch: int, state: _StageState,
                      histograms: Dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         save_atomic({
             "stage": stage_index, "epochs_done": epochs_done, "global_epoch": global_epoch,
             "student": self.student.state_dict(), "methods": state.methods.state_dict(),
@@ -309,13 +324,16 @@ class SMSKDTrainer:
         correct = count = 0
         train = self.data.train
         steps = math.ceil(len(train) / config.data.batch_size)
-        progress = Progress(steps, f"{self.stage_names[index]} epoch {epoch + 1}/{stage.epochs}", config.progress)
-        for images, labels, indices in iterate_batches(train, config.data.batch_size, shuffle=True, generator=generator):
-            images = training_view(train, images, indices, config, epoch).to(self.device)
+        progress = Progress(steps, f"{self.stage_names[index]} epoch {epoch + 1}/{stage.epochs}",
+                            config.progress and self.dist.is_main)
+        batches = self.dist.batches(train, config.data.batch_size, generator, config.data.augment,  # this rank's
+                                    config.data.crop_padding, config.seed, epoch)  # shard of each global batch
+        for images, labels, indices in batches:
+            images = train.normalize(images).to(self.device)
             labels = labels.to(self.device)
             with torch.no_grad():
                 teacher_logits, teacher_topk, reference_logits = self._frozen_logits(state, epoch, images, indices)
-            student_logits = self.student(images)
+            student_logits = state.student_forward(images)
             inputs = MethodInputs(student_logits, teacher_logits, labels, indices, state.student_taps.take(),
                                   state.teacher_taps.take() if state.teacher_taps else {})
             fused = stage_loss(student_logits, labels, teacher_logits, reference_logits, stage,
@@ -326,7 +344,7 @@ class SMSKDTrainer:
                 raise FloatingPointError(f"{self.stage_names[index]} epoch {epoch + 1}: the loss is {float(loss)}; "
                                          "lower the learning rate or the method weight")
             state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * batches.loss_scale(int(labels.shape[0]))).backward()
             state.optimizer.step()
             size = int(labels.shape[0])
             for key, value in (("loss", loss), ("ce", fused.ce), ("kd", fused.kd), ("ref", fused.ref),
@@ -338,6 +356,9 @@ class SMSKDTrainer:
             count += size
             progress.step(f"loss {float(loss.detach()):.4f}")
         progress.close()
+        sums, correct, count = self.dist.reduce_totals(sums, correct, count)
+        self.dist.all_reduce_(histogram)
+        self.dist.average_batchnorm_statistics(self.student, state.methods)
         record = {f"train_{key}": value / max(count, 1) for key, value in sums.items()}
         record["train_acc"] = 100.0 * correct / max(count, 1)
         record["lr"] = lr
@@ -366,21 +387,27 @@ class SMSKDTrainer:
             self.student.load_state_dict(resumed["student"])
             start_stage, start_epoch = resumed["stage"], resumed["epochs_done"]
             global_epoch, histograms = resumed["global_epoch"], resumed["histograms"]
-            write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["global_epoch"] <= global_epoch])
+            if self.dist.is_main:
+                write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["global_epoch"] <= global_epoch])
             if start_epoch == self.config.stages[start_stage].epochs:
-                if not self._stage_path(start_stage).is_file():  # stopped between the two writes
+                if self.dist.is_main and not self._stage_path(start_stage).is_file():  # stopped between the two writes
                     save_atomic({"student": resumed["student"], "methods": resumed["methods"],
                                  "stage": start_stage}, self._stage_path(start_stage))
                 start_stage, start_epoch, resumed = start_stage + 1, 0, None
         else:
             if metrics_path.exists() or latest_path.exists():
                 raise FileExistsError(f"{self.run_dir} already holds a run; use --resume or another --out")
-            with open(self.run_dir / "config.yaml", "w") as handle:
-                yaml.safe_dump(config_to_dict(self.config), handle, sort_keys=False)
+            self.dist.barrier()  # every rank has checked before rank 0 writes
+            if self.dist.is_main:
+                with open(self.run_dir / "config.yaml", "w") as handle:
+                    yaml.safe_dump(config_to_dict(self.config), handle, sort_keys=False)
+        self.dist.barrier()  # rank 0's resume repairs (metrics, stage file) are on disk
         if self.teacher is not None and global_epoch == 0:
-            teacher_eval = evaluate(self.teacher, self.data.test, self.config.data.eval_batch_size, self.device)
+            teacher_eval = self.dist.evaluate(evaluate, self.teacher, self.data.test, self.config.data.eval_batch_size,
+                                              self.device)
             self.log(f"teacher {self.config.teacher.name}: test accuracy {teacher_eval['acc']:.2f}%")
-            (self.run_dir / "teacher_eval.json").write_text(json.dumps(teacher_eval))
+            if self.dist.is_main:
+                (self.run_dir / "teacher_eval.json").write_text(json.dumps(teacher_eval))
         self._open_teacher_cache()
         epochs_run = 0
         for index in range(start_stage, len(self.config.stages)):
@@ -398,23 +425,30 @@ class SMSKDTrainer:
                 started = time.monotonic()
                 histogram.zero_()
                 record = self._train_epoch(index, epoch, state, histogram)
-                test = evaluate(self.student, self.data.test, self.config.data.eval_batch_size, self.device)
+                test = self.dist.evaluate(evaluate, self.student, self.data.test, self.config.data.eval_batch_size,
+                                          self.device)
                 global_epoch += 1
                 epochs_run += 1
                 record = {"stage": index + 1, "stage_name": name, "epoch": epoch + 1, "global_epoch": global_epoch,
                           **record, "test_loss": test["loss"], "test_acc": test["acc"],
                           "seconds": time.monotonic() - started}
-                append_jsonl(metrics_path, record)
+                if self.dist.is_main:
+                    append_jsonl(metrics_path, record)
                 if epoch == stage.epochs - 1 and state.reference is not None:
                     histograms[name] = histogram.tolist()  # w_i of the last epoch, where a reference used it
                 self._save_latest(index, epoch + 1, global_epoch, state, histograms)
+                self.dist.barrier()  # no rank runs ahead of rank 0's checkpoint
                 self.log(f"[{name}] epoch {epoch + 1}/{stage.epochs} loss {record['train_loss']:.4f} "
                          f"train {record['train_acc']:.2f}% test {record['test_acc']:.2f}%")
             self._check_frozen(state, name)
-            save_atomic({"student": self.student.state_dict(), "methods": state.methods.state_dict(),
-                         "stage": index}, self._stage_path(index))
+            if self.dist.is_main:
+                save_atomic({"student": self.student.state_dict(), "methods": state.methods.state_dict(),
+                             "stage": index}, self._stage_path(index))
+            self.dist.barrier()  # the next stage's reference is read from this file on every rank
             state.close()
-        return self._finish(histograms)
+        summary = self._finish(histograms) if self.dist.is_main else None
+        self.dist.barrier()
+        return summary if summary is not None else summarize(read_jsonl(metrics_path))
 
     def _check_frozen(self, state: _StageState, name: str) -> None:
         if state.reference is not None and model_fingerprint(state.reference) != state.reference_fingerprint:

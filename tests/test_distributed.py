@@ -298,3 +298,28 @@ def test_fused_loss_does_not_synchronise_the_host_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     assert torch.isfinite(logits.grad.float()).all()
+
+
+def test_two_ranks_with_logit_caches_train_like_two_ranks_without(workdir, teacher_file):
+    """Rank 0 alone builds the teacher cache and each stage's reference cache (the other rank
+    waits, then reads them); fp32 caches hold exactly the logits the models would compute, so
+    the 2-rank run with caches ends with the weights of the 2-rank run without."""
+    stages = [{"method": "kd", "epochs": 1}, {"method": "kd", "epochs": 2}]
+    runs = {}
+    for name, cache in (("plain", None), ("cached", {"teacher": {"dir": str(workdir / "ddp_teacher_cache"),
+                                                                 "dtype": "float32", "shard_rows": 40},
+                                                     "reference": {"dtype": "float32", "shard_rows": 40}})):
+        raw = tiny_raw(teacher_file, stages)
+        if cache:
+            raw["cache"] = cache
+        config = workdir / f"ddp_{name}.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        run_dir = workdir / f"ddp_{name}_run"
+        torchrun(2, str(WORKER), str(workdir / f"ddp_{name}_ranks"), "--", "train", "--config", str(config),
+                 "--out", str(run_dir))
+        runs[name] = run_dir
+    assert len(list((workdir / "ddp_teacher_cache").glob("shard-*.npy"))) == 2 * 3
+    assert len(list((runs["cached"] / "reference_cache" / "stage2").glob("shard-*.npy"))) == 2 * 3
+    plain, cached = student_weights(runs["plain"]), student_weights(runs["cached"])
+    for key in plain:
+        assert torch.equal(plain[key], cached[key]), key

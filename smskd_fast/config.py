@@ -20,12 +20,13 @@ import yaml
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "OptimizerConfig", "ScheduleConfig", "MethodConfig",
     "StageConfig", "RunConfig", "load_config", "parse_config", "apply_overrides", "config_to_dict",
-    "WEIGHTINGS",
+    "WEIGHTINGS", "NONFINITE_POLICIES",
 ]
 
 WEIGHTINGS = ("inverse_tcp", "tcp", "constant")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("multistep", "cosine", "constant")
+NONFINITE_POLICIES = ("stop", "skip")  # what a stage does with a batch whose loss is NaN or inf
 
 
 class ConfigError(ValueError):
@@ -88,6 +89,7 @@ class StageConfig:
     temperature: float = 4.0
     weighting: str = "inverse_tcp"
     reference: bool = True
+    nonfinite: str = "stop"
 
 
 @dataclass
@@ -198,6 +200,8 @@ def _validate(config: RunConfig) -> None:
         _check(stage.epochs >= 1, f"{path}.epochs", f"must be >= 1, got {stage.epochs}")
         _check(len(stage.methods) >= 1, f"{path}.methods", "needs at least one method (use 'none' for CE only)")
         _check(stage.weighting in WEIGHTINGS, f"{path}.weighting", f"must be one of {list(WEIGHTINGS)}, got {stage.weighting!r}")
+        _check(stage.nonfinite in NONFINITE_POLICIES, f"{path}.nonfinite",
+               f"must be one of {list(NONFINITE_POLICIES)}, got {stage.nonfinite!r}")
         _check(stage.temperature > 0, f"{path}.temperature", f"must be > 0, got {stage.temperature}")
         for name in ("ce_weight", "ref_weight"):
             _check(getattr(stage, name) >= 0, f"{path}.{name}", f"must be >= 0, got {getattr(stage, name)}")
@@ -240,7 +244,10 @@ def parse_config(raw: Dict[str, Any]) -> RunConfig:
 
 
 def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text.strip() else ""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set value {text!r} is not valid YAML: {' '.join(str(error).split())}") from None
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
@@ -275,8 +282,11 @@ def load_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> RunCon
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
-    with open(path) as handle:
-        raw = yaml.safe_load(handle) or {}
+    try:
+        with open(path) as handle:
+            raw = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
     return parse_config(apply_overrides(raw, overrides))
 
 

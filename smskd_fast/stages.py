@@ -31,6 +31,7 @@ from .data import DataSplits, ImageSet, augment, iterate_batches, load_splits
 from .functional import SMSKDLossOutput, smskd_loss
 from .methods import FeatureTaps, MethodInputs, build_method
 from .models import build_model
+from .nonfinite import BufferSnapshot, NonFiniteLossError, describe_samples
 from .runio import (Progress, append_jsonl, load_model_file, read_jsonl, save_atomic, save_model_file,
                     write_jsonl)
 
@@ -244,11 +245,13 @@ class SMSKDTrainer:
         self.student.train()
         state.methods.train()
         sums = dict(loss=0.0, ce=0.0, kd=0.0, ref=0.0, method=0.0, weight=0.0)
-        correct = count = 0
+        correct = count = skipped = 0
         train = self.data.train
         steps = math.ceil(len(train) / config.data.batch_size)
         progress = Progress(steps, f"{self.stage_names[index]} epoch {epoch + 1}/{stage.epochs}", config.progress)
-        for images, labels, indices in iterate_batches(train, config.data.batch_size, shuffle=True, generator=generator):
+        batches = iterate_batches(train, config.data.batch_size, shuffle=True, generator=generator)
+        for step, (images, labels, indices) in enumerate(batches, start=1):
+            snapshot = BufferSnapshot([self.student, state.methods]) if stage.nonfinite == "skip" else None
             images = train.normalize(augment(images, config.data.augment, generator, config.data.crop_padding))
             images = images.to(self.device)
             labels = labels.to(self.device)
@@ -263,8 +266,21 @@ class SMSKDTrainer:
             method_loss = sum((method.loss(inputs) for method in state.methods), student_logits.new_zeros(()))
             loss = fused.loss + method_loss
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{self.stage_names[index]} epoch {epoch + 1}: the loss is {float(loss)}; "
-                                         "lower the learning rate or the method weight")
+                where = (f"{self.stage_names[index]} (stage {index + 1} of {len(config.stages)}), epoch "
+                         f"{epoch + 1}/{stage.epochs}, step {step}/{steps}: the loss is {float(loss.detach())} "
+                         f"(ce {float(fused.ce)}, kd {float(fused.kd)}, ref {float(fused.ref)}, "
+                         f"method {float(method_loss.detach())}) on the batch of training samples "
+                         f"{describe_samples(indices)}")
+                if snapshot is None:
+                    raise NonFiniteLossError(
+                        f"{where}. Lower the learning rate or the method weights, check those samples, or skip such "
+                        f"steps with `nonfinite: skip` (resume with `smskd-fast train --resume {self.run_dir} "
+                        f"--set stages.{index}.nonfinite=skip`)")
+                snapshot.restore()  # the forward pass updated BatchNorm statistics and method buffers
+                skipped += 1
+                self.log(f"skipped: {where}")
+                progress.step("skipped")
+                continue
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             state.optimizer.step()
@@ -278,7 +294,12 @@ class SMSKDTrainer:
             count += size
             progress.step(f"loss {float(loss.detach()):.4f}")
         progress.close()
+        if skipped == steps:
+            raise NonFiniteLossError(f"{self.stage_names[index]}, epoch {epoch + 1}: the loss was non-finite on every "
+                                     f"one of the {steps} steps (all skipped): the model has diverged; lower the "
+                                     "learning rate or the method weights and start again")
         record = {f"train_{key}": value / max(count, 1) for key, value in sums.items()}
+        record["train_skipped_steps"] = skipped
         record["train_acc"] = 100.0 * correct / max(count, 1)
         record["lr"] = lr
         return record
@@ -386,7 +407,9 @@ def summarize(records: List[Dict[str, Any]]) -> Dict[str, Any]:
     for name in dict.fromkeys(r["stage_name"] for r in records):
         rows = [r for r in records if r["stage_name"] == name]
         stages.append({"name": name, "last_test_acc": rows[-1]["test_acc"],
-                       "best_test_acc": max(r["test_acc"] for r in rows)})
+                       "best_test_acc": max(r["test_acc"] for r in rows),
+                       "skipped_steps": sum(r.get("train_skipped_steps", 0) for r in rows)})
     return {"last_test_acc": records[-1]["test_acc"], "best_test_acc": best["test_acc"],
             "best_global_epoch": best["global_epoch"], "epochs": len(records), "stages": stages,
+            "skipped_steps": sum(stage["skipped_steps"] for stage in stages),
             "table_shows": "last_test_acc"}

@@ -183,6 +183,16 @@ def _check(condition: bool, path: str, message: str) -> None:
         raise ConfigError(f"{path}: {message}")
 
 
+def _is_device(name: str) -> bool:
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
 def _validate(config: RunConfig) -> None:
     from .data import DATASETS
     from .methods import METHODS
@@ -193,6 +203,8 @@ def _validate(config: RunConfig) -> None:
     _check(config.data.augment in ("none", "crop", "crop_flip"), "data.augment",
            f"must be 'none', 'crop' or 'crop_flip', got {config.data.augment!r}")
     _check(config.data.crop_padding >= 0, "data.crop_padding", f"must be >= 0, got {config.data.crop_padding}")
+    _check(_is_device(config.device), "device",
+           f"expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got {config.device!r}")
     _check(config.threads is None or config.threads >= 1, "threads", f"must be >= 1, got {config.threads}")
     _check(len(config.stages) >= 1, "stages", "needs at least one stage")
     for index, stage in enumerate(config.stages):
@@ -281,7 +293,7 @@ def load_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> RunCon
     """Reads, overrides and validates a YAML config file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
+        raise ConfigError(f"config file {path} not found; give the path of a YAML run config (examples: configs/)")
     try:
         with open(path) as handle:
             raw = yaml.safe_load(handle) or {}

@@ -32,8 +32,8 @@ from .functional import SMSKDLossOutput, smskd_loss
 from .methods import FeatureTaps, MethodInputs, build_method
 from .models import build_model
 from .nonfinite import BufferSnapshot, NonFiniteLossError, describe_samples
-from .runio import (Progress, append_jsonl, load_model_file, read_jsonl, save_atomic, save_model_file,
-                    write_jsonl)
+from .runio import (Progress, append_jsonl, load_model_file, load_weights, read_jsonl, save_atomic,
+                    save_model_file, write_jsonl, write_text_atomic)
 
 __all__ = ["SMSKDTrainer", "stage_loss", "learning_rate", "derive_seed", "evaluate", "freeze",
            "model_fingerprint", "HISTOGRAM_BINS"]
@@ -105,6 +105,19 @@ def evaluate(model: nn.Module, dataset: ImageSet, batch_size: int, device: torch
     return {"loss": total_loss / max(count, 1), "acc": 100.0 * correct / max(count, 1)}
 
 
+def _check_device_and_backend(device: torch.device, backend: str) -> None:
+    """Fails before any work when the device or the loss backend cannot run here."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use --device cpu")
+    if backend != "auto":
+        from .backends.registry import get_backend
+
+        try:
+            get_backend(backend, device)
+        except (RuntimeError, ValueError) as error:
+            raise ValueError(f"backend: {error}; set backend: auto to let smskd-fast choose") from None
+
+
 @dataclass
 class _StageState:
     """What one stage trains: its methods, optimizer, feature taps and reference."""
@@ -132,6 +145,7 @@ class SMSKDTrainer:
     def __init__(self, config: RunConfig, run_dir: Path, log: Callable[[str], None] = print):
         self.config, self.run_dir, self.log = config, Path(run_dir), log
         self.device = torch.device(config.device)
+        _check_device_and_backend(self.device, config.backend)
         self.stage_names = config.stage_names()
         splits = load_splits(config.data.name, config.data.root, config.data.image_size)
         self.data = DataSplits(train=splits.train.subset(config.data.train_subset),
@@ -143,7 +157,8 @@ class SMSKDTrainer:
         torch.manual_seed(derive_seed(config.seed, "student"))
         self.student = self._build(config.student.name)
         if config.student.checkpoint:
-            self.student.load_state_dict(load_model_file(Path(config.student.checkpoint), config.student.name)["state_dict"])
+            entry = load_model_file(Path(config.student.checkpoint), config.student.name)
+            load_weights(self.student, entry["state_dict"], f"student.checkpoint {config.student.checkpoint}")
         for index in range(len(config.stages)):  # bad method parameters or layer names fail now, not stages later
             for method in self._methods(index):
                 FeatureTaps(self.student, method.student_layers, "student").remove()
@@ -164,8 +179,11 @@ class SMSKDTrainer:
         entry = load_model_file(Path(spec.checkpoint), spec.name)
         if entry["num_classes"] != self.num_classes:
             raise ValueError(f"teacher {spec.checkpoint} has {entry['num_classes']} classes, the data {self.num_classes}")
+        if entry.get("in_channels", self.in_channels) != self.in_channels:
+            raise ValueError(f"teacher {spec.checkpoint} takes {entry['in_channels']}-channel images, the data has "
+                             f"{self.in_channels}; give a teacher trained on this data set")
         teacher = build_model(spec.name, self.num_classes, self.in_channels)
-        teacher.load_state_dict(entry["state_dict"])
+        load_weights(teacher, entry["state_dict"], f"teacher.checkpoint {spec.checkpoint}")
         return freeze(teacher.to(self.device))
 
     def _probe_inputs(self, student_taps: FeatureTaps, teacher_taps: Optional[FeatureTaps]) -> MethodInputs:
@@ -320,11 +338,16 @@ class SMSKDTrainer:
         metrics_path = self.run_dir / "metrics.jsonl"
         start_stage, start_epoch, global_epoch, histograms, resumed = 0, 0, 0, {}, None
         latest_path = self.run_dir / "checkpoints" / "latest.pt"
+        if resume and not latest_path.is_file() and (self.run_dir / "config.yaml").is_file():
+            self.log(f"{latest_path} is not written yet (stopped in the first epoch): starting the run again")
+            metrics_path.unlink(missing_ok=True)
+            resume = False
         if resume:
             if not latest_path.is_file():
-                raise FileNotFoundError(f"cannot resume: {latest_path} not found")
-            resumed = torch.load(latest_path, map_location=self.device, weights_only=True)
-            self.student.load_state_dict(resumed["student"])
+                raise FileNotFoundError(f"cannot resume: {latest_path} not found; {self.run_dir} holds no started "
+                                        "run (start one with `smskd-fast train --config FILE --out RUN_DIR`)")
+            resumed = self._load_latest(latest_path)
+            load_weights(self.student, resumed["student"], f"{latest_path} (resume with the run's own config)")
             start_stage, start_epoch = resumed["stage"], resumed["epochs_done"]
             global_epoch, histograms = resumed["global_epoch"], resumed["histograms"]
             write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["global_epoch"] <= global_epoch])
@@ -336,19 +359,18 @@ class SMSKDTrainer:
         else:
             if metrics_path.exists() or latest_path.exists():
                 raise FileExistsError(f"{self.run_dir} already holds a run; use --resume or another --out")
-            with open(self.run_dir / "config.yaml", "w") as handle:
-                yaml.safe_dump(config_to_dict(self.config), handle, sort_keys=False)
+            write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
         if self.teacher is not None and global_epoch == 0:
             teacher_eval = evaluate(self.teacher, self.data.test, self.config.data.eval_batch_size, self.device)
             self.log(f"teacher {self.config.teacher.name}: test accuracy {teacher_eval['acc']:.2f}%")
-            (self.run_dir / "teacher_eval.json").write_text(json.dumps(teacher_eval))
+            write_text_atomic(self.run_dir / "teacher_eval.json", json.dumps(teacher_eval))
         epochs_run = 0
         for index in range(start_stage, len(self.config.stages)):
             stage, name = self.config.stages[index], self.stage_names[index]
             state = self._start_stage(index)
             histogram = torch.zeros(HISTOGRAM_BINS)
             if resumed is not None and index == start_stage:
-                state.methods.load_state_dict(resumed["methods"])
+                load_weights(state.methods, resumed["methods"], f"{latest_path} (resume with the run's own config)")
                 state.optimizer.load_state_dict(resumed["optimizer"])
             first_epoch = start_epoch if index == start_stage else 0
             for epoch in range(first_epoch, stage.epochs):
@@ -376,6 +398,13 @@ class SMSKDTrainer:
             state.close()
         return self._finish(histograms)
 
+    def _load_latest(self, latest_path: Path) -> Dict[str, Any]:
+        try:
+            return torch.load(latest_path, map_location=self.device, weights_only=True)
+        except Exception as error:  # checkpoints are written atomically: only outside damage gets here
+            raise ValueError(f"cannot resume: {latest_path} is unreadable ({type(error).__name__}); the stage "
+                             f"checkpoints beside it may still be read, or start again with another --out") from None
+
     def _check_frozen(self, state: _StageState, name: str) -> None:
         if state.reference is not None and model_fingerprint(state.reference) != state.reference_fingerprint:
             raise RuntimeError(f"{name}: the frozen reference model changed during the stage")
@@ -386,13 +415,13 @@ class SMSKDTrainer:
         save_model_file(self.student, self.config.student.name, self.num_classes, self.in_channels,
                         self.run_dir / "student.pt")
         records = read_jsonl(self.run_dir / "metrics.jsonl")
-        (self.run_dir / "tcp_weights.json").write_text(json.dumps(
+        write_text_atomic(self.run_dir / "tcp_weights.json", json.dumps(
             {"bins": [i / HISTOGRAM_BINS for i in range(HISTOGRAM_BINS + 1)], "counts": histograms}))
         summary = summarize(records)
         teacher_eval = self.run_dir / "teacher_eval.json"
         if teacher_eval.is_file():
             summary["teacher_test_acc"] = json.loads(teacher_eval.read_text())["acc"]
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         if self.config.plots:
             from .plots import plot_run
 

@@ -63,14 +63,14 @@ def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except Exception as error:
-        cause = error if isinstance(error, OSError) else getattr(recorder, "error", None)
-        if cause is None:
-            raise
+    except BaseException as error:  # also an interrupt: never leave the temporary file behind
         try:
             temporary.unlink(missing_ok=True)
         except OSError:
             pass
+        cause = error if isinstance(error, OSError) else getattr(recorder, "error", None)
+        if cause is None:
+            raise
         kept = (f"the previous {path.name} is kept intact" if path.exists()
                 else f"no earlier {path.name} existed, so nothing was lost")
         reason = cause.strerror or str(cause)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,9 @@ class RunConfig:
                 for index, stage in enumerate(self.stages)]
 
 
+_EXPONENT_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def _type_name(kind: Any) -> str:
     return getattr(kind, "__name__", str(kind).replace("typing.", ""))
 
@@ -151,6 +155,8 @@ def _build(kind: Any, value: Any, path: str) -> Any:
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str) and _EXPONENT_FLOAT.match(value):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; it is meant as a number
     if kind in (int, float, str, bool) and (type(value) is kind):
         return value
     raise ConfigError(f"{path}: expected {_type_name(kind)}, got {type(value).__name__} {value!r}")

@@ -178,7 +178,8 @@ class SMSKDTrainer:
                              "(see `smskd-fast train-teacher`); no weights are downloaded")
         entry = load_model_file(Path(spec.checkpoint), spec.name)
         if entry["num_classes"] != self.num_classes:
-            raise ValueError(f"teacher {spec.checkpoint} has {entry['num_classes']} classes, the data {self.num_classes}")
+            raise ValueError(f"teacher {spec.checkpoint} has {entry['num_classes']} classes, the data "
+                             f"{self.num_classes}; give a teacher trained on this data set")
         if entry.get("in_channels", self.in_channels) != self.in_channels:
             raise ValueError(f"teacher {spec.checkpoint} takes {entry['in_channels']}-channel images, the data has "
                              f"{self.in_channels}; give a teacher trained on this data set")

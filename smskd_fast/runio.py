@@ -104,8 +104,7 @@ def load_model_file(path: Path, expected_name: Optional[str] = None,
     try:
         entry = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated, not a torch file, or pickled objects that weights_only refuses
-        reason = " ".join(str(error).split())[:200]
-        raise ValueError(f"{path} is not a readable model file ({type(error).__name__}: {reason}); give a file "
+        raise ValueError(f"{path} is not a readable model file ({type(error).__name__}); give a file "
                          "written by `smskd-fast train` or `smskd-fast train-teacher` (student.pt)") from None
     if not isinstance(entry, dict) or "state_dict" not in entry or "model" not in entry:
         raise ValueError(f"{path} is not a smskd-fast model file (it has no 'model' and 'state_dict' entries); "
@@ -116,15 +115,16 @@ def load_model_file(path: Path, expected_name: Optional[str] = None,
     return entry
 
 
-def load_weights(model: nn.Module, state_dict: Dict[str, Any], source: str) -> None:
-    """model.load_state_dict(state_dict) with an error that says where the weights came from."""
+def load_weights(model: nn.Module, state_dict: Dict[str, Any], source: str,
+                 remedy: str = "give weights saved for this model") -> None:
+    """model.load_state_dict(state_dict) with a one-line error that says where the weights came from."""
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        detail = "; ".join(lines[1:3]) if len(lines) > 1 else lines[0] if lines else ""
-        raise ValueError(f"the weights in {source} do not fit this model ({detail[:300]}); they were saved for "
-                         "another architecture, class count or method set") from None
+        first = (lines[1] if len(lines) > 1 else lines[0] if lines else "")[:160]
+        raise ValueError(f"the weights in {source} do not fit the model they are loaded into (saved for another "
+                         f"architecture, class count or method set); {remedy}. First difference: {first}") from None
 
 
 def append_jsonl(path: Path, record: Dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ __all__ = ["SMSKDTrainer", "stage_loss", "learning_rate", "derive_seed", "evalua
            "model_fingerprint", "HISTOGRAM_BINS"]
 
 HISTOGRAM_BINS = 20
+RESUME_REMEDY = "resume with the run's own config (no --set that changes its models or methods)"
 
 
 def derive_seed(seed: int, *parts: Any) -> int:
@@ -158,7 +159,8 @@ class SMSKDTrainer:
         self.student = self._build(config.student.name)
         if config.student.checkpoint:
             entry = load_model_file(Path(config.student.checkpoint), config.student.name)
-            load_weights(self.student, entry["state_dict"], f"student.checkpoint {config.student.checkpoint}")
+            load_weights(self.student, entry["state_dict"], f"student.checkpoint {config.student.checkpoint}",
+                         "give a checkpoint of the model named in student.name")
         for index in range(len(config.stages)):  # bad method parameters or layer names fail now, not stages later
             for method in self._methods(index):
                 FeatureTaps(self.student, method.student_layers, "student").remove()
@@ -184,7 +186,8 @@ class SMSKDTrainer:
             raise ValueError(f"teacher {spec.checkpoint} takes {entry['in_channels']}-channel images, the data has "
                              f"{self.in_channels}; give a teacher trained on this data set")
         teacher = build_model(spec.name, self.num_classes, self.in_channels)
-        load_weights(teacher, entry["state_dict"], f"teacher.checkpoint {spec.checkpoint}")
+        load_weights(teacher, entry["state_dict"], f"teacher.checkpoint {spec.checkpoint}",
+                     "give a checkpoint of the model named in teacher.name")
         return freeze(teacher.to(self.device))
 
     def _probe_inputs(self, student_taps: FeatureTaps, teacher_taps: Optional[FeatureTaps]) -> MethodInputs:
@@ -348,7 +351,7 @@ class SMSKDTrainer:
                 raise FileNotFoundError(f"cannot resume: {latest_path} not found; {self.run_dir} holds no started "
                                         "run (start one with `smskd-fast train --config FILE --out RUN_DIR`)")
             resumed = self._load_latest(latest_path)
-            load_weights(self.student, resumed["student"], f"{latest_path} (resume with the run's own config)")
+            load_weights(self.student, resumed["student"], str(latest_path), RESUME_REMEDY)
             start_stage, start_epoch = resumed["stage"], resumed["epochs_done"]
             global_epoch, histograms = resumed["global_epoch"], resumed["histograms"]
             write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["global_epoch"] <= global_epoch])
@@ -371,7 +374,7 @@ class SMSKDTrainer:
             state = self._start_stage(index)
             histogram = torch.zeros(HISTOGRAM_BINS)
             if resumed is not None and index == start_stage:
-                load_weights(state.methods, resumed["methods"], f"{latest_path} (resume with the run's own config)")
+                load_weights(state.methods, resumed["methods"], str(latest_path), RESUME_REMEDY)
                 state.optimizer.load_state_dict(resumed["optimizer"])
             first_epoch = start_epoch if index == start_stage else 0
             for epoch in range(first_epoch, stage.epochs):

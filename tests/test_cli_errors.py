@@ -112,7 +112,7 @@ CASES = [
      2, "holds model 'digits_cnn_small', but the config names 'digits_cnn_large'", "give a 'digits_cnn_large' model file"),
     ("teacher weights of another architecture", lambda f, t: ["train", "--config", str(_teacher_file(
         f, f["model_file"]("relabelled", "digits_cnn_small", 10, 1, model="digits_cnn_large")))],
-     2, "do not fit this model", "another architecture"),
+     2, "relabelled.pt do not fit the model", "give a checkpoint of the model named in teacher.name"),
     ("teacher for another class count", lambda f, t: ["train", "--config", str(_teacher_file(
         f, f["model_file"]("c100", "digits_cnn_large", 100, 1)))],
      2, "has 100 classes, the data 10", "give a teacher trained on this data set"),
@@ -159,7 +159,7 @@ CASES = [
      2, "already holds a run", "use --resume or another --out"),
     ("resume with another student", lambda f, t: ["train", "--resume", str(_started_run(f, t)),
                                                   "--set", "student.name=digits_cnn_large"],
-     2, "latest.pt", "resume with the run's own config"),
+     2, "latest.pt do not fit", "resume with the run's own config"),
     ("eval of a non-run", lambda f, t: ["eval", str(t)], 2, "config.yaml not found", "eval needs the directory of a run"),
     ("eval of another model", lambda f, t: ["eval", str(_started_run(f, t)), "--model-file", str(
         f["model_file"]("eval100", "digits_cnn_small", 100, 1))],

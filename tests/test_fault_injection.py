@@ -170,11 +170,14 @@ def test_kill_at_random_moments_then_resume(setup, tmp_path):
     run_dir = tmp_path / "run"
     chooser = random.Random(int(os.environ.get("SMSKD_FAULT_SEED", "0")))
     kills = finished = 0
+    landed = {}  # where the kills landed: the last epoch on disk, and whether a file was being written
     while kills < RANDOM_KILLS:
         result = _run(driver, f"timer:{chooser.uniform(0.0, 1.5):.3f}", _command(config_file, run_dir))
         _check_readable(run_dir)
         if result.returncode == -9:
             kills += 1
+            where = _landing(run_dir)
+            landed[where] = landed.get(where, 0) + 1
             continue
         assert result.returncode == 0, result.stderr
         finished += 1
@@ -183,6 +186,16 @@ def test_kill_at_random_moments_then_resume(setup, tmp_path):
     if (run_dir / "config.yaml").is_file() or not finished:
         _finish(config_file, driver, run_dir)
         _check_final(run_dir, expected, losses)
+    print(f"\n{kills} random kills, {finished + 1} runs finished identical; kills landed: {sorted(landed.items())}")
+
+
+def _landing(run_dir: Path) -> str:
+    if not (run_dir / "config.yaml").is_file():
+        return "before config.yaml"
+    latest = run_dir / "checkpoints" / "latest.pt"
+    epochs = torch.load(latest, weights_only=True)["global_epoch"] if latest.is_file() else 0
+    writing = sorted(p.name for p in run_dir.rglob("*.tmp"))
+    return f"after epoch {epochs}" + (f", mid-write of {writing[0]}" if writing else "")
 
 
 def test_kill_9_of_the_real_command_then_resume(setup, tmp_path):

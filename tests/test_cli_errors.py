@@ -288,3 +288,16 @@ def test_exponent_numbers_without_a_dot_are_numbers():
     assert stage.optimizer.lr == 1e-3 and stage.temperature == 4.0
     with pytest.raises(ConfigError, match=r"stages\[0\].epochs: expected int, got str '1e3'"):
         parse_config(apply_overrides(raw, ["stages.0.epochs=1e3"]))
+
+
+def test_ctrl_c_during_training_says_how_to_resume(files, tmp_path, monkeypatch, capsys):
+    from smskd_fast.stages import SMSKDTrainer
+
+    def interrupted(self, resume=False, max_epochs=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SMSKDTrainer, "run", interrupted)
+    out = tmp_path / "r"
+    assert main(["train", "--config", str(files["good"]), "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip() == (f"error: interrupted; continue from the last finished epoch with "
+                                               f"`smskd-fast train --resume {out}`")

@@ -363,7 +363,8 @@ class SMSKDTrainer:
         else:
             if metrics_path.exists() or latest_path.exists():
                 raise FileExistsError(f"{self.run_dir} already holds a run; use --resume or another --out")
-            write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+            write_text_atomic(self.run_dir / "config.yaml",
+                              yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
         if self.teacher is not None and global_epoch == 0:
             teacher_eval = evaluate(self.teacher, self.data.test, self.config.data.eval_batch_size, self.device)
             self.log(f"teacher {self.config.teacher.name}: test accuracy {teacher_eval['acc']:.2f}%")

@@ -11,6 +11,9 @@ draws its batch order and augmentation from a generator seeded the same way, the
 learning rate is a function of the epoch, and latest.pt (written atomically after
 every epoch) holds the student, the method modules and the optimizer. A run resumed
 from any epoch boundary therefore ends with the same weights as one never stopped.
+
+Under torchrun each process trains on its shard of every global batch with DDP; the
+hooks (self.dist) are in distributed.py, and only rank 0 writes the run directory.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ import yaml
 from torch import nn
 
 from .config import RunConfig, StageConfig, config_to_dict
-from .data import DataSplits, ImageSet, augment, iterate_batches, load_splits
+from .data import DataSplits, ImageSet, iterate_batches, load_splits
+from .distributed import DistributedContext
 from .functional import SMSKDLossOutput, smskd_loss
 from .methods import FeatureTaps, MethodInputs, build_method
 from .models import build_model
@@ -129,6 +133,7 @@ class _StageState:
     teacher_taps: Optional[FeatureTaps]
     reference: Optional[nn.Module]
     reference_fingerprint: Optional[str]
+    student_forward: nn.Module  # the student, or DDP over the student and methods (distributed.py)
 
     @property
     def fused_kd_weight(self) -> float:
@@ -145,8 +150,10 @@ class SMSKDTrainer:
 
     def __init__(self, config: RunConfig, run_dir: Path, log: Callable[[str], None] = print):
         self.config, self.run_dir, self.log = config, Path(run_dir), log
-        self.device = torch.device(config.device)
-        _check_device_and_backend(self.device, config.backend)
+        _check_device_and_backend(torch.device(config.device), config.backend)
+        self.dist, self.device = DistributedContext.from_environment(torch.device(config.device))
+        if not self.dist.is_main:  # one log, from rank 0
+            self.log = lambda message: None
         self.stage_names = config.stage_names()
         splits = load_splits(config.data.name, config.data.root, config.data.image_size)
         self.data = DataSplits(train=splits.train.subset(config.data.train_subset),
@@ -228,7 +235,8 @@ class SMSKDTrainer:
             freeze(reference)
         parameters = list(self.student.parameters()) + list(methods.parameters())
         return _StageState(methods, self._optimizer(stage, parameters), student_taps, teacher_taps, reference,
-                           None if reference is None else model_fingerprint(reference))
+                           None if reference is None else model_fingerprint(reference),
+                           self.dist.wrap(self.student, methods, self.device))
 
     @staticmethod
     def _optimizer(stage: StageConfig, parameters: List[nn.Parameter]) -> torch.optim.Optimizer:
@@ -248,6 +256,8 @@ class SMSKDTrainer:
 
     def _save_latest(self, stage_index: int, epochs_done: int, global_epoch: int, state: _StageState,
                      histograms: Dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         save_atomic({
             "stage": stage_index, "epochs_done": epochs_done, "global_epoch": global_epoch,
             "student": self.student.state_dict(), "methods": state.methods.state_dict(),
@@ -270,24 +280,25 @@ class SMSKDTrainer:
         correct = count = skipped = 0
         train = self.data.train
         steps = math.ceil(len(train) / config.data.batch_size)
-        progress = Progress(steps, f"{self.stage_names[index]} epoch {epoch + 1}/{stage.epochs}", config.progress)
-        batches = iterate_batches(train, config.data.batch_size, shuffle=True, generator=generator)
+        progress = Progress(steps, f"{self.stage_names[index]} epoch {epoch + 1}/{stage.epochs}",
+                            config.progress and self.dist.is_main)
+        batches = self.dist.batches(train, config.data.batch_size, generator, config.data.augment,
+                                    config.data.crop_padding)  # this rank's shard of each global batch
         for step, (images, labels, indices) in enumerate(batches, start=1):
             snapshot = BufferSnapshot([self.student, state.methods]) if stage.nonfinite == "skip" else None
-            images = train.normalize(augment(images, config.data.augment, generator, config.data.crop_padding))
-            images = images.to(self.device)
+            images = train.normalize(images).to(self.device)
             labels = labels.to(self.device)
             with torch.no_grad():
                 teacher_logits = self.teacher(images) if self.teacher is not None else None
                 reference_logits = state.reference(images) if state.reference is not None else None
-            student_logits = self.student(images)
+            student_logits = state.student_forward(images)
             inputs = MethodInputs(student_logits, teacher_logits, labels, indices, state.student_taps.take(),
                                   state.teacher_taps.take() if state.teacher_taps else {})
             fused = stage_loss(student_logits, labels, teacher_logits, reference_logits, stage,
                                state.fused_kd_weight, config.backend)
             method_loss = sum((method.loss(inputs) for method in state.methods), student_logits.new_zeros(()))
             loss = fused.loss + method_loss
-            if not torch.isfinite(loss):
+            if not self._all_ranks_finite(loss):  # under DDP every rank skips or stops together
                 where = (f"{self.stage_names[index]} (stage {index + 1} of {len(config.stages)}), epoch "
                          f"{epoch + 1}/{stage.epochs}, step {step}/{steps}: the loss is {float(loss.detach())} "
                          f"(ce {float(fused.ce)}, kd {float(fused.kd)}, ref {float(fused.ref)}, "
@@ -304,7 +315,7 @@ class SMSKDTrainer:
                 progress.step("skipped")
                 continue
             state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * batches.loss_scale(int(labels.shape[0]))).backward()
             state.optimizer.step()
             size = int(labels.shape[0])
             for key, value in (("loss", loss), ("ce", fused.ce), ("kd", fused.kd), ("ref", fused.ref),
@@ -320,6 +331,9 @@ class SMSKDTrainer:
             raise NonFiniteLossError(f"{self.stage_names[index]}, epoch {epoch + 1}: the loss was non-finite on every "
                                      f"one of the {steps} steps (all skipped): the model has diverged; lower the "
                                      "learning rate or the method weights and start again")
+        sums, correct, count = self.dist.reduce_totals(sums, correct, count)
+        self.dist.all_reduce_(histogram)
+        self.dist.average_batchnorm_statistics(self.student, state.methods)
         record = {f"train_{key}": value / max(count, 1) for key, value in sums.items()}
         record["train_skipped_steps"] = skipped
         record["train_acc"] = 100.0 * correct / max(count, 1)
@@ -354,21 +368,27 @@ class SMSKDTrainer:
             load_weights(self.student, resumed["student"], str(latest_path), RESUME_REMEDY)
             start_stage, start_epoch = resumed["stage"], resumed["epochs_done"]
             global_epoch, histograms = resumed["global_epoch"], resumed["histograms"]
-            write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["global_epoch"] <= global_epoch])
+            if self.dist.is_main:
+                write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["global_epoch"] <= global_epoch])
             if start_epoch == self.config.stages[start_stage].epochs:
-                if not self._stage_path(start_stage).is_file():  # stopped between the two writes
+                if self.dist.is_main and not self._stage_path(start_stage).is_file():  # stopped between the two writes
                     save_atomic({"student": resumed["student"], "methods": resumed["methods"],
                                  "stage": start_stage}, self._stage_path(start_stage))
                 start_stage, start_epoch, resumed = start_stage + 1, 0, None
         else:
             if metrics_path.exists() or latest_path.exists():
                 raise FileExistsError(f"{self.run_dir} already holds a run; use --resume or another --out")
-            write_text_atomic(self.run_dir / "config.yaml",
-                              yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+            self.dist.barrier()  # every rank has checked before rank 0 writes
+            if self.dist.is_main:
+                write_text_atomic(self.run_dir / "config.yaml",
+                                  yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+        self.dist.barrier()  # rank 0's resume repairs (metrics, stage file) are on disk
         if self.teacher is not None and global_epoch == 0:
-            teacher_eval = evaluate(self.teacher, self.data.test, self.config.data.eval_batch_size, self.device)
+            teacher_eval = self.dist.evaluate(evaluate, self.teacher, self.data.test, self.config.data.eval_batch_size,
+                                              self.device)
             self.log(f"teacher {self.config.teacher.name}: test accuracy {teacher_eval['acc']:.2f}%")
-            write_text_atomic(self.run_dir / "teacher_eval.json", json.dumps(teacher_eval))
+            if self.dist.is_main:
+                write_text_atomic(self.run_dir / "teacher_eval.json", json.dumps(teacher_eval))
         epochs_run = 0
         for index in range(start_stage, len(self.config.stages)):
             stage, name = self.config.stages[index], self.stage_names[index]
@@ -385,23 +405,35 @@ class SMSKDTrainer:
                 started = time.monotonic()
                 histogram.zero_()
                 record = self._train_epoch(index, epoch, state, histogram)
-                test = evaluate(self.student, self.data.test, self.config.data.eval_batch_size, self.device)
+                test = self.dist.evaluate(evaluate, self.student, self.data.test, self.config.data.eval_batch_size,
+                                          self.device)
                 global_epoch += 1
                 epochs_run += 1
                 record = {"stage": index + 1, "stage_name": name, "epoch": epoch + 1, "global_epoch": global_epoch,
                           **record, "test_loss": test["loss"], "test_acc": test["acc"],
                           "seconds": time.monotonic() - started}
-                append_jsonl(metrics_path, record)
+                if self.dist.is_main:
+                    append_jsonl(metrics_path, record)
                 if epoch == stage.epochs - 1 and state.reference is not None:
                     histograms[name] = histogram.tolist()  # w_i of the last epoch, where a reference used it
                 self._save_latest(index, epoch + 1, global_epoch, state, histograms)
+                self.dist.barrier()  # no rank runs ahead of rank 0's checkpoint
                 self.log(f"[{name}] epoch {epoch + 1}/{stage.epochs} loss {record['train_loss']:.4f} "
                          f"train {record['train_acc']:.2f}% test {record['test_acc']:.2f}%")
             self._check_frozen(state, name)
-            save_atomic({"student": self.student.state_dict(), "methods": state.methods.state_dict(),
-                         "stage": index}, self._stage_path(index))
+            if self.dist.is_main:
+                save_atomic({"student": self.student.state_dict(), "methods": state.methods.state_dict(),
+                             "stage": index}, self._stage_path(index))
+            self.dist.barrier()  # the next stage's reference is read from this file on every rank
             state.close()
-        return self._finish(histograms)
+        summary = self._finish(histograms) if self.dist.is_main else None
+        self.dist.barrier()
+        return summary if summary is not None else summarize(read_jsonl(metrics_path))
+
+    def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on this rank and, under torchrun, on every other rank too."""
+        bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+        return float(self.dist.all_reduce_(bad)) == 0.0
 
     def _load_latest(self, latest_path: Path) -> Dict[str, Any]:
         try:

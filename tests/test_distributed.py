@@ -116,8 +116,11 @@ def assert_same_metrics(actual, expected) -> None:
 def assert_same_weights(actual, expected) -> None:
     assert actual.keys() == expected.keys()
     for key in expected:
-        difference = (actual[key] - expected[key]).abs().max().item()
-        assert difference <= WEIGHT_ATOL, f"{key}: max difference {difference:.3g}"
+        # Scaled by the entry's magnitude: CRD's normalising constant is ~1e4, where one
+        # float32 rounding step is ~1e-3; the weights themselves are below 1.
+        scale = max(1.0, expected[key].abs().max().item()) if expected[key].numel() else 1.0
+        difference = (actual[key] - expected[key]).abs().max().item() if expected[key].numel() else 0.0
+        assert difference <= WEIGHT_ATOL * scale, f"{key}: max difference {difference:.3g} at scale {scale:.3g}"
 
 
 def test_shard_bounds_cover_the_batch_in_order():

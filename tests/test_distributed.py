@@ -177,8 +177,7 @@ def test_two_ranks_match_one_rank(one_rank_run, two_rank_run):
     one_rank_banks = torch.load(one_rank_run / "checkpoints" / "stage2.pt", weights_only=True)["methods"]
     two_rank_banks = torch.load(two_rank_run / "checkpoints" / "stage2.pt", weights_only=True)["methods"]
     assert "1.memory_student" in one_rank_banks
-    for key in one_rank_banks:
-        assert (two_rank_banks[key] - one_rank_banks[key]).abs().max() <= WEIGHT_ATOL, key
+    assert_same_weights(two_rank_banks, one_rank_banks)
 
 
 def test_rank_killed_mid_stage_then_resumed_on_one_or_two_ranks(workdir, mlp_config, one_rank_run, two_rank_run):

@@ -1,4 +1,9 @@
-"""The smskd-fast command line: train, train-teacher, eval, demo, cache build, bench."""
+"""The smskd-fast command line: train, train-teacher, eval, demo, cache build, bench.
+
+Errors the user can fix (a bad config, argument, file or data directory) print one
+`error: ...` line and exit with code 2; a run that fails (a non-finite loss, a full
+disk, a corrupted cache) exits with code 1. No traceback is shown unless --debug.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import yaml
 
 __all__ = ["main"]
 
@@ -37,7 +41,7 @@ def _load(args: argparse.Namespace):
     from .config import load_config
 
     if args.config is None:
-        raise SystemExit("error: --config FILE is required")
+        raise UsageError("--config FILE is required (e.g. --config configs/digits_demo.yaml)")
     return load_config(args.config, _overrides(args))
 
 
@@ -46,19 +50,31 @@ def _default_out(args: argparse.Namespace, suffix: str = "") -> Path:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import apply_overrides, parse_config
+    from .config import load_config
+    from .runio import CheckpointWriteError
     from .stages import SMSKDTrainer
 
     if args.resume is not None:
         run_dir = args.resume
+        if args.config is not None:
+            raise UsageError("--resume continues a run with the config saved in its directory; drop --config "
+                             "(change values with --set)")
         config_file = run_dir / "config.yaml"
         if not config_file.is_file():
-            raise SystemExit(f"error: {config_file} not found: --resume needs a run directory")
-        config = parse_config(apply_overrides(yaml.safe_load(config_file.read_text()), _overrides(args)))
+            raise UsageError(f"{config_file} not found: --resume needs a run directory that a started run wrote; "
+                             f"start one with `smskd-fast train --config FILE --out {run_dir}`")
+        config = load_config(config_file, _overrides(args))
     else:
         config, run_dir = _load(args), _default_out(args)
     trainer = SMSKDTrainer(config, run_dir)
-    summary = trainer.run(resume=args.resume is not None)
+    try:
+        summary = trainer.run(resume=args.resume is not None)
+    except CheckpointWriteError as error:
+        raise CheckpointWriteError(f"{error}. Free some space, then continue with "
+                                   f"`smskd-fast train --resume {run_dir}`") from error
+    except KeyboardInterrupt:
+        raise UsageError(f"interrupted; continue from the last finished epoch with "
+                         f"`smskd-fast train --resume {run_dir}`", exit_code=130) from None
     if not trainer.dist.is_main:  # under torchrun, rank 0 reports
         return 0
     print(f"run directory: {run_dir}")
@@ -85,19 +101,25 @@ def _train_teacher(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import parse_config
+    from .config import load_config
     from .data import load_splits
     from .models import build_model
-    from .runio import load_model_file
+    from .runio import load_model_file, load_weights
     from .stages import evaluate
 
-    config = parse_config(yaml.safe_load((args.run_dir / "config.yaml").read_text()))
+    if not (args.run_dir / "config.yaml").is_file():
+        raise UsageError(f"{args.run_dir / 'config.yaml'} not found: eval needs the directory of a run "
+                         "(written by `smskd-fast train`)")
+    config = load_config(args.run_dir / "config.yaml")
     model_file = args.model_file or args.run_dir / "student.pt"
     entry = load_model_file(model_file)
     test = load_splits(config.data.name, args.data_dir or config.data.root, config.data.image_size).test
     test = test.subset(config.data.test_subset)
+    if entry["num_classes"] != test.num_classes:
+        raise UsageError(f"{model_file} predicts {entry['num_classes']} classes, the run's test data has "
+                         f"{test.num_classes}; give a model file trained on {config.data.name}")
     model = build_model(entry["model"], entry["num_classes"], entry["in_channels"])
-    model.load_state_dict(entry["state_dict"])
+    load_weights(model, entry["state_dict"], str(model_file))
     device = torch.device(args.device or "cpu")
     result = evaluate(model.to(device), test, config.data.eval_batch_size, device)
     print(json.dumps({"model_file": str(model_file), "test_acc": result["acc"], "test_loss": result["loss"]}))
@@ -156,18 +178,24 @@ def _bench(argv: List[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smskd-fast", description="Sequential multi-stage knowledge distillation")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    common = argparse.ArgumentParser(add_help=False)  # --debug is accepted after the command too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a student (all stages of a config)")
+    train = commands.add_parser("train", help="train a student (all stages of a config)", parents=[common])
     _add_config_options(train)
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from latest.pt")
-    teacher = commands.add_parser("train-teacher", help="train the config's teacher alone (CE only)")
+    teacher = commands.add_parser("train-teacher", help="train the config's teacher alone (CE only)",
+                                  parents=[common])
     _add_config_options(teacher)
-    evaluation = commands.add_parser("eval", help="test accuracy of a run's final student (or --model-file)")
+    evaluation = commands.add_parser("eval", help="test accuracy of a run's final student (or --model-file)",
+                                     parents=[common])
     evaluation.add_argument("run_dir", type=Path)
     evaluation.add_argument("--model-file", type=Path)
     evaluation.add_argument("--data-dir")
     evaluation.add_argument("--device")
-    demo = commands.add_parser("demo", help="digits demo: teacher, student alone, KD, SMSKD; prints a table")
+    demo = commands.add_parser("demo", help="digits demo: teacher, student alone, KD, SMSKD; prints a table",
+                               parents=[common])
     _add_config_options(demo)
     demo.add_argument("--seeds", type=int, nargs="+", help="seeds to average over (default: the config's)")
     demo.add_argument("--all-variants", action="store_true",
@@ -175,10 +203,41 @@ def build_parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="frozen-model logit caches")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)
     cache_build = cache_commands.add_parser("build", help="build the config's teacher logit cache ahead of a run "
-                                                          "(resumable after a kill)")
+                                                          "(resumable after a kill)", parents=[common])
     _add_config_options(cache_build)
     commands.add_parser("bench", help="loss backend benchmark (smskd_fast.bench)", add_help=False)
     return parser
+
+
+class UsageError(Exception):
+    """A command-line mistake with its way out; exit_code 2 unless given."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _exit_code(error: BaseException) -> Optional[int]:
+    """2 for input the user can fix, 1 for a run that failed, None for an unexpected error (a bug)."""
+    from .cache import CacheCorruptedError
+    from .nonfinite import NonFiniteLossError
+    from .runio import CheckpointWriteError
+
+    if isinstance(error, UsageError):
+        return error.exit_code
+    if isinstance(error, (NonFiniteLossError, CheckpointWriteError, CacheCorruptedError)):
+        return 1
+    if isinstance(error, (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                          IsADirectoryError, PermissionError)):  # bad config, arguments, files, names
+        return 2
+    if isinstance(error, OSError):
+        return 1
+    return None
+
+
+def _message(error: BaseException) -> str:
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(text).split()) or type(error).__name__
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -186,12 +245,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
     args = build_parser().parse_args(argv)
-    from .cache import CacheCorruptedError
-
-    handlers = {"train": _train, "train-teacher": _train_teacher, "eval": _eval, "demo": _demo, "cache": _cache_build}
+    handlers = {"train": _train, "train-teacher": _train_teacher, "eval": _eval, "demo": _demo,
+                "cache": _cache_build}
     try:
         return handlers[args.command](args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, CacheCorruptedError) as error:  # bad config, files or names
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as error:
+        if args.debug:
+            raise
+        if isinstance(error, KeyboardInterrupt):
+            print("error: interrupted", file=sys.stderr)
+            return 130
+        code = _exit_code(error)
+        if code is None:
+            print(f"error: unexpected {type(error).__name__}: {_message(error)} (this is probably a bug in "
+                  "smskd-fast; rerun with --debug for the traceback and report it)", file=sys.stderr)
+            return 1
+        print(f"error: {_message(error)}", file=sys.stderr)
+        return code

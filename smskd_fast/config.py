@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +21,13 @@ import yaml
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "OptimizerConfig", "ScheduleConfig", "MethodConfig",
     "StageConfig", "CacheStoreConfig", "CacheConfig", "RunConfig", "load_config", "parse_config",
-    "apply_overrides", "config_to_dict",
-    "WEIGHTINGS",
+    "apply_overrides", "config_to_dict", "WEIGHTINGS", "NONFINITE_POLICIES",
 ]
 
 WEIGHTINGS = ("inverse_tcp", "tcp", "constant")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("multistep", "cosine", "constant")
+NONFINITE_POLICIES = ("stop", "skip")  # what a stage does with a batch whose loss is NaN or inf
 
 
 class ConfigError(ValueError):
@@ -89,6 +90,7 @@ class StageConfig:
     temperature: float = 4.0
     weighting: str = "inverse_tcp"
     reference: bool = True
+    nonfinite: str = "stop"
 
 
 @dataclass
@@ -131,6 +133,9 @@ class RunConfig:
                 for index, stage in enumerate(self.stages)]
 
 
+_EXPONENT_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def _type_name(kind: Any) -> str:
     return getattr(kind, "__name__", str(kind).replace("typing.", ""))
 
@@ -171,6 +176,8 @@ def _build(kind: Any, value: Any, path: str) -> Any:
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str) and _EXPONENT_FLOAT.match(value):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; it is meant as a number
     if kind in (int, float, str, bool) and (type(value) is kind):
         return value
     raise ConfigError(f"{path}: expected {_type_name(kind)}, got {type(value).__name__} {value!r}")
@@ -203,6 +210,16 @@ def _check(condition: bool, path: str, message: str) -> None:
         raise ConfigError(f"{path}: {message}")
 
 
+def _is_device(name: str) -> bool:
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
 def _validate(config: RunConfig) -> None:
     from .data import DATASETS
     from .methods import METHODS
@@ -213,6 +230,8 @@ def _validate(config: RunConfig) -> None:
     _check(config.data.augment in ("none", "crop", "crop_flip"), "data.augment",
            f"must be 'none', 'crop' or 'crop_flip', got {config.data.augment!r}")
     _check(config.data.crop_padding >= 0, "data.crop_padding", f"must be >= 0, got {config.data.crop_padding}")
+    _check(_is_device(config.device), "device",
+           f"expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got {config.device!r}")
     _check(config.threads is None or config.threads >= 1, "threads", f"must be >= 1, got {config.threads}")
     _check(len(config.stages) >= 1, "stages", "needs at least one stage")
     for index, stage in enumerate(config.stages):
@@ -220,6 +239,8 @@ def _validate(config: RunConfig) -> None:
         _check(stage.epochs >= 1, f"{path}.epochs", f"must be >= 1, got {stage.epochs}")
         _check(len(stage.methods) >= 1, f"{path}.methods", "needs at least one method (use 'none' for CE only)")
         _check(stage.weighting in WEIGHTINGS, f"{path}.weighting", f"must be one of {list(WEIGHTINGS)}, got {stage.weighting!r}")
+        _check(stage.nonfinite in NONFINITE_POLICIES, f"{path}.nonfinite",
+               f"must be one of {list(NONFINITE_POLICIES)}, got {stage.nonfinite!r}")
         _check(stage.temperature > 0, f"{path}.temperature", f"must be > 0, got {stage.temperature}")
         for name in ("ce_weight", "ref_weight"):
             _check(getattr(stage, name) >= 0, f"{path}.{name}", f"must be >= 0, got {getattr(stage, name)}")
@@ -285,7 +306,10 @@ def parse_config(raw: Dict[str, Any]) -> RunConfig:
 
 
 def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text.strip() else ""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set value {text!r} is not valid YAML: {' '.join(str(error).split())}") from None
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
@@ -319,9 +343,12 @@ def load_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> RunCon
     """Reads, overrides and validates a YAML config file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
-    with open(path) as handle:
-        raw = yaml.safe_load(handle) or {}
+        raise ConfigError(f"config file {path} not found; give the path of a YAML run config (examples: configs/)")
+    try:
+        with open(path) as handle:
+            raw = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
     return parse_config(apply_overrides(raw, overrides))
 
 

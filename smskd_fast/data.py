@@ -103,10 +103,20 @@ def _read_cifar_file(path: Path) -> Tuple[torch.Tensor, torch.Tensor]:
             "(<root>/cifar-100-python/{train,test}), e.g. from "
             "torchvision.datasets.CIFAR100(root, download=True)"
         )
-    with open(path, "rb") as handle:
-        entry = pickle.load(handle, encoding="latin1")
-    data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return torch.from_numpy(data.copy()), torch.as_tensor(entry["fine_labels"], dtype=torch.int64)
+    expected = ("a pickled dict with 'data' (N x 3072 uint8) and 'fine_labels', as in "
+                "torchvision.datasets.CIFAR100(root, download=True)")
+    try:
+        with open(path, "rb") as handle:
+            entry = pickle.load(handle, encoding="latin1")
+        data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = torch.as_tensor(entry["fine_labels"], dtype=torch.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+        raise ValueError(f"CIFAR-100 file {path} is not in the expected format ({type(error).__name__}: "
+                         f"{error}); it must be {expected}") from None
+    if labels.shape[0] != data.shape[0]:
+        raise ValueError(f"CIFAR-100 file {path} has {data.shape[0]} images but {labels.shape[0]} labels; "
+                         f"it must be {expected}")
+    return torch.from_numpy(data.copy()), labels
 
 
 def _cifar100(root: Path) -> DataSplits:
@@ -128,7 +138,11 @@ def _image_folder_split(folder: Path, image_size: int, classes: Optional[Sequenc
     transform = transforms.Compose([
         transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(),
     ])
-    folder_set = datasets.ImageFolder(str(folder), transform=transform)
+    try:
+        folder_set = datasets.ImageFolder(str(folder), transform=transform)
+    except FileNotFoundError as error:  # no class folders, or class folders without images
+        raise FileNotFoundError(f"ImageFolder split {folder}: {error}; it must hold one folder of images per "
+                                "class (e.g. train/cat/1.png)") from None
     if classes is not None and list(folder_set.classes) != list(classes):
         raise ValueError(f"{folder} has classes {folder_set.classes}, but the train split has {list(classes)}")
     labels = torch.as_tensor(folder_set.targets, dtype=torch.int64)
@@ -153,6 +167,9 @@ def load_splits(name: str, root: Optional[str] = None, image_size: int = 224) ->
         raise ValueError(f"data.name must be one of {list(DATASETS)}, got {name!r}")
     if root is None:
         raise ValueError(f"data.root (or --data-dir) is required for data set {name!r}")
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"data.root {root} is not a directory; give the folder that holds data set {name!r} "
+                                "(with --data-dir DIR or --set data.root=DIR)")
     if name == "cifar100":
         return _cifar100(Path(root))
     return _image_folder(Path(root), image_size)

@@ -6,20 +6,87 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["save_atomic", "save_model_file", "load_model_file", "append_jsonl", "read_jsonl", "Progress"]
+__all__ = ["save_atomic", "write_text_atomic", "save_model_file", "load_model_file", "load_weights",
+           "append_jsonl", "read_jsonl", "Progress", "CheckpointWriteError"]
+
+
+class CheckpointWriteError(RuntimeError):
+    """A file could not be written (disk full, no permission); the previous file at its path is unchanged."""
+
+
+class _WriteRecorder:
+    """A file-like wrapper that remembers the OSError of a failed write: torch.save reports such a
+    failure as a vague RuntimeError, and save_atomic needs to tell a full disk from other errors."""
+
+    def __init__(self, handle: Any):
+        self.handle, self.error = handle, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Makes a rename in `folder` durable (a power loss after it cannot bring the old file back)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
+    """write(handle) into PATH.tmp, fsync, then os.replace: `path` is always either the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    recorder = None
+    try:
+        with open(temporary, "wb") as handle:
+            recorder = _WriteRecorder(handle)
+            write(recorder)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException as error:  # also an interrupt: never leave the temporary file behind
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:
+            pass
+        cause = error if isinstance(error, OSError) else getattr(recorder, "error", None)
+        if cause is None:
+            raise
+        kept = (f"the previous {path.name} is kept intact" if path.exists()
+                else f"no earlier {path.name} existed, so nothing was lost")
+        reason = cause.strerror or str(cause)
+        raise CheckpointWriteError(f"could not write {path} ({reason}); {kept}") from error
+    _fsync_directory(path.parent)
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, then os.replace: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
+    """torch.save to a temporary file beside `path`, then os.replace: a reader never sees half a file.
+    A failed write (e.g. a full disk) raises CheckpointWriteError and leaves the previous file as it was."""
+    _write_atomic(Path(path), lambda handle: torch.save(obj, handle))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A text file written like save_atomic (config.yaml, summary.json: never seen half-written)."""
+    _write_atomic(Path(path), lambda handle: handle.write(text.encode()))
 
 
 def save_model_file(model: nn.Module, name: str, num_classes: int, in_channels: int, path: Path) -> None:
@@ -34,12 +101,30 @@ def load_model_file(path: Path, expected_name: Optional[str] = None,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} not found (train one with `smskd-fast train-teacher`)")
-    entry = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(entry, dict) or "state_dict" not in entry:
-        raise ValueError(f"{path} is not a smskd-fast model file (no 'state_dict')")
+    try:
+        entry = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated, not a torch file, or pickled objects that weights_only refuses
+        raise ValueError(f"{path} is not a readable model file ({type(error).__name__}); give a file "
+                         "written by `smskd-fast train` or `smskd-fast train-teacher` (student.pt)") from None
+    if not isinstance(entry, dict) or "state_dict" not in entry or "model" not in entry:
+        raise ValueError(f"{path} is not a smskd-fast model file (it has no 'model' and 'state_dict' entries); "
+                         "give a student.pt written by `smskd-fast train` or `smskd-fast train-teacher`")
     if expected_name is not None and entry.get("model") != expected_name:
-        raise ValueError(f"{path} holds model {entry.get('model')!r}, but the config names {expected_name!r}")
+        raise ValueError(f"{path} holds model {entry.get('model')!r}, but the config names {expected_name!r}; "
+                         f"name {entry.get('model')!r} in the config or give a {expected_name!r} model file")
     return entry
+
+
+def load_weights(model: nn.Module, state_dict: Dict[str, Any], source: str,
+                 remedy: str = "give weights saved for this model") -> None:
+    """model.load_state_dict(state_dict) with a one-line error that says where the weights came from."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        first = (lines[1] if len(lines) > 1 else lines[0] if lines else "")[:160]
+        raise ValueError(f"the weights in {source} do not fit the model they are loaded into (saved for another "
+                         f"architecture, class count or method set); {remedy}. First difference: {first}") from None
 
 
 def append_jsonl(path: Path, record: Dict[str, Any]) -> None:
@@ -50,10 +135,23 @@ def append_jsonl(path: Path, record: Dict[str, Any]) -> None:
 
 
 def read_jsonl(path: Path) -> List[Dict[str, Any]]:
+    """The records of a JSON-lines file. A last line without its newline is an append cut short
+    by a kill: it is dropped (append_jsonl writes each line with its newline in one call)."""
     if not path.is_file():
         return []
     with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        lines = handle.readlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines) and not line.endswith("\n"):
+                break
+            raise ValueError(f"{path}, line {number}, is not valid JSON; the file was edited or damaged") from None
+    return records
 
 
 def write_jsonl(path: Path, records: Iterable[Dict[str, Any]]) -> None:

@@ -42,14 +42,16 @@ from .frozen_logits import CachedLogits, open_or_build, reference_cache_dir, ref
 from .functional import SMSKDLossOutput, smskd_loss
 from .methods import FeatureTaps, MethodInputs, build_method
 from .models import build_model
-from .runio import (Progress, append_jsonl, load_model_file, read_jsonl, save_atomic, save_model_file,
-                    write_jsonl)
+from .nonfinite import BufferSnapshot, NonFiniteLossError, describe_samples
+from .runio import (Progress, append_jsonl, load_model_file, load_weights, read_jsonl, save_atomic,
+                    save_model_file, write_jsonl, write_text_atomic)
 from .topk import TopKTeacher
 
 __all__ = ["SMSKDTrainer", "stage_loss", "learning_rate", "derive_seed", "evaluate", "freeze",
            "model_fingerprint", "HISTOGRAM_BINS"]
 
 HISTOGRAM_BINS = 20
+RESUME_REMEDY = "resume with the run's own config (no --set that changes its models or methods)"
 
 
 def derive_seed(seed: int, *parts: Any) -> int:
@@ -117,6 +119,19 @@ def evaluate(model: nn.Module, dataset: ImageSet, batch_size: int, device: torch
     return {"loss": total_loss / max(count, 1), "acc": 100.0 * correct / max(count, 1)}
 
 
+def _check_device_and_backend(device: torch.device, backend: str) -> None:
+    """Fails before any work when the device or the loss backend cannot run here."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use --device cpu")
+    if backend != "auto":
+        from .backends.registry import get_backend
+
+        try:
+            get_backend(backend, device)
+        except (RuntimeError, ValueError) as error:
+            raise ValueError(f"backend: {error}; set backend: auto to let smskd-fast choose") from None
+
+
 @dataclass
 class _StageState:
     """What one stage trains: its methods, optimizer, feature taps and reference."""
@@ -146,6 +161,7 @@ class SMSKDTrainer:
 
     def __init__(self, config: RunConfig, run_dir: Path, log: Callable[[str], None] = print):
         self.config, self.run_dir, self.log = config, Path(run_dir), log
+        _check_device_and_backend(torch.device(config.device), config.backend)
         self.dist, self.device = DistributedContext.from_environment(torch.device(config.device))
         if not self.dist.is_main:  # one log, from rank 0
             self.log = lambda message: None
@@ -161,7 +177,9 @@ class SMSKDTrainer:
         torch.manual_seed(derive_seed(config.seed, "student"))
         self.student = self._build(config.student.name)
         if config.student.checkpoint:
-            self.student.load_state_dict(load_model_file(Path(config.student.checkpoint), config.student.name)["state_dict"])
+            entry = load_model_file(Path(config.student.checkpoint), config.student.name)
+            load_weights(self.student, entry["state_dict"], f"student.checkpoint {config.student.checkpoint}",
+                         "give a checkpoint of the model named in student.name")
         for index in range(len(config.stages)):  # bad method parameters or layer names fail now, not stages later
             for method in self._methods(index):
                 FeatureTaps(self.student, method.student_layers, "student").remove()
@@ -181,9 +199,14 @@ class SMSKDTrainer:
                              "(see `smskd-fast train-teacher`); no weights are downloaded")
         entry = load_model_file(Path(spec.checkpoint), spec.name)
         if entry["num_classes"] != self.num_classes:
-            raise ValueError(f"teacher {spec.checkpoint} has {entry['num_classes']} classes, the data {self.num_classes}")
+            raise ValueError(f"teacher {spec.checkpoint} has {entry['num_classes']} classes, the data "
+                             f"{self.num_classes}; give a teacher trained on this data set")
+        if entry.get("in_channels", self.in_channels) != self.in_channels:
+            raise ValueError(f"teacher {spec.checkpoint} takes {entry['in_channels']}-channel images, the data has "
+                             f"{self.in_channels}; give a teacher trained on this data set")
         teacher = build_model(spec.name, self.num_classes, self.in_channels)
-        teacher.load_state_dict(entry["state_dict"])
+        load_weights(teacher, entry["state_dict"], f"teacher.checkpoint {spec.checkpoint}",
+                     "give a checkpoint of the model named in teacher.name")
         return freeze(teacher.to(self.device))
 
     def _probe_inputs(self, student_taps: FeatureTaps, teacher_taps: Optional[FeatureTaps]) -> MethodInputs:
@@ -321,14 +344,15 @@ class SMSKDTrainer:
         self.student.train()
         state.methods.train()
         sums = dict(loss=0.0, ce=0.0, kd=0.0, ref=0.0, method=0.0, weight=0.0)
-        correct = count = 0
+        correct = count = skipped = 0
         train = self.data.train
         steps = math.ceil(len(train) / config.data.batch_size)
         progress = Progress(steps, f"{self.stage_names[index]} epoch {epoch + 1}/{stage.epochs}",
                             config.progress and self.dist.is_main)
         batches = self.dist.batches(train, config.data.batch_size, generator, config.data.augment,  # this rank's
                                     config.data.crop_padding, config.seed, epoch)  # shard of each global batch
-        for images, labels, indices in batches:
+        for step, (images, labels, indices) in enumerate(batches, start=1):
+            snapshot = BufferSnapshot([self.student, state.methods]) if stage.nonfinite == "skip" else None
             images = train.normalize(images).to(self.device)
             labels = labels.to(self.device)
             with torch.no_grad():
@@ -340,9 +364,22 @@ class SMSKDTrainer:
                                state.fused_kd_weight, config.backend, teacher_topk)
             method_loss = sum((method.loss(inputs) for method in state.methods), student_logits.new_zeros(()))
             loss = fused.loss + method_loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{self.stage_names[index]} epoch {epoch + 1}: the loss is {float(loss)}; "
-                                         "lower the learning rate or the method weight")
+            if not self._all_ranks_finite(loss):  # under DDP every rank skips or stops together
+                where = (f"{self.stage_names[index]} (stage {index + 1} of {len(config.stages)}), epoch "
+                         f"{epoch + 1}/{stage.epochs}, step {step}/{steps}: the loss is {float(loss.detach())} "
+                         f"(ce {float(fused.ce)}, kd {float(fused.kd)}, ref {float(fused.ref)}, "
+                         f"method {float(method_loss.detach())}) on the batch of training samples "
+                         f"{describe_samples(indices)}")
+                if snapshot is None:
+                    raise NonFiniteLossError(
+                        f"{where}. Lower the learning rate or the method weights, check those samples, or skip such "
+                        f"steps with `nonfinite: skip` (resume with `smskd-fast train --resume {self.run_dir} "
+                        f"--set stages.{index}.nonfinite=skip`)")
+                snapshot.restore()  # the forward pass updated BatchNorm statistics and method buffers
+                skipped += 1
+                self.log(f"skipped: {where}")
+                progress.step("skipped")
+                continue
             state.optimizer.zero_grad(set_to_none=True)
             (loss * batches.loss_scale(int(labels.shape[0]))).backward()
             state.optimizer.step()
@@ -356,10 +393,15 @@ class SMSKDTrainer:
             count += size
             progress.step(f"loss {float(loss.detach()):.4f}")
         progress.close()
+        if skipped == steps:
+            raise NonFiniteLossError(f"{self.stage_names[index]}, epoch {epoch + 1}: the loss was non-finite on every "
+                                     f"one of the {steps} steps (all skipped): the model has diverged; lower the "
+                                     "learning rate or the method weights and start again")
         sums, correct, count = self.dist.reduce_totals(sums, correct, count)
         self.dist.all_reduce_(histogram)
         self.dist.average_batchnorm_statistics(self.student, state.methods)
         record = {f"train_{key}": value / max(count, 1) for key, value in sums.items()}
+        record["train_skipped_steps"] = skipped
         record["train_acc"] = 100.0 * correct / max(count, 1)
         record["lr"] = lr
         return record
@@ -380,11 +422,16 @@ class SMSKDTrainer:
         metrics_path = self.run_dir / "metrics.jsonl"
         start_stage, start_epoch, global_epoch, histograms, resumed = 0, 0, 0, {}, None
         latest_path = self.run_dir / "checkpoints" / "latest.pt"
+        if resume and not latest_path.is_file() and (self.run_dir / "config.yaml").is_file():
+            self.log(f"{latest_path} is not written yet (stopped in the first epoch): starting the run again")
+            metrics_path.unlink(missing_ok=True)
+            resume = False
         if resume:
             if not latest_path.is_file():
-                raise FileNotFoundError(f"cannot resume: {latest_path} not found")
-            resumed = torch.load(latest_path, map_location=self.device, weights_only=True)
-            self.student.load_state_dict(resumed["student"])
+                raise FileNotFoundError(f"cannot resume: {latest_path} not found; {self.run_dir} holds no started "
+                                        "run (start one with `smskd-fast train --config FILE --out RUN_DIR`)")
+            resumed = self._load_latest(latest_path)
+            load_weights(self.student, resumed["student"], str(latest_path), RESUME_REMEDY)
             start_stage, start_epoch = resumed["stage"], resumed["epochs_done"]
             global_epoch, histograms = resumed["global_epoch"], resumed["histograms"]
             if self.dist.is_main:
@@ -399,15 +446,15 @@ class SMSKDTrainer:
                 raise FileExistsError(f"{self.run_dir} already holds a run; use --resume or another --out")
             self.dist.barrier()  # every rank has checked before rank 0 writes
             if self.dist.is_main:
-                with open(self.run_dir / "config.yaml", "w") as handle:
-                    yaml.safe_dump(config_to_dict(self.config), handle, sort_keys=False)
+                write_text_atomic(self.run_dir / "config.yaml",
+                                  yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
         self.dist.barrier()  # rank 0's resume repairs (metrics, stage file) are on disk
         if self.teacher is not None and global_epoch == 0:
             teacher_eval = self.dist.evaluate(evaluate, self.teacher, self.data.test, self.config.data.eval_batch_size,
                                               self.device)
             self.log(f"teacher {self.config.teacher.name}: test accuracy {teacher_eval['acc']:.2f}%")
             if self.dist.is_main:
-                (self.run_dir / "teacher_eval.json").write_text(json.dumps(teacher_eval))
+                write_text_atomic(self.run_dir / "teacher_eval.json", json.dumps(teacher_eval))
         self._open_teacher_cache()
         epochs_run = 0
         for index in range(start_stage, len(self.config.stages)):
@@ -415,7 +462,7 @@ class SMSKDTrainer:
             state = self._start_stage(index)
             histogram = torch.zeros(HISTOGRAM_BINS)
             if resumed is not None and index == start_stage:
-                state.methods.load_state_dict(resumed["methods"])
+                load_weights(state.methods, resumed["methods"], str(latest_path), RESUME_REMEDY)
                 state.optimizer.load_state_dict(resumed["optimizer"])
             first_epoch = start_epoch if index == start_stage else 0
             for epoch in range(first_epoch, stage.epochs):
@@ -450,6 +497,18 @@ class SMSKDTrainer:
         self.dist.barrier()
         return summary if summary is not None else summarize(read_jsonl(metrics_path))
 
+    def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on this rank and, under torchrun, on every other rank too."""
+        bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+        return float(self.dist.all_reduce_(bad)) == 0.0
+
+    def _load_latest(self, latest_path: Path) -> Dict[str, Any]:
+        try:
+            return torch.load(latest_path, map_location=self.device, weights_only=True)
+        except Exception as error:  # checkpoints are written atomically: only outside damage gets here
+            raise ValueError(f"cannot resume: {latest_path} is unreadable ({type(error).__name__}); the stage "
+                             f"checkpoints beside it may still be read, or start again with another --out") from None
+
     def _check_frozen(self, state: _StageState, name: str) -> None:
         if state.reference is not None and model_fingerprint(state.reference) != state.reference_fingerprint:
             raise RuntimeError(f"{name}: the frozen reference model changed during the stage")
@@ -460,13 +519,13 @@ class SMSKDTrainer:
         save_model_file(self.student, self.config.student.name, self.num_classes, self.in_channels,
                         self.run_dir / "student.pt")
         records = read_jsonl(self.run_dir / "metrics.jsonl")
-        (self.run_dir / "tcp_weights.json").write_text(json.dumps(
+        write_text_atomic(self.run_dir / "tcp_weights.json", json.dumps(
             {"bins": [i / HISTOGRAM_BINS for i in range(HISTOGRAM_BINS + 1)], "counts": histograms}))
         summary = summarize(records)
         teacher_eval = self.run_dir / "teacher_eval.json"
         if teacher_eval.is_file():
             summary["teacher_test_acc"] = json.loads(teacher_eval.read_text())["acc"]
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         if self.config.plots:
             from .plots import plot_run
 
@@ -481,7 +540,9 @@ def summarize(records: List[Dict[str, Any]]) -> Dict[str, Any]:
     for name in dict.fromkeys(r["stage_name"] for r in records):
         rows = [r for r in records if r["stage_name"] == name]
         stages.append({"name": name, "last_test_acc": rows[-1]["test_acc"],
-                       "best_test_acc": max(r["test_acc"] for r in rows)})
+                       "best_test_acc": max(r["test_acc"] for r in rows),
+                       "skipped_steps": sum(r.get("train_skipped_steps", 0) for r in rows)})
     return {"last_test_acc": records[-1]["test_acc"], "best_test_acc": best["test_acc"],
             "best_global_epoch": best["global_epoch"], "epochs": len(records), "stages": stages,
+            "skipped_steps": sum(stage["skipped_steps"] for stage in stages),
             "table_shows": "last_test_acc"}

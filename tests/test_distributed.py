@@ -116,8 +116,11 @@ def assert_same_metrics(actual, expected) -> None:
 def assert_same_weights(actual, expected) -> None:
     assert actual.keys() == expected.keys()
     for key in expected:
-        difference = (actual[key] - expected[key]).abs().max().item()
-        assert difference <= WEIGHT_ATOL, f"{key}: max difference {difference:.3g}"
+        # Scaled by the entry's magnitude: CRD's normalising constant is ~1e4, where one
+        # float32 rounding step is ~1e-3; the weights themselves are below 1.
+        scale = max(1.0, expected[key].abs().max().item()) if expected[key].numel() else 1.0
+        difference = (actual[key] - expected[key]).abs().max().item() if expected[key].numel() else 0.0
+        assert difference <= WEIGHT_ATOL * scale, f"{key}: max difference {difference:.3g} at scale {scale:.3g}"
 
 
 def test_shard_bounds_cover_the_batch_in_order():
@@ -174,8 +177,7 @@ def test_two_ranks_match_one_rank(one_rank_run, two_rank_run):
     one_rank_banks = torch.load(one_rank_run / "checkpoints" / "stage2.pt", weights_only=True)["methods"]
     two_rank_banks = torch.load(two_rank_run / "checkpoints" / "stage2.pt", weights_only=True)["methods"]
     assert "1.memory_student" in one_rank_banks
-    for key in one_rank_banks:
-        assert (two_rank_banks[key] - one_rank_banks[key]).abs().max() <= WEIGHT_ATOL, key
+    assert_same_weights(two_rank_banks, one_rank_banks)
 
 
 def test_rank_killed_mid_stage_then_resumed_on_one_or_two_ranks(workdir, mlp_config, one_rank_run, two_rank_run):

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import smskd_fast
-from tolerances import grad_tolerance, loss_tolerance
+from tolerances import grad_tolerance, linear_grad_reach, linear_logit_bound, loss_tolerance
 
 CPU_BACKENDS = [name for name, status in smskd_fast.available_backends().items()
                 if status and name != "cuda" and name != "triton"]
@@ -117,3 +117,58 @@ def test_non_finite_inputs_give_what_the_reference_gives(backend, where, value):
     torch.testing.assert_close(grad.double()[finite], want_grad[finite], rtol=0, atol=1e-5)
     for row in torch.nonzero(~finite.all(dim=-1)).flatten():
         assert not torch.isfinite(grad[row]).all(), f"row {row}: the reference's gradient is not finite, ours is"
+
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 12), hidden=st.integers(1, 9), vocab=st.sampled_from([1, 2, 5, 33, 130]),
+       chunk=st.integers(1, 13), bias=st.booleans(), seed=st.integers(0, 2**31 - 1),
+       T=st.sampled_from([1.0, 4.0]), weighting=st.sampled_from(["inverse_tcp", "tcp", "constant"]),
+       reduction=st.sampled_from(["mean", "sum", "none"]), scale=st.sampled_from([0.1, 1.0, 10.0]))
+def test_fused_linear_agrees_with_float64_logits_then_reference(backend, rows, hidden, vocab, chunk, bias, seed, T,
+                                                                weighting, reduction, scale):
+    """fused_linear_smskd_loss in float32, chunk by chunk, against the same values upcast to float64,
+    logits materialised and the reference backend: loss terms and the gradients of hidden states,
+    head weight and bias."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):  # float32 values; the reference sees them exactly, upcast
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).float()
+
+    h, w, b = randn(rows, hidden), randn(vocab, hidden), randn(vocab) if bias else None
+    th, tw, rh, rw = randn(rows, hidden), randn(vocab, hidden), randn(rows, hidden), randn(vocab, hidden)
+    y = torch.randint(0, vocab, (rows,), generator=g)
+    y[torch.rand(rows, generator=g) < 0.25] = -100
+    options = dict(temperature=T, ce_weight=0.5, kd_weight=1.0, ref_weight=1.0, weighting=weighting,
+                   reduction=reduction)
+
+    def leaves(dtype):
+        return [x.to(dtype).requires_grad_(True) if x is not None else None for x in (h, w, b)]
+
+    got_leaves = leaves(torch.float32)
+    got = smskd_fast.fused_linear_smskd_loss(got_leaves[0], got_leaves[1], y, th, tw, None, rh, rw,
+                                             student_head_bias=got_leaves[2], backend=backend, chunk_size=chunk,
+                                             **options)
+    want_leaves = leaves(torch.float64)
+    logits = torch.nn.functional.linear(want_leaves[0], want_leaves[1], want_leaves[2])
+    want = smskd_fast.smskd_loss(logits, y, th.double() @ tw.double().T, rh.double() @ rw.double().T,
+                                 backend="reference", **options)
+    bound = linear_logit_bound(hidden, scale_of(h, th, rh), scale_of(w, tw, rw), 0.0 if b is None else scale_of(b))
+    rtol, atol = loss_tolerance(bound, T, 2.5)
+    n = 1 if reduction != "sum" else rows
+    for key in ("loss", "ce", "kd", "ref"):
+        torch.testing.assert_close(getattr(got, key).double(), getattr(want, key).detach(), rtol=rtol, atol=atol * n,
+                                   msg=lambda m: f"{key}: {m}")
+    present = [i for i, x in enumerate(got_leaves) if x is not None]
+    got_grads = torch.autograd.grad(got.loss.sum(), [got_leaves[i] for i in present])
+    want_grads = torch.autograd.grad(want.loss.sum(), [want_leaves[i] for i in present])
+    _, logit_grad_atol = grad_tolerance(torch.float32, bound, T, 0.5 + T * 2.0)
+    reach = linear_grad_reach(rows, vocab, scale_of(h), scale_of(w))
+    for index, got_grad, want_grad in zip(present, got_grads, want_grads):
+        torch.testing.assert_close(got_grad.double(), want_grad, rtol=0, atol=logit_grad_atol * reach[index],
+                                   msg=lambda m: f"gradient of {['hidden', 'weight', 'bias'][index]}: {m}")
+
+
+def scale_of(*tensors):
+    return max(float(x.detach().abs().max()) if x.numel() else 0.0 for x in tensors)

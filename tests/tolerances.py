@@ -28,3 +28,15 @@ def grad_tolerance(dtype: torch.dtype, max_abs_logit: float, temperature: float,
     rounding = 0.0 if dtype in (torch.float32, torch.float64) else torch.finfo(dtype).eps
     fp32_error = SLACK * FP32_EPS * (1.0 + max_abs_logit / min(1.0, temperature))
     return 0.0, (rounding + fp32_error) * grad_scale
+
+
+def linear_logit_bound(hidden_size: int, max_abs_hidden: float, max_abs_weight: float, max_abs_bias: float) -> float:
+    """An upper bound on |logit| of hidden @ weight.T + bias: it stands for max_abs_logit when the logits
+    are computed in fp32 inside the loss (fused_linear_smskd_loss), whose rounding scales with it."""
+    return hidden_size * max_abs_hidden * max_abs_weight + max_abs_bias
+
+
+def linear_grad_reach(rows: int, vocab: int, max_abs_hidden: float, max_abs_weight: float) -> tuple:
+    """How far an error of the per-logit gradient spreads into the (hidden, weight, bias) gradients of a
+    linear head: d hidden sums vocab entries times |weight|, d weight rows times |hidden|, d bias rows."""
+    return vocab * max(1.0, max_abs_weight), rows * max(1.0, max_abs_hidden), float(rows)

@@ -88,13 +88,17 @@ def _eval(args: argparse.Namespace) -> int:
     config = parse_config(yaml.safe_load((args.run_dir / "config.yaml").read_text()))
     model_file = args.model_file or args.run_dir / "student.pt"
     entry = load_model_file(model_file)
-    test = load_splits(config.data.name, args.data_dir or config.data.root, config.data.image_size).test
+    test = load_splits(config.data.name, args.data_dir or config.data.root, config.data.image_size,
+                       config.data.context_length).test
     test = test.subset(config.data.test_subset)
     model = build_model(entry["model"], entry["num_classes"], entry["in_channels"])
     model.load_state_dict(entry["state_dict"])
     device = torch.device(args.device or "cpu")
     result = evaluate(model.to(device), test, config.data.eval_batch_size, device)
-    print(json.dumps({"model_file": str(model_file), "test_acc": result["acc"], "test_loss": result["loss"]}))
+    report = {"model_file": str(model_file), "test_acc": result["acc"], "test_loss": result["loss"]}
+    if "perplexity" in result:
+        report["test_perplexity"] = result["perplexity"]
+    print(json.dumps(report))
     return 0
 
 

@@ -88,7 +88,13 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
 
 
 class _FusedLinearSMSKD(torch.autograd.Function):
-    """Autograd wrapper: gradients are computed in forward for "mean"/"sum", in backward for "none"."""
+    """Autograd wrapper: gradients are computed in forward for "mean"/"sum", in backward for "none".
+
+    The first backward scales the gradients from forward in place and hands them over, so
+    autograd takes them as .grad without a copy (a V x H weight gradient is the largest
+    buffer of the fused path). A second backward through the same graph (retain_graph,
+    gradcheck) finds them gone and recomputes them chunk by chunk, like "none".
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher, reference, target, options, backend, chunk_size, reduction):
@@ -103,9 +109,9 @@ class _FusedLinearSMSKD(torch.autograd.Function):
                 row_scale = row_scale / valid.sum().clamp(min=1)
         per_row, grad_hidden, grad_weight, grad_bias = _chunk_pass(
             student, teacher, reference, target, options, backend, chunk_size, row_scale, need)
-        ctx.reduction, ctx.need = reduction, need
+        ctx.reduction, ctx.need, ctx.row_scale = reduction, need, row_scale
         ctx.replay = (student, teacher, reference, target, options, backend, chunk_size)
-        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.grads = (grad_hidden, grad_weight, grad_bias) if grads else None
         loss, ce, kd, ref, tcp, w = per_row
         if reduction == "none":
             reduced = (loss, ce, kd, ref)
@@ -117,13 +123,15 @@ class _FusedLinearSMSKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        if ctx.reduction == "none":
-            student, teacher, reference, target, options, backend, chunk_size = ctx.replay
-            _, grad_hidden, grad_weight, grad_bias = _chunk_pass(
-                student, teacher, reference, target, options, backend, chunk_size, grad_loss, ctx.need)
-        else:
+        if ctx.grads is not None:
             grad_hidden, grad_weight, grad_bias = (
-                None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
+                None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads)
+            ctx.grads = None
+        else:
+            student, teacher, reference, target, options, backend, chunk_size = ctx.replay
+            row_scale = grad_loss if ctx.reduction == "none" else ctx.row_scale * grad_loss.to(ctx.row_scale.dtype)
+            _, grad_hidden, grad_weight, grad_bias = _chunk_pass(
+                student, teacher, reference, target, options, backend, chunk_size, row_scale, ctx.need)
         student = ctx.replay[0]
         grad_hidden = None if grad_hidden is None else grad_hidden.to(student.hidden.dtype)
         grad_weight = None if grad_weight is None else grad_weight.to(student.weight.dtype)

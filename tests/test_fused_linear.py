@@ -73,6 +73,21 @@ def test_matches_unfused_composition_in_float64(reduction, chunk_size, weighting
         torch.testing.assert_close(g_fused, g_unfused, rtol=1e-11, atol=1e-12)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backward_twice_through_one_graph(reduction):
+    """The first backward hands over the gradients from forward (scaled in place); a second one
+    (retain_graph) recomputes them, with its own upstream gradient."""
+    p = make_problem()
+    got, want = fused(p, chunk_size=4, backend="reference", reduction=reduction), unfused(p, reduction=reduction)
+    params = [p["student_hidden"], p["student_head_weight"], p["student_head_bias"]]
+    first = torch.autograd.grad(got.loss * 0.3, params, retain_graph=True)
+    second = torch.autograd.grad(got.loss * 2.0, params)
+    expected = grads(p, want.loss)
+    for scale, values in ((0.3, first), (2.0, second)):
+        for g_fused, g_unfused in zip(values, expected):
+            torch.testing.assert_close(g_fused, g_unfused * scale, rtol=1e-11, atol=1e-12)
+
+
 def test_gradcheck_float64():
     p = make_problem(rows_shape=(5,), hidden=4, vocab=6, teacher_hidden=3)
 

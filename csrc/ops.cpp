@@ -30,4 +30,12 @@ TORCH_LIBRARY(smskd_fast, m) {
       "float ref_weight, str weighting, int ignore_index, bool compute_grad) "
       "-> (Tensor loss, Tensor ce, Tensor kd, Tensor ref, Tensor tcp, "
       "Tensor weight, Tensor grad)");
+  // The same loss with the gradient written over the student logits (a GPU
+  // option, LossOptions.overwrite_student_logits): no N x C gradient buffer;
+  // student's columns must be contiguous. Returns the six per-row outputs.
+  m.def(
+      "smskd_loss_rows_inplace_(Tensor(a!) student, Tensor? target, Tensor? teacher, "
+      "Tensor? reference, float temperature, float ce_weight, float kd_weight, "
+      "float ref_weight, str weighting, int ignore_index) "
+      "-> (Tensor loss, Tensor ce, Tensor kd, Tensor ref, Tensor tcp, Tensor weight)");
 }

@@ -3,7 +3,9 @@
 The schema and the device kernels are C++ (csrc/); here we add what
 torch.compile needs (a fake implementation that only computes shapes) and the
 autograd formula. The kernel writes the gradient of each row's loss during the
-forward pass ("backward in forward"), so backward only scales it by grad_output.
+forward pass ("backward in forward"), so backward only scales it by grad_output,
+in place when the graph is not retained: the op's grad output is then consumed by
+backward (the public API never exposes it).
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import torch
 from ._extension import extension_loaded
 
 OP_NAME = "smskd_fast::smskd_loss_rows"
+# The same loss writing the gradient over the student logits (GPU backends).
+INPLACE_OP_NAME = "smskd_fast::smskd_loss_rows_inplace_"
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -29,26 +33,54 @@ def _fake_smskd_loss_rows(
     return (*per_row, grad)
 
 
+def _fake_smskd_loss_rows_inplace_(
+    student, target, teacher, reference, temperature, ce_weight, kd_weight,
+    ref_weight, weighting, ignore_index,
+):
+    n = student.shape[0]
+    acc = _accumulation_dtype(student.dtype)
+    return tuple(student.new_empty((n,), dtype=acc) for _ in range(6))
+
+
 def _setup_context(ctx, inputs, output) -> None:
     compute_grad = inputs[-1]
     ctx.compute_grad = compute_grad
+    # Only the loss output has a gradient; without this, autograd would hand
+    # backward a materialised N x C zero tensor for the unused grad output.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[-1])
 
 
+def _last_use_of_saved_tensors(saved: torch.Tensor) -> bool:
+    """True in an eager backward that frees the graph (retain_graph=False); False when
+    tracing (torch.compile) or when that cannot be known (older torch)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is None or type(saved) is not torch.Tensor:
+        return False
+    return not keep_graph()
+
+
 def _backward(ctx, grad_loss, *unused_grads):
+    if grad_loss is None:
+        return (None,) * 11
     if not ctx.compute_grad:
         raise RuntimeError(
             "smskd_loss_rows was called with compute_grad=False, so it has no gradient; "
             "call it with compute_grad=True when the student logits require grad"
         )
     (row_grad,) = ctx.saved_tensors
-    grad_student = row_grad * grad_loss.to(row_grad.dtype).unsqueeze(-1)
+    scale = grad_loss.to(row_grad.dtype).unsqueeze(-1)
+    # When nothing reads row_grad after this backward (it is the op's own buffer),
+    # scale it in place: the gradient then costs one N x C buffer instead of two.
+    in_place = _last_use_of_saved_tensors(row_grad)
+    grad_student = row_grad.mul_(scale) if in_place else row_grad * scale
     return grad_student, None, None, None, None, None, None, None, None, None, None
 
 
 def register() -> None:
     """Adds fake and autograd implementations to the compiled operator."""
     torch.library.register_fake(OP_NAME)(_fake_smskd_loss_rows)
+    torch.library.register_fake(INPLACE_OP_NAME)(_fake_smskd_loss_rows_inplace_)
     torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
 
 

@@ -146,3 +146,24 @@ def test_kd_loss_errors():
 def test_zero_dimensional_logits():
     with pytest.raises(ValueError, match=r"student_logits must have shape \(\.\.\., C\) with C >= 1, got \(\)"):
         smskd_fast.smskd_loss(torch.tensor(1.0), torch.tensor(0))
+
+
+class Float32OnlyBackend(UnbuiltBackend):
+    """An available backend that refuses float64, like the triton one."""
+
+    name = "float32_only"
+
+    def status(self):
+        return BackendStatus(True, "test stand-in")
+
+    def supports_dtype(self, dtype):
+        return dtype != torch.float64
+
+
+def test_auto_passes_over_backends_that_refuse_the_dtype(monkeypatch):
+    monkeypatch.setattr(registry, "_BACKENDS", {**registry._BACKENDS, "float32_only": (0, Float32OnlyBackend())})
+    monkeypatch.setattr(registry, "_STATUS", {})
+    student = torch.randn(3, 4, dtype=torch.float64)
+    chosen = registry.resolve_backend("auto", student.device, torch.float64, 4)
+    assert chosen.name != "float32_only"
+    assert registry.resolve_backend("auto", student.device, torch.float32, 4).name == "float32_only"

@@ -83,5 +83,8 @@ class Backend(Protocol):
     def supports(self, device: torch.device) -> bool:
         """Whether this backend runs tensors on the given device."""
 
+    # Optional: def supports_dtype(self, dtype) -> bool, for backends that refuse some
+    # input dtypes (backend="auto" then passes over them for such inputs).
+
     def rows(self, inputs: RowInputs, options: LossOptions) -> RowOutputs:
         """Computes the per-row loss terms of SPEC.md section 2."""

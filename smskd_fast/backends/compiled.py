@@ -18,13 +18,72 @@ def needs_student_grad(student: torch.Tensor) -> bool:
     return student.requires_grad and torch.is_grad_enabled()
 
 
+class GradientInStudent(torch.autograd.Function):
+    """smskd_loss_rows_inplace_ under autograd: the forward writes d loss_i / d s_i over s.
+
+    The student's own storage holds the row gradients until backward scales them
+    in place by grad_output, so no N x C buffer is allocated at any point. The
+    write bumps the student's version counter: autograd then refuses, rather
+    than silently misuses, any saved use of the overwritten logits.
+    """
+
+    @staticmethod
+    def forward(ctx, student, target, teacher, reference, options: LossOptions):
+        storage = student.detach()
+        outputs = torch.ops.smskd_fast.smskd_loss_rows_inplace_(
+            storage, target, teacher, reference, *_scalar_arguments(options)
+        )
+        ctx.save_for_backward(storage)
+        ctx.backward_done = False
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_grads):
+        if ctx.backward_done:
+            raise RuntimeError(
+                "overwrite_student_logits=True keeps one copy of the gradient, scaled in place by the "
+                "first backward; a second backward through the same loss is not supported"
+            )
+        ctx.backward_done = True
+        (row_grad,) = ctx.saved_tensors
+        return row_grad.mul_(grad_loss.to(row_grad.dtype).unsqueeze(-1)), None, None, None, None
+
+
+def _scalar_arguments(options: LossOptions) -> tuple:
+    return (
+        float(options.temperature),
+        float(options.ce_weight),
+        float(options.kd_weight),
+        float(options.ref_weight),
+        options.weighting,
+        int(options.ignore_index),
+    )
+
+
+def can_overwrite_student(student: torch.Tensor, device_type: str) -> bool:
+    """The in-place gradient runs eagerly on CUDA for (N, C) logits with contiguous columns.
+
+    Under torch.compile the functional op is used instead: its graph then has
+    no mutation of an autograd input to reason about.
+    """
+    return (
+        device_type == "cuda"
+        and not torch.compiler.is_compiling()
+        and needs_student_grad(student)
+        and student.dtype != torch.float64
+        and (student.shape[-1] <= 1 or student.stride(-1) == 1)
+    )
+
+
 class CompiledOpBackend:
     """Dispatches to the C++/CUDA operator for one device type."""
 
-    def __init__(self, name: str, device_type: str, dispatch_key: str) -> None:
+    def __init__(self, name: str, device_type: str, dispatch_key: str, *, float64: bool = True) -> None:
         self.name = name
         self.device_type = device_type
         self.dispatch_key = dispatch_key
+        self.float64 = float64  # the CUDA kernels refuse float64 (use the reference there)
 
     def status(self) -> BackendStatus:
         if not extension_loaded():
@@ -41,18 +100,17 @@ class CompiledOpBackend:
     def supports(self, device: torch.device) -> bool:
         return device.type == self.device_type
 
+    def supports_dtype(self, dtype: torch.dtype) -> bool:
+        return self.float64 or dtype != torch.float64
+
     def rows(self, inputs: RowInputs, options: LossOptions) -> RowOutputs:
-        loss, ce, kd, ref, tcp, weight, _ = torch.ops.smskd_fast.smskd_loss_rows(
-            inputs.student,
-            inputs.target,
-            inputs.teacher,
-            inputs.reference,
-            float(options.temperature),
-            float(options.ce_weight),
-            float(options.kd_weight),
-            float(options.ref_weight),
-            options.weighting,
-            int(options.ignore_index),
-            needs_student_grad(inputs.student),
-        )
+        if options.overwrite_student_logits and can_overwrite_student(inputs.student, self.device_type):
+            loss, ce, kd, ref, tcp, weight = GradientInStudent.apply(
+                inputs.student, inputs.target, inputs.teacher, inputs.reference, options
+            )
+        else:
+            loss, ce, kd, ref, tcp, weight, _ = torch.ops.smskd_fast.smskd_loss_rows(
+                inputs.student, inputs.target, inputs.teacher, inputs.reference,
+                *_scalar_arguments(options), needs_student_grad(inputs.student),
+            )
         return RowOutputs(loss, ce.detach(), kd.detach(), ref.detach(), tcp.detach(), weight.detach())

@@ -55,6 +55,12 @@ def supports_topk(backend: Backend) -> bool:
     return bool(getattr(backend, "supports_topk", False))
 
 
+def supports_dtype(backend: Backend, dtype: torch.dtype) -> bool:
+    """Whether a backend computes inputs of this dtype (backends without the method take all four)."""
+    check = getattr(backend, "supports_dtype", None)
+    return True if check is None else bool(check(dtype))
+
+
 def get_backend(name: str, device: Optional[torch.device] = None, *, topk: bool = False) -> Backend:
     """The backend called name; an error that says why when it cannot run (on device, with a top-k teacher)."""
     if name not in _BACKENDS:
@@ -86,6 +92,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, num_cla
         for candidate in backend_names()
         if _BACKENDS[candidate][1].supports(device) and backend_status(candidate).available
         and (not topk or supports_topk(_BACKENDS[candidate][1]))
+        and supports_dtype(_BACKENDS[candidate][1], dtype)
     ]
     chooser: Optional[AutoChooser] = _CHOOSERS.get(device.type)
     chosen = chooser(candidates, dtype, num_classes) if chooser and len(candidates) > 1 else candidates[0]

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The CUDA backend's checks on a GPU machine (nvcc, cmake, compute-sanitizer there),
+# in one command of under 10 minutes:
+#
+#   OUT=/some/folder bash benchmarks/gpu/cuda_checks.sh
+#
+# 1. builds smskd_fast._C in place unless it already has the CUDA kernel
+#    (so it can follow benchmarks/gpu/run_all.sh in the same machine session);
+# 2. the CUDA pytest files (full float64-reference grid, resources, host emulation);
+# 3. kernels/ with CMake for this GPU's architecture, and ctest (GPU grid, bad-target
+#    assertion, host emulation);
+# 4. compute-sanitizer memcheck and racecheck on the standalone test (--quick grid);
+# 5. the standalone bf16 bandwidth benchmark against the device copy bandwidth;
+# 6. cuda vs triton per (dtype, C): backend="auto"'s table.
+# Writes to $OUT (default benchmarks/results/gpu_cuda_<date>), 7 files: cuda_checks.log,
+# tests_cuda.xml, kernels_ctest.txt, sanitizer.txt, bench_kernels.txt,
+# backend_choice.json, gpu_choice_table.json. Each step is time-boxed and a failing
+# step does not stop the later ones; the exit status is non-zero when the tests,
+# ctest or a sanitizer failed.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/benchmarks/results/gpu_cuda_$(date -u +%Y%m%d_%H%M%S)}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/cuda_checks.log") 2>&1
+export PYTHONUNBUFFERED=1
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+PY=${PYTHON:-python3}
+START=$(date +%s)
+STATUS=0
+step() { echo; echo "== $1 ($(( $(date +%s) - START )) s elapsed)"; }
+fail() { echo "FAILED: $1"; STATUS=1; }
+
+step "environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+command -v nvcc && nvcc --version | tail -1
+command -v compute-sanitizer || echo "compute-sanitizer not on PATH"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+git -C "$ROOT" log -1 --format='commit %h %s' 2>/dev/null || true
+ARCH=$($PY -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
+echo "compute capability: $ARCH"
+
+step "build smskd_fast._C with CUDA (unless already built)"
+HAS_CUDA_OP="import torch, smskd_fast; from smskd_fast import ops; \
+assert torch._C._dispatch_has_kernel_for_dispatch_key(ops.OP_NAME, 'CUDA')"
+if ! $PY -c "$HAS_CUDA_OP" 2>/dev/null; then
+  MAX_JOBS=${MAX_JOBS:-16} timeout 300 $PY setup.py build_ext --inplace -q || fail "CUDA build of smskd_fast._C"
+fi
+$PY -c "import smskd_fast; [print(f'{k:10s} {v}') for k, v in smskd_fast.available_backends().items()]"
+
+step "CUDA tests (pytest)"
+timeout 240 $PY -m pytest tests/test_cuda_backend.py tests/test_cuda_resources.py tests/test_gpu_choice.py \
+  -q -p no:cacheprovider -rs --junitxml="$OUT/tests_cuda.xml" || fail "pytest"
+
+step "kernels/ with CMake + ctest (sm_$ARCH)"
+BUILD=/tmp/smskd_kernels_build
+{ timeout 240 cmake -S kernels -B "$BUILD" -DSMSKD_CUDA_ARCHITECTURES="$ARCH" -DCMAKE_BUILD_TYPE=Release \
+    && timeout 240 cmake --build "$BUILD" -j 16 \
+    && (cd "$BUILD" && timeout 120 ctest --output-on-failure) \
+    && "$BUILD/test_smskd_kernels"; } > "$OUT/kernels_ctest.txt" 2>&1 || fail "kernels/ build or ctest"
+tail -n 25 "$OUT/kernels_ctest.txt"
+
+step "compute-sanitizer memcheck and racecheck on the standalone test"
+if command -v compute-sanitizer > /dev/null && [ -x "$BUILD/test_smskd_kernels" ]; then
+  for tool in memcheck racecheck; do
+    echo "--- $tool" >> "$OUT/sanitizer.txt"
+    timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 9 "$BUILD/test_smskd_kernels" --quick \
+      >> "$OUT/sanitizer.txt" 2>&1 || fail "compute-sanitizer $tool"
+  done
+  grep -E "^--- |ERROR SUMMARY|RACECHECK SUMMARY|cases? (passed|FAILED)" "$OUT/sanitizer.txt"
+else
+  echo "skipped: no compute-sanitizer or no standalone build" | tee "$OUT/sanitizer.txt"
+fi
+
+step "standalone bf16 bandwidth benchmark"
+[ -x "$BUILD/test_smskd_kernels" ] && timeout 60 "$BUILD/test_smskd_kernels" --bench | tee "$OUT/bench_kernels.txt"
+
+step "cuda vs triton per (dtype, C): backend='auto' table"
+LEFT=$(( 570 - ($(date +%s) - START) )); [ "$LEFT" -lt 60 ] && LEFT=60
+timeout "$LEFT" $PY benchmarks/gpu/measure_backend_choice.py --out-dir "$OUT" \
+  || echo "measurement did not finish"
+
+step "done: exit status $STATUS"
+exit $STATUS

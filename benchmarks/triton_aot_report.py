@@ -1,0 +1,272 @@
+"""Compiles every Triton kernel of the triton backend ahead of time, without a GPU, and reports resources.
+
+For each kernel, launch configuration (smskd_fast/backends/triton_launch.py),
+variant (which inputs and whether the gradient is written), input dtype and
+target (sm_80, sm_90), triton.compile with a GPUTarget builds the cubin; the
+cuobjdump shipped inside triton's package reads its registers, shared memory,
+stack and local bytes, and triton's ptxas -v its spill stores and loads. Writes a Markdown table and the raw JSON to
+benchmarks/results/ and exits with status 1 on any spill (spill stores, loads
+or local bytes > 0), a failed compile, or when the target check kernel lost its device-side assert (debug build) or
+its trap (both builds).
+
+    python benchmarks/triton_aot_report.py                 # everything (338 compiles)
+    python benchmarks/triton_aot_report.py --ci --jobs 2   # what CI runs: gradient variants, fp32 + bf16
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from smskd_fast.backends import triton_kernels as kernels  # noqa: E402
+from smskd_fast.backends import triton_launch as launch  # noqa: E402
+
+ARCHS = (80, 90)
+DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
+# name: (HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING, COMPUTE_GRAD)
+VARIANTS = {
+    "smskd+grad": (True, True, True, 1, True),
+    "smskd": (True, True, True, 1, False),
+    "kd+grad": (False, True, False, 0, True),
+    "ce+grad": (True, False, False, 0, True),
+}
+CI_VARIANTS = ("smskd+grad", "kd+grad")
+CI_DTYPES = ("fp32", "bf16")
+OUTPUT_POINTERS = ("loss_ptr", "ce_ptr", "kd_ptr", "ref_ptr", "tcp_ptr", "weight_ptr")
+ALIGNED_INTS = ("num_classes", "student_stride", "teacher_stride", "reference_stride", "grad_stride")
+FLOAT_ARGS = ("temperature", "ce_weight", "kd_weight", "ref_weight")
+
+
+@dataclass(frozen=True)
+class Job:
+    kernel: str
+    config: str
+    variant: str
+    dtype: str
+    arch: int
+    num_warps: int
+    constexprs: tuple
+
+
+@dataclass
+class Row:
+    kernel: str
+    config: str
+    variant: str
+    dtype: str
+    arch: str
+    num_warps: int
+    registers: int
+    shared_bytes: int
+    stack_bytes: int
+    local_bytes: int
+    spill_stores: int
+    spill_loads: int
+    ldg128: int
+    ldg_narrow: int
+    ex2: int
+    check_live: Optional[bool]
+    error: str = ""
+
+    @property
+    def spills(self) -> bool:
+        return self.local_bytes > 0 or self.spill_stores > 0 or self.spill_loads > 0
+
+
+def cuobjdump() -> str:
+    """The cuobjdump inside triton's package (triton 3.x ships it with ptxas)."""
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not path.exists():
+        raise FileNotFoundError(f"cuobjdump not found at {path}")
+    return str(path)
+
+
+def signature(fn, dtype: str, has_target: bool, align_ints: bool):
+    """Argument types and the divisibility the JIT would specialize for aligned tensors.
+
+    Online kernels are compiled as for C = 32000 or 128256 (C and strides divisible
+    by 16, ROW_ALIGN = 16), tile kernels as for C = 1000 (no integer
+    specialization, ROW_ALIGN = 8).
+    """
+    sig, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in OUTPUT_POINTERS:
+            sig[name] = "*fp32"
+        elif name == "target_ptr":
+            sig[name] = "*i64" if has_target else dtype
+        elif name.endswith("_ptr"):
+            sig[name] = dtype
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name.isupper():
+            sig[name] = "constexpr"
+        else:
+            sig[name] = "i32"
+        if name.endswith("_ptr") or (align_ints and name in ALIGNED_INTS):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def ptxas_spills(ptx: str) -> Dict[str, int]:
+    """Spill stores and loads as ptxas -v reports them for the kernel's PTX (its own .target, e.g. sm_90a)."""
+    arch = re.search(r"^\.target\s+(sm_\w+)", ptx, flags=re.MULTILINE).group(1)
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(ptx)
+        log = subprocess.run([str(ptxas), "-v", f"--gpu-name={arch}", str(source), "-o", str(Path(folder) / "k.o")],
+                             capture_output=True, text=True, check=True).stderr
+    stores = re.search(r"(\d+) bytes spill stores", log)
+    loads = re.search(r"(\d+) bytes spill loads", log)
+    return {"spill_stores": int(stores.group(1)), "spill_loads": int(loads.group(1))}
+
+
+def resource_usage(cubin: bytes) -> Dict[str, int]:
+    """Registers, stack, shared and local bytes; and from the SASS, the 16-byte global loads,
+    the narrower ones, and the MUFU.EX2 (exponential) instructions."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
+        handle.write(cubin)
+    try:
+        text = subprocess.run([cuobjdump(), "--dump-resource-usage", handle.name],
+                              capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([cuobjdump(), "-sass", handle.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(handle.name)
+    line = next(line for line in text.splitlines() if "REG:" in line)
+    fields = dict(item.split(":", 1) for item in line.split())
+    usage = {key: int(fields[key]) for key in ("REG", "STACK", "SHARED", "LOCAL")}
+    loads = re.findall(r"\bLDG\.E[.\w]*", sass)
+    usage["ldg128"] = sum(1 for load in loads if load.endswith("128"))
+    usage["ldg_narrow"] = len(loads) - usage["ldg128"]
+    usage["ex2"] = len(re.findall(r"\bMUFU\.EX2\b", sass))
+    return usage
+
+
+def compile_job(job: Job) -> Row:
+    fn = getattr(kernels, job.kernel)
+    constexprs = dict(job.constexprs)
+    has_target = constexprs.get("HAS_TARGET", True)
+    if job.kernel == "_check_targets_kernel":
+        sig = {"target_ptr": "*i64", "num_rows": "i32", "num_classes": "i32", "ignore_index": "i32", "BLOCK": "constexpr"}
+        attrs = {(0,): [["tt.divisibility", 16]]}
+    else:
+        sig, attrs = signature(fn, DTYPES[job.dtype], has_target, align_ints=job.kernel.endswith("online_kernel"))
+    options = {"num_warps": job.num_warps}
+    if job.kernel == "_check_targets_kernel":
+        options["debug"] = job.variant == "debug"  # what @triton.jit(debug=True) gives eagerly
+    try:
+        compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", job.arch, 32),
+                                  options=options)
+        usage = resource_usage(compiled.asm["cubin"])
+        usage.update(ptxas_spills(compiled.asm["ptx"]))
+    except Exception as error:  # reported as a failed row, and the script fails
+        return Row(job.kernel, job.config, job.variant, job.dtype, f"sm_{job.arch}", job.num_warps,
+                   -1, -1, -1, -1, -1, -1, -1, -1, -1, None, error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    check_live = None
+    if job.kernel == "_check_targets_kernel":
+        ptx = compiled.asm["ptx"]
+        check_live = "trap" in ptx and (job.variant != "debug" or "__assertfail" in ptx)
+    return Row(job.kernel, job.config, job.variant, job.dtype, f"sm_{job.arch}", job.num_warps,
+               usage["REG"], usage["SHARED"], usage["STACK"], usage["LOCAL"], usage["spill_stores"],
+               usage["spill_loads"], usage["ldg128"], usage["ldg_narrow"], usage["ex2"], check_live)
+
+
+def jobs(variants, dtypes) -> List[Job]:
+    result = []
+    for arch in ARCHS:
+        for build in ("debug", "no-debug"):  # as launched eagerly; as Inductor re-jits it
+            result.append(Job("_check_targets_kernel", f"BLOCK={launch.CHECK_BLOCK}", build, "i64", arch, 4,
+                              (("BLOCK", launch.CHECK_BLOCK),)))
+        for variant in variants:
+            has_target, has_teacher, has_reference, weighting, grad = VARIANTS[variant]
+            flags = (("HAS_TARGET", has_target), ("HAS_TEACHER", has_teacher), ("HAS_REFERENCE", has_reference),
+                     ("WEIGHTING", weighting), ("COMPUTE_GRAD", grad))
+            for dtype in dtypes:
+                for tile in launch.all_tile_configs():
+                    result.append(Job("_smskd_rows_tile_kernel", f"ROWS={tile.rows} BLOCK_C={tile.block_c}",
+                                      variant, dtype, arch, tile.num_warps,
+                                      flags + (("ROWS", tile.rows), ("BLOCK_C", tile.block_c), ("ROW_ALIGN", 8))))
+                for online in launch.ONLINE_CONFIGS:
+                    result.append(Job("_smskd_rows_online_kernel", f"BLOCK_C={online.block_c}",
+                                      variant, dtype, arch, online.num_warps,
+                                      flags + (("BLOCK_C", online.block_c), ("ROW_ALIGN", 16))))
+    return result
+
+
+def git_commit() -> str:
+    """HEAD's short hash; SMSKD_COMMIT where the tree is a copy without .git (the GPU machine)."""
+    if os.environ.get("SMSKD_COMMIT"):
+        return os.environ["SMSKD_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown(rows: List[Row], header: str) -> str:
+    lines = [header, "",
+             "| kernel | config | variant | dtype | arch | warps | regs | shared B | stack B | local B | spill st/ld B | LDG 16B/narrow | EX2 | target check | error |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        assert_text = "" if row.check_live is None else ("live" if row.check_live else "MISSING")
+        lines.append(f"| {row.kernel} | {row.config} | {row.variant} | {row.dtype} | {row.arch} | {row.num_warps} | "
+                     f"{row.registers} | {row.shared_bytes} | {row.stack_bytes} | {row.local_bytes} | "
+                     f"{row.spill_stores}/{row.spill_loads} | {row.ldg128}/{row.ldg_narrow} | {row.ex2} | "
+                     f"{assert_text} | {row.error} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ci", action="store_true", help="gradient variants in fp32 and bf16 only")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
+                        help="folder for triton_aot_report[_ci].{md,json}")
+    args = parser.parse_args(argv)
+
+    variants = CI_VARIANTS if args.ci else tuple(VARIANTS)
+    dtypes = CI_DTYPES if args.ci else tuple(DTYPES)
+    work = jobs(variants, dtypes)
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        rows = list(pool.map(compile_job, work))
+
+    failures = [row for row in rows if row.error or row.spills or row.check_live is False]
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = "python benchmarks/triton_aot_report.py" + (" --ci" if args.ci else "")
+    header = (f"# Triton kernels compiled ahead of time (no GPU)\n\n"
+              f"Command: `{command}`; {stamp}; commit {git_commit()}; triton {triton.__version__}; "
+              f"{len(rows)} compiles, {len(failures)} with a spill, an error or a missing target check.\n"
+              f"regs: registers per thread; spills: ptxas -v spill stores/loads, local: cuobjdump local bytes; any > 0 fails.\n"
+              f"A stack frame without spills (e.g. the assert call of the check kernel) is reported, not failed.\n"
+              f"LDG 16B/narrow: global loads in the SASS, 16-byte vectors / narrower (scalar loads of the\n"
+              f"target and of s_y, t_y are narrow by nature); EX2: MUFU.EX2 instructions (static count).")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "triton_aot_report_ci" if args.ci else "triton_aot_report"
+    (args.out / f"{stem}.md").write_text(markdown(rows, header))
+    (args.out / f"{stem}.json").write_text(json.dumps(
+        {"command": command, "date": stamp, "commit": git_commit(), "triton": triton.__version__,
+         "rows": [asdict(row) for row in rows]}, indent=1))
+    print(markdown(failures or rows[:0], header))
+    print(f"wrote {args.out / (stem + '.md')}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+// CUDA implementation of smskd_fast::smskd_loss_rows and of its in-place
+// variant smskd_loss_rows_inplace_ (schemas in csrc/ops.cpp).
+//
+// Host code only (compiled by the C++ compiler, not nvcc): checks the tensors,
+// allocates the outputs and calls the PyTorch-free launcher of kernels/ on the
+// current stream of the student's device. Per-row outputs are float32.
+// float64 logits are rejected with a pointer to backend="reference": the
+// kernels accumulate in fp32, and float64 on a GPU is for gradcheck-style
+// checks, which the float64 reference backend serves exactly.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+#include <string>
+#include <tuple>
+
+#include "smskd_kernels.h"
+
+namespace smskd::cuda {
+namespace {
+
+using LossRowsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using PerRowResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+smskd_dtype kernel_dtype(const at::Tensor& student) {
+  switch (student.scalar_type()) {
+    case at::kFloat:
+      return SMSKD_FLOAT32;
+    case at::kBFloat16:
+      return SMSKD_BFLOAT16;
+    case at::kHalf:
+      return SMSKD_FLOAT16;
+    case at::kDouble:
+      TORCH_CHECK_TYPE(false,
+                       "smskd_loss_rows on CUDA supports float32, bfloat16 and float16 logits, got float64; "
+                       "use backend='reference' for float64 (e.g. for gradcheck) or cast the logits to float32");
+    default:
+      TORCH_CHECK_TYPE(false, "smskd_loss_rows on CUDA: student must be float32, bfloat16 or float16, got ",
+                       student.scalar_type());
+  }
+}
+
+smskd_weighting parse_weighting(const std::string& weighting) {
+  if (weighting == "inverse_tcp") return SMSKD_WEIGHT_INVERSE_TCP;
+  if (weighting == "tcp") return SMSKD_WEIGHT_TCP;
+  if (weighting == "constant") return SMSKD_WEIGHT_CONSTANT;
+  TORCH_CHECK_VALUE(false, "smskd_loss_rows: weighting must be 'inverse_tcp', 'tcp' or 'constant', got '", weighting,
+                    "'");
+}
+
+// Rows may be strided, columns must be contiguous: a copy only when they are not.
+at::Tensor with_unit_column_stride(const at::Tensor& logits) {
+  return logits.size(1) <= 1 || logits.stride(1) == 1 ? logits : logits.contiguous();
+}
+
+at::Tensor checked_companion(const char* name, const at::Tensor& logits, const at::Tensor& student) {
+  TORCH_CHECK_VALUE(logits.sizes() == student.sizes(), "smskd_loss_rows: ", name, " must have the student's shape ",
+                    student.sizes(), ", got ", logits.sizes());
+  TORCH_CHECK_TYPE(logits.scalar_type() == student.scalar_type(), "smskd_loss_rows: ", name,
+                   " must have the student's dtype ", student.scalar_type(), ", got ", logits.scalar_type());
+  TORCH_CHECK(logits.device() == student.device(), "smskd_loss_rows: ", name, " must be on the student's device ",
+              student.device(), ", got ", logits.device());
+  return with_unit_column_stride(logits);
+}
+
+// int64 class indices on the student's device. Their range is checked by the
+// kernel (a device-side assertion), so that no call synchronises with the host.
+at::Tensor checked_target(const at::Tensor& target, const at::Tensor& student) {
+  TORCH_CHECK_TYPE(at::isIntegralType(target.scalar_type(), /*includeBool=*/false),
+                   "smskd_loss_rows: target must hold integer class indices, got ", target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == student.size(0), "smskd_loss_rows: target must have shape (",
+                    student.size(0), ",), got ", target.sizes());
+  TORCH_CHECK(target.device() == student.device(), "smskd_loss_rows: target must be on the student's device ",
+              student.device(), ", got ", target.device());
+  return target.to(at::kLong);
+}
+
+// Checks every input, allocates the per-row outputs and launches the kernel;
+// grad is written where grad_out points (a new tensor, or the student itself).
+PerRowResult launch(const at::Tensor& student, const std::optional<at::Tensor>& target,
+                    const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& reference,
+                    double temperature, double ce_weight, double kd_weight, double ref_weight,
+                    c10::string_view weighting, int64_t ignore_index, const at::Tensor* grad_out) {
+  TORCH_CHECK(student.is_cuda(), "smskd_loss_rows: student must be a CUDA tensor, got ", student.device());
+  TORCH_CHECK_VALUE(student.dim() == 2 && student.size(1) >= 1,
+                    "smskd_loss_rows: student must have shape (N, C) with C >= 1, got ", student.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
+                    "smskd_loss_rows: temperature must be a finite number > 0, got ", temperature);
+  smskd_loss_rows_args args{};
+  args.dtype = kernel_dtype(student);
+  args.weighting = parse_weighting(std::string(weighting));
+  const c10::cuda::CUDAGuard device_guard(student.device());
+
+  at::Tensor t, r, y;
+  if (teacher.has_value()) t = checked_companion("teacher", *teacher, student);
+  if (reference.has_value()) r = checked_companion("reference", *reference, student);
+  if (target.has_value()) y = checked_target(*target, student);
+
+  args.rows = student.size(0);
+  args.cols = student.size(1);
+  args.student = student.const_data_ptr();
+  args.student_stride = student.stride(0);
+  if (t.defined()) {
+    args.teacher = t.const_data_ptr();
+    args.teacher_stride = t.stride(0);
+  }
+  if (r.defined()) {
+    args.reference = r.const_data_ptr();
+    args.reference_stride = r.stride(0);
+  }
+  if (y.defined()) {
+    args.target = y.const_data_ptr<int64_t>();
+    args.target_stride = y.stride(0);
+  }
+  if (grad_out != nullptr) {
+    args.grad = grad_out->data_ptr();
+    args.grad_stride = grad_out->stride(0);
+  }
+
+  std::array<at::Tensor, 6> per_row;
+  const auto per_row_options = student.options().dtype(at::kFloat);
+  for (auto& out : per_row) out = at::empty({args.rows}, per_row_options);
+  args.loss = per_row[0].data_ptr<float>();
+  args.ce = per_row[1].data_ptr<float>();
+  args.kd = per_row[2].data_ptr<float>();
+  args.ref = per_row[3].data_ptr<float>();
+  args.tcp = per_row[4].data_ptr<float>();
+  args.weight = per_row[5].data_ptr<float>();
+  args.temperature = static_cast<float>(temperature);
+  args.ce_weight = static_cast<float>(ce_weight);
+  args.kd_weight = static_cast<float>(kd_weight);
+  args.ref_weight = static_cast<float>(ref_weight);
+  args.ignore_index = ignore_index;
+
+  const char* invalid = smskd_loss_rows_invalid(&args);
+  TORCH_CHECK_VALUE(invalid == nullptr, "smskd_loss_rows: ", invalid ? invalid : "");
+  const cudaError_t status = smskd_loss_rows_launch(&args, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cudaSuccess, "smskd_loss_rows: CUDA kernel launch failed: ", cudaGetErrorString(status));
+  return {per_row[0], per_row[1], per_row[2], per_row[3], per_row[4], per_row[5]};
+}
+
+LossRowsResult smskd_loss_rows_cuda(const at::Tensor& student, const std::optional<at::Tensor>& target,
+                                    const std::optional<at::Tensor>& teacher,
+                                    const std::optional<at::Tensor>& reference, double temperature, double ce_weight,
+                                    double kd_weight, double ref_weight, c10::string_view weighting,
+                                    int64_t ignore_index, bool compute_grad) {
+  TORCH_CHECK_VALUE(student.dim() == 2, "smskd_loss_rows: student must have shape (N, C) with C >= 1, got ",
+                    student.sizes());
+  const at::Tensor logits = with_unit_column_stride(student);
+  at::Tensor grad = at::empty({compute_grad ? logits.size(0) : 0, logits.size(1)},
+                              logits.options().memory_format(at::MemoryFormat::Contiguous));
+  auto [loss, ce, kd, ref, tcp, weight] =
+      launch(logits, target, teacher, reference, temperature, ce_weight, kd_weight, ref_weight, weighting,
+             ignore_index, compute_grad ? &grad : nullptr);
+  return {loss, ce, kd, ref, tcp, weight, grad};
+}
+
+// Writes d loss_i / d student_i over student itself: no N x C gradient buffer.
+PerRowResult smskd_loss_rows_inplace_cuda(at::Tensor& student, const std::optional<at::Tensor>& target,
+                                          const std::optional<at::Tensor>& teacher,
+                                          const std::optional<at::Tensor>& reference, double temperature,
+                                          double ce_weight, double kd_weight, double ref_weight,
+                                          c10::string_view weighting, int64_t ignore_index) {
+  TORCH_CHECK_VALUE(student.dim() == 2 && (student.size(1) <= 1 || student.stride(1) == 1),
+                    "smskd_loss_rows_inplace_: student must be an (N, C) tensor with contiguous columns, got sizes ",
+                    student.sizes(), " and strides ", student.strides());
+  TORCH_CHECK_VALUE(student.size(0) <= 1 || student.stride(0) >= student.size(1),
+                    "smskd_loss_rows_inplace_: student's rows must not overlap (stride(0) >= C), got strides ",
+                    student.strides());
+  return launch(student, target, teacher, reference, temperature, ce_weight, kd_weight, ref_weight, weighting,
+                ignore_index, &student);
+}
+
+}  // namespace
+}  // namespace smskd::cuda
+
+TORCH_LIBRARY_IMPL(smskd_fast, CUDA, m) {
+  m.impl("smskd_loss_rows", &smskd::cuda::smskd_loss_rows_cuda);
+  m.impl("smskd_loss_rows_inplace_", &smskd::cuda::smskd_loss_rows_inplace_cuda);
+}

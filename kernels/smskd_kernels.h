@@ -1,0 +1,98 @@
+/* C ABI of the fused SMSKD row kernels (kernels/smskd_kernels.cu).
+ *
+ * No PyTorch here: raw device pointers, sizes, row strides and a stream, so that
+ * csrc/cuda (the torch operator) and the standalone CMake test share one entry
+ * point. The math is SPEC.md section 2, the outputs those of the operator
+ * smskd_fast::smskd_loss_rows (csrc/ops.cpp).
+ */
+#ifndef SMSKD_KERNELS_H_
+#define SMSKD_KERNELS_H_
+
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Element type of the three logits inputs and of the gradient. */
+typedef enum {
+  SMSKD_FLOAT32 = 0,
+  SMSKD_BFLOAT16 = 1,
+  SMSKD_FLOAT16 = 2
+} smskd_dtype;
+
+/* How the reference term's per-row weight w_i is computed (SPEC.md section 1). */
+typedef enum {
+  SMSKD_WEIGHT_INVERSE_TCP = 0, /* w = 1 - TCP */
+  SMSKD_WEIGHT_TCP = 1,         /* w = TCP */
+  SMSKD_WEIGHT_CONSTANT = 2     /* w = 1 */
+} smskd_weighting;
+
+/* Everything one launch needs. Strides count elements between consecutive rows
+ * (columns are contiguous). Optional pointers are NULL when absent. */
+typedef struct {
+  int64_t rows;
+  int64_t cols;
+  smskd_dtype dtype;
+
+  const void* student;
+  int64_t student_stride;
+  const void* teacher; /* NULL: kd = tcp = 0 */
+  int64_t teacher_stride;
+  const void* reference; /* NULL: ref = 0 */
+  int64_t reference_stride;
+  const int64_t* target; /* NULL: every row valid, ce = tcp = 0 */
+  int64_t target_stride;
+
+  /* d loss_i / d student_i in dtype, or NULL for no gradient. grad may equal
+   * student (in-place gradient) when grad_stride == student_stride: each
+   * element is read before it is overwritten, by the thread that writes it. */
+  void* grad;
+  int64_t grad_stride;
+
+  /* Per-row float32 outputs, each `rows` long and contiguous. */
+  float* loss;
+  float* ce;
+  float* kd;
+  float* ref;
+  float* tcp;
+  float* weight;
+
+  float temperature; /* > 0 */
+  float ce_weight;
+  float kd_weight;
+  float ref_weight;
+  smskd_weighting weighting;
+  int64_t ignore_index;
+
+  /* 0: the launcher picks the layout for cols (smskd_loss_rows_config). For
+   * tuning: 8 or 16 (lanes of a warp per row), 32 (a warp per row), 256 or 512
+   * (a block per row) forces one. */
+  int threads_per_row;
+} smskd_loss_rows_args;
+
+/* Checks the arguments on the host (no device access): NULL when they are
+ * usable, else a static message naming the first bad one. */
+const char* smskd_loss_rows_invalid(const smskd_loss_rows_args* args);
+
+/* Enqueues the kernel on stream; never synchronises. Returns cudaErrorInvalidValue
+ * when smskd_loss_rows_invalid() objects, else the launch's error code.
+ *
+ * A target outside [0, cols) other than ignore_index trips a device-side
+ * assertion (message "smskd: target out of range [0, C) and not ignore_index"),
+ * as PyTorch's own nll_loss does: the kernel aborts, the stream reports
+ * cudaErrorAssert at its next synchronisation, and the CUDA context is unusable
+ * afterwards. This is loud without a host synchronisation on every call. */
+cudaError_t smskd_loss_rows_launch(const smskd_loss_rows_args* args, cudaStream_t stream);
+
+/* Which kernel configuration the launcher picks for cols (for reports and
+ * benchmarks): threads per row (<= 32: within one warp) and rows per block. */
+void smskd_loss_rows_config(int64_t cols, int* threads_per_row, int* rows_per_block);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SMSKD_KERNELS_H_ */

@@ -1,0 +1,466 @@
+// The fused SMSKD row kernel (SPEC.md section 2), templated over the input dtype,
+// the threads that share a row, and which of teacher / reference / target exist.
+//
+// One row is the unit of work: 8 or 16 lanes of a warp per row for the smallest
+// C, a warp per row for small C, a block per row for large C. Each thread sweeps its share of the row once, in 16-byte packs when
+// the pointers allow, keeping fp32 online-softmax statistics of s, t and r
+// (StreamStats); warp shuffles and then shared memory merge them into the row's
+// log-sum-exps and KL sums. A second sweep, while the row is still in L1/L2,
+// writes d loss / d s in the input dtype. No PyTorch dependency.
+#pragma once
+
+#include <assert.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "smskd_kernels.h"
+
+#if defined(NDEBUG)
+// glibc declares __assert_fail only without NDEBUG; CUDA implements it on the
+// device either way. Same signature as glibc's, so both declarations agree.
+extern "C" __host__ __device__ void __assert_fail(const char* assertion, const char* file, unsigned int line,
+                                                  const char* function) noexcept __attribute__((__noreturn__));
+#endif
+
+namespace smskd {
+namespace kernels {
+
+#define SMSKD_HD __host__ __device__ __forceinline__
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kPackBytes = 16;
+
+SMSKD_HD float to_float(float x) { return x; }
+SMSKD_HD float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+SMSKD_HD float to_float(__half x) { return __half2float(x); }
+
+template <typename T>
+SMSKD_HD T from_float(float x);
+template <>
+SMSKD_HD float from_float<float>(float x) { return x; }
+template <>
+SMSKD_HD __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+SMSKD_HD __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+// N consecutive elements moved as one aligned load or store (16 bytes at most).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int N, typename T>
+SMSKD_HD void load_pack(const T* p, float (&out)[N]) {
+  const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N>*>(p);
+#pragma unroll
+  for (int k = 0; k < N; ++k) out[k] = to_float(pack.v[k]);
+}
+
+template <int N, typename T>
+SMSKD_HD void store_pack(T* p, const float (&in)[N]) {
+  Pack<T, N> pack;
+#pragma unroll
+  for (int k = 0; k < N; ++k) pack.v[k] = from_float<T>(in[k]);
+  *reinterpret_cast<Pack<T, N>*>(p) = pack;
+}
+
+// Softmax statistics of one logits stream x over part of a row, at temperature
+// 1 and at T, sharing one running maximum (max(x/T) = max(x)/T since T > 0):
+//   sum1 = sum_c exp(x_c - max),  sumT = sum_c exp((x_c - max)/T),
+//   dot  = sum_c exp((x_c - max)/T) * d_c  for a companion d (here (x_c - s_c)/T),
+// so lse(x) = max + log(sum1), lse(x/T) = max/T + log(sumT) and
+// sum_c softmax(x/T)_c d_c = dot / sumT. Exponentials are exp2 of pre-scaled
+// arguments (k1 = log2 e, kT = log2 e / T). Which sums are kept is a template
+// choice, so unused ones cost nothing.
+struct StreamStats {
+  float max = -INFINITY;
+  float sum1 = 0.0f;
+  float sumT = 0.0f;
+  float dot = 0.0f;
+};
+
+template <bool kSum1, bool kSumT, bool kDot, int N>
+SMSKD_HD void add_values(StreamStats& st, const float (&x)[N], const float (&d)[N], float k1,
+                                           float kT) {
+  float m = x[0];
+#pragma unroll
+  for (int k = 1; k < N; ++k) m = fmaxf(m, x[k]);
+  if (m > st.max) {  // rescale once per chunk, only when the maximum grows
+    const float shift = st.max - m;  // -inf while empty: the factors are then 0
+    if (kSum1) st.sum1 *= exp2f(shift * k1);
+    const float scale = exp2f(shift * kT);
+    if (kSumT) st.sumT *= scale;
+    if (kDot) st.dot *= scale;
+    st.max = m;
+  }
+  // A chunk of only -inf (probability 0) and NaN values leaves max at -inf:
+  // measure from 0 so that -inf adds 0 and NaN still poisons the sums.
+  const float base = st.max == -INFINITY ? 0.0f : st.max;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const float z = x[k] - base;
+    if (kSum1) st.sum1 += exp2f(z * k1);
+    if (kSumT || kDot) {
+      const float e = exp2f(z * kT);
+      if (kSumT) st.sumT += e;
+      if (kDot) st.dot += e > 0.0f ? e * d[k] : 0.0f;  // p = 0 adds 0 even where d is infinite
+    }
+  }
+}
+
+template <bool kSum1, bool kSumT, bool kDot>
+SMSKD_HD void merge_stats(StreamStats& a, const StreamStats& b, float k1, float kT) {
+  const float m = fmaxf(a.max, b.max);
+  const float shift_a = a.max == m ? 0.0f : a.max - m;  // equal maxima (even both -inf) scale by 1
+  const float shift_b = b.max == m ? 0.0f : b.max - m;
+  if (kSum1) a.sum1 = a.sum1 * exp2f(shift_a * k1) + b.sum1 * exp2f(shift_b * k1);
+  if (kSumT || kDot) {
+    const float sa = exp2f(shift_a * kT), sb = exp2f(shift_b * kT);
+    if (kSumT) a.sumT = a.sumT * sa + b.sumT * sb;
+    if (kDot) a.dot = a.dot * sa + b.dot * sb;
+  }
+  a.max = m;
+}
+
+// Butterfly merge over the kLanes (<= 32) lanes of a row that share a warp;
+// mask names exactly those lanes, so rows sharing a warp may diverge.
+template <int kLanes, bool kSum1, bool kSumT, bool kDot>
+__device__ __forceinline__ void warp_merge(StreamStats& st, unsigned mask, float k1, float kT) {
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
+    StreamStats other;
+    other.max = __shfl_xor_sync(mask, st.max, offset);
+    if (kSum1) other.sum1 = __shfl_xor_sync(mask, st.sum1, offset);
+    if (kSumT) other.sumT = __shfl_xor_sync(mask, st.sumT, offset);
+    if (kDot) other.dot = __shfl_xor_sync(mask, st.dot, offset);
+    merge_stats<kSum1, kSumT, kDot>(st, other, k1, kT);
+  }
+}
+
+// The lanes of the calling thread's warp that work on its row.
+template <int kLanes>
+__device__ __forceinline__ unsigned row_lane_mask() {
+  if constexpr (kLanes >= 32) {
+    return 0xffffffffu;
+  } else {
+    const int first = (threadIdx.x % 32) / kLanes * kLanes;
+    return ((1u << kLanes) - 1u) << first;
+  }
+}
+
+// Which statistics each stream needs, given which inputs exist.
+template <bool kTarget, bool kTeacher, bool kRef>
+struct Needs {
+  static constexpr bool kSoftened = kTeacher || kRef;  // anything at temperature T
+  // student: lse(s) for CE, lse(s/T) for both KL terms
+  static constexpr bool kStudent1 = kTarget, kStudentT = kSoftened;
+  // teacher: lse(t) for TCP, lse(t/T) and the p_t-weighted (t - s)/T for KD
+  static constexpr bool kTeacher1 = kTeacher && kTarget;
+};
+
+// Row-level statistics of the three streams, merged across every thread of the row.
+struct RowStats {
+  StreamStats s, t, r;
+};
+
+template <int kLanes, bool kTarget, bool kTeacher, bool kRef>
+__device__ __forceinline__ void warp_merge_row(RowStats& st, unsigned mask, float k1, float kT) {
+  using N = Needs<kTarget, kTeacher, kRef>;
+  warp_merge<kLanes, N::kStudent1, N::kStudentT, false>(st.s, mask, k1, kT);
+  if (kTeacher) warp_merge<kLanes, N::kTeacher1, true, true>(st.t, mask, k1, kT);
+  if (kRef) warp_merge<kLanes, false, true, true>(st.r, mask, k1, kT);
+}
+
+template <bool kTarget, bool kTeacher, bool kRef>
+SMSKD_HD void merge_row(RowStats& a, const RowStats& b, float k1, float kT) {
+  using N = Needs<kTarget, kTeacher, kRef>;
+  merge_stats<N::kStudent1, N::kStudentT, false>(a.s, b.s, k1, kT);
+  if (kTeacher) merge_stats<N::kTeacher1, true, true>(a.t, b.t, k1, kT);
+  if (kRef) merge_stats<false, true, true>(a.r, b.r, k1, kT);
+}
+
+// Scalars of one launch, copied from smskd_loss_rows_args into kernel parameters.
+struct Params {
+  int64_t rows, cols;
+  int64_t student_stride, teacher_stride, reference_stride, target_stride, grad_stride;
+  const int64_t* target;
+  float* loss;
+  float* ce;
+  float* kd;
+  float* ref;
+  float* tcp;
+  float* weight;
+  float temperature, ce_weight, kd_weight, ref_weight;
+  smskd_weighting weighting;
+  int64_t ignore_index;
+  bool vectorized;  // every row of every tensor starts at the same offset modulo 16 bytes
+};
+
+// Column ranges of one row as seen by one thread: a scalar head up to the
+// first 16-byte boundary of the student row, packs of kVec, a scalar tail.
+template <typename T, int kThreads>
+struct RowSweep {
+  static constexpr int kVec = kPackBytes / sizeof(T);
+  static constexpr int kUnroll = 2;  // packs in flight per stream and thread
+  int64_t head, packs, tail_begin;
+  int lane;
+
+  SMSKD_HD RowSweep(const T* row, int64_t cols, bool vectorized, int lane_) : lane(lane_) {
+    const int misaligned = static_cast<int>((reinterpret_cast<uintptr_t>(row) % kPackBytes) / sizeof(T));
+    head = vectorized ? (misaligned ? kVec - misaligned : 0) : cols;
+    head = head < cols ? head : cols;
+    packs = (cols - head) / kVec;
+    tail_begin = head + packs * kVec;
+  }
+
+  // Calls visit(column, stride, Packs, N) on chunks of Packs x N elements:
+  // pack p covers columns [column + p*stride, column + p*stride + N).
+#pragma nv_exec_check_disable
+  template <typename Visit>
+  SMSKD_HD void run(int64_t cols, Visit&& visit) const {
+    using One = std::integral_constant<int, 1>;
+    using Vec = std::integral_constant<int, kVec>;
+    using Two = std::integral_constant<int, kUnroll>;
+    for (int64_t c = lane; c < head; c += kThreads) visit(c, int64_t{0}, One{}, One{});
+    int64_t p = lane;
+    for (; p + (kUnroll - 1) * kThreads < packs; p += kUnroll * kThreads)
+      visit(head + p * kVec, int64_t{kThreads} * kVec, Two{}, Vec{});
+    for (; p < packs; p += kThreads) visit(head + p * kVec, int64_t{0}, One{}, Vec{});
+    for (int64_t c = tail_begin + lane; c < cols; c += kThreads) visit(c, int64_t{0}, One{}, One{});
+  }
+};
+
+template <int P, int N, typename T>
+SMSKD_HD void load_chunk(const T* row, int64_t column, int64_t stride, float (&out)[P * N]) {
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    float part[N];
+    load_pack<N>(row + column + p * stride, part);
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[p * N + k] = part[k];
+  }
+}
+
+template <int P, int N, typename T>
+SMSKD_HD void store_chunk(T* row, int64_t column, int64_t stride, const float (&in)[P * N]) {
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    float part[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) part[k] = in[p * N + k];
+    store_pack<N>(row + column + p * stride, part);
+  }
+}
+
+template <int P, int N, typename T>
+SMSKD_HD void zero_chunk(T* row, int64_t column, int64_t stride) {
+  const float zeros[P * N] = {};
+  store_chunk<P, N>(row, column, stride, zeros);
+}
+
+// Trips a device-side assertion whatever NDEBUG says (as c10's CUDA_KERNEL_ASSERT).
+__device__ __forceinline__ void fail_target_out_of_range() {
+  __assert_fail("smskd: target out of range [0, C) and not ignore_index", __FILE__, __LINE__, __func__);
+}
+
+// Per-row outputs, and the gradient's coefficients and log2-scaled offsets.
+struct RowResult {
+  float loss = 0.0f, ce = 0.0f, kd = 0.0f, ref = 0.0f, tcp = 0.0f, weight = 0.0f;
+  float a = 0.0f, b = 0.0f, g = 0.0f;  // CE, KD and reference coefficients of the gradient
+  float off_s = 0.0f, off_sT = 0.0f, off_tT = 0.0f, off_rT = 0.0f;  // lse * log2 e
+};
+
+// The arithmetic of one row, independent of how threads share it: what a
+// thread adds to the statistics for a chunk of columns, the row's results from
+// the merged statistics, and the gradient of a chunk. Host and device code, so
+// that tests/test_row_math_host.cu checks it on a machine without a GPU.
+template <typename T, bool kTarget, bool kTeacher, bool kRef>
+struct RowMath {
+  using Need = Needs<kTarget, kTeacher, kRef>;
+  const T* s_row;
+  const T* t_row;
+  const T* r_row;
+  float temperature, invT, kT;
+  static constexpr float k1 = kLog2e;
+
+  SMSKD_HD RowMath(const T* s, const T* t, const T* r, float temperature_)
+      : s_row(s), t_row(t), r_row(r), temperature(temperature_), invT(1.0f / temperature_), kT(kLog2e / temperature_) {}
+
+  // Sweep 1: P packs of N columns, pack p starting at column c + p * stride.
+  template <int P, int N>
+  SMSKD_HD void accumulate(RowStats& st, int64_t c, int64_t stride) const {
+    constexpr int M = P * N;
+    float s[M], t[M], r[M], d[M];
+    load_chunk<P, N>(s_row, c, stride, s);
+    if (kTeacher) load_chunk<P, N>(t_row, c, stride, t);
+    if (kRef) load_chunk<P, N>(r_row, c, stride, r);
+    add_values<Need::kStudent1, Need::kStudentT, false>(st.s, s, d, k1, kT);
+    if (kTeacher) {
+#pragma unroll
+      for (int k = 0; k < M; ++k) d[k] = (t[k] - s[k]) * invT;
+      add_values<Need::kTeacher1, true, true>(st.t, t, d, k1, kT);
+    }
+    if (kRef) {
+#pragma unroll
+      for (int k = 0; k < M; ++k) d[k] = (r[k] - s[k]) * invT;
+      add_values<false, true, true>(st.r, r, d, k1, kT);
+    }
+  }
+
+  // SPEC.md section 2 from the row's statistics and its true-class logits.
+  SMSKD_HD RowResult finish(const RowStats& st, float s_y, float t_y, const Params& prm) const {
+    RowResult res;
+    const float T2 = temperature * temperature;
+    const float lse_s = kTarget ? st.s.max + logf(st.s.sum1) : 0.0f;
+    const float lse_sT = Need::kSoftened ? st.s.max * invT + logf(st.s.sumT) : 0.0f;
+    const float lse_tT = kTeacher ? st.t.max * invT + logf(st.t.sumT) : 0.0f;
+    const float lse_rT = kRef ? st.r.max * invT + logf(st.r.sumT) : 0.0f;
+    res.ce = kTarget ? lse_s - s_y : 0.0f;
+    res.tcp = Need::kTeacher1 ? expf(t_y - (st.t.max + logf(st.t.sum1))) : 0.0f;
+    res.kd = kTeacher ? T2 * (st.t.dot / st.t.sumT - lse_tT + lse_sT) : 0.0f;
+    if (prm.weighting == SMSKD_WEIGHT_CONSTANT) {
+      res.weight = 1.0f;
+    } else if (Need::kTeacher1) {
+      res.weight = prm.weighting == SMSKD_WEIGHT_TCP ? res.tcp : 1.0f - res.tcp;
+    }
+    res.ref = kRef ? T2 * res.weight * (st.r.dot / st.r.sumT - lse_rT + lse_sT) : 0.0f;
+    res.loss = prm.ce_weight * res.ce + prm.kd_weight * res.kd + prm.ref_weight * res.ref;
+    res.a = kTarget ? prm.ce_weight : 0.0f;
+    res.b = kTeacher ? temperature * prm.kd_weight : 0.0f;
+    res.g = kRef ? temperature * prm.ref_weight * res.weight : 0.0f;
+    res.off_s = lse_s * kLog2e;
+    res.off_sT = lse_sT * kLog2e;
+    res.off_tT = lse_tT * kLog2e;
+    res.off_rT = lse_rT * kLog2e;
+    return res;
+  }
+
+  // Sweep 2: d loss / d s = a (softmax(s) - onehot(y)) + (b + g) softmax(s/T)
+  //                         - b softmax(t/T) - g softmax(r/T).
+  template <int P, int N>
+  SMSKD_HD void gradient(const RowResult& res, T* g_row, int64_t y, int64_t c, int64_t stride) const {
+    constexpr int M = P * N;
+    float s[M], t[M], r[M], out[M];
+    load_chunk<P, N>(s_row, c, stride, s);
+    if (kTeacher) load_chunk<P, N>(t_row, c, stride, t);
+    if (kRef) load_chunk<P, N>(r_row, c, stride, r);
+#pragma unroll
+    for (int k = 0; k < M; ++k) {
+      float v = 0.0f;
+      if (Need::kSoftened) v = (res.b + res.g) * exp2f(fmaf(s[k], kT, -res.off_sT));
+      if (kTarget) {
+        const int64_t column = c + (k / N) * stride + (k % N);
+        v += res.a * (exp2f(fmaf(s[k], k1, -res.off_s)) - (column == y ? 1.0f : 0.0f));
+      }
+      if (kTeacher) v -= res.b * exp2f(fmaf(t[k], kT, -res.off_tT));
+      if (kRef) v -= res.g * exp2f(fmaf(r[k], kT, -res.off_rT));
+      out[k] = v;
+    }
+    store_chunk<P, N>(g_row, c, stride, out);
+  }
+};
+
+template <typename T, int kThreads, int kRowsPerBlock, bool kTarget, bool kTeacher, bool kRef>
+__device__ __forceinline__ void process_rows(const Params& prm, const T* student_base,
+                                             const T* __restrict__ teacher_base, const T* __restrict__ ref_base,
+                                             T* grad_base) {
+  using Math = RowMath<T, kTarget, kTeacher, kRef>;
+  constexpr int kWarps = kThreads / 32;
+  constexpr int kLanes = kThreads < 32 ? kThreads : 32;  // lanes of one row within a warp
+  __shared__ RowStats warp_stats[kWarps > 1 ? kWarps : 1];
+  const unsigned mask = row_lane_mask<kLanes>();
+
+  const int lane = threadIdx.x % kThreads;
+  const int64_t cols = prm.cols;
+
+  for (int64_t row = int64_t{blockIdx.x} * kRowsPerBlock + threadIdx.x / kThreads; row < prm.rows;
+       row += int64_t{gridDim.x} * kRowsPerBlock) {
+    // Student reads go through the generic path, not __ldg: grad may alias them.
+    const Math math(student_base + row * prm.student_stride, kTeacher ? teacher_base + row * prm.teacher_stride : nullptr,
+                    kRef ? ref_base + row * prm.reference_stride : nullptr, prm.temperature);
+    T* g_row = grad_base ? grad_base + row * prm.grad_stride : nullptr;
+    const RowSweep<T, kThreads> sweep(math.s_row, cols, prm.vectorized, lane);
+
+    int64_t y = 0;
+    bool valid = true;
+    if (kTarget) {
+      y = prm.target[row * prm.target_stride];
+      valid = y != prm.ignore_index;
+      if (valid && (y < 0 || y >= cols)) {
+        fail_target_out_of_range();
+        if (lane == 0) prm.loss[row] = NAN;  // never reached; no silent value if it were
+        continue;
+      }
+    }
+
+    if (!valid) {  // ignored row: zeros everywhere, its logits are never read
+      if (lane == 0) {
+        prm.loss[row] = prm.ce[row] = prm.kd[row] = prm.ref[row] = prm.tcp[row] = prm.weight[row] = 0.0f;
+      }
+      if (g_row) {
+        sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
+          zero_chunk<decltype(packs)::value, decltype(n)::value>(g_row, c, stride);
+        });
+      }
+      continue;
+    }
+
+    // The true-class logits are read before the row's barrier: with an in-place
+    // gradient, sweep 2 of another thread may overwrite s[y] after it.
+    const float s_y = kTarget ? to_float(math.s_row[y]) : 0.0f;
+    const float t_y = Math::Need::kTeacher1 ? to_float(math.t_row[y]) : 0.0f;
+
+    RowStats st;
+    sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
+      math.template accumulate<decltype(packs)::value, decltype(n)::value>(st, c, stride);
+    });
+
+    warp_merge_row<kLanes, kTarget, kTeacher, kRef>(st, mask, Math::k1, math.kT);
+    if (kWarps > 1) {
+      const int warp = lane / 32;
+      if (lane % 32 == 0) warp_stats[warp] = st;
+      __syncthreads();
+      st = warp_stats[0];
+#pragma unroll 4
+      for (int w = 1; w < kWarps; ++w) merge_row<kTarget, kTeacher, kRef>(st, warp_stats[w], Math::k1, math.kT);
+      __syncthreads();  // warp_stats is rewritten for the next row
+    } else {
+      __syncwarp(mask);  // orders every lane's reads of s before any lane's writes of grad
+    }
+
+    // Every thread of the row computes the results; lane 0 stores them.
+    const RowResult res = math.finish(st, s_y, t_y, prm);
+    if (lane == 0) {
+      prm.loss[row] = res.loss;
+      prm.ce[row] = res.ce;
+      prm.kd[row] = res.kd;
+      prm.ref[row] = res.ref;
+      prm.tcp[row] = res.tcp;
+      prm.weight[row] = res.weight;
+    }
+    if (!g_row) continue;
+    sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
+      math.template gradient<decltype(packs)::value, decltype(n)::value>(res, g_row, y, c, stride);
+    });
+  }
+}
+
+// At least 512 resident threads (16 warps) per SM, i.e. at most 128 registers
+// per thread: enough loads in flight for bandwidth without spilling.
+constexpr int min_blocks_per_sm(int block_threads) { return block_threads >= 512 ? 1 : 512 / block_threads; }
+
+template <typename T, int kThreads, int kRowsPerBlock, bool kTeacher, bool kRef>
+__global__ void __launch_bounds__(kThreads* kRowsPerBlock, min_blocks_per_sm(kThreads* kRowsPerBlock))
+    smskd_rows_kernel(Params prm, const T* student, const T* teacher, const T* reference, T* grad) {
+  if (prm.target != nullptr) {
+    process_rows<T, kThreads, kRowsPerBlock, true, kTeacher, kRef>(prm, student, teacher, reference, grad);
+  } else {
+    process_rows<T, kThreads, kRowsPerBlock, false, kTeacher, kRef>(prm, student, teacher, reference, grad);
+  }
+}
+
+}  // namespace kernels
+}  // namespace smskd

@@ -1,0 +1,168 @@
+// Host-side test of the row kernel's arithmetic, runnable without a GPU.
+//
+// The kernel's per-thread work (RowSweep: which columns a thread visits, in
+// which packs; RowMath: statistics, row results, gradient) is host/device code.
+// Here each thread of a row is run in turn on the CPU, their statistics are
+// merged as the warp shuffles and shared memory would, and the results are
+// compared with the float64 oracle. Also checked: every column is visited
+// exactly once per sweep, and every pack of more than one element is 16-byte
+// aligned. Warp shuffles, barriers and the launch itself need a GPU
+// (test_smskd_kernels.cu).
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "smskd_oracle.h"
+#include "smskd_row_kernel.cuh"
+
+namespace {
+
+using namespace smskd::oracle;
+using smskd::kernels::Params;
+using smskd::kernels::RowMath;
+using smskd::kernels::RowResult;
+using smskd::kernels::RowStats;
+using smskd::kernels::RowSweep;
+
+int failures = 0;
+
+struct Case {
+  int64_t cols;
+  int64_t offset;  // elements before the row: misaligns the packs when not a multiple of the pack
+  bool vectorized;
+  bool target, teacher, reference;
+  smskd_weighting weighting;
+  bool masked;  // some teacher and reference logits are -inf (classes with probability 0)
+};
+
+template <typename T, int kThreads, bool kTarget, bool kTeacher, bool kRef>
+void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
+  using Math = RowMath<T, kTarget, kTeacher, kRef>;
+  const size_t elem = sizeof(T);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  std::vector<unsigned char> raw[3];
+  std::vector<double> values[3];
+  for (int i = 0; i < 3; ++i) {
+    raw[i].assign((k.offset + k.cols) * elem, 0);
+    values[i].resize(k.cols);
+    for (int64_t c = 0; c < k.cols; ++c) {
+      float x = normal(rng);
+      if (k.masked && i > 0 && c % 7 == 2) x = -INFINITY;
+      encode(dtype, x, raw[i].data() + (k.offset + c) * elem);
+      values[i][c] = decode(dtype, raw[i].data() + (k.offset + c) * elem);
+    }
+  }
+  std::vector<unsigned char> grad_raw((k.offset + k.cols) * elem, 0xff);
+  const T* s = reinterpret_cast<const T*>(raw[0].data()) + k.offset;
+  const T* t = reinterpret_cast<const T*>(raw[1].data()) + k.offset;
+  const T* r = reinterpret_cast<const T*>(raw[2].data()) + k.offset;
+  T* g = reinterpret_cast<T*>(grad_raw.data()) + k.offset;
+  const int64_t y = k.cols / 3;
+
+  smskd_loss_rows_args a{};
+  a.temperature = 2.5f, a.ce_weight = 0.7f, a.kd_weight = 1.3f, a.ref_weight = 0.9f;
+  a.weighting = k.weighting, a.ignore_index = -100;
+  Params prm{};
+  prm.temperature = a.temperature, prm.ce_weight = a.ce_weight, prm.kd_weight = a.kd_weight;
+  prm.ref_weight = a.ref_weight, prm.weighting = a.weighting;
+
+  const Math math(s, kTeacher ? t : nullptr, kRef ? r : nullptr, a.temperature);
+  std::vector<int> visits(k.cols, 0);
+  bool misaligned_pack = false;
+  auto note = [&](int64_t c, int64_t stride, int packs, int n) {
+    for (int p = 0; p < packs; ++p) {
+      const T* at = s + c + p * stride;
+      if (n > 1 && reinterpret_cast<uintptr_t>(at) % 16 != 0) misaligned_pack = true;
+      for (int e = 0; e < n; ++e) ++visits[c + p * stride + e];
+    }
+  };
+
+  // Sweep 1, thread by thread, then the merge the shuffles and shared memory do.
+  RowStats total;
+  for (int lane = 0; lane < kThreads; ++lane) {
+    const RowSweep<T, kThreads> sweep(s, k.cols, k.vectorized, lane);
+    RowStats mine;
+    sweep.run(k.cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
+      note(c, stride, decltype(packs)::value, decltype(n)::value);
+      math.template accumulate<decltype(packs)::value, decltype(n)::value>(mine, c, stride);
+    });
+    smskd::kernels::merge_row<kTarget, kTeacher, kRef>(total, mine, Math::k1, math.kT);
+  }
+  const float s_y = kTarget ? smskd::kernels::to_float(s[y]) : 0.0f;
+  const float t_y = kTeacher && kTarget ? smskd::kernels::to_float(t[y]) : 0.0f;
+  const RowResult res = math.finish(total, s_y, t_y, prm);
+  for (int lane = 0; lane < kThreads; ++lane) {
+    const RowSweep<T, kThreads> sweep(s, k.cols, k.vectorized, lane);
+    sweep.run(k.cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
+      note(c, stride, decltype(packs)::value, decltype(n)::value);
+      math.template gradient<decltype(packs)::value, decltype(n)::value>(res, g, y, c, stride);
+    });
+  }
+
+  const RowWant w = oracle(values[0], kTeacher ? &values[1] : nullptr, kRef ? &values[2] : nullptr, y, kTarget, a);
+  int bad = 0;
+  for (int64_t c = 0; c < k.cols; ++c)
+    if (visits[c] != 2 && bad++ < 3) std::printf("  column %lld visited %d times (want 2)\n", (long long)c, visits[c]);
+  if (k.vectorized && misaligned_pack && bad++ < 3) std::printf("  a pack was not 16-byte aligned\n");
+  const double T2 = double(a.temperature) * a.temperature;
+  const double atol = 2e-5 * (1.0 + T2) * std::log(double(k.cols) + 2.0);
+  const double got[6] = {res.loss, res.ce, res.kd, res.ref, res.tcp, res.weight};
+  const double want[6] = {w.loss, w.ce, w.kd, w.ref, w.tcp, w.weight};
+  for (int f = 0; f < 6; ++f)
+    if (!close(got[f], want[f], atol, 1e-4) && bad++ < 8)
+      std::printf("  output %d: got %.8g want %.8g\n", f, got[f], want[f]);
+  for (int64_t c = 0; c < k.cols; ++c) {
+    const double gc = decode(dtype, grad_raw.data() + (k.offset + c) * elem);
+    if (!close(gc, w.grad[c], 2e-6 * (1.0 + T2), storage_eps(dtype)) && bad++ < 8)
+      std::printf("  grad[%lld]: got %.8g want %.8g\n", (long long)c, gc, w.grad[c]);
+  }
+  std::printf("%s %-4s threads=%d cols=%lld offset=%lld vectorized=%d target=%d teacher=%d ref=%d weighting=%d "
+              "masked=%d\n",
+              bad ? "FAIL" : "ok  ", name_of(dtype), kThreads, (long long)k.cols, (long long)k.offset, k.vectorized,
+              kTarget, kTeacher, kRef, int(k.weighting), k.masked);
+  if (bad) ++failures;
+}
+
+template <typename T, int kThreads>
+void run_inputs(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
+  if (k.target && k.teacher && k.reference) run_row<T, kThreads, true, true, true>(dtype, k, rng);
+  if (k.target && k.teacher && !k.reference) run_row<T, kThreads, true, true, false>(dtype, k, rng);
+  if (k.target && !k.teacher && k.reference) run_row<T, kThreads, true, false, true>(dtype, k, rng);
+  if (k.target && !k.teacher && !k.reference) run_row<T, kThreads, true, false, false>(dtype, k, rng);
+  if (!k.target && k.teacher && !k.reference) run_row<T, kThreads, false, true, false>(dtype, k, rng);
+}
+
+template <typename T>
+void run_dtype(smskd_dtype dtype, std::mt19937& rng) {
+  const int64_t cols_grid[] = {1, 7, 100, 129, 513, 2049, 5003, 40000};
+  const int64_t offsets[] = {0, 1, 3};
+  for (int64_t cols : cols_grid)
+    for (int64_t offset : offsets)
+      for (bool vectorized : {true, false}) {
+        const Case all{cols, offset, vectorized, true, true, true, SMSKD_WEIGHT_INVERSE_TCP, false};
+        const Case kd_only{cols, offset, vectorized, false, true, false, SMSKD_WEIGHT_CONSTANT, false};
+        const Case ce_ref{cols, offset, vectorized, true, false, true, SMSKD_WEIGHT_CONSTANT, true};
+        const Case ce_kd{cols, offset, vectorized, true, true, false, SMSKD_WEIGHT_TCP, true};
+        const Case ce{cols, offset, vectorized, true, false, false, SMSKD_WEIGHT_INVERSE_TCP, false};
+        const Case masked_all{cols, offset, vectorized, true, true, true, SMSKD_WEIGHT_TCP, true};
+        // Every layout (the launcher can be told to use any), each with every input combination.
+        for (const Case& k : {all, kd_only, ce_ref, ce_kd, ce, masked_all}) {
+          run_inputs<T, 8>(dtype, k, rng);
+          run_inputs<T, 16>(dtype, k, rng);
+          run_inputs<T, 32>(dtype, k, rng);
+          run_inputs<T, 256>(dtype, k, rng);
+          run_inputs<T, 512>(dtype, k, rng);
+        }
+      }
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(4321);
+  run_dtype<float>(SMSKD_FLOAT32, rng);
+  run_dtype<__nv_bfloat16>(SMSKD_BFLOAT16, rng);
+  run_dtype<__half>(SMSKD_FLOAT16, rng);
+  std::printf(failures ? "%d case(s) FAILED\n" : "all host cases passed\n", failures);
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,283 @@
+// Standalone test and benchmark of the fused SMSKD row kernels (no PyTorch).
+//
+//   test_smskd_kernels              correctness grid against a CPU float64 loop
+//   test_smskd_kernels --quick      a smaller grid (one size per layout), for compute-sanitizer
+//   test_smskd_kernels --bad-target expects the device-side target assertion
+//   test_smskd_kernels --bench      bf16 forward+gradient bandwidth vs device copy
+//
+// The float64 oracle is a plain two-pass implementation of SPEC.md section 2,
+// written independently of the kernel's online statistics.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "smskd_kernels.h"
+#include "smskd_oracle.h"
+
+namespace {
+
+using namespace smskd::oracle;
+
+#define CHECK_CUDA(call)                                                                          \
+  do {                                                                                            \
+    const cudaError_t status_ = (call);                                                           \
+    if (status_ != cudaSuccess) {                                                                 \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(status_)); \
+      std::exit(2);                                                                               \
+    }                                                                                             \
+  } while (0)
+
+int failures = 0;
+
+// ---- one test case: inputs laid out with an element offset and a row padding.
+struct Case {
+  smskd_dtype dtype;
+  int64_t rows, cols;
+  bool target, teacher, reference;
+  smskd_weighting weighting;
+  int64_t offset;   // elements before row 0 (misaligns the 16-byte packs when odd)
+  int64_t padding;  // stride = cols + padding
+  bool in_place;    // grad written over the student
+  int threads_per_row = 0;  // 0: the launcher's choice
+};
+
+struct DeviceBuffer {
+  void* ptr = nullptr;
+  explicit DeviceBuffer(size_t bytes) { CHECK_CUDA(cudaMalloc(&ptr, bytes ? bytes : 1)); }
+  ~DeviceBuffer() { cudaFree(ptr); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+};
+
+void run_case(const Case& k, std::mt19937& rng) {
+  const int64_t stride = k.cols + k.padding;
+  const size_t elem = bytes_of(k.dtype);
+  const size_t span = static_cast<size_t>(k.offset + k.rows * stride);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  std::uniform_int_distribution<int64_t> cls(0, k.cols - 1);
+
+  // Host copies: raw bytes for the device, decoded doubles for the oracle.
+  auto make_logits = [&](std::vector<unsigned char>& raw, std::vector<std::vector<double>>& rows) {
+    raw.assign(span * elem, 0);
+    rows.assign(k.rows, std::vector<double>(k.cols));
+    for (int64_t i = 0; i < k.rows; ++i)
+      for (int64_t c = 0; c < k.cols; ++c) {
+        unsigned char* at = raw.data() + (k.offset + i * stride + c) * elem;
+        encode(k.dtype, normal(rng), at);
+        rows[i][c] = decode(k.dtype, at);
+      }
+  };
+  std::vector<unsigned char> s_raw, t_raw, r_raw;
+  std::vector<std::vector<double>> s, t, r;
+  make_logits(s_raw, s);
+  if (k.teacher) make_logits(t_raw, t);
+  if (k.reference) make_logits(r_raw, r);
+  const int64_t ignore = -100;
+  std::vector<int64_t> y(k.rows);
+  for (int64_t i = 0; i < k.rows; ++i) y[i] = (i % 5 == 3) ? ignore : cls(rng);
+
+  DeviceBuffer ds(span * elem), dt(span * elem), dr(span * elem), dy(k.rows * 8), dg(span * elem),
+      dout(6 * k.rows * sizeof(float));
+  CHECK_CUDA(cudaMemcpy(ds.ptr, s_raw.data(), s_raw.size(), cudaMemcpyHostToDevice));
+  if (k.teacher) CHECK_CUDA(cudaMemcpy(dt.ptr, t_raw.data(), t_raw.size(), cudaMemcpyHostToDevice));
+  if (k.reference) CHECK_CUDA(cudaMemcpy(dr.ptr, r_raw.data(), r_raw.size(), cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(dy.ptr, y.data(), k.rows * 8, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemset(dg.ptr, 0xff, span * elem));  // NaN-like garbage: every element must be written
+  CHECK_CUDA(cudaMemset(dout.ptr, 0xff, 6 * k.rows * sizeof(float)));
+
+  auto at_offset = [&](void* base) { return static_cast<unsigned char*>(base) + k.offset * elem; };
+  smskd_loss_rows_args a{};
+  a.rows = k.rows;
+  a.cols = k.cols;
+  a.dtype = k.dtype;
+  a.student = at_offset(ds.ptr);
+  a.student_stride = stride;
+  a.teacher = k.teacher ? at_offset(dt.ptr) : nullptr;
+  a.teacher_stride = stride;
+  a.reference = k.reference ? at_offset(dr.ptr) : nullptr;
+  a.reference_stride = stride;
+  a.target = k.target ? static_cast<const int64_t*>(dy.ptr) : nullptr;
+  a.target_stride = 1;
+  a.grad = k.in_place ? const_cast<void*>(a.student) : at_offset(dg.ptr);
+  a.grad_stride = stride;
+  float* out = static_cast<float*>(dout.ptr);
+  a.loss = out;
+  a.ce = out + k.rows;
+  a.kd = out + 2 * k.rows;
+  a.ref = out + 3 * k.rows;
+  a.tcp = out + 4 * k.rows;
+  a.weight = out + 5 * k.rows;
+  a.temperature = 2.5f;
+  a.ce_weight = 0.7f;
+  a.kd_weight = 1.3f;
+  a.ref_weight = 0.9f;
+  a.weighting = k.weighting;
+  a.ignore_index = ignore;
+  a.threads_per_row = k.threads_per_row;
+
+  CHECK_CUDA(smskd_loss_rows_launch(&a, nullptr));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<float> got(6 * k.rows);
+  std::vector<unsigned char> g_raw(span * elem);
+  CHECK_CUDA(cudaMemcpy(got.data(), out, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(g_raw.data(), k.in_place ? ds.ptr : dg.ptr, g_raw.size(), cudaMemcpyDeviceToHost));
+
+  const double T2 = double(a.temperature) * a.temperature;
+  const double value_atol = 2e-5 * (1.0 + T2) * std::log(double(k.cols) + 2.0);
+  int bad = 0;
+  double worst_value = 0, worst_grad = 0;
+  for (int64_t i = 0; i < k.rows; ++i) {
+    const RowWant w = oracle(s[i], k.teacher ? &t[i] : nullptr, k.reference ? &r[i] : nullptr, y[i], k.target, a);
+    const double want[6] = {w.loss, w.ce, w.kd, w.ref, w.tcp, w.weight};
+    for (int f = 0; f < 6; ++f) {
+      const double g = got[f * k.rows + i];
+      worst_value = std::max(worst_value, std::fabs(g - want[f]));
+      if (!close(g, want[f], value_atol, 1e-4) && bad++ < 5)
+        std::printf("  row %lld output %d: got %.8g want %.8g\n", (long long)i, f, g, want[f]);
+    }
+    for (int64_t c = 0; c < k.cols; ++c) {
+      const double g = decode(k.dtype, g_raw.data() + (k.offset + i * stride + c) * elem);
+      worst_grad = std::max(worst_grad, std::fabs(g - w.grad[c]));
+      if (!close(g, w.grad[c], 2e-6 * (1.0 + T2), storage_eps(k.dtype)) && bad++ < 5)
+        std::printf("  row %lld grad[%lld]: got %.8g want %.8g\n", (long long)i, (long long)c, g, w.grad[c]);
+    }
+  }
+  std::printf("%s %-4s rows=%lld cols=%lld target=%d teacher=%d ref=%d weighting=%d offset=%lld pad=%lld "
+              "in_place=%d threads=%d  max|err| value %.2e grad %.2e\n",
+              bad ? "FAIL" : "ok  ", name_of(k.dtype), (long long)k.rows, (long long)k.cols, k.target, k.teacher,
+              k.reference, int(k.weighting), (long long)k.offset, (long long)k.padding, k.in_place, k.threads_per_row,
+              worst_value, worst_grad);
+  if (bad) ++failures;
+}
+
+// quick: one size per layout, for the slow compute-sanitizer runs.
+int run_grid(bool quick) {
+  std::mt19937 rng(1234);
+  const smskd_dtype dtypes[] = {SMSKD_FLOAT32, SMSKD_BFLOAT16, SMSKD_FLOAT16};
+  // Columns straddle the layouts (8 lanes <= 128 < 16 lanes <= 512 < warp <= 2048 < 256-thread
+  // block <= 16384 < 512-thread block), with odd sizes for scalar heads and tails.
+  const std::vector<int64_t> cols_grid =
+      quick ? std::vector<int64_t>{7, 300, 2049, 40000}
+            : std::vector<int64_t>{1, 7, 64, 128, 129, 512, 513, 1000, 2048, 2049, 5003, 16384, 16385, 40000};
+  for (smskd_dtype d : dtypes) {
+    for (int64_t cols : cols_grid) {
+      const int64_t rows = cols > 5000 ? 6 : 37;
+      run_case({d, rows, cols, true, true, true, SMSKD_WEIGHT_INVERSE_TCP, 0, 0, false}, rng);
+      run_case({d, rows, cols, true, true, true, SMSKD_WEIGHT_TCP, 1, 3, false}, rng);
+      run_case({d, rows, cols, true, true, false, SMSKD_WEIGHT_INVERSE_TCP, 0, 8, true}, rng);
+      run_case({d, rows, cols, false, true, false, SMSKD_WEIGHT_CONSTANT, 3, 0, false}, rng);
+      run_case({d, rows, cols, true, false, true, SMSKD_WEIGHT_CONSTANT, 0, 1, false}, rng);
+      run_case({d, rows, cols, true, false, false, SMSKD_WEIGHT_INVERSE_TCP, 5, 0, true}, rng);
+      for (int threads : {8, 16, 32, 256, 512})  // every layout at every size, not only the automatic one
+        run_case({d, rows, cols, true, true, true, SMSKD_WEIGHT_INVERSE_TCP, 1, 0, false, threads}, rng);
+    }
+  }
+  std::printf(failures ? "%d case(s) FAILED\n" : "all cases passed\n", failures);
+  return failures ? 1 : 0;
+}
+
+// A target outside [0, C) must stop the kernel with cudaErrorAssert, not pass silently.
+int run_bad_target() {
+  const int64_t rows = 4, cols = 100;
+  DeviceBuffer ds(rows * cols * 4), dy(rows * 8), dout(6 * rows * 4);
+  CHECK_CUDA(cudaMemset(ds.ptr, 0, rows * cols * 4));
+  const int64_t y[rows] = {1, 2, cols, 3};
+  CHECK_CUDA(cudaMemcpy(dy.ptr, y, sizeof(y), cudaMemcpyHostToDevice));
+  smskd_loss_rows_args a{};
+  a.rows = rows;
+  a.cols = cols;
+  a.dtype = SMSKD_FLOAT32;
+  a.student = ds.ptr;
+  a.student_stride = cols;
+  a.target = static_cast<const int64_t*>(dy.ptr);
+  a.target_stride = 1;
+  float* out = static_cast<float*>(dout.ptr);
+  a.loss = out, a.ce = out + rows, a.kd = out + 2 * rows, a.ref = out + 3 * rows, a.tcp = out + 4 * rows;
+  a.weight = out + 5 * rows;
+  a.temperature = 1.0f;
+  a.ce_weight = 1.0f;
+  a.weighting = SMSKD_WEIGHT_CONSTANT;
+  a.ignore_index = -100;
+  CHECK_CUDA(smskd_loss_rows_launch(&a, nullptr));
+  const cudaError_t status = cudaDeviceSynchronize();
+  std::printf("bad target: synchronize returned %s\n", cudaGetErrorString(status));
+  return status == cudaErrorAssert ? 0 : 1;
+}
+
+// bf16 forward + gradient with target, teacher and reference; bandwidth against
+// the floor N*C*(3 reads + 1 write)*2 bytes, beside a device-to-device copy.
+int run_bench() {
+  cudaDeviceProp prop;
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s\n", prop.name);
+  const int64_t elements = int64_t{1} << 26;
+  DeviceBuffer ds(elements * 2), dt(elements * 2), dr(elements * 2), dg(elements * 2), dy(elements * 8),
+      dout(6 * elements * 4);
+  CHECK_CUDA(cudaMemset(ds.ptr, 0, elements * 2));
+  CHECK_CUDA(cudaMemset(dt.ptr, 0, elements * 2));
+  CHECK_CUDA(cudaMemset(dr.ptr, 0, elements * 2));
+  CHECK_CUDA(cudaMemset(dy.ptr, 0, elements * 8));
+  cudaEvent_t start, stop;
+  CHECK_CUDA(cudaEventCreate(&start));
+  CHECK_CUDA(cudaEventCreate(&stop));
+  auto time_ms = [&](auto&& body) {
+    for (int i = 0; i < 3; ++i) body();
+    const int iters = 20;
+    CHECK_CUDA(cudaEventRecord(start));
+    for (int i = 0; i < iters; ++i) body();
+    CHECK_CUDA(cudaEventRecord(stop));
+    CHECK_CUDA(cudaEventSynchronize(stop));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
+    return double(ms) / iters;
+  };
+  const double copy_ms = time_ms([&] { CHECK_CUDA(cudaMemcpyAsync(dg.ptr, ds.ptr, elements * 2, cudaMemcpyDeviceToDevice)); });
+  const double copy_gbs = 2.0 * elements * 2 / copy_ms / 1e6;
+  std::printf("copy bandwidth: %.1f GB/s\n", copy_gbs);
+  std::printf("%8s %8s %7s %10s %10s %8s\n", "C", "N", "threads", "ms", "GB/s", "of_copy");
+  for (int64_t cols : {32, 128, 512, 1024, 2048, 4096, 16384, 32768, 131072, 262144}) {
+    int automatic = 0, rows_per_block = 0;
+    smskd_loss_rows_config(cols, &automatic, &rows_per_block);
+    for (int threads : {8, 16, 32, 256, 512}) {  // every layout, to tune the automatic choice (marked *)
+      const int64_t rows = elements / cols;
+      smskd_loss_rows_args a{};
+      a.rows = rows, a.cols = cols, a.dtype = SMSKD_BFLOAT16;
+      a.student = ds.ptr, a.teacher = dt.ptr, a.reference = dr.ptr, a.grad = dg.ptr;
+      a.student_stride = a.teacher_stride = a.reference_stride = a.grad_stride = cols;
+      a.target = static_cast<const int64_t*>(dy.ptr), a.target_stride = 1;
+      float* out = static_cast<float*>(dout.ptr);
+      a.loss = out, a.ce = out + rows, a.kd = out + 2 * rows, a.ref = out + 3 * rows, a.tcp = out + 4 * rows;
+      a.weight = out + 5 * rows;
+      a.temperature = 4.0f, a.ce_weight = a.kd_weight = a.ref_weight = 1.0f;
+      a.weighting = SMSKD_WEIGHT_INVERSE_TCP, a.ignore_index = -100;
+      a.threads_per_row = threads;
+      const double ms = time_ms([&] { CHECK_CUDA(smskd_loss_rows_launch(&a, nullptr)); });
+      const double gbs = double(rows) * cols * 4 * 2 / ms / 1e6;
+      std::printf("%8lld %8lld %6d%s %10.4f %10.1f %7.1f%%\n", (long long)cols, (long long)rows, threads,
+                  threads == automatic ? "*" : " ", ms, gbs, 100.0 * gbs / copy_gbs);
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "";
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    std::printf("no CUDA device: nothing to run\n");
+    return 77;  // ctest SKIP_RETURN_CODE
+  }
+  if (mode == "--bad-target") return run_bad_target();
+  if (mode == "--bench") return run_bench();
+  return run_grid(mode == "--quick");
+}

@@ -1,0 +1,77 @@
+"""backend="auto" on CUDA tensors: the cuda or the triton backend, whichever measured faster.
+
+The choice comes from a table of measurements, per GPU name, dtype and number
+of classes C (benchmarks/gpu/measure_backend_choice.py writes it): a shape takes
+the winner measured at the nearest C (in log scale) for its dtype on this GPU.
+The table is gpu_choice_table.json beside this module, or the file named by
+SMSKD_FAST_GPU_CHOICE_TABLE. Where this GPU was never measured, "cuda" is
+taken: it needs no JIT compilation on first use. SMSKD_FAST_GPU_BACKEND=cuda or
+=triton forces one. Works whether or not the triton backend is registered.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from typing import Dict, List, Optional
+
+import torch
+
+GPU_BACKENDS = ("cuda", "triton")
+UNMEASURED_DEFAULT = "cuda"
+TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_choice_table.json")
+
+# {gpu name: {dtype name: {C as str: backend}}}
+ChoiceTable = Dict[str, Dict[str, Dict[str, str]]]
+
+
+def table_path() -> str:
+    """Where the measured table is read from."""
+    return os.environ.get("SMSKD_FAST_GPU_CHOICE_TABLE") or TABLE_PATH
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(path: str) -> ChoiceTable:
+    """The measured winners in the file at path; empty when there is none."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f).get("devices", {})
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16"."""
+    return str(dtype).replace("torch.", "")
+
+
+def measured_winner(table: ChoiceTable, device: str, dtype: torch.dtype, num_classes: int) -> Optional[str]:
+    """The backend that won at the measured C nearest to num_classes, or None if unmeasured."""
+    entries = table.get(device, {}).get(dtype_name(dtype), {})
+    if not entries:
+        return None
+    target = math.log(max(num_classes, 1))
+    nearest = min(entries, key=lambda c: abs(math.log(max(int(c), 1)) - target))
+    return entries[nearest]
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def choose_gpu_backend(candidates: List[str], dtype: torch.dtype, num_classes: int) -> str:
+    """The AutoChooser for device type "cuda" (see registry.register_auto_chooser)."""
+    gpu = [name for name in candidates if name in GPU_BACKENDS]
+    if not gpu:
+        return candidates[0]
+    if len(gpu) == 1:
+        return gpu[0]
+    forced = os.environ.get("SMSKD_FAST_GPU_BACKEND")
+    if forced in gpu:
+        return forced
+    device = _device_name(torch.cuda.current_device())
+    winner = measured_winner(load_table(table_path()), device, dtype, num_classes)
+    if winner in gpu:
+        return winner
+    return UNMEASURED_DEFAULT if UNMEASURED_DEFAULT in gpu else gpu[0]

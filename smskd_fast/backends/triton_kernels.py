@@ -1,0 +1,396 @@
+"""Triton kernels of the fused SMSKD loss (SPEC.md section 2), forward and gradient in one launch.
+
+Two kernels share the same per-row math (the @triton.jit helpers below):
+
+- _smskd_rows_tile_kernel: small C (C <= TILE_MAX_C). A program takes ROWS rows
+  and all their columns as one register tile, so every logit is read once and the
+  softmaxes of the gradient reuse the exponentials of the statistics.
+- _smskd_rows_online_kernel: any C up to 262144 and beyond. A program takes one
+  row and walks it in column blocks of BLOCK_C, keeping online-softmax statistics
+  (a running maximum per input and per-lane running sums rescaled when the
+  maximum grows), so no row is ever held whole. When the gradient is wanted, a
+  second sweep re-reads the row from its last block back to its first (the
+  blocks read last are the likeliest still in L2) and writes d loss_i / d s_i.
+
+Statistics per row, from one read of s, t and r:
+  lse(s), lse(s/T)    share the maximum of s (max(s/T) = max(s)/T for T > 0)
+  lse(t), lse(t/T)    share the maximum of t; lse(t) only when TCP is needed
+  sum_c p_t,c (t_c - s_c)/T  and the same for r, as per-lane sums weighted by
+  exp((x - m)/T), so that KL(p_x || q_s) = A_x/D_x - lse(x/T) + lse(s/T).
+Inputs are fp32, bf16 or fp16; accumulation is fp32 (float64 inputs are refused
+by the backend: scalar kernel arguments are fp32, so a float64 result would not
+carry float64 accuracy). Exponentials are exp2 with log2(e) folded into the scale.
+
+Target checks: _check_targets_kernel is compiled with debug=True so its
+tl.device_assert is live; an out-of-range target aborts the CUDA context with
+"device-side assert triggered"; a PTX trap after it covers builds without debug
+(torch.compile re-jits user kernels without the flag). It is a separate, tiny
+launch (N integers) so that the main kernels need no debug build, which would
+add overflow checks to every integer operation. Triton's interpreter runs
+neither: the launcher checks on the host there.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+# Weighting modes, as constexpr codes (base.WEIGHTINGS order is not relied on).
+WEIGHTING_CODES = {"constant": 0, "inverse_tcp": 1, "tcp": 2}
+
+
+@triton.jit
+def _aligned(num_classes, student_stride, teacher_stride, reference_stride, grad_stride, ROW_ALIGN: tl.constexpr):
+    """C and the row strides, rebuilt as (x // ROW_ALIGN) * ROW_ALIGN so the compiler sees the factor.
+
+    The host passes the largest power of two <= 16 that divides them all, so the
+    values are unchanged. Triton specializes integers only for divisibility by
+    16, and tl.multiple_of does not reach scalar arguments: without this, C = 1000
+    in bf16 gives 2-byte loads where 16-byte ones are possible.
+    """
+    return ((num_classes // ROW_ALIGN) * ROW_ALIGN, (student_stride // ROW_ALIGN) * ROW_ALIGN,
+            (teacher_stride // ROW_ALIGN) * ROW_ALIGN, (reference_stride // ROW_ALIGN) * ROW_ALIGN,
+            (grad_stride // ROW_ALIGN) * ROW_ALIGN)
+
+
+@triton.jit
+def _rescale(m_old, m_new, scale):
+    """exp2((m_old - m_new) * scale), 0 when m_old is -inf, with a -inf m_new read as 0."""
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return tl.exp2((m_old - m_safe) * scale), m_safe
+
+
+@triton.jit
+def _weighted_diff(e, x, s):
+    """e * (x - s), defined as 0 where e == 0 (p = 0 adds nothing to a KL, even with x = -inf)."""
+    return tl.where(e > 0, e * (x - s), 0.0)
+
+
+@triton.jit
+def _row_terms(lse_s, lse_sT, s_y, lse_t, lse_tT, mean_t, t_y, lse_rT, mean_r,
+               temperature, ce_weight, kd_weight, ref_weight,
+               HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_REFERENCE: tl.constexpr,
+               WEIGHTING: tl.constexpr):
+    """Per-row loss terms from the statistics; works on scalars and on [ROWS] vectors.
+
+    mean_x is sum_c p_x,c (x_c - s_c)/T. Returns (loss, ce, kd, ref, tcp, w).
+    """
+    zero = tl.zeros_like(lse_sT)
+    ce = zero
+    kd = zero
+    ref = zero
+    tcp = zero
+    w = zero
+    if WEIGHTING == 0:
+        w = zero + 1.0
+    t2 = temperature * temperature
+    if HAS_TARGET:
+        ce = lse_s - s_y
+    if HAS_TEACHER:
+        kd = t2 * (mean_t - lse_tT + lse_sT)
+        if HAS_TARGET:
+            tcp = tl.exp(t_y - lse_t)
+            if WEIGHTING == 1:
+                w = 1.0 - tcp
+            if WEIGHTING == 2:
+                w = tcp
+    if HAS_REFERENCE:
+        ref = t2 * w * (mean_r - lse_rT + lse_sT)
+    loss = ce_weight * ce + kd_weight * kd + ref_weight * ref
+    return loss, ce, kd, ref, tcp, w
+
+
+@triton.jit
+def _row_gradient(s, t, r, is_target, ms_s, ms_t, ms_r, log2d_s, log2d_sT, log2d_tT, log2d_rT,
+                  w, temperature, ce_weight, kd_weight, ref_weight,
+                  HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_REFERENCE: tl.constexpr):
+    """d loss_i / d s on a block, from the row's final statistics (SPEC.md section 2).
+
+    ms_x is the row maximum of x (0 if it was -inf), log2d_x the log2 of its sum of
+    exponentials, so softmax(x/T)_c = exp2((x_c - ms_x) * log2(e)/T - log2d_xT).
+    """
+    scale_T = LOG2E / temperature
+    q_s = tl.exp2((s - ms_s) * scale_T - log2d_sT)
+    coef_q = 0.0
+    grad = tl.zeros_like(q_s)
+    if HAS_TARGET:
+        p_s = tl.exp2((s - ms_s) * LOG2E - log2d_s)
+        grad = ce_weight * (p_s - tl.where(is_target, 1.0, 0.0))
+    if HAS_TEACHER:
+        p_t = tl.exp2((t - ms_t) * scale_T - log2d_tT)
+        grad -= (temperature * kd_weight) * p_t
+        coef_q += temperature * kd_weight
+    if HAS_REFERENCE:
+        p_r = tl.exp2((r - ms_r) * scale_T - log2d_rT)
+        grad -= (temperature * ref_weight * w) * p_r
+        coef_q += temperature * ref_weight * w
+    return grad + coef_q * q_s
+
+
+@triton.jit
+def _smskd_rows_online_kernel(
+    student_ptr, teacher_ptr, reference_ptr, target_ptr, grad_ptr,
+    loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr,
+    num_classes, student_stride, teacher_stride, reference_stride, grad_stride,
+    temperature, ce_weight, kd_weight, ref_weight, ignore_index,
+    HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_REFERENCE: tl.constexpr,
+    WEIGHTING: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr,
+):
+    """One program per row; column blocks with online statistics; optional gradient sweep."""
+    num_classes, student_stride, teacher_stride, reference_stride, grad_stride = _aligned(
+        num_classes, student_stride, teacher_stride, reference_stride, grad_stride, ROW_ALIGN)
+    NEED_TCP: tl.constexpr = HAS_TARGET and HAS_TEACHER
+    row = tl.program_id(0).to(tl.int64)
+    s_row = student_ptr + row * student_stride
+    t_row = teacher_ptr + row * teacher_stride
+    r_row = reference_ptr + row * reference_stride
+    cols0 = tl.arange(0, BLOCK_C)
+    scale_T = LOG2E / temperature
+
+    y = tl.zeros([], dtype=tl.int64)
+    valid = True
+    if HAS_TARGET:
+        y = tl.load(target_ptr + row).to(tl.int64)
+        valid = y != ignore_index
+
+    if valid:
+        neg_inf = tl.full([], float("-inf"), tl.float32)
+        m_s = neg_inf
+        m_t = neg_inf
+        m_r = neg_inf
+        d_s = tl.zeros([BLOCK_C], tl.float32)
+        d_sT = tl.zeros([BLOCK_C], tl.float32)
+        d_t = tl.zeros([BLOCK_C], tl.float32)
+        d_tT = tl.zeros([BLOCK_C], tl.float32)
+        a_t = tl.zeros([BLOCK_C], tl.float32)
+        d_rT = tl.zeros([BLOCK_C], tl.float32)
+        a_r = tl.zeros([BLOCK_C], tl.float32)
+        for start in range(0, num_classes, BLOCK_C):
+            cols = start + cols0
+            mask = cols < num_classes
+            s = tl.load(s_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+            m_new = tl.maximum(m_s, tl.max(s, 0))
+            alpha_T, ms = _rescale(m_s, m_new, scale_T)
+            d_sT = d_sT * alpha_T + tl.exp2((s - ms) * scale_T)
+            if HAS_TARGET:
+                alpha, ms = _rescale(m_s, m_new, LOG2E)
+                d_s = d_s * alpha + tl.exp2((s - ms) * LOG2E)
+            m_s = m_new
+            if HAS_TEACHER:
+                t = tl.load(t_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+                m_new = tl.maximum(m_t, tl.max(t, 0))
+                alpha_T, mt = _rescale(m_t, m_new, scale_T)
+                e_tT = tl.exp2((t - mt) * scale_T)
+                d_tT = d_tT * alpha_T + e_tT
+                a_t = a_t * alpha_T + _weighted_diff(e_tT, t, s)
+                if NEED_TCP:
+                    alpha, mt = _rescale(m_t, m_new, LOG2E)
+                    d_t = d_t * alpha + tl.exp2((t - mt) * LOG2E)
+                m_t = m_new
+            if HAS_REFERENCE:
+                r = tl.load(r_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+                m_new = tl.maximum(m_r, tl.max(r, 0))
+                alpha_T, mr = _rescale(m_r, m_new, scale_T)
+                e_rT = tl.exp2((r - mr) * scale_T)
+                d_rT = d_rT * alpha_T + e_rT
+                a_r = a_r * alpha_T + _weighted_diff(e_rT, r, s)
+                m_r = m_new
+
+        ms_s = tl.where(m_s == float("-inf"), 0.0, m_s)
+        ms_t = tl.where(m_t == float("-inf"), 0.0, m_t)
+        ms_r = tl.where(m_r == float("-inf"), 0.0, m_r)
+        D_sT = tl.sum(d_sT, 0)
+        D_s = tl.sum(d_s, 0)
+        D_tT = tl.sum(d_tT, 0)
+        D_rT = tl.sum(d_rT, 0)
+        lse_sT = ms_s / temperature + tl.log(D_sT)
+        lse_s = ms_s + tl.log(D_s)
+        lse_tT = ms_t / temperature + tl.log(D_tT)
+        lse_t = ms_t + tl.log(tl.sum(d_t, 0))
+        lse_rT = ms_r / temperature + tl.log(D_rT)
+        mean_t = tl.sum(a_t, 0) / (D_tT * temperature)
+        mean_r = tl.sum(a_r, 0) / (D_rT * temperature)
+        s_y = tl.zeros([], tl.float32)
+        t_y = tl.zeros([], tl.float32)
+        if HAS_TARGET:
+            s_y = tl.load(s_row + y).to(tl.float32)
+            if HAS_TEACHER:
+                t_y = tl.load(t_row + y).to(tl.float32)
+        loss, ce, kd, ref, tcp, w = _row_terms(
+            lse_s, lse_sT, s_y, lse_t, lse_tT, mean_t, t_y, lse_rT, mean_r,
+            temperature, ce_weight, kd_weight, ref_weight,
+            HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING)
+        tl.store(loss_ptr + row, loss)
+        tl.store(ce_ptr + row, ce)
+        tl.store(kd_ptr + row, kd)
+        tl.store(ref_ptr + row, ref)
+        tl.store(tcp_ptr + row, tcp)
+        tl.store(weight_ptr + row, w)
+
+        if COMPUTE_GRAD:
+            g_row = grad_ptr + row * grad_stride
+            log2d_s = tl.log2(D_s)
+            log2d_sT = tl.log2(D_sT)
+            log2d_tT = tl.log2(D_tT)
+            log2d_rT = tl.log2(D_rT)
+            num_blocks = tl.cdiv(num_classes, BLOCK_C)
+            for back in range(0, num_blocks):
+                cols = (num_blocks - 1 - back) * BLOCK_C + cols0
+                mask = cols < num_classes
+                s = tl.load(s_row + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                t = s
+                r = s
+                if HAS_TEACHER:
+                    t = tl.load(t_row + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                if HAS_REFERENCE:
+                    r = tl.load(r_row + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                grad = _row_gradient(s, t, r, cols == y, ms_s, ms_t, ms_r, log2d_s, log2d_sT, log2d_tT,
+                                     log2d_rT, w, temperature, ce_weight, kd_weight, ref_weight,
+                                     HAS_TARGET, HAS_TEACHER, HAS_REFERENCE)
+                tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    else:
+        zero = tl.zeros([], tl.float32).to(loss_ptr.dtype.element_ty)
+        tl.store(loss_ptr + row, zero)
+        tl.store(ce_ptr + row, zero)
+        tl.store(kd_ptr + row, zero)
+        tl.store(ref_ptr + row, zero)
+        tl.store(tcp_ptr + row, zero)
+        tl.store(weight_ptr + row, zero)
+        if COMPUTE_GRAD:
+            g_row = grad_ptr + row * grad_stride
+            zeros = tl.zeros([BLOCK_C], grad_ptr.dtype.element_ty)
+            for start in range(0, num_classes, BLOCK_C):
+                cols = start + cols0
+                tl.store(g_row + cols, zeros, mask=cols < num_classes)
+
+
+@triton.jit
+def _smskd_rows_tile_kernel(
+    student_ptr, teacher_ptr, reference_ptr, target_ptr, grad_ptr,
+    loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr,
+    num_rows, num_classes, student_stride, teacher_stride, reference_stride, grad_stride,
+    temperature, ce_weight, kd_weight, ref_weight, ignore_index,
+    HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_REFERENCE: tl.constexpr,
+    WEIGHTING: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
+):
+    """ROWS rows per program, each row whole in one [ROWS, BLOCK_C] tile (BLOCK_C >= C)."""
+    num_classes, student_stride, teacher_stride, reference_stride, grad_stride = _aligned(
+        num_classes, student_stride, teacher_stride, reference_stride, grad_stride, ROW_ALIGN)
+    NEED_TCP: tl.constexpr = HAS_TARGET and HAS_TEACHER
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    row_in = rows < num_rows
+    col_in = cols < num_classes
+    scale_T = LOG2E / temperature
+
+    y = tl.zeros([ROWS], dtype=tl.int64)
+    valid = row_in
+    if HAS_TARGET:
+        y = tl.load(target_ptr + rows, mask=row_in, other=ignore_index).to(tl.int64)
+        valid = row_in & (y != ignore_index)
+    mask = valid[:, None] & col_in[None, :]
+    is_target = cols[None, :] == y[:, None]
+
+    s = tl.load(student_ptr + rows[:, None] * student_stride + cols[None, :], mask=mask,
+                other=float("-inf")).to(tl.float32)
+    m_s = tl.max(s, 1)
+    ms_s = tl.where(m_s == float("-inf"), 0.0, m_s)
+    e_sT = tl.exp2((s - ms_s[:, None]) * scale_T)
+    D_sT = tl.sum(e_sT, 1)
+    lse_sT = ms_s / temperature + tl.log(D_sT)
+    lse_s = lse_sT
+    D_s = D_sT
+    zero_rows = tl.zeros_like(D_sT)
+    s_y = zero_rows
+    e_s = e_sT
+    if HAS_TARGET:
+        e_s = tl.exp2((s - ms_s[:, None]) * LOG2E)
+        D_s = tl.sum(e_s, 1)
+        lse_s = ms_s + tl.log(D_s)
+        s_y = tl.sum(tl.where(is_target, s, 0.0), 1)
+
+    t = s
+    e_tT = e_sT
+    D_tT = D_sT
+    lse_t = lse_s
+    lse_tT = lse_sT
+    mean_t = zero_rows
+    t_y = zero_rows
+    if HAS_TEACHER:
+        t = tl.load(teacher_ptr + rows[:, None] * teacher_stride + cols[None, :], mask=mask,
+                    other=float("-inf")).to(tl.float32)
+        m_t = tl.max(t, 1)
+        ms_t = tl.where(m_t == float("-inf"), 0.0, m_t)
+        e_tT = tl.exp2((t - ms_t[:, None]) * scale_T)
+        D_tT = tl.sum(e_tT, 1)
+        lse_tT = ms_t / temperature + tl.log(D_tT)
+        mean_t = tl.sum(_weighted_diff(e_tT, t, s), 1) / (D_tT * temperature)
+        if NEED_TCP:
+            lse_t = ms_t + tl.log(tl.sum(tl.exp2((t - ms_t[:, None]) * LOG2E), 1))
+            t_y = tl.sum(tl.where(is_target, t, 0.0), 1)
+
+    e_rT = e_sT
+    D_rT = D_sT
+    lse_rT = lse_sT
+    mean_r = zero_rows
+    if HAS_REFERENCE:
+        r = tl.load(reference_ptr + rows[:, None] * reference_stride + cols[None, :], mask=mask,
+                    other=float("-inf")).to(tl.float32)
+        m_r = tl.max(r, 1)
+        ms_r = tl.where(m_r == float("-inf"), 0.0, m_r)
+        e_rT = tl.exp2((r - ms_r[:, None]) * scale_T)
+        D_rT = tl.sum(e_rT, 1)
+        lse_rT = ms_r / temperature + tl.log(D_rT)
+        mean_r = tl.sum(_weighted_diff(e_rT, r, s), 1) / (D_rT * temperature)
+
+    loss, ce, kd, ref, tcp, w = _row_terms(
+        lse_s, lse_sT, s_y, lse_t, lse_tT, mean_t, t_y, lse_rT, mean_r,
+        temperature, ce_weight, kd_weight, ref_weight,
+        HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING)
+    tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_in)
+    tl.store(ce_ptr + rows, tl.where(valid, ce, 0.0), mask=row_in)
+    tl.store(kd_ptr + rows, tl.where(valid, kd, 0.0), mask=row_in)
+    tl.store(ref_ptr + rows, tl.where(valid, ref, 0.0), mask=row_in)
+    tl.store(tcp_ptr + rows, tl.where(valid, tcp, 0.0), mask=row_in)
+    tl.store(weight_ptr + rows, tl.where(valid, w, 0.0), mask=row_in)
+
+    if COMPUTE_GRAD:
+        # Softmaxes reuse the exponentials above: p = e / D, no second read.
+        coef_q = zero_rows
+        grad = tl.zeros_like(e_sT)
+        if HAS_TARGET:
+            grad = ce_weight * (e_s / D_s[:, None] - tl.where(is_target, 1.0, 0.0))
+        if HAS_TEACHER:
+            grad -= (temperature * kd_weight) * (e_tT / D_tT[:, None])
+            coef_q += temperature * kd_weight
+        if HAS_REFERENCE:
+            c_r = temperature * ref_weight * w
+            grad -= c_r[:, None] * (e_rT / D_rT[:, None])
+            coef_q += c_r
+        grad += coef_q[:, None] * (e_sT / D_sT[:, None])
+        grad = tl.where(mask, grad, 0.0)
+        tl.store(grad_ptr + rows[:, None] * grad_stride + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
+                 mask=row_in[:, None] & col_in[None, :])
+
+
+@triton.jit(debug=True)
+def _check_targets_kernel(target_ptr, num_rows, num_classes, ignore_index, BLOCK: tl.constexpr):
+    """Device-side range check of the targets: aborts the launch, never lets a wrong value through.
+
+    tl.device_assert gives the message when the kernel is built with debug=True (as
+    launched eagerly); torch.compile's Inductor re-jits user kernels without that flag,
+    which compiles the assert out, so a PTX trap follows it as the backstop
+    ("unspecified launch failure" instead of the message).
+    """
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < num_rows
+    y = tl.load(target_ptr + offsets, mask=inside, other=0).to(tl.int64)
+    ok = (y == ignore_index) | ((y >= 0) & (y < num_classes))
+    tl.device_assert(ok | ~inside, "smskd_fast: target out of range: must be in [0, C) or equal ignore_index")
+    bad = tl.where(ok | ~inside, 0, 1)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred bad; setp.ne.s32 bad, $1, 0; @bad trap; mov.u32 $0, 0; }",
+        "=r,r", [bad], dtype=tl.int32, is_pure=False, pack=1,
+    )

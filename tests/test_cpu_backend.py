@@ -1,0 +1,455 @@
+"""The C++ CPU kernel of smskd_fast::smskd_loss_rows against independent oracles.
+
+Oracles: the float64 pure-PyTorch reference backend (values, and gradients by
+autograd through it), torch.autograd.gradcheck (float64 finite differences),
+torch.library.opcheck (schema, fake kernel, autograd registration, AOT dispatch).
+
+Tolerances, per dtype of the logits (the reference always runs in float64 on the
+same, exactly representable, input values):
+  float64   rtol 1e-10, atol 1e-10: accumulation in double, exp from Sleef (1 ulp);
+            only summation order differs.
+  float32   rtol 5e-5, atol 5e-5 on per-row values; atol 2e-6 on the gradient:
+            exp is ATen's exp_u20 (relative error <= 20 ulp = 2.4e-6), raised to
+            the power T (4 here) when T is an integer, so softmax(s) carries up to
+            about 1e-5 relative error; per-row values are O(10) in these tests.
+  bfloat16 / float16: per-row values are float32 from the same exact inputs, so
+            the float32 tolerances; the gradient is rounded once to the input
+            dtype: rtol 2^-8 (bf16) / 2^-10 (fp16), twice the rounding unit.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import smskd_fast
+from smskd_fast.backends.base import LossOptions, RowInputs
+from smskd_fast.backends.reference import ReferenceBackend
+from smskd_fast.backends.registry import resolve_backend
+
+OP = torch.ops.smskd_fast.smskd_loss_rows
+FIELDS = ("loss", "ce", "kd", "ref", "tcp", "weight")
+
+pytestmark = pytest.mark.skipif(
+    not smskd_fast.available_backends()["cpu"].available,
+    reason=f"the C++ CPU kernel is not built: {smskd_fast.available_backends()['cpu'].reason}",
+)
+
+VALUE_TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=5e-5, atol=5e-5),
+    torch.bfloat16: dict(rtol=5e-5, atol=5e-5),
+    torch.float16: dict(rtol=5e-5, atol=5e-5),
+}
+GRAD_TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=2e-6),
+    torch.bfloat16: dict(rtol=2**-8, atol=1e-5),
+    torch.float16: dict(rtol=2**-10, atol=1e-6),
+}
+
+# Which inputs are present: (target, teacher, reference) and the weighting to use.
+CONFIGS = {
+    "smskd": (True, True, True, "inverse_tcp"),
+    "smskd_tcp": (True, True, True, "tcp"),
+    "kd_only": (False, True, False, "constant"),
+    "ce_only": (True, False, False, "constant"),
+    "ce_kd": (True, True, False, "inverse_tcp"),
+    "reference_constant": (False, False, True, "constant"),
+}
+
+
+def make_rows(n, c, dtype, *, seed=0, scale=3.0, config="smskd"):
+    """Student, target, teacher, reference of shape (n, c); absent inputs are None."""
+    has_target, has_teacher, has_reference, _ = CONFIGS[config]
+    g = torch.Generator().manual_seed(seed)
+
+    def logits():
+        return (torch.randn(n, c, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    student = logits()
+    teacher = logits() if has_teacher else None
+    reference = logits() if has_reference else None
+    target = torch.randint(0, c, (n,), generator=g) if has_target else None
+    return student, target, teacher, reference
+
+
+def op_rows(student, target, teacher, reference, options: LossOptions, compute_grad=True):
+    return OP(student, target, teacher, reference, options.temperature, options.ce_weight, options.kd_weight,
+              options.ref_weight, options.weighting, options.ignore_index, compute_grad)
+
+
+def reference_rows(student, target, teacher, reference, options: LossOptions):
+    """Per-row values and d(sum_i loss_i)/d student from the float64 reference backend."""
+    def f64(x):
+        return None if x is None else x.detach().to(torch.float64)
+
+    s = f64(student).requires_grad_(True)
+    rows = ReferenceBackend().rows(RowInputs(s, target, f64(teacher), f64(reference)), options)
+    (grad,) = torch.autograd.grad(rows.loss.sum(), s)
+    return [getattr(rows, f).detach() for f in FIELDS], grad
+
+
+def assert_matches_reference(student, target, teacher, reference, options):
+    dtype = student.dtype
+    *per_row, grad = op_rows(student, target, teacher, reference, options)
+    expected, expected_grad = reference_rows(student, target, teacher, reference, options)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for name, got, want in zip(FIELDS, per_row, expected):
+        assert got.dtype == acc, name
+        torch.testing.assert_close(got.double(), want, **VALUE_TOL[dtype], msg=lambda m: f"{name}: {m}")
+    assert grad.dtype == dtype and grad.shape == student.shape
+    torch.testing.assert_close(grad.double(), expected_grad, **GRAD_TOL[dtype], msg=lambda m: f"grad: {m}")
+
+
+def options_for(config, temperature=4.0, **overrides):
+    weighting = CONFIGS[config][3]
+    return LossOptions(temperature=temperature, weighting=weighting, **overrides)
+
+
+def test_cpu_backend_is_available_and_auto_picks_it():
+    assert smskd_fast.available_backends()["cpu"].available
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32, 10).name == "cpu"
+
+
+# C: 1 and 2; 17 (not a multiple of any vector width); 1000; 2051 (two full
+# blocks of 1024 plus a tail that is not a multiple of the vector width).
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("c", [1, 2, 17, 1000, 2051])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_rows_match_float64_reference(dtype, c, config):
+    student, target, teacher, reference = make_rows(5, c, dtype, config=config)
+    options = options_for(config, ce_weight=0.7, kd_weight=1.3, ref_weight=0.9)
+    assert_matches_reference(student, target, teacher, reference, options)
+
+
+# T = 4 and 1 take the integer-power path (exp(x - m) = exp((x - m)/T)^T), 2.5 the exp path.
+@pytest.mark.parametrize("temperature", [1.0, 2.5, 4.0, 9.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).replace("torch.", ""))
+def test_temperatures(temperature, dtype):
+    student, target, teacher, reference = make_rows(4, 300, dtype)
+    assert_matches_reference(student, target, teacher, reference, options_for("smskd", temperature))
+
+
+@pytest.mark.parametrize("weights", [(0.0, 1.0, 1.0), (1.0, 0.0, 1.0), (1.0, 1.0, 0.0)])
+def test_zero_loss_weights(weights):
+    student, target, teacher, reference = make_rows(4, 100, torch.float32)
+    a, b, g = weights
+    assert_matches_reference(student, target, teacher, reference,
+                             options_for("smskd", ce_weight=a, kd_weight=b, ref_weight=g))
+
+
+def test_single_row_and_large_vocabulary():
+    student, target, teacher, reference = make_rows(1, 262144, torch.float32)
+    assert_matches_reference(student, target, teacher, reference, options_for("smskd"))
+    student, target, teacher, reference = make_rows(2, 262144, torch.bfloat16, seed=1)
+    assert_matches_reference(student, target, teacher, reference, options_for("smskd"))
+
+
+@pytest.fixture
+def two_threads():
+    """At least two threads, so that rows fewer than threads take the column-split path."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, 2))
+    yield
+    torch.set_num_threads(before)
+
+
+# Fewer rows than threads and C >= 2 * threads * 1024: each row's columns are split among
+# the threads and the partial online-softmax statistics merged.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_rows_split_over_columns(two_threads, dtype):
+    c = 9000
+    student, target, teacher, reference = make_rows(1, c, dtype)
+    student[0, 8000] = 40.0  # the row's maxima lie in the last part: the merge rescales the first
+    teacher[0, 7000] = 40.0
+    assert_matches_reference(student, target, teacher, reference, options_for("smskd"))
+    for x in (student, teacher, reference):
+        x[0, : c // 2] = float("-inf")  # the first part has probability 0 everywhere
+    target[0] = c - 1
+    assert_matches_reference(student, target, teacher, reference, options_for("smskd"))
+    student, target, teacher, _ = make_rows(1, c, dtype, config="ce_kd")
+    assert_matches_reference(student, target, teacher, None, options_for("ce_kd"))
+    student, _, teacher, _ = make_rows(1, c, dtype, config="kd_only")
+    assert_matches_reference(student, None, teacher, None, options_for("kd_only"))
+
+
+def test_rows_split_over_columns_nan_and_ignored(two_threads):
+    student, target, teacher, reference = make_rows(1, 9000, torch.float32)
+    teacher[0, 8500] = float("nan")
+    loss, *_, grad = op_rows(student, target, teacher, reference, options_for("smskd"))
+    assert torch.isnan(loss).all() and torch.isnan(grad).all()
+    target[0] = -100
+    outputs = op_rows(student, target, teacher, reference, options_for("smskd"))
+    assert all((values == 0).all() for values in outputs)
+
+
+def test_many_rows_run_in_parallel():
+    student, target, teacher, reference = make_rows(257, 64, torch.float32)
+    assert_matches_reference(student, target, teacher, reference, options_for("smskd"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).replace("torch.", ""))
+def test_non_contiguous_inputs(dtype):
+    n, c = 6, 1100
+    student, target, teacher, reference = make_rows(n, c, dtype)
+    wide = torch.zeros(n, 2 * c, dtype=dtype)
+    wide[:, ::2] = teacher
+    tall = torch.zeros(2 * n, c, dtype=dtype)
+    tall[::2] = reference
+    views = (student.t().contiguous().t(), wide[:, ::2], tall[::2])  # transposed, column-strided, row-strided
+    assert views[0].stride() == (1, n) and views[1].stride(1) == 2 and views[2].stride(0) == 2 * c
+    target_view = torch.stack([target, target], 1)[:, 0]
+    assert not target_view.is_contiguous()
+    options = options_for("smskd")
+    assert_matches_reference(*views[:1], target_view, *views[1:], options)
+    strided = op_rows(views[0], target_view, views[1], views[2], options)
+    contiguous = op_rows(student, target, teacher, reference, options)
+    for got, want in zip(strided, contiguous):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_leading_dimensions_and_reductions():
+    g = torch.Generator().manual_seed(3)
+    shape = (2, 3, 50)
+    s, t, r = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 for _ in range(3))
+    y = torch.randint(0, 50, shape[:-1], generator=g)
+    y[0, 1] = -100
+    for reduction in ("none", "mean", "sum"):
+        got = smskd_fast.smskd_loss(s, y, t, r, reduction=reduction, backend="cpu")
+        want = smskd_fast.smskd_loss(s, y, t, r, reduction=reduction, backend="reference")
+        for field in ("loss", "ce", "kd", "ref", "tcp", "weight"):
+            torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-10, atol=1e-12)
+    got = smskd_fast.kd_loss(s, t, reduction="none", backend="cpu")
+    torch.testing.assert_close(got, smskd_fast.kd_loss(s, t, reduction="none", backend="reference"))
+    assert got.shape == shape[:-1]
+
+
+def test_rows_with_all_logits_equal():
+    c = 37
+    student = torch.full((3, c), 5.0)
+    teacher = torch.full((3, c), -2.0)
+    reference = torch.randn(3, c)
+    target = torch.tensor([0, 5, 36])
+    options = options_for("smskd")
+    assert_matches_reference(student, target, teacher, reference, options)
+    loss, ce, kd, *_ = op_rows(student, target, teacher, reference, options)
+    torch.testing.assert_close(ce, torch.full((3,), torch.log(torch.tensor(float(c))).item()))
+    torch.testing.assert_close(kd, torch.zeros(3), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).replace("torch.", ""))
+def test_logits_of_magnitude_1e4(dtype):
+    student, target, teacher, reference = make_rows(4, 500, dtype, scale=1e4)
+    near = (student.double() + torch.randn(4, 500, dtype=torch.float64)).to(dtype)  # KL small, logits huge
+    options = options_for("smskd")
+    *per_row, grad = op_rows(student, target, teacher, reference, options)
+    expected, expected_grad = reference_rows(student, target, teacher, reference, options)
+    assert all(torch.isfinite(v).all() for v in per_row) and torch.isfinite(grad).all()
+    # Values here are O(1e5): float32 keeps about 7 digits of them.
+    tol = dict(rtol=1e-10, atol=1e-8) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-2)
+    for got, want in zip(per_row, expected):
+        torch.testing.assert_close(got.double(), want, **tol)
+    torch.testing.assert_close(grad.double(), expected_grad, **GRAD_TOL[dtype])
+    assert_matches_reference(student, target, near, reference, options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_masked_minus_inf_entries(dtype):
+    n, c = 4, 1030
+    student, target, teacher, reference = make_rows(n, c, dtype)
+    masked = torch.zeros(c, dtype=torch.bool)
+    masked[torch.tensor([0, 3, 500, 1024, 1029])] = True  # in the first block, later, and in the tail
+    target = torch.where(masked[target], torch.full_like(target, 7), target)
+    for x in (student, teacher, reference):
+        x[:, masked] = float("-inf")
+    teacher[1, 200] = float("-inf")  # the teacher alone masks an entry: KL stays finite
+    reference[2, 10:20] = float("-inf")
+    options = options_for("smskd")
+    *per_row, grad = op_rows(student, target, teacher, reference, options)
+    assert all(torch.isfinite(v).all() for v in per_row) and torch.isfinite(grad).all()
+    assert (grad[:, masked] == 0).all()
+    assert_matches_reference(student, target, teacher, reference, options)
+
+
+def test_nan_logits_give_nan_not_a_silent_number():
+    student, target, teacher, reference = make_rows(3, 40, torch.float32)
+    teacher[1, 7] = float("nan")
+    loss, *_, grad = op_rows(student, target, teacher, reference, options_for("smskd"))
+    assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all()
+    assert torch.isfinite(loss[[0, 2]]).all() and torch.isfinite(grad[[0, 2]]).all()
+
+
+def test_ignored_rows_and_all_rows_ignored():
+    student, target, teacher, reference = make_rows(6, 90, torch.float32)
+    target[[1, 4]] = -1
+    student[1] = float("nan")  # an ignored row's values are never read into the result
+    options = options_for("smskd", ignore_index=-1)
+    *per_row, grad = op_rows(student, target, teacher, reference, options)
+    for values in per_row:
+        assert (values[[1, 4]] == 0).all()
+    assert (grad[[1, 4]] == 0).all()
+    keep = torch.tensor([0, 2, 3, 5])
+    assert_matches_reference(student[keep], target[keep], teacher[keep], reference[keep], options)
+
+    s = student.clone().requires_grad_(True)
+    all_ignored = torch.full_like(target, -100)
+    out = smskd_fast.smskd_loss(s, all_ignored, teacher, reference, backend="cpu")
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    assert (s.grad == 0).all()
+
+
+def test_public_api_gradient_matches_reference():
+    student, target, teacher, reference = make_rows(8, 130, torch.float32)
+    target[2] = -100
+    s = student.clone().requires_grad_(True)
+    loss = smskd_fast.smskd_loss(s, target, teacher, reference, temperature=3.0, backend="cpu").loss
+    (grad,) = torch.autograd.grad(loss * 2.5, s)
+    sd = student.double().requires_grad_(True)
+    ref_loss = smskd_fast.smskd_loss(sd, target, teacher.double(), reference.double(), temperature=3.0,
+                                     backend="reference").loss
+    (ref_grad,) = torch.autograd.grad(ref_loss * 2.5, sd)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=5e-5, atol=5e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, **GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck_float64(reduction):
+    student, target, teacher, reference = make_rows(4, 7, torch.float64)
+    target[3] = -100
+    s = student.clone().requires_grad_(True)
+
+    def smskd(x):
+        return smskd_fast.smskd_loss(x, target, teacher, reference, temperature=2.0, reduction=reduction,
+                                     backend="cpu").loss
+
+    def kd(x):
+        return smskd_fast.kd_loss(x, teacher, temperature=3.0, reduction=reduction, backend="cpu")
+
+    assert torch.autograd.gradcheck(smskd, (s,))
+    assert torch.autograd.gradcheck(kd, (s,))
+
+
+def _opcheck_cases():
+    cases = []
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        for (n, c), config, compute_grad in (((3, 5), "smskd", True), ((1, 1), "kd_only", True),
+                                             ((4, 33), "ce_kd", False), ((0, 8), "smskd", True)):
+            cases.append(pytest.param(dtype, n, c, config, compute_grad,
+                                      id=f"{str(dtype)[6:]}-{n}x{c}-{config}-grad{int(compute_grad)}"))
+    return cases
+
+
+@pytest.mark.parametrize("dtype,n,c,config,compute_grad", _opcheck_cases())
+def test_opcheck(dtype, n, c, config, compute_grad):
+    student, target, teacher, reference = make_rows(n, c, dtype, config=config)
+    student.requires_grad_(compute_grad)
+    o = options_for(config)
+    args = (student, target, teacher, reference, o.temperature, o.ce_weight, o.kd_weight, o.ref_weight,
+            o.weighting, o.ignore_index, compute_grad)
+    torch.library.opcheck(OP.default, args)
+
+
+@pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "default",
+                    reason="inductor emits at::vec code that does not compile with ATEN_CPU_CAPABILITY=default")
+def test_torch_compile_fullgraph_round_trip():
+    student, target, teacher, reference = make_rows(16, 300, torch.float32)
+
+    def loss_fn(s, y, t, r):
+        out = smskd_fast.smskd_loss(s, y, t, r, backend="cpu")
+        return out.loss + 0.0 * out.kd + smskd_fast.kd_loss(s, t, backend="cpu")
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    s_eager = student.clone().requires_grad_(True)
+    s_compiled = student.clone().requires_grad_(True)
+    eager_loss = loss_fn(s_eager, target, teacher, reference)
+    # Compiled afresh: inductor's on-disk caches do not key on ATEN_CPU_CAPABILITY, so an
+    # entry written under another capability could hand back code for another vector width.
+    # (backward is compiled at its first call, so it runs inside the patch too).
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        compiled_loss = compiled(s_compiled, target, teacher, reference)
+        compiled_loss.backward()
+    eager_loss.backward()
+    # The op itself runs the same kernel in both; the sums and scalings around it are
+    # inductor's code in one and ATen's in the other, which may round differently.
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(s_compiled.grad, s_eager.grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [7, -1, 1 << 40])
+def test_target_out_of_range_is_a_clear_error(bad):
+    student, target, teacher, reference = make_rows(4, 7, torch.float32)
+    target[2] = bad
+    with pytest.raises(ValueError, match=rf"target\[2\] = {bad} is not a class index in \[0, 7\)"):
+        op_rows(student, target, teacher, reference, options_for("smskd"))
+    # -1 is fine once it is the ignore_index.
+    if bad == -1:
+        op_rows(student, target, teacher, reference, options_for("smskd", ignore_index=-1))
+
+
+def test_bad_arguments_are_clear_errors():
+    student, target, teacher, reference = make_rows(4, 7, torch.float32)
+    o = options_for("smskd")
+    with pytest.raises(TypeError, match="teacher must have the student's dtype"):
+        op_rows(student, target, teacher.double(), reference, o)
+    with pytest.raises(ValueError, match="reference must have the student's shape"):
+        op_rows(student, target, teacher, reference[:, :3], o)
+    with pytest.raises(ValueError, match="weighting must be"):
+        op_rows(student, target, teacher, reference, LossOptions(weighting="softmax"))
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        op_rows(student, target, teacher, reference, LossOptions(temperature=0.0))
+    with pytest.raises(ValueError, match="student must have shape"):
+        op_rows(student[0], target, None, None, o)
+    with pytest.raises(TypeError, match="target must hold integer class indices"):
+        op_rows(student, target.float(), teacher, reference, o)
+    with pytest.raises(TypeError, match="student must be float64, float32"):
+        op_rows(student.int(), target, None, None, o)
+
+
+# Every instruction-set copy of the kernel that this CPU can run (ATEN_CPU_CAPABILITY
+# lowers the choice, as for PyTorch's own kernels) gives the same values.
+_CAPABILITY_SCRIPT = textwrap.dedent("""
+    import sys, torch, smskd_fast
+    sys.path.insert(0, sys.argv[1])
+    from test_cpu_backend import make_rows, options_for, assert_matches_reference
+    print(torch.backends.cpu.get_cpu_capability())
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        for c, config in ((3, "smskd"), (1500, "smskd"), (50, "kd_only"), (40, "ce_only")):
+            rows = make_rows(5, c, dtype, config=config)
+            rows[0][0, 4 % c] = float("-inf")
+            if rows[2] is not None:
+                rows[2][0, 4 % c] = float("-inf")
+            assert_matches_reference(*rows, options_for(config))
+""")
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_each_instruction_set_matches_reference(capability):
+    if capability != "default" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip(f"this CPU runs ATen's {torch.backends.cpu.get_cpu_capability()} kernels, not AVX2")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    result = subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT, os.path.dirname(__file__)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.split()[0] == capability.upper()
+
+
+def test_backward_twice_with_retained_graph():
+    """backward scales the kernel's gradient in place only when the graph is freed."""
+    student, target, teacher, reference = make_rows(5, 60, torch.float64)
+    s = student.clone().requires_grad_(True)
+    loss = smskd_fast.smskd_loss(s, target, teacher, reference, backend="cpu").loss * 3.0
+    (first,) = torch.autograd.grad(loss, s, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, s)
+    _, expected = reference_rows(student, target, teacher, reference, options_for("smskd"))
+    torch.testing.assert_close(first, expected * 3.0 / 5, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)

@@ -1,0 +1,61 @@
+"""backend="auto" on CUDA tensors: the measured cuda-vs-triton choice (runs on the CPU)."""
+import json
+
+import pytest
+import torch
+
+from smskd_fast.backends import gpu_choice, registry
+
+GPU = "NVIDIA Test GPU"
+
+
+@pytest.fixture
+def measured_table(tmp_path, monkeypatch):
+    """A table where cuda wins below C=4096 for bf16 and triton at and above it."""
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"devices": {GPU: {"bfloat16": {"1024": "cuda", "4096": "triton", "65536": "triton"}}}}))
+    monkeypatch.setenv("SMSKD_FAST_GPU_CHOICE_TABLE", str(path))
+    monkeypatch.delenv("SMSKD_FAST_GPU_BACKEND", raising=False)
+    monkeypatch.setattr(gpu_choice, "_device_name", lambda index: GPU)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    gpu_choice.load_table.cache_clear()
+    yield path
+    gpu_choice.load_table.cache_clear()
+
+
+def test_chooser_is_registered_for_cuda_tensors():
+    assert registry._CHOOSERS["cuda"] is gpu_choice.choose_gpu_backend
+
+
+@pytest.mark.parametrize(
+    "num_classes, expected",
+    [(10, "cuda"), (1024, "cuda"), (1500, "cuda"), (3000, "triton"), (4096, "triton"), (250000, "triton")],
+)
+def test_nearest_measured_c_in_log_scale_wins(measured_table, num_classes, expected):
+    candidates = ["cuda", "triton", "reference"]
+    assert gpu_choice.choose_gpu_backend(candidates, torch.bfloat16, num_classes) == expected
+
+
+def test_unmeasured_dtype_or_gpu_takes_cuda(measured_table, monkeypatch):
+    candidates = ["triton", "cuda", "reference"]
+    assert gpu_choice.choose_gpu_backend(candidates, torch.float16, 8192) == "cuda"
+    monkeypatch.setattr(gpu_choice, "_device_name", lambda index: "another GPU")
+    assert gpu_choice.choose_gpu_backend(candidates, torch.bfloat16, 8192) == "cuda"
+
+
+def test_environment_forces_a_backend(measured_table, monkeypatch):
+    monkeypatch.setenv("SMSKD_FAST_GPU_BACKEND", "triton")
+    assert gpu_choice.choose_gpu_backend(["cuda", "triton", "reference"], torch.bfloat16, 100) == "triton"
+
+
+@pytest.mark.parametrize(
+    "candidates, expected",
+    [(["cuda", "reference"], "cuda"), (["triton", "reference"], "triton"), (["reference"], "reference")],
+)
+def test_works_with_one_or_no_gpu_backend(measured_table, candidates, expected):
+    # A measured winner that is not available is never returned.
+    assert gpu_choice.choose_gpu_backend(candidates, torch.bfloat16, 100000) == expected
+
+
+def test_missing_table_is_empty(tmp_path):
+    assert gpu_choice.load_table(str(tmp_path / "absent.json")) == {}

@@ -1,0 +1,38 @@
+"""CI's spill check: every Triton kernel configuration compiles for sm_80 and sm_90 without spills.
+
+Runs benchmarks/triton_aot_report.py --ci (the gradient variants, fp32 and bf16,
+every launch configuration; about 100 compiles, 1-2 minutes on 2 cores) in a
+subprocess: triton.compile with a GPUTarget needs no GPU, and cuobjdump and
+ptxas ship inside triton's package.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+triton = pytest.importorskip("triton", reason="the triton backend is optional; without triton nothing to compile")
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+@pytest.mark.skipif(not (BIN / "cuobjdump").exists() or not (BIN / "ptxas").exists(),
+                    reason=f"this triton has no cuobjdump/ptxas under {BIN}")
+def test_every_kernel_configuration_compiles_without_spills(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "triton_aot_report.py"), "--ci", "--jobs", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "triton_aot_report_ci.json").read_text())["rows"]
+    from smskd_fast.backends import triton_launch
+
+    per_arch = 2 + 2 * 2 * (len(triton_launch.all_tile_configs()) + len(triton_launch.ONLINE_CONFIGS))
+    assert len(rows) == 2 * per_arch
+    assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
+    assert all(row["registers"] > 0 and row["spill_stores"] == 0 and not row["error"] for row in rows)
+    # The target check: assert + trap in the debug build, the trap alone in Inductor's re-jit.
+    assert [row["check_live"] for row in rows if row["kernel"] == "_check_targets_kernel"] == [True] * 4

@@ -1,0 +1,403 @@
+"""The triton backend against the float64 reference: values, gradients, options, op registration.
+
+Where the cases run:
+- With a CUDA device (and triton): in this process on CUDA tensors, with the
+  full shape grid up to C = 262144.
+- Without one: Triton's interpreter runs the kernels on CPU tensors, but only
+  when TRITON_INTERPRET=1 is set before triton is first imported, and in a
+  pytest session smskd_fast (which imports triton) is already imported by then.
+  So test_cases_under_the_interpreter re-runs this file in a fresh Python with
+  TRITON_INTERPRET=1 set, where the cases run with small shapes; here they skip
+  with a reason that names that test, which fails if any case fails there.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import smskd_fast
+from smskd_fast.backends import triton_backend
+from smskd_fast.backends.base import LossOptions, RowInputs
+from smskd_fast.backends.reference import ReferenceBackend
+
+ROOT = Path(__file__).resolve().parents[1]
+INTERPRETED = triton_backend.kernels_interpreted()
+ON_GPU = not INTERPRETED and bool(smskd_fast.available_backends()["triton"]) and torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+needs_kernels = pytest.mark.skipif(
+    not (INTERPRETED or ON_GPU),
+    reason="no CUDA device here: these cases run on CPU tensors under TRITON_INTERPRET=1 in a "
+    "subprocess, see test_cases_under_the_interpreter",
+)
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device and triton")
+
+# (N, C): small under the interpreter; the GPU adds LLM vocabularies.
+SHAPES = [(3, 1), (4, 7), (5, 130), (2, 4100)]
+if ON_GPU:
+    SHAPES += [(64, 1000), (33, 4097), (16, 32000), (8, 128256), (4, 262144)]
+WEIGHTINGS = ("inverse_tcp", "tcp", "constant")
+TOLERANCE = {  # per-row values, gradient (absolute, on values of order 1)
+    torch.float32: (2e-5, 2e-6),
+    torch.bfloat16: (2e-5, None),
+    torch.float16: (2e-5, None),
+}
+
+
+def make_inputs(n, c, dtype=torch.float32, seed=0, leading=None):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (*(leading or (n,)), c)
+
+    def logits(scale):
+        return (torch.randn(shape, generator=generator) * scale).to(dtype).to(DEVICE)
+
+    target = torch.randint(0, c, shape[:-1], generator=generator).to(DEVICE)
+    return logits(3.0), target, logits(3.0), logits(2.0)
+
+
+def reference_rows(student, target, teacher, reference, options):
+    """Per-row terms and d sum(loss) / d student from the float64 reference."""
+    s64 = student.detach().double().requires_grad_()
+    rows = ReferenceBackend().rows(
+        RowInputs(s64, target, None if teacher is None else teacher.double(),
+                  None if reference is None else reference.double()),
+        options,
+    )
+    (grad,) = torch.autograd.grad(rows.loss.sum(), s64)
+    return rows, grad
+
+
+def triton_rows(student, target, teacher, reference, options):
+    outputs = torch.ops.smskd_fast.smskd_loss_rows_triton(
+        student, target, teacher, reference, options.temperature, options.ce_weight, options.kd_weight,
+        options.ref_weight, options.weighting, options.ignore_index, True,
+    )
+    return outputs
+
+
+def assert_rows_match(outputs, expected, expected_grad, dtype):
+    value_tol, grad_tol = TOLERANCE[dtype]
+    names = ("loss", "ce", "kd", "ref", "tcp", "weight")
+    for name, got in zip(names, outputs[:6]):
+        want = getattr(expected, name)
+        assert got.dtype == torch.float32, name
+        torch.testing.assert_close(got.double(), want, rtol=value_tol, atol=value_tol, msg=name)
+    grad = outputs[6]
+    assert grad.dtype == dtype and grad.shape == expected_grad.shape
+    if grad_tol is None:
+        # The gradient is computed in fp32 and rounded once to the input dtype:
+        # it must equal the float64 gradient rounded to that dtype, within one unit.
+        rounded = expected_grad.to(dtype).double()
+        ulp = torch.finfo(dtype).eps * rounded.abs().clamp(min=torch.finfo(dtype).tiny)
+        assert ((grad.double() - rounded).abs() <= ulp + 1e-6).all(), (grad.double() - rounded).abs().max()
+    else:
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=grad_tol, atol=grad_tol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,c", SHAPES)
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_smskd_rows_match_reference(n, c, weighting):
+    student, target, teacher, reference = make_inputs(n, c, seed=n * 1000 + c)
+    target[0] = -100
+    options = LossOptions(temperature=2.5, ce_weight=0.7, kd_weight=1.3, ref_weight=0.9, weighting=weighting)
+    expected, grad = reference_rows(student, target, teacher, reference, options)
+    assert_rows_match(triton_rows(student, target, teacher, reference, options), expected, grad, torch.float32)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,c", SHAPES)
+@pytest.mark.parametrize("inputs", ["kd", "ce", "ce+kd", "ref-constant"])
+def test_subsets_of_inputs_match_reference(n, c, inputs):
+    student, target, teacher, reference = make_inputs(n, c, seed=c)
+    options = LossOptions(temperature=4.0, weighting="constant")
+    if inputs == "kd":
+        target, reference = None, None
+        options = LossOptions(temperature=4.0, ce_weight=0.0, ref_weight=0.0, weighting="constant")
+    elif inputs == "ce":
+        teacher, reference = None, None
+    elif inputs == "ce+kd":
+        reference = None
+    else:
+        teacher = None
+    expected, grad = reference_rows(student, target, teacher, reference, options)
+    assert_rows_match(triton_rows(student, target, teacher, reference, options), expected, grad, torch.float32)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,c", SHAPES[1:])
+def test_half_precision_inputs(dtype, n, c):
+    student, target, teacher, reference = make_inputs(n, c, dtype=dtype, seed=7)
+    options = LossOptions(temperature=2.0)
+    expected, grad = reference_rows(student, target, teacher, reference, options)
+    assert_rows_match(triton_rows(student, target, teacher, reference, options), expected, grad, dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("block_c", [16, 128])
+def test_online_kernel_with_many_partial_blocks(block_c):
+    """C = 300 is no multiple of the block: the last block is partial, the maxima grow across blocks."""
+    from smskd_fast.backends import triton_launch
+
+    student, target, teacher, reference = make_inputs(4, 300, seed=3)
+    student[:, 250:] += 8.0  # the running maximum must be rescaled late in the row
+    target[1] = -100
+    options = LossOptions(temperature=3.0)
+    expected, grad = reference_rows(student, target, teacher, reference, options)
+    outputs = triton_launch.launch_rows(
+        student, target, teacher, reference, 3.0, 1.0, 1.0, 1.0, "inverse_tcp", -100, True,
+        config=triton_launch.OnlineConfig(block_c, 4),
+    )
+    assert_rows_match(outputs, expected, grad, torch.float32)
+
+
+@needs_kernels
+@pytest.mark.parametrize("c", [7, 4100])
+def test_negative_infinity_logits(c):
+    """Masked vocabulary entries (-inf in all three) add nothing; -inf in the teacher alone gives p_t = 0."""
+    student, target, teacher, reference = make_inputs(3, c, seed=11)
+    masked = torch.zeros(c, dtype=torch.bool, device=DEVICE)
+    masked[1::3] = True
+    target = torch.where(masked[target], (target + 1) % c, target)
+    target = torch.where(masked[target], (target + 1) % c, target)
+    for logits in (student, teacher, reference):
+        logits[:, masked] = float("-inf")
+    teacher[:, 0] = float("-inf") if not masked[0] else teacher[:, 0]
+    options = LossOptions(temperature=2.0)
+    expected, grad = reference_rows(student, target, teacher, reference, options)
+    outputs = triton_rows(student, target, teacher, reference, options)
+    assert all(torch.isfinite(value).all() for value in outputs)
+    assert_rows_match(outputs, expected, grad, torch.float32)
+
+
+@needs_kernels
+@pytest.mark.parametrize("c", [5, 4100])
+def test_all_rows_ignored_give_zero_loss_and_gradient(c):
+    student, target, teacher, reference = make_inputs(4, c)
+    target.fill_(-7)
+    student.requires_grad_()
+    out = smskd_fast.smskd_loss(student, target, teacher, reference, ignore_index=-7, backend="triton")
+    out.loss.backward()
+    assert out.loss.item() == 0.0
+    assert torch.equal(student.grad, torch.zeros_like(student))
+    assert torch.equal(out.tcp, torch.zeros_like(out.tcp)) and torch.equal(out.weight, torch.zeros_like(out.weight))
+
+
+@needs_kernels
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_public_api_with_leading_dimensions(reduction):
+    student, target, teacher, reference = make_inputs(0, 33, leading=(2, 3))
+    target[0, 1] = -100
+    results = {}
+    for backend in ("triton", "reference"):
+        s = student.detach().clone().requires_grad_()
+        out = smskd_fast.smskd_loss(s, target, teacher, reference, temperature=2.0, reduction=reduction,
+                                    backend=backend)
+        out.loss.sum().backward()
+        results[backend] = (out, s.grad)
+    (got, got_grad), (want, want_grad) = results["triton"], results["reference"]
+    for name in ("loss", "ce", "kd", "ref", "tcp", "weight"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=2e-5, atol=2e-5)
+    assert got.loss.shape == want.loss.shape
+    torch.testing.assert_close(got_grad, want_grad, rtol=2e-6, atol=2e-6)
+
+
+@needs_kernels
+def test_kd_loss_matches_reference():
+    student, _, teacher, _ = make_inputs(0, 50, leading=(2, 5))
+    results = {}
+    for backend in ("triton", "reference"):
+        s = student.detach().clone().requires_grad_()
+        loss = smskd_fast.kd_loss(s, teacher, temperature=3.0, backend=backend)
+        loss.backward()
+        results[backend] = (loss, s.grad)
+    torch.testing.assert_close(results["triton"][0], results["reference"][0], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(results["triton"][1], results["reference"][1], rtol=2e-6, atol=2e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("c", [40, 4100])
+def test_overwrite_student_logits_stores_the_gradient_in_place(c):
+    student, target, teacher, reference = make_inputs(5, c, seed=5)
+    leaf = student.detach().clone().requires_grad_()
+    expected = smskd_fast.smskd_loss(leaf, target, teacher, reference, backend="reference")
+    (3.0 * expected.loss).backward()
+
+    logits_leaf = student.detach().clone().requires_grad_()
+    logits = logits_leaf * 1.0  # e.g. the output of a model's last layer
+    storage = logits.data_ptr()
+    out = smskd_fast.smskd_loss(logits, target, teacher, reference, backend="triton",
+                                overwrite_student_logits=True)
+    (3.0 * out.loss).backward(retain_graph=True)
+    torch.testing.assert_close(out.loss, expected.loss, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(logits_leaf.grad, leaf.grad, rtol=2e-6, atol=2e-6)
+    # The logits' own memory now holds the scaled gradient: no N x C buffer was allocated.
+    assert logits.data_ptr() == storage
+    torch.testing.assert_close(logits.detach(), leaf.grad, rtol=2e-6, atol=2e-6)
+    with pytest.raises(RuntimeError, match="backward can run only once"):
+        out.loss.backward()
+
+
+@needs_kernels
+def test_out_of_range_target_is_an_error():
+    student, target, teacher, reference = make_inputs(3, 9)
+    target[1] = 9
+    if INTERPRETED:
+        # The interpreter has no debug mode for tl.device_assert; the launcher checks on the host.
+        with pytest.raises(ValueError, match=r"target values must be in \[0, 9\)"):
+            triton_rows(student, target, teacher, reference, LossOptions())
+    else:
+        result = run_bad_target_subprocess(compiled=False)
+        assert "device-side assert" in result.stderr or "target out of range" in result.stdout + result.stderr, \
+            result.stderr[-2000:]
+
+
+@gpu_only
+def test_out_of_range_target_fails_under_torch_compile():
+    """Inductor re-jits the check kernel without debug (assert compiled out): its trap must still fire."""
+    run_bad_target_subprocess(compiled=True)
+
+
+def run_bad_target_subprocess(compiled: bool) -> subprocess.CompletedProcess:
+    """A device-side assert or trap kills the CUDA context, so it is provoked in a child process."""
+    code = textwrap.dedent(f"""
+        import torch, smskd_fast
+        s = torch.randn(3, 9, device="cuda")
+        y = torch.tensor([0, 9, 1], device="cuda")
+        def loss(s):
+            return smskd_fast.smskd_loss(s, y, s, s, backend="triton").loss
+        fn = torch.compile(loss, fullgraph=True) if {compiled} else loss
+        out = fn(s)
+        torch.cuda.synchronize()
+        print("NO ERROR", out)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode != 0 and "NO ERROR" not in result.stdout, result.stdout + result.stderr
+    return result
+
+
+@needs_kernels
+def test_float64_is_refused_with_the_alternatives():
+    student, target, teacher, reference = make_inputs(2, 5, dtype=torch.float64)
+    with pytest.raises(TypeError, match="use backend='cuda', 'cpu' or 'reference' for float64"):
+        smskd_fast.smskd_loss(student, target, teacher, reference, backend="triton")
+
+
+def test_op_has_the_schema_of_the_compiled_op():
+    if not hasattr(torch.ops.smskd_fast, "smskd_loss_rows_triton"):
+        pytest.skip(f"triton backend not importable: {smskd_fast.available_backends()['triton'].reason}")
+    if not hasattr(torch.ops.smskd_fast, "smskd_loss_rows"):
+        pytest.skip("smskd_fast._C is not built, so there is no compiled schema to compare with")
+    ours = torch.ops.smskd_fast.smskd_loss_rows_triton.default._schema
+    theirs = torch.ops.smskd_fast.smskd_loss_rows.default._schema
+    if torch.__version__ >= "2.14":  # verified: 2.14 honours schema=, 2.11 does not
+        assert str(ours).replace("smskd_loss_rows_triton", "smskd_loss_rows") == str(theirs)
+    else:
+        # torch 2.11's triton_op ignores its schema argument and infers one from the
+        # type hints (int -> SymInt, unnamed outputs): same arguments, same types for callers.
+        def signature(schema):
+            return [(a.name, str(a.type).replace("SymInt", "int")) for a in schema.arguments], len(schema.returns)
+
+        assert signature(ours) == signature(theirs)
+
+
+@needs_kernels
+def test_opcheck():
+    student, target, teacher, reference = make_inputs(4, 20)
+    args = (student.requires_grad_(), target, teacher, reference, 2.0, 1.0, 1.0, 1.0, "inverse_tcp", -100, True)
+    if INTERPRETED:
+        # AOT dispatch would run the interpreted kernels on fake tensors; only the GPU runs those checks.
+        utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    else:
+        utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.smskd_fast.smskd_loss_rows_triton, args, test_utils=utils)
+
+
+@needs_kernels
+def test_torch_compile_fullgraph():
+    student, target, teacher, reference = make_inputs(6, 300 if INTERPRETED else 32000)
+    # Inductor compiles the kernels on the GPU; under the interpreter Dynamo captures the
+    # full graph (through the fake kernel) and runs it eagerly.
+    backend = "eager" if INTERPRETED else "inductor"
+
+    def loss_fn(s):
+        return smskd_fast.smskd_loss(s, target, teacher, reference, backend="triton").loss
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
+    s1 = student.detach().clone().requires_grad_()
+    s2 = student.detach().clone().requires_grad_()
+    got = compiled(s1)
+    got.backward()
+    want = loss_fn(s2)
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_status_says_why():
+    status = smskd_fast.available_backends()["triton"]
+    if INTERPRETED:
+        assert status.available and "TRITON_INTERPRET=1" in status.reason
+    elif ON_GPU:
+        assert status.available
+    else:
+        assert not status.available and status.reason
+
+
+@pytest.mark.skipif(INTERPRETED or ON_GPU, reason="the cases run directly in this process")
+@pytest.mark.skipif(not hasattr(torch.ops.smskd_fast, "smskd_loss_rows_triton"),
+                    reason="triton is not importable, so there are no kernels to interpret")
+def test_cases_under_the_interpreter():
+    """Runs this file under TRITON_INTERPRET=1 in a fresh interpreter (see the module docstring)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=900,
+    )
+    summary = result.stdout[-6000:] + result.stderr[-2000:]
+    assert result.returncode == 0, summary
+    assert " passed" in result.stdout and "failed" not in result.stdout, summary
+
+
+@needs_kernels
+@pytest.mark.parametrize("c", [24, 4104])
+def test_strided_rows_and_columns(c):
+    """Rows sliced out of wider tensors (row stride != C, different per input) and a transposed teacher."""
+    student, target, teacher, reference = make_inputs(6, c + 8, seed=13)
+    target = target % c
+    student = student[:, 3:c + 3]  # row stride c + 8, unaligned start
+    reference = reference[:, :c]
+    teacher = teacher[:, :c].t().contiguous().t()  # column stride 6: copied by the op
+    assert student.stride(0) != c and teacher.stride(-1) != 1
+    options = LossOptions(temperature=1.5)
+    expected, grad = reference_rows(student, target, teacher, reference, options)
+    assert_rows_match(triton_rows(student, target, teacher, reference, options), expected, grad, torch.float32)
+
+
+@gpu_only
+def test_overwrite_student_logits_allocates_no_gradient_buffer():
+    """Forward+backward peak memory: the functional op allocates an N x C gradient, the overwrite path none."""
+    n, c = 256, 32000
+    student, target, teacher, reference = make_inputs(n, c, dtype=torch.bfloat16)
+    grad_bytes = n * c * student.element_size()
+    extra = {}
+    for overwrite in (False, True):
+        leaf = student.detach().clone().requires_grad_()
+        logits = leaf * 1.0
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        out = smskd_fast.smskd_loss(logits, target, teacher, reference, backend="triton",
+                                    overwrite_student_logits=overwrite)
+        torch.autograd.grad(out.loss, logits)
+        extra[overwrite] = torch.cuda.max_memory_allocated() - baseline
+    assert extra[False] >= grad_bytes
+    assert extra[True] < grad_bytes / 4, extra

@@ -9,6 +9,7 @@ chunk's logits instead of all of them.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional, Tuple
 
 import torch
@@ -55,6 +56,8 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
     n = hidden.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     chosen = resolve_backend(backend, hidden.device, hidden.dtype, weight.shape[0])
+    # Each chunk's logits are scratch: a GPU backend may write d loss / d logits over them.
+    options = dataclasses.replace(options, overwrite_student_logits=True)
     columns: List[List[torch.Tensor]] = [[] for _ in range(6)]
     grad_hidden = torch.empty_like(hidden) if row_scale is not None and need[0] else None
     grad_weight = torch.zeros_like(weight, dtype=acc) if row_scale is not None and need[1] else None
@@ -79,12 +82,23 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
             if grad_hidden is not None:
                 grad_hidden[start:end] = grad_logits @ weight
             if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ h).to(acc)
+                _accumulate_product(grad_weight, grad_logits.t(), h)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=acc)
         del logits, grad_logits
     per_row = [torch.cat(column) if column else hidden.new_zeros((0,), dtype=acc) for column in columns]
     return per_row, grad_hidden, grad_weight, grad_bias
+
+
+def _accumulate_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """total += left @ right without a temporary of total's size where torch allows it: in place
+    when the dtypes agree, through addmm's out_dtype for bf16/fp16 into fp32 on CUDA."""
+    if left.dtype == total.dtype:
+        total.addmm_(left, right)
+    elif total.is_cuda and hasattr(torch.ops.aten.addmm, "dtype_out"):
+        torch.addmm(total, left, right, out_dtype=total.dtype, out=total)
+    else:
+        total += (left @ right).to(total.dtype)
 
 
 class _FusedLinearSMSKD(torch.autograd.Function):

@@ -145,6 +145,25 @@ def test_bfloat16_against_float64_unfused(backend):
         torch.testing.assert_close(g.double(), w, rtol=5e-2, atol=5e-2 * w.abs().max().item())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_bfloat16_on_cuda_against_float64_unfused(backend):
+    """On CUDA the chunk logits take the row gradient in place and the fp32 weight gradient
+    accumulates through addmm(out_dtype=float32); the oracle is as in the CPU test above."""
+    p = {k: None if v is None else v.detach().cuda().requires_grad_(v.requires_grad)
+         for k, v in make_problem(rows_shape=(64,), hidden=32, vocab=500, teacher_hidden=48,
+                                  dtype=torch.bfloat16, seed=1).items()}
+    got = fused(p, chunk_size=24, backend=backend)
+    got_grads = grads(p, got.loss)
+    p64 = {k: (None if v is None else v.detach().cpu().double().requires_grad_(v.requires_grad)
+               if v.is_floating_point() else v.cpu()) for k, v in p.items()}
+    want = unfused(p64)
+    torch.testing.assert_close(got.loss.double().cpu(), want.loss.detach(), rtol=2e-2, atol=2e-2)
+    for g, w in zip(got_grads, grads(p64, want.loss)):
+        assert g.dtype == torch.bfloat16 and g.is_cuda
+        torch.testing.assert_close(g.double().cpu(), w, rtol=5e-2, atol=5e-2 * w.abs().max().item())
+
+
 def test_bad_arguments_name_the_argument():
     p = make_problem()
     with pytest.raises(ValueError, match=r"student_head_weight must have shape \(V, 8\)"):

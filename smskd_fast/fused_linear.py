@@ -21,8 +21,18 @@ from .functional import SMSKDLossOutput
 
 __all__ = ["fused_linear_smskd_loss"]
 
-# Rows per chunk are chosen so that one chunk's logits hold about this many values.
+# Rows per chunk are chosen so that one chunk's logits hold at most about this many values
+# and at most 1/CHUNKS_AT_LEAST of all rows (so that the chunk buffers stay a small part of
+# what the unfused logits would take, also for few tokens), but no fewer than MIN_CHUNK_ROWS.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
+CHUNKS_AT_LEAST = 16
+MIN_CHUNK_ROWS = 64
+
+
+def default_chunk_size(rows: int, vocabulary: int) -> int:
+    """Rows per chunk when the caller gives no chunk_size (see the constants above)."""
+    by_elements = max(1, DEFAULT_CHUNK_ELEMENTS // vocabulary)
+    return min(by_elements, max(MIN_CHUNK_ROWS, -(-rows // CHUNKS_AT_LEAST)))
 
 
 class _Head:
@@ -207,7 +217,8 @@ def fused_linear_smskd_loss(
     Hidden states have shape (..., H) (teacher and reference may have their own H),
     head weights (V, H), target the leading shape. The teacher is given either as
     hidden states plus head or as logits (..., V). Gradients flow to the student's
-    hidden states, head weight and bias only. chunk_size defaults to about 2^24 / V rows.
+    hidden states, head weight and bias only. chunk_size defaults to default_chunk_size:
+    about 2^24 / V rows, at most 1/16 of the rows, at least 64.
     """
     validation.check_logits("student_hidden", student_hidden)
     rows_shape = tuple(student_hidden.shape[:-1])
@@ -235,7 +246,7 @@ def fused_linear_smskd_loss(
     validation.check_weighting_has_tcp(weighting, True if has_teacher else None,
                                        True if reference_hidden is not None else None)
     if chunk_size is None:
-        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // vocabulary)
+        chunk_size = default_chunk_size(target.numel(), vocabulary)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 

@@ -184,3 +184,14 @@ def test_bad_arguments_name_the_argument():
         fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"],
                                 reference_hidden=p["reference_hidden"],
                                 reference_head_weight=p["reference_head_weight"])
+
+
+@pytest.mark.parametrize("rows, vocabulary", [(8192, 128256), (1024, 128256), (2048, 32000), (100, 50), (7, 1 << 30)])
+def test_default_chunk_size_bounds_the_chunk_logits(rows, vocabulary):
+    from smskd_fast.fused_linear import default_chunk_size
+
+    chunk = default_chunk_size(rows, vocabulary)
+    assert chunk >= 1
+    assert chunk * vocabulary <= max(1 << 24, vocabulary)  # one chunk's logits: at most ~2^24 values
+    assert chunk <= max(64, -(-rows // 16))  # and at most 1/16 of the rows unless that is under 64 rows
+    assert default_chunk_size(8192, 128256) == 130 and default_chunk_size(1024, 128256) == 64

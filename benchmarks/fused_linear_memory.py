@@ -13,6 +13,11 @@ Forward plus backward, median of --repeats. Variants:
 
 Ratios are against the unfused variant of the same kind.
 
+On the CPU, glibc's malloc raises its mmap threshold (up to 32 MiB) after large frees and
+then keeps freed chunk buffers in the heap, so the resident set overstates live memory for
+chunks of a few MiB; run with MALLOC_MMAP_THRESHOLD_=65536 (fixed threshold: every large
+buffer is mapped and returned on free) to measure live memory. The header records it.
+
     python benchmarks/fused_linear_memory.py --device cpu --tokens 2048 --hidden 512 \
         --vocab 32000 128256 --dtype float32 --out benchmarks/results/fused_linear_cpu
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -146,7 +152,8 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     header = (f"fused_linear_smskd_loss vs unfused, fwd+bwd, tokens={args.tokens} hidden={args.hidden} "
               f"{args.dtype} on {args.device} ({device_name}), backend {args.backend}, torch {torch.__version__}, "
-              f"commit {commit}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+              f"commit {commit}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+              f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}")
     lines = [header, "", "| vocab | variant | row backend | median ms | peak extra MiB | memory vs baseline "
              "| time vs baseline | baseline |", "|---|---|---|---|---|---|---|---|"]
     for vocab in args.vocab:

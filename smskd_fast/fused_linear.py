@@ -21,18 +21,16 @@ from .functional import SMSKDLossOutput
 
 __all__ = ["fused_linear_smskd_loss"]
 
-# Rows per chunk are chosen so that one chunk's logits hold at most about this many values
-# and at most 1/CHUNKS_AT_LEAST of all rows (so that the chunk buffers stay a small part of
-# what the unfused logits would take, also for few tokens), but no fewer than MIN_CHUNK_ROWS.
+# Rows per chunk are chosen so that one chunk's logits hold about this many values. Not
+# fewer: on the CPU, glibc's malloc keeps freed buffers under its (dynamic, up to 32 MiB)
+# mmap threshold in the heap, so chunks much smaller than 32 MiB raise the resident set
+# instead of lowering it (benchmarks/results/fused_linear_cpu_chunk64_glibc_retention_t1024.md).
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
-CHUNKS_AT_LEAST = 16
-MIN_CHUNK_ROWS = 64
 
 
 def default_chunk_size(rows: int, vocabulary: int) -> int:
-    """Rows per chunk when the caller gives no chunk_size (see the constants above)."""
-    by_elements = max(1, DEFAULT_CHUNK_ELEMENTS // vocabulary)
-    return min(by_elements, max(MIN_CHUNK_ROWS, -(-rows // CHUNKS_AT_LEAST)))
+    """Rows per chunk when the caller gives no chunk_size: about 2^24 / V (at most `rows`)."""
+    return max(1, min(rows, DEFAULT_CHUNK_ELEMENTS // vocabulary))
 
 
 class _Head:

@@ -6,6 +6,8 @@ VENV := .venv
 PY := $(abspath $(VENV))/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 CMAKE_BUILD := build/cmake
+# The CMake build compiles the CUDA library and its standalone tests wherever nvcc is.
+CMAKE_ARGS ?= $(if $(wildcard $(CUDA_HOME)/bin/nvcc),-DSMSKD_FAST_CUDA=ON,)
 
 # CUDA sources compile (for sm_80 and sm_90) wherever nvcc is, GPU or not.
 export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda))

@@ -51,7 +51,7 @@ def pip_cuda_include_dirs() -> list[str]:
 
 
 def extension() -> cpp_extension.CppExtension:
-    cxx_flags = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x030a0000"]
+    cxx_flags = ["-O3", "-fopenmp"]  # py_limited_api=True defines Py_LIMITED_API
     include_dirs = [os.path.join(ROOT, "kernels"), os.path.join(ROOT, "csrc")]
     cpu_sources = sources("csrc/*.cpp", "csrc/cpu/*.cpp")
     reason = cuda_build_reason()

@@ -57,7 +57,10 @@ def _train(args: argparse.Namespace) -> int:
         config = parse_config(apply_overrides(yaml.safe_load(config_file.read_text()), _overrides(args)))
     else:
         config, run_dir = _load(args), _default_out(args)
-    summary = SMSKDTrainer(config, run_dir).run(resume=args.resume is not None)
+    trainer = SMSKDTrainer(config, run_dir)
+    summary = trainer.run(resume=args.resume is not None)
+    if not trainer.dist.is_main:  # under torchrun, rank 0 reports
+        return 0
     print(f"run directory: {run_dir}")
     print(f"test accuracy: last epoch {summary['last_test_acc']:.2f}%, "
           f"best epoch {summary['best_test_acc']:.2f}% (epoch {summary['best_global_epoch']})")
@@ -70,7 +73,10 @@ def _train_teacher(args: argparse.Namespace) -> int:
 
     config = _load(args)
     run_dir = _default_out(args, "_teacher")
-    summary = SMSKDTrainer(teacher_config(config), run_dir).run()
+    trainer = SMSKDTrainer(teacher_config(config), run_dir)
+    summary = trainer.run()
+    if not trainer.dist.is_main:
+        return 0
     print(f"teacher test accuracy: last epoch {summary['last_test_acc']:.2f}%, best {summary['best_test_acc']:.2f}%")
     print(f"teacher weights: {run_dir / 'student.pt'}  (use --set teacher.checkpoint={run_dir / 'student.pt'})")
     return 0

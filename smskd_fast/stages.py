@@ -16,6 +16,9 @@ draws its batch order and augmentation from a generator seeded the same way, the
 learning rate is a function of the epoch, and latest.pt (written atomically after
 every epoch) holds the student, the method modules and the optimizer. A run resumed
 from any epoch boundary therefore ends with the same weights as one never stopped.
+
+Under torchrun each process trains on its shard of every global batch with DDP; the
+hooks (self.dist) are in distributed.py, and only rank 0 writes the run directory.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ import yaml
 from torch import nn
 
 from .config import RunConfig, StageConfig, config_to_dict
-from .data import DataSplits, ImageSet, TokenSet, augment, iterate_batches, load_splits
+from .data import DataSplits, ImageSet, TokenSet, iterate_batches, load_splits
+from .distributed import DistributedContext
 from .functional import SMSKDLossOutput, smskd_loss
 from .fused_linear import fused_linear_smskd_loss
 from .methods import FeatureTaps, MethodInputs, build_method
@@ -161,6 +165,7 @@ class _StageState:
     teacher_taps: Optional[FeatureTaps]
     reference: Optional[nn.Module]
     reference_fingerprint: Optional[str]
+    student_forward: nn.Module  # the student, or DDP over the student and methods (distributed.py)
 
     @property
     def fused_kd_weight(self) -> float:
@@ -177,7 +182,9 @@ class SMSKDTrainer:
 
     def __init__(self, config: RunConfig, run_dir: Path, log: Callable[[str], None] = print):
         self.config, self.run_dir, self.log = config, Path(run_dir), log
-        self.device = torch.device(config.device)
+        self.dist, self.device = DistributedContext.from_environment(torch.device(config.device))
+        if not self.dist.is_main:  # one log, from rank 0
+            self.log = lambda message: None
         self.stage_names = config.stage_names()
         splits = load_splits(config.data.name, config.data.root, config.data.image_size, config.data.context_length)
         self.data = DataSplits(train=splits.train.subset(config.data.train_subset),
@@ -195,6 +202,8 @@ class SMSKDTrainer:
                 if model is not None and not supports_fused_linear(model):
                     raise ValueError(f"fused_linear: the {role} {getattr(config, role).name!r} does not expose "
                                      "hidden_states() and a linear `head`")
+            if self.dist.enabled:  # hidden_states() bypasses DDP's forward, so gradients would not be reduced
+                raise ValueError("fused_linear: not supported with more than one process (DDP) yet")
         for index in range(len(config.stages)):  # bad method parameters or layer names fail now, not stages later
             for method in self._methods(index):
                 FeatureTaps(self.student, method.student_layers, "student").remove()
@@ -257,7 +266,8 @@ class SMSKDTrainer:
             freeze(reference)
         parameters = list(self.student.parameters()) + list(methods.parameters())
         return _StageState(methods, self._optimizer(stage, parameters), student_taps, teacher_taps, reference,
-                           None if reference is None else model_fingerprint(reference))
+                           None if reference is None else model_fingerprint(reference),
+                           self.dist.wrap(self.student, methods, self.device))
 
     @staticmethod
     def _optimizer(stage: StageConfig, parameters: List[nn.Parameter]) -> torch.optim.Optimizer:
@@ -277,6 +287,8 @@ class SMSKDTrainer:
 
     def _save_latest(self, stage_index: int, epochs_done: int, global_epoch: int, state: _StageState,
                      histograms: Dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         save_atomic({
             "stage": stage_index, "epochs_done": epochs_done, "global_epoch": global_epoch,
             "student": self.student.state_dict(), "methods": state.methods.state_dict(),
@@ -299,10 +311,12 @@ class SMSKDTrainer:
         correct = count = 0
         train = self.data.train
         steps = math.ceil(len(train) / config.data.batch_size)
-        progress = Progress(steps, f"{self.stage_names[index]} epoch {epoch + 1}/{stage.epochs}", config.progress)
-        for images, labels, indices in iterate_batches(train, config.data.batch_size, shuffle=True, generator=generator):
-            images = train.normalize(augment(images, config.data.augment, generator, config.data.crop_padding))
-            images = images.to(self.device)
+        progress = Progress(steps, f"{self.stage_names[index]} epoch {epoch + 1}/{stage.epochs}",
+                            config.progress and self.dist.is_main)
+        batches = self.dist.batches(train, config.data.batch_size, generator, config.data.augment,
+                                    config.data.crop_padding)  # this rank's shard of each global batch
+        for images, labels, indices in batches:
+            images = train.normalize(images).to(self.device)
             labels = labels.to(self.device)
             if stage.fused_linear:  # the config allows only methods without a loss of their own here
                 fused, predictions = fused_linear_stage_loss(self.student, self.teacher, state.reference, images,
@@ -312,7 +326,7 @@ class SMSKDTrainer:
                 with torch.no_grad():
                     teacher_logits = self.teacher(images) if self.teacher is not None else None
                     reference_logits = state.reference(images) if state.reference is not None else None
-                student_logits = self.student(images)
+                student_logits = state.student_forward(images)
                 inputs = MethodInputs(student_logits, teacher_logits, labels, indices, state.student_taps.take(),
                                       state.teacher_taps.take() if state.teacher_taps else {})
                 fused = stage_loss(student_logits, labels, teacher_logits, reference_logits, stage,
@@ -324,7 +338,7 @@ class SMSKDTrainer:
                 raise FloatingPointError(f"{self.stage_names[index]} epoch {epoch + 1}: the loss is {float(loss)}; "
                                          "lower the learning rate or the method weight")
             state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * batches.loss_scale(int(labels.shape[0]))).backward()
             state.optimizer.step()
             size = labels.numel()  # samples, or tokens for sequence data
             for key, value in (("loss", loss), ("ce", fused.ce), ("kd", fused.kd), ("ref", fused.ref),
@@ -336,6 +350,9 @@ class SMSKDTrainer:
             count += size
             progress.step(f"loss {float(loss.detach()):.4f}")
         progress.close()
+        sums, correct, count = self.dist.reduce_totals(sums, correct, count)
+        self.dist.all_reduce_(histogram)
+        self.dist.average_batchnorm_statistics(self.student, state.methods)
         record = {f"train_{key}": value / max(count, 1) for key, value in sums.items()}
         record["train_acc"] = 100.0 * correct / max(count, 1)
         record["lr"] = lr
@@ -364,21 +381,27 @@ class SMSKDTrainer:
             self.student.load_state_dict(resumed["student"])
             start_stage, start_epoch = resumed["stage"], resumed["epochs_done"]
             global_epoch, histograms = resumed["global_epoch"], resumed["histograms"]
-            write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["global_epoch"] <= global_epoch])
+            if self.dist.is_main:
+                write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["global_epoch"] <= global_epoch])
             if start_epoch == self.config.stages[start_stage].epochs:
-                if not self._stage_path(start_stage).is_file():  # stopped between the two writes
+                if self.dist.is_main and not self._stage_path(start_stage).is_file():  # stopped between the two writes
                     save_atomic({"student": resumed["student"], "methods": resumed["methods"],
                                  "stage": start_stage}, self._stage_path(start_stage))
                 start_stage, start_epoch, resumed = start_stage + 1, 0, None
         else:
             if metrics_path.exists() or latest_path.exists():
                 raise FileExistsError(f"{self.run_dir} already holds a run; use --resume or another --out")
-            with open(self.run_dir / "config.yaml", "w") as handle:
-                yaml.safe_dump(config_to_dict(self.config), handle, sort_keys=False)
+            self.dist.barrier()  # every rank has checked before rank 0 writes
+            if self.dist.is_main:
+                with open(self.run_dir / "config.yaml", "w") as handle:
+                    yaml.safe_dump(config_to_dict(self.config), handle, sort_keys=False)
+        self.dist.barrier()  # rank 0's resume repairs (metrics, stage file) are on disk
         if self.teacher is not None and global_epoch == 0:
-            teacher_eval = evaluate(self.teacher, self.data.test, self.config.data.eval_batch_size, self.device)
+            teacher_eval = self.dist.evaluate(evaluate, self.teacher, self.data.test, self.config.data.eval_batch_size,
+                                              self.device)
             self.log(f"teacher {self.config.teacher.name}: test accuracy {teacher_eval['acc']:.2f}%")
-            (self.run_dir / "teacher_eval.json").write_text(json.dumps(teacher_eval))
+            if self.dist.is_main:
+                (self.run_dir / "teacher_eval.json").write_text(json.dumps(teacher_eval))
         epochs_run = 0
         for index in range(start_stage, len(self.config.stages)):
             stage, name = self.config.stages[index], self.stage_names[index]
@@ -395,24 +418,31 @@ class SMSKDTrainer:
                 started = time.monotonic()
                 histogram.zero_()
                 record = self._train_epoch(index, epoch, state, histogram)
-                test = evaluate(self.student, self.data.test, self.config.data.eval_batch_size, self.device)
+                test = self.dist.evaluate(evaluate, self.student, self.data.test, self.config.data.eval_batch_size,
+                                          self.device)
                 global_epoch += 1
                 epochs_run += 1
                 record = {"stage": index + 1, "stage_name": name, "epoch": epoch + 1, "global_epoch": global_epoch,
                           **record, "test_loss": test["loss"], "test_acc": test["acc"],
                           **({"test_perplexity": test["perplexity"]} if "perplexity" in test else {}),
                           "seconds": time.monotonic() - started}
-                append_jsonl(metrics_path, record)
+                if self.dist.is_main:
+                    append_jsonl(metrics_path, record)
                 if epoch == stage.epochs - 1 and state.reference is not None:
                     histograms[name] = histogram.tolist()  # w_i of the last epoch, where a reference used it
                 self._save_latest(index, epoch + 1, global_epoch, state, histograms)
+                self.dist.barrier()  # no rank runs ahead of rank 0's checkpoint
                 self.log(f"[{name}] epoch {epoch + 1}/{stage.epochs} loss {record['train_loss']:.4f} "
                          f"train {record['train_acc']:.2f}% test {record['test_acc']:.2f}%")
             self._check_frozen(state, name)
-            save_atomic({"student": self.student.state_dict(), "methods": state.methods.state_dict(),
-                         "stage": index}, self._stage_path(index))
+            if self.dist.is_main:
+                save_atomic({"student": self.student.state_dict(), "methods": state.methods.state_dict(),
+                             "stage": index}, self._stage_path(index))
+            self.dist.barrier()  # the next stage's reference is read from this file on every rank
             state.close()
-        return self._finish(histograms)
+        summary = self._finish(histograms) if self.dist.is_main else None
+        self.dist.barrier()
+        return summary if summary is not None else summarize(read_jsonl(metrics_path))
 
     def _check_frozen(self, state: _StageState, name: str) -> None:
         if state.reference is not None and model_fingerprint(state.reference) != state.reference_fingerprint:

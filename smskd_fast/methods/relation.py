@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import all_gather_rows, global_mean, rank, shard_sizes
 from .base import DistillMethod, MethodInputs
 
 
@@ -102,6 +103,11 @@ class CRD(DistillMethod):
     contrasted against `nce_k` random samples of the other side's bank with the NCE loss,
     in both directions. The banks and the normalising constants are buffers, so they
     are saved and restored with the method's state.
+
+    Under torch.distributed every rank draws the negatives of the whole global batch and
+    uses its own rows, fixes Z from the global first batch, and applies every rank's
+    embeddings to its banks, so the banks stay equal on all ranks and equal to a
+    single-process run's.
     """
 
     name = "crd"
@@ -133,7 +139,10 @@ class CRD(DistillMethod):
         v_student = F.normalize(self.embed_student(student.flatten(1)), dim=1)
         v_teacher = F.normalize(self.embed_teacher(teacher.flatten(1)), dim=1)
         indices = inputs.indices.to(v_student.device)
-        contrast = torch.cat([indices[:, None], self.sample_negatives(indices.shape[0]).to(indices.device)], dim=1)
+        sizes = shard_sizes(indices.shape[0])  # rows of every rank's shard of the global batch
+        offset = sum(sizes[:rank()])
+        negatives = self.sample_negatives(sum(sizes))[offset:offset + indices.shape[0]]
+        contrast = torch.cat([indices[:, None], negatives.to(indices.device)], dim=1)
         # Student embedding against the teacher bank, and the teacher embedding against the student bank.
         scores_student = self._scores(self.memory_teacher[contrast], v_student, 0)
         scores_teacher = self._scores(self.memory_student[contrast], v_teacher, 1)
@@ -143,7 +152,7 @@ class CRD(DistillMethod):
     def _scores(self, bank_rows: torch.Tensor, query: torch.Tensor, side: int) -> torch.Tensor:
         scores = torch.exp(torch.bmm(bank_rows.detach(), query.unsqueeze(2)).squeeze(2) / self.nce_t)
         if self.normalizer[side] < 0:  # fixed once, from the first batch, as in CRD
-            self.normalizer[side] = scores.mean().detach() * self.num_samples
+            self.normalizer[side] = global_mean(scores.detach()) * self.num_samples
         return scores / float(self.normalizer[side])
 
     def _nce(self, scores: torch.Tensor) -> torch.Tensor:
@@ -157,6 +166,7 @@ class CRD(DistillMethod):
 
     @torch.no_grad()
     def _update_memory(self, indices: torch.Tensor, v_student: torch.Tensor, v_teacher: torch.Tensor) -> None:
+        indices, v_student, v_teacher = all_gather_rows(indices, v_student, v_teacher)
         for memory, value in ((self.memory_student, v_student), (self.memory_teacher, v_teacher)):
             mixed = memory[indices] * self.nce_m + value * (1 - self.nce_m)
             memory.index_copy_(0, indices, F.normalize(mixed, dim=1))

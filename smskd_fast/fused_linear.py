@@ -9,6 +9,7 @@ chunk's logits instead of all of them.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional, Tuple
 
 import torch
@@ -20,8 +21,16 @@ from .functional import SMSKDLossOutput
 
 __all__ = ["fused_linear_smskd_loss"]
 
-# Rows per chunk are chosen so that one chunk's logits hold about this many values.
+# Rows per chunk are chosen so that one chunk's logits hold about this many values. Not
+# fewer: on the CPU, glibc's malloc keeps freed buffers under its (dynamic, up to 32 MiB)
+# mmap threshold in the heap, so chunks much smaller than 32 MiB raise the resident set
+# instead of lowering it (benchmarks/results/fused_linear_cpu_chunk64_glibc_retention_t1024.md).
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+def default_chunk_size(rows: int, vocabulary: int) -> int:
+    """Rows per chunk when the caller gives no chunk_size: about 2^24 / V (at most `rows`)."""
+    return max(1, min(rows, DEFAULT_CHUNK_ELEMENTS // vocabulary))
 
 
 class _Head:
@@ -55,6 +64,8 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
     n = hidden.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     chosen = resolve_backend(backend, hidden.device, hidden.dtype, weight.shape[0])
+    # Each chunk's logits are scratch: a GPU backend may write d loss / d logits over them.
+    options = dataclasses.replace(options, overwrite_student_logits=True)
     columns: List[List[torch.Tensor]] = [[] for _ in range(6)]
     grad_hidden = torch.empty_like(hidden) if row_scale is not None and need[0] else None
     grad_weight = torch.zeros_like(weight, dtype=acc) if row_scale is not None and need[1] else None
@@ -79,7 +90,7 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
             if grad_hidden is not None:
                 grad_hidden[start:end] = grad_logits @ weight
             if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ h).to(acc)
+                _accumulate_product(grad_weight, grad_logits.t(), h)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=acc)
         del logits, grad_logits
@@ -87,8 +98,25 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
     return per_row, grad_hidden, grad_weight, grad_bias
 
 
+def _accumulate_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """total += left @ right without a temporary of total's size where torch allows it: in place
+    when the dtypes agree, through addmm's out_dtype for bf16/fp16 into fp32 on CUDA."""
+    if left.dtype == total.dtype:
+        total.addmm_(left, right)
+    elif total.is_cuda and hasattr(torch.ops.aten.addmm, "dtype_out"):
+        torch.addmm(total, left, right, out_dtype=total.dtype, out=total)
+    else:
+        total += (left @ right).to(total.dtype)
+
+
 class _FusedLinearSMSKD(torch.autograd.Function):
-    """Autograd wrapper: gradients are computed in forward for "mean"/"sum", in backward for "none"."""
+    """Autograd wrapper: gradients are computed in forward for "mean"/"sum", in backward for "none".
+
+    The first backward scales the gradients from forward in place and hands them over, so
+    autograd takes them as .grad without a copy (a V x H weight gradient is the largest
+    buffer of the fused path). A second backward through the same graph (retain_graph,
+    gradcheck) finds them gone and recomputes them chunk by chunk, like "none".
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher, reference, target, options, backend, chunk_size, reduction):
@@ -103,9 +131,9 @@ class _FusedLinearSMSKD(torch.autograd.Function):
                 row_scale = row_scale / valid.sum().clamp(min=1)
         per_row, grad_hidden, grad_weight, grad_bias = _chunk_pass(
             student, teacher, reference, target, options, backend, chunk_size, row_scale, need)
-        ctx.reduction, ctx.need = reduction, need
+        ctx.reduction, ctx.need, ctx.row_scale = reduction, need, row_scale
         ctx.replay = (student, teacher, reference, target, options, backend, chunk_size)
-        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.grads = (grad_hidden, grad_weight, grad_bias) if grads else None
         loss, ce, kd, ref, tcp, w = per_row
         if reduction == "none":
             reduced = (loss, ce, kd, ref)
@@ -117,13 +145,15 @@ class _FusedLinearSMSKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        if ctx.reduction == "none":
-            student, teacher, reference, target, options, backend, chunk_size = ctx.replay
-            _, grad_hidden, grad_weight, grad_bias = _chunk_pass(
-                student, teacher, reference, target, options, backend, chunk_size, grad_loss, ctx.need)
-        else:
+        if ctx.grads is not None:
             grad_hidden, grad_weight, grad_bias = (
-                None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
+                None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads)
+            ctx.grads = None
+        else:
+            student, teacher, reference, target, options, backend, chunk_size = ctx.replay
+            row_scale = grad_loss if ctx.reduction == "none" else ctx.row_scale * grad_loss.to(ctx.row_scale.dtype)
+            _, grad_hidden, grad_weight, grad_bias = _chunk_pass(
+                student, teacher, reference, target, options, backend, chunk_size, row_scale, ctx.need)
         student = ctx.replay[0]
         grad_hidden = None if grad_hidden is None else grad_hidden.to(student.hidden.dtype)
         grad_weight = None if grad_weight is None else grad_weight.to(student.weight.dtype)
@@ -185,7 +215,8 @@ def fused_linear_smskd_loss(
     Hidden states have shape (..., H) (teacher and reference may have their own H),
     head weights (V, H), target the leading shape. The teacher is given either as
     hidden states plus head or as logits (..., V). Gradients flow to the student's
-    hidden states, head weight and bias only. chunk_size defaults to about 2^24 / V rows.
+    hidden states, head weight and bias only. chunk_size defaults to default_chunk_size:
+    about 2^24 / V rows, at most 1/16 of the rows, at least 64.
     """
     validation.check_logits("student_hidden", student_hidden)
     rows_shape = tuple(student_hidden.shape[:-1])
@@ -213,7 +244,7 @@ def fused_linear_smskd_loss(
     validation.check_weighting_has_tcp(weighting, True if has_teacher else None,
                                        True if reference_hidden is not None else None)
     if chunk_size is None:
-        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // vocabulary)
+        chunk_size = default_chunk_size(target.numel(), vocabulary)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 

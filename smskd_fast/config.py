@@ -27,11 +27,8 @@ __all__ = [
 WEIGHTINGS = ("inverse_tcp", "tcp", "constant")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("multistep", "cosine", "constant")
-<<<<<<< HEAD
 NONFINITE_POLICIES = ("stop", "skip")  # what a stage does with a batch whose loss is NaN or inf
-=======
 SEQUENCE_METHODS = ("none", "kd")  # the methods computed from logits alone, by the fused loss
->>>>>>> lm
 
 
 class ConfigError(ValueError):
@@ -95,11 +92,8 @@ class StageConfig:
     temperature: float = 4.0
     weighting: str = "inverse_tcp"
     reference: bool = True
-<<<<<<< HEAD
     nonfinite: str = "stop"
-=======
     fused_linear: bool = False  # loss from hidden states with fused_linear_smskd_loss (language models)
->>>>>>> lm
 
 
 @dataclass

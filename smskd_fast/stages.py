@@ -212,12 +212,9 @@ class SMSKDTrainer:
         torch.manual_seed(derive_seed(config.seed, "student"))
         self.student = self._build(config.student.name)
         if config.student.checkpoint:
-<<<<<<< HEAD
             entry = load_model_file(Path(config.student.checkpoint), config.student.name)
             load_weights(self.student, entry["state_dict"], f"student.checkpoint {config.student.checkpoint}",
                          "give a checkpoint of the model named in student.name")
-=======
-            self.student.load_state_dict(load_model_file(Path(config.student.checkpoint), config.student.name)["state_dict"])
         if any(stage.fused_linear for stage in config.stages):
             for role, model in (("student", self.student), ("teacher", self.teacher)):
                 if model is not None and not supports_fused_linear(model):
@@ -225,7 +222,6 @@ class SMSKDTrainer:
                                      "hidden_states() and a linear `head`")
             if self.dist.enabled:  # hidden_states() bypasses DDP's forward, so gradients would not be reduced
                 raise ValueError("fused_linear: not supported with more than one process (DDP) yet")
->>>>>>> lm
         for index in range(len(config.stages)):  # bad method parameters or layer names fail now, not stages later
             for method in self._methods(index):
                 FeatureTaps(self.student, method.student_layers, "student").remove()
@@ -538,20 +534,13 @@ def summarize(records: List[Dict[str, Any]]) -> Dict[str, Any]:
     for name in dict.fromkeys(r["stage_name"] for r in records):
         rows = [r for r in records if r["stage_name"] == name]
         stages.append({"name": name, "last_test_acc": rows[-1]["test_acc"],
-<<<<<<< HEAD
                        "best_test_acc": max(r["test_acc"] for r in rows),
                        "skipped_steps": sum(r.get("train_skipped_steps", 0) for r in rows)})
-    return {"last_test_acc": records[-1]["test_acc"], "best_test_acc": best["test_acc"],
-            "best_global_epoch": best["global_epoch"], "epochs": len(records), "stages": stages,
-            "skipped_steps": sum(stage["skipped_steps"] for stage in stages),
-            "table_shows": "last_test_acc"}
-=======
-                       "best_test_acc": max(r["test_acc"] for r in rows)})
     summary = {"last_test_acc": records[-1]["test_acc"], "best_test_acc": best["test_acc"],
                "best_global_epoch": best["global_epoch"], "epochs": len(records), "stages": stages,
+               "skipped_steps": sum(stage["skipped_steps"] for stage in stages),
                "table_shows": "last_test_acc"}
     if "test_perplexity" in records[-1]:  # sequence data
         summary["last_test_perplexity"] = records[-1]["test_perplexity"]
         summary["best_test_perplexity"] = min(r["test_perplexity"] for r in records)
     return summary
->>>>>>> lm

@@ -18,6 +18,7 @@ from . import validation
 from .backends import resolve_backend
 from .backends.base import LossOptions, RowInputs
 from .functional import SMSKDLossOutput
+from .topk import TopKTeacher
 
 __all__ = ["fused_linear_smskd_loss"]
 
@@ -36,8 +37,16 @@ def default_chunk_size(rows: int, vocabulary: int) -> int:
 class _Head:
     """A frozen or trainable projection hidden -> logits, or precomputed logits."""
 
-    def __init__(self, hidden=None, weight=None, bias=None, logits=None):
-        self.hidden, self.weight, self.bias, self.logits = hidden, weight, bias, logits
+    def __init__(self, hidden=None, weight=None, bias=None, logits=None, topk: Optional[TopKTeacher] = None):
+        self.hidden, self.weight, self.bias, self.logits, self.topk = hidden, weight, bias, logits, topk
+
+    def chunk_topk(self, start: int, end: int) -> Optional[TopKTeacher]:
+        """The rows [start, end) of a teacher given in top-k form."""
+        if self.topk is None:
+            return None
+        return TopKTeacher(*(field[start:end] for field in (
+            self.topk.values, self.topk.indices, self.topk.true_logit, self.topk.log_sum_exp,
+            self.topk.log_sum_exp_at_temperature)))
 
     def present(self) -> bool:
         return self.logits is not None or self.hidden is not None
@@ -63,7 +72,7 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
     hidden, weight, bias = student.hidden, student.weight, student.bias
     n = hidden.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    chosen = resolve_backend(backend, hidden.device, hidden.dtype, weight.shape[0])
+    chosen = resolve_backend(backend, hidden.device, hidden.dtype, weight.shape[0], topk=teacher.topk is not None)
     # Each chunk's logits are scratch: a GPU backend may write d loss / d logits over them.
     options = dataclasses.replace(options, overwrite_student_logits=True)
     columns: List[List[torch.Tensor]] = [[] for _ in range(6)]
@@ -79,7 +88,9 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
             logits = torch.nn.functional.linear(h, weight, bias)
         with torch.enable_grad():
             logits.requires_grad_(row_scale is not None)
-            rows = chosen.rows(RowInputs(logits, target[start:end], teacher_logits, reference_logits), options)
+            inputs = RowInputs(logits, target[start:end], teacher_logits, reference_logits,
+                               teacher_topk=teacher.chunk_topk(start, end))
+            rows = chosen.rows(inputs, options)
             if row_scale is not None:
                 (grad_logits,) = torch.autograd.grad(rows.loss, logits, grad_outputs=row_scale[start:end])
         for column, value in zip(columns, (rows.loss, rows.ce, rows.kd, rows.ref, rows.tcp, rows.weight)):
@@ -208,13 +219,15 @@ def fused_linear_smskd_loss(
     reduction: str = "mean",
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    teacher_topk: Optional[TopKTeacher] = None,
 ) -> SMSKDLossOutput:
     """smskd_loss(student_hidden @ W_s.T + b_s, target, teacher logits, reference logits) without
     materialising the logits: rows are processed chunk_size at a time.
 
     Hidden states have shape (..., H) (teacher and reference may have their own H),
     head weights (V, H), target the leading shape. The teacher is given either as
-    hidden states plus head or as logits (..., V). Gradients flow to the student's
+    hidden states plus head, as logits (..., V), or in the top-k form of a logit
+    cache (teacher_topk, see smskd_fast/topk.py). Gradients flow to the student's
     hidden states, head weight and bias only. chunk_size defaults to default_chunk_size:
     about 2^24 / V rows, at most 1/16 of the rows, at least 64.
     """
@@ -225,9 +238,12 @@ def fused_linear_smskd_loss(
     if student_head_weight.dtype != student_hidden.dtype:
         raise TypeError(f"student_head_weight must have student_hidden's dtype {student_hidden.dtype}, "
                         f"got {student_head_weight.dtype}")
-    if teacher_logits is not None and teacher_hidden is not None:
-        raise ValueError("give the teacher either as teacher_hidden with teacher_head_weight or as "
-                         "teacher_logits, not both")
+    if sum(x is not None for x in (teacher_logits, teacher_hidden, teacher_topk)) > 1:
+        raise ValueError("give the teacher either as teacher_hidden with teacher_head_weight, as "
+                         "teacher_logits or as teacher_topk, not more than one")
+    # A stand-in with the logits' shape and device (one element, broadcast): nothing of that size exists.
+    logits_shape = torch.empty((), device=student_hidden.device).expand(rows_shape + (vocabulary,))
+    validation.check_teacher_topk(teacher_topk, None, logits_shape)
     _check_head("teacher", teacher_hidden, teacher_head_weight, teacher_head_bias, rows_shape, vocabulary)
     _check_head("reference", reference_hidden, reference_head_weight, reference_head_bias, rows_shape,
                 vocabulary)
@@ -240,7 +256,7 @@ def fused_linear_smskd_loss(
                                    owner="student_hidden")
     validation.check_options(temperature, reduction, weighting,
                              {"ce_weight": ce_weight, "kd_weight": kd_weight, "ref_weight": ref_weight})
-    has_teacher = teacher_logits is not None or teacher_hidden is not None
+    has_teacher = teacher_logits is not None or teacher_hidden is not None or teacher_topk is not None
     validation.check_weighting_has_tcp(weighting, True if has_teacher else None,
                                        True if reference_hidden is not None else None)
     if chunk_size is None:
@@ -253,7 +269,8 @@ def fused_linear_smskd_loss(
 
     options = LossOptions(float(temperature), float(ce_weight), float(kd_weight), float(ref_weight),
                           weighting, int(ignore_index))
-    teacher = _Head(flat(teacher_hidden), teacher_head_weight, teacher_head_bias, flat(teacher_logits))
+    teacher = _Head(flat(teacher_hidden), teacher_head_weight, teacher_head_bias, flat(teacher_logits),
+                    None if teacher_topk is None else teacher_topk.rows())
     reference = _Head(flat(reference_hidden), reference_head_weight, reference_head_bias)
     loss, ce, kd, ref, tcp, w = _FusedLinearSMSKD.apply(
         flat(student_hidden), student_head_weight, student_head_bias, teacher, reference, target.reshape(-1),

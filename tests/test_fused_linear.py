@@ -170,7 +170,7 @@ def test_bad_arguments_name_the_argument():
         fused_linear_smskd_loss(p["student_hidden"], torch.zeros(11, 7, dtype=torch.float64), p["target"])
     with pytest.raises(ValueError, match="teacher_hidden and teacher_head_weight must be given together"):
         fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], p["teacher_hidden"])
-    with pytest.raises(ValueError, match="either as teacher_hidden .* or as teacher_logits, not both"):
+    with pytest.raises(ValueError, match="either as teacher_hidden .* or as teacher_topk, not more than one"):
         fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], p["teacher_hidden"],
                                 p["teacher_head_weight"], torch.zeros(3, 5, 11, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"teacher_head_weight must have the student's vocabulary size 11"):
@@ -194,3 +194,25 @@ def test_default_chunk_size_bounds_the_chunk_logits(rows, vocabulary):
     assert 1 <= chunk <= rows
     assert chunk * vocabulary <= max(1 << 24, vocabulary)  # one chunk's logits: at most ~2^24 values
     assert default_chunk_size(8192, 128256) == 130
+
+
+@pytest.mark.parametrize("k", [1, 4, 11])
+def test_topk_teacher_matches_smskd_loss_on_full_logits(k):
+    from smskd_fast.topk import TopKTeacher
+
+    p = make_problem()
+    teacher_logits = logits_of(p["teacher_hidden"], p["teacher_head_weight"], p["teacher_head_bias"])
+    topk = TopKTeacher.from_logits(teacher_logits, p["target"], k, 2.0)
+    got = fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"],
+                                  reference_hidden=p["reference_hidden"],
+                                  reference_head_weight=p["reference_head_weight"],
+                                  student_head_bias=p["student_head_bias"], teacher_topk=topk, temperature=2.0,
+                                  chunk_size=4, backend="reference")
+    student = logits_of(p["student_hidden"], p["student_head_weight"], p["student_head_bias"])
+    reference = logits_of(p["reference_hidden"], p["reference_head_weight"], None)
+    want = smskd_fast.smskd_loss(student, p["target"], None, reference, teacher_topk=topk, temperature=2.0,
+                                 backend="reference")
+    torch.testing.assert_close(got.loss, want.loss.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.tcp, want.tcp, rtol=1e-12, atol=0)
+    for g_fused, g_unfused in zip(grads(p, got.loss), grads(p, want.loss)):
+        torch.testing.assert_close(g_fused, g_unfused, rtol=1e-11, atol=1e-12)

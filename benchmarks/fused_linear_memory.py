@@ -3,7 +3,20 @@
 Each (variant, shape) runs in a fresh subprocess so that peak memory is its own:
 on the CPU the peak resident set size above the level reached once the inputs
 exist (VmHWM - VmRSS), on CUDA torch.cuda.max_memory_allocated above the inputs.
-Forward plus backward, student/teacher/reference heads, median of --repeats.
+Forward plus backward, median of --repeats. Variants:
+
+- unfused / fused: the SMSKD loss with student, teacher and reference heads
+  (materialised logits + smskd_loss, against fused_linear_smskd_loss);
+- unfused_kd / fused_kd / liger_jsd: KD only (student and teacher heads, CE + KL),
+  the case Liger's LigerFusedLinearJSD (jsd_beta=0: KL(teacher || student), no CE)
+  also covers; liger_jsd needs liger-kernel and a GPU.
+
+Ratios are against the unfused variant of the same kind.
+
+On the CPU, glibc's malloc raises its mmap threshold (up to 32 MiB) after large frees and
+then keeps freed chunk buffers in the heap, so the resident set overstates live memory for
+chunks of a few MiB; run with MALLOC_MMAP_THRESHOLD_=65536 (fixed threshold: every large
+buffer is mapped and returned on free) to measure live memory. The header records it.
 
     python benchmarks/fused_linear_memory.py --device cpu --tokens 2048 --hidden 512 \
         --vocab 32000 128256 --dtype float32 --out benchmarks/results/fused_linear_cpu
@@ -13,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -22,6 +36,11 @@ from pathlib import Path
 
 import torch
 
+VARIANTS = ("unfused", "fused", "unfused_kd", "fused_kd", "liger_jsd")
+BASELINE = {"unfused": "unfused", "fused": "unfused", "unfused_kd": "unfused_kd", "fused_kd": "unfused_kd",
+            "liger_jsd": "unfused_kd"}
+TEMPERATURE = 2.0
+
 
 def read_status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -30,9 +49,34 @@ def read_status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure(variant: str, tokens: int, hidden: int, vocab: int, dtype: str, device: str, repeats: int) -> dict:
-    """Runs in the child process: returns time and peak extra memory of one variant."""
+def make_step(variant, h_s, w_s, h_t, w_t, h_r, w_r, target, backend):
+    """The loss of one variant as a function of nothing (inputs are closed over)."""
     import smskd_fast
+
+    if variant == "fused":
+        return lambda: smskd_fast.fused_linear_smskd_loss(h_s, w_s, target, h_t, w_t, None, h_r, w_r,
+                                                          temperature=TEMPERATURE, backend=backend).loss
+    if variant == "unfused":
+        def unfused():
+            s, t, r = h_s @ w_s.t(), (h_t @ w_t.t()).detach(), (h_r @ w_r.t()).detach()
+            return smskd_fast.smskd_loss(s, target, t, r, temperature=TEMPERATURE, backend=backend).loss
+        return unfused
+    kd_only = dict(temperature=TEMPERATURE, ref_weight=0.0, weighting="constant", backend=backend)
+    if variant == "fused_kd":
+        return lambda: smskd_fast.fused_linear_smskd_loss(h_s, w_s, target, h_t, w_t, **kd_only).loss
+    if variant == "unfused_kd":
+        return lambda: smskd_fast.smskd_loss(h_s @ w_s.t(), target, (h_t @ w_t.t()).detach(), **kd_only).loss
+    if variant == "liger_jsd":
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        jsd = LigerFusedLinearJSD(jsd_beta=0.0, temperature=TEMPERATURE)
+        return lambda: jsd(h_s, w_s, h_t, w_t, target)
+    raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+
+
+def measure(variant: str, tokens: int, hidden: int, vocab: int, dtype: str, device: str, repeats: int,
+            backend: str = "auto") -> dict:
+    """Runs in the child process: returns time and peak extra memory of one variant."""
     from smskd_fast.backends import resolve_backend
 
     dt = getattr(torch, dtype)
@@ -46,15 +90,11 @@ def measure(variant: str, tokens: int, hidden: int, vocab: int, dtype: str, devi
     target = torch.randint(0, vocab, (tokens,), generator=g).to(device)
     h_s.requires_grad_(True)
     w_s.requires_grad_(True)
+    loss_of = make_step(variant, h_s, w_s, h_t, w_t, h_r, w_r, target, backend)
 
     def step():
         h_s.grad = w_s.grad = None
-        if variant == "fused":
-            out = smskd_fast.fused_linear_smskd_loss(h_s, w_s, target, h_t, w_t, None, h_r, w_r)
-        else:
-            s, t, r = h_s @ w_s.t(), (h_t @ w_t.t()).detach(), (h_r @ w_r.t()).detach()
-            out = smskd_fast.smskd_loss(s, target, t, r)
-        out.loss.backward()
+        loss_of().backward()
         if device == "cuda":
             torch.cuda.synchronize()
 
@@ -71,10 +111,10 @@ def measure(variant: str, tokens: int, hidden: int, vocab: int, dtype: str, devi
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+    row_backend = "liger" if variant == "liger_jsd" else resolve_backend(backend, h_s.device, dt, vocab).name
     return {"variant": variant, "tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": dtype,
             "device": device, "median_s": statistics.median(times), "times_s": times,
-            "peak_extra_bytes": peak - base,
-            "backend": resolve_backend("auto", h_s.device, dt, vocab).name}
+            "peak_extra_bytes": peak - base, "backend": row_backend}
 
 
 def main() -> None:
@@ -85,35 +125,48 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backend", default="auto", help="row backend of smskd_loss and the fused path")
+    parser.add_argument("--variants", nargs="+", default=["unfused", "fused"], choices=VARIANTS)
     parser.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         variant, tokens, hidden, vocab, dtype, repeats = args.child
-        print(json.dumps(measure(variant, int(tokens), int(hidden), int(vocab), dtype, args.device, int(repeats))))
+        print(json.dumps(measure(variant, int(tokens), int(hidden), int(vocab), dtype, args.device, int(repeats),
+                                 args.backend)))
         return
+    variants = list(dict.fromkeys(BASELINE[v] for v in args.variants)) + args.variants
+    variants = list(dict.fromkeys(variants))  # every ratio needs its baseline
     results = []
     for vocab in args.vocab:
-        for variant in ("unfused", "fused"):
-            child = [sys.executable, __file__, "--device", args.device, "--child", variant, str(args.tokens),
-                     str(args.hidden), str(vocab), args.dtype, str(args.repeats)]
-            results.append(json.loads(subprocess.run(child, check=True, capture_output=True, text=True)
-                                      .stdout.strip().splitlines()[-1]))
+        for variant in variants:
+            child = [sys.executable, __file__, "--device", args.device, "--backend", args.backend, "--child",
+                     variant, str(args.tokens), str(args.hidden), str(vocab), args.dtype, str(args.repeats)]
+            done = subprocess.run(child, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{variant} vocab {vocab} failed:\n{done.stderr[-2000:]}", file=sys.stderr, flush=True)
+                continue
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(results[-1], flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     header = (f"fused_linear_smskd_loss vs unfused, fwd+bwd, tokens={args.tokens} hidden={args.hidden} "
-              f"{args.dtype} on {args.device} ({device_name}), torch {torch.__version__}, commit {commit}, "
-              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    lines = [header, "", "| vocab | variant | median ms | peak extra MiB | memory vs unfused | time vs unfused |",
-             "|---|---|---|---|---|---|"]
+              f"{args.dtype} on {args.device} ({device_name}), backend {args.backend}, torch {torch.__version__}, "
+              f"commit {commit}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+              f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}")
+    lines = [header, "", "| vocab | variant | row backend | median ms | peak extra MiB | memory vs baseline "
+             "| time vs baseline | baseline |", "|---|---|---|---|---|---|---|---|"]
     for vocab in args.vocab:
         rows = {r["variant"]: r for r in results if r["vocab"] == vocab}
-        for variant in ("unfused", "fused"):
-            r = rows[variant]
-            lines.append(f"| {vocab} | {variant} | {r['median_s'] * 1e3:.1f} | {r['peak_extra_bytes'] / 2**20:.0f} | "
-                         f"{r['peak_extra_bytes'] / rows['unfused']['peak_extra_bytes']:.3f} | "
-                         f"{r['median_s'] / rows['unfused']['median_s']:.2f}x |")
+        for variant in variants:
+            if variant not in rows:
+                lines.append(f"| {vocab} | {variant} | failed (see stderr) | | | | | |")
+                continue
+            r, base = rows[variant], rows.get(BASELINE[variant])
+            memory = f"{r['peak_extra_bytes'] / base['peak_extra_bytes']:.3f}" if base else "n/a"
+            speed = f"{r['median_s'] / base['median_s']:.2f}x" if base else "n/a"
+            lines.append(f"| {vocab} | {variant} | {r['backend']} | {r['median_s'] * 1e3:.1f} | "
+                         f"{r['peak_extra_bytes'] / 2**20:.0f} | {memory} | {speed} | {BASELINE[variant]} |")
     table = "\n".join(lines)
     print(table)
     if args.out:

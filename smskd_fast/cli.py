@@ -113,7 +113,8 @@ def _eval(args: argparse.Namespace) -> int:
     config = load_config(args.run_dir / "config.yaml")
     model_file = args.model_file or args.run_dir / "student.pt"
     entry = load_model_file(model_file)
-    test = load_splits(config.data.name, args.data_dir or config.data.root, config.data.image_size).test
+    test = load_splits(config.data.name, args.data_dir or config.data.root, config.data.image_size,
+                       config.data.context_length).test
     test = test.subset(config.data.test_subset)
     if entry["num_classes"] != test.num_classes:
         raise UsageError(f"{model_file} predicts {entry['num_classes']} classes, the run's test data has "
@@ -122,7 +123,10 @@ def _eval(args: argparse.Namespace) -> int:
     load_weights(model, entry["state_dict"], str(model_file))
     device = torch.device(args.device or "cpu")
     result = evaluate(model.to(device), test, config.data.eval_batch_size, device)
-    print(json.dumps({"model_file": str(model_file), "test_acc": result["acc"], "test_loss": result["loss"]}))
+    report = {"model_file": str(model_file), "test_acc": result["acc"], "test_loss": result["loss"]}
+    if "perplexity" in result:
+        report["test_perplexity"] = result["perplexity"]
+    print(json.dumps(report))
     return 0
 
 

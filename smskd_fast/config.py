@@ -28,6 +28,7 @@ WEIGHTINGS = ("inverse_tcp", "tcp", "constant")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("multistep", "cosine", "constant")
 NONFINITE_POLICIES = ("stop", "skip")  # what a stage does with a batch whose loss is NaN or inf
+SEQUENCE_METHODS = ("none", "kd")  # the methods computed from logits alone, by the fused loss
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,7 @@ class DataConfig:
     image_size: int = 224
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
+    context_length: int = 64  # tokens per sequence (sequence data sets only)
 
 
 @dataclass
@@ -91,6 +93,7 @@ class StageConfig:
     weighting: str = "inverse_tcp"
     reference: bool = True
     nonfinite: str = "stop"
+    fused_linear: bool = False  # loss from hidden states with fused_linear_smskd_loss (language models)
 
 
 @dataclass
@@ -262,6 +265,31 @@ def _validate(config: RunConfig) -> None:
         _validate_cache(config)
     names = config.stage_names()
     _check(len(set(names)) == len(names), "stages", f"stage names must be unique, got {names}")
+    _validate_sequence_task(config)
+
+
+def _validate_sequence_task(config: RunConfig) -> None:
+    """Language-model data takes only logit-based methods (feature and relation methods read image
+    feature maps); fused_linear replaces the logits, so it takes no method with a loss of its own."""
+    from .data import SEQUENCE_DATASETS
+
+    sequence = config.data.name in SEQUENCE_DATASETS
+    if sequence:
+        _check(config.data.augment == "none", "data.augment",
+               f"must be 'none' for data set {config.data.name!r}, got {config.data.augment!r}")
+        _check(config.data.context_length >= 1, "data.context_length",
+               f"must be >= 1, got {config.data.context_length}")
+    stages = [(f"stages[{i}]", stage) for i, stage in enumerate(config.stages)]
+    if config.teacher_training is not None:
+        stages.append(("teacher_training", config.teacher_training))
+    for path, stage in stages:
+        for m_index, method in enumerate(stage.methods):
+            if sequence:
+                _check(method.name in SEQUENCE_METHODS, f"{path}.methods[{m_index}].name",
+                       f"data set {config.data.name!r} takes only {list(SEQUENCE_METHODS)}, got {method.name!r}")
+            if stage.fused_linear:
+                _check(method.name in SEQUENCE_METHODS, f"{path}.methods[{m_index}].name",
+                       f"fused_linear takes only {list(SEQUENCE_METHODS)}, got {method.name!r}")
 
 
 def _validate_cache(config: RunConfig) -> None:

@@ -1,4 +1,5 @@
-"""Data sets for the trainer: embedded digits, CIFAR-100 from disk, ImageFolder.
+"""Data sets for the trainer: embedded digits, CIFAR-100 from disk, ImageFolder, and
+byte-level text for causal language models (a sequence task).
 
 Every split is an ImageSet that turns a list of indices into a batch. Random
 augmentation is replayable: each sample's crop and flip come from uniforms that are
@@ -12,20 +13,24 @@ import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Tuple
+from typing import Callable, ClassVar, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-__all__ = ["ImageSet", "DataSplits", "load_splits", "iterate_batches", "augment",
-           "augmentation_draws", "AUGMENT_STREAMS", "DATASETS"]
+__all__ = ["ImageSet", "TokenSet", "DataSplits", "load_splits", "iterate_batches", "augment",
+           "augmentation_draws", "AUGMENT_STREAMS", "DATASETS", "SEQUENCE_DATASETS"]
 
 DIGITS_FILE = Path(__file__).resolve().parent / "data" / "digits.npz"
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DATASETS = ("digits", "cifar100", "imagefolder")
+TEXT_FILE = Path(__file__).resolve().parent / "data" / "tiny_stories.txt"
+BYTE_VOCABULARY = 256
+TEXT_TEST_FRACTION = 0.1
+SEQUENCE_DATASETS = ("text",)
+DATASETS = ("digits", "cifar100", "imagefolder") + SEQUENCE_DATASETS
 AUGMENT_STREAMS = 3  # uniforms per sample: crop row, crop column, flip
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -37,6 +42,8 @@ class ImageSet:
     Images live in memory as uint8 (N, C, H, W) divided by `scale`, or, for
     ImageFolder, are loaded on demand by `load_item`.
     """
+
+    task: ClassVar[str] = "classification"
 
     labels: torch.Tensor
     num_classes: int
@@ -77,11 +84,71 @@ class ImageSet:
         images, _ = self.batch(torch.arange(1))
         return tuple(images.shape[1:])
 
+    @property
+    def in_channels(self) -> int:
+        return self.image_shape[0]
+
+
+@dataclass
+class TokenSet:
+    """Windows of a byte stream for next-token prediction (the "sequence" task).
+
+    windows is (N, L + 1) uint8; batch(indices) gives the tokens (B, L) and their
+    targets, the same windows shifted by one (B, L), both int64. Its interface is
+    ImageSet's, so the trainer iterates, subsets and normalises both alike.
+    """
+
+    task: ClassVar[str] = "sequence"
+    in_channels: ClassVar[int] = 1  # one stream of token ids
+
+    windows: torch.Tensor
+    num_classes: int = BYTE_VOCABULARY
+
+    def __len__(self) -> int:
+        return int(self.windows.shape[0])
+
+    def batch(self, indices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        window = self.windows[indices].long()
+        return window[:, :-1], window[:, 1:]
+
+    def normalize(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+    def subset(self, count: Optional[int]) -> "TokenSet":
+        """The first `count` windows (all when None)."""
+        if count is None or count >= len(self):
+            return self
+        return TokenSet(self.windows[:count], self.num_classes)
+
+    @staticmethod
+    def from_bytes(data: bytes, context_length: int) -> "TokenSet":
+        """Non-overlapping windows of context_length + 1 bytes, stride context_length (the last
+        byte of one window is the first of the next, so every byte is a target once)."""
+        stream = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        count = (stream.numel() - 1) // context_length
+        if count < 1:
+            raise ValueError(f"the text has {stream.numel()} bytes, too few for one window of "
+                             f"data.context_length + 1 = {context_length + 1}")
+        starts = torch.arange(count) * context_length
+        return TokenSet(stream[starts[:, None] + torch.arange(context_length + 1)])
+
 
 @dataclass
 class DataSplits:
-    train: ImageSet
-    test: ImageSet
+    train: Union[ImageSet, TokenSet]
+    test: Union[ImageSet, TokenSet]
+
+
+def _text(root: Optional[str], context_length: int) -> DataSplits:
+    """A UTF-8 text file as bytes (root, or the shipped generated stories); the last
+    TEXT_TEST_FRACTION of it is the test split."""
+    path = Path(root) if root is not None else TEXT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"text file {path} not found; data.root must name a text file for data set 'text'")
+    data = path.read_bytes()
+    split = int(len(data) * (1 - TEXT_TEST_FRACTION))
+    return DataSplits(train=TokenSet.from_bytes(data[:split], context_length),
+                      test=TokenSet.from_bytes(data[split:], context_length))
 
 
 def _digits() -> DataSplits:
@@ -159,10 +226,13 @@ def _image_folder(root: Path, image_size: int) -> DataSplits:
     return DataSplits(train=train, test=_image_folder_split(test_dir, image_size, classes))
 
 
-def load_splits(name: str, root: Optional[str] = None, image_size: int = 224) -> DataSplits:
+def load_splits(name: str, root: Optional[str] = None, image_size: int = 224,
+                context_length: int = 64) -> DataSplits:
     """The train and test splits of data set `name` (one of DATASETS)."""
     if name == "digits":
         return _digits()
+    if name == "text":
+        return _text(root, context_length)
     if name not in DATASETS:
         raise ValueError(f"data.name must be one of {list(DATASETS)}, got {name!r}")
     if root is None:
@@ -175,10 +245,11 @@ def load_splits(name: str, root: Optional[str] = None, image_size: int = 224) ->
     return _image_folder(Path(root), image_size)
 
 
-def iterate_batches(dataset: ImageSet, batch_size: int, *, shuffle: bool,
+def iterate_batches(dataset: Union[ImageSet, TokenSet], batch_size: int, *, shuffle: bool,
                     generator: Optional[torch.Generator] = None,
                     drop_last: bool = False) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yields (images in [0, 1], labels, indices) batches; the order comes from `generator`."""
+    """Yields (inputs, targets, indices) batches, e.g. images in [0, 1] and labels; the order
+    comes from `generator`."""
     count = len(dataset)
     order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
     stop = count - count % batch_size if drop_last and count >= batch_size else count

@@ -9,6 +9,7 @@ chunk's logits instead of all of them.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional, Tuple
 
 import torch
@@ -17,18 +18,35 @@ from . import validation
 from .backends import resolve_backend
 from .backends.base import LossOptions, RowInputs
 from .functional import SMSKDLossOutput
+from .topk import TopKTeacher
 
 __all__ = ["fused_linear_smskd_loss"]
 
-# Rows per chunk are chosen so that one chunk's logits hold about this many values.
+# Rows per chunk are chosen so that one chunk's logits hold about this many values. Not
+# fewer: on the CPU, glibc's malloc keeps freed buffers under its (dynamic, up to 32 MiB)
+# mmap threshold in the heap, so chunks much smaller than 32 MiB raise the resident set
+# instead of lowering it (benchmarks/results/fused_linear_cpu_chunk64_glibc_retention_t1024.md).
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+def default_chunk_size(rows: int, vocabulary: int) -> int:
+    """Rows per chunk when the caller gives no chunk_size: about 2^24 / V (at most `rows`)."""
+    return max(1, min(rows, DEFAULT_CHUNK_ELEMENTS // vocabulary))
 
 
 class _Head:
     """A frozen or trainable projection hidden -> logits, or precomputed logits."""
 
-    def __init__(self, hidden=None, weight=None, bias=None, logits=None):
-        self.hidden, self.weight, self.bias, self.logits = hidden, weight, bias, logits
+    def __init__(self, hidden=None, weight=None, bias=None, logits=None, topk: Optional[TopKTeacher] = None):
+        self.hidden, self.weight, self.bias, self.logits, self.topk = hidden, weight, bias, logits, topk
+
+    def chunk_topk(self, start: int, end: int) -> Optional[TopKTeacher]:
+        """The rows [start, end) of a teacher given in top-k form."""
+        if self.topk is None:
+            return None
+        return TopKTeacher(*(field[start:end] for field in (
+            self.topk.values, self.topk.indices, self.topk.true_logit, self.topk.log_sum_exp,
+            self.topk.log_sum_exp_at_temperature)))
 
     def present(self) -> bool:
         return self.logits is not None or self.hidden is not None
@@ -54,7 +72,9 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
     hidden, weight, bias = student.hidden, student.weight, student.bias
     n = hidden.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    chosen = resolve_backend(backend, hidden.device, hidden.dtype, weight.shape[0])
+    chosen = resolve_backend(backend, hidden.device, hidden.dtype, weight.shape[0], topk=teacher.topk is not None)
+    # Each chunk's logits are scratch: a GPU backend may write d loss / d logits over them.
+    options = dataclasses.replace(options, overwrite_student_logits=True)
     columns: List[List[torch.Tensor]] = [[] for _ in range(6)]
     grad_hidden = torch.empty_like(hidden) if row_scale is not None and need[0] else None
     grad_weight = torch.zeros_like(weight, dtype=acc) if row_scale is not None and need[1] else None
@@ -68,7 +88,9 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
             logits = torch.nn.functional.linear(h, weight, bias)
         with torch.enable_grad():
             logits.requires_grad_(row_scale is not None)
-            rows = chosen.rows(RowInputs(logits, target[start:end], teacher_logits, reference_logits), options)
+            inputs = RowInputs(logits, target[start:end], teacher_logits, reference_logits,
+                               teacher_topk=teacher.chunk_topk(start, end))
+            rows = chosen.rows(inputs, options)
             if row_scale is not None:
                 (grad_logits,) = torch.autograd.grad(rows.loss, logits, grad_outputs=row_scale[start:end])
         for column, value in zip(columns, (rows.loss, rows.ce, rows.kd, rows.ref, rows.tcp, rows.weight)):
@@ -79,7 +101,7 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
             if grad_hidden is not None:
                 grad_hidden[start:end] = grad_logits @ weight
             if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ h).to(acc)
+                _accumulate_product(grad_weight, grad_logits.t(), h)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=acc)
         del logits, grad_logits
@@ -87,8 +109,25 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
     return per_row, grad_hidden, grad_weight, grad_bias
 
 
+def _accumulate_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """total += left @ right without a temporary of total's size where torch allows it: in place
+    when the dtypes agree, through addmm's out_dtype for bf16/fp16 into fp32 on CUDA."""
+    if left.dtype == total.dtype:
+        total.addmm_(left, right)
+    elif total.is_cuda and hasattr(torch.ops.aten.addmm, "dtype_out"):
+        torch.addmm(total, left, right, out_dtype=total.dtype, out=total)
+    else:
+        total += (left @ right).to(total.dtype)
+
+
 class _FusedLinearSMSKD(torch.autograd.Function):
-    """Autograd wrapper: gradients are computed in forward for "mean"/"sum", in backward for "none"."""
+    """Autograd wrapper: gradients are computed in forward for "mean"/"sum", in backward for "none".
+
+    The first backward scales the gradients from forward in place and hands them over, so
+    autograd takes them as .grad without a copy (a V x H weight gradient is the largest
+    buffer of the fused path). A second backward through the same graph (retain_graph,
+    gradcheck) finds them gone and recomputes them chunk by chunk, like "none".
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher, reference, target, options, backend, chunk_size, reduction):
@@ -103,9 +142,9 @@ class _FusedLinearSMSKD(torch.autograd.Function):
                 row_scale = row_scale / valid.sum().clamp(min=1)
         per_row, grad_hidden, grad_weight, grad_bias = _chunk_pass(
             student, teacher, reference, target, options, backend, chunk_size, row_scale, need)
-        ctx.reduction, ctx.need = reduction, need
+        ctx.reduction, ctx.need, ctx.row_scale = reduction, need, row_scale
         ctx.replay = (student, teacher, reference, target, options, backend, chunk_size)
-        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.grads = (grad_hidden, grad_weight, grad_bias) if grads else None
         loss, ce, kd, ref, tcp, w = per_row
         if reduction == "none":
             reduced = (loss, ce, kd, ref)
@@ -117,13 +156,15 @@ class _FusedLinearSMSKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        if ctx.reduction == "none":
-            student, teacher, reference, target, options, backend, chunk_size = ctx.replay
-            _, grad_hidden, grad_weight, grad_bias = _chunk_pass(
-                student, teacher, reference, target, options, backend, chunk_size, grad_loss, ctx.need)
-        else:
+        if ctx.grads is not None:
             grad_hidden, grad_weight, grad_bias = (
-                None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
+                None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads)
+            ctx.grads = None
+        else:
+            student, teacher, reference, target, options, backend, chunk_size = ctx.replay
+            row_scale = grad_loss if ctx.reduction == "none" else ctx.row_scale * grad_loss.to(ctx.row_scale.dtype)
+            _, grad_hidden, grad_weight, grad_bias = _chunk_pass(
+                student, teacher, reference, target, options, backend, chunk_size, row_scale, ctx.need)
         student = ctx.replay[0]
         grad_hidden = None if grad_hidden is None else grad_hidden.to(student.hidden.dtype)
         grad_weight = None if grad_weight is None else grad_weight.to(student.weight.dtype)
@@ -178,14 +219,17 @@ def fused_linear_smskd_loss(
     reduction: str = "mean",
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    teacher_topk: Optional[TopKTeacher] = None,
 ) -> SMSKDLossOutput:
     """smskd_loss(student_hidden @ W_s.T + b_s, target, teacher logits, reference logits) without
     materialising the logits: rows are processed chunk_size at a time.
 
     Hidden states have shape (..., H) (teacher and reference may have their own H),
     head weights (V, H), target the leading shape. The teacher is given either as
-    hidden states plus head or as logits (..., V). Gradients flow to the student's
-    hidden states, head weight and bias only. chunk_size defaults to about 2^24 / V rows.
+    hidden states plus head, as logits (..., V), or in the top-k form of a logit
+    cache (teacher_topk, see smskd_fast/topk.py). Gradients flow to the student's
+    hidden states, head weight and bias only. chunk_size defaults to default_chunk_size:
+    about 2^24 / V rows, at most 1/16 of the rows, at least 64.
     """
     validation.check_logits("student_hidden", student_hidden)
     rows_shape = tuple(student_hidden.shape[:-1])
@@ -194,9 +238,12 @@ def fused_linear_smskd_loss(
     if student_head_weight.dtype != student_hidden.dtype:
         raise TypeError(f"student_head_weight must have student_hidden's dtype {student_hidden.dtype}, "
                         f"got {student_head_weight.dtype}")
-    if teacher_logits is not None and teacher_hidden is not None:
-        raise ValueError("give the teacher either as teacher_hidden with teacher_head_weight or as "
-                         "teacher_logits, not both")
+    if sum(x is not None for x in (teacher_logits, teacher_hidden, teacher_topk)) > 1:
+        raise ValueError("give the teacher either as teacher_hidden with teacher_head_weight, as "
+                         "teacher_logits or as teacher_topk, not more than one")
+    # A stand-in with the logits' shape and device (one element, broadcast): nothing of that size exists.
+    logits_shape = torch.empty((), device=student_hidden.device).expand(rows_shape + (vocabulary,))
+    validation.check_teacher_topk(teacher_topk, None, logits_shape)
     _check_head("teacher", teacher_hidden, teacher_head_weight, teacher_head_bias, rows_shape, vocabulary)
     _check_head("reference", reference_hidden, reference_head_weight, reference_head_bias, rows_shape,
                 vocabulary)
@@ -209,11 +256,11 @@ def fused_linear_smskd_loss(
                                    owner="student_hidden")
     validation.check_options(temperature, reduction, weighting,
                              {"ce_weight": ce_weight, "kd_weight": kd_weight, "ref_weight": ref_weight})
-    has_teacher = teacher_logits is not None or teacher_hidden is not None
+    has_teacher = teacher_logits is not None or teacher_hidden is not None or teacher_topk is not None
     validation.check_weighting_has_tcp(weighting, True if has_teacher else None,
                                        True if reference_hidden is not None else None)
     if chunk_size is None:
-        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // vocabulary)
+        chunk_size = default_chunk_size(target.numel(), vocabulary)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 
@@ -222,7 +269,8 @@ def fused_linear_smskd_loss(
 
     options = LossOptions(float(temperature), float(ce_weight), float(kd_weight), float(ref_weight),
                           weighting, int(ignore_index))
-    teacher = _Head(flat(teacher_hidden), teacher_head_weight, teacher_head_bias, flat(teacher_logits))
+    teacher = _Head(flat(teacher_hidden), teacher_head_weight, teacher_head_bias, flat(teacher_logits),
+                    None if teacher_topk is None else teacher_topk.rows())
     reference = _Head(flat(reference_hidden), reference_head_weight, reference_head_bias)
     loss, ce, kd, ref, tcp, w = _FusedLinearSMSKD.apply(
         flat(student_hidden), student_head_weight, student_head_bias, teacher, reference, target.reshape(-1),

@@ -6,6 +6,11 @@ as it ended stage k-1 is the reference, and the TCP-weighted reference term of
 SPEC.md joins the loss. The CE, Hinton-KD and reference terms are one fused
 smskd_loss call; feature and relation methods add their own losses.
 
+Sequence data (language models) works the same way: logits (B, L, V) and targets
+(B, L) go straight into smskd_loss, accuracy counts tokens, and the evaluation adds
+perplexity. A stage with fused_linear: true computes the loss from the models'
+hidden states with fused_linear_smskd_loss instead of from full logits.
+
 With `cache:` in the config, the teacher's (and each stage's reference's) logits are
 read from a logit cache instead of running the frozen model (frozen_logits.py); a
 stage whose methods need teacher features still runs the teacher.
@@ -28,18 +33,19 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import yaml
 from torch import nn
 
 from .config import RunConfig, StageConfig, config_to_dict
-from .data import DataSplits, ImageSet, iterate_batches, load_splits
+from .data import DataSplits, ImageSet, TokenSet, iterate_batches, load_splits
 from .distributed import DistributedContext
 from .cache import CacheSpec, LogitCache
 from .frozen_logits import CachedLogits, open_or_build, reference_cache_dir, reference_cache_spec, teacher_cache_spec
 from .functional import SMSKDLossOutput, smskd_loss
+from .fused_linear import fused_linear_smskd_loss
 from .methods import FeatureTaps, MethodInputs, build_method
 from .models import build_model
 from .nonfinite import BufferSnapshot, NonFiniteLossError, describe_samples
@@ -47,7 +53,7 @@ from .runio import (Progress, append_jsonl, load_model_file, load_weights, read_
                     save_model_file, write_jsonl, write_text_atomic)
 from .topk import TopKTeacher
 
-__all__ = ["SMSKDTrainer", "stage_loss", "learning_rate", "derive_seed", "evaluate", "freeze",
+__all__ = ["SMSKDTrainer", "stage_loss", "fused_linear_stage_loss", "supports_fused_linear", "learning_rate", "derive_seed", "evaluate", "freeze",
            "model_fingerprint", "HISTOGRAM_BINS"]
 
 HISTOGRAM_BINS = 20
@@ -103,20 +109,61 @@ def stage_loss(student_logits: torch.Tensor, target: torch.Tensor, teacher_logit
                       weighting=weighting, backend=backend, teacher_topk=teacher_topk)
 
 
+def supports_fused_linear(model: nn.Module) -> bool:
+    """Whether `model` exposes hidden_states(inputs) and a linear output projection `head`."""
+    return callable(getattr(model, "hidden_states", None)) and isinstance(getattr(model, "head", None), nn.Linear)
+
+
+def fused_linear_stage_loss(student: nn.Module, teacher: Optional[nn.Module], reference: Optional[nn.Module],
+                            inputs: torch.Tensor, target: torch.Tensor, stage: StageConfig, fused_kd_weight: float,
+                            backend: str = "auto") -> Tuple[SMSKDLossOutput, torch.Tensor]:
+    """stage_loss from the models' hidden states and heads (fused_linear_smskd_loss: one chunk of
+    tokens' logits at a time, never all of them), and the student's predicted classes."""
+    with torch.no_grad():
+        teacher_hidden = teacher.hidden_states(inputs) if teacher is not None else None
+        reference_hidden = reference.hidden_states(inputs) if reference is not None else None
+    hidden = student.hidden_states(inputs)
+
+    def head(model: Optional[nn.Module]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        return (None, None) if model is None else (model.head.weight, model.head.bias)
+
+    (student_weight, student_bias), (teacher_weight, teacher_bias) = head(student), head(teacher)
+    reference_weight, reference_bias = head(reference)
+    loss = fused_linear_smskd_loss(
+        hidden, student_weight, target, teacher_hidden, teacher_weight, None, reference_hidden, reference_weight,
+        student_head_bias=student_bias, teacher_head_bias=teacher_bias, reference_head_bias=reference_bias,
+        temperature=stage.temperature, ce_weight=stage.ce_weight, kd_weight=fused_kd_weight,
+        ref_weight=stage.ref_weight if reference is not None else 0.0,
+        weighting=stage.weighting if teacher is not None else "constant", backend=backend)
+    return loss, _chunked_argmax(hidden.detach(), student.head)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: ImageSet, batch_size: int, device: torch.device) -> Dict[str, float]:
-    """Test loss (CE) and top-1 accuracy (%) of `model` on `dataset`; restores its train/eval mode."""
+def _chunked_argmax(hidden: torch.Tensor, head: nn.Linear, rows: int = 4096) -> torch.Tensor:
+    """argmax(head(hidden), -1) computed `rows` tokens at a time."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    chunks = [head(flat[start:start + rows]).argmax(-1) for start in range(0, flat.shape[0], rows)]
+    return torch.cat(chunks).reshape(hidden.shape[:-1])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Union[ImageSet, TokenSet], batch_size: int, device: torch.device) -> Dict[str, float]:
+    """Test loss (CE) and top-1 accuracy (%) of `model` on `dataset`, per token for sequence data,
+    which also gets perplexity (exp of the mean token CE); restores the model's train/eval mode."""
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     for images, labels, _ in iterate_batches(dataset, batch_size, shuffle=False):
         images, labels = dataset.normalize(images).to(device), labels.to(device)
         logits = model(images)
-        total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        total_loss += float(nn.functional.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="sum"))
         correct += int((logits.argmax(-1) == labels).sum())
-        count += int(labels.shape[0])
+        count += labels.numel()
     model.train(was_training)
-    return {"loss": total_loss / max(count, 1), "acc": 100.0 * correct / max(count, 1)}
+    result = {"loss": total_loss / max(count, 1), "acc": 100.0 * correct / max(count, 1)}
+    if dataset.task == "sequence":
+        result["perplexity"] = math.exp(result["loss"])
+    return result
 
 
 def _check_device_and_backend(device: torch.device, backend: str) -> None:
@@ -166,11 +213,11 @@ class SMSKDTrainer:
         if not self.dist.is_main:  # one log, from rank 0
             self.log = lambda message: None
         self.stage_names = config.stage_names()
-        splits = load_splits(config.data.name, config.data.root, config.data.image_size)
+        splits = load_splits(config.data.name, config.data.root, config.data.image_size, config.data.context_length)
         self.data = DataSplits(train=splits.train.subset(config.data.train_subset),
                                test=splits.test.subset(config.data.test_subset))
         self.num_classes = self.data.train.num_classes
-        self.in_channels = self.data.train.image_shape[0]
+        self.in_channels = self.data.train.in_channels
         self.teacher = self._load_teacher()
         self.teacher_fingerprint = None if self.teacher is None else model_fingerprint(self.teacher)
         self._teacher_cache = None  # the run's teacher LogitCache, opened by run() when the config has one
@@ -180,6 +227,13 @@ class SMSKDTrainer:
             entry = load_model_file(Path(config.student.checkpoint), config.student.name)
             load_weights(self.student, entry["state_dict"], f"student.checkpoint {config.student.checkpoint}",
                          "give a checkpoint of the model named in student.name")
+        if any(stage.fused_linear for stage in config.stages):
+            for role, model in (("student", self.student), ("teacher", self.teacher)):
+                if model is not None and not supports_fused_linear(model):
+                    raise ValueError(f"fused_linear: the {role} {getattr(config, role).name!r} does not expose "
+                                     "hidden_states() and a linear `head`")
+            if self.dist.enabled:  # hidden_states() bypasses DDP's forward, so gradients would not be reduced
+                raise ValueError("fused_linear: not supported with more than one process (DDP) yet")
         for index in range(len(config.stages)):  # bad method parameters or layer names fail now, not stages later
             for method in self._methods(index):
                 FeatureTaps(self.student, method.student_layers, "student").remove()
@@ -355,14 +409,21 @@ class SMSKDTrainer:
             snapshot = BufferSnapshot([self.student, state.methods]) if stage.nonfinite == "skip" else None
             images = train.normalize(images).to(self.device)
             labels = labels.to(self.device)
-            with torch.no_grad():
-                teacher_logits, teacher_topk, reference_logits = self._frozen_logits(state, epoch, images, indices)
-            student_logits = state.student_forward(images)
-            inputs = MethodInputs(student_logits, teacher_logits, labels, indices, state.student_taps.take(),
-                                  state.teacher_taps.take() if state.teacher_taps else {})
-            fused = stage_loss(student_logits, labels, teacher_logits, reference_logits, stage,
-                               state.fused_kd_weight, config.backend, teacher_topk)
-            method_loss = sum((method.loss(inputs) for method in state.methods), student_logits.new_zeros(()))
+            if stage.fused_linear:  # the config allows only methods without a loss of their own here
+                fused, predictions = fused_linear_stage_loss(self.student, self.teacher, state.reference, images,
+                                                             labels, stage, state.fused_kd_weight, config.backend)
+                method_loss = fused.loss.new_zeros(())
+            else:
+                with torch.no_grad():
+                    teacher_logits, teacher_topk, reference_logits = self._frozen_logits(state, epoch, images,
+                                                                                         indices)
+                student_logits = state.student_forward(images)
+                inputs = MethodInputs(student_logits, teacher_logits, labels, indices, state.student_taps.take(),
+                                      state.teacher_taps.take() if state.teacher_taps else {})
+                fused = stage_loss(student_logits, labels, teacher_logits, reference_logits, stage,
+                                   state.fused_kd_weight, config.backend, teacher_topk)
+                method_loss = sum((method.loss(inputs) for method in state.methods), student_logits.new_zeros(()))
+                predictions = student_logits.argmax(-1)
             loss = fused.loss + method_loss
             if not self._all_ranks_finite(loss):  # under DDP every rank skips or stops together
                 where = (f"{self.stage_names[index]} (stage {index + 1} of {len(config.stages)}), epoch "
@@ -383,13 +444,13 @@ class SMSKDTrainer:
             state.optimizer.zero_grad(set_to_none=True)
             (loss * batches.loss_scale(int(labels.shape[0]))).backward()
             state.optimizer.step()
-            size = int(labels.shape[0])
+            size = labels.numel()  # samples, or tokens for sequence data
             for key, value in (("loss", loss), ("ce", fused.ce), ("kd", fused.kd), ("ref", fused.ref),
                                ("method", method_loss), ("weight", fused.weight.float().mean())):
                 sums[key] += float(value.detach()) * size
-            if reference_logits is not None:
+            if state.reference is not None:
                 histogram += torch.histc(fused.weight.detach().float().cpu(), HISTOGRAM_BINS, 0.0, 1.0)
-            correct += int((student_logits.argmax(-1) == labels).sum())
+            correct += int((predictions == labels).sum())
             count += size
             progress.step(f"loss {float(loss.detach()):.4f}")
         progress.close()
@@ -478,6 +539,7 @@ class SMSKDTrainer:
                 epochs_run += 1
                 record = {"stage": index + 1, "stage_name": name, "epoch": epoch + 1, "global_epoch": global_epoch,
                           **record, "test_loss": test["loss"], "test_acc": test["acc"],
+                          **({"test_perplexity": test["perplexity"]} if "perplexity" in test else {}),
                           "seconds": time.monotonic() - started}
                 if self.dist.is_main:
                     append_jsonl(metrics_path, record)
@@ -542,7 +604,11 @@ def summarize(records: List[Dict[str, Any]]) -> Dict[str, Any]:
         stages.append({"name": name, "last_test_acc": rows[-1]["test_acc"],
                        "best_test_acc": max(r["test_acc"] for r in rows),
                        "skipped_steps": sum(r.get("train_skipped_steps", 0) for r in rows)})
-    return {"last_test_acc": records[-1]["test_acc"], "best_test_acc": best["test_acc"],
-            "best_global_epoch": best["global_epoch"], "epochs": len(records), "stages": stages,
-            "skipped_steps": sum(stage["skipped_steps"] for stage in stages),
-            "table_shows": "last_test_acc"}
+    summary = {"last_test_acc": records[-1]["test_acc"], "best_test_acc": best["test_acc"],
+               "best_global_epoch": best["global_epoch"], "epochs": len(records), "stages": stages,
+               "skipped_steps": sum(stage["skipped_steps"] for stage in stages),
+               "table_shows": "last_test_acc"}
+    if "test_perplexity" in records[-1]:  # sequence data
+        summary["last_test_perplexity"] = records[-1]["test_perplexity"]
+        summary["best_test_perplexity"] = min(r["test_perplexity"] for r in records)
+    return summary

@@ -73,6 +73,21 @@ def test_matches_unfused_composition_in_float64(reduction, chunk_size, weighting
         torch.testing.assert_close(g_fused, g_unfused, rtol=1e-11, atol=1e-12)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backward_twice_through_one_graph(reduction):
+    """The first backward hands over the gradients from forward (scaled in place); a second one
+    (retain_graph) recomputes them, with its own upstream gradient."""
+    p = make_problem()
+    got, want = fused(p, chunk_size=4, backend="reference", reduction=reduction), unfused(p, reduction=reduction)
+    params = [p["student_hidden"], p["student_head_weight"], p["student_head_bias"]]
+    first = torch.autograd.grad(got.loss * 0.3, params, retain_graph=True)
+    second = torch.autograd.grad(got.loss * 2.0, params)
+    expected = grads(p, want.loss)
+    for scale, values in ((0.3, first), (2.0, second)):
+        for g_fused, g_unfused in zip(values, expected):
+            torch.testing.assert_close(g_fused, g_unfused * scale, rtol=1e-11, atol=1e-12)
+
+
 def test_gradcheck_float64():
     p = make_problem(rows_shape=(5,), hidden=4, vocab=6, teacher_hidden=3)
 
@@ -130,13 +145,32 @@ def test_bfloat16_against_float64_unfused(backend):
         torch.testing.assert_close(g.double(), w, rtol=5e-2, atol=5e-2 * w.abs().max().item())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_bfloat16_on_cuda_against_float64_unfused(backend):
+    """On CUDA the chunk logits take the row gradient in place and the fp32 weight gradient
+    accumulates through addmm(out_dtype=float32); the oracle is as in the CPU test above."""
+    p = {k: None if v is None else v.detach().cuda().requires_grad_(v.requires_grad)
+         for k, v in make_problem(rows_shape=(64,), hidden=32, vocab=500, teacher_hidden=48,
+                                  dtype=torch.bfloat16, seed=1).items()}
+    got = fused(p, chunk_size=24, backend=backend)
+    got_grads = grads(p, got.loss)
+    p64 = {k: (None if v is None else v.detach().cpu().double().requires_grad_(v.requires_grad)
+               if v.is_floating_point() else v.cpu()) for k, v in p.items()}
+    want = unfused(p64)
+    torch.testing.assert_close(got.loss.double().cpu(), want.loss.detach(), rtol=2e-2, atol=2e-2)
+    for g, w in zip(got_grads, grads(p64, want.loss)):
+        assert g.dtype == torch.bfloat16 and g.is_cuda
+        torch.testing.assert_close(g.double().cpu(), w, rtol=5e-2, atol=5e-2 * w.abs().max().item())
+
+
 def test_bad_arguments_name_the_argument():
     p = make_problem()
     with pytest.raises(ValueError, match=r"student_head_weight must have shape \(V, 8\)"):
         fused_linear_smskd_loss(p["student_hidden"], torch.zeros(11, 7, dtype=torch.float64), p["target"])
     with pytest.raises(ValueError, match="teacher_hidden and teacher_head_weight must be given together"):
         fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], p["teacher_hidden"])
-    with pytest.raises(ValueError, match="either as teacher_hidden .* or as teacher_logits, not both"):
+    with pytest.raises(ValueError, match="either as teacher_hidden .* or as teacher_topk, not more than one"):
         fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], p["teacher_hidden"],
                                 p["teacher_head_weight"], torch.zeros(3, 5, 11, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"teacher_head_weight must have the student's vocabulary size 11"):
@@ -150,3 +184,35 @@ def test_bad_arguments_name_the_argument():
         fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"],
                                 reference_hidden=p["reference_hidden"],
                                 reference_head_weight=p["reference_head_weight"])
+
+
+@pytest.mark.parametrize("rows, vocabulary", [(8192, 128256), (1024, 128256), (2048, 32000), (100, 50), (7, 1 << 30)])
+def test_default_chunk_size_bounds_the_chunk_logits(rows, vocabulary):
+    from smskd_fast.fused_linear import default_chunk_size
+
+    chunk = default_chunk_size(rows, vocabulary)
+    assert 1 <= chunk <= rows
+    assert chunk * vocabulary <= max(1 << 24, vocabulary)  # one chunk's logits: at most ~2^24 values
+    assert default_chunk_size(8192, 128256) == 130
+
+
+@pytest.mark.parametrize("k", [1, 4, 11])
+def test_topk_teacher_matches_smskd_loss_on_full_logits(k):
+    from smskd_fast.topk import TopKTeacher
+
+    p = make_problem()
+    teacher_logits = logits_of(p["teacher_hidden"], p["teacher_head_weight"], p["teacher_head_bias"])
+    topk = TopKTeacher.from_logits(teacher_logits, p["target"], k, 2.0)
+    got = fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"],
+                                  reference_hidden=p["reference_hidden"],
+                                  reference_head_weight=p["reference_head_weight"],
+                                  student_head_bias=p["student_head_bias"], teacher_topk=topk, temperature=2.0,
+                                  chunk_size=4, backend="reference")
+    student = logits_of(p["student_hidden"], p["student_head_weight"], p["student_head_bias"])
+    reference = logits_of(p["reference_hidden"], p["reference_head_weight"], None)
+    want = smskd_fast.smskd_loss(student, p["target"], None, reference, teacher_topk=topk, temperature=2.0,
+                                 backend="reference")
+    torch.testing.assert_close(got.loss, want.loss.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.tcp, want.tcp, rtol=1e-12, atol=0)
+    for g_fused, g_unfused in zip(grads(p, got.loss), grads(p, want.loss)):
+        torch.testing.assert_close(g_fused, g_unfused, rtol=1e-11, atol=1e-12)

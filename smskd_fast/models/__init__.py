@@ -1,4 +1,5 @@
-"""The model zoo: CIFAR KD models, small digits CNNs, and any torchvision model by name."""
+"""The model zoo: CIFAR KD models, small digits CNNs, any torchvision model by name, and
+small causal language models (SEQUENCE_MODELS: tokens (B, L) -> logits (B, L, V))."""
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Tuple
@@ -9,10 +10,11 @@ from .mobilenet import mobilenetv2
 from .resnet import resnet8x4, resnet20, resnet32x4, resnet56, resnet110
 from .shufflenet import shufflenetv1, shufflenetv2
 from .small import digits_cnn_large, digits_cnn_small
+from .transformer import tiny_lm_large, tiny_lm_small
 from .vgg import vgg8, vgg13
 from .wrn import wrn_16_2, wrn_40_2
 
-__all__ = ["MODELS", "build_model", "model_names", "feature_points"]
+__all__ = ["MODELS", "SEQUENCE_MODELS", "build_model", "model_names", "feature_points"]
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     "resnet8x4": resnet8x4, "resnet32x4": resnet32x4,
@@ -22,11 +24,14 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     "mobilenetv2": mobilenetv2, "shufflenetv1": shufflenetv1, "shufflenetv2": shufflenetv2,
     "digits_cnn_large": digits_cnn_large, "digits_cnn_small": digits_cnn_small,
 }
+SEQUENCE_MODELS: Dict[str, Callable[..., nn.Module]] = {
+    "tiny_lm_large": tiny_lm_large, "tiny_lm_small": tiny_lm_small,
+}
 TORCHVISION_PREFIX = "torchvision:"
 
 
 def model_names() -> list:
-    return sorted(MODELS) + [TORCHVISION_PREFIX + "<name>"]
+    return sorted(MODELS) + sorted(SEQUENCE_MODELS) + [TORCHVISION_PREFIX + "<name>"]
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
@@ -40,9 +45,10 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
         if in_channels != 3:
             raise ValueError(f"torchvision models take 3 input channels, the data has {in_channels}")
         return torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes)
-    if name not in MODELS:
+    factory = MODELS.get(name) or SEQUENCE_MODELS.get(name)
+    if factory is None:
         raise ValueError(f"unknown model {name!r}; choose one of {model_names()}")
-    return MODELS[name](num_classes=num_classes, in_channels=in_channels)
+    return factory(num_classes=num_classes, in_channels=in_channels)
 
 
 def feature_points(model: nn.Module) -> Tuple[Tuple[str, ...], Optional[str]]:

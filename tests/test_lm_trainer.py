@@ -1,0 +1,196 @@
+"""The trainer on a sequence task: byte-level causal language models distilled in 2 SMSKD stages.
+
+A tiny teacher is trained through the trainer itself; then a student is distilled with
+KD and KD plus the reference term, and the run is checked against independent
+computations (the text file's bytes, torch's cross_entropy, the stage-1 checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import smskd_fast.fused_linear as fused_linear_module
+from smskd_fast.config import ConfigError, StageConfig, MethodConfig, parse_config
+from smskd_fast.data import TEXT_FILE, TEXT_TEST_FRACTION, load_splits
+from smskd_fast.experiments import teacher_config
+from smskd_fast.models import build_model
+from smskd_fast.runio import load_model_file, read_jsonl
+from smskd_fast.stages import SMSKDTrainer, fused_linear_stage_loss, model_fingerprint, stage_loss
+
+CONTEXT = 32
+TRAIN_WINDOWS = 64
+
+
+def lm_raw(teacher_file=None, stages=None, **changes):
+    raw = {
+        "seed": 3, "plots": False, "progress": False, "threads": 1,
+        "data": {"name": "text", "context_length": CONTEXT, "batch_size": 16, "eval_batch_size": 32,
+                 "train_subset": TRAIN_WINDOWS, "test_subset": 16},
+        "student": {"name": "tiny_lm_small"},
+        "teacher": {"name": "tiny_lm_large", "checkpoint": None if teacher_file is None else str(teacher_file)},
+        "defaults": {"optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.0},
+                     "schedule": {"name": "constant"}, "temperature": 2.0, "ce_weight": 0.5},
+        "teacher_training": {"epochs": 3, "ce_weight": 1.0},
+        "stages": stages or [{"method": {"name": "kd", "weight": 0.5}, "epochs": 3},
+                             {"method": {"name": "kd", "weight": 0.5}, "epochs": 2}],
+    }
+    raw.update(changes)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """tiny_lm_large trained briefly (CE only) by the trainer itself."""
+    run = tmp_path_factory.mktemp("lm_teacher")
+    config = teacher_config(parse_config(lm_raw()))
+    SMSKDTrainer(config, run, log=lambda _: None).run()
+    return run / "student.pt"
+
+
+def independent_test_windows():
+    """The test split built straight from the file's bytes (not through TokenSet)."""
+    data = TEXT_FILE.read_bytes()
+    test = list(data[int(len(data) * (1 - TEXT_TEST_FRACTION)):])
+    windows = [test[i * CONTEXT:i * CONTEXT + CONTEXT + 1] for i in range((len(test) - 1) // CONTEXT)]
+    return torch.tensor(windows[:16], dtype=torch.int64)
+
+
+def test_token_windows_are_the_text_shifted_by_one():
+    splits = load_splits("text", context_length=CONTEXT)
+    data = TEXT_FILE.read_bytes()
+    tokens, targets = splits.train.batch(torch.tensor([0, 5]))
+    assert tokens.shape == targets.shape == (2, CONTEXT) and tokens.dtype == torch.int64
+    assert bytes(tokens[1].tolist()) == data[5 * CONTEXT:6 * CONTEXT]
+    assert bytes(targets[1].tolist()) == data[5 * CONTEXT + 1:6 * CONTEXT + 1]
+    assert torch.equal(splits.test.batch(torch.arange(16))[0], independent_test_windows()[:, :-1])
+    assert splits.train.num_classes == 256 and splits.train.task == "sequence"
+
+
+def test_language_models_are_causal():
+    torch.manual_seed(0)
+    model = build_model("tiny_lm_large", 256, 1).eval()
+    tokens = torch.randint(0, 256, (2, 24))
+    changed = tokens.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 256
+    with torch.no_grad():
+        before, after = model(tokens), model(changed)
+    assert before.shape == (2, 24, 256)
+    assert torch.equal(before[:, :10], after[:, :10])  # earlier positions do not see the change
+    assert not torch.allclose(before[:, 10:], after[:, 10:])
+    assert sum(p.numel() for p in build_model("tiny_lm_small", 256, 1).parameters()) < \
+        sum(p.numel() for p in model.parameters()) / 10
+
+
+def test_two_stage_lm_run(teacher_file, tmp_path):
+    config = parse_config(lm_raw(teacher_file))
+    trainer = SMSKDTrainer(config, tmp_path / "run", log=lambda _: None)
+    teacher_before = model_fingerprint(trainer.teacher)
+    seen = []
+    original = SMSKDTrainer._check_frozen
+
+    def spy(self, state, name):
+        seen.append((name, state.reference))
+        original(self, state, name)
+
+    SMSKDTrainer._check_frozen = spy
+    try:
+        summary = trainer.run()
+    finally:
+        SMSKDTrainer._check_frozen = original
+    run = tmp_path / "run"
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [(r["stage"], r["epoch"]) for r in records] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2)]
+    for record in records:
+        assert all(math.isfinite(record[k]) for k in ("train_loss", "train_ce", "train_kd", "test_loss"))
+        assert record["test_perplexity"] == pytest.approx(math.exp(record["test_loss"]), rel=1e-12)
+    stage1 = [r["train_loss"] for r in records if r["stage"] == 1]
+    assert stage1[-1] < stage1[0]
+    assert all(r["train_ref"] == 0.0 for r in records[:3]) and all(r["train_ref"] > 0.0 for r in records[3:])
+    assert all(r["train_kd"] > 0.0 for r in records)
+
+    # The reference of stage 2 is the stage-1 student, frozen; the teacher is unchanged.
+    (name1, ref1), (name2, ref2) = seen
+    assert ref1 is None and ref2 is not None and not ref2.training
+    assert not any(p.requires_grad for p in ref2.parameters())
+    stage1_state = torch.load(run / "checkpoints" / "stage1.pt", weights_only=True)["student"]
+    assert all(torch.equal(ref2.state_dict()[k], stage1_state[k]) for k in stage1_state)
+    assert model_fingerprint(trainer.teacher) == teacher_before
+
+    # Perplexity and token accuracy, recomputed from the raw bytes with torch's cross_entropy.
+    entry = load_model_file(run / "student.pt", "tiny_lm_small")
+    student = build_model("tiny_lm_small", entry["num_classes"], entry["in_channels"])
+    student.load_state_dict(entry["state_dict"])
+    windows = independent_test_windows()
+    with torch.no_grad():
+        logits = student.eval()(windows[:, :-1])
+    ce = F.cross_entropy(logits.reshape(-1, 256), windows[:, 1:].reshape(-1))
+    accuracy = 100.0 * (logits.argmax(-1) == windows[:, 1:]).double().mean()
+    assert summary["last_test_perplexity"] == pytest.approx(math.exp(float(ce)), rel=1e-5)
+    assert summary["last_test_acc"] == pytest.approx(float(accuracy), abs=1e-9)
+    assert summary["best_test_perplexity"] == min(r["test_perplexity"] for r in records)
+    teacher_eval = json.loads((run / "teacher_eval.json").read_text())
+    assert teacher_eval["perplexity"] < 256  # better than uniform over the bytes
+
+    # The TCP weights of the last stage-2 epoch cover every training token once.
+    weights = json.loads((run / "tcp_weights.json").read_text())
+    assert sum(weights["counts"]["stage2_kd"]) == TRAIN_WINDOWS * CONTEXT
+
+
+def test_fused_linear_stage_loss_equals_the_logits_path(teacher_file, monkeypatch):
+    """float64, several chunks: same loss terms, weights and student gradients."""
+    monkeypatch.setattr(fused_linear_module, "DEFAULT_CHUNK_ELEMENTS", 256 * 7)  # 7 tokens per chunk
+    torch.manual_seed(0)
+    student, reference = build_model("tiny_lm_small", 256, 1).double(), build_model("tiny_lm_small", 256, 1).double()
+    teacher = build_model("tiny_lm_large", 256, 1)
+    teacher.load_state_dict(load_model_file(teacher_file)["state_dict"])
+    teacher, reference = teacher.double().eval().requires_grad_(False), reference.eval().requires_grad_(False)
+    tokens, target = load_splits("text", context_length=CONTEXT).train.batch(torch.arange(3))
+    stage = StageConfig(methods=[MethodConfig(name="kd")], epochs=1, temperature=2.0, ce_weight=0.3,
+                        ref_weight=0.7, weighting="inverse_tcp")
+    with torch.no_grad():
+        teacher_logits, reference_logits = teacher(tokens), reference(tokens)
+    expected = stage_loss(student(tokens), target, teacher_logits, reference_logits, stage, 0.6)
+    expected_grads = torch.autograd.grad(expected.loss, list(student.parameters()))
+    fused, predictions = fused_linear_stage_loss(student, teacher, reference, tokens, target, stage, 0.6)
+    fused_grads = torch.autograd.grad(fused.loss, list(student.parameters()))
+    for field in ("loss", "ce", "kd", "ref", "tcp", "weight"):
+        torch.testing.assert_close(getattr(fused, field), getattr(expected, field), rtol=1e-12, atol=1e-12)
+    assert float(expected.ref) > 0 and float(expected.weight.std()) > 0
+    for got, want in zip(fused_grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        assert torch.equal(predictions, student(tokens).argmax(-1))
+
+
+def test_fused_linear_run_matches_the_logits_run(teacher_file, tmp_path):
+    records = {}
+    for fused in (False, True):
+        stages = [{"method": {"name": "kd", "weight": 0.5}, "epochs": 1, "fused_linear": fused},
+                  {"method": {"name": "kd", "weight": 0.5}, "epochs": 1, "fused_linear": fused}]
+        config = parse_config(lm_raw(teacher_file, stages))
+        SMSKDTrainer(config, tmp_path / str(fused), log=lambda _: None).run()
+        records[fused] = read_jsonl(tmp_path / str(fused) / "metrics.jsonl")
+    for plain, fused in zip(records[False], records[True]):
+        for key in ("train_loss", "train_ce", "train_kd", "train_ref", "train_weight", "test_loss"):
+            assert fused[key] == pytest.approx(plain[key], rel=1e-4), key
+        assert fused["train_acc"] == pytest.approx(plain["train_acc"], abs=0.1)
+
+
+def test_sequence_config_errors(teacher_file, tmp_path):
+    with pytest.raises(ConfigError, match=r"stages\[1\].methods\[0\].name: data set 'text' takes only"):
+        parse_config(lm_raw(teacher_file, [{"method": "kd", "epochs": 1}, {"method": "fitnet", "epochs": 1}]))
+    with pytest.raises(ConfigError, match="data.augment: must be 'none' for data set 'text'"):
+        parse_config(lm_raw(teacher_file, data={"name": "text", "augment": "crop"}))
+    with pytest.raises(ConfigError, match=r"stages\[0\].methods\[0\].name: fused_linear takes only"):
+        parse_config(lm_raw(teacher_file, [{"method": "rkd", "epochs": 1, "fused_linear": True}],
+                            data={"name": "digits"}, student={"name": "digits_cnn_small"},
+                            teacher={"name": "digits_cnn_large", "checkpoint": str(teacher_file)}))
+    config = parse_config(lm_raw(None, [{"method": "none", "epochs": 1, "fused_linear": True}],
+                                 data={"name": "digits"}, student={"name": "digits_cnn_small"}, teacher=None,
+                                 teacher_training=None))
+    with pytest.raises(ValueError, match="fused_linear: the student 'digits_cnn_small' does not expose"):
+        SMSKDTrainer(config, tmp_path / "run", log=lambda _: None)

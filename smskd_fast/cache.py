@@ -170,6 +170,12 @@ class LogitCache:
         return cache
 
     @classmethod
+    def attach(cls, path: Path, spec: CacheSpec) -> "LogitCache":
+        """Joins a build that create_or_resume began (in another process): checks the header only."""
+        cls._check_spec(Path(path), spec)
+        return cls(Path(path), spec)
+
+    @classmethod
     def open(cls, path: Path, spec: CacheSpec) -> "LogitCache":
         """Opens a complete cache for reading; refuses one that does not match spec or is unfinished."""
         cls._check_spec(Path(path), spec)
@@ -296,14 +302,22 @@ class LogitCache:
         )
 
 
-def build(cache: LogitCache, compute_shard) -> int:
+def build(cache: LogitCache, compute_shard, *, rank: int = 0, world_size: int = 1) -> int:
     """Writes every missing shard; compute_shard(epoch, first, count) -> (logits (count, C), target).
 
-    Returns the number of shards written. Safe to call again after a kill: shards
-    already on disk are kept, a half-written one never counts.
+    With world_size > 1, the caller of rank r writes the missing shards whose index
+    in spec.shards() is r modulo world_size, so that ranks build one cache in
+    parallel without touching each other's files. Returns the number of shards this
+    caller wrote. Safe to call again after a kill: shards already on disk are kept,
+    a half-written one never counts.
     """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    mine = {shard for index, shard in enumerate(cache.spec.shards()) if index % world_size == rank}
     written = 0
     for epoch, first in cache.missing_shards():
+        if (epoch, first) not in mine:
+            continue
         logits, target = compute_shard(epoch, first, cache._shard_rows(first))
         cache.write_shard(epoch, first, logits, target)
         written += 1

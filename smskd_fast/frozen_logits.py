@@ -11,7 +11,7 @@ epochs; any difference is refused by LogitCache with a message naming the field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -83,20 +83,27 @@ def _compute_logits(model: nn.Module, dataset: ImageSet, config: RunConfig, batc
 
 
 def open_or_build(path: Path, spec: CacheSpec, model: nn.Module, dataset: ImageSet, config: RunConfig,
-                  batch_size: int, device: torch.device) -> Tuple[LogitCache, int]:
+                  batch_size: int, device: torch.device, *, rank: int = 0, world_size: int = 1,
+                  barrier: Callable[[], None] = lambda: None) -> Tuple[LogitCache, int]:
     """Opens the cache at path for spec, first writing whatever shards are missing (resumable).
 
-    Returns the cache and the number of shards written now; refuses a cache built for
-    another spec (CacheMismatchError) and detects corrupted shards on read.
+    Under DDP every rank calls this with its rank: rank 0 creates (or resumes) the
+    cache, then all ranks write their share of the missing shards in parallel.
+    Returns the cache and the number of shards this rank wrote; refuses a cache built
+    for another spec (CacheMismatchError) and detects corrupted shards on read.
     """
-    cache = LogitCache.create_or_resume(path, spec)
+    if rank == 0:
+        LogitCache.create_or_resume(path, spec)  # header, and leftovers of a killed build removed
+    barrier()
+    cache = LogitCache.attach(path, spec)
     was_training = model.training
     model.eval()
     try:
         written = build(cache, lambda epoch, first, count: _compute_logits(
-            model, dataset, config, batch_size, device, epoch, first, count))
+            model, dataset, config, batch_size, device, epoch, first, count), rank=rank, world_size=world_size)
     finally:
         model.train(was_training)
+    barrier()
     return LogitCache.open(path, spec), written
 
 

@@ -42,7 +42,7 @@ from torch import nn
 from .config import RunConfig, StageConfig, config_to_dict
 from .data import DataSplits, ImageSet, TokenSet, iterate_batches, load_splits
 from .distributed import DistributedContext
-from .cache import CacheSpec, LogitCache
+from .cache import CacheSpec
 from .frozen_logits import CachedLogits, open_or_build, reference_cache_dir, reference_cache_spec, teacher_cache_spec
 from .functional import SMSKDLossOutput, smskd_loss
 from .fused_linear import fused_linear_smskd_loss
@@ -317,11 +317,9 @@ class SMSKDTrainer:
             self.log(f"teacher logit cache {store.dir}: wrote {written} shards")
 
     def _open_or_build(self, path: Path, spec: CacheSpec, model: nn.Module, batch_size: int):
-        """open_or_build on rank 0 (the only writer); the other ranks open the cache once it is built."""
-        cache, written = (open_or_build(path, spec, model, self.data.train, self.config, batch_size, self.device)
-                          if self.dist.is_main else (None, 0))
-        self.dist.barrier()
-        return (cache if cache is not None else LogitCache.open(path, spec)), written
+        """open_or_build with every rank writing its share of the missing shards in parallel."""
+        return open_or_build(path, spec, model, self.data.train, self.config, batch_size, self.device,
+                             rank=self.dist.rank, world_size=self.dist.world_size, barrier=self.dist.barrier)
 
     def _stage_teacher_cache(self, index: int, methods: nn.ModuleList) -> Optional[CachedLogits]:
         """The teacher cache for this stage, or None where the teacher must run: its features are

@@ -188,3 +188,17 @@ def test_kill_9_during_build_then_resume_gives_the_uninterrupted_cache(tmp_path)
         want = torch.cat([teacher_logits(epoch, i, 1)[0] for i in range(NUM_SAMPLES)])
         assert torch.equal(reader.read(epoch, range(NUM_SAMPLES)), want.half().float())
     assert not list(path.glob("*.tmp"))
+
+
+def test_ranks_build_disjoint_shares_of_one_cache(tmp_path):
+    """As DDP ranks do: rank 0 creates the cache, each rank writes every world_size-th missing shard."""
+    LogitCache.create_or_resume(tmp_path, spec())
+    written = [build(LogitCache.attach(tmp_path, spec()), teacher_logits, rank=r, world_size=4) for r in range(4)]
+    assert written == [2, 2, 1, 1]  # 6 shards dealt round-robin
+    reader = LogitCache.open(tmp_path, spec())
+    for epoch in (0, 1):
+        assert torch.equal(reader.read(epoch, range(NUM_SAMPLES)), all_rows(epoch)[0].half().float())
+    with pytest.raises(ValueError, match=r"rank must be in \[0, world_size=2\), got 2"):
+        build(reader, teacher_logits, rank=2, world_size=2)
+    with pytest.raises(CacheMismatchError, match="built with augmentation_seed"):
+        LogitCache.attach(tmp_path, spec(augmentation_seed=9))

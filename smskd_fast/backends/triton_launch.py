@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 
+from ..validation import check_target_range
 from . import triton_kernels as kernels
 
 # Largest C handled by the one-tile kernel (each row whole in registers).
@@ -97,12 +98,7 @@ def kernels_interpreted() -> bool:
 
 def check_targets_on_host(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """The interpreter ignores tl.device_assert (it has no debug mode), so check here instead."""
-    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
-    if bool(bad.any()):
-        raise ValueError(
-            f"target values must be in [0, {num_classes}) or equal ignore_index={ignore_index}, "
-            f"found {int(target[bad][0])}"
-        )
+    check_target_range(target, num_classes, ignore_index)
 
 
 def launch_rows(

@@ -96,6 +96,23 @@ def _student_gradient(ctx, grad_loss, num_inputs: int):
     return (grad_student,) + (None,) * (num_inputs - 1)
 
 
+def scale_gradient_in_student_once(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
+    """Backward when the kernel wrote d loss / d logits into the logits' own memory.
+
+    The one saved buffer is scaled in place by grad_output, so backward can run only
+    once; the overwrite_student_logits paths of every backend share this.
+    """
+    if getattr(ctx, "backward_done", False):
+        raise RuntimeError(
+            "overwrite_student_logits=True keeps one gradient buffer and scales it in place, so backward "
+            "can run only once: a second backward through the same loss is not supported; call without "
+            "retain_graph or without the option"
+        )
+    ctx.backward_done = True
+    (grad,) = ctx.saved_tensors
+    return grad.mul_(grad_loss.to(grad.dtype).unsqueeze(-1))
+
+
 def register() -> None:
     """Adds fake and autograd implementations to the compiled operator."""
     torch.library.register_fake(OP_NAME)(_fake_smskd_loss_rows)

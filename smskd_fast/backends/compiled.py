@@ -35,20 +35,12 @@ class GradientInStudent(torch.autograd.Function):
             storage, target, teacher, reference, *_scalar_arguments(options)
         )
         ctx.save_for_backward(storage)
-        ctx.backward_done = False
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_grads):
-        if ctx.backward_done:
-            raise RuntimeError(
-                "overwrite_student_logits=True keeps one copy of the gradient, scaled in place by the "
-                "first backward; a second backward through the same loss is not supported"
-            )
-        ctx.backward_done = True
-        (row_grad,) = ctx.saved_tensors
-        return row_grad.mul_(grad_loss.to(row_grad.dtype).unsqueeze(-1)), None, None, None, None
+        return ops.scale_gradient_in_student_once(ctx, grad_loss), None, None, None, None
 
 
 def _scalar_arguments(options: LossOptions) -> tuple:

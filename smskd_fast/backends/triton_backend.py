@@ -26,6 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import ops
 from .base import BackendStatus, LossOptions, RowInputs, RowOutputs
 
 OP_NAME = "smskd_fast::smskd_loss_rows_triton"
@@ -127,21 +128,12 @@ class _OverwriteStudentRows(torch.autograd.Function):
             wrap=lambda kernel: kernel,
         )
         ctx.save_for_backward(grad)
-        ctx.used = False
         ctx.mark_non_differentiable(*outputs[1:6])
         return outputs[:6]
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        if ctx.used:
-            raise RuntimeError(
-                "overwrite_student_logits=True keeps one gradient buffer and scales it in place, "
-                "so backward can run only once; call without retain_graph or without the option"
-            )
-        ctx.used = True
-        (grad,) = ctx.saved_tensors
-        grad.mul_(grad_loss.to(grad.dtype).unsqueeze(-1))
-        return grad, None, None, None, None
+        return ops.scale_gradient_in_student_once(ctx, grad_loss), None, None, None, None
 
 
 def _may_overwrite(inputs: RowInputs, options: LossOptions) -> bool:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import smskd_fast.fused_linear as fused_linear_module
+import smskd_fast.stages as stages_module
 from smskd_fast.config import ConfigError, StageConfig, MethodConfig, parse_config
 from smskd_fast.data import TEXT_FILE, TEXT_TEST_FRACTION, load_splits
 from smskd_fast.experiments import teacher_config
@@ -270,3 +271,93 @@ def test_text_run_with_fp16_caches_trains_like_running_the_frozen_models(teacher
     for plain, fp16 in zip(plain_records, read_jsonl(tmp_path / "cached" / "metrics.jsonl"), strict=True):
         for key in ("train_loss", "train_ce", "train_kd", "train_ref", "train_weight", "test_loss"):
             assert fp16[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-12), key
+
+
+def test_text_top_k_cache_with_every_token_class_trains_like_the_dense_teacher(teacher_file, plain_lm_run, tmp_path):
+    """k = V = 256: the top-k KD term is the dense KL computed another way (topk.py), so the per-epoch
+    losses agree with running the teacher (measured relative differences <= 1e-6)."""
+    train_lm(cached_lm_raw(teacher_file, tmp_path, teacher={"format": "topk", "k": 256, "dtype": "float32"}),
+             tmp_path / "topk")
+    plain_records = read_jsonl(plain_lm_run.run_dir / "metrics.jsonl")
+    for plain, topk in zip(plain_records, read_jsonl(tmp_path / "topk" / "metrics.jsonl"), strict=True):
+        for key in ("train_loss", "train_ce", "train_kd", "train_ref", "train_weight", "test_loss"):
+            assert topk[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-12), key
+
+
+def test_text_top_k_cache_feeds_each_token_s_top_k_to_the_loss(teacher_file, tmp_path, monkeypatch):
+    seen = []
+    original = stages_module.smskd_loss
+
+    def spy(*args, **kwargs):
+        seen.append((args[2], kwargs.get("teacher_topk"), kwargs["weighting"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(stages_module, "smskd_loss", spy)
+    stages = [{"method": {"name": "kd", "weight": 0.5}, "epochs": 1}, {"method": {"name": "kd", "weight": 0.5},
+                                                                       "epochs": 1}]
+    train_lm(cached_lm_raw(teacher_file, tmp_path, stages, teacher={"format": "topk", "k": 8, "dtype": "float16"},
+                           reference={"dtype": "float16"}), tmp_path / "run")
+    assert len(seen) == 2 * TRAIN_WINDOWS // 16
+    for dense, topk, weighting in seen:
+        assert dense is None and topk.values.shape == topk.indices.shape == (16, CONTEXT, 8)
+        assert topk.true_logit.shape == topk.log_sum_exp_at_temperature.shape == (16, CONTEXT)
+        assert weighting == "inverse_tcp"
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert all(r["train_kd"] > 0 for r in metrics) and metrics[1]["train_ref"] > 0
+
+
+FUSED_STAGES = [{"method": {"name": "kd", "weight": 0.5}, "epochs": 1, "fused_linear": True},
+                {"method": {"name": "kd", "weight": 0.5}, "epochs": 1, "fused_linear": True}]
+
+
+def spy_fused_loss(monkeypatch):
+    """Records the keyword arguments the trainer's fused_linear stages pass to fused_linear_smskd_loss."""
+    seen = []
+    original = stages_module.fused_linear_smskd_loss
+
+    def spy(hidden, weight, target, teacher_hidden, teacher_weight, teacher_logits, reference_hidden,
+            reference_weight, **kwargs):
+        seen.append(dict(teacher_hidden=teacher_hidden, teacher_logits=teacher_logits,
+                         reference_hidden=reference_hidden, **kwargs))
+        return original(hidden, weight, target, teacher_hidden, teacher_weight, teacher_logits, reference_hidden,
+                        reference_weight, **kwargs)
+
+    monkeypatch.setattr(stages_module, "fused_linear_smskd_loss", spy)
+    return seen
+
+
+def test_fused_linear_stages_with_fp32_caches_give_the_weights_of_running_the_frozen_models(
+        teacher_file, tmp_path, monkeypatch):
+    plain = train_lm(lm_raw(teacher_file, FUSED_STAGES), tmp_path / "plain")
+    seen = spy_fused_loss(monkeypatch)
+    cached = train_lm(cached_lm_raw(teacher_file, tmp_path, FUSED_STAGES, teacher={"dtype": "float32"},
+                                    reference={"dtype": "float32"}), tmp_path / "cached")
+    for name in plain:
+        assert torch.equal(plain[name], cached[name]), name
+    steps = TRAIN_WINDOWS // 16
+    assert len(seen) == 2 * steps
+    for call in seen:  # the frozen models' logits came from the caches: no hidden states were computed
+        assert call["teacher_hidden"] is None and call["reference_hidden"] is None
+        assert call["teacher_logits"].shape == (16, CONTEXT, 256) and call["teacher_topk"] is None
+    assert all(call["reference_logits"] is None for call in seen[:steps])  # stage 1 has no reference
+    assert all(call["reference_logits"].shape == (16, CONTEXT, 256) for call in seen[steps:])
+
+
+def test_fused_linear_stages_with_top_k_and_fp16_caches_match_the_logits_path(teacher_file, tmp_path, monkeypatch):
+    """The same caches (top-8 fp16 teacher, fp16 reference) read by the fused path and the logits
+    path: same losses to rel 1e-4 (as test_fused_linear_run_matches_the_logits_run without caches).
+    The fp16 rows reach the fused loss as fp16 and are converted a chunk at a time."""
+    records = {}
+    seen = spy_fused_loss(monkeypatch)
+    for fused in (False, True):
+        stages = [{**stage, "fused_linear": fused} for stage in FUSED_STAGES]
+        train_lm(cached_lm_raw(teacher_file, tmp_path, stages, teacher={"format": "topk", "k": 8, "dtype": "float16"},
+                               reference={"dtype": "float16"}), tmp_path / str(fused))
+        records[fused] = read_jsonl(tmp_path / str(fused) / "metrics.jsonl")
+    for plain, fused in zip(records[False], records[True], strict=True):
+        for key in ("train_loss", "train_ce", "train_kd", "train_ref", "train_weight", "test_loss"):
+            assert fused[key] == pytest.approx(plain[key], rel=1e-4), key
+    assert records[True][1]["train_ref"] > 0
+    assert seen and all(call["teacher_topk"].values.shape == (16, CONTEXT, 8) and call["teacher_logits"] is None
+                        for call in seen)
+    assert {call["reference_logits"].dtype for call in seen if call["reference_logits"] is not None} == {torch.float16}

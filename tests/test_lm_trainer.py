@@ -361,3 +361,16 @@ def test_fused_linear_stages_with_top_k_and_fp16_caches_match_the_logits_path(te
     assert seen and all(call["teacher_topk"].values.shape == (16, CONTEXT, 8) and call["teacher_logits"] is None
                         for call in seen)
     assert {call["reference_logits"].dtype for call in seen if call["reference_logits"] is not None} == {torch.float16}
+
+
+def test_cache_build_on_text_stores_one_epoch_of_token_rows(teacher_file, tmp_path, capsys):
+    import yaml
+
+    from smskd_fast.cli import main
+
+    raw = cached_lm_raw(teacher_file, tmp_path, teacher={"format": "topk", "k": 8})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["cache", "build", "--config", str(config)]) == 0
+    assert ("2 shards (2 written now, 0 reused), topk float16, one view per sample (no augmentation), serving "
+            f"every epoch, {TRAIN_WINDOWS} samples x {CONTEXT} tokens") in capsys.readouterr().out

@@ -231,8 +231,8 @@ def fused_linear_smskd_loss(
     cache (teacher_topk, see smskd_fast/topk.py); the reference as hidden states plus
     head or as logits (..., V), e.g. read from a dense logit cache. Logits given
     whole may have any floating dtype: each chunk is converted to student_hidden's
-    dtype when it is used (an fp16 cache's rows stay fp16 until then). Gradients flow to the student's
-    hidden states, head weight and bias only. chunk_size defaults to default_chunk_size:
+    dtype when it is used (an fp16 cache's rows stay fp16 until then). Gradients
+    flow to the student's hidden states, head weight and bias only. chunk_size defaults to default_chunk_size:
     about 2^24 / V rows, at most 1/16 of the rows, at least 64.
     """
     validation.check_logits("student_hidden", student_hidden)

@@ -15,7 +15,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 
 import torch
@@ -28,13 +27,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def parse_shape(text: str):
     n, c = text.lower().split("x")
     return int(n), int(c)
-
-
-def git_commit() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    commit = git("rev-parse", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def cpu_model() -> str:
@@ -113,7 +105,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     now = datetime.datetime.now(datetime.timezone.utc)
-    meta = {"date": now.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(), "machine": machine(),
+    meta = {"date": now.strftime("%Y-%m-%d %H:%M:%S"), "commit": benchmarking.git_commit(), "machine": machine(),
             "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + (argv if argv is not None else sys.argv[1:]))}
     dtypes = [getattr(torch, name) for name in args.dtypes]
 

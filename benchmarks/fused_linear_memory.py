@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from smskd_fast import benchmarking
+
 VARIANTS = ("unfused", "fused", "unfused_kd", "fused_kd", "liger_jsd")
 BASELINE = {"unfused": "unfused", "fused": "unfused", "unfused_kd": "unfused_kd", "fused_kd": "unfused_kd",
             "liger_jsd": "unfused_kd"}
@@ -148,7 +150,7 @@ def main() -> None:
                 continue
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(results[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = benchmarking.git_commit()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     header = (f"fused_linear_smskd_loss vs unfused, fwd+bwd, tokens={args.tokens} hidden={args.hidden} "
               f"{args.dtype} on {args.device} ({device_name}), backend {args.backend}, torch {torch.__version__}, "
@@ -167,13 +169,7 @@ def main() -> None:
             speed = f"{r['median_s'] / base['median_s']:.2f}x" if base else "n/a"
             lines.append(f"| {vocab} | {variant} | {r['backend']} | {r['median_s'] * 1e3:.1f} | "
                          f"{r['peak_extra_bytes'] / 2**20:.0f} | {memory} | {speed} | {BASELINE[variant]} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"header": header, "command": sys.argv,
-                                                             "results": results}, indent=1))
-        args.out.with_suffix(".md").write_text(f"Command: `python {' '.join(sys.argv)}`\n\n{table}\n")
+    benchmarking.write_results(args.out, header, "\n".join(lines), results)
 
 
 if __name__ == "__main__":

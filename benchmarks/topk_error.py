@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 import smskd_fast
+from smskd_fast import benchmarking
 from smskd_fast.topk import TopKTeacher
 
 
@@ -66,7 +65,7 @@ def main() -> None:
     for student, teacher, target in sets:
         ks = [k for k in args.k if k <= teacher.shape[-1]]
         results += gaps(student, teacher, target, ks, args.temperatures)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = benchmarking.git_commit()
     header = (f"top-k KD vs dense KD, {'logits from ' + str(args.logits) if args.logits else 'synthetic logits'}, "
               f"commit {commit}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     lines = [header, "", "| C | k | T | dense KD (mean) | top-k KD (mean) | mean relative gap | p95 relative gap |",
@@ -74,13 +73,7 @@ def main() -> None:
     for r in results:
         lines.append(f"| {r['classes']} | {r['k']} | {r['temperature']:g} | {r['dense_mean']:.4f} | "
                      f"{r['topk_mean']:.4f} | {r['mean_relative_gap']:.2%} | {r['p95_relative_gap']:.2%} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"header": header, "command": sys.argv,
-                                                             "results": results}, indent=1))
-        args.out.with_suffix(".md").write_text(f"Command: `python {' '.join(sys.argv)}`\n\n{table}\n")
+    benchmarking.write_results(args.out, header, "\n".join(lines), results)
 
 
 if __name__ == "__main__":

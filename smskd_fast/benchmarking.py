@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -229,3 +232,26 @@ def speedups(results: Sequence[Measurement], method: str = "smskd_fast") -> List
             row[f"min_speedup_vs_{other}"] = measurement.min_ms / ours.min_ms
         rows.append(row)
     return rows
+
+
+def write_results(out: Optional[Path], header: str, table: str, results: List[dict]) -> None:
+    """Prints the Markdown table and, given out, writes out.json (header, command, results) and
+    out.md (the command and the table) beside each other, as benchmarks/results/ keeps them."""
+    print(table)
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"header": header, "command": sys.argv, "results": results},
+                                                   indent=1))
+    out.with_suffix(".md").write_text(f"Command: `python {' '.join(sys.argv)}`\n\n{table}\n")
+
+
+def git_commit() -> str:
+    """The commit of the checkout this package runs from, "+dirty" with uncommitted changes:
+    every result file records it, whatever the working directory of the run."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")

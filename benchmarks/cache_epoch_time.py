@@ -27,7 +27,7 @@ import json
 import pickle
 import platform
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from smskd_fast import benchmarking
 from smskd_fast.config import parse_config
 from smskd_fast.runio import save_atomic, save_model_file
 from smskd_fast.models import build_model
@@ -167,12 +168,13 @@ def main() -> None:
         }
     base = rows[0]["median"]
     kd_cached = rows[1]["median"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = benchmarking.git_commit()
     tokens = f" x {pair['context_length']} tokens" if pair["data"] == "text" else ""
     lines = [f"# cache_epoch_time: {args.pair} ({pair['teacher']} -> {pair['student']}), {samples} samples{tokens}, "
              f"batch {pair['batch']}, {args.threads} thread(s), {args.repeats} repeats",
              f"# device: CPU {platform.processor() or platform.machine()}, torch {torch.__version__}, "
              f"commit {commit}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             f"# command: python {' '.join(sys.argv)}",
              f"{'variant':62s} {'median s/epoch':>15s} {'vs kd uncached':>15s} {'vs kd cached':>13s} "
              f"{'setup s':>8s}  epochs"]
     for row in rows:
@@ -188,7 +190,7 @@ def main() -> None:
     if args.out:
         args.out.write_text(text + "\n")
         args.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "bytes_per_sample": sizes,
-                                                             "samples": samples,
+                                                             "samples": samples, "command": sys.argv,
                                                              "args": {k: str(v) for k, v in vars(args).items()}},
                                                             indent=1))
 

@@ -1,6 +1,8 @@
 """The trainer with logit caches: same training as running the frozen models, reuse, refusal."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -239,3 +241,18 @@ def test_a_cache_that_lacks_an_epoch_of_the_run_is_refused(teacher_file, tmp_pat
         assert err.count("\n") == 0 and err.startswith("error: logit cache")
         assert "built with epochs=[0, 1] but this run needs [0, 1, 2, 3]: it lacks epochs [2, 3]" in err
     assert len(list((tmp_path / "teacher_cache").glob("shard-*.npy"))) == 6  # left as it was
+
+
+def test_without_augmentation_one_stored_epoch_serves_every_epoch(teacher_file, tmp_path):
+    """augment: none makes a sample's view the same in every epoch: the teacher cache holds epoch 0 only
+    (3 shards, not 2 x 3) and training equals running the teacher, in every epoch of both stages."""
+    no_augment = {"data": {**tiny_raw(teacher_file, KD_THEN_SMSKD)["data"], "augment": "none"}}
+    plain = _train(_raw(teacher_file, tmp_path, **no_augment), tmp_path / "plain")
+    cached = _train(_raw(teacher_file, tmp_path, teacher={"dtype": "float32"}, reference={"dtype": "float32"},
+                         **no_augment), tmp_path / "cached")
+    for name in plain:
+        assert torch.equal(plain[name], cached[name]), name
+    shards = sorted(path.name for path in (tmp_path / "teacher_cache").glob("shard-*.npy"))
+    assert len(shards) == 3 and all(name.startswith("shard-e00000-") for name in shards)
+    header = json.loads((tmp_path / "teacher_cache" / "header.json").read_text())["spec"]
+    assert header["epoch_invariant"] is True and header["augmentation_seed"] is None and header["epochs"] == [0]

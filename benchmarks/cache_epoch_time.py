@@ -6,13 +6,19 @@ running the reference vs reading the reference cache, against the plain KD stage
 the teacher cached. Epochs are timed with SMSKDTrainer._train_epoch (the trainer's
 own loop), the variants in turn, round robin; cache building is timed separately
 ("setup": paid once per run for the teacher, once per stage for the reference).
-Also the cache's bytes per sample.
+Also the cache's bytes per sample (and per token for text).
 
     PYTHONPATH=. python benchmarks/cache_epoch_time.py --pair digits --repeats 3
     PYTHONPATH=. python benchmarks/cache_epoch_time.py --pair cifar --samples 256 --repeats 2
+    PYTHONPATH=. python benchmarks/cache_epoch_time.py --pair text --repeats 3
 
 The CIFAR pair (resnet32x4 -> resnet8x4, 100 classes, 32x32) reads synthetic images
-in the real CIFAR-100 file format: timing does not depend on the pixels.
+in the real CIFAR-100 file format: timing does not depend on the pixels. The text pair
+(tiny_lm_large -> tiny_lm_small, byte tokens, V = 256) trains on the shipped stories as
+configs/tiny_lm_smskd.yaml does (context 64, batch 16, AdamW, no augmentation, so each
+cache holds one epoch that serves every epoch), and adds three SMSKD variants with
+fused_linear: true (the loss from hidden states; the frozen models' logits from the caches).
+The teacher is randomly initialised: its logits' values do not change the timing.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import json
 import pickle
 import platform
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,14 +35,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from smskd_fast import benchmarking
 from smskd_fast.config import parse_config
 from smskd_fast.runio import save_atomic, save_model_file
 from smskd_fast.models import build_model
 from smskd_fast.stages import SMSKDTrainer
 
 PAIRS = {
-    "digits": dict(teacher="digits_cnn_large", student="digits_cnn_small", data="digits", classes=10, channels=1),
-    "cifar": dict(teacher="resnet32x4", student="resnet8x4", data="cifar100", classes=100, channels=3),
+    "digits": dict(teacher="digits_cnn_large", student="digits_cnn_small", data="digits", classes=10, channels=1,
+                   batch=64, augment="crop_flip", optimizer={"lr": 0.01}),
+    "cifar": dict(teacher="resnet32x4", student="resnet8x4", data="cifar100", classes=100, channels=3,
+                  batch=64, augment="crop_flip", optimizer={"lr": 0.01}),
+    "text": dict(teacher="tiny_lm_large", student="tiny_lm_small", data="text", classes=256, channels=1,
+                 batch=16, augment="none", optimizer={"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
+                 context_length=64),
 }
 
 
@@ -52,15 +64,21 @@ def write_synthetic_cifar(root: Path, count: int) -> None:
 
 
 def make_config(pair: dict, work: Path, samples: int, teacher_cache: dict | None, reference_cache: dict | None,
-                threads: int):
+                threads: int, fused_linear: bool = False):
+    data = {"name": pair["data"], "batch_size": pair["batch"], "train_subset": samples, "test_subset": 64,
+            "augment": pair["augment"]}
+    if pair["data"] == "text":
+        data["context_length"] = pair["context_length"]  # the shipped stories: no root
+    else:
+        data["root"] = str(work / "data")
     raw = {
-        "seed": 0, "plots": False, "progress": False, "threads": threads,
-        "data": {"name": pair["data"], "root": str(work / "data"), "batch_size": 64, "train_subset": samples,
-                 "test_subset": 64, "augment": "crop_flip"},
+        "seed": 0, "plots": False, "progress": False, "threads": threads, "data": data,
         "student": {"name": pair["student"]},
         "teacher": {"name": pair["teacher"], "checkpoint": str(work / "teacher.pt")},
-        "defaults": {"optimizer": {"lr": 0.01}, "schedule": {"name": "constant"}},
-        "stages": [{"method": "kd", "epochs": 1}, {"method": "kd", "epochs": 1}],
+        "defaults": {"optimizer": pair["optimizer"], "schedule": {"name": "constant"},
+                     **({"temperature": 2.0} if pair["data"] == "text" else {})},  # as configs/tiny_lm_smskd.yaml
+        "stages": [{"method": "kd", "epochs": 1, "fused_linear": fused_linear},
+                   {"method": "kd", "epochs": 1, "fused_linear": fused_linear}],
     }
     cache = {}
     if teacher_cache is not None:
@@ -92,8 +110,11 @@ def time_epoch(trainer, state, stage_index: int) -> float:
     return time.perf_counter() - started
 
 
-def cache_bytes_per_sample(path: Path, samples: int, epochs: int) -> float:
-    return sum(f.stat().st_size for f in path.glob("shard-*.npy")) / (samples * epochs)
+def cache_bytes_per_sample(path: Path, samples: int) -> float:
+    """Bytes on disk (shards with their .npy headers) per sample and stored epoch."""
+    shards = list(path.glob("shard-*.npy"))
+    epochs = len({shard.name.split("-")[1] for shard in shards})
+    return sum(shard.stat().st_size for shard in shards) / (samples * epochs)
 
 
 def main() -> None:
@@ -116,16 +137,23 @@ def main() -> None:
         fp16 = {"format": "dense", "dtype": "float16"}
         topk = {"format": "topk", "k": min(args.topk, pair["classes"]), "dtype": "float16"}
         variants = [
-            ("kd, teacher runs", 0, None, None),
-            ("kd, teacher cache fp16", 0, fp16, None),
-            (f"kd, teacher cache top-{topk['k']}", 0, topk, None),
-            ("smskd, teacher cache fp16, reference runs", 1, fp16, None),
-            ("smskd, teacher + reference cache fp16", 1, fp16, {"dtype": "float16"}),
+            ("kd, teacher runs", 0, None, None, False),
+            ("kd, teacher cache fp16", 0, fp16, None, False),
+            (f"kd, teacher cache top-{topk['k']}", 0, topk, None, False),
+            ("smskd, teacher cache fp16, reference runs", 1, fp16, None, False),
+            ("smskd, teacher + reference cache fp16", 1, fp16, {"dtype": "float16"}, False),
         ]
+        if pair["data"] == "text":
+            variants += [
+                ("smskd fused_linear, teacher + reference run", 1, None, None, True),
+                ("smskd fused_linear, teacher + reference fp16 cache", 1, fp16, {"dtype": "float16"}, True),
+                (f"smskd fused_linear, teacher top-{topk['k']} + reference fp16 cache", 1, topk,
+                 {"dtype": "float16"}, True),
+            ]
         torch.set_num_threads(args.threads)
         prepared = []
-        for index, (name, stage, teacher_cache, reference_cache) in enumerate(variants):
-            config = make_config(pair, work, args.samples, teacher_cache, reference_cache, args.threads)
+        for index, (name, stage, teacher_cache, reference_cache, fused_linear) in enumerate(variants):
+            config = make_config(pair, work, args.samples, teacher_cache, reference_cache, args.threads, fused_linear)
             prepared.append((name, stage) + prepare(config, work / f"run{index}", stage))
         seconds = {name: [] for name, *_ in prepared}
         for _ in range(args.repeats):  # round robin, so that a change of machine load hits every variant alike
@@ -133,29 +161,36 @@ def main() -> None:
                 seconds[name].append(time_epoch(trainer, state, stage))
         rows = [{"variant": name, "epoch_seconds": seconds[name], "median": statistics.median(seconds[name]),
                  "setup_seconds": setup} for name, _, _, _, setup in prepared]
+        samples = len(prepared[0][2].data.train)
         sizes = {
-            "dense fp16": cache_bytes_per_sample(work / "teacher_dense_0", args.samples, 1),
-            f"top-{topk['k']} fp16": cache_bytes_per_sample(work / f"teacher_topk_{topk['k']}", args.samples, 1),
+            "dense fp16": cache_bytes_per_sample(work / "teacher_dense_0", samples),
+            f"top-{topk['k']} fp16": cache_bytes_per_sample(work / f"teacher_topk_{topk['k']}", samples),
         }
     base = rows[0]["median"]
     kd_cached = rows[1]["median"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    lines = [f"# cache_epoch_time: {args.pair} ({pair['teacher']} -> {pair['student']}), {args.samples} samples, "
-             f"batch 64, {args.threads} thread(s), {args.repeats} repeats",
+    commit = benchmarking.git_commit()
+    tokens = f" x {pair['context_length']} tokens" if pair["data"] == "text" else ""
+    lines = [f"# cache_epoch_time: {args.pair} ({pair['teacher']} -> {pair['student']}), {samples} samples{tokens}, "
+             f"batch {pair['batch']}, {args.threads} thread(s), {args.repeats} repeats",
              f"# device: CPU {platform.processor() or platform.machine()}, torch {torch.__version__}, "
              f"commit {commit}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-             f"{'variant':45s} {'median s/epoch':>15s} {'vs kd uncached':>15s} {'vs kd cached':>13s} "
+             f"# command: python {' '.join(sys.argv)}",
+             f"{'variant':62s} {'median s/epoch':>15s} {'vs kd uncached':>15s} {'vs kd cached':>13s} "
              f"{'setup s':>8s}  epochs"]
     for row in rows:
-        lines.append(f"{row['variant']:45s} {row['median']:15.3f} {row['median'] / base:15.3f} "
+        lines.append(f"{row['variant']:62s} {row['median']:15.3f} {row['median'] / base:15.3f} "
                      f"{row['median'] / kd_cached:13.3f} {row['setup_seconds']:8.2f}  "
                      + " ".join(f"{s:.3f}" for s in row["epoch_seconds"]))
-    lines.append("cache bytes per sample per epoch: " + ", ".join(f"{k}: {v:.1f}" for k, v in sizes.items()))
+    lines.append("cache bytes per sample per stored epoch: " + ", ".join(f"{k}: {v:.1f}" for k, v in sizes.items()))
+    if pair["data"] == "text":  # one stored epoch serves every epoch (no augmentation)
+        lines.append("cache bytes per token: " + ", ".join(f"{k}: {v / pair['context_length']:.2f}"
+                                                           for k, v in sizes.items()))
     text = "\n".join(lines)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
         args.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "bytes_per_sample": sizes,
+                                                             "samples": samples, "command": sys.argv,
                                                              "args": {k: str(v) for k, v in vars(args).items()}},
                                                             indent=1))
 

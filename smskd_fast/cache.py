@@ -11,7 +11,13 @@ match its run (naming the field) and a shard whose checksum is wrong.
 Two formats: "dense" keeps every logit (fp16 or fp32); "topk" keeps the k
 largest logits and their class indices plus, per row, the true-class logit and
 the row's log-sum-exp at temperature 1 and at each temperature of the run, so
-that TCP and the kept classes' probabilities stay exact.
+that TCP and the kept classes' probabilities stay exact. A sample is one row of
+logits (classification) or, for sequence data, sequence_length rows, one per token.
+
+Epochs: a cache made for more epochs than a run needs serves that run (it reads only
+its epochs); one that lacks an epoch is refused, naming the missing epochs. When a
+sample's view does not depend on the epoch (no augmentation), the cache holds one
+epoch (epoch_invariant) whose rows serve every epoch of any run.
 """
 from __future__ import annotations
 
@@ -46,8 +52,8 @@ class CacheSpec:
 
     model_hash: str
     data_fingerprint: str
-    augmentation_seed: int
-    epochs: Tuple[int, ...]
+    augmentation_seed: Optional[int]  # None: no augmentation, the views depend on no seed
+    epochs: Tuple[int, ...]           # the epochs stored; a run may read any subset of them
     num_samples: int
     num_classes: int
     format: str = "dense"
@@ -56,6 +62,8 @@ class CacheSpec:
     temperatures: Tuple[float, ...] = ()
     shard_rows: int = 4096
     format_version: int = FORMAT_VERSION
+    sequence_length: int = 0       # tokens per sample (sequence data); 0: one row of logits per sample
+    epoch_invariant: bool = False  # the views are the same in every epoch: epoch 0's rows serve every epoch
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -68,6 +76,11 @@ class CacheSpec:
             raise ValueError("cache num_samples, num_classes and shard_rows must be >= 1")
         if not self.epochs:
             raise ValueError("cache epochs must name at least one epoch")
+        if self.sequence_length < 0:
+            raise ValueError(f"cache sequence_length must be >= 0, got {self.sequence_length}")
+        if self.epoch_invariant and (self.epochs != (0,) or self.augmentation_seed is not None):
+            raise ValueError("an epoch_invariant cache holds epoch 0 only (epochs=(0,)) and no augmentation_seed, "
+                             f"got epochs={self.epochs}, augmentation_seed={self.augmentation_seed}")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -79,16 +92,26 @@ class CacheSpec:
         data["temperatures"] = tuple(data["temperatures"])
         return cls(**data)
 
+    @property
+    def positions(self) -> Tuple[int, ...]:
+        """The leading shape of one sample's logits: () for classification, (L,) for sequence data."""
+        return (self.sequence_length,) if self.sequence_length else ()
+
     def row_dtype(self) -> np.dtype:
-        """The structured dtype of one stored row."""
+        """The structured dtype of one stored sample (one record per sample, its tokens inside)."""
+        at = self.positions
         if self.format == "dense":
-            return np.dtype([("logits", self.dtype, (self.num_classes,))])
+            return np.dtype([("logits", self.dtype, at + (self.num_classes,))])
         return np.dtype([
-            ("values", self.dtype, (self.topk,)),
-            ("indices", np.int32, (self.topk,)),
-            ("true_logit", np.float32),
-            ("log_sum_exp", np.float32, (1 + len(self.temperatures),)),  # at T = 1, then each temperature
+            ("values", self.dtype, at + (self.topk,)),
+            ("indices", np.int32, at + (self.topk,)),
+            ("true_logit", np.float32, at),
+            ("log_sum_exp", np.float32, at + (1 + len(self.temperatures),)),  # at T = 1, then each temperature
         ])
+
+    def stored_epoch(self, epoch: int) -> int:
+        """The stored epoch whose rows serve `epoch`: itself, or 0 when the views do not depend on it."""
+        return 0 if self.epoch_invariant else epoch
 
     def shards(self) -> Iterator[Tuple[int, int]]:
         """(epoch, first sample) of every shard."""
@@ -101,10 +124,10 @@ class CacheSpec:
 class TopKLogits:
     """Rows of a top-k cache: kept logits, their classes, the true-class logit and log-sum-exps."""
 
-    values: torch.Tensor       # (B, k)
-    indices: torch.Tensor      # (B, k) int64
-    true_logit: torch.Tensor   # (B,)
-    log_sum_exp: torch.Tensor  # (B, 1 + len(temperatures)): at T = 1, then each run temperature
+    values: torch.Tensor       # (B, [L,] k)
+    indices: torch.Tensor      # (B, [L,] k) int64
+    true_logit: torch.Tensor   # (B, [L])
+    log_sum_exp: torch.Tensor  # (B, [L,] 1 + len(temperatures)): at T = 1, then each run temperature
 
 
 def model_hash(model: torch.nn.Module) -> str:
@@ -190,6 +213,8 @@ class LogitCache:
 
     @staticmethod
     def _check_spec(path: Path, spec: CacheSpec) -> None:
+        """Refuses a cache whose header differs from spec in any field, except that its epochs
+        may be a superset of the run's (a longer run's cache serves a shorter one)."""
         header = path / HEADER_NAME
         if not header.exists():
             raise CacheMismatchError(f"{path} is not a logit cache: it has no {HEADER_NAME}")
@@ -198,10 +223,20 @@ class LogitCache:
         except (ValueError, KeyError) as error:
             raise CacheCorruptedError(f"{header} is unreadable ({error}); delete {path} to rebuild it") from error
         wanted = spec.to_json()
-        for field in wanted:
-            have = stored.get(field)
+        defaults = {f.name: f.default for f in dataclasses.fields(CacheSpec)}
+        first = ("format_version", "epoch_invariant")  # the fields that explain the others' differences
+        for field in first + tuple(name for name in wanted if name not in first):
+            have = stored.get(field, defaults[field])  # a header older than the field has its default
             if isinstance(wanted[field], tuple):
                 have = tuple(have) if have is not None else None
+            if field == "epochs" and have is not None:
+                missing = sorted(set(wanted[field]) - set(have))
+                if missing:
+                    raise CacheMismatchError(
+                        f"logit cache {path} was built with epochs={list(have)!r} but this run needs "
+                        f"{list(wanted[field])!r}: it lacks epochs {missing}; build the cache for the longest run "
+                        "that shares it, or point this run at another cache directory")
+                continue
             if have != wanted[field]:
                 raise CacheMismatchError(
                     f"logit cache {path} was built with {field}={have!r} but this run needs {wanted[field]!r}; "
@@ -223,8 +258,12 @@ class LogitCache:
     def _checksum_path(self, epoch: int, first: int) -> Path:
         return self._shard_path(epoch, first).with_suffix(".sha256")
 
+    def _sample_shape(self) -> Tuple[int, ...]:
+        return self.spec.positions + (self.spec.num_classes,)
+
     def encode(self, logits: torch.Tensor, target: Optional[torch.Tensor]) -> np.ndarray:
-        """Rows of logits (B, C) as stored records; top-k needs the target for the true-class logit."""
+        """Samples' logits (B, [L,] C) as stored records; top-k needs the target (B, [L]) for the
+        true-class logit."""
         logits = logits.detach().float().cpu()
         records = np.zeros(logits.shape[0], dtype=self._row_dtype)
         if self.spec.format == "dense":
@@ -235,7 +274,7 @@ class LogitCache:
         values, indices = logits.topk(self.spec.topk, dim=-1)
         records["values"] = values.numpy().astype(self.spec.dtype)
         records["indices"] = indices.numpy().astype(np.int32)
-        records["true_logit"] = logits.gather(1, target.long().cpu()[:, None]).squeeze(1).numpy()
+        records["true_logit"] = logits.gather(-1, target.long().cpu().unsqueeze(-1)).squeeze(-1).numpy()
         lse = [torch.logsumexp(logits, -1)] + [torch.logsumexp(logits / T, -1) for T in self.spec.temperatures]
         records["log_sum_exp"] = torch.stack(lse, -1).numpy()
         return records
@@ -244,9 +283,9 @@ class LogitCache:
         """Writes the shard of samples [first, first + shard_rows) of epoch, atomically."""
         if (epoch, first) not in set(self.spec.shards()):
             raise ValueError(f"no shard starts at sample {first} of epoch {epoch} in this cache")
-        if logits.shape != (self._shard_rows(first), self.spec.num_classes):
-            raise ValueError(f"shard logits must have shape {(self._shard_rows(first), self.spec.num_classes)}, "
-                             f"got {tuple(logits.shape)}")
+        shape = (self._shard_rows(first),) + self._sample_shape()
+        if tuple(logits.shape) != shape:
+            raise ValueError(f"shard logits must have shape {shape}, got {tuple(logits.shape)}")
         records = self.encode(logits, target)
         path = self._shard_path(epoch, first)
         tmp = path.with_name(path.name + ".tmp")
@@ -279,10 +318,16 @@ class LogitCache:
             self._verified[key] = records
         return self._verified[key]
 
-    def read(self, epoch: int, samples: Sequence[int]):
-        """Rows for the given sample indices of epoch: a float32 (B, C) tensor, or TopKLogits."""
-        if epoch not in self.spec.epochs:
+    def read(self, epoch: int, samples: Sequence[int], *, keep_stored_dtype: bool = False):
+        """Rows for the given sample indices of epoch: a (B, [L,] C) tensor, or TopKLogits.
+
+        Dense logits come as float32, or in the stored dtype with keep_stored_dtype (half the
+        memory for an fp16 cache, for a caller that converts them a chunk at a time). An
+        epoch_invariant cache serves every epoch from its one stored epoch.
+        """
+        if not self.spec.epoch_invariant and epoch not in self.spec.epochs:
             raise KeyError(f"epoch {epoch} is not in this cache (it holds epochs {list(self.spec.epochs)})")
+        epoch = self.spec.stored_epoch(epoch)
         samples = np.asarray(samples, dtype=np.int64)
         if samples.size and (samples.min() < 0 or samples.max() >= self.spec.num_samples):
             raise IndexError(f"sample indices must be in [0, {self.spec.num_samples}), got {samples.min()}.."
@@ -293,7 +338,8 @@ class LogitCache:
             where = firsts == first
             rows[where] = self._records(epoch, int(first))[samples[where] - first]
         if self.spec.format == "dense":
-            return torch.from_numpy(rows["logits"].astype(np.float32))
+            logits = rows["logits"] if keep_stored_dtype else rows["logits"].astype(np.float32)
+            return torch.from_numpy(np.ascontiguousarray(logits))
         return TopKLogits(
             values=torch.from_numpy(rows["values"].astype(np.float32)),
             indices=torch.from_numpy(rows["indices"].astype(np.int64)),

@@ -167,10 +167,13 @@ def _cache_build(args: argparse.Namespace) -> int:
                                        trainer.teacher, trainer.data.train, config, store.batch_size, trainer.device)
     finally:
         torch.set_num_threads(threads)
-    shards = sum(1 for _ in cache.spec.shards())
+    spec = cache.spec
+    shards = sum(1 for _ in spec.shards())
+    epochs = ("one view per sample (no augmentation), serving every epoch" if spec.epoch_invariant
+              else f"epochs 0..{max(spec.epochs)}")
+    tokens = f" x {spec.sequence_length} tokens" if spec.sequence_length else ""
     print(f"teacher logit cache {store.dir}: {shards} shards ({written} written now, {shards - written} reused), "
-          f"{cache.spec.format} {cache.spec.dtype}, epochs 0..{max(cache.spec.epochs)}, "
-          f"{cache.spec.num_samples} samples")
+          f"{spec.format} {spec.dtype}, {epochs}, {spec.num_samples} samples{tokens}")
     return 0
 
 

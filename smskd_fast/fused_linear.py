@@ -220,6 +220,7 @@ def fused_linear_smskd_loss(
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     teacher_topk: Optional[TopKTeacher] = None,
+    reference_logits: Optional[torch.Tensor] = None,
 ) -> SMSKDLossOutput:
     """smskd_loss(student_hidden @ W_s.T + b_s, target, teacher logits, reference logits) without
     materialising the logits: rows are processed chunk_size at a time.
@@ -227,8 +228,11 @@ def fused_linear_smskd_loss(
     Hidden states have shape (..., H) (teacher and reference may have their own H),
     head weights (V, H), target the leading shape. The teacher is given either as
     hidden states plus head, as logits (..., V), or in the top-k form of a logit
-    cache (teacher_topk, see smskd_fast/topk.py). Gradients flow to the student's
-    hidden states, head weight and bias only. chunk_size defaults to default_chunk_size:
+    cache (teacher_topk, see smskd_fast/topk.py); the reference as hidden states plus
+    head or as logits (..., V), e.g. read from a dense logit cache. Logits given
+    whole may have any floating dtype: each chunk is converted to student_hidden's
+    dtype when it is used (an fp16 cache's rows stay fp16 until then). Gradients
+    flow to the student's hidden states, head weight and bias only. chunk_size defaults to default_chunk_size:
     about 2^24 / V rows, at most 1/16 of the rows, at least 64.
     """
     validation.check_logits("student_hidden", student_hidden)
@@ -247,18 +251,24 @@ def fused_linear_smskd_loss(
     _check_head("teacher", teacher_hidden, teacher_head_weight, teacher_head_bias, rows_shape, vocabulary)
     _check_head("reference", reference_hidden, reference_head_weight, reference_head_bias, rows_shape,
                 vocabulary)
-    if teacher_logits is not None:
-        validation.check_logits("teacher_logits", teacher_logits)
-        if tuple(teacher_logits.shape) != rows_shape + (vocabulary,):
-            raise ValueError(f"teacher_logits must have shape {rows_shape + (vocabulary,)}, "
-                             f"got {tuple(teacher_logits.shape)}")
+    if reference_logits is not None and reference_hidden is not None:
+        raise ValueError("give the reference either as reference_hidden with reference_head_weight or as "
+                         "reference_logits, not both")
+    for name, logits in (("teacher_logits", teacher_logits), ("reference_logits", reference_logits)):
+        if logits is None:
+            continue
+        validation.check_logits(name, logits)
+        if tuple(logits.shape) != rows_shape + (vocabulary,):
+            raise ValueError(f"{name} must have shape {rows_shape + (vocabulary,)}, got {tuple(logits.shape)}")
+        if logits.device != student_hidden.device:
+            raise ValueError(f"{name} must be on student_hidden's device {student_hidden.device}, got {logits.device}")
     validation.check_class_indices(target, rows_shape, vocabulary, student_hidden.device, ignore_index,
                                    owner="student_hidden")
     validation.check_options(temperature, reduction, weighting,
                              {"ce_weight": ce_weight, "kd_weight": kd_weight, "ref_weight": ref_weight})
     has_teacher = teacher_logits is not None or teacher_hidden is not None or teacher_topk is not None
-    validation.check_weighting_has_tcp(weighting, True if has_teacher else None,
-                                       True if reference_hidden is not None else None)
+    has_reference = reference_hidden is not None or reference_logits is not None
+    validation.check_weighting_has_tcp(weighting, True if has_teacher else None, True if has_reference else None)
     if chunk_size is None:
         chunk_size = default_chunk_size(target.numel(), vocabulary)
     if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -271,7 +281,7 @@ def fused_linear_smskd_loss(
                           weighting, int(ignore_index))
     teacher = _Head(flat(teacher_hidden), teacher_head_weight, teacher_head_bias, flat(teacher_logits),
                     None if teacher_topk is None else teacher_topk.rows())
-    reference = _Head(flat(reference_hidden), reference_head_weight, reference_head_bias)
+    reference = _Head(flat(reference_hidden), reference_head_weight, reference_head_bias, flat(reference_logits))
     loss, ce, kd, ref, tcp, w = _FusedLinearSMSKD.apply(
         flat(student_hidden), student_head_weight, student_head_bias, teacher, reference, target.reshape(-1),
         options, backend, chunk_size, reduction)

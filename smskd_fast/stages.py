@@ -12,8 +12,9 @@ perplexity. A stage with fused_linear: true computes the loss from the models'
 hidden states with fused_linear_smskd_loss instead of from full logits.
 
 With `cache:` in the config, the teacher's (and each stage's reference's) logits are
-read from a logit cache instead of running the frozen model (frozen_logits.py); a
-stage whose methods need teacher features still runs the teacher.
+read from a logit cache instead of running the frozen model (frozen_logits.py), in
+the logits path and in the fused_linear path alike; a stage whose methods need
+teacher features still runs the teacher.
 
 Reproducibility and resume: every epoch reseeds torch from (seed, stage, epoch) and
 draws its batch order from a generator seeded the same way; each sample's
@@ -116,9 +117,15 @@ def supports_fused_linear(model: nn.Module) -> bool:
 
 def fused_linear_stage_loss(student: nn.Module, teacher: Optional[nn.Module], reference: Optional[nn.Module],
                             inputs: torch.Tensor, target: torch.Tensor, stage: StageConfig, fused_kd_weight: float,
-                            backend: str = "auto") -> Tuple[SMSKDLossOutput, torch.Tensor]:
+                            backend: str = "auto", *, teacher_logits: Optional[torch.Tensor] = None,
+                            teacher_topk: Optional[TopKTeacher] = None,
+                            reference_logits: Optional[torch.Tensor] = None) -> Tuple[SMSKDLossOutput, torch.Tensor]:
     """stage_loss from the models' hidden states and heads (fused_linear_smskd_loss: one chunk of
-    tokens' logits at a time, never all of them), and the student's predicted classes."""
+    tokens' logits at a time, never all of them), and the student's predicted classes.
+
+    A frozen model whose logits come from a cache (teacher_logits or teacher_topk,
+    reference_logits) is given as None and is not run.
+    """
     with torch.no_grad():
         teacher_hidden = teacher.hidden_states(inputs) if teacher is not None else None
         reference_hidden = reference.hidden_states(inputs) if reference is not None else None
@@ -129,12 +136,15 @@ def fused_linear_stage_loss(student: nn.Module, teacher: Optional[nn.Module], re
 
     (student_weight, student_bias), (teacher_weight, teacher_bias) = head(student), head(teacher)
     reference_weight, reference_bias = head(reference)
+    has_teacher = teacher is not None or teacher_logits is not None or teacher_topk is not None
+    has_reference = reference is not None or reference_logits is not None
     loss = fused_linear_smskd_loss(
-        hidden, student_weight, target, teacher_hidden, teacher_weight, None, reference_hidden, reference_weight,
-        student_head_bias=student_bias, teacher_head_bias=teacher_bias, reference_head_bias=reference_bias,
-        temperature=stage.temperature, ce_weight=stage.ce_weight, kd_weight=fused_kd_weight,
-        ref_weight=stage.ref_weight if reference is not None else 0.0,
-        weighting=stage.weighting if teacher is not None else "constant", backend=backend)
+        hidden, student_weight, target, teacher_hidden, teacher_weight, teacher_logits, reference_hidden,
+        reference_weight, student_head_bias=student_bias, teacher_head_bias=teacher_bias,
+        reference_head_bias=reference_bias, temperature=stage.temperature, ce_weight=stage.ce_weight,
+        kd_weight=fused_kd_weight, ref_weight=stage.ref_weight if has_reference else 0.0,
+        weighting=stage.weighting if has_teacher else "constant", backend=backend, teacher_topk=teacher_topk,
+        reference_logits=reference_logits)
     return loss, _chunked_argmax(hidden.detach(), student.head)
 
 
@@ -344,16 +354,23 @@ class SMSKDTrainer:
             self.log(f"{self.stage_names[index]}: reference logit cache {path}: wrote {written} shards")
         return CachedLogits(cache, self.config.stages[index].temperature, self.device)
 
-    def _frozen_logits(self, state: _StageState, epoch: int, images: torch.Tensor, indices: torch.Tensor):
-        """(teacher logits, teacher top-k, reference logits) of a batch: from the caches or the models."""
+    @staticmethod
+    def _cached_logits(state: _StageState, epoch: int, indices: torch.Tensor, keep_stored_dtype: bool = False):
+        """(teacher logits, teacher top-k, reference logits) of a batch read from the stage's caches;
+        None for a model without a cache."""
         teacher_logits = teacher_topk = reference_logits = None
         if state.teacher_cache is not None:
-            teacher_logits, teacher_topk = state.teacher_cache.read(epoch, indices)
-        elif self.teacher is not None:
-            teacher_logits = self.teacher(images)
+            teacher_logits, teacher_topk = state.teacher_cache.read(epoch, indices, keep_stored_dtype)
         if state.reference_cache is not None:
-            reference_logits, _ = state.reference_cache.read(epoch, indices)
-        elif state.reference is not None:
+            reference_logits, _ = state.reference_cache.read(epoch, indices, keep_stored_dtype)
+        return teacher_logits, teacher_topk, reference_logits
+
+    def _frozen_logits(self, state: _StageState, epoch: int, images: torch.Tensor, indices: torch.Tensor):
+        """(teacher logits, teacher top-k, reference logits) of a batch: from the caches or the models."""
+        teacher_logits, teacher_topk, reference_logits = self._cached_logits(state, epoch, indices)
+        if state.teacher_cache is None and self.teacher is not None:
+            teacher_logits = self.teacher(images)
+        if state.reference_cache is None and state.reference is not None:
             reference_logits = state.reference(images)
         return teacher_logits, teacher_topk, reference_logits
 
@@ -408,8 +425,13 @@ class SMSKDTrainer:
             images = train.normalize(images).to(self.device)
             labels = labels.to(self.device)
             if stage.fused_linear:  # the config allows only methods without a loss of their own here
-                fused, predictions = fused_linear_stage_loss(self.student, self.teacher, state.reference, images,
-                                                             labels, stage, state.fused_kd_weight, config.backend)
+                teacher_logits, teacher_topk, reference_logits = self._cached_logits(
+                    state, epoch, indices, keep_stored_dtype=True)  # converted a chunk at a time
+                fused, predictions = fused_linear_stage_loss(
+                    self.student, None if state.teacher_cache is not None else self.teacher,
+                    None if state.reference_cache is not None else state.reference, images, labels, stage,
+                    state.fused_kd_weight, config.backend, teacher_logits=teacher_logits, teacher_topk=teacher_topk,
+                    reference_logits=reference_logits)
                 method_loss = fused.loss.new_zeros(())
             else:
                 with torch.no_grad():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -202,3 +203,105 @@ def test_ranks_build_disjoint_shares_of_one_cache(tmp_path):
         build(reader, teacher_logits, rank=2, world_size=2)
     with pytest.raises(CacheMismatchError, match="built with augmentation_seed"):
         LogitCache.attach(tmp_path, spec(augmentation_seed=9))
+
+
+SEQUENCE_LENGTH = 5
+
+
+def sequence_logits(epoch: int, first: int, count: int):
+    """Per-token logits (count, L, C) and next-token targets (count, L), as a language model gives."""
+    g = torch.Generator().manual_seed(1000 * epoch + first + 7)
+    return (torch.randn(count, SEQUENCE_LENGTH, NUM_CLASSES, generator=g) * 4,
+            torch.randint(0, NUM_CLASSES, (count, SEQUENCE_LENGTH), generator=g))
+
+
+def sequence_rows(epoch: int):
+    chunks = [sequence_logits(epoch, first, min(4, NUM_SAMPLES - first)) for first in range(0, NUM_SAMPLES, 4)]
+    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_sequence_samples_store_one_row_per_token(tmp_path, dtype):
+    s = spec(dtype=dtype, sequence_length=SEQUENCE_LENGTH)
+    build(LogitCache.create_or_resume(tmp_path, s), sequence_logits)
+    reader = LogitCache.open(tmp_path, s)
+    samples = [9, 0, 4, 3, 8]
+    for epoch in (0, 1):
+        want = sequence_rows(epoch)[0][samples].to(getattr(torch, dtype))
+        assert torch.equal(reader.read(epoch, samples), want.float())
+        stored = reader.read(epoch, samples, keep_stored_dtype=True)
+        assert stored.dtype == getattr(torch, dtype) and torch.equal(stored, want)
+    assert s.row_dtype().itemsize == SEQUENCE_LENGTH * NUM_CLASSES * np.dtype(dtype).itemsize
+    with pytest.raises(ValueError, match=r"shard logits must have shape \(4, 5, 7\)"):
+        LogitCache.create_or_resume(tmp_path, s).write_shard(0, 0, torch.zeros(4, NUM_CLASSES))
+
+
+def test_sequence_top_k_keeps_each_token_s_tcp_and_probabilities_exact(tmp_path):
+    s = spec(format="topk", topk=3, dtype="float32", temperatures=(2.0,), sequence_length=SEQUENCE_LENGTH)
+    build(LogitCache.create_or_resume(tmp_path, s), sequence_logits)
+    rows = LogitCache.open(tmp_path, s).read(1, range(NUM_SAMPLES))
+    logits, target = sequence_rows(1)
+    values, indices = logits.topk(3, dim=-1)
+    assert rows.values.shape == (NUM_SAMPLES, SEQUENCE_LENGTH, 3)
+    assert torch.equal(rows.values, values) and torch.equal(rows.indices, indices)
+    assert torch.equal(rows.true_logit, logits.gather(-1, target[..., None]).squeeze(-1))
+    tcp = torch.exp(rows.true_logit - rows.log_sum_exp[..., 0])
+    torch.testing.assert_close(tcp, torch.softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1))
+    kept_at_T2 = torch.exp(rows.values / 2.0 - rows.log_sum_exp[..., 1:2])
+    torch.testing.assert_close(kept_at_T2, torch.softmax(logits / 2.0, -1).gather(-1, indices))
+
+
+def test_a_cache_of_more_epochs_serves_a_run_of_fewer(tmp_path):
+    """A run reads a subset of a longer run's epochs: only those need to be built, and they are read."""
+    longer = spec(epochs=(0, 1, 2))
+    cache = LogitCache.create_or_resume(tmp_path, longer)
+    for first in range(0, NUM_SAMPLES, 4):  # epochs 0 and 1 only, as a build killed in epoch 2 leaves it
+        for epoch in (0, 1):
+            cache.write_shard(epoch, first, *teacher_logits(epoch, first, min(4, NUM_SAMPLES - first)))
+    with pytest.raises(CacheCorruptedError, match="incomplete: 3 of 9 shards are missing"):
+        LogitCache.open(tmp_path, longer)
+    shorter = LogitCache.open(tmp_path, spec())  # epochs (0, 1): complete for this run
+    for epoch in (0, 1):
+        assert torch.equal(shorter.read(epoch, range(NUM_SAMPLES)), all_rows(epoch)[0].half().float())
+    with pytest.raises(KeyError, match="epoch 2 is not in this cache"):
+        shorter.read(2, [0])  # the run's own epochs, not the header's
+    assert build(LogitCache.create_or_resume(tmp_path, spec()), teacher_logits) == 0
+    assert build(LogitCache.create_or_resume(tmp_path, longer), teacher_logits) == 3
+
+
+def test_a_cache_that_lacks_epochs_is_refused_naming_them(tmp_path):
+    build(LogitCache.create_or_resume(tmp_path, spec()), teacher_logits)
+    for opener in (LogitCache.open, LogitCache.create_or_resume, LogitCache.attach):
+        with pytest.raises(CacheMismatchError, match=r"built with epochs=\[0, 1\] but this run needs "
+                                                     r"\[0, 1, 2, 3\]: it lacks epochs \[2, 3\]"):
+            opener(tmp_path, spec(epochs=(0, 1, 2, 3)))
+    with pytest.raises(CacheMismatchError, match="built with augmentation_seed=3"):  # other fields: equality
+        LogitCache.open(tmp_path, spec(epochs=(0,), augmentation_seed=4))
+
+
+def invariant(**changes) -> CacheSpec:
+    return spec(epochs=(0,), augmentation_seed=None, epoch_invariant=True, **changes)
+
+
+def test_an_epoch_invariant_cache_serves_every_epoch_from_one(tmp_path):
+    build(LogitCache.create_or_resume(tmp_path, invariant()), teacher_logits)
+    assert len(list(tmp_path.glob("shard-*.npy"))) == 3  # one epoch of 3 shards
+    reader = LogitCache.open(tmp_path, invariant())
+    for epoch in (0, 1, 7):
+        assert torch.equal(reader.read(epoch, [2, 9]), all_rows(0)[0][[2, 9]].half().float())
+    with pytest.raises(CacheMismatchError, match="built with epoch_invariant=True but this run needs False"):
+        LogitCache.open(tmp_path, spec())
+    with pytest.raises(ValueError, match="an epoch_invariant cache holds epoch 0 only"):
+        spec(epoch_invariant=True)
+
+
+def test_a_header_written_before_the_sequence_and_invariant_fields_still_opens(tmp_path):
+    """Caches built by the first version lack sequence_length and epoch_invariant: they mean 0 and False."""
+    build(LogitCache.create_or_resume(tmp_path, spec()), teacher_logits)
+    header = tmp_path / "header.json"
+    stored = json.loads(header.read_text())
+    del stored["spec"]["sequence_length"], stored["spec"]["epoch_invariant"]
+    header.write_text(json.dumps(stored))
+    assert torch.equal(LogitCache.open(tmp_path, spec()).read(1, [3]), all_rows(1)[0][[3]].half().float())
+    with pytest.raises(CacheMismatchError, match="built with sequence_length=0 but this run needs 5"):
+        LogitCache.open(tmp_path, spec(sequence_length=SEQUENCE_LENGTH))

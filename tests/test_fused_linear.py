@@ -216,3 +216,40 @@ def test_topk_teacher_matches_smskd_loss_on_full_logits(k):
     torch.testing.assert_close(got.tcp, want.tcp, rtol=1e-12, atol=0)
     for g_fused, g_unfused in zip(grads(p, got.loss), grads(p, want.loss)):
         torch.testing.assert_close(g_fused, g_unfused, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("cached_dtype", [torch.float64, torch.float16])
+def test_frozen_models_as_logits_equal_the_unfused_composition(cached_dtype):
+    """Teacher and reference given as logits, as read from a dense logit cache, in any floating dtype:
+    each chunk is converted to the student's dtype, so the loss is smskd_loss on the converted logits."""
+    p = make_problem()
+    teacher = logits_of(p["teacher_hidden"], p["teacher_head_weight"], p["teacher_head_bias"]).to(cached_dtype)
+    reference = logits_of(p["reference_hidden"], p["reference_head_weight"], None).to(cached_dtype)
+    got = fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], teacher_logits=teacher,
+                                  reference_logits=reference, student_head_bias=p["student_head_bias"],
+                                  temperature=2.0, chunk_size=4, backend="reference")
+    student = logits_of(p["student_hidden"], p["student_head_weight"], p["student_head_bias"])
+    want = smskd_fast.smskd_loss(student, p["target"], teacher.double(), reference.double(), temperature=2.0,
+                                 backend="reference")
+    assert float(want.ref) > 0
+    for field in ("loss", "ce", "kd", "ref", "tcp", "weight"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field).detach(), rtol=1e-12, atol=1e-12)
+    for g_fused, g_unfused in zip(grads(p, got.loss), grads(p, want.loss)):
+        torch.testing.assert_close(g_fused, g_unfused, rtol=1e-11, atol=1e-12)
+
+
+def test_reference_logits_arguments_are_checked():
+    p = make_problem()
+    teacher = logits_of(p["teacher_hidden"], p["teacher_head_weight"], p["teacher_head_bias"])
+    with pytest.raises(ValueError, match="reference either as reference_hidden .* or as reference_logits, not both"):
+        fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], teacher_logits=teacher,
+                                reference_hidden=p["reference_hidden"],
+                                reference_head_weight=p["reference_head_weight"], reference_logits=teacher)
+    with pytest.raises(ValueError, match=r"reference_logits must have shape \(3, 5, 11\), got \(3, 5, 10\)"):
+        fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], teacher_logits=teacher,
+                                reference_logits=teacher[..., :10])
+    with pytest.raises(TypeError, match="reference_logits must be a floating tensor"):
+        fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], teacher_logits=teacher,
+                                reference_logits=teacher.long())
+    with pytest.raises(ValueError, match="weighting='inverse_tcp' .* needs teacher_logits"):
+        fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], reference_logits=teacher)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import smskd_fast.fused_linear as fused_linear_module
+import smskd_fast.stages as stages_module
 from smskd_fast.config import ConfigError, StageConfig, MethodConfig, parse_config
 from smskd_fast.data import TEXT_FILE, TEXT_TEST_FRACTION, load_splits
 from smskd_fast.experiments import teacher_config
@@ -194,3 +195,182 @@ def test_sequence_config_errors(teacher_file, tmp_path):
                                  teacher_training=None))
     with pytest.raises(ValueError, match="fused_linear: the student 'digits_cnn_small' does not expose"):
         SMSKDTrainer(config, tmp_path / "run", log=lambda _: None)
+
+
+# ----- logit caches on text (smskd_fast/frozen_logits.py): a sample's rows are its L tokens' logits -----
+
+def cached_lm_raw(teacher_file, tmp_path, stages=None, teacher=None, reference=None, **changes):
+    """lm_raw with a teacher and/or reference cache (64 windows in shards of 40: 2 shards per epoch)."""
+    cache = {}
+    if teacher is not None:
+        cache["teacher"] = {"dir": str(tmp_path / "teacher_cache"), "shard_rows": 40, **teacher}
+    if reference is not None:
+        cache["reference"] = {"shard_rows": 40, **reference}
+    return lm_raw(teacher_file, stages, **({"cache": cache} if cache else {}), **changes)
+
+
+def train_lm(raw, run_dir, log=lambda _: None):
+    SMSKDTrainer(parse_config(raw), run_dir, log=log).run()
+    return load_model_file(run_dir / "student.pt")["state_dict"]
+
+
+class RunWeights(dict):
+    """A run's final student weights, and its run directory."""
+
+    def __init__(self, weights, run_dir):
+        super().__init__(weights)
+        self.run_dir = run_dir
+
+
+@pytest.fixture(scope="module")
+def plain_lm_run(teacher_file, tmp_path_factory):
+    """The default 2-stage LM run (3 + 2 epochs) with the teacher and the reference running."""
+    run_dir = tmp_path_factory.mktemp("plain_lm") / "run"
+    return RunWeights(train_lm(lm_raw(teacher_file), run_dir), run_dir)
+
+
+def test_text_run_with_fp32_caches_gives_the_weights_of_running_the_frozen_models(
+        teacher_file, plain_lm_run, tmp_path, monkeypatch):
+    calls = []
+    load = SMSKDTrainer._load_teacher
+
+    def load_and_hook(self):
+        teacher = load(self)
+        teacher.register_forward_hook(lambda *_: calls.append(torch.is_inference_mode_enabled()))
+        return teacher
+
+    monkeypatch.setattr(SMSKDTrainer, "_load_teacher", load_and_hook)
+    raw = cached_lm_raw(teacher_file, tmp_path, teacher={"dtype": "float32"}, reference={"dtype": "float32"})
+    cached = train_lm(raw, tmp_path / "cached")
+    for name in plain_lm_run:
+        assert torch.equal(plain_lm_run[name], cached[name]), name
+    # Text has no augmentation, so one stored epoch serves all 3: 2 shards, each built by one teacher call
+    # in inference mode; the other teacher calls are the 2 stage probes and the test evaluation.
+    assert calls.count(True) == 2 and calls.count(False) == 2 + 1
+    shards = sorted(path.name for path in (tmp_path / "teacher_cache").glob("shard-*.npy"))
+    assert shards == ["shard-e00000-s000000000.npy", "shard-e00000-s000000040.npy"]
+    assert len(list((tmp_path / "cached" / "reference_cache" / "stage2").glob("shard-*.npy"))) == 2
+    # The views depend on neither the epoch nor the seed: a run with another seed and fewer epochs reuses it.
+    logs = []
+    train_lm({**raw, "seed": 11, "stages": [{"method": "kd", "epochs": 1}]}, tmp_path / "other_seed", logs.append)
+    assert not any("teacher logit cache" in line for line in logs)
+
+
+def test_text_run_with_fp16_caches_trains_like_running_the_frozen_models(teacher_file, plain_lm_run, tmp_path):
+    """fp16 rounds each stored logit to 11 significant bits (relative error <= 2^-11 ~ 5e-4). The
+    weights are not the place to compare: AdamW divides each step by the gradient's running RMS,
+    so a weight whose gradient is near zero moves by up to lr = 3e-3 on a change of its sign
+    (measured: 5.8e-3 after 20 steps in an MLP weight, while every loss agreed to 2e-5). The
+    per-epoch losses, averaged over all tokens, are smooth in the targets: measured relative
+    differences <= 2.4e-5 (train ref), <= 6e-6 (train kd), <= 2e-6 (train and test loss); 1e-4
+    bounds them. Shifting the cached rows by one sample moves the KD loss by far more."""
+    cached = train_lm(cached_lm_raw(teacher_file, tmp_path, teacher={"dtype": "float16"},
+                                    reference={"dtype": "float16"}), tmp_path / "cached")
+    assert any(not torch.equal(plain_lm_run[n], cached[n]) for n in plain_lm_run)  # the rounding is real
+    plain_records = read_jsonl(plain_lm_run.run_dir / "metrics.jsonl")
+    for plain, fp16 in zip(plain_records, read_jsonl(tmp_path / "cached" / "metrics.jsonl"), strict=True):
+        for key in ("train_loss", "train_ce", "train_kd", "train_ref", "train_weight", "test_loss"):
+            assert fp16[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-12), key
+
+
+def test_text_top_k_cache_with_every_token_class_trains_like_the_dense_teacher(teacher_file, plain_lm_run, tmp_path):
+    """k = V = 256: the top-k KD term is the dense KL computed another way (topk.py), so the per-epoch
+    losses agree with running the teacher (measured relative differences <= 1e-6)."""
+    train_lm(cached_lm_raw(teacher_file, tmp_path, teacher={"format": "topk", "k": 256, "dtype": "float32"}),
+             tmp_path / "topk")
+    plain_records = read_jsonl(plain_lm_run.run_dir / "metrics.jsonl")
+    for plain, topk in zip(plain_records, read_jsonl(tmp_path / "topk" / "metrics.jsonl"), strict=True):
+        for key in ("train_loss", "train_ce", "train_kd", "train_ref", "train_weight", "test_loss"):
+            assert topk[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-12), key
+
+
+def test_text_top_k_cache_feeds_each_token_s_top_k_to_the_loss(teacher_file, tmp_path, monkeypatch):
+    seen = []
+    original = stages_module.smskd_loss
+
+    def spy(*args, **kwargs):
+        seen.append((args[2], kwargs.get("teacher_topk"), kwargs["weighting"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(stages_module, "smskd_loss", spy)
+    stages = [{"method": {"name": "kd", "weight": 0.5}, "epochs": 1}, {"method": {"name": "kd", "weight": 0.5},
+                                                                       "epochs": 1}]
+    train_lm(cached_lm_raw(teacher_file, tmp_path, stages, teacher={"format": "topk", "k": 8, "dtype": "float16"},
+                           reference={"dtype": "float16"}), tmp_path / "run")
+    assert len(seen) == 2 * TRAIN_WINDOWS // 16
+    for dense, topk, weighting in seen:
+        assert dense is None and topk.values.shape == topk.indices.shape == (16, CONTEXT, 8)
+        assert topk.true_logit.shape == topk.log_sum_exp_at_temperature.shape == (16, CONTEXT)
+        assert weighting == "inverse_tcp"
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert all(r["train_kd"] > 0 for r in metrics) and metrics[1]["train_ref"] > 0
+
+
+FUSED_STAGES = [{"method": {"name": "kd", "weight": 0.5}, "epochs": 1, "fused_linear": True},
+                {"method": {"name": "kd", "weight": 0.5}, "epochs": 1, "fused_linear": True}]
+
+
+def spy_fused_loss(monkeypatch):
+    """Records the keyword arguments the trainer's fused_linear stages pass to fused_linear_smskd_loss."""
+    seen = []
+    original = stages_module.fused_linear_smskd_loss
+
+    def spy(hidden, weight, target, teacher_hidden, teacher_weight, teacher_logits, reference_hidden,
+            reference_weight, **kwargs):
+        seen.append(dict(teacher_hidden=teacher_hidden, teacher_logits=teacher_logits,
+                         reference_hidden=reference_hidden, **kwargs))
+        return original(hidden, weight, target, teacher_hidden, teacher_weight, teacher_logits, reference_hidden,
+                        reference_weight, **kwargs)
+
+    monkeypatch.setattr(stages_module, "fused_linear_smskd_loss", spy)
+    return seen
+
+
+def test_fused_linear_stages_with_fp32_caches_give_the_weights_of_running_the_frozen_models(
+        teacher_file, tmp_path, monkeypatch):
+    plain = train_lm(lm_raw(teacher_file, FUSED_STAGES), tmp_path / "plain")
+    seen = spy_fused_loss(monkeypatch)
+    cached = train_lm(cached_lm_raw(teacher_file, tmp_path, FUSED_STAGES, teacher={"dtype": "float32"},
+                                    reference={"dtype": "float32"}), tmp_path / "cached")
+    for name in plain:
+        assert torch.equal(plain[name], cached[name]), name
+    steps = TRAIN_WINDOWS // 16
+    assert len(seen) == 2 * steps
+    for call in seen:  # the frozen models' logits came from the caches: no hidden states were computed
+        assert call["teacher_hidden"] is None and call["reference_hidden"] is None
+        assert call["teacher_logits"].shape == (16, CONTEXT, 256) and call["teacher_topk"] is None
+    assert all(call["reference_logits"] is None for call in seen[:steps])  # stage 1 has no reference
+    assert all(call["reference_logits"].shape == (16, CONTEXT, 256) for call in seen[steps:])
+
+
+def test_fused_linear_stages_with_top_k_and_fp16_caches_match_the_logits_path(teacher_file, tmp_path, monkeypatch):
+    """The same caches (top-8 fp16 teacher, fp16 reference) read by the fused path and the logits
+    path: same losses to rel 1e-4 (as test_fused_linear_run_matches_the_logits_run without caches).
+    The fp16 rows reach the fused loss as fp16 and are converted a chunk at a time."""
+    records = {}
+    seen = spy_fused_loss(monkeypatch)
+    for fused in (False, True):
+        stages = [{**stage, "fused_linear": fused} for stage in FUSED_STAGES]
+        train_lm(cached_lm_raw(teacher_file, tmp_path, stages, teacher={"format": "topk", "k": 8, "dtype": "float16"},
+                               reference={"dtype": "float16"}), tmp_path / str(fused))
+        records[fused] = read_jsonl(tmp_path / str(fused) / "metrics.jsonl")
+    for plain, fused in zip(records[False], records[True], strict=True):
+        for key in ("train_loss", "train_ce", "train_kd", "train_ref", "train_weight", "test_loss"):
+            assert fused[key] == pytest.approx(plain[key], rel=1e-4), key
+    assert records[True][1]["train_ref"] > 0
+    assert seen and all(call["teacher_topk"].values.shape == (16, CONTEXT, 8) and call["teacher_logits"] is None
+                        for call in seen)
+    assert {call["reference_logits"].dtype for call in seen if call["reference_logits"] is not None} == {torch.float16}
+
+
+def test_cache_build_on_text_stores_one_epoch_of_token_rows(teacher_file, tmp_path, capsys):
+    import yaml
+
+    from smskd_fast.cli import main
+
+    raw = cached_lm_raw(teacher_file, tmp_path, teacher={"format": "topk", "k": 8})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["cache", "build", "--config", str(config)]) == 0
+    assert ("2 shards (2 written now, 0 reused), topk float16, one view per sample (no augmentation), serving "
+            f"every epoch, {TRAIN_WINDOWS} samples x {CONTEXT} tokens") in capsys.readouterr().out

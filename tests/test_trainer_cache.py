@@ -1,6 +1,8 @@
 """The trainer with logit caches: same training as running the frozen models, reuse, refusal."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -208,3 +210,49 @@ def test_training_the_teacher_ignores_the_teacher_cache(teacher_file, tmp_path):
     assert config.cache is None
     SMSKDTrainer(config, tmp_path / "teacher_run", log=lambda _: None).run()
     assert not (tmp_path / "teacher_cache").exists()
+
+
+def test_a_cache_built_for_more_epochs_serves_a_shorter_run(teacher_file, tmp_path, capsys):
+    """A teacher cache of 3 epochs (9 shards) serves a run of 2 + 2 epochs: it reads epochs 0 and 1,
+    writes nothing, and trains exactly as running the teacher does."""
+    longer = _raw(teacher_file, tmp_path, [{"method": "kd", "epochs": 3}], teacher={"dtype": "float32"})
+    assert main(["cache", "build", "--config", str(_write_config(longer, tmp_path / "long.yaml"))]) == 0
+    assert "9 shards (9 written now, 0 reused)" in capsys.readouterr().out
+    shards = sorted((tmp_path / "teacher_cache").glob("shard-*.npy"))
+    stamps = [path.stat().st_mtime_ns for path in shards]
+    plain = _train(_raw(teacher_file, tmp_path), tmp_path / "plain")
+    logs = []
+    cached = _train(_raw(teacher_file, tmp_path, teacher={"dtype": "float32"}), tmp_path / "cached", logs.append)
+    for name in plain:
+        assert torch.equal(plain[name], cached[name]), name
+    assert not any("logit cache" in line for line in logs)
+    assert [path.stat().st_mtime_ns for path in shards] == stamps
+
+
+def test_a_cache_that_lacks_an_epoch_of_the_run_is_refused(teacher_file, tmp_path, capsys):
+    raw = _raw(teacher_file, tmp_path, teacher={"dtype": "float16"})  # epochs 0 and 1
+    assert main(["cache", "build", "--config", str(_write_config(raw, tmp_path / "a.yaml"))]) == 0
+    longer = _write_config(_raw(teacher_file, tmp_path, [{"method": "kd", "epochs": 4}], teacher={"dtype": "float16"}),
+                           tmp_path / "b.yaml")
+    capsys.readouterr()
+    for command in (["cache", "build"], ["train", "--out", str(tmp_path / "run")]):
+        assert main(command + ["--config", str(longer)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("error: logit cache")
+        assert "built with epochs=[0, 1] but this run needs [0, 1, 2, 3]: it lacks epochs [2, 3]" in err
+    assert len(list((tmp_path / "teacher_cache").glob("shard-*.npy"))) == 6  # left as it was
+
+
+def test_without_augmentation_one_stored_epoch_serves_every_epoch(teacher_file, tmp_path):
+    """augment: none makes a sample's view the same in every epoch: the teacher cache holds epoch 0 only
+    (3 shards, not 2 x 3) and training equals running the teacher, in every epoch of both stages."""
+    no_augment = {"data": {**tiny_raw(teacher_file, KD_THEN_SMSKD)["data"], "augment": "none"}}
+    plain = _train(_raw(teacher_file, tmp_path, **no_augment), tmp_path / "plain")
+    cached = _train(_raw(teacher_file, tmp_path, teacher={"dtype": "float32"}, reference={"dtype": "float32"},
+                         **no_augment), tmp_path / "cached")
+    for name in plain:
+        assert torch.equal(plain[name], cached[name]), name
+    shards = sorted(path.name for path in (tmp_path / "teacher_cache").glob("shard-*.npy"))
+    assert len(shards) == 3 and all(name.startswith("shard-e00000-") for name in shards)
+    header = json.loads((tmp_path / "teacher_cache" / "header.json").read_text())["spec"]
+    assert header["epoch_invariant"] is True and header["augmentation_seed"] is None and header["epochs"] == [0]

@@ -7,10 +7,14 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
+#include <numeric>
 #include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "loss_rows_host.h"
 
@@ -42,18 +46,36 @@ void check_floating(const char* name, const at::Tensor& tensor) {
                    tensor.scalar_type());
 }
 
-// Each row's kept classes sorted by index, refused unless in [0, classes) and distinct
-// (a repeated class would count its probability twice).
-void check_sorted_indices(const at::Tensor& sorted, int64_t classes) {
-  const int64_t rows = sorted.size(0), k = sorted.size(1);
-  const int64_t* index = sorted.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < rows; ++i, index += k) {
-    TORCH_CHECK_VALUE(index[0] >= 0 && index[k - 1] < classes, kOp, ": topk_indices must be in [0, ", classes,
-                      "), got ", index[0] < 0 ? index[0] : index[k - 1], " in row ", i);
-    for (int64_t c = 1; c < k; ++c)
-      TORCH_CHECK_VALUE(index[c] != index[c - 1], kOp, ": topk_indices must be distinct within a row, row ", i,
-                        " repeats class ", index[c]);
-  }
+// Each row's kept classes sorted by index, with their values alongside; refused unless
+// in [0, classes) and distinct (a repeated class would count its probability twice).
+// indices: int64, values: the accumulation type, both (rows, k) and contiguous. Serial:
+// O(N k log k) is small beside the kernel's O(N C), and a parallel region would cost
+// more than it saves (waiting for threads on a busy machine).
+std::pair<at::Tensor, at::Tensor> sorted_kept_classes(const at::Tensor& indices, const at::Tensor& values,
+                                                      int64_t classes) {
+  const int64_t rows = indices.size(0), k = indices.size(1);
+  at::Tensor sorted_indices = at::empty_like(indices), sorted_values = at::empty_like(values);
+  std::vector<int64_t> order(k);
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sorted_kept_classes", [&] {
+    const int64_t* index = indices.const_data_ptr<int64_t>();
+    const scalar_t* value = values.const_data_ptr<scalar_t>();
+    int64_t* out_index = sorted_indices.data_ptr<int64_t>();
+    scalar_t* out_value = sorted_values.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < rows; ++i, index += k, value += k, out_index += k, out_value += k) {
+      std::iota(order.begin(), order.end(), int64_t(0));
+      std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return index[a] < index[b]; });
+      for (int64_t c = 0; c < k; ++c) {
+        out_index[c] = index[order[c]];
+        out_value[c] = value[order[c]];
+      }
+      TORCH_CHECK_VALUE(out_index[0] >= 0 && out_index[k - 1] < classes, kOp, ": topk_indices must be in [0, ",
+                        classes, "), got ", out_index[0] < 0 ? out_index[0] : out_index[k - 1], " in row ", i);
+      for (int64_t c = 1; c < k; ++c)
+        TORCH_CHECK_VALUE(out_index[c] != out_index[c - 1], kOp, ": topk_indices must be distinct within a row, row ",
+                          i, " repeats class ", out_index[c]);
+    }
+  });
+  return {sorted_indices, sorted_values};
 }
 
 TopKResult smskd_loss_rows_topk_cpu(const at::Tensor& student, const std::optional<at::Tensor>& target,
@@ -109,11 +131,10 @@ TopKResult smskd_loss_rows_topk_cpu(const at::Tensor& student, const std::option
 
   const auto accumulation = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto as_acc = [&](const at::Tensor& t) { return t.to(accumulation).contiguous(); };
-  auto [sorted_indices, order] = topk_indices.to(at::kLong).sort(/*dim=*/1);
-  sorted_indices = sorted_indices.contiguous();
-  if (args.rows > 0) check_sorted_indices(sorted_indices, args.classes);
-  const at::Tensor sorted_values = as_acc(topk_values.gather(1, order)), true_values = as_acc(true_logit),
-                   lse = as_acc(log_sum_exp), lse_t = as_acc(log_sum_exp_at_temperature);
+  const auto [sorted_indices, sorted_values] =
+      sorted_kept_classes(topk_indices.to(at::kLong).contiguous(), as_acc(topk_values), args.classes);
+  const at::Tensor true_values = as_acc(true_logit), lse = as_acc(log_sum_exp),
+                   lse_t = as_acc(log_sum_exp_at_temperature);
   TopKTeacherView teacher;
   teacher.k = k;
   teacher.sorted_indices = sorted_indices.const_data_ptr<int64_t>();

@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 from torch.utils import cpp_extension
@@ -107,6 +108,24 @@ def make_steps(inputs, mode: str, methods):
     return steps
 
 
+def interleaved_wall_and_cpu_seconds(steps, repeats: int, warmup: int = 1):
+    """Like benchmarking.interleaved_seconds, also recording this process's CPU time per call:
+    on a machine shared with other jobs, the CPU time of a one-thread run counts only the
+    time the call actually ran, not the time it waited for a core."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    wall = {name: [] for name in steps}
+    cpu = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            step()
+            cpu[name].append(time.process_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start_wall)
+    return wall, cpu
+
+
 def markdown(meta: dict, rows: list, methods) -> str:
     ms_cols = " | ".join(f"{m} ms" for m in methods)
     ratio_cols = [m for m in methods if m != "after"]
@@ -124,7 +143,8 @@ def markdown(meta: dict, rows: list, methods) -> str:
         "top-k teacher (float32 values) for before / after / reference, the full teacher row for dense; "
         "row-level calls (no public-API validation); forward+backward = the per-row gradient "
         "(C++: compute_grad=True; reference: autograd)",
-        "- times: median (min) over the rounds, methods interleaved; ratios: other / after, median-based (min-based)",
+        "- wall times: median (min) over the rounds, methods interleaved; ratios: other / after, "
+        "median-based (min-based)",
         "",
         f"| N x C, k | dtype | mode | {ms_cols} | " + " | ".join(f"{m} / after" for m in ratio_cols) + " |",
         "|---|---|---|" + "---:|" * (len(methods) + len(ratio_cols)),
@@ -133,6 +153,19 @@ def markdown(meta: dict, rows: list, methods) -> str:
         times = " | ".join(f"{r[m]['median_ms']:.2f} ({r[m]['min_ms']:.2f})" for m in methods)
         ratios = " | ".join(f"{r[m]['median_ms'] / r['after']['median_ms']:.2f} "
                             f"({r[m]['min_ms'] / r['after']['min_ms']:.2f})" for m in ratio_cols)
+        lines.append(f"| {r['n']} x {r['c']}, {r['k']} | {r['dtype']} | {r['mode']} | {times} | {ratios} |")
+    lines += [
+        "",
+        "Process CPU time per call, median (the time a call ran, without waiting for a core; with more than "
+        "one thread it sums the threads, spin-waiting included):",
+        "",
+        f"| N x C, k | dtype | mode | " + " | ".join(f"{m} cpu ms" for m in methods) + " | "
+        + " | ".join(f"{m} / after" for m in ratio_cols) + " |",
+        "|---|---|---|" + "---:|" * (len(methods) + len(ratio_cols)),
+    ]
+    for r in rows:
+        times = " | ".join(f"{r[m]['cpu_median_ms']:.2f}" for m in methods)
+        ratios = " | ".join(f"{r[m]['cpu_median_ms'] / r['after']['cpu_median_ms']:.2f}" for m in ratio_cols)
         lines.append(f"| {r['n']} x {r['c']}, {r['k']} | {r['dtype']} | {r['mode']} | {times} | {ratios} |")
     return "\n".join(lines) + "\n"
 
@@ -168,13 +201,16 @@ def main(argv=None) -> None:
         for dtype_name in args.dtypes:
             inputs = make_inputs(n, c, k, getattr(torch, dtype_name))
             for mode in args.modes:
-                times = benchmarking.interleaved_seconds(make_steps(inputs, mode, methods), args.repeats)
+                wall, cpu = interleaved_wall_and_cpu_seconds(make_steps(inputs, mode, methods), args.repeats)
                 row = {"n": n, "c": c, "k": k, "dtype": dtype_name, "mode": mode}
-                for method, seconds in times.items():
-                    row[method] = {"median_ms": 1e3 * statistics.median(seconds), "min_ms": 1e3 * min(seconds),
-                                   "all_ms": [1e3 * s for s in seconds]}
+                for method in methods:
+                    row[method] = {"median_ms": 1e3 * statistics.median(wall[method]),
+                                   "min_ms": 1e3 * min(wall[method]), "all_ms": [1e3 * s for s in wall[method]],
+                                   "cpu_median_ms": 1e3 * statistics.median(cpu[method]),
+                                   "cpu_all_ms": [1e3 * s for s in cpu[method]]}
                 print(f"{n}x{c} k={k} {dtype_name} {mode:16} " + "  ".join(
-                    f"{m} {row[m]['median_ms']:.2f} ms" for m in methods), file=sys.stderr, flush=True)
+                    f"{m} {row[m]['median_ms']:.2f} ms (cpu {row[m]['cpu_median_ms']:.2f})" for m in methods),
+                    file=sys.stderr, flush=True)
                 rows.append(row)
     meta["load_average_at_end"] = os.getloadavg()
     stem = args.name or f"cpu_topk_{now.strftime('%Y%m%d-%H%M%S')}"

@@ -162,3 +162,31 @@ def test_float16_rounding_of_stored_values_passes_the_kept_mass_check():
     kept_mass = torch.exp(stored.values - stored.log_sum_exp_at_temperature[:, None]).sum(-1)
     assert float(kept_mass.max()) > 1  # the case this guards
     smskd_fast.smskd_loss(student, target, teacher_topk=stored, temperature=1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bad", ["repeated", "out_of_range"])
+def test_bad_indices_on_cuda_fail_the_device_side_assertion(bad):
+    """On CUDA the index checks are torch._assert_async (no host sync): the failure surfaces at the
+    next synchronisation and poisons the CUDA context, so each case runs in its own process."""
+    import subprocess
+    import sys
+    code = f"""
+import torch, smskd_fast
+from smskd_fast.topk import TopKTeacher
+g = torch.Generator().manual_seed(0)
+student, teacher = torch.randn(4, 6, generator=g).cuda(), torch.randn(4, 6, generator=g).cuda()
+target = torch.tensor([0, 1, 2, 3]).cuda()
+topk = TopKTeacher.from_logits(teacher, target, 3, 4.0)
+indices = topk.indices.clone()
+if {bad!r} == "repeated":
+    indices[2, 1] = indices[2, 0]
+elif {bad!r} == "out_of_range":
+    indices[2, 1] = 6
+topk = TopKTeacher(topk.values, indices, topk.true_logit, topk.log_sum_exp, topk.log_sum_exp_at_temperature)
+smskd_fast.smskd_loss(student, target, teacher_topk=topk, backend="reference")
+torch.cuda.synchronize()
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0, done.stdout
+    assert "device-side assert" in done.stderr or "teacher_topk.indices" in done.stderr, done.stderr[-2000:]

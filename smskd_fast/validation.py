@@ -143,7 +143,10 @@ def check_teacher_topk(teacher_topk, teacher_logits: Optional[torch.Tensor], stu
 
 
 def _row_name(bad_rows: torch.Tensor) -> str:
-    """'row 3', or 'row (1, 2)' for more than one leading dimension, of the first True in bad_rows."""
+    """'row 3', or 'row (1, 2)' for more than one leading dimension, of the first True in bad_rows
+    ('the row' for logits of shape (C,))."""
+    if bad_rows.dim() == 0:
+        return "the row"
     first = torch.nonzero(bad_rows)[0].tolist()
     return f"row {first[0]}" if len(first) == 1 else f"row {tuple(first)}"
 

@@ -119,6 +119,10 @@ def test_repeated_or_out_of_range_indices_are_refused_naming_the_first_bad_row()
     with pytest.raises(ValueError, match=r"row \(1, 0\) repeats"):
         smskd_fast.smskd_loss(student.reshape(2, 2, 6), target.reshape(2, 2),
                               teacher_topk=_with(batched, indices=batched_repeat))
+    # A single row of shape (C,).
+    single = _with(topk, **{name: t[0] for name, t in vars(topk).items()})
+    with pytest.raises(ValueError, match="in the row"):
+        smskd_fast.smskd_loss(student[0], target[0], teacher_topk=_with(single, indices=single.indices - 7))
 
 
 def test_device_side_index_checks_assert_with_the_same_messages():

@@ -98,8 +98,16 @@ def check_options(temperature: float, reduction: str, weighting: str, weights: d
             raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
-def check_teacher_topk(teacher_topk, teacher_logits: Optional[torch.Tensor], student: torch.Tensor) -> None:
-    """A top-k teacher replaces teacher_logits and must fit the student's rows and classes."""
+def check_teacher_topk(teacher_topk, teacher_logits: Optional[torch.Tensor], student: torch.Tensor,
+                       temperature: Optional[float] = None) -> None:
+    """A top-k teacher replaces teacher_logits and must fit the student's rows and classes.
+
+    Its indices must be distinct within a row (a repeated class would count its
+    probability twice) and in [0, C): checked on the host for CPU tensors, by a
+    device-side assertion (no host sync) elsewhere; compiled graphs skip both,
+    like the target's range check. Given the loss temperature, CPU rows are also
+    checked to be a distribution's top k (see check_topk_kept_mass).
+    """
     if teacher_topk is None:
         return
     if teacher_logits is not None:
@@ -117,13 +125,84 @@ def check_teacher_topk(teacher_topk, teacher_logits: Optional[torch.Tensor], stu
         if tensor.device != student.device:
             raise ValueError(f"teacher_topk.{name} must be on the student_logits' device {student.device}, "
                              f"got {tensor.device}")
+        if name != "indices" and not tensor.dtype.is_floating_point:
+            raise TypeError(f"teacher_topk.{name} must be a floating tensor, got {tensor.dtype}")
     if not 1 <= k <= num_classes:
         raise ValueError(f"teacher_topk must keep between 1 and C={num_classes} classes per row, got {k}")
-    if teacher_topk.indices.dtype.is_floating_point:
-        raise TypeError(f"teacher_topk.indices must be an integer tensor, got {teacher_topk.indices.dtype}")
-    if teacher_topk.indices.device.type == "cpu" and not torch.compiler.is_compiling():
-        if bool(((teacher_topk.indices < 0) | (teacher_topk.indices >= num_classes)).any()):
-            raise ValueError(f"teacher_topk.indices must be in [0, {num_classes})")
+    indices = teacher_topk.indices
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(f"teacher_topk.indices must be an integer tensor, got {indices.dtype}")
+    if torch.compiler.is_compiling() or indices.numel() == 0:
+        return
+    if indices.device.type == "cpu":
+        check_topk_indices(indices, num_classes)
+        if temperature is not None:
+            check_topk_kept_mass(teacher_topk, temperature)
+    else:
+        assert_topk_indices_async(indices, num_classes)
+
+
+def _row_name(bad_rows: torch.Tensor) -> str:
+    """'row 3', or 'row (1, 2)' for more than one leading dimension, of the first True in bad_rows
+    ('the row' for logits of shape (C,))."""
+    if bad_rows.dim() == 0:
+        return "the row"
+    first = torch.nonzero(bad_rows)[0].tolist()
+    return f"row {first[0]}" if len(first) == 1 else f"row {tuple(first)}"
+
+
+def _repeats(indices: torch.Tensor) -> torch.Tensor:
+    """Per row (..., k): whether some class occurs twice."""
+    ordered = indices.sort(dim=-1).values
+    return (ordered[..., 1:] == ordered[..., :-1]).any(dim=-1)
+
+
+def check_topk_indices(indices: torch.Tensor, num_classes: int) -> None:
+    """Top-k indices (..., k) in [0, num_classes) and distinct within each row (reads them on the host)."""
+    bad = (indices < 0) | (indices >= num_classes)
+    if bool(bad.any()):
+        # indices[bad] lists the bad values in row-major order: its first is in the first bad row.
+        raise ValueError(f"teacher_topk.indices must be in [0, {num_classes}), found {int(indices[bad][0])} "
+                         f"in {_row_name(bad.any(dim=-1))}")
+    repeated = _repeats(indices)
+    if bool(repeated.any()):
+        raise ValueError(f"teacher_topk.indices must be distinct within a row (a repeated class counts its "
+                         f"probability twice), {_row_name(repeated)} repeats a class")
+
+
+def assert_topk_indices_async(indices: torch.Tensor, num_classes: int) -> None:
+    """The same checks as check_topk_indices as device-side assertions: no host sync, the
+    error surfaces at a later synchronisation (on CUDA, as a device-side assert)."""
+    torch._assert_async(((indices >= 0) & (indices < num_classes)).all(),
+                        f"teacher_topk.indices must be in [0, {num_classes})")
+    torch._assert_async(~_repeats(indices).any(), "teacher_topk.indices must be distinct within a row")
+
+
+# Allowed excess of log(sum of the kept probabilities) over 0, per unit of |value|/T:
+# two half-ulps of float16 (2^-11 each), the coarsest storage of a logit cache, so
+# that rounding of stored values never trips the check.
+KEPT_MASS_LOG_SLACK_PER_LOGIT = 2.0 ** -10
+KEPT_MASS_LOG_SLACK = 1e-4
+
+
+def check_topk_kept_mass(teacher_topk, temperature: float) -> None:
+    """The kept probabilities exp(v/T - log_sum_exp_at_temperature) sum to at most 1.
+
+    More than 1 (beyond what rounding of stored values explains) means the
+    log-sum-exp does not belong to these values at this temperature, most often
+    a cache built for another temperature; the loss would silently clamp the
+    rest's mass to 0. Costs O(N k) on the host.
+    """
+    values = teacher_topk.values.double() / temperature
+    log_kept_mass = torch.logsumexp(values, dim=-1) - teacher_topk.log_sum_exp_at_temperature.double()
+    slack = KEPT_MASS_LOG_SLACK + KEPT_MASS_LOG_SLACK_PER_LOGIT * values.abs().amax(dim=-1)
+    too_much = log_kept_mass > slack
+    if bool(too_much.any()):
+        mass = float(log_kept_mass[too_much][0].exp())
+        raise ValueError(f"teacher_topk's kept probabilities exp(values/T - log_sum_exp_at_temperature) sum to "
+                         f"{mass:.6g} > 1 in {_row_name(too_much)} at temperature {temperature}: "
+                         "log_sum_exp_at_temperature must be the log-sum-exp of the full teacher row at the "
+                         "loss temperature (was the cache built for another temperature?)")
 
 
 def check_weighting_has_tcp(weighting: str, teacher, reference: Optional[torch.Tensor]) -> None:

@@ -128,3 +128,89 @@ def test_bad_inputs_are_refused_with_the_argument_named():
         run_op(student, target, short, reference, options)
     with pytest.raises(ValueError, match="weighting must be"):
         run_op(student, target, topk, reference, LossOptions(weighting="square"))
+
+
+def assert_matches_reference(student, target, topk, reference, options, dtype, compute_grad=True):
+    expected, expected_grad = run_reference(student, target, topk, reference, options)
+    *values, grad = run_op(student, target, topk, reference, options, compute_grad)
+    for name, value in zip(FIELDS, values):
+        torch.testing.assert_close(value.double(), getattr(expected, name).double(), **VALUE_TOL[dtype], msg=name)
+    if compute_grad:
+        torch.testing.assert_close(grad.double(), expected_grad, **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("c, k", [(1023, 10), (1024, 64), (1025, 1), (5000, 37)])
+def test_block_boundaries(dtype, c, k):
+    """C around the kernel's block of 1024 columns, and several blocks with kept classes in each."""
+    options = LossOptions(temperature=2.5, ce_weight=0.4, kd_weight=0.9, ref_weight=0.6, weighting="inverse_tcp")
+    student, target, topk, reference = make_inputs(5, c, k, dtype, seed=c, temperature=2.5)
+    assert_matches_reference(student, target, topk, reference, options, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_large_vocabulary_with_few_rows(dtype):
+    """C = 32000 and N = 3: on two or more threads each row's columns are split among them."""
+    options = LossOptions(temperature=1.0, ce_weight=1.0, kd_weight=1.0, ref_weight=0.5, weighting="tcp")
+    student, target, topk, reference = make_inputs(3, 32000, 64, dtype, seed=7, temperature=1.0)
+    assert_matches_reference(student, target, topk, reference, options, dtype)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_rows_split_among_threads_by_columns_agree_with_whole_rows(threads):
+    """The column-split path (fewer rows than threads) against the reference, whatever the thread count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        options = LossOptions(temperature=4.0, ce_weight=0.5, kd_weight=1.0, ref_weight=0.5)
+        student, target, topk, reference = make_inputs(1, 3 * 2048 + 5, 20, torch.float64, seed=threads)
+        assert_matches_reference(student, target, topk, reference, options, torch.float64)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("c, k", [(40, 39), (40, 40), (1100, 1099), (1100, 1100)])
+def test_k_near_c(dtype, c, k):
+    options = LossOptions(temperature=3.0, ce_weight=0.3, kd_weight=1.0, ref_weight=0.7)
+    student, target, topk, reference = make_inputs(4, c, k, dtype, seed=k, temperature=3.0)
+    assert_matches_reference(student, target, topk, reference, options, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous_inputs(dtype):
+    """Strided student and reference columns (read in place), and strided top-k tensors."""
+    options = LossOptions(temperature=2.0, ce_weight=0.5, kd_weight=1.0, ref_weight=0.5)
+    student, target, topk, reference = make_inputs(6, 1500, 12, dtype, seed=3, temperature=2.0)
+    strided = [x.t().contiguous().t() for x in (student, reference)]  # column stride N
+    assert not strided[0].is_contiguous() and strided[0].stride(1) == 6
+    columns = torch.zeros(6, 3000, dtype=dtype)
+    columns[:, ::2] = student  # column stride 2
+    topk_strided = TopKTeacher(*(torch.stack([t, t], dim=-1)[..., 1] for t in vars(topk).values()))
+    assert all(not t.is_contiguous() for t in vars(topk_strided).values())
+    expected = run_op(student, target, topk, reference, options)
+    for s, r, t in ((strided[0], strided[1], topk), (columns[:, ::2], reference, topk_strided)):
+        assert_matches_reference(s, target, t, r, options, dtype)
+        for got, want in zip(run_op(s, target, t, r, options), expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same kernel on the same values
+
+
+def test_float64_agrees_to_summation_order_on_wide_logits():
+    """Large logit spread (scale 30): the online maxima rescale often; float64 still agrees to 1e-10."""
+    options = LossOptions(temperature=1.5, ce_weight=0.5, kd_weight=1.0, ref_weight=0.5)
+    student, target, topk, reference = make_inputs(7, 4100, 50, torch.float64, seed=11, scale=30.0,
+                                                   temperature=1.5)
+    student = student + torch.linspace(0, 200, 4100, dtype=torch.float64)  # maxima rising block after block
+    assert_matches_reference(student, target, topk, reference, options, torch.float64)
+
+
+def test_the_op_refuses_repeated_indices_naming_the_row():
+    student, target, topk, reference = make_inputs(4, 6, 3, torch.float32)
+    indices = topk.indices.clone()
+    indices[3, 2] = indices[3, 1]
+    repeated = TopKTeacher(topk.values, indices, topk.true_logit, topk.log_sum_exp, topk.log_sum_exp_at_temperature)
+    with pytest.raises(ValueError, match="topk_indices must be distinct within a row, row 3 repeats class"):
+        run_op(student, target, repeated, reference, LossOptions())
+    with pytest.raises(TypeError, match="topk_values must be a floating tensor"):
+        run_op(student, target, TopKTeacher(topk.values.long(), *list(vars(topk).values())[1:]), reference,
+               LossOptions())

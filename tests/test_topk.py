@@ -94,3 +94,103 @@ def test_bad_topk_arguments():
         smskd_fast.smskd_loss(student, target, teacher_topk=bad)
     with pytest.raises(ValueError, match=r"k must be in \[1, 5\], got 6"):
         TopKTeacher.from_logits(teacher, target, 6, 4.0)
+
+
+def _with(topk, **fields):
+    return TopKTeacher(**{**vars(topk), **fields})
+
+
+def test_repeated_or_out_of_range_indices_are_refused_naming_the_first_bad_row():
+    student, target, teacher, _ = make_logits((4, 6), dtype=torch.float32, with_reference=False)
+    topk = TopKTeacher.from_logits(teacher, target, 3, 4.0)
+    repeated = topk.indices.clone()
+    repeated[2, 1] = repeated[2, 0]
+    repeated[3, 2] = repeated[3, 0]
+    with pytest.raises(ValueError, match=r"teacher_topk.indices must be distinct within a row .* row 2 repeats"):
+        smskd_fast.smskd_loss(student, target, teacher_topk=_with(topk, indices=repeated))
+    negative = topk.indices.clone()
+    negative[1, 2] = -1
+    with pytest.raises(ValueError, match=r"teacher_topk.indices must be in \[0, 6\), found -1 in row 1"):
+        smskd_fast.smskd_loss(student, target, teacher_topk=_with(topk, indices=negative))
+    # Leading dimensions (B, L): the row is named by its index in them.
+    batched = _with(topk, **{name: t.reshape(2, 2, *t.shape[1:]) for name, t in vars(topk).items()})
+    batched_repeat = batched.indices.clone()
+    batched_repeat[1, 0, 1] = batched_repeat[1, 0, 2]
+    with pytest.raises(ValueError, match=r"row \(1, 0\) repeats"):
+        smskd_fast.smskd_loss(student.reshape(2, 2, 6), target.reshape(2, 2),
+                              teacher_topk=_with(batched, indices=batched_repeat))
+    # A single row of shape (C,).
+    single = _with(topk, **{name: t[0] for name, t in vars(topk).items()})
+    with pytest.raises(ValueError, match="in the row"):
+        smskd_fast.smskd_loss(student[0], target[0], teacher_topk=_with(single, indices=single.indices - 7))
+
+
+def test_device_side_index_checks_assert_with_the_same_messages():
+    """The non-CPU path (torch._assert_async, no host sync) run on CPU tensors, where it raises at once."""
+    from smskd_fast.validation import assert_topk_indices_async
+    good = torch.tensor([[0, 4, 2], [1, 3, 0]])
+    assert_topk_indices_async(good, 5)
+    with pytest.raises(RuntimeError, match=r"teacher_topk.indices must be in \[0, 5\)"):
+        assert_topk_indices_async(torch.tensor([[0, 5, 2], [1, 3, 0]]), 5)
+    with pytest.raises(RuntimeError, match="teacher_topk.indices must be distinct within a row"):
+        assert_topk_indices_async(torch.tensor([[0, 4, 2], [1, 3, 1]]), 5)
+
+
+def test_teacher_topk_dtypes_are_checked():
+    student, target, teacher, _ = make_logits((3, 5), dtype=torch.float32, with_reference=False)
+    topk = TopKTeacher.from_logits(teacher, target, 2, 4.0)
+    for name in ("values", "true_logit", "log_sum_exp", "log_sum_exp_at_temperature"):
+        bad = _with(topk, **{name: getattr(topk, name).long()})
+        with pytest.raises(TypeError, match=f"teacher_topk.{name} must be a floating tensor"):
+            smskd_fast.smskd_loss(student, target, teacher_topk=bad)
+    with pytest.raises(TypeError, match="teacher_topk.indices must be an integer tensor"):
+        smskd_fast.smskd_loss(student, target, teacher_topk=_with(topk, indices=topk.indices.bool()))
+
+
+def test_a_cache_built_for_another_temperature_is_refused():
+    """lse(t/4) with the loss at T = 1: the kept probabilities would sum to far more than 1."""
+    student, target, teacher, _ = make_logits((4, 10), dtype=torch.float32, with_reference=False)
+    topk = TopKTeacher.from_logits(teacher * 3, target, 3, 4.0)
+    smskd_fast.smskd_loss(student, target, teacher_topk=topk, temperature=4.0)  # its own temperature
+    with pytest.raises(ValueError, match=r"kept probabilities .* sum to [0-9.]+ > 1 in row 0 at temperature 1"):
+        smskd_fast.smskd_loss(student, target, teacher_topk=topk, temperature=1.0)
+
+
+def test_float16_rounding_of_stored_values_passes_the_kept_mass_check():
+    """A cache stores values in float16 and lse in float32: a confident teacher with large logits
+    may then show a kept mass slightly above 1, which must not be refused."""
+    student, target, teacher, _ = make_logits((64, 50), dtype=torch.float32, with_reference=False)
+    teacher = teacher * 8 + 60  # logits of magnitude ~ 60-100, one class near certain at T = 1
+    topk = TopKTeacher.from_logits(teacher, target, 5, 1.0)
+    stored = _with(topk, values=topk.values.half().float())
+    kept_mass = torch.exp(stored.values - stored.log_sum_exp_at_temperature[:, None]).sum(-1)
+    assert float(kept_mass.max()) > 1  # the case this guards
+    smskd_fast.smskd_loss(student, target, teacher_topk=stored, temperature=1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bad", ["repeated", "out_of_range"])
+def test_bad_indices_on_cuda_fail_the_device_side_assertion(bad):
+    """On CUDA the index checks are torch._assert_async (no host sync): the failure surfaces at the
+    next synchronisation and poisons the CUDA context, so each case runs in its own process."""
+    import subprocess
+    import sys
+    code = f"""
+import torch, smskd_fast
+from smskd_fast.topk import TopKTeacher
+g = torch.Generator().manual_seed(0)
+student, teacher = torch.randn(4, 6, generator=g).cuda(), torch.randn(4, 6, generator=g).cuda()
+target = torch.tensor([0, 1, 2, 3]).cuda()
+topk = TopKTeacher.from_logits(teacher, target, 3, 4.0)
+indices = topk.indices.clone()
+if {bad!r} == "repeated":
+    indices[2, 1] = indices[2, 0]
+elif {bad!r} == "out_of_range":
+    indices[2, 1] = 6
+topk = TopKTeacher(topk.values, indices, topk.true_logit, topk.log_sum_exp, topk.log_sum_exp_at_temperature)
+smskd_fast.smskd_loss(student, target, teacher_topk=topk, backend="reference")
+torch.cuda.synchronize()
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0, done.stdout
+    assert "device-side assert" in done.stderr or "teacher_topk.indices" in done.stderr, done.stderr[-2000:]

@@ -2,14 +2,13 @@
 // argument checks, output allocation, and the choice of the SIMD kernel
 // (loss_rows_kernel_impl.h) for the instruction set that this CPU supports.
 #include <ATen/ATen.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <string>
 #include <tuple>
 
-#include "loss_rows_args.h"
+#include "loss_rows_host.h"
 
 namespace smskd::cpu {
 namespace {
@@ -17,41 +16,17 @@ namespace {
 using LossRowsKernel = void (*)(const LossRowsArgs&);
 using LossRowsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// The best kernel that this CPU and ATen's capability setting allow; like
-// PyTorch's own kernels it honours ATEN_CPU_CAPABILITY (e.g. "default", "avx2").
-LossRowsKernel select_kernel() {
-  static const LossRowsKernel chosen = [] {
-#if SMSKD_CPU_X86_VARIANTS
-    const std::string capability = at::get_cpu_capability();
-    if (capability == "AVX512") return &AVX512::loss_rows_kernel;
-    if (capability == "AVX2") return &AVX2::loss_rows_kernel;
-#endif
-    return &DEFAULT::loss_rows_kernel;
-  }();
-  return chosen;
-}
+constexpr const char* kOp = "smskd_loss_rows";
 
-ScalarKind scalar_kind(const at::Tensor& student) {
-  switch (student.scalar_type()) {
-    case at::kDouble: return ScalarKind::Float64;
-    case at::kFloat: return ScalarKind::Float32;
-    case at::kBFloat16: return ScalarKind::BFloat16;
-    case at::kHalf: return ScalarKind::Float16;
-    default:
-      TORCH_CHECK_TYPE(false, "smskd_loss_rows: student must be float64, float32, bfloat16 or float16, got ",
-                       student.scalar_type());
+LossRowsKernel select_kernel() {
+  switch (kernel_isa()) {
+#if SMSKD_CPU_X86_VARIANTS
+    case KernelIsa::Avx512: return &AVX512::loss_rows_kernel;
+    case KernelIsa::Avx2: return &AVX2::loss_rows_kernel;
+#endif
+    default: return &DEFAULT::loss_rows_kernel;
   }
 }
-
-Weighting parse_weighting(const std::string& weighting) {
-  if (weighting == "inverse_tcp") return Weighting::InverseTcp;
-  if (weighting == "tcp") return Weighting::Tcp;
-  if (weighting == "constant") return Weighting::Constant;
-  TORCH_CHECK_VALUE(false, "smskd_loss_rows: weighting must be 'inverse_tcp', 'tcp' or 'constant', got '",
-                    weighting, "'");
-}
-
-LogitsView view_of(const at::Tensor& logits) { return {logits.data_ptr(), logits.stride(0), logits.stride(1)}; }
 
 void check_companion(const char* name, const std::optional<at::Tensor>& logits, const at::Tensor& student) {
   if (!logits.has_value()) return;
@@ -60,23 +35,6 @@ void check_companion(const char* name, const std::optional<at::Tensor>& logits, 
   TORCH_CHECK_TYPE(logits->scalar_type() == student.scalar_type(), "smskd_loss_rows: ", name,
                    " must have the student's dtype ", student.scalar_type(), ", got ", logits->scalar_type());
   TORCH_CHECK(logits->device().is_cpu(), "smskd_loss_rows: ", name, " must be on the CPU, got ", logits->device());
-}
-
-// int64 class indices, each in [0, classes) or equal to ignore_index.
-at::Tensor checked_target(const at::Tensor& target, int64_t rows, int64_t classes, int64_t ignore_index) {
-  TORCH_CHECK_TYPE(at::isIntegralType(target.scalar_type(), /*includeBool=*/false),
-                   "smskd_loss_rows: target must hold integer class indices, got ", target.scalar_type());
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == rows, "smskd_loss_rows: target must have shape (",
-                    rows, ",), got ", target.sizes());
-  TORCH_CHECK(target.device().is_cpu(), "smskd_loss_rows: target must be on the CPU, got ", target.device());
-  at::Tensor indices = target.to(at::kLong).contiguous();
-  const int64_t* values = indices.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t y = values[i];
-    TORCH_CHECK_VALUE(y == ignore_index || (y >= 0 && y < classes), "smskd_loss_rows: target[", i, "] = ", y,
-                      " is not a class index in [0, ", classes, ") nor ignore_index = ", ignore_index);
-  }
-  return indices;
 }
 
 LossRowsResult smskd_loss_rows_cpu(const at::Tensor& student, const std::optional<at::Tensor>& target,
@@ -93,10 +51,10 @@ LossRowsResult smskd_loss_rows_cpu(const at::Tensor& student, const std::optiona
   check_companion("reference", reference, student);
 
   LossRowsArgs args;
-  args.kind = scalar_kind(student);
+  args.kind = scalar_kind(student, kOp);
   args.rows = student.size(0);
   args.classes = student.size(1);
-  args.weighting = parse_weighting(std::string(weighting));
+  args.weighting = parse_weighting(std::string(weighting), kOp);
   args.temperature = temperature;
   args.ce_weight = ce_weight;
   args.kd_weight = kd_weight;
@@ -105,7 +63,7 @@ LossRowsResult smskd_loss_rows_cpu(const at::Tensor& student, const std::optiona
 
   at::Tensor indices;
   if (target.has_value()) {
-    indices = checked_target(*target, args.rows, args.classes, ignore_index);
+    indices = checked_target(*target, args.rows, args.classes, ignore_index, kOp);
     args.target = indices.const_data_ptr<int64_t>();
   }
   args.student = view_of(student);

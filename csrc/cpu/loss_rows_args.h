@@ -1,5 +1,6 @@
-// The plain-data interface between the CPU operator (loss_rows.cpp) and its
-// SIMD kernels (loss_rows_kernel_impl.h compiled once per instruction set).
+// The plain-data interface between the CPU operators (loss_rows.cpp,
+// loss_rows_topk.cpp) and their SIMD kernels (loss_rows_kernel_impl.h,
+// loss_rows_topk_kernel_impl.h, compiled once per instruction set).
 //
 // Kept free of at::Tensor so that the kernel translation units, which are
 // compiled for different instruction sets, share no tensor code with the rest
@@ -47,11 +48,28 @@ struct LossRowsArgs {
   void* grad = nullptr;
 };
 
-// One kernel per instruction set (namespaces match ATen's CPU_CAPABILITY names).
-namespace DEFAULT { void loss_rows_kernel(const LossRowsArgs& args); }
+// The teacher in the top-k form (smskd_fast/topk.py) for loss_rows_topk_kernel,
+// whose LossRowsArgs has no dense teacher. Per row, the k kept classes sorted by
+// index (distinct, in [0, classes)) with their logits in the same order; all
+// arrays contiguous, the floating ones in the accumulation type.
+struct TopKTeacherView {
+  int64_t k = 0;
+  const int64_t* sorted_indices = nullptr;         // (rows, k)
+  const void* sorted_values = nullptr;             // (rows, k)
+  const void* true_logit = nullptr;                // (rows)
+  const void* log_sum_exp = nullptr;               // (rows)
+  const void* log_sum_exp_at_temperature = nullptr;  // (rows)
+};
+
+// One copy of each kernel per instruction set (namespaces match ATen's CPU_CAPABILITY names).
+#define SMSKD_CPU_DECLARE_KERNELS                                   \
+  void loss_rows_kernel(const LossRowsArgs& args);                  \
+  void loss_rows_topk_kernel(const LossRowsArgs& args, const TopKTeacherView& teacher);
+namespace DEFAULT { SMSKD_CPU_DECLARE_KERNELS }
 #if SMSKD_CPU_X86_VARIANTS
-namespace AVX2 { void loss_rows_kernel(const LossRowsArgs& args); }
-namespace AVX512 { void loss_rows_kernel(const LossRowsArgs& args); }
+namespace AVX2 { SMSKD_CPU_DECLARE_KERNELS }
+namespace AVX512 { SMSKD_CPU_DECLARE_KERNELS }
 #endif
+#undef SMSKD_CPU_DECLARE_KERNELS
 
 }  // namespace smskd::cpu

@@ -1,4 +1,4 @@
-// The AVX2 + FMA copy of the CPU kernel, chosen at run time when the CPU has them.
+// The AVX2 + FMA copy of the CPU kernels, chosen at run time when the CPU has them.
 // The whole translation unit is compiled for AVX2 by the pragma, so setup.py
 // needs no per-file flags; nothing here runs unless loss_rows.cpp selects it.
 #include "loss_rows_args.h"
@@ -21,4 +21,5 @@
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #include "loss_rows_kernel_impl.h"
+#include "loss_rows_topk_kernel_impl.h"
 #endif

@@ -1,4 +1,4 @@
-// The AVX-512 copy of the CPU kernel (the instruction subset ATen's AVX512
+// The AVX-512 copy of the CPU kernels (the instruction subset ATen's AVX512
 // capability requires), chosen at run time when the CPU has it. See
 // loss_rows_simd_avx2.cpp for how the pragma replaces per-file flags.
 #include "loss_rows_args.h"
@@ -33,4 +33,5 @@
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 #include "loss_rows_kernel_impl.h"
+#include "loss_rows_topk_kernel_impl.h"
 #endif

@@ -245,9 +245,6 @@ def fused_linear_smskd_loss(
     if sum(x is not None for x in (teacher_logits, teacher_hidden, teacher_topk)) > 1:
         raise ValueError("give the teacher either as teacher_hidden with teacher_head_weight, as "
                          "teacher_logits or as teacher_topk, not more than one")
-    # A stand-in with the logits' shape and device (one element, broadcast): nothing of that size exists.
-    logits_shape = torch.empty((), device=student_hidden.device).expand(rows_shape + (vocabulary,))
-    validation.check_teacher_topk(teacher_topk, None, logits_shape)
     _check_head("teacher", teacher_hidden, teacher_head_weight, teacher_head_bias, rows_shape, vocabulary)
     _check_head("reference", reference_hidden, reference_head_weight, reference_head_bias, rows_shape,
                 vocabulary)
@@ -266,6 +263,9 @@ def fused_linear_smskd_loss(
                                    owner="student_hidden")
     validation.check_options(temperature, reduction, weighting,
                              {"ce_weight": ce_weight, "kd_weight": kd_weight, "ref_weight": ref_weight})
+    # A stand-in with the logits' shape and device (one element, broadcast): nothing of that size exists.
+    logits_shape = torch.empty((), device=student_hidden.device).expand(rows_shape + (vocabulary,))
+    validation.check_teacher_topk(teacher_topk, None, logits_shape, temperature)
     has_teacher = teacher_logits is not None or teacher_hidden is not None or teacher_topk is not None
     has_reference = reference_hidden is not None or reference_logits is not None
     validation.check_weighting_has_tcp(weighting, True if has_teacher else None, True if has_reference else None)

@@ -218,6 +218,19 @@ def test_topk_teacher_matches_smskd_loss_on_full_logits(k):
         torch.testing.assert_close(g_fused, g_unfused, rtol=1e-11, atol=1e-12)
 
 
+def test_a_topk_teacher_stored_for_another_temperature_is_refused():
+    """The kept-mass check of smskd_loss holds here too: top-k rows built at T = 4 are not a
+    distribution's top k at T = 1 (their kept probabilities would sum to more than 1)."""
+    from smskd_fast.topk import TopKTeacher
+
+    p = make_problem()
+    teacher_logits = logits_of(p["teacher_hidden"], p["teacher_head_weight"], p["teacher_head_bias"])
+    topk = TopKTeacher.from_logits(teacher_logits * 3, p["target"], 4, 4.0)
+    with pytest.raises(ValueError, match=r"kept probabilities .* > 1 .* at temperature 1"):
+        fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], teacher_topk=topk,
+                                temperature=1.0, backend="reference")
+
+
 @pytest.mark.parametrize("cached_dtype", [torch.float64, torch.float16])
 def test_frozen_models_as_logits_equal_the_unfused_composition(cached_dtype):
     """Teacher and reference given as logits, as read from a dense logit cache, in any floating dtype:

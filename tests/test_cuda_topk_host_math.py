@@ -20,7 +20,7 @@ import torch
 
 from smskd_fast.backends.base import LossOptions
 from smskd_fast.topk import TopKTeacher
-from topk_cases import make_inputs, run_reference
+from topk_cases import FIELDS, make_inputs, run_reference
 from topk_tolerance import assert_matches_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,3 +150,27 @@ def test_the_comparison_catches_a_small_error(host_binary, tmp_path):
         assert_matches_reference(wrong, grad, expected, expected_grad, student, options)
     with pytest.raises(AssertionError):
         assert_matches_reference(per_row, grad * (1 + 1e-3), expected, expected_grad, student, options)
+
+
+def test_no_student_mass_off_the_kept_classes_gives_what_the_cpu_kernel_gives(host_binary, tmp_path):
+    """R = 0 (every non-kept student logit is -inf): an infinite rest term and NaN gradients off the kept
+    classes, as csrc/cpu/loss_rows_topk.cpp gives (the float64 reference is not finite here either)."""
+    import smskd_fast  # noqa: PLC0415
+
+    if not smskd_fast.available_backends()["cpu"]:
+        pytest.skip("the C++ CPU kernel (the oracle of this case) is not built")
+    student, target, topk, _ = make_inputs(6, 300, 10, torch.float32, seed=9)
+    rest = torch.ones_like(student, dtype=torch.bool).scatter(1, topk.indices, False)
+    student[rest] = float("-inf")  # finite on the kept classes only
+    target = torch.where(target == -100, target, topk.indices[:, 0])
+    options = LossOptions(temperature=2.0, ce_weight=0.5, kd_weight=1.0, ref_weight=0.0)
+    want = torch.ops.smskd_fast.smskd_loss_rows_topk(
+        student, target, topk.values, topk.indices, topk.true_logit, topk.log_sum_exp,
+        topk.log_sum_exp_at_temperature, None, options.temperature, options.ce_weight, options.kd_weight,
+        options.ref_weight, options.weighting, options.ignore_index, True)
+    assert torch.isinf(want[2][0]) and torch.isnan(want[6][0]).any()  # the case is what it claims
+    outputs = run_host(host_binary, tmp_path / "case", student, target, topk, None, options, pad=0, vectorized=True)
+    for threads, (per_row, grad) in outputs.items():
+        for name, got, expected in zip(FIELDS + ("grad",), per_row + [grad], want):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, equal_nan=True,
+                                       msg=lambda m: f"{threads} threads/row {name}: {m}")

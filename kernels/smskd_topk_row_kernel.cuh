@@ -68,8 +68,15 @@ struct TopKRowResult {
 
 SMSKD_HD int64_t clamp_class(int64_t index, int64_t cols) { return index < 0 ? 0 : index >= cols ? cols - 1 : index; }
 
-SMSKD_HD bool is_kept(const uint32_t* mask_row, int64_t column) {
-  return (mask_row[column >> 5] >> (column & 31)) & 1u;
+// Kept bits of columns [column, column + N) (N <= 32), bit e for column + e: one or
+// two word loads per pack instead of one per element.
+template <int N>
+SMSKD_HD uint32_t kept_bits(const uint32_t* mask_row, int64_t column) {
+  const int64_t word = column >> 5;
+  const int shift = static_cast<int>(column & 31);
+  uint64_t bits = mask_row[word];
+  if (shift + N > 32) bits |= static_cast<uint64_t>(mask_row[word + 1]) << 32;
+  return static_cast<uint32_t>(bits >> shift);
 }
 
 template <bool kTarget, bool kRef>
@@ -132,7 +139,11 @@ struct TopKRowMath {
     float s[M], r[M], d[M];
     load_chunk<P, N>(s_row, c, stride, s);
 #pragma unroll
-    for (int e = 0; e < M; ++e) d[e] = is_kept(mask_row, c + (e / N) * stride + (e % N)) ? 0.0f : 1.0f;
+    for (int p = 0; p < P; ++p) {
+      const uint32_t kept = kept_bits<N>(mask_row, c + p * stride);
+#pragma unroll
+      for (int e = 0; e < N; ++e) d[p * N + e] = (kept >> e) & 1u ? 0.0f : 1.0f;
+    }
     add_values<kTarget, true, true>(st.s, s, d, k1, kT);  // dot: the rest's sum R
     if (kRef) {
       load_chunk<P, N>(r_row, c, stride, r);

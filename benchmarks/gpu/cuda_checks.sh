@@ -8,10 +8,11 @@
 #    (so it can follow benchmarks/gpu/run_all.sh in the same machine session);
 # 2. the CUDA pytest files (full float64-reference grid, resources, host emulation),
 #    the top-k form's included (tests/test_cuda_topk*.py);
-# 3. kernels/ with CMake for this GPU's architecture, and ctest (GPU grid, bad-target
-#    assertion, host emulation);
-# 4. compute-sanitizer memcheck and racecheck on the standalone test (--quick grid) and
-#    on the top-k cases of benchmarks/gpu/topk_sanitizer_case.py;
+# 3. kernels/ with CMake for this GPU's architecture, and ctest (GPU grids of both forms,
+#    bad-target assertion, host emulations);
+# 4. compute-sanitizer memcheck and racecheck on the standalone tests (--quick grids of
+#    test_smskd_kernels and test_topk_kernels) and on the top-k operator's cases
+#    (benchmarks/gpu/topk_sanitizer_case.py);
 # 5. the standalone bf16 bandwidth benchmark against the device copy bandwidth;
 # 6. cuda vs triton per (dtype, C): backend="auto"'s table.
 # Writes to $OUT (default benchmarks/results/gpu_cuda_<date>), 7 files: cuda_checks.log,
@@ -59,7 +60,7 @@ step "kernels/ with CMake + ctest (sm_$ARCH)"
 BUILD=/tmp/smskd_kernels_build
 { timeout 240 cmake -S kernels -B "$BUILD" -DSMSKD_CUDA_ARCHITECTURES="$ARCH" -DCMAKE_BUILD_TYPE=Release \
     && timeout 240 cmake --build "$BUILD" -j 16 \
-    && (cd "$BUILD" && timeout 120 ctest --output-on-failure) \
+    && (cd "$BUILD" && timeout 180 ctest --output-on-failure) \
     && "$BUILD/test_smskd_kernels"; } > "$OUT/kernels_ctest.txt" 2>&1 || fail "kernels/ build or ctest"
 tail -n 25 "$OUT/kernels_ctest.txt"
 
@@ -69,18 +70,21 @@ if command -v compute-sanitizer > /dev/null && [ -x "$BUILD/test_smskd_kernels" 
     echo "--- $tool" >> "$OUT/sanitizer.txt"
     timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 9 "$BUILD/test_smskd_kernels" --quick \
       >> "$OUT/sanitizer.txt" 2>&1 || fail "compute-sanitizer $tool"
+    echo "--- standalone top-k $tool" >> "$OUT/sanitizer.txt"
+    timeout 120 compute-sanitizer --tool "$tool" --error-exitcode 9 "$BUILD/test_topk_kernels" --quick \
+      >> "$OUT/sanitizer.txt" 2>&1 || fail "compute-sanitizer $tool (standalone top-k)"
   done
 else
   echo "skipped: no compute-sanitizer or no standalone build" | tee "$OUT/sanitizer.txt"
 fi
 if command -v compute-sanitizer > /dev/null; then
   for tool in memcheck racecheck; do
-    echo "--- top-k $tool" >> "$OUT/sanitizer.txt"
+    echo "--- top-k operator $tool" >> "$OUT/sanitizer.txt"
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 9 \
       $PY benchmarks/gpu/topk_sanitizer_case.py >> "$OUT/sanitizer.txt" 2>&1 || fail "compute-sanitizer $tool (top-k)"
   done
 fi
-grep -E "^--- |ERROR SUMMARY|RACECHECK SUMMARY|cases? (passed|FAILED)|sanitizer cases ran" "$OUT/sanitizer.txt"
+grep -E "^--- |ERROR SUMMARY|RACECHECK SUMMARY|cases? (passed|FAILED)|top-k cases passed|sanitizer cases ran" "$OUT/sanitizer.txt"
 
 step "standalone bf16 bandwidth benchmark"
 [ -x "$BUILD/test_smskd_kernels" ] && timeout 60 "$BUILD/test_smskd_kernels" --bench | tee "$OUT/bench_kernels.txt"

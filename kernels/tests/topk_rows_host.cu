@@ -22,11 +22,12 @@
 #include <string>
 #include <vector>
 
-#include "smskd_topk_row_kernel.cuh"
+#include "topk_emulation.h"
 
 namespace {
 
 using namespace smskd::kernels;
+using smskd::emulation::emulate_topk_rows;
 
 struct Meta {
   long long rows, cols, k;
@@ -80,63 +81,6 @@ struct PaddedRows {
   unsigned char* at(long long row) { return base() + (pad + row * (cols + pad)) * elem; }
 };
 
-template <typename T, int kThreads, bool kTarget, bool kRef>
-void emulate(const TopKParams& prm, const T* student, const T* reference, T* grad) {
-  using Math = TopKRowMath<T, kTarget, kRef>;
-  for (int64_t row = 0; row < prm.rows; ++row) {
-    T* g_row = grad + row * prm.grad_stride;
-    int64_t y = 0;
-    if (kTarget) {
-      y = prm.target[row * prm.target_stride];
-      if (y == prm.ignore_index) {
-        store_topk_row(prm, row, TopKRowResult{});
-        for (int lane = 0; lane < kThreads; ++lane) {
-          const RowSweep<T, kThreads> sweep(student + row * prm.student_stride, prm.cols, prm.vectorized, lane);
-          sweep.run(prm.cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
-            zero_chunk<decltype(packs)::value, decltype(n)::value>(g_row, c, stride);
-          });
-        }
-        continue;
-      }
-    }
-    const Math math(prm, student, reference, row);
-    const float s_y = kTarget ? to_float(math.s_row[y]) : 0.0f;
-    TopKRowStats st;
-    for (int lane = 0; lane < kThreads; ++lane) {
-      const RowSweep<T, kThreads> sweep(math.s_row, prm.cols, prm.vectorized, lane);
-      TopKRowStats mine;
-      sweep.run(prm.cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
-        math.template accumulate<decltype(packs)::value, decltype(n)::value>(mine, c, stride);
-      });
-      merge_topk_row<kTarget, kRef>(st, mine, Math::k1, math.kT);
-    }
-    KeptStats ks;
-    for (int lane = 0; lane < kThreads; ++lane) {
-      KeptStats mine;
-      math.gather(mine, st, lane, kThreads);
-      merge_kept(ks, mine, Math::k1, math.kT);
-    }
-    const TopKRowResult res =
-        math.finish(st, ks, s_y, kTarget ? prm.true_logit[row] : 0.0f, kTarget ? prm.lse[row] : 0.0f, prm);
-    store_topk_row(prm, row, res);
-    for (int lane = 0; lane < kThreads; ++lane) {
-      const RowSweep<T, kThreads> sweep(math.s_row, prm.cols, prm.vectorized, lane);
-      sweep.run(prm.cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
-        math.template gradient<decltype(packs)::value, decltype(n)::value>(res, g_row, y, c, stride);
-      });
-    }
-    for (int lane = 0; lane < kThreads; ++lane) math.scatter_kept(res, g_row, y, lane, kThreads);
-  }
-}
-
-template <typename T, int kThreads>
-void emulate_inputs(const TopKParams& prm, const T* student, const T* reference, T* grad) {
-  if (prm.target && reference) emulate<T, kThreads, true, true>(prm, student, reference, grad);
-  if (prm.target && !reference) emulate<T, kThreads, true, false>(prm, student, reference, grad);
-  if (!prm.target && reference) emulate<T, kThreads, false, true>(prm, student, reference, grad);
-  if (!prm.target && !reference) emulate<T, kThreads, false, false>(prm, student, reference, grad);
-}
-
 template <typename T>
 void run(const std::string& dir, const Meta& m) {
   const size_t elem = sizeof(T);
@@ -184,13 +128,7 @@ void run(const std::string& dir, const Meta& m) {
     PaddedRows grad(m.rows, m.cols, m.pad, elem);
     std::memset(grad.base(), 0xff, (m.pad + m.rows * stride) * elem);  // every entry must be written
     T* g = reinterpret_cast<T*>(grad.at(0));
-    switch (threads) {
-      case 8: emulate_inputs<T, 8>(prm, s, r, g); break;
-      case 16: emulate_inputs<T, 16>(prm, s, r, g); break;
-      case 32: emulate_inputs<T, 32>(prm, s, r, g); break;
-      case 256: emulate_inputs<T, 256>(prm, s, r, g); break;
-      default: emulate_inputs<T, 512>(prm, s, r, g); break;
-    }
+    emulate_topk_rows<T>(threads, prm, s, r, g);
     std::vector<unsigned char> dense(m.rows * m.cols * elem);
     for (long long i = 0; i < m.rows; ++i) std::memcpy(dense.data() + i * m.cols * elem, grad.at(i), m.cols * elem);
     write_file(dir + "/rows_" + std::to_string(threads) + ".bin", out.data(), out.size() * sizeof(float));

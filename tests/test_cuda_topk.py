@@ -19,6 +19,7 @@ import torch
 import smskd_fast
 from smskd_fast import ops
 from smskd_fast._extension import extension_loaded
+from smskd_fast.backends import registry
 from smskd_fast.backends.base import LossOptions
 from smskd_fast.backends.compiled import CompiledOpBackend
 from smskd_fast.topk import TopKTeacher
@@ -70,7 +71,14 @@ def check(student, target, topk, reference, options, what=""):
                     reason="smskd_fast._C has no CUDA kernels (built with SMSKD_FAST_NO_CUDA=1, or without nvcc)")
 def test_a_cuda_build_registers_the_top_k_kernel():
     assert has_cuda_kernel(ops.TOPK_OP_NAME)
-    assert CompiledOpBackend("cuda").supports_topk
+    assert CompiledOpBackend("cuda", device_type="cuda", dispatch_key="CUDA", float64=False).supports_topk
+
+
+@gpu
+def test_the_cuda_backend_accepts_a_top_k_teacher():
+    assert registry.get_backend("cuda", torch.device("cuda"), topk=True).name == "cuda"
+    chosen = registry.resolve_backend("auto", torch.device("cuda"), torch.bfloat16, 32000, topk=True)
+    assert chosen.name in ("cuda", "triton") and registry.supports_topk(chosen)
 
 
 @gpu
@@ -94,7 +102,7 @@ def test_matches_the_float64_reference(dtype, num_classes, inputs):
 @pytest.mark.parametrize("num_classes", [100, 2049, 32000])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_strided_and_misaligned_rows(dtype, num_classes, layout):
-    student, target, topk, reference = make_inputs(17, num_classes, 20, dtype, seed=3)
+    student, target, topk, reference = make_inputs(17, num_classes, 20, dtype, seed=3, temperature=2.0)
     options = LossOptions(temperature=2.0, ce_weight=0.5, kd_weight=1.0, ref_weight=0.5)
     expected, expected_grad = run_reference(student, target, topk, reference, options)
 
@@ -132,7 +140,7 @@ def test_no_rest_mass_and_k_equal_to_c():
     options = LossOptions(temperature=1.0, ce_weight=0.5, kd_weight=1.0, ref_weight=0.3, weighting="constant")
     check(student, target, TopKTeacher.from_logits(teacher, target, 2, 1.0), reference, options, what="p_rest=0:")
     student, target, topk, reference = make_inputs(5, 3000, 3000, torch.bfloat16, seed=8)
-    check(student, target, topk, reference, LossOptions(temperature=2.0), what="k=C:")
+    check(student, target, topk, reference, LossOptions(temperature=4.0), what="k=C:")
 
 
 @gpu
@@ -140,7 +148,7 @@ def test_student_mass_off_the_kept_classes_underflows_as_on_the_cpu():
     """R = 0 (every non-kept student logit is -inf): the rest term is infinite, as the CPU kernel gives."""
     if not smskd_fast.available_backends()["cpu"]:
         pytest.skip("the C++ CPU kernel (the oracle of this case) is not built")
-    student, target, topk, _ = make_inputs(6, 300, 10, torch.float32, seed=9)
+    student, target, topk, _ = make_inputs(6, 300, 10, torch.float32, seed=9, temperature=2.0)
     rest = torch.ones_like(student, dtype=torch.bool).scatter(1, topk.indices, False)
     student[rest] = float("-inf")  # finite on the kept classes only
     target = torch.where(target == -100, target, topk.indices[:, 0])
@@ -230,3 +238,16 @@ def test_target_out_of_range_trips_the_device_assertion():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "target out of range" in result.stderr or "device-side assert" in result.stderr, result.stderr[-2000:]
+
+
+@gpu
+def test_runs_under_deterministic_algorithms():
+    """The kept-class mask is built with scatter_add_, which must not be refused in deterministic mode."""
+    inputs = make_inputs(6, 700, 12, torch.float32, seed=13, temperature=2.0)
+    options = LossOptions(temperature=2.0)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        check(*inputs, options)
+    finally:
+        torch.use_deterministic_algorithms(previous)

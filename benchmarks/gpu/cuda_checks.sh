@@ -13,10 +13,11 @@
 # 4. compute-sanitizer memcheck and racecheck on the standalone tests (--quick grids of
 #    test_smskd_kernels and test_topk_kernels) and on the top-k operator's cases
 #    (benchmarks/gpu/topk_sanitizer_case.py);
-# 5. the standalone bf16 bandwidth benchmark against the device copy bandwidth;
+# 5. the standalone bf16 bandwidth benchmarks against the device copy bandwidth (dense,
+#    and top-k beside dense);
 # 6. cuda vs triton per (dtype, C): backend="auto"'s table.
-# Writes to $OUT (default benchmarks/results/gpu_cuda_<date>), 7 files: cuda_checks.log,
-# tests_cuda.xml, kernels_ctest.txt, sanitizer.txt, bench_kernels.txt,
+# Writes to $OUT (default benchmarks/results/gpu_cuda_<date>), 8 files: cuda_checks.log,
+# tests_cuda.xml, kernels_ctest.txt, sanitizer.txt, bench_kernels.txt, bench_topk_kernels.txt,
 # backend_choice.json, gpu_choice_table.json. Each step is time-boxed and a failing
 # step does not stop the later ones; the exit status is non-zero when the tests,
 # ctest or a sanitizer failed.
@@ -88,6 +89,8 @@ grep -E "^--- |ERROR SUMMARY|RACECHECK SUMMARY|cases? (passed|FAILED)|top-k case
 
 step "standalone bf16 bandwidth benchmark"
 [ -x "$BUILD/test_smskd_kernels" ] && timeout 60 "$BUILD/test_smskd_kernels" --bench | tee "$OUT/bench_kernels.txt"
+step "standalone bf16 top-k benchmark (beside the dense kernel)"
+[ -x "$BUILD/test_topk_kernels" ] && timeout 60 "$BUILD/test_topk_kernels" --bench | tee "$OUT/bench_topk_kernels.txt"
 
 step "cuda vs triton per (dtype, C): backend='auto' table"
 LEFT=$(( 570 - ($(date +%s) - START) )); [ "$LEFT" -lt 60 ] && LEFT=60

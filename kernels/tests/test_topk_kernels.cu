@@ -3,6 +3,7 @@
 //   test_topk_kernels           GPU: smskd_loss_rows_topk_launch, every layout, against the float64 oracle
 //   test_topk_kernels --quick   a smaller grid, for compute-sanitizer
 //   test_topk_kernels --host    the same grid through the CPU emulation of the kernel (no GPU needed)
+//   test_topk_kernels --bench   bf16 forward+gradient time and bandwidth, beside the dense kernel
 //
 // The oracle (topk_oracle.h) is plain float64 loops. Each case lays rows out with
 // a padding (odd ones misalign the packs) and checks that the gradient's padding
@@ -228,11 +229,88 @@ void run_case(const Case& k, bool host, std::mt19937& rng) {
   if (k.dtype == SMSKD_FLOAT16) run_host<__half>(k, in, a);
 }
 
+// bf16 forward + gradient with a target, k = min(64, C / 8) kept classes: the top-k kernel
+// against its floor (student read + gradient write + kept mask), beside the dense kernel
+// with a dense teacher (launcher's layout) and a device-to-device copy.
+int run_bench() {
+  cudaDeviceProp prop;
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s\n", prop.name);
+  const int64_t elements = int64_t{1} << 26;
+  const DeviceBuffer ds(std::vector<uint16_t>(elements, 0)), dt(std::vector<uint16_t>(elements, 0)),
+      dg(elements * 2), out(6 * elements * 4);
+  cudaEvent_t start, stop;
+  CHECK_CUDA(cudaEventCreate(&start));
+  CHECK_CUDA(cudaEventCreate(&stop));
+  auto time_ms = [&](auto&& body) {
+    for (int i = 0; i < 3; ++i) body();
+    const int iters = 20;
+    CHECK_CUDA(cudaEventRecord(start));
+    for (int i = 0; i < iters; ++i) body();
+    CHECK_CUDA(cudaEventRecord(stop));
+    CHECK_CUDA(cudaEventSynchronize(stop));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
+    return double(ms) / iters;
+  };
+  const double copy_ms =
+      time_ms([&] { CHECK_CUDA(cudaMemcpyAsync(dg.ptr, ds.ptr, elements * 2, cudaMemcpyDeviceToDevice)); });
+  const double copy_gbs = 2.0 * elements * 2 / copy_ms / 1e6;
+  std::printf("copy bandwidth: %.1f GB/s\n", copy_gbs);
+  std::printf("%8s %8s %4s %7s %10s %10s %8s %10s %11s\n", "C", "N", "k", "threads", "topk_ms", "GB/s", "of_copy",
+              "dense_ms", "topk/dense");
+  for (int64_t cols : {128, 1024, 4096, 32000, 50257, 131072, 262144}) {
+    const int64_t rows = elements / cols, k = std::min<int64_t>(64, cols / 8), words = (cols + 31) / 32;
+    std::vector<int64_t> indices(rows * k), target(rows, 0);
+    std::vector<uint32_t> mask(rows * words, 0u);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t c = 0; c < k; ++c) {
+        indices[i * k + c] = c * 7 % cols;  // distinct: c * 7 < C for every C here
+        mask[i * words + indices[i * k + c] / 32] |= 1u << (indices[i * k + c] % 32);
+      }
+    const DeviceBuffer di(indices), dm(mask), dy(target), dv(std::vector<float>(rows * k, 0.0f)),
+        drow(std::vector<float>(rows, 1.0f + std::log(float(k))));
+    float* o = out.as<float>();
+    smskd_loss_rows_args dense{};
+    dense.rows = rows, dense.cols = cols, dense.dtype = SMSKD_BFLOAT16;
+    dense.student = ds.ptr, dense.teacher = dt.ptr, dense.grad = dg.ptr, dense.target = dy.as<int64_t>();
+    dense.student_stride = dense.teacher_stride = dense.grad_stride = cols, dense.target_stride = 1;
+    dense.loss = o, dense.ce = o + rows, dense.kd = o + 2 * rows, dense.ref = o + 3 * rows, dense.tcp = o + 4 * rows;
+    dense.weight = o + 5 * rows, dense.temperature = 4.0f, dense.ce_weight = dense.kd_weight = 1.0f;
+    dense.weighting = SMSKD_WEIGHT_CONSTANT, dense.ignore_index = -100;
+    const double dense_ms = time_ms([&] { CHECK_CUDA(smskd_loss_rows_launch(&dense, nullptr)); });
+    int automatic = 0, rows_per_block = 0;
+    smskd_loss_rows_config(cols, &automatic, &rows_per_block);
+    for (int threads : {8, 16, 32, 256, 512}) {
+      smskd_loss_rows_topk_args a{};
+      a.rows = rows, a.cols = cols, a.k = k, a.dtype = SMSKD_BFLOAT16;
+      a.student = ds.ptr, a.grad = dg.ptr, a.target = dy.as<int64_t>();
+      a.student_stride = a.grad_stride = cols, a.target_stride = 1;
+      a.topk_values = dv.as<float>(), a.topk_indices = di.as<int64_t>(), a.kept_mask = dm.as<uint32_t>();
+      a.kept_mask_stride = words, a.true_logit = a.log_sum_exp = a.log_sum_exp_at_temperature = drow.as<float>();
+      a.loss = o, a.ce = o + rows, a.kd = o + 2 * rows, a.ref = o + 3 * rows, a.tcp = o + 4 * rows;
+      a.weight = o + 5 * rows, a.temperature = 4.0f, a.ce_weight = a.kd_weight = 1.0f;
+      a.weighting = SMSKD_WEIGHT_CONSTANT, a.ignore_index = -100, a.threads_per_row = threads;
+      const double ms = time_ms([&] { CHECK_CUDA(smskd_loss_rows_topk_launch(&a, nullptr)); });
+      const double gbs = (double(rows) * cols * 2 * 2 + double(rows) * words * 4) / ms / 1e6;
+      std::printf("%8lld %8lld %4lld %6d%s %10.4f %10.1f %7.1f%% %10.4f %10.2fx\n", (long long)cols, (long long)rows,
+                  (long long)k, threads, threads == automatic ? "*" : " ", ms, gbs, 100.0 * gbs / copy_gbs, dense_ms,
+                  ms / dense_ms);
+    }
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "";
   const bool host = mode == "--host", quick = mode == "--quick";
+  if (mode == "--bench") {
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) return 77;
+    return run_bench();
+  }
   if (!host) {
     int devices = 0;
     if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {

@@ -165,9 +165,9 @@ def test_public_api_runs_the_cuda_kernel_with_autograd():
     student, target, topk, reference = make_inputs(16, 5003, 32, torch.bfloat16, seed=11)
     results = {}
     for backend, device in (("cuda", "cuda"), ("reference", "cpu")):
-        s, y, t, r = to_device(student if backend == "cuda" else student.double(), target, topk,
-                               reference if backend == "cuda" else reference.double(), device)
-        s.requires_grad_(True)
+        cast = (lambda x: x) if backend == "cuda" else torch.Tensor.double  # noqa: E731
+        s, y, t, r = to_device(cast(student), target, topk, cast(reference), device)
+        s = s.detach().requires_grad_(True)
         out = smskd_fast.smskd_loss(s, y, None, r, teacher_topk=t, backend=backend)
         out.loss.backward()
         results[backend] = (out.loss.detach().cpu().double(), s.grad.cpu().double())

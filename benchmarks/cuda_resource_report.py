@@ -1,7 +1,9 @@
 """Registers, shared memory and spills of every CUDA row-kernel instantiation, without a GPU.
 
+The kernels are the dense form (smskd_rows_kernel, kernels/smskd_kernels.cu) and the
+top-k teacher form (smskd_topk_rows_kernel, kernels/smskd_topk_kernels.cu).
 Two sources, one report:
-  --source (default)  compiles kernels/smskd_kernels.cu to a cubin per architecture
+  --source (default)  compiles both .cu files to a cubin per architecture
                       with `ptxas -v` and reads its exact spill counts;
   --binary PATH       reads a built object or shared library (e.g. smskd_fast/_C.abi3.so)
                       with `cuobjdump --dump-resource-usage`, where a spill shows as
@@ -29,11 +31,11 @@ import tempfile
 from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNEL_SOURCE = os.path.join(ROOT, "kernels", "smskd_kernels.cu")
+KERNEL_SOURCES = [os.path.join(ROOT, "kernels", name) for name in ("smskd_kernels.cu", "smskd_topk_kernels.cu")]
 NVCC_FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "-lineinfo"]  # as setup.py and kernels/CMakeLists.txt
 KERNEL_NAME = re.compile(
-    r"smskd_rows_kernelI(?P<dtype>6__half|13__nv_bfloat16|f)Li(?P<threads>\d+)ELi(?P<rows>\d+)E"
-    r"Lb(?P<teacher>[01])ELb(?P<reference>[01])E"
+    r"smskd_(?P<topk>topk_)?rows_kernelI(?P<dtype>6__half|13__nv_bfloat16|f)Li(?P<threads>\d+)ELi(?P<rows>\d+)E"
+    r"(?:Lb(?P<teacher>[01])E)?Lb(?P<reference>[01])E"  # the top-k form has no teacher flag
 )
 DTYPES = {"6__half": "float16", "13__nv_bfloat16": "bfloat16", "f": "float32"}
 
@@ -57,14 +59,20 @@ class KernelUsage:
         match = KERNEL_NAME.search(self.mangled)
         if not match:
             return self.mangled
-        inputs = "+".join(name for name, on in (("teacher", match["teacher"]), ("reference", match["reference"]))
-                          if on == "1") or "student only"
+        teacher = "top-k" if match["topk"] else "teacher" if match["teacher"] == "1" else None
+        inputs = "+".join(name for name in (teacher, "reference" if match["reference"] == "1" else None)
+                          if name) or "student only"
         return f"{DTYPES[match['dtype']]:8s} {match['threads']:>3s} thr/row x {match['rows']} rows, {inputs}"
 
     @property
     def dtype(self) -> Optional[str]:
         match = KERNEL_NAME.search(self.mangled)
         return DTYPES[match["dtype"]] if match else None
+
+    @property
+    def topk(self) -> bool:
+        match = KERNEL_NAME.search(self.mangled)
+        return bool(match and match["topk"])
 
     @property
     def spills(self) -> bool:
@@ -97,10 +105,10 @@ def run(command: List[str]) -> str:
     return result.stdout + result.stderr
 
 
-def ptxas_usage(nvcc: str, arch: str, cubin: str) -> tuple[List[KernelUsage], str]:
-    """Compiles the kernels for one architecture and parses `ptxas -v`."""
+def ptxas_usage(nvcc: str, arch: str, source: str, cubin: str) -> tuple[List[KernelUsage], str]:
+    """Compiles one kernels/ source for one architecture and parses `ptxas -v`."""
     output = run([nvcc, *NVCC_FLAGS, f"-arch=sm_{arch}", "-cubin", "-Xptxas=-v",
-                  "-I", os.path.dirname(KERNEL_SOURCE), KERNEL_SOURCE, "-o", cubin])
+                  "-I", os.path.dirname(source), source, "-o", cubin])
     return parse_ptxas(output), output
 
 
@@ -191,8 +199,10 @@ def report(kernels: List[KernelUsage], header: List[str]) -> tuple[str, List[str
                             f"{k.spill_load_bytes} B, local {k.local_bytes} B)")
         if k.arch == "sm_90" and k.dtype == "bfloat16" and not k.sass_128bit_loads:
             problems.append(f"{k.arch} {k.label}: no 128-bit global load (LDG.E.128) in its SASS")
-    if not kernels:
+    if not any(not k.topk for k in kernels):
         problems.append("no smskd_rows_kernel instantiation found")
+    if not any(k.topk for k in kernels):
+        problems.append("no smskd_topk_rows_kernel instantiation found")
     if not any(k.arch == "sm_90" for k in kernels):
         problems.append("no sm_90 code found, so LDG.E.128 could not be checked")
     lines += ["", f"{len(kernels)} kernel instantiations; " + ("problems:" if problems else "no spills; every bf16 "
@@ -232,12 +242,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             kernels = []
             sass = ""
             for arch in args.archs.split(","):
-                cubin = os.path.join(tmp, f"smskd_kernels.sm_{arch}.cubin")
-                found, text = ptxas_usage(nvcc, arch.strip(), cubin)
-                kernels += found
-                raw.append(text)
-                if arch.strip() == "90":
-                    sass = count_wide_loads(cuobjdump, cubin, found)
+                for source in KERNEL_SOURCES:
+                    name = os.path.splitext(os.path.basename(source))[0]
+                    cubin = os.path.join(tmp, f"{name}.sm_{arch.strip()}.cubin")
+                    found, text = ptxas_usage(nvcc, arch.strip(), source, cubin)
+                    kernels += found
+                    raw.append(text)
+                    if arch.strip() == "90":
+                        sass += count_wide_loads(cuobjdump, cubin, found)
     table, problems = report(kernels, header)
     os.makedirs(args.out_dir, exist_ok=True)
     base = os.path.join(args.out_dir, f"cuda_resource_usage_{mode}")

@@ -91,6 +91,69 @@ cudaError_t smskd_loss_rows_launch(const smskd_loss_rows_args* args, cudaStream_
  * benchmarks): threads per row (<= 32: within one warp) and rows per block. */
 void smskd_loss_rows_config(int64_t cols, int* threads_per_row, int* rows_per_block);
 
+/* ---- The top-k teacher form: smskd_fast::smskd_loss_rows_topk (smskd_fast/topk.py).
+ *
+ * The teacher is given per row by its k kept logits (values, classes) and the
+ * row's true-class logit and log-sum-exps at T = 1 and at T; the kept classes
+ * are also given as a bitmask (bit j % 32 of word j / 32 of the row), so that
+ * the rest's student mass R = sum_{j not kept} exp(s_j / T - m) is summed
+ * exactly in the dense sweep. Same per-row outputs and gradient as
+ * smskd_loss_rows, with KD the coarsened KL of smskd_fast/topk.py. */
+typedef struct {
+  int64_t rows;
+  int64_t cols;
+  int64_t k; /* kept classes per row, 1 <= k <= cols */
+  smskd_dtype dtype;
+
+  const void* student;
+  int64_t student_stride;
+  const void* reference; /* NULL: ref = 0 */
+  int64_t reference_stride;
+  const int64_t* target; /* NULL: every row valid, ce = tcp = 0, weight = 1 (constant) or 0 */
+  int64_t target_stride;
+
+  /* The teacher, float32 and int64, rows of k contiguous entries. Indices
+   * outside [0, cols) are clamped (never a fault); they must be distinct per row
+   * for the result to mean anything (the caller validates). */
+  const float* topk_values;
+  const int64_t* topk_indices;
+  /* (rows, kept_mask_stride) 32-bit words, kept_mask_stride >= ceil(cols / 32):
+   * bit j % 32 of word j / 32 is set iff class j is one of the row's indices. */
+  const uint32_t* kept_mask;
+  int64_t kept_mask_stride;
+  const float* true_logit;                 /* rows: t_y */
+  const float* log_sum_exp;                /* rows: lse(t) */
+  const float* log_sum_exp_at_temperature; /* rows: lse(t / T) */
+
+  /* d loss_i / d student_i in dtype, or NULL; must not alias student (the kept
+   * classes' gradient is written after the dense sweep, from student's values). */
+  void* grad;
+  int64_t grad_stride;
+
+  float* loss;
+  float* ce;
+  float* kd;
+  float* ref;
+  float* tcp;
+  float* weight;
+
+  float temperature;
+  float ce_weight;
+  float kd_weight;
+  float ref_weight;
+  smskd_weighting weighting;
+  int64_t ignore_index;
+  int threads_per_row; /* as in smskd_loss_rows_args: 0 = automatic */
+} smskd_loss_rows_topk_args;
+
+/* Host check of the arguments: NULL when usable, else a message naming the first bad one. */
+const char* smskd_loss_rows_topk_invalid(const smskd_loss_rows_topk_args* args);
+
+/* Enqueues the top-k kernel on stream; never synchronises. A target outside
+ * [0, cols) other than ignore_index trips the same device-side assertion as
+ * smskd_loss_rows_launch. */
+cudaError_t smskd_loss_rows_topk_launch(const smskd_loss_rows_topk_args* args, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -17,11 +17,16 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import cuda_resource_report as report  # noqa: E402
 
 BF16_KERNEL = "_ZN5smskd7kernels17smskd_rows_kernelI13__nv_bfloat16Li512ELi1ELb1ELb1EEEvNS0_6ParamsEPKT_S6_S6_PS4_"
+TOPK_KERNEL = "_ZN5smskd7kernels22smskd_topk_rows_kernelI13__nv_bfloat16Li32ELi4ELb1EEEvNS0_10TopKParamsEPKT_S6_PS4_"
 PTXAS_WITH_SPILL = f"""
 ptxas info    : Compiling entry function '{BF16_KERNEL}' for 'sm_90'
 ptxas info    : Function properties for {BF16_KERNEL}
     8 bytes stack frame, 16 bytes spill stores, 40 bytes spill loads
 ptxas info    : Used 64 registers, used 1 barriers, 8 bytes cumulative stack size, 1536 bytes smem
+ptxas info    : Compiling entry function '{TOPK_KERNEL}' for 'sm_90'
+ptxas info    : Function properties for {TOPK_KERNEL}
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 120 registers, used 0 barriers
 """
 RESOURCE_USAGE_WITH_LOCAL = f"""
 arch = sm_90
@@ -38,9 +43,12 @@ SASS = f"""
 def test_ptxas_spill_is_reported():
     kernels = report.parse_ptxas(PTXAS_WITH_SPILL)
     assert [(k.arch, k.registers, k.spill_store_bytes, k.spill_load_bytes, k.shared_bytes) for k in kernels] == [
-        ("sm_90", 64, 16, 40, 1536)
+        ("sm_90", 64, 16, 40, 1536), ("sm_90", 120, 0, 0, 0)
     ]
-    kernels[0].sass_128bit_loads = 1
+    assert [k.topk for k in kernels] == [False, True]
+    assert kernels[1].label == "bfloat16  32 thr/row x 4 rows, top-k+reference"
+    for kernel in kernels:
+        kernel.sass_128bit_loads = 1
     _, problems = report.report(kernels, [])
     assert len(problems) == 1 and "spills" in problems[0] and "bfloat16" in problems[0]
 
@@ -54,8 +62,16 @@ def test_bf16_kernel_without_wide_loads_is_reported():
     counts = report.count_wide_loads_in_sass(SASS)
     assert counts == {BF16_KERNEL: 1}
     kernel = report.KernelUsage(arch="sm_90", mangled=BF16_KERNEL, registers=100, sass_128bit_loads=0)
+    topk = report.KernelUsage(arch="sm_90", mangled=TOPK_KERNEL, registers=100, sass_128bit_loads=0)
+    _, problems = report.report([kernel, topk], [])
+    assert sorted(problems) == sorted(f"sm_90 {k.label}: no 128-bit global load (LDG.E.128) in its SASS"
+                                      for k in (kernel, topk))
+
+
+def test_a_build_without_the_top_k_kernels_is_reported():
+    kernel = report.KernelUsage(arch="sm_90", mangled=BF16_KERNEL, registers=100, sass_128bit_loads=4)
     _, problems = report.report([kernel], [])
-    assert problems == [f"sm_90 {kernel.label}: no 128-bit global load (LDG.E.128) in its SASS"]
+    assert problems == ["no smskd_topk_rows_kernel instantiation found"]
 
 
 def built_extension_with_cuda():

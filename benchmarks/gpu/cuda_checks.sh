@@ -6,14 +6,18 @@
 #
 # 1. builds smskd_fast._C in place unless it already has the CUDA kernel
 #    (so it can follow benchmarks/gpu/run_all.sh in the same machine session);
-# 2. the CUDA pytest files (full float64-reference grid, resources, host emulation);
-# 3. kernels/ with CMake for this GPU's architecture, and ctest (GPU grid, bad-target
-#    assertion, host emulation);
-# 4. compute-sanitizer memcheck and racecheck on the standalone test (--quick grid);
-# 5. the standalone bf16 bandwidth benchmark against the device copy bandwidth;
+# 2. the CUDA pytest files (full float64-reference grid, resources, host emulation),
+#    the top-k form's included (tests/test_cuda_topk*.py);
+# 3. kernels/ with CMake for this GPU's architecture, and ctest (GPU grids of both forms,
+#    bad-target assertion, host emulations);
+# 4. compute-sanitizer memcheck and racecheck on the standalone tests (--quick grids of
+#    test_smskd_kernels and test_topk_kernels), and memcheck on the top-k operator's cases
+#    (benchmarks/gpu/topk_sanitizer_case.py: the wrapper's mask build included);
+# 5. the standalone bf16 bandwidth benchmarks against the device copy bandwidth (dense,
+#    and top-k beside dense);
 # 6. cuda vs triton per (dtype, C): backend="auto"'s table.
-# Writes to $OUT (default benchmarks/results/gpu_cuda_<date>), 7 files: cuda_checks.log,
-# tests_cuda.xml, kernels_ctest.txt, sanitizer.txt, bench_kernels.txt,
+# Writes to $OUT (default benchmarks/results/gpu_cuda_<date>), 8 files: cuda_checks.log,
+# tests_cuda.xml, kernels_ctest.txt, sanitizer.txt, bench_kernels.txt, bench_topk_kernels.txt,
 # backend_choice.json, gpu_choice_table.json. Each step is time-boxed and a failing
 # step does not stop the later ones; the exit status is non-zero when the tests,
 # ctest or a sanitizer failed.
@@ -42,38 +46,49 @@ echo "compute capability: $ARCH"
 
 step "build smskd_fast._C with CUDA (unless already built)"
 HAS_CUDA_OP="import torch, smskd_fast; from smskd_fast import ops; \
-assert torch._C._dispatch_has_kernel_for_dispatch_key(ops.OP_NAME, 'CUDA')"
+assert all(torch._C._dispatch_has_kernel_for_dispatch_key(op, 'CUDA') for op in (ops.OP_NAME, ops.TOPK_OP_NAME))"
 if ! $PY -c "$HAS_CUDA_OP" 2>/dev/null; then
   MAX_JOBS=${MAX_JOBS:-16} timeout 300 $PY setup.py build_ext --inplace -q || fail "CUDA build of smskd_fast._C"
 fi
 $PY -c "import smskd_fast; [print(f'{k:10s} {v}') for k, v in smskd_fast.available_backends().items()]"
 
 step "CUDA tests (pytest)"
-timeout 240 $PY -m pytest tests/test_cuda_backend.py tests/test_cuda_resources.py tests/test_gpu_choice.py \
+timeout 330 $PY -m pytest tests/test_cuda_backend.py tests/test_cuda_topk.py tests/test_cuda_topk_host_math.py \
+  tests/test_cuda_resources.py tests/test_gpu_choice.py \
   -q -p no:cacheprovider -rs --junitxml="$OUT/tests_cuda.xml" || fail "pytest"
 
 step "kernels/ with CMake + ctest (sm_$ARCH)"
 BUILD=/tmp/smskd_kernels_build
 { timeout 240 cmake -S kernels -B "$BUILD" -DSMSKD_CUDA_ARCHITECTURES="$ARCH" -DCMAKE_BUILD_TYPE=Release \
     && timeout 240 cmake --build "$BUILD" -j 16 \
-    && (cd "$BUILD" && timeout 120 ctest --output-on-failure) \
+    && (cd "$BUILD" && timeout 180 ctest --output-on-failure) \
     && "$BUILD/test_smskd_kernels"; } > "$OUT/kernels_ctest.txt" 2>&1 || fail "kernels/ build or ctest"
 tail -n 25 "$OUT/kernels_ctest.txt"
 
-step "compute-sanitizer memcheck and racecheck on the standalone test"
+step "compute-sanitizer on the standalone tests and the top-k operator"
 if command -v compute-sanitizer > /dev/null && [ -x "$BUILD/test_smskd_kernels" ]; then
   for tool in memcheck racecheck; do
     echo "--- $tool" >> "$OUT/sanitizer.txt"
     timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 9 "$BUILD/test_smskd_kernels" --quick \
       >> "$OUT/sanitizer.txt" 2>&1 || fail "compute-sanitizer $tool"
+    echo "--- standalone top-k $tool" >> "$OUT/sanitizer.txt"
+    timeout 120 compute-sanitizer --tool "$tool" --error-exitcode 9 "$BUILD/test_topk_kernels" --quick \
+      >> "$OUT/sanitizer.txt" 2>&1 || fail "compute-sanitizer $tool (standalone top-k)"
   done
-  grep -E "^--- |ERROR SUMMARY|RACECHECK SUMMARY|cases? (passed|FAILED)" "$OUT/sanitizer.txt"
 else
   echo "skipped: no compute-sanitizer or no standalone build" | tee "$OUT/sanitizer.txt"
 fi
+if command -v compute-sanitizer > /dev/null; then  # memcheck only: racecheck (shared memory) is covered above
+  echo "--- top-k operator memcheck" >> "$OUT/sanitizer.txt"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    $PY benchmarks/gpu/topk_sanitizer_case.py >> "$OUT/sanitizer.txt" 2>&1 || fail "compute-sanitizer memcheck (top-k operator)"
+fi
+grep -E "^--- |ERROR SUMMARY|RACECHECK SUMMARY|cases? (passed|FAILED)|top-k cases passed|sanitizer cases ran" "$OUT/sanitizer.txt"
 
 step "standalone bf16 bandwidth benchmark"
 [ -x "$BUILD/test_smskd_kernels" ] && timeout 60 "$BUILD/test_smskd_kernels" --bench | tee "$OUT/bench_kernels.txt"
+step "standalone bf16 top-k benchmark (beside the dense kernel)"
+[ -x "$BUILD/test_topk_kernels" ] && timeout 60 "$BUILD/test_topk_kernels" --bench | tee "$OUT/bench_topk_kernels.txt"
 
 step "cuda vs triton per (dtype, C): backend='auto' table"
 LEFT=$(( 570 - ($(date +%s) - START) )); [ "$LEFT" -lt 60 ] && LEFT=60

@@ -17,6 +17,7 @@
 #include <string>
 #include <tuple>
 
+#include "cuda/cuda_op_args.h"
 #include "smskd_kernels.h"
 
 namespace smskd::cuda {
@@ -24,37 +25,6 @@ namespace {
 
 using LossRowsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using PerRowResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-smskd_dtype kernel_dtype(const at::Tensor& student) {
-  switch (student.scalar_type()) {
-    case at::kFloat:
-      return SMSKD_FLOAT32;
-    case at::kBFloat16:
-      return SMSKD_BFLOAT16;
-    case at::kHalf:
-      return SMSKD_FLOAT16;
-    case at::kDouble:
-      TORCH_CHECK_TYPE(false,
-                       "smskd_loss_rows on CUDA supports float32, bfloat16 and float16 logits, got float64; "
-                       "use backend='reference' for float64 (e.g. for gradcheck) or cast the logits to float32");
-    default:
-      TORCH_CHECK_TYPE(false, "smskd_loss_rows on CUDA: student must be float32, bfloat16 or float16, got ",
-                       student.scalar_type());
-  }
-}
-
-smskd_weighting parse_weighting(const std::string& weighting) {
-  if (weighting == "inverse_tcp") return SMSKD_WEIGHT_INVERSE_TCP;
-  if (weighting == "tcp") return SMSKD_WEIGHT_TCP;
-  if (weighting == "constant") return SMSKD_WEIGHT_CONSTANT;
-  TORCH_CHECK_VALUE(false, "smskd_loss_rows: weighting must be 'inverse_tcp', 'tcp' or 'constant', got '", weighting,
-                    "'");
-}
-
-// Rows may be strided, columns must be contiguous: a copy only when they are not.
-at::Tensor with_unit_column_stride(const at::Tensor& logits) {
-  return logits.size(1) <= 1 || logits.stride(1) == 1 ? logits : logits.contiguous();
-}
 
 at::Tensor checked_companion(const char* name, const at::Tensor& logits, const at::Tensor& student) {
   TORCH_CHECK_VALUE(logits.sizes() == student.sizes(), "smskd_loss_rows: ", name, " must have the student's shape ",
@@ -90,8 +60,8 @@ PerRowResult launch(const at::Tensor& student, const std::optional<at::Tensor>& 
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
                     "smskd_loss_rows: temperature must be a finite number > 0, got ", temperature);
   smskd_loss_rows_args args{};
-  args.dtype = kernel_dtype(student);
-  args.weighting = parse_weighting(std::string(weighting));
+  args.dtype = kernel_dtype(student, "smskd_loss_rows");
+  args.weighting = parse_weighting(std::string(weighting), "smskd_loss_rows");
   const c10::cuda::CUDAGuard device_guard(student.device());
 
   at::Tensor t, r, y;

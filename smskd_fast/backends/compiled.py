@@ -3,7 +3,8 @@
 One class serves every device whose kernel csrc/ registers: the "cpu" backend
 is the CPU kernel, the "cuda" backend the CUDA one. A backend is available
 exactly when the loaded library has a kernel for its dispatch key, and accepts
-the top-k teacher form when it also has a kernel of smskd_loss_rows_topk (CPU).
+the top-k teacher form when it also has a kernel of smskd_loss_rows_topk (CPU;
+CUDA in a CUDA build).
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ class CompiledOpBackend:
 
     @property
     def supports_topk(self) -> bool:
-        """Whether the library has this device's kernel of the top-k form (the CPU does; CUDA not yet)."""
+        """Whether the library has this device's kernel of the top-k form (CPU; CUDA in a CUDA build)."""
         if not extension_loaded():
             return False
         try:

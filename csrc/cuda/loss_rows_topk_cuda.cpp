@@ -1,0 +1,161 @@
+// CUDA implementation of smskd_fast::smskd_loss_rows_topk (schema in csrc/ops.cpp;
+// math in smskd_fast/topk.py, CPU twin csrc/cpu/loss_rows_topk.cpp).
+//
+// Host code only: checks the tensors (errors name the argument), brings the
+// teacher's top-k form to float32 / int64, builds the kept-class bitmask on the
+// device (zeros + scatter_add_ of 1 << (j % 32) into word j / 32: indices are
+// distinct per row, so the sum is the bitwise or), and calls the PyTorch-free
+// launcher of kernels/ on the current stream. Indices are clamped to [0, C)
+// first, so a bad index never faults (validation.check_teacher_topk refuses
+// them on the public API). float64 is refused as by the dense CUDA operator.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+#include <string>
+#include <tuple>
+
+#include "cuda/cuda_op_args.h"
+#include "smskd_kernels.h"
+
+namespace smskd::cuda {
+namespace {
+
+constexpr const char* kOp = "smskd_loss_rows_topk";
+
+using TopKResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+void check_on_device(const char* name, const at::Tensor& tensor, const at::Tensor& student) {
+  TORCH_CHECK(tensor.device() == student.device(), kOp, ": ", name, " must be on the student's device ",
+              student.device(), ", got ", tensor.device());
+}
+
+void check_shape(const char* name, const at::Tensor& tensor, at::IntArrayRef shape) {
+  TORCH_CHECK_VALUE(tensor.sizes() == shape, kOp, ": ", name, " must have shape ", shape, ", got ", tensor.sizes());
+}
+
+// A per-row (N,) or per-kept-entry (N, k) floating tensor of the teacher, as contiguous float32.
+at::Tensor teacher_floats(const char* name, const at::Tensor& tensor, at::IntArrayRef shape,
+                          const at::Tensor& student) {
+  check_shape(name, tensor, shape);
+  check_on_device(name, tensor, student);
+  TORCH_CHECK_TYPE(at::isFloatingType(tensor.scalar_type()), kOp, ": ", name, " must be a floating tensor, got ",
+                   tensor.scalar_type());
+  return tensor.to(at::kFloat).contiguous();
+}
+
+// (N, ceil(C / 32)) int32 words: bit j % 32 of word j / 32 is set iff class j is kept.
+at::Tensor kept_class_mask(const at::Tensor& indices, int64_t classes) {
+  const int64_t words = (classes + 31) / 32;
+  const at::Tensor bits = at::bitwise_left_shift(at::ones_like(indices), at::bitwise_and(indices, 31)).to(at::kInt);
+  return at::zeros({indices.size(0), words}, indices.options().dtype(at::kInt))
+      .scatter_add_(1, at::bitwise_right_shift(indices, 5), bits);
+}
+
+TopKResult smskd_loss_rows_topk_cuda(const at::Tensor& student_in, const std::optional<at::Tensor>& target,
+                                     const at::Tensor& topk_values, const at::Tensor& topk_indices,
+                                     const at::Tensor& true_logit, const at::Tensor& log_sum_exp,
+                                     const at::Tensor& log_sum_exp_at_temperature,
+                                     const std::optional<at::Tensor>& reference, double temperature,
+                                     double ce_weight, double kd_weight, double ref_weight,
+                                     c10::string_view weighting, int64_t ignore_index, bool compute_grad) {
+  TORCH_CHECK(student_in.is_cuda(), kOp, ": student must be a CUDA tensor, got ", student_in.device());
+  TORCH_CHECK_VALUE(student_in.dim() == 2 && student_in.size(1) >= 1, kOp,
+                    ": student must have shape (N, C) with C >= 1, got ", student_in.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, kOp,
+                    ": temperature must be a finite number > 0, got ", temperature);
+  smskd_loss_rows_topk_args args{};
+  args.dtype = kernel_dtype(student_in, kOp);
+  args.weighting = parse_weighting(std::string(weighting), kOp);
+  const c10::cuda::CUDAGuard device_guard(student_in.device());
+  const at::Tensor student = with_unit_column_stride(student_in);
+  args.rows = student.size(0);
+  args.cols = student.size(1);
+
+  TORCH_CHECK_VALUE(topk_values.dim() == 2 && topk_values.size(0) == args.rows && topk_values.size(1) >= 1 &&
+                        topk_values.size(1) <= args.cols,
+                    kOp, ": topk_values must have shape (", args.rows, ", k) with 1 <= k <= ", args.cols, ", got ",
+                    topk_values.sizes());
+  args.k = topk_values.size(1);
+  const at::Tensor values = teacher_floats("topk_values", topk_values, {args.rows, args.k}, student);
+  check_shape("topk_indices", topk_indices, {args.rows, args.k});
+  check_on_device("topk_indices", topk_indices, student);
+  TORCH_CHECK_TYPE(at::isIntegralType(topk_indices.scalar_type(), /*includeBool=*/false), kOp,
+                   ": topk_indices must hold integer class indices, got ", topk_indices.scalar_type());
+  const at::Tensor indices = topk_indices.to(at::kLong).clamp(0, args.cols - 1).contiguous();
+  const at::Tensor true_values = teacher_floats("true_logit", true_logit, {args.rows}, student);
+  const at::Tensor lse = teacher_floats("log_sum_exp", log_sum_exp, {args.rows}, student);
+  const at::Tensor lse_t =
+      teacher_floats("log_sum_exp_at_temperature", log_sum_exp_at_temperature, {args.rows}, student);
+
+  at::Tensor r, y;
+  if (reference.has_value()) {
+    check_shape("reference", *reference, student.sizes());
+    check_on_device("reference", *reference, student);
+    TORCH_CHECK_TYPE(reference->scalar_type() == student.scalar_type(), kOp,
+                     ": reference must have the student's dtype ", student.scalar_type(), ", got ",
+                     reference->scalar_type());
+    r = with_unit_column_stride(*reference);
+  }
+  if (target.has_value()) {  // its range is checked by the kernel (a device-side assertion), as the dense op's
+    check_shape("target", *target, {args.rows});
+    check_on_device("target", *target, student);
+    TORCH_CHECK_TYPE(at::isIntegralType(target->scalar_type(), /*includeBool=*/false), kOp,
+                     ": target must hold integer class indices, got ", target->scalar_type());
+    y = target->to(at::kLong);
+  }
+
+  std::array<at::Tensor, 6> per_row;
+  for (auto& out : per_row) out = at::empty({args.rows}, student.options().dtype(at::kFloat));
+  at::Tensor grad = at::empty({compute_grad ? args.rows : 0, args.cols},
+                              student.options().memory_format(at::MemoryFormat::Contiguous));
+  if (args.rows == 0) return {per_row[0], per_row[1], per_row[2], per_row[3], per_row[4], per_row[5], grad};
+
+  const at::Tensor mask = kept_class_mask(indices, args.cols);
+  args.student = student.const_data_ptr();
+  args.student_stride = student.stride(0);
+  if (r.defined()) {
+    args.reference = r.const_data_ptr();
+    args.reference_stride = r.stride(0);
+  }
+  if (y.defined()) {
+    args.target = y.const_data_ptr<int64_t>();
+    args.target_stride = y.stride(0);
+  }
+  args.topk_values = values.const_data_ptr<float>();
+  args.topk_indices = indices.const_data_ptr<int64_t>();
+  args.kept_mask = reinterpret_cast<const uint32_t*>(mask.const_data_ptr<int32_t>());
+  args.kept_mask_stride = mask.stride(0);
+  args.true_logit = true_values.const_data_ptr<float>();
+  args.log_sum_exp = lse.const_data_ptr<float>();
+  args.log_sum_exp_at_temperature = lse_t.const_data_ptr<float>();
+  if (compute_grad) {
+    args.grad = grad.data_ptr();
+    args.grad_stride = grad.stride(0);
+  }
+  args.loss = per_row[0].data_ptr<float>();
+  args.ce = per_row[1].data_ptr<float>();
+  args.kd = per_row[2].data_ptr<float>();
+  args.ref = per_row[3].data_ptr<float>();
+  args.tcp = per_row[4].data_ptr<float>();
+  args.weight = per_row[5].data_ptr<float>();
+  args.temperature = static_cast<float>(temperature);
+  args.ce_weight = static_cast<float>(ce_weight);
+  args.kd_weight = static_cast<float>(kd_weight);
+  args.ref_weight = static_cast<float>(ref_weight);
+  args.ignore_index = ignore_index;
+
+  const char* invalid = smskd_loss_rows_topk_invalid(&args);
+  TORCH_CHECK_VALUE(invalid == nullptr, kOp, ": ", invalid ? invalid : "");
+  const cudaError_t status = smskd_loss_rows_topk_launch(&args, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cudaSuccess, kOp, ": CUDA kernel launch failed: ", cudaGetErrorString(status));
+  return {per_row[0], per_row[1], per_row[2], per_row[3], per_row[4], per_row[5], grad};
+}
+
+}  // namespace
+}  // namespace smskd::cuda
+
+TORCH_LIBRARY_IMPL(smskd_fast, CUDA, m) { m.impl("smskd_loss_rows_topk", &smskd::cuda::smskd_loss_rows_topk_cuda); }

@@ -1,0 +1,355 @@
+// The fused row kernel of the top-k teacher form (smskd_fast/topk.py; the CPU
+// twin is csrc/cpu/loss_rows_topk.cpp), built from the dense kernel's pieces
+// (smskd_row_kernel.cuh: layouts, packed sweeps, online statistics, merges).
+//
+// Per row, by the threads that own it:
+//   A. one dense sweep over the student (and reference) row: lse(s), lse(s/T),
+//      the rest's sum R = sum_{j not kept} exp(s_j/T - m) (kept bitmask), and
+//      the reference's statistics; merged across the row's threads;
+//   B. a gather of the k kept classes: p_c = exp(v_c/T - lse_T), their KL
+//      terms against log q_c and their mass, and lse of log p_c for
+//      p_rest = max(-expm1(lse), 0); merged again;
+//   C. with a gradient: a dense sweep g_j = kd_w T (q_j M - p~_j) + CE and
+//      reference terms, p~_j = p_rest q_j / q_rest off the kept classes, then
+//      (after a barrier) the kept classes' entries again with p~_c = p_c.
+// No PyTorch dependency; the per-thread arithmetic (TopKRowMath) is host and
+// device code, tested on the CPU by kernels/tests/topk_rows_host.cu.
+#pragma once
+
+#include "smskd_row_kernel.cuh"
+
+namespace smskd {
+namespace kernels {
+
+// Scalars and pointers of one top-k launch (from smskd_loss_rows_topk_args).
+struct TopKParams {
+  int64_t rows, cols, k;
+  int64_t student_stride, reference_stride, target_stride, mask_stride, grad_stride;
+  const int64_t* target;
+  const float* values;
+  const int64_t* indices;
+  const uint32_t* mask;
+  const float* true_logit;
+  const float* lse;
+  const float* lse_t;
+  float* loss;
+  float* ce;
+  float* kd;
+  float* ref;
+  float* tcp;
+  float* weight;
+  float temperature, ce_weight, kd_weight, ref_weight;
+  smskd_weighting weighting;
+  int64_t ignore_index;
+  bool vectorized;  // student, reference and grad rows start at the same offset modulo 16 bytes
+};
+
+// Sweep A: the student's statistics (s.dot is R, the rest's sum at T) and the reference's.
+struct TopKRowStats {
+  StreamStats s, r;
+};
+
+// Gather B: lse of log p_c over the kept classes (in lse.max / lse.sum1), sum_c p_c (log p_c - log q_c)
+// and sum_c p_c over those with p_c > 0.
+struct KeptStats {
+  StreamStats lse;
+  float kl = 0.0f;
+  float mass = 0.0f;
+};
+
+// Per-row outputs and what the gradient needs.
+struct TopKRowResult {
+  float loss = 0.0f, ce = 0.0f, kd = 0.0f, ref = 0.0f, tcp = 0.0f, weight = 0.0f;
+  float a = 0.0f, b = 0.0f, g = 0.0f;  // ce_w, kd_w T, ref_w T w
+  float total_mass = 0.0f;             // kept mass + p_rest
+  float p_rest = 0.0f;
+  float off_s = 0.0f, off_sT = 0.0f, off_rT = 0.0f, off_rest = 0.0f;  // log-sum-exps * log2 e
+};
+
+SMSKD_HD int64_t clamp_class(int64_t index, int64_t cols) { return index < 0 ? 0 : index >= cols ? cols - 1 : index; }
+
+// Kept bits of columns [column, column + N) (N <= 32), bit e for column + e: one or
+// two word loads per pack instead of one per element.
+template <int N>
+SMSKD_HD uint32_t kept_bits(const uint32_t* mask_row, int64_t column) {
+  const int64_t word = column >> 5;
+  const int shift = static_cast<int>(column & 31);
+  uint64_t bits = mask_row[word];
+  if (shift + N > 32) bits |= static_cast<uint64_t>(mask_row[word + 1]) << 32;
+  return static_cast<uint32_t>(bits >> shift);
+}
+
+template <bool kTarget, bool kRef>
+SMSKD_HD void merge_topk_row(TopKRowStats& a, const TopKRowStats& b, float k1, float kT) {
+  merge_stats<kTarget, true, true>(a.s, b.s, k1, kT);
+  if (kRef) merge_stats<false, true, true>(a.r, b.r, k1, kT);
+}
+
+SMSKD_HD void merge_kept(KeptStats& a, const KeptStats& b, float k1, float kT) {
+  merge_stats<true, false, false>(a.lse, b.lse, k1, kT);
+  a.kl += b.kl;
+  a.mass += b.mass;
+}
+
+template <int kLanes, bool kTarget, bool kRef>
+__device__ __forceinline__ void warp_merge_topk_row(TopKRowStats& st, unsigned mask, float k1, float kT) {
+  warp_merge<kLanes, kTarget, true, true>(st.s, mask, k1, kT);
+  if (kRef) warp_merge<kLanes, false, true, true>(st.r, mask, k1, kT);
+}
+
+template <int kLanes>
+__device__ __forceinline__ void warp_merge_kept(KeptStats& st, unsigned mask, float k1, float kT) {
+  warp_merge<kLanes, true, false, false>(st.lse, mask, k1, kT);
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
+    st.kl += __shfl_xor_sync(mask, st.kl, offset);
+    st.mass += __shfl_xor_sync(mask, st.mass, offset);
+  }
+}
+
+// The arithmetic of one row of the top-k form, independent of how threads share it.
+template <typename T, bool kTarget, bool kRef>
+struct TopKRowMath {
+  const T* s_row;
+  const T* r_row;
+  const uint32_t* mask_row;
+  const float* values_row;
+  const int64_t* indices_row;
+  int64_t cols, k;
+  float temperature, invT, kT, lse_t;
+  static constexpr float k1 = kLog2e;
+
+  SMSKD_HD TopKRowMath(const TopKParams& prm, const T* student, const T* reference, int64_t row)
+      : s_row(student + row * prm.student_stride),
+        r_row(kRef ? reference + row * prm.reference_stride : nullptr),
+        mask_row(prm.mask + row * prm.mask_stride),
+        values_row(prm.values + row * prm.k),
+        indices_row(prm.indices + row * prm.k),
+        cols(prm.cols),
+        k(prm.k),
+        temperature(prm.temperature),
+        invT(1.0f / prm.temperature),
+        kT(kLog2e / prm.temperature),
+        lse_t(prm.lse_t[row]) {}
+
+  // Sweep A over P packs of N columns, pack p starting at column c + p * stride.
+  template <int P, int N>
+  SMSKD_HD void accumulate(TopKRowStats& st, int64_t c, int64_t stride) const {
+    constexpr int M = P * N;
+    float s[M], r[M], d[M];
+    load_chunk<P, N>(s_row, c, stride, s);
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const uint32_t kept = kept_bits<N>(mask_row, c + p * stride);
+#pragma unroll
+      for (int e = 0; e < N; ++e) d[p * N + e] = (kept >> e) & 1u ? 0.0f : 1.0f;
+    }
+    add_values<kTarget, true, true>(st.s, s, d, k1, kT);  // dot: the rest's sum R
+    if (kRef) {
+      load_chunk<P, N>(r_row, c, stride, r);
+#pragma unroll
+      for (int e = 0; e < M; ++e) d[e] = (r[e] - s[e]) * invT;
+      add_values<false, true, true>(st.r, r, d, k1, kT);
+    }
+  }
+
+  SMSKD_HD float lse_sT(const TopKRowStats& st) const { return st.s.max * invT + logf(st.s.sumT); }
+
+  // log p_c of kept entry c and its clamped class.
+  SMSKD_HD float log_p(int64_t c) const { return values_row[c] / temperature - lse_t; }
+  SMSKD_HD int64_t kept_class(int64_t c) const { return clamp_class(indices_row[c], cols); }
+
+  // Gather B: kept entries lane, lane + threads, ... of the row, given the merged sweep A.
+  SMSKD_HD void gather(KeptStats& ks, const TopKRowStats& st, int lane, int threads) const {
+    const float lse_q = lse_sT(st);
+    for (int64_t c = lane; c < k; c += threads) {
+      const float lp[1] = {log_p(c)};
+      add_values<true, false, false>(ks.lse, lp, lp, k1, kT);
+      const float p = expf(lp[0]);
+      if (p > 0.0f) {
+        const float log_q = to_float(s_row[kept_class(c)]) * invT - lse_q;
+        ks.kl += p * (lp[0] - log_q);
+        ks.mass += p;
+      }
+    }
+  }
+
+  // The row's outputs from the merged statistics (csrc/cpu/loss_rows_topk.cpp's formulas).
+  SMSKD_HD TopKRowResult finish(const TopKRowStats& st, const KeptStats& ks, float s_y, float true_logit,
+                                float lse_teacher, const TopKParams& prm) const {
+    TopKRowResult res;
+    const float T2 = temperature * temperature;
+    const float lse_s = kTarget ? st.s.max + logf(st.s.sum1) : 0.0f;
+    const float lse_q = lse_sT(st);
+    res.ce = kTarget ? lse_s - s_y : 0.0f;
+    float rest_kl = 0.0f;
+    if (k < cols) {
+      const float log_kept = ks.lse.max + logf(ks.lse.sum1);
+      res.p_rest = fmaxf(-expm1f(log_kept), 0.0f);
+      if (res.p_rest > 0.0f) {
+        const float lse_rest = st.s.max * invT + logf(st.s.dot);  // log sum_{j not kept} exp(s_j/T); -inf if R = 0
+        rest_kl = res.p_rest * (logf(res.p_rest) - (lse_rest - lse_q));
+        res.off_rest = lse_rest * kLog2e;
+      }
+    }
+    res.kd = T2 * (ks.kl + rest_kl);
+    res.tcp = kTarget ? expf(true_logit - lse_teacher) : 0.0f;
+    if (prm.weighting == SMSKD_WEIGHT_CONSTANT) {
+      res.weight = 1.0f;
+    } else if (kTarget) {
+      res.weight = prm.weighting == SMSKD_WEIGHT_TCP ? res.tcp : 1.0f - res.tcp;
+    }
+    const float lse_rT = kRef ? st.r.max * invT + logf(st.r.sumT) : 0.0f;
+    res.ref = kRef ? T2 * res.weight * (st.r.dot / st.r.sumT - lse_rT + lse_q) : 0.0f;
+    res.loss = prm.ce_weight * res.ce + prm.kd_weight * res.kd + prm.ref_weight * res.ref;
+    res.a = kTarget ? prm.ce_weight : 0.0f;
+    res.b = temperature * prm.kd_weight;
+    res.g = kRef ? temperature * prm.ref_weight * res.weight : 0.0f;
+    res.total_mass = ks.mass + res.p_rest;
+    res.off_s = lse_s * kLog2e;
+    res.off_sT = lse_q * kLog2e;
+    res.off_rT = lse_rT * kLog2e;
+    return res;
+  }
+
+  // d loss / d s_j given s_j, r_j and the teacher's p~_j.
+  SMSKD_HD float gradient_at(const TopKRowResult& res, float s, float r, bool is_target, float p_tilde) const {
+    const float q = exp2f(fmaf(s, kT, -res.off_sT));
+    float v = res.b * (q * res.total_mass - p_tilde);
+    if (kTarget) v += res.a * (exp2f(fmaf(s, k1, -res.off_s)) - (is_target ? 1.0f : 0.0f));
+    if (kRef) v += res.g * (q - exp2f(fmaf(r, kT, -res.off_rT)));
+    return v;
+  }
+
+  // Sweep C (dense): every column as if not kept; the kept ones are rewritten by scatter_kept.
+  template <int P, int N>
+  SMSKD_HD void gradient(const TopKRowResult& res, T* g_row, int64_t y, int64_t c, int64_t stride) const {
+    constexpr int M = P * N;
+    float s[M], r[M], out[M];
+    load_chunk<P, N>(s_row, c, stride, s);
+    if (kRef) load_chunk<P, N>(r_row, c, stride, r);
+#pragma unroll
+    for (int e = 0; e < M; ++e) {
+      const int64_t column = c + (e / N) * stride + (e % N);
+      const float p_tilde = res.p_rest > 0.0f ? res.p_rest * exp2f(fmaf(s[e], kT, -res.off_rest)) : 0.0f;
+      out[e] = gradient_at(res, s[e], kRef ? r[e] : 0.0f, kTarget && column == y, p_tilde);
+    }
+    store_chunk<P, N>(g_row, c, stride, out);
+  }
+
+  // The kept classes' gradient, p~_c = p_c (0 unless p_c > 0); after sweep C and a barrier.
+  SMSKD_HD void scatter_kept(const TopKRowResult& res, T* g_row, int64_t y, int lane, int threads) const {
+    for (int64_t c = lane; c < k; c += threads) {
+      const int64_t j = kept_class(c);
+      const float p = expf(log_p(c));
+      const float r = kRef ? to_float(r_row[j]) : 0.0f;
+      g_row[j] = from_float<T>(gradient_at(res, to_float(s_row[j]), r, kTarget && j == y, p > 0.0f ? p : 0.0f));
+    }
+  }
+};
+
+// Writes the six per-row outputs.
+SMSKD_HD void store_topk_row(const TopKParams& prm, int64_t row, const TopKRowResult& res) {
+  prm.loss[row] = res.loss;
+  prm.ce[row] = res.ce;
+  prm.kd[row] = res.kd;
+  prm.ref[row] = res.ref;
+  prm.tcp[row] = res.tcp;
+  prm.weight[row] = res.weight;
+}
+
+template <typename T, int kThreads, int kRowsPerBlock, bool kTarget, bool kRef>
+__device__ __forceinline__ void process_topk_rows(const TopKParams& prm, const T* __restrict__ student,
+                                                  const T* __restrict__ reference, T* __restrict__ grad) {
+  using Math = TopKRowMath<T, kTarget, kRef>;
+  constexpr int kWarps = kThreads / 32;
+  constexpr int kLanes = kThreads < 32 ? kThreads : 32;
+  __shared__ TopKRowStats warp_stats[kWarps > 1 ? kWarps : 1];
+  __shared__ KeptStats warp_kept[kWarps > 1 ? kWarps : 1];
+  const unsigned mask = row_lane_mask<kLanes>();
+  const int lane = threadIdx.x % kThreads;
+  const int64_t cols = prm.cols;
+
+  // Every thread of the row passes each barrier: the loop and its branches are uniform per row.
+  auto row_barrier = [&] {
+    if (kWarps > 1) {
+      __syncthreads();
+    } else {
+      __syncwarp(mask);
+    }
+  };
+
+  for (int64_t row = int64_t{blockIdx.x} * kRowsPerBlock + threadIdx.x / kThreads; row < prm.rows;
+       row += int64_t{gridDim.x} * kRowsPerBlock) {
+    T* g_row = grad ? grad + row * prm.grad_stride : nullptr;
+    const RowSweep<T, kThreads> sweep(student + row * prm.student_stride, cols, prm.vectorized, lane);
+    int64_t y = 0;
+    if (kTarget) {
+      y = prm.target[row * prm.target_stride];
+      if (y == prm.ignore_index) {  // ignored row: zeros everywhere
+        if (lane == 0) store_topk_row(prm, row, TopKRowResult{});
+        if (g_row) {
+          sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
+            zero_chunk<decltype(packs)::value, decltype(n)::value>(g_row, c, stride);
+          });
+        }
+        continue;
+      }
+      if (y < 0 || y >= cols) {
+        fail_target_out_of_range();
+        if (lane == 0) prm.loss[row] = NAN;  // never reached; no silent value if it were
+        continue;
+      }
+    }
+    const Math math(prm, student, reference, row);
+    const float s_y = kTarget ? to_float(math.s_row[y]) : 0.0f;
+
+    TopKRowStats st;
+    sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
+      math.template accumulate<decltype(packs)::value, decltype(n)::value>(st, c, stride);
+    });
+    warp_merge_topk_row<kLanes, kTarget, kRef>(st, mask, Math::k1, math.kT);
+    if (kWarps > 1) {
+      if (lane % 32 == 0) warp_stats[lane / 32] = st;
+      __syncthreads();
+      st = warp_stats[0];
+#pragma unroll 4
+      for (int w = 1; w < kWarps; ++w) merge_topk_row<kTarget, kRef>(st, warp_stats[w], Math::k1, math.kT);
+    }
+
+    KeptStats ks;
+    math.gather(ks, st, lane, kThreads);
+    warp_merge_kept<kLanes>(ks, mask, Math::k1, math.kT);
+    if (kWarps > 1) {
+      if (lane % 32 == 0) warp_kept[lane / 32] = ks;
+      __syncthreads();
+      ks = warp_kept[0];
+#pragma unroll 4
+      for (int w = 1; w < kWarps; ++w) merge_kept(ks, warp_kept[w], Math::k1, math.kT);
+      __syncthreads();  // warp_stats and warp_kept are rewritten for the next row
+    }
+
+    const TopKRowResult res =
+        math.finish(st, ks, s_y, kTarget ? prm.true_logit[row] : 0.0f, kTarget ? prm.lse[row] : 0.0f, prm);
+    if (lane == 0) store_topk_row(prm, row, res);
+    if (!g_row) continue;
+    sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
+      math.template gradient<decltype(packs)::value, decltype(n)::value>(res, g_row, y, c, stride);
+    });
+    row_barrier();  // the dense sweep's writes of kept columns land before their rewrite
+    math.scatter_kept(res, g_row, y, lane, kThreads);
+  }
+}
+
+template <typename T, int kThreads, int kRowsPerBlock, bool kRef>
+__global__ void __launch_bounds__(kThreads* kRowsPerBlock, min_blocks_per_sm(kThreads* kRowsPerBlock))
+    smskd_topk_rows_kernel(TopKParams prm, const T* student, const T* reference, T* grad) {
+  if (prm.target != nullptr) {
+    process_topk_rows<T, kThreads, kRowsPerBlock, true, kRef>(prm, student, reference, grad);
+  } else {
+    process_topk_rows<T, kThreads, kRowsPerBlock, false, kRef>(prm, student, reference, grad);
+  }
+}
+
+}  // namespace kernels
+}  // namespace smskd

@@ -1,0 +1,85 @@
+// The top-k row kernel (kernels/smskd_topk_row_kernel.cuh) emulated on the CPU:
+// each thread of a row runs in turn, and the statistics are merged as the warp
+// shuffles and shared memory would (in thread order). Shared by the host drivers
+// topk_rows_host.cu (inputs from tests/test_cuda_topk_host_math.py) and
+// test_topk_kernels.cu --host (the standalone ctest against topk_oracle.h).
+#pragma once
+
+#include "smskd_topk_row_kernel.cuh"
+
+namespace smskd {
+namespace emulation {
+
+using namespace smskd::kernels;
+
+template <typename T, int kThreads, bool kTarget, bool kRef>
+void emulate(const TopKParams& prm, const T* student, const T* reference, T* grad) {
+  using Math = TopKRowMath<T, kTarget, kRef>;
+  for (int64_t row = 0; row < prm.rows; ++row) {
+    T* g_row = grad + row * prm.grad_stride;
+    int64_t y = 0;
+    if (kTarget) {
+      y = prm.target[row * prm.target_stride];
+      if (y == prm.ignore_index) {
+        store_topk_row(prm, row, TopKRowResult{});
+        for (int lane = 0; lane < kThreads; ++lane) {
+          const RowSweep<T, kThreads> sweep(student + row * prm.student_stride, prm.cols, prm.vectorized, lane);
+          sweep.run(prm.cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
+            zero_chunk<decltype(packs)::value, decltype(n)::value>(g_row, c, stride);
+          });
+        }
+        continue;
+      }
+    }
+    const Math math(prm, student, reference, row);
+    const float s_y = kTarget ? to_float(math.s_row[y]) : 0.0f;
+    TopKRowStats st;
+    for (int lane = 0; lane < kThreads; ++lane) {
+      const RowSweep<T, kThreads> sweep(math.s_row, prm.cols, prm.vectorized, lane);
+      TopKRowStats mine;
+      sweep.run(prm.cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
+        math.template accumulate<decltype(packs)::value, decltype(n)::value>(mine, c, stride);
+      });
+      merge_topk_row<kTarget, kRef>(st, mine, Math::k1, math.kT);
+    }
+    KeptStats ks;
+    for (int lane = 0; lane < kThreads; ++lane) {
+      KeptStats mine;
+      math.gather(mine, st, lane, kThreads);
+      merge_kept(ks, mine, Math::k1, math.kT);
+    }
+    const TopKRowResult res =
+        math.finish(st, ks, s_y, kTarget ? prm.true_logit[row] : 0.0f, kTarget ? prm.lse[row] : 0.0f, prm);
+    store_topk_row(prm, row, res);
+    for (int lane = 0; lane < kThreads; ++lane) {
+      const RowSweep<T, kThreads> sweep(math.s_row, prm.cols, prm.vectorized, lane);
+      sweep.run(prm.cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
+        math.template gradient<decltype(packs)::value, decltype(n)::value>(res, g_row, y, c, stride);
+      });
+    }
+    for (int lane = 0; lane < kThreads; ++lane) math.scatter_kept(res, g_row, y, lane, kThreads);
+  }
+}
+
+template <typename T, int kThreads>
+void emulate_inputs(const TopKParams& prm, const T* student, const T* reference, T* grad) {
+  if (prm.target && reference) emulate<T, kThreads, true, true>(prm, student, reference, grad);
+  if (prm.target && !reference) emulate<T, kThreads, true, false>(prm, student, reference, grad);
+  if (!prm.target && reference) emulate<T, kThreads, false, true>(prm, student, reference, grad);
+  if (!prm.target && !reference) emulate<T, kThreads, false, false>(prm, student, reference, grad);
+}
+
+// All rows with threads (8, 16, 32, 256 or 512) threads per row; grad must not be NULL.
+template <typename T>
+void emulate_topk_rows(int threads, const TopKParams& prm, const T* student, const T* reference, T* grad) {
+  switch (threads) {
+    case 8: emulate_inputs<T, 8>(prm, student, reference, grad); break;
+    case 16: emulate_inputs<T, 16>(prm, student, reference, grad); break;
+    case 32: emulate_inputs<T, 32>(prm, student, reference, grad); break;
+    case 256: emulate_inputs<T, 256>(prm, student, reference, grad); break;
+    default: emulate_inputs<T, 512>(prm, student, reference, grad); break;
+  }
+}
+
+}  // namespace emulation
+}  // namespace smskd

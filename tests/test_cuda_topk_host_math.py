@@ -1,0 +1,176 @@
+"""The CUDA top-k kernel's arithmetic run on the CPU, against the float64 reference (no GPU needed).
+
+kernels/tests/topk_rows_host.cu (compiled with nvcc as host code, about 30 s)
+runs kernels/smskd_topk_row_kernel.cuh's per-thread work for every thread of a
+row in turn, with the merges the shuffles and shared memory do, for every row
+layout (8, 16, 32, 256, 512 threads per row), on inputs written here; the
+outputs must match tests/topk_cases.py's float64 reference. Warp shuffles,
+barriers and the launch itself need a GPU (tests/test_cuda_topk.py). Skipped
+without nvcc.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from smskd_fast.backends.base import LossOptions
+from smskd_fast.topk import TopKTeacher
+from topk_cases import FIELDS, make_inputs, run_reference
+from topk_tolerance import assert_matches_reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from cuda_resource_report import find_tool  # noqa: E402
+
+NVCC = find_tool("nvcc")
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (no CUDA toolkit)")
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+WEIGHTING_CODES = {"inverse_tcp": 0, "tcp": 1, "constant": 2}
+LAYOUTS = (8, 16, 32, 256, 512)
+# (rows, C, k): each layout's range of C, odd C for heads and tails, k = 1, k = C, k > threads per row.
+SHAPES = ((5, 1, 1), (6, 7, 3), (6, 7, 7), (5, 100, 10), (4, 129, 40), (4, 513, 64), (3, 2049, 300),
+          (3, 5003, 50))
+# (target, reference, weighting)
+INPUTS = ((True, True, "inverse_tcp"), (True, False, "tcp"), (False, True, "constant"), (False, False, "constant"))
+
+
+@pytest.fixture(scope="module")
+def host_binary(tmp_path_factory):
+    binary = tmp_path_factory.mktemp("topk_host") / "topk_rows_host"
+    kernels = os.path.join(ROOT, "kernels")
+    subprocess.run([NVCC, "-std=c++17", "-O2", "-I", kernels, os.path.join(kernels, "tests", "topk_rows_host.cu"),
+                    "-o", str(binary)], check=True, capture_output=True, text=True)
+    return binary
+
+
+def raw(tensor):
+    """The tensor's bytes, in its own dtype (bfloat16 as its 16-bit pattern)."""
+    t = tensor.detach().contiguous().cpu()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return t.view(torch.int16).numpy().tobytes()
+    return t.numpy().tobytes()
+
+
+def run_host(binary, directory, student, target, topk, reference, options, *, pad, vectorized):
+    """Writes the case, runs the emulation, returns {threads: (six per-row outputs, grad)}."""
+    n, c = student.shape
+    directory.mkdir()
+    meta = [n, c, topk.k, DTYPE_CODES[student.dtype], int(target is not None), int(reference is not None),
+            repr(options.temperature), repr(options.ce_weight), repr(options.kd_weight), repr(options.ref_weight),
+            WEIGHTING_CODES[options.weighting], options.ignore_index, pad, int(vectorized)]
+    (directory / "meta.txt").write_text(" ".join(map(str, meta)))
+    (directory / "student.bin").write_bytes(raw(student))
+    if reference is not None:
+        (directory / "reference.bin").write_bytes(raw(reference))
+    if target is not None:
+        (directory / "target.bin").write_bytes(raw(target.long()))
+    (directory / "indices.bin").write_bytes(raw(topk.indices.long()))
+    for name, tensor in (("values", topk.values), ("true_logit", topk.true_logit), ("lse", topk.log_sum_exp),
+                         ("lse_t", topk.log_sum_exp_at_temperature)):
+        (directory / f"{name}.bin").write_bytes(raw(tensor.float()))
+    result = subprocess.run([str(binary), str(directory)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    outputs = {}
+    for threads in LAYOUTS:
+        rows = torch.from_numpy(np.fromfile(directory / f"rows_{threads}.bin", dtype=np.float32).reshape(6, n))
+        grad_bits = np.fromfile(directory / f"grad_{threads}.bin",
+                                dtype=np.float32 if student.dtype == torch.float32 else np.int16)
+        grad = torch.from_numpy(grad_bits.reshape(n, c))
+        if student.dtype != torch.float32:
+            grad = grad.view(student.dtype)
+        outputs[threads] = (list(rows), grad)
+    return outputs
+
+
+def check_case(binary, directory, student, target, topk, reference, options, *, pad=0, vectorized=True):
+    expected, expected_grad = run_reference(student, target, topk, reference, options)
+    outputs = run_host(binary, directory, student, target, topk, reference, options, pad=pad, vectorized=vectorized)
+    for threads, (per_row, grad) in outputs.items():
+        assert_matches_reference(per_row, grad, expected, expected_grad, student, options,
+                                 what=f"{threads} threads/row:")
+        if target is not None and student.shape[0] > 2:
+            assert torch.all(grad[1] == 0) and all(float(v[1]) == 0 for v in per_row)  # the ignored row
+
+
+CASES = [(dtype, shape, inputs) for dtype in DTYPE_CODES for shape in SHAPES for inputs in INPUTS]
+
+
+@pytest.mark.parametrize("dtype, shape, inputs", CASES,
+                         ids=[f"{str(d)[6:]}-{s[1]}x{s[2]}-{'y' if i[0] else 'noy'}-{'r' if i[1] else 'nor'}"
+                              for d, s, i in CASES])
+def test_host_math_matches_the_float64_reference(host_binary, tmp_path, dtype, shape, inputs):
+    n, c, k = shape
+    with_target, with_reference, weighting = inputs
+    index = CASES.index((dtype, shape, inputs))
+    options = LossOptions(temperature=(4.0, 1.0, 2.5)[index % 3], ce_weight=0.3, kd_weight=0.9, ref_weight=0.7,
+                          weighting=weighting)
+    student, target, topk, reference = make_inputs(n, c, k, dtype, seed=index, temperature=options.temperature,
+                                                   with_target=with_target, with_reference=with_reference)
+    # Alternate the row layout in memory: contiguous, misaligned rows, and the scalar path.
+    pad, vectorized = ((0, True), (1, True), (3, False))[index % 3]
+    check_case(host_binary, tmp_path / "case", student, target, topk, reference, options, pad=pad,
+               vectorized=vectorized)
+
+
+def test_no_rest_mass_and_masked_student_classes(host_binary, tmp_path):
+    """p_rest = 0 (the kept classes hold all the teacher's mass), and -inf student logits off the kept classes."""
+    student, target, _, reference = make_inputs(4, 40, 2, torch.float32, seed=7)
+    teacher = torch.full((4, 40), -1e4, dtype=torch.float32)
+    teacher[:, :2] = torch.tensor([3.0, 1.0])
+    options = LossOptions(temperature=1.0, ce_weight=0.5, kd_weight=1.0, ref_weight=0.3, weighting="constant")
+    topk = TopKTeacher.from_logits(teacher, target, 2, options.temperature)
+    check_case(host_binary, tmp_path / "no_rest", student, target, topk, reference, options)
+    masked = student.clone()
+    masked[:, 30:] = float("-inf")  # q = 0 there: no gradient, no share of the rest
+    target = target.clamp(max=29).masked_fill(target == -100, -100)
+    teacher = torch.randn(4, 40, generator=torch.Generator().manual_seed(3))
+    teacher[:, 30:] -= 100.0  # the kept classes lie among the finite student logits
+    options = LossOptions(temperature=2.0, ce_weight=0.5, kd_weight=1.0, ref_weight=0.0, weighting="constant")
+    topk = TopKTeacher.from_logits(teacher, target, 5, options.temperature)
+    check_case(host_binary, tmp_path / "masked", masked, target, topk, None, options)
+
+
+def test_the_comparison_catches_a_small_error(host_binary, tmp_path):
+    """The comparison can fail: outputs off by 0.1 % are refused."""
+    student, target, topk, reference = make_inputs(5, 100, 10, torch.float32, seed=1)
+    options = LossOptions(temperature=4.0, ce_weight=0.3, kd_weight=0.9, ref_weight=0.7)
+    expected, expected_grad = run_reference(student, target, topk, reference, options)
+    outputs = run_host(host_binary, tmp_path / "case", student, target, topk, reference, options, pad=0,
+                       vectorized=True)
+    per_row, grad = outputs[32]
+    wrong = list(per_row)
+    wrong[2] = per_row[2] * (1 + 1e-3)
+    with pytest.raises(AssertionError):
+        assert_matches_reference(wrong, grad, expected, expected_grad, student, options)
+    with pytest.raises(AssertionError):
+        assert_matches_reference(per_row, grad * (1 + 1e-3), expected, expected_grad, student, options)
+
+
+def test_no_student_mass_off_the_kept_classes_gives_what_the_cpu_kernel_gives(host_binary, tmp_path):
+    """R = 0 (every non-kept student logit is -inf): an infinite rest term and NaN gradients off the kept
+    classes, as csrc/cpu/loss_rows_topk.cpp gives (the float64 reference is not finite here either)."""
+    import smskd_fast  # noqa: PLC0415
+
+    if not smskd_fast.available_backends()["cpu"]:
+        pytest.skip("the C++ CPU kernel (the oracle of this case) is not built")
+    student, target, topk, _ = make_inputs(6, 300, 10, torch.float32, seed=9, temperature=2.0)
+    rest = torch.ones_like(student, dtype=torch.bool).scatter(1, topk.indices, False)
+    student[rest] = float("-inf")  # finite on the kept classes only
+    target = torch.where(target == -100, target, topk.indices[:, 0])
+    options = LossOptions(temperature=2.0, ce_weight=0.5, kd_weight=1.0, ref_weight=0.0)
+    want = torch.ops.smskd_fast.smskd_loss_rows_topk(
+        student, target, topk.values, topk.indices, topk.true_logit, topk.log_sum_exp,
+        topk.log_sum_exp_at_temperature, None, options.temperature, options.ce_weight, options.kd_weight,
+        options.ref_weight, options.weighting, options.ignore_index, True)
+    assert torch.isinf(want[2][0]) and torch.isnan(want[6][0]).any()  # the case is what it claims
+    outputs = run_host(host_binary, tmp_path / "case", student, target, topk, None, options, pad=0, vectorized=True)
+    for threads, (per_row, grad) in outputs.items():
+        for name, got, expected in zip(FIELDS + ("grad",), per_row + [grad], want):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, equal_nan=True,
+                                       msg=lambda m: f"{threads} threads/row {name}: {m}")

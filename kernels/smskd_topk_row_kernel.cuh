@@ -50,7 +50,7 @@ struct TopKRowStats {
 };
 
 // Gather B: lse of log p_c over the kept classes (in lse.max / lse.sum1), sum_c p_c (log p_c - log q_c)
-// and sum_c p_c over those with p_c > 0.
+// and sum_c p_c over those with p_c != 0 (NaN included: it propagates).
 struct KeptStats {
   StreamStats lse;
   float kl = 0.0f;
@@ -166,7 +166,7 @@ struct TopKRowMath {
       const float lp[1] = {log_p(c)};
       add_values<true, false, false>(ks.lse, lp, lp, k1, kT);
       const float p = expf(lp[0]);
-      if (p > 0.0f) {
+      if (p != 0.0f) {  // p = 0 adds nothing; NaN propagates, as in topk.py
         const float log_q = to_float(s_row[kept_class(c)]) * invT - lse_q;
         ks.kl += p * (lp[0] - log_q);
         ks.mass += p;
@@ -237,13 +237,13 @@ struct TopKRowMath {
     store_chunk<P, N>(g_row, c, stride, out);
   }
 
-  // The kept classes' gradient, p~_c = p_c (0 unless p_c > 0); after sweep C and a barrier.
+  // The kept classes' gradient, p~_c = p_c (0 where p_c = 0); after sweep C and a barrier.
   SMSKD_HD void scatter_kept(const TopKRowResult& res, T* g_row, int64_t y, int lane, int threads) const {
     for (int64_t c = lane; c < k; c += threads) {
       const int64_t j = kept_class(c);
       const float p = expf(log_p(c));
       const float r = kRef ? to_float(r_row[j]) : 0.0f;
-      g_row[j] = from_float<T>(gradient_at(res, to_float(s_row[j]), r, kTarget && j == y, p > 0.0f ? p : 0.0f));
+      g_row[j] = from_float<T>(gradient_at(res, to_float(s_row[j]), r, kTarget && j == y, p != 0.0f ? p : 0.0f));
     }
   }
 };

@@ -66,7 +66,10 @@ def topk_kl(teacher: TopKTeacher, student_log_q: torch.Tensor, temperature: floa
         - teacher.log_sum_exp_at_temperature.to(student_log_q.dtype).unsqueeze(-1)
     p_kept = log_p_kept.exp()
     log_q_kept = student_log_q.gather(-1, teacher.indices.long())
-    kept = torch.where(p_kept > 0, p_kept * (log_p_kept - log_q_kept), torch.zeros_like(p_kept)).sum(-1)
+    # A kept class of probability 0 (a -inf logit) adds nothing; a NaN value or log-sum-exp
+    # propagates (p != 0 holds for NaN) so that a broken cache row gives a NaN loss, as a
+    # NaN teacher logit does in the dense form, instead of silently losing that class.
+    kept = torch.where(p_kept != 0, p_kept * (log_p_kept - log_q_kept), torch.zeros_like(p_kept)).sum(-1)
     if teacher.k == student_log_q.shape[-1]:
         return kept  # nothing left out: the dense KL
     p_rest = (-torch.expm1(torch.logsumexp(log_p_kept, dim=-1))).clamp(min=0.0)

@@ -174,3 +174,24 @@ def test_no_student_mass_off_the_kept_classes_gives_what_the_cpu_kernel_gives(ho
         for name, got, expected in zip(FIELDS + ("grad",), per_row + [grad], want):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, equal_nan=True,
                                        msg=lambda m: f"{threads} threads/row {name}: {m}")
+
+
+def test_a_nan_teacher_value_gives_a_nan_row_not_a_dropped_class(host_binary, tmp_path):
+    """A NaN among a row's kept values (a broken cache row) makes that row's KD, loss and gradient NaN,
+    as the reference gives (topk.py: p != 0 holds for NaN); the other rows match the reference."""
+    student, target, topk, _ = make_inputs(4, 100, 10, torch.float32, seed=11, temperature=2.0)
+    values = topk.values.clone()
+    values[2, 3] = float("nan")
+    topk = TopKTeacher(values, topk.indices, topk.true_logit, topk.log_sum_exp, topk.log_sum_exp_at_temperature)
+    options = LossOptions(temperature=2.0, ce_weight=0.5, kd_weight=1.0, ref_weight=0.0)
+    expected, expected_grad = run_reference(student, target, topk, None, options)
+    assert torch.isnan(expected.kd[2]) and torch.isnan(expected_grad[2]).all()  # the case is what it claims
+    keep = torch.tensor([0, 1, 3])
+    outputs = run_host(host_binary, tmp_path / "case", student, target, topk, None, options, pad=0, vectorized=True)
+    for threads, (per_row, grad) in outputs.items():
+        kd, loss = per_row[FIELDS.index("kd")], per_row[FIELDS.index("loss")]
+        assert torch.isnan(kd[2]) and torch.isnan(loss[2]), f"{threads} threads/row"
+        assert torch.isnan(grad[2]).all(), f"{threads} threads/row"
+        for name, got in zip(FIELDS, per_row):
+            torch.testing.assert_close(got[keep].double(), getattr(expected, name)[keep].double(), rtol=5e-5,
+                                       atol=5e-5, msg=lambda m: f"{threads} threads/row {name}: {m}")

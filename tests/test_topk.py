@@ -194,3 +194,49 @@ torch.cuda.synchronize()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0, done.stdout
     assert "device-side assert" in done.stderr or "teacher_topk.indices" in done.stderr, done.stderr[-2000:]
+
+
+TOPK_CPU_BACKENDS = [name for name, status in smskd_fast.available_backends().items()
+                     if status.available and name in ("reference", "cpu")]
+
+
+@pytest.mark.parametrize("backend", TOPK_CPU_BACKENDS)
+@pytest.mark.parametrize("field", ["values", "log_sum_exp_at_temperature"])
+def test_a_nan_in_a_cached_row_gives_a_nan_loss_not_a_dropped_class(backend, field):
+    """A NaN teacher value must not vanish from the KD term (p > 0 is False for NaN): the row's
+    KD and loss are NaN, as a NaN teacher logit makes them in the dense form; other rows keep
+    their values. A -inf value (a class of probability 0) stays a legitimate, finite case."""
+    student, target, teacher, _ = make_logits((4, 10), dtype=torch.float32, with_reference=False)
+    topk = TopKTeacher.from_logits(teacher, target, 3, 2.0)
+    clean = smskd_fast.smskd_loss(student, target, teacher_topk=topk, temperature=2.0, reduction="none",
+                                  backend=backend)
+    broken = getattr(topk, field).clone()
+    if field == "values":
+        broken[1, 2] = float("nan")
+    else:
+        broken[1] = float("nan")
+    student = student.clone().requires_grad_(True)
+    out = smskd_fast.smskd_loss(student, target, teacher_topk=_with(topk, **{field: broken}), temperature=2.0,
+                                reduction="none", backend=backend)
+    assert torch.isnan(out.kd[1]) and torch.isnan(out.loss[1])
+    keep = torch.tensor([0, 2, 3])
+    torch.testing.assert_close(out.loss.detach()[keep], clean.loss[keep], rtol=0, atol=0)
+    out.loss.sum().backward()
+    assert not torch.isfinite(student.grad[1]).all()
+    assert torch.isfinite(student.grad[keep]).all()
+
+
+@pytest.mark.parametrize("backend", TOPK_CPU_BACKENDS)
+def test_a_kept_class_of_probability_zero_adds_nothing(backend):
+    """A -inf kept value (a masked class) has p = 0: the loss is finite and equals the float64 closed
+    form of the same rows."""
+    student, target, teacher, _ = make_logits((4, 10), dtype=torch.float64, with_reference=False)
+    teacher[:, 0] = float("-inf")
+    topk = TopKTeacher.from_logits(teacher, target.clamp(1), 10, 2.0)  # k = C keeps the -inf class
+    out = smskd_fast.smskd_loss(student.float(), target.clamp(1), teacher_topk=_with(
+        topk, **{n: getattr(topk, n).float() for n in ("values", "true_logit", "log_sum_exp",
+                                                       "log_sum_exp_at_temperature")}),
+        temperature=2.0, ce_weight=0.0, reduction="none", backend=backend)
+    want, _ = topk_closed_form(student.numpy(), teacher.numpy(), None, 10, 2.0)
+    assert torch.isfinite(out.kd).all()
+    torch.testing.assert_close(out.kd.double(), torch.from_numpy(want), rtol=1e-5, atol=1e-5)

@@ -95,7 +95,7 @@ class TopKRowKernel {
       const acc_t log_p = kept.log_p(c);
       top_log_p = std::max(top_log_p, log_p);
       const acc_t p = std::exp(log_p);
-      if (p > 0) {
+      if (p != 0) {  // p = 0 (a -inf logit) adds nothing; NaN propagates, as in topk.py
         const acc_t log_q = (value_at<scalar_t, acc_t>(args_.student, row, kept.index[c]) - stats.student.shift()) *
                                 inv_temperature_ - log_soft;
         kept_kl += p * (log_p - log_q);

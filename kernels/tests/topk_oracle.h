@@ -44,7 +44,7 @@ inline RowWant topk_oracle(const std::vector<double>& s, const std::vector<doubl
     log_p[c] = t.values[c] / T - t.lse_t;
     const double p = std::exp(log_p[c]);
     kept[t.indices[c]] = true;
-    if (p > 0) {
+    if (p != 0) {
       coarse_kl += p * (log_p[c] - lsT[t.indices[c]]);
       mass += p;
       p_tilde[t.indices[c]] = p;

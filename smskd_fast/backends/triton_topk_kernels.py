@@ -242,10 +242,10 @@ def _smskd_topk_rows_kernel(
                 if HAS_REFERENCE:
                     r_c = tl.load(r_row + index, mask=k_mask, other=0.0).to(tl.float32)
                 p_c = tl.exp(v / temperature - lse_T)
-                grad = _gradient(s_c, r_c, index == y, 0.0, p_c, ms_s, log2d_s, log2d_sT, ms_r, log2d_rT,
-                                 total_mass, w, temperature, ce_weight, kd_weight, ref_weight,
-                                 HAS_TARGET, HAS_REFERENCE)
-                tl.store(g_row + index, grad.to(grad_ptr.dtype.element_ty), mask=k_mask)
+                kept_grad = _gradient(s_c, r_c, index == y, 0.0, p_c, ms_s, log2d_s, log2d_sT, ms_r, log2d_rT,
+                                      total_mass, w, temperature, ce_weight, kd_weight, ref_weight,
+                                      HAS_TARGET, HAS_REFERENCE)
+                tl.store(g_row + index, kept_grad.to(grad_ptr.dtype.element_ty), mask=k_mask)
     else:
         zero = tl.zeros([], tl.float32).to(loss_ptr.dtype.element_ty)
         tl.store(loss_ptr + row, zero)

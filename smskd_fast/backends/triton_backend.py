@@ -13,9 +13,9 @@ functional op and runs the same kernels through _OverwriteStudentRows, an
 autograd.Function that writes the gradient into the student logits' own storage
 (a custom op may not alias an output to an input, so this cannot be the op
 itself) and scales it in place in backward, for the dense and the top-k teacher
-alike (the top-k kernel writes each column once, after its last read). Under torch.compile the functional
-op runs and a fresh gradient buffer is allocated: the option is a permission,
-not a promise.
+alike (the top-k kernel writes each column once, after its last read). Under
+torch.compile the functional op runs and a fresh gradient buffer is allocated:
+the option is a permission, not a promise.
 
 Availability: triton must import, and either a CUDA device is visible or the
 kernels were built by Triton's interpreter (TRITON_INTERPRET=1 set before triton
@@ -154,6 +154,12 @@ if _IMPORT_ERROR is None:
     _register_fake_and_autograd()
 
 
+def _scalar_arguments(options: LossOptions, compute_grad: bool) -> tuple:
+    """The ops' (and the launchers') arguments after the tensors, in schema order."""
+    return (float(options.temperature), float(options.ce_weight), float(options.kd_weight),
+            float(options.ref_weight), options.weighting, int(options.ignore_index), bool(compute_grad))
+
+
 class _OverwriteStudentRows(torch.autograd.Function):
     """Runs the kernels with the student logits as the gradient buffer (no N x C allocation)."""
 
@@ -163,8 +169,7 @@ class _OverwriteStudentRows(torch.autograd.Function):
         # nothing in this graph reads the logits' old values again, and the caller
         # promised that nothing else does (LossOptions.overwrite_student_logits).
         grad = student.detach()
-        scalars = (options.temperature, options.ce_weight, options.kd_weight, options.ref_weight,
-                   options.weighting, options.ignore_index, True)
+        scalars = _scalar_arguments(options, compute_grad=True)
         if teacher_topk is None:
             outputs = triton_launch.launch_rows(grad, target, teacher, reference, *scalars, grad_out=grad)
         else:
@@ -231,15 +236,7 @@ class TritonBackend:
                 inputs.teacher_topk, options,
             )
             return RowOutputs(loss, ce, kd, ref, tcp, weight)
-        scalars = (
-            float(options.temperature),
-            float(options.ce_weight),
-            float(options.kd_weight),
-            float(options.ref_weight),
-            options.weighting,
-            int(options.ignore_index),
-            inputs.student.requires_grad and torch.is_grad_enabled(),
-        )
+        scalars = _scalar_arguments(options, inputs.student.requires_grad and torch.is_grad_enabled())
         topk = inputs.teacher_topk
         if topk is None:
             outputs = torch.ops.smskd_fast.smskd_loss_rows_triton(

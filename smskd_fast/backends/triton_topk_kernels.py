@@ -6,12 +6,13 @@ A. A dense sweep over the student row (and the reference row, when given):
    lse(s) for CE, lse(s/T) for q = softmax(s/T), the reference's statistics as
    in triton_kernels.py, and the rest's sum R = sum_{j not kept} exp((s_j - m)/T)
    over the classes the teacher left out, found from the kept-class bitmask
-   (topk_bitmask.py). R is summed directly, never as D - sum_kept, so it has no
-   cancellation; it shares the row maximum m, so a rest whose logits all lie more
-   than about 87 T below m underflows to R = 0, and with p_rest > 0 then gives
-   KD = +inf (as the reference does for a rest of -inf logits). With WHOLE_ROW (BLOCK_C >= C) the row is read once and kept
-   in registers for the gradient; otherwise it is walked in column blocks with
-   online statistics and read again, last block first, for the gradient.
+   (smskd_fast/topk_bitmask.py). R is summed directly, never as D - sum_kept, so
+   it has no cancellation; it shares the row maximum m, so a rest whose logits
+   all lie more than about 87 T below m underflows to R = 0, and with p_rest > 0
+   then gives KD = +inf (as the reference does for a rest of -inf logits). With
+   WHOLE_ROW (BLOCK_C >= C) the row is read once and kept in registers for the
+   gradient; otherwise it is walked in column blocks with online statistics and
+   read again, last block first, for the gradient.
 B. A gather of the k kept classes: p_c = exp(v_c/T - lse(t/T)), log q_c, the
    kept part of the KL and the kept mass, and when k < C
    p_rest = max(-expm1(logsumexp(log p_kept)), 0), whose KL term uses

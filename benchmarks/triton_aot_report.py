@@ -55,7 +55,7 @@ CI_DTYPES = ("fp32", "bf16")
 OUTPUT_POINTERS = ("loss_ptr", "ce_ptr", "kd_ptr", "ref_ptr", "tcp_ptr", "weight_ptr")
 # The top-k form's own tensors, as the launcher passes them (triton_topk_launch.launch_topk_rows).
 TOPK_POINTERS = {"values_ptr": "*fp32", "true_logit_ptr": "*fp32", "lse_ptr": "*fp32", "lse_T_ptr": "*fp32",
-                 "indices_ptr": "*i64", "bits_ptr": "*i32"}
+                 "indices_ptr": "*i64", "bits_ptr": "*i32", "kept_logits_ptr": "*fp32"}
 ALIGNED_INTS = ("num_classes", "num_kept", "student_stride", "teacher_stride", "reference_stride", "grad_stride")
 FLOAT_ARGS = ("temperature", "ce_weight", "kd_weight", "ref_weight")
 

@@ -21,10 +21,14 @@ C. With COMPUTE_GRAD, the gradient of SPEC.md section 2 with the teacher
    coarsened to p~ (p~_c = p_c kept, p~_j = p_rest q_j / q_rest otherwise):
        g_j = kd_w T (q_j (kept mass + p_rest) - p~_j) + ce_w (softmax(s)_j - [j = y])
              + ref_w T w (q_j - softmax(r/T)_j).
-   The dense sweep writes the columns that are not kept; then a scatter writes the
-   k kept ones. Each column is written once, and the student's kept columns are
-   still unwritten when the scatter gathers them, so the gradient may overwrite
-   the student logits in place (the overwrite_student_logits path).
+   The dense sweep writes every column as if it were not kept (full-width,
+   vectorized stores); then, after a barrier, a scatter rewrites the k kept ones.
+   The scatter takes the kept logits from kept_logits (N, k), where phase B put
+   them, so the gradient may overwrite the student logits in place (the
+   overwrite_student_logits path).
+
+Blocks are [BLOCK_C // 32, 32] tiles, one bitmask word per tile row, so a thread
+loads each word once for its columns instead of once per column.
 
 Inputs are fp32, bf16 or fp16 logits; the top-k values and the two log-sum-exps are
 fp32 and the indices int64 (the launcher converts them); accumulation is fp32.
@@ -49,17 +53,30 @@ def _negative_expm1(x):
 
 
 @triton.jit
-def _kept(bits_row, cols, mask):
-    """Whether each class in cols is one of the teacher's kept classes: bit cols % 32 of word cols // 32."""
-    word = tl.load(bits_row + (cols >> 5), mask=mask, other=0)
-    return ((word >> (cols & 31)) & 1) != 0
+def _tile_sum(x):
+    """The sum of a [BLOCK_C // 32, 32] tile."""
+    return tl.sum(tl.sum(x, 1), 0)
+
+
+@triton.jit
+def _tile_max(x):
+    """The maximum of a [BLOCK_C // 32, 32] tile."""
+    return tl.max(tl.max(x, 1), 0)
+
+
+@triton.jit
+def _kept(bits_row, start, num_classes, BLOCK_C: tl.constexpr):
+    """Whether each class of the tile starting at column start is kept: bit j % 32 of word j // 32."""
+    words = start // 32 + tl.arange(0, BLOCK_C // 32)
+    word = tl.load(bits_row + words, mask=words < (num_classes + 31) // 32, other=0)
+    return ((word[:, None] >> tl.arange(0, 32)[None, :]) & 1) != 0
 
 
 @triton.jit
 def _sweep_block(s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T,
                  HAS_TARGET: tl.constexpr, HAS_REFERENCE: tl.constexpr):
     """Adds one block to the per-lane online sums (the maxima are per row, the sums per lane)."""
-    m_new = tl.maximum(m_s, tl.max(s, 0))
+    m_new = tl.maximum(m_s, _tile_max(s))
     alpha_T, ms = _rescale(m_s, m_new, scale_T)
     e_sT = tl.exp2((s - ms) * scale_T)
     d_sT = d_sT * alpha_T + e_sT
@@ -69,7 +86,7 @@ def _sweep_block(s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T,
         d_s = d_s * alpha + tl.exp2((s - ms) * LOG2E)
     m_s = m_new
     if HAS_REFERENCE:
-        m_new = tl.maximum(m_r, tl.max(r, 0))
+        m_new = tl.maximum(m_r, _tile_max(r))
         alpha_T, mr = _rescale(m_r, m_new, scale_T)
         e_rT = tl.exp2((r - mr) * scale_T)
         d_rT = d_rT * alpha_T + e_rT
@@ -96,20 +113,20 @@ def _gradient(s, r, is_target, teacher_scale, teacher_p, ms_s, log2d_s, log2d_sT
 
 
 @triton.jit
-def _load_block(s_row, r_row, bits_row, cols, num_classes, HAS_REFERENCE: tl.constexpr):
-    """A block of the student (and reference) row, -inf past C, and which of its classes are kept."""
+def _load_block(s_row, r_row, cols, num_classes, HAS_REFERENCE: tl.constexpr):
+    """A tile of the student (and reference) row, -inf past C, and its mask."""
     mask = cols < num_classes
     s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
     r = s
     if HAS_REFERENCE:
         r = tl.load(r_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-    return s, r, _kept(bits_row, cols, mask), mask
+    return s, r, mask
 
 
 @triton.jit
 def _smskd_topk_rows_kernel(
     student_ptr, reference_ptr, target_ptr, values_ptr, indices_ptr, true_logit_ptr, lse_ptr, lse_T_ptr,
-    bits_ptr, grad_ptr,
+    bits_ptr, kept_logits_ptr, grad_ptr,
     loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr,
     num_classes, num_kept, student_stride, reference_stride, grad_stride,
     temperature, ce_weight, kd_weight, ref_weight, ignore_index,
@@ -125,7 +142,8 @@ def _smskd_topk_rows_kernel(
     bits_row = bits_ptr + row * ((num_classes + 31) // 32)
     v_row = values_ptr + row * num_kept
     i_row = indices_ptr + row * num_kept
-    cols0 = tl.arange(0, BLOCK_C)
+    kept_logits_row = kept_logits_ptr + row * num_kept
+    cols0 = tl.arange(0, BLOCK_C // 32)[:, None] * 32 + tl.arange(0, 32)[None, :]
     kk0 = tl.arange(0, BLOCK_K)
     scale_T = LOG2E / temperature
 
@@ -139,29 +157,31 @@ def _smskd_topk_rows_kernel(
         # Phase A: the dense sweep.
         m_s = tl.full([], float("-inf"), tl.float32)
         m_r = m_s
-        d_s = tl.zeros([BLOCK_C], tl.float32)
-        d_sT = tl.zeros([BLOCK_C], tl.float32)
-        d_rest = tl.zeros([BLOCK_C], tl.float32)
-        d_rT = tl.zeros([BLOCK_C], tl.float32)
-        a_r = tl.zeros([BLOCK_C], tl.float32)
+        d_s = tl.zeros([BLOCK_C // 32, 32], tl.float32)
+        d_sT = tl.zeros([BLOCK_C // 32, 32], tl.float32)
+        d_rest = tl.zeros([BLOCK_C // 32, 32], tl.float32)
+        d_rT = tl.zeros([BLOCK_C // 32, 32], tl.float32)
+        a_r = tl.zeros([BLOCK_C // 32, 32], tl.float32)
         if WHOLE_ROW:
-            s, r, kept, mask = _load_block(s_row, r_row, bits_row, cols0, num_classes, HAS_REFERENCE)
+            s, r, mask = _load_block(s_row, r_row, cols0, num_classes, HAS_REFERENCE)
+            kept = _kept(bits_row, 0, num_classes, BLOCK_C)
             m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r = _sweep_block(
                 s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T, HAS_TARGET, HAS_REFERENCE)
         else:
             for start in range(0, num_classes, BLOCK_C):
-                s, r, kept, mask = _load_block(s_row, r_row, bits_row, start + cols0, num_classes, HAS_REFERENCE)
+                s, r, mask = _load_block(s_row, r_row, start + cols0, num_classes, HAS_REFERENCE)
+                kept = _kept(bits_row, start, num_classes, BLOCK_C)
                 m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r = _sweep_block(
                     s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T, HAS_TARGET, HAS_REFERENCE)
         ms_s = tl.where(m_s == float("-inf"), 0.0, m_s)
         ms_r = tl.where(m_r == float("-inf"), 0.0, m_r)
-        D_sT = tl.sum(d_sT, 0)
-        D_s = tl.sum(d_s, 0)
-        D_rT = tl.sum(d_rT, 0)
-        rest_sum = tl.sum(d_rest, 0)
+        D_sT = _tile_sum(d_sT)
+        D_s = _tile_sum(d_s)
+        D_rT = _tile_sum(d_rT)
+        rest_sum = _tile_sum(d_rest)
         lse_sT = ms_s / temperature + tl.log(D_sT)
         lse_s = ms_s + tl.log(D_s)
-        kl_r = tl.sum(a_r, 0) / (D_rT * temperature) - (ms_r / temperature + tl.log(D_rT)) + lse_sT
+        kl_r = _tile_sum(a_r) / (D_rT * temperature) - (ms_r / temperature + tl.log(D_rT)) + lse_sT
 
         # Phase B: the kept classes.
         lse_T = tl.load(lse_T_ptr + row)
@@ -176,7 +196,10 @@ def _smskd_topk_rows_kernel(
             index = tl.minimum(tl.maximum(tl.load(i_row + kk, mask=k_mask, other=0), 0), num_classes - 1)
             log_p = v / temperature - lse_T
             p = tl.exp(log_p)
-            log_q = tl.load(s_row + index, mask=k_mask, other=0.0).to(tl.float32) / temperature - lse_sT
+            s_c = tl.load(s_row + index, mask=k_mask, other=0.0).to(tl.float32)
+            if COMPUTE_GRAD:  # for the scatter: the student's own column may be overwritten by then
+                tl.store(kept_logits_row + kk, s_c, mask=k_mask)
+            log_q = s_c / temperature - lse_sT
             kept_kl += _weighted_diff(p, log_p, log_q)
             kept_mass += p
             m_new = tl.maximum(m_p, tl.max(log_p, 0))
@@ -212,7 +235,7 @@ def _smskd_topk_rows_kernel(
         tl.store(weight_ptr + row, w)
 
         if COMPUTE_GRAD:
-            # Phase C: the dense sweep writes the classes that are not kept ...
+            # Phase C: the dense sweep writes every class as if it were not kept ...
             g_row = grad_ptr + row * grad_stride
             total_mass = mass_kept + p_rest
             log2d_s = tl.log2(D_s)
@@ -222,25 +245,24 @@ def _smskd_topk_rows_kernel(
                 grad = _gradient(s, r, cols0 == y, rest_scale, 0.0, ms_s, log2d_s, log2d_sT, ms_r, log2d_rT,
                                  total_mass, w, temperature, ce_weight, kd_weight, ref_weight,
                                  HAS_TARGET, HAS_REFERENCE)
-                tl.store(g_row + cols0, grad.to(grad_ptr.dtype.element_ty), mask=mask & ~kept)
+                tl.store(g_row + cols0, grad.to(grad_ptr.dtype.element_ty), mask=mask)
             else:
                 num_blocks = tl.cdiv(num_classes, BLOCK_C)
                 for back in range(0, num_blocks):
                     cols = (num_blocks - 1 - back) * BLOCK_C + cols0
-                    s, r, kept, mask = _load_block(s_row, r_row, bits_row, cols, num_classes, HAS_REFERENCE)
+                    s, r, mask = _load_block(s_row, r_row, cols, num_classes, HAS_REFERENCE)
                     grad = _gradient(s, r, cols == y, rest_scale, 0.0, ms_s, log2d_s, log2d_sT, ms_r, log2d_rT,
                                      total_mass, w, temperature, ce_weight, kd_weight, ref_weight,
                                      HAS_TARGET, HAS_REFERENCE)
-                    tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask & ~kept)
-            # ... then the kept ones by a scatter. Valid indices touch columns the sweep left
-            # alone; the barrier orders the two even for a clamped bad index.
+                    tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+            # ... then rewrites the kept ones by a scatter, after every thread's sweep stores.
             tl.debug_barrier()
             for k_start in range(0, num_kept, BLOCK_K):
                 kk = k_start + kk0
                 k_mask = kk < num_kept
                 v = tl.load(v_row + kk, mask=k_mask, other=float("-inf"))
                 index = tl.minimum(tl.maximum(tl.load(i_row + kk, mask=k_mask, other=0), 0), num_classes - 1)
-                s_c = tl.load(s_row + index, mask=k_mask, other=0.0).to(tl.float32)
+                s_c = tl.load(kept_logits_row + kk, mask=k_mask, other=0.0)
                 r_c = s_c
                 if HAS_REFERENCE:
                     r_c = tl.load(r_row + index, mask=k_mask, other=0.0).to(tl.float32)
@@ -259,7 +281,7 @@ def _smskd_topk_rows_kernel(
         tl.store(weight_ptr + row, zero)
         if COMPUTE_GRAD:
             g_row = grad_ptr + row * grad_stride
-            zeros = tl.zeros([BLOCK_C], grad_ptr.dtype.element_ty)
+            zeros = tl.zeros([BLOCK_C // 32, 32], grad_ptr.dtype.element_ty)
             for start in range(0, num_classes, BLOCK_C):
                 cols = start + cols0
                 tl.store(g_row + cols, zeros, mask=cols < num_classes)

@@ -39,14 +39,14 @@ def topk_config(num_classes: int) -> TopKConfig:
     """The row in registers for C <= WHOLE_ROW_MAX_C (about 8 elements per thread), else column blocks."""
     if num_classes > WHOLE_ROW_MAX_C:
         return COLUMN_BLOCK_CONFIG
-    block_c = max(16, triton.next_power_of_2(num_classes))
+    block_c = max(32, triton.next_power_of_2(num_classes))  # tiles of [BLOCK_C // 32, 32]
     return TopKConfig(block_c, max(1, min(16, block_c // 256)), True)
 
 
 def all_topk_configs() -> Tuple[TopKConfig, ...]:
     """Every configuration that topk_config can return."""
     configs = []
-    block_c = 16
+    block_c = 32
     while block_c <= WHOLE_ROW_MAX_C:
         configs.append(topk_config(block_c))
         block_c *= 2
@@ -87,6 +87,8 @@ def launch_topk_rows(
     indices = indices.to(torch.int64).contiguous()
     bits = kept_class_bitmask(indices, num_classes)
     fp32 = [t.to(torch.float32).contiguous() for t in (values, true_logit, log_sum_exp, log_sum_exp_at_temperature)]
+    # The kept classes' logits, saved by the kernel for its scatter (the student may be the gradient buffer).
+    kept_logits = torch.empty(indices.shape, dtype=torch.float32, device=student.device) if compute_grad else fp32[0]
     dummy = student  # stands for absent tensors; the kernel never reads it then
     strides = (
         student.stride(0),
@@ -94,11 +96,12 @@ def launch_topk_rows(
         grad.stride(0) if compute_grad else 0,
     )
     chosen = config or topk_config(num_classes)
-    if chosen.whole_row and chosen.block_c < num_classes:
-        raise ValueError(f"a whole-row configuration needs block_c >= C = {num_classes}, got {chosen.block_c}")
+    if chosen.block_c % 32 or (chosen.whole_row and chosen.block_c < num_classes):
+        raise ValueError(f"block_c must be a multiple of 32 (and >= C = {num_classes} for a whole row), "
+                         f"got {chosen.block_c}")
     wrap(topk_kernels._smskd_topk_rows_kernel)[(num_rows,)](
         student, dummy if reference is None else reference, dummy if target is None else target,
-        fp32[0], indices, fp32[1], fp32[2], fp32[3], bits, grad if compute_grad else dummy, *per_row,
+        fp32[0], indices, fp32[1], fp32[2], fp32[3], bits, kept_logits, grad if compute_grad else dummy, *per_row,
         num_classes, indices.shape[1], *strides,
         float(temperature), float(ce_weight), float(kd_weight), float(ref_weight), int(ignore_index),
         HAS_TARGET=target is not None,

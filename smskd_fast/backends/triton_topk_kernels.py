@@ -113,13 +113,17 @@ def _gradient(s, r, is_target, teacher_scale, teacher_p, ms_s, log2d_s, log2d_sT
 
 
 @triton.jit
-def _load_block(s_row, r_row, cols, num_classes, HAS_REFERENCE: tl.constexpr):
-    """A tile of the student (and reference) row, -inf past C, and its mask."""
+def _load_block(s_row, r_row, cols, num_classes, HAS_REFERENCE: tl.constexpr, EVICT: tl.constexpr):
+    """A tile of the student (and reference) row, -inf past C, and its mask.
+
+    EVICT as in triton_kernels.py: the first sweep's reads evict_last (the second
+    sweep re-reads the row, last block first), the second sweep's evict_first.
+    """
     mask = cols < num_classes
-    s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    s = tl.load(s_row + cols, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
     r = s
     if HAS_REFERENCE:
-        r = tl.load(r_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        r = tl.load(r_row + cols, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
     return s, r, mask
 
 
@@ -163,13 +167,13 @@ def _smskd_topk_rows_kernel(
         d_rT = tl.zeros([BLOCK_C // 32, 32], tl.float32)
         a_r = tl.zeros([BLOCK_C // 32, 32], tl.float32)
         if WHOLE_ROW:
-            s, r, mask = _load_block(s_row, r_row, cols0, num_classes, HAS_REFERENCE)
+            s, r, mask = _load_block(s_row, r_row, cols0, num_classes, HAS_REFERENCE, "")
             kept = _kept(bits_row, 0, num_classes, BLOCK_C)
             m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r = _sweep_block(
                 s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T, HAS_TARGET, HAS_REFERENCE)
         else:
             for start in range(0, num_classes, BLOCK_C):
-                s, r, mask = _load_block(s_row, r_row, start + cols0, num_classes, HAS_REFERENCE)
+                s, r, mask = _load_block(s_row, r_row, start + cols0, num_classes, HAS_REFERENCE, "evict_last")
                 kept = _kept(bits_row, start, num_classes, BLOCK_C)
                 m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r = _sweep_block(
                     s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T, HAS_TARGET, HAS_REFERENCE)
@@ -250,7 +254,7 @@ def _smskd_topk_rows_kernel(
                 num_blocks = tl.cdiv(num_classes, BLOCK_C)
                 for back in range(0, num_blocks):
                     cols = (num_blocks - 1 - back) * BLOCK_C + cols0
-                    s, r, mask = _load_block(s_row, r_row, cols, num_classes, HAS_REFERENCE)
+                    s, r, mask = _load_block(s_row, r_row, cols, num_classes, HAS_REFERENCE, "evict_first")
                     grad = _gradient(s, r, cols == y, rest_scale, 0.0, ms_s, log2d_s, log2d_sT, ms_r, log2d_rT,
                                      total_mass, w, temperature, ce_weight, kd_weight, ref_weight,
                                      HAS_TARGET, HAS_REFERENCE)

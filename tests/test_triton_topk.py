@@ -239,6 +239,18 @@ def test_opcheck(n, c, k, compute_grad):
     torch.library.opcheck(torch.ops.smskd_fast.smskd_loss_rows_topk_triton, args, test_utils=utils)
 
 
+def test_kept_class_bitmask_sets_exactly_the_kept_bits():
+    """Against a set per row: bit 31 (int32's sign bit), C not a multiple of 32, indices outside [0, C) ignored."""
+    from smskd_fast.topk_bitmask import kept_class_bitmask
+
+    indices = torch.tensor([[0, 31, 32, 69], [5, 63, 62, 1], [-1, 70, 1 << 40, 64]])
+    bits = kept_class_bitmask(indices, 70)
+    assert bits.dtype == torch.int32 and bits.shape == (3, 3)
+    for row, expected in enumerate([{0, 31, 32, 69}, {1, 5, 62, 63}, {64}]):
+        got = {j for j in range(70) if (int(bits[row, j // 32]) >> (j % 32)) & 1}
+        assert got == expected
+
+
 def test_op_has_the_schema_of_the_compiled_op():
     if not hasattr(torch.ops.smskd_fast, "smskd_loss_rows_topk_triton"):
         pytest.skip(f"triton backend not importable: {smskd_fast.available_backends()['triton'].reason}")

@@ -116,6 +116,19 @@ def test_optional_inputs_match_the_reference(with_target, with_reference):
 
 
 @needs_kernels
+def test_one_class_and_strided_rows():
+    """C = k = 1 (no rest, a zero gradient); and rows sliced out of wider tensors (row stride != C)."""
+    options = LossOptions(temperature=2.0, ce_weight=0.5, kd_weight=1.0, ref_weight=0.7)
+    check_case(*on_device(*make_inputs(3, 1, 1, torch.float32, temperature=2.0)), options)
+    student, target, topk, reference = make_inputs(5, 40, 6, torch.float32, seed=3, temperature=2.0)
+    wide_student = torch.zeros(5, 48).index_copy_(1, torch.arange(3, 43), student)
+    wide_reference = torch.zeros(5, 56).index_copy_(1, torch.arange(40), reference)
+    student, reference = wide_student[:, 3:43], wide_reference[:, :40]
+    assert student.stride(0) == 48 and reference.stride(0) == 56
+    check_case(*on_device(student, target, topk, reference), options)
+
+
+@needs_kernels
 def test_a_teacher_with_no_rest_and_a_student_with_none():
     """p_rest = 0 (the teacher's kept mass is 1); rows 2-3 also have R = 0 (the student's rest is -inf)."""
     student, target, _, _ = make_inputs(4, 6, 2, torch.float32)
@@ -225,7 +238,7 @@ def test_float64_is_refused_with_the_alternatives():
 
 
 @needs_kernels
-@pytest.mark.parametrize("n, c, k, compute_grad", [(3, 5, 2, True), (2, 6, 6, False)])
+@pytest.mark.parametrize("n, c, k, compute_grad", [(3, 5, 2, True), (2, 6, 6, False), (0, 8, 3, True)])
 def test_opcheck(n, c, k, compute_grad):
     student, target, topk, reference = on_device(*make_inputs(n, c, k, torch.float32, temperature=3.0))
     student.requires_grad_(compute_grad)

@@ -2,7 +2,7 @@
 
 Runs benchmarks/triton_aot_report.py --ci (the gradient variants, fp32 and bf16,
 every launch configuration of the dense and the top-k kernels; 188 compiles,
-about 155 s of CPU, 6 minutes on 2 cores shared with other work) in a
+80-155 s of CPU, 2-6 minutes on 2 cores shared with other work) in a
 subprocess: triton.compile with a GPUTarget needs no GPU, and cuobjdump and
 ptxas ship inside triton's package.
 """

@@ -33,14 +33,18 @@ class TopKConfig:
 
 
 COLUMN_BLOCK_CONFIG = TopKConfig(2048, 8, False)
+# Whole-row widths where BLOCK_C / 256 warps made ptxas spill 4-8 bytes on sm_80 under
+# triton 3.6 (1024: smskd+grad fp32; 2048: smskd+grad bf16/fp16; 4096 with 16 warps:
+# kd+grad fp32), and these spill in no variant under 3.6 or 3.8 (benchmarks/results/).
+WHOLE_ROW_WARPS_OVERRIDE = {1024: 8, 2048: 16, 4096: 8}
 
 
 def topk_config(num_classes: int) -> TopKConfig:
-    """The row in registers for C <= WHOLE_ROW_MAX_C (about 8 elements per thread), else column blocks."""
+    """The row in registers for C <= WHOLE_ROW_MAX_C (2-16 elements per thread), else column blocks."""
     if num_classes > WHOLE_ROW_MAX_C:
         return COLUMN_BLOCK_CONFIG
     block_c = max(32, triton.next_power_of_2(num_classes))  # tiles of [BLOCK_C // 32, 32]
-    return TopKConfig(block_c, max(1, min(16, block_c // 256)), True)
+    return TopKConfig(block_c, WHOLE_ROW_WARPS_OVERRIDE.get(block_c, max(1, block_c // 256)), True)
 
 
 def all_topk_configs() -> Tuple[TopKConfig, ...]:

@@ -9,7 +9,7 @@ benchmarks/results/ and exits with status 1 on any spill (spill stores, loads
 or local bytes > 0), a failed compile, or when the target check kernel lost its device-side assert (debug build) or
 its trap (both builds).
 
-    python benchmarks/triton_aot_report.py                 # everything (338 compiles)
+    python benchmarks/triton_aot_report.py                 # everything
     python benchmarks/triton_aot_report.py --ci --jobs 2   # what CI runs: gradient variants, fp32 + bf16
 """
 from __future__ import annotations
@@ -36,6 +36,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from smskd_fast.backends import triton_kernels as kernels  # noqa: E402
 from smskd_fast.backends import triton_launch as launch  # noqa: E402
+from smskd_fast.backends import triton_topk_kernels as topk_kernels  # noqa: E402
+from smskd_fast.backends import triton_topk_launch as topk_launch  # noqa: E402
 
 ARCHS = (80, 90)
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
@@ -46,10 +48,15 @@ VARIANTS = {
     "kd+grad": (False, True, False, 0, True),
     "ce+grad": (True, False, False, 0, True),
 }
+# The top-k kernel has no HAS_TEACHER (its teacher is the top-k form) and no "ce" variant.
+TOPK_VARIANTS = ("smskd+grad", "smskd", "kd+grad")
 CI_VARIANTS = ("smskd+grad", "kd+grad")
 CI_DTYPES = ("fp32", "bf16")
 OUTPUT_POINTERS = ("loss_ptr", "ce_ptr", "kd_ptr", "ref_ptr", "tcp_ptr", "weight_ptr")
-ALIGNED_INTS = ("num_classes", "student_stride", "teacher_stride", "reference_stride", "grad_stride")
+# The top-k form's own tensors, as the launcher passes them (triton_topk_launch.launch_topk_rows).
+TOPK_POINTERS = {"values_ptr": "*fp32", "true_logit_ptr": "*fp32", "lse_ptr": "*fp32", "lse_T_ptr": "*fp32",
+                 "indices_ptr": "*i64", "bits_ptr": "*i32", "kept_logits_ptr": "*fp32"}
+ALIGNED_INTS = ("num_classes", "num_kept", "student_stride", "teacher_stride", "reference_stride", "grad_stride")
 FLOAT_ARGS = ("temperature", "ce_weight", "kd_weight", "ref_weight")
 
 
@@ -100,14 +107,16 @@ def cuobjdump() -> str:
 def signature(fn, dtype: str, has_target: bool, align_ints: bool):
     """Argument types and the divisibility the JIT would specialize for aligned tensors.
 
-    Online kernels are compiled as for C = 32000 or 128256 (C and strides divisible
-    by 16, ROW_ALIGN = 16), tile kernels as for C = 1000 (no integer
-    specialization, ROW_ALIGN = 8).
+    Online kernels (and top-k column blocks) are compiled as for C = 32000 or 128256
+    and k = 64 (C, k and strides divisible by 16, ROW_ALIGN = 16), tile kernels
+    (and whole top-k rows) as for C = 1000 (no integer specialization, ROW_ALIGN = 8).
     """
     sig, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in OUTPUT_POINTERS:
             sig[name] = "*fp32"
+        elif name in TOPK_POINTERS:
+            sig[name] = TOPK_POINTERS[name]
         elif name == "target_ptr":
             sig[name] = "*i64" if has_target else dtype
         elif name.endswith("_ptr"):
@@ -159,14 +168,15 @@ def resource_usage(cubin: bytes) -> Dict[str, int]:
 
 
 def compile_job(job: Job) -> Row:
-    fn = getattr(kernels, job.kernel)
+    fn = getattr(topk_kernels if "topk" in job.kernel else kernels, job.kernel)
     constexprs = dict(job.constexprs)
     has_target = constexprs.get("HAS_TARGET", True)
     if job.kernel == "_check_targets_kernel":
         sig = {"target_ptr": "*i64", "num_rows": "i32", "num_classes": "i32", "ignore_index": "i32", "BLOCK": "constexpr"}
         attrs = {(0,): [["tt.divisibility", 16]]}
     else:
-        sig, attrs = signature(fn, DTYPES[job.dtype], has_target, align_ints=job.kernel.endswith("online_kernel"))
+        column_blocks = job.kernel.endswith("online_kernel") or not constexprs.get("WHOLE_ROW", True)
+        sig, attrs = signature(fn, DTYPES[job.dtype], has_target, align_ints=column_blocks)
     options = {"num_warps": job.num_warps}
     if job.kernel == "_check_targets_kernel":
         options["debug"] = job.variant == "debug"  # what @triton.jit(debug=True) gives eagerly
@@ -206,6 +216,22 @@ def jobs(variants, dtypes) -> List[Job]:
                     result.append(Job("_smskd_rows_online_kernel", f"BLOCK_C={online.block_c}",
                                       variant, dtype, arch, online.num_warps,
                                       flags + (("BLOCK_C", online.block_c), ("ROW_ALIGN", 16))))
+                if variant in TOPK_VARIANTS:
+                    result.extend(topk_jobs(variant, dtype, arch))
+    return result
+
+
+def topk_jobs(variant: str, dtype: str, arch: int) -> List[Job]:
+    """Every configuration of the top-k kernel (triton_topk_launch.all_topk_configs) for one variant."""
+    has_target, _, has_reference, weighting, grad = VARIANTS[variant]
+    flags = (("HAS_TARGET", has_target), ("HAS_REFERENCE", has_reference), ("WEIGHTING", weighting),
+             ("COMPUTE_GRAD", grad), ("BLOCK_K", topk_launch.BLOCK_K))
+    result = []
+    for config in topk_launch.all_topk_configs():
+        shape = "whole row" if config.whole_row else "column blocks"
+        result.append(Job("_smskd_topk_rows_kernel", f"BLOCK_C={config.block_c} {shape}", variant, dtype, arch,
+                          config.num_warps, flags + (("WHOLE_ROW", config.whole_row), ("BLOCK_C", config.block_c),
+                                                     ("ROW_ALIGN", 8 if config.whole_row else 16))))
     return result
 
 

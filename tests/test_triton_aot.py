@@ -1,7 +1,8 @@
 """CI's spill check: every Triton kernel configuration compiles for sm_80 and sm_90 without spills.
 
 Runs benchmarks/triton_aot_report.py --ci (the gradient variants, fp32 and bf16,
-every launch configuration; about 100 compiles, 1-2 minutes on 2 cores) in a
+every launch configuration of the dense and the top-k kernels; 188 compiles,
+80-155 s of CPU, 2-6 minutes on 2 cores shared with other work) in a
 subprocess: triton.compile with a GPUTarget needs no GPU, and cuobjdump and
 ptxas ship inside triton's package.
 """
@@ -28,10 +29,14 @@ def test_every_kernel_configuration_compiles_without_spills(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     rows = json.loads((tmp_path / "triton_aot_report_ci.json").read_text())["rows"]
-    from smskd_fast.backends import triton_launch
+    from smskd_fast.backends import triton_launch, triton_topk_launch
 
-    per_arch = 2 + 2 * 2 * (len(triton_launch.all_tile_configs()) + len(triton_launch.ONLINE_CONFIGS))
+    per_arch = 2 + 2 * 2 * (len(triton_launch.all_tile_configs()) + len(triton_launch.ONLINE_CONFIGS)
+                            + len(triton_topk_launch.all_topk_configs()))
     assert len(rows) == 2 * per_arch
+    assert {row["config"] for row in rows if row["kernel"] == "_smskd_topk_rows_kernel"} == {
+        f"BLOCK_C={c.block_c} {'whole row' if c.whole_row else 'column blocks'}"
+        for c in triton_topk_launch.all_topk_configs()}
     assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
     assert all(row["registers"] > 0 and row["spill_stores"] == 0 and not row["error"] for row in rows)
     # The target check: assert + trap in the debug build, the trap alone in Inductor's re-jit.

@@ -1,42 +1,24 @@
 """The triton backend against the float64 reference: values, gradients, options, op registration.
 
-Where the cases run:
-- With a CUDA device (and triton): in this process on CUDA tensors, with the
-  full shape grid up to C = 262144.
-- Without one: Triton's interpreter runs the kernels on CPU tensors, but only
-  when TRITON_INTERPRET=1 is set before triton is first imported, and in a
-  pytest session smskd_fast (which imports triton) is already imported by then.
-  So test_cases_under_the_interpreter re-runs this file in a fresh Python with
-  TRITON_INTERPRET=1 set, where the cases run with small shapes; here they skip
-  with a reason that names that test, which fails if any case fails there.
+Where the cases run (tests/triton_interpreter.py): with a CUDA device, in this
+process on CUDA tensors, with the full shape grid up to C = 262144; without one,
+under Triton's interpreter on CPU tensors in a subprocess, with small shapes
+(test_cases_under_the_interpreter).
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 import smskd_fast
-from smskd_fast.backends import triton_backend
 from smskd_fast.backends.base import LossOptions, RowInputs
 from smskd_fast.backends.reference import ReferenceBackend
-
-ROOT = Path(__file__).resolve().parents[1]
-INTERPRETED = triton_backend.kernels_interpreted()
-ON_GPU = not INTERPRETED and bool(smskd_fast.available_backends()["triton"]) and torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-
-needs_kernels = pytest.mark.skipif(
-    not (INTERPRETED or ON_GPU),
-    reason="no CUDA device here: these cases run on CPU tensors under TRITON_INTERPRET=1 in a "
-    "subprocess, see test_cases_under_the_interpreter",
-)
-gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device and triton")
+from triton_interpreter import (DEVICE, INTERPRETED, ON_GPU, ROOT, gpu_only, needs_kernels, reruns_under_interpreter,
+                                run_under_interpreter)
 
 # (N, C): small under the interpreter; the GPU adds LLM vocabularies.
 SHAPES = [(3, 1), (4, 7), (5, 130), (2, 4100)]
@@ -351,20 +333,10 @@ def test_status_says_why():
         assert not status.available and status.reason
 
 
-@pytest.mark.skipif(INTERPRETED or ON_GPU, reason="the cases run directly in this process")
-@pytest.mark.skipif(not hasattr(torch.ops.smskd_fast, "smskd_loss_rows_triton"),
-                    reason="triton is not importable, so there are no kernels to interpret")
+@reruns_under_interpreter
 def test_cases_under_the_interpreter():
-    """Runs this file under TRITON_INTERPRET=1 in a fresh interpreter (see the module docstring)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=900,
-    )
-    summary = result.stdout[-6000:] + result.stderr[-2000:]
-    assert result.returncode == 0, summary
-    assert " passed" in result.stdout and "failed" not in result.stdout, summary
+    """Runs this file under TRITON_INTERPRET=1 in a fresh interpreter (see tests/triton_interpreter.py)."""
+    run_under_interpreter(__file__)
 
 
 @needs_kernels

@@ -10,6 +10,11 @@ mean over rows) and d loss / d student:
   liger          LigerCrossEntropyLoss + two LigerKLDIVLoss (batchmean, log_target=True)
                  on torch log_softmax inputs, when liger_kernel imports; Liger's KL has
                  no per-row weight, so its reference term uses w = 1 (same traffic)
+The teacher in top-k form (a logit cache's; smskd_fast/topk.py), k = TOPK_K, bf16:
+  triton_topk    smskd_loss(teacher_topk=..., backend="triton")
+  cuda_topk      the same with backend="cuda", when that backend accepts teacher_topk
+  reference_topk the same with backend="reference" (PyTorch composition)
+  triton_dense   backend="triton" with the dense teacher, for scale
 Bandwidth: floor bytes N*C*(3 reads + 1 write)*element size divided by the median time,
 and as a fraction of the device's copy bandwidth (a large device-to-device copy,
 bytes read + written). Also sweeps the online kernel's configurations.
@@ -46,9 +51,12 @@ import torch.nn.functional as F  # noqa: E402
 
 import smskd_fast  # noqa: E402
 from smskd_fast.backends import triton_launch  # noqa: E402
+from smskd_fast.topk import TopKTeacher  # noqa: E402
 
 TEMPERATURE = 2.0
 IMPLEMENTATIONS = ("triton", "triton_inplace", "cuda", "liger", "eager", "compiled")
+TOPK_K = 64
+TOPK_IMPLEMENTATIONS = ("triton_topk", "cuda_topk", "reference_topk", "triton_dense")
 
 
 def eager_smskd(student, target, teacher, reference):
@@ -186,6 +194,51 @@ def sweep_online_configs(c: int, dtype: torch.dtype, device: str, timer: Timer, 
     return rows
 
 
+def measure_topk(impl: str, n: int, c: int, dtype: torch.dtype, device: str, timer: Timer) -> Dict:
+    """Forward+backward of the loss with the teacher in top-k form (or dense, for triton_dense)."""
+    row = {"impl": impl, "N": n, "C": c, "k": TOPK_K, "dtype": str(dtype).replace("torch.", "")}
+    try:
+        student, target, teacher, reference = make_inputs(n, c, dtype, device)
+        student.requires_grad_()
+        # The cache's form, built once outside the timed step, as a cache reader hands it over.
+        topk = TopKTeacher.from_logits(teacher, target, TOPK_K, TEMPERATURE)
+        backend = impl.split("_")[0]
+        dense = impl == "triton_dense"
+        if not dense:
+            del teacher
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            baseline = torch.cuda.memory_allocated()
+
+        def step():
+            smskd_fast.smskd_loss(student, target, teacher if dense else None, reference,
+                                  teacher_topk=None if dense else topk, temperature=TEMPERATURE,
+                                  backend=backend).loss.backward()
+
+        row["ms"] = timer(step, [student])
+        if device == "cuda":
+            row["peak_extra_GB"] = (torch.cuda.max_memory_allocated() - baseline) / 1e9
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "out of memory"
+    except Exception as error:  # reported in the table, the rest goes on
+        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def accepts_topk(backend: str, device: str) -> bool:
+    """Whether the backend can run here with a top-k teacher."""
+    from smskd_fast.backends.registry import get_backend
+
+    try:
+        get_backend(backend, torch.device(device), topk=True)
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
 def environment(device: str) -> Dict:
     import triton
 
@@ -225,6 +278,18 @@ def summary_markdown(results: Dict) -> str:
         peak = f"{row['peak_extra_GB']:.2f}" if "peak_extra_GB" in row else ""
         lines.append(f"| {row['dtype']} | {row['N']} | {row['C']} | {row['impl']} | {ms_text} | {bandwidth} | "
                      f"{percent} | {peak} | {speedup} | {row.get('error', '')} |")
+    if results["topk"]:
+        lines += ["", f"## Teacher in top-k form (k = {TOPK_K}), forward + backward", "",
+                  "| dtype | N | C | impl | ms | peak extra GB | x triton_topk | note |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        ours = {(r["dtype"], r["N"], r["C"]): r.get("ms") for r in results["topk"] if r["impl"] == "triton_topk"}
+        for row in results["topk"]:
+            ms, base = row.get("ms"), ours.get((row["dtype"], row["N"], row["C"]))
+            ms_text = "" if ms is None else f"{ms:.3f}"
+            peak = f"{row['peak_extra_GB']:.2f}" if "peak_extra_GB" in row else ""
+            ratio = f"{ms / base:.2f}x" if ms and base else ""
+            lines.append(f"| {row['dtype']} | {row['N']} | {row['C']} | {row['impl']} | {ms_text} | {peak} | "
+                         f"{ratio} | {row.get('error', '')} |")
     if results["sweep"]:
         lines += ["", "## Online kernel configurations (kernel only, forward + gradient)", "",
                   "| dtype | N | C | BLOCK_C | warps | ms | GB/s |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -284,8 +349,24 @@ def main(argv=None) -> int:
     dtypes = (torch.bfloat16, torch.float32)
 
     results = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "environment": environment(device),
-               "copy_GBps": copy_bandwidth(device), "grid": [], "sweep": [], "skipped": []}
+               "copy_GBps": copy_bandwidth(device), "grid": [], "topk": [], "sweep": [], "skipped": []}
     print(f"copy bandwidth: {results['copy_GBps']:.0f} GB/s", flush=True)
+
+    # The top-k form first: few points, and the newest kernel.
+    available = smskd_fast.available_backends()
+    topk_backends = {name for name in ("triton", "cuda", "reference") if accepts_topk(name, device)}
+    for c in ((100, 5000) if args.dry_run else (32000, 128256)):
+        for impl in TOPK_IMPLEMENTATIONS:
+            if impl.split("_")[0] not in topk_backends and impl != "triton_dense":
+                results["skipped"].append(f"{impl} C={c} (backend unavailable or without top-k)")
+                continue
+            if time.monotonic() - start > args.deadline:
+                results["skipped"].append(f"{impl} C={c} (deadline)")
+                continue
+            row = measure_topk(impl, 8 if args.dry_run else 8192, c, torch.bfloat16, device, timer)
+            results["topk"].append(row)
+            print(json.dumps(row), flush=True)
+            write(results, args.out)
 
     factories: Dict[str, Callable[[], Callable]] = {
         "triton": lambda: smskd_fast_loss("triton"),
@@ -295,7 +376,6 @@ def main(argv=None) -> int:
         "eager": lambda: eager_smskd,
         "compiled": lambda: torch.compile(eager_smskd, dynamic=True, backend="eager" if args.dry_run else "inductor"),
     }
-    available = smskd_fast.available_backends()
     for impl in IMPLEMENTATIONS:
         if impl == "cuda" and not available["cuda"]:
             results["skipped"].append(f"cuda ({available['cuda'].reason})")

@@ -68,15 +68,16 @@ def _weighted_diff(e, x, s):
 
 
 @triton.jit
-def _row_terms(lse_s, lse_sT, s_y, lse_t, lse_tT, mean_t, t_y, lse_rT, mean_r,
+def _row_terms(lse_s, s_y, kl_t, lse_t, t_y, kl_r,
                temperature, ce_weight, kd_weight, ref_weight,
                HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_REFERENCE: tl.constexpr,
                WEIGHTING: tl.constexpr):
     """Per-row loss terms from the statistics; works on scalars and on [ROWS] vectors.
 
-    mean_x is sum_c p_x,c (x_c - s_c)/T. Returns (loss, ce, kd, ref, tcp, w).
+    kl_x is KL(softmax(x/T) || softmax(s/T)) (the top-k kernel passes its coarsened
+    KL as kl_t); TCP is exp(t_y - lse_t). Returns (loss, ce, kd, ref, tcp, w).
     """
-    zero = tl.zeros_like(lse_sT)
+    zero = tl.zeros_like(lse_s)
     ce = zero
     kd = zero
     ref = zero
@@ -88,7 +89,7 @@ def _row_terms(lse_s, lse_sT, s_y, lse_t, lse_tT, mean_t, t_y, lse_rT, mean_r,
     if HAS_TARGET:
         ce = lse_s - s_y
     if HAS_TEACHER:
-        kd = t2 * (mean_t - lse_tT + lse_sT)
+        kd = t2 * kl_t
         if HAS_TARGET:
             tcp = tl.exp(t_y - lse_t)
             if WEIGHTING == 1:
@@ -96,7 +97,7 @@ def _row_terms(lse_s, lse_sT, s_y, lse_t, lse_tT, mean_t, t_y, lse_rT, mean_r,
             if WEIGHTING == 2:
                 w = tcp
     if HAS_REFERENCE:
-        ref = t2 * w * (mean_r - lse_rT + lse_sT)
+        ref = t2 * w * kl_r
     loss = ce_weight * ce + kd_weight * kd + ref_weight * ref
     return loss, ce, kd, ref, tcp, w
 
@@ -218,7 +219,7 @@ def _smskd_rows_online_kernel(
             if HAS_TEACHER:
                 t_y = tl.load(t_row + y).to(tl.float32)
         loss, ce, kd, ref, tcp, w = _row_terms(
-            lse_s, lse_sT, s_y, lse_t, lse_tT, mean_t, t_y, lse_rT, mean_r,
+            lse_s, s_y, mean_t - lse_tT + lse_sT, lse_t, t_y, mean_r - lse_rT + lse_sT,
             temperature, ce_weight, kd_weight, ref_weight,
             HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING)
         tl.store(loss_ptr + row, loss)
@@ -346,7 +347,7 @@ def _smskd_rows_tile_kernel(
         mean_r = tl.sum(_weighted_diff(e_rT, r, s), 1) / (D_rT * temperature)
 
     loss, ce, kd, ref, tcp, w = _row_terms(
-        lse_s, lse_sT, s_y, lse_t, lse_tT, mean_t, t_y, lse_rT, mean_r,
+        lse_s, s_y, mean_t - lse_tT + lse_sT, lse_t, t_y, mean_r - lse_rT + lse_sT,
         temperature, ce_weight, kd_weight, ref_weight,
         HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING)
     tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_in)

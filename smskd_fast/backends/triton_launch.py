@@ -101,6 +101,31 @@ def check_targets_on_host(target: torch.Tensor, num_classes: int, ignore_index: 
     check_target_range(target, num_classes, ignore_index)
 
 
+def allocate_outputs(student: torch.Tensor, compute_grad: bool, grad_out: Optional[torch.Tensor]):
+    """The six fp32 per-row outputs and the gradient buffer ((0, C) without compute_grad)."""
+    num_rows, num_classes = student.shape
+    per_row = [torch.empty((num_rows,), dtype=torch.float32, device=student.device) for _ in range(6)]
+    if grad_out is not None:
+        grad = grad_out
+    elif compute_grad:
+        grad = torch.empty((num_rows, num_classes), dtype=student.dtype, device=student.device)
+    else:
+        grad = student.new_empty((0, num_classes))
+    return per_row, grad
+
+
+def check_targets(target: Optional[torch.Tensor], num_classes: int, ignore_index: int, wrap) -> None:
+    """Refuses a target outside [0, C) other than ignore_index: on the device, or on the host when interpreted."""
+    if target is None:
+        return
+    if kernels_interpreted():
+        check_targets_on_host(target, num_classes, ignore_index)
+    else:
+        wrap(kernels._check_targets_kernel)[(triton.cdiv(target.shape[0], CHECK_BLOCK),)](
+            target, target.shape[0], num_classes, ignore_index, BLOCK=CHECK_BLOCK,
+        )
+
+
 def launch_rows(
     student: torch.Tensor,
     target: Optional[torch.Tensor],
@@ -126,22 +151,10 @@ def launch_rows(
     the custom op, so that torch.compile sees the kernels.
     """
     num_rows, num_classes = student.shape
-    per_row = [torch.empty((num_rows,), dtype=torch.float32, device=student.device) for _ in range(6)]
-    if grad_out is not None:
-        grad = grad_out
-    elif compute_grad:
-        grad = torch.empty((num_rows, num_classes), dtype=student.dtype, device=student.device)
-    else:
-        grad = student.new_empty((0, num_classes))
+    per_row, grad = allocate_outputs(student, compute_grad, grad_out)
     if num_rows == 0:
         return (*per_row, grad)
-
-    if target is not None and kernels_interpreted():
-        check_targets_on_host(target, num_classes, ignore_index)
-    elif target is not None:
-        wrap(kernels._check_targets_kernel)[(triton.cdiv(num_rows, CHECK_BLOCK),)](
-            target, num_rows, num_classes, ignore_index, BLOCK=CHECK_BLOCK,
-        )
+    check_targets(target, num_classes, ignore_index, wrap)
     dummy = student  # stands for absent tensors; the kernels never read it then
     common = (
         student,

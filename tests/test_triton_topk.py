@@ -163,6 +163,36 @@ def test_a_rest_the_student_gives_no_mass_costs_infinity():
 
 
 @needs_kernels
+@pytest.mark.parametrize("c", [9, 300])
+def test_a_nan_teacher_value_gives_a_nan_row_not_a_dropped_class(c):
+    """A NaN kept value makes that row's KD, loss and gradient NaN, as the reference gives (topk.py:
+    p != 0 holds for NaN); the other rows match the reference. C = 300 runs forced 64-column blocks."""
+    from smskd_fast.backends import triton_topk_launch
+
+    student, target, topk, _ = make_inputs(4, c, 3, torch.float32, seed=6, temperature=2.0)
+    values = topk.values.clone()
+    values[2, 1] = float("nan")
+    topk = TopKTeacher(values, topk.indices, topk.true_logit, topk.log_sum_exp, topk.log_sum_exp_at_temperature)
+    options = LossOptions(temperature=2.0, ce_weight=0.5, kd_weight=1.0, ref_weight=0.0, weighting="constant")
+    expected, expected_grad = run_reference(student, target, topk, None, options)
+    assert torch.isnan(expected.kd[2]) and torch.isnan(expected_grad[2]).all()  # the case is what it claims
+    student, target, topk, _ = on_device(student, target, topk, None)
+    config = None if c < 100 else triton_topk_launch.TopKConfig(64, 4, False)
+    outputs = [t.cpu() for t in (topk_rows(student, target, topk, None, options) if config is None else
+                                 triton_topk_launch.launch_topk_rows(
+                                     student, target, topk.values, topk.indices, topk.true_logit,
+                                     topk.log_sum_exp, topk.log_sum_exp_at_temperature, None, options.temperature,
+                                     options.ce_weight, options.kd_weight, options.ref_weight, options.weighting,
+                                     options.ignore_index, True, config=config))]
+    kd, loss, grad = outputs[FIELDS.index("kd")], outputs[FIELDS.index("loss")], outputs[6]
+    assert torch.isnan(kd[2]) and torch.isnan(loss[2]) and torch.isnan(grad[2]).all()
+    keep = torch.tensor([0, 1, 3])
+    for name, got in zip(FIELDS, outputs):
+        torch.testing.assert_close(got[keep].double(), getattr(expected, name)[keep].double(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grad[keep].double(), expected_grad[keep], rtol=1e-5, atol=2e-6)
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("n,c", SHAPES)
 def test_half_precision_students(dtype, n, c):

@@ -204,7 +204,8 @@ def _smskd_topk_rows_kernel(
             if COMPUTE_GRAD:  # for the scatter: the student's own column may be overwritten by then
                 tl.store(kept_logits_row + kk, s_c, mask=k_mask)
             log_q = s_c / temperature - lse_sT
-            kept_kl += _weighted_diff(p, log_p, log_q)
+            # p = 0 (a -inf value, or a masked lane) adds nothing; NaN propagates, as in topk.py.
+            kept_kl += tl.where(p != 0, p * (log_p - log_q), 0.0)
             kept_mass += p
             m_new = tl.maximum(m_p, tl.max(log_p, 0))
             alpha, mp = _rescale(m_p, m_new, LOG2E)  # exp(m_p - m_new)

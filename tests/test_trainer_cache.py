@@ -12,7 +12,7 @@ from smskd_fast.cli import main
 from smskd_fast.config import parse_config
 from smskd_fast.runio import load_model_file, read_jsonl
 from smskd_fast.stages import SMSKDTrainer
-from trainer_helpers import tiny_raw, write_teacher
+from trainer_helpers import count_teacher_calls, tiny_raw, write_teacher
 
 KD_THEN_SMSKD = [{"method": "kd", "epochs": 2}, {"method": "kd", "epochs": 2}]
 
@@ -38,23 +38,9 @@ def _train(raw, run_dir, log=lambda _: None):
     return load_model_file(run_dir / "student.pt")["state_dict"]
 
 
-def _count_teacher_calls(monkeypatch):
-    """Counts forward calls of every trainer's teacher (a hook added when the teacher is loaded)."""
-    calls = []
-    load = SMSKDTrainer._load_teacher
-
-    def load_and_hook(self):
-        teacher = load(self)
-        teacher.register_forward_hook(lambda *_: calls.append(torch.is_inference_mode_enabled()))
-        return teacher
-
-    monkeypatch.setattr(SMSKDTrainer, "_load_teacher", load_and_hook)
-    return calls
-
-
 def test_fp32_caches_give_the_same_weights_as_running_the_frozen_models(teacher_file, tmp_path, monkeypatch):
     plain = _train(_raw(teacher_file, tmp_path), tmp_path / "plain")
-    calls = _count_teacher_calls(monkeypatch)
+    calls = count_teacher_calls(monkeypatch)
     cached = _train(_raw(teacher_file, tmp_path, teacher={"dtype": "float32"}, reference={"dtype": "float32"}),
                     tmp_path / "cached")
     assert plain.keys() == cached.keys()
@@ -113,7 +99,7 @@ def test_a_top_k_cache_run_feeds_the_top_k_teacher_to_the_loss(teacher_file, tmp
 def test_a_stage_that_needs_teacher_features_still_runs_the_teacher(teacher_file, tmp_path, monkeypatch):
     stages = [{"method": "kd", "epochs": 1}, {"method": "fitnet", "epochs": 1}]
     plain = _train(_raw(teacher_file, tmp_path, stages), tmp_path / "plain")
-    calls = _count_teacher_calls(monkeypatch)
+    calls = count_teacher_calls(monkeypatch)
     cached = _train(_raw(teacher_file, tmp_path, stages, teacher={"dtype": "float32"}), tmp_path / "cached")
     for name in plain:
         assert torch.equal(plain[name], cached[name]), name

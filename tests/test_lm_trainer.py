@@ -21,7 +21,7 @@ from smskd_fast.experiments import teacher_config
 from smskd_fast.models import build_model
 from smskd_fast.runio import load_model_file, read_jsonl
 from smskd_fast.stages import SMSKDTrainer, fused_linear_stage_loss, model_fingerprint, stage_loss
-from trainer_helpers import count_teacher_calls
+from trainer_helpers import count_teacher_calls, record_loss_calls
 
 CONTEXT = 32
 TRAIN_WINDOWS = 64
@@ -278,14 +278,7 @@ def test_text_top_k_cache_with_every_token_class_trains_like_the_dense_teacher(t
 
 
 def test_text_top_k_cache_feeds_each_token_s_top_k_to_the_loss(teacher_file, tmp_path, monkeypatch):
-    seen = []
-    original = stages_module.smskd_loss
-
-    def spy(*args, **kwargs):
-        seen.append((args[2], kwargs.get("teacher_topk"), kwargs["weighting"]))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(stages_module, "smskd_loss", spy)
+    seen = record_loss_calls(monkeypatch)
     stages = [{"method": {"name": "kd", "weight": 0.5}, "epochs": 1}, {"method": {"name": "kd", "weight": 0.5},
                                                                        "epochs": 1}]
     train_lm(cached_lm_raw(teacher_file, tmp_path, stages, teacher={"format": "topk", "k": 8, "dtype": "float16"},

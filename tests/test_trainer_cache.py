@@ -7,12 +7,11 @@ import pytest
 import torch
 import yaml
 
-import smskd_fast.stages as stages_module
 from smskd_fast.cli import main
 from smskd_fast.config import parse_config
 from smskd_fast.runio import load_model_file, read_jsonl
 from smskd_fast.stages import SMSKDTrainer
-from trainer_helpers import count_teacher_calls, tiny_raw, write_teacher
+from trainer_helpers import count_teacher_calls, record_loss_calls, tiny_raw, write_teacher
 
 KD_THEN_SMSKD = [{"method": "kd", "epochs": 2}, {"method": "kd", "epochs": 2}]
 
@@ -79,14 +78,7 @@ def test_a_top_k_cache_with_every_class_matches_the_dense_cache(teacher_file, tm
 
 
 def test_a_top_k_cache_run_feeds_the_top_k_teacher_to_the_loss(teacher_file, tmp_path, monkeypatch):
-    seen = []
-    original = stages_module.smskd_loss
-
-    def spy(*args, **kwargs):
-        seen.append((args[2], kwargs.get("teacher_topk"), kwargs["weighting"]))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(stages_module, "smskd_loss", spy)
+    seen = record_loss_calls(monkeypatch)
     raw = _raw(teacher_file, tmp_path, teacher={"format": "topk", "k": 3, "dtype": "float16"},
                reference={"dtype": "float16"})
     _train(raw, tmp_path / "run")

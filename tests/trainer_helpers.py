@@ -8,6 +8,7 @@ import torch
 
 from smskd_fast.config import parse_config
 from smskd_fast.models import build_model
+import smskd_fast.stages as stages_module
 from smskd_fast.runio import save_model_file
 from smskd_fast.stages import SMSKDTrainer
 
@@ -67,3 +68,16 @@ def count_teacher_calls(monkeypatch) -> List[bool]:
 
     monkeypatch.setattr(SMSKDTrainer, "_load_teacher", load_and_hook)
     return calls
+
+
+def record_loss_calls(monkeypatch) -> List[tuple]:
+    """Records (teacher, teacher_topk, weighting) of every smskd_loss call the trainer makes; the loss still runs."""
+    seen: List[tuple] = []
+    original = stages_module.smskd_loss
+
+    def spy(*args, **kwargs):
+        seen.append((args[2], kwargs.get("teacher_topk"), kwargs["weighting"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(stages_module, "smskd_loss", spy)
+    return seen

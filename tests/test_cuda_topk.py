@@ -23,7 +23,7 @@ from smskd_fast.backends import registry
 from smskd_fast.backends.base import LossOptions
 from smskd_fast.backends.compiled import CompiledOpBackend
 from smskd_fast.topk import TopKTeacher
-from topk_cases import FIELDS, make_inputs, run_reference
+from topk_cases import FIELDS, make_inputs, no_rest_mass_case, run_reference
 from tolerances import grad_tolerance, loss_tolerance
 from topk_tolerance import assert_matches_reference
 
@@ -148,11 +148,7 @@ def test_student_mass_off_the_kept_classes_underflows_as_on_the_cpu():
     """R = 0 (every non-kept student logit is -inf): the rest term is infinite, as the CPU kernel gives."""
     if not smskd_fast.available_backends()["cpu"]:
         pytest.skip("the C++ CPU kernel (the oracle of this case) is not built")
-    student, target, topk, _ = make_inputs(6, 300, 10, torch.float32, seed=9, temperature=2.0)
-    rest = torch.ones_like(student, dtype=torch.bool).scatter(1, topk.indices, False)
-    student[rest] = float("-inf")  # finite on the kept classes only
-    target = torch.where(target == -100, target, topk.indices[:, 0])
-    options = LossOptions(temperature=2.0, ce_weight=0.5, kd_weight=1.0, ref_weight=0.0)
+    student, target, topk, options = no_rest_mass_case()
     want = run_op(student, target, topk, None, options)
     got = run_op(*to_device(student, target, topk, None), options)
     assert torch.isinf(want[2][0])  # the case is what it claims

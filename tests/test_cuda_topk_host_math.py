@@ -20,7 +20,7 @@ import torch
 
 from smskd_fast.backends.base import LossOptions
 from smskd_fast.topk import TopKTeacher
-from topk_cases import FIELDS, make_inputs, run_reference
+from topk_cases import FIELDS, make_inputs, no_rest_mass_case, run_reference
 from topk_tolerance import assert_matches_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,11 +159,7 @@ def test_no_student_mass_off_the_kept_classes_gives_what_the_cpu_kernel_gives(ho
 
     if not smskd_fast.available_backends()["cpu"]:
         pytest.skip("the C++ CPU kernel (the oracle of this case) is not built")
-    student, target, topk, _ = make_inputs(6, 300, 10, torch.float32, seed=9, temperature=2.0)
-    rest = torch.ones_like(student, dtype=torch.bool).scatter(1, topk.indices, False)
-    student[rest] = float("-inf")  # finite on the kept classes only
-    target = torch.where(target == -100, target, topk.indices[:, 0])
-    options = LossOptions(temperature=2.0, ce_weight=0.5, kd_weight=1.0, ref_weight=0.0)
+    student, target, topk, options = no_rest_mass_case()
     want = torch.ops.smskd_fast.smskd_loss_rows_topk(
         student, target, topk.values, topk.indices, topk.true_logit, topk.log_sum_exp,
         topk.log_sum_exp_at_temperature, None, options.temperature, options.ce_weight, options.kd_weight,

@@ -21,6 +21,7 @@ from smskd_fast.experiments import teacher_config
 from smskd_fast.models import build_model
 from smskd_fast.runio import load_model_file, read_jsonl
 from smskd_fast.stages import SMSKDTrainer, fused_linear_stage_loss, model_fingerprint, stage_loss
+from trainer_helpers import count_teacher_calls, record_loss_calls
 
 CONTEXT = 32
 TRAIN_WINDOWS = 64
@@ -231,15 +232,7 @@ def plain_lm_run(teacher_file, tmp_path_factory):
 
 def test_text_run_with_fp32_caches_gives_the_weights_of_running_the_frozen_models(
         teacher_file, plain_lm_run, tmp_path, monkeypatch):
-    calls = []
-    load = SMSKDTrainer._load_teacher
-
-    def load_and_hook(self):
-        teacher = load(self)
-        teacher.register_forward_hook(lambda *_: calls.append(torch.is_inference_mode_enabled()))
-        return teacher
-
-    monkeypatch.setattr(SMSKDTrainer, "_load_teacher", load_and_hook)
+    calls = count_teacher_calls(monkeypatch)
     raw = cached_lm_raw(teacher_file, tmp_path, teacher={"dtype": "float32"}, reference={"dtype": "float32"})
     cached = train_lm(raw, tmp_path / "cached")
     for name in plain_lm_run:
@@ -285,14 +278,7 @@ def test_text_top_k_cache_with_every_token_class_trains_like_the_dense_teacher(t
 
 
 def test_text_top_k_cache_feeds_each_token_s_top_k_to_the_loss(teacher_file, tmp_path, monkeypatch):
-    seen = []
-    original = stages_module.smskd_loss
-
-    def spy(*args, **kwargs):
-        seen.append((args[2], kwargs.get("teacher_topk"), kwargs["weighting"]))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(stages_module, "smskd_loss", spy)
+    seen = record_loss_calls(monkeypatch)
     stages = [{"method": {"name": "kd", "weight": 0.5}, "epochs": 1}, {"method": {"name": "kd", "weight": 0.5},
                                                                        "epochs": 1}]
     train_lm(cached_lm_raw(teacher_file, tmp_path, stages, teacher={"format": "topk", "k": 8, "dtype": "float16"},

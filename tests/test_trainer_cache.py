@@ -7,12 +7,11 @@ import pytest
 import torch
 import yaml
 
-import smskd_fast.stages as stages_module
 from smskd_fast.cli import main
 from smskd_fast.config import parse_config
 from smskd_fast.runio import load_model_file, read_jsonl
 from smskd_fast.stages import SMSKDTrainer
-from trainer_helpers import tiny_raw, write_teacher
+from trainer_helpers import count_teacher_calls, record_loss_calls, tiny_raw, write_teacher
 
 KD_THEN_SMSKD = [{"method": "kd", "epochs": 2}, {"method": "kd", "epochs": 2}]
 
@@ -38,23 +37,9 @@ def _train(raw, run_dir, log=lambda _: None):
     return load_model_file(run_dir / "student.pt")["state_dict"]
 
 
-def _count_teacher_calls(monkeypatch):
-    """Counts forward calls of every trainer's teacher (a hook added when the teacher is loaded)."""
-    calls = []
-    load = SMSKDTrainer._load_teacher
-
-    def load_and_hook(self):
-        teacher = load(self)
-        teacher.register_forward_hook(lambda *_: calls.append(torch.is_inference_mode_enabled()))
-        return teacher
-
-    monkeypatch.setattr(SMSKDTrainer, "_load_teacher", load_and_hook)
-    return calls
-
-
 def test_fp32_caches_give_the_same_weights_as_running_the_frozen_models(teacher_file, tmp_path, monkeypatch):
     plain = _train(_raw(teacher_file, tmp_path), tmp_path / "plain")
-    calls = _count_teacher_calls(monkeypatch)
+    calls = count_teacher_calls(monkeypatch)
     cached = _train(_raw(teacher_file, tmp_path, teacher={"dtype": "float32"}, reference={"dtype": "float32"}),
                     tmp_path / "cached")
     assert plain.keys() == cached.keys()
@@ -93,14 +78,7 @@ def test_a_top_k_cache_with_every_class_matches_the_dense_cache(teacher_file, tm
 
 
 def test_a_top_k_cache_run_feeds_the_top_k_teacher_to_the_loss(teacher_file, tmp_path, monkeypatch):
-    seen = []
-    original = stages_module.smskd_loss
-
-    def spy(*args, **kwargs):
-        seen.append((args[2], kwargs.get("teacher_topk"), kwargs["weighting"]))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(stages_module, "smskd_loss", spy)
+    seen = record_loss_calls(monkeypatch)
     raw = _raw(teacher_file, tmp_path, teacher={"format": "topk", "k": 3, "dtype": "float16"},
                reference={"dtype": "float16"})
     _train(raw, tmp_path / "run")
@@ -113,7 +91,7 @@ def test_a_top_k_cache_run_feeds_the_top_k_teacher_to_the_loss(teacher_file, tmp
 def test_a_stage_that_needs_teacher_features_still_runs_the_teacher(teacher_file, tmp_path, monkeypatch):
     stages = [{"method": "kd", "epochs": 1}, {"method": "fitnet", "epochs": 1}]
     plain = _train(_raw(teacher_file, tmp_path, stages), tmp_path / "plain")
-    calls = _count_teacher_calls(monkeypatch)
+    calls = count_teacher_calls(monkeypatch)
     cached = _train(_raw(teacher_file, tmp_path, stages, teacher={"dtype": "float32"}), tmp_path / "cached")
     for name in plain:
         assert torch.equal(plain[name], cached[name]), name

@@ -82,6 +82,19 @@ def assert_rows_match(outputs, expected, expected_grad, dtype):
         torch.testing.assert_close(grad.double(), expected_grad, rtol=grad_tol, atol=grad_tol)
 
 
+def assert_compiled_matches_eager(loss_fn, student, backend):
+    """torch.compile(loss_fn, fullgraph=True) gives the loss and student gradient that loss_fn gives eagerly."""
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
+    s1 = student.detach().clone().requires_grad_()
+    s2 = student.detach().clone().requires_grad_()
+    got = compiled(s1)
+    got.backward()
+    want = loss_fn(s2)
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-6, atol=1e-7)
+
+
 @needs_kernels
 @pytest.mark.parametrize("n,c", SHAPES)
 @pytest.mark.parametrize("weighting", WEIGHTINGS)
@@ -272,15 +285,16 @@ def test_float64_is_refused_with_the_alternatives():
         smskd_fast.smskd_loss(student, target, teacher, reference, backend="triton")
 
 
-def test_op_has_the_schema_of_the_compiled_op():
-    if not hasattr(torch.ops.smskd_fast, "smskd_loss_rows_triton"):
+def assert_same_schema(triton_name: str, compiled_name: str) -> None:
+    """The triton op torch.ops.smskd_fast.<triton_name> has the schema of the compiled op <compiled_name>."""
+    if not hasattr(torch.ops.smskd_fast, triton_name):
         pytest.skip(f"triton backend not importable: {smskd_fast.available_backends()['triton'].reason}")
-    if not hasattr(torch.ops.smskd_fast, "smskd_loss_rows"):
+    if not hasattr(torch.ops.smskd_fast, compiled_name):
         pytest.skip("smskd_fast._C is not built, so there is no compiled schema to compare with")
-    ours = torch.ops.smskd_fast.smskd_loss_rows_triton.default._schema
-    theirs = torch.ops.smskd_fast.smskd_loss_rows.default._schema
+    ours = getattr(torch.ops.smskd_fast, triton_name).default._schema
+    theirs = getattr(torch.ops.smskd_fast, compiled_name).default._schema
     if torch.__version__ >= "2.14":  # verified: 2.14 honours schema=, 2.11 does not
-        assert str(ours).replace("smskd_loss_rows_triton", "smskd_loss_rows") == str(theirs)
+        assert str(ours).replace(triton_name, compiled_name) == str(theirs)
     else:
         # torch 2.11's triton_op ignores its schema argument and infers one from the
         # type hints (int -> SymInt, unnamed outputs): same arguments, same types for callers.
@@ -288,6 +302,10 @@ def test_op_has_the_schema_of_the_compiled_op():
             return [(a.name, str(a.type).replace("SymInt", "int")) for a in schema.arguments], len(schema.returns)
 
         assert signature(ours) == signature(theirs)
+
+
+def test_op_has_the_schema_of_the_compiled_op():
+    assert_same_schema("smskd_loss_rows_triton", "smskd_loss_rows")
 
 
 @needs_kernels
@@ -312,15 +330,7 @@ def test_torch_compile_fullgraph():
     def loss_fn(s):
         return smskd_fast.smskd_loss(s, target, teacher, reference, backend="triton").loss
 
-    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
-    s1 = student.detach().clone().requires_grad_()
-    s2 = student.detach().clone().requires_grad_()
-    got = compiled(s1)
-    got.backward()
-    want = loss_fn(s2)
-    want.backward()
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-6, atol=1e-7)
+    assert_compiled_matches_eager(loss_fn, student, backend)
 
 
 def test_status_says_why():

@@ -18,7 +18,7 @@ import torch
 import smskd_fast
 from smskd_fast.backends.base import LossOptions
 from smskd_fast.topk import TopKTeacher
-from test_triton_backend import assert_rows_match
+from test_triton_backend import assert_compiled_matches_eager, assert_rows_match, assert_same_schema
 from topk_cases import FIELDS, make_inputs, run_reference
 from triton_interpreter import DEVICE, INTERPRETED, gpu_only, needs_kernels, reruns_under_interpreter, \
     run_under_interpreter
@@ -295,17 +295,7 @@ def test_kept_class_bitmask_sets_exactly_the_kept_bits():
 
 
 def test_op_has_the_schema_of_the_compiled_op():
-    if not hasattr(torch.ops.smskd_fast, "smskd_loss_rows_topk_triton"):
-        pytest.skip(f"triton backend not importable: {smskd_fast.available_backends()['triton'].reason}")
-    if not hasattr(torch.ops.smskd_fast, "smskd_loss_rows_topk"):
-        pytest.skip("smskd_fast._C is not built, so there is no compiled schema to compare with")
-    ours = torch.ops.smskd_fast.smskd_loss_rows_topk_triton.default._schema
-    theirs = torch.ops.smskd_fast.smskd_loss_rows_topk.default._schema
-
-    def signature(schema):  # torch 2.11's triton_op infers the schema from the hints (int -> SymInt)
-        return [(a.name, str(a.type).replace("SymInt", "int")) for a in schema.arguments], len(schema.returns)
-
-    assert signature(ours) == signature(theirs)
+    assert_same_schema("smskd_loss_rows_topk_triton", "smskd_loss_rows_topk")
 
 
 @needs_kernels
@@ -316,15 +306,7 @@ def test_torch_compile_fullgraph():
     def loss_fn(s):
         return smskd_fast.smskd_loss(s, target, None, reference, teacher_topk=topk, backend="triton").loss
 
-    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
-    s1 = student.detach().clone().requires_grad_()
-    s2 = student.detach().clone().requires_grad_()
-    got = compiled(s1)
-    got.backward()
-    want = loss_fn(s2)
-    want.backward()
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-6, atol=1e-7)
+    assert_compiled_matches_eager(loss_fn, student, backend)
 
 
 @gpu_only

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from smskd_fast.backends.base import RowInputs
+from smskd_fast.backends.base import LossOptions, RowInputs
 from smskd_fast.backends.reference import ReferenceBackend
 from smskd_fast.topk import TopKTeacher
 
@@ -27,6 +27,17 @@ def make_inputs(n, c, k, dtype, *, seed=0, scale=3.0, temperature=4.0, with_targ
     topk = TopKTeacher.from_logits(teacher.to(cache_dtype), target, k, temperature)
     return (student.to(dtype), target if with_target else None, topk,
             reference.to(dtype) if with_reference else None)
+
+
+def no_rest_mass_case():
+    """R = 0: every non-kept student logit is -inf (finite on the kept classes only), so the rest term is
+    infinite; the target of each valid row is a kept class. Returns (student, target, topk, options)."""
+    student, target, topk, _ = make_inputs(6, 300, 10, torch.float32, seed=9, temperature=2.0)
+    rest = torch.ones_like(student, dtype=torch.bool).scatter(1, topk.indices, False)
+    student[rest] = float("-inf")
+    target = torch.where(target == -100, target, topk.indices[:, 0])
+    options = LossOptions(temperature=2.0, ce_weight=0.5, kd_weight=1.0, ref_weight=0.0)
+    return student, target, topk, options
 
 
 def run_reference(student, target, topk, reference, options):

@@ -8,7 +8,9 @@ import torch
 
 from smskd_fast.config import parse_config
 from smskd_fast.models import build_model
+import smskd_fast.stages as stages_module
 from smskd_fast.runio import save_model_file
+from smskd_fast.stages import SMSKDTrainer
 
 
 def write_teacher(path: Path, seed: int = 0) -> Path:
@@ -49,3 +51,33 @@ def tiny_raw(teacher_file: Path, stages: List[Dict[str, Any]], **changes: Any) -
 
 def tiny_config(teacher_file: Path, stages: List[Dict[str, Any]], **changes: Any):
     return parse_config(tiny_raw(teacher_file, stages, **changes))
+
+
+def count_teacher_calls(monkeypatch) -> List[bool]:
+    """Counts forward calls of every trainer's teacher (a hook added when the teacher is loaded).
+
+    Each call appends whether it ran in inference mode (cache builds do; probes and evaluation do not).
+    """
+    calls: List[bool] = []
+    load = SMSKDTrainer._load_teacher
+
+    def load_and_hook(self):
+        teacher = load(self)
+        teacher.register_forward_hook(lambda *_: calls.append(torch.is_inference_mode_enabled()))
+        return teacher
+
+    monkeypatch.setattr(SMSKDTrainer, "_load_teacher", load_and_hook)
+    return calls
+
+
+def record_loss_calls(monkeypatch) -> List[tuple]:
+    """Records (teacher, teacher_topk, weighting) of every smskd_loss call the trainer makes; the loss still runs."""
+    seen: List[tuple] = []
+    original = stages_module.smskd_loss
+
+    def spy(*args, **kwargs):
+        seen.append((args[2], kwargs.get("teacher_topk"), kwargs["weighting"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(stages_module, "smskd_loss", spy)
+    return seen

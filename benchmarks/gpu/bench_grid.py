@@ -148,8 +148,13 @@ def make_inputs(n: int, c: int, dtype: torch.dtype, device: str):
 def measure(name: str, loss_fn: Callable, n: int, c: int, dtype: torch.dtype, device: str, timer: Timer) -> Dict:
     """One grid point; errors (out of memory included) are recorded, and the memory is released."""
     row = {"impl": name, "N": n, "C": c, "dtype": str(dtype).replace("torch.", "")}
+    return _recorded(row, device, lambda: _time_one(loss_fn, n, c, dtype, device, timer))
+
+
+def _recorded(row: Dict, device: str, time_it: Callable[[], Dict]) -> Dict:
+    """row with time_it()'s figures, or the error that stopped it (the grid goes on); the memory is released."""
     try:
-        row.update(_time_one(loss_fn, n, c, dtype, device, timer))
+        row.update(time_it())
     except torch.cuda.OutOfMemoryError:
         row["error"] = "out of memory"
     except Exception as error:  # reported in the table, the grid goes on
@@ -160,19 +165,25 @@ def measure(name: str, loss_fn: Callable, n: int, c: int, dtype: torch.dtype, de
     return row
 
 
-def _time_one(loss_fn: Callable, n: int, c: int, dtype: torch.dtype, device: str, timer: Timer) -> Dict:
-    student, target, teacher, reference = make_inputs(n, c, dtype, device)
-    student.requires_grad_()
+def _time_with_peak(step: Callable[[], None], student: torch.Tensor, device: str, timer: Timer) -> Dict:
+    """The step's time and, on CUDA, its peak memory above what was allocated before it."""
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
+    result = {"ms": timer(step, [student])}
+    if device == "cuda":
+        result["peak_extra_GB"] = (torch.cuda.max_memory_allocated() - baseline) / 1e9
+    return result
+
+
+def _time_one(loss_fn: Callable, n: int, c: int, dtype: torch.dtype, device: str, timer: Timer) -> Dict:
+    student, target, teacher, reference = make_inputs(n, c, dtype, device)
+    student.requires_grad_()
 
     def step():
         loss_fn(student, target, teacher, reference).backward()
 
-    result = {"ms": timer(step, [student])}
-    if device == "cuda":
-        result["peak_extra_GB"] = (torch.cuda.max_memory_allocated() - baseline) / 1e9
+    result = _time_with_peak(step, student, device, timer)
     floor_bytes = n * c * 4 * student.element_size()
     result["floor_GB"] = floor_bytes / 1e9
     result["GBps"] = floor_bytes / (result["ms"] * 1e-3) / 1e9
@@ -197,35 +208,25 @@ def sweep_online_configs(c: int, dtype: torch.dtype, device: str, timer: Timer, 
 def measure_topk(impl: str, n: int, c: int, dtype: torch.dtype, device: str, timer: Timer) -> Dict:
     """Forward+backward of the loss with the teacher in top-k form (or dense, for triton_dense)."""
     row = {"impl": impl, "N": n, "C": c, "k": TOPK_K, "dtype": str(dtype).replace("torch.", "")}
-    try:
-        student, target, teacher, reference = make_inputs(n, c, dtype, device)
-        student.requires_grad_()
-        # The cache's form, built once outside the timed step, as a cache reader hands it over.
-        topk = TopKTeacher.from_logits(teacher, target, TOPK_K, TEMPERATURE)
-        backend = impl.split("_")[0]
-        dense = impl == "triton_dense"
-        if not dense:
-            del teacher
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            baseline = torch.cuda.memory_allocated()
+    return _recorded(row, device, lambda: _time_topk(impl, n, c, dtype, device, timer))
 
-        def step():
-            smskd_fast.smskd_loss(student, target, teacher if dense else None, reference,
-                                  teacher_topk=None if dense else topk, temperature=TEMPERATURE,
-                                  backend=backend).loss.backward()
 
-        row["ms"] = timer(step, [student])
-        if device == "cuda":
-            row["peak_extra_GB"] = (torch.cuda.max_memory_allocated() - baseline) / 1e9
-    except torch.cuda.OutOfMemoryError:
-        row["error"] = "out of memory"
-    except Exception as error:  # reported in the table, the rest goes on
-        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return row
+def _time_topk(impl: str, n: int, c: int, dtype: torch.dtype, device: str, timer: Timer) -> Dict:
+    student, target, teacher, reference = make_inputs(n, c, dtype, device)
+    student.requires_grad_()
+    # The cache's form, built once outside the timed step, as a cache reader hands it over.
+    topk = TopKTeacher.from_logits(teacher, target, TOPK_K, TEMPERATURE)
+    backend = impl.split("_")[0]
+    dense = impl == "triton_dense"
+    if not dense:
+        del teacher
+
+    def step():
+        smskd_fast.smskd_loss(student, target, teacher if dense else None, reference,
+                              teacher_topk=None if dense else topk, temperature=TEMPERATURE,
+                              backend=backend).loss.backward()
+
+    return _time_with_peak(step, student, device, timer)
 
 
 def accepts_topk(backend: str, device: str) -> bool:

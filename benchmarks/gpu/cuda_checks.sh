@@ -22,17 +22,9 @@
 # step does not stop the later ones; the exit status is non-zero when the tests,
 # ctest or a sanitizer failed.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-ROOT=$PWD
-OUT=${OUT:-$ROOT/benchmarks/results/gpu_cuda_$(date -u +%Y%m%d_%H%M%S)}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/cuda_checks.log") 2>&1
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/common.sh" gpu_cuda cuda_checks.log 570
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-PY=${PYTHON:-python3}
-START=$(date +%s)
 STATUS=0
-step() { echo; echo "== $1 ($(( $(date +%s) - START )) s elapsed)"; }
 fail() { echo "FAILED: $1"; STATUS=1; }
 
 step "environment"
@@ -50,7 +42,7 @@ assert all(torch._C._dispatch_has_kernel_for_dispatch_key(op, 'CUDA') for op in 
 if ! $PY -c "$HAS_CUDA_OP" 2>/dev/null; then
   MAX_JOBS=${MAX_JOBS:-16} timeout 300 $PY setup.py build_ext --inplace -q || fail "CUDA build of smskd_fast._C"
 fi
-$PY -c "import smskd_fast; [print(f'{k:10s} {v}') for k, v in smskd_fast.available_backends().items()]"
+show_backends
 
 step "CUDA tests (pytest)"
 timeout 330 $PY -m pytest tests/test_cuda_backend.py tests/test_cuda_topk.py tests/test_cuda_topk_host_math.py \
@@ -91,7 +83,7 @@ step "standalone bf16 top-k benchmark (beside the dense kernel)"
 [ -x "$BUILD/test_topk_kernels" ] && timeout 60 "$BUILD/test_topk_kernels" --bench | tee "$OUT/bench_topk_kernels.txt"
 
 step "cuda vs triton per (dtype, C): backend='auto' table"
-LEFT=$(( 570 - ($(date +%s) - START) )); [ "$LEFT" -lt 60 ] && LEFT=60
+LEFT=$(left); [ "$LEFT" -lt 60 ] && LEFT=60
 timeout "$LEFT" $PY benchmarks/gpu/measure_backend_choice.py --out-dir "$OUT" \
   || echo "measurement did not finish"
 

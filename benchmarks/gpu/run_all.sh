@@ -15,17 +15,7 @@
 # Every step is time-boxed and a failed step does not stop the later ones; the
 # exit status is that of the Triton GPU tests.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-ROOT=$PWD
-OUT=${OUT:-$ROOT/benchmarks/results/gpu_$(date -u +%Y%m%d_%H%M%S)}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/run_all.log") 2>&1
-export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-START=$(date +%s)
-TOTAL=${RUN_ALL_SECONDS:-570}
-left() { echo $(( TOTAL - ($(date +%s) - START) )); }
-step() { echo; echo "== $1 ($(( $(date +%s) - START )) s elapsed, $(left) s left)"; }
+source "$(dirname "$0")/common.sh" gpu run_all.log "${RUN_ALL_SECONDS:-570}"
 
 step "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
@@ -47,7 +37,7 @@ if ! MAX_JOBS=${MAX_JOBS:-16} timeout 240 $PY setup.py build_ext --inplace -q; t
   SMSKD_FAST_NO_CUDA=1 $PY setup.py build_ext --inplace -q || echo "CPU-only build failed too"
 fi
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-$PY -c "import smskd_fast; [print(f'{k:10s} {v}') for k, v in smskd_fast.available_backends().items()]"
+show_backends
 
 step "Triton backend tests on the GPU (full shape grid; dense and top-k teacher)"
 # pytest-xdist (in the GPU image) spreads the kernel compilations over processes.

@@ -68,6 +68,60 @@ def _weighted_diff(e, x, s):
 
 
 @triton.jit
+def _online_sum(d, m_old, m_new, x, scale):
+    """A block of x added to the per-lane sums d of exp2((x - m) * scale), the row maximum m grown from m_old to m_new."""
+    alpha, m_safe = _rescale(m_old, m_new, scale)
+    return d * alpha + tl.exp2((x - m_safe) * scale)
+
+
+@triton.jit
+def _online_kl_sums(x, s, m_old, m_new, d_T, a, scale_T):
+    """A block of x added to its per-lane sums at temperature T, the row maximum grown from m_old to m_new.
+
+    d_T sums e = exp2((x - m) * scale_T) and a sums e * (x - s): the parts of
+    KL(softmax(x/T) || softmax(s/T)) that _kl_from_sums puts together.
+    """
+    alpha_T, m_safe = _rescale(m_old, m_new, scale_T)
+    e_T = tl.exp2((x - m_safe) * scale_T)
+    return d_T * alpha_T + e_T, a * alpha_T + _weighted_diff(e_T, x, s)
+
+
+@triton.jit
+def _kl_from_sums(a_sum, d_sum, m_safe, lse_sT, temperature):
+    """KL(softmax(x/T) || softmax(s/T)) = A / (D T) - lse(x/T) + lse(s/T), from the row sums of _online_kl_sums
+    at the maximum m_safe (0 when it was -inf)."""
+    return a_sum / (d_sum * temperature) - (m_safe / temperature + tl.log(d_sum)) + lse_sT
+
+
+@triton.jit
+def _store_row_terms(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, loss, ce, kd, ref, tcp, w):
+    """Stores one row's six per-row outputs."""
+    tl.store(loss_ptr + row, loss)
+    tl.store(ce_ptr + row, ce)
+    tl.store(kd_ptr + row, kd)
+    tl.store(ref_ptr + row, ref)
+    tl.store(tcp_ptr + row, tcp)
+    tl.store(weight_ptr + row, w)
+
+
+@triton.jit
+def _store_ignored_row(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, grad_ptr, grad_stride,
+                       num_classes, cols0, BLOCK_C: tl.constexpr, COMPUTE_GRAD: tl.constexpr):
+    """An ignored row: zero per-row outputs and, with COMPUTE_GRAD, a zero gradient row.
+
+    cols0 is the kernel's block of column offsets (any shape, BLOCK_C elements).
+    """
+    zero = tl.zeros([], tl.float32).to(loss_ptr.dtype.element_ty)
+    _store_row_terms(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, zero, zero, zero, zero, zero, zero)
+    if COMPUTE_GRAD:
+        g_row = grad_ptr + row * grad_stride
+        zeros = tl.zeros(cols0.shape, grad_ptr.dtype.element_ty)
+        for start in range(0, num_classes, BLOCK_C):
+            cols = start + cols0
+            tl.store(g_row + cols, zeros, mask=cols < num_classes)
+
+
+@triton.jit
 def _row_terms(lse_s, s_y, kl_t, lse_t, t_y, kl_r,
                temperature, ce_weight, kd_weight, ref_weight,
                HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_REFERENCE: tl.constexpr,
@@ -172,30 +226,21 @@ def _smskd_rows_online_kernel(
             mask = cols < num_classes
             s = tl.load(s_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
             m_new = tl.maximum(m_s, tl.max(s, 0))
-            alpha_T, ms = _rescale(m_s, m_new, scale_T)
-            d_sT = d_sT * alpha_T + tl.exp2((s - ms) * scale_T)
+            d_sT = _online_sum(d_sT, m_s, m_new, s, scale_T)
             if HAS_TARGET:
-                alpha, ms = _rescale(m_s, m_new, LOG2E)
-                d_s = d_s * alpha + tl.exp2((s - ms) * LOG2E)
+                d_s = _online_sum(d_s, m_s, m_new, s, LOG2E)
             m_s = m_new
             if HAS_TEACHER:
                 t = tl.load(t_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
                 m_new = tl.maximum(m_t, tl.max(t, 0))
-                alpha_T, mt = _rescale(m_t, m_new, scale_T)
-                e_tT = tl.exp2((t - mt) * scale_T)
-                d_tT = d_tT * alpha_T + e_tT
-                a_t = a_t * alpha_T + _weighted_diff(e_tT, t, s)
+                d_tT, a_t = _online_kl_sums(t, s, m_t, m_new, d_tT, a_t, scale_T)
                 if NEED_TCP:
-                    alpha, mt = _rescale(m_t, m_new, LOG2E)
-                    d_t = d_t * alpha + tl.exp2((t - mt) * LOG2E)
+                    d_t = _online_sum(d_t, m_t, m_new, t, LOG2E)
                 m_t = m_new
             if HAS_REFERENCE:
                 r = tl.load(r_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
                 m_new = tl.maximum(m_r, tl.max(r, 0))
-                alpha_T, mr = _rescale(m_r, m_new, scale_T)
-                e_rT = tl.exp2((r - mr) * scale_T)
-                d_rT = d_rT * alpha_T + e_rT
-                a_r = a_r * alpha_T + _weighted_diff(e_rT, r, s)
+                d_rT, a_r = _online_kl_sums(r, s, m_r, m_new, d_rT, a_r, scale_T)
                 m_r = m_new
 
         ms_s = tl.where(m_s == float("-inf"), 0.0, m_s)
@@ -207,11 +252,9 @@ def _smskd_rows_online_kernel(
         D_rT = tl.sum(d_rT, 0)
         lse_sT = ms_s / temperature + tl.log(D_sT)
         lse_s = ms_s + tl.log(D_s)
-        lse_tT = ms_t / temperature + tl.log(D_tT)
         lse_t = ms_t + tl.log(tl.sum(d_t, 0))
-        lse_rT = ms_r / temperature + tl.log(D_rT)
-        mean_t = tl.sum(a_t, 0) / (D_tT * temperature)
-        mean_r = tl.sum(a_r, 0) / (D_rT * temperature)
+        kl_t = _kl_from_sums(tl.sum(a_t, 0), D_tT, ms_t, lse_sT, temperature)
+        kl_r = _kl_from_sums(tl.sum(a_r, 0), D_rT, ms_r, lse_sT, temperature)
         s_y = tl.zeros([], tl.float32)
         t_y = tl.zeros([], tl.float32)
         if HAS_TARGET:
@@ -219,15 +262,9 @@ def _smskd_rows_online_kernel(
             if HAS_TEACHER:
                 t_y = tl.load(t_row + y).to(tl.float32)
         loss, ce, kd, ref, tcp, w = _row_terms(
-            lse_s, s_y, mean_t - lse_tT + lse_sT, lse_t, t_y, mean_r - lse_rT + lse_sT,
-            temperature, ce_weight, kd_weight, ref_weight,
+            lse_s, s_y, kl_t, lse_t, t_y, kl_r, temperature, ce_weight, kd_weight, ref_weight,
             HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING)
-        tl.store(loss_ptr + row, loss)
-        tl.store(ce_ptr + row, ce)
-        tl.store(kd_ptr + row, kd)
-        tl.store(ref_ptr + row, ref)
-        tl.store(tcp_ptr + row, tcp)
-        tl.store(weight_ptr + row, w)
+        _store_row_terms(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, loss, ce, kd, ref, tcp, w)
 
         if COMPUTE_GRAD:
             g_row = grad_ptr + row * grad_stride
@@ -251,19 +288,8 @@ def _smskd_rows_online_kernel(
                                      HAS_TARGET, HAS_TEACHER, HAS_REFERENCE)
                 tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
-        zero = tl.zeros([], tl.float32).to(loss_ptr.dtype.element_ty)
-        tl.store(loss_ptr + row, zero)
-        tl.store(ce_ptr + row, zero)
-        tl.store(kd_ptr + row, zero)
-        tl.store(ref_ptr + row, zero)
-        tl.store(tcp_ptr + row, zero)
-        tl.store(weight_ptr + row, zero)
-        if COMPUTE_GRAD:
-            g_row = grad_ptr + row * grad_stride
-            zeros = tl.zeros([BLOCK_C], grad_ptr.dtype.element_ty)
-            for start in range(0, num_classes, BLOCK_C):
-                cols = start + cols0
-                tl.store(g_row + cols, zeros, mask=cols < num_classes)
+        _store_ignored_row(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, grad_ptr, grad_stride,
+                           num_classes, cols0, BLOCK_C, COMPUTE_GRAD)
 
 
 @triton.jit

@@ -40,7 +40,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import LOG2E, _aligned, _rescale, _row_terms, _weighted_diff
+from .triton_kernels import (LOG2E, _aligned, _kl_from_sums, _online_kl_sums, _online_sum, _rescale, _row_terms,
+                             _store_ignored_row, _store_row_terms)
 
 
 @triton.jit
@@ -73,6 +74,15 @@ def _kept(bits_row, start, num_classes, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _kept_block(v_row, i_row, kk, num_kept, num_classes):
+    """Kept slots kk of a row: their mask, values (-inf past k) and class indices, clamped into [0, C) for loads."""
+    k_mask = kk < num_kept
+    v = tl.load(v_row + kk, mask=k_mask, other=float("-inf"))
+    index = tl.minimum(tl.maximum(tl.load(i_row + kk, mask=k_mask, other=0), 0), num_classes - 1)
+    return k_mask, v, index
+
+
+@triton.jit
 def _sweep_block(s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T,
                  HAS_TARGET: tl.constexpr, HAS_REFERENCE: tl.constexpr):
     """Adds one block to the per-lane online sums (the maxima are per row, the sums per lane)."""
@@ -82,15 +92,11 @@ def _sweep_block(s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T,
     d_sT = d_sT * alpha_T + e_sT
     d_rest = d_rest * alpha_T + tl.where(kept, 0.0, e_sT)
     if HAS_TARGET:
-        alpha, ms = _rescale(m_s, m_new, LOG2E)
-        d_s = d_s * alpha + tl.exp2((s - ms) * LOG2E)
+        d_s = _online_sum(d_s, m_s, m_new, s, LOG2E)
     m_s = m_new
     if HAS_REFERENCE:
         m_new = tl.maximum(m_r, _tile_max(r))
-        alpha_T, mr = _rescale(m_r, m_new, scale_T)
-        e_rT = tl.exp2((r - mr) * scale_T)
-        d_rT = d_rT * alpha_T + e_rT
-        a_r = a_r * alpha_T + _weighted_diff(e_rT, r, s)
+        d_rT, a_r = _online_kl_sums(r, s, m_r, m_new, d_rT, a_r, scale_T)
         m_r = m_new
     return m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r
 
@@ -185,7 +191,7 @@ def _smskd_topk_rows_kernel(
         rest_sum = _tile_sum(d_rest)
         lse_sT = ms_s / temperature + tl.log(D_sT)
         lse_s = ms_s + tl.log(D_s)
-        kl_r = _tile_sum(a_r) / (D_rT * temperature) - (ms_r / temperature + tl.log(D_rT)) + lse_sT
+        kl_r = _kl_from_sums(_tile_sum(a_r), D_rT, ms_r, lse_sT, temperature)
 
         # Phase B: the kept classes.
         lse_T = tl.load(lse_T_ptr + row)
@@ -195,9 +201,7 @@ def _smskd_topk_rows_kernel(
         d_p = tl.zeros([BLOCK_K], tl.float32)
         for k_start in range(0, num_kept, BLOCK_K):
             kk = k_start + kk0
-            k_mask = kk < num_kept
-            v = tl.load(v_row + kk, mask=k_mask, other=float("-inf"))
-            index = tl.minimum(tl.maximum(tl.load(i_row + kk, mask=k_mask, other=0), 0), num_classes - 1)
+            k_mask, v, index = _kept_block(v_row, i_row, kk, num_kept, num_classes)
             log_p = v / temperature - lse_T
             p = tl.exp(log_p)
             s_c = tl.load(s_row + index, mask=k_mask, other=0.0).to(tl.float32)
@@ -232,12 +236,7 @@ def _smskd_topk_rows_kernel(
             lse_s, s_y, tl.sum(kept_kl, 0) + rest_kl, lse_t, t_y, kl_r,
             temperature, ce_weight, kd_weight, ref_weight,
             HAS_TARGET, True, HAS_REFERENCE, WEIGHTING)
-        tl.store(loss_ptr + row, loss)
-        tl.store(ce_ptr + row, ce)
-        tl.store(kd_ptr + row, kd)
-        tl.store(ref_ptr + row, ref)
-        tl.store(tcp_ptr + row, tcp)
-        tl.store(weight_ptr + row, w)
+        _store_row_terms(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, loss, ce, kd, ref, tcp, w)
 
         if COMPUTE_GRAD:
             # Phase C: the dense sweep writes every class as if it were not kept ...
@@ -264,9 +263,7 @@ def _smskd_topk_rows_kernel(
             tl.debug_barrier()
             for k_start in range(0, num_kept, BLOCK_K):
                 kk = k_start + kk0
-                k_mask = kk < num_kept
-                v = tl.load(v_row + kk, mask=k_mask, other=float("-inf"))
-                index = tl.minimum(tl.maximum(tl.load(i_row + kk, mask=k_mask, other=0), 0), num_classes - 1)
+                k_mask, v, index = _kept_block(v_row, i_row, kk, num_kept, num_classes)
                 s_c = tl.load(kept_logits_row + kk, mask=k_mask, other=0.0)
                 r_c = s_c
                 if HAS_REFERENCE:
@@ -277,16 +274,5 @@ def _smskd_topk_rows_kernel(
                                       HAS_TARGET, HAS_REFERENCE)
                 tl.store(g_row + index, kept_grad.to(grad_ptr.dtype.element_ty), mask=k_mask)
     else:
-        zero = tl.zeros([], tl.float32).to(loss_ptr.dtype.element_ty)
-        tl.store(loss_ptr + row, zero)
-        tl.store(ce_ptr + row, zero)
-        tl.store(kd_ptr + row, zero)
-        tl.store(ref_ptr + row, zero)
-        tl.store(tcp_ptr + row, zero)
-        tl.store(weight_ptr + row, zero)
-        if COMPUTE_GRAD:
-            g_row = grad_ptr + row * grad_stride
-            zeros = tl.zeros([BLOCK_C // 32, 32], grad_ptr.dtype.element_ty)
-            for start in range(0, num_classes, BLOCK_C):
-                cols = start + cols0
-                tl.store(g_row + cols, zeros, mask=cols < num_classes)
+        _store_ignored_row(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, grad_ptr, grad_stride,
+                           num_classes, cols0, BLOCK_C, COMPUTE_GRAD)

@@ -17,6 +17,7 @@
 
 #include "cuda/cuda_op_args.h"
 #include "smskd_kernels.h"
+#include "topk_op_checks.h"
 
 namespace smskd::cuda {
 namespace {
@@ -68,16 +69,11 @@ TopKResult smskd_loss_rows_topk_cuda(const at::Tensor& student_in, const std::op
   args.rows = student.size(0);
   args.cols = student.size(1);
 
-  TORCH_CHECK_VALUE(topk_values.dim() == 2 && topk_values.size(0) == args.rows && topk_values.size(1) >= 1 &&
-                        topk_values.size(1) <= args.cols,
-                    kOp, ": topk_values must have shape (", args.rows, ", k) with 1 <= k <= ", args.cols, ", got ",
-                    topk_values.sizes());
-  args.k = topk_values.size(1);
+  args.k = checked_topk_k(topk_values, args.rows, args.cols, kOp);
   const at::Tensor values = teacher_floats("topk_values", topk_values, {args.rows, args.k}, student);
   check_shape("topk_indices", topk_indices, {args.rows, args.k});
   check_on_device("topk_indices", topk_indices, student);
-  TORCH_CHECK_TYPE(at::isIntegralType(topk_indices.scalar_type(), /*includeBool=*/false), kOp,
-                   ": topk_indices must hold integer class indices, got ", topk_indices.scalar_type());
+  check_topk_indices_dtype(topk_indices, kOp);
   const at::Tensor indices = topk_indices.to(at::kLong).clamp(0, args.cols - 1).contiguous();
   const at::Tensor true_values = teacher_floats("true_logit", true_logit, {args.rows}, student);
   const at::Tensor lse = teacher_floats("log_sum_exp", log_sum_exp, {args.rows}, student);

@@ -56,6 +56,23 @@ inline at::Tensor with_unit_column_stride(const at::Tensor& logits) {
   return logits.size(1) <= 1 || logits.stride(1) == 1 ? logits : logits.contiguous();
 }
 
+// Points a kernel argument struct at the student's rows and at the optional
+// reference's and target's (an undefined tensor leaves its pointer NULL).
+template <typename KernelArgs>
+void set_input_rows(KernelArgs& args, const at::Tensor& student, const at::Tensor& reference,
+                    const at::Tensor& target) {
+  args.student = student.const_data_ptr();
+  args.student_stride = student.stride(0);
+  if (reference.defined()) {
+    args.reference = reference.const_data_ptr();
+    args.reference_stride = reference.stride(0);
+  }
+  if (target.defined()) {
+    args.target = target.const_data_ptr<int64_t>();
+    args.target_stride = target.stride(0);
+  }
+}
+
 // loss, ce, kd, ref, tcp, weight: float32, one entry per row, on the student's device.
 using PerRowOutputs = std::array<at::Tensor, 6>;
 

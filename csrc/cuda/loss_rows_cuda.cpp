@@ -64,19 +64,10 @@ PerRowResult launch(const at::Tensor& student, const std::optional<at::Tensor>& 
 
   args.rows = student.size(0);
   args.cols = student.size(1);
-  args.student = student.const_data_ptr();
-  args.student_stride = student.stride(0);
+  set_input_rows(args, student, r, y);
   if (t.defined()) {
     args.teacher = t.const_data_ptr();
     args.teacher_stride = t.stride(0);
-  }
-  if (r.defined()) {
-    args.reference = r.const_data_ptr();
-    args.reference_stride = r.stride(0);
-  }
-  if (y.defined()) {
-    args.target = y.const_data_ptr<int64_t>();
-    args.target_stride = y.stride(0);
   }
   if (grad_out != nullptr) {
     args.grad = grad_out->data_ptr();

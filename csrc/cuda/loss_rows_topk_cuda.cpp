@@ -103,16 +103,7 @@ TopKResult smskd_loss_rows_topk_cuda(const at::Tensor& student_in, const std::op
   if (args.rows == 0) return {per_row[0], per_row[1], per_row[2], per_row[3], per_row[4], per_row[5], grad};
 
   const at::Tensor mask = kept_class_mask(indices, args.cols);
-  args.student = student.const_data_ptr();
-  args.student_stride = student.stride(0);
-  if (r.defined()) {
-    args.reference = r.const_data_ptr();
-    args.reference_stride = r.stride(0);
-  }
-  if (y.defined()) {
-    args.target = y.const_data_ptr<int64_t>();
-    args.target_stride = y.stride(0);
-  }
+  set_input_rows(args, student, r, y);
   args.topk_values = values.const_data_ptr<float>();
   args.topk_indices = indices.const_data_ptr<int64_t>();
   args.kept_mask = reinterpret_cast<const uint32_t*>(mask.const_data_ptr<int32_t>());

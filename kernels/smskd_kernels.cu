@@ -14,26 +14,8 @@ using smskd::kernels::smskd_rows_kernel;
 
 Params make_params(const smskd_loss_rows_args& a) {
   Params p;
-  p.rows = a.rows;
-  p.cols = a.cols;
-  p.student_stride = a.student_stride;
+  smskd::kernels::copy_shared_params(p, a);
   p.teacher_stride = a.teacher_stride;
-  p.reference_stride = a.reference_stride;
-  p.target_stride = a.target_stride;
-  p.grad_stride = a.grad_stride;
-  p.target = a.target;
-  p.loss = a.loss;
-  p.ce = a.ce;
-  p.kd = a.kd;
-  p.ref = a.ref;
-  p.tcp = a.tcp;
-  p.weight = a.weight;
-  p.temperature = a.temperature;
-  p.ce_weight = a.ce_weight;
-  p.kd_weight = a.kd_weight;
-  p.ref_weight = a.ref_weight;
-  p.weighting = a.weighting;
-  p.ignore_index = a.ignore_index;
   p.vectorized = smskd::kernels::packs_align(
       a.dtype, {a.student, a.student_stride},
       {{a.teacher, a.teacher_stride}, {a.reference, a.reference_stride}, {a.grad, a.grad_stride}});

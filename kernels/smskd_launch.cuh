@@ -2,7 +2,8 @@
 // top-k forms (smskd_kernels.cu, smskd_topk_kernels.cu): the row layout for C,
 // the argument checks their structs have in common, the packed-path alignment
 // test, the grid, and the dispatch from the runtime dtype and threads per row
-// to one compile-time kernel configuration. No PyTorch dependency.
+// to one compile-time kernel configuration, and the copy of the parameters
+// both forms share. No PyTorch dependency.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -55,6 +56,31 @@ const char* per_row_outputs_invalid(const Args& a) {
   if (!a.loss || !a.ce || !a.kd || !a.ref || !a.tcp || !a.weight)
     return "loss, ce, kd, ref, tcp and weight must not be NULL";
   return nullptr;
+}
+
+// Copies into a kernel's parameters (Params, TopKParams) the fields that its
+// C ABI argument struct shares with the other form's.
+template <typename KernelParams, typename Args>
+void copy_shared_params(KernelParams& p, const Args& a) {
+  p.rows = a.rows;
+  p.cols = a.cols;
+  p.student_stride = a.student_stride;
+  p.reference_stride = a.reference_stride;
+  p.target_stride = a.target_stride;
+  p.grad_stride = a.grad_stride;
+  p.target = a.target;
+  p.loss = a.loss;
+  p.ce = a.ce;
+  p.kd = a.kd;
+  p.ref = a.ref;
+  p.tcp = a.tcp;
+  p.weight = a.weight;
+  p.temperature = a.temperature;
+  p.ce_weight = a.ce_weight;
+  p.kd_weight = a.kd_weight;
+  p.ref_weight = a.ref_weight;
+  p.weighting = a.weighting;
+  p.ignore_index = a.ignore_index;
 }
 
 // One tensor's rows: its base pointer (NULL when absent) and row stride in elements.

@@ -13,33 +13,15 @@ using smskd::kernels::TopKParams;
 
 TopKParams make_params(const smskd_loss_rows_topk_args& a) {
   TopKParams p;
-  p.rows = a.rows;
-  p.cols = a.cols;
+  smskd::kernels::copy_shared_params(p, a);
   p.k = a.k;
-  p.student_stride = a.student_stride;
-  p.reference_stride = a.reference_stride;
-  p.target_stride = a.target_stride;
   p.mask_stride = a.kept_mask_stride;
-  p.grad_stride = a.grad_stride;
-  p.target = a.target;
   p.values = a.topk_values;
   p.indices = a.topk_indices;
   p.mask = a.kept_mask;
   p.true_logit = a.true_logit;
   p.lse = a.log_sum_exp;
   p.lse_t = a.log_sum_exp_at_temperature;
-  p.loss = a.loss;
-  p.ce = a.ce;
-  p.kd = a.kd;
-  p.ref = a.ref;
-  p.tcp = a.tcp;
-  p.weight = a.weight;
-  p.temperature = a.temperature;
-  p.ce_weight = a.ce_weight;
-  p.kd_weight = a.kd_weight;
-  p.ref_weight = a.ref_weight;
-  p.weighting = a.weighting;
-  p.ignore_index = a.ignore_index;
   p.vectorized = smskd::kernels::packs_align(a.dtype, {a.student, a.student_stride},
                                               {{a.reference, a.reference_stride}, {a.grad, a.grad_stride}});
   return p;

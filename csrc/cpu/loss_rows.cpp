@@ -4,9 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <string>
-#include <tuple>
 
 #include "loss_rows_host.h"
 
@@ -14,7 +12,6 @@ namespace smskd::cpu {
 namespace {
 
 using LossRowsKernel = void (*)(const LossRowsArgs&);
-using LossRowsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 constexpr const char* kOp = "smskd_loss_rows";
 
@@ -42,11 +39,7 @@ LossRowsResult smskd_loss_rows_cpu(const at::Tensor& student, const std::optiona
                                    const std::optional<at::Tensor>& reference, double temperature, double ce_weight,
                                    double kd_weight, double ref_weight, c10::string_view weighting,
                                    int64_t ignore_index, bool compute_grad) {
-  TORCH_CHECK_VALUE(student.dim() == 2 && student.size(1) >= 1,
-                    "smskd_loss_rows: student must have shape (N, C) with C >= 1, got ", student.sizes());
-  TORCH_CHECK(student.device().is_cpu(), "smskd_loss_rows: student must be on the CPU, got ", student.device());
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
-                    "smskd_loss_rows: temperature must be a finite number > 0, got ", temperature);
+  check_student_and_temperature(student, temperature, kOp);
   check_companion("teacher", teacher, student);
   check_companion("reference", reference, student);
 
@@ -55,11 +48,7 @@ LossRowsResult smskd_loss_rows_cpu(const at::Tensor& student, const std::optiona
   args.rows = student.size(0);
   args.classes = student.size(1);
   args.weighting = parse_weighting(std::string(weighting), kOp);
-  args.temperature = temperature;
-  args.ce_weight = ce_weight;
-  args.kd_weight = kd_weight;
-  args.ref_weight = ref_weight;
-  args.ignore_index = ignore_index;
+  set_loss_scalars(args, temperature, ce_weight, kd_weight, ref_weight, ignore_index);
 
   at::Tensor indices;
   if (target.has_value()) {
@@ -70,18 +59,9 @@ LossRowsResult smskd_loss_rows_cpu(const at::Tensor& student, const std::optiona
   if (teacher.has_value()) args.teacher = view_of(*teacher);
   if (reference.has_value()) args.reference = view_of(*reference);
 
-  const auto accumulation = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto per_row_options = student.options().dtype(accumulation);
-  std::array<at::Tensor, 6> per_row;
-  for (size_t k = 0; k < per_row.size(); ++k) {
-    per_row[k] = at::empty({args.rows}, per_row_options);
-    args.per_row[k] = per_row[k].data_ptr();
-  }
-  at::Tensor grad = at::empty({compute_grad ? args.rows : 0, args.classes}, student.options());
-  if (compute_grad) args.grad = grad.data_ptr();
-
+  const LossRowsResult outputs = allocate_outputs(args, student, compute_grad);
   if (args.rows > 0) select_kernel()(args);
-  return {per_row[0], per_row[1], per_row[2], per_row[3], per_row[4], per_row[5], grad};
+  return outputs;
 }
 
 }  // namespace

@@ -201,6 +201,25 @@ inline acc_t* per_row_output(const LossRowsArgs& args, int which) {
   return static_cast<acc_t*>(args.per_row[which]);
 }
 
+// w_i of the reference term: 1 for constant weighting, else from the row's TCP
+// where it is computable (a teacher and a target given), else 0.
+template <typename acc_t>
+inline acc_t reference_weight(Weighting weighting, bool tcp_known, acc_t tcp) {
+  if (weighting == Weighting::Constant) return 1;
+  if (!tcp_known) return 0;
+  return weighting == Weighting::InverseTcp ? acc_t(1) - tcp : tcp;
+}
+
+// Writes a row's loss (ce_weight ce + kd_weight kd + ref_weight ref) and its terms.
+template <typename acc_t>
+inline void write_row_outputs(const LossRowsArgs& args, int64_t row, acc_t ce, acc_t kd, acc_t ref, acc_t tcp,
+                              acc_t weight) {
+  const acc_t loss = static_cast<acc_t>(args.ce_weight) * ce + static_cast<acc_t>(args.kd_weight) * kd +
+                     static_cast<acc_t>(args.ref_weight) * ref;
+  const std::array<acc_t, 6> outputs{loss, ce, kd, ref, tcp, weight};
+  for (int k = 0; k < 6; ++k) per_row_output<acc_t>(args, k)[row] = outputs[k];
+}
+
 template <typename scalar_t>
 inline scalar_t* grad_row(const LossRowsArgs& args, int64_t row) {
   return static_cast<scalar_t*>(args.grad) + row * args.classes;

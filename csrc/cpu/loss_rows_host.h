@@ -6,7 +6,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Version.h>
 
+#include <array>
+#include <cmath>
 #include <string>
+#include <tuple>
 
 #include "loss_rows_args.h"
 
@@ -26,6 +29,15 @@ inline KernelIsa kernel_isa() {
     return KernelIsa::Default;
   }();
   return chosen;
+}
+
+// A CPU (N, C) student with C >= 1 and a finite temperature > 0.
+inline void check_student_and_temperature(const at::Tensor& student, double temperature, const char* op) {
+  TORCH_CHECK_VALUE(student.dim() == 2 && student.size(1) >= 1, op,
+                    ": student must have shape (N, C) with C >= 1, got ", student.sizes());
+  TORCH_CHECK(student.device().is_cpu(), op, ": student must be on the CPU, got ", student.device());
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
+                    ": temperature must be a finite number > 0, got ", temperature);
 }
 
 inline ScalarKind scalar_kind(const at::Tensor& student, const char* op) {
@@ -67,6 +79,33 @@ inline at::Tensor checked_target(const at::Tensor& target, int64_t rows, int64_t
                       " is not a class index in [0, ", classes, ") nor ignore_index = ", ignore_index);
   }
   return indices;
+}
+
+// The operators' result: loss, ce, kd, ref, tcp, weight (per row), grad.
+using LossRowsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+inline void set_loss_scalars(LossRowsArgs& args, double temperature, double ce_weight, double kd_weight,
+                             double ref_weight, int64_t ignore_index) {
+  args.temperature = temperature;
+  args.ce_weight = ce_weight;
+  args.kd_weight = kd_weight;
+  args.ref_weight = ref_weight;
+  args.ignore_index = ignore_index;
+}
+
+// Allocates the outputs (per-row ones in the accumulation type: float64 for a
+// float64 student, else float32; grad (N, C) or (0, C) in the student's dtype)
+// and points args at them.
+inline LossRowsResult allocate_outputs(LossRowsArgs& args, const at::Tensor& student, bool compute_grad) {
+  const auto accumulation = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  std::array<at::Tensor, 6> per_row;
+  for (size_t k = 0; k < per_row.size(); ++k) {
+    per_row[k] = at::empty({args.rows}, student.options().dtype(accumulation));
+    args.per_row[k] = per_row[k].data_ptr();
+  }
+  at::Tensor grad = at::empty({compute_grad ? args.rows : 0, args.classes}, student.options());
+  if (compute_grad) args.grad = grad.data_ptr();
+  return {per_row[0], per_row[1], per_row[2], per_row[3], per_row[4], per_row[5], grad};
 }
 
 }  // namespace smskd::cpu

@@ -116,19 +116,14 @@ class RowKernel {
         tcp = std::exp(t_y - stats.teacher.max) / stats.teacher.one;
       }
     }
-    acc_t weight = 0;
-    if (args_.weighting == Weighting::Constant) {
-      weight = 1;
-    } else if (Has::teacher && Has::target) {
-      weight = args_.weighting == Weighting::InverseTcp ? acc_t(1) - tcp : tcp;
-    }
+    const acc_t weight = reference_weight(args_.weighting, Has::teacher && Has::target, tcp);
     if constexpr (Has::reference) ref = T * T * weight * softened_kl(stats.reference, stats.student, T, inv_temperature_);
+
+    write_row_outputs(args_, row, ce, kd, ref, tcp, weight);
 
     const acc_t ce_weight = static_cast<acc_t>(args_.ce_weight);
     const acc_t kd_weight = static_cast<acc_t>(args_.kd_weight);
     const acc_t ref_weight = static_cast<acc_t>(args_.ref_weight);
-    const std::array<acc_t, 6> outputs{ce_weight * ce + kd_weight * kd + ref_weight * ref, ce, kd, ref, tcp, weight};
-    for (int k = 0; k < 6; ++k) per_row_output<acc_t>(args_, k)[row] = outputs[k];
 
     Coefficients c;
     c.s_shift = stats.student.shift();

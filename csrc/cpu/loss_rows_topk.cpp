@@ -8,20 +8,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
-#include <cmath>
 #include <numeric>
 #include <string>
-#include <tuple>
 #include <utility>
 #include <vector>
 
 #include "loss_rows_host.h"
+#include "topk_op_checks.h"
 
 namespace smskd::cpu {
 namespace {
 
-using TopKResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using TopKKernel = void (*)(const LossRowsArgs&, const TopKTeacherView&);
 
 constexpr const char* kOp = "smskd_loss_rows_topk";
@@ -78,27 +75,19 @@ std::pair<at::Tensor, at::Tensor> sorted_kept_classes(const at::Tensor& indices,
   return {sorted_indices, sorted_values};
 }
 
-TopKResult smskd_loss_rows_topk_cpu(const at::Tensor& student, const std::optional<at::Tensor>& target,
-                                    const at::Tensor& topk_values, const at::Tensor& topk_indices,
-                                    const at::Tensor& true_logit, const at::Tensor& log_sum_exp,
-                                    const at::Tensor& log_sum_exp_at_temperature,
-                                    const std::optional<at::Tensor>& reference, double temperature,
-                                    double ce_weight, double kd_weight, double ref_weight,
-                                    c10::string_view weighting, int64_t ignore_index, bool compute_grad) {
-  TORCH_CHECK_VALUE(student.dim() == 2 && student.size(1) >= 1, kOp,
-                    ": student must have shape (N, C) with C >= 1, got ", student.sizes());
-  TORCH_CHECK(student.device().is_cpu(), kOp, ": student must be on the CPU, got ", student.device());
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, kOp,
-                    ": temperature must be a finite number > 0, got ", temperature);
+LossRowsResult smskd_loss_rows_topk_cpu(const at::Tensor& student, const std::optional<at::Tensor>& target,
+                                        const at::Tensor& topk_values, const at::Tensor& topk_indices,
+                                        const at::Tensor& true_logit, const at::Tensor& log_sum_exp,
+                                        const at::Tensor& log_sum_exp_at_temperature,
+                                        const std::optional<at::Tensor>& reference, double temperature,
+                                        double ce_weight, double kd_weight, double ref_weight,
+                                        c10::string_view weighting, int64_t ignore_index, bool compute_grad) {
+  check_student_and_temperature(student, temperature, kOp);
   LossRowsArgs args;
   args.kind = scalar_kind(student, kOp);
   args.rows = student.size(0);
   args.classes = student.size(1);
-  TORCH_CHECK_VALUE(topk_values.dim() == 2 && topk_values.size(0) == args.rows && topk_values.size(1) >= 1 &&
-                        topk_values.size(1) <= args.classes,
-                    kOp, ": topk_values must have shape (", args.rows, ", k) with 1 <= k <= ", args.classes,
-                    ", got ", topk_values.sizes());
-  const int64_t k = topk_values.size(1);
+  const int64_t k = checked_topk_k(topk_values, args.rows, args.classes, kOp);
   check_rows("topk_values", topk_values, {args.rows, k});
   check_rows("topk_indices", topk_indices, {args.rows, k});
   check_rows("true_logit", true_logit, {args.rows});
@@ -108,19 +97,14 @@ TopKResult smskd_loss_rows_topk_cpu(const at::Tensor& student, const std::option
   check_floating("true_logit", true_logit);
   check_floating("log_sum_exp", log_sum_exp);
   check_floating("log_sum_exp_at_temperature", log_sum_exp_at_temperature);
-  TORCH_CHECK_TYPE(at::isIntegralType(topk_indices.scalar_type(), /*includeBool=*/false), kOp,
-                   ": topk_indices must hold integer class indices, got ", topk_indices.scalar_type());
+  check_topk_indices_dtype(topk_indices, kOp);
   if (reference.has_value()) {
     check_rows("reference", *reference, student.sizes());
     TORCH_CHECK_TYPE(reference->scalar_type() == student.scalar_type(), kOp, ": reference must have the student's ",
                      "dtype ", student.scalar_type(), ", got ", reference->scalar_type());
   }
   args.weighting = parse_weighting(std::string(weighting), kOp);
-  args.temperature = temperature;
-  args.ce_weight = ce_weight;
-  args.kd_weight = kd_weight;
-  args.ref_weight = ref_weight;
-  args.ignore_index = ignore_index;
+  set_loss_scalars(args, temperature, ce_weight, kd_weight, ref_weight, ignore_index);
   at::Tensor target_long;
   if (target.has_value()) {
     target_long = checked_target(*target, args.rows, args.classes, ignore_index, kOp);
@@ -143,16 +127,9 @@ TopKResult smskd_loss_rows_topk_cpu(const at::Tensor& student, const std::option
   teacher.log_sum_exp = lse.const_data_ptr();
   teacher.log_sum_exp_at_temperature = lse_t.const_data_ptr();
 
-  std::array<at::Tensor, 6> per_row;
-  for (size_t n = 0; n < per_row.size(); ++n) {
-    per_row[n] = at::empty({args.rows}, student.options().dtype(accumulation));
-    args.per_row[n] = per_row[n].data_ptr();
-  }
-  at::Tensor grad = at::empty({compute_grad ? args.rows : 0, args.classes}, student.options());
-  if (compute_grad) args.grad = grad.data_ptr();
-
+  const LossRowsResult outputs = allocate_outputs(args, student, compute_grad);
   if (args.rows > 0) select_kernel()(args, teacher);
-  return {per_row[0], per_row[1], per_row[2], per_row[3], per_row[4], per_row[5], grad};
+  return outputs;
 }
 
 }  // namespace

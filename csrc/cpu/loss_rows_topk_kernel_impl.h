@@ -114,20 +114,15 @@ class TopKRowKernel {
     if (p_rest > 0) rest_kl = p_rest * (std::log(p_rest) - (std::log(stats.rest.soft) - log_soft));
     const acc_t kd = T * T * (kept_kl + rest_kl);
 
-    acc_t weight = 0;
-    if (args_.weighting == Weighting::Constant) {
-      weight = 1;
-    } else if (kTarget) {
-      weight = args_.weighting == Weighting::InverseTcp ? acc_t(1) - tcp : tcp;
-    }
+    const acc_t weight = reference_weight(args_.weighting, kTarget, tcp);
     acc_t ref = 0;
     if constexpr (kReference) ref = T * T * weight * softened_kl(stats.reference, stats.student, T, inv_temperature_);
+
+    write_row_outputs(args_, row, ce, kd, ref, tcp, weight);
 
     const acc_t ce_weight = static_cast<acc_t>(args_.ce_weight);
     const acc_t kd_weight = static_cast<acc_t>(args_.kd_weight);
     const acc_t ref_weight = static_cast<acc_t>(args_.ref_weight);
-    const std::array<acc_t, 6> outputs{ce_weight * ce + kd_weight * kd + ref_weight * ref, ce, kd, ref, tcp, weight};
-    for (int k = 0; k < 6; ++k) per_row_output<acc_t>(args_, k)[row] = outputs[k];
 
     Coefficients c;
     c.s_shift = stats.student.shift();

@@ -1,10 +1,15 @@
 // Argument helpers shared by the CUDA operators' wrappers (csrc/cuda/*.cpp):
-// the kernels' dtype and weighting enums from the operator's arguments, with
-// errors that name the operator and the argument.
+// the student and temperature checks, the kernels' dtype and weighting enums
+// from the operator's arguments (errors name the operator and the argument),
+// the per-row outputs and loss scalars of the kernels' argument structs, and
+// the checked launch on the current stream.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 
+#include <array>
+#include <cmath>
 #include <string>
 
 #include "smskd_kernels.h"
@@ -30,6 +35,15 @@ inline smskd_dtype kernel_dtype(const at::Tensor& student, const char* op) {
   }
 }
 
+// A CUDA (N, C) student with C >= 1 and a finite temperature > 0.
+inline void check_student_and_temperature(const at::Tensor& student, double temperature, const char* op) {
+  TORCH_CHECK(student.is_cuda(), op, ": student must be a CUDA tensor, got ", student.device());
+  TORCH_CHECK_VALUE(student.dim() == 2 && student.size(1) >= 1, op,
+                    ": student must have shape (N, C) with C >= 1, got ", student.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
+                    ": temperature must be a finite number > 0, got ", temperature);
+}
+
 inline smskd_weighting parse_weighting(const std::string& weighting, const char* op) {
   if (weighting == "inverse_tcp") return SMSKD_WEIGHT_INVERSE_TCP;
   if (weighting == "tcp") return SMSKD_WEIGHT_TCP;
@@ -40,6 +54,61 @@ inline smskd_weighting parse_weighting(const std::string& weighting, const char*
 // Rows may be strided, columns must be contiguous: a copy only when they are not.
 inline at::Tensor with_unit_column_stride(const at::Tensor& logits) {
   return logits.size(1) <= 1 || logits.stride(1) == 1 ? logits : logits.contiguous();
+}
+
+// Points a kernel argument struct at the student's rows and at the optional
+// reference's and target's (an undefined tensor leaves its pointer NULL).
+template <typename KernelArgs>
+void set_input_rows(KernelArgs& args, const at::Tensor& student, const at::Tensor& reference,
+                    const at::Tensor& target) {
+  args.student = student.const_data_ptr();
+  args.student_stride = student.stride(0);
+  if (reference.defined()) {
+    args.reference = reference.const_data_ptr();
+    args.reference_stride = reference.stride(0);
+  }
+  if (target.defined()) {
+    args.target = target.const_data_ptr<int64_t>();
+    args.target_stride = target.stride(0);
+  }
+}
+
+// loss, ce, kd, ref, tcp, weight: float32, one entry per row, on the student's device.
+using PerRowOutputs = std::array<at::Tensor, 6>;
+
+inline PerRowOutputs empty_per_row_outputs(int64_t rows, const at::Tensor& student) {
+  PerRowOutputs per_row;
+  for (auto& out : per_row) out = at::empty({rows}, student.options().dtype(at::kFloat));
+  return per_row;
+}
+
+// Points a kernel argument struct (smskd_loss_rows_args or _topk_args) at the
+// per-row outputs and sets the loss scalars they share.
+template <typename KernelArgs>
+void set_outputs_and_scalars(KernelArgs& args, PerRowOutputs& per_row, double temperature, double ce_weight,
+                             double kd_weight, double ref_weight, int64_t ignore_index) {
+  args.loss = per_row[0].data_ptr<float>();
+  args.ce = per_row[1].data_ptr<float>();
+  args.kd = per_row[2].data_ptr<float>();
+  args.ref = per_row[3].data_ptr<float>();
+  args.tcp = per_row[4].data_ptr<float>();
+  args.weight = per_row[5].data_ptr<float>();
+  args.temperature = static_cast<float>(temperature);
+  args.ce_weight = static_cast<float>(ce_weight);
+  args.kd_weight = static_cast<float>(kd_weight);
+  args.ref_weight = static_cast<float>(ref_weight);
+  args.ignore_index = ignore_index;
+}
+
+// Refuses what the launcher's check objects to (its message, prefixed by op),
+// then enqueues the kernel on the current stream and checks the launch.
+template <typename KernelArgs>
+void launch_checked(const KernelArgs& args, const char* op, const char* (*invalid)(const KernelArgs*),
+                    cudaError_t (*launch)(const KernelArgs*, cudaStream_t)) {
+  const char* message = invalid(&args);
+  TORCH_CHECK_VALUE(message == nullptr, op, ": ", message ? message : "");
+  const cudaError_t status = launch(&args, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(status));
 }
 
 }  // namespace smskd::cuda

@@ -8,12 +8,9 @@
 // kernels accumulate in fp32, and float64 on a GPU is for gradcheck-style
 // checks, which the float64 reference backend serves exactly.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <array>
-#include <cmath>
 #include <string>
 #include <tuple>
 
@@ -54,11 +51,7 @@ PerRowResult launch(const at::Tensor& student, const std::optional<at::Tensor>& 
                     const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& reference,
                     double temperature, double ce_weight, double kd_weight, double ref_weight,
                     c10::string_view weighting, int64_t ignore_index, const at::Tensor* grad_out) {
-  TORCH_CHECK(student.is_cuda(), "smskd_loss_rows: student must be a CUDA tensor, got ", student.device());
-  TORCH_CHECK_VALUE(student.dim() == 2 && student.size(1) >= 1,
-                    "smskd_loss_rows: student must have shape (N, C) with C >= 1, got ", student.sizes());
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
-                    "smskd_loss_rows: temperature must be a finite number > 0, got ", temperature);
+  check_student_and_temperature(student, temperature, "smskd_loss_rows");
   smskd_loss_rows_args args{};
   args.dtype = kernel_dtype(student, "smskd_loss_rows");
   args.weighting = parse_weighting(std::string(weighting), "smskd_loss_rows");
@@ -71,44 +64,19 @@ PerRowResult launch(const at::Tensor& student, const std::optional<at::Tensor>& 
 
   args.rows = student.size(0);
   args.cols = student.size(1);
-  args.student = student.const_data_ptr();
-  args.student_stride = student.stride(0);
+  set_input_rows(args, student, r, y);
   if (t.defined()) {
     args.teacher = t.const_data_ptr();
     args.teacher_stride = t.stride(0);
-  }
-  if (r.defined()) {
-    args.reference = r.const_data_ptr();
-    args.reference_stride = r.stride(0);
-  }
-  if (y.defined()) {
-    args.target = y.const_data_ptr<int64_t>();
-    args.target_stride = y.stride(0);
   }
   if (grad_out != nullptr) {
     args.grad = grad_out->data_ptr();
     args.grad_stride = grad_out->stride(0);
   }
 
-  std::array<at::Tensor, 6> per_row;
-  const auto per_row_options = student.options().dtype(at::kFloat);
-  for (auto& out : per_row) out = at::empty({args.rows}, per_row_options);
-  args.loss = per_row[0].data_ptr<float>();
-  args.ce = per_row[1].data_ptr<float>();
-  args.kd = per_row[2].data_ptr<float>();
-  args.ref = per_row[3].data_ptr<float>();
-  args.tcp = per_row[4].data_ptr<float>();
-  args.weight = per_row[5].data_ptr<float>();
-  args.temperature = static_cast<float>(temperature);
-  args.ce_weight = static_cast<float>(ce_weight);
-  args.kd_weight = static_cast<float>(kd_weight);
-  args.ref_weight = static_cast<float>(ref_weight);
-  args.ignore_index = ignore_index;
-
-  const char* invalid = smskd_loss_rows_invalid(&args);
-  TORCH_CHECK_VALUE(invalid == nullptr, "smskd_loss_rows: ", invalid ? invalid : "");
-  const cudaError_t status = smskd_loss_rows_launch(&args, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(status == cudaSuccess, "smskd_loss_rows: CUDA kernel launch failed: ", cudaGetErrorString(status));
+  PerRowOutputs per_row = empty_per_row_outputs(args.rows, student);
+  set_outputs_and_scalars(args, per_row, temperature, ce_weight, kd_weight, ref_weight, ignore_index);
+  launch_checked(args, "smskd_loss_rows", &smskd_loss_rows_invalid, &smskd_loss_rows_launch);
   return {per_row[0], per_row[1], per_row[2], per_row[3], per_row[4], per_row[5]};
 }
 

@@ -9,17 +9,15 @@
 // first, so a bad index never faults (validation.check_teacher_topk refuses
 // them on the public API). float64 is refused as by the dense CUDA operator.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <array>
-#include <cmath>
 #include <string>
 #include <tuple>
 
 #include "cuda/cuda_op_args.h"
 #include "smskd_kernels.h"
+#include "topk_op_checks.h"
 
 namespace smskd::cuda {
 namespace {
@@ -62,11 +60,7 @@ TopKResult smskd_loss_rows_topk_cuda(const at::Tensor& student_in, const std::op
                                      const std::optional<at::Tensor>& reference, double temperature,
                                      double ce_weight, double kd_weight, double ref_weight,
                                      c10::string_view weighting, int64_t ignore_index, bool compute_grad) {
-  TORCH_CHECK(student_in.is_cuda(), kOp, ": student must be a CUDA tensor, got ", student_in.device());
-  TORCH_CHECK_VALUE(student_in.dim() == 2 && student_in.size(1) >= 1, kOp,
-                    ": student must have shape (N, C) with C >= 1, got ", student_in.sizes());
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, kOp,
-                    ": temperature must be a finite number > 0, got ", temperature);
+  check_student_and_temperature(student_in, temperature, kOp);
   smskd_loss_rows_topk_args args{};
   args.dtype = kernel_dtype(student_in, kOp);
   args.weighting = parse_weighting(std::string(weighting), kOp);
@@ -75,16 +69,11 @@ TopKResult smskd_loss_rows_topk_cuda(const at::Tensor& student_in, const std::op
   args.rows = student.size(0);
   args.cols = student.size(1);
 
-  TORCH_CHECK_VALUE(topk_values.dim() == 2 && topk_values.size(0) == args.rows && topk_values.size(1) >= 1 &&
-                        topk_values.size(1) <= args.cols,
-                    kOp, ": topk_values must have shape (", args.rows, ", k) with 1 <= k <= ", args.cols, ", got ",
-                    topk_values.sizes());
-  args.k = topk_values.size(1);
+  args.k = checked_topk_k(topk_values, args.rows, args.cols, kOp);
   const at::Tensor values = teacher_floats("topk_values", topk_values, {args.rows, args.k}, student);
   check_shape("topk_indices", topk_indices, {args.rows, args.k});
   check_on_device("topk_indices", topk_indices, student);
-  TORCH_CHECK_TYPE(at::isIntegralType(topk_indices.scalar_type(), /*includeBool=*/false), kOp,
-                   ": topk_indices must hold integer class indices, got ", topk_indices.scalar_type());
+  check_topk_indices_dtype(topk_indices, kOp);
   const at::Tensor indices = topk_indices.to(at::kLong).clamp(0, args.cols - 1).contiguous();
   const at::Tensor true_values = teacher_floats("true_logit", true_logit, {args.rows}, student);
   const at::Tensor lse = teacher_floats("log_sum_exp", log_sum_exp, {args.rows}, student);
@@ -108,23 +97,13 @@ TopKResult smskd_loss_rows_topk_cuda(const at::Tensor& student_in, const std::op
     y = target->to(at::kLong);
   }
 
-  std::array<at::Tensor, 6> per_row;
-  for (auto& out : per_row) out = at::empty({args.rows}, student.options().dtype(at::kFloat));
+  PerRowOutputs per_row = empty_per_row_outputs(args.rows, student);
   at::Tensor grad = at::empty({compute_grad ? args.rows : 0, args.cols},
                               student.options().memory_format(at::MemoryFormat::Contiguous));
   if (args.rows == 0) return {per_row[0], per_row[1], per_row[2], per_row[3], per_row[4], per_row[5], grad};
 
   const at::Tensor mask = kept_class_mask(indices, args.cols);
-  args.student = student.const_data_ptr();
-  args.student_stride = student.stride(0);
-  if (r.defined()) {
-    args.reference = r.const_data_ptr();
-    args.reference_stride = r.stride(0);
-  }
-  if (y.defined()) {
-    args.target = y.const_data_ptr<int64_t>();
-    args.target_stride = y.stride(0);
-  }
+  set_input_rows(args, student, r, y);
   args.topk_values = values.const_data_ptr<float>();
   args.topk_indices = indices.const_data_ptr<int64_t>();
   args.kept_mask = reinterpret_cast<const uint32_t*>(mask.const_data_ptr<int32_t>());
@@ -136,22 +115,8 @@ TopKResult smskd_loss_rows_topk_cuda(const at::Tensor& student_in, const std::op
     args.grad = grad.data_ptr();
     args.grad_stride = grad.stride(0);
   }
-  args.loss = per_row[0].data_ptr<float>();
-  args.ce = per_row[1].data_ptr<float>();
-  args.kd = per_row[2].data_ptr<float>();
-  args.ref = per_row[3].data_ptr<float>();
-  args.tcp = per_row[4].data_ptr<float>();
-  args.weight = per_row[5].data_ptr<float>();
-  args.temperature = static_cast<float>(temperature);
-  args.ce_weight = static_cast<float>(ce_weight);
-  args.kd_weight = static_cast<float>(kd_weight);
-  args.ref_weight = static_cast<float>(ref_weight);
-  args.ignore_index = ignore_index;
-
-  const char* invalid = smskd_loss_rows_topk_invalid(&args);
-  TORCH_CHECK_VALUE(invalid == nullptr, kOp, ": ", invalid ? invalid : "");
-  const cudaError_t status = smskd_loss_rows_topk_launch(&args, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(status == cudaSuccess, kOp, ": CUDA kernel launch failed: ", cudaGetErrorString(status));
+  set_outputs_and_scalars(args, per_row, temperature, ce_weight, kd_weight, ref_weight, ignore_index);
+  launch_checked(args, kOp, &smskd_loss_rows_topk_invalid, &smskd_loss_rows_topk_launch);
   return {per_row[0], per_row[1], per_row[2], per_row[3], per_row[4], per_row[5], grad};
 }
 

@@ -293,6 +293,17 @@ def _smskd_rows_online_kernel(
 
 
 @triton.jit
+def _tile_softened_stats(x, s, scale_T, temperature):
+    """Per row of a [ROWS, BLOCK_C] tile of a frozen model's logits x (-inf where masked): the safe
+    maximum, exp((x - max)/T), its sum, lse(x/T) and E_p[x - s] / T (teacher and reference alike)."""
+    m = tl.max(x, 1)
+    ms = tl.where(m == float("-inf"), 0.0, m)
+    e = tl.exp2((x - ms[:, None]) * scale_T)
+    D = tl.sum(e, 1)
+    return ms, e, D, ms / temperature + tl.log(D), tl.sum(_weighted_diff(e, x, s), 1) / (D * temperature)
+
+
+@triton.jit
 def _smskd_rows_tile_kernel(
     student_ptr, teacher_ptr, reference_ptr, target_ptr, grad_ptr,
     loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr,
@@ -348,12 +359,7 @@ def _smskd_rows_tile_kernel(
     if HAS_TEACHER:
         t = tl.load(teacher_ptr + rows[:, None] * teacher_stride + cols[None, :], mask=mask,
                     other=float("-inf")).to(tl.float32)
-        m_t = tl.max(t, 1)
-        ms_t = tl.where(m_t == float("-inf"), 0.0, m_t)
-        e_tT = tl.exp2((t - ms_t[:, None]) * scale_T)
-        D_tT = tl.sum(e_tT, 1)
-        lse_tT = ms_t / temperature + tl.log(D_tT)
-        mean_t = tl.sum(_weighted_diff(e_tT, t, s), 1) / (D_tT * temperature)
+        ms_t, e_tT, D_tT, lse_tT, mean_t = _tile_softened_stats(t, s, scale_T, temperature)
         if NEED_TCP:
             lse_t = ms_t + tl.log(tl.sum(tl.exp2((t - ms_t[:, None]) * LOG2E), 1))
             t_y = tl.sum(tl.where(is_target, t, 0.0), 1)
@@ -365,12 +371,7 @@ def _smskd_rows_tile_kernel(
     if HAS_REFERENCE:
         r = tl.load(reference_ptr + rows[:, None] * reference_stride + cols[None, :], mask=mask,
                     other=float("-inf")).to(tl.float32)
-        m_r = tl.max(r, 1)
-        ms_r = tl.where(m_r == float("-inf"), 0.0, m_r)
-        e_rT = tl.exp2((r - ms_r[:, None]) * scale_T)
-        D_rT = tl.sum(e_rT, 1)
-        lse_rT = ms_r / temperature + tl.log(D_rT)
-        mean_r = tl.sum(_weighted_diff(e_rT, r, s), 1) / (D_rT * temperature)
+        _, e_rT, D_rT, lse_rT, mean_r = _tile_softened_stats(r, s, scale_T, temperature)
 
     loss, ce, kd, ref, tcp, w = _row_terms(
         lse_s, s_y, mean_t - lse_tT + lse_sT, lse_t, t_y, mean_r - lse_rT + lse_sT,

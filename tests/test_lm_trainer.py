@@ -21,7 +21,7 @@ from smskd_fast.experiments import teacher_config
 from smskd_fast.models import build_model
 from smskd_fast.runio import load_model_file, read_jsonl
 from smskd_fast.stages import SMSKDTrainer, fused_linear_stage_loss, model_fingerprint, stage_loss
-from trainer_helpers import count_teacher_calls, record_loss_calls
+from trainer_helpers import count_teacher_calls, record_frozen_checks, record_loss_calls
 
 CONTEXT = 32
 TRAIN_WINDOWS = 64
@@ -87,22 +87,12 @@ def test_language_models_are_causal():
         sum(p.numel() for p in model.parameters()) / 10
 
 
-def test_two_stage_lm_run(teacher_file, tmp_path):
+def test_two_stage_lm_run(teacher_file, tmp_path, monkeypatch):
     config = parse_config(lm_raw(teacher_file))
     trainer = SMSKDTrainer(config, tmp_path / "run", log=lambda _: None)
     teacher_before = model_fingerprint(trainer.teacher)
-    seen = []
-    original = SMSKDTrainer._check_frozen
-
-    def spy(self, state, name):
-        seen.append((name, state.reference))
-        original(self, state, name)
-
-    SMSKDTrainer._check_frozen = spy
-    try:
-        summary = trainer.run()
-    finally:
-        SMSKDTrainer._check_frozen = original
+    seen = record_frozen_checks(monkeypatch)
+    summary = trainer.run()
     run = tmp_path / "run"
     records = read_jsonl(run / "metrics.jsonl")
     assert [(r["stage"], r["epoch"]) for r in records] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2)]

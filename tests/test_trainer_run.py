@@ -9,7 +9,7 @@ import torch
 import smskd_fast.stages as stages_module
 from smskd_fast.runio import load_model_file, read_jsonl
 from smskd_fast.stages import SMSKDTrainer, model_fingerprint
-from trainer_helpers import tiny_config, write_teacher
+from trainer_helpers import record_frozen_checks, tiny_config, write_teacher
 
 TWO_STAGES = [{"method": "kd", "epochs": 2}, {"method": "fitnet", "epochs": 2}]
 
@@ -44,21 +44,11 @@ def test_two_stage_run_writes_the_run_directory(teacher_file, tmp_path):
     assert all(torch.equal(final["state_dict"][k], stage2[k]) for k in stage2)
 
 
-def test_reference_is_frozen_copy_of_the_previous_stage_and_stays_unchanged(teacher_file, tmp_path):
+def test_reference_is_frozen_copy_of_the_previous_stage_and_stays_unchanged(teacher_file, tmp_path, monkeypatch):
     config = tiny_config(teacher_file, TWO_STAGES)
     trainer = SMSKDTrainer(config, tmp_path / "run", log=lambda _: None)
-    seen = []
-    original = SMSKDTrainer._check_frozen
-
-    def spy(self, state, name):
-        seen.append((name, state.reference))
-        original(self, state, name)
-
-    SMSKDTrainer._check_frozen = spy
-    try:
-        trainer.run()
-    finally:
-        SMSKDTrainer._check_frozen = original
+    seen = record_frozen_checks(monkeypatch)
+    trainer.run()
     assert seen[0] == ("stage1_kd", None)
     name, reference = seen[1]
     assert name == "stage2_fitnet" and reference is not None

@@ -81,3 +81,16 @@ def record_loss_calls(monkeypatch) -> List[tuple]:
 
     monkeypatch.setattr(stages_module, "smskd_loss", spy)
     return seen
+
+
+def record_frozen_checks(monkeypatch) -> List[tuple]:
+    """Records (stage name, reference model) at every frozen-model check the trainer makes; the check still runs."""
+    seen: List[tuple] = []
+    original = SMSKDTrainer._check_frozen
+
+    def spy(self, state, name):
+        seen.append((name, state.reference))
+        original(self, state, name)
+
+    monkeypatch.setattr(SMSKDTrainer, "_check_frozen", spy)
+    return seen

@@ -63,8 +63,9 @@ def _rescale(m_old, m_new, scale):
 
 @triton.jit
 def _weighted_diff(e, x, s):
-    """e * (x - s), defined as 0 where e == 0 (p = 0 adds nothing to a KL, even with x = -inf)."""
-    return tl.where(e > 0, e * (x - s), 0.0)
+    """e * (x - s), defined as 0 where e == 0 (p = 0 adds nothing to a KL, even with x = -inf);
+    a NaN e propagates (a NaN teacher value must not vanish from the KL)."""
+    return tl.where(e != 0, e * (x - s), 0.0)
 
 
 @triton.jit

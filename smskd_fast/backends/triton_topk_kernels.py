@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .triton_kernels import (LOG2E, _aligned, _kl_from_sums, _online_kl_sums, _online_sum, _rescale, _row_terms,
-                             _store_ignored_row, _store_row_terms)
+                             _store_ignored_row, _store_row_terms, _weighted_diff)
 
 
 @triton.jit
@@ -208,8 +208,7 @@ def _smskd_topk_rows_kernel(
             if COMPUTE_GRAD:  # for the scatter: the student's own column may be overwritten by then
                 tl.store(kept_logits_row + kk, s_c, mask=k_mask)
             log_q = s_c / temperature - lse_sT
-            # p = 0 (a -inf value, or a masked lane) adds nothing; NaN propagates, as in topk.py.
-            kept_kl += tl.where(p != 0, p * (log_p - log_q), 0.0)
+            kept_kl += _weighted_diff(p, log_p, log_q)  # p = 0 (masked lane) adds 0; NaN propagates
             kept_mass += p
             m_new = tl.maximum(m_p, tl.max(log_p, 0))
             alpha, mp = _rescale(m_p, m_new, LOG2E)  # exp(m_p - m_new)

@@ -43,7 +43,7 @@ from smskd_fast.topk import TopKTeacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from cpu_loss_table import git_commit, machine  # noqa: E402
+from cpu_loss_table import machine  # noqa: E402
 
 SHAPES = ((4096, 1000, 10), (1024, 32000, 64))
 OPTIONS = LossOptions(temperature=benchmarking.TEMPERATURE, ce_weight=1.0, kd_weight=1.0, ref_weight=1.0,
@@ -193,7 +193,7 @@ def main(argv=None) -> None:
     if args.before:
         build_before(args.before)
     now = datetime.datetime.now(datetime.timezone.utc)
-    meta = {"date": now.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(), "before": args.before,
+    meta = {"date": now.strftime("%Y-%m-%d %H:%M:%S"), "commit": benchmarking.git_commit(), "before": args.before,
             "machine": machine(),
             "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + (argv if argv is not None else sys.argv[1:]))}
     rows = []

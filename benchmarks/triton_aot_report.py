@@ -34,6 +34,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from smskd_fast import benchmarking  # noqa: E402
 from smskd_fast.backends import triton_kernels as kernels  # noqa: E402
 from smskd_fast.backends import triton_launch as launch  # noqa: E402
 from smskd_fast.backends import triton_topk_kernels as topk_kernels  # noqa: E402
@@ -235,17 +236,6 @@ def topk_jobs(variant: str, dtype: str, arch: int) -> List[Job]:
     return result
 
 
-def git_commit() -> str:
-    """HEAD's short hash; SMSKD_COMMIT where the tree is a copy without .git (the GPU machine)."""
-    if os.environ.get("SMSKD_COMMIT"):
-        return os.environ["SMSKD_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def markdown(rows: List[Row], header: str) -> str:
     lines = [header, "",
              "| kernel | config | variant | dtype | arch | warps | regs | shared B | stack B | local B | spill st/ld B | LDG 16B/narrow | EX2 | target check | error |",
@@ -277,7 +267,7 @@ def main(argv=None) -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python benchmarks/triton_aot_report.py" + (" --ci" if args.ci else "")
     header = (f"# Triton kernels compiled ahead of time (no GPU)\n\n"
-              f"Command: `{command}`; {stamp}; commit {git_commit()}; triton {triton.__version__}; "
+              f"Command: `{command}`; {stamp}; commit {benchmarking.git_commit()}; triton {triton.__version__}; "
               f"{len(rows)} compiles, {len(failures)} with a spill, an error or a missing target check.\n"
               f"regs: registers per thread; spills: ptxas -v spill stores/loads, local: cuobjdump local bytes; any > 0 fails.\n"
               f"A stack frame without spills (e.g. the assert call of the check kernel) is reported, not failed.\n"
@@ -287,7 +277,7 @@ def main(argv=None) -> int:
     stem = "triton_aot_report_ci" if args.ci else "triton_aot_report"
     (args.out / f"{stem}.md").write_text(markdown(rows, header))
     (args.out / f"{stem}.json").write_text(json.dumps(
-        {"command": command, "date": stamp, "commit": git_commit(), "triton": triton.__version__,
+        {"command": command, "date": stamp, "commit": benchmarking.git_commit(), "triton": triton.__version__,
          "rows": [asdict(row) for row in rows]}, indent=1))
     print(markdown(failures or rows[:0], header))
     print(f"wrote {args.out / (stem + '.md')}")

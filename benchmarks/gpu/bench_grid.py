@@ -33,7 +33,6 @@ import gc
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import smskd_fast  # noqa: E402
+from smskd_fast import benchmarking  # noqa: E402
 from smskd_fast.backends import triton_launch  # noqa: E402
 from smskd_fast.topk import TopKTeacher  # noqa: E402
 
@@ -247,14 +247,7 @@ def environment(device: str) -> Dict:
             "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
             "backends": {name: str(status) for name, status in smskd_fast.available_backends().items()}}
-    # The device machine gets a copy of the tree without .git: pass SMSKD_COMMIT there.
-    info["commit"] = os.environ.get("SMSKD_COMMIT", "")
-    if not info["commit"]:
-        try:
-            info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                            text=True).stdout.strip() or "unknown"
-        except OSError:
-            info["commit"] = "unknown"
+    info["commit"] = benchmarking.git_commit()  # the device machine's tree has no .git: SMSKD_COMMIT names it
     return info
 
 

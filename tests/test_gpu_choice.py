@@ -59,3 +59,33 @@ def test_works_with_one_or_no_gpu_backend(measured_table, candidates, expected):
 
 def test_missing_table_is_empty(tmp_path):
     assert gpu_choice.load_table(str(tmp_path / "absent.json")) == {}
+
+
+@pytest.mark.parametrize("timings, expected", [
+    ({"cuda": 1.0, "triton": 0.5}, "triton"),       # clearly faster: chosen
+    ({"cuda": 1.04, "triton": 1.0}, "cuda"),        # within the tie margin: the default stays
+    ({"cuda": 0.9, "triton": 1.0}, "cuda"),
+    ({"triton": 1.0}, "triton"),                    # the default unmeasured
+])
+def test_pick_winner_keeps_the_default_on_a_tie(timings, expected):
+    assert gpu_choice.pick_winner(timings) == expected
+
+
+def test_shipped_table_is_a_real_measurement_and_package_data():
+    """The committed table names a measured GPU and its source, and pyproject ships it."""
+    import fnmatch
+    import os
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    with open(gpu_choice.TABLE_PATH) as f:
+        shipped = json.load(f)
+    assert shipped["devices"], "no measured GPU in the shipped table"
+    for device, by_dtype in shipped["devices"].items():
+        assert shipped["measured"][device]["source"], device
+        for winners in by_dtype.values():
+            assert set(winners.values()) <= set(gpu_choice.GPU_BACKENDS)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["smskd_fast"]
+    relative = os.path.relpath(gpu_choice.TABLE_PATH, os.path.join(root, "smskd_fast"))
+    assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), patterns

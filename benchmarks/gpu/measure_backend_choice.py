@@ -10,7 +10,9 @@ per input) with each available GPU backend, and records the faster one per
 Writes <out-dir>/backend_choice.json (every timing, device, versions, commit,
 date) and <out-dir>/gpu_choice_table.json (the table: commit it as
 smskd_fast/backends/gpu_choice_table.json; measurements of other GPUs already
-there are kept). Needs a CUDA device.
+there are kept). Needs a CUDA device, except with --from-bench FILE, which
+derives the table from the cuda and triton rows of a bench_grid.py JSON file
+(benchmarks/gpu/bench_grid.py's bench_results.json) instead of measuring.
 """
 from __future__ import annotations
 
@@ -81,7 +83,10 @@ def main() -> int:
     parser.add_argument("--classes", default=",".join(map(str, CLASSES)))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--elements", type=int, default=2**26, help="logits per input tensor")
+    parser.add_argument("--from-bench", help="bench_grid.py JSON to take the timings from (no GPU needed)")
     args = parser.parse_args()
+    if args.from_bench:
+        return table_from_bench(args.from_bench, args.out_dir)
     if not torch.cuda.is_available():
         print("measure_backend_choice: needs a CUDA device", file=sys.stderr)
         return 2
@@ -108,7 +113,7 @@ def main() -> int:
                     timings[backend] = row["ms"]
             if not timings:
                 continue
-            winner = min(timings, key=timings.get)
+            winner = gpu_choice.pick_winner(timings)
             winners.setdefault(dtype_name, {})[str(num_classes)] = winner
             ratio = (f"{timings['cuda'] / timings['triton']:.3f}" if {"cuda", "triton"} <= timings.keys() else "-")
             cells = " ".join(f"{timings.get(b, float('nan')):11.4f}" for b in backends)
@@ -128,15 +133,43 @@ def main() -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "backend_choice.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
+    write_table(args.out_dir, device, winners, meta)
+    print(f"written: {args.out_dir}/backend_choice.json")
+    return 0
+
+
+def write_table(out_dir: str, device: str, winners: dict, meta: dict) -> None:
+    """<out_dir>/gpu_choice_table.json: the shipped table with this device's winners replaced."""
     table = {"devices": {}, "measured": {}}
     if os.path.exists(gpu_choice.TABLE_PATH):
         with open(gpu_choice.TABLE_PATH) as f:
             table.update(json.load(f))
     table["devices"][device] = winners
     table["measured"][device] = meta
-    with open(os.path.join(args.out_dir, "gpu_choice_table.json"), "w") as f:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "gpu_choice_table.json"), "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
-    print(f"written: {args.out_dir}/backend_choice.json, {args.out_dir}/gpu_choice_table.json")
+        f.write("\n")
+    print(f"written: {out_dir}/gpu_choice_table.json")
+
+
+def table_from_bench(path: str, out_dir: str) -> int:
+    """The choice table from the cuda and triton timings of a bench_grid.py results file."""
+    with open(path) as f:
+        bench = json.load(f)
+    timings: dict = {}
+    for row in bench["rows"]:
+        if row["impl"] in gpu_choice.GPU_BACKENDS and "ms" in row:
+            timings.setdefault(row["dtype"], {}).setdefault(str(row["C"]), {})[row["impl"]] = row["ms"]
+    winners = {dtype: {c: gpu_choice.pick_winner(t) for c, t in by_c.items()} for dtype, by_c in timings.items()}
+    for dtype, by_c in sorted(timings.items()):
+        for c, t in sorted(by_c.items(), key=lambda item: int(item[0])):
+            print(f"{dtype:9s} {c:>7s} " + " ".join(f"{b} {ms:.4f} ms" for b, ms in sorted(t.items()))
+                  + f"  -> {winners[dtype][c]}")
+    meta = {"device": bench["device"], "torch": bench.get("torch"), "copy_GBps": bench.get("copy_GBps"),
+            "command": " ".join(sys.argv), "source": os.path.basename(path),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    write_table(out_dir, bench["device"], winners, meta)
     return 0
 
 

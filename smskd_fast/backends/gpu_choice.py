@@ -20,6 +20,9 @@ import torch
 
 GPU_BACKENDS = ("cuda", "triton")
 UNMEASURED_DEFAULT = "cuda"
+# A backend must be this much faster than UNMEASURED_DEFAULT to be chosen over it: closer
+# timings are within run-to-run noise, and the default needs no JIT compilation on first use.
+TIE_MARGIN = 0.05
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_choice_table.json")
 
 # {gpu name: {dtype name: {C as str: backend}}}
@@ -53,6 +56,15 @@ def measured_winner(table: ChoiceTable, device: str, dtype: torch.dtype, num_cla
     target = math.log(max(num_classes, 1))
     nearest = min(entries, key=lambda c: abs(math.log(max(int(c), 1)) - target))
     return entries[nearest]
+
+
+def pick_winner(timings_ms: Dict[str, float]) -> str:
+    """The fastest backend of {backend: ms}, UNMEASURED_DEFAULT when it is within TIE_MARGIN of it."""
+    fastest = min(timings_ms, key=timings_ms.get)
+    default_ms = timings_ms.get(UNMEASURED_DEFAULT)
+    if default_ms is not None and default_ms <= timings_ms[fastest] * (1 + TIE_MARGIN):
+        return UNMEASURED_DEFAULT
+    return fastest
 
 
 @functools.lru_cache(maxsize=None)

@@ -129,7 +129,11 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
     options = dataclasses.replace(options, overwrite_student_logits=True)
     columns: List[List[torch.Tensor]] = [[] for _ in range(6)]
     grad_hidden = hidden.new_empty(hidden.shape) if row_scale is not None and need[0] else None
-    grad_weight = torch.zeros_like(weight) if row_scale is not None and need[1] else None  # see module docstring
+    # The weight gradient (precision: see the module docstring): the first chunk's product is written
+    # over the uninitialised buffer, the others are added in place; zeros only when there are no rows.
+    grad_weight = None
+    if row_scale is not None and need[1]:
+        grad_weight = torch.empty_like(weight) if n else torch.zeros_like(weight)
     grad_bias = torch.zeros_like(bias, dtype=acc) if row_scale is not None and need[2] else None
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
@@ -152,7 +156,9 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
         with torch.no_grad():
             if grad_hidden is not None:
                 torch.mm(grad_logits, weight, out=grad_hidden[start:end])
-            if grad_weight is not None:
+            if grad_weight is not None and start == 0:
+                torch.mm(grad_logits.t(), h, out=grad_weight)
+            elif grad_weight is not None:
                 grad_weight.addmm_(grad_logits.t(), h)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=acc)

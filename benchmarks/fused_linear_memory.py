@@ -92,14 +92,14 @@ def measure(variant: str, tokens: int, hidden: int, vocab: int, dtype: str, devi
     from smskd_fast.backends import resolve_backend
 
     dt = getattr(torch, dtype)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)  # drawn on the device: 3 x V x H values on a CPU take long
 
     def param(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device, dt)
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dt)
 
     h_s, h_t, h_r = param(tokens, hidden), param(tokens, hidden), param(tokens, hidden)
     w_s, w_t, w_r = (param(vocab, hidden, scale=hidden ** -0.5) for _ in range(3))
-    target = torch.randint(0, vocab, (tokens,), generator=g).to(device)
+    target = torch.randint(0, vocab, (tokens,), generator=g, device=device)
     h_s.requires_grad_(True)
     w_s.requires_grad_(True)
     loss_of = make_step(variant, h_s, w_s, h_t, w_t, h_r, w_r, target, backend, chunk_size or None)

@@ -11,10 +11,12 @@ Precision of the weight gradient: it accumulates in the head weight's own dtype,
 in one buffer, by an in-place addmm_ per chunk (no V x H temporary). Each chunk's
 product is summed in the matmul's float32 accumulator and the running total is
 rounded to the weight's dtype once per chunk, so K chunks add at most K roundings
-of it: |error| <= K * u * sum_rows |d logits|^T |hidden| with u = 2^-9 in bf16 (2^-12
-fp16, 2^-25 fp32). The unfused path rounds once. A float32 accumulator would avoid
-this but costs 2 (bf16: 4) bytes x V x H more, plus the cast at the end: 2 GiB at
-V = 128256, H = 4096, more than the whole budget of the fused path there. The bias
+of it: |error| <= K * u * sum_rows |d logits|^T |hidden|, u = 2^-8 in bf16 (2^-11
+fp16, 2^-24 fp32; tests/tolerances.py, chunked_accumulation_excess). The unfused
+path rounds once. For bf16 weights a float32 accumulator would avoid this, but it
+takes 4 instead of 2 bytes x V x H and needs a bf16 copy at the end while it is
+alive: 4 bytes x V x H more at the peak, 2 GiB at V = 128256, H = 4096, which alone
+breaks the fused path's target of a quarter of the unfused peak there. The bias
 gradient (V values) accumulates in float32 (float64 for float64).
 
 The chunk loop issues no host synchronisation (no .item(), no data-dependent
@@ -119,7 +121,8 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
 
     row_scale (N,) multiplies each row's gradient (1/n_valid for "mean", 1 for
     "sum", grad_output for "none"). need says which of (hidden, weight, bias)
-    gradients to accumulate. Gradients accumulate in float32.
+    gradients to accumulate: hidden and weight in their dtype (module docstring), bias in
+    float32 (float64 for float64).
     """
     hidden, weight, bias = student.hidden, student.weight, student.bias
     n = hidden.shape[0]

@@ -17,6 +17,10 @@ backend=${BACKEND:-auto}
 repeats=${REPEATS:-5}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if ! python -c "import smskd_fast._C" 2>/dev/null; then  # a bare machine: build in place (CUDA, else CPU-only)
+  MAX_JOBS=${MAX_JOBS:-16} timeout 240 python setup.py -q build_ext --inplace \
+    || SMSKD_FAST_NO_CUDA=1 python setup.py -q build_ext --inplace || echo "no build: the cuda/cpu backends are off"
+fi
 { date -u; git rev-parse HEAD 2>/dev/null || echo "commit ${SMSKD_COMMIT:-unknown}"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -34,7 +38,7 @@ variants="unfused fused unfused_kd fused_kd"
 if python -c "import liger_kernel" 2>/dev/null; then
   variants="$variants liger_jsd"
 elif ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then
-  pip install --no-deps --quiet --target /tmp/liger_site .whl/liger_kernel-*.whl
+  python -m pip install --no-index --no-deps --quiet --target /tmp/liger_site .whl/liger_kernel-*.whl
   export PYTHONPATH=$PYTHONPATH:/tmp/liger_site
   variants="$variants liger_jsd"
 else

@@ -357,3 +357,27 @@ def test_reference_logits_arguments_are_checked():
                                 reference_logits=teacher.long())
     with pytest.raises(ValueError, match="weighting='inverse_tcp' .* needs teacher_logits"):
         fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], reference_logits=teacher)
+
+
+def test_the_default_chunk_counts_the_dense_heads(monkeypatch):
+    """Without chunk_size the loss asks chunk_rows for its device, rows, V, H and dtype, counting as heads
+    the student and each frozen model given densely (hidden states or logits; a top-k teacher is not)."""
+    import smskd_fast.fused_linear as fused_linear_module
+    from smskd_fast.topk import TopKTeacher
+
+    asked = []
+
+    def spy(*args, **kwargs):
+        asked.append((args, kwargs))
+        return chunk_rows(*args, **kwargs)
+
+    monkeypatch.setattr(fused_linear_module, "chunk_rows", spy)
+    p = make_problem()
+    fused(p, backend="reference")
+    teacher_logits = logits_of(p["teacher_hidden"], p["teacher_head_weight"], p["teacher_head_bias"])
+    topk = TopKTeacher.from_logits(teacher_logits, p["target"], 4, 4.0)
+    fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], teacher_topk=topk,
+                            backend="reference")
+    fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], teacher_logits=teacher_logits,
+                            backend="reference")
+    assert asked == [(("cpu", 15, 11, 8, torch.float64), {"heads": heads}) for heads in (3, 1, 2)]

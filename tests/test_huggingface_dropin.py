@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,3 +188,21 @@ def test_bad_arguments_name_the_problem():
     embeds = student.model.embed_tokens(inputs["input_ids"])
     with pytest.raises(ValueError, match="give input_ids"):
         student(inputs_embeds=embeds, labels=inputs["labels"])
+
+
+def test_under_ddp_two_ranks_give_the_gradient_of_the_whole_batch(tmp_path):
+    """2 gloo ranks (tests/distributed_huggingface_worker.py), the patched student in DDP, the loss of
+    each half batch over the global number of real tokens (Trainer's convention): both ranks end with
+    the float64 gradient of the whole batch's loss in one process."""
+    from distributed_huggingface_worker import BATCH
+    from test_distributed import torchrun
+
+    torchrun(2, str(Path(__file__).resolve().parent / "distributed_huggingface_worker.py"), str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    student, teacher, reference = models()
+    inputs = batch(size=BATCH)
+    want = expected_loss(student, teacher, reference, inputs, 2.0)
+    want.backward()
+    for name, parameter in student.named_parameters():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        torch.testing.assert_close(ranks[0][name], parameter.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")

@@ -19,8 +19,13 @@ process; gloo on the CPU) and gives the trainer narrow hooks:
   wait at a barrier where they would read what rank 0 wrote.
 
 all_gather_rows, global_mean and shard_sizes serve methods whose state spans the
-whole batch (CRD's memory bank). Without a process group every hook is the identity,
-so single-process runs are unchanged bit for bit.
+whole batch (CRD's memory bank). student_hidden_states serves fused_linear stages:
+their loss projects the student's hidden states with its head inside
+fused_linear_smskd_loss, so the hidden states must come through DDP's forward
+(which arms the all-reduce of every parameter's gradient, the head's included);
+count_loss_scale makes a mean over items that the ranks hold in different numbers
+(tokens that are not ignore_index) average to the global mean. Without a process
+group every hook is the identity, so single-process runs are unchanged bit for bit.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from torch import nn
 from .data import augment, augmentation_draws, iterate_batches
 
 __all__ = ["DistributedContext", "ShardedBatches", "shard_bounds", "is_distributed", "rank", "world_size",
-           "shard_sizes", "all_gather_rows", "global_mean"]
+           "shard_sizes", "all_gather_rows", "global_mean", "student_hidden_states", "count_loss_scale"]
 
 
 def is_distributed() -> bool:
@@ -107,6 +112,28 @@ def global_mean(values: torch.Tensor) -> torch.Tensor:
     return (total[0] / total[1]).to(values.dtype)
 
 
+def count_loss_scale(count: torch.Tensor) -> torch.Tensor:
+    """Factor on this rank's mean over its `count` items (a tensor, e.g. the number of tokens that are
+    not ignore_index) so that DDP's average over ranks of the gradients is the gradient of the mean
+    over every rank's items: count * world size / total count (1 in a single process). A device
+    tensor all the way: no host synchronisation."""
+    if not is_distributed():
+        return torch.ones((), dtype=torch.float64, device=count.device)
+    total = count.detach().to(torch.float64).reshape(1).to(_collective_device())
+    local = total.clone()
+    dist.all_reduce(total)
+    return (local * dist.get_world_size() / total.clamp(min=1)).reshape(()).to(count.device)
+
+
+def student_hidden_states(forward: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The student's hidden_states(inputs) through `forward`, what DistributedContext.wrap returned:
+    under DDP through its forward, so that the backward pass all-reduces the gradients of every
+    parameter, the head's too (used by the loss after the forward); else the student's own method."""
+    if isinstance(forward, nn.parallel.DistributedDataParallel):
+        return forward(inputs, hidden_states=True)
+    return forward.hidden_states(inputs)
+
+
 class ShardedBatches:
     """One epoch of training batches for this rank.
 
@@ -168,15 +195,16 @@ _NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
 
 class _TrainedModules(nn.Module):
     """The student and the stage's method modules as one module for DDP: its forward is the
-    student's, and the methods' parameters (used by their losses after the forward) get their
-    gradients all-reduced in the same backward pass."""
+    student's (or, with hidden_states=True, the student's hidden_states, for fused_linear stages),
+    and the methods' parameters (used by their losses after the forward) get their gradients
+    all-reduced in the same backward pass."""
 
     def __init__(self, student: nn.Module, methods: nn.Module):
         super().__init__()
         self.student, self.methods = student, methods
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.student(inputs)
+    def forward(self, inputs: torch.Tensor, hidden_states: bool = False) -> torch.Tensor:
+        return self.student.hidden_states(inputs) if hidden_states else self.student(inputs)
 
 
 @dataclass

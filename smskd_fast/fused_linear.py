@@ -6,6 +6,22 @@ projected to logits, the row kernel of the chosen backend computes the loss and
 d loss / d logits, and those are folded into the gradients of the student's
 hidden states, head weight and bias at once, so that peak memory holds one
 chunk's logits instead of all of them.
+
+Precision of the weight gradient: it accumulates in the head weight's own dtype,
+in one buffer, by an in-place addmm_ per chunk (no V x H temporary). Each chunk's
+product is summed in the matmul's float32 accumulator and the running total is
+rounded to the weight's dtype once per chunk, so K chunks add at most K roundings
+of it: |error| <= K * u * sum_rows |d logits|^T |hidden|, u = 2^-8 in bf16 (2^-11
+fp16, 2^-24 fp32; tests/tolerances.py, chunked_accumulation_excess). The unfused
+path rounds once. For bf16 weights a float32 accumulator would avoid this, but it
+takes 4 instead of 2 bytes x V x H and needs a bf16 copy at the end while it is
+alive: 4 bytes x V x H more at the peak, 2 GiB at V = 128256, H = 4096, which alone
+breaks the fused path's target of a quarter of the unfused peak there. The bias
+gradient (V values) accumulates in float32 (float64 for float64).
+
+The chunk loop issues no host synchronisation (no .item(), no data-dependent
+shapes or Python branches on tensor values): on a GPU the host queues every
+chunk's kernels without waiting (tests/test_fused_linear_sync.py).
 """
 from __future__ import annotations
 
@@ -20,18 +36,56 @@ from .backends.base import LossOptions, RowInputs
 from .functional import SMSKDLossOutput
 from .topk import TopKTeacher
 
-__all__ = ["fused_linear_smskd_loss"]
+__all__ = ["fused_linear_smskd_loss", "chunk_rows"]
 
-# Rows per chunk are chosen so that one chunk's logits hold about this many values. Not
-# fewer: on the CPU, glibc's malloc keeps freed buffers under its (dynamic, up to 32 MiB)
-# mmap threshold in the heap, so chunks much smaller than 32 MiB raise the resident set
-# instead of lowering it (benchmarks/results/fused_linear_cpu_chunk64_glibc_retention_t1024.md).
+# CPU: rows per chunk are chosen so that one chunk's logits hold about this many values. Not
+# fewer: glibc's malloc keeps freed buffers under its (dynamic, up to 32 MiB) mmap threshold
+# in the heap, so chunks much smaller than 32 MiB raise the resident set instead of lowering
+# it (benchmarks/results/fused_linear_cpu_chunk64_glibc_retention_t1024.md).
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# GPU: at most this many bytes of chunk buffers (see chunk_rows), and a modelled peak of at most
+# 1/PEAK_SHARE of the unfused path's.
+DEFAULT_DEVICE_CHUNK_BYTES = 1 << 30
+PEAK_SHARE = 4
+DEVICE_ROW_MULTIPLE = 256
 
 
-def default_chunk_size(rows: int, vocabulary: int) -> int:
-    """Rows per chunk when the caller gives no chunk_size: about 2^24 / V (at most `rows`)."""
-    return max(1, min(rows, DEFAULT_CHUNK_ELEMENTS // vocabulary))
+def chunk_rows(device_type: str, rows: int, vocabulary: int, hidden: int, dtype: torch.dtype, *, heads: int = 3,
+               budget_bytes: Optional[int] = None) -> int:
+    """Rows per chunk when the caller gives no chunk_size (at most `rows`, at least 1).
+
+    CPU: DEFAULT_CHUNK_ELEMENTS // V rows (2^24 logits; see the constant for why not fewer).
+
+    GPU (any other device type), with b = itemsize of dtype and N = rows: a chunk of c rows
+    holds `heads` logits tensors (the student's, and the teacher's and reference's when they
+    are dense) plus one more for the row gradient or a backend's scratch, R = (heads + 1) V b
+    bytes per row. Both paths also hold the gradients of the head and the hidden states,
+    G = (V + N) H b; the unfused path holds R for every row. So the peaks are modelled as
+
+        fused = c R + G,    unfused = N R + G,
+
+    and c is the largest number of rows with c R <= budget_bytes (default
+    DEFAULT_DEVICE_CHUNK_BYTES = 1 GiB) and fused <= unfused / PEAK_SHARE (= 4), i.e.
+    c <= (N R + G) / (4 R) - G / R, rounded down to whole tiles of 256 rows, but never
+    fewer than 256 rows while the byte budget allows them: below that the matmuls lose
+    efficiency. Each chunk's weight-gradient matmul does 2 V H c flops and reads and writes
+    the V x H gradient (2 V H b bytes): c / b flops per byte, above an H200's ~200 (989
+    Tflop/s over 4.8 TB/s) from c = 512 in bf16, so it runs compute-bound, and the other two
+    matmuls (c x V x H) are whole tiles. At 8192 tokens in bf16 this gives 1024 rows at
+    V = 128256 (H = 2048 or 4096) and 1536 / 1024 at V = 32000 (H = 2048 / 4096) with three
+    heads; 1280 / 768 and 1280 / 512 in the KD-only form (two heads).
+    """
+    if device_type == "cpu":
+        return max(1, min(rows, DEFAULT_CHUNK_ELEMENTS // vocabulary))
+    item = torch.empty((), dtype=dtype).element_size()
+    per_row = (heads + 1) * vocabulary * item
+    gradients = (vocabulary + rows) * hidden * item
+    by_budget = (DEFAULT_DEVICE_CHUNK_BYTES if budget_bytes is None else budget_bytes) // per_row
+    by_share = ((rows * per_row + gradients) // PEAK_SHARE - gradients) // per_row
+    if by_budget < DEVICE_ROW_MULTIPLE:
+        return max(1, min(rows, by_budget))
+    fit = max(DEVICE_ROW_MULTIPLE, min(by_budget, by_share))
+    return min(rows, fit - fit % DEVICE_ROW_MULTIPLE)
 
 
 class _Head:
@@ -67,7 +121,8 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
 
     row_scale (N,) multiplies each row's gradient (1/n_valid for "mean", 1 for
     "sum", grad_output for "none"). need says which of (hidden, weight, bias)
-    gradients to accumulate. Gradients accumulate in float32.
+    gradients to accumulate: hidden and weight in their dtype (module docstring), bias in
+    float32 (float64 for float64).
     """
     hidden, weight, bias = student.hidden, student.weight, student.bias
     n = hidden.shape[0]
@@ -76,8 +131,12 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
     # Each chunk's logits are scratch: a GPU backend may write d loss / d logits over them.
     options = dataclasses.replace(options, overwrite_student_logits=True)
     columns: List[List[torch.Tensor]] = [[] for _ in range(6)]
-    grad_hidden = torch.empty_like(hidden) if row_scale is not None and need[0] else None
-    grad_weight = torch.zeros_like(weight, dtype=acc) if row_scale is not None and need[1] else None
+    grad_hidden = hidden.new_empty(hidden.shape) if row_scale is not None and need[0] else None
+    # The weight gradient (precision: see the module docstring): the first chunk's product is written
+    # over the uninitialised buffer, the others are added in place; zeros only when there are no rows.
+    grad_weight = None
+    if row_scale is not None and need[1]:
+        grad_weight = torch.empty_like(weight) if n else torch.zeros_like(weight)
     grad_bias = torch.zeros_like(bias, dtype=acc) if row_scale is not None and need[2] else None
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
@@ -99,25 +158,16 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
             continue
         with torch.no_grad():
             if grad_hidden is not None:
-                grad_hidden[start:end] = grad_logits @ weight
-            if grad_weight is not None:
-                _accumulate_product(grad_weight, grad_logits.t(), h)
+                torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+            if grad_weight is not None and start == 0:
+                torch.mm(grad_logits.t(), h, out=grad_weight)
+            elif grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), h)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=acc)
         del logits, grad_logits
     per_row = [torch.cat(column) if column else hidden.new_zeros((0,), dtype=acc) for column in columns]
     return per_row, grad_hidden, grad_weight, grad_bias
-
-
-def _accumulate_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    """total += left @ right without a temporary of total's size where torch allows it: in place
-    when the dtypes agree, through addmm's out_dtype for bf16/fp16 into fp32 on CUDA."""
-    if left.dtype == total.dtype:
-        total.addmm_(left, right)
-    elif total.is_cuda and hasattr(torch.ops.aten.addmm, "dtype_out"):
-        torch.addmm(total, left, right, out_dtype=total.dtype, out=total)
-    else:
-        total += (left @ right).to(total.dtype)
 
 
 class _FusedLinearSMSKD(torch.autograd.Function):
@@ -232,8 +282,9 @@ def fused_linear_smskd_loss(
     head or as logits (..., V), e.g. read from a dense logit cache. Logits given
     whole may have any floating dtype: each chunk is converted to student_hidden's
     dtype when it is used (an fp16 cache's rows stay fp16 until then). Gradients
-    flow to the student's hidden states, head weight and bias only. chunk_size defaults to default_chunk_size:
-    about 2^24 / V rows, at most 1/16 of the rows, at least 64.
+    flow to the student's hidden states, head weight and bias only. chunk_size (rows per chunk)
+    defaults to chunk_rows: 2^24 / V on the CPU; on a GPU whole 256-row tiles within 1 GiB of chunk
+    buffers and a quarter of the unfused path's peak.
     """
     validation.check_logits("student_hidden", student_hidden)
     rows_shape = tuple(student_hidden.shape[:-1])
@@ -270,7 +321,9 @@ def fused_linear_smskd_loss(
     has_reference = reference_hidden is not None or reference_logits is not None
     validation.check_weighting_has_tcp(weighting, True if has_teacher else None, True if has_reference else None)
     if chunk_size is None:
-        chunk_size = default_chunk_size(target.numel(), vocabulary)
+        dense_heads = 1 + (teacher_logits is not None or teacher_hidden is not None) + has_reference
+        chunk_size = chunk_rows(student_hidden.device.type, target.numel(), vocabulary, student_hidden.shape[-1],
+                                student_hidden.dtype, heads=dense_heads)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 

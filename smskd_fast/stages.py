@@ -42,7 +42,7 @@ from torch import nn
 
 from .config import RunConfig, StageConfig, config_to_dict
 from .data import DataSplits, ImageSet, TokenSet, iterate_batches, load_splits
-from .distributed import DistributedContext
+from .distributed import DistributedContext, student_hidden_states
 from .cache import CacheSpec
 from .frozen_logits import CachedLogits, open_or_build, reference_cache_dir, reference_cache_spec, teacher_cache_spec
 from .functional import SMSKDLossOutput, smskd_loss
@@ -119,17 +119,19 @@ def fused_linear_stage_loss(student: nn.Module, teacher: Optional[nn.Module], re
                             inputs: torch.Tensor, target: torch.Tensor, stage: StageConfig, fused_kd_weight: float,
                             backend: str = "auto", *, teacher_logits: Optional[torch.Tensor] = None,
                             teacher_topk: Optional[TopKTeacher] = None,
-                            reference_logits: Optional[torch.Tensor] = None) -> Tuple[SMSKDLossOutput, torch.Tensor]:
+                            reference_logits: Optional[torch.Tensor] = None,
+                            student_forward: Optional[nn.Module] = None) -> Tuple[SMSKDLossOutput, torch.Tensor]:
     """stage_loss from the models' hidden states and heads (fused_linear_smskd_loss: one chunk of
     tokens' logits at a time, never all of them), and the student's predicted classes.
 
     A frozen model whose logits come from a cache (teacher_logits or teacher_topk,
-    reference_logits) is given as None and is not run.
+    reference_logits) is given as None and is not run. student_forward is what
+    DistributedContext.wrap returned (the student's hidden states then come through DDP).
     """
     with torch.no_grad():
         teacher_hidden = teacher.hidden_states(inputs) if teacher is not None else None
         reference_hidden = reference.hidden_states(inputs) if reference is not None else None
-    hidden = student.hidden_states(inputs)
+    hidden = student_hidden_states(student if student_forward is None else student_forward, inputs)
 
     def head(model: Optional[nn.Module]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         return (None, None) if model is None else (model.head.weight, model.head.bias)
@@ -242,8 +244,6 @@ class SMSKDTrainer:
                 if model is not None and not supports_fused_linear(model):
                     raise ValueError(f"fused_linear: the {role} {getattr(config, role).name!r} does not expose "
                                      "hidden_states() and a linear `head`")
-            if self.dist.enabled:  # hidden_states() bypasses DDP's forward, so gradients would not be reduced
-                raise ValueError("fused_linear: not supported with more than one process (DDP) yet")
         for index in range(len(config.stages)):  # bad method parameters or layer names fail now, not stages later
             for method in self._methods(index):
                 FeatureTaps(self.student, method.student_layers, "student").remove()
@@ -431,7 +431,7 @@ class SMSKDTrainer:
                     self.student, None if state.teacher_cache is not None else self.teacher,
                     None if state.reference_cache is not None else state.reference, images, labels, stage,
                     state.fused_kd_weight, config.backend, teacher_logits=teacher_logits, teacher_topk=teacher_topk,
-                    reference_logits=reference_logits)
+                    reference_logits=reference_logits, student_forward=state.student_forward)
                 method_loss = fused.loss.new_zeros(())
             else:
                 with torch.no_grad():

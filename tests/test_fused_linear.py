@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import smskd_fast
-from smskd_fast.fused_linear import fused_linear_smskd_loss
+from smskd_fast.fused_linear import chunk_rows, fused_linear_smskd_loss
+
+from tolerances import chunked_accumulation_excess
 
 
 def make_problem(rows_shape=(3, 5), hidden=8, vocab=11, teacher_hidden=6, dtype=torch.float64, seed=0,
@@ -148,8 +150,8 @@ def test_bfloat16_against_float64_unfused(backend):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_bfloat16_on_cuda_against_float64_unfused(backend):
-    """On CUDA the chunk logits take the row gradient in place and the fp32 weight gradient
-    accumulates through addmm(out_dtype=float32); the oracle is as in the CPU test above."""
+    """On CUDA the chunk logits take the row gradient in place and the bf16 weight gradient
+    accumulates in place through addmm_; the oracle is as in the CPU test above."""
     p = {k: None if v is None else v.detach().cuda().requires_grad_(v.requires_grad)
          for k, v in make_problem(rows_shape=(64,), hidden=32, vocab=500, teacher_hidden=48,
                                   dtype=torch.bfloat16, seed=1).items()}
@@ -187,13 +189,102 @@ def test_bad_arguments_name_the_argument():
 
 
 @pytest.mark.parametrize("rows, vocabulary", [(8192, 128256), (1024, 128256), (2048, 32000), (100, 50), (7, 1 << 30)])
-def test_default_chunk_size_bounds_the_chunk_logits(rows, vocabulary):
-    from smskd_fast.fused_linear import default_chunk_size
+def test_cpu_chunk_rows_keep_the_malloc_tuned_size(rows, vocabulary):
+    for dtype in (torch.float32, torch.bfloat16):
+        chunk = chunk_rows("cpu", rows, vocabulary, 2048, dtype)
+        assert 1 <= chunk <= rows
+        assert chunk * vocabulary <= max(1 << 24, vocabulary)  # one chunk's logits: at most ~2^24 values
+    assert chunk_rows("cpu", 8192, 128256, 4096, torch.bfloat16) == 130
 
-    chunk = default_chunk_size(rows, vocabulary)
-    assert 1 <= chunk <= rows
-    assert chunk * vocabulary <= max(1 << 24, vocabulary)  # one chunk's logits: at most ~2^24 values
-    assert default_chunk_size(8192, 128256) == 130
+
+def model_peaks(rows, vocabulary, hidden, item, heads, chunk):
+    """(fused, unfused) peak bytes as chunk_rows models them: (heads + 1) logits-sized buffers per row
+    (each head's logits and a gradient), for a chunk or for every row, plus the head's and the hidden
+    states' gradients, (V + N) H."""
+    gradients = (vocabulary + rows) * hidden * item
+    per_row = (heads + 1) * vocabulary * item
+    return chunk * per_row + gradients, rows * per_row + gradients
+
+
+def test_gpu_chunk_rows_by_hand():
+    """chunk_rows' formula worked by hand at 8192 tokens: min(2^30 / R, (N R + G) / 4R - G / R), then whole
+    256-row tiles, with R = (heads + 1) V b and G = (V + N) H b."""
+    cases = {  # (vocabulary, hidden, heads, dtype): (by budget, by share) -> rows
+        (128256, 2048, 3, torch.bfloat16): 1024,  # (1046.6, 1639.7)
+        (128256, 4096, 3, torch.bfloat16): 1024,  # (1046.6, 1229.3)
+        (32000, 2048, 3, torch.bfloat16): 1536,  # (4194.3, 1564.8)
+        (32000, 4096, 3, torch.bfloat16): 1024,  # (4194.3, 1085.4)
+        (128256, 2048, 2, torch.bfloat16): 1280,  # (1395.5, 1503.3)
+        (128256, 4096, 2, torch.bfloat16): 768,  # (1395.5, 958.7)
+        (32000, 4096, 2, torch.bfloat16): 512,  # (2796.2, 763.2)
+        (128256, 2048, 3, torch.float32): 512,  # (523.3, 1639.7)
+    }
+    for (vocabulary, hidden, heads, dtype), rows in cases.items():
+        assert chunk_rows("cuda", 8192, vocabulary, hidden, dtype, heads=heads) == rows, (vocabulary, hidden, heads)
+    assert chunk_rows("cuda", 100, 32000, 2048, torch.bfloat16) == 100  # never more than the rows
+    assert chunk_rows("cuda", 1024, 128256, 4096, torch.bfloat16) == 256  # share says < 0: one tile all the same
+    assert chunk_rows("cuda", 8192, 128256, 2048, torch.bfloat16, budget_bytes=100 * 4 * 128256 * 2) == 100
+    assert chunk_rows("cuda", 8192, 1 << 30, 2048, torch.bfloat16) == 1  # not even a row fits: one row
+    assert chunk_rows("xpu", 8192, 32000, 2048, torch.bfloat16) == 1536  # any accelerator is sized like CUDA
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [1, 2, 3])
+@pytest.mark.parametrize("budget", [1 << 20, 1 << 27, 1 << 30, 1 << 33])
+def test_gpu_chunk_rows_meet_the_budget_and_the_share_in_whole_tiles(dtype, heads, budget):
+    item = torch.empty((), dtype=dtype).element_size()
+    for vocabulary in (50, 32000, 128256, 256000):
+        for hidden in (64, 4096):
+            for rows in (1, 300, 8192, 1 << 17):
+                chunk = chunk_rows("cuda", rows, vocabulary, hidden, dtype, heads=heads, budget_bytes=budget)
+                fused_bytes, unfused_bytes = model_peaks(rows, vocabulary, hidden, item, heads, chunk)
+                tile_fits = budget >= 256 * (heads + 1) * vocabulary * item
+                assert 1 <= chunk <= rows
+                assert chunk * (heads + 1) * vocabulary * item <= budget or chunk == 1
+                if tile_fits and chunk < rows:
+                    assert chunk % 256 == 0
+                    assert chunk == 256 or fused_bytes <= unfused_bytes / 4
+                    bigger = model_peaks(rows, vocabulary, hidden, item, heads, chunk + 256)[0]
+                    assert (chunk + 256) * (heads + 1) * vocabulary * item > budget or bigger > unfused_bytes / 4
+
+
+@pytest.mark.parametrize("hidden", [2048, 4096])
+@pytest.mark.parametrize("vocabulary", [32000, 128256])
+@pytest.mark.parametrize("heads", [2, 3])
+def test_gpu_chunks_of_issue_18_shapes_are_fast_and_small(hidden, vocabulary, heads):
+    """At 8192 tokens in bf16 (SMSKD: three heads, KD-only: two) the default chunk keeps the modelled
+    fused peak under a quarter of the unfused one, with at least 512 rows: >= 256 flops per byte of
+    the weight gradient's read and write in its matmul."""
+    chunk = chunk_rows("cuda", 8192, vocabulary, hidden, torch.bfloat16, heads=heads)
+    fused_bytes, unfused_bytes = model_peaks(8192, vocabulary, hidden, 2, heads, chunk)
+    assert fused_bytes <= unfused_bytes / 4
+    assert chunk >= 512 and chunk % 256 == 0
+
+
+def test_bfloat16_weight_gradient_over_many_chunks_stays_within_the_rounding_bound():
+    """The weight gradient accumulates in bf16, in place, one rounding per chunk (module docstring):
+    against the float64 unchunked gradient, K chunks lose at most (K + 1) roundings more than one
+    chunk (tests/tolerances.py, chunked_accumulation_excess)."""
+    p = make_problem(rows_shape=(256,), hidden=32, vocab=500, teacher_hidden=48, dtype=torch.bfloat16, seed=1)
+    p64 = {k: (None if v is None else v.detach().double().requires_grad_(v.requires_grad) if v.is_floating_point()
+               else v) for k, v in p.items()}
+    want = unfused(p64)
+    want_weight = grads(p64, want.loss)[1]
+    logits = logits_of(p64["student_hidden"], p64["student_head_weight"], p64["student_head_bias"])
+    teacher = logits_of(p64["teacher_hidden"], p64["teacher_head_weight"], p64["teacher_head_bias"])
+    reference = logits_of(p64["reference_hidden"], p64["reference_head_weight"], None)
+    logits = logits.detach().requires_grad_()
+    (row_grads,) = torch.autograd.grad(smskd_fast.smskd_loss(logits, p64["target"], teacher, reference,
+                                                             backend="reference").loss, logits)
+    abs_sum = row_grads.abs().t() @ p64["student_hidden"].detach().abs()
+    one_chunk = grads(p, fused(p, chunk_size=256).loss)[1]
+    assert one_chunk.dtype == torch.bfloat16
+    one_chunk_error = (one_chunk.double() - want_weight).abs()
+    for chunk in (64, 16, 1):
+        got = grads(p, fused(p, chunk_size=chunk).loss)[1]
+        excess = (got.double() - want_weight).abs() - one_chunk_error
+        bound = chunked_accumulation_excess(256 // chunk, torch.bfloat16, abs_sum)
+        assert torch.all(excess <= bound), f"{256 // chunk} chunks: {(excess / bound).max():.2f} of the bound"
 
 
 @pytest.mark.parametrize("k", [1, 4, 11])
@@ -266,3 +357,27 @@ def test_reference_logits_arguments_are_checked():
                                 reference_logits=teacher.long())
     with pytest.raises(ValueError, match="weighting='inverse_tcp' .* needs teacher_logits"):
         fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], reference_logits=teacher)
+
+
+def test_the_default_chunk_counts_the_dense_heads(monkeypatch):
+    """Without chunk_size the loss asks chunk_rows for its device, rows, V, H and dtype, counting as heads
+    the student and each frozen model given densely (hidden states or logits; a top-k teacher is not)."""
+    import smskd_fast.fused_linear as fused_linear_module
+    from smskd_fast.topk import TopKTeacher
+
+    asked = []
+
+    def spy(*args, **kwargs):
+        asked.append((args, kwargs))
+        return chunk_rows(*args, **kwargs)
+
+    monkeypatch.setattr(fused_linear_module, "chunk_rows", spy)
+    p = make_problem()
+    fused(p, backend="reference")
+    teacher_logits = logits_of(p["teacher_hidden"], p["teacher_head_weight"], p["teacher_head_bias"])
+    topk = TopKTeacher.from_logits(teacher_logits, p["target"], 4, 4.0)
+    fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], teacher_topk=topk,
+                            backend="reference")
+    fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], teacher_logits=teacher_logits,
+                            backend="reference")
+    assert asked == [(("cpu", 15, 11, 8, torch.float64), {"heads": heads}) for heads in (3, 1, 2)]

@@ -40,3 +40,20 @@ def linear_grad_reach(rows: int, vocab: int, max_abs_hidden: float, max_abs_weig
     """How far an error of the per-logit gradient spreads into the (hidden, weight, bias) gradients of a
     linear head: d hidden sums vocab entries times |weight|, d weight rows times |hidden|, d bias rows."""
     return vocab * max(1.0, max_abs_weight), rows * max(1.0, max_abs_hidden), float(rows)
+
+
+def chunked_accumulation_excess(chunks: int, dtype: torch.dtype, abs_sum: torch.Tensor) -> torch.Tensor:
+    """How much further from the exact value a sum accumulated in `dtype` over `chunks` chunks (one in-place
+    rounding of the running total per chunk, fused_linear's weight gradient) may be than the same sum in
+    one chunk (one rounding), entrywise; abs_sum = sum over rows of |term| (e.g. |d logits|^T |hidden|).
+
+    Both sum the same per-row terms (each chunk's rows get bitwise the logits they get unchunked); call
+    their exact total X. Partial sums are bounded by abs_sum S, so K roundings to `dtype` (unit roundoff
+    u = eps / 2) move the chunked result at most K u S from X, and the one-chunk result is within u S of
+    X: |chunked - exact| <= |one chunk - exact| + (K + 1) u S. The products inside each matmul are exact
+    in its float32 accumulator (bf16 x bf16) and their float32 sums add ~chunk rows x 2^-24 relative,
+    below 2^-9 by far. S is taken from the float64 row gradients, which differ from the low-precision
+    ones by the logits' rounding (~1%); a factor 2 covers that.
+    """
+    unit_roundoff = torch.finfo(dtype).eps / 2
+    return (chunks + 1) * unit_roundoff * 2 * abs_sum

@@ -40,3 +40,24 @@ def linear_grad_reach(rows: int, vocab: int, max_abs_hidden: float, max_abs_weig
     """How far an error of the per-logit gradient spreads into the (hidden, weight, bias) gradients of a
     linear head: d hidden sums vocab entries times |weight|, d weight rows times |hidden|, d bias rows."""
     return vocab * max(1.0, max_abs_weight), rows * max(1.0, max_abs_hidden), float(rows)
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = 2^-p for p significand bits: round-to-nearest moves x by at most u * |x| (normal range)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def scaled_grad_rtol(dtype: torch.dtype, fp32_rtol: float) -> float:
+    """Elementwise rtol of d(sum_i v_i loss_i) / d student against float64, for per-row weights v
+    (reduction="none"), when the kernel writes each row's gradient g_i during the forward.
+
+    The kernel's fp32 value of g_i carries a relative error e (fp32_rtol: its fp32 arithmetic,
+    fast-math exp2/log2 included) and is stored rounded to dtype (<= u |g_i|, u = unit_roundoff);
+    backward forms fl(g_i) * v_i in fp32 (2^-24) and rounds it to dtype once more (<= u):
+        |got - g_i v_i| <= (2u + e + O(u^2)) |g_i v_i|.
+    One rounding (rtol u) holds only for the op's own gradient output (v = 1, no backward).
+    Entries where the fp32 terms of g_i cancel, or that fall below fp16's normal range,
+    need the caller's absolute term besides.
+    """
+    u = unit_roundoff(dtype)
+    return 2 * u * (1 + u) + 2.0**-24 + fp32_rtol

@@ -116,6 +116,16 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
     if (!close(gc, w.grad[c], 2e-6 * (1.0 + T2), storage_eps(dtype)) && bad++ < 8)
       std::printf("  grad[%lld]: got %.8g want %.8g\n", (long long)c, gc, w.grad[c]);
   }
+  if (k.cols == 1) {
+    // One class: softmax is exactly 1, so every loss term and the gradient are exactly 0 (and
+    // the teacher's true-class probability exactly 1), whatever the logits' rounding.
+    const double zero[4] = {res.loss, res.ce, res.kd, res.ref};
+    for (int f = 0; f < 4; ++f)
+      if (zero[f] != 0.0 && bad++ < 8) std::printf("  C = 1: output %d is %.3g, not exactly 0\n", f, zero[f]);
+    if (kTeacher && kTarget && res.tcp != 1.0f && bad++ < 8) std::printf("  C = 1: tcp is 1 + %.3g\n", res.tcp - 1.0);
+    const double g0 = decode(dtype, grad_raw.data() + k.offset * elem);
+    if (g0 != 0.0 && bad++ < 8) std::printf("  C = 1: grad is %.3g, not exactly 0\n", g0);
+  }
   std::printf("%s %-4s threads=%d cols=%lld offset=%lld vectorized=%d target=%d teacher=%d ref=%d weighting=%d "
               "masked=%d\n",
               bad ? "FAIL" : "ok  ", name_of(dtype), kThreads, (long long)k.cols, (long long)k.offset, k.vectorized,

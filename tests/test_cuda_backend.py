@@ -138,6 +138,24 @@ def test_masked_classes_with_minus_infinity():
     assert_matches_reference(student, target, teacher, reference, "inverse_tcp")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("inputs", INPUTS, ids=lambda i: "-".join(str(x) for x in i))
+@pytest.mark.parametrize("temperature", [1.0, 2.5, 4.0])
+def test_one_class_gives_exact_zeros(temperature, inputs, dtype):
+    """C = 1: softmax is exactly 1, so every loss term and the gradient are exactly 0 (and the
+    teacher's true-class probability exactly 1), not a rounding residue of lse(s) - s."""
+    with_target, with_teacher, with_ref, weighting = inputs
+    student, target, teacher, reference = make_inputs(64, 1, dtype, with_target, with_teacher, with_ref)
+    rows, grad = run_loss("cuda", student, target, teacher, reference, weighting, temperature)
+    for name in ("loss", "ce", "kd", "ref"):
+        if name in rows:
+            assert torch.count_nonzero(rows[name]).item() == 0, (name, rows[name][rows[name] != 0][:5].tolist())
+    assert torch.count_nonzero(grad).item() == 0, grad[grad != 0][:5].tolist()
+    if with_target and with_teacher:
+        valid = target != -100
+        assert bool((rows["tcp"][valid] == 1).all()), rows["tcp"][valid][rows["tcp"][valid] != 1][:5].tolist()
+
+
 def test_all_rows_ignored_gives_zero_loss_and_gradient():
     student, target, teacher, reference = make_inputs(8, 300, torch.bfloat16, True, True, True)
     target.fill_(-100)

@@ -18,6 +18,9 @@ SMSKD_TEST_PROGRESS=PATH one line per test outcome, appended to PATH as it happe
                          Under xdist, workers write their own tests' lines and the controller
                          writes only the lines workers cannot (a crashed worker's test) and
                          the final summary.
+With SMSKD_TEST_PROGRESS set, an xdist worker whose test failed with a sticky CUDA error (a device-side
+assertion, an illegal address: the process's CUDA context is unusable from then on) exits after
+that test, so that xdist starts a fresh worker instead of failing every later test of this one.
 """
 from __future__ import annotations
 
@@ -34,6 +37,9 @@ TIMEOUT_ENV = "SMSKD_TEST_TIMEOUT"
 HARD_GRACE_ENV = "SMSKD_TEST_HARD_GRACE"
 PROGRESS_ENV = "SMSKD_TEST_PROGRESS"
 MAX_LINE = 1500  # characters of one progress line; the failure's first lines, joined
+# Errors after which a process's CUDA context stays unusable.
+STICKY_CUDA_ERRORS = ("device-side assert triggered", "illegal memory access", "unspecified launch failure",
+                      "misaligned address", "illegal instruction", "CUDA error: an illegal")
 
 
 def _timeout_seconds() -> float:
@@ -93,7 +99,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "no_timeout: exempt from SMSKD_TEST_TIMEOUT")
     if os.environ.get(PROGRESS_ENV) and not hasattr(config, "workerinput"):
         _append_line(f"# session start {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} pid {os.getpid()} "
-                     f"args {' '.join(config.invocation_params.args)} timeout {_timeout_seconds() or 'none'}s")
+                     f"args {' '.join(config.invocation_params.args)} per-test timeout {_timeout_seconds() or 'none'} s")
 
 
 def pytest_collectreport(report):
@@ -117,6 +123,18 @@ def pytest_runtest_logreport(report):
     if report.when == "call" or (report.when == "setup" and not report.passed) or (
             report.when == "teardown" and report.failed) or report.when not in ("setup", "call", "teardown"):
         _append_line(_progress_line(report))
+    if hasattr(config, "workerinput") and report.failed and any(e in str(report.longrepr) for e in STICKY_CUDA_ERRORS):
+        _STATE["sticky_cuda_error"] = report.nodeid
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if _STATE.get("sticky_cuda_error") and os.environ.get(PROGRESS_ENV):
+        worker = _STATE["config"].workerinput.get("workerid", "?")
+        _append_line(f"# worker {worker} exits after a sticky CUDA error in {nodeid}: its CUDA context is unusable; "
+                     "xdist starts a new worker")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(4)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -5,16 +5,13 @@ and, cast to float64, through backend="reference"; per-row terms and the
 gradient (from autograd through the reference's torch operations) must agree.
 Skipped without a CUDA device or without a CUDA build of smskd_fast._C.
 """
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 import smskd_fast
 from smskd_fast import ops
 from smskd_fast.backends import registry
+from gpu_child import assert_fails_loudly, run_child
 from tolerances import scaled_grad_rtol
 
 CUDA_STATUS = smskd_fast.available_backends()["cuda"]
@@ -187,15 +184,13 @@ def test_float64_on_cuda_names_the_reference_backend():
 
 def test_target_out_of_range_trips_the_device_assertion():
     """A bad target must fail loudly; the assertion poisons the CUDA context, so run it in a child process."""
-    code = textwrap.dedent("""
+    result = run_child("""
         import torch, smskd_fast
         s = torch.randn(4, 10, device="cuda")
         t = torch.tensor([1, 2, 10, 3], device="cuda")
         smskd_fast.smskd_loss(s, t, backend="cuda").loss.item()
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert "target out of range" in result.stderr or "device-side assert" in result.stderr, result.stderr[-2000:]
+    assert_fails_loudly(result, "target out of range", "device-side assert")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

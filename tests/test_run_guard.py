@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 CASES = textwrap.dedent("""
@@ -56,3 +58,26 @@ def test_off_without_the_variables(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".py", ".txt")) == ["test_cases.py"]
+
+
+def test_a_worker_with_a_sticky_cuda_error_is_replaced(tmp_path):
+    """Under xdist, the worker exits after the test (its CUDA context would fail every later test)."""
+    pytest.importorskip("xdist")
+    (tmp_path / "test_cases.py").write_text(textwrap.dedent("""
+        def test_poisons():
+            raise RuntimeError("CUDA error: device-side assert triggered")
+
+        def test_later_1():
+            pass
+
+        def test_later_2():
+            pass
+    """))
+    progress = tmp_path / "progress.txt"
+    environment = dict(os.environ, PYTHONPATH=TESTS, SMSKD_TEST_PROGRESS=str(progress))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "run_guard", "-p", "no:cacheprovider", "-q", "-n", "1",
+                           "test_cases.py"], cwd=tmp_path, env=environment, capture_output=True, text=True,
+                          timeout=120)
+    text = progress.read_text()
+    assert done.returncode == 1 and "exits after a sticky CUDA error in test_cases.py::test_poisons" in text
+    assert "PASSED  call" in text.split("test_later_1")[0].splitlines()[-1] and "test_later_2" in text

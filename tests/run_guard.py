@@ -18,6 +18,8 @@ SMSKD_TEST_PROGRESS=PATH one line per test outcome, appended to PATH as it happe
                          Under xdist, workers write their own tests' lines and the controller
                          writes only the lines workers cannot (a crashed worker's test) and
                          the final summary.
+SMSKD_TEST_FIRST="a.py b.py" runs the tests of those files (path prefixes, as given) first, in that order,
+the rest after them (pytest orders a file given beside its directory by the directory's walk).
 With SMSKD_TEST_PROGRESS set, an xdist worker whose test failed with a sticky CUDA error (a device-side
 assertion, an illegal address: the process's CUDA context is unusable from then on) exits after
 that test, so that xdist starts a fresh worker instead of failing every later test of this one.
@@ -100,6 +102,21 @@ def pytest_configure(config):
     if os.environ.get(PROGRESS_ENV) and not hasattr(config, "workerinput"):
         _append_line(f"# session start {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} pid {os.getpid()} "
                      f"args {' '.join(config.invocation_params.args)} per-test timeout {_timeout_seconds() or 'none'} s")
+
+
+FIRST_ENV = "SMSKD_TEST_FIRST"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Moves the items of SMSKD_TEST_FIRST's files to the front (stable: every xdist worker agrees)."""
+    prefixes = os.environ.get(FIRST_ENV, "").split()
+    if not prefixes:
+        return
+
+    def rank(item):
+        return next((i for i, prefix in enumerate(prefixes) if item.nodeid.startswith(prefix)), len(prefixes))
+
+    items[:] = sorted(items, key=rank)
 
 
 def pytest_collectreport(report):

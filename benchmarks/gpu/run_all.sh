@@ -76,8 +76,8 @@ BUDGET=$(( $(left) - BENCH_SECONDS ))
 [ -z "$ARCH" ] && BUDGET=${DRY_RUN_TEST_SECONDS:-$BUDGET}
 if [ "$BUDGET" -gt 30 ]; then
   # SIGINT (not TERM): pytest then stops like a Ctrl-C, reports and writes the junit file.
-  SMSKD_TEST_TIMEOUT=${SMSKD_TEST_TIMEOUT:-120} SMSKD_TEST_PROGRESS="$PROGRESS" \
-    timeout -s INT -k 20 "$BUDGET" $PY -m pytest $GPU_FILES tests -q -p no:cacheprovider -rfE $XDIST \
+  SMSKD_TEST_TIMEOUT=${SMSKD_TEST_TIMEOUT:-120} SMSKD_TEST_PROGRESS="$PROGRESS" SMSKD_TEST_FIRST="$GPU_FILES" \
+    timeout -s INT -k 20 "$BUDGET" $PY -m pytest tests -q -p no:cacheprovider -rfE $XDIST \
     --junitxml="$OUT/tests.xml"
   TESTS=$?
   [ "$TESTS" = 124 ] && echo "the test step reached its ${BUDGET} s budget: see $PROGRESS for what ran"
@@ -86,7 +86,9 @@ else
   TESTS=1
 fi
 echo "pytest exit status: $TESTS"
-grep -c "^PASSED" "$PROGRESS" 2>/dev/null | sed 's/^/progress lines PASSED: /'
+echo "outcomes per file (from $PROGRESS):"
+awk '$1 !~ /^#/ { split($4, id, "::"); n[id[1] " " $1]++ } END { for (k in n) print n[k], k }' "$PROGRESS" 2>/dev/null \
+  | sort -k2,2 -k3,3 | awk '{ printf "  %-45s %-8s %5d\n", $2, $3, $1 }'
 grep -E "^(FAILED|ERROR)" "$PROGRESS" 2>/dev/null | cut -c1-400 | head -n 60
 
 step "speed table (benchmarks/gpu/bench_grid.py)"

@@ -65,6 +65,7 @@ show_backends
 
 step "every test in tests/, GPU files first (per test ${SMSKD_TEST_TIMEOUT:-120} s; progress in $PROGRESS)"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-12}" || echo "")
+# -p no:benchmark: no test uses pytest-benchmark's fixture, and under xdist it only warns once per worker.
 # Workers share the 16 cores: 2 intra-op threads each, inductor compiling in-process (its default
 # pool would start a process per core in every worker).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-1}
@@ -77,7 +78,7 @@ BUDGET=$(( $(left) - BENCH_SECONDS ))
 if [ "$BUDGET" -gt 30 ]; then
   # SIGINT (not TERM): pytest then stops like a Ctrl-C, reports and writes the junit file.
   SMSKD_TEST_TIMEOUT=${SMSKD_TEST_TIMEOUT:-120} SMSKD_TEST_PROGRESS="$PROGRESS" SMSKD_TEST_FIRST="$GPU_FILES" \
-    timeout -s INT -k 20 "$BUDGET" $PY -m pytest tests -q -p no:cacheprovider -rfE $XDIST \
+    timeout -s INT -k 20 "$BUDGET" $PY -m pytest tests -q -p no:cacheprovider -p no:benchmark -rfE $XDIST \
     --junitxml="$OUT/tests.xml"
   TESTS=$?
   [ "$TESTS" = 124 ] && echo "the test step reached its ${BUDGET} s budget: see $PROGRESS for what ran"

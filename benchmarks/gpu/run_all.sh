@@ -78,7 +78,7 @@ BUDGET=$(( $(left) - BENCH_SECONDS ))
 if [ "$BUDGET" -gt 30 ]; then
   # SIGINT (not TERM): pytest then stops like a Ctrl-C, reports and writes the junit file.
   SMSKD_TEST_TIMEOUT=${SMSKD_TEST_TIMEOUT:-120} SMSKD_TEST_PROGRESS="$PROGRESS" SMSKD_TEST_FIRST="$GPU_FILES" \
-    timeout -s INT -k 20 "$BUDGET" $PY -m pytest tests -q -p no:cacheprovider -p no:benchmark -rfE $XDIST \
+    timeout -s INT -k 20 "$BUDGET" $PY -m pytest tests -q -p no:cacheprovider -p no:benchmark -rfE --tb=short $XDIST \
     --junitxml="$OUT/tests.xml"
   TESTS=$?
   [ "$TESTS" = 124 ] && echo "the test step reached its ${BUDGET} s budget: see $PROGRESS for what ran"

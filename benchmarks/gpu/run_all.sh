@@ -9,7 +9,7 @@
 # 1. builds smskd_fast._C in place for this GPU's architecture only (TORCH_CUDA_ARCH_LIST from
 #    the device, MAX_JOBS=16);
 # 2. runs EVERY test in tests/ (GPU files first, then the rest) under pytest-xdist when the
-#    machine has it, each test time-boxed (SMSKD_TEST_TIMEOUT, default 120 s) by tests/run_guard.py,
+#    machine has it, each test time-boxed (SMSKD_TEST_TIMEOUT, default 180 s) by tests/run_guard.py,
 #    which also appends one line per test outcome, with the failure's first lines, to
 #    $OUT/test_progress.txt as the run goes: a run cut by the time box still says what failed
 #    and why. The whole pytest step gets SIGINT at its budget, so the junit file is still written;
@@ -63,7 +63,7 @@ fi
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}  # child processes of the tests import this tree
 show_backends
 
-step "every test in tests/, GPU files first (per test ${SMSKD_TEST_TIMEOUT:-120} s; progress in $PROGRESS)"
+step "every test in tests/, GPU files first (per test ${SMSKD_TEST_TIMEOUT:-180} s; progress in $PROGRESS)"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-12}" || echo "")
 # -p no:benchmark: no test uses pytest-benchmark's fixture, and under xdist it only warns once per worker.
 # Workers share the 16 cores: 2 intra-op threads each, inductor compiling in-process (its default
@@ -77,7 +77,7 @@ BUDGET=$(( $(left) - BENCH_SECONDS ))
 [ -z "$ARCH" ] && BUDGET=${DRY_RUN_TEST_SECONDS:-$BUDGET}
 if [ "$BUDGET" -gt 30 ]; then
   # SIGINT (not TERM): pytest then stops like a Ctrl-C, reports and writes the junit file.
-  SMSKD_TEST_TIMEOUT=${SMSKD_TEST_TIMEOUT:-120} SMSKD_TEST_PROGRESS="$PROGRESS" SMSKD_TEST_FIRST="$GPU_FILES" \
+  SMSKD_TEST_TIMEOUT=${SMSKD_TEST_TIMEOUT:-180} SMSKD_TEST_PROGRESS="$PROGRESS" SMSKD_TEST_FIRST="$GPU_FILES" \
     timeout -s INT -k 20 "$BUDGET" $PY -m pytest tests -q -p no:cacheprovider -p no:benchmark -rfE --tb=short $XDIST \
     --junitxml="$OUT/tests.xml"
   TESTS=$?

@@ -266,11 +266,15 @@ __device__ __forceinline__ void fail_target_out_of_range() {
   __assert_fail("smskd: target out of range [0, C) and not ignore_index", __FILE__, __LINE__, __func__);
 }
 
-// Per-row outputs, and the gradient's coefficients and log2-scaled offsets.
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Per-row outputs, and what the gradient needs: its coefficients, each stream's maximum and
+// the log2 of its sums, so that softmax(x/T)_c = exp2((x_c - max) * kT - log2(sumT)).
 struct RowResult {
   float loss = 0.0f, ce = 0.0f, kd = 0.0f, ref = 0.0f, tcp = 0.0f, weight = 0.0f;
   float a = 0.0f, b = 0.0f, g = 0.0f;  // CE, KD and reference coefficients of the gradient
-  float off_s = 0.0f, off_sT = 0.0f, off_tT = 0.0f, off_rT = 0.0f;  // lse * log2 e
+  float max_s = 0.0f, max_t = 0.0f, max_r = 0.0f;
+  float log2_s = 0.0f, log2_sT = 0.0f, log2_tT = 0.0f, log2_rT = 0.0f;  // log2 of sum1 / sumT
 };
 
 // The arithmetic of one row, independent of how threads share it: what a
@@ -310,36 +314,44 @@ struct RowMath {
     }
   }
 
-  // SPEC.md section 2 from the row's statistics and its true-class logits.
+  // SPEC.md section 2 from the row's statistics and its true-class logits. Every term is
+  // written relative to the streams' maxima, lse(x/T) = max/T + log(sumT), and differences of
+  // maxima are formed before any scaling: the rounding then scales with |x - max| (not |x|),
+  // and a row with one class (sums exactly 1, logits equal to their maxima) gives exactly 0
+  // for every term and for the gradient, as softmax = 1 does in exact arithmetic.
   SMSKD_HD RowResult finish(const RowStats& st, float s_y, float t_y, const Params& prm) const {
     RowResult res;
     const float T2 = temperature * temperature;
-    const float lse_s = kTarget ? st.s.max + logf(st.s.sum1) : 0.0f;
-    const float lse_sT = Need::kSoftened ? st.s.max * invT + logf(st.s.sumT) : 0.0f;
-    const float lse_tT = kTeacher ? st.t.max * invT + logf(st.t.sumT) : 0.0f;
-    const float lse_rT = kRef ? st.r.max * invT + logf(st.r.sumT) : 0.0f;
-    res.ce = kTarget ? lse_s - s_y : 0.0f;
-    res.tcp = Need::kTeacher1 ? expf(t_y - (st.t.max + logf(st.t.sum1))) : 0.0f;
-    res.kd = kTeacher ? T2 * (st.t.dot / st.t.sumT - lse_tT + lse_sT) : 0.0f;
+    res.max_s = st.s.max;
+    res.max_t = kTeacher ? st.t.max : 0.0f;
+    res.max_r = kRef ? st.r.max : 0.0f;
+    res.log2_s = kTarget ? log2f(st.s.sum1) : 0.0f;
+    res.log2_sT = Need::kSoftened ? log2f(st.s.sumT) : 0.0f;
+    res.log2_tT = kTeacher ? log2f(st.t.sumT) : 0.0f;
+    res.log2_rT = kRef ? log2f(st.r.sumT) : 0.0f;
+    res.ce = kTarget ? (res.max_s - s_y) + res.log2_s * kLn2 : 0.0f;
+    res.tcp = Need::kTeacher1 ? exp2f(fmaf(t_y - res.max_t, k1, -log2f(st.t.sum1))) : 0.0f;
+    // KL(p||q) = sum_c p_c (x_c - s_c)/T - lse(x/T) + lse(s/T), the sum being dot / sumT
+    res.kd = kTeacher ? T2 * (st.t.dot / st.t.sumT + (res.max_s - res.max_t) * invT +
+                              (res.log2_sT - res.log2_tT) * kLn2)
+                      : 0.0f;
     if (prm.weighting == SMSKD_WEIGHT_CONSTANT) {
       res.weight = 1.0f;
     } else if (Need::kTeacher1) {
       res.weight = prm.weighting == SMSKD_WEIGHT_TCP ? res.tcp : 1.0f - res.tcp;
     }
-    res.ref = kRef ? T2 * res.weight * (st.r.dot / st.r.sumT - lse_rT + lse_sT) : 0.0f;
+    res.ref = kRef ? T2 * res.weight * (st.r.dot / st.r.sumT + (res.max_s - res.max_r) * invT +
+                                        (res.log2_sT - res.log2_rT) * kLn2)
+                   : 0.0f;
     res.loss = prm.ce_weight * res.ce + prm.kd_weight * res.kd + prm.ref_weight * res.ref;
     res.a = kTarget ? prm.ce_weight : 0.0f;
     res.b = kTeacher ? temperature * prm.kd_weight : 0.0f;
     res.g = kRef ? temperature * prm.ref_weight * res.weight : 0.0f;
-    res.off_s = lse_s * kLog2e;
-    res.off_sT = lse_sT * kLog2e;
-    res.off_tT = lse_tT * kLog2e;
-    res.off_rT = lse_rT * kLog2e;
     return res;
   }
 
-  // Sweep 2: d loss / d s = a (softmax(s) - onehot(y)) + (b + g) softmax(s/T)
-  //                         - b softmax(t/T) - g softmax(r/T).
+  // Sweep 2: d loss / d s = a (softmax(s) - onehot(y)) + b (softmax(s/T) - softmax(t/T))
+  //                         + g (softmax(s/T) - softmax(r/T)).
   template <int P, int N>
   SMSKD_HD void gradient(const RowResult& res, T* g_row, int64_t y, int64_t c, int64_t stride) const {
     constexpr int M = P * N;
@@ -349,14 +361,17 @@ struct RowMath {
     if (kRef) load_chunk<P, N>(r_row, c, stride, r);
 #pragma unroll
     for (int k = 0; k < M; ++k) {
+      const float zs = s[k] - res.max_s;
       float v = 0.0f;
-      if (Need::kSoftened) v = (res.b + res.g) * exp2f(fmaf(s[k], kT, -res.off_sT));
       if (kTarget) {
         const int64_t column = c + (k / N) * stride + (k % N);
-        v += res.a * (exp2f(fmaf(s[k], k1, -res.off_s)) - (column == y ? 1.0f : 0.0f));
+        v = res.a * (exp2f(fmaf(zs, k1, -res.log2_s)) - (column == y ? 1.0f : 0.0f));
       }
-      if (kTeacher) v -= res.b * exp2f(fmaf(t[k], kT, -res.off_tT));
-      if (kRef) v -= res.g * exp2f(fmaf(r[k], kT, -res.off_rT));
+      if (Need::kSoftened) {
+        const float q = exp2f(fmaf(zs, kT, -res.log2_sT));
+        if (kTeacher) v += res.b * (q - exp2f(fmaf(t[k] - res.max_t, kT, -res.log2_tT)));
+        if (kRef) v += res.g * (q - exp2f(fmaf(r[k] - res.max_r, kT, -res.log2_rT)));
+      }
       out[k] = v;
     }
     store_chunk<P, N>(g_row, c, stride, out);

@@ -88,11 +88,14 @@ def _student_gradient(ctx, grad_loss, num_inputs: int):
             "call it with compute_grad=True when the student logits require grad"
         )
     (row_grad,) = ctx.saved_tensors
-    scale = grad_loss.to(row_grad.dtype).unsqueeze(-1)
+    # grad_loss stays in its own (fp32) dtype: the product is formed in fp32 and rounded
+    # once to the gradient's dtype; rounding grad_loss to bf16 first would add a third
+    # rounding (tests/tolerances.py, scaled_grad_rtol).
+    scale = grad_loss.unsqueeze(-1)
     # When nothing reads row_grad after this backward (it is the op's own buffer),
     # scale it in place: the gradient then costs one N x C buffer instead of two.
     in_place = _last_use_of_saved_tensors(row_grad)
-    grad_student = row_grad.mul_(scale) if in_place else row_grad * scale
+    grad_student = row_grad.mul_(scale) if in_place else (row_grad * scale).to(row_grad.dtype)
     return (grad_student,) + (None,) * (num_inputs - 1)
 
 
@@ -110,7 +113,7 @@ def scale_gradient_in_student_once(ctx, grad_loss: torch.Tensor) -> torch.Tensor
         )
     ctx.backward_done = True
     (grad,) = ctx.saved_tensors
-    return grad.mul_(grad_loss.to(grad.dtype).unsqueeze(-1))
+    return grad.mul_(grad_loss.unsqueeze(-1))  # in grad_loss's dtype, one rounding (as _student_gradient)
 
 
 def register() -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+# Per-test timeout and progress file for time-boxed runs (off unless their variables are set).
+pytest_plugins = ("run_guard",)
+
 
 def make_logits(shape, dtype=torch.float64, *, seed=0, scale=3.0, with_reference=True,
                 num_classes=None, ignore_every=0):

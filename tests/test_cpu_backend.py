@@ -29,6 +29,7 @@ import torch
 import smskd_fast
 from smskd_fast.backends.base import LossOptions, RowInputs
 from smskd_fast.backends.reference import ReferenceBackend
+from tolerances import scaled_grad_rtol
 from smskd_fast.backends.registry import resolve_backend
 
 OP = torch.ops.smskd_fast.smskd_loss_rows
@@ -453,3 +454,23 @@ def test_backward_twice_with_retained_graph():
     _, expected = reference_rows(student, target, teacher, reference, options_for("smskd"))
     torch.testing.assert_close(first, expected * 3.0 / 5, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("with_retained_graph", [False, True])
+def test_per_row_weights_scale_the_gradient_with_one_more_rounding(dtype, with_retained_graph):
+    """d(sum_i v_i loss_i)/d student: backward forms fl(g_i) v_i in fp32 and rounds it once, so the
+    result is within two roundings of the float64 value (a bf16 v_i, as before, made it three)."""
+    student, target, teacher, reference = make_rows(64, 1000, dtype)
+    target[1::5] = -100
+    options = options_for("smskd", temperature=2.5)
+    v = torch.linspace(0.5, 1.5, 64)
+    s = student.clone().requires_grad_(True)
+    out = smskd_fast.smskd_loss(s, target, teacher, reference, temperature=2.5, reduction="none", backend="cpu")
+    (got,) = torch.autograd.grad((out.loss * v).sum(), s, retain_graph=with_retained_graph)
+    s64 = student.double().requires_grad_(True)
+    rows = ReferenceBackend().rows(RowInputs(s64, target, teacher.double(), reference.double()), options)
+    (want,) = torch.autograd.grad((rows.loss * v.double()).sum(), s64)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=scaled_grad_rtol(dtype, GRAD_TOL[torch.float32]["rtol"]),
+                               atol=GRAD_TOL[dtype]["atol"])

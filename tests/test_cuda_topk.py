@@ -8,9 +8,6 @@ skip without a CUDA device, with the reason.
 """
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from dataclasses import replace
 
 import pytest
@@ -23,6 +20,7 @@ from smskd_fast.backends import registry
 from smskd_fast.backends.base import LossOptions
 from smskd_fast.backends.compiled import CompiledOpBackend
 from smskd_fast.topk import TopKTeacher
+from gpu_child import assert_fails_loudly, run_child
 from topk_cases import FIELDS, make_inputs, no_rest_mass_case, run_reference
 from tolerances import grad_tolerance, loss_tolerance
 from topk_tolerance import assert_matches_reference
@@ -223,7 +221,7 @@ def test_bad_indices_never_fault():
 @gpu
 def test_target_out_of_range_trips_the_device_assertion():
     """As the dense CUDA op: a loud device-side assertion, run in a child process (it poisons the context)."""
-    code = textwrap.dedent("""
+    result = run_child("""
         import torch, smskd_fast
         from smskd_fast.topk import TopKTeacher
         s = torch.randn(4, 10, device="cuda")
@@ -231,9 +229,7 @@ def test_target_out_of_range_trips_the_device_assertion():
         topk = TopKTeacher.from_logits(torch.randn(4, 10, device="cuda"), t, 3, 1.0)
         smskd_fast.smskd_loss(s, t, teacher_topk=topk, backend="cuda").loss.item()
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert "target out of range" in result.stderr or "device-side assert" in result.stderr, result.stderr[-2000:]
+    assert_fails_loudly(result, "target out of range", "device-side assert")
 
 
 @gpu

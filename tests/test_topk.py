@@ -8,6 +8,7 @@ import torch
 import smskd_fast
 from closed_form import lse, softmax
 from conftest import make_logits
+from gpu_child import assert_fails_loudly, run_child
 from smskd_fast.topk import TopKTeacher
 
 
@@ -173,9 +174,7 @@ def test_float16_rounding_of_stored_values_passes_the_kept_mass_check():
 def test_bad_indices_on_cuda_fail_the_device_side_assertion(bad):
     """On CUDA the index checks are torch._assert_async (no host sync): the failure surfaces at the
     next synchronisation and poisons the CUDA context, so each case runs in its own process."""
-    import subprocess
-    import sys
-    code = f"""
+    result = run_child(f"""
 import torch, smskd_fast
 from smskd_fast.topk import TopKTeacher
 g = torch.Generator().manual_seed(0)
@@ -190,10 +189,8 @@ elif {bad!r} == "out_of_range":
 topk = TopKTeacher(topk.values, indices, topk.true_logit, topk.log_sum_exp, topk.log_sum_exp_at_temperature)
 smskd_fast.smskd_loss(student, target, teacher_topk=topk, backend="reference")
 torch.cuda.synchronize()
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0, done.stdout
-    assert "device-side assert" in done.stderr or "teacher_topk.indices" in done.stderr, done.stderr[-2000:]
+""")
+    assert_fails_loudly(result, "device-side assert", "teacher_topk.indices")
 
 
 TOPK_CPU_BACKENDS = [name for name, status in smskd_fast.available_backends().items()

@@ -154,6 +154,25 @@ def test_online_kernel_with_many_partial_blocks(block_c):
 
 
 @needs_kernels
+@pytest.mark.parametrize("kernel", ["tile", "online"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5, 4.0])
+def test_one_class_gives_exact_zeros(kernel, temperature):
+    """C = 1: softmax is exactly 1, so every loss term and the gradient are exactly 0, not a
+    rounding residue of lse(t/T) - lse(s/T) (the maxima's difference is formed before dividing by T)."""
+    from smskd_fast.backends import triton_launch
+
+    student, target, teacher, reference = make_inputs(16, 1, seed=5)
+    target[3] = -100
+    config = {"config": triton_launch.OnlineConfig(16, 4)} if kernel == "online" else {}
+    for weighting, kd_weight in (("inverse_tcp", 1.3), ("tcp", 1.3), ("constant", 0.0)):
+        outputs = triton_launch.launch_rows(student, target, teacher, reference, temperature, 0.7, kd_weight, 0.9,
+                                            weighting, -100, True, **config)
+        for name, value in zip(("loss", "ce", "kd", "ref"), outputs[:4]):
+            assert torch.count_nonzero(value).item() == 0, (weighting, name, value[value != 0].tolist())
+        assert torch.count_nonzero(outputs[6]).item() == 0, (weighting, "grad")
+
+
+@needs_kernels
 @pytest.mark.parametrize("c", [7, 4100])
 def test_negative_infinity_logits(c):
     """Masked vocabulary entries (-inf in all three) add nothing; -inf in the teacher alone gives p_t = 0."""

@@ -55,5 +55,53 @@ def chunked_accumulation_excess(chunks: int, dtype: torch.dtype, abs_sum: torch.
     below 2^-9 by far. S is taken from the float64 row gradients, which differ from the low-precision
     ones by the logits' rounding (~1%); a factor 2 covers that.
     """
-    unit_roundoff = torch.finfo(dtype).eps / 2
-    return (chunks + 1) * unit_roundoff * 2 * abs_sum
+    return (chunks + 1) * unit_roundoff(dtype) * 2 * abs_sum
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = 2^-p for p significand bits: round-to-nearest moves x by at most u * |x| (normal range)."""
+    return torch.finfo(dtype).eps / 2
+
+
+# The CUDA kernels' fp32 error under --use_fast_math (exp2f -> ex2.approx.ftz.f32, relative error
+# <= 2^-22; log2f -> lg2.approx.ftz.f32, absolute error <= 2^-22.6; '/' within 2 ulp; denormals
+# flushed), for the dense row kernel (kernels/smskd_row_kernel.cuh), which forms every
+# probability as p_c = exp2(fma(x_c - max, k, -log2(sum))) with k = log2(e)/T:
+# - the exponent's absolute error is |x_c - max| k (u + 2^-22) (the difference's rounding, k's
+#   division) + u |exponent| (the fma) + 2^-22.6 (lg2) + log2(e) e_sum, where e_sum, the sum's
+#   relative error, is 2^-22 (ex2) plus its accumulation, ~ sqrt(C / threads) u for random signs of
+#   the rounding errors (C / threads serial additions per thread, then a tree); p_c's relative error
+#   is ln2 times that, plus 2^-22. With the tests' logits (3 randn, |x| <= X ~ 16) and T = 2.5, the
+#   entries that matter (p_c >= 1e-3, exponent within ~10 of 0) carry ~2e-6; entries far below the
+#   maximum carry more relatively but are tiny in absolute terms (under every test's atol).
+#   A consistent error in k acts as a temperature off by 2^-22 relative: the softmax stays
+#   normalised and moves by ~2^-22 times a few log2 units.
+#   So the row gradient's fp32 relative error is ~2e-6..3e-6: FP32_GRAD_RTOL = 1e-5 leaves 3x;
+#   where the terms a (p_s - onehot) + b (q_s - q_t) + g (q_s - q_r) cancel, the error is relative
+#   to the terms (<= (a + 2b + 2g) p), which the tests' atol 2e-6 (1 + T^2) covers.
+# - per-row values: ce = (max - s_y) + ln2 log2(sum) errs by u |max - s_y| + 2^-22.6 ln2 + e_sum
+#   (~3e-6); KD and the reference term T^2 (dot/sumT + (max_s - max_x)/T + ln2 (log2 sums)) add
+#   terms of size <= 2X/T, ~3e-6 before T^2: far inside 2e-5 (1 + T^2) log(C + 2).
+# - ftz: probabilities below 2^-126 become 0 (absolute error < 1.2e-38 times a coefficient) and
+#   logits below 2^-126 in magnitude read as 0; neither reaches any tolerance here.
+# - C = 1: sums are exactly 1 and x - max exactly 0, so with ex2.approx(0) = 1 (PTX's special
+#   case) and lg2.approx(1) = 0 every term and the gradient are exactly 0 (checked on the GPU by
+#   test_cuda_backend.py::test_one_class_gives_exact_zeros, on the host with the approximations
+#   emulated by kernels/tests/fast_math_emulation.h).
+# In bf16 and fp16 the gradient's rounding to the dtype (u = 2^-8, 2^-11) dominates all of this.
+
+
+def scaled_grad_rtol(dtype: torch.dtype, fp32_rtol: float) -> float:
+    """Elementwise rtol of d(sum_i v_i loss_i) / d student against float64, for per-row weights v
+    (reduction="none"), when the kernel writes each row's gradient g_i during the forward.
+
+    The kernel's fp32 value of g_i carries a relative error e (fp32_rtol: its fp32 arithmetic,
+    fast-math exp2/log2 included) and is stored rounded to dtype (<= u |g_i|, u = unit_roundoff);
+    backward forms fl(g_i) * v_i in fp32 (2^-24) and rounds it to dtype once more (<= u):
+        |got - g_i v_i| <= (2u + e + O(u^2)) |g_i v_i|.
+    One rounding (rtol u) holds only for the op's own gradient output (v = 1, no backward).
+    Entries where the fp32 terms of g_i cancel, or that fall below fp16's normal range,
+    need the caller's absolute term besides.
+    """
+    u = unit_roundoff(dtype)
+    return 2 * u * (1 + u) + 2.0**-24 + fp32_rtol

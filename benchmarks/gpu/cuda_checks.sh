@@ -17,8 +17,9 @@
 #    and top-k beside dense);
 # 6. cuda vs triton per (dtype, C): backend="auto"'s table.
 # Writes to $OUT (default benchmarks/results/gpu_cuda_<date>), 8 files: cuda_checks.log,
-# tests_cuda.xml, kernels_ctest.txt, sanitizer.txt, bench_kernels.txt, bench_topk_kernels.txt,
-# backend_choice.json, gpu_choice_table.json. Each step is time-boxed and a failing
+# tests_cuda.xml, tests_progress.txt (one line per test outcome as the tests run, from
+# tests/run_guard.py, which also time-boxes each test), kernels_ctest.txt, sanitizer.txt,
+# bench_kernels.txt (dense, then top-k beside dense), backend_choice.json, gpu_choice_table.json. Each step is time-boxed and a failing
 # step does not stop the later ones; the exit status is non-zero when the tests,
 # ctest or a sanitizer failed.
 set -uo pipefail
@@ -40,14 +41,17 @@ step "build smskd_fast._C with CUDA (unless already built)"
 HAS_CUDA_OP="import torch, smskd_fast; from smskd_fast import ops; \
 assert all(torch._C._dispatch_has_kernel_for_dispatch_key(op, 'CUDA') for op in (ops.OP_NAME, ops.TOPK_OP_NAME))"
 if ! $PY -c "$HAS_CUDA_OP" 2>/dev/null; then
-  MAX_JOBS=${MAX_JOBS:-16} timeout 300 $PY setup.py build_ext --inplace -q || fail "CUDA build of smskd_fast._C"
+  TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") MAX_JOBS=${MAX_JOBS:-16} timeout 300 $PY setup.py build_ext --inplace -q \
+    || fail "CUDA build of smskd_fast._C"
 fi
 show_backends
 
 step "CUDA tests (pytest)"
-timeout 330 $PY -m pytest tests/test_cuda_backend.py tests/test_cuda_topk.py tests/test_cuda_topk_host_math.py \
-  tests/test_cuda_resources.py tests/test_gpu_choice.py \
-  -q -p no:cacheprovider -rs --junitxml="$OUT/tests_cuda.xml" || fail "pytest"
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+SMSKD_TEST_TIMEOUT=${SMSKD_TEST_TIMEOUT:-120} SMSKD_TEST_PROGRESS="$OUT/tests_progress.txt" \
+  timeout -s INT -k 20 330 $PY -m pytest tests/test_cuda_backend.py tests/test_cuda_topk.py \
+  tests/test_cuda_topk_host_math.py tests/test_cuda_resources.py tests/test_gpu_choice.py \
+  -q -p no:cacheprovider -rfE $XDIST --junitxml="$OUT/tests_cuda.xml" || fail "pytest"
 
 step "kernels/ with CMake + ctest (sm_$ARCH)"
 BUILD=/tmp/smskd_kernels_build
@@ -80,7 +84,7 @@ grep -E "^--- |ERROR SUMMARY|RACECHECK SUMMARY|cases? (passed|FAILED)|top-k case
 step "standalone bf16 bandwidth benchmark"
 [ -x "$BUILD/test_smskd_kernels" ] && timeout 60 "$BUILD/test_smskd_kernels" --bench | tee "$OUT/bench_kernels.txt"
 step "standalone bf16 top-k benchmark (beside the dense kernel)"
-[ -x "$BUILD/test_topk_kernels" ] && timeout 60 "$BUILD/test_topk_kernels" --bench | tee "$OUT/bench_topk_kernels.txt"
+[ -x "$BUILD/test_topk_kernels" ] && timeout 60 "$BUILD/test_topk_kernels" --bench | tee -a "$OUT/bench_kernels.txt"
 
 step "cuda vs triton per (dtype, C): backend='auto' table"
 LEFT=$(left); [ "$LEFT" -lt 60 ] && LEFT=60

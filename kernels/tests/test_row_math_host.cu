@@ -7,12 +7,16 @@
 // compared with the float64 oracle. Also checked: every column is visited
 // exactly once per sweep, and every pack of more than one element is 16-byte
 // aligned. Warp shuffles, barriers and the launch itself need a GPU
-// (test_smskd_kernels.cu).
+// (test_smskd_kernels.cu). Built with -DSMSKD_EMULATE_FAST_MATH, the kernel's exp2f / log2f
+// carry the device's fast-math error and denormals are flushed (fast_math_emulation.h).
 #include <cstdio>
 #include <random>
 #include <vector>
 
 #include "smskd_oracle.h"
+#if defined(SMSKD_EMULATE_FAST_MATH)
+#include "fast_math_emulation.h"  // the device's ex2/lg2.approx.ftz error, in the kernel code below
+#endif
 #include "smskd_row_kernel.cuh"
 
 namespace {
@@ -116,6 +120,16 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
     if (!close(gc, w.grad[c], 2e-6 * (1.0 + T2), storage_eps(dtype)) && bad++ < 8)
       std::printf("  grad[%lld]: got %.8g want %.8g\n", (long long)c, gc, w.grad[c]);
   }
+  if (k.cols == 1) {
+    // One class: softmax is exactly 1, so every loss term and the gradient are exactly 0 (and
+    // the teacher's true-class probability exactly 1), whatever the logits' rounding.
+    const double zero[4] = {res.loss, res.ce, res.kd, res.ref};
+    for (int f = 0; f < 4; ++f)
+      if (zero[f] != 0.0 && bad++ < 8) std::printf("  C = 1: output %d is %.3g, not exactly 0\n", f, zero[f]);
+    if (kTeacher && kTarget && res.tcp != 1.0f && bad++ < 8) std::printf("  C = 1: tcp is 1 + %.3g\n", res.tcp - 1.0);
+    const double g0 = decode(dtype, grad_raw.data() + k.offset * elem);
+    if (g0 != 0.0 && bad++ < 8) std::printf("  C = 1: grad is %.3g, not exactly 0\n", g0);
+  }
   std::printf("%s %-4s threads=%d cols=%lld offset=%lld vectorized=%d target=%d teacher=%d ref=%d weighting=%d "
               "masked=%d\n",
               bad ? "FAIL" : "ok  ", name_of(dtype), kThreads, (long long)k.cols, (long long)k.offset, k.vectorized,
@@ -159,6 +173,10 @@ void run_dtype(smskd_dtype dtype, std::mt19937& rng) {
 }  // namespace
 
 int main() {
+#if defined(SMSKD_EMULATE_FAST_MATH)
+  smskd::fastmath::flush_denormals();
+  std::printf("fast-math emulation: ex2/lg2.approx errors at their bounds, denormals flushed\n");
+#endif
   std::mt19937 rng(4321);
   run_dtype<float>(SMSKD_FLOAT32, rng);
   run_dtype<__nv_bfloat16>(SMSKD_BFLOAT16, rng);

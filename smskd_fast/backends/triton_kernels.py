@@ -88,10 +88,20 @@ def _online_kl_sums(x, s, m_old, m_new, d_T, a, scale_T):
 
 
 @triton.jit
-def _kl_from_sums(a_sum, d_sum, m_safe, lse_sT, temperature):
+def _kl_from_sums(a_sum, d_sum, m_safe, ms_s, log_d_sT, temperature):
     """KL(softmax(x/T) || softmax(s/T)) = A / (D T) - lse(x/T) + lse(s/T), from the row sums of _online_kl_sums
-    at the maximum m_safe (0 when it was -inf)."""
-    return a_sum / (d_sum * temperature) - (m_safe / temperature + tl.log(d_sum)) + lse_sT
+    at the maximum m_safe (0 when it was -inf); lse(s/T) = ms_s / T + log_d_sT."""
+    return _kl_from_mean(a_sum / (d_sum * temperature), m_safe, tl.log(d_sum), ms_s, log_d_sT, temperature)
+
+
+@triton.jit
+def _kl_from_mean(mean, m_safe, log_d, ms_s, log_d_sT, temperature):
+    """KL = mean - lse(x/T) + lse(s/T) for mean = E_p[x - s] / T and lse(x/T) = m_safe / T + log_d.
+
+    The maxima's difference is formed before the division by T and the logs' difference apart:
+    a one-class row (mean = (x - s)/T, both sums 1) gives exactly 0, and the rounding scales with
+    |m_x - m_s| rather than with |m_x| + |m_s|."""
+    return mean + (ms_s - m_safe) / temperature + (log_d_sT - log_d)
 
 
 @triton.jit
@@ -251,11 +261,11 @@ def _smskd_rows_online_kernel(
         D_s = tl.sum(d_s, 0)
         D_tT = tl.sum(d_tT, 0)
         D_rT = tl.sum(d_rT, 0)
-        lse_sT = ms_s / temperature + tl.log(D_sT)
+        log_D_sT = tl.log(D_sT)
         lse_s = ms_s + tl.log(D_s)
         lse_t = ms_t + tl.log(tl.sum(d_t, 0))
-        kl_t = _kl_from_sums(tl.sum(a_t, 0), D_tT, ms_t, lse_sT, temperature)
-        kl_r = _kl_from_sums(tl.sum(a_r, 0), D_rT, ms_r, lse_sT, temperature)
+        kl_t = _kl_from_sums(tl.sum(a_t, 0), D_tT, ms_t, ms_s, log_D_sT, temperature)
+        kl_r = _kl_from_sums(tl.sum(a_r, 0), D_rT, ms_r, ms_s, log_D_sT, temperature)
         s_y = tl.zeros([], tl.float32)
         t_y = tl.zeros([], tl.float32)
         if HAS_TARGET:
@@ -296,12 +306,12 @@ def _smskd_rows_online_kernel(
 @triton.jit
 def _tile_softened_stats(x, s, scale_T, temperature):
     """Per row of a [ROWS, BLOCK_C] tile of a frozen model's logits x (-inf where masked): the safe
-    maximum, exp((x - max)/T), its sum, lse(x/T) and E_p[x - s] / T (teacher and reference alike)."""
+    maximum, exp((x - max)/T), its sum D, log(D) and E_p[x - s] / T (teacher and reference alike)."""
     m = tl.max(x, 1)
     ms = tl.where(m == float("-inf"), 0.0, m)
     e = tl.exp2((x - ms[:, None]) * scale_T)
     D = tl.sum(e, 1)
-    return ms, e, D, ms / temperature + tl.log(D), tl.sum(_weighted_diff(e, x, s), 1) / (D * temperature)
+    return ms, e, D, tl.log(D), tl.sum(_weighted_diff(e, x, s), 1) / (D * temperature)
 
 
 @triton.jit
@@ -338,8 +348,8 @@ def _smskd_rows_tile_kernel(
     ms_s = tl.where(m_s == float("-inf"), 0.0, m_s)
     e_sT = tl.exp2((s - ms_s[:, None]) * scale_T)
     D_sT = tl.sum(e_sT, 1)
-    lse_sT = ms_s / temperature + tl.log(D_sT)
-    lse_s = lse_sT
+    log_D_sT = tl.log(D_sT)
+    lse_s = ms_s / temperature + log_D_sT
     D_s = D_sT
     zero_rows = tl.zeros_like(D_sT)
     s_y = zero_rows
@@ -354,28 +364,31 @@ def _smskd_rows_tile_kernel(
     e_tT = e_sT
     D_tT = D_sT
     lse_t = lse_s
-    lse_tT = lse_sT
+    ms_t = ms_s
+    log_D_tT = log_D_sT
     mean_t = zero_rows
     t_y = zero_rows
     if HAS_TEACHER:
         t = tl.load(teacher_ptr + rows[:, None] * teacher_stride + cols[None, :], mask=mask,
                     other=float("-inf")).to(tl.float32)
-        ms_t, e_tT, D_tT, lse_tT, mean_t = _tile_softened_stats(t, s, scale_T, temperature)
+        ms_t, e_tT, D_tT, log_D_tT, mean_t = _tile_softened_stats(t, s, scale_T, temperature)
         if NEED_TCP:
             lse_t = ms_t + tl.log(tl.sum(tl.exp2((t - ms_t[:, None]) * LOG2E), 1))
             t_y = tl.sum(tl.where(is_target, t, 0.0), 1)
 
     e_rT = e_sT
     D_rT = D_sT
-    lse_rT = lse_sT
+    ms_r = ms_s
+    log_D_rT = log_D_sT
     mean_r = zero_rows
     if HAS_REFERENCE:
         r = tl.load(reference_ptr + rows[:, None] * reference_stride + cols[None, :], mask=mask,
                     other=float("-inf")).to(tl.float32)
-        _, e_rT, D_rT, lse_rT, mean_r = _tile_softened_stats(r, s, scale_T, temperature)
+        ms_r, e_rT, D_rT, log_D_rT, mean_r = _tile_softened_stats(r, s, scale_T, temperature)
 
     loss, ce, kd, ref, tcp, w = _row_terms(
-        lse_s, s_y, mean_t - lse_tT + lse_sT, lse_t, t_y, mean_r - lse_rT + lse_sT,
+        lse_s, s_y, _kl_from_mean(mean_t, ms_t, log_D_tT, ms_s, log_D_sT, temperature), lse_t, t_y,
+        _kl_from_mean(mean_r, ms_r, log_D_rT, ms_s, log_D_sT, temperature),
         temperature, ce_weight, kd_weight, ref_weight,
         HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING)
     tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_in)

@@ -189,9 +189,10 @@ def _smskd_topk_rows_kernel(
         D_s = _tile_sum(d_s)
         D_rT = _tile_sum(d_rT)
         rest_sum = _tile_sum(d_rest)
-        lse_sT = ms_s / temperature + tl.log(D_sT)
+        log_D_sT = tl.log(D_sT)
+        lse_sT = ms_s / temperature + log_D_sT
         lse_s = ms_s + tl.log(D_s)
-        kl_r = _kl_from_sums(_tile_sum(a_r), D_rT, ms_r, lse_sT, temperature)
+        kl_r = _kl_from_sums(_tile_sum(a_r), D_rT, ms_r, ms_s, log_D_sT, temperature)
 
         # Phase B: the kept classes.
         lse_T = tl.load(lse_T_ptr + row)

@@ -18,7 +18,7 @@ export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda)
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export MAX_JOBS ?= 2
 
-.PHONY: all venv build demo test test-python test-cmake test-clang bench clean
+.PHONY: all venv build demo test test-python test-cmake test-clang clang-toolchain bench clean
 
 all: test
 
@@ -53,9 +53,16 @@ test-cmake: venv
 	cmake --build $(CMAKE_BUILD)
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
+# clang++ with OpenMP: Debian's clang and libomp-dev, installed when missing where we are root.
+clang-toolchain:
+	@echo 'int main() {}' | clang++ -fopenmp -x c++ - -o /dev/null 2>/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    apt-get install -y -qq clang libomp-dev; } || \
+	  { echo "make test-clang needs clang++ with -fopenmp: apt-get install clang libomp-dev"; exit 1; }
+
 # The CPU part built by clang into $(CLANG_BUILD) (package and extension, incremental), then
 # the CPU test files run against that copy: PYTHONPATH puts it before the editable install.
-test-clang: venv
+test-clang: venv clang-toolchain
 	CC=clang CXX=clang++ SMSKD_FAST_NO_CUDA=1 $(PY) setup.py -q build --build-base $(CLANG_BUILD) \
 	  --build-lib $(CLANG_BUILD)/lib --build-temp $(CLANG_BUILD)/temp
 	cd $(CLANG_BUILD)/lib && PYTHONPATH=$(abspath $(CLANG_BUILD)/lib) $(PY) -c \

@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from setuptools import setup
@@ -76,10 +77,11 @@ class BuildExtension(cpp_extension.BuildExtension):
 
     torch writes one ninja file with the same flags for every source, so each unit
     of isa_unit_flags() is compiled by its own call (own build directory, so
-    incremental too) with its flags appended. Its object is linked after all
-    the others, so that where a header's inline function is emitted in both a
-    baseline and an instruction-set object the linker keeps the baseline copy
-    (tests/test_isa_objects.py checks that no such shared copy exists at all).
+    incremental too) with its flags appended, beside the main call where MAX_JOBS
+    allows. Its object is linked after all the others, so that where a header's
+    inline function is emitted in both a baseline and an instruction-set object the
+    linker keeps the baseline copy (tests/test_isa_objects.py checks that no such
+    shared copy exists at all).
     """
 
     def build_extension(self, ext) -> None:
@@ -88,15 +90,25 @@ class BuildExtension(cpp_extension.BuildExtension):
 
         def compile_with_unit_flags(sources, output_dir=None, extra_postargs=None, **kwargs):
             plain = [s for s in sources if os.path.join(ROOT, s) not in units]
-            objects = []
-            if plain:
-                objects += compile_sources(plain, output_dir=output_dir, extra_postargs=extra_postargs, **kwargs)
-            for source in sources:
-                flags = units.get(os.path.join(ROOT, source))
-                if flags is not None:
-                    unit_dir = os.path.join(output_dir, "isa", os.path.splitext(os.path.basename(source))[0])
-                    objects += compile_sources([source], output_dir=unit_dir,
-                                               extra_postargs=with_cxx_flags(extra_postargs, flags), **kwargs)
+            isa = [s for s in sources if os.path.join(ROOT, s) in units]
+
+            def compile_unit(source: str) -> list[str]:
+                unit_dir = os.path.join(output_dir, "isa", os.path.splitext(os.path.basename(source))[0])
+                flags = units[os.path.join(ROOT, source)]
+                return compile_sources([source], output_dir=unit_dir,
+                                       extra_postargs=with_cxx_flags(extra_postargs, flags), **kwargs)
+
+            # The units compile beside the main ninja run where MAX_JOBS leaves cores for them
+            # (a GPU machine), else one after another after it (MAX_JOBS=1 or 2 here).
+            beside = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1) > len(isa)
+            with ThreadPoolExecutor(max_workers=max(1, len(isa))) as pool:
+                early = [pool.submit(compile_unit, source) for source in isa] if beside else []
+                objects = compile_sources(plain, output_dir=output_dir, extra_postargs=extra_postargs,
+                                          **kwargs) if plain else []
+                for job in early:
+                    objects += job.result()
+                for source in [] if beside else isa:
+                    objects += compile_unit(source)
             return objects
 
         self.compiler.compile = compile_with_unit_flags

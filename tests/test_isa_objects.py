@@ -156,3 +156,13 @@ def test_the_checks_find_an_inline_function_emitted_in_both(tmp_path):
     shared = shared_isa_code(units, [str(tmp_path / "base.o")])
     assert shared == {"simd_avx2.cpp": ["twice(float*, int) (also in base.o)"]}
     assert foreign_isa_code(units) == {"simd_avx2.cpp": ["twice(float*, int)"]}
+
+
+def test_no_source_sets_its_instruction_set_itself():
+    """Instruction sets come from isa_units.json's flags only: a target pragma (or hand-defined
+    __AVX2__-style macros) fails with GCC >= 13, whose libstdc++ has always_inline allocator members."""
+    pattern = re.compile(r"#\s*pragma\s+(GCC\s+target|clang\s+attribute)|#\s*define\s+__(AVX|FMA|F16C)\w*__")
+    sources = [path for folder in ("csrc", "kernels") for path in glob.glob(os.path.join(ROOT, folder, "**", "*"),
+                                                                             recursive=True) if os.path.isfile(path)]
+    offending = [os.path.relpath(path, ROOT) for path in sources if pattern.search(open(path, errors="replace").read())]
+    assert sources and offending == []

@@ -1,11 +1,15 @@
 # One-command set-up, demo and tests on a fresh machine (see README.md).
 #   make demo   creates .venv, builds the package with its compiled extension, runs the main job
-#   make test   the same set-up, then the whole test suite and the CMake/ctest build
+#   make test   the same set-up, then the whole test suite, the CMake/ctest build and the
+#               clang build of the CPU part with its tests
 PYTHON ?= python3
 VENV := .venv
 PY := $(abspath $(VENV))/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 CMAKE_BUILD := build/cmake
+# A second compiler on every run (Debian packages: clang, libomp-dev for its -fopenmp).
+CLANG_BUILD := build/clang
+CLANG_TESTS := tests/test_cpu_backend.py tests/test_cpu_topk.py tests/test_isa_objects.py
 # The CMake build compiles the CUDA library and its standalone tests wherever nvcc is.
 CMAKE_ARGS ?= $(if $(wildcard $(CUDA_HOME)/bin/nvcc),-DSMSKD_FAST_CUDA=ON,)
 
@@ -14,7 +18,7 @@ export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda)
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export MAX_JOBS ?= 2
 
-.PHONY: all venv build demo test test-python test-cmake bench clean
+.PHONY: all venv build demo test test-python test-cmake test-clang clang-toolchain bench clean
 
 all: test
 
@@ -38,7 +42,7 @@ build: venv
 demo: build
 	$(PY) -m smskd_fast demo
 
-test: test-python test-cmake
+test: test-python test-cmake test-clang
 
 test-python: build
 	$(PY) -m pytest tests -q
@@ -48,6 +52,23 @@ test-cmake: venv
 	  -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja $(CMAKE_ARGS)
 	cmake --build $(CMAKE_BUILD)
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+# clang++ with OpenMP: Debian's clang and libomp-dev, installed when missing where we are root.
+clang-toolchain:
+	@echo 'int main() {}' | clang++ -fopenmp -x c++ - -o /dev/null 2>/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    apt-get install -y -qq clang libomp-dev; } || \
+	  { echo "make test-clang needs clang++ with -fopenmp: apt-get install clang libomp-dev"; exit 1; }
+
+# The CPU part built by clang into $(CLANG_BUILD) (package and extension, incremental), then
+# the CPU test files run against that copy: PYTHONPATH puts it before the editable install.
+test-clang: venv clang-toolchain
+	CC=clang CXX=clang++ SMSKD_FAST_NO_CUDA=1 $(PY) setup.py -q build --build-base $(CLANG_BUILD) \
+	  --build-lib $(CLANG_BUILD)/lib --build-temp $(CLANG_BUILD)/temp
+	cd $(CLANG_BUILD)/lib && PYTHONPATH=$(abspath $(CLANG_BUILD)/lib) $(PY) -c \
+	  "import smskd_fast._C as c, os; assert os.getcwd() in c.__file__, c.__file__; print(c.__file__)"
+	cd $(CLANG_BUILD)/lib && PYTHONPATH=$(abspath $(CLANG_BUILD)/lib) SMSKD_FAST_BUILD_TEMP=$(abspath $(CLANG_BUILD)/temp) \
+	  $(PY) -m pytest $(addprefix $(CURDIR)/,$(CLANG_TESTS)) -q -x -p no:cacheprovider
 
 bench: build
 	$(PY) -m smskd_fast bench

@@ -6,13 +6,18 @@ machine without a GPU still compiles (and so checks) every kernel.
 Set SMSKD_FAST_NO_CUDA=1 to build the CPU part only, and SMSKD_FAST_SKIP_EXTENSION=1
 to install the Python package without building (the Makefile builds the extension
 in place first, incrementally, then installs the package editable this way).
+The instruction-set copies of the CPU kernels compile with per-file flags from
+csrc/cpu/isa_units.json, the list that CMakeLists.txt reads too.
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
+import platform
 import shutil
 import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from setuptools import setup
@@ -20,6 +25,7 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CUDA_ARCHS = ("80", "90")
+ISA_UNITS = "csrc/cpu/isa_units.json"
 
 
 def sources(*patterns: str) -> list[str]:
@@ -50,6 +56,68 @@ def pip_cuda_include_dirs() -> list[str]:
     return [path for path in glob.glob(os.path.join(site, "nvidia", "cu*", "include")) if os.path.isdir(path)]
 
 
+def isa_unit_flags() -> dict[str, list[str]]:
+    """Absolute source path -> its extra instruction-set flags, for this machine's architecture."""
+    with open(os.path.join(ROOT, ISA_UNITS)) as f:
+        units = json.load(f)["units"]
+    machine = platform.machine().lower()
+    arch = "x86_64" if machine == "amd64" else machine
+    return {os.path.join(ROOT, path): flags for path, flags in units.get(arch, {}).items()}
+
+
+def with_cxx_flags(extra_postargs: dict | list | None, flags: list[str]) -> dict | list:
+    """extra_postargs (torch's {"cxx": ..., "nvcc": ...} or a list) with flags added for the C++ compiler."""
+    if isinstance(extra_postargs, dict):
+        return {**extra_postargs, "cxx": [*extra_postargs.get("cxx", []), *flags]}
+    return [*(extra_postargs or []), *flags]
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's ninja build, plus per-file flags for the instruction-set units.
+
+    torch writes one ninja file with the same flags for every source, so each unit
+    of isa_unit_flags() is compiled by its own call (own build directory, so
+    incremental too) with its flags appended, beside the main call where MAX_JOBS
+    allows. Its object is linked after all the others, so that where a header's
+    inline function is emitted in both a baseline and an instruction-set object the
+    linker keeps the baseline copy (tests/test_isa_objects.py checks that no such
+    shared copy exists at all).
+    """
+
+    def build_extension(self, ext) -> None:
+        compile_sources = self.compiler.compile
+        units = isa_unit_flags()
+
+        def compile_with_unit_flags(sources, output_dir=None, extra_postargs=None, **kwargs):
+            plain = [s for s in sources if os.path.join(ROOT, s) not in units]
+            isa = [s for s in sources if os.path.join(ROOT, s) in units]
+
+            def compile_unit(source: str) -> list[str]:
+                unit_dir = os.path.join(output_dir, "isa", os.path.splitext(os.path.basename(source))[0])
+                flags = units[os.path.join(ROOT, source)]
+                return compile_sources([source], output_dir=unit_dir,
+                                       extra_postargs=with_cxx_flags(extra_postargs, flags), **kwargs)
+
+            # The units compile beside the main ninja run where MAX_JOBS leaves cores for them
+            # (a GPU machine), else one after another after it (MAX_JOBS=1 or 2 here).
+            beside = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1) > len(isa)
+            with ThreadPoolExecutor(max_workers=max(1, len(isa))) as pool:
+                early = [pool.submit(compile_unit, source) for source in isa] if beside else []
+                objects = compile_sources(plain, output_dir=output_dir, extra_postargs=extra_postargs,
+                                          **kwargs) if plain else []
+                for job in early:
+                    objects += job.result()
+                for source in [] if beside else isa:
+                    objects += compile_unit(source)
+            return objects
+
+        self.compiler.compile = compile_with_unit_flags
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.compile = compile_sources
+
+
 def extension() -> cpp_extension.CppExtension:
     cxx_flags = ["-O3", "-fopenmp"]  # py_limited_api=True defines Py_LIMITED_API
     include_dirs = [os.path.join(ROOT, "kernels"), os.path.join(ROOT, "csrc")]
@@ -76,6 +144,6 @@ def extension() -> cpp_extension.CppExtension:
 
 setup(
     ext_modules=[] if os.environ.get("SMSKD_FAST_SKIP_EXTENSION", "0") not in ("", "0") else [extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -9,10 +9,10 @@
 
 #include <cstdint>
 
-// Instruction sets for which a kernel is compiled and chosen at run time: GCC on
-// x86-64 builds AVX2 and AVX-512 variants with `#pragma GCC target`; elsewhere
-// only the portable (DEFAULT) kernel is built.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// Instruction sets for which a kernel is compiled and chosen at run time: on
+// x86-64 (GCC or clang) the AVX2 and AVX-512 variants, each unit compiled with its
+// own flags (csrc/cpu/isa_units.json); elsewhere only the portable (DEFAULT) kernel.
+#if defined(__GNUC__) && defined(__x86_64__)
 #define SMSKD_CPU_X86_VARIANTS 1
 #else
 #define SMSKD_CPU_X86_VARIANTS 0

@@ -3,7 +3,7 @@ and also with the argument types torch.compile's Inductor passes (fp64 float sca
 
 Runs benchmarks/triton_aot_report.py --ci (the gradient variants, fp32 and bf16,
 every launch configuration of the dense and the top-k kernels, and each again with
-fp64 scalars on sm_90; COMPILES compiles, MINUTES on 2 cores shared with other work)
+fp64 scalars on sm_90; 224 compiles, 4-6 minutes on 2 cores shared with other work)
 in a subprocess: triton.compile with a GPUTarget needs no GPU, and cuobjdump and
 ptxas ship inside triton's package. The fp64 compiles catch what a GPU run of
 torch.compile(fullgraph=True) found on an H200 (issue 15): a kernel that fails to

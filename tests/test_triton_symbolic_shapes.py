@@ -27,7 +27,7 @@ if not hasattr(torch.ops.smskd_fast, "smskd_loss_rows_triton"):
 if triton_backend.kernels_interpreted():
     pytest.skip("interpreted kernels are launched directly, not traced (TRITON_INTERPRET=1)", allow_module_level=True)
 
-from functorch.compile import aot_function  # noqa: E402
+from functorch.compile import aot_function, make_boxed_func  # noqa: E402
 
 from smskd_fast.backends import triton_launch, triton_topk_launch  # noqa: E402
 
@@ -68,7 +68,7 @@ def trace(op, inputs: SymbolicInputs, args, backward: bool):
 
     def keep(graph, example_inputs):
         graphs.append(graph)
-        return graph
+        return make_boxed_func(graph)
 
     def loss(*tensors):
         return op(*tensors, *SCALARS)[0].sum()

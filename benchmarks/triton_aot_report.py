@@ -6,11 +6,17 @@ target (sm_80, sm_90), triton.compile with a GPUTarget builds the cubin; the
 cuobjdump shipped inside triton's package reads its registers, shared memory,
 stack and local bytes, and triton's ptxas -v its spill stores and loads. Writes a Markdown table and the raw JSON to
 benchmarks/results/ and exits with status 1 on any spill (spill stores, loads
-or local bytes > 0), a failed compile, or when the target check kernel lost its device-side assert (debug build) or
-its trap (both builds).
+or local bytes > 0), a failed compile, fp64 arithmetic in the PTX, or when the target check kernel lost its
+device-side assert (debug build) or its trap (both builds).
+
+Scalar types: Triton's own launcher passes a Python float as fp32, torch.compile's
+Inductor as fp64 (torch/_inductor/codegen/triton_utils.py, signature_of), so every
+kernel configuration is also compiled with fp64 float arguments (scalars "fp64",
+fp32 logits): it must compile and keep its arithmetic in fp32 (fp64 ops = 0).
 
     python benchmarks/triton_aot_report.py                 # everything
-    python benchmarks/triton_aot_report.py --ci --jobs 2   # what CI runs: gradient variants, fp32 + bf16
+    python benchmarks/triton_aot_report.py --ci --jobs 2   # what CI runs: gradient variants, fp32 + bf16,
+                                                           # fp64 scalars on sm_90
 """
 from __future__ import annotations
 
@@ -59,6 +65,11 @@ TOPK_POINTERS = {"values_ptr": "*fp32", "true_logit_ptr": "*fp32", "lse_ptr": "*
                  "indices_ptr": "*i64", "bits_ptr": "*i32", "kept_logits_ptr": "*fp32"}
 ALIGNED_INTS = ("num_classes", "num_kept", "student_stride", "teacher_stride", "reference_stride", "grad_stride")
 FLOAT_ARGS = ("temperature", "ce_weight", "kd_weight", "ref_weight")
+# The float arguments' types: as Triton's launcher passes them, and as Inductor does.
+SCALAR_TYPES = ("fp32", "fp64")
+# fp64 scalars are compiled for fp32 logits (the logits' dtype does not meet the scalars); CI on sm_90 only.
+INDUCTOR_DTYPE = "fp32"
+CI_INDUCTOR_ARCHS = (90,)
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,7 @@ class Job:
     arch: int
     num_warps: int
     constexprs: tuple
+    scalars: str = "fp32"
 
 
 @dataclass
@@ -90,6 +102,8 @@ class Row:
     ldg_narrow: int
     ex2: int
     check_live: Optional[bool]
+    scalars: str = "fp32"
+    fp64_ops: int = -1
     error: str = ""
 
     @property
@@ -105,8 +119,8 @@ def cuobjdump() -> str:
     return str(path)
 
 
-def signature(fn, dtype: str, has_target: bool, align_ints: bool):
-    """Argument types and the divisibility the JIT would specialize for aligned tensors.
+def signature(fn, dtype: str, has_target: bool, align_ints: bool, scalars: str = "fp32"):
+    """Argument types (the float scalars typed scalars) and the divisibility the JIT would specialize for aligned tensors.
 
     Online kernels (and top-k column blocks) are compiled as for C = 32000 or 128256
     and k = 64 (C, k and strides divisible by 16, ROW_ALIGN = 16), tile kernels
@@ -123,7 +137,7 @@ def signature(fn, dtype: str, has_target: bool, align_ints: bool):
         elif name.endswith("_ptr"):
             sig[name] = dtype
         elif name in FLOAT_ARGS:
-            sig[name] = "fp32"
+            sig[name] = scalars
         elif name.isupper():
             sig[name] = "constexpr"
         else:
@@ -145,6 +159,16 @@ def ptxas_spills(ptx: str) -> Dict[str, int]:
     stores = re.search(r"(\d+) bytes spill stores", log)
     loads = re.search(r"(\d+) bytes spill loads", log)
     return {"spill_stores": int(stores.group(1)), "spill_loads": int(loads.group(1))}
+
+
+def fp64_ops(ptx: str) -> int:
+    """PTX instructions with an f64 operand type, other than a scalar argument's load and its conversion to fp32."""
+    count = 0
+    for line in ptx.splitlines():
+        match = re.match(r"\s*(?:@!?%\w+\s+)?([a-z][\w.]*)\s", line)
+        if match and ".f64" in match.group(1) and not match.group(1).startswith(("ld.param", "cvt.rn.f32.f64")):
+            count += 1
+    return count
 
 
 def resource_usage(cubin: bytes) -> Dict[str, int]:
@@ -177,7 +201,7 @@ def compile_job(job: Job) -> Row:
         attrs = {(0,): [["tt.divisibility", 16]]}
     else:
         column_blocks = job.kernel.endswith("online_kernel") or not constexprs.get("WHOLE_ROW", True)
-        sig, attrs = signature(fn, DTYPES[job.dtype], has_target, align_ints=column_blocks)
+        sig, attrs = signature(fn, DTYPES[job.dtype], has_target, align_ints=column_blocks, scalars=job.scalars)
     options = {"num_warps": job.num_warps}
     if job.kernel == "_check_targets_kernel":
         options["debug"] = job.variant == "debug"  # what @triton.jit(debug=True) gives eagerly
@@ -188,20 +212,33 @@ def compile_job(job: Job) -> Row:
         usage.update(ptxas_spills(compiled.asm["ptx"]))
     except Exception as error:  # reported as a failed row, and the script fails
         return Row(job.kernel, job.config, job.variant, job.dtype, f"sm_{job.arch}", job.num_warps,
-                   -1, -1, -1, -1, -1, -1, -1, -1, -1, None, error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+                   -1, -1, -1, -1, -1, -1, -1, -1, -1, None, job.scalars,
+                   error=f"{type(error).__name__}: {compile_error_line(error)}")
     check_live = None
     if job.kernel == "_check_targets_kernel":
         ptx = compiled.asm["ptx"]
         check_live = "trap" in ptx and (job.variant != "debug" or "__assertfail" in ptx)
     return Row(job.kernel, job.config, job.variant, job.dtype, f"sm_{job.arch}", job.num_warps,
                usage["REG"], usage["SHARED"], usage["STACK"], usage["LOCAL"], usage["spill_stores"],
-               usage["spill_loads"], usage["ldg128"], usage["ldg_narrow"], usage["ex2"], check_live)
+               usage["spill_loads"], usage["ldg128"], usage["ldg_narrow"], usage["ex2"], check_live,
+               job.scalars, fp64_ops(compiled.asm["ptx"]))
 
 
-def jobs(variants, dtypes) -> List[Job]:
+def compile_error_line(error: Exception) -> str:
+    """The line that says what failed: a CompilationError's last line (its first is the source excerpt)."""
+    lines = [line for line in str(error).splitlines() if line.strip()] or [""]
+    return (lines[-1] if type(error).__name__ == "CompilationError" else lines[0])[:200]
+
+
+def jobs(variants, dtypes, inductor_archs=ARCHS) -> List[Job]:
+    """The kernels' jobs with fp32 scalars for every dtype, then with fp64 scalars (Inductor's) on inductor_archs."""
+    return kernel_jobs(variants, dtypes, ARCHS, "fp32") + kernel_jobs(variants, (INDUCTOR_DTYPE,), inductor_archs, "fp64")
+
+
+def kernel_jobs(variants, dtypes, archs, scalars: str) -> List[Job]:
     result = []
-    for arch in ARCHS:
-        for build in ("debug", "no-debug"):  # as launched eagerly; as Inductor re-jits it
+    for arch in archs:
+        for build in ("debug", "no-debug") if scalars == "fp32" else ():  # as launched eagerly; as Inductor re-jits it
             result.append(Job("_check_targets_kernel", f"BLOCK={launch.CHECK_BLOCK}", build, "i64", arch, 4,
                               (("BLOCK", launch.CHECK_BLOCK),)))
         for variant in variants:
@@ -212,17 +249,18 @@ def jobs(variants, dtypes) -> List[Job]:
                 for tile in launch.all_tile_configs():
                     result.append(Job("_smskd_rows_tile_kernel", f"ROWS={tile.rows} BLOCK_C={tile.block_c}",
                                       variant, dtype, arch, tile.num_warps,
-                                      flags + (("ROWS", tile.rows), ("BLOCK_C", tile.block_c), ("ROW_ALIGN", 8))))
+                                      flags + (("ROWS", tile.rows), ("BLOCK_C", tile.block_c), ("ROW_ALIGN", 8)),
+                                      scalars))
                 for online in launch.ONLINE_CONFIGS:
                     result.append(Job("_smskd_rows_online_kernel", f"BLOCK_C={online.block_c}",
                                       variant, dtype, arch, online.num_warps,
-                                      flags + (("BLOCK_C", online.block_c), ("ROW_ALIGN", 16))))
+                                      flags + (("BLOCK_C", online.block_c), ("ROW_ALIGN", 16)), scalars))
                 if variant in TOPK_VARIANTS:
-                    result.extend(topk_jobs(variant, dtype, arch))
+                    result.extend(topk_jobs(variant, dtype, arch, scalars))
     return result
 
 
-def topk_jobs(variant: str, dtype: str, arch: int) -> List[Job]:
+def topk_jobs(variant: str, dtype: str, arch: int, scalars: str = "fp32") -> List[Job]:
     """Every configuration of the top-k kernel (triton_topk_launch.all_topk_configs) for one variant."""
     has_target, _, has_reference, weighting, grad = VARIANTS[variant]
     flags = (("HAS_TARGET", has_target), ("HAS_REFERENCE", has_reference), ("WEIGHTING", weighting),
@@ -232,26 +270,27 @@ def topk_jobs(variant: str, dtype: str, arch: int) -> List[Job]:
         shape = "whole row" if config.whole_row else "column blocks"
         result.append(Job("_smskd_topk_rows_kernel", f"BLOCK_C={config.block_c} {shape}", variant, dtype, arch,
                           config.num_warps, flags + (("WHOLE_ROW", config.whole_row), ("BLOCK_C", config.block_c),
-                                                     ("ROW_ALIGN", 8 if config.whole_row else 16))))
+                                                     ("ROW_ALIGN", 8 if config.whole_row else 16)), scalars))
     return result
 
 
 def markdown(rows: List[Row], header: str) -> str:
     lines = [header, "",
-             "| kernel | config | variant | dtype | arch | warps | regs | shared B | stack B | local B | spill st/ld B | LDG 16B/narrow | EX2 | target check | error |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| kernel | config | variant | dtype | scalars | arch | warps | regs | shared B | stack B | local B | spill st/ld B | LDG 16B/narrow | EX2 | fp64 ops | target check | error |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         assert_text = "" if row.check_live is None else ("live" if row.check_live else "MISSING")
-        lines.append(f"| {row.kernel} | {row.config} | {row.variant} | {row.dtype} | {row.arch} | {row.num_warps} | "
-                     f"{row.registers} | {row.shared_bytes} | {row.stack_bytes} | {row.local_bytes} | "
+        lines.append(f"| {row.kernel} | {row.config} | {row.variant} | {row.dtype} | {row.scalars} | {row.arch} | "
+                     f"{row.num_warps} | {row.registers} | {row.shared_bytes} | {row.stack_bytes} | {row.local_bytes} | "
                      f"{row.spill_stores}/{row.spill_loads} | {row.ldg128}/{row.ldg_narrow} | {row.ex2} | "
-                     f"{assert_text} | {row.error} |")
+                     f"{row.fp64_ops} | {assert_text} | {row.error} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ci", action="store_true", help="gradient variants in fp32 and bf16 only")
+    parser.add_argument("--ci", action="store_true",
+                        help="gradient variants in fp32 and bf16 only, fp64 scalars on sm_90 only")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
                         help="folder for triton_aot_report[_ci].{md,json}")
@@ -259,17 +298,19 @@ def main(argv=None) -> int:
 
     variants = CI_VARIANTS if args.ci else tuple(VARIANTS)
     dtypes = CI_DTYPES if args.ci else tuple(DTYPES)
-    work = jobs(variants, dtypes)
+    work = jobs(variants, dtypes, CI_INDUCTOR_ARCHS if args.ci else ARCHS)
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         rows = list(pool.map(compile_job, work))
 
-    failures = [row for row in rows if row.error or row.spills or row.check_live is False]
+    failures = [row for row in rows if row.error or row.spills or row.fp64_ops != 0 or row.check_live is False]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python benchmarks/triton_aot_report.py" + (" --ci" if args.ci else "")
     header = (f"# Triton kernels compiled ahead of time (no GPU)\n\n"
               f"Command: `{command}`; {stamp}; commit {benchmarking.git_commit()}; triton {triton.__version__}; "
-              f"{len(rows)} compiles, {len(failures)} with a spill, an error or a missing target check.\n"
+              f"{len(rows)} compiles, {len(failures)} with a spill, an error, fp64 arithmetic or a missing target check.\n"
+              f"scalars: the float arguments' type, fp32 as Triton's launcher passes them, fp64 as Inductor does.\n"
               f"regs: registers per thread; spills: ptxas -v spill stores/loads, local: cuobjdump local bytes; any > 0 fails.\n"
+              f"fp64 ops: PTX instructions on f64 besides a scalar's load and conversion to fp32; any > 0 fails.\n"
               f"A stack frame without spills (e.g. the assert call of the check kernel) is reported, not failed.\n"
               f"LDG 16B/narrow: global loads in the SASS, 16-byte vectors / narrower (scalar loads of the\n"
               f"target and of s_y, t_y are narrow by nature); EX2: MUFU.EX2 instructions (static count).")

@@ -1,10 +1,13 @@
-"""CI's spill check: every Triton kernel configuration compiles for sm_80 and sm_90 without spills.
+"""CI's spill check: every Triton kernel configuration compiles for sm_80 and sm_90 without spills,
+and also with the argument types torch.compile's Inductor passes (fp64 float scalars).
 
 Runs benchmarks/triton_aot_report.py --ci (the gradient variants, fp32 and bf16,
-every launch configuration of the dense and the top-k kernels; 188 compiles,
-80-155 s of CPU, 2-6 minutes on 2 cores shared with other work) in a
-subprocess: triton.compile with a GPUTarget needs no GPU, and cuobjdump and
-ptxas ship inside triton's package.
+every launch configuration of the dense and the top-k kernels, and each again with
+fp64 scalars on sm_90; 224 compiles, 4-6 minutes on 2 cores shared with other work)
+in a subprocess: triton.compile with a GPUTarget needs no GPU, and cuobjdump and
+ptxas ship inside triton's package. The fp64 compiles catch what a GPU run of
+torch.compile(fullgraph=True) found on an H200 (issue 15): a kernel that fails to
+compile ("loop-carried variable ... fp64") or silently computes in fp64.
 """
 from __future__ import annotations
 
@@ -31,13 +34,21 @@ def test_every_kernel_configuration_compiles_without_spills(tmp_path):
     rows = json.loads((tmp_path / "triton_aot_report_ci.json").read_text())["rows"]
     from smskd_fast.backends import triton_launch, triton_topk_launch
 
-    per_arch = 2 + 2 * 2 * (len(triton_launch.all_tile_configs()) + len(triton_launch.ONLINE_CONFIGS)
-                            + len(triton_topk_launch.all_topk_configs()))
-    assert len(rows) == 2 * per_arch
+    configs = (len(triton_launch.all_tile_configs()) + len(triton_launch.ONLINE_CONFIGS)
+               + len(triton_topk_launch.all_topk_configs()))
+    per_arch = 2 + 2 * 2 * configs  # the check kernel twice; 2 variants x 2 dtypes x every configuration
+    assert len(rows) == 2 * per_arch + 2 * configs  # and 2 variants with fp64 scalars on sm_90
+    inductor = [row for row in rows if row["scalars"] == "fp64"]
+    assert {(row["kernel"], row["config"], row["variant"]) for row in inductor} == {
+        (row["kernel"], row["config"], row["variant"]) for row in rows
+        if row["scalars"] == "fp32" and row["arch"] == "sm_90" and row["dtype"] == "fp32"
+        and row["kernel"] != "_check_targets_kernel"}
+    assert {row["arch"] for row in inductor} == {"sm_90"}
     assert {row["config"] for row in rows if row["kernel"] == "_smskd_topk_rows_kernel"} == {
         f"BLOCK_C={c.block_c} {'whole row' if c.whole_row else 'column blocks'}"
         for c in triton_topk_launch.all_topk_configs()}
     assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
     assert all(row["registers"] > 0 and row["spill_stores"] == 0 and not row["error"] for row in rows)
+    assert all(row["fp64_ops"] == 0 for row in rows)  # the scalars are cast to fp32 once, whatever their type
     # The target check: assert + trap in the debug build, the trap alone in Inductor's re-jit.
     assert [row["check_live"] for row in rows if row["kernel"] == "_check_targets_kernel"] == [True] * 4

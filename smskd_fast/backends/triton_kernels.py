@@ -55,6 +55,19 @@ def _aligned(num_classes, student_stride, teacher_stride, reference_stride, grad
 
 
 @triton.jit
+def _fp32_scalars(temperature, ce_weight, kd_weight, ref_weight):
+    """The float scalar arguments as fp32, converted once at kernel entry whatever their type.
+
+    Triton's launcher passes a Python float as fp32, but torch.compile's Inductor
+    passes it as fp64: unconverted, it would promote the arithmetic to fp64 (and
+    break the fp32 sums the loops carry). A no-op for fp32 arguments. tl.cast, not
+    .to: the interpreter passes scalar arguments as Python floats.
+    """
+    return (tl.cast(temperature, tl.float32), tl.cast(ce_weight, tl.float32), tl.cast(kd_weight, tl.float32),
+            tl.cast(ref_weight, tl.float32))
+
+
+@triton.jit
 def _rescale(m_old, m_new, scale):
     """exp2((m_old - m_new) * scale), 0 when m_old is -inf, with a -inf m_new read as 0."""
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -204,6 +217,7 @@ def _smskd_rows_online_kernel(
     WEIGHTING: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     """One program per row; column blocks with online statistics; optional gradient sweep."""
+    temperature, ce_weight, kd_weight, ref_weight = _fp32_scalars(temperature, ce_weight, kd_weight, ref_weight)
     num_classes, student_stride, teacher_stride, reference_stride, grad_stride = _aligned(
         num_classes, student_stride, teacher_stride, reference_stride, grad_stride, ROW_ALIGN)
     NEED_TCP: tl.constexpr = HAS_TARGET and HAS_TEACHER
@@ -325,6 +339,7 @@ def _smskd_rows_tile_kernel(
     ROW_ALIGN: tl.constexpr,
 ):
     """ROWS rows per program, each row whole in one [ROWS, BLOCK_C] tile (BLOCK_C >= C)."""
+    temperature, ce_weight, kd_weight, ref_weight = _fp32_scalars(temperature, ce_weight, kd_weight, ref_weight)
     num_classes, student_stride, teacher_stride, reference_stride, grad_stride = _aligned(
         num_classes, student_stride, teacher_stride, reference_stride, grad_stride, ROW_ALIGN)
     NEED_TCP: tl.constexpr = HAS_TARGET and HAS_TEACHER

@@ -58,9 +58,23 @@ ONLINE_CONFIGS: Tuple[OnlineConfig, ...] = (
 DEFAULT_ONLINE_CONFIG = OnlineConfig(2048, 8)
 
 
+def power_of_two_at_least(size, smallest: int) -> int:
+    """The smallest power of two >= size and >= smallest, as a Python int.
+
+    size may be a SymInt (the ops are traced with symbolic shapes under
+    torch.compile(dynamic=True) and opcheck): comparisons guard on the power-of-two
+    bucket of C, so the choice is an int (hashable, a valid constexpr) and C stays
+    symbolic, where triton.next_power_of_2 would give a SymInt expression.
+    """
+    block = smallest
+    while block < size:
+        block *= 2
+    return block
+
+
 def tile_config(num_classes: int) -> TileConfig:
-    """The tile shape for C <= TILE_MAX_C: about 8 elements per thread and input."""
-    block_c = max(16, triton.next_power_of_2(num_classes))
+    """The tile shape for C <= TILE_MAX_C: about 8 elements per thread and input (C may be a SymInt)."""
+    block_c = power_of_two_at_least(num_classes, 16)
     rows = max(1, min(TILE_MAX_ROWS, TILE_ELEMENTS // block_c))
     num_warps = TILE_WARPS_OVERRIDE.get(block_c, max(1, min(16, rows * block_c // 256)))
     return TileConfig(rows, block_c, num_warps)

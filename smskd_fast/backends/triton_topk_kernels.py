@@ -40,8 +40,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import (LOG2E, _aligned, _kl_from_sums, _online_kl_sums, _online_sum, _rescale, _row_terms,
-                             _store_ignored_row, _store_row_terms, _weighted_diff)
+from .triton_kernels import (LOG2E, _aligned, _fp32_scalars, _kl_from_sums, _online_kl_sums, _online_sum, _rescale,
+                             _row_terms, _store_ignored_row, _store_row_terms, _weighted_diff)
 
 
 @triton.jit
@@ -144,6 +144,7 @@ def _smskd_topk_rows_kernel(
     WHOLE_ROW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     """One row per program: phases A, B and C of the module docstring."""
+    temperature, ce_weight, kd_weight, ref_weight = _fp32_scalars(temperature, ce_weight, kd_weight, ref_weight)
     num_classes, student_stride, reference_stride, _, grad_stride = _aligned(
         num_classes, student_stride, reference_stride, reference_stride, grad_stride, ROW_ALIGN)
     row = tl.program_id(0).to(tl.int64)

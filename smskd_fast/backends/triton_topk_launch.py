@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import triton
 
 from ..topk_bitmask import kept_class_bitmask
 from . import triton_kernels as kernels
 from . import triton_topk_kernels as topk_kernels
-from .triton_launch import allocate_outputs, check_targets, row_alignment
+from .triton_launch import allocate_outputs, check_targets, power_of_two_at_least, row_alignment
 
 WHOLE_ROW_MAX_C = 4096
 # Kept classes gathered per step: a cache keeps tens of classes; k = C walks in steps.
@@ -40,10 +39,12 @@ WHOLE_ROW_WARPS_OVERRIDE = {1024: 8, 2048: 16, 4096: 8}
 
 
 def topk_config(num_classes: int) -> TopKConfig:
-    """The row in registers for C <= WHOLE_ROW_MAX_C (2-16 elements per thread), else column blocks."""
+    """The row in registers for C <= WHOLE_ROW_MAX_C (2-16 elements per thread), else column blocks.
+
+    C may be a SymInt (see triton_launch.power_of_two_at_least)."""
     if num_classes > WHOLE_ROW_MAX_C:
         return COLUMN_BLOCK_CONFIG
-    block_c = max(32, triton.next_power_of_2(num_classes))  # tiles of [BLOCK_C // 32, 32]
+    block_c = power_of_two_at_least(num_classes, 32)  # tiles of [BLOCK_C // 32, 32]
     return TopKConfig(block_c, WHOLE_ROW_WARPS_OVERRIDE.get(block_c, max(1, block_c // 256)), True)
 
 

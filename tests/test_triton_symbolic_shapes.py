@@ -1,0 +1,145 @@
+"""The triton ops traced with symbolic sizes, as torch.compile(dynamic=True) and opcheck's
+test_aot_dispatch_dynamic trace them, without a GPU.
+
+AOTAutograd decomposes a torch.library.triton_op into its body under
+FunctionalTensorMode, on fake tensors whose sizes are SymInts, so the launch code
+picks block sizes, warps and grids from a symbolic C and N. On an H200 this failed
+with "unhashable type: non-nested SymInt" (issue 15) while CI's interpreter runs,
+which launch the kernels directly, passed. Here the same trace runs on fake tensors
+(FakeTensorMode with a ShapeEnv): fake CUDA tensors need no device for the forward
+pass; the joint forward-backward graph runs on fake CPU tensors (autograd's engine
+wants a real device for CUDA ones). Oracle: the launch tables (tile_config,
+online_config, topk_config) at the sizes' hints, and the ShapeEnv's guards.
+"""
+from __future__ import annotations
+
+import pytest
+import sympy
+import torch
+from torch._dynamo.source import ConstantSource
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+from smskd_fast.backends import triton_backend
+
+if not hasattr(torch.ops.smskd_fast, "smskd_loss_rows_triton"):
+    pytest.skip("triton is not importable, so there are no triton ops to trace", allow_module_level=True)
+if triton_backend.kernels_interpreted():
+    pytest.skip("interpreted kernels are launched directly, not traced (TRITON_INTERPRET=1)", allow_module_level=True)
+
+from functorch.compile import aot_function, make_boxed_func  # noqa: E402
+
+from smskd_fast.backends import triton_launch, triton_topk_launch  # noqa: E402
+
+N, K = 4, 8
+SCALARS = (2.0, 0.5, 1.0, 0.7, "inverse_tcp", -100, True)
+
+
+class SymbolicInputs:
+    """Fake tensors of N x C rows whose N and C are the ShapeEnv's symbols (hints N and C)."""
+
+    def __init__(self, num_classes: int, device: str):
+        self.shape_env = ShapeEnv()
+        self.mode = FakeTensorMode(shape_env=self.shape_env)
+        self.rows = self.symbol(N, "N")
+        self.classes = self.symbol(num_classes, "C")
+        self.device = device
+
+    def symbol(self, hint: int, name: str) -> torch.SymInt:
+        expr = self.shape_env.create_symbol(hint, source=ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
+        return self.shape_env.create_symintnode(expr, hint=hint)
+
+    def empty(self, *sizes, dtype=torch.float32) -> torch.Tensor:
+        with self.mode:
+            return torch.empty(*sizes, dtype=dtype, device=self.device)
+
+    def pinned_classes(self) -> list:
+        """The guards that fix C to one value (a recompile per vocabulary size); ranges and divisibility are fine."""
+        c = self.classes.node.expr
+        pinned = [guard.expr for guard in self.shape_env.guards if isinstance(guard.expr, sympy.Eq)
+                  and c in (guard.expr.lhs, guard.expr.rhs) and (guard.expr.lhs.is_number or guard.expr.rhs.is_number)]
+        replaced = self.shape_env.replacements.get(c)
+        return pinned + ([] if replaced is None or not replaced.is_number else [sympy.Eq(c, replaced)])
+
+
+def trace(op, inputs: SymbolicInputs, args, backward: bool):
+    """The forward (and backward) graphs AOTAutograd traces for op(*args).loss.sum(), dynamic=True."""
+    graphs = []
+
+    def keep(graph, example_inputs):
+        graphs.append(graph)
+        return make_boxed_func(graph)
+
+    def loss(*tensors):
+        return op(*tensors, *SCALARS)[0].sum()
+
+    compiled = aot_function(loss, fw_compiler=keep, bw_compiler=keep, dynamic=True)
+    with inputs.mode:
+        out = compiled(*args)
+        if backward:
+            out.backward()
+    return graphs
+
+
+def kernel_launches(graph) -> dict:
+    """{kernel name: kwargs} of the graph's triton_kernel_wrapper_functional nodes."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    launches = {}
+    for node in graph.graph.nodes:
+        if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+            kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+            launches[kernel.fn.__name__] = node.kwargs["kwargs"]
+    return launches
+
+
+def check_graphs(graphs, inputs: SymbolicInputs, kernel: str, constexprs: dict, backward: bool) -> None:
+    assert len(graphs) == (2 if backward else 1)
+    launches = kernel_launches(graphs[0])
+    assert set(launches) == {"_check_targets_kernel", kernel}
+    got = launches[kernel]
+    for name, value in constexprs.items():  # the launch table's choice at the hint, as Python ints
+        assert type(got[name]) is type(value) and got[name] == value, (name, got[name], value)
+    classes = got["num_classes"]  # C stays a symbol in the graph ...
+    assert isinstance(classes, torch.fx.Node) and isinstance(classes.meta["val"], torch.SymInt), classes
+    assert inputs.pinned_classes() == []  # ... and no guard fixes it
+
+
+@pytest.mark.parametrize("num_classes", [100, 5000])  # the tile kernel; the online kernel (C > TILE_MAX_C)
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_dense_op_traces_with_symbolic_sizes(num_classes, device):
+    inputs = SymbolicInputs(num_classes, device)
+    n, c = inputs.rows, inputs.classes
+    student = inputs.empty(n, c).requires_grad_(device == "cpu")
+    args = (student, inputs.empty(n, dtype=torch.int64), inputs.empty(n, c), inputs.empty(n, c))
+    graphs = trace(torch.ops.smskd_fast.smskd_loss_rows_triton, inputs, args, backward=device == "cpu")
+    if num_classes <= triton_launch.TILE_MAX_C:
+        tile = triton_launch.tile_config(num_classes)
+        check_graphs(graphs, inputs, "_smskd_rows_tile_kernel", {"ROWS": tile.rows, "BLOCK_C": tile.block_c},
+                     device == "cpu")
+    else:
+        online = triton_launch.online_config(num_classes)
+        check_graphs(graphs, inputs, "_smskd_rows_online_kernel", {"BLOCK_C": online.block_c}, device == "cpu")
+
+
+@pytest.mark.parametrize("num_classes", [100, 5000])  # the row in registers; column blocks
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_topk_op_traces_with_symbolic_sizes(num_classes, device):
+    inputs = SymbolicInputs(num_classes, device)
+    n, c = inputs.rows, inputs.classes
+    student = inputs.empty(n, c).requires_grad_(device == "cpu")
+    args = (student, inputs.empty(n, dtype=torch.int64), inputs.empty(n, K), inputs.empty(n, K, dtype=torch.int64),
+            inputs.empty(n), inputs.empty(n), inputs.empty(n), inputs.empty(n, c))
+    graphs = trace(torch.ops.smskd_fast.smskd_loss_rows_topk_triton, inputs, args, backward=device == "cpu")
+    config = triton_topk_launch.topk_config(num_classes)
+    check_graphs(graphs, inputs, "_smskd_topk_rows_kernel",
+                 {"BLOCK_C": config.block_c, "WHOLE_ROW": config.whole_row}, device == "cpu")
+
+
+def test_launch_tables_take_symbolic_sizes():
+    """The table lookups give the ints they give for plain ints, guarding C to its power-of-two bucket only."""
+    for num_classes in (2, 16, 17, 100, 1024, 1025, 4096, 4097):
+        inputs = SymbolicInputs(num_classes, "cpu")
+        assert triton_launch.tile_config(inputs.classes) == triton_launch.tile_config(num_classes)
+        assert triton_topk_launch.topk_config(inputs.classes) == triton_topk_launch.topk_config(num_classes)
+        assert inputs.pinned_classes() == []

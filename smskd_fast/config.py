@@ -47,6 +47,7 @@ class DataConfig:
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
     context_length: int = 64  # tokens per sequence (sequence data sets only)
+    validation_fraction: float = 0.0  # share of the training data held out for choices (never the test split)
 
 
 @dataclass
@@ -232,6 +233,8 @@ def _validate(config: RunConfig) -> None:
     _check(config.data.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
     _check(config.data.augment in ("none", "crop", "crop_flip"), "data.augment",
            f"must be 'none', 'crop' or 'crop_flip', got {config.data.augment!r}")
+    _check(0.0 <= config.data.validation_fraction < 1.0, "data.validation_fraction",
+           f"must be in [0, 1), got {config.data.validation_fraction}")
     _check(config.data.crop_padding >= 0, "data.crop_padding", f"must be >= 0, got {config.data.crop_padding}")
     _check(_is_device(config.device), "device",
            f"expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got {config.device!r}")

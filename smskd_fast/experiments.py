@@ -15,8 +15,8 @@ from typing import Any, Callable, Dict, List, Sequence
 from .config import MethodConfig, RunConfig, StageConfig
 from .stages import SMSKDTrainer
 
-__all__ = ["teacher_config", "variant_configs", "train_teacher", "run_variants", "format_table",
-           "DEMO_VARIANTS", "ALL_VARIANTS"]
+__all__ = ["teacher_config", "variant_configs", "single_method_variants", "train_teacher", "run_variants", "format_table",
+           "DEMO_VARIANTS", "ALL_VARIANTS", "run_or_resume"]
 
 DEMO_VARIANTS = ("student_alone", "kd", "smskd")
 ALL_VARIANTS = ("student_alone", "kd_short", "kd", "summed", "sequential_no_reference",
@@ -68,10 +68,24 @@ def variant_configs(config: RunConfig, teacher_checkpoint: str, names: Sequence[
         "smskd_tcp": lambda: _with_stages(config, weighting="tcp"),
         "smskd_constant": lambda: _with_stages(config, weighting="constant"),
     }
+    for method in all_methods:  # each configured method alone, e.g. only_fitnet (KD alone is "kd")
+        builders.setdefault(f"only_{method.name}", _single_method(config, all_methods, method.name, total))
     unknown = [name for name in names if name not in builders]
     if unknown:
         raise ValueError(f"unknown variant {unknown[0]!r}; choose from {list(builders)}")
     return {name: builders[name]() for name in names}
+
+
+def _single_method(config: RunConfig, methods, name: str, epochs: int) -> Callable[[], RunConfig]:
+    """One method alone (its first configured entry) for all epochs."""
+    first = [next(method for method in methods if method.name == name)]
+    return lambda: _single_stage(config, first, epochs, f"only_{name}")
+
+
+def single_method_variants(config: RunConfig) -> List[str]:
+    """The variant names of the config's methods alone: "kd" and only_<method> for the others."""
+    names = dict.fromkeys(m.name for stage in config.stages for m in stage.methods if m.name != "none")
+    return ["kd" if name == "kd" else f"only_{name}" for name in names]
 
 
 def _with_stages(config: RunConfig, **changes: Any) -> RunConfig:
@@ -90,11 +104,11 @@ def train_teacher(config: RunConfig, out: Path, log: Callable[[str], None] = pri
     """Trains the teacher into out (reusing a finished one there); returns its model file."""
     model_file = Path(out) / "student.pt"
     if not model_file.is_file():
-        _run_or_resume(teacher_config(config), Path(out), log)
+        run_or_resume(teacher_config(config), Path(out), log)
     return model_file
 
 
-def _run_or_resume(config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> Dict[str, Any]:
+def run_or_resume(config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> Dict[str, Any]:
     """The run's summary: read when finished, resumed when interrupted, trained otherwise."""
     summary_file = run_dir / "summary.json"
     if summary_file.is_file():
@@ -118,7 +132,7 @@ def run_variants(config: RunConfig, out: Path, names: Sequence[str], seeds: Sequ
         log(f"seed {seed}: teacher {rows[-1]['last_test_acc']:.2f}%")
         for name, variant in variant_configs(seeded, str(teacher_file), names).items():
             started = time.monotonic()
-            summary = _run_or_resume(variant, out / f"seed{seed}" / name, _quiet)
+            summary = run_or_resume(variant, out / f"seed{seed}" / name, _quiet)
             rows.append({"variant": name, "seed": seed, "last_test_acc": summary["last_test_acc"],
                          "best_test_acc": summary["best_test_acc"], "epochs": summary["epochs"],
                          "seconds": time.monotonic() - started})

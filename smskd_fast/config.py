@@ -27,6 +27,7 @@ __all__ = [
 WEIGHTINGS = ("inverse_tcp", "tcp", "constant")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("multistep", "cosine", "constant")
+SCHEDULE_SCOPES = ("stage", "run")
 NONFINITE_POLICIES = ("stop", "skip")  # what a stage does with a batch whose loss is NaN or inf
 SEQUENCE_METHODS = ("none", "kd")  # the methods computed from logits alone, by the fused loss
 
@@ -131,6 +132,7 @@ class RunConfig:
     plots: bool = True
     teacher_training: Optional[StageConfig] = None
     cache: Optional[CacheConfig] = None
+    schedule_scope: str = "stage"  # "stage": each stage restarts its LR schedule; "run": one schedule over all stages
 
     def stage_names(self) -> List[str]:
         return [stage.name or f"stage{index + 1}_{'+'.join(m.name for m in stage.methods)}"
@@ -240,6 +242,8 @@ def _validate(config: RunConfig) -> None:
            f"expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got {config.device!r}")
     _check(config.threads is None or config.threads >= 1, "threads", f"must be >= 1, got {config.threads}")
     _check(len(config.stages) >= 1, "stages", "needs at least one stage")
+    _check(config.schedule_scope in SCHEDULE_SCOPES, "schedule_scope",
+           f"must be one of {list(SCHEDULE_SCOPES)}, got {config.schedule_scope!r}")
     for index, stage in enumerate(config.stages):
         path = f"stages[{index}]"
         _check(stage.epochs >= 1, f"{path}.epochs", f"must be >= 1, got {stage.epochs}")

@@ -67,13 +67,20 @@ def derive_seed(seed: int, *parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def learning_rate(stage: StageConfig, epoch: int) -> float:
-    """The stage's learning rate for 0-based epoch `epoch`."""
+def learning_rate(stage: StageConfig, epoch: int, start: int = 0, span: Optional[int] = None) -> float:
+    """The stage's learning rate for its 0-based epoch `epoch`.
+
+    With schedule_scope "stage" (start 0, span the stage's epochs) every stage runs its
+    schedule afresh; with "run" the stage's epoch is epoch `start + epoch` of one schedule
+    spanning all `span` epochs of the run (cosine over the run, global milestones), the
+    schedule a single-stage baseline of the same total epochs gets.
+    """
     base, schedule = stage.optimizer.lr, stage.schedule
+    position, length = start + epoch, stage.epochs if span is None else span
     if schedule.name == "multistep":
-        return base * schedule.gamma ** sum(epoch >= milestone for milestone in schedule.milestones)
+        return base * schedule.gamma ** sum(position >= milestone for milestone in schedule.milestones)
     if schedule.name == "cosine":
-        return 0.5 * base * (1 + math.cos(math.pi * epoch / stage.epochs))
+        return 0.5 * base * (1 + math.cos(math.pi * position / length))
     return base
 
 
@@ -406,7 +413,11 @@ class SMSKDTrainer:
         stage, config = self.config.stages[index], self.config
         torch.manual_seed(derive_seed(config.seed, index, epoch))
         generator = torch.Generator().manual_seed(derive_seed(config.seed, index, epoch, "data"))  # batch order
-        lr = learning_rate(stage, epoch)
+        if config.schedule_scope == "run":
+            lr = learning_rate(stage, epoch, sum(s.epochs for s in config.stages[:index]),
+                               sum(s.epochs for s in config.stages))
+        else:
+            lr = learning_rate(stage, epoch)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         for method in state.methods:

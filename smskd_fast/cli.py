@@ -153,7 +153,7 @@ def _study(args: argparse.Namespace) -> int:
     config = _load(args)
     out = args.out or _default_out(args, "_study")
     analysis = run_study(config, out, args.seeds, args.variants, args.jobs,
-                         command="smskd-fast " + " ".join(sys.argv[1:]))
+                         command="smskd-fast " + " ".join(sys.argv[1:]), teacher_seed=args.teacher_seed)
     print(f"\n{format_report(analysis)}\nwritten: {out / 'study.txt'}, study.json, study.png, configs/")
     return 0
 
@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds (default: 0 1 2 3 4)")
     study.add_argument("--jobs", type=int, default=1, help="parallel training processes (default 1)")
     study.add_argument("--variants", nargs="+", help="a subset of the variants (default: all of them)")
+    study.add_argument("--teacher-seed", type=int, help="one teacher, trained with this seed, for every seed "
+                                                         "(default: each seed trains its own)")
     cache = commands.add_parser("cache", help="frozen-model logit caches")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)
     cache_build = cache_commands.add_parser("build", help="build the config's teacher logit cache ahead of a run "

@@ -67,11 +67,18 @@ def _row(variant: str, seed: int, summary: Dict[str, Any], seconds: float) -> Di
             "seconds": seconds}
 
 
-def _seeded(config: RunConfig, seed: int) -> RunConfig:
+def _teacher_dir(out: Path, seed: int) -> Path:
+    return out / f"seed{seed}" / "teacher"
+
+
+def _seeded(config: RunConfig, seed: int, teacher_seed: Optional[int] = None) -> RunConfig:
+    """The config of one seed; its teacher cache (if any) is that of the teacher it uses."""
     import copy
 
     seeded = copy.deepcopy(config)
     seeded.seed, seeded.progress, seeded.plots = seed, False, False
+    if seeded.cache is not None and seeded.cache.teacher is not None:  # each seed trains its own teacher
+        seeded.cache.teacher.dir = str(Path(seeded.cache.teacher.dir) / f"seed{seed if teacher_seed is None else teacher_seed}")
     return seeded
 
 
@@ -82,16 +89,18 @@ def _quiet(_: str) -> None:
 def train_seed_teacher(config: RunConfig, out: Path, seed: int) -> Dict[str, Any]:
     """Trains (or reuses) the teacher of `seed`; returns its result row."""
     started = time.monotonic()
-    train_teacher(_seeded(config, seed), out / f"seed{seed}" / "teacher", log=_quiet)
-    summary = json.loads((out / f"seed{seed}" / "teacher" / "summary.json").read_text())
+    train_teacher(_seeded(config, seed), _teacher_dir(out, seed), log=_quiet)
+    summary = json.loads((_teacher_dir(out, seed) / "summary.json").read_text())
     return _row("teacher", seed, summary, time.monotonic() - started)
 
 
-def train_variant(config: RunConfig, out: Path, variant: str, seed: int) -> Dict[str, Any]:
-    """Trains (or resumes) one (variant, seed) run and stores its result row."""
+def train_variant(config: RunConfig, out: Path, variant: str, seed: int,
+                  teacher_seed: Optional[int] = None) -> Dict[str, Any]:
+    """Trains (or resumes) one (variant, seed) run and stores its result row; the teacher is the
+    seed's own, or teacher_seed's when every seed shares one."""
     started = time.monotonic()
-    teacher_file = out / f"seed{seed}" / "teacher" / "student.pt"
-    run_config = variant_configs(_seeded(config, seed), str(teacher_file), [variant])[variant]
+    teacher_file = _teacher_dir(out, seed if teacher_seed is None else teacher_seed) / "student.pt"
+    run_config = variant_configs(_seeded(config, seed, teacher_seed), str(teacher_file), [variant])[variant]
     summary = run_or_resume(run_config, out / f"seed{seed}" / variant, _quiet)
     row = _row(variant, seed, summary, time.monotonic() - started)
     write_text_atomic(_result_path(out, variant, seed), json.dumps(row, indent=1))
@@ -118,29 +127,37 @@ def _execute(tasks: List[Tuple[Callable[..., Dict[str, Any]], tuple]], jobs: int
 
 
 def run_study(config: RunConfig, out: Path, seeds: Sequence[int], variants: Optional[Sequence[str]] = None,
-              jobs: int = 1, log: Callable[[str], None] = print, command: str = "") -> Dict[str, Any]:
-    """Trains what is missing, then writes study.json, study.txt, study.png and configs/; returns the analysis."""
+              jobs: int = 1, log: Callable[[str], None] = print, command: str = "",
+              teacher_seed: Optional[int] = None) -> Dict[str, Any]:
+    """Trains what is missing, then writes study.json, study.txt, study.png and configs/; returns the analysis.
+
+    teacher_seed: every seed's students learn from the one teacher trained with this seed (an
+    expensive teacher trained once; the intervals then cover student seeds only), instead of
+    each seed training its own."""
     if len(seeds) < 1 or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: need distinct seeds, got {list(seeds)}")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     out = Path(out)
     variants = list(variants or study_variants(config))
-    resolved = variant_configs(_seeded(config, seeds[0]), "<seed<N>/teacher/student.pt>", variants)
+    resolved = variant_configs(_seeded(config, seeds[0], teacher_seed), "<seed<N>/teacher/student.pt>", variants)
     for name, variant in resolved.items():  # the seed and teacher checkpoint vary per seed; the rest is this
         write_text_atomic(out / "configs" / f"{name}.yaml", yaml.safe_dump(config_to_dict(variant), sort_keys=False))
-    teachers = [seed for seed in seeds if not (out / f"seed{seed}" / "teacher" / "summary.json").is_file()]
+    teacher_seeds = list(seeds) if teacher_seed is None else [teacher_seed]
+    teachers = [seed for seed in teacher_seeds if not (_teacher_dir(out, seed) / "summary.json").is_file()]
     _execute([(train_seed_teacher, (config, out, seed)) for seed in teachers], jobs, log)
     pending = [(variant, seed) for seed in seeds for variant in variants
                if not _result_path(out, variant, seed).is_file()]
     log(f"study: {len(variants)} variants x {len(seeds)} seeds; {len(pending)} runs to train, "
         f"{len(variants) * len(seeds) - len(pending)} stored")
-    _execute([(train_variant, (config, out, variant, seed)) for variant, seed in pending], jobs, log)
-    rows = [train_seed_teacher(config, out, seed) for seed in seeds]  # finished: read back
+    _execute([(train_variant, (config, out, variant, seed, teacher_seed)) for variant, seed in pending], jobs, log)
+    rows = [{**train_seed_teacher(config, out, seed if teacher_seed is None else teacher_seed), "seed": seed}
+            for seed in seeds]  # finished: read back (a shared teacher counts once per student seed)
     rows += [json.loads(_result_path(out, variant, seed).read_text()) for variant in variants for seed in seeds]
     analysis = analyse(rows, variants, seeds, published_for(config))
     analysis["environment"] = environment(config, command)
     analysis["computed"] = len(pending)
+    analysis["teacher_seed"] = teacher_seed
     write_text_atomic(out / "study.json", json.dumps(analysis, indent=1))
     write_text_atomic(out / "study.txt", format_report(analysis))
     plot_study(analysis, out / "study.png")
@@ -212,6 +229,9 @@ def format_report(analysis: Dict[str, Any]) -> str:
     lines = [f"{key}: {value}" for key, value in env.items()]
     seeds, best = analysis["seeds"], analysis["best_baseline"]
     split = "validation" if analysis["selection_metric"] == "last_val_acc" else "TEST (no validation split)"
+    if analysis.get("teacher_seed") is not None:
+        lines.append(f"teacher: one, trained with seed {analysis['teacher_seed']}, shared by every seed "
+                     "(the intervals cover student seeds only)")
     lines += [f"seeds: {seeds}", f"best baseline (chosen on the {split} split): {best}",
               f"best SMSKD weighting (chosen on the same split): {analysis['best_smskd']}", "",
               "last-epoch accuracy %: mean +- sample std [95% t-interval of the mean]"]

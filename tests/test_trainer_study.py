@@ -83,7 +83,7 @@ def test_study_runs_resumes_without_retraining_and_reports(tmp_path, monkeypatch
     real = study_module.train_variant
 
     def counting(*args):
-        calls.append(args[2:])
+        calls.append(args[2:4])
         return real(*args)
 
     monkeypatch.setattr(study_module, "train_variant", counting)
@@ -123,3 +123,30 @@ def test_study_cli_names_its_outputs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "paired against" in printed and "study.png" in printed
     assert (tmp_path / "s" / "study.txt").read_text() in printed
+
+
+def test_run_schedule_scope_gives_the_stages_one_schedule_over_the_run():
+    from smskd_fast.stages import learning_rate
+
+    config = load_config(DEMO)  # three 10-epoch cosine stages at lr 0.05
+    single = [0.5 * 0.05 * (1 + math.cos(math.pi * e / 30)) for e in range(30)]
+    run = [learning_rate(stage, e, 10 * i, 30) for i, stage in enumerate(config.stages) for e in range(10)]
+    per_stage = [learning_rate(stage, e) for stage in config.stages for e in range(10)]
+    assert run == pytest.approx(single)
+    assert per_stage[10] == pytest.approx(0.05) and per_stage[9] < 0.01  # the restart the run scope removes
+
+
+def test_trainer_follows_the_run_schedule_and_reports_validation_accuracy(tmp_path):
+    from smskd_fast.runio import read_jsonl
+    from smskd_fast.stages import SMSKDTrainer
+    from trainer_helpers import tiny_config, write_teacher
+
+    teacher = write_teacher(tmp_path / "teacher.pt")
+    config = tiny_config(teacher, [{"method": "kd", "epochs": 2}, {"method": "kd", "epochs": 2}],
+                         schedule_scope="run")
+    config.data.validation_fraction = 0.25
+    summary = SMSKDTrainer(config, tmp_path / "run", log=lambda _: None).run()
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["lr"] for r in records] == pytest.approx([0.5 * 0.05 * (1 + math.cos(math.pi * e / 4))
+                                                        for e in range(4)])
+    assert summary["last_val_acc"] == records[-1]["val_acc"] and "val_loss" in records[-1]

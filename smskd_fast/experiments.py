@@ -45,9 +45,12 @@ def _replace(config: RunConfig, **changes: Any) -> RunConfig:
     return updated
 
 
-def _single_stage(config: RunConfig, methods, epochs: int, name: str) -> RunConfig:
-    stage = copy.deepcopy(config.stages[0])
+def _single_stage(config: RunConfig, methods, epochs: int, name: str, source: int = 0, **changes: Any) -> RunConfig:
+    """One stage of `epochs` with the settings (optimizer, schedule, weights, T) of stage `source`."""
+    stage = copy.deepcopy(config.stages[source])
     stage.methods, stage.epochs, stage.name = copy.deepcopy(methods), epochs, name
+    for key, value in changes.items():
+        setattr(stage, key, value)
     return _replace(config, stages=[stage])
 
 
@@ -59,9 +62,11 @@ def variant_configs(config: RunConfig, teacher_checkpoint: str, names: Sequence[
     configured_kd = [method for method in all_methods if method.name == "kd"]
     kd = configured_kd[:1] or [MethodConfig(name="kd")]  # the KD baseline uses the config's KD weight
     builders: Dict[str, Callable[[], RunConfig]] = {
-        "student_alone": lambda: _single_stage(config, [MethodConfig(name="none")], total, "student_alone"),
-        "kd_short": lambda: _single_stage(config, kd, config.stages[0].epochs, "kd_short"),
-        "kd": lambda: _single_stage(config, kd, total, "kd"),
+        # CE alone at weight 1 (a stage's ce_weight such as KD's 0.1 belongs to that stage's recipe)
+        "student_alone": lambda: _single_stage(config, [MethodConfig(name="none")], total, "student_alone",
+                                               ce_weight=1.0),
+        "kd_short": lambda: _single_stage(config, kd, config.stages[0].epochs, "kd_short", _source(config, "kd")),
+        "kd": lambda: _single_stage(config, kd, total, "kd", _source(config, "kd")),
         "summed": lambda: _single_stage(config, all_methods, total, "summed"),
         "sequential_no_reference": lambda: _with_stages(config, reference=False),
         "smskd": lambda: _with_stages(config, weighting="inverse_tcp"),
@@ -76,10 +81,15 @@ def variant_configs(config: RunConfig, teacher_checkpoint: str, names: Sequence[
     return {name: builders[name]() for name in names}
 
 
+def _source(config: RunConfig, name: str) -> int:
+    """The index of the first stage that uses method `name` (0 when none does)."""
+    return next((i for i, stage in enumerate(config.stages) if any(m.name == name for m in stage.methods)), 0)
+
+
 def _single_method(config: RunConfig, methods, name: str, epochs: int) -> Callable[[], RunConfig]:
-    """One method alone (its first configured entry) for all epochs."""
+    """One method alone (its first configured entry) for all epochs, with its stage's settings."""
     first = [next(method for method in methods if method.name == name)]
-    return lambda: _single_stage(config, first, epochs, f"only_{name}")
+    return lambda: _single_stage(config, first, epochs, f"only_{name}", _source(config, name))
 
 
 def single_method_variants(config: RunConfig) -> List[str]:

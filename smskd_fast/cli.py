@@ -142,6 +142,9 @@ def _demo(args: argparse.Namespace) -> int:
     rows = run_variants(config, out, names, seeds)
     table = format_table(rows)
     print(f"\nTest accuracy on {config.data.name} ({config_file}; runs in {out}):\n{table}")
+    if len(seeds) < 5:
+        print("One seed decides little on this small test split; `smskd-fast study` compares every variant over "
+              "seeds with intervals and paired tests (what it found: docs/results.md).")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     (out / "table.txt").write_text(table + "\n")
     return 0

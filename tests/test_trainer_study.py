@@ -150,3 +150,12 @@ def test_trainer_follows_the_run_schedule_and_reports_validation_accuracy(tmp_pa
     assert [r["lr"] for r in records] == pytest.approx([0.5 * 0.05 * (1 + math.cos(math.pi * e / 4))
                                                         for e in range(4)])
     assert summary["last_val_acc"] == records[-1]["val_acc"] and "val_loss" in records[-1]
+
+
+def test_parallel_seeds_give_the_serial_results(tmp_path):
+    config = load_config(DEMO, ONE_EPOCH)
+    serial = study_module.run_study(config, tmp_path / "serial", [0, 1], ["kd"], jobs=1, log=lambda _: None)
+    parallel = study_module.run_study(config, tmp_path / "parallel", [0, 1], ["kd"], jobs=2, log=lambda _: None)
+    assert parallel["computed"] == 2
+    for row in ("teacher", "kd"):
+        assert parallel["summaries"][row]["values"] == serial["summaries"][row]["values"]

@@ -142,8 +142,22 @@ def _demo(args: argparse.Namespace) -> int:
     rows = run_variants(config, out, names, seeds)
     table = format_table(rows)
     print(f"\nTest accuracy on {config.data.name} ({config_file}; runs in {out}):\n{table}")
+    if len(seeds) < 5:
+        print("One seed decides little on this small test split; `smskd-fast study` compares every variant over "
+              "seeds with intervals and paired tests (what it found: docs/results.md).")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     (out / "table.txt").write_text(table + "\n")
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from .study import format_report, run_study
+
+    config = _load(args)
+    out = args.out or _default_out(args, "_study")
+    analysis = run_study(config, out, args.seeds, args.variants, args.jobs,
+                         command="smskd-fast " + " ".join(sys.argv[1:]), teacher_seed=args.teacher_seed)
+    print(f"\n{format_report(analysis)}\nwritten: {out / 'study.txt'}, study.json, study.png, configs/")
     return 0
 
 
@@ -207,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=int, nargs="+", help="seeds to average over (default: the config's)")
     demo.add_argument("--all-variants", action="store_true",
                       help="also summed methods, sequential without reference, short KD and every weighting")
+    study = commands.add_parser("study", help="every baseline and SMSKD variant over seeds, with statistics "
+                                              "(resumable; see smskd_fast/study.py)", parents=[common])
+    _add_config_options(study)
+    study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds (default: 0 1 2 3 4)")
+    study.add_argument("--jobs", type=int, default=1, help="parallel training processes (default 1)")
+    study.add_argument("--variants", nargs="+", help="a subset of the variants (default: all of them)")
+    study.add_argument("--teacher-seed", type=int, help="one teacher, trained with this seed, for every seed "
+                                                         "(default: each seed trains its own)")
     cache = commands.add_parser("cache", help="frozen-model logit caches")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)
     cache_build = cache_commands.add_parser("build", help="build the config's teacher logit cache ahead of a run "
@@ -253,7 +275,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     handlers = {"train": _train, "train-teacher": _train_teacher, "eval": _eval, "demo": _demo,
-                "cache": _cache_build}
+                "cache": _cache_build, "study": _study}
     try:
         return handlers[args.command](args)
     except (Exception, KeyboardInterrupt) as error:

@@ -27,6 +27,7 @@ __all__ = [
 WEIGHTINGS = ("inverse_tcp", "tcp", "constant")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("multistep", "cosine", "constant")
+SCHEDULE_SCOPES = ("stage", "run")
 NONFINITE_POLICIES = ("stop", "skip")  # what a stage does with a batch whose loss is NaN or inf
 SEQUENCE_METHODS = ("none", "kd")  # the methods computed from logits alone, by the fused loss
 
@@ -47,6 +48,7 @@ class DataConfig:
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
     context_length: int = 64  # tokens per sequence (sequence data sets only)
+    validation_fraction: float = 0.0  # share of the training data held out for choices (never the test split)
 
 
 @dataclass
@@ -130,6 +132,7 @@ class RunConfig:
     plots: bool = True
     teacher_training: Optional[StageConfig] = None
     cache: Optional[CacheConfig] = None
+    schedule_scope: str = "stage"  # "stage": each stage restarts its LR schedule; "run": one schedule over all stages
 
     def stage_names(self) -> List[str]:
         return [stage.name or f"stage{index + 1}_{'+'.join(m.name for m in stage.methods)}"
@@ -232,11 +235,15 @@ def _validate(config: RunConfig) -> None:
     _check(config.data.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
     _check(config.data.augment in ("none", "crop", "crop_flip"), "data.augment",
            f"must be 'none', 'crop' or 'crop_flip', got {config.data.augment!r}")
+    _check(0.0 <= config.data.validation_fraction < 1.0, "data.validation_fraction",
+           f"must be in [0, 1), got {config.data.validation_fraction}")
     _check(config.data.crop_padding >= 0, "data.crop_padding", f"must be >= 0, got {config.data.crop_padding}")
     _check(_is_device(config.device), "device",
            f"expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got {config.device!r}")
     _check(config.threads is None or config.threads >= 1, "threads", f"must be >= 1, got {config.threads}")
     _check(len(config.stages) >= 1, "stages", "needs at least one stage")
+    _check(config.schedule_scope in SCHEDULE_SCOPES, "schedule_scope",
+           f"must be one of {list(SCHEDULE_SCOPES)}, got {config.schedule_scope!r}")
     for index, stage in enumerate(config.stages):
         path = f"stages[{index}]"
         _check(stage.epochs >= 1, f"{path}.epochs", f"must be >= 1, got {stage.epochs}")

@@ -18,7 +18,7 @@ from typing import Callable, ClassVar, Iterator, Optional, Sequence, Tuple, Unio
 import numpy as np
 import torch
 
-__all__ = ["ImageSet", "TokenSet", "DataSplits", "load_splits", "iterate_batches", "augment",
+__all__ = ["ImageSet", "TokenSet", "DataSplits", "load_splits", "split_validation", "iterate_batches", "augment",
            "augmentation_draws", "AUGMENT_STREAMS", "DATASETS", "SEQUENCE_DATASETS"]
 
 DIGITS_FILE = Path(__file__).resolve().parent / "data" / "digits.npz"
@@ -137,6 +137,41 @@ class TokenSet:
 class DataSplits:
     train: Union[ImageSet, TokenSet]
     test: Union[ImageSet, TokenSet]
+    validation: Optional[Union[ImageSet, TokenSet]] = None  # carved from the training data
+
+
+def _take(dataset: Union[ImageSet, TokenSet], keep: torch.Tensor) -> Union[ImageSet, TokenSet]:
+    """The items `keep` of a split, in that order."""
+    if isinstance(dataset, TokenSet):
+        return TokenSet(dataset.windows[keep], dataset.num_classes)
+    load_item = dataset.load_item
+    return ImageSet(labels=dataset.labels[keep], num_classes=dataset.num_classes, mean=dataset.mean,
+                    std=dataset.std, images=None if dataset.images is None else dataset.images[keep],
+                    scale=dataset.scale,
+                    load_item=None if load_item is None else (lambda index: load_item(int(keep[index]))))
+
+
+def split_validation(train: Union[ImageSet, TokenSet], fraction: float) -> Tuple[Union[ImageSet, TokenSet],
+                                                                             Optional[Union[ImageSet, TokenSet]]]:
+    """(train, validation): `fraction` of the training items held out, the same for every run seed.
+
+    Text keeps its last windows (a contiguous tail, so no window of the validation text is
+    also trained on); images a fixed pseudo-random draw (seeded by a constant, not the run
+    seed, so that every seed of a study is chosen on the same validation items).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"data.validation_fraction must be in [0, 1), got {fraction}")
+    held = int(round(len(train) * fraction))
+    if held == 0:
+        return train, None
+    if held >= len(train):
+        raise ValueError(f"data.validation_fraction {fraction} leaves no training data of {len(train)} items")
+    if isinstance(train, TokenSet):
+        order = torch.arange(len(train))
+    else:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(20260115))
+    keep, held_out = order[:len(train) - held].sort().values, order[len(train) - held:].sort().values
+    return _take(train, keep), _take(train, held_out)
 
 
 def _text(root: Optional[str], context_length: int) -> DataSplits:

@@ -15,8 +15,8 @@ from typing import Any, Callable, Dict, List, Sequence
 from .config import MethodConfig, RunConfig, StageConfig
 from .stages import SMSKDTrainer
 
-__all__ = ["teacher_config", "variant_configs", "train_teacher", "run_variants", "format_table",
-           "DEMO_VARIANTS", "ALL_VARIANTS"]
+__all__ = ["teacher_config", "variant_configs", "single_method_variants", "train_teacher", "run_variants", "format_table",
+           "DEMO_VARIANTS", "ALL_VARIANTS", "run_or_resume"]
 
 DEMO_VARIANTS = ("student_alone", "kd", "smskd")
 ALL_VARIANTS = ("student_alone", "kd_short", "kd", "summed", "sequential_no_reference",
@@ -45,9 +45,12 @@ def _replace(config: RunConfig, **changes: Any) -> RunConfig:
     return updated
 
 
-def _single_stage(config: RunConfig, methods, epochs: int, name: str) -> RunConfig:
-    stage = copy.deepcopy(config.stages[0])
+def _single_stage(config: RunConfig, methods, epochs: int, name: str, source: int = 0, **changes: Any) -> RunConfig:
+    """One stage of `epochs` with the settings (optimizer, schedule, weights, T) of stage `source`."""
+    stage = copy.deepcopy(config.stages[source])
     stage.methods, stage.epochs, stage.name = copy.deepcopy(methods), epochs, name
+    for key, value in changes.items():
+        setattr(stage, key, value)
     return _replace(config, stages=[stage])
 
 
@@ -59,19 +62,40 @@ def variant_configs(config: RunConfig, teacher_checkpoint: str, names: Sequence[
     configured_kd = [method for method in all_methods if method.name == "kd"]
     kd = configured_kd[:1] or [MethodConfig(name="kd")]  # the KD baseline uses the config's KD weight
     builders: Dict[str, Callable[[], RunConfig]] = {
-        "student_alone": lambda: _single_stage(config, [MethodConfig(name="none")], total, "student_alone"),
-        "kd_short": lambda: _single_stage(config, kd, config.stages[0].epochs, "kd_short"),
-        "kd": lambda: _single_stage(config, kd, total, "kd"),
+        # CE alone at weight 1 (a stage's ce_weight such as KD's 0.1 belongs to that stage's recipe)
+        "student_alone": lambda: _single_stage(config, [MethodConfig(name="none")], total, "student_alone",
+                                               ce_weight=1.0),
+        "kd_short": lambda: _single_stage(config, kd, config.stages[0].epochs, "kd_short", _source(config, "kd")),
+        "kd": lambda: _single_stage(config, kd, total, "kd", _source(config, "kd")),
         "summed": lambda: _single_stage(config, all_methods, total, "summed"),
         "sequential_no_reference": lambda: _with_stages(config, reference=False),
         "smskd": lambda: _with_stages(config, weighting="inverse_tcp"),
         "smskd_tcp": lambda: _with_stages(config, weighting="tcp"),
         "smskd_constant": lambda: _with_stages(config, weighting="constant"),
     }
+    for method in all_methods:  # each configured method alone, e.g. only_fitnet (KD alone is "kd")
+        builders.setdefault(f"only_{method.name}", _single_method(config, all_methods, method.name, total))
     unknown = [name for name in names if name not in builders]
     if unknown:
         raise ValueError(f"unknown variant {unknown[0]!r}; choose from {list(builders)}")
     return {name: builders[name]() for name in names}
+
+
+def _source(config: RunConfig, name: str) -> int:
+    """The index of the first stage that uses method `name` (0 when none does)."""
+    return next((i for i, stage in enumerate(config.stages) if any(m.name == name for m in stage.methods)), 0)
+
+
+def _single_method(config: RunConfig, methods, name: str, epochs: int) -> Callable[[], RunConfig]:
+    """One method alone (its first configured entry) for all epochs, with its stage's settings."""
+    first = [next(method for method in methods if method.name == name)]
+    return lambda: _single_stage(config, first, epochs, f"only_{name}", _source(config, name))
+
+
+def single_method_variants(config: RunConfig) -> List[str]:
+    """The variant names of the config's methods alone: "kd" and only_<method> for the others."""
+    names = dict.fromkeys(m.name for stage in config.stages for m in stage.methods if m.name != "none")
+    return ["kd" if name == "kd" else f"only_{name}" for name in names]
 
 
 def _with_stages(config: RunConfig, **changes: Any) -> RunConfig:
@@ -90,11 +114,11 @@ def train_teacher(config: RunConfig, out: Path, log: Callable[[str], None] = pri
     """Trains the teacher into out (reusing a finished one there); returns its model file."""
     model_file = Path(out) / "student.pt"
     if not model_file.is_file():
-        _run_or_resume(teacher_config(config), Path(out), log)
+        run_or_resume(teacher_config(config), Path(out), log)
     return model_file
 
 
-def _run_or_resume(config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> Dict[str, Any]:
+def run_or_resume(config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> Dict[str, Any]:
     """The run's summary: read when finished, resumed when interrupted, trained otherwise."""
     summary_file = run_dir / "summary.json"
     if summary_file.is_file():
@@ -118,7 +142,7 @@ def run_variants(config: RunConfig, out: Path, names: Sequence[str], seeds: Sequ
         log(f"seed {seed}: teacher {rows[-1]['last_test_acc']:.2f}%")
         for name, variant in variant_configs(seeded, str(teacher_file), names).items():
             started = time.monotonic()
-            summary = _run_or_resume(variant, out / f"seed{seed}" / name, _quiet)
+            summary = run_or_resume(variant, out / f"seed{seed}" / name, _quiet)
             rows.append({"variant": name, "seed": seed, "last_test_acc": summary["last_test_acc"],
                          "best_test_acc": summary["best_test_acc"], "epochs": summary["epochs"],
                          "seconds": time.monotonic() - started})

@@ -41,7 +41,7 @@ import yaml
 from torch import nn
 
 from .config import RunConfig, StageConfig, config_to_dict
-from .data import DataSplits, ImageSet, TokenSet, iterate_batches, load_splits
+from .data import DataSplits, ImageSet, TokenSet, iterate_batches, load_splits, split_validation
 from .distributed import DistributedContext, student_hidden_states
 from .cache import CacheSpec
 from .frozen_logits import CachedLogits, open_or_build, reference_cache_dir, reference_cache_spec, teacher_cache_spec
@@ -67,13 +67,20 @@ def derive_seed(seed: int, *parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def learning_rate(stage: StageConfig, epoch: int) -> float:
-    """The stage's learning rate for 0-based epoch `epoch`."""
+def learning_rate(stage: StageConfig, epoch: int, start: int = 0, span: Optional[int] = None) -> float:
+    """The stage's learning rate for its 0-based epoch `epoch`.
+
+    With schedule_scope "stage" (start 0, span the stage's epochs) every stage runs its
+    schedule afresh; with "run" the stage's epoch is epoch `start + epoch` of one schedule
+    spanning all `span` epochs of the run (cosine over the run, global milestones), the
+    schedule a single-stage baseline of the same total epochs gets.
+    """
     base, schedule = stage.optimizer.lr, stage.schedule
+    position, length = start + epoch, stage.epochs if span is None else span
     if schedule.name == "multistep":
-        return base * schedule.gamma ** sum(epoch >= milestone for milestone in schedule.milestones)
+        return base * schedule.gamma ** sum(position >= milestone for milestone in schedule.milestones)
     if schedule.name == "cosine":
-        return 0.5 * base * (1 + math.cos(math.pi * epoch / stage.epochs))
+        return 0.5 * base * (1 + math.cos(math.pi * position / length))
     return base
 
 
@@ -226,8 +233,9 @@ class SMSKDTrainer:
             self.log = lambda message: None
         self.stage_names = config.stage_names()
         splits = load_splits(config.data.name, config.data.root, config.data.image_size, config.data.context_length)
-        self.data = DataSplits(train=splits.train.subset(config.data.train_subset),
-                               test=splits.test.subset(config.data.test_subset))
+        train, validation = split_validation(splits.train.subset(config.data.train_subset),
+                                             config.data.validation_fraction)
+        self.data = DataSplits(train=train, test=splits.test.subset(config.data.test_subset), validation=validation)
         self.num_classes = self.data.train.num_classes
         self.in_channels = self.data.train.in_channels
         self.teacher = self._load_teacher()
@@ -405,7 +413,11 @@ class SMSKDTrainer:
         stage, config = self.config.stages[index], self.config
         torch.manual_seed(derive_seed(config.seed, index, epoch))
         generator = torch.Generator().manual_seed(derive_seed(config.seed, index, epoch, "data"))  # batch order
-        lr = learning_rate(stage, epoch)
+        if config.schedule_scope == "run":
+            lr = learning_rate(stage, epoch, sum(s.epochs for s in config.stages[:index]),
+                               sum(s.epochs for s in config.stages))
+        else:
+            lr = learning_rate(stage, epoch)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         for method in state.methods:
@@ -533,6 +545,10 @@ class SMSKDTrainer:
         if self.teacher is not None and global_epoch == 0:
             teacher_eval = self.dist.evaluate(evaluate, self.teacher, self.data.test, self.config.data.eval_batch_size,
                                               self.device)
+            if self.data.validation is not None:
+                validation = self.dist.evaluate(evaluate, self.teacher, self.data.validation,
+                                                self.config.data.eval_batch_size, self.device)
+                teacher_eval.update({f"val_{key}": value for key, value in validation.items()})
             self.log(f"teacher {self.config.teacher.name}: test accuracy {teacher_eval['acc']:.2f}%")
             if self.dist.is_main:
                 write_text_atomic(self.run_dir / "teacher_eval.json", json.dumps(teacher_eval))
@@ -555,11 +571,14 @@ class SMSKDTrainer:
                 record = self._train_epoch(index, epoch, state, histogram)
                 test = self.dist.evaluate(evaluate, self.student, self.data.test, self.config.data.eval_batch_size,
                                           self.device)
+                validation = {} if self.data.validation is None else self.dist.evaluate(
+                    evaluate, self.student, self.data.validation, self.config.data.eval_batch_size, self.device)
                 global_epoch += 1
                 epochs_run += 1
                 record = {"stage": index + 1, "stage_name": name, "epoch": epoch + 1, "global_epoch": global_epoch,
                           **record, "test_loss": test["loss"], "test_acc": test["acc"],
                           **({"test_perplexity": test["perplexity"]} if "perplexity" in test else {}),
+                          **{f"val_{key}": value for key, value in validation.items()},
                           "seconds": time.monotonic() - started}
                 if self.dist.is_main:
                     append_jsonl(metrics_path, record)
@@ -606,7 +625,10 @@ class SMSKDTrainer:
         summary = summarize(records)
         teacher_eval = self.run_dir / "teacher_eval.json"
         if teacher_eval.is_file():
-            summary["teacher_test_acc"] = json.loads(teacher_eval.read_text())["acc"]
+            teacher_result = json.loads(teacher_eval.read_text())
+            summary["teacher_test_acc"] = teacher_result["acc"]
+            if "val_acc" in teacher_result:
+                summary["teacher_val_acc"] = teacher_result["val_acc"]
         write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         if self.config.plots:
             from .plots import plot_run
@@ -628,6 +650,8 @@ def summarize(records: List[Dict[str, Any]]) -> Dict[str, Any]:
                "best_global_epoch": best["global_epoch"], "epochs": len(records), "stages": stages,
                "skipped_steps": sum(stage["skipped_steps"] for stage in stages),
                "table_shows": "last_test_acc"}
+    if "val_acc" in records[-1]:  # a validation split was carved from the training data
+        summary["last_val_acc"] = records[-1]["val_acc"]
     if "test_perplexity" in records[-1]:  # sequence data
         summary["last_test_perplexity"] = records[-1]["test_perplexity"]
         summary["best_test_perplexity"] = min(r["test_perplexity"] for r in records)

@@ -52,6 +52,8 @@ def test_defaults_are_merged_into_every_stage_and_stages_win():
     ({"data": {"name": "mnist"}}, r"^data\.name: must be one of"),
     ({"data": {"batch_size": 0}}, r"^data\.batch_size: must be >= 1"),
     ({"seed": 1.5}, r"^seed: expected int, got float"),
+    ({"schedule_scope": "global"}, r"^schedule_scope: must be one of \['stage', 'run'\]"),
+    ({"data": {"validation_fraction": 1.0}}, r"^data\.validation_fraction: must be in \[0, 1\)"),
     ({"stages": [{"method": "kd", "methods": ["kd"], "epochs": 1}]}, r"^stages\[0\]: give either 'method' or 'methods'"),
     ({"stages": [{"name": "a", "method": "kd", "epochs": 1}, {"name": "a", "method": "kd", "epochs": 1}]},
      r"^stages: stage names must be unique"),

@@ -166,6 +166,19 @@ def test_fitnet_is_mse_of_1x1_conv_and_batchnorm():
     assert torch.allclose(method.loss(_inputs(student, teacher, 4)), expected, rtol=1e-9)
 
 
+def test_fitnet_relu_connector_clamps_the_projection_as_the_reference_regressor():
+    g = _gen(9)
+    student = torch.randn(4, 3, 5, 5, generator=g)
+    teacher = torch.randn(4, 6, 5, 5, generator=g).relu()
+    plain, clamped = _method(FitNet, weight=2.0), _method(FitNet, weight=2.0, relu=True)
+    for method in (plain, clamped):
+        torch.manual_seed(0)
+        method.build(_inputs(student, teacher, 4), 10)
+    projected = plain.connectors[0](student)
+    expected = 2.0 * ((projected.relu() - teacher) ** 2).mean()
+    assert torch.allclose(clamped.loss(_inputs(student, teacher, 4)), expected, rtol=1e-9)
+
+
 def test_fitnet_pools_the_larger_map_and_has_gradients():
     g = _gen(8)
     student = torch.randn(3, 2, 4, 4, generator=g, requires_grad=True)

@@ -39,3 +39,14 @@ def test_table_reports_mean_and_spread_over_seeds():
             for s, acc in enumerate([90.0, 92.0, 94.0])]
     table = format_table(rows)
     assert "92.00 +- 2.00" in table and "93.00 +- 2.00" in table
+
+
+def test_single_method_baselines_keep_their_own_stage_settings():
+    cifar = load_config(DEMO.parent / "cifar100_resnet32x4_resnet8x4.yaml")  # KD stage: CE 0.1; FitNet stage: CE 1
+    variants = variant_configs(cifar, "teacher.pt", ["student_alone", "kd", "only_fitnet", "only_rkd"])
+    assert variants["kd"].stages[0].ce_weight == 0.1
+    assert variants["only_fitnet"].stages[0].ce_weight == 1.0
+    assert variants["only_fitnet"].stages[0].methods == cifar.stages[1].methods
+    assert variants["student_alone"].stages[0].ce_weight == 1.0
+    assert all(v.stages[0].epochs == 720 for v in variants.values())
+

@@ -20,11 +20,17 @@ def match_spatial(student: torch.Tensor, teacher: torch.Tensor) -> Tuple[torch.T
 
 class FitNet(DistillMethod):
     """FitNets (Romero et al. 2015): weight * MSE(connector(student hint), teacher hint), with a
-    1x1 conv + BatchNorm connector built to the teacher's channel count."""
+    1x1 conv + BatchNorm connector built to the teacher's channel count. relu=True appends a
+    ReLU to the connector, as the regressor of RepDistiller and mdistiller does (their teacher
+    hints are post-ReLU, non-negative); the default keeps the plain conv + BatchNorm."""
 
     name = "fitnet"
     layer_kind = "hint"
     default_weight = 100.0
+
+    def __init__(self, weight=None, relu: bool = False):
+        super().__init__(weight)
+        self.relu = bool(relu)
 
     def build(self, inputs: MethodInputs, num_samples: int) -> None:
         self.connectors = nn.ModuleList()
@@ -32,8 +38,8 @@ class FitNet(DistillMethod):
             if student.dim() != 4 or teacher.dim() != 4:
                 raise ValueError(f"FitNet needs (N, C, H, W) feature maps, got student {tuple(student.shape)} "
                                  f"and teacher {tuple(teacher.shape)}")
-            self.connectors.append(nn.Sequential(nn.Conv2d(student.shape[1], teacher.shape[1], 1, bias=False),
-                                                 nn.BatchNorm2d(teacher.shape[1])))
+            layers = [nn.Conv2d(student.shape[1], teacher.shape[1], 1, bias=False), nn.BatchNorm2d(teacher.shape[1])]
+            self.connectors.append(nn.Sequential(*layers, *([nn.ReLU()] if self.relu else [])))
 
     def loss(self, inputs: MethodInputs) -> torch.Tensor:
         total = inputs.student_logits.new_zeros(())

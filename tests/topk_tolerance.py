@@ -15,7 +15,8 @@ def assert_matches_reference(per_row, grad, expected, expected_grad, student, op
     """per_row: the six (N,) outputs in FIELDS order; grad: (N, C) in the student's dtype, or None."""
     max_abs = float(student.double().abs().nan_to_num(0, 0, 0).max()) if student.numel() else 0.0
     T = options.temperature
-    rtol, atol = loss_tolerance(max_abs, T, options.ce_weight + options.kd_weight + options.ref_weight)
+    rtol, atol = loss_tolerance(max_abs, T, options.ce_weight + options.kd_weight + options.ref_weight,
+                                 student.shape[-1])
     for name, value in zip(FIELDS, per_row):
         torch.testing.assert_close(value.double().cpu(), getattr(expected, name).detach().double(), rtol=rtol,
                                    atol=atol, msg=lambda m: f"{what} {name}: {m}")

@@ -318,14 +318,19 @@ def _smskd_rows_online_kernel(
 
 
 @triton.jit
-def _tile_softened_stats(x, s, scale_T, temperature):
-    """Per row of a [ROWS, BLOCK_C] tile of a frozen model's logits x (-inf where masked): the safe
-    maximum, exp((x - max)/T), its sum D, log(D) and E_p[x - s] / T (teacher and reference alike)."""
+def _tile_softened_kl(x, s_shifted, log_D_sT, scale_T, temperature):
+    """Per row of a [ROWS, BLOCK_C] tile of a frozen model's logits x (-inf where masked), against the
+    student's s - max(s): the safe maximum, exp((x - max)/T), its sum D, and KL(softmax(x/T) || softmax(s/T)) (teacher and
+    reference alike), as E_p[(x - max x) - (s - max s)] / T + log D_sT - log D. Both logits enter relative
+    to their own maximum, so the maxima never meet in one sum: a one-class row gives exactly 0 and the
+    rounding scales with |x - max x| rather than with |max x| + |max s|."""
     m = tl.max(x, 1)
     ms = tl.where(m == float("-inf"), 0.0, m)
-    e = tl.exp2((x - ms[:, None]) * scale_T)
+    x_shifted = x - ms[:, None]
+    e = tl.exp2(x_shifted * scale_T)
     D = tl.sum(e, 1)
-    return ms, e, D, tl.log(D), tl.sum(_weighted_diff(e, x, s), 1) / (D * temperature)
+    kl = tl.sum(_weighted_diff(e, x_shifted, s_shifted), 1) / (D * temperature) + (log_D_sT - tl.log(D))
+    return ms, e, D, kl
 
 
 @triton.jit
@@ -361,7 +366,8 @@ def _smskd_rows_tile_kernel(
                 other=float("-inf")).to(tl.float32)
     m_s = tl.max(s, 1)
     ms_s = tl.where(m_s == float("-inf"), 0.0, m_s)
-    e_sT = tl.exp2((s - ms_s[:, None]) * scale_T)
+    s_shifted = s - ms_s[:, None]
+    e_sT = tl.exp2(s_shifted * scale_T)
     D_sT = tl.sum(e_sT, 1)
     log_D_sT = tl.log(D_sT)
     lse_s = ms_s / temperature + log_D_sT
@@ -370,7 +376,7 @@ def _smskd_rows_tile_kernel(
     s_y = zero_rows
     e_s = e_sT
     if HAS_TARGET:
-        e_s = tl.exp2((s - ms_s[:, None]) * LOG2E)
+        e_s = tl.exp2(s_shifted * LOG2E)
         D_s = tl.sum(e_s, 1)
         lse_s = ms_s + tl.log(D_s)
         s_y = tl.sum(tl.where(is_target, s, 0.0), 1)
@@ -379,31 +385,26 @@ def _smskd_rows_tile_kernel(
     e_tT = e_sT
     D_tT = D_sT
     lse_t = lse_s
-    ms_t = ms_s
-    log_D_tT = log_D_sT
-    mean_t = zero_rows
+    kl_t = zero_rows
     t_y = zero_rows
     if HAS_TEACHER:
         t = tl.load(teacher_ptr + rows[:, None] * teacher_stride + cols[None, :], mask=mask,
                     other=float("-inf")).to(tl.float32)
-        ms_t, e_tT, D_tT, log_D_tT, mean_t = _tile_softened_stats(t, s, scale_T, temperature)
+        ms_t, e_tT, D_tT, kl_t = _tile_softened_kl(t, s_shifted, log_D_sT, scale_T, temperature)
         if NEED_TCP:
             lse_t = ms_t + tl.log(tl.sum(tl.exp2((t - ms_t[:, None]) * LOG2E), 1))
             t_y = tl.sum(tl.where(is_target, t, 0.0), 1)
 
     e_rT = e_sT
     D_rT = D_sT
-    ms_r = ms_s
-    log_D_rT = log_D_sT
-    mean_r = zero_rows
+    kl_r = zero_rows
     if HAS_REFERENCE:
         r = tl.load(reference_ptr + rows[:, None] * reference_stride + cols[None, :], mask=mask,
                     other=float("-inf")).to(tl.float32)
-        ms_r, e_rT, D_rT, log_D_rT, mean_r = _tile_softened_stats(r, s, scale_T, temperature)
+        _, e_rT, D_rT, kl_r = _tile_softened_kl(r, s_shifted, log_D_sT, scale_T, temperature)
 
     loss, ce, kd, ref, tcp, w = _row_terms(
-        lse_s, s_y, _kl_from_mean(mean_t, ms_t, log_D_tT, ms_s, log_D_sT, temperature), lse_t, t_y,
-        _kl_from_mean(mean_r, ms_r, log_D_rT, ms_s, log_D_sT, temperature),
+        lse_s, s_y, kl_t, lse_t, t_y, kl_r,
         temperature, ce_weight, kd_weight, ref_weight,
         HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING)
     tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_in)

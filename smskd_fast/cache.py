@@ -24,13 +24,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from .atomic_io import write_atomic, write_bytes_atomic
 
 FORMAT_VERSION = 1
 HEADER_NAME = "header.json"
@@ -157,15 +158,6 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 class LogitCache:
     """A cache directory for one CacheSpec: build it shard by shard, then read rows."""
 
@@ -186,7 +178,7 @@ class LogitCache:
         if header.exists():
             cls._check_spec(path, spec)
         else:
-            _write_atomically(header, json.dumps({"spec": spec.to_json()}, indent=1).encode())
+            write_bytes_atomic(header, json.dumps({"spec": spec.to_json()}, indent=1).encode())
         cache = cls(path, spec)
         for leftover in path.glob("*.tmp"):
             leftover.unlink()  # a shard or header a killed build did not finish
@@ -287,14 +279,14 @@ class LogitCache:
         if tuple(logits.shape) != shape:
             raise ValueError(f"shard logits must have shape {shape}, got {tuple(logits.shape)}")
         records = self.encode(logits, target)
-        path = self._shard_path(epoch, first)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as handle:
+        checksum = self._checksum_path(epoch, first)
+
+        def write_records(handle) -> None:  # the checksum of the written file lands before the shard does
             np.save(handle, records, allow_pickle=False)
             handle.flush()
-            os.fsync(handle.fileno())
-        _write_atomically(self._checksum_path(epoch, first), _sha256_file(tmp).encode())
-        os.replace(tmp, path)
+            write_bytes_atomic(checksum, _sha256_file(Path(handle.name)).encode())
+
+        write_atomic(self._shard_path(epoch, first), write_records)
 
     # -- reading ------------------------------------------------------------------
 

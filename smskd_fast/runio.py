@@ -11,6 +11,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
+from .atomic_io import write_atomic, write_bytes_atomic
+
 __all__ = ["save_atomic", "write_text_atomic", "save_model_file", "load_model_file", "load_weights",
            "append_jsonl", "read_jsonl", "Progress", "CheckpointWriteError"]
 
@@ -37,37 +39,20 @@ class _WriteRecorder:
         self.handle.flush()
 
 
-def _fsync_directory(folder: Path) -> None:
-    """Makes a rename in `folder` durable (a power loss after it cannot bring the old file back)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """write(handle) into PATH.tmp, fsync, then os.replace: `path` is always either the old or the new file."""
+    """atomic_io.write_atomic through a _WriteRecorder; a failed write (a full disk, no permission) becomes
+    a CheckpointWriteError that says whether an earlier file at `path` was kept."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
     recorder = None
+
+    def recorded(handle: Any) -> None:
+        nonlocal recorder
+        recorder = _WriteRecorder(handle)
+        write(recorder)
+
     try:
-        with open(temporary, "wb") as handle:
-            recorder = _WriteRecorder(handle)
-            write(recorder)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:  # also an interrupt: never leave the temporary file behind
-        try:
-            temporary.unlink(missing_ok=True)
-        except OSError:
-            pass
+        write_atomic(path, recorded)
+    except BaseException as error:  # write_atomic has removed the temporary file
         cause = error if isinstance(error, OSError) else getattr(recorder, "error", None)
         if cause is None:
             raise
@@ -75,7 +60,6 @@ def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
                 else f"no earlier {path.name} existed, so nothing was lost")
         reason = cause.strerror or str(cause)
         raise CheckpointWriteError(f"could not write {path} ({reason}); {kept}") from error
-    _fsync_directory(path.parent)
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -155,11 +139,8 @@ def read_jsonl(path: Path) -> List[Dict[str, Any]]:
 
 
 def write_jsonl(path: Path, records: Iterable[Dict[str, Any]]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    os.replace(temporary, path)
+    """A whole JSON-lines file, replaced atomically (atomic_io.write_atomic)."""
+    write_bytes_atomic(path, "".join(json.dumps(record) + "\n" for record in records).encode())
 
 
 class Progress:

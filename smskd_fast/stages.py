@@ -43,7 +43,7 @@ from torch import nn
 from .config import RunConfig, StageConfig, config_to_dict
 from .data import DataSplits, ImageSet, TokenSet, iterate_batches, load_splits, split_validation
 from .distributed import DistributedContext, student_hidden_states
-from .cache import CacheSpec
+from .cache import CacheSpec, model_hash
 from .frozen_logits import CachedLogits, open_or_build, reference_cache_dir, reference_cache_spec, teacher_cache_spec
 from .functional import SMSKDLossOutput, smskd_loss
 from .fused_linear import fused_linear_smskd_loss
@@ -55,7 +55,7 @@ from .runio import (Progress, append_jsonl, load_model_file, load_weights, read_
 from .topk import TopKTeacher
 
 __all__ = ["SMSKDTrainer", "stage_loss", "fused_linear_stage_loss", "supports_fused_linear", "learning_rate", "derive_seed", "evaluate", "freeze",
-           "model_fingerprint", "HISTOGRAM_BINS"]
+           "HISTOGRAM_BINS"]
 
 HISTOGRAM_BINS = 20
 RESUME_REMEDY = "resume with the run's own config (no --set that changes its models or methods)"
@@ -90,15 +90,6 @@ def freeze(model: nn.Module) -> nn.Module:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over every parameter and buffer: shows that a frozen model was not changed."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def stage_loss(student_logits: torch.Tensor, target: torch.Tensor, teacher_logits: Optional[torch.Tensor],
@@ -239,7 +230,7 @@ class SMSKDTrainer:
         self.num_classes = self.data.train.num_classes
         self.in_channels = self.data.train.in_channels
         self.teacher = self._load_teacher()
-        self.teacher_fingerprint = None if self.teacher is None else model_fingerprint(self.teacher)
+        self.teacher_fingerprint = None if self.teacher is None else model_hash(self.teacher)
         self._teacher_cache = None  # the run's teacher LogitCache, opened by run() when the config has one
         torch.manual_seed(derive_seed(config.seed, "student"))
         self.student = self._build(config.student.name)
@@ -319,7 +310,7 @@ class SMSKDTrainer:
             freeze(reference)
         parameters = list(self.student.parameters()) + list(methods.parameters())
         return _StageState(methods, self._optimizer(stage, parameters), student_taps, teacher_taps, reference,
-                           None if reference is None else model_fingerprint(reference),
+                           None if reference is None else model_hash(reference),
                            self.dist.wrap(self.student, methods, self.device),
                            self._stage_teacher_cache(index, methods), self._stage_reference_cache(index, reference))
 
@@ -611,9 +602,9 @@ class SMSKDTrainer:
                              f"checkpoints beside it may still be read, or start again with another --out") from None
 
     def _check_frozen(self, state: _StageState, name: str) -> None:
-        if state.reference is not None and model_fingerprint(state.reference) != state.reference_fingerprint:
+        if state.reference is not None and model_hash(state.reference) != state.reference_fingerprint:
             raise RuntimeError(f"{name}: the frozen reference model changed during the stage")
-        if self.teacher is not None and model_fingerprint(self.teacher) != self.teacher_fingerprint:
+        if self.teacher is not None and model_hash(self.teacher) != self.teacher_fingerprint:
             raise RuntimeError(f"{name}: the frozen teacher model changed during the stage")
 
     def _finish(self, histograms: Dict[str, Any]) -> Dict[str, Any]:

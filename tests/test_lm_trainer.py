@@ -20,7 +20,8 @@ from smskd_fast.data import TEXT_FILE, TEXT_TEST_FRACTION, load_splits
 from smskd_fast.experiments import teacher_config
 from smskd_fast.models import build_model
 from smskd_fast.runio import load_model_file, read_jsonl
-from smskd_fast.stages import SMSKDTrainer, fused_linear_stage_loss, model_fingerprint, stage_loss
+from smskd_fast.cache import model_hash
+from smskd_fast.stages import SMSKDTrainer, fused_linear_stage_loss, stage_loss
 from trainer_helpers import count_teacher_calls, record_frozen_checks, record_loss_calls
 
 CONTEXT = 32
@@ -90,7 +91,7 @@ def test_language_models_are_causal():
 def test_two_stage_lm_run(teacher_file, tmp_path, monkeypatch):
     config = parse_config(lm_raw(teacher_file))
     trainer = SMSKDTrainer(config, tmp_path / "run", log=lambda _: None)
-    teacher_before = model_fingerprint(trainer.teacher)
+    teacher_before = model_hash(trainer.teacher)
     seen = record_frozen_checks(monkeypatch)
     summary = trainer.run()
     run = tmp_path / "run"
@@ -110,7 +111,7 @@ def test_two_stage_lm_run(teacher_file, tmp_path, monkeypatch):
     assert not any(p.requires_grad for p in ref2.parameters())
     stage1_state = torch.load(run / "checkpoints" / "stage1.pt", weights_only=True)["student"]
     assert all(torch.equal(ref2.state_dict()[k], stage1_state[k]) for k in stage1_state)
-    assert model_fingerprint(trainer.teacher) == teacher_before
+    assert model_hash(trainer.teacher) == teacher_before
 
     # Perplexity and token accuracy, recomputed from the raw bytes with torch's cross_entropy.
     entry = load_model_file(run / "student.pt", "tiny_lm_small")

@@ -8,7 +8,8 @@ import torch
 
 import smskd_fast.stages as stages_module
 from smskd_fast.runio import load_model_file, read_jsonl
-from smskd_fast.stages import SMSKDTrainer, model_fingerprint
+from smskd_fast.cache import model_hash
+from smskd_fast.stages import SMSKDTrainer
 from trainer_helpers import record_frozen_checks, tiny_config, write_teacher
 
 TWO_STAGES = [{"method": "kd", "epochs": 2}, {"method": "fitnet", "epochs": 2}]
@@ -92,9 +93,9 @@ def test_tcp_weights_of_the_teacher_reach_the_reference_term(teacher_file, tmp_p
 
     monkeypatch.setattr(stages_module, "smskd_loss", recording_loss)
     trainer = SMSKDTrainer(config, tmp_path / "run", log=lambda _: None)
-    teacher_before = model_fingerprint(trainer.teacher)
+    teacher_before = model_hash(trainer.teacher)
     trainer.run()
-    assert model_fingerprint(trainer.teacher) == teacher_before
+    assert model_hash(trainer.teacher) == teacher_before
     stage1, stage2 = calls[:3], calls[3:]
     assert len(stage2) == 3  # 96 samples / batch 32
     assert all(reference is None and options["ref_weight"] == 0.0 for _, reference, _, options, _ in stage1)

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from smskd_fast import runio
+from smskd_fast import atomic_io, runio
 from smskd_fast.cli import main
 from smskd_fast.config import load_config
 from smskd_fast.runio import CheckpointWriteError, read_jsonl
@@ -271,7 +271,7 @@ def test_full_disk_keeps_the_previous_file_and_resume_finishes(setup, tmp_path, 
         handle = real_open(file, mode, *args, **kwargs)
         return _DiskFullAfter(handle, budget) if str(file) == str(path) + ".tmp" else handle
 
-    monkeypatch.setattr(runio, "open", full_disk_open, raising=False)
+    monkeypatch.setattr(atomic_io, "open", full_disk_open, raising=False)  # where the .tmp file is opened
     assert main(["train", "--resume", str(run_dir)]) == 1
     message = capsys.readouterr().err.strip()
     kept = f"the previous {path.name} is kept intact" if previous else f"no earlier {path.name} existed"

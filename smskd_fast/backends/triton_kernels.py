@@ -103,18 +103,12 @@ def _online_kl_sums(x, s, m_old, m_new, d_T, a, scale_T):
 @triton.jit
 def _kl_from_sums(a_sum, d_sum, m_safe, ms_s, log_d_sT, temperature):
     """KL(softmax(x/T) || softmax(s/T)) = A / (D T) - lse(x/T) + lse(s/T), from the row sums of _online_kl_sums
-    at the maximum m_safe (0 when it was -inf); lse(s/T) = ms_s / T + log_d_sT."""
-    return _kl_from_mean(a_sum / (d_sum * temperature), m_safe, tl.log(d_sum), ms_s, log_d_sT, temperature)
-
-
-@triton.jit
-def _kl_from_mean(mean, m_safe, log_d, ms_s, log_d_sT, temperature):
-    """KL = mean - lse(x/T) + lse(s/T) for mean = E_p[x - s] / T and lse(x/T) = m_safe / T + log_d.
+    at the maximum m_safe (0 when it was -inf); lse(x/T) = m_safe / T + log D, lse(s/T) = ms_s / T + log_d_sT.
 
     The maxima's difference is formed before the division by T and the logs' difference apart:
-    a one-class row (mean = (x - s)/T, both sums 1) gives exactly 0, and the rounding scales with
-    |m_x - m_s| rather than with |m_x| + |m_s|."""
-    return mean + (ms_s - m_safe) / temperature + (log_d_sT - log_d)
+    a one-class row (A / (D T) = (x - s)/T, both sums 1) gives exactly 0, and the rounding scales
+    with |m_x - m_s| rather than with |m_x| + |m_s|."""
+    return a_sum / (d_sum * temperature) + (ms_s - m_safe) / temperature + (log_d_sT - tl.log(d_sum))
 
 
 @triton.jit

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import smskd_fast
-from smskd_fast import benchmarking
+from smskd_fast.bench import harness as benchmarking
 
 
 def _shapes():

@@ -35,11 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smskd_fast import benchmarking
-from smskd_fast.config import parse_config
-from smskd_fast.runio import save_atomic, save_model_file
-from smskd_fast.models import build_model
-from smskd_fast.stages import SMSKDTrainer
+from smskd_fast.bench import harness as benchmarking
+from smskd_fast.training.config import parse_config
+from smskd_fast.training.run_files import save_atomic, save_model_file
+from smskd_fast.training.models import build_model
+from smskd_fast.training.trainer import SMSKDTrainer
 
 PAIRS = {
     "digits": dict(teacher="digits_cnn_large", student="digits_cnn_small", data="digits", classes=10, channels=1,

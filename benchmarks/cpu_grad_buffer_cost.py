@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from smskd_fast import benchmarking
+from smskd_fast.bench import harness as benchmarking
 
 OP = torch.ops.smskd_fast.smskd_loss_rows
 

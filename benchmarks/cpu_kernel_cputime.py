@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from smskd_fast import benchmarking
+from smskd_fast.bench import harness as benchmarking
 
 
 def cpu_model() -> str:

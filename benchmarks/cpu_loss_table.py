@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from smskd_fast import benchmarking
+from smskd_fast.bench import harness as benchmarking
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -36,10 +36,10 @@ import torch
 from torch.utils import cpp_extension
 
 import smskd_fast  # noqa: F401  (loads the smskd_fast operators)
-from smskd_fast import benchmarking
+from smskd_fast.bench import harness as benchmarking
 from smskd_fast.backends.base import LossOptions, RowInputs
 from smskd_fast.backends.reference import ReferenceBackend
-from smskd_fast.topk import TopKTeacher
+from smskd_fast.backends.topk import TopKTeacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))

@@ -4,7 +4,7 @@ import time
 import torch
 
 import smskd_fast
-from smskd_fast import benchmarking
+from smskd_fast.bench import harness as benchmarking
 g = torch.Generator().manual_seed(0)
 N, H, V = 1024, 512, 128256
 h_s, h_t, h_r = (torch.randn(N, H, generator=g) for _ in range(3))

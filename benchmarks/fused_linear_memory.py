@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from smskd_fast import benchmarking
+from smskd_fast.bench import harness as benchmarking
 
 VARIANTS = ("unfused", "fused", "unfused_kd", "fused_kd", "liger_jsd")
 DEFAULT_VARIANTS = ("unfused", "fused", "unfused_kd", "fused_kd")
@@ -126,7 +126,7 @@ def measure(variant: str, tokens: int, hidden: int, vocab: int, dtype: str, devi
     row_backend = "liger" if variant == "liger_jsd" else resolve_backend(backend, h_s.device, dt, vocab).name
     chunk = None
     if variant in ("fused", "fused_kd"):
-        from smskd_fast.fused_linear import chunk_rows
+        from smskd_fast.loss.fused_linear import chunk_rows
 
         chunk = chunk_size or chunk_rows(h_s.device.type, tokens, vocab, hidden, dt, heads=3 if variant == "fused" else 2)
     return {"variant": variant, "tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": dtype,

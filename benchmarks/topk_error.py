@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 import smskd_fast
-from smskd_fast import benchmarking
-from smskd_fast.topk import TopKTeacher
+from smskd_fast.bench import harness as benchmarking
+from smskd_fast.backends.topk import TopKTeacher
 
 
 def synthetic(rows: int, classes: int, seed: int = 0):

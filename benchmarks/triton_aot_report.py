@@ -1,6 +1,6 @@
 """Compiles every Triton kernel of the triton backend ahead of time, without a GPU, and reports resources.
 
-For each kernel, launch configuration (smskd_fast/backends/triton_launch.py),
+For each kernel, launch configuration (smskd_fast/backends/triton/launch.py),
 variant (which inputs and whether the gradient is written), input dtype and
 target (sm_80, sm_90), triton.compile with a GPUTarget builds the cubin; the
 cuobjdump shipped inside triton's package reads its registers, shared memory,
@@ -40,11 +40,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from smskd_fast import benchmarking  # noqa: E402
-from smskd_fast.backends import triton_kernels as kernels  # noqa: E402
-from smskd_fast.backends import triton_launch as launch  # noqa: E402
-from smskd_fast.backends import triton_topk_kernels as topk_kernels  # noqa: E402
-from smskd_fast.backends import triton_topk_launch as topk_launch  # noqa: E402
+from smskd_fast.bench import harness as benchmarking  # noqa: E402
+from smskd_fast.backends.triton import kernels  # noqa: E402
+from smskd_fast.backends.triton import launch  # noqa: E402
+from smskd_fast.backends.triton import topk_kernels  # noqa: E402
+from smskd_fast.backends.triton import topk_launch  # noqa: E402
 
 ARCHS = (80, 90)
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}

@@ -1,7 +1,7 @@
 // Operator schemas of the smskd_fast library.
 //
 // Every compiled backend (CPU here, CUDA in csrc/cuda) implements these schemas
-// with TORCH_LIBRARY_IMPL; the Python side (smskd_fast/ops.py) adds the fake
+// with TORCH_LIBRARY_IMPL; the Python side (smskd_fast/ops/registration.py) adds the fake
 // (meta) kernels and the autograd formula. The math is SPEC.md section 2.
 #include <Python.h>
 #include <torch/library.h>
@@ -31,7 +31,7 @@ TORCH_LIBRARY(smskd_fast, m) {
       "-> (Tensor loss, Tensor ce, Tensor kd, Tensor ref, Tensor tcp, "
       "Tensor weight, Tensor grad)");
   // The same loss and outputs with the teacher in the top-k form of a logit
-  // cache (smskd_fast/topk.py): per row its k largest logits (values, (N, k))
+  // cache (smskd_fast/backends/topk.py): per row its k largest logits (values, (N, k))
   // and their classes (indices, (N, k)), the true-class logit and the row's
   // log-sum-exp at T = 1 and at the loss temperature ((N,) each). TCP is exact;
   // KD is the coarsened KL (kept classes exact, the rest spread like the student).

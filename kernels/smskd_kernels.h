@@ -91,14 +91,14 @@ cudaError_t smskd_loss_rows_launch(const smskd_loss_rows_args* args, cudaStream_
  * benchmarks): threads per row (<= 32: within one warp) and rows per block. */
 void smskd_loss_rows_config(int64_t cols, int* threads_per_row, int* rows_per_block);
 
-/* ---- The top-k teacher form: smskd_fast::smskd_loss_rows_topk (smskd_fast/topk.py).
+/* ---- The top-k teacher form: smskd_fast::smskd_loss_rows_topk (smskd_fast/backends/topk.py).
  *
  * The teacher is given per row by its k kept logits (values, classes) and the
  * row's true-class logit and log-sum-exps at T = 1 and at T; the kept classes
  * are also given as a bitmask (bit j % 32 of word j / 32 of the row), so that
  * the rest's student mass R = sum_{j not kept} exp(s_j / T - m) is summed
  * exactly in the dense sweep. Same per-row outputs and gradient as
- * smskd_loss_rows, with KD the coarsened KL of smskd_fast/topk.py. */
+ * smskd_loss_rows, with KD the coarsened KL of smskd_fast/backends/topk.py. */
 typedef struct {
   int64_t rows;
   int64_t cols;

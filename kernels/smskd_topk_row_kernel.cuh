@@ -1,4 +1,4 @@
-// The fused row kernel of the top-k teacher form (smskd_fast/topk.py; the CPU
+// The fused row kernel of the top-k teacher form (smskd_fast/backends/topk.py; the CPU
 // twin is csrc/cpu/loss_rows_topk.cpp), built from the dense kernel's pieces
 // (smskd_row_kernel.cuh: layouts, packed sweeps, online statistics, merges).
 //

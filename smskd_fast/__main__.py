@@ -1,5 +1,5 @@
 """`python -m smskd_fast ...` runs the smskd-fast command line."""
-from .cli import main
+from smskd_fast.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -38,7 +38,7 @@ def _overrides(args: argparse.Namespace) -> List[str]:
 
 
 def _load(args: argparse.Namespace):
-    from .config import load_config
+    from smskd_fast.training.config import load_config
 
     if args.config is None:
         raise UsageError("--config FILE is required (e.g. --config configs/digits_demo.yaml)")
@@ -50,9 +50,9 @@ def _default_out(args: argparse.Namespace, suffix: str = "") -> Path:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .runio import CheckpointWriteError
-    from .stages import SMSKDTrainer
+    from smskd_fast.training.config import load_config
+    from smskd_fast.training.run_files import CheckpointWriteError
+    from smskd_fast.training.trainer import SMSKDTrainer
 
     if args.resume is not None:
         run_dir = args.resume
@@ -84,8 +84,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_teacher(args: argparse.Namespace) -> int:
-    from .experiments import teacher_config
-    from .stages import SMSKDTrainer
+    from smskd_fast.training.experiments import teacher_config
+    from smskd_fast.training.trainer import SMSKDTrainer
 
     config = _load(args)
     run_dir = _default_out(args, "_teacher")
@@ -101,11 +101,11 @@ def _train_teacher(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import load_config
-    from .data import load_splits
-    from .models import build_model
-    from .runio import load_model_file, load_weights
-    from .stages import evaluate
+    from smskd_fast.training.config import load_config
+    from smskd_fast.training.data import load_splits
+    from smskd_fast.training.models import build_model
+    from smskd_fast.training.run_files import load_model_file, load_weights
+    from smskd_fast.training.trainer import evaluate
 
     if not (args.run_dir / "config.yaml").is_file():
         raise UsageError(f"{args.run_dir / 'config.yaml'} not found: eval needs the directory of a run "
@@ -131,8 +131,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .experiments import ALL_VARIANTS, DEMO_VARIANTS, format_table, run_variants
+    from smskd_fast.training.config import load_config
+    from smskd_fast.training.experiments import ALL_VARIANTS, DEMO_VARIANTS, format_table, run_variants
 
     config_file = args.config or DEMO_CONFIG
     config = load_config(config_file, _overrides(args))
@@ -151,7 +151,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from .study import format_report, run_study
+    from smskd_fast.training.study import format_report, run_study
 
     config = _load(args)
     out = args.out or _default_out(args, "_study")
@@ -165,8 +165,8 @@ def _cache_build(args: argparse.Namespace) -> int:
     """Builds (or finishes) the config's teacher logit cache, so that the run only reads it."""
     import torch
 
-    from .frozen_logits import open_or_build, teacher_cache_spec
-    from .stages import SMSKDTrainer
+    from smskd_fast.training.frozen_logits import open_or_build, teacher_cache_spec
+    from smskd_fast.training.trainer import SMSKDTrainer
 
     config = _load(args)
     if config.cache is None or config.cache.teacher is None:
@@ -192,7 +192,7 @@ def _cache_build(args: argparse.Namespace) -> int:
 
 
 def _bench(argv: List[str]) -> int:
-    from . import bench  # imported lazily: benchmarks need nothing from the trainer
+    from smskd_fast.bench import quick as bench  # imported lazily: benchmarks need nothing from the trainer
 
     return bench.main(argv) or 0
 
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--all-variants", action="store_true",
                       help="also summed methods, sequential without reference, short KD and every weighting")
     study = commands.add_parser("study", help="every baseline and SMSKD variant over seeds, with statistics "
-                                              "(resumable; see smskd_fast/study.py)", parents=[common])
+                                              "(resumable; see smskd_fast/training/study.py)", parents=[common])
     _add_config_options(study)
     study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds (default: 0 1 2 3 4)")
     study.add_argument("--jobs", type=int, default=1, help="parallel training processes (default 1)")
@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache_build = cache_commands.add_parser("build", help="build the config's teacher logit cache ahead of a run "
                                                           "(resumable after a kill)", parents=[common])
     _add_config_options(cache_build)
-    commands.add_parser("bench", help="loss backend benchmark (smskd_fast.bench)", add_help=False)
+    commands.add_parser("bench", help="loss backend benchmark (smskd_fast.bench.quick)", add_help=False)
     return parser
 
 
@@ -248,9 +248,9 @@ class UsageError(Exception):
 
 def _exit_code(error: BaseException) -> Optional[int]:
     """2 for input the user can fix, 1 for a run that failed, None for an unexpected error (a bug)."""
-    from .cache import CacheCorruptedError
-    from .nonfinite import NonFiniteLossError
-    from .runio import CheckpointWriteError
+    from smskd_fast.training.logit_cache import CacheCorruptedError
+    from smskd_fast.training.nonfinite import NonFiniteLossError
+    from smskd_fast.training.run_files import CheckpointWriteError
 
     if isinstance(error, UsageError):
         return error.exit_code

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .fused_linear import fused_linear_smskd_loss
+from smskd_fast.loss.fused_linear import fused_linear_smskd_loss
 
 __all__ = ["apply_smskd_loss", "revert_smskd_loss"]
 

@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from smskd_fast.distributed import DistributedContext, count_loss_scale, shard_bounds, student_hidden_states
-from smskd_fast.fused_linear import fused_linear_smskd_loss
-from smskd_fast.models import build_model
-from smskd_fast.topk import TopKTeacher
+from smskd_fast.training.distributed import DistributedContext, count_loss_scale, shard_bounds, student_hidden_states
+from smskd_fast.loss.fused_linear import fused_linear_smskd_loss
+from smskd_fast.training.models import build_model
+from smskd_fast.backends.topk import TopKTeacher
 
 VOCAB, BATCH, LENGTH, TOP_K = 256, 6, 10, 8
 BACKENDS = ("auto", "reference")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from smskd_fast.distributed import shard_bounds
+from smskd_fast.training.distributed import shard_bounds
 from smskd_fast.huggingface import apply_smskd_loss
 from test_huggingface_recipe import batch, tiny_llama
 

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from smskd_fast.distributed import shard_bounds
-from smskd_fast.functional import smskd_loss
+from smskd_fast.training.distributed import shard_bounds
+from smskd_fast.loss.functional import smskd_loss
 
 BATCH, FEATURES, CLASSES = 12, 16, 10
 LOSS_OPTIONS = dict(temperature=2.0, ce_weight=0.5, kd_weight=0.5, ref_weight=1.0, weighting="inverse_tcp")

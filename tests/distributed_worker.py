@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from smskd_fast import cli
-from smskd_fast.models import MODELS
-from smskd_fast.stages import SMSKDTrainer
+from smskd_fast.training.models import MODELS
+from smskd_fast.training.trainer import SMSKDTrainer
 
 
 class DigitsMLP(nn.Module):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from smskd_fast.atomic_io import write_atomic, write_bytes_atomic
+from smskd_fast.training.atomic_io import write_atomic, write_bytes_atomic
 
 
 def test_write_bytes_atomic_replaces_the_file_and_leaves_no_temporary(tmp_path):

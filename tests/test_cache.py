@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from smskd_fast.cache import (CacheCorruptedError, CacheMismatchError, CacheSpec, LogitCache, build,
+from smskd_fast.training.logit_cache import (CacheCorruptedError, CacheMismatchError, CacheSpec, LogitCache, build,
                               data_fingerprint, model_hash)
 
 NUM_SAMPLES, NUM_CLASSES = 10, 7
@@ -153,7 +153,7 @@ BUILDER = """
 import sys, time, torch
 sys.path.insert(0, {tests!r})
 from test_cache import spec, teacher_logits
-from smskd_fast.cache import LogitCache, build
+from smskd_fast.training.logit_cache import LogitCache, build
 
 def slow(epoch, first, count):
     time.sleep(0.05)

@@ -14,9 +14,9 @@ import yaml
 
 from smskd_fast import cli
 from smskd_fast.cli import main
-from smskd_fast.config import ConfigError
-from smskd_fast.models import build_model
-from smskd_fast.runio import save_model_file
+from smskd_fast.training.config import ConfigError
+from smskd_fast.training.models import build_model
+from smskd_fast.training.run_files import save_model_file
 from trainer_helpers import tiny_raw, write_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,8 +183,8 @@ def _save(path: Path, obj) -> Path:
 def _started_run(files, tmp_path) -> Path:
     run_dir = tmp_path / "started"
     if not (run_dir / "checkpoints" / "latest.pt").is_file():
-        from smskd_fast.config import load_config
-        from smskd_fast.stages import SMSKDTrainer
+        from smskd_fast.training.config import load_config
+        from smskd_fast.training.trainer import SMSKDTrainer
 
         SMSKDTrainer(load_config(files["good"]), run_dir, log=lambda _: None).run(max_epochs=1)
     return run_dir
@@ -223,10 +223,10 @@ def test_argparse_mistakes_exit_2_with_usage(capsys):
 
 
 def _cache_error(kind: str, folder: Path):
-    """A real error of smskd_fast.cache: a cache built for another run, or one with a damaged shard."""
+    """A real error of smskd_fast.training.logit_cache: a cache built for another run, or one with a damaged shard."""
     import dataclasses
 
-    from smskd_fast.cache import CacheSpec, LogitCache, build
+    from smskd_fast.training.logit_cache import CacheSpec, LogitCache, build
 
     spec = CacheSpec(model_hash="teacher-a", data_fingerprint="data", augmentation_seed=0, epochs=(0,),
                      num_samples=8, num_classes=5, shard_rows=4)
@@ -280,7 +280,7 @@ def test_the_installed_entry_point_hides_the_traceback_unless_debug(tmp_path):
 
 def test_exponent_numbers_without_a_dot_are_numbers():
     """YAML 1.1 reads `1e-3` as a string; a float setting takes it as the number it means."""
-    from smskd_fast.config import apply_overrides, parse_config
+    from smskd_fast.training.config import apply_overrides, parse_config
 
     raw = apply_overrides(tiny_raw(Path("t.pt"), [{"method": "kd", "epochs": 1}]),
                           ["defaults.optimizer.lr=1e-3", "defaults.temperature=4E0"])
@@ -291,7 +291,7 @@ def test_exponent_numbers_without_a_dot_are_numbers():
 
 
 def test_ctrl_c_during_training_says_how_to_resume(files, tmp_path, monkeypatch, capsys):
-    from smskd_fast.stages import SMSKDTrainer
+    from smskd_fast.training.trainer import SMSKDTrainer
 
     def interrupted(self, resume=False, max_epochs=None):
         raise KeyboardInterrupt

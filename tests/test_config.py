@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from smskd_fast.config import ConfigError, apply_overrides, config_to_dict, load_config, parse_config
+from smskd_fast.training.config import ConfigError, apply_overrides, config_to_dict, load_config, parse_config
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 

@@ -15,7 +15,7 @@ import torch
 import smskd_fast
 from smskd_fast.backends.base import LossOptions
 from smskd_fast.backends.registry import resolve_backend
-from smskd_fast.topk import TopKTeacher
+from smskd_fast.backends.topk import TopKTeacher
 from topk_cases import FIELDS, make_inputs, run_reference
 
 OP = torch.ops.smskd_fast.smskd_loss_rows_topk

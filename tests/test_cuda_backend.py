@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import smskd_fast
-from smskd_fast import ops
+from smskd_fast.ops import registration as ops
 from smskd_fast.backends import registry
 from gpu_child import assert_fails_loudly, run_child
 from tolerances import scaled_grad_rtol

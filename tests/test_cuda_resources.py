@@ -76,8 +76,8 @@ def test_a_build_without_the_top_k_kernels_is_reported():
 
 def built_extension_with_cuda():
     """Path of the loaded smskd_fast._C when it has the CUDA kernel, else None."""
-    from smskd_fast import ops
-    from smskd_fast._extension import extension_loaded
+    from smskd_fast.ops import registration as ops
+    from smskd_fast.ops.extension import extension_loaded
 
     if not extension_loaded() or not torch._C._dispatch_has_kernel_for_dispatch_key(ops.OP_NAME, "CUDA"):
         return None

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import smskd_fast
-from smskd_fast import ops
-from smskd_fast._extension import extension_loaded
+from smskd_fast.ops import registration as ops
+from smskd_fast.ops.extension import extension_loaded
 from smskd_fast.backends import registry
 from smskd_fast.backends.base import LossOptions
-from smskd_fast.backends.compiled import CompiledOpBackend
-from smskd_fast.topk import TopKTeacher
+from smskd_fast.backends.native import CompiledOpBackend
+from smskd_fast.backends.topk import TopKTeacher
 from gpu_child import assert_fails_loudly, run_child
 from topk_cases import FIELDS, make_inputs, no_rest_mass_case, run_reference
 from tolerances import grad_tolerance, loss_tolerance
@@ -223,7 +223,7 @@ def test_target_out_of_range_trips_the_device_assertion():
     """As the dense CUDA op: a loud device-side assertion, run in a child process (it poisons the context)."""
     result = run_child("""
         import torch, smskd_fast
-        from smskd_fast.topk import TopKTeacher
+        from smskd_fast.backends.topk import TopKTeacher
         s = torch.randn(4, 10, device="cuda")
         t = torch.tensor([1, 2, 10, 3], device="cuda")
         topk = TopKTeacher.from_logits(torch.randn(4, 10, device="cuda"), t, 3, 1.0)

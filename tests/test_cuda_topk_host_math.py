@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from smskd_fast.backends.base import LossOptions
-from smskd_fast.topk import TopKTeacher
+from smskd_fast.backends.topk import TopKTeacher
 from topk_cases import FIELDS, make_inputs, no_rest_mass_case, run_reference
 from topk_tolerance import assert_matches_reference
 

@@ -1,4 +1,4 @@
-"""Distributed training on the CPU: torchrun, gloo, 2 ranks (smskd_fast/distributed.py).
+"""Distributed training on the CPU: torchrun, gloo, 2 ranks (smskd_fast/training/distributed.py).
 
 Each torchrun launch costs a few seconds of process start-up; the module runs four
 launches and two in-process runs on tiny digits subsets (about a minute on 2 cores).
@@ -16,12 +16,12 @@ import pytest
 import torch
 import yaml
 
-from smskd_fast.data import load_splits
-from smskd_fast.distributed import ShardedBatches, all_gather_rows, global_mean, shard_bounds, shard_sizes
-from smskd_fast.models import MODELS
-from smskd_fast.runio import read_jsonl
-from smskd_fast.stages import SMSKDTrainer
-from smskd_fast.config import load_config
+from smskd_fast.training.data import load_splits
+from smskd_fast.training.distributed import ShardedBatches, all_gather_rows, global_mean, shard_bounds, shard_sizes
+from smskd_fast.training.models import MODELS
+from smskd_fast.training.run_files import read_jsonl
+from smskd_fast.training.trainer import SMSKDTrainer
+from smskd_fast.training.config import load_config
 
 from distributed_worker import DigitsMLP
 from trainer_helpers import tiny_raw, write_teacher
@@ -259,7 +259,7 @@ def test_fused_loss_under_ddp_with_bf16_autocast(workdir):
     the tolerances below (1e-2 relative, 2e-2 absolute) keep a margin of about 5."""
     from distributed_loss_worker import LOSS_OPTIONS, models_and_batch
 
-    from smskd_fast.functional import smskd_loss
+    from smskd_fast.loss.functional import smskd_loss
 
     out_dir = workdir / "bf16"
     out_dir.mkdir()
@@ -282,7 +282,7 @@ def test_fused_loss_under_ddp_with_bf16_autocast(workdir):
 def test_fused_loss_does_not_synchronise_the_host_on_cuda():
     """Forward and backward of smskd_loss (mean reduction, every term) issue no blocking
     device-to-host copy: torch's sync debug mode turns any into an error."""
-    from smskd_fast.functional import smskd_loss
+    from smskd_fast.loss.functional import smskd_loss
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     student = torch.randn(64, 100, device="cuda", generator=generator, requires_grad=True)

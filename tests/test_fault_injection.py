@@ -21,11 +21,12 @@ import pytest
 import torch
 import yaml
 
-from smskd_fast import atomic_io, runio
+from smskd_fast.training import atomic_io
+from smskd_fast.training import run_files as runio
 from smskd_fast.cli import main
-from smskd_fast.config import load_config
-from smskd_fast.runio import CheckpointWriteError, read_jsonl
-from smskd_fast.stages import SMSKDTrainer
+from smskd_fast.training.config import load_config
+from smskd_fast.training.run_files import CheckpointWriteError, read_jsonl
+from smskd_fast.training.trainer import SMSKDTrainer
 from trainer_helpers import tiny_raw, write_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +41,7 @@ RANDOM_KILLS = int(os.environ.get("SMSKD_FAULT_KILLS", "6"))
 DRIVER = textwrap.dedent('''
     import os, signal, sys, threading
     import torch._dynamo  # what torch.optim imports on first use (seconds): import it before the timer starts
-    import smskd_fast.runio as runio, smskd_fast.stages as stages
+    import smskd_fast.training.run_files as runio, smskd_fast.training.trainer as stages
     from smskd_fast.cli import main
 
     point, argv = sys.argv[1], sys.argv[3:]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import smskd_fast
-from smskd_fast.fused_linear import chunk_rows, fused_linear_smskd_loss
+from smskd_fast.loss.fused_linear import chunk_rows, fused_linear_smskd_loss
 
 from tolerances import chunked_accumulation_excess
 
@@ -289,7 +289,7 @@ def test_bfloat16_weight_gradient_over_many_chunks_stays_within_the_rounding_bou
 
 @pytest.mark.parametrize("k", [1, 4, 11])
 def test_topk_teacher_matches_smskd_loss_on_full_logits(k):
-    from smskd_fast.topk import TopKTeacher
+    from smskd_fast.backends.topk import TopKTeacher
 
     p = make_problem()
     teacher_logits = logits_of(p["teacher_hidden"], p["teacher_head_weight"], p["teacher_head_bias"])
@@ -312,7 +312,7 @@ def test_topk_teacher_matches_smskd_loss_on_full_logits(k):
 def test_a_topk_teacher_stored_for_another_temperature_is_refused():
     """The kept-mass check of smskd_loss holds here too: top-k rows built at T = 4 are not a
     distribution's top k at T = 1 (their kept probabilities would sum to more than 1)."""
-    from smskd_fast.topk import TopKTeacher
+    from smskd_fast.backends.topk import TopKTeacher
 
     p = make_problem()
     teacher_logits = logits_of(p["teacher_hidden"], p["teacher_head_weight"], p["teacher_head_bias"])
@@ -362,8 +362,8 @@ def test_reference_logits_arguments_are_checked():
 def test_the_default_chunk_counts_the_dense_heads(monkeypatch):
     """Without chunk_size the loss asks chunk_rows for its device, rows, V, H and dtype, counting as heads
     the student and each frozen model given densely (hidden states or logits; a top-k teacher is not)."""
-    import smskd_fast.fused_linear as fused_linear_module
-    from smskd_fast.topk import TopKTeacher
+    import smskd_fast.loss.fused_linear as fused_linear_module
+    from smskd_fast.backends.topk import TopKTeacher
 
     asked = []
 

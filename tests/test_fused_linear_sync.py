@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-import smskd_fast.fused_linear as fused_linear_module
-from smskd_fast.fused_linear import fused_linear_smskd_loss
-from smskd_fast.topk import TopKTeacher
+import smskd_fast.loss.fused_linear as fused_linear_module
+from smskd_fast.loss.fused_linear import fused_linear_smskd_loss
+from smskd_fast.backends.topk import TopKTeacher
 
 SYNCING = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__complex__", "nonzero", "argwhere",
            "masked_select", "unique", "unique_consecutive", "bincount", "repeat_interleave", "numpy", "cpu",

@@ -13,15 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import smskd_fast.fused_linear as fused_linear_module
-import smskd_fast.stages as stages_module
-from smskd_fast.config import ConfigError, StageConfig, MethodConfig, parse_config
-from smskd_fast.data import TEXT_FILE, TEXT_TEST_FRACTION, load_splits
-from smskd_fast.experiments import teacher_config
-from smskd_fast.models import build_model
-from smskd_fast.runio import load_model_file, read_jsonl
-from smskd_fast.cache import model_hash
-from smskd_fast.stages import SMSKDTrainer, fused_linear_stage_loss, stage_loss
+import smskd_fast.loss.fused_linear as fused_linear_module
+import smskd_fast.training.trainer as stages_module
+from smskd_fast.training.config import ConfigError, StageConfig, MethodConfig, parse_config
+from smskd_fast.training.data import TEXT_FILE, TEXT_TEST_FRACTION, load_splits
+from smskd_fast.training.experiments import teacher_config
+from smskd_fast.training.models import build_model
+from smskd_fast.training.run_files import load_model_file, read_jsonl
+from smskd_fast.training.logit_cache import model_hash
+from smskd_fast.training.trainer import SMSKDTrainer, fused_linear_stage_loss, stage_loss
 from trainer_helpers import count_teacher_calls, record_frozen_checks, record_loss_calls
 
 CONTEXT = 32
@@ -189,7 +189,7 @@ def test_sequence_config_errors(teacher_file, tmp_path):
         SMSKDTrainer(config, tmp_path / "run", log=lambda _: None)
 
 
-# ----- logit caches on text (smskd_fast/frozen_logits.py): a sample's rows are its L tokens' logits -----
+# ----- logit caches on text (smskd_fast/training/frozen_logits.py): a sample's rows are its L tokens' logits -----
 
 def cached_lm_raw(teacher_file, tmp_path, stages=None, teacher=None, reference=None, **changes):
     """lm_raw with a teacher and/or reference cache (64 windows in shards of 40: 2 shards per epoch)."""

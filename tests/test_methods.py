@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smskd_fast.config import MethodConfig, StageConfig
-from smskd_fast.methods import FeatureTaps, MethodInputs, build_method
-from smskd_fast.methods.feature import AttentionTransfer, FitNet
-from smskd_fast.methods.relation import CRD, PKT, RKD, SimilarityPreserving
-from smskd_fast.methods.response import dkd_loss
-from smskd_fast.models import build_model
-from smskd_fast.stages import stage_loss
+from smskd_fast.training.config import MethodConfig, StageConfig
+from smskd_fast.training.methods import FeatureTaps, MethodInputs, build_method
+from smskd_fast.training.methods.feature import AttentionTransfer, FitNet
+from smskd_fast.training.methods.relation import CRD, PKT, RKD, SimilarityPreserving
+from smskd_fast.training.methods.response import dkd_loss
+from smskd_fast.training.models import build_model
+from smskd_fast.training.trainer import stage_loss
 
 @pytest.fixture(autouse=True, scope="module")
 def _float64_default():

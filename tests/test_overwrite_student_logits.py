@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smskd_fast import ops
-from smskd_fast._extension import extension_loaded
+from smskd_fast.ops import registration as ops
+from smskd_fast.ops.extension import extension_loaded
 from smskd_fast.backends.base import LossOptions, RowInputs
-from smskd_fast.backends.compiled import GradientInStudent
+from smskd_fast.backends.native import GradientInStudent
 from smskd_fast.backends.reference import ReferenceBackend
 
 pytestmark = pytest.mark.skipif(not extension_loaded(), reason="smskd_fast._C is not built (it holds the schema)")

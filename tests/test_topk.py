@@ -9,7 +9,7 @@ import smskd_fast
 from closed_form import lse, softmax
 from conftest import make_logits
 from gpu_child import assert_fails_loudly, run_child
-from smskd_fast.topk import TopKTeacher
+from smskd_fast.backends.topk import TopKTeacher
 
 
 def topk_closed_form(s, t, y, k, T):
@@ -128,7 +128,7 @@ def test_repeated_or_out_of_range_indices_are_refused_naming_the_first_bad_row()
 
 def test_device_side_index_checks_assert_with_the_same_messages():
     """The non-CPU path (torch._assert_async, no host sync) run on CPU tensors, where it raises at once."""
-    from smskd_fast.validation import assert_topk_indices_async
+    from smskd_fast.loss.validation import assert_topk_indices_async
     good = torch.tensor([[0, 4, 2], [1, 3, 0]])
     assert_topk_indices_async(good, 5)
     with pytest.raises(RuntimeError, match=r"teacher_topk.indices must be in \[0, 5\)"):
@@ -176,7 +176,7 @@ def test_bad_indices_on_cuda_fail_the_device_side_assertion(bad):
     next synchronisation and poisons the CUDA context, so each case runs in its own process."""
     result = run_child(f"""
 import torch, smskd_fast
-from smskd_fast.topk import TopKTeacher
+from smskd_fast.backends.topk import TopKTeacher
 g = torch.Generator().manual_seed(0)
 student, teacher = torch.randn(4, 6, generator=g).cuda(), torch.randn(4, 6, generator=g).cuda()
 target = torch.tensor([0, 1, 2, 3]).cuda()

@@ -8,9 +8,9 @@ import torch
 import yaml
 
 from smskd_fast.cli import main
-from smskd_fast.config import parse_config
-from smskd_fast.runio import load_model_file, read_jsonl
-from smskd_fast.stages import SMSKDTrainer
+from smskd_fast.training.config import parse_config
+from smskd_fast.training.run_files import load_model_file, read_jsonl
+from smskd_fast.training.trainer import SMSKDTrainer
 from trainer_helpers import count_teacher_calls, record_loss_calls, tiny_raw, write_teacher
 
 KD_THEN_SMSKD = [{"method": "kd", "epochs": 2}, {"method": "kd", "epochs": 2}]
@@ -158,7 +158,7 @@ def test_a_corrupted_shard_is_refused(teacher_file, tmp_path, capsys):
 
 
 def test_cache_config_errors_name_the_key(teacher_file, tmp_path):
-    from smskd_fast.config import ConfigError
+    from smskd_fast.training.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"cache\.teacher\.k: must be >= 1"):
         parse_config(_raw(teacher_file, tmp_path, teacher={"format": "topk"}))
@@ -181,7 +181,7 @@ def test_a_run_with_caches_resumes_mid_stage_with_the_same_weights(teacher_file,
 
 
 def test_training_the_teacher_ignores_the_teacher_cache(teacher_file, tmp_path):
-    from smskd_fast.experiments import teacher_config
+    from smskd_fast.training.experiments import teacher_config
 
     config = teacher_config(parse_config(_raw(teacher_file, tmp_path, [{"method": "kd", "epochs": 1}],
                                               teacher={"dtype": "float16"})))

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from smskd_fast.cli import main
-from smskd_fast.runio import read_jsonl
+from smskd_fast.training.run_files import read_jsonl
 from trainer_helpers import tiny_raw, write_teacher
 
 
@@ -39,8 +39,8 @@ def test_train_with_overrides_then_eval(config_file, tmp_path, capsys):
 
 
 def test_resume_from_the_command_line(config_file, tmp_path):
-    from smskd_fast.config import load_config
-    from smskd_fast.stages import SMSKDTrainer
+    from smskd_fast.training.config import load_config
+    from smskd_fast.training.trainer import SMSKDTrainer
 
     out = tmp_path / "run"
     SMSKDTrainer(load_config(config_file), out, log=lambda _: None).run(max_epochs=1)
@@ -67,7 +67,7 @@ def test_bench_is_delegated_lazily(monkeypatch):
 
     seen = []
     fake = types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0)
-    monkeypatch.setitem(sys.modules, "smskd_fast.bench", fake)
+    monkeypatch.setitem(sys.modules, "smskd_fast.bench.quick", fake)
     monkeypatch.setattr(smskd_fast, "bench", fake, raising=False)
     assert main(["bench", "--quick"]) == 0
     assert seen == [["--quick"]]

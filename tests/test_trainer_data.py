@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from smskd_fast.data import augment, augmentation_draws, iterate_batches, load_splits
-from smskd_fast.config import parse_config
-from smskd_fast.stages import SMSKDTrainer
+from smskd_fast.training.data import augment, augmentation_draws, iterate_batches, load_splits
+from smskd_fast.training.config import parse_config
+from smskd_fast.training.trainer import SMSKDTrainer
 
 
 def test_digits_split_is_fixed_and_disjoint():

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from smskd_fast.config import load_config
-from smskd_fast.experiments import ALL_VARIANTS, format_table, teacher_config, variant_configs
+from smskd_fast.training.config import load_config
+from smskd_fast.training.experiments import ALL_VARIANTS, format_table, teacher_config, variant_configs
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "digits_demo.yaml"
 

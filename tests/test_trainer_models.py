@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smskd_fast.models import MODELS, build_model, feature_points
+from smskd_fast.training.models import MODELS, build_model, feature_points
 
 # Parameter counts (millions) of the CIFAR-100 models as reported in the KD literature (CRD, Tian et al. 2020).
 PUBLISHED_MILLIONS = {"resnet8x4": 1.23, "resnet32x4": 7.43, "resnet20": 0.28, "resnet56": 0.86,

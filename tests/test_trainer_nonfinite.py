@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from smskd_fast.nonfinite import NonFiniteLossError
-from smskd_fast.runio import read_jsonl
-from smskd_fast.stages import SMSKDTrainer, derive_seed
+from smskd_fast.training.nonfinite import NonFiniteLossError
+from smskd_fast.training.run_files import read_jsonl
+from smskd_fast.training.trainer import SMSKDTrainer, derive_seed
 from trainer_helpers import tiny_config, write_teacher
 
 BATCH, TRAIN = 32, 96  # trainer_helpers' tiny digits run: 3 steps per epoch
@@ -104,7 +104,7 @@ def test_skip_stops_when_every_step_of_an_epoch_is_non_finite(teacher, tmp_path)
 
 
 def test_stop_is_the_default_and_the_policy_is_validated(teacher):
-    from smskd_fast.config import ConfigError
+    from smskd_fast.training.config import ConfigError
 
     assert tiny_config(teacher, [{"method": "kd", "epochs": 1}]).stages[0].nonfinite == "stop"
     with pytest.raises(ConfigError, match=r"stages\[0\].nonfinite: must be one of \['stop', 'skip'\]"):

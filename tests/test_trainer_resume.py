@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smskd_fast.runio import read_jsonl
-from smskd_fast.stages import SMSKDTrainer
+from smskd_fast.training.run_files import read_jsonl
+from smskd_fast.training.trainer import SMSKDTrainer
 from trainer_helpers import tiny_config, write_teacher
 
 # Stage 2 uses CRD: its embedding heads, memory banks and SGD momentum must all survive a resume.

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-import smskd_fast.stages as stages_module
-from smskd_fast.runio import load_model_file, read_jsonl
-from smskd_fast.cache import model_hash
-from smskd_fast.stages import SMSKDTrainer
+import smskd_fast.training.trainer as stages_module
+from smskd_fast.training.run_files import load_model_file, read_jsonl
+from smskd_fast.training.logit_cache import model_hash
+from smskd_fast.training.trainer import SMSKDTrainer
 from trainer_helpers import record_frozen_checks, tiny_config, write_teacher
 
 TWO_STAGES = [{"method": "kd", "epochs": 2}, {"method": "fitnet", "epochs": 2}]
@@ -108,7 +108,7 @@ def test_tcp_weights_of_the_teacher_reach_the_reference_term(teacher_file, tmp_p
 
 
 def test_student_alone_needs_no_teacher(tmp_path):
-    from smskd_fast.config import parse_config
+    from smskd_fast.training.config import parse_config
 
     config = parse_config({"student": {"name": "digits_cnn_small"}, "plots": False, "progress": False,
                            "data": {"train_subset": 64, "test_subset": 32, "batch_size": 32},

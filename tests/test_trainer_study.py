@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from smskd_fast import study as study_module
+from smskd_fast.training import study as study_module
 from smskd_fast.cli import main
-from smskd_fast.config import load_config
-from smskd_fast.data import TokenSet, load_splits, split_validation
-from smskd_fast.stats import paired_comparison, summarize_values, t_cdf, t_quantile
+from smskd_fast.training.config import load_config
+from smskd_fast.training.data import TokenSet, load_splits, split_validation
+from smskd_fast.training.stats import paired_comparison, summarize_values, t_cdf, t_quantile
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "digits_demo.yaml"
 ONE_EPOCH = ["teacher_training.epochs=1", "stages.0.epochs=1", "stages.1.epochs=1", "stages.2.epochs=1",
@@ -126,7 +126,7 @@ def test_study_cli_names_its_outputs(tmp_path, capsys):
 
 
 def test_run_schedule_scope_gives_the_stages_one_schedule_over_the_run():
-    from smskd_fast.stages import learning_rate
+    from smskd_fast.training.trainer import learning_rate
 
     config = load_config(DEMO)  # three 10-epoch cosine stages at lr 0.05
     single = [0.5 * 0.05 * (1 + math.cos(math.pi * e / 30)) for e in range(30)]
@@ -137,8 +137,8 @@ def test_run_schedule_scope_gives_the_stages_one_schedule_over_the_run():
 
 
 def test_trainer_follows_the_run_schedule_and_reports_validation_accuracy(tmp_path):
-    from smskd_fast.runio import read_jsonl
-    from smskd_fast.stages import SMSKDTrainer
+    from smskd_fast.training.run_files import read_jsonl
+    from smskd_fast.training.trainer import SMSKDTrainer
     from trainer_helpers import tiny_config, write_teacher
 
     teacher = write_teacher(tmp_path / "teacher.pt")

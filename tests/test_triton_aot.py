@@ -32,7 +32,8 @@ def test_every_kernel_configuration_compiles_without_spills(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     rows = json.loads((tmp_path / "triton_aot_report_ci.json").read_text())["rows"]
-    from smskd_fast.backends import triton_launch, triton_topk_launch
+    from smskd_fast.backends.triton import launch as triton_launch
+    from smskd_fast.backends.triton import topk_launch as triton_topk_launch
 
     configs = (len(triton_launch.all_tile_configs()) + len(triton_launch.ONLINE_CONFIGS)
                + len(triton_topk_launch.all_topk_configs()))

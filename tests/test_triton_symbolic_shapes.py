@@ -20,7 +20,7 @@ from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
-from smskd_fast.backends import triton_backend
+from smskd_fast.backends.triton import backend as triton_backend
 
 if not hasattr(torch.ops.smskd_fast, "smskd_loss_rows_triton"):
     pytest.skip("triton is not importable, so there are no triton ops to trace", allow_module_level=True)
@@ -29,7 +29,8 @@ if triton_backend.kernels_interpreted():
 
 from functorch.compile import aot_function, make_boxed_func  # noqa: E402
 
-from smskd_fast.backends import triton_launch, triton_topk_launch  # noqa: E402
+from smskd_fast.backends.triton import launch as triton_launch
+from smskd_fast.backends.triton import topk_launch as triton_topk_launch  # noqa: E402
 
 N, K = 4, 8
 SCALARS = (2.0, 0.5, 1.0, 0.7, "inverse_tcp", -100, True)

@@ -1,6 +1,6 @@
 """The triton backend's top-k teacher form (smskd_loss_rows_topk_triton) against the float64 reference.
 
-Oracle: the pure-PyTorch reference backend's top-k form (smskd_fast/topk.py, its
+Oracle: the pure-PyTorch reference backend's top-k form (smskd_fast/backends/topk.py, its
 gradient by autograd) in float64 on the same, exactly upcast, values
 (tests/topk_cases.py); torch.library.opcheck. Where the cases run is
 tests/triton_interpreter.py: here without a GPU they run under Triton's
@@ -17,7 +17,7 @@ import torch
 
 import smskd_fast
 from smskd_fast.backends.base import LossOptions
-from smskd_fast.topk import TopKTeacher
+from smskd_fast.backends.topk import TopKTeacher
 from test_triton_backend import assert_compiled_matches_eager, assert_rows_match, assert_same_schema
 from topk_cases import FIELDS, make_inputs, run_reference
 from triton_interpreter import DEVICE, INTERPRETED, gpu_only, needs_kernels, reruns_under_interpreter, \
@@ -46,7 +46,7 @@ def topk_rows(student, target, topk, reference, options, compute_grad=True):
 
 def check_case(student, target, topk, reference, options, config=None):
     """The kernel (forced config, or the launch table's) against the float64 reference; returns the outputs."""
-    from smskd_fast.backends import triton_topk_launch
+    from smskd_fast.backends.triton import topk_launch as triton_topk_launch
 
     expected, expected_grad = run_reference(student.cpu(), None if target is None else target.cpu(),
                                             TopKTeacher(*(t.cpu() for t in (
@@ -96,7 +96,7 @@ def test_wider_rows_match_the_float64_reference(n, c, k):
 @pytest.mark.parametrize("k", [5, 300])
 def test_small_column_blocks_with_a_late_maximum(k):
     """Forced 64-column blocks: a partial last block, the row maximum found late, k = C walked in k-blocks."""
-    from smskd_fast.backends.triton_topk_launch import TopKConfig
+    from smskd_fast.backends.triton.topk_launch import TopKConfig
 
     student, target, topk, reference = make_inputs(3, 300, k, torch.float32, seed=k, temperature=3.0)
     student[:, 250:] += 8.0
@@ -167,7 +167,7 @@ def test_a_rest_the_student_gives_no_mass_costs_infinity():
 def test_a_nan_teacher_value_gives_a_nan_row_not_a_dropped_class(c):
     """A NaN kept value makes that row's KD, loss and gradient NaN, as the reference gives (topk.py:
     p != 0 holds for NaN); the other rows match the reference. C = 300 runs forced 64-column blocks."""
-    from smskd_fast.backends import triton_topk_launch
+    from smskd_fast.backends.triton import topk_launch as triton_topk_launch
 
     student, target, topk, _ = make_inputs(4, c, 3, torch.float32, seed=6, temperature=2.0)
     values = topk.values.clone()
@@ -238,7 +238,7 @@ def test_public_api_with_leading_dimensions():
 @needs_kernels
 @pytest.mark.parametrize("c", [17, 300])
 def test_overwrite_student_logits_stores_the_gradient_in_place(c, monkeypatch):
-    from smskd_fast.backends import triton_topk_launch
+    from smskd_fast.backends.triton import topk_launch as triton_topk_launch
 
     if c > 17:  # the column-block path, in 64-column blocks
         monkeypatch.setattr(triton_topk_launch, "topk_config",
@@ -291,7 +291,7 @@ def test_opcheck(n, c, k, compute_grad):
 
 def test_kept_class_bitmask_sets_exactly_the_kept_bits():
     """Against a set per row: bit 31 (int32's sign bit), C not a multiple of 32, indices outside [0, C) ignored."""
-    from smskd_fast.topk_bitmask import kept_class_bitmask
+    from smskd_fast.backends.triton.topk_bitmask import kept_class_bitmask
 
     indices = torch.tensor([[0, 31, 32, 69], [5, 63, 62, 1], [-1, 70, 1 << 40, 64]])
     bits = kept_class_bitmask(indices, 70)

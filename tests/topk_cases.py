@@ -11,7 +11,7 @@ import torch
 
 from smskd_fast.backends.base import LossOptions, RowInputs
 from smskd_fast.backends.reference import ReferenceBackend
-from smskd_fast.topk import TopKTeacher
+from smskd_fast.backends.topk import TopKTeacher
 
 FIELDS = ("loss", "ce", "kd", "ref", "tcp", "weight")
 

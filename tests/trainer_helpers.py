@@ -6,16 +6,16 @@ from typing import Any, Dict, List
 
 import torch
 
-from smskd_fast.config import parse_config
-from smskd_fast.models import build_model
-import smskd_fast.stages as stages_module
-from smskd_fast.runio import save_model_file
-from smskd_fast.stages import SMSKDTrainer
+from smskd_fast.training.config import parse_config
+from smskd_fast.training.models import build_model
+import smskd_fast.training.trainer as stages_module
+from smskd_fast.training.run_files import save_model_file
+from smskd_fast.training.trainer import SMSKDTrainer
 
 
 def write_teacher(path: Path, seed: int = 0) -> Path:
     """A digits teacher file: a briefly fitted digits_cnn_large (its TCP values vary per sample)."""
-    from smskd_fast.data import load_splits
+    from smskd_fast.training.data import load_splits
 
     torch.manual_seed(seed)
     teacher = build_model("digits_cnn_large", 10, 1)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import smskd_fast
-from smskd_fast.backends import triton_backend
+from smskd_fast.backends.triton import backend as triton_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERPRETED = triton_backend.kernels_interpreted()

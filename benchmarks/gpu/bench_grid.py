@@ -10,7 +10,7 @@ mean over rows) and d loss / d student:
   liger          LigerCrossEntropyLoss + two LigerKLDIVLoss (batchmean, log_target=True)
                  on torch log_softmax inputs, when liger_kernel imports; Liger's KL has
                  no per-row weight, so its reference term uses w = 1 (same traffic)
-The teacher in top-k form (a logit cache's; smskd_fast/topk.py), k = TOPK_K, bf16:
+The teacher in top-k form (a logit cache's; smskd_fast/backends/topk.py), k = TOPK_K, bf16:
   triton_topk    smskd_loss(teacher_topk=..., backend="triton")
   cuda_topk      the same with backend="cuda", when that backend accepts teacher_topk
   reference_topk the same with backend="reference" (PyTorch composition)
@@ -49,9 +49,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import smskd_fast  # noqa: E402
-from smskd_fast import benchmarking  # noqa: E402
-from smskd_fast.backends import triton_launch  # noqa: E402
-from smskd_fast.topk import TopKTeacher  # noqa: E402
+from smskd_fast.bench import harness as benchmarking  # noqa: E402
+from smskd_fast.backends.triton import launch as triton_launch  # noqa: E402
+from smskd_fast.backends.topk import TopKTeacher  # noqa: E402
 
 TEMPERATURE = 2.0
 IMPLEMENTATIONS = ("triton", "triton_inplace", "cuda", "liger", "eager", "compiled")

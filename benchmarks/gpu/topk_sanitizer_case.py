@@ -18,7 +18,7 @@ import itertools
 import torch
 
 import smskd_fast  # noqa: F401  (loads the operators)
-from smskd_fast.topk import TopKTeacher
+from smskd_fast.backends.topk import TopKTeacher
 
 OP = torch.ops.smskd_fast.smskd_loss_rows_topk
 

@@ -48,7 +48,7 @@ struct LossRowsArgs {
   void* grad = nullptr;
 };
 
-// The teacher in the top-k form (smskd_fast/topk.py) for loss_rows_topk_kernel,
+// The teacher in the top-k form (smskd_fast/backends/topk.py) for loss_rows_topk_kernel,
 // whose LossRowsArgs has no dense teacher. Per row, the k kept classes sorted by
 // index (distinct, in [0, classes)) with their logits in the same order; all
 // arrays contiguous, the floating ones in the accumulation type.

@@ -1,6 +1,6 @@
 // CPU implementation of smskd_fast::smskd_loss_rows_topk (schema in csrc/ops.cpp):
 // the fused per-row loss with the teacher in the top-k form of a logit cache
-// (the math: smskd_fast/topk.py). Argument checks, the kept classes sorted by
+// (the math: smskd_fast/backends/topk.py). Argument checks, the kept classes sorted by
 // index per row (checked distinct and in range on the way), output allocation,
 // and the choice of the SIMD kernel (loss_rows_topk_kernel_impl.h) for the
 // instruction set that this CPU supports.

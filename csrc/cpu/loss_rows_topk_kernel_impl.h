@@ -1,5 +1,5 @@
 // The fused per-row loss with the teacher in the top-k form of a logit cache
-// (smskd_fast/topk.py), compiled once per instruction set like the dense kernel
+// (smskd_fast/backends/topk.py), compiled once per instruction set like the dense kernel
 // (loss_rows_kernel_impl.h), whose building blocks and row driver it uses.
 //
 // Per row, with u_j = exp((s_j - m)/T) and the kept classes sorted by index:

@@ -1,5 +1,5 @@
 // CUDA implementation of smskd_fast::smskd_loss_rows_topk (schema in csrc/ops.cpp;
-// math in smskd_fast/topk.py, CPU twin csrc/cpu/loss_rows_topk.cpp).
+// math in smskd_fast/backends/topk.py, CPU twin csrc/cpu/loss_rows_topk.cpp).
 //
 // Host code only: checks the tensors (errors name the argument), brings the
 // teacher's top-k form to float32 / int64, builds the kept-class bitmask on the

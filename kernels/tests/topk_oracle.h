@@ -1,4 +1,4 @@
-// A float64 oracle of the top-k teacher form (smskd_fast/topk.py), one row at a
+// A float64 oracle of the top-k teacher form (smskd_fast/backends/topk.py), one row at a
 // time, written as plain two-pass loops: the kept classes' p_c = exp(v_c/T - lse_T),
 // the rest's mass p_rest = 1 - sum p_c (as -expm1 of their log-sum-exp) spread
 // like the student's q over the classes not kept, KD = T^2 KL(p~ || q), and

@@ -1,9 +1,9 @@
 """Loss backends. Each module registers one backend; import order does not matter."""
-from .compiled import CompiledOpBackend
-from .gpu_choice import choose_gpu_backend
-from .reference import ReferenceBackend
-from .registry import available_backends, register_auto_chooser, register_backend, resolve_backend
-from .triton_backend import TritonBackend
+from smskd_fast.backends.native import CompiledOpBackend
+from smskd_fast.backends.gpu_choice import choose_gpu_backend
+from smskd_fast.backends.reference import ReferenceBackend
+from smskd_fast.backends.registry import available_backends, register_auto_chooser, register_backend, resolve_backend
+from smskd_fast.backends.triton.backend import TritonBackend
 
 register_backend(CompiledOpBackend("cpu", device_type="cpu", dispatch_key="CPU"), rank=10)
 register_backend(TritonBackend(), rank=15)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from ..topk import TopKTeacher
+    from smskd_fast.backends.topk import TopKTeacher
 
 WEIGHTINGS = ("inverse_tcp", "tcp", "constant")
 
@@ -32,7 +32,7 @@ class RowInputs:
     """Validated inputs flattened to rows: logits (N, C), target (N,) or None.
 
     The teacher comes either as dense logits or, from a top-k logit cache, as
-    teacher_topk (see smskd_fast/topk.py); only backends whose supports_topk is
+    teacher_topk (see smskd_fast/backends/topk.py); only backends whose supports_topk is
     True are given the latter.
     """
 

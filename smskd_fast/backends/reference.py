@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..topk import topk_kl, topk_tcp
-from .base import BackendStatus, LossOptions, RowInputs, RowOutputs
+from smskd_fast.backends.topk import topk_kl, topk_tcp
+from smskd_fast.backends.base import BackendStatus, LossOptions, RowInputs, RowOutputs
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .base import Backend, BackendStatus
+from smskd_fast.backends.base import Backend, BackendStatus
 
 # A chooser gets (candidate names, dtype, number of classes) and returns one name.
 AutoChooser = Callable[[List[str], torch.dtype, int], str]

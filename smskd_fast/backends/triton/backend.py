@@ -1,0 +1,251 @@
+"""The "triton" backend: the Triton kernels as the custom ops smskd_fast::smskd_loss_rows(_topk)_triton.
+
+The ops have the schemas of smskd_fast::smskd_loss_rows and smskd_loss_rows_topk
+(csrc/ops.cpp; the teacher dense or in the top-k form of a logit cache) under
+their own names, so the backends are interchangeable; they are
+torch.library.triton_ops, so torch.compile(fullgraph=True) sees the kernels, and
+they share the fake kernels and the autograd formula of smskd_fast/ops/registration.py
+(backward scales the gradient that the forward wrote).
+
+overwrite_student_logits: when the caller allows it, the student logits need a
+gradient, and we are not being traced by torch.compile, the backend bypasses the
+functional op and runs the same kernels through _OverwriteStudentRows, an
+autograd.Function that writes the gradient into the student logits' own storage
+(a custom op may not alias an output to an input, so this cannot be the op
+itself) and scales it in place in backward, for the dense and the top-k teacher
+alike (the top-k kernel writes each column once, after its last read). Under
+torch.compile the functional op runs and a fresh gradient buffer is allocated:
+the option is a permission, not a promise.
+
+Availability: triton must import, and either a CUDA device is visible or the
+kernels were built by Triton's interpreter (TRITON_INTERPRET=1 set before triton
+was first imported), which runs them on CPU tensors, slowly, for tests.
+float64 logits are refused with a TypeError naming the alternatives.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from smskd_fast.ops import registration as ops
+from smskd_fast.backends.base import BackendStatus, LossOptions, RowInputs, RowOutputs
+
+OP_NAME = "smskd_fast::smskd_loss_rows_triton"
+TOPK_OP_NAME = "smskd_fast::smskd_loss_rows_topk_triton"  # the teacher in top-k form (smskd_fast/backends/topk.py)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+try:
+    import triton
+
+    from smskd_fast.backends.triton import launch as triton_launch
+    from smskd_fast.backends.triton import topk_launch as triton_topk_launch
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as error:  # triton is optional: the other backends still work
+    _IMPORT_ERROR = f"triton could not be imported: {error}"
+
+
+def kernels_interpreted() -> bool:
+    """Whether the kernels were built by Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return _IMPORT_ERROR is None and triton_launch.kernels_interpreted()
+
+
+def _traceable(kernel):
+    """wrap_triton for compiled kernels; interpreted ones are launched as they are."""
+    return kernel if kernels_interpreted() else torch.library.wrap_triton(kernel)
+
+
+def _check_dtype(student: torch.Tensor) -> None:
+    if student.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"the triton backend takes float32, bfloat16 or float16 logits, got {student.dtype}; "
+            "its kernels accumulate in float32 with float32 scalar arguments, so they cannot give "
+            "float64 accuracy: use backend='cuda', 'cpu' or 'reference' for float64"
+        )
+
+
+def _unit_column_stride(logits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Rows may have any stride; columns must be contiguous for the kernels."""
+    if logits is None or logits.stride(-1) == 1:
+        return logits
+    return logits.contiguous()
+
+
+if _IMPORT_ERROR is None:
+
+    # The schema string of csrc/ops.cpp. torch 2.11's triton_op accepts and ignores it
+    # (it infers from the hints below: int -> SymInt, unnamed outputs); later torch uses it.
+    _SCHEMA = (
+        "(Tensor student, Tensor? target, Tensor? teacher, Tensor? reference, float temperature, "
+        "float ce_weight, float kd_weight, float ref_weight, str weighting, int ignore_index, "
+        "bool compute_grad) -> (Tensor loss, Tensor ce, Tensor kd, Tensor ref, Tensor tcp, "
+        "Tensor weight, Tensor grad)"
+    )
+
+    @torch.library.triton_op(OP_NAME, mutates_args=(), schema=_SCHEMA)
+    def smskd_loss_rows_triton(
+        student: torch.Tensor,
+        target: Optional[torch.Tensor],
+        teacher: Optional[torch.Tensor],
+        reference: Optional[torch.Tensor],
+        temperature: float,
+        ce_weight: float,
+        kd_weight: float,
+        ref_weight: float,
+        weighting: str,
+        ignore_index: int,
+        compute_grad: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused per-row loss of SPEC.md section 2 on (N, C) rows (see csrc/ops.cpp)."""
+        _check_dtype(student)
+        return triton_launch.launch_rows(
+            _unit_column_stride(student), None if target is None else target.contiguous(),
+            _unit_column_stride(teacher), _unit_column_stride(reference),
+            temperature, ce_weight, kd_weight, ref_weight, weighting, ignore_index, compute_grad,
+            wrap=_traceable,
+        )
+
+    _TOPK_SCHEMA = (
+        "(Tensor student, Tensor? target, Tensor topk_values, Tensor topk_indices, Tensor true_logit, "
+        "Tensor log_sum_exp, Tensor log_sum_exp_at_temperature, Tensor? reference, float temperature, "
+        "float ce_weight, float kd_weight, float ref_weight, str weighting, int ignore_index, "
+        "bool compute_grad) -> (Tensor loss, Tensor ce, Tensor kd, Tensor ref, Tensor tcp, "
+        "Tensor weight, Tensor grad)"
+    )
+
+    @torch.library.triton_op(TOPK_OP_NAME, mutates_args=(), schema=_TOPK_SCHEMA)
+    def smskd_loss_rows_topk_triton(
+        student: torch.Tensor,
+        target: Optional[torch.Tensor],
+        topk_values: torch.Tensor,
+        topk_indices: torch.Tensor,
+        true_logit: torch.Tensor,
+        log_sum_exp: torch.Tensor,
+        log_sum_exp_at_temperature: torch.Tensor,
+        reference: Optional[torch.Tensor],
+        temperature: float,
+        ce_weight: float,
+        kd_weight: float,
+        ref_weight: float,
+        weighting: str,
+        ignore_index: int,
+        compute_grad: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """smskd_loss_rows_triton with the teacher in top-k form (see csrc/ops.cpp, smskd_loss_rows_topk)."""
+        _check_dtype(student)
+        return triton_topk_launch.launch_topk_rows(
+            _unit_column_stride(student), None if target is None else target.contiguous(), topk_values,
+            topk_indices, true_logit, log_sum_exp, log_sum_exp_at_temperature, _unit_column_stride(reference),
+            temperature, ce_weight, kd_weight, ref_weight, weighting, ignore_index, compute_grad,
+            wrap=_traceable,
+        )
+
+    def _register_fake_and_autograd() -> None:
+        # The shape functions and gradient formulas of smskd_fast::smskd_loss_rows(_topk).
+        # The fakes replace triton_op's default (running the body on fake tensors),
+        # which the interpreter's kernels cannot do.
+        from smskd_fast.ops.registration import (_backward, _backward_topk, _fake_smskd_loss_rows, _fake_smskd_loss_rows_topk,
+                           _setup_context)
+
+        smskd_loss_rows_triton.register_fake(_fake_smskd_loss_rows)
+        smskd_loss_rows_triton.register_autograd(_backward, setup_context=_setup_context)
+        smskd_loss_rows_topk_triton.register_fake(_fake_smskd_loss_rows_topk)
+        smskd_loss_rows_topk_triton.register_autograd(_backward_topk, setup_context=_setup_context)
+
+    _register_fake_and_autograd()
+
+
+def _scalar_arguments(options: LossOptions, compute_grad: bool) -> tuple:
+    """The ops' (and the launchers') arguments after the tensors, in schema order."""
+    return (float(options.temperature), float(options.ce_weight), float(options.kd_weight),
+            float(options.ref_weight), options.weighting, int(options.ignore_index), bool(compute_grad))
+
+
+class _OverwriteStudentRows(torch.autograd.Function):
+    """Runs the kernels with the student logits as the gradient buffer (no N x C allocation)."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, target, teacher, reference, teacher_topk, options: LossOptions):
+        # Writing through the kernel does not bump student's version counter:
+        # nothing in this graph reads the logits' old values again, and the caller
+        # promised that nothing else does (LossOptions.overwrite_student_logits).
+        grad = student.detach()
+        scalars = _scalar_arguments(options, compute_grad=True)
+        if teacher_topk is None:
+            outputs = triton_launch.launch_rows(grad, target, teacher, reference, *scalars, grad_out=grad)
+        else:
+            outputs = triton_topk_launch.launch_topk_rows(
+                grad, target, teacher_topk.values, teacher_topk.indices, teacher_topk.true_logit,
+                teacher_topk.log_sum_exp, teacher_topk.log_sum_exp_at_temperature, reference, *scalars,
+                grad_out=grad,
+            )
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(*outputs[1:6])
+        return outputs[:6]
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        return ops.scale_gradient_in_student_once(ctx, grad_loss), None, None, None, None, None
+
+
+def _may_overwrite(inputs: RowInputs, options: LossOptions) -> bool:
+    student = inputs.student
+    return (
+        options.overwrite_student_logits
+        and student.requires_grad
+        and torch.is_grad_enabled()
+        and student.is_contiguous()
+        and not torch.compiler.is_compiling()
+    )
+
+
+class TritonBackend:
+    """Triton kernels on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)."""
+
+    name = "triton"
+    supports_topk = True
+
+    def status(self) -> BackendStatus:
+        if _IMPORT_ERROR is not None:
+            return BackendStatus(False, _IMPORT_ERROR)
+        if kernels_interpreted():
+            return BackendStatus(
+                True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1): kernels run on CPU "
+                "tensors, slowly, for tests"
+            )
+        if not torch.cuda.is_available():
+            return BackendStatus(
+                False, f"triton {triton.__version__} is installed but no CUDA device is visible "
+                "(set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU tensors)"
+            )
+        return BackendStatus(True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}")
+
+    def supports(self, device: torch.device) -> bool:
+        if device.type == "cuda":
+            return True
+        return device.type == "cpu" and kernels_interpreted()
+
+    def supports_dtype(self, dtype: torch.dtype) -> bool:
+        return dtype != torch.float64  # fp32 scalars in the kernels: see _check_dtype
+
+    def rows(self, inputs: RowInputs, options: LossOptions) -> RowOutputs:
+        _check_dtype(inputs.student)
+        if _may_overwrite(inputs, options):
+            loss, ce, kd, ref, tcp, weight = _OverwriteStudentRows.apply(
+                inputs.student, None if inputs.target is None else inputs.target.contiguous(),
+                _unit_column_stride(inputs.teacher), _unit_column_stride(inputs.reference),
+                inputs.teacher_topk, options,
+            )
+            return RowOutputs(loss, ce, kd, ref, tcp, weight)
+        scalars = _scalar_arguments(options, inputs.student.requires_grad and torch.is_grad_enabled())
+        topk = inputs.teacher_topk
+        if topk is None:
+            outputs = torch.ops.smskd_fast.smskd_loss_rows_triton(
+                inputs.student, inputs.target, inputs.teacher, inputs.reference, *scalars)
+        else:
+            outputs = torch.ops.smskd_fast.smskd_loss_rows_topk_triton(
+                inputs.student, inputs.target, topk.values, topk.indices, topk.true_logit, topk.log_sum_exp,
+                topk.log_sum_exp_at_temperature, inputs.reference, *scalars)
+        loss, ce, kd, ref, tcp, weight, _ = outputs
+        return RowOutputs(loss, ce.detach(), kd.detach(), ref.detach(), tcp.detach(), weight.detach())
+

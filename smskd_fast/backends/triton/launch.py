@@ -1,0 +1,208 @@
+"""Launch configurations of the Triton kernels and the function that launches them.
+
+The configuration is a pure function of C (no run-time autotuning): an
+autotuner re-runs a kernel to time it, which would be wrong when the gradient
+overwrites the student logits, and a table keeps launches deterministic and
+lets benchmarks/triton_aot_report.py compile exactly the set that can run.
+benchmarks/gpu/ sweeps the online configurations on a GPU to refine the table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from smskd_fast.loss.validation import check_target_range
+from smskd_fast.backends.triton import kernels
+
+# Largest C handled by the one-tile kernel (each row whole in registers).
+TILE_MAX_C = 4096
+# Rows x columns of one tile (elements): fewer rows per program as C grows.
+TILE_ELEMENTS = 2048
+TILE_MAX_ROWS = 16
+CHECK_BLOCK = 1024
+# Tile widths where the default warps (about 8 elements per thread) made ptxas
+# spill 4-8 bytes in some variant, and 4 warps spill in none, under triton 3.8 and
+# 3.6 (128: ce+grad fp32 on sm_80 with 3.6; 256: smskd+grad bf16/fp16; 2048: kd+grad
+# on sm_80). benchmarks/results/triton_aot_report*.md list every configuration.
+TILE_WARPS_OVERRIDE = {128: 4, 256: 4, 2048: 4}
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """_smskd_rows_tile_kernel: ROWS rows of BLOCK_C >= C columns per program."""
+
+    rows: int
+    block_c: int
+    num_warps: int
+
+
+@dataclass(frozen=True)
+class OnlineConfig:
+    """_smskd_rows_online_kernel: one row per program, BLOCK_C columns per step."""
+
+    block_c: int
+    num_warps: int
+
+
+ONLINE_CONFIGS: Tuple[OnlineConfig, ...] = (
+    OnlineConfig(1024, 4),
+    OnlineConfig(2048, 8),
+    OnlineConfig(4096, 8),
+    OnlineConfig(4096, 16),
+)
+# Not listed because they spill (benchmarks/results/triton_aot_report.md): 8192 columns with
+# 16 warps (the 128-register cap of 512 threads), 2048 with 4 warps (forward only, sm_80).
+DEFAULT_ONLINE_CONFIG = OnlineConfig(2048, 8)
+
+
+def power_of_two_at_least(size, smallest: int) -> int:
+    """The smallest power of two >= size and >= smallest, as a Python int.
+
+    size may be a SymInt (the ops are traced with symbolic shapes under
+    torch.compile(dynamic=True) and opcheck): comparisons guard on the power-of-two
+    bucket of C, so the choice is an int (hashable, a valid constexpr) and C stays
+    symbolic, where triton.next_power_of_2 would give a SymInt expression.
+    """
+    block = smallest
+    while block < size:
+        block *= 2
+    return block
+
+
+def tile_config(num_classes: int) -> TileConfig:
+    """The tile shape for C <= TILE_MAX_C: about 8 elements per thread and input (C may be a SymInt)."""
+    block_c = power_of_two_at_least(num_classes, 16)
+    rows = max(1, min(TILE_MAX_ROWS, TILE_ELEMENTS // block_c))
+    num_warps = TILE_WARPS_OVERRIDE.get(block_c, max(1, min(16, rows * block_c // 256)))
+    return TileConfig(rows, block_c, num_warps)
+
+
+def all_tile_configs() -> Tuple[TileConfig, ...]:
+    """Every tile configuration that tile_config can return."""
+    sizes = []
+    block_c = 16
+    while block_c <= TILE_MAX_C:
+        sizes.append(tile_config(block_c))
+        block_c *= 2
+    return tuple(sizes)
+
+
+def online_config(num_classes: int) -> OnlineConfig:
+    """The column block for C > TILE_MAX_C."""
+    return DEFAULT_ONLINE_CONFIG
+
+
+def row_alignment(*values: int) -> int:
+    """The largest power of two <= 16 that divides every value (C and the row strides)."""
+    align = 16
+    while align > 1 and any(value % align for value in values):
+        align //= 2
+    return align
+
+
+def kernels_interpreted() -> bool:
+    """Whether the kernels were built by Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernels._smskd_rows_online_kernel, InterpretedFunction)
+
+
+def check_targets_on_host(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """The interpreter ignores tl.device_assert (it has no debug mode), so check here instead."""
+    check_target_range(target, num_classes, ignore_index)
+
+
+def allocate_outputs(student: torch.Tensor, compute_grad: bool, grad_out: Optional[torch.Tensor]):
+    """The six fp32 per-row outputs and the gradient buffer ((0, C) without compute_grad)."""
+    num_rows, num_classes = student.shape
+    per_row = [torch.empty((num_rows,), dtype=torch.float32, device=student.device) for _ in range(6)]
+    if grad_out is not None:
+        grad = grad_out
+    elif compute_grad:
+        grad = torch.empty((num_rows, num_classes), dtype=student.dtype, device=student.device)
+    else:
+        grad = student.new_empty((0, num_classes))
+    return per_row, grad
+
+
+def check_targets(target: Optional[torch.Tensor], num_classes: int, ignore_index: int, wrap) -> None:
+    """Refuses a target outside [0, C) other than ignore_index: on the device, or on the host when interpreted."""
+    if target is None:
+        return
+    if kernels_interpreted():
+        check_targets_on_host(target, num_classes, ignore_index)
+    else:
+        wrap(kernels._check_targets_kernel)[(triton.cdiv(target.shape[0], CHECK_BLOCK),)](
+            target, target.shape[0], num_classes, ignore_index, BLOCK=CHECK_BLOCK,
+        )
+
+
+def launch_rows(
+    student: torch.Tensor,
+    target: Optional[torch.Tensor],
+    teacher: Optional[torch.Tensor],
+    reference: Optional[torch.Tensor],
+    temperature: float,
+    ce_weight: float,
+    kd_weight: float,
+    ref_weight: float,
+    weighting: str,
+    ignore_index: int,
+    compute_grad: bool,
+    grad_out: Optional[torch.Tensor] = None,
+    config: Optional[OnlineConfig] = None,
+    wrap=lambda kernel: kernel,
+):
+    """Runs the fused kernel on (N, C) rows; returns (loss, ce, kd, ref, tcp, weight, grad).
+
+    Logits are fp32, bf16 or fp16 with unit column stride; per-row outputs are fp32.
+    grad_out, when given, receives the gradient (it may be the student itself: each
+    program reads a block before it writes it). config forces an online
+    configuration (benchmark sweeps). wrap is torch.library.wrap_triton inside
+    the custom op, so that torch.compile sees the kernels.
+    """
+    num_rows, num_classes = student.shape
+    per_row, grad = allocate_outputs(student, compute_grad, grad_out)
+    if num_rows == 0:
+        return (*per_row, grad)
+    check_targets(target, num_classes, ignore_index, wrap)
+    dummy = student  # stands for absent tensors; the kernels never read it then
+    common = (
+        student,
+        dummy if teacher is None else teacher,
+        dummy if reference is None else reference,
+        dummy if target is None else target,
+        grad if compute_grad else dummy,
+        *per_row,
+    )
+    strides = (
+        student.stride(0),
+        0 if teacher is None else teacher.stride(0),
+        0 if reference is None else reference.stride(0),
+        grad.stride(0) if compute_grad else 0,
+    )
+    scalars = (float(temperature), float(ce_weight), float(kd_weight), float(ref_weight), int(ignore_index))
+    flags = dict(
+        ROW_ALIGN=row_alignment(num_classes, *strides),
+        HAS_TARGET=target is not None,
+        HAS_TEACHER=teacher is not None,
+        HAS_REFERENCE=reference is not None,
+        WEIGHTING=kernels.WEIGHTING_CODES[weighting],
+        COMPUTE_GRAD=bool(compute_grad),
+    )
+    if config is None and num_classes <= TILE_MAX_C:
+        tile = tile_config(num_classes)
+        wrap(kernels._smskd_rows_tile_kernel)[(triton.cdiv(num_rows, tile.rows),)](
+            *common, num_rows, num_classes, *strides, *scalars, **flags,
+            ROWS=tile.rows, BLOCK_C=tile.block_c, num_warps=tile.num_warps,
+        )
+    else:
+        online = config or online_config(num_classes)
+        wrap(kernels._smskd_rows_online_kernel)[(num_rows,)](
+            *common, num_classes, *strides, *scalars, **flags,
+            BLOCK_C=online.block_c, num_warps=online.num_warps,
+        )
+    return (*per_row, grad)

@@ -1,0 +1,265 @@
+"""Shared pieces of the loss benchmarks: the shape grid, the eager baseline, timing and memory.
+
+benchmarks/bench_cpu_loss.py (pytest-benchmark), benchmarks/cpu_loss_table.py (JSON and
+Markdown into benchmarks/results/) and the `smskd-fast bench` demo all measure the same
+thing with these helpers: our fused op against the composition of torch.nn.functional
+calls that computes the same loss and gradient, eagerly and under torch.compile.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from smskd_fast.loss.functional import smskd_loss
+
+SHAPES: Tuple[Tuple[int, int], ...] = ((4096, 100), (4096, 1000), (1024, 32000), (256, 128256))
+DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+MODES: Tuple[str, ...] = ("forward", "forward+backward")
+METHODS: Tuple[str, ...] = ("smskd_fast", "eager", "torch.compile")
+TEMPERATURE = 4.0
+
+
+def eager_smskd_loss(student: torch.Tensor, target: torch.Tensor, teacher: torch.Tensor,
+                     reference: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """The default SMSKD loss (mean reduction, inverse_tcp weighting) from torch.nn.functional.
+
+    Computed in float32 like our kernels, so that bf16 inputs get the same accuracy.
+    """
+    T = temperature
+    student = student.float()
+    log_q = F.log_softmax(student / T, dim=-1)
+    ce = F.cross_entropy(student, target)
+    kd = F.kl_div(log_q, F.log_softmax(teacher.float() / T, dim=-1), log_target=True, reduction="batchmean")
+    with torch.no_grad():
+        tcp = F.softmax(teacher.float(), dim=-1).gather(-1, target[:, None]).squeeze(-1)
+    per_row_ref = F.kl_div(log_q, F.log_softmax(reference.float() / T, dim=-1), log_target=True,
+                           reduction="none").sum(-1)
+    return ce + T * T * kd + T * T * ((1 - tcp) * per_row_ref).mean()
+
+
+def fused_smskd_loss(student: torch.Tensor, target: torch.Tensor, teacher: torch.Tensor,
+                     reference: torch.Tensor, temperature: float = TEMPERATURE,
+                     backend: str = "auto") -> torch.Tensor:
+    """The same loss through smskd_fast.smskd_loss."""
+    return smskd_loss(student, target, teacher, reference, temperature=temperature, backend=backend).loss
+
+
+_COMPILED: Dict[str, Callable] = {}
+
+
+def loss_function(method: str, backend: str = "auto") -> Callable[..., torch.Tensor]:
+    """The loss callable of a method: "smskd_fast", "eager" or "torch.compile" (of eager)."""
+    if method == "smskd_fast":
+        return lambda *args: fused_smskd_loss(*args, backend=backend)
+    if method == "eager":
+        return eager_smskd_loss
+    if method == "torch.compile":
+        if "eager" not in _COMPILED:
+            _COMPILED["eager"] = torch.compile(eager_smskd_loss, fullgraph=True, dynamic=False)
+        return _COMPILED["eager"]
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def make_inputs(n: int, c: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
+    """Student, target, teacher and reference logits of shape (n, c), like a classifier's."""
+    generator = torch.Generator().manual_seed(seed)
+    student, teacher, reference = (
+        (torch.randn(n, c, generator=generator) * 3).to(device, dtype) for _ in range(3)
+    )
+    target = torch.randint(0, c, (n,), generator=generator).to(device)
+    return student, target, teacher, reference
+
+
+def make_step(method: str, mode: str, inputs, backend: str = "auto") -> Callable[[], torch.Tensor]:
+    """One call of the loss (mode "forward") or of the loss and its gradient ("forward+backward")."""
+    student, target, teacher, reference = inputs
+    fn = loss_function(method, backend)
+    if mode == "forward":
+        student = student.detach()
+
+        def forward() -> torch.Tensor:
+            with torch.no_grad():
+                return fn(student, target, teacher, reference)
+        return forward
+    if mode != "forward+backward":
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    student = student.detach().requires_grad_(True)
+
+    def forward_backward() -> torch.Tensor:
+        loss = fn(student, target, teacher, reference)
+        (grad,) = torch.autograd.grad(loss, student)
+        return grad
+    return forward_backward
+
+
+def interleaved_seconds(steps: Dict[str, Callable[[], object]], repeats: int,
+                        warmup: int = 1) -> Dict[str, List[float]]:
+    """Wall times of each step over repeats rounds; each round runs every step once, in turn,
+    so that a change in the machine's load (other processes) affects all steps alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def prepare_memory_measurement() -> None:
+    """Makes glibc map every allocation of 64 KiB or more on its own, so that freeing
+    it lowers the resident size at once and the peak resident size is a peak of tensors."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 64 * 1024)
+
+
+def peak_memory_supported() -> bool:
+    """Peak memory is read from Linux's resettable peak resident size (VmHWM)."""
+    return sys.platform.startswith("linux")
+
+
+def peak_extra_bytes(step: Callable[[], object]) -> int:
+    """Peak resident memory of one step() beyond what was resident before it (inputs),
+    counting what it returns (e.g. the gradient). Linux only; call step() once before."""
+    prepare_memory_measurement()
+    gc.collect()
+    before = _status_bytes("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current resident size
+    result = step()
+    peak = _status_bytes("VmHWM:")
+    del result
+    return max(peak - before, 0)
+
+
+@dataclass
+class Measurement:
+    n: int
+    c: int
+    dtype: str
+    mode: str
+    method: str
+    median_ms: float
+    min_ms: float
+    peak_extra_mib: Optional[float]
+    gradient_mib: float  # one N x C buffer in the input dtype, the memory target's unit
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_group(n: int, c: int, dtype: torch.dtype, mode: str, methods: Sequence[str], repeats: int,
+                  backend: str = "auto", with_memory: bool = True) -> List[Measurement]:
+    """Time (interleaved) and peak extra memory of each method on one shape, dtype and mode."""
+    if with_memory and peak_memory_supported():
+        prepare_memory_measurement()  # before any allocation, so that memory is comparable
+    if "torch.compile" in methods:
+        # A fresh compilation per shape: dynamo's per-function recompile limit is
+        # otherwise reached on a long grid (fullgraph=True then fails).
+        torch._dynamo.reset()
+        _COMPILED.clear()
+    inputs = make_inputs(n, c, dtype)
+    steps = {method: make_step(method, mode, inputs, backend) for method in methods}
+    times = interleaved_seconds(steps, repeats)
+    element = torch.empty((), dtype=dtype).element_size()
+    results = []
+    for method, step in steps.items():
+        peak = peak_extra_bytes(step) / 2**20 if with_memory and peak_memory_supported() else None
+        results.append(Measurement(n, c, str(dtype).replace("torch.", ""), mode, method,
+                                   statistics.median(times[method]) * 1e3, min(times[method]) * 1e3,
+                                   peak, n * c * element / 2**20))
+    return results
+
+
+def run_grid(shapes: Sequence[Tuple[int, int]] = SHAPES, dtypes: Iterable[torch.dtype] = DTYPES,
+             modes: Iterable[str] = MODES, methods: Sequence[str] = METHODS, repeats: int = 5,
+             backend: str = "auto", with_memory: bool = True,
+             progress: Optional[Callable[[Measurement], None]] = None) -> List[Measurement]:
+    """Every (shape, dtype, mode) of the grid, with all methods measured side by side."""
+    results = []
+    for n, c in shapes:
+        for dtype in dtypes:
+            for mode in modes:
+                for result in measure_group(n, c, dtype, mode, methods, repeats, backend, with_memory):
+                    results.append(result)
+                    if progress is not None:
+                        progress(result)
+    return results
+
+
+def speedups(results: Sequence[Measurement], method: str = "smskd_fast") -> List[dict]:
+    """For each (shape, dtype, mode): method's time and memory next to each other method's, as ratios."""
+    grouped: Dict[tuple, Dict[str, Measurement]] = {}
+    for r in results:
+        grouped.setdefault((r.n, r.c, r.dtype, r.mode), {})[r.method] = r
+    rows = []
+    for (n, c, dtype, mode), by_method in grouped.items():
+        ours = by_method.get(method)
+        if ours is None:
+            continue
+        row = {"n": n, "c": c, "dtype": dtype, "mode": mode, f"{method}_ms": ours.median_ms,
+               f"{method}_min_ms": ours.min_ms, f"{method}_peak_mib": ours.peak_extra_mib,
+               "gradient_mib": ours.gradient_mib}
+        for other, measurement in by_method.items():
+            if other == method:
+                continue
+            row[f"{other}_ms"] = measurement.median_ms
+            row[f"{other}_min_ms"] = measurement.min_ms
+            row[f"{other}_peak_mib"] = measurement.peak_extra_mib
+            row[f"speedup_vs_{other}"] = measurement.median_ms / ours.median_ms
+            row[f"min_speedup_vs_{other}"] = measurement.min_ms / ours.min_ms
+        rows.append(row)
+    return rows
+
+
+def write_results(out: Optional[Path], header: str, table: str, results: List[dict]) -> None:
+    """Prints the Markdown table and, given out, writes out.json (header, command, results) and
+    out.md (the command and the table) beside each other, as benchmarks/results/ keeps them."""
+    print(table)
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"header": header, "command": sys.argv, "results": results},
+                                                   indent=1))
+    out.with_suffix(".md").write_text(f"Command: `python {' '.join(sys.argv)}`\n\n{table}\n")
+
+
+def git_commit() -> str:
+    """The commit of the checkout this package runs from, "+dirty" with uncommitted changes:
+    every result file records it, whatever the working directory of the run. SMSKD_COMMIT
+    names it where the tree is a copy without .git (the GPU machine); "unknown" without git."""
+    if os.environ.get("SMSKD_COMMIT"):
+        return os.environ["SMSKD_COMMIT"]
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(commit) and bool(git("status", "--porcelain", "--untracked-files=no"))
+    except OSError:  # no git on this machine
+        return "unknown"
+    return (commit or "unknown") + ("+dirty" if dirty else "")

@@ -1,0 +1,170 @@
+"""The public functional loss API (SPEC.md section 4) and its dispatch to backends.
+
+This module validates the arguments, flattens (..., C) logits to rows, hands the
+rows to the chosen backend and applies the reduction. Backends only ever see
+2-D rows and validated options.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from smskd_fast.loss import validation
+from smskd_fast.backends import resolve_backend
+from smskd_fast.backends.base import LossOptions, RowInputs, RowOutputs
+from smskd_fast.backends.topk import TopKTeacher
+
+__all__ = ["SMSKDLossOutput", "smskd_loss", "kd_loss", "true_class_probability"]
+
+
+@dataclass
+class SMSKDLossOutput:
+    """Result of smskd_loss.
+
+    loss is differentiable with respect to student_logits only. ce, kd and ref
+    are the unweighted terms (ref includes each row's weight), reduced like
+    loss and detached. tcp and weight are per row with the target's shape.
+    """
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kd: torch.Tensor
+    ref: torch.Tensor
+    tcp: torch.Tensor
+    weight: torch.Tensor
+
+
+def _rows(logits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if logits is None else logits.reshape(-1, logits.shape[-1])
+
+
+def _reduce(values: torch.Tensor, valid_rows: Union[torch.Tensor, int], reduction: str,
+            leading: tuple) -> torch.Tensor:
+    """Mean over valid rows (0 when there are none), sum, or per row."""
+    if reduction == "none":
+        return values.reshape(leading)
+    total = values.sum()
+    if reduction == "sum":
+        return total
+    if isinstance(valid_rows, int):
+        return total / max(valid_rows, 1)
+    return total / valid_rows.clamp(min=1).to(values.dtype)
+
+
+def _run(
+    student_logits: torch.Tensor,
+    target: Optional[torch.Tensor],
+    teacher_logits: Optional[torch.Tensor],
+    reference_logits: Optional[torch.Tensor],
+    options: LossOptions,
+    backend: str,
+    teacher_topk: Optional[TopKTeacher] = None,
+) -> RowOutputs:
+    inputs = RowInputs(
+        student=_rows(student_logits),
+        target=None if target is None else target.reshape(-1),
+        teacher=_rows(teacher_logits),
+        reference=_rows(reference_logits),
+        teacher_topk=None if teacher_topk is None else teacher_topk.rows(),
+    )
+    chosen = resolve_backend(backend, student_logits.device, student_logits.dtype, student_logits.shape[-1],
+                             topk=teacher_topk is not None)
+    return chosen.rows(inputs, options)
+
+
+def smskd_loss(
+    student_logits: torch.Tensor,
+    target: torch.Tensor,
+    teacher_logits: Optional[torch.Tensor] = None,
+    reference_logits: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 4.0,
+    ce_weight: float = 1.0,
+    kd_weight: float = 1.0,
+    ref_weight: float = 1.0,
+    weighting: str = "inverse_tcp",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+    overwrite_student_logits: bool = False,
+    teacher_topk: Optional[TopKTeacher] = None,
+) -> SMSKDLossOutput:
+    """CE + KD to the teacher + TCP-weighted KL to the reference, fused per row.
+
+    L_i = ce_weight*CE_i + kd_weight*T^2*KL(p_t||p_s) + ref_weight*T^2*w_i*KL(p_r||p_s)
+    with p = softmax(logits/T) and w_i from the teacher's true-class probability
+    (SPEC.md section 2). Logits have shape (..., C), target the leading shape.
+    Rows whose target is ignore_index count for nothing; "mean" divides by the
+    number of other rows and is 0 (not NaN) when there are none.
+    overwrite_student_logits=True lets a GPU backend store the gradient in the
+    student logits' memory instead of a new N x C buffer; their values are then
+    lost, so allow it only when nothing reads them after this call.
+    teacher_topk (instead of teacher_logits) gives the teacher in the top-k form
+    of a logit cache; TCP stays exact and KD follows smskd_fast/backends/topk.py.
+    """
+    validation.check_logits("student_logits", student_logits)
+    validation.check_companion_logits("teacher_logits", teacher_logits, student_logits)
+    validation.check_companion_logits("reference_logits", reference_logits, student_logits)
+    validation.check_target(target, student_logits, ignore_index)
+    validation.check_options(
+        temperature, reduction, weighting,
+        {"ce_weight": ce_weight, "kd_weight": kd_weight, "ref_weight": ref_weight},
+    )
+    validation.check_teacher_topk(teacher_topk, teacher_logits, student_logits, temperature)
+    validation.check_weighting_has_tcp(weighting, teacher_logits if teacher_topk is None else teacher_topk,
+                                       reference_logits)
+    options = LossOptions(float(temperature), float(ce_weight), float(kd_weight), float(ref_weight),
+                          weighting, int(ignore_index), bool(overwrite_student_logits))
+    rows = _run(student_logits, target, teacher_logits, reference_logits, options, backend, teacher_topk)
+
+    leading = tuple(target.shape)
+    valid_rows = (target != ignore_index).sum()
+    return SMSKDLossOutput(
+        loss=_reduce(rows.loss, valid_rows, reduction, leading),
+        ce=_reduce(rows.ce, valid_rows, reduction, leading),
+        kd=_reduce(rows.kd, valid_rows, reduction, leading),
+        ref=_reduce(rows.ref, valid_rows, reduction, leading),
+        tcp=rows.tcp.reshape(leading),
+        weight=rows.weight.reshape(leading),
+    )
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 4.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+    overwrite_student_logits: bool = False,
+) -> torch.Tensor:
+    """Hinton's KD term alone: T^2 * KL(softmax(t/T) || softmax(s/T)) per row.
+
+    "mean" averages over rows (all leading dimensions flattened), which for 2-D
+    logits equals T^2 * F.kl_div(log_softmax(s/T), softmax(t/T), reduction="batchmean").
+    """
+    validation.check_logits("student_logits", student_logits)
+    if teacher_logits is None:
+        raise ValueError("teacher_logits must be a tensor for kd_loss, got None")
+    validation.check_companion_logits("teacher_logits", teacher_logits, student_logits)
+    validation.check_options(temperature, reduction, "constant", {})
+    options = LossOptions(float(temperature), ce_weight=0.0, kd_weight=1.0, ref_weight=0.0,
+                          weighting="constant", overwrite_student_logits=bool(overwrite_student_logits))
+    rows = _run(student_logits, None, teacher_logits, None, options, backend)
+    leading = tuple(student_logits.shape[:-1])
+    return _reduce(rows.loss, rows.loss.shape[0], reduction, leading)
+
+
+@torch.no_grad()
+def true_class_probability(teacher_logits: torch.Tensor, target: torch.Tensor,
+                           *, ignore_index: int = -100) -> torch.Tensor:
+    """TCP_i = softmax(t_i)[y_i] at temperature 1, in float32 (float64 for float64 input); 0 on ignored rows."""
+    validation.check_logits("teacher_logits", teacher_logits)
+    validation.check_target(target, teacher_logits, ignore_index)
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target)).long().unsqueeze(-1)
+    acc = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
+    tcp = torch.softmax(teacher_logits.to(acc), dim=-1).gather(-1, safe_target).squeeze(-1)
+    return torch.where(valid, tcp, torch.zeros_like(tcp))

@@ -1,0 +1,214 @@
+"""Argument checks for the public loss API: one clear error per bad input.
+
+Each message names the argument and what was expected, so that a user sees what
+to fix without reading a kernel's stack trace.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from smskd_fast.backends.base import WEIGHTINGS
+
+REDUCTIONS = ("mean", "sum", "none")
+FLOATING_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_logits(name: str, logits: torch.Tensor) -> None:
+    """Logits must be a floating tensor with at least one dimension (the classes)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in FLOATING_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float64, float32, bfloat16 or float16), got {logits.dtype}"
+        )
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape (..., C) with C >= 1, got {tuple(logits.shape)}")
+
+
+def check_companion_logits(name: str, logits: Optional[torch.Tensor], student: torch.Tensor) -> None:
+    """Teacher or reference logits must match the student's shape, dtype and device."""
+    if logits is None:
+        return
+    check_logits(name, logits)
+    if logits.shape != student.shape:
+        raise ValueError(
+            f"{name} must have the student_logits' shape {tuple(student.shape)}, got {tuple(logits.shape)}"
+        )
+    if logits.dtype != student.dtype:
+        raise TypeError(
+            f"{name} must have the student_logits' dtype {student.dtype}, got {logits.dtype}; "
+            "cast all logits to one dtype"
+        )
+    if logits.device != student.device:
+        raise ValueError(
+            f"{name} must be on the student_logits' device {student.device}, got {logits.device}"
+        )
+
+
+def check_target(target: torch.Tensor, student: torch.Tensor, ignore_index: int) -> None:
+    """Target: integer class indices with the logits' leading shape, in [0, C) or ignore_index."""
+    check_class_indices(target, tuple(student.shape[:-1]), student.shape[-1], student.device,
+                        ignore_index, owner="student_logits")
+
+
+def check_class_indices(target: torch.Tensor, leading: tuple, num_classes: int, device: torch.device,
+                        ignore_index: int, *, owner: str) -> None:
+    """Target of shape leading with values in [0, num_classes) or ignore_index, on device."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor of class indices, got {target.dtype}")
+    if tuple(target.shape) != leading:
+        raise ValueError(f"target must have the leading shape {leading} of {owner}, got {tuple(target.shape)}")
+    if target.device != device:
+        possessive = f"{owner}'" if owner.endswith("s") else f"{owner}'s"
+        raise ValueError(f"target must be on the {possessive} device {device}, got {target.device}")
+    # A data-dependent check needs the values on the host: done eagerly on the
+    # CPU; CUDA kernels check on the device instead, and compiled graphs rely on
+    # the kernels' own checks.
+    if target.device.type == "cpu" and not torch.compiler.is_compiling() and target.numel() > 0:
+        check_target_range(target, num_classes, ignore_index)
+
+
+def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Every target in [0, num_classes) or equal to ignore_index (reads the values on the host)."""
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        first = int(target[bad].flatten()[0])
+        raise ValueError(
+            f"target values must be in [0, {num_classes}) or equal ignore_index={ignore_index}, "
+            f"found {first}"
+        )
+
+
+def check_options(temperature: float, reduction: str, weighting: str, weights: dict) -> None:
+    """Scalar options: T > 0, known reduction and weighting, finite loss weights."""
+    if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature != temperature:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if temperature == float("inf"):
+        raise ValueError("temperature must be finite, got inf")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    for name, value in weights.items():
+        if not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_teacher_topk(teacher_topk, teacher_logits: Optional[torch.Tensor], student: torch.Tensor,
+                       temperature: Optional[float] = None) -> None:
+    """A top-k teacher replaces teacher_logits and must fit the student's rows and classes.
+
+    Its indices must be distinct within a row (a repeated class would count its
+    probability twice) and in [0, C): checked on the host for CPU tensors, by a
+    device-side assertion (no host sync) elsewhere; compiled graphs skip both,
+    like the target's range check. Given the loss temperature, CPU rows are also
+    checked to be a distribution's top k (see check_topk_kept_mass).
+    """
+    if teacher_topk is None:
+        return
+    if teacher_logits is not None:
+        raise ValueError("give the teacher either as teacher_logits or as teacher_topk, not both")
+    leading, num_classes = tuple(student.shape[:-1]), student.shape[-1]
+    k = teacher_topk.values.shape[-1] if teacher_topk.values.dim() else 0
+    for name, tensor, shape in (("values", teacher_topk.values, leading + (k,)),
+                                ("indices", teacher_topk.indices, leading + (k,)),
+                                ("true_logit", teacher_topk.true_logit, leading),
+                                ("log_sum_exp", teacher_topk.log_sum_exp, leading),
+                                ("log_sum_exp_at_temperature", teacher_topk.log_sum_exp_at_temperature, leading)):
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"teacher_topk.{name} must have shape {shape} for student_logits "
+                             f"{tuple(student.shape)}, got {tuple(tensor.shape)}")
+        if tensor.device != student.device:
+            raise ValueError(f"teacher_topk.{name} must be on the student_logits' device {student.device}, "
+                             f"got {tensor.device}")
+        if name != "indices" and not tensor.dtype.is_floating_point:
+            raise TypeError(f"teacher_topk.{name} must be a floating tensor, got {tensor.dtype}")
+    if not 1 <= k <= num_classes:
+        raise ValueError(f"teacher_topk must keep between 1 and C={num_classes} classes per row, got {k}")
+    indices = teacher_topk.indices
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(f"teacher_topk.indices must be an integer tensor, got {indices.dtype}")
+    if torch.compiler.is_compiling() or indices.numel() == 0:
+        return
+    if indices.device.type == "cpu":
+        check_topk_indices(indices, num_classes)
+        if temperature is not None:
+            check_topk_kept_mass(teacher_topk, temperature)
+    else:
+        assert_topk_indices_async(indices, num_classes)
+
+
+def _row_name(bad_rows: torch.Tensor) -> str:
+    """'row 3', or 'row (1, 2)' for more than one leading dimension, of the first True in bad_rows
+    ('the row' for logits of shape (C,))."""
+    if bad_rows.dim() == 0:
+        return "the row"
+    first = torch.nonzero(bad_rows)[0].tolist()
+    return f"row {first[0]}" if len(first) == 1 else f"row {tuple(first)}"
+
+
+def _repeats(indices: torch.Tensor) -> torch.Tensor:
+    """Per row (..., k): whether some class occurs twice."""
+    ordered = indices.sort(dim=-1).values
+    return (ordered[..., 1:] == ordered[..., :-1]).any(dim=-1)
+
+
+def check_topk_indices(indices: torch.Tensor, num_classes: int) -> None:
+    """Top-k indices (..., k) in [0, num_classes) and distinct within each row (reads them on the host)."""
+    bad = (indices < 0) | (indices >= num_classes)
+    if bool(bad.any()):
+        # indices[bad] lists the bad values in row-major order: its first is in the first bad row.
+        raise ValueError(f"teacher_topk.indices must be in [0, {num_classes}), found {int(indices[bad][0])} "
+                         f"in {_row_name(bad.any(dim=-1))}")
+    repeated = _repeats(indices)
+    if bool(repeated.any()):
+        raise ValueError(f"teacher_topk.indices must be distinct within a row (a repeated class counts its "
+                         f"probability twice), {_row_name(repeated)} repeats a class")
+
+
+def assert_topk_indices_async(indices: torch.Tensor, num_classes: int) -> None:
+    """The same checks as check_topk_indices as device-side assertions: no host sync, the
+    error surfaces at a later synchronisation (on CUDA, as a device-side assert)."""
+    torch._assert_async(((indices >= 0) & (indices < num_classes)).all(),
+                        f"teacher_topk.indices must be in [0, {num_classes})")
+    torch._assert_async(~_repeats(indices).any(), "teacher_topk.indices must be distinct within a row")
+
+
+# Allowed excess of log(sum of the kept probabilities) over 0, per unit of |value|/T:
+# two half-ulps of float16 (2^-11 each), the coarsest storage of a logit cache, so
+# that rounding of stored values never trips the check.
+KEPT_MASS_LOG_SLACK_PER_LOGIT = 2.0 ** -10
+KEPT_MASS_LOG_SLACK = 1e-4
+
+
+def check_topk_kept_mass(teacher_topk, temperature: float) -> None:
+    """The kept probabilities exp(v/T - log_sum_exp_at_temperature) sum to at most 1.
+
+    More than 1 (beyond what rounding of stored values explains) means the
+    log-sum-exp does not belong to these values at this temperature, most often
+    a cache built for another temperature; the loss would silently clamp the
+    rest's mass to 0. Costs O(N k) on the host.
+    """
+    values = teacher_topk.values.double() / temperature
+    log_kept_mass = torch.logsumexp(values, dim=-1) - teacher_topk.log_sum_exp_at_temperature.double()
+    slack = KEPT_MASS_LOG_SLACK + KEPT_MASS_LOG_SLACK_PER_LOGIT * values.abs().amax(dim=-1)
+    too_much = log_kept_mass > slack
+    if bool(too_much.any()):
+        mass = float(log_kept_mass[too_much][0].exp())
+        raise ValueError(f"teacher_topk's kept probabilities exp(values/T - log_sum_exp_at_temperature) sum to "
+                         f"{mass:.6g} > 1 in {_row_name(too_much)} at temperature {temperature}: "
+                         "log_sum_exp_at_temperature must be the log-sum-exp of the full teacher row at the "
+                         "loss temperature (was the cache built for another temperature?)")
+
+
+def check_weighting_has_tcp(weighting: str, teacher, reference: Optional[torch.Tensor]) -> None:
+    """A TCP-based weighting of the reference term needs the teacher's logits."""
+    if reference is not None and teacher is None and weighting != "constant":
+        raise ValueError(
+            f"weighting={weighting!r} computes each row's weight from the teacher's true-class "
+            "probability, so it needs teacher_logits; pass teacher_logits or use weighting='constant'"
+        )

@@ -13,10 +13,11 @@
 #    which also appends one line per test outcome, with the failure's first lines, to
 #    $OUT/test_progress.txt as the run goes: a run cut by the time box still says what failed
 #    and why. The whole pytest step gets SIGINT at its budget, so the junit file is still written;
-# 3. the forward+backward speed table (benchmarks/gpu/bench_grid.py) in the time that is left.
-# Writes to $OUT (default benchmarks/results/gpu_<date>), 6 files (the device tool returns at
-# most 8): run_all.log, test_progress.txt, tests.xml, bench_results.json, bench_summary.md,
-# bench_plot.png. Wheels in .whl/ are installed to /tmp/site first: expecttest (for
+# 3. issue 17's speed table (benchmarks/gpu/speed_of_light.py: eager, torch.compile, Liger, cuda,
+#    triton, dense and top-k, % of copy bandwidth, missed targets) in the time that is left.
+# Writes to $OUT (default benchmarks/results/gpu_<date>), 5 files (the device tool returns at
+# most 8): run_all.log, test_progress.txt, tests.xml, speed_of_light.json, speed_of_light.md.
+# (benchmarks/gpu/bench_grid.py, the wider grid with the online-config sweep, runs on its own.) Wheels in .whl/ are installed to /tmp/site first: expecttest (for
 # torch.testing helpers that import it; opcheck itself does not), liger-kernel (the Liger
 # column of the table). Fill .whl/ on a machine with an index:
 #   pip download --no-deps -d .whl expecttest==0.3.0 liger-kernel==0.8.5
@@ -92,13 +93,13 @@ awk '$1 !~ /^#/ { split($4, id, "::"); n[id[1] " " $1]++ } END { for (k in n) pr
   | sort -k2,2 -k3,3 | awk '{ printf "  %-45s %-8s %5d\n", $2, $3, $1 }'
 grep -E "^(FAILED|ERROR)" "$PROGRESS" 2>/dev/null | cut -c1-400 | head -n 60
 
-step "speed table (benchmarks/gpu/bench_grid.py)"
+step "speed table (benchmarks/gpu/speed_of_light.py)"
 if [ -n "$ARCH" ]; then
   DEADLINE=$(( $(left) - 25 )); [ "$DEADLINE" -lt 20 ] && DEADLINE=20
-  timeout -k 5 $(( DEADLINE + 20 )) $PY benchmarks/gpu/bench_grid.py --out "$OUT" --deadline "$DEADLINE" \
+  timeout -k 5 $(( DEADLINE + 20 )) $PY benchmarks/gpu/speed_of_light.py --out "$OUT" --deadline "$DEADLINE" \
     || echo "benchmark failed or timed out (partial results are in $OUT)"
 else
-  echo "skipped: no GPU (benchmarks/gpu/bench_grid.py --dry-run runs it on the CPU)"
+  echo "skipped: no GPU (benchmarks/gpu/speed_of_light.py --dry-run runs it on the CPU)"
 fi
 
 step "done"

@@ -1,0 +1,198 @@
+"""Issue 17's table: the fused loss against the memory floor, torch.compile and Liger, in one run.
+
+For each shape and dtype, forward+backward of the mean SMSKD loss (target, teacher, reference,
+T = 2; bench_grid's implementations): eager, torch.compile of the eager composition, the Liger
+composition (CE + 2 KL), cuda and triton with the dense teacher, and cuda/triton with the teacher
+in top-k form (k = 64; no compiled or Liger top-k exists, so those columns compare with the dense
+baselines a user would otherwise run). Per fused backend: ms, % of the measured copy bandwidth on
+floor bytes (N*C*(3 reads + 1 write)*element size dense; N*C*(2 reads + 1 write) top-k), and the
+speed-up over torch.compile and over Liger. Then every target of the issue that is missed:
+  cuda >= 80% and triton >= 65% of copy bandwidth for C >= 32000,
+  both >= 1.2x torch.compile and >= 4x Liger at every shape.
+Every row is written as it is measured (a run cut short keeps what it has), to --out:
+speed_of_light.json (rows in the format measure_backend_choice.py --from-bench reads) and
+speed_of_light.md (the table, device, date, commit, command).
+
+  python benchmarks/gpu/speed_of_light.py --out benchmarks/results/gpu_speed_of_light_<date>
+  python benchmarks/gpu/speed_of_light.py --dry-run --out /tmp/sol   # CPU, tiny shapes, TRITON_INTERPRET=1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import bench_grid  # noqa: E402  (first: it sets TRITON_INTERPRET for --dry-run before triton loads)
+import torch  # noqa: E402
+
+import smskd_fast  # noqa: E402
+
+SHAPES: Tuple[Tuple[int, int], ...] = ((65536, 100), (16384, 1000), (8192, 32000), (4096, 128256), (1024, 262144))
+DRY_RUN_SHAPES: Tuple[Tuple[int, int], ...] = ((64, 100), (8, 5000))
+DTYPES = (torch.bfloat16, torch.float32)
+BASELINES = ("eager", "compiled", "liger")
+FUSED = ("cuda", "triton")
+TOPK = ("cuda_topk", "triton_topk")
+# The issue's targets.
+COPY_SHARE_TARGET = {"cuda": 0.80, "triton": 0.65}
+COPY_TARGET_MIN_CLASSES = 32000
+OVER_COMPILED_TARGET = 1.2
+OVER_LIGER_TARGET = 4.0
+
+
+def floor_bytes(impl: str, n: int, c: int, dtype: torch.dtype) -> int:
+    """Bytes a loss must move at least: the N x C streams it reads and the gradient it writes."""
+    streams = 3 if impl.endswith("_topk") else 4
+    return n * c * streams * torch.empty((), dtype=dtype).element_size()
+
+
+def row_key(row: Dict) -> Tuple[str, int, int]:
+    return row["dtype"], row["N"], row["C"]
+
+
+def missed_targets(rows: Sequence[Dict], copy_gbps: float) -> List[str]:
+    """Each of the issue's targets that the measured rows miss, one line each (measured rows only)."""
+    by_key: Dict[Tuple[str, int, int], Dict[str, float]] = {}
+    for row in rows:
+        if row.get("ms"):
+            by_key.setdefault(row_key(row), {})[row["impl"]] = row["ms"]
+    missed = []
+    for (dtype, n, c), times in sorted(by_key.items()):
+        shape = f"{n}x{c} {dtype}"
+        for impl in FUSED + TOPK:
+            ms = times.get(impl)
+            if ms is None:
+                continue
+            backend = impl.split("_")[0]
+            share = floor_bytes(impl, n, c, getattr(torch, dtype)) / (ms * 1e-3) / 1e9 / copy_gbps
+            if c >= COPY_TARGET_MIN_CLASSES and share < COPY_SHARE_TARGET[backend]:
+                missed.append(f"{shape} {impl}: {100 * share:.0f}% of copy < {100 * COPY_SHARE_TARGET[backend]:.0f}%")
+            for baseline, target in (("compiled", OVER_COMPILED_TARGET), ("liger", OVER_LIGER_TARGET)):
+                if baseline in times and times[baseline] / ms < target:
+                    missed.append(f"{shape} {impl}: {times[baseline] / ms:.2f}x {baseline} < {target}x")
+    return missed
+
+
+def table(rows: Sequence[Dict], copy_gbps: float) -> str:
+    """One line per shape and dtype: baselines in ms, each fused backend as ms (% copy, x compile, x Liger)."""
+    by_key: Dict[Tuple[str, int, int], Dict[str, Dict]] = {}
+    for row in rows:
+        by_key.setdefault(row_key(row), {})[row["impl"]] = row
+    head = ["N x C, dtype", *BASELINES, *FUSED, *TOPK]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (dtype, n, c), impls in sorted(by_key.items(), key=lambda item: (item[0][0], item[0][2])):
+        cells = [f"{n}x{c} {dtype}"]
+        for impl in BASELINES:
+            row = impls.get(impl, {})
+            cells.append(f"{row['ms']:.3f}" if row.get("ms") else row.get("error", "-"))
+        for impl in FUSED + TOPK:
+            row = impls.get(impl, {})
+            if not row.get("ms"):
+                cells.append(row.get("error", "-"))
+                continue
+            ms = row["ms"]
+            parts = []
+            if copy_gbps == copy_gbps:  # NaN in a dry run: no copy bandwidth on the CPU
+                share = floor_bytes(impl, n, c, getattr(torch, dtype)) / (ms * 1e-3) / 1e9 / copy_gbps
+                parts.append(f"{100 * share:.0f}%")
+            for baseline, label in (("compiled", "compile"), ("liger", "Liger")):
+                if impls.get(baseline, {}).get("ms"):
+                    parts.append(f"{impls[baseline]['ms'] / ms:.2f}x {label}")
+            cells.append(f"{ms:.3f} ({', '.join(parts)})" if parts else f"{ms:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(results: Dict) -> str:
+    env, copy = results["environment"], results["copy_GBps"]
+    missed = missed_targets(results["rows"], copy) if copy == copy else ["not evaluated: no copy bandwidth (dry run)"]
+    return "\n".join([
+        f"# Fused SMSKD loss against the memory floor on {env['device']}", "",
+        f"{env['date']}; commit {env['commit']}; torch {env['torch']}; triton {env['triton']}; "
+        f"copy bandwidth {copy:.0f} GB/s (read + write). Command: `{results['command']}`.",
+        "Forward + backward of the mean loss, T = 2, triton do_bench median in ms; fused columns: "
+        "(% of copy bandwidth on floor bytes, speed-up over torch.compile, over Liger). Top-k: k = 64, "
+        "its ratios against the dense baselines.", "",
+        table(results["rows"], copy), "",
+        f"## Targets missed ({len(missed)})", "", *(f"- {line}" for line in missed or ["none"]),
+        "", "Skipped: " + (", ".join(results["skipped"]) or "nothing"), ""])
+
+
+def write(results: Dict, out: Path) -> None:
+    (out / "speed_of_light.json").write_text(json.dumps(results, indent=1))
+    (out / "speed_of_light.md").write_text(report(results))
+
+
+def implementations(dry_run: bool) -> Dict[str, Callable[[], Callable]]:
+    return {
+        "eager": lambda: bench_grid.eager_smskd,
+        "compiled": lambda: torch.compile(bench_grid.eager_smskd, dynamic=True,
+                                          backend="eager" if dry_run else "inductor"),
+        "liger": bench_grid.liger_loss_factory,
+        "cuda": lambda: bench_grid.smskd_fast_loss("cuda"),
+        "triton": lambda: bench_grid.smskd_fast_loss("triton"),
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--deadline", type=float, default=290.0, help="seconds; later measurements are skipped")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, kernels under TRITON_INTERPRET=1")
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: use --dry-run on a machine without a GPU", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    timer = bench_grid.Timer(device)
+    env = bench_grid.environment(device)
+    results = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "environment": env,
+               "device": env["device"], "torch": env["torch"], "copy_GBps": bench_grid.copy_bandwidth(device),
+               "rows": [], "skipped": []}
+    available = smskd_fast.available_backends()
+    shapes = DRY_RUN_SHAPES if args.dry_run else SHAPES
+
+    def out_of_time(what: str) -> bool:
+        if time.monotonic() - start > args.deadline:
+            results["skipped"].append(f"{what} (deadline)")
+            return True
+        return False
+
+    def record(row: Dict) -> None:
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        write(results, args.out)
+
+    for impl, factory in implementations(args.dry_run).items():
+        if impl in FUSED and not available[impl]:
+            results["skipped"].append(f"{impl} ({available[impl].reason})")
+            continue
+        try:
+            loss_fn = factory()
+        except ImportError as error:
+            results["skipped"].append(f"{impl} ({error})")
+            continue
+        for dtype in DTYPES:
+            for n, c in shapes:
+                if not out_of_time(f"{impl} {dtype} {n}x{c}"):
+                    record(bench_grid.measure(impl, loss_fn, n, c, dtype, device, timer))
+    for impl in TOPK:
+        if not bench_grid.accepts_topk(impl.split("_")[0], device):
+            results["skipped"].append(f"{impl} (backend unavailable or without top-k)")
+            continue
+        for dtype in DTYPES:
+            for n, c in shapes:
+                if not out_of_time(f"{impl} {dtype} {n}x{c}"):
+                    record(bench_grid.measure_topk(impl, n, c, dtype, device, timer))
+    write(results, args.out)
+    print(report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The target evaluation of benchmarks/gpu/speed_of_light.py (issue 17's table), on hand-computed rows.
+
+The script itself needs a GPU for its figures; what can be wrong without one is the arithmetic
+that turns milliseconds into "% of copy bandwidth" and "x torch.compile" and decides which
+target is missed. Each expected line below is computed by hand from the issue's definitions.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"))
+speed_of_light = pytest.importorskip("speed_of_light")
+
+COPY_GBPS = 4000.0
+# 8192 x 32000 bf16: floor = 8192 * 32000 * 4 streams * 2 bytes = 2.097152 GB;
+# 80% of 4000 GB/s moves it in 2.097152 / 3200 s = 0.65536 ms, 65% in 0.80660 ms.
+N, C = 8192, 32000
+
+
+def rows(**ms):
+    return [{"impl": impl, "N": N, "C": C, "dtype": "bfloat16", "ms": value} for impl, value in ms.items()]
+
+
+def test_all_targets_met_gives_no_line():
+    # cuda 0.65 ms: 80.6% of copy, 1.0/0.65 = 1.54x compile, 4.0/0.65 = 6.2x Liger.
+    # triton 0.80 ms: 65.5% of copy, 1.25x compile, 5.0x Liger.
+    assert speed_of_light.missed_targets(rows(compiled=1.0, liger=4.0, cuda=0.65, triton=0.80), COPY_GBPS) == []
+
+
+def test_each_missed_target_is_named_with_its_figure():
+    # cuda 1.0 ms: 2.097152 GB / 1 ms = 2097 GB/s = 52% of copy; 1.0x compile; 3.0x Liger.
+    # triton 0.85 ms: 61.7% (< 65%); 1.18x compile (< 1.2x); 3.53x Liger (< 4x).
+    missed = speed_of_light.missed_targets(rows(compiled=1.0, liger=3.0, cuda=1.0, triton=0.85), COPY_GBPS)
+    assert missed == [
+        "8192x32000 bfloat16 cuda: 52% of copy < 80%",
+        "8192x32000 bfloat16 cuda: 1.00x compiled < 1.2x",
+        "8192x32000 bfloat16 cuda: 3.00x liger < 4.0x",
+        "8192x32000 bfloat16 triton: 62% of copy < 65%",
+        "8192x32000 bfloat16 triton: 1.18x compiled < 1.2x",
+        "8192x32000 bfloat16 triton: 3.53x liger < 4.0x",
+    ]
+
+
+def test_copy_target_applies_from_32000_classes_and_topk_floor_has_three_streams():
+    small = [{"impl": "cuda", "N": 16384, "C": 1000, "dtype": "float32", "ms": 10.0}]
+    assert speed_of_light.missed_targets(small, COPY_GBPS) == []  # no baseline, C < 32000: nothing to miss
+    # top-k floor: 8192 * 32000 * 3 * 2 = 1.572864 GB; at 0.5 ms that is 3146 GB/s = 78.6% < 80%.
+    topk = [{"impl": "cuda_topk", "N": N, "C": C, "dtype": "bfloat16", "ms": 0.5}]
+    assert speed_of_light.missed_targets(topk, COPY_GBPS) == ["8192x32000 bfloat16 cuda_topk: 79% of copy < 80%"]
+
+
+def test_table_shows_share_and_ratios():
+    text = speed_of_light.table(rows(eager=4.0, compiled=1.0, liger=3.0, cuda=1.0, triton=0.5), COPY_GBPS)
+    line = text.splitlines()[2]
+    # triton 0.5 ms: 4194 GB/s = 105% of copy (impossible on a GPU, fine for the arithmetic), 2.00x, 6.00x.
+    assert line == ("| 8192x32000 bfloat16 | 4.000 | 1.000 | 3.000 | 1.000 (52%, 1.00x compile, 3.00x Liger) | "
+                    "0.500 (105%, 2.00x compile, 6.00x Liger) | - | - |")

@@ -1,76 +1,33 @@
-"""Run-directory I/O: atomic checkpoints, model files, JSON-lines metrics, a terminal progress bar."""
+"""Checkpoints: the run's latest.pt and stageK.pt files, model files, and resume.
+
+latest.pt (after every epoch) holds the student, the stage's method modules and the
+optimizer, so a run resumed from any epoch boundary ends as one never stopped; stageK.pt
+(after stage K) holds the student that is stage K+1's reference. Every file is written
+atomically (atomic_io), by the main process only; resume repairs what a kill between two
+writes left behind. Model files (student.pt, teachers) describe themselves: zoo name,
+class count, input channels and weights.
+"""
 from __future__ import annotations
 
-import json
-import os
-import sys
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
-from smskd_fast.training.atomic_io import write_atomic, write_bytes_atomic
+from smskd_fast.training.atomic_io import write_atomic_reported
 
-__all__ = ["save_atomic", "write_text_atomic", "save_model_file", "load_model_file", "load_weights",
-           "append_jsonl", "read_jsonl", "Progress", "CheckpointWriteError"]
+__all__ = ["save_atomic", "save_model_file", "load_model_file", "load_weights", "RunCheckpoints", "ResumePoint",
+           "RESUME_REMEDY"]
 
-
-class CheckpointWriteError(RuntimeError):
-    """A file could not be written (disk full, no permission); the previous file at its path is unchanged."""
-
-
-class _WriteRecorder:
-    """A file-like wrapper that remembers the OSError of a failed write: torch.save reports such a
-    failure as a vague RuntimeError, and save_atomic needs to tell a full disk from other errors."""
-
-    def __init__(self, handle: Any):
-        self.handle, self.error = handle, None
-
-    def write(self, data: bytes) -> int:
-        try:
-            return self.handle.write(data)
-        except OSError as error:
-            self.error = error
-            raise
-
-    def flush(self) -> None:
-        self.handle.flush()
-
-
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """atomic_io.write_atomic through a _WriteRecorder; a failed write (a full disk, no permission) becomes
-    a CheckpointWriteError that says whether an earlier file at `path` was kept."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recorder = None
-
-    def recorded(handle: Any) -> None:
-        nonlocal recorder
-        recorder = _WriteRecorder(handle)
-        write(recorder)
-
-    try:
-        write_atomic(path, recorded)
-    except BaseException as error:  # write_atomic has removed the temporary file
-        cause = error if isinstance(error, OSError) else getattr(recorder, "error", None)
-        if cause is None:
-            raise
-        kept = (f"the previous {path.name} is kept intact" if path.exists()
-                else f"no earlier {path.name} existed, so nothing was lost")
-        reason = cause.strerror or str(cause)
-        raise CheckpointWriteError(f"could not write {path} ({reason}); {kept}") from error
+RESUME_REMEDY = "resume with the run's own config (no --set that changes its models or methods)"
 
 
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temporary file beside `path`, then os.replace: a reader never sees half a file.
     A failed write (e.g. a full disk) raises CheckpointWriteError and leaves the previous file as it was."""
-    _write_atomic(Path(path), lambda handle: torch.save(obj, handle))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """A text file written like save_atomic (config.yaml, summary.json: never seen half-written)."""
-    _write_atomic(Path(path), lambda handle: handle.write(text.encode()))
+    write_atomic_reported(Path(path), lambda handle: torch.save(obj, handle))
 
 
 def save_model_file(model: nn.Module, name: str, num_classes: int, in_channels: int, path: Path) -> None:
@@ -111,57 +68,78 @@ def load_weights(model: nn.Module, state_dict: Dict[str, Any], source: str,
                          f"architecture, class count or method set); {remedy}. First difference: {first}") from None
 
 
-def append_jsonl(path: Path, record: Dict[str, Any]) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+
+@dataclass
+class ResumePoint:
+    """Where a run (re)starts: the 0-based stage and epoch, the epochs done over all stages, the TCP-weight
+    histograms of the finished stages, and latest.pt's entries when the run stopped inside that stage."""
+
+    stage: int = 0
+    epoch: int = 0
+    global_epoch: int = 0
+    histograms: Dict[str, Any] = field(default_factory=dict)
+    latest: Optional[Dict[str, Any]] = None
+
+    def restore_stage(self, index: int, methods: nn.Module, optimizer: torch.optim.Optimizer, source: str) -> int:
+        """Loads the methods and optimizer of the stage stopped inside; returns stage `index`'s first epoch."""
+        if index != self.stage:
+            return 0
+        if self.latest is not None:
+            load_weights(methods, self.latest["methods"], source, RESUME_REMEDY)
+            optimizer.load_state_dict(self.latest["optimizer"])
+        return self.epoch
 
 
-def read_jsonl(path: Path) -> List[Dict[str, Any]]:
-    """The records of a JSON-lines file. A last line without its newline is an append cut short
-    by a kill: it is dropped (append_jsonl writes each line with its newline in one call)."""
-    if not path.is_file():
-        return []
-    with open(path) as handle:
-        lines = handle.readlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+class RunCheckpoints:
+    """The checkpoint files of one run directory, under checkpoints/; only the main process writes."""
+
+    def __init__(self, run_dir: Path, device: torch.device, is_main: bool):
+        self.folder, self.device, self.is_main = Path(run_dir) / "checkpoints", device, is_main
+
+    @property
+    def latest_path(self) -> Path:
+        return self.folder / "latest.pt"
+
+    def stage_path(self, index: int) -> Path:
+        return self.folder / f"stage{index + 1}.pt"
+
+    def load_stage(self, index: int) -> Dict[str, Any]:
+        return torch.load(self.stage_path(index), map_location=self.device, weights_only=True)
+
+    def save_stage(self, index: int, student: Dict[str, Any], methods: Dict[str, Any]) -> None:
+        """stageK.pt: the student (state dict) as stage `index` ended it, and the stage's methods."""
+        if self.is_main:
+            save_atomic({"student": student, "methods": methods, "stage": index}, self.stage_path(index))
+
+    def save_latest(self, stage: int, epochs_done: int, global_epoch: int, student: nn.Module, methods: nn.Module,
+                    optimizer: torch.optim.Optimizer, histograms: Dict[str, Any]) -> None:
+        """latest.pt: everything a resume from this epoch boundary needs."""
+        if self.is_main:
+            save_atomic({
+                "stage": stage, "epochs_done": epochs_done, "global_epoch": global_epoch,
+                "student": student.state_dict(), "methods": methods.state_dict(),
+                "optimizer": optimizer.state_dict(), "histograms": histograms,
+            }, self.latest_path)
+
+    def _load_latest(self) -> Dict[str, Any]:
         try:
-            records.append(json.loads(line))
-        except ValueError:
-            if number == len(lines) and not line.endswith("\n"):
-                break
-            raise ValueError(f"{path}, line {number}, is not valid JSON; the file was edited or damaged") from None
-    return records
+            return torch.load(self.latest_path, map_location=self.device, weights_only=True)
+        except Exception as error:  # checkpoints are written atomically: only outside damage gets here
+            raise ValueError(f"cannot resume: {self.latest_path} is unreadable ({type(error).__name__}); the stage "
+                             f"checkpoints beside it may still be read, or start again with another --out") from None
 
-
-def write_jsonl(path: Path, records: Iterable[Dict[str, Any]]) -> None:
-    """A whole JSON-lines file, replaced atomically (atomic_io.write_atomic)."""
-    write_bytes_atomic(path, "".join(json.dumps(record) + "\n" for record in records).encode())
-
-
-class Progress:
-    """A one-line progress bar on stderr, drawn only when stderr is a terminal and enabled."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True):
-        self.total, self.label, self.count = total, label, 0
-        self.enabled = enabled and sys.stderr.isatty()
-        self.start = time.monotonic()
-
-    def step(self, note: str = "") -> None:
-        self.count += 1
-        if self.enabled:
-            width = 24
-            filled = int(width * self.count / max(self.total, 1))
-            rate = self.count / max(time.monotonic() - self.start, 1e-9)
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                             f"{self.count}/{self.total} {rate:.1f} it/s {note}\033[K")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
+    def resume(self, student: nn.Module, stage_epochs: List[int]) -> ResumePoint:
+        """Loads latest.pt's student into `student` and says where to go on. A run stopped after its
+        stage's last epoch but before stageK.pt was written gets that file now (from latest.pt)."""
+        if not self.latest_path.is_file():
+            raise FileNotFoundError(f"cannot resume: {self.latest_path} not found; {self.folder.parent} holds no "
+                                    "started run (start one with `smskd-fast train --config FILE --out RUN_DIR`)")
+        latest = self._load_latest()
+        load_weights(student, latest["student"], str(self.latest_path), RESUME_REMEDY)
+        point = ResumePoint(latest["stage"], latest["epochs_done"], latest["global_epoch"], latest["histograms"],
+                            latest)
+        if point.epoch == stage_epochs[point.stage]:  # the stage was done
+            if not self.stage_path(point.stage).is_file():  # stopped between the two writes
+                self.save_stage(point.stage, latest["student"], latest["methods"])
+            point.stage, point.epoch, point.latest = point.stage + 1, 0, None
+        return point

@@ -10,7 +10,7 @@ runs the teacher. Both models are checked unchanged at the end of each stage.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, NamedTuple, Optional, Union
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -152,7 +152,7 @@ class FrozenModels:
                                  self._stage_teacher_cache(index, methods),
                                  self._stage_reference_cache(index, stage_name, reference))
 
-    def _open_or_build(self, path: Path, spec: CacheSpec, model: nn.Module, batch_size: int):
+    def _open_or_build(self, path: Path, spec: CacheSpec, model: nn.Module, batch_size: int) -> Tuple[LogitCache, int]:
         """open_or_build with every rank writing its share of the missing shards in parallel."""
         return open_or_build(path, spec, model, self.train, self.config, batch_size, self.device,
                              rank=self.dist.rank, world_size=self.dist.world_size, barrier=self.dist.barrier)

@@ -8,7 +8,7 @@ methods are wrapped in one DDP (distributed.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -83,7 +83,8 @@ def _probe_inputs(student: nn.Module, teacher: Optional[nn.Module], train: Union
 
 def build_stage(config: RunConfig, index: int, stage_name: str, student: nn.Module, frozen: FrozenModels,
                 train: Union[ImageSet, TokenSet], device: torch.device, dist: DistributedContext,
-                reference_weights: Optional[dict], build_student: Callable[[], nn.Module]) -> StageState:
+                reference_weights: Optional[Dict[str, torch.Tensor]],
+                build_student: Callable[[], nn.Module]) -> StageState:
     """Stage `index` ready to train: methods built and on `device`, optimizer, taps, frozen models
     (the reference loaded from `reference_weights`, None where the stage has none)."""
     teacher = frozen.teacher

@@ -42,7 +42,7 @@ from smskd_fast.training.distributed import DistributedContext
 from smskd_fast.training.evaluation import evaluate, summarize
 from smskd_fast.training.frozen_models import FrozenModels, uses_reference
 from smskd_fast.training.models import build_model
-from smskd_fast.training.nonfinite import BufferSnapshot, NonFiniteLossError, describe_samples
+from smskd_fast.training.nonfinite import BufferSnapshot, NonFiniteLossError, describe_samples, stop_or_skip
 from smskd_fast.training.optim import stage_learning_rate
 from smskd_fast.training.progress import Progress
 from smskd_fast.training.run_files import append_jsonl, read_jsonl, write_jsonl, write_text_atomic
@@ -182,7 +182,8 @@ class SMSKDTrainer:
         """teacher_eval.json: the teacher's test (and validation) figures, once per run."""
         result = self._evaluate(self.teacher, self.data.test)
         if self.data.validation is not None:
-            result.update({f"val_{key}": value for key, value in self._evaluate(self.teacher, self.data.validation).items()})
+            validation = self._evaluate(self.teacher, self.data.validation)
+            result.update({f"val_{key}": value for key, value in validation.items()})
         self.log(f"teacher {self.config.teacher.name}: test accuracy {result['acc']:.2f}%")
         if self.dist.is_main:
             write_text_atomic(self.run_dir / "teacher_eval.json", json.dumps(result))
@@ -233,7 +234,10 @@ class SMSKDTrainer:
             images, labels = train.normalize(images).to(self.device), labels.to(self.device)
             result = step_loss(self.student, state, stage, config.backend, epoch, images, labels, indices)
             if not self._all_ranks_finite(result.loss):  # under DDP every rank skips or stops together
-                self._skip_or_stop(index, epoch, f"step {step}/{steps}", result, indices, snapshot)
+                stop_or_skip(self._nonfinite_where(index, epoch, f"step {step}/{steps}", result, indices),
+                             "Lower the learning rate or the method weights, check those samples, or skip such steps "
+                             f"with `nonfinite: skip` (resume with `smskd-fast train --resume {self.run_dir} "
+                             f"--set stages.{index}.nonfinite=skip`)", snapshot, self.log)
                 skipped += 1
                 progress.step("skipped")
                 continue
@@ -267,23 +271,14 @@ class SMSKDTrainer:
         bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
         return float(self.dist.all_reduce_(bad)) == 0.0
 
-    def _skip_or_stop(self, index: int, epoch: int, step: str, result: StepResult, indices: torch.Tensor,
-                      snapshot: Optional[BufferSnapshot]) -> None:
-        """The stage's nonfinite policy for a step whose loss is NaN or inf: stop with an error saying where
-        and what to do, or (snapshot given: `nonfinite: skip`) undo the forward pass's buffer updates."""
-        stage, parts = self.config.stages[index], result.parts
-        where = (f"{self.stage_names[index]} (stage {index + 1} of {len(self.config.stages)}), epoch "
-                 f"{epoch + 1}/{stage.epochs}, {step}: the loss is {float(result.loss.detach())} "
-                 f"(ce {float(parts.ce)}, kd {float(parts.kd)}, ref {float(parts.ref)}, "
-                 f"method {float(parts.method.detach())}) on the batch of training samples "
-                 f"{describe_samples(indices)}")
-        if snapshot is None:
-            raise NonFiniteLossError(
-                f"{where}. Lower the learning rate or the method weights, check those samples, or skip such "
-                f"steps with `nonfinite: skip` (resume with `smskd-fast train --resume {self.run_dir} "
-                f"--set stages.{index}.nonfinite=skip`)")
-        snapshot.restore()  # the forward pass updated BatchNorm statistics and method buffers
-        self.log(f"skipped: {where}")
+    def _nonfinite_where(self, index: int, epoch: int, step: str, result: StepResult, indices: torch.Tensor) -> str:
+        """Where a non-finite loss happened, with its parts and the batch's samples."""
+        parts = result.parts
+        return (f"{self.stage_names[index]} (stage {index + 1} of {len(self.config.stages)}), epoch "
+                f"{epoch + 1}/{self.config.stages[index].epochs}, {step}: the loss is {float(result.loss.detach())} "
+                f"(ce {float(parts.ce)}, kd {float(parts.kd)}, ref {float(parts.ref)}, "
+                f"method {float(parts.method.detach())}) on the batch of training samples "
+                f"{describe_samples(indices)}")
 
     def _finish(self, histograms: Dict[str, Any]) -> Dict[str, Any]:
         """student.pt, tcp_weights.json and summary.json (and plots): the run's results."""

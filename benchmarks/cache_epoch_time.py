@@ -37,7 +37,7 @@ import torch
 
 from smskd_fast.bench import harness as benchmarking
 from smskd_fast.training.config import parse_config
-from smskd_fast.training.run_files import save_atomic, save_model_file
+from smskd_fast.training.checkpoint import save_model_file
 from smskd_fast.training.models import build_model
 from smskd_fast.training.trainer import SMSKDTrainer
 
@@ -95,10 +95,9 @@ def prepare(config, run_dir: Path, stage_index: int):
     """A trainer and its stage state ready to train stage_index, and the seconds its set-up took
     (cache building included: the teacher cache once per run, the reference cache once per stage)."""
     trainer = SMSKDTrainer(config, run_dir, log=lambda _: None)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    save_atomic({"student": trainer.student.state_dict(), "methods": {}, "stage": 0}, trainer._stage_path(0))
+    trainer.checkpoints.save_stage(0, trainer.student.state_dict(), {})
     started = time.perf_counter()
-    trainer._open_teacher_cache()
+    trainer.frozen.open_teacher_cache()
     state = trainer._start_stage(stage_index)
     return trainer, state, time.perf_counter() - started
 

@@ -51,7 +51,7 @@ def _default_out(args: argparse.Namespace, suffix: str = "") -> Path:
 
 def _train(args: argparse.Namespace) -> int:
     from smskd_fast.training.config import load_config
-    from smskd_fast.training.run_files import CheckpointWriteError
+    from smskd_fast.training.atomic_io import CheckpointWriteError
     from smskd_fast.training.trainer import SMSKDTrainer
 
     if args.resume is not None:
@@ -104,8 +104,8 @@ def _eval(args: argparse.Namespace) -> int:
     from smskd_fast.training.config import load_config
     from smskd_fast.training.data import load_splits
     from smskd_fast.training.models import build_model
-    from smskd_fast.training.run_files import load_model_file, load_weights
-    from smskd_fast.training.trainer import evaluate
+    from smskd_fast.training.checkpoint import load_model_file, load_weights
+    from smskd_fast.training.evaluation import evaluate
 
     if not (args.run_dir / "config.yaml").is_file():
         raise UsageError(f"{args.run_dir / 'config.yaml'} not found: eval needs the directory of a run "
@@ -250,7 +250,7 @@ def _exit_code(error: BaseException) -> Optional[int]:
     """2 for input the user can fix, 1 for a run that failed, None for an unexpected error (a bug)."""
     from smskd_fast.training.logit_cache import CacheCorruptedError
     from smskd_fast.training.nonfinite import NonFiniteLossError
-    from smskd_fast.training.run_files import CheckpointWriteError
+    from smskd_fast.training.atomic_io import CheckpointWriteError
 
     if isinstance(error, UsageError):
         return error.exit_code

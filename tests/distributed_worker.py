@@ -58,7 +58,7 @@ def main() -> int:
     rank = int(os.environ.get("RANK", "0"))
     args.ranks_dir.mkdir(parents=True, exist_ok=True)
 
-    run, train_epoch, check_frozen = SMSKDTrainer.run, SMSKDTrainer._train_epoch, SMSKDTrainer._check_frozen
+    run, train_epoch, finish_stage = SMSKDTrainer.run, SMSKDTrainer._train_epoch, SMSKDTrainer._finish_stage
     epochs_started = [0]
 
     def train_epoch_or_die(self, *inputs):
@@ -67,9 +67,10 @@ def main() -> int:
             os.kill(os.getpid(), signal.SIGKILL)
         return train_epoch(self, *inputs)
 
-    def check_frozen_and_dump(self, state, name):
+    def finish_stage_and_dump(self, index, state):
+        name = self.stage_names[index]
         torch.save(state.methods.state_dict(), args.ranks_dir / f"rank{rank}_{name}_methods.pt")
-        return check_frozen(self, state, name)
+        return finish_stage(self, index, state)
 
     def run_and_dump(self, *inputs, **options):
         summary = run(self, *inputs, **options)
@@ -77,7 +78,7 @@ def main() -> int:
         return summary
 
     SMSKDTrainer.run, SMSKDTrainer._train_epoch = run_and_dump, train_epoch_or_die
-    SMSKDTrainer._check_frozen = check_frozen_and_dump
+    SMSKDTrainer._finish_stage = finish_stage_and_dump
     return cli.main(cli_args)
 
 

@@ -16,7 +16,7 @@ from smskd_fast import cli
 from smskd_fast.cli import main
 from smskd_fast.training.config import ConfigError
 from smskd_fast.training.models import build_model
-from smskd_fast.training.run_files import save_model_file
+from smskd_fast.training.checkpoint import save_model_file
 from trainer_helpers import tiny_raw, write_teacher
 
 ROOT = Path(__file__).resolve().parent.parent

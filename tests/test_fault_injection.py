@@ -22,10 +22,10 @@ import torch
 import yaml
 
 from smskd_fast.training import atomic_io
-from smskd_fast.training import run_files as runio
+from smskd_fast.training import checkpoint
 from smskd_fast.cli import main
 from smskd_fast.training.config import load_config
-from smskd_fast.training.run_files import CheckpointWriteError, read_jsonl
+from smskd_fast.training.run_files import read_jsonl
 from smskd_fast.training.trainer import SMSKDTrainer
 from trainer_helpers import tiny_raw, write_teacher
 
@@ -41,7 +41,7 @@ RANDOM_KILLS = int(os.environ.get("SMSKD_FAULT_KILLS", "6"))
 DRIVER = textwrap.dedent('''
     import os, signal, sys, threading
     import torch._dynamo  # what torch.optim imports on first use (seconds): import it before the timer starts
-    import smskd_fast.training.run_files as runio, smskd_fast.training.trainer as stages
+    import smskd_fast.training.atomic_io as atomic_io, smskd_fast.training.trainer as stages
     from smskd_fast.cli import main
 
     point, argv = sys.argv[1], sys.argv[3:]
@@ -50,7 +50,7 @@ DRIVER = textwrap.dedent('''
         os.kill(os.getpid(), signal.SIGKILL)
 
     def kill_mid_write(suffix):
-        original = runio._WriteRecorder.write
+        original = atomic_io._WriteRecorder.write
         def write(self, data):
             self.calls = getattr(self, "calls", 0) + 1
             if self.handle.name.endswith(suffix) and (self.calls >= 2 or len(data) > 64):
@@ -58,7 +58,7 @@ DRIVER = textwrap.dedent('''
                 self.handle.flush()
                 die()
             return original(self, data)
-        runio._WriteRecorder.write = write
+        atomic_io._WriteRecorder.write = write
 
     if point.startswith("timer:"):
         timer = threading.Timer(float(point[6:]), die)
@@ -293,5 +293,5 @@ def test_save_atomic_reraises_errors_that_are_not_about_the_disk(tmp_path):
             raise TypeError("cannot pickle this")
 
     with pytest.raises(TypeError, match="cannot pickle"):
-        runio.save_atomic({"x": Unpicklable()}, tmp_path / "x.pt")
+        checkpoint.save_atomic({"x": Unpicklable()}, tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists() and not (tmp_path / "x.pt.tmp").exists()

@@ -17,7 +17,8 @@ import yaml
 from smskd_fast.training.config import parse_config
 from smskd_fast.loss.functional import smskd_loss
 from smskd_fast.training.models import build_model
-from smskd_fast.training.run_files import load_model_file, read_jsonl, save_model_file
+from smskd_fast.training.checkpoint import load_model_file, save_model_file
+from smskd_fast.training.run_files import read_jsonl
 from smskd_fast.training.trainer import SMSKDTrainer
 
 from test_distributed import assert_same_metrics, assert_same_weights, torchrun

@@ -14,14 +14,16 @@ import torch
 import torch.nn.functional as F
 
 import smskd_fast.loss.fused_linear as fused_linear_module
-import smskd_fast.training.trainer as stages_module
+import smskd_fast.training.steps as steps_module
 from smskd_fast.training.config import ConfigError, StageConfig, MethodConfig, parse_config
 from smskd_fast.training.data import TEXT_FILE, TEXT_TEST_FRACTION, load_splits
 from smskd_fast.training.experiments import teacher_config
 from smskd_fast.training.models import build_model
-from smskd_fast.training.run_files import load_model_file, read_jsonl
+from smskd_fast.training.checkpoint import load_model_file
+from smskd_fast.training.run_files import read_jsonl
 from smskd_fast.training.logit_cache import model_hash
-from smskd_fast.training.trainer import SMSKDTrainer, fused_linear_stage_loss, stage_loss
+from smskd_fast.training.steps import fused_linear_stage_loss, stage_loss
+from smskd_fast.training.trainer import SMSKDTrainer
 from trainer_helpers import count_teacher_calls, record_frozen_checks, record_loss_calls
 
 CONTEXT = 32
@@ -290,7 +292,7 @@ FUSED_STAGES = [{"method": {"name": "kd", "weight": 0.5}, "epochs": 1, "fused_li
 def spy_fused_loss(monkeypatch):
     """Records the keyword arguments the trainer's fused_linear stages pass to fused_linear_smskd_loss."""
     seen = []
-    original = stages_module.fused_linear_smskd_loss
+    original = steps_module.fused_linear_smskd_loss
 
     def spy(hidden, weight, target, teacher_hidden, teacher_weight, teacher_logits, reference_hidden,
             reference_weight, **kwargs):
@@ -299,7 +301,7 @@ def spy_fused_loss(monkeypatch):
         return original(hidden, weight, target, teacher_hidden, teacher_weight, teacher_logits, reference_hidden,
                         reference_weight, **kwargs)
 
-    monkeypatch.setattr(stages_module, "fused_linear_smskd_loss", spy)
+    monkeypatch.setattr(steps_module, "fused_linear_smskd_loss", spy)
     return seen
 
 

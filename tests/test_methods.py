@@ -18,7 +18,7 @@ from smskd_fast.training.methods.feature import AttentionTransfer, FitNet
 from smskd_fast.training.methods.relation import CRD, PKT, RKD, SimilarityPreserving
 from smskd_fast.training.methods.response import dkd_loss
 from smskd_fast.training.models import build_model
-from smskd_fast.training.trainer import stage_loss
+from smskd_fast.training.steps import stage_loss
 
 @pytest.fixture(autouse=True, scope="module")
 def _float64_default():

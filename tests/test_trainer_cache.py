@@ -9,7 +9,8 @@ import yaml
 
 from smskd_fast.cli import main
 from smskd_fast.training.config import parse_config
-from smskd_fast.training.run_files import load_model_file, read_jsonl
+from smskd_fast.training.checkpoint import load_model_file
+from smskd_fast.training.run_files import read_jsonl
 from smskd_fast.training.trainer import SMSKDTrainer
 from trainer_helpers import count_teacher_calls, record_loss_calls, tiny_raw, write_teacher
 

@@ -13,7 +13,8 @@ import torch
 
 from smskd_fast.training.nonfinite import NonFiniteLossError
 from smskd_fast.training.run_files import read_jsonl
-from smskd_fast.training.trainer import SMSKDTrainer, derive_seed
+from smskd_fast.training.seeds import derive_seed
+from smskd_fast.training.trainer import SMSKDTrainer
 from trainer_helpers import tiny_config, write_teacher
 
 BATCH, TRAIN = 32, 96  # trainer_helpers' tiny digits run: 3 steps per epoch

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-import smskd_fast.training.trainer as stages_module
-from smskd_fast.training.run_files import load_model_file, read_jsonl
+import smskd_fast.training.steps as steps_module
+from smskd_fast.training.checkpoint import load_model_file
+from smskd_fast.training.run_files import read_jsonl
 from smskd_fast.training.logit_cache import model_hash
 from smskd_fast.training.trainer import SMSKDTrainer
 from trainer_helpers import record_frozen_checks, tiny_config, write_teacher
@@ -68,9 +69,9 @@ def test_a_changed_reference_is_detected(teacher_file, tmp_path):
 
     def tamper(self, index, epoch, state, histogram):
         record = original(self, index, epoch, state, histogram)
-        if state.reference is not None:
+        if state.frozen.reference is not None:
             with torch.no_grad():
-                next(state.reference.parameters()).add_(1.0)
+                next(state.frozen.reference.parameters()).add_(1.0)
         return record
 
     SMSKDTrainer._train_epoch = tamper
@@ -84,14 +85,14 @@ def test_a_changed_reference_is_detected(teacher_file, tmp_path):
 def test_tcp_weights_of_the_teacher_reach_the_reference_term(teacher_file, tmp_path, monkeypatch):
     config = tiny_config(teacher_file, [{"method": "kd", "epochs": 1}, {"method": "rkd", "epochs": 1}])
     calls = []
-    real_loss = stages_module.smskd_loss
+    real_loss = steps_module.smskd_loss
 
     def recording_loss(student, target, teacher, reference, **options):
         out = real_loss(student, target, teacher, reference, **options)
         calls.append((teacher, reference, target, options, out))
         return out
 
-    monkeypatch.setattr(stages_module, "smskd_loss", recording_loss)
+    monkeypatch.setattr(steps_module, "smskd_loss", recording_loss)
     trainer = SMSKDTrainer(config, tmp_path / "run", log=lambda _: None)
     teacher_before = model_hash(trainer.teacher)
     trainer.run()

@@ -126,7 +126,7 @@ def test_study_cli_names_its_outputs(tmp_path, capsys):
 
 
 def test_run_schedule_scope_gives_the_stages_one_schedule_over_the_run():
-    from smskd_fast.training.trainer import learning_rate
+    from smskd_fast.training.optim import learning_rate
 
     config = load_config(DEMO)  # three 10-epoch cosine stages at lr 0.05
     single = [0.5 * 0.05 * (1 + math.cos(math.pi * e / 30)) for e in range(30)]

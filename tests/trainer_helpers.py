@@ -8,9 +8,9 @@ import torch
 
 from smskd_fast.training.config import parse_config
 from smskd_fast.training.models import build_model
-import smskd_fast.training.trainer as stages_module
-from smskd_fast.training.run_files import save_model_file
-from smskd_fast.training.trainer import SMSKDTrainer
+import smskd_fast.training.frozen_models as frozen_models_module
+import smskd_fast.training.steps as steps_module
+from smskd_fast.training.checkpoint import save_model_file
 
 
 def write_teacher(path: Path, seed: int = 0) -> Path:
@@ -59,38 +59,38 @@ def count_teacher_calls(monkeypatch) -> List[bool]:
     Each call appends whether it ran in inference mode (cache builds do; probes and evaluation do not).
     """
     calls: List[bool] = []
-    load = SMSKDTrainer._load_teacher
+    load = frozen_models_module.load_teacher
 
-    def load_and_hook(self):
-        teacher = load(self)
+    def load_and_hook(*args, **kwargs):
+        teacher = load(*args, **kwargs)
         teacher.register_forward_hook(lambda *_: calls.append(torch.is_inference_mode_enabled()))
         return teacher
 
-    monkeypatch.setattr(SMSKDTrainer, "_load_teacher", load_and_hook)
+    monkeypatch.setattr(frozen_models_module, "load_teacher", load_and_hook)
     return calls
 
 
 def record_loss_calls(monkeypatch) -> List[tuple]:
     """Records (teacher, teacher_topk, weighting) of every smskd_loss call the trainer makes; the loss still runs."""
     seen: List[tuple] = []
-    original = stages_module.smskd_loss
+    original = steps_module.smskd_loss
 
     def spy(*args, **kwargs):
         seen.append((args[2], kwargs.get("teacher_topk"), kwargs["weighting"]))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(stages_module, "smskd_loss", spy)
+    monkeypatch.setattr(steps_module, "smskd_loss", spy)
     return seen
 
 
 def record_frozen_checks(monkeypatch) -> List[tuple]:
     """Records (stage name, reference model) at every frozen-model check the trainer makes; the check still runs."""
     seen: List[tuple] = []
-    original = SMSKDTrainer._check_frozen
+    original = frozen_models_module.StageFrozenModels.check_unchanged
 
-    def spy(self, state, name):
-        seen.append((name, state.reference))
-        original(self, state, name)
+    def spy(self, name):
+        seen.append((name, self.reference))
+        original(self, name)
 
-    monkeypatch.setattr(SMSKDTrainer, "_check_frozen", spy)
+    monkeypatch.setattr(frozen_models_module.StageFrozenModels, "check_unchanged", spy)
     return seen

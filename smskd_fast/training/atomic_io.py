@@ -1,16 +1,18 @@
-"""Atomic file writes shared by the run directory (runio) and the logit cache (cache).
+"""Atomic file writes shared by the run directory (checkpoint, run_files) and the logit cache.
 
 One implementation of "write beside, fsync, rename": a reader, or a run resumed after a
 kill or power loss, sees either the previous file or the complete new one, never half of
-one. Kept free of torch and of the trainer so that cache.py can use it without importing them.
+one. write_atomic_reported adds the run directory's error report: a failed write (a full
+disk, no permission) becomes a CheckpointWriteError that says the previous file was kept.
+Kept free of torch and of the trainer so that the logit cache can use it without importing them.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Optional
 
-__all__ = ["write_atomic", "write_bytes_atomic", "fsync_directory"]
+__all__ = ["write_atomic", "write_bytes_atomic", "write_atomic_reported", "fsync_directory", "CheckpointWriteError"]
 
 
 def fsync_directory(folder: Path) -> None:
@@ -52,3 +54,50 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """`data` as the whole new content of `path`, written by write_atomic."""
     write_atomic(path, lambda handle: handle.write(data))
+
+
+class CheckpointWriteError(RuntimeError):
+    """A file could not be written (disk full, no permission); the previous file at its path is unchanged."""
+
+
+class _WriteRecorder:
+    """A file-like wrapper that remembers the OSError of a failed write: torch.save reports such a
+    failure as a vague RuntimeError, and write_atomic_reported needs to tell a full disk from other errors."""
+
+    def __init__(self, handle: BinaryIO):
+        self.handle: BinaryIO = handle
+        self.error: Optional[OSError] = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def write_atomic_reported(path: Path, write: Callable[[Any], None]) -> None:
+    """write_atomic into a folder made if missing, through a _WriteRecorder; a failed write (a full disk,
+    no permission) becomes a CheckpointWriteError that says whether an earlier file at `path` was kept."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recorder: Optional[_WriteRecorder] = None
+
+    def recorded(handle: BinaryIO) -> None:
+        nonlocal recorder
+        recorder = _WriteRecorder(handle)
+        write(recorder)
+
+    try:
+        write_atomic(path, recorded)
+    except BaseException as error:  # write_atomic has removed the temporary file
+        cause = error if isinstance(error, OSError) else getattr(recorder, "error", None)
+        if cause is None:
+            raise
+        kept = (f"the previous {path.name} is kept intact" if path.exists()
+                else f"no earlier {path.name} existed, so nothing was lost")
+        reason = cause.strerror or str(cause)
+        raise CheckpointWriteError(f"could not write {path} ({reason}); {kept}") from error

@@ -25,8 +25,6 @@ __all__ = [
 ]
 
 WEIGHTINGS = ("inverse_tcp", "tcp", "constant")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("multistep", "cosine", "constant")
 SCHEDULE_SCOPES = ("stage", "run")
 NONFINITE_POLICIES = ("stop", "skip")  # what a stage does with a batch whose loss is NaN or inf
 SEQUENCE_METHODS = ("none", "kd")  # the methods computed from logits alone, by the fused loss
@@ -229,6 +227,7 @@ def _is_device(name: str) -> bool:
 def _validate(config: RunConfig) -> None:
     from smskd_fast.training.data import DATASETS
     from smskd_fast.training.methods import METHODS
+    from smskd_fast.training.optim import OPTIMIZERS, SCHEDULES
 
     _check(config.data.name in DATASETS, "data.name", f"must be one of {list(DATASETS)}, got {config.data.name!r}")
     _check(config.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {config.data.batch_size}")

@@ -15,7 +15,7 @@ process; gloo on the CPU) and gives the trainer narrow hooks:
 - reduce_totals / evaluate / average_batchnorm_statistics: metrics summed over ranks,
   the test set sharded, and BatchNorm running statistics averaged once per epoch, so
   every rank holds the same model when it is evaluated and saved.
-- is_main / barrier: only rank 0 writes files (atomically, through runio); the others
+- is_main / barrier: only rank 0 writes files (atomically, through checkpoint.py and run_files.py); the others
   wait at a barrier where they would read what rank 0 wrote.
 
 all_gather_rows, global_mean and shard_sizes serve methods whose state spans the

@@ -7,12 +7,12 @@ banks), so a skipped batch leaves no trace in the model; the trainer counts it.
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["NonFiniteLossError", "BufferSnapshot", "describe_samples"]
+__all__ = ["NonFiniteLossError", "BufferSnapshot", "describe_samples", "stop_or_skip"]
 
 MAX_LISTED_SAMPLES = 64
 
@@ -39,3 +39,12 @@ def describe_samples(indices: torch.Tensor) -> str:
     shown: Sequence[int] = values[:MAX_LISTED_SAMPLES]
     more = f" ... ({len(values)} samples in all)" if len(values) > len(shown) else ""
     return "[" + ", ".join(map(str, shown)) + more + "]"
+
+
+def stop_or_skip(where: str, remedy: str, snapshot: Optional[BufferSnapshot], log: Callable[[str], None]) -> None:
+    """The policy for a non-finite step: "stop" (no snapshot) raises NonFiniteLossError saying where and
+    what to do; "skip" puts back the buffers the forward pass updated and logs the skipped step."""
+    if snapshot is None:
+        raise NonFiniteLossError(f"{where}. {remedy}")
+    snapshot.restore()
+    log(f"skipped: {where}")

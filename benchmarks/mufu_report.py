@@ -24,8 +24,8 @@ Elements per loop iteration and thread:
           "tile" of ROWS x BLOCK_C / (32 x num_warps) elements per thread, all its MUFU outside
           loops divided by that (per-row logs and reciprocals included, amortized over the tile).
 Per sweep (statistics, gradient, tile) the figure is the largest MUFU per element of its packed
-loops (CUDA: >= one 16-byte pack per stream and iteration, so the scalar head/tail loops of a row
-are left out; Triton: every column loop); one kernel holds several paths (with and without a
+loops (CUDA: loops over 16-byte packs, LDG.E.128, so the scalar head/tail loops of a row, which see
+fewer than 16 bytes of columns, are left out; Triton: every column loop); one kernel holds several paths (with and without a
 target, unrolled and single-pack loops), and the largest is the one budgeted. Loops over kept top-k slots, merges and
 zero-fills are listed, not budgeted. Static counts: a rarely taken branch (CUDA's rescale
 when the maximum grows) counts as taken; see sass_loops.py for the limits.
@@ -89,15 +89,15 @@ class SweepRow:
         return " | ".join((self.backend, self.kernel, self.config, self.variant, self.dtype, self.arch, self.sweep))
 
 
-def sweep_rows(loops: List[sass_loops.Loop], elements_of, base: dict, packed: float = 1.0) -> List[SweepRow]:
-    """Per sweep, the largest MUFU per element among its packed loops (>= packed elements per iteration;
-    all its loops when none is that wide), from the loops and their elements per iteration."""
+def sweep_rows(loops: List[sass_loops.Loop], elements_of, base: dict, packed=lambda loop: True) -> List[SweepRow]:
+    """Per sweep, the largest MUFU per element among its packed loops (packed(loop) true; all its loops
+    when none is), from the loops and their elements per iteration."""
     rows = []
     for sweep in ("statistics", "gradient", "zero-fill", "kept", "merge"):
         found = [(loop, elements_of(loop)) for loop in loops if loop.sweep == sweep]
         if not found:
             continue
-        bulk = [(loop, n) for loop, n in found if n >= packed] or found
+        bulk = [(loop, n) for loop, n in found if packed(loop)] or found
         loop, n = max(bulk, key=lambda item: item[0].mufu_total / item[1] if item[1] else item[0].mufu_total)
         per = loop.mufu_total / n if n else float(loop.mufu_total)
         rows.append(SweepRow(**base, sweep=sweep, elements=n, mufu=dict(sorted(loop.mufu.items())),
@@ -110,6 +110,11 @@ def sweep_rows(loops: List[sass_loops.Loop], elements_of, base: dict, packed: fl
 
 
 # CUDA -------------------------------------------------------------------------------------------
+
+def is_packed(loop: sass_loops.Loop) -> bool:
+    """A loop over 16-byte packs (LDG.E.128 / STG.E.128), not a scalar head or tail loop of a row."""
+    return max(loop.loads or loop.stores or [0]) == 16
+
 
 def cuda_sass(binary: Optional[str], tmp: str) -> str:
     """sm_90 SASS of the built library, or of kernels/*.cu compiled here to cubins."""
@@ -147,7 +152,7 @@ def cuda_rows(sass: str) -> List[SweepRow]:
         label = usage.label.split(",")
         base = dict(backend="cuda", kernel="smskd_topk_rows_kernel" if usage.topk else "smskd_rows_kernel",
                     config=label[0].split(None, 1)[1].strip(), variant=label[1].strip(), dtype=dtype, arch="sm_90")
-        rows += sweep_rows(sass_loops.find_loops(instructions), elements, base, packed=16 / size)
+        rows += sweep_rows(sass_loops.find_loops(instructions), elements, base, packed=is_packed)
     return rows
 
 

@@ -59,7 +59,8 @@ def test_sweep_rows_take_the_worst_packed_loop():
     (instructions,) = sass_loops.parse_functions(SASS).values()
     loops = sass_loops.find_loops(instructions)
     rows = mufu_report.sweep_rows(loops, lambda loop: loop.widest_bytes() / 4, dict(
-        backend="cuda", kernel="k", config="c", variant="v", dtype="float32", arch="sm_90"), packed=4)
+        backend="cuda", kernel="k", config="c", variant="v", dtype="float32", arch="sm_90"),
+        packed=mufu_report.is_packed)
     assert [(r.sweep, r.elements, r.per_element) for r in rows] == [("statistics", 8, 0.5)]
     assert mufu_report.check_budget(rows, {rows[0].key: 0.5}) == []
     assert "> budget 0.250" in mufu_report.check_budget(rows, {rows[0].key: 0.25})[0]

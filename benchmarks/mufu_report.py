@@ -214,8 +214,10 @@ def triton_rows(sass: str, job) -> List[SweepRow]:
     if not any(row.sweep in ("statistics", "gradient") for row in rows):  # one tile, no column loop
         tile = constexprs.get("ROWS", 1) * block_c / threads
         outside = sass_loops.mufu_outside_loops(instructions, loops)
+        issued = sass_loops.instructions_outside_loops(instructions, loops) / tile
         rows.append(SweepRow(**base, sweep="tile", elements=tile, mufu=dict(sorted(outside.items())),
-                             per_element=sum(outside.values()) / tile))
+                             per_element=sum(outside.values()) / tile, instructions_per_element=issued,
+                             unskipped_instructions_per_element=issued))
     return rows
 
 

@@ -173,6 +173,8 @@ def test_triton_counter_is_calibrated(extra, expected):
     from triton.compiler import ASTSource
 
     fn = triton_calibration_kernel(extra)
+    if not isinstance(fn, triton.JITFunction):
+        pytest.skip("triton was imported with TRITON_INTERPRET=1: its kernels are interpreted, not compiled")
     compiled = triton.compile(
         ASTSource(fn, {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "EXTRA": "constexpr", "BLOCK_C": "constexpr"},
                   {"EXTRA": extra, "BLOCK_C": 1024}, {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}),
@@ -190,7 +192,8 @@ def test_triton_kernels_within_budget(tmp_path):
         pytest.skip("this triton has no cuobjdump")
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "mufu_report.py"), "--triton", "--ci", "--jobs", "2",
-         "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=1200)
+         "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=1200,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})  # compiled, not interpreted
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     import json
 

@@ -23,10 +23,12 @@ Elements per loop iteration and thread:
           blocks; a kernel without one (the tile kernel, the whole-row top-k kernel) is one
           "tile" of ROWS x BLOCK_C / (32 x num_warps) elements per thread, all its MUFU outside
           loops divided by that (per-row logs and reciprocals included, amortized over the tile).
-Per sweep (statistics, gradient, tile) the figure is the largest MUFU per element of its packed
-loops (CUDA: loops over 16-byte packs, LDG.E.128, so the scalar head/tail loops of a row, which see
-fewer than 16 bytes of columns, are left out; Triton: every column loop); one kernel holds several paths (with and without a
-target, unrolled and single-pack loops), and the largest is the one budgeted. Loops over kept top-k slots, merges and
+Per sweep (statistics, gradient, tile) and loop width (elements per iteration), the figure is the
+largest MUFU per element of its packed loops (CUDA: loops over 16-byte packs, LDG.E.128, so the
+scalar head/tail loops of a row, which see fewer than 16 bytes of columns, are left out; Triton:
+every column loop): one CUDA kernel holds the unrolled 2-pack and the 1-pack loop of each sweep,
+each with and without a target, and each width has its own budget, so that one more exponential in
+either loop fails it. Loops over kept top-k slots, merges and
 zero-fills are listed, not budgeted. Static counts: a rarely taken branch (CUDA's rescale
 when the maximum grows) counts as taken; see sass_loops.py for the limits.
 
@@ -86,26 +88,27 @@ class SweepRow:
 
     @property
     def key(self) -> str:
-        return " | ".join((self.backend, self.kernel, self.config, self.variant, self.dtype, self.arch, self.sweep))
+        return " | ".join((self.backend, self.kernel, self.config, self.variant, self.dtype, self.arch, self.sweep,
+                           f"{self.elements:g}/iter"))
 
 
 def sweep_rows(loops: List[sass_loops.Loop], elements_of, base: dict, packed=lambda loop: True) -> List[SweepRow]:
-    """Per sweep, the largest MUFU per element among its packed loops (packed(loop) true; all its loops
-    when none is), from the loops and their elements per iteration."""
+    """Rows of a kernel's loops: for each sweep and width (elements per iteration) of its packed loops
+    (packed(loop) true; all its loops when none is), the loop with the most MUFU per element."""
     rows = []
     for sweep in ("statistics", "gradient", "zero-fill", "kept", "merge"):
         found = [(loop, elements_of(loop)) for loop in loops if loop.sweep == sweep]
-        if not found:
-            continue
         bulk = [(loop, n) for loop, n in found if packed(loop)] or found
-        loop, n = max(bulk, key=lambda item: item[0].mufu_total / item[1] if item[1] else item[0].mufu_total)
-        per = loop.mufu_total / n if n else float(loop.mufu_total)
-        rows.append(SweepRow(**base, sweep=sweep, elements=n, mufu=dict(sorted(loop.mufu.items())),
-                             per_element=per, conditional_per_element=loop.conditional_mufu / n if n else 0.0,
-                             instructions_per_element=loop.instructions / n if n else float(loop.instructions),
-                             unskipped_instructions_per_element=(loop.instructions - loop.skippable_instructions)
-                             / n if n else 0.0,
-                             loops=len(found)))
+        for width in sorted({n for _, n in bulk}, reverse=True):
+            loop, n = max(((lp, m) for lp, m in bulk if m == width),
+                          key=lambda item: item[0].mufu_total / item[1] if item[1] else item[0].mufu_total)
+            rows.append(SweepRow(
+                **base, sweep=sweep, elements=n, mufu=dict(sorted(loop.mufu.items())),
+                per_element=loop.mufu_total / n if n else float(loop.mufu_total),
+                conditional_per_element=loop.conditional_mufu / n if n else 0.0,
+                instructions_per_element=loop.instructions / n if n else float(loop.instructions),
+                unskipped_instructions_per_element=(loop.instructions - loop.skippable_instructions) / n if n else 0.0,
+                loops=len(found)))
     return rows
 
 

@@ -62,7 +62,7 @@ import cuda_resource_report as cuda_report  # noqa: E402
 import sass_loops  # noqa: E402
 
 BUDGET_FILE = ROOT / "benchmarks" / "mufu_budget.json"
-ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2}
+ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 BUDGETED = ("statistics", "gradient", "tile")
 TOLERANCE = 1e-6
 

@@ -1,0 +1,201 @@
+"""CI's special-function proxy (issue 17): MUFU instructions per element and sweep stay within
+benchmarks/mufu_budget.json for every CUDA and Triton kernel instantiation, without a GPU.
+
+The counter (benchmarks/mufu_report.py, benchmarks/sass_loops.py) is first calibrated on small
+kernels compiled here whose exponentials per element are known (1 and 2), and its negative
+control plants one extra MUFU.EX2 in the statistics loop of a real kernel's SASS, which must
+raise that sweep's figure by one per loop iteration and fail the budget.
+CUDA: the sm_90 SASS of the built smskd_fast._C when it has CUDA code (seconds, as CI builds
+it), else kernels/*.cu compiled with nvcc for sm_90 (about 3 minutes on 2 cores); skipped
+without cuobjdump/nvcc. Triton: the AOT report's CI set (88 compiles for sm_90, 2-4 minutes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import cuda_resource_report as cuda_report  # noqa: E402
+import mufu_report  # noqa: E402
+import sass_loops  # noqa: E402
+
+# A loop (0x0100..0x0180) loading two 16-byte packs and issuing 3 EX2 + 1 RCP, a forward-skipped EX2
+# inside it, and one LG2 after it.
+SASS = """
+        Function : _Z4demoPKfPf
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0100*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0110*/                   LDG.E.128 R8, desc[UR4][R2.64+0x10] ;
+        /*0120*/                   MUFU.EX2 R4, R4 ;
+        /*0130*/               @P1 BRA 0x150 ;
+        /*0140*/                   MUFU.EX2 R5, R5 ;
+        /*0150*/                   MUFU.EX2 R6, R6 ;
+        /*0160*/                   MUFU.RCP R7, R7 ;
+        /*0180*/              @!P0 BRA 0x100 ;
+        /*0190*/                   MUFU.LG2 R0, R0 ;
+        /*01a0*/                   EXIT ;
+        /*01b0*/                   BRA 0x1b0;
+"""
+
+
+def test_loops_and_their_mufu_are_found():
+    (instructions,) = sass_loops.parse_functions(SASS).values()
+    (loop,) = sass_loops.find_loops(instructions)
+    assert (loop.start, loop.end, loop.sweep) == (0x100, 0x180, "statistics")
+    assert loop.mufu == {"EX2": 3, "RCP": 1} and loop.conditional_mufu == 1
+    assert loop.loads == [16, 16] and loop.widest_bytes() == 32
+    assert sass_loops.mufu_outside_loops(instructions, [loop]) == {"LG2": 1}
+    assert sass_loops.access_bytes("LDG.E.EL.128", "LDG") == 16 and sass_loops.access_bytes("LDG.E", "LDG") == 4
+    assert sass_loops.access_bytes("LDG.E.U16", "LDG") == 2 and sass_loops.access_bytes("STG.E.64", "LDG") == 0
+
+
+def test_sweep_rows_take_the_worst_packed_loop():
+    (instructions,) = sass_loops.parse_functions(SASS).values()
+    loops = sass_loops.find_loops(instructions)
+    rows = mufu_report.sweep_rows(loops, lambda loop: loop.widest_bytes() / 4, dict(
+        backend="cuda", kernel="k", config="c", variant="v", dtype="float32", arch="sm_90"),
+        packed=mufu_report.is_packed)
+    assert [(r.sweep, r.elements, r.per_element) for r in rows] == [("statistics", 8, 0.5)]
+    assert mufu_report.check_budget(rows, {rows[0].key: 0.5}) == []
+    assert "> budget 0.250" in mufu_report.check_budget(rows, {rows[0].key: 0.25})[0]
+    assert "no budget stated" in mufu_report.check_budget(rows, {})[0]
+
+
+def plant_ex2(sass: str, function: str, address: int) -> str:
+    """sass with one more MUFU.EX2 at address (inside function's listing)."""
+    lines = sass.splitlines()
+    start = next(i for i, line in enumerate(lines) if f"Function : {function}" in line)
+    at = next(i for i in range(start, len(lines)) if f"/*{address:04x}*/" in lines[i])
+    lines.insert(at + 1, f"        /*{address:04x}*/                   MUFU.EX2 R250, R250 ;")
+    return "\n".join(lines)
+
+
+CUDA_CALIBRATION = r"""
+__global__ void calib(const float4* __restrict__ x, float* out, int n) {
+  float acc = 0.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float4 v = x[i];
+    acc += exp2f(v.x) + exp2f(v.y) + exp2f(v.z) + exp2f(v.w);
+#if EXTRA
+    acc += exp2f(v.x * 1.5f) + exp2f(v.y * 1.5f) + exp2f(v.z * 1.5f) + exp2f(v.w * 1.5f);
+#endif
+  }
+  out[threadIdx.x] = acc;
+}
+"""
+
+
+@pytest.mark.skipif(cuda_report.find_tool("nvcc") is None or cuda_report.find_tool("cuobjdump") is None,
+                    reason="nvcc/cuobjdump not found (no CUDA toolkit)")
+@pytest.mark.parametrize("extra, expected", [(0, 1.0), (1, 2.0)])
+def test_cuda_counter_is_calibrated(tmp_path, extra, expected):
+    source = tmp_path / "calib.cu"
+    source.write_text(CUDA_CALIBRATION)
+    cubin = tmp_path / "calib.cubin"
+    cuda_report.run([cuda_report.find_tool("nvcc"), *cuda_report.NVCC_FLAGS, "-arch=sm_90", "-cubin",
+                     f"-DEXTRA={extra}", str(source), "-o", str(cubin)])
+    sass = cuda_report.run([cuda_report.find_tool("cuobjdump"), "-sass", str(cubin)])
+    (instructions,) = sass_loops.parse_functions(sass).values()
+    loops = [loop for loop in sass_loops.find_loops(instructions) if loop.sweep == "statistics"]
+    assert loops, sass
+    assert {loop.mufu.get("EX2", 0) / (loop.widest_bytes() / 4) for loop in loops} == {expected}
+
+
+def built_extension_with_cuda():
+    """Path of the loaded smskd_fast._C when it has the CUDA kernel, else None."""
+    import importlib.util
+
+    import torch
+
+    from smskd_fast.ops import registration as ops
+    from smskd_fast.ops.extension import extension_loaded
+
+    if not extension_loaded() or not torch._C._dispatch_has_kernel_for_dispatch_key(ops.OP_NAME, "CUDA"):
+        return None
+    return importlib.util.find_spec("smskd_fast._C").origin
+
+
+@pytest.mark.skipif(cuda_report.find_tool("cuobjdump") is None, reason="cuobjdump not found (no CUDA toolkit)")
+def test_cuda_kernels_within_budget_and_a_planted_exp2_is_caught(tmp_path):
+    binary = built_extension_with_cuda()
+    if binary is None and cuda_report.find_tool("nvcc") is None:
+        pytest.skip("no CUDA build of smskd_fast._C and no nvcc to compile kernels/")
+    sass = mufu_report.cuda_sass(binary, str(tmp_path))
+    rows = mufu_report.cuda_rows(sass)
+    budget = mufu_report.load_budget()
+    assert {r.kernel for r in rows} == {"smskd_rows_kernel", "smskd_topk_rows_kernel"}
+    # 5 layouts x 3 dtypes x (4 dense input sets + 2 top-k ones) instantiations, each with a budgeted sweep
+    assert len({(r.kernel, r.config, r.variant, r.dtype) for r in rows if r.sweep in mufu_report.BUDGETED}) == 90
+    assert mufu_report.check_budget(rows, budget) == []
+
+    # Negative control: one more EX2 in the bf16 512-thread teacher+reference kernel's statistics loop.
+    name = next(n for n in sass_loops.parse_functions(sass)
+                if re.search(r"smskd_rows_kernelI13__nv_bfloat16Li512ELi1ELb1ELb1E", n))
+    loop = next(lp for lp in sass_loops.find_loops(sass_loops.parse_functions(sass)[name]) if lp.sweep == "statistics"
+                and lp.widest_bytes() == 3 * 2 * 16)  # the unrolled loop: 2 packs x 3 streams
+    planted = mufu_report.cuda_rows(plant_ex2(sass, name, loop.start))
+    problems = mufu_report.check_budget(planted, budget)
+    assert len(problems) == 1 and "teacher+reference | bfloat16 | sm_90 | statistics | 16/iter" in problems[0]
+    assert "5.375 MUFU/element > budget 5.312" in problems[0]  # (85 + 1) / 16 against 85 / 16
+
+
+TRITON_CALIBRATION = SimpleNamespace(kernel="calib", config="calib", variant="calib", dtype="fp32", arch=90,
+                                     num_warps=4, constexprs=(("BLOCK_C", 1024),))
+
+
+def triton_calibration_kernel(extra: bool):
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    @triton.jit
+    def calib(x_ptr, out_ptr, n, EXTRA: tl.constexpr, BLOCK_C: tl.constexpr):
+        acc = tl.zeros([BLOCK_C], tl.float32)
+        for start in range(0, n, BLOCK_C):
+            cols = start + tl.arange(0, BLOCK_C)
+            x = tl.load(x_ptr + cols, mask=cols < n, other=0.0)
+            acc += tl.exp2(x)
+            if EXTRA:
+                acc += tl.exp2(x * 1.5)
+        tl.store(out_ptr + tl.arange(0, BLOCK_C), acc)
+
+    return calib
+
+
+@pytest.mark.parametrize("extra, expected", [(False, 1.0), (True, 2.0)])
+def test_triton_counter_is_calibrated(extra, expected):
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = triton_calibration_kernel(extra)
+    if not isinstance(fn, triton.JITFunction):
+        pytest.skip("triton was imported with TRITON_INTERPRET=1: its kernels are interpreted, not compiled")
+    compiled = triton.compile(
+        ASTSource(fn, {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "EXTRA": "constexpr", "BLOCK_C": "constexpr"},
+                  {"EXTRA": extra, "BLOCK_C": 1024}, {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}),
+        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    rows = mufu_report.triton_rows_from_cubin(compiled.asm["cubin"], TRITON_CALIBRATION)
+    (stats,) = [r for r in rows if r.sweep == "statistics"]
+    assert (stats.elements, stats.per_element, stats.mufu) == (8, expected, {"EX2": int(8 * expected)})
+
+
+def test_triton_kernels_within_budget(tmp_path):
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this triton has no cuobjdump")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "mufu_report.py"), "--triton", "--ci", "--jobs", "2",
+         "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=1200,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})  # compiled, not interpreted
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "mufu_report.json").read_text())["rows"]
+    budgeted = {(r["kernel"], r["config"], r["variant"], r["dtype"]) for r in rows if r["sweep"] in mufu_report.BUDGETED}
+    assert len(budgeted) == len(mufu_report.triton_jobs(ci=True))  # every compiled configuration has a budgeted sweep

@@ -1,8 +1,9 @@
-"""Data sets: the embedded digits split, the generated glyphs, CIFAR-100 from files in the real format, ImageFolder, augmentation."""
+"""Data sets: embedded digits, generated glyphs, CIFAR-100 from files in the real format, ImageFolder, augmentation."""
 from __future__ import annotations
 
 import hashlib
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,3 +176,13 @@ def test_glyph_labels_are_learnable_but_not_trivial():
     assert 0.4 < accuracy < 0.8, accuracy
     shuffled = np.roll(test_labels, 1)  # the same images against labels of other images: chance level
     assert float((distances.argmin(1) == shuffled).mean()) < 0.06
+
+
+def test_the_demo_default_is_the_shipped_glyphs_config():
+    from smskd_fast.cli import DEMO_CONFIG
+    from smskd_fast.training.config import load_config
+
+    assert DEMO_CONFIG.is_file() and DEMO_CONFIG.parent.name == "configs"  # inside the package: in the wheel
+    assert load_config(DEMO_CONFIG).data.name == "glyphs"
+    repository_copy = Path(__file__).resolve().parent.parent / "configs" / "glyphs_demo.yaml"
+    assert repository_copy.resolve() == DEMO_CONFIG.resolve()

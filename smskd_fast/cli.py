@@ -15,7 +15,8 @@ from typing import List, Optional
 
 __all__ = ["main"]
 
-DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "digits_demo.yaml"  # shipped in the wheel
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "glyphs_demo.yaml"  # shipped in the wheel; the quick
+# smoke is --config configs/digits_demo.yaml
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -143,7 +144,7 @@ def _demo(args: argparse.Namespace) -> int:
     table = format_table(rows)
     print(f"\nTest accuracy on {config.data.name} ({config_file}; runs in {out}):\n{table}")
     if len(seeds) < 5:
-        print("One seed decides little on this small test split; `smskd-fast study` compares every variant over "
+        print("One seed decides little; `smskd-fast study` compares every variant over "
               "seeds with intervals and paired tests (what it found: docs/results.md).")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     (out / "table.txt").write_text(table + "\n")
@@ -215,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--model-file", type=Path)
     evaluation.add_argument("--data-dir")
     evaluation.add_argument("--device")
-    demo = commands.add_parser("demo", help="digits demo: teacher, student alone, KD, SMSKD; prints a table",
+    demo = commands.add_parser("demo", help="glyphs demo: teacher, student alone, KD, SMSKD; prints a table "
+                                            "(--config configs/digits_demo.yaml: the quick digits one)",
                                parents=[common])
     _add_config_options(demo)
     demo.add_argument("--seeds", type=int, nargs="+", help="seeds to average over (default: the config's)")

@@ -1,5 +1,5 @@
-"""Data sets for the trainer: embedded digits, CIFAR-100 from disk, ImageFolder, and
-byte-level text for causal language models (a sequence task).
+"""Data sets for the trainer: embedded digits, generated glyphs (glyphs.py), CIFAR-100 from
+disk, ImageFolder, and byte-level text for causal language models (a sequence task).
 
 Every split is an ImageSet that turns a list of indices into a batch. Random
 augmentation is replayable: each sample's crop and flip come from uniforms that are
@@ -30,7 +30,7 @@ TEXT_FILE = Path(__file__).resolve().parents[1] / "data" / "tiny_stories.txt"
 BYTE_VOCABULARY = 256
 TEXT_TEST_FRACTION = 0.1
 SEQUENCE_DATASETS = ("text",)
-DATASETS = ("digits", "cifar100", "imagefolder") + SEQUENCE_DATASETS
+DATASETS = ("digits", "glyphs", "cifar100", "imagefolder") + SEQUENCE_DATASETS
 AUGMENT_STREAMS = 3  # uniforms per sample: crop row, crop column, flip
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -198,6 +198,19 @@ def _digits() -> DataSplits:
     )
 
 
+def _glyphs() -> DataSplits:
+    """The generated glyphs task (glyphs.generate_glyphs with its fixed seed): the same images
+    for every run seed, so the run seed varies only the training."""
+    from smskd_fast.training.glyphs import GLYPH_CLASSES, generate_glyphs  # glyphs imports this module
+
+    train_images, train_labels, test_images, test_labels = (torch.from_numpy(array.copy())
+                                                            for array in generate_glyphs())
+    scaled = train_images.float() / 255.0
+    stats = dict(mean=(float(scaled.mean()),), std=(float(scaled.std()),), scale=255.0, num_classes=GLYPH_CLASSES)
+    return DataSplits(train=ImageSet(labels=train_labels, images=train_images.unsqueeze(1), **stats),
+                      test=ImageSet(labels=test_labels, images=test_images.unsqueeze(1), **stats))
+
+
 def _read_cifar_file(path: Path) -> Tuple[torch.Tensor, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(
@@ -266,6 +279,8 @@ def load_splits(name: str, root: Optional[str] = None, image_size: int = 224,
     """The train and test splits of data set `name` (one of DATASETS)."""
     if name == "digits":
         return _digits()
+    if name == "glyphs":
+        return _glyphs()
     if name == "text":
         return _text(root, context_length)
     if name not in DATASETS:

@@ -52,7 +52,7 @@ def _view_fingerprint(dataset: Dataset, config: RunConfig) -> str:
         settings = repr(("sequence", config.data.augment, dataset.num_classes))
         return data_fingerprint([dataset.windows.numpy(), np.frombuffer(settings.encode(), dtype=np.uint8)])
     if dataset.images is None:
-        raise ValueError(f"a logit cache needs a data set held in memory (digits, cifar100, text); data.name "
+        raise ValueError(f"a logit cache needs a data set held in memory (digits, glyphs, cifar100, text); data.name "
                          f"{config.data.name!r} loads its images lazily")
     settings = repr((config.data.augment, config.data.crop_padding, dataset.scale, dataset.mean, dataset.std))
     return data_fingerprint([dataset.images.numpy(), dataset.labels.numpy(),

@@ -410,8 +410,8 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
 
     if (!valid) {  // ignored row: zeros everywhere, its logits are never read
       if (lane == 0) {
-#define SMSKD_ZERO_OUTPUT(name) prm.name[row] = 0.0f;
-        SMSKD_PER_ROW_OUTPUTS(SMSKD_ZERO_OUTPUT)
+#define SMSKD_ZERO_OUTPUT(name) prm.name[row] =
+        SMSKD_PER_ROW_OUTPUTS(SMSKD_ZERO_OUTPUT) 0.0f;  // prm.loss[row] = prm.ce[row] = ... = 0.0f
 #undef SMSKD_ZERO_OUTPUT
       }
       if (g_row) {

@@ -14,7 +14,6 @@ import torch
 
 from smskd_fast.backends.triton.topk_bitmask import kept_class_bitmask
 from smskd_fast.ops import schema
-from smskd_fast.backends.triton import kernels
 from smskd_fast.backends.triton import topk_kernels
 from smskd_fast.backends.triton.launch import allocate_outputs, check_targets, power_of_two_at_least, row_alignment
 

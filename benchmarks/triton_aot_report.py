@@ -45,21 +45,22 @@ from smskd_fast.backends.triton import kernels  # noqa: E402
 from smskd_fast.backends.triton import launch  # noqa: E402
 from smskd_fast.backends.triton import topk_kernels  # noqa: E402
 from smskd_fast.backends.triton import topk_launch  # noqa: E402
+from smskd_fast.ops.schema import PER_ROW_OUTPUTS, WEIGHTING_CODES  # noqa: E402
 
 ARCHS = (80, 90)
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 # name: (HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING, COMPUTE_GRAD)
 VARIANTS = {
-    "smskd+grad": (True, True, True, 1, True),
-    "smskd": (True, True, True, 1, False),
-    "kd+grad": (False, True, False, 0, True),
-    "ce+grad": (True, False, False, 0, True),
+    "smskd+grad": (True, True, True, WEIGHTING_CODES["inverse_tcp"], True),
+    "smskd": (True, True, True, WEIGHTING_CODES["inverse_tcp"], False),
+    "kd+grad": (False, True, False, WEIGHTING_CODES["constant"], True),
+    "ce+grad": (True, False, False, WEIGHTING_CODES["constant"], True),
 }
 # The top-k kernel has no HAS_TEACHER (its teacher is the top-k form) and no "ce" variant.
 TOPK_VARIANTS = ("smskd+grad", "smskd", "kd+grad")
 CI_VARIANTS = ("smskd+grad", "kd+grad")
 CI_DTYPES = ("fp32", "bf16")
-OUTPUT_POINTERS = ("loss_ptr", "ce_ptr", "kd_ptr", "ref_ptr", "tcp_ptr", "weight_ptr")
+OUTPUT_POINTERS = tuple(f"{name}_ptr" for name in PER_ROW_OUTPUTS)
 # The top-k form's own tensors, as the launcher passes them (triton_topk_launch.launch_topk_rows).
 TOPK_POINTERS = {"values_ptr": "*fp32", "true_logit_ptr": "*fp32", "lse_ptr": "*fp32", "lse_T_ptr": "*fp32",
                  "indices_ptr": "*i64", "bits_ptr": "*i32", "kept_logits_ptr": "*fp32"}

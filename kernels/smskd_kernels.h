@@ -12,6 +12,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "smskd_schema.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -23,12 +25,12 @@ typedef enum {
   SMSKD_FLOAT16 = 2
 } smskd_dtype;
 
-/* How the reference term's per-row weight w_i is computed (SPEC.md section 1). */
-typedef enum {
-  SMSKD_WEIGHT_INVERSE_TCP = 0, /* w = 1 - TCP */
-  SMSKD_WEIGHT_TCP = 1,         /* w = TCP */
-  SMSKD_WEIGHT_CONSTANT = 2     /* w = 1 */
-} smskd_weighting;
+/* smskd_weighting (how the reference term's per-row weight w_i is computed) and
+ * the list of per-row outputs: kernels/smskd_schema.h. */
+
+/* One float32 output pointer per per-row output (loss, ce, ...), each `rows` long
+ * and contiguous. */
+#define SMSKD_PER_ROW_OUTPUT_POINTER(name) float* name;
 
 /* Everything one launch needs. Strides count elements between consecutive rows
  * (columns are contiguous). Optional pointers are NULL when absent. */
@@ -53,12 +55,7 @@ typedef struct {
   int64_t grad_stride;
 
   /* Per-row float32 outputs, each `rows` long and contiguous. */
-  float* loss;
-  float* ce;
-  float* kd;
-  float* ref;
-  float* tcp;
-  float* weight;
+  SMSKD_PER_ROW_OUTPUTS(SMSKD_PER_ROW_OUTPUT_POINTER)
 
   float temperature; /* > 0 */
   float ce_weight;
@@ -130,12 +127,7 @@ typedef struct {
   void* grad;
   int64_t grad_stride;
 
-  float* loss;
-  float* ce;
-  float* kd;
-  float* ref;
-  float* tcp;
-  float* weight;
+  SMSKD_PER_ROW_OUTPUTS(SMSKD_PER_ROW_OUTPUT_POINTER)
 
   float temperature;
   float ce_weight;

@@ -41,9 +41,7 @@ template <typename Args>
 const char* launch_scalars_invalid(const Args& a) {
   if (a.dtype != SMSKD_FLOAT32 && a.dtype != SMSKD_BFLOAT16 && a.dtype != SMSKD_FLOAT16)
     return "dtype must be SMSKD_FLOAT32, SMSKD_BFLOAT16 or SMSKD_FLOAT16";
-  if (a.weighting != SMSKD_WEIGHT_INVERSE_TCP && a.weighting != SMSKD_WEIGHT_TCP &&
-      a.weighting != SMSKD_WEIGHT_CONSTANT)
-    return "weighting must be SMSKD_WEIGHT_INVERSE_TCP, SMSKD_WEIGHT_TCP or SMSKD_WEIGHT_CONSTANT";
+  if (!smskd_weighting_valid(a.weighting)) return "weighting must be one of the SMSKD_WEIGHT_* values";
   if (!(a.temperature > 0.0f) || std::isinf(a.temperature)) return "temperature must be finite and > 0";
   const int forced = a.threads_per_row;
   if (forced != 0 && forced != 8 && forced != 16 && forced != 32 && forced != 256 && forced != 512)
@@ -53,8 +51,10 @@ const char* launch_scalars_invalid(const Args& a) {
 
 template <typename Args>
 const char* per_row_outputs_invalid(const Args& a) {
-  if (!a.loss || !a.ce || !a.kd || !a.ref || !a.tcp || !a.weight)
-    return "loss, ce, kd, ref, tcp and weight must not be NULL";
+#define SMSKD_CHECK_OUTPUT(name) \
+  if (!a.name) return #name " (a per-row output) must not be NULL";
+  SMSKD_PER_ROW_OUTPUTS(SMSKD_CHECK_OUTPUT)
+#undef SMSKD_CHECK_OUTPUT
   return nullptr;
 }
 
@@ -69,12 +69,9 @@ void copy_shared_params(KernelParams& p, const Args& a) {
   p.target_stride = a.target_stride;
   p.grad_stride = a.grad_stride;
   p.target = a.target;
-  p.loss = a.loss;
-  p.ce = a.ce;
-  p.kd = a.kd;
-  p.ref = a.ref;
-  p.tcp = a.tcp;
-  p.weight = a.weight;
+#define SMSKD_COPY_OUTPUT(name) p.name = a.name;
+  SMSKD_PER_ROW_OUTPUTS(SMSKD_COPY_OUTPUT)
+#undef SMSKD_COPY_OUTPUT
   p.temperature = a.temperature;
   p.ce_weight = a.ce_weight;
   p.kd_weight = a.kd_weight;

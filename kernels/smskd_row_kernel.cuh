@@ -187,12 +187,7 @@ struct Params {
   int64_t rows, cols;
   int64_t student_stride, teacher_stride, reference_stride, target_stride, grad_stride;
   const int64_t* target;
-  float* loss;
-  float* ce;
-  float* kd;
-  float* ref;
-  float* tcp;
-  float* weight;
+  SMSKD_PER_ROW_OUTPUTS(SMSKD_PER_ROW_OUTPUT_POINTER)
   float temperature, ce_weight, kd_weight, ref_weight;
   smskd_weighting weighting;
   int64_t ignore_index;
@@ -271,7 +266,9 @@ constexpr float kLn2 = 0.6931471805599453f;
 // Per-row outputs, and what the gradient needs: its coefficients, each stream's maximum and
 // the log2 of its sums, so that softmax(x/T)_c = exp2((x_c - max) * kT - log2(sumT)).
 struct RowResult {
-  float loss = 0.0f, ce = 0.0f, kd = 0.0f, ref = 0.0f, tcp = 0.0f, weight = 0.0f;
+#define SMSKD_RESULT_FIELD(name) float name = 0.0f;
+  SMSKD_PER_ROW_OUTPUTS(SMSKD_RESULT_FIELD)  // the per-row outputs
+#undef SMSKD_RESULT_FIELD
   float a = 0.0f, b = 0.0f, g = 0.0f;  // CE, KD and reference coefficients of the gradient
   float max_s = 0.0f, max_t = 0.0f, max_r = 0.0f;
   float log2_s = 0.0f, log2_sT = 0.0f, log2_tT = 0.0f, log2_rT = 0.0f;  // log2 of sum1 / sumT
@@ -413,7 +410,9 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
 
     if (!valid) {  // ignored row: zeros everywhere, its logits are never read
       if (lane == 0) {
-        prm.loss[row] = prm.ce[row] = prm.kd[row] = prm.ref[row] = prm.tcp[row] = prm.weight[row] = 0.0f;
+#define SMSKD_ZERO_OUTPUT(name) prm.name[row] =
+        SMSKD_PER_ROW_OUTPUTS(SMSKD_ZERO_OUTPUT) 0.0f;  // prm.loss[row] = prm.ce[row] = ... = 0.0f
+#undef SMSKD_ZERO_OUTPUT
       }
       if (g_row) {
         sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
@@ -449,12 +448,9 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
     // Every thread of the row computes the results; lane 0 stores them.
     const RowResult res = math.finish(st, s_y, t_y, prm);
     if (lane == 0) {
-      prm.loss[row] = res.loss;
-      prm.ce[row] = res.ce;
-      prm.kd[row] = res.kd;
-      prm.ref[row] = res.ref;
-      prm.tcp[row] = res.tcp;
-      prm.weight[row] = res.weight;
+#define SMSKD_STORE_OUTPUT(name) prm.name[row] = res.name;
+      SMSKD_PER_ROW_OUTPUTS(SMSKD_STORE_OUTPUT)
+#undef SMSKD_STORE_OUTPUT
     }
     if (!g_row) continue;
     sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {

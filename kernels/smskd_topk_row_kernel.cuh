@@ -32,12 +32,7 @@ struct TopKParams {
   const float* true_logit;
   const float* lse;
   const float* lse_t;
-  float* loss;
-  float* ce;
-  float* kd;
-  float* ref;
-  float* tcp;
-  float* weight;
+  SMSKD_PER_ROW_OUTPUTS(SMSKD_PER_ROW_OUTPUT_POINTER)
   float temperature, ce_weight, kd_weight, ref_weight;
   smskd_weighting weighting;
   int64_t ignore_index;
@@ -59,7 +54,9 @@ struct KeptStats {
 
 // Per-row outputs and what the gradient needs.
 struct TopKRowResult {
-  float loss = 0.0f, ce = 0.0f, kd = 0.0f, ref = 0.0f, tcp = 0.0f, weight = 0.0f;
+#define SMSKD_RESULT_FIELD(name) float name = 0.0f;
+  SMSKD_PER_ROW_OUTPUTS(SMSKD_RESULT_FIELD)  // the per-row outputs
+#undef SMSKD_RESULT_FIELD
   float a = 0.0f, b = 0.0f, g = 0.0f;  // ce_w, kd_w T, ref_w T w
   float total_mass = 0.0f;             // kept mass + p_rest
   float p_rest = 0.0f;
@@ -248,14 +245,11 @@ struct TopKRowMath {
   }
 };
 
-// Writes the six per-row outputs.
+// Writes the per-row outputs (SMSKD_PER_ROW_OUTPUTS).
 SMSKD_HD void store_topk_row(const TopKParams& prm, int64_t row, const TopKRowResult& res) {
-  prm.loss[row] = res.loss;
-  prm.ce[row] = res.ce;
-  prm.kd[row] = res.kd;
-  prm.ref[row] = res.ref;
-  prm.tcp[row] = res.tcp;
-  prm.weight[row] = res.weight;
+#define SMSKD_STORE_OUTPUT(name) prm.name[row] = res.name;
+  SMSKD_PER_ROW_OUTPUTS(SMSKD_STORE_OUTPUT)
+#undef SMSKD_STORE_OUTPUT
 }
 
 template <typename T, int kThreads, int kRowsPerBlock, bool kTarget, bool kRef>

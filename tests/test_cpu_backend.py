@@ -31,9 +31,10 @@ from smskd_fast.backends.base import LossOptions, RowInputs
 from smskd_fast.backends.reference import ReferenceBackend
 from tolerances import scaled_grad_rtol
 from smskd_fast.backends.registry import resolve_backend
+from smskd_fast.ops.schema import PER_ROW_OUTPUTS
 
 OP = torch.ops.smskd_fast.smskd_loss_rows
-FIELDS = ("loss", "ce", "kd", "ref", "tcp", "weight")
+FIELDS = PER_ROW_OUTPUTS
 
 pytestmark = pytest.mark.skipif(
     not smskd_fast.available_backends()["cpu"].available,

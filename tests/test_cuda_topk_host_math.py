@@ -31,7 +31,7 @@ NVCC = find_tool("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (no CUDA toolkit)")
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-WEIGHTING_CODES = {"inverse_tcp": 0, "tcp": 1, "constant": 2}
+from smskd_fast.ops.schema import WEIGHTING_CODES  # noqa: E402  (the C enum's codes)
 LAYOUTS = (8, 16, 32, 256, 512)
 # (rows, C, k): each layout's range of C, odd C for heads and tails, k = 1, k = C, k > threads per row.
 SHAPES = ((5, 1, 1), (6, 7, 3), (6, 7, 7), (5, 100, 10), (4, 129, 40), (4, 513, 64), (3, 2049, 300),

@@ -12,8 +12,9 @@ import torch
 from smskd_fast.backends.base import LossOptions, RowInputs
 from smskd_fast.backends.reference import ReferenceBackend
 from smskd_fast.backends.topk import TopKTeacher
+from smskd_fast.ops.schema import PER_ROW_OUTPUTS
 
-FIELDS = ("loss", "ce", "kd", "ref", "tcp", "weight")
+FIELDS = PER_ROW_OUTPUTS
 
 
 def make_inputs(n, c, k, dtype, *, seed=0, scale=3.0, temperature=4.0, with_target=True, with_reference=True):

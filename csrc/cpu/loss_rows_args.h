@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "smskd_schema.h"
+
 // Instruction sets for which a kernel is compiled and chosen at run time: on
 // x86-64 (GCC or clang) the AVX2 and AVX-512 variants, each unit compiled with its
 // own flags (csrc/cpu/isa_units.json); elsewhere only the portable (DEFAULT) kernel.
@@ -20,7 +22,6 @@
 
 namespace smskd::cpu {
 
-enum class Weighting : int { InverseTcp, Tcp, Constant };
 enum class ScalarKind : int { Float64, Float32, BFloat16, Float16 };
 
 // A (rows, classes) matrix of logits: element (i, c) at data + i*row_stride + c*col_stride
@@ -39,11 +40,11 @@ struct LossRowsArgs {
   const int64_t* target = nullptr;  // rows values, contiguous; nullptr when absent
   double temperature = 1.0;
   double ce_weight = 0.0, kd_weight = 0.0, ref_weight = 0.0;
-  Weighting weighting = Weighting::Constant;
+  smskd_weighting weighting = SMSKD_WEIGHT_CONSTANT;
   int64_t ignore_index = -100;
   // Per-row outputs, contiguous, in the accumulation type (double for Float64
-  // inputs, float otherwise): loss, ce, kd, ref, tcp, weight.
-  void* per_row[6] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+  // inputs, float otherwise), in the order of SMSKD_PER_ROW_OUTPUTS (smskd_schema.h).
+  void* per_row[SMSKD_NUM_PER_ROW_OUTPUTS] = {};
   // (rows, classes) contiguous gradient in the input's type; nullptr for none.
   void* grad = nullptr;
 };

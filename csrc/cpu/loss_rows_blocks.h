@@ -204,10 +204,10 @@ inline acc_t* per_row_output(const LossRowsArgs& args, int which) {
 // w_i of the reference term: 1 for constant weighting, else from the row's TCP
 // where it is computable (a teacher and a target given), else 0.
 template <typename acc_t>
-inline acc_t reference_weight(Weighting weighting, bool tcp_known, acc_t tcp) {
-  if (weighting == Weighting::Constant) return 1;
+inline acc_t reference_weight(smskd_weighting weighting, bool tcp_known, acc_t tcp) {
+  if (weighting == SMSKD_WEIGHT_CONSTANT) return 1;
   if (!tcp_known) return 0;
-  return weighting == Weighting::InverseTcp ? acc_t(1) - tcp : tcp;
+  return weighting == SMSKD_WEIGHT_INVERSE_TCP ? acc_t(1) - tcp : tcp;
 }
 
 // Writes a row's loss (ce_weight ce + kd_weight kd + ref_weight ref) and its terms.
@@ -216,8 +216,10 @@ inline void write_row_outputs(const LossRowsArgs& args, int64_t row, acc_t ce, a
                               acc_t weight) {
   const acc_t loss = static_cast<acc_t>(args.ce_weight) * ce + static_cast<acc_t>(args.kd_weight) * kd +
                      static_cast<acc_t>(args.ref_weight) * ref;
-  const std::array<acc_t, 6> outputs{loss, ce, kd, ref, tcp, weight};
-  for (int k = 0; k < 6; ++k) per_row_output<acc_t>(args, k)[row] = outputs[k];
+#define SMSKD_OUTPUT_VALUE(name) name,
+  const std::array<acc_t, SMSKD_NUM_PER_ROW_OUTPUTS> outputs{SMSKD_PER_ROW_OUTPUTS(SMSKD_OUTPUT_VALUE)};
+#undef SMSKD_OUTPUT_VALUE
+  for (int k = 0; k < SMSKD_NUM_PER_ROW_OUTPUTS; ++k) per_row_output<acc_t>(args, k)[row] = outputs[k];
 }
 
 template <typename scalar_t>
@@ -229,7 +231,7 @@ inline scalar_t* grad_row(const LossRowsArgs& args, int64_t row) {
 template <typename scalar_t, typename acc_t>
 inline bool write_if_ignored(const LossRowsArgs& args, int64_t row) {
   if (args.target == nullptr || args.target[row] != args.ignore_index) return false;
-  for (int k = 0; k < 6; ++k) per_row_output<acc_t>(args, k)[row] = 0;
+  for (int k = 0; k < SMSKD_NUM_PER_ROW_OUTPUTS; ++k) per_row_output<acc_t>(args, k)[row] = 0;
   if (args.grad != nullptr) std::memset(grad_row<scalar_t>(args, row), 0, args.classes * sizeof(scalar_t));
   return true;
 }

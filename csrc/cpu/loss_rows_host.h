@@ -6,14 +6,16 @@
 #include <ATen/ATen.h>
 #include <ATen/Version.h>
 
-#include <array>
 #include <cmath>
 #include <string>
-#include <tuple>
 
 #include "loss_rows_args.h"
+#include "op_outputs.h"
 
 namespace smskd::cpu {
+
+using smskd::LossRowsResult;
+using smskd::PerRowOutputs;
 
 enum class KernelIsa { Default, Avx2, Avx512 };
 
@@ -52,13 +54,6 @@ inline ScalarKind scalar_kind(const at::Tensor& student, const char* op) {
   }
 }
 
-inline Weighting parse_weighting(const std::string& weighting, const char* op) {
-  if (weighting == "inverse_tcp") return Weighting::InverseTcp;
-  if (weighting == "tcp") return Weighting::Tcp;
-  if (weighting == "constant") return Weighting::Constant;
-  TORCH_CHECK_VALUE(false, op, ": weighting must be 'inverse_tcp', 'tcp' or 'constant', got '", weighting, "'");
-}
-
 inline LogitsView view_of(const at::Tensor& logits) {
   return {logits.data_ptr(), logits.stride(0), logits.stride(1)};
 }
@@ -81,9 +76,6 @@ inline at::Tensor checked_target(const at::Tensor& target, int64_t rows, int64_t
   return indices;
 }
 
-// The operators' result: loss, ce, kd, ref, tcp, weight (per row), grad.
-using LossRowsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 inline void set_loss_scalars(LossRowsArgs& args, double temperature, double ce_weight, double kd_weight,
                              double ref_weight, int64_t ignore_index) {
   args.temperature = temperature;
@@ -98,14 +90,11 @@ inline void set_loss_scalars(LossRowsArgs& args, double temperature, double ce_w
 // and points args at them.
 inline LossRowsResult allocate_outputs(LossRowsArgs& args, const at::Tensor& student, bool compute_grad) {
   const auto accumulation = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  std::array<at::Tensor, 6> per_row;
-  for (size_t k = 0; k < per_row.size(); ++k) {
-    per_row[k] = at::empty({args.rows}, student.options().dtype(accumulation));
-    args.per_row[k] = per_row[k].data_ptr();
-  }
+  const PerRowOutputs per_row = empty_per_row_outputs(args.rows, student.options().dtype(accumulation));
+  for (size_t k = 0; k < per_row.size(); ++k) args.per_row[k] = per_row[k].data_ptr();
   at::Tensor grad = at::empty({compute_grad ? args.rows : 0, args.classes}, student.options());
   if (compute_grad) args.grad = grad.data_ptr();
-  return {per_row[0], per_row[1], per_row[2], per_row[3], per_row[4], per_row[5], grad};
+  return loss_rows_result(per_row, grad);
 }
 
 }  // namespace smskd::cpu

@@ -8,13 +8,17 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 
-#include <array>
 #include <cmath>
 #include <string>
 
+#include "op_outputs.h"
 #include "smskd_kernels.h"
 
 namespace smskd::cuda {
+
+using smskd::LossRowsResult;
+using smskd::PerRowOutputs;
+using smskd::PerRowResult;
 
 // float32/bfloat16/float16 logits; float64 is refused with a pointer to the reference backend.
 inline smskd_dtype kernel_dtype(const at::Tensor& student, const char* op) {
@@ -44,13 +48,6 @@ inline void check_student_and_temperature(const at::Tensor& student, double temp
                     ": temperature must be a finite number > 0, got ", temperature);
 }
 
-inline smskd_weighting parse_weighting(const std::string& weighting, const char* op) {
-  if (weighting == "inverse_tcp") return SMSKD_WEIGHT_INVERSE_TCP;
-  if (weighting == "tcp") return SMSKD_WEIGHT_TCP;
-  if (weighting == "constant") return SMSKD_WEIGHT_CONSTANT;
-  TORCH_CHECK_VALUE(false, op, ": weighting must be 'inverse_tcp', 'tcp' or 'constant', got '", weighting, "'");
-}
-
 // Rows may be strided, columns must be contiguous: a copy only when they are not.
 inline at::Tensor with_unit_column_stride(const at::Tensor& logits) {
   return logits.size(1) <= 1 || logits.stride(1) == 1 ? logits : logits.contiguous();
@@ -73,13 +70,9 @@ void set_input_rows(KernelArgs& args, const at::Tensor& student, const at::Tenso
   }
 }
 
-// loss, ce, kd, ref, tcp, weight: float32, one entry per row, on the student's device.
-using PerRowOutputs = std::array<at::Tensor, 6>;
-
+// The per-row outputs (SMSKD_PER_ROW_OUTPUTS): float32, one entry per row, on the student's device.
 inline PerRowOutputs empty_per_row_outputs(int64_t rows, const at::Tensor& student) {
-  PerRowOutputs per_row;
-  for (auto& out : per_row) out = at::empty({rows}, student.options().dtype(at::kFloat));
-  return per_row;
+  return smskd::empty_per_row_outputs(rows, student.options().dtype(at::kFloat));
 }
 
 // Points a kernel argument struct (smskd_loss_rows_args or _topk_args) at the
@@ -87,12 +80,10 @@ inline PerRowOutputs empty_per_row_outputs(int64_t rows, const at::Tensor& stude
 template <typename KernelArgs>
 void set_outputs_and_scalars(KernelArgs& args, PerRowOutputs& per_row, double temperature, double ce_weight,
                              double kd_weight, double ref_weight, int64_t ignore_index) {
-  args.loss = per_row[0].data_ptr<float>();
-  args.ce = per_row[1].data_ptr<float>();
-  args.kd = per_row[2].data_ptr<float>();
-  args.ref = per_row[3].data_ptr<float>();
-  args.tcp = per_row[4].data_ptr<float>();
-  args.weight = per_row[5].data_ptr<float>();
+  int k = 0;
+#define SMSKD_POINT_AT_OUTPUT(name) args.name = per_row[k++].data_ptr<float>();
+  SMSKD_PER_ROW_OUTPUTS(SMSKD_POINT_AT_OUTPUT)
+#undef SMSKD_POINT_AT_OUTPUT
   args.temperature = static_cast<float>(temperature);
   args.ce_weight = static_cast<float>(ce_weight);
   args.kd_weight = static_cast<float>(kd_weight);

@@ -20,9 +20,6 @@
 namespace smskd::cuda {
 namespace {
 
-using LossRowsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using PerRowResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 at::Tensor checked_companion(const char* name, const at::Tensor& logits, const at::Tensor& student) {
   TORCH_CHECK_VALUE(logits.sizes() == student.sizes(), "smskd_loss_rows: ", name, " must have the student's shape ",
                     student.sizes(), ", got ", logits.sizes());
@@ -77,7 +74,7 @@ PerRowResult launch(const at::Tensor& student, const std::optional<at::Tensor>& 
   PerRowOutputs per_row = empty_per_row_outputs(args.rows, student);
   set_outputs_and_scalars(args, per_row, temperature, ce_weight, kd_weight, ref_weight, ignore_index);
   launch_checked(args, "smskd_loss_rows", &smskd_loss_rows_invalid, &smskd_loss_rows_launch);
-  return {per_row[0], per_row[1], per_row[2], per_row[3], per_row[4], per_row[5]};
+  return per_row_result(per_row);
 }
 
 LossRowsResult smskd_loss_rows_cuda(const at::Tensor& student, const std::optional<at::Tensor>& target,
@@ -90,10 +87,9 @@ LossRowsResult smskd_loss_rows_cuda(const at::Tensor& student, const std::option
   const at::Tensor logits = with_unit_column_stride(student);
   at::Tensor grad = at::empty({compute_grad ? logits.size(0) : 0, logits.size(1)},
                               logits.options().memory_format(at::MemoryFormat::Contiguous));
-  auto [loss, ce, kd, ref, tcp, weight] =
-      launch(logits, target, teacher, reference, temperature, ce_weight, kd_weight, ref_weight, weighting,
-             ignore_index, compute_grad ? &grad : nullptr);
-  return {loss, ce, kd, ref, tcp, weight, grad};
+  return std::tuple_cat(launch(logits, target, teacher, reference, temperature, ce_weight, kd_weight, ref_weight,
+                               weighting, ignore_index, compute_grad ? &grad : nullptr),
+                        std::make_tuple(grad));
 }
 
 // Writes d loss_i / d student_i over student itself: no N x C gradient buffer.

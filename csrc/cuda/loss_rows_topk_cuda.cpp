@@ -24,8 +24,6 @@ namespace {
 
 constexpr const char* kOp = "smskd_loss_rows_topk";
 
-using TopKResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 void check_on_device(const char* name, const at::Tensor& tensor, const at::Tensor& student) {
   TORCH_CHECK(tensor.device() == student.device(), kOp, ": ", name, " must be on the student's device ",
               student.device(), ", got ", tensor.device());
@@ -53,7 +51,7 @@ at::Tensor kept_class_mask(const at::Tensor& indices, int64_t classes) {
       .scatter_add_(1, at::bitwise_right_shift(indices, 5), bits);
 }
 
-TopKResult smskd_loss_rows_topk_cuda(const at::Tensor& student_in, const std::optional<at::Tensor>& target,
+LossRowsResult smskd_loss_rows_topk_cuda(const at::Tensor& student_in, const std::optional<at::Tensor>& target,
                                      const at::Tensor& topk_values, const at::Tensor& topk_indices,
                                      const at::Tensor& true_logit, const at::Tensor& log_sum_exp,
                                      const at::Tensor& log_sum_exp_at_temperature,
@@ -100,7 +98,7 @@ TopKResult smskd_loss_rows_topk_cuda(const at::Tensor& student_in, const std::op
   PerRowOutputs per_row = empty_per_row_outputs(args.rows, student);
   at::Tensor grad = at::empty({compute_grad ? args.rows : 0, args.cols},
                               student.options().memory_format(at::MemoryFormat::Contiguous));
-  if (args.rows == 0) return {per_row[0], per_row[1], per_row[2], per_row[3], per_row[4], per_row[5], grad};
+  if (args.rows == 0) return loss_rows_result(per_row, grad);
 
   const at::Tensor mask = kept_class_mask(indices, args.cols);
   set_input_rows(args, student, r, y);
@@ -117,7 +115,7 @@ TopKResult smskd_loss_rows_topk_cuda(const at::Tensor& student_in, const std::op
   }
   set_outputs_and_scalars(args, per_row, temperature, ce_weight, kd_weight, ref_weight, ignore_index);
   launch_checked(args, kOp, &smskd_loss_rows_topk_invalid, &smskd_loss_rows_topk_launch);
-  return {per_row[0], per_row[1], per_row[2], per_row[3], per_row[4], per_row[5], grad};
+  return loss_rows_result(per_row, grad);
 }
 
 }  // namespace

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "smskd_oracle.h"
+#include "per_row_outputs.h"
 #if defined(SMSKD_EMULATE_FAST_MATH)
 #include "fast_math_emulation.h"  // the device's ex2/lg2.approx.ftz error, in the kernel code below
 #endif
@@ -110,9 +111,8 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
   if (k.vectorized && misaligned_pack && bad++ < 3) std::printf("  a pack was not 16-byte aligned\n");
   const double T2 = double(a.temperature) * a.temperature;
   const double atol = 2e-5 * (1.0 + T2) * std::log(double(k.cols) + 2.0);
-  const double got[6] = {res.loss, res.ce, res.kd, res.ref, res.tcp, res.weight};
-  const double want[6] = {w.loss, w.ce, w.kd, w.ref, w.tcp, w.weight};
-  for (int f = 0; f < 6; ++f)
+  const auto got = per_row_values(res), want = per_row_values(w);
+  for (int f = 0; f < kPerRowOutputs; ++f)
     if (!close(got[f], want[f], atol, 1e-4) && bad++ < 8)
       std::printf("  output %d: got %.8g want %.8g\n", f, got[f], want[f]);
   for (int64_t c = 0; c < k.cols; ++c) {

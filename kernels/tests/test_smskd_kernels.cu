@@ -21,6 +21,7 @@
 
 #include "smskd_kernels.h"
 #include "smskd_oracle.h"
+#include "per_row_outputs.h"
 
 namespace {
 
@@ -85,13 +86,13 @@ void run_case(const Case& k, std::mt19937& rng) {
   for (int64_t i = 0; i < k.rows; ++i) y[i] = (i % 5 == 3) ? ignore : cls(rng);
 
   DeviceBuffer ds(span * elem), dt(span * elem), dr(span * elem), dy(k.rows * 8), dg(span * elem),
-      dout(6 * k.rows * sizeof(float));
+      dout(kPerRowOutputs * k.rows * sizeof(float));
   CHECK_CUDA(cudaMemcpy(ds.ptr, s_raw.data(), s_raw.size(), cudaMemcpyHostToDevice));
   if (k.teacher) CHECK_CUDA(cudaMemcpy(dt.ptr, t_raw.data(), t_raw.size(), cudaMemcpyHostToDevice));
   if (k.reference) CHECK_CUDA(cudaMemcpy(dr.ptr, r_raw.data(), r_raw.size(), cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemcpy(dy.ptr, y.data(), k.rows * 8, cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemset(dg.ptr, 0xff, span * elem));  // NaN-like garbage: every element must be written
-  CHECK_CUDA(cudaMemset(dout.ptr, 0xff, 6 * k.rows * sizeof(float)));
+  CHECK_CUDA(cudaMemset(dout.ptr, 0xff, kPerRowOutputs * k.rows * sizeof(float)));
 
   auto at_offset = [&](void* base) { return static_cast<unsigned char*>(base) + k.offset * elem; };
   smskd_loss_rows_args a{};
@@ -109,12 +110,7 @@ void run_case(const Case& k, std::mt19937& rng) {
   a.grad = k.in_place ? const_cast<void*>(a.student) : at_offset(dg.ptr);
   a.grad_stride = stride;
   float* out = static_cast<float*>(dout.ptr);
-  a.loss = out;
-  a.ce = out + k.rows;
-  a.kd = out + 2 * k.rows;
-  a.ref = out + 3 * k.rows;
-  a.tcp = out + 4 * k.rows;
-  a.weight = out + 5 * k.rows;
+  point_per_row_outputs(a, out, k.rows);
   a.temperature = 2.5f;
   a.ce_weight = 0.7f;
   a.kd_weight = 1.3f;
@@ -125,7 +121,7 @@ void run_case(const Case& k, std::mt19937& rng) {
 
   CHECK_CUDA(smskd_loss_rows_launch(&a, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
-  std::vector<float> got(6 * k.rows);
+  std::vector<float> got(kPerRowOutputs * k.rows);
   std::vector<unsigned char> g_raw(span * elem);
   CHECK_CUDA(cudaMemcpy(got.data(), out, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
   CHECK_CUDA(cudaMemcpy(g_raw.data(), k.in_place ? ds.ptr : dg.ptr, g_raw.size(), cudaMemcpyDeviceToHost));
@@ -136,8 +132,8 @@ void run_case(const Case& k, std::mt19937& rng) {
   double worst_value = 0, worst_grad = 0;
   for (int64_t i = 0; i < k.rows; ++i) {
     const RowWant w = oracle(s[i], k.teacher ? &t[i] : nullptr, k.reference ? &r[i] : nullptr, y[i], k.target, a);
-    const double want[6] = {w.loss, w.ce, w.kd, w.ref, w.tcp, w.weight};
-    for (int f = 0; f < 6; ++f) {
+    const auto want = per_row_values(w);
+    for (int f = 0; f < kPerRowOutputs; ++f) {
       const double g = got[f * k.rows + i];
       worst_value = std::max(worst_value, std::fabs(g - want[f]));
       if (!close(g, want[f], value_atol, 1e-4) && bad++ < 5)
@@ -187,7 +183,7 @@ int run_grid(bool quick) {
 // A target outside [0, C) must stop the kernel with cudaErrorAssert, not pass silently.
 int run_bad_target() {
   const int64_t rows = 4, cols = 100;
-  DeviceBuffer ds(rows * cols * 4), dy(rows * 8), dout(6 * rows * 4);
+  DeviceBuffer ds(rows * cols * 4), dy(rows * 8), dout(kPerRowOutputs * rows * 4);
   CHECK_CUDA(cudaMemset(ds.ptr, 0, rows * cols * 4));
   const int64_t y[rows] = {1, 2, cols, 3};
   CHECK_CUDA(cudaMemcpy(dy.ptr, y, sizeof(y), cudaMemcpyHostToDevice));
@@ -200,8 +196,7 @@ int run_bad_target() {
   a.target = static_cast<const int64_t*>(dy.ptr);
   a.target_stride = 1;
   float* out = static_cast<float*>(dout.ptr);
-  a.loss = out, a.ce = out + rows, a.kd = out + 2 * rows, a.ref = out + 3 * rows, a.tcp = out + 4 * rows;
-  a.weight = out + 5 * rows;
+  point_per_row_outputs(a, out, rows);
   a.temperature = 1.0f;
   a.ce_weight = 1.0f;
   a.weighting = SMSKD_WEIGHT_CONSTANT;
@@ -220,7 +215,7 @@ int run_bench() {
   std::printf("device: %s\n", prop.name);
   const int64_t elements = int64_t{1} << 26;
   DeviceBuffer ds(elements * 2), dt(elements * 2), dr(elements * 2), dg(elements * 2), dy(elements * 8),
-      dout(6 * elements * 4);
+      dout(kPerRowOutputs * elements * 4);
   CHECK_CUDA(cudaMemset(ds.ptr, 0, elements * 2));
   CHECK_CUDA(cudaMemset(dt.ptr, 0, elements * 2));
   CHECK_CUDA(cudaMemset(dr.ptr, 0, elements * 2));
@@ -254,8 +249,7 @@ int run_bench() {
       a.student_stride = a.teacher_stride = a.reference_stride = a.grad_stride = cols;
       a.target = static_cast<const int64_t*>(dy.ptr), a.target_stride = 1;
       float* out = static_cast<float*>(dout.ptr);
-      a.loss = out, a.ce = out + rows, a.kd = out + 2 * rows, a.ref = out + 3 * rows, a.tcp = out + 4 * rows;
-      a.weight = out + 5 * rows;
+      point_per_row_outputs(a, out, rows);
       a.temperature = 4.0f, a.ce_weight = a.kd_weight = a.ref_weight = 1.0f;
       a.weighting = SMSKD_WEIGHT_INVERSE_TCP, a.ignore_index = -100;
       a.threads_per_row = threads;

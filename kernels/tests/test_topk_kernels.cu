@@ -22,6 +22,7 @@
 #include "smskd_kernels.h"
 #include "topk_emulation.h"
 #include "topk_oracle.h"
+#include "per_row_outputs.h"
 
 namespace {
 
@@ -136,8 +137,8 @@ void compare(const Case& k, const Inputs& in, const smskd_loss_rows_topk_args& a
   for (int64_t i = 0; i < k.rows; ++i) {
     const RowWant w = topk_oracle(in.s[i], k.reference ? &in.r[i] : nullptr, in.target[i], k.target, in.teacher[i],
                                   dense);
-    const double want[6] = {w.loss, w.ce, w.kd, w.ref, w.tcp, w.weight};
-    for (int f = 0; f < 6; ++f) {
+    const auto want = per_row_values(w);
+    for (int f = 0; f < kPerRowOutputs; ++f) {
       const double got = out[f * k.rows + i];
       if (!close(got, want[f], atol, 1e-4) && bad++ < 6)
         std::printf("  row %lld output %d: got %.8g want %.8g\n", (long long)i, f, got, want[f]);
@@ -163,7 +164,7 @@ template <typename T>
 void run_host(const Case& k, Inputs& in, smskd_loss_rows_topk_args a) {
   const size_t elem = sizeof(T);
   std::vector<unsigned char> grad(in.span * elem, kUnwritten);
-  std::vector<float> out(6 * k.rows);
+  std::vector<float> out(kPerRowOutputs * k.rows);
   smskd::kernels::TopKParams prm{};
   prm.rows = a.rows, prm.cols = a.cols, prm.k = a.k;
   prm.student_stride = prm.reference_stride = prm.grad_stride = in.stride;
@@ -171,8 +172,7 @@ void run_host(const Case& k, Inputs& in, smskd_loss_rows_topk_args a) {
   prm.target = k.target ? in.target.data() : nullptr;
   prm.values = in.values.data(), prm.indices = in.indices.data(), prm.mask = in.mask.data();
   prm.true_logit = in.true_logit.data(), prm.lse = in.lse.data(), prm.lse_t = in.lse_t.data();
-  prm.loss = out.data(), prm.ce = out.data() + k.rows, prm.kd = out.data() + 2 * k.rows;
-  prm.ref = out.data() + 3 * k.rows, prm.tcp = out.data() + 4 * k.rows, prm.weight = out.data() + 5 * k.rows;
+  point_per_row_outputs(prm, out.data(), k.rows);
   prm.temperature = a.temperature, prm.ce_weight = a.ce_weight, prm.kd_weight = a.kd_weight;
   prm.ref_weight = a.ref_weight, prm.weighting = a.weighting, prm.ignore_index = a.ignore_index;
   prm.vectorized = true;  // every buffer's rows share their offset modulo 16 bytes
@@ -199,7 +199,7 @@ struct DeviceBuffer {
 void run_gpu(const Case& k, Inputs& in, smskd_loss_rows_topk_args a) {
   const size_t elem = bytes_of(k.dtype);
   const DeviceBuffer s(in.s_raw), r(in.r_raw), y(in.target), values(in.values), indices(in.indices), mask(in.mask),
-      true_logit(in.true_logit), lse(in.lse), lse_t(in.lse_t), out(std::vector<float>(6 * k.rows)),
+      true_logit(in.true_logit), lse(in.lse), lse_t(in.lse_t), out(std::vector<float>(kPerRowOutputs * k.rows)),
       grad(std::vector<unsigned char>(in.span * elem, kUnwritten));
   a.student = s.as<unsigned char>() + k.pad * elem;
   a.reference = k.reference ? r.as<unsigned char>() + k.pad * elem : nullptr;
@@ -209,11 +209,10 @@ void run_gpu(const Case& k, Inputs& in, smskd_loss_rows_topk_args a) {
   a.log_sum_exp_at_temperature = lse_t.as<float>();
   a.grad = grad.as<unsigned char>() + k.pad * elem;
   float* o = out.as<float>();
-  a.loss = o, a.ce = o + k.rows, a.kd = o + 2 * k.rows, a.ref = o + 3 * k.rows, a.tcp = o + 4 * k.rows;
-  a.weight = o + 5 * k.rows;
+  point_per_row_outputs(a, o, k.rows);
   CHECK_CUDA(smskd_loss_rows_topk_launch(&a, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
-  std::vector<float> host_out(6 * k.rows);
+  std::vector<float> host_out(kPerRowOutputs * k.rows);
   std::vector<unsigned char> host_grad(in.span * elem);
   CHECK_CUDA(cudaMemcpy(host_out.data(), o, host_out.size() * sizeof(float), cudaMemcpyDeviceToHost));
   CHECK_CUDA(cudaMemcpy(host_grad.data(), grad.ptr, host_grad.size(), cudaMemcpyDeviceToHost));
@@ -238,7 +237,7 @@ int run_bench() {
   std::printf("device: %s\n", prop.name);
   const int64_t elements = int64_t{1} << 26;
   const DeviceBuffer ds(std::vector<uint16_t>(elements, 0)), dt(std::vector<uint16_t>(elements, 0)),
-      dg(elements * 2), out(6 * elements * 4);
+      dg(elements * 2), out(kPerRowOutputs * elements * 4);
   cudaEvent_t start, stop;
   CHECK_CUDA(cudaEventCreate(&start));
   CHECK_CUDA(cudaEventCreate(&stop));
@@ -275,8 +274,8 @@ int run_bench() {
     dense.rows = rows, dense.cols = cols, dense.dtype = SMSKD_BFLOAT16;
     dense.student = ds.ptr, dense.teacher = dt.ptr, dense.grad = dg.ptr, dense.target = dy.as<int64_t>();
     dense.student_stride = dense.teacher_stride = dense.grad_stride = cols, dense.target_stride = 1;
-    dense.loss = o, dense.ce = o + rows, dense.kd = o + 2 * rows, dense.ref = o + 3 * rows, dense.tcp = o + 4 * rows;
-    dense.weight = o + 5 * rows, dense.temperature = 4.0f, dense.ce_weight = dense.kd_weight = 1.0f;
+    point_per_row_outputs(dense, o, rows);
+    dense.temperature = 4.0f, dense.ce_weight = dense.kd_weight = 1.0f;
     dense.weighting = SMSKD_WEIGHT_CONSTANT, dense.ignore_index = -100;
     const double dense_ms = time_ms([&] { CHECK_CUDA(smskd_loss_rows_launch(&dense, nullptr)); });
     int automatic = 0, rows_per_block = 0;
@@ -288,8 +287,8 @@ int run_bench() {
       a.student_stride = a.grad_stride = cols, a.target_stride = 1;
       a.topk_values = dv.as<float>(), a.topk_indices = di.as<int64_t>(), a.kept_mask = dm.as<uint32_t>();
       a.kept_mask_stride = words, a.true_logit = a.log_sum_exp = a.log_sum_exp_at_temperature = drow.as<float>();
-      a.loss = o, a.ce = o + rows, a.kd = o + 2 * rows, a.ref = o + 3 * rows, a.tcp = o + 4 * rows;
-      a.weight = o + 5 * rows, a.temperature = 4.0f, a.ce_weight = a.kd_weight = 1.0f;
+      point_per_row_outputs(a, o, rows);
+      a.temperature = 4.0f, a.ce_weight = a.kd_weight = 1.0f;
       a.weighting = SMSKD_WEIGHT_CONSTANT, a.ignore_index = -100, a.threads_per_row = threads;
       const double ms = time_ms([&] { CHECK_CUDA(smskd_loss_rows_topk_launch(&a, nullptr)); });
       const double gbs = (double(rows) * cols * 2 * 2 + double(rows) * words * 4) / ms / 1e6;

@@ -12,7 +12,7 @@
 // Rows are laid out with stride cols + pad, the first at element pad of a
 // 16-byte aligned buffer, so pad = 1 misaligns rows by varying amounts.
 // For every layout (8, 16, 32, 256, 512 threads per row) it writes
-// DIR/rows_<threads>.bin (loss, ce, kd, ref, tcp, weight: 6 x rows float32) and
+// DIR/rows_<threads>.bin (the per-row outputs: kPerRowOutputs x rows float32) and
 // DIR/grad_<threads>.bin (rows x cols raw dtype). What is emulated: each thread's
 // sweep A, the merge the shuffles and shared memory do (in thread order), the
 // gather, the dense gradient sweep, and the kept classes' rewrite after it.
@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "topk_emulation.h"
+#include "per_row_outputs.h"
 
 namespace {
 
@@ -115,9 +116,8 @@ void run(const std::string& dir, const Meta& m) {
   prm.target = m.has_target ? target.data() : nullptr;
   prm.values = values.data(), prm.indices = indices.data(), prm.mask = mask.data();
   prm.true_logit = true_logit.data(), prm.lse = lse.data(), prm.lse_t = lse_t.data();
-  std::vector<float> out(6 * m.rows);
-  prm.loss = out.data(), prm.ce = out.data() + m.rows, prm.kd = out.data() + 2 * m.rows;
-  prm.ref = out.data() + 3 * m.rows, prm.tcp = out.data() + 4 * m.rows, prm.weight = out.data() + 5 * m.rows;
+  std::vector<float> out(kPerRowOutputs * m.rows);
+  point_per_row_outputs(prm, out.data(), m.rows);
   prm.temperature = m.temperature, prm.ce_weight = m.ce_weight, prm.kd_weight = m.kd_weight;
   prm.ref_weight = m.ref_weight, prm.weighting = static_cast<smskd_weighting>(m.weighting);
   prm.ignore_index = m.ignore_index, prm.vectorized = m.vectorized != 0;

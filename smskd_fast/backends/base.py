@@ -6,10 +6,13 @@ from typing import TYPE_CHECKING, Optional, Protocol
 
 import torch
 
+# The weighting modes and the per-row outputs' structure are the operators' (ops/schema.py).
+from smskd_fast.ops.schema import WEIGHTINGS, RowOutputs
+
 if TYPE_CHECKING:
     from smskd_fast.backends.topk import TopKTeacher
 
-WEIGHTINGS = ("inverse_tcp", "tcp", "constant")
+__all__ = ["WEIGHTINGS", "RowOutputs", "LossOptions", "RowInputs", "BackendStatus", "Backend"]
 
 
 @dataclass(frozen=True)
@@ -41,23 +44,6 @@ class RowInputs:
     teacher: Optional[torch.Tensor]
     reference: Optional[torch.Tensor]
     teacher_topk: Optional["TopKTeacher"] = None
-
-
-@dataclass(frozen=True)
-class RowOutputs:
-    """Per-row results, each of shape (N,) in the accumulation dtype.
-
-    loss is differentiable with respect to the student logits; the other fields
-    are the unweighted terms (ref already includes the weight w_i) and the TCP
-    and weight of each row, all zero on ignored rows.
-    """
-
-    loss: torch.Tensor
-    ce: torch.Tensor
-    kd: torch.Tensor
-    ref: torch.Tensor
-    tcp: torch.Tensor
-    weight: torch.Tensor
 
 
 @dataclass(frozen=True)

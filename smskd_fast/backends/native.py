@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from smskd_fast.ops import registration as ops
+from smskd_fast.ops import schema
 from smskd_fast.ops.extension import extension_error, extension_loaded
 from smskd_fast.backends.base import BackendStatus, LossOptions, RowInputs, RowOutputs
 
@@ -33,7 +34,7 @@ class GradientInStudent(torch.autograd.Function):
     def forward(ctx, student, target, teacher, reference, options: LossOptions):
         storage = student.detach()
         outputs = torch.ops.smskd_fast.smskd_loss_rows_inplace_(
-            storage, target, teacher, reference, *_scalar_arguments(options)
+            storage, target, teacher, reference, *schema.scalar_arguments(options)
         )
         ctx.save_for_backward(storage)
         ctx.mark_non_differentiable(*outputs[1:])
@@ -42,17 +43,6 @@ class GradientInStudent(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused_grads):
         return ops.scale_gradient_in_student_once(ctx, grad_loss), None, None, None, None
-
-
-def _scalar_arguments(options: LossOptions) -> tuple:
-    return (
-        float(options.temperature),
-        float(options.ce_weight),
-        float(options.kd_weight),
-        float(options.ref_weight),
-        options.weighting,
-        int(options.ignore_index),
-    )
 
 
 def can_overwrite_student(student: torch.Tensor, device_type: str) -> bool:
@@ -111,21 +101,19 @@ class CompiledOpBackend:
         if inputs.teacher_topk is not None:
             return self._topk_rows(inputs, options)
         if options.overwrite_student_logits and can_overwrite_student(inputs.student, self.device_type):
-            loss, ce, kd, ref, tcp, weight = GradientInStudent.apply(
-                inputs.student, inputs.target, inputs.teacher, inputs.reference, options
-            )
+            outputs = GradientInStudent.apply(inputs.student, inputs.target, inputs.teacher, inputs.reference, options)
         else:
-            loss, ce, kd, ref, tcp, weight, _ = torch.ops.smskd_fast.smskd_loss_rows(
+            outputs = torch.ops.smskd_fast.smskd_loss_rows(
                 inputs.student, inputs.target, inputs.teacher, inputs.reference,
-                *_scalar_arguments(options), needs_student_grad(inputs.student),
+                *schema.scalar_arguments(options), needs_student_grad(inputs.student),
             )
-        return RowOutputs(loss, ce.detach(), kd.detach(), ref.detach(), tcp.detach(), weight.detach())
+        return schema.row_outputs(outputs)
 
     def _topk_rows(self, inputs: RowInputs, options: LossOptions) -> RowOutputs:
         teacher = inputs.teacher_topk
-        loss, ce, kd, ref, tcp, weight, _ = torch.ops.smskd_fast.smskd_loss_rows_topk(
+        outputs = torch.ops.smskd_fast.smskd_loss_rows_topk(
             inputs.student, inputs.target, teacher.values, teacher.indices, teacher.true_logit,
             teacher.log_sum_exp, teacher.log_sum_exp_at_temperature, inputs.reference,
-            *_scalar_arguments(options), needs_student_grad(inputs.student),
+            *schema.scalar_arguments(options), needs_student_grad(inputs.student),
         )
-        return RowOutputs(loss, ce.detach(), kd.detach(), ref.detach(), tcp.detach(), weight.detach())
+        return schema.row_outputs(outputs)

@@ -26,7 +26,7 @@ chunk's kernels without waiting (tests/test_fused_linear_sync.py).
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -34,6 +34,7 @@ from smskd_fast.loss import validation
 from smskd_fast.backends import resolve_backend
 from smskd_fast.backends.base import LossOptions, RowInputs
 from smskd_fast.loss.functional import SMSKDLossOutput
+from smskd_fast.ops import schema
 from smskd_fast.backends.topk import TopKTeacher
 
 __all__ = ["fused_linear_smskd_loss", "chunk_rows"]
@@ -130,7 +131,7 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
     chosen = resolve_backend(backend, hidden.device, hidden.dtype, weight.shape[0], topk=teacher.topk is not None)
     # Each chunk's logits are scratch: a GPU backend may write d loss / d logits over them.
     options = dataclasses.replace(options, overwrite_student_logits=True)
-    columns: List[List[torch.Tensor]] = [[] for _ in range(6)]
+    columns: Dict[str, List[torch.Tensor]] = {name: [] for name in schema.PER_ROW_OUTPUTS}
     grad_hidden = hidden.new_empty(hidden.shape) if row_scale is not None and need[0] else None
     # The weight gradient (precision: see the module docstring): the first chunk's product is written
     # over the uninitialised buffer, the others are added in place; zeros only when there are no rows.
@@ -152,8 +153,8 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
             rows = chosen.rows(inputs, options)
             if row_scale is not None:
                 (grad_logits,) = torch.autograd.grad(rows.loss, logits, grad_outputs=row_scale[start:end])
-        for column, value in zip(columns, (rows.loss, rows.ce, rows.kd, rows.ref, rows.tcp, rows.weight)):
-            column.append(value.detach())
+        for name, column in columns.items():
+            column.append(getattr(rows, name).detach())
         if row_scale is None:
             continue
         with torch.no_grad():
@@ -166,7 +167,8 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=acc)
         del logits, grad_logits
-    per_row = [torch.cat(column) if column else hidden.new_zeros((0,), dtype=acc) for column in columns]
+    per_row = {name: torch.cat(column) if column else hidden.new_zeros((0,), dtype=acc)
+               for name, column in columns.items()}
     return per_row, grad_hidden, grad_weight, grad_bias
 
 
@@ -195,7 +197,7 @@ class _FusedLinearSMSKD(torch.autograd.Function):
         ctx.reduction, ctx.need, ctx.row_scale = reduction, need, row_scale
         ctx.replay = (student, teacher, reference, target, options, backend, chunk_size)
         ctx.grads = (grad_hidden, grad_weight, grad_bias) if grads else None
-        loss, ce, kd, ref, tcp, w = per_row
+        loss, ce, kd, ref, tcp, w = (per_row[name] for name in ("loss", "ce", "kd", "ref", "tcp", "weight"))
         if reduction == "none":
             reduced = (loss, ce, kd, ref)
         else:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from smskd_fast.backends.base import WEIGHTINGS
+from smskd_fast.ops.schema import WEIGHTINGS
 
 REDUCTIONS = ("mean", "sum", "none")
 FLOATING_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)

@@ -1,6 +1,7 @@
 """Python half of the smskd_fast::smskd_loss_rows(_topk) operators: fake kernels and autograd.
 
-The schema and the device kernels are C++ (csrc/); here we add what
+The schema (stated in smskd_fast/ops/schema.py, registered by csrc/ops.cpp) and the
+device kernels are C++ (csrc/); here we add what
 torch.compile needs (a fake implementation that only computes shapes) and the
 autograd formula. The kernel writes the gradient of each row's loss during the
 forward pass ("backward in forward"), so backward only scales it by grad_output,
@@ -11,50 +12,18 @@ from __future__ import annotations
 
 import torch
 
+from smskd_fast.ops import schema
 from smskd_fast.ops.extension import extension_loaded
 
-OP_NAME = "smskd_fast::smskd_loss_rows"
-TOPK_OP_NAME = "smskd_fast::smskd_loss_rows_topk"  # the teacher in top-k form (smskd_fast/backends/topk.py)
-TOPK_OP_ARGS = 15
+OP_NAME = schema.DENSE.qualified_name
+TOPK_OP_NAME = schema.TOPK.qualified_name  # the teacher in top-k form (smskd_fast/backends/topk.py)
 # The same loss writing the gradient over the student logits (GPU backends).
-INPLACE_OP_NAME = "smskd_fast::smskd_loss_rows_inplace_"
+INPLACE_OP_NAME = schema.INPLACE.qualified_name
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _fake_smskd_loss_rows(
-    student, target, teacher, reference, temperature, ce_weight, kd_weight,
-    ref_weight, weighting, ignore_index, compute_grad,
-):
-    n, c = student.shape
-    acc = _accumulation_dtype(student.dtype)
-    per_row = [student.new_empty((n,), dtype=acc) for _ in range(6)]
-    grad = student.new_empty((n if compute_grad else 0, c))
-    return (*per_row, grad)
-
-
-def _fake_smskd_loss_rows_topk(
-    student, target, topk_values, topk_indices, true_logit, log_sum_exp, log_sum_exp_at_temperature, reference,
-    temperature, ce_weight, kd_weight, ref_weight, weighting, ignore_index, compute_grad,
-):
-    return _fake_smskd_loss_rows(student, target, None, reference, temperature, ce_weight, kd_weight, ref_weight,
-                                 weighting, ignore_index, compute_grad)
-
-
-def _fake_smskd_loss_rows_inplace_(
-    student, target, teacher, reference, temperature, ce_weight, kd_weight,
-    ref_weight, weighting, ignore_index,
-):
-    n = student.shape[0]
-    acc = _accumulation_dtype(student.dtype)
-    return tuple(student.new_empty((n,), dtype=acc) for _ in range(6))
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    compute_grad = inputs[-1]
-    ctx.compute_grad = compute_grad
+def setup_context(ctx, inputs, output) -> None:
+    """Saves the op's grad output (its last), for the functional ops whose last argument is compute_grad."""
+    ctx.compute_grad = inputs[-1]
     # Only the loss output has a gradient; without this, autograd would hand
     # backward a materialised N x C zero tensor for the unused grad output.
     ctx.set_materialize_grads(False)
@@ -70,12 +39,15 @@ def _last_use_of_saved_tensors(saved: torch.Tensor) -> bool:
     return not keep_graph()
 
 
-def _backward(ctx, grad_loss, *unused_grads):
-    return _student_gradient(ctx, grad_loss, 11)
+def backward_of(op: schema.OpSchema):
+    """The autograd formula of a functional op (schema.DENSE, schema.TOPK or their Triton renamings)."""
+    if op.arguments[0].name != "student" or op.arguments[-1] != schema.COMPUTE_GRAD:
+        raise ValueError(f"{op.name} is not a functional loss op (student first, compute_grad last)")
 
+    def backward(ctx, grad_loss, *unused_grads):
+        return _student_gradient(ctx, grad_loss, op.num_arguments)
 
-def _backward_topk(ctx, grad_loss, *unused_grads):
-    return _student_gradient(ctx, grad_loss, TOPK_OP_ARGS)
+    return backward
 
 
 def _student_gradient(ctx, grad_loss, num_inputs: int):
@@ -118,11 +90,10 @@ def scale_gradient_in_student_once(ctx, grad_loss: torch.Tensor) -> torch.Tensor
 
 def register() -> None:
     """Adds fake and autograd implementations to the compiled operator."""
-    torch.library.register_fake(OP_NAME)(_fake_smskd_loss_rows)
-    torch.library.register_fake(INPLACE_OP_NAME)(_fake_smskd_loss_rows_inplace_)
-    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
-    torch.library.register_fake(TOPK_OP_NAME)(_fake_smskd_loss_rows_topk)
-    torch.library.register_autograd(TOPK_OP_NAME, _backward_topk, setup_context=_setup_context)
+    for op in schema.COMPILED_OPS:
+        torch.library.register_fake(op.qualified_name)(op.fake)
+    for op in (schema.DENSE, schema.TOPK):
+        torch.library.register_autograd(op.qualified_name, backward_of(op), setup_context=setup_context)
 
 
 if extension_loaded():

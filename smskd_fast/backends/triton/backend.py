@@ -29,10 +29,14 @@ from typing import Optional, Tuple
 import torch
 
 from smskd_fast.ops import registration as ops
+from smskd_fast.ops import schema
 from smskd_fast.backends.base import BackendStatus, LossOptions, RowInputs, RowOutputs
 
-OP_NAME = "smskd_fast::smskd_loss_rows_triton"
-TOPK_OP_NAME = "smskd_fast::smskd_loss_rows_topk_triton"  # the teacher in top-k form (smskd_fast/backends/topk.py)
+# The signatures of smskd_loss_rows and smskd_loss_rows_topk under the Triton ops' own names.
+DENSE_SCHEMA = schema.DENSE.renamed("smskd_loss_rows_triton")
+TOPK_SCHEMA = schema.TOPK.renamed("smskd_loss_rows_topk_triton")  # the teacher in top-k form (backends/topk.py)
+OP_NAME = DENSE_SCHEMA.qualified_name
+TOPK_OP_NAME = TOPK_SCHEMA.qualified_name
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 try:
@@ -73,16 +77,9 @@ def _unit_column_stride(logits: Optional[torch.Tensor]) -> Optional[torch.Tensor
 
 if _IMPORT_ERROR is None:
 
-    # The schema string of csrc/ops.cpp. torch 2.11's triton_op accepts and ignores it
-    # (it infers from the hints below: int -> SymInt, unnamed outputs); later torch uses it.
-    _SCHEMA = (
-        "(Tensor student, Tensor? target, Tensor? teacher, Tensor? reference, float temperature, "
-        "float ce_weight, float kd_weight, float ref_weight, str weighting, int ignore_index, "
-        "bool compute_grad) -> (Tensor loss, Tensor ce, Tensor kd, Tensor ref, Tensor tcp, "
-        "Tensor weight, Tensor grad)"
-    )
-
-    @torch.library.triton_op(OP_NAME, mutates_args=(), schema=_SCHEMA)
+    # The schema strings come from ops/schema.py. torch 2.11's triton_op accepts and ignores
+    # them (it infers from the hints below: int -> SymInt, unnamed outputs); later torch uses them.
+    @torch.library.triton_op(OP_NAME, mutates_args=(), schema=DENSE_SCHEMA.schema())
     def smskd_loss_rows_triton(
         student: torch.Tensor,
         target: Optional[torch.Tensor],
@@ -105,15 +102,7 @@ if _IMPORT_ERROR is None:
             wrap=_traceable,
         )
 
-    _TOPK_SCHEMA = (
-        "(Tensor student, Tensor? target, Tensor topk_values, Tensor topk_indices, Tensor true_logit, "
-        "Tensor log_sum_exp, Tensor log_sum_exp_at_temperature, Tensor? reference, float temperature, "
-        "float ce_weight, float kd_weight, float ref_weight, str weighting, int ignore_index, "
-        "bool compute_grad) -> (Tensor loss, Tensor ce, Tensor kd, Tensor ref, Tensor tcp, "
-        "Tensor weight, Tensor grad)"
-    )
-
-    @torch.library.triton_op(TOPK_OP_NAME, mutates_args=(), schema=_TOPK_SCHEMA)
+    @torch.library.triton_op(TOPK_OP_NAME, mutates_args=(), schema=TOPK_SCHEMA.schema())
     def smskd_loss_rows_topk_triton(
         student: torch.Tensor,
         target: Optional[torch.Tensor],
@@ -144,21 +133,16 @@ if _IMPORT_ERROR is None:
         # The shape functions and gradient formulas of smskd_fast::smskd_loss_rows(_topk).
         # The fakes replace triton_op's default (running the body on fake tensors),
         # which the interpreter's kernels cannot do.
-        from smskd_fast.ops.registration import (_backward, _backward_topk, _fake_smskd_loss_rows, _fake_smskd_loss_rows_topk,
-                           _setup_context)
-
-        smskd_loss_rows_triton.register_fake(_fake_smskd_loss_rows)
-        smskd_loss_rows_triton.register_autograd(_backward, setup_context=_setup_context)
-        smskd_loss_rows_topk_triton.register_fake(_fake_smskd_loss_rows_topk)
-        smskd_loss_rows_topk_triton.register_autograd(_backward_topk, setup_context=_setup_context)
+        for op, op_schema in ((smskd_loss_rows_triton, DENSE_SCHEMA), (smskd_loss_rows_topk_triton, TOPK_SCHEMA)):
+            op.register_fake(op_schema.fake)
+            op.register_autograd(ops.backward_of(op_schema), setup_context=ops.setup_context)
 
     _register_fake_and_autograd()
 
 
 def _scalar_arguments(options: LossOptions, compute_grad: bool) -> tuple:
     """The ops' (and the launchers') arguments after the tensors, in schema order."""
-    return (float(options.temperature), float(options.ce_weight), float(options.kd_weight),
-            float(options.ref_weight), options.weighting, int(options.ignore_index), bool(compute_grad))
+    return (*schema.scalar_arguments(options), bool(compute_grad))
 
 
 class _OverwriteStudentRows(torch.autograd.Function):
@@ -180,8 +164,9 @@ class _OverwriteStudentRows(torch.autograd.Function):
                 grad_out=grad,
             )
         ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(*outputs[1:6])
-        return outputs[:6]
+        per_row = outputs[:len(schema.PER_ROW_OUTPUTS)]
+        ctx.mark_non_differentiable(*per_row[1:])
+        return per_row
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
@@ -231,12 +216,11 @@ class TritonBackend:
     def rows(self, inputs: RowInputs, options: LossOptions) -> RowOutputs:
         _check_dtype(inputs.student)
         if _may_overwrite(inputs, options):
-            loss, ce, kd, ref, tcp, weight = _OverwriteStudentRows.apply(
+            return schema.row_outputs(_OverwriteStudentRows.apply(
                 inputs.student, None if inputs.target is None else inputs.target.contiguous(),
                 _unit_column_stride(inputs.teacher), _unit_column_stride(inputs.reference),
                 inputs.teacher_topk, options,
-            )
-            return RowOutputs(loss, ce, kd, ref, tcp, weight)
+            ))
         scalars = _scalar_arguments(options, inputs.student.requires_grad and torch.is_grad_enabled())
         topk = inputs.teacher_topk
         if topk is None:
@@ -246,6 +230,5 @@ class TritonBackend:
             outputs = torch.ops.smskd_fast.smskd_loss_rows_topk_triton(
                 inputs.student, inputs.target, topk.values, topk.indices, topk.true_logit, topk.log_sum_exp,
                 topk.log_sum_exp_at_temperature, inputs.reference, *scalars)
-        loss, ce, kd, ref, tcp, weight, _ = outputs
-        return RowOutputs(loss, ce.detach(), kd.detach(), ref.detach(), tcp.detach(), weight.detach())
+        return schema.row_outputs(outputs)
 

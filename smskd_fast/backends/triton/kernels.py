@@ -34,10 +34,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from smskd_fast.ops.schema import WEIGHTING_CODES
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
-# Weighting modes, as constexpr codes (base.WEIGHTINGS order is not relied on).
-WEIGHTING_CODES = {"constant": 0, "inverse_tcp": 1, "tcp": 2}
+# The weighting modes' codes (ops/schema.py, as the C enum smskd_weighting); the
+# launchers pass WEIGHTING_CODES[weighting] as the WEIGHTING constexpr.
+WEIGHT_INVERSE_TCP = tl.constexpr(WEIGHTING_CODES["inverse_tcp"])
+WEIGHT_TCP = tl.constexpr(WEIGHTING_CODES["tcp"])
+WEIGHT_CONSTANT = tl.constexpr(WEIGHTING_CODES["constant"])
 
 
 @triton.jit
@@ -155,7 +160,7 @@ def _row_terms(lse_s, s_y, kl_t, lse_t, t_y, kl_r,
     ref = zero
     tcp = zero
     w = zero
-    if WEIGHTING == 0:
+    if WEIGHTING == WEIGHT_CONSTANT:
         w = zero + 1.0
     t2 = temperature * temperature
     if HAS_TARGET:
@@ -164,9 +169,9 @@ def _row_terms(lse_s, s_y, kl_t, lse_t, t_y, kl_r,
         kd = t2 * kl_t
         if HAS_TARGET:
             tcp = tl.exp(t_y - lse_t)
-            if WEIGHTING == 1:
+            if WEIGHTING == WEIGHT_INVERSE_TCP:
                 w = 1.0 - tcp
-            if WEIGHTING == 2:
+            if WEIGHTING == WEIGHT_TCP:
                 w = tcp
     if HAS_REFERENCE:
         ref = t2 * w * kl_r

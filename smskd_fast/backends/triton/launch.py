@@ -15,6 +15,7 @@ import torch
 import triton
 
 from smskd_fast.loss.validation import check_target_range
+from smskd_fast.ops import schema
 from smskd_fast.backends.triton import kernels
 
 # Largest C handled by the one-tile kernel (each row whole in registers).
@@ -116,9 +117,9 @@ def check_targets_on_host(target: torch.Tensor, num_classes: int, ignore_index: 
 
 
 def allocate_outputs(student: torch.Tensor, compute_grad: bool, grad_out: Optional[torch.Tensor]):
-    """The six fp32 per-row outputs and the gradient buffer ((0, C) without compute_grad)."""
+    """The fp32 per-row outputs (schema.PER_ROW_OUTPUTS) and the gradient buffer ((0, C) without compute_grad)."""
     num_rows, num_classes = student.shape
-    per_row = [torch.empty((num_rows,), dtype=torch.float32, device=student.device) for _ in range(6)]
+    per_row = [torch.empty((num_rows,), dtype=torch.float32, device=student.device) for _ in schema.PER_ROW_OUTPUTS]
     if grad_out is not None:
         grad = grad_out
     elif compute_grad:
@@ -190,7 +191,7 @@ def launch_rows(
         HAS_TARGET=target is not None,
         HAS_TEACHER=teacher is not None,
         HAS_REFERENCE=reference is not None,
-        WEIGHTING=kernels.WEIGHTING_CODES[weighting],
+        WEIGHTING=schema.WEIGHTING_CODES[weighting],
         COMPUTE_GRAD=bool(compute_grad),
     )
     if config is None and num_classes <= TILE_MAX_C:

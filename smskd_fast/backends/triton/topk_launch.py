@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from smskd_fast.backends.triton.topk_bitmask import kept_class_bitmask
-from smskd_fast.backends.triton import kernels
+from smskd_fast.ops import schema
 from smskd_fast.backends.triton import topk_kernels
 from smskd_fast.backends.triton.launch import allocate_outputs, check_targets, power_of_two_at_least, row_alignment
 
@@ -111,7 +111,7 @@ def launch_topk_rows(
         float(temperature), float(ce_weight), float(kd_weight), float(ref_weight), int(ignore_index),
         HAS_TARGET=target is not None,
         HAS_REFERENCE=reference is not None,
-        WEIGHTING=kernels.WEIGHTING_CODES[weighting],
+        WEIGHTING=schema.WEIGHTING_CODES[weighting],
         COMPUTE_GRAD=bool(compute_grad),
         WHOLE_ROW=chosen.whole_row,
         BLOCK_C=chosen.block_c,

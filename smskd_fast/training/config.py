@@ -18,13 +18,14 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 
+from smskd_fast.ops.schema import WEIGHTINGS
+
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "OptimizerConfig", "ScheduleConfig", "MethodConfig",
     "StageConfig", "CacheStoreConfig", "CacheConfig", "RunConfig", "load_config", "parse_config",
     "apply_overrides", "config_to_dict", "WEIGHTINGS", "NONFINITE_POLICIES",
 ]
 
-WEIGHTINGS = ("inverse_tcp", "tcp", "constant")
 SCHEDULE_SCOPES = ("stage", "run")
 NONFINITE_POLICIES = ("stop", "skip")  # what a stage does with a batch whose loss is NaN or inf
 SEQUENCE_METHODS = ("none", "kd")  # the methods computed from logits alone, by the fused loss

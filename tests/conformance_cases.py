@@ -245,20 +245,30 @@ def _half_cache(student, teacher, target, case):
                        topk.log_sum_exp_at_temperature.half())
 
 
+def _no_rest(student, teacher, target, case):
+    """p_rest = 0 (kept mass 1 + e^-30: p_rest = -expm1(log of it) < 0, clamped to 0 in fp32 and fp64 alike),
+    targets on the two kept classes; from row 2 on the student's rest is -inf too (R = 0): a finite 0 term."""
+    valid = target != case.ignore_index
+    target[valid] = target[valid].clamp(0, 1)
+    student[2:, 2:] = float("-inf")
+    values = torch.tensor([[0.0, -30.0]], dtype=teacher.dtype).expand(case.n, 2)
+    zeros = torch.zeros(case.n, dtype=teacher.dtype)
+    true_logit = values.gather(1, target.clamp(0, 1)[:, None])[:, 0]
+    return TopKTeacher(values, torch.tensor([[0, 1]]).expand(case.n, 2), true_logit, zeros, zeros)
+
+
 def _student_rest_masked(student, teacher, target, case):
-    """R = 0 from row 2 on: the student's non-kept logits are -inf there, targets moved onto kept classes.
-    With a sure teacher (no_rest) the rest term is 0; with a random one, p_rest > 0 and KD = +inf."""
-    topk = (_sure_teacher if case.edit == "no_rest" else _topk_from_logits)(student, teacher, target, case)
-    rest = torch.ones_like(student, dtype=torch.bool).scatter(1, topk.indices.long(), False)
-    rest[:2] = False
+    """p_rest > 0 but the student's non-kept logits are -inf (R = 0): KD = +inf, as in the reference;
+    targets moved onto a kept class."""
+    topk = TopKTeacher.from_logits(teacher, target, case.k, case.temperature)
+    rest = torch.ones_like(student, dtype=torch.bool).scatter(1, topk.indices, False)
     student[rest] = float("-inf")
     valid = target != case.ignore_index
     target[valid] = topk.indices[valid, 0]
-    return TopKTeacher.from_logits(teacher, target, case.k, case.temperature) if case.edit != "no_rest" else \
-        _sure_teacher(student, teacher, target, case)
+    return TopKTeacher.from_logits(teacher, target, case.k, case.temperature)
 
 
-TOPK_TEACHERS = {"no_rest": _student_rest_masked, "student_rest_masked": _student_rest_masked,
+TOPK_TEACHERS = {"no_rest": _no_rest, "student_rest_masked": _student_rest_masked,
                  "sure_teacher": _sure_teacher, "nan_kept_value": _nan_kept_value, "half_cache": _half_cache}
 
 

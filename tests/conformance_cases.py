@@ -38,6 +38,7 @@ TOPK_INPUTS = {
     "target+reference_tcp": (True, True, "tcp"),
     "target+reference_constant": (True, True, "constant"),
     "target": (True, False, "tcp"),
+    "target_inverse_tcp": (True, False, "inverse_tcp"),
     "reference": (False, True, "constant"),
     "neither": (False, False, "constant"),
 }
@@ -311,6 +312,7 @@ LAYOUTS = {
     "padded": (*(lambda x: _view(x, 1, 3, 0),) * 3, _same, _same),
     "misaligned": (*(lambda x: _view(x, 1, 4, 1),) * 3, _same, _same),
     "column_strided": (_column_strided, _same, _transposed, _same, _same),
+    "transposed": (_transposed, _transposed, _transposed, _same, _same),
     # transposed student, column stride 2 teacher, row stride 2C reference, strided target and top-k tensors
     "mixed": (_transposed, _column_strided, lambda x: _view(x, 2, 0, 0),
               lambda y: torch.stack([y, y], 1)[:, 0], _strided_topk),
@@ -352,7 +354,7 @@ def dense_cases() -> list:
     # <= 2048 < 256-thread block <= 16384 < 512-thread block), odd sizes, LLM vocabularies; per-row weights
     # v_i, as a training loop's mean or mask gives the backward.
     for dtype in (F32, BF16, F16):
-        for c in (7, 100, 129, 130, 513, 1000, 2048, 2049, 4097, 4100, 5003, 16384, 16385, 32000, 50257, 128256,
+        for c in (1, 7, 100, 129, 130, 513, 1000, 2048, 2049, 4097, 4100, 5003, 16384, 16385, 32000, 50257, 128256,
                   131072, 262144):
             for inputs in ("smskd", "smskd_tcp", "ce_kd", "ce_ref", "ce_only", "kd_only"):
                 cases.append(Case("ladder", row_count(c), c, dtype, inputs, temperature=2.5, row_weights=True))
@@ -361,8 +363,17 @@ def dense_cases() -> list:
         for dtype in (F64, F32, BF16):
             cases.append(Case("temperature", 4, 300, dtype, temperature=temperature))
         if temperature in (0.5, 1.0, 8.0):
-            cases.append(Case("temperature", 33, 4096, BF16, temperature=temperature, weights=(1.0, 1.0, 1.0),
-                              row_weights=True))
+            cases.append(Case("temperature", 33, 4096, BF16, temperature=temperature, row_weights=True))
+    # Triton's shapes: every weighting, subsets of the inputs with unit weights, half precision.
+    shapes = ((3, 1), (4, 7), (5, 130), (2, 4100), (64, 1000), (33, 4097), (16, 32000), (8, 128256), (4, 262144))
+    for n, c in shapes:
+        for inputs in ("smskd", "smskd_tcp", "smskd_constant"):
+            cases.append(Case("shapes", n, c, F32, inputs, temperature=2.5, seed=n * 1000 + c))
+        for inputs in ("kd_only", "ce_only", "ce_kd_constant", "ce_ref"):
+            cases.append(Case("subsets", n, c, F32, inputs, weights=(1.0, 1.0, 1.0), seed=c))
+        for dtype in (BF16, F16):
+            if c > 1:
+                cases.append(Case("half", n, c, dtype, temperature=2.0, weights=(1.0, 1.0, 1.0), seed=7))
     for weights in ((0.0, 1.0, 1.0), (1.0, 0.0, 1.0), (1.0, 1.0, 0.0)):
         cases.append(Case("loss_weights", 4, 100, F32, weights=weights))
     for dtype in (F32, BF16, F16):
@@ -396,7 +407,7 @@ def topk_cases() -> list:
             for inputs in ("target+reference", "target+reference_tcp", "target+reference_constant"):
                 cases.append(Case("topk_rows", 9, 17, dtype, inputs, k=k, seed=k, **opts))
     for dtype in (F64, F32):
-        for inputs in ("target", "reference", "neither"):
+        for inputs in ("target_inverse_tcp", "reference", "neither"):
             cases.append(Case("topk_inputs", 6, 11, dtype, inputs, k=4, temperature=2.0, weights=(1.0, 1.0, 0.5)))
     # The ladder of the CUDA kernel's row layouts; k = 1, k below and above the threads of a row, k = C.
     for dtype in (F32, BF16, F16):
@@ -419,13 +430,14 @@ def topk_cases() -> list:
     cases.append(Case("topk_rising", 7, 4100, F64, k=50, seed=11, scale=30.0, temperature=1.5,
                       weights=(0.5, 1.0, 0.5), edit="rising"))
     for dtype in (F32, BF16, F16):
-        for layout in ("padded", "misaligned", "column_strided"):
+        for layout in ("padded", "misaligned", "transposed", "column_strided"):
             for c in (100, 2049, 32000):
                 cases.append(Case("topk_layout", 17, c, dtype, k=20, seed=3, temperature=2.0,
                                   weights=(0.5, 1.0, 0.5), layout=layout))
         for n, c in ((5, 17), (4, 5000), (64, 1000), (16, 32000), (4, 128256)):
             cases.append(Case("topk_half", n, c, dtype, k=5, seed=9, temperature=2.0, weights=(0.6, 1.0, 0.7)))
-        for n, c, k in ((4, 5000, 7), (64, 1000, 1000), (16, 32000, 7), (16, 32000, 32000), (4, 128256, 7)):
+        for n, c, k in ((4, 5000, 7), (64, 1000, 7), (64, 1000, 1000), (16, 32000, 7), (16, 32000, 32000),
+                        (4, 128256, 7), (4, 128256, 128256)):
             cases.append(Case("topk_wide", n, c, dtype, k=k, seed=c, temperature=2.0, weights=(0.5, 1.0, 0.8)))
     cases += [
         Case("topk_late_maximum", 3, 300, F32, k=5, seed=5, temperature=3.0, weights=(0.4, 1.0, 0.6),

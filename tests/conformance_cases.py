@@ -9,7 +9,7 @@ that test_cpu_*, test_triton_* and test_cuda_* kept before (one table per backen
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 

@@ -29,6 +29,9 @@ from triton_interpreter import DEVICE, INTERPRETED, ON_GPU, reruns_under_interpr
 
 BACKENDS = ("cpu", "triton", "cuda")
 INTERPRETER_MAX_LOGITS = 25_000  # Triton's interpreter takes about a second per case of this size
+# Groups sized for a GPU: under the interpreter only their float32 cases run (the rows, half and topk_rows,
+# topk_half groups run bfloat16 and float16 there).
+GPU_SCALE_GROUPS = ("ladder", "topk_ladder")
 # R = 0 with p_rest > 0: KD = +inf, whose gradient is undefined (the reference's autograd gives NaN where
 # the kernels give numbers); test_infinite_rest_term_matches_the_cpu_kernel compares those with the cpu's.
 EDITS_WITH_INFINITE_LOSS = ("student_rest_masked",)
@@ -40,8 +43,8 @@ def device_of(backend: str) -> str:
     return {"cpu": "cpu", "triton": DEVICE, "cuda": "cuda"}[backend]
 
 
-def skip_reason(backend: str, dtype: torch.dtype = torch.float32, logits: int = 0) -> str | None:
-    """Why backend cannot run such a case here, or None."""
+def skip_reason(backend: str, dtype: torch.dtype = torch.float32, logits: int = 0, group: str = "") -> str | None:
+    """Why backend cannot run such a case (of `logits` logits, in the group `group`) here, or None."""
     if backend == "triton":
         if not (INTERPRETED or ON_GPU):
             return ("no CUDA device here: the triton cases run on CPU tensors under TRITON_INTERPRET=1 in a "
@@ -50,6 +53,8 @@ def skip_reason(backend: str, dtype: torch.dtype = torch.float32, logits: int = 
             return "triton refuses float64 (test_triton_backend.py checks the error)"
         if INTERPRETED and logits > INTERPRETER_MAX_LOGITS:
             return f"more than {INTERPRETER_MAX_LOGITS} logits: too slow for Triton's interpreter, runs on a GPU"
+        if INTERPRETED and group in GPU_SCALE_GROUPS and dtype != torch.float32:
+            return f"{group}: its half-precision cases run on a GPU (too many for Triton's interpreter)"
         return None
     if INTERPRETED:
         return "this run under TRITON_INTERPRET=1 is for the triton cases; the others ran in the parent process"
@@ -61,8 +66,8 @@ def skip_reason(backend: str, dtype: torch.dtype = torch.float32, logits: int = 
     return None
 
 
-def skip_unless_runs(backend: str, dtype: torch.dtype = torch.float32, logits: int = 0) -> None:
-    reason = skip_reason(backend, dtype, logits)
+def skip_unless_runs(backend: str, dtype: torch.dtype = torch.float32, logits: int = 0, group: str = "") -> None:
+    reason = skip_reason(backend, dtype, logits, group)
     if reason:
         pytest.skip(reason)
 
@@ -116,7 +121,7 @@ def row_weights(n: int, device, dtype) -> torch.Tensor:
 
 
 def assert_conforms(backend: str, case: Case) -> None:
-    skip_unless_runs(backend, case.dtype, case.n * case.c)
+    skip_unless_runs(backend, case.dtype, case.n * case.c, case.name)
     cpu_inputs = build(case)
     inputs = on_device(cpu_inputs, case, device_of(backend))
     got, grad = run(backend, inputs, case)
@@ -301,6 +306,9 @@ def test_infinite_rest_term_matches_the_cpu_kernel(backend):
 
 
 @reruns_under_interpreter
-def test_triton_cases_under_the_interpreter():
-    """Runs this file under TRITON_INTERPRET=1 in a fresh interpreter (see tests/triton_interpreter.py)."""
-    run_under_interpreter(__file__)
+@pytest.mark.parametrize("selection", ["test_dense_teacher_matches_reference", "test_topk_teacher_matches_reference",
+                                       "not test_dense_teacher_matches_reference and not test_topk_teacher"])
+def test_triton_cases_under_the_interpreter(selection):
+    """Runs this file's triton cases under TRITON_INTERPRET=1 in a fresh interpreter, in three parts that each
+    fit run_under_interpreter's time limit (see tests/triton_interpreter.py)."""
+    run_under_interpreter(__file__, "-k", f"triton and ({selection})")

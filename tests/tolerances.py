@@ -102,7 +102,7 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 #   logits below 2^-126 in magnitude read as 0; neither reaches any tolerance here.
 # - C = 1: sums are exactly 1 and x - max exactly 0, so with ex2.approx(0) = 1 (PTX's special
 #   case) and lg2.approx(1) = 0 every term and the gradient are exactly 0 (checked on the GPU by
-#   test_cuda_backend.py::test_one_class_gives_exact_zeros, on the host with the approximations
+#   test_backend_conformance.py::test_one_class_gives_exact_zeros[cuda-*], on the host with the approximations
 #   emulated by kernels/tests/fast_math_emulation.h).
 # In bf16 and fp16 the gradient's rounding to the dtype (u = 2^-8, 2^-11) dominates all of this.
 

@@ -98,7 +98,7 @@ class Case:
 
 @dataclass
 class Inputs:
-    """A case's tensors on the CPU, in the case's dtype and layout; absent inputs are None."""
+    """A case's tensors in its dtype (build: contiguous on the CPU; on_device: laid out); absent inputs None."""
 
     student: torch.Tensor
     target: Optional[torch.Tensor]
@@ -108,8 +108,9 @@ class Inputs:
 
 
 def build(case: Case) -> Inputs:
-    """The case's contiguous CPU tensors (on_device lays them out): logits scale * randn drawn in float64 then rounded to the dtype, every fifth row
-    from the second ignored; the top-k teacher is that of a dense teacher drawn the same way."""
+    """The case's contiguous CPU tensors: logits scale * randn drawn in float64, edited, then rounded to the
+    dtype; every fifth row from the second ignored; the top-k teacher is that of a dense teacher drawn the
+    same way (or one of TOPK_TEACHERS)."""
     with_target, with_teacher, with_reference, _ = case.present
     g = torch.Generator().manual_seed(case.seed)
     student, teacher, reference = ((torch.randn(case.n, case.c, generator=g, dtype=F64) * case.scale)
@@ -222,7 +223,7 @@ EDITS = {"": _no_edit, "masked_blocks": _masked_blocks, "masked_every_third": _m
          "rising": _rising, "all_ignored": _all_ignored}
 
 
-# ---- top-k teachers other than the top-k of random logits ----
+# ---- top-k teachers other than the top-k of random logits: (student, teacher, target, case) -> TopKTeacher ----
 
 def _sure_teacher(student, teacher, target, case):
     """Kept mass 1 in float64 (p_rest = 0): teacher logits -1e4 outside the first k classes."""
@@ -269,6 +270,7 @@ def _student_rest_masked(student, teacher, target, case):
     return TopKTeacher.from_logits(teacher, target, case.k, case.temperature)
 
 
+# edit -> (student, teacher, target, case) -> TopKTeacher; may edit student and target in place.
 TOPK_TEACHERS = {"no_rest": _no_rest, "student_rest_masked": _student_rest_masked,
                  "sure_teacher": _sure_teacher, "nan_kept_value": _nan_kept_value, "half_cache": _half_cache}
 
@@ -308,9 +310,9 @@ def _same(x):
 # (student, teacher, reference, target, top-k teacher)
 LAYOUTS = {
     "contiguous": (_same, _same, _same, _same, _same),
-    # row stride C + 3 (row-padded), or C + 4 from one element in (misaligned)
+    # row stride C + 3, from the row's first element (row-padded) or from its second (misaligned)
     "padded": (*(lambda x: _view(x, 1, 3, 0),) * 3, _same, _same),
-    "misaligned": (*(lambda x: _view(x, 1, 4, 1),) * 3, _same, _same),
+    "misaligned": (*(lambda x: _view(x, 1, 3, 1),) * 3, _same, _same),
     "column_strided": (_column_strided, _same, _transposed, _same, _same),
     "transposed": (_transposed, _transposed, _transposed, _same, _same),
     # transposed student, column stride 2 teacher, row stride 2C reference, strided target and top-k tensors

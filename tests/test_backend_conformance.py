@@ -88,20 +88,15 @@ def run(backend: str, inputs, case: Case, student_dtype=None):
     else:
         teacher, reference, target, topk = inputs.teacher, inputs.reference, inputs.target, inputs.topk
     student = student.requires_grad_(True)
-    c = student.shape[-1]
     if backend == "reference":
-        rows = ReferenceBackend().rows(RowInputs(
-            student.reshape(-1, c), None if target is None else target.reshape(-1),
-            None if teacher is None else teacher.reshape(-1, c), None if reference is None else reference.reshape(-1, c),
-            None if topk is None else topk.rows()), options)
+        rows = ReferenceBackend().rows(as_rows(student, target, teacher, reference, topk), options)
         outputs = {name: getattr(rows, name) for name in FIELDS}
     elif case.inputs == "kd_only" and not case.topk:
         outputs = {"loss": smskd_fast.kd_loss(student, teacher, temperature=options.temperature, reduction="none",
                                               backend=backend)}
     elif target is None:  # no public API form: the backend's rows() itself
-        rows = get_backend(backend, student.device, topk=case.topk).rows(RowInputs(
-            student.reshape(-1, c), None, None if teacher is None else teacher.reshape(-1, c),
-            None if reference is None else reference.reshape(-1, c), None if topk is None else topk.rows()), options)
+        rows = get_backend(backend, student.device, topk=case.topk).rows(
+            as_rows(student, None, teacher, reference, topk), options)
         outputs = {name: getattr(rows, name) for name in FIELDS}
     else:
         out = smskd_fast.smskd_loss(
@@ -113,6 +108,17 @@ def run(backend: str, inputs, case: Case, student_dtype=None):
     v = row_weights(loss.numel(), loss.device, loss.dtype) if case.row_weights else torch.ones_like(loss)
     (grad,) = torch.autograd.grad((loss * v).sum(), student)
     return outputs, grad
+
+
+def as_rows(student, target, teacher, reference, topk) -> RowInputs:
+    """The inputs flattened to rows, as the loss API hands them to a backend."""
+    c = student.shape[-1]
+
+    def rows(x):
+        return None if x is None else x.reshape(-1, c)
+
+    return RowInputs(rows(student), None if target is None else target.reshape(-1), rows(teacher), rows(reference),
+                     None if topk is None else topk.rows())
 
 
 def row_weights(n: int, device, dtype) -> torch.Tensor:

@@ -127,6 +127,7 @@ def row_weights(n: int, device, dtype) -> torch.Tensor:
 
 
 def assert_conforms(backend: str, case: Case) -> None:
+    """backend's per-row outputs and gradient on case match the float64 reference's (module docstring)."""
     skip_unless_runs(backend, case.dtype, case.n * case.c, case.name)
     cpu_inputs = build(case)
     inputs = on_device(cpu_inputs, case, device_of(backend))

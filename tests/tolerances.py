@@ -102,7 +102,7 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 #   logits below 2^-126 in magnitude read as 0; neither reaches any tolerance here.
 # - C = 1: sums are exactly 1 and x - max exactly 0, so with ex2.approx(0) = 1 (PTX's special
 #   case) and lg2.approx(1) = 0 every term and the gradient are exactly 0 (checked on the GPU by
-#   test_cuda_backend.py::test_one_class_gives_exact_zeros, on the host with the approximations
+#   test_backend_conformance.py::test_one_class_gives_exact_zeros[cuda-*], on the host with the approximations
 #   emulated by kernels/tests/fast_math_emulation.h).
 # In bf16 and fp16 the gradient's rounding to the dtype (u = 2^-8, 2^-11) dominates all of this.
 
@@ -121,3 +121,80 @@ def scaled_grad_rtol(dtype: torch.dtype, fp32_rtol: float) -> float:
     """
     u = unit_roundoff(dtype)
     return 2 * u * (1 + u) + 2.0**-24 + fp32_rtol
+
+
+# ---- The backends against the float64 reference (tests/test_backend_conformance.py) ----
+#
+# Float64 inputs (the cpu backend only; triton and cuda refuse them): the kernel accumulates in
+# double, exp from Sleef (1 ulp); only the summation order differs: rtol and atol 1e-10 on per-row
+# values, rtol 1e-10 and atol 1e-12 on the gradient.
+#
+# cpu, fp32 accumulation: exp is ATen's exp_u20 (relative error <= 20 ulp = 2.4e-6), raised to the
+# power T when T is an integer (exp(x - m) = exp((x - m)/T)^T), so softmax(s) carries up to about
+# 1e-5 relative error: the fp32 gradient rtol 1e-5, atol 2e-6 (entries whose terms cancel); per-row
+# values are O(10) in these cases, a few ulps of which is 5e-5 (rtol and atol). bf16/fp16 logits:
+# per-row values are fp32 from the same exact inputs, so the fp32 tolerances; the gradient is
+# rounded once to the dtype: rtol 2^-8 (bf16: its unit roundoff) and 2^-10 (fp16: twice its unit
+# roundoff), atol 1e-5 (bf16) and 1e-6 (fp16) for entries near zero. Checked for T in [0.5, 9].
+#
+# triton, fp32 accumulation (exp2/log2 of libdevice, or numpy's under the interpreter): per-row
+# values of order 10 (with T^2 = 16) agree to 2e-5 (rtol and atol), the fp32 gradient to 2e-6
+# (rtol and atol); a bf16/fp16 gradient is the fp32 one rounded once: within one unit in the last
+# place of the float64 gradient rounded to the dtype, plus 1e-6, i.e. rtol eps + u (1 + eps)
+# against the float64 gradient itself. Checked (before the conformance suite) for T <= 4: the KD
+# and reference terms are T^2 times a KL whose fp32 error is fixed, and the gradient T times a
+# difference of softmaxes, so beyond T = 4 the value atol grows as (T/4)^2 and the gradient's as T/4.
+#
+# cuda (--use_fast_math: derivation above, at FP32_GRAD_RTOL): per-row values rtol 1e-4, atol
+# 2e-5 (1 + T^2) log(C + 2); the gradient atol 2e-6 (1 + T^2), rtol scaled_grad_rtol. Its top-k
+# kernel is held to loss_tolerance and grad_tolerance (the general fp32 derivation above).
+#
+# Gradients of sum_i v_i L_i (per-row weights v_i, as a mean or a mask gives backward) are the
+# kernel's row gradient rounded to the dtype, then scaled by v_i in fp32 and rounded again:
+# scaled_grad_rtol(dtype, the backend's fp32 gradient rtol) where that exceeds the one-rounding rtol.
+
+FP32_GRAD_RTOL = 1e-5  # the cuda and cpu kernels' fp32 row gradient, relative (derivations above)
+_CPU_GRAD = {torch.float32: (1e-5, 2e-6), torch.bfloat16: (2.0**-8, 1e-5), torch.float16: (2.0**-10, 1e-6)}
+_TRITON_VALIDATED_TEMPERATURE = 4.0
+
+
+def backend_tolerance(backend: str, dtype: torch.dtype, *, temperature: float, num_classes: int, topk: bool,
+                      row_weights: bool, max_abs_logit: float, weight_sum: float,
+                      grad_scale: float) -> tuple[dict, dict]:
+    """(values, gradient) keyword arguments of torch.testing.assert_close for backend's per-row outputs and
+    d loss / d student against the float64 reference on the same input values (derivations above).
+    grad_scale bounds the gradient's entries (ce + T (kd + ref), times the largest v_i)."""
+    if dtype == torch.float64:
+        return dict(rtol=1e-10, atol=1e-10), dict(rtol=1e-10, atol=1e-12)
+    u = unit_roundoff(dtype)
+    if backend == "cpu":
+        rtol, atol = _CPU_GRAD[dtype]
+        if row_weights:
+            rtol = max(rtol, scaled_grad_rtol(dtype, FP32_GRAD_RTOL))
+        return dict(rtol=5e-5, atol=5e-5), dict(rtol=rtol, atol=atol)
+    if backend == "triton":
+        beyond = max(1.0, temperature / _TRITON_VALIDATED_TEMPERATURE)
+        values = dict(rtol=2e-5, atol=2e-5 * beyond**2)
+        if dtype == torch.float32:
+            return values, dict(rtol=2e-6, atol=2e-6 * beyond)
+        return values, dict(rtol=torch.finfo(dtype).eps * (1 + u) + u, atol=1e-6 * beyond)
+    if backend == "cuda":
+        if topk:
+            rtol, atol = loss_tolerance(max_abs_logit, temperature, weight_sum, num_classes)
+            return dict(rtol=rtol, atol=atol), dict(zip(("rtol", "atol"), grad_tolerance(
+                dtype, max_abs_logit, temperature, grad_scale)))
+        return (dict(rtol=1e-4, atol=2e-5 * (1 + temperature**2) * math.log(num_classes + 2)),
+                dict(rtol=scaled_grad_rtol(dtype, FP32_GRAD_RTOL), atol=2e-6 * (1 + temperature**2)))
+    raise ValueError(f"no tolerance for backend {backend!r}")
+
+
+def cross_backend_tolerance() -> dict:
+    """Two fp32 kernels against each other (where the float64 reference has no value to give, e.g. the
+    gradient at an infinite loss): each is within a few fp32 ulps of values O(1): rtol = atol = 1e-5."""
+    return dict(rtol=1e-5, atol=1e-5)
+
+
+def large_logit_value_tolerance(dtype: torch.dtype) -> dict:
+    """Per-row values of logits of magnitude ~1e4 (values O(1e5)): float32 keeps about 7 digits of them,
+    rtol 1e-5 and atol 1e-2; float64 agrees to summation order relative to them, rtol 1e-10, atol 1e-8."""
+    return dict(rtol=1e-10, atol=1e-8) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-2)

@@ -41,12 +41,14 @@ def reruns_under_interpreter(test):
                               reason="triton is not importable, so there are no kernels to interpret")(test)
 
 
-def run_under_interpreter(test_file: str) -> None:
-    """Runs test_file with pytest under TRITON_INTERPRET=1 in a fresh interpreter; fails if any case fails."""
+def run_under_interpreter(test_file: str, *pytest_args: str) -> None:
+    """Runs test_file (a path or node id, with pytest_args) under TRITON_INTERPRET=1 in a fresh interpreter;
+    fails if any case fails."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
+        [sys.executable, "-m", "pytest", test_file, *pytest_args, "-q", "-p", "no:cacheprovider", "-W",
+         "ignore::RuntimeWarning"],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=900,
     )
     summary = result.stdout[-6000:] + result.stderr[-2000:]

@@ -70,7 +70,7 @@ XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-12}" || ec
 # Workers share the 16 cores: 2 intra-op threads each, inductor compiling in-process (its default
 # pool would start a process per core in every worker).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-1}
-GPU_FILES="tests/test_cuda_backend.py tests/test_cuda_topk.py tests/test_triton_backend.py tests/test_triton_topk.py
+GPU_FILES="tests/test_backend_conformance.py tests/test_cuda_backend.py tests/test_cuda_topk.py tests/test_triton_backend.py tests/test_triton_topk.py
   tests/test_topk.py tests/test_overwrite_student_logits.py tests/test_gpu_choice.py tests/test_fused_linear.py
   tests/test_cuda_resources.py tests/test_cuda_row_math_host.py tests/test_cuda_topk_host_math.py
   tests/test_distributed.py tests/test_triton_aot.py tests/test_validation.py tests/test_properties.py"

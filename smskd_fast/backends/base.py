@@ -74,3 +74,14 @@ class Backend(Protocol):
 
     def rows(self, inputs: RowInputs, options: LossOptions) -> RowOutputs:
         """Computes the per-row loss terms of SPEC.md section 2."""
+
+
+def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Every target in [0, num_classes) or equal to ignore_index (reads the values on the host)."""
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        first = int(target[bad].flatten()[0])
+        raise ValueError(
+            f"target values must be in [0, {num_classes}) or equal ignore_index={ignore_index}, "
+            f"found {first}"
+        )

@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from smskd_fast.backends.base import check_target_range
 from smskd_fast.ops.schema import WEIGHTINGS
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -70,17 +71,6 @@ def check_class_indices(target: torch.Tensor, leading: tuple, num_classes: int, 
     # the kernels' own checks.
     if target.device.type == "cpu" and not torch.compiler.is_compiling() and target.numel() > 0:
         check_target_range(target, num_classes, ignore_index)
-
-
-def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Every target in [0, num_classes) or equal to ignore_index (reads the values on the host)."""
-    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
-    if bool(bad.any()):
-        first = int(target[bad].flatten()[0])
-        raise ValueError(
-            f"target values must be in [0, {num_classes}) or equal ignore_index={ignore_index}, "
-            f"found {first}"
-        )
 
 
 def check_options(temperature: float, reduction: str, weighting: str, weights: dict) -> None:

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from smskd_fast.loss.validation import check_target_range
+from smskd_fast.backends.base import check_target_range
 from smskd_fast.ops import schema
 from smskd_fast.backends.triton import kernels
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smskd_fast.bench import harness as benchmarking
+from smskd_fast.provenance import git_commit
 from smskd_fast.training.config import parse_config
 from smskd_fast.training.checkpoint import save_model_file
 from smskd_fast.training.models import build_model
@@ -167,7 +167,7 @@ def main() -> None:
         }
     base = rows[0]["median"]
     kd_cached = rows[1]["median"]
-    commit = benchmarking.git_commit()
+    commit = git_commit()
     tokens = f" x {pair['context_length']} tokens" if pair["data"] == "text" else ""
     lines = [f"# cache_epoch_time: {args.pair} ({pair['teacher']} -> {pair['student']}), {samples} samples{tokens}, "
              f"batch {pair['batch']}, {args.threads} thread(s), {args.repeats} repeats",

@@ -23,6 +23,7 @@ import time
 import torch
 
 from smskd_fast.bench import harness as benchmarking
+from smskd_fast.provenance import git_commit
 
 
 def cpu_model() -> str:
@@ -41,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     now = datetime.datetime.now(datetime.timezone.utc)
-    meta = {"date": now.strftime("%Y-%m-%d %H:%M:%S"), "commit": benchmarking.git_commit(),
+    meta = {"date": now.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(),
             "clock": "time.thread_time, 1 torch thread",
             "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,

@@ -20,6 +20,7 @@ import sys
 import torch
 
 from smskd_fast.bench import harness as benchmarking
+from smskd_fast.provenance import git_commit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,7 +106,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     now = datetime.datetime.now(datetime.timezone.utc)
-    meta = {"date": now.strftime("%Y-%m-%d %H:%M:%S"), "commit": benchmarking.git_commit(), "machine": machine(),
+    meta = {"date": now.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(), "machine": machine(),
             "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + (argv if argv is not None else sys.argv[1:]))}
     dtypes = [getattr(torch, name) for name in args.dtypes]
 

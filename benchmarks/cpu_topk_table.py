@@ -37,6 +37,7 @@ from torch.utils import cpp_extension
 
 import smskd_fast  # noqa: F401  (loads the smskd_fast operators)
 from smskd_fast.bench import harness as benchmarking
+from smskd_fast.provenance import git_commit
 from smskd_fast.backends.base import LossOptions, RowInputs
 from smskd_fast.backends.reference import ReferenceBackend
 from smskd_fast.backends.topk import TopKTeacher
@@ -159,7 +160,7 @@ def markdown(meta: dict, rows: list, methods) -> str:
         "Process CPU time per call, median (the time a call ran, without waiting for a core; with more than "
         "one thread it sums the threads, spin-waiting included):",
         "",
-        f"| N x C, k | dtype | mode | " + " | ".join(f"{m} cpu ms" for m in methods) + " | "
+        "| N x C, k | dtype | mode | " + " | ".join(f"{m} cpu ms" for m in methods) + " | "
         + " | ".join(f"{m} / after" for m in ratio_cols) + " |",
         "|---|---|---|" + "---:|" * (len(methods) + len(ratio_cols)),
     ]
@@ -193,7 +194,7 @@ def main(argv=None) -> None:
     if args.before:
         build_before(args.before)
     now = datetime.datetime.now(datetime.timezone.utc)
-    meta = {"date": now.strftime("%Y-%m-%d %H:%M:%S"), "commit": benchmarking.git_commit(), "before": args.before,
+    meta = {"date": now.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(), "before": args.before,
             "machine": machine(),
             "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + (argv if argv is not None else sys.argv[1:]))}
     rows = []

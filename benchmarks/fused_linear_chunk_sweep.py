@@ -4,7 +4,7 @@ import time
 import torch
 
 import smskd_fast
-from smskd_fast.bench import harness as benchmarking
+from smskd_fast.provenance import git_commit
 g = torch.Generator().manual_seed(0)
 N, H, V = 1024, 512, 128256
 h_s, h_t, h_r = (torch.randn(N, H, generator=g) for _ in range(3))
@@ -19,7 +19,7 @@ def step(chunk):
     else:
         smskd_fast.fused_linear_smskd_loss(h_s, w_s, target, h_t, w_t, None, h_r, w_r, temperature=2.0,
                                            chunk_size=chunk).loss.backward()
-commit = benchmarking.git_commit()
+commit = git_commit()
 print(f"commit {commit}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, threads {torch.get_num_threads()}")
 print("chunk rows (None = unfused), then seconds of 2 steps after a warm-up, interleaved rounds")
 chunks = [None, 130, 256, 512]

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from smskd_fast.bench import harness as benchmarking
+from smskd_fast.provenance import git_commit
 
 VARIANTS = ("unfused", "fused", "unfused_kd", "fused_kd", "liger_jsd")
 DEFAULT_VARIANTS = ("unfused", "fused", "unfused_kd", "fused_kd")
@@ -175,7 +176,7 @@ def main() -> None:
                     continue
                 results.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(results[-1], flush=True)
-    commit = benchmarking.git_commit()
+    commit = git_commit()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     header = (f"fused_linear_smskd_loss vs unfused, fwd+bwd, tokens={args.tokens} hidden={args.hidden} "
               f"{args.dtype} on {args.device} ({device_name}), backend {args.backend}, torch {torch.__version__}, "

@@ -153,13 +153,3 @@ def mufu_outside_loops(instructions: List[Instruction], loops: List[Loop]) -> Di
 def instructions_outside_loops(instructions: List[Instruction], loops: List[Loop]) -> int:
     """Instructions (NOPs excepted) in no loop."""
     return sum(1 for i in instructions if i.opcode != "NOP" and not any(lp.start <= i.address <= lp.end for lp in loops))
-
-
-def instructions_outside_loops(instructions: List[Instruction], loops: List[Loop]) -> int:
-    """Instructions (NOPs excepted) in no loop."""
-    return sum(1 for i in instructions if i.opcode != "NOP" and not any(lp.start <= i.address <= lp.end for lp in loops))
-
-
-def mufu_total(instructions: List[Instruction]) -> Dict[str, int]:
-    """MUFU by kind in the whole function (static count)."""
-    return dict(collections.Counter(i.opcode.split(".")[1] for i in instructions if i.opcode.startswith("MUFU.")))

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import sys
 from pathlib import Path
 
 import torch
 
 import smskd_fast
 from smskd_fast.bench import harness as benchmarking
+from smskd_fast.provenance import git_commit
 from smskd_fast.backends.topk import TopKTeacher
 
 
@@ -65,7 +65,7 @@ def main() -> None:
     for student, teacher, target in sets:
         ks = [k for k in args.k if k <= teacher.shape[-1]]
         results += gaps(student, teacher, target, ks, args.temperatures)
-    commit = benchmarking.git_commit()
+    commit = git_commit()
     header = (f"top-k KD vs dense KD, {'logits from ' + str(args.logits) if args.logits else 'synthetic logits'}, "
               f"commit {commit}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     lines = [header, "", "| C | k | T | dense KD (mean) | top-k KD (mean) | mean relative gap | p95 relative gap |",

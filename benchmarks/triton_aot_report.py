@@ -40,7 +40,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from smskd_fast.bench import harness as benchmarking  # noqa: E402
+from smskd_fast.provenance import git_commit  # noqa: E402
 from smskd_fast.backends.triton import kernels  # noqa: E402
 from smskd_fast.backends.triton import launch  # noqa: E402
 from smskd_fast.backends.triton import topk_kernels  # noqa: E402
@@ -307,7 +307,7 @@ def main(argv=None) -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python benchmarks/triton_aot_report.py" + (" --ci" if args.ci else "")
     header = (f"# Triton kernels compiled ahead of time (no GPU)\n\n"
-              f"Command: `{command}`; {stamp}; commit {benchmarking.git_commit()}; triton {triton.__version__}; "
+              f"Command: `{command}`; {stamp}; commit {git_commit()}; triton {triton.__version__}; "
               f"{len(rows)} compiles, {len(failures)} with a spill, an error, fp64 arithmetic or a missing target check.\n"
               f"scalars: the float arguments' type, fp32 as Triton's launcher passes them, fp64 as Inductor does.\n"
               f"regs: registers per thread; spills: ptxas -v spill stores/loads, local: cuobjdump local bytes; any > 0 fails.\n"
@@ -319,7 +319,7 @@ def main(argv=None) -> int:
     stem = "triton_aot_report_ci" if args.ci else "triton_aot_report"
     (args.out / f"{stem}.md").write_text(markdown(rows, header))
     (args.out / f"{stem}.json").write_text(json.dumps(
-        {"command": command, "date": stamp, "commit": benchmarking.git_commit(), "triton": triton.__version__,
+        {"command": command, "date": stamp, "commit": git_commit(), "triton": triton.__version__,
          "rows": [asdict(row) for row in rows]}, indent=1))
     print(markdown(failures or rows[:0], header))
     print(f"wrote {args.out / (stem + '.md')}")

@@ -49,7 +49,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import smskd_fast  # noqa: E402
-from smskd_fast.bench import harness as benchmarking  # noqa: E402
+from smskd_fast.provenance import git_commit  # noqa: E402
 from smskd_fast.backends.triton import launch as triton_launch  # noqa: E402
 from smskd_fast.backends.topk import TopKTeacher  # noqa: E402
 
@@ -247,7 +247,7 @@ def environment(device: str) -> Dict:
             "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
             "backends": {name: str(status) for name, status in smskd_fast.available_backends().items()}}
-    info["commit"] = benchmarking.git_commit()  # the device machine's tree has no .git: SMSKD_COMMIT names it
+    info["commit"] = git_commit()  # the device machine's tree has no .git: SMSKD_COMMIT names it
     return info
 
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -245,21 +243,3 @@ def write_results(out: Optional[Path], header: str, table: str, results: List[di
     out.with_suffix(".json").write_text(json.dumps({"header": header, "command": sys.argv, "results": results},
                                                    indent=1))
     out.with_suffix(".md").write_text(f"Command: `python {' '.join(sys.argv)}`\n\n{table}\n")
-
-
-def git_commit() -> str:
-    """The commit of the checkout this package runs from, "+dirty" with uncommitted changes:
-    every result file records it, whatever the working directory of the run. SMSKD_COMMIT
-    names it where the tree is a copy without .git (the GPU machine); "unknown" without git."""
-    if os.environ.get("SMSKD_COMMIT"):
-        return os.environ["SMSKD_COMMIT"]
-    root = Path(__file__).resolve().parents[2]
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(commit) and bool(git("status", "--porcelain", "--untracked-files=no"))
-    except OSError:  # no git on this machine
-        return "unknown"
-    return (commit or "unknown") + ("+dirty" if dirty else "")

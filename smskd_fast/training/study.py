@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import yaml
 
-from smskd_fast.bench.harness import git_commit
+from smskd_fast.provenance import git_commit
 from smskd_fast.training.config import RunConfig, config_to_dict
 from smskd_fast.training.experiments import run_or_resume, single_method_variants, train_teacher, variant_configs
 from smskd_fast.training.run_files import write_text_atomic

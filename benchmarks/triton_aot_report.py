@@ -61,7 +61,7 @@ TOPK_VARIANTS = ("smskd+grad", "smskd", "kd+grad")
 CI_VARIANTS = ("smskd+grad", "kd+grad")
 CI_DTYPES = ("fp32", "bf16")
 OUTPUT_POINTERS = tuple(f"{name}_ptr" for name in PER_ROW_OUTPUTS)
-# The top-k form's own tensors, as the launcher passes them (triton_topk_launch.launch_topk_rows).
+# The top-k form's own tensors, as the launcher passes them (topk_launch.launch_topk_rows).
 TOPK_POINTERS = {"values_ptr": "*fp32", "true_logit_ptr": "*fp32", "lse_ptr": "*fp32", "lse_T_ptr": "*fp32",
                  "indices_ptr": "*i64", "bits_ptr": "*i32", "kept_logits_ptr": "*fp32"}
 ALIGNED_INTS = ("num_classes", "num_kept", "student_stride", "teacher_stride", "reference_stride", "grad_stride")
@@ -262,7 +262,7 @@ def kernel_jobs(variants, dtypes, archs, scalars: str) -> List[Job]:
 
 
 def topk_jobs(variant: str, dtype: str, arch: int, scalars: str = "fp32") -> List[Job]:
-    """Every configuration of the top-k kernel (triton_topk_launch.all_topk_configs) for one variant."""
+    """Every configuration of the top-k kernel (topk_launch.all_topk_configs) for one variant."""
     has_target, _, has_reference, weighting, grad = VARIANTS[variant]
     flags = (("HAS_TARGET", has_target), ("HAS_REFERENCE", has_reference), ("WEIGHTING", weighting),
              ("COMPUTE_GRAD", grad), ("BLOCK_K", topk_launch.BLOCK_K))

@@ -1,4 +1,4 @@
-"""atomic_io: the one write-beside-then-rename used by runio and the logit cache."""
+"""atomic_io: the one write-beside-then-rename used by the run directory (checkpoint, run_files) and the logit cache."""
 from __future__ import annotations
 
 import pytest

@@ -3,7 +3,8 @@
 Every module under smskd_fast/ is parsed (ast, nothing imported) and each import of a
 smskd_fast module, absolute or relative, at any depth (inside functions too), is checked
 against RULES: a module in a layer must not import the layers listed for it.
-huggingface.py may import the loss layer only; bench/ the loss and backends layers.
+huggingface.py may import the loss layer only; bench/ the loss and backends layers; provenance.py,
+which every layer may use, imports nothing of the package.
 """
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "smskd_fast"
-LAYERS = ("ops", "backends", "loss", "training", "bench", "cli", "huggingface")
+LAYERS = ("ops", "backends", "loss", "training", "bench", "cli", "huggingface", "provenance")
 # layer -> the layers it must not import
 RULES = {
     "ops": {"backends", "loss", "training", "bench", "cli", "huggingface"},
     "backends": {"loss", "training", "bench", "cli", "huggingface"},
     "loss": {"training", "bench", "cli", "huggingface"},
-    "training": {"cli", "huggingface"},
+    "training": {"bench", "cli", "huggingface"},
     "bench": {"training", "cli", "huggingface"},
     "huggingface": {"backends", "ops", "training", "bench", "cli"},
+    "provenance": {"ops", "backends", "loss", "training", "bench", "cli", "huggingface"},
 }
 
 
@@ -95,6 +97,8 @@ def test_every_layer_has_modules():
     ("smskd_fast.loss.planted", "from smskd_fast.bench.harness import git_commit", "loss -> bench"),
     ("smskd_fast.huggingface", "from smskd_fast.backends import resolve_backend", "huggingface -> backends"),
     ("smskd_fast.bench.planted", "from smskd_fast.training import trainer", "bench -> training"),
+    ("smskd_fast.training.planted", "from smskd_fast.bench.harness import eager_smskd_loss", "training -> bench"),
+    ("smskd_fast.provenance", "from smskd_fast.ops import schema", "provenance -> ops"),
 ])
 def test_the_checker_flags_a_planted_bad_import(module, source, expected):
     """Negative control: a module string with one upward import is flagged, naming the two layers."""
@@ -108,6 +112,7 @@ def test_the_checker_flags_a_planted_bad_import(module, source, expected):
     ("smskd_fast.bench.planted", "from smskd_fast.loss.functional import smskd_loss\nimport smskd_fast.backends"),
     ("smskd_fast.huggingface", "from smskd_fast.loss.fused_linear import fused_linear_smskd_loss"),
     ("smskd_fast.training.planted", "import torch\nfrom smskd_fast.loss import functional"),
+    ("smskd_fast.training.planted", "from smskd_fast.provenance import git_commit"),
 ])
 def test_the_checker_passes_downward_imports(module, source):
     assert violations(source, module) == []

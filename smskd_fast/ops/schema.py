@@ -93,7 +93,7 @@ class OpSchema:
         """The same signature under another name (the Triton ops)."""
         return dataclasses.replace(self, name=name)
 
-    def fake(self, *args, **kwargs):
+    def fake(self, *args, **kwargs) -> Tuple[torch.Tensor, ...]:
         """The outputs' shapes and dtypes only (torch.compile's fake kernel)."""
         bound = dict(zip((argument.name for argument in self.arguments), args), **kwargs)
         student = bound["student"]
@@ -122,7 +122,7 @@ INPLACE = OpSchema(
 COMPILED_OPS: Tuple[OpSchema, ...] = (DENSE, TOPK, INPLACE)
 
 
-def scalar_arguments(options) -> tuple:
+def scalar_arguments(options: Any) -> tuple:
     """The values of SCALAR_ARGUMENTS from a LossOptions (or anything with those attributes), in schema order."""
     return tuple(_CONVERT[argument.type](getattr(options, argument.name)) for argument in SCALAR_ARGUMENTS)
 

@@ -23,7 +23,7 @@ from smskd_fast.ops.schema import WEIGHTINGS
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "OptimizerConfig", "ScheduleConfig", "MethodConfig",
     "StageConfig", "CacheStoreConfig", "CacheConfig", "RunConfig", "load_config", "parse_config",
-    "apply_overrides", "config_to_dict", "WEIGHTINGS", "NONFINITE_POLICIES",
+    "apply_overrides", "config_to_dict", "uses_reference", "WEIGHTINGS", "NONFINITE_POLICIES",
 ]
 
 SCHEDULE_SCOPES = ("stage", "run")
@@ -117,6 +117,11 @@ class CacheConfig:
     reference: Optional[CacheStoreConfig] = None
 
 
+def uses_reference(stage: StageConfig, index: int) -> bool:
+    """Whether stage `index` (0-based) has a reference: not the first stage, and not switched off."""
+    return index > 0 and stage.reference and stage.ref_weight > 0
+
+
 @dataclass
 class RunConfig:
     student: ModelConfig
@@ -139,6 +144,7 @@ class RunConfig:
 
 
 _EXPONENT_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
 
 
 def _type_name(kind: Any) -> str:
@@ -264,8 +270,7 @@ def _validate(config: RunConfig) -> None:
                    f"unknown method {method.name!r}; choose one of {sorted(METHODS)}")
             if method.name != "none":
                 _check(config.teacher is not None, "teacher", f"is required: {path} uses method {method.name!r}")
-        uses_reference = index > 0 and stage.reference and stage.ref_weight > 0
-        if uses_reference and stage.weighting != "constant":
+        if uses_reference(stage, index) and stage.weighting != "constant":
             _check(config.teacher is not None, "teacher",
                    f"is required: {path} weights its reference term by the teacher's TCP ({stage.weighting!r})")
     if config.cache is not None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from smskd_fast.backends.topk import TopKTeacher
 from smskd_fast.training.checkpoint import load_model_file, load_weights
-from smskd_fast.training.config import ModelConfig, RunConfig, StageConfig
+from smskd_fast.training.config import ModelConfig, RunConfig
 from smskd_fast.training.data import ImageSet, TokenSet
 from smskd_fast.training.distributed import DistributedContext
 from smskd_fast.training.frozen_logits import (CachedLogits, open_or_build, reference_cache_dir, reference_cache_spec,
@@ -25,7 +25,7 @@ from smskd_fast.training.frozen_logits import (CachedLogits, open_or_build, refe
 from smskd_fast.training.logit_cache import CacheSpec, LogitCache, model_hash
 from smskd_fast.training.models import build_model
 
-__all__ = ["freeze", "load_teacher", "uses_reference", "FrozenLogits", "StageFrozenModels", "FrozenModels"]
+__all__ = ["freeze", "load_teacher", "FrozenLogits", "StageFrozenModels", "FrozenModels"]
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -55,11 +55,6 @@ def load_teacher(spec: Optional[ModelConfig], num_classes: int, in_channels: int
     load_weights(teacher, entry["state_dict"], f"teacher.checkpoint {spec.checkpoint}",
                  "give a checkpoint of the model named in teacher.name")
     return freeze(teacher.to(device))
-
-
-def uses_reference(stage: StageConfig, index: int) -> bool:
-    """Whether stage `index` (0-based) has a reference: not the first stage, and not switched off."""
-    return index > 0 and stage.reference and stage.ref_weight > 0
 
 
 class FrozenLogits(NamedTuple):

@@ -40,7 +40,8 @@ from smskd_fast.training.config import RunConfig, config_to_dict
 from smskd_fast.training.data import DataSplits, ImageSet, TokenSet, load_splits, split_validation
 from smskd_fast.training.distributed import DistributedContext
 from smskd_fast.training.evaluation import evaluate, summarize
-from smskd_fast.training.frozen_models import FrozenModels, uses_reference
+from smskd_fast.training.config import uses_reference
+from smskd_fast.training.frozen_models import FrozenModels
 from smskd_fast.training.models import build_model
 from smskd_fast.training.nonfinite import BufferSnapshot, NonFiniteLossError, describe_samples, stop_or_skip
 from smskd_fast.training.optim import stage_learning_rate

@@ -1,6 +1,6 @@
-"""Launch configurations of the top-k Triton kernel (triton_topk_kernels.py) and its launcher.
+"""Launch configurations of the top-k Triton kernel (topk_kernels.py) and its launcher.
 
-As for the dense kernels (triton_launch.py), the configuration is a pure function
+As for the dense kernels (launch.py), the configuration is a pure function
 of C, with no autotuning, so benchmarks/triton_aot_report.py can compile every
 configuration that can run: up to WHOLE_ROW_MAX_C a row is held in registers
 (BLOCK_C = the next power of two >= C), above it walked in column blocks.
@@ -41,7 +41,7 @@ WHOLE_ROW_WARPS_OVERRIDE = {1024: 8, 2048: 16, 4096: 8}
 def topk_config(num_classes: int) -> TopKConfig:
     """The row in registers for C <= WHOLE_ROW_MAX_C (2-16 elements per thread), else column blocks.
 
-    C may be a SymInt (see triton_launch.power_of_two_at_least)."""
+    C may be a SymInt (see launch.power_of_two_at_least)."""
     if num_classes > WHOLE_ROW_MAX_C:
         return COLUMN_BLOCK_CONFIG
     block_c = power_of_two_at_least(num_classes, 32)  # tiles of [BLOCK_C // 32, 32]
@@ -82,7 +82,7 @@ def launch_topk_rows(
 
     Logits have unit column stride; the top-k tensors may have any float / integer
     dtype (converted to fp32 / int64, contiguous). grad_out, config and wrap are as
-    in triton_launch.launch_rows; grad_out may be the student itself.
+    in launch.launch_rows; grad_out may be the student itself.
     """
     num_rows, num_classes = student.shape
     per_row, grad = allocate_outputs(student, compute_grad, grad_out)

@@ -29,3 +29,17 @@ def make_logits(shape, dtype=torch.float64, *, seed=0, scale=3.0, with_reference
 @pytest.fixture
 def logits_factory():
     return make_logits
+
+
+@pytest.fixture
+def cuda_extension_binary():
+    """Path of the loaded smskd_fast._C when it was built with the CUDA kernels (GPU or not), else None:
+    the SASS checks read this binary, the one CI built, instead of compiling kernels/ again."""
+    import importlib.util
+
+    from smskd_fast.ops import registration
+    from smskd_fast.ops.extension import extension_loaded
+
+    if not extension_loaded() or not torch._C._dispatch_has_kernel_for_dispatch_key(registration.OP_NAME, "CUDA"):
+        return None
+    return importlib.util.find_spec("smskd_fast._C").origin

@@ -5,12 +5,10 @@ CUDA code (seconds), else compiles kernels/ for sm_90 (about a minute); skipped
 when the CUDA tools (nvcc, cuobjdump) are not installed. The parsers are also
 checked on fixed tool output, so that a spill is known to be caught.
 """
-import importlib.util
 import os
 import sys
 
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -74,19 +72,9 @@ def test_a_build_without_the_top_k_kernels_is_reported():
     assert problems == ["no smskd_topk_rows_kernel instantiation found"]
 
 
-def built_extension_with_cuda():
-    """Path of the loaded smskd_fast._C when it has the CUDA kernel, else None."""
-    from smskd_fast.ops import registration as ops
-    from smskd_fast.ops.extension import extension_loaded
-
-    if not extension_loaded() or not torch._C._dispatch_has_kernel_for_dispatch_key(ops.OP_NAME, "CUDA"):
-        return None
-    return importlib.util.find_spec("smskd_fast._C").origin
-
-
 @pytest.mark.skipif(report.find_tool("cuobjdump") is None, reason="cuobjdump not found (no CUDA toolkit)")
-def test_no_spills_and_wide_bf16_loads(tmp_path):
-    binary = built_extension_with_cuda()
+def test_no_spills_and_wide_bf16_loads(tmp_path, cuda_extension_binary):
+    binary = cuda_extension_binary
     if binary is not None:
         args = ["--binary", binary]
     elif report.find_tool("nvcc") is not None:

@@ -109,23 +109,9 @@ def test_cuda_counter_is_calibrated(tmp_path, extra, expected):
     assert {loop.mufu.get("EX2", 0) / (loop.widest_bytes() / 4) for loop in loops} == {expected}
 
 
-def built_extension_with_cuda():
-    """Path of the loaded smskd_fast._C when it has the CUDA kernel, else None."""
-    import importlib.util
-
-    import torch
-
-    from smskd_fast.ops import registration as ops
-    from smskd_fast.ops.extension import extension_loaded
-
-    if not extension_loaded() or not torch._C._dispatch_has_kernel_for_dispatch_key(ops.OP_NAME, "CUDA"):
-        return None
-    return importlib.util.find_spec("smskd_fast._C").origin
-
-
 @pytest.mark.skipif(cuda_report.find_tool("cuobjdump") is None, reason="cuobjdump not found (no CUDA toolkit)")
-def test_cuda_kernels_within_budget_and_a_planted_exp2_is_caught(tmp_path):
-    binary = built_extension_with_cuda()
+def test_cuda_kernels_within_budget_and_a_planted_exp2_is_caught(tmp_path, cuda_extension_binary):
+    binary = cuda_extension_binary
     if binary is None and cuda_report.find_tool("nvcc") is None:
         pytest.skip("no CUDA build of smskd_fast._C and no nvcc to compile kernels/")
     sass = mufu_report.cuda_sass(binary, str(tmp_path))

@@ -36,7 +36,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 DRY_RUN = "--dry-run" in sys.argv
 if DRY_RUN:  # must precede the first import of triton
@@ -325,18 +325,28 @@ def write(results: Dict, out: Path) -> None:
     (out / "bench_summary.md").write_text(summary_markdown(results))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_arguments(description: str, deadline: float, argv=None) -> Optional[Tuple[argparse.Namespace, str]]:
+    """The options of a GPU benchmark script (--out, --deadline, --dry-run) and the device it runs
+    on; None, after saying why, when a run that needs a GPU finds none."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--deadline", type=float, default=330.0, help="seconds; later measurements are skipped")
+    parser.add_argument("--deadline", type=float, default=deadline, help="seconds; later measurements are skipped")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, kernels under TRITON_INTERPRET=1")
     args = parser.parse_args(argv)
-    start = time.monotonic()
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: use --dry-run on a machine without a GPU", file=sys.stderr)
-        return 2
+        return None
     args.out.mkdir(parents=True, exist_ok=True)
+    return args, device
+
+
+def main(argv=None) -> int:
+    start = time.monotonic()
+    parsed = run_arguments(__doc__.splitlines()[0], 330.0, argv)
+    if parsed is None:
+        return 2
+    args, device = parsed
     timer = Timer(device)
     rows_n = (8,) if args.dry_run else (4096, 16384)
     classes = (100, 5000) if args.dry_run else (1000, 32000, 128256)

@@ -18,7 +18,6 @@ speed_of_light.md (the table, device, date, commit, command).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -138,17 +137,11 @@ def implementations(dry_run: bool) -> Dict[str, Callable[[], Callable]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--deadline", type=float, default=290.0, help="seconds; later measurements are skipped")
-    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, kernels under TRITON_INTERPRET=1")
-    args = parser.parse_args(argv)
     start = time.monotonic()
-    device = "cpu" if args.dry_run else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: use --dry-run on a machine without a GPU", file=sys.stderr)
+    parsed = bench_grid.run_arguments(__doc__.splitlines()[0], 290.0, argv)
+    if parsed is None:
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
+    args, device = parsed
     timer = bench_grid.Timer(device)
     env = bench_grid.environment(device)
     results = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "environment": env,

@@ -24,6 +24,7 @@ import torch
 import smskd_fast
 from smskd_fast.backends.base import LossOptions, RowInputs
 from smskd_fast.backends.reference import ReferenceBackend
+from conformance_cases import INPUTS
 from tolerances import backend_tolerance, large_logit_value_tolerance
 from smskd_fast.backends.registry import resolve_backend
 from smskd_fast.ops.schema import PER_ROW_OUTPUTS
@@ -36,20 +37,10 @@ pytestmark = pytest.mark.skipif(
     reason=f"the C++ CPU kernel is not built: {smskd_fast.available_backends()['cpu'].reason}",
 )
 
-# Which inputs are present: (target, teacher, reference) and the weighting to use.
-CONFIGS = {
-    "smskd": (True, True, True, "inverse_tcp"),
-    "smskd_tcp": (True, True, True, "tcp"),
-    "kd_only": (False, True, False, "constant"),
-    "ce_only": (True, False, False, "constant"),
-    "ce_kd": (True, True, False, "inverse_tcp"),
-    "reference_constant": (False, False, True, "constant"),
-}
-
 
 def make_rows(n, c, dtype, *, seed=0, scale=3.0, config="smskd"):
     """Student, target, teacher, reference of shape (n, c); absent inputs are None."""
-    has_target, has_teacher, has_reference, _ = CONFIGS[config]
+    has_target, has_teacher, has_reference, _ = INPUTS[config]
     g = torch.Generator().manual_seed(seed)
 
     def logits():
@@ -98,7 +89,7 @@ def assert_matches_reference(student, target, teacher, reference, options):
 
 
 def options_for(config, temperature=4.0, **overrides):
-    weighting = CONFIGS[config][3]
+    weighting = INPUTS[config][3]
     return LossOptions(temperature=temperature, weighting=weighting, **overrides)
 
 

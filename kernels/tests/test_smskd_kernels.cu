@@ -22,19 +22,12 @@
 #include "smskd_kernels.h"
 #include "smskd_oracle.h"
 #include "per_row_outputs.h"
+#include "cuda_test_support.h"
 
 namespace {
 
 using namespace smskd::oracle;
-
-#define CHECK_CUDA(call)                                                                          \
-  do {                                                                                            \
-    const cudaError_t status_ = (call);                                                           \
-    if (status_ != cudaSuccess) {                                                                 \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(status_)); \
-      std::exit(2);                                                                               \
-    }                                                                                             \
-  } while (0)
+using smskd::test::DeviceBuffer;
 
 int failures = 0;
 
@@ -48,14 +41,6 @@ struct Case {
   int64_t padding;  // stride = cols + padding
   bool in_place;    // grad written over the student
   int threads_per_row = 0;  // 0: the launcher's choice
-};
-
-struct DeviceBuffer {
-  void* ptr = nullptr;
-  explicit DeviceBuffer(size_t bytes) { CHECK_CUDA(cudaMalloc(&ptr, bytes ? bytes : 1)); }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
 };
 
 void run_case(const Case& k, std::mt19937& rng) {
@@ -220,20 +205,7 @@ int run_bench() {
   CHECK_CUDA(cudaMemset(dt.ptr, 0, elements * 2));
   CHECK_CUDA(cudaMemset(dr.ptr, 0, elements * 2));
   CHECK_CUDA(cudaMemset(dy.ptr, 0, elements * 8));
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  auto time_ms = [&](auto&& body) {
-    for (int i = 0; i < 3; ++i) body();
-    const int iters = 20;
-    CHECK_CUDA(cudaEventRecord(start));
-    for (int i = 0; i < iters; ++i) body();
-    CHECK_CUDA(cudaEventRecord(stop));
-    CHECK_CUDA(cudaEventSynchronize(stop));
-    float ms = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-    return double(ms) / iters;
-  };
+  smskd::test::EventTimer time_ms;
   const double copy_ms = time_ms([&] { CHECK_CUDA(cudaMemcpyAsync(dg.ptr, ds.ptr, elements * 2, cudaMemcpyDeviceToDevice)); });
   const double copy_gbs = 2.0 * elements * 2 / copy_ms / 1e6;
   std::printf("copy bandwidth: %.1f GB/s\n", copy_gbs);

@@ -23,19 +23,12 @@
 #include "topk_emulation.h"
 #include "topk_oracle.h"
 #include "per_row_outputs.h"
+#include "cuda_test_support.h"
 
 namespace {
 
 using namespace smskd::oracle;
-
-#define CHECK_CUDA(call)                                                                                \
-  do {                                                                                                  \
-    const cudaError_t status_ = (call);                                                                 \
-    if (status_ != cudaSuccess) {                                                                       \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(status_)); \
-      std::exit(2);                                                                                     \
-    }                                                                                                   \
-  } while (0)
+using smskd::test::DeviceBuffer;
 
 constexpr unsigned char kUnwritten = 0xff;
 int failures = 0;
@@ -182,20 +175,6 @@ void run_host(const Case& k, Inputs& in, smskd_loss_rows_topk_args a) {
   compare(k, in, a, out, grad, "host");
 }
 
-struct DeviceBuffer {
-  void* ptr = nullptr;
-  explicit DeviceBuffer(size_t bytes) { CHECK_CUDA(cudaMalloc(&ptr, bytes ? bytes : 1)); }
-  template <typename V>
-  explicit DeviceBuffer(const std::vector<V>& host) : DeviceBuffer(host.size() * sizeof(V)) {
-    if (!host.empty()) CHECK_CUDA(cudaMemcpy(ptr, host.data(), host.size() * sizeof(V), cudaMemcpyHostToDevice));
-  }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  template <typename V>
-  V* as() const { return static_cast<V*>(ptr); }
-};
-
 void run_gpu(const Case& k, Inputs& in, smskd_loss_rows_topk_args a) {
   const size_t elem = bytes_of(k.dtype);
   const DeviceBuffer s(in.s_raw), r(in.r_raw), y(in.target), values(in.values), indices(in.indices), mask(in.mask),
@@ -238,20 +217,7 @@ int run_bench() {
   const int64_t elements = int64_t{1} << 26;
   const DeviceBuffer ds(std::vector<uint16_t>(elements, 0)), dt(std::vector<uint16_t>(elements, 0)),
       dg(elements * 2), out(kPerRowOutputs * elements * 4);
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  auto time_ms = [&](auto&& body) {
-    for (int i = 0; i < 3; ++i) body();
-    const int iters = 20;
-    CHECK_CUDA(cudaEventRecord(start));
-    for (int i = 0; i < iters; ++i) body();
-    CHECK_CUDA(cudaEventRecord(stop));
-    CHECK_CUDA(cudaEventSynchronize(stop));
-    float ms = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-    return double(ms) / iters;
-  };
+  smskd::test::EventTimer time_ms;
   const double copy_ms =
       time_ms([&] { CHECK_CUDA(cudaMemcpyAsync(dg.ptr, ds.ptr, elements * 2, cudaMemcpyDeviceToDevice)); });
   const double copy_gbs = 2.0 * elements * 2 / copy_ms / 1e6;

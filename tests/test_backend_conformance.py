@@ -191,12 +191,8 @@ def test_topk_teacher_matches_reference(backend, case):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_class_gives_exact_zeros(backend, dtype):
     """C = 1: softmax is exactly 1, so every loss term and the gradient are exactly 0 (and the teacher's
-    true-class probability exactly 1), not a rounding residue of lse(s) - s.
-
-    The cpu kernel leaves rounding residues (gradient ~2^-25; values up to ~1e-6 where T is no integer):
-    reported as an expected failure while they last, so that the test passes once it gives exact zeros."""
+    true-class probability exactly 1), not a rounding residue of lse(s) - s."""
     skip_unless_runs(backend, dtype)
-    residues = []
     for temperature in (1.0, 2.5, 4.0):
         cases = [Case("one_class", 64, 1, dtype, inputs, temperature=temperature, row_weights=True)
                  for inputs in ("smskd", "smskd_tcp", "ce_kd", "ce_ref", "ce_only", "kd_only", "ref_only")]
@@ -207,15 +203,10 @@ def test_one_class_gives_exact_zeros(backend, dtype):
             got, grad = run(backend, on_device(cpu_inputs, case, device_of(backend)), case)
             for name, value in [(name, got[name]) for name in ("loss", "ce", "kd", "ref") if name in got] + [
                     ("gradient", grad)]:
-                if torch.count_nonzero(value).item():  # only the cpu kernel, within its tolerance (rows cases)
-                    assert backend == "cpu", (case.id, name, value[value != 0][:5].tolist())
-                    residues.append(f"{case.id} {name} (up to {value.abs().max().item():.1e})")
+                assert torch.count_nonzero(value).item() == 0, (case.id, name, value[value != 0][:5].tolist())
             if cpu_inputs.target is not None and case.present[1]:
                 valid = (cpu_inputs.target != case.ignore_index).to(got["tcp"].device)
                 assert bool((got["tcp"][valid] == 1).all()), (case.id, "tcp")
-    if residues:
-        pytest.xfail(f"the cpu kernel leaves rounding residues at C = 1, not 0, in {len(residues)} outputs, "
-                     f"e.g. {residues[0]}")
 
 
 @pytest.mark.parametrize("topk", [False, True], ids=["dense", "topk"])

@@ -187,11 +187,14 @@ struct RunningStats {
   acc_t shift() const { return max == kNegInf<acc_t> ? acc_t(0) : max; }
 };
 
-// KL(softmax(x/T) || softmax(s/T)) from the running statistics of x and s.
+// KL(softmax(x/T) || softmax(s/T)) from the running statistics of x and s, as
+// [sum_c p_c (x_c - s_c) - (max_x - max_s)] / T + log(soft_s) - log(soft_x): the
+// difference of maxima is taken before any scaling, so that a row with one class
+// (sums exactly 1, cross = x - s = max_x - max_s) gives exactly 0, fused
+// multiply-adds or not, as the CUDA kernel does.
 template <typename acc_t>
-inline acc_t softened_kl(const RunningStats<acc_t>& x, const RunningStats<acc_t>& s, acc_t temperature,
-                         acc_t inv_temperature) {
-  return x.cross / (temperature * x.soft) - (x.max - s.max) * inv_temperature + std::log(s.soft) - std::log(x.soft);
+inline acc_t softened_kl(const RunningStats<acc_t>& x, const RunningStats<acc_t>& s, acc_t inv_temperature) {
+  return (x.cross / x.soft - (x.max - s.max)) * inv_temperature + (std::log(s.soft) - std::log(x.soft));
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

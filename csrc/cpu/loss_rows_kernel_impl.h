@@ -68,14 +68,13 @@ class RowKernel {
   };
 
   // Everything pass 2 needs: the shifts and normalisers of each softmax and the
-  // gradient's coefficient of each (SPEC.md section 2).
+  // gradient's coefficient of each difference of softmaxes (SPEC.md section 2).
   struct Coefficients {
     acc_t s_shift = 0, t_shift = 0, r_shift = 0;
     acc_t inv_s_one = 0, inv_s_soft = 0, inv_t_soft = 0, inv_r_soft = 0;
-    acc_t ce = 0;       // ce_weight, on softmax(s) - onehot(y)
-    acc_t student = 0;  // T*(kd_weight + ref_weight*w), on softmax(s/T)
-    acc_t teacher = 0;  // T*kd_weight, on softmax(t/T)
-    acc_t reference = 0;  // T*ref_weight*w, on softmax(r/T)
+    acc_t ce = 0;         // ce_weight, on softmax(s) - onehot(y)
+    acc_t teacher = 0;    // T*kd_weight, on softmax(s/T) - softmax(t/T)
+    acc_t reference = 0;  // T*ref_weight*w, on softmax(s/T) - softmax(r/T)
     int64_t target = 0;
   };
 
@@ -110,14 +109,14 @@ class RowKernel {
       ce = (stats.student.max - s_y) + std::log(stats.student.one);
     }
     if constexpr (Has::teacher) {
-      kd = T * T * softened_kl(stats.teacher, stats.student, T, inv_temperature_);
+      kd = T * T * softened_kl(stats.teacher, stats.student, inv_temperature_);
       if constexpr (Has::target) {
         const acc_t t_y = value_at<scalar_t, acc_t>(args_.teacher, row, target);
         tcp = std::exp(t_y - stats.teacher.max) / stats.teacher.one;
       }
     }
     const acc_t weight = reference_weight(args_.weighting, Has::teacher && Has::target, tcp);
-    if constexpr (Has::reference) ref = T * T * weight * softened_kl(stats.reference, stats.student, T, inv_temperature_);
+    if constexpr (Has::reference) ref = T * T * weight * softened_kl(stats.reference, stats.student, inv_temperature_);
 
     write_row_outputs(args_, row, ce, kd, ref, tcp, weight);
 
@@ -136,7 +135,6 @@ class RowKernel {
     c.ce = Has::target ? ce_weight : acc_t(0);
     c.teacher = Has::teacher ? T * kd_weight : acc_t(0);
     c.reference = Has::reference ? T * ref_weight * weight : acc_t(0);
-    c.student = c.teacher + c.reference;
     c.target = target;
     return c;
   }
@@ -207,7 +205,10 @@ class RowKernel {
     stats.reference.cross += hsum(r_cross);
   }
 
-  // Pass 2 over one block: the gradient of the row's loss with respect to s.
+  // Pass 2 over one block: the gradient of the row's loss with respect to s, each
+  // term a coefficient times a difference of probabilities (softmax(s/T) - softmax(t/T),
+  // not T*(kd_weight + ref_weight*w) softmax(s/T) - ...): equal probabilities, as
+  // with one class, then give exactly 0.
   void write_grad_block(const Blocks& x, int64_t begin, int64_t n, const Coefficients& c,
                         scalar_t* row_grad, acc_t* grad_buffer) const {
     constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
@@ -215,7 +216,7 @@ class RowKernel {
     const Vec inv_t(inv_temperature_);
     const Vec s_shift(c.s_shift), t_shift(c.t_shift), r_shift(c.r_shift);
     const Vec inv_s_one(c.inv_s_one), inv_s_soft(c.inv_s_soft), inv_t_soft(c.inv_t_soft), inv_r_soft(c.inv_r_soft);
-    const Vec ce_coef(c.ce), s_coef(c.student), t_coef(c.teacher), r_coef(c.reference);
+    const Vec ce_coef(c.ce), t_coef(c.teacher), r_coef(c.reference);
     const bool with_ce = Has::target && c.ce != 0;
     const int k = integer_power_;
     for (int64_t i = 0; i < n; i += Vec::size()) {
@@ -223,21 +224,23 @@ class RowKernel {
       const Vec ds = s - s_shift;
       Vec g(acc_t(0));
       Vec us(acc_t(0));  // exp((s - max)/T), unnormalised
+      Vec q(acc_t(0));   // softmax(s/T)
       if constexpr (Has::soft_student) {
         us = vexp(ds * inv_t);
-        g = s_coef * (us * inv_s_soft);
+        q = us * inv_s_soft;
+      }
+      if constexpr (Has::teacher) {
+        const Vec t = load_padded(x.teacher + i, n - i);
+        g = t_coef * (q - vexp((t - t_shift) * inv_t) * inv_t_soft);
+      }
+      if constexpr (Has::reference) {
+        const Vec r = load_padded(x.reference + i, n - i);
+        const Vec difference = q - vexp((r - r_shift) * inv_t) * inv_r_soft;
+        g = Has::teacher ? at::vec::fmadd(r_coef, difference, g) : r_coef * difference;
       }
       if (with_ce) {
         const Vec p = (Has::soft_student && k) ? vpow(us, k) * inv_s_one : vexp(ds) * inv_s_one;
         g = at::vec::fmadd(ce_coef, p, g);
-      }
-      if constexpr (Has::teacher) {
-        const Vec t = load_padded(x.teacher + i, n - i);
-        g = g - t_coef * (vexp((t - t_shift) * inv_t) * inv_t_soft);
-      }
-      if constexpr (Has::reference) {
-        const Vec r = load_padded(x.reference + i, n - i);
-        g = g - r_coef * (vexp((r - r_shift) * inv_t) * inv_r_soft);
       }
       g.store(out + i, static_cast<int>(std::min<int64_t>(n - i, Vec::size())));
     }

@@ -12,8 +12,10 @@
 //           with q_rest = R / sum u;
 //   pass 2, when the gradient is wanted: dKD/ds_j = T (q_j M - p~_j) with M the
 //           teacher's total mass and p~_j = p_rest u_j / R on the rest, i.e. u_j
-//           times a coefficient that depends only on whether j is kept, then
-//           -T p_c patched onto each kept class; plus the dense CE and reference terms.
+//           times one coefficient on every column not kept (vectorised, with the
+//           dense CE and reference terms), then each kept class rewritten from
+//           differences of probabilities, T (q_c M - p_c) + ... (scalar, k per row):
+//           equal probabilities, as with one class, then give exactly 0.
 // Per thread: blocks of kBlock values for converted or strided inputs, the staged
 // gradient and the kept mask of the current block.
 #pragma once
@@ -58,12 +60,12 @@ class TopKRowKernel {
   };
 
   struct Coefficients {
-    acc_t s_shift = 0, r_shift = 0, inv_s_one = 0, inv_r_soft = 0;
+    acc_t s_shift = 0, r_shift = 0, inv_s_one = 0, inv_s_soft = 0, inv_r_soft = 0;
     acc_t ce = 0;         // ce_weight, on softmax(s) - onehot(y)
-    acc_t kept = 0;       // on u_j of a kept class: (T kd_weight M + T ref_weight w) / sum u
-    acc_t rest = 0;       // on u_j of the rest: kept - T kd_weight p_rest / R
-    acc_t teacher = 0;    // T kd_weight, on each kept p_c (subtracted)
-    acc_t reference = 0;  // T ref_weight w, on softmax(r/T) (subtracted)
+    acc_t mass = 0;       // M, the teacher's total mass: kept mass + p_rest
+    acc_t rest = 0;       // on u_j of a class not kept: (T kd_weight M + T ref_weight w) / sum u - T kd_weight p_rest / R
+    acc_t teacher = 0;    // T kd_weight, on q_c M - p_c of a kept class
+    acc_t reference = 0;  // T ref_weight w, on softmax(s/T) - softmax(r/T)
     int64_t target = 0;
   };
 
@@ -116,7 +118,7 @@ class TopKRowKernel {
 
     const acc_t weight = reference_weight(args_.weighting, kTarget, tcp);
     acc_t ref = 0;
-    if constexpr (kReference) ref = T * T * weight * softened_kl(stats.reference, stats.student, T, inv_temperature_);
+    if constexpr (kReference) ref = T * T * weight * softened_kl(stats.reference, stats.student, inv_temperature_);
 
     write_row_outputs(args_, row, ce, kd, ref, tcp, weight);
 
@@ -128,12 +130,14 @@ class TopKRowKernel {
     c.s_shift = stats.student.shift();
     c.r_shift = stats.reference.shift();
     c.inv_s_one = acc_t(1) / stats.student.one;
+    c.inv_s_soft = acc_t(1) / stats.student.soft;
     c.inv_r_soft = acc_t(1) / stats.reference.soft;
     c.ce = kTarget ? ce_weight : acc_t(0);
     c.teacher = T * kd_weight;
     c.reference = kReference ? T * ref_weight * weight : acc_t(0);
-    c.kept = (c.teacher * (kept_mass + p_rest) + c.reference) / stats.student.soft;
-    c.rest = p_rest > 0 ? c.kept - c.teacher * p_rest / stats.rest.soft : c.kept;
+    c.mass = kept_mass + p_rest;
+    const acc_t on_any = (c.teacher * c.mass + c.reference) / stats.student.soft;
+    c.rest = p_rest > 0 ? on_any - c.teacher * p_rest / stats.rest.soft : on_any;
     c.target = target;
     return c;
   }
@@ -158,15 +162,17 @@ class TopKRowKernel {
   struct TeacherRow {
     const int64_t* index;
     const acc_t* value;
-    acc_t lse_t, inv_temperature;
-    acc_t log_p(int64_t c) const { return value[c] * inv_temperature - lse_t; }
+    acc_t lse_t, temperature;
+    // v_c/T as the log-sum-exp lse_t was formed from (topk.py divides by T), so that
+    // a row whose one kept class is all of its mass has log p = 0, p = 1 exactly.
+    acc_t log_p(int64_t c) const { return value[c] / temperature - lse_t; }
   };
 
   acc_t teacher_value(const void* values, int64_t row) const { return static_cast<const acc_t*>(values)[row]; }
 
   TeacherRow teacher_row(int64_t row) const {
     return {teacher_.sorted_indices + row * teacher_.k, static_cast<const acc_t*>(teacher_.sorted_values) + row * teacher_.k,
-            teacher_value(teacher_.log_sum_exp_at_temperature, row), inv_temperature_};
+            teacher_value(teacher_.log_sum_exp_at_temperature, row), temperature_};
   }
 
   // Calls visit(blocks, block, n, first, last) for each block of columns [begin, end)
@@ -221,20 +227,21 @@ class TopKRowKernel {
     stats.reference.cross += hsum(r_cross);
   }
 
-  // Pass 2 over one block; kept classes [first, last) of the row lie in it.
+  // Pass 2 over one block; kept classes [first, last) of the row lie in it. Every
+  // column as if not kept first, then the kept ones rewritten.
   void write_grad_block(const Blocks& x, int64_t begin, int64_t n, int64_t first, int64_t last,
                         const TeacherRow& kept, const Coefficients& c, scalar_t* row_grad, Scratch& scratch) const {
     constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
     acc_t* out = direct ? reinterpret_cast<acc_t*>(row_grad + begin) : scratch.grad;
-    const Vec inv_t(inv_temperature_), zero(acc_t(0));
+    const Vec inv_t(inv_temperature_);
     const Vec s_shift(c.s_shift), r_shift(c.r_shift), inv_s_one(c.inv_s_one), inv_r_soft(c.inv_r_soft);
-    const Vec ce_coef(c.ce), kept_coef(c.kept), rest_coef(c.rest), r_coef(c.reference);
+    const Vec ce_coef(c.ce), rest_coef(c.rest), r_coef(c.reference);
     const bool with_ce = kTarget && c.ce != 0;
     for (int64_t i = 0; i < n; i += Vec::size()) {
       const Vec s = load_padded(x.student + i, n - i);
       const Vec ds = s - s_shift;
       const Vec us = vexp(ds * inv_t);
-      Vec g = us * Vec::blendv(rest_coef, kept_coef, Vec::loadu(scratch.kept + i) != zero);
+      Vec g = us * rest_coef;
       if (with_ce) {
         const Vec p = integer_power_ ? vpow(us, integer_power_) * inv_s_one : vexp(ds) * inv_s_one;
         g = at::vec::fmadd(ce_coef, p, g);
@@ -245,9 +252,25 @@ class TopKRowKernel {
       }
       g.store(out + i, static_cast<int>(std::min<int64_t>(n - i, Vec::size())));
     }
-    for (int64_t k = first; k < last; ++k) out[kept.index[k] - begin] -= c.teacher * std::exp(kept.log_p(k));
     if (kTarget && c.target >= begin && c.target < begin + n) out[c.target - begin] -= c.ce;
+    for (int64_t k = first; k < last; ++k) {
+      const int64_t j = kept.index[k] - begin;
+      out[j] = kept_grad(x, j, std::exp(kept.log_p(k)), kTarget && kept.index[k] == c.target, c);
+    }
     if constexpr (!direct) at::vec::convert(scratch.grad, row_grad + begin, n);
+  }
+
+  // The gradient at column j of a block, a kept class of probability p:
+  // T kd_weight (q_j M - p) + ce_weight (softmax(s)_j - [j = y]) + T ref_weight w (q_j - softmax(r/T)_j).
+  acc_t kept_grad(const Blocks& x, int64_t j, acc_t p, bool is_target, const Coefficients& c) const {
+    const acc_t ds = x.student[j] - c.s_shift;
+    const acc_t q = std::exp(ds * inv_temperature_) * c.inv_s_soft;
+    acc_t g = c.teacher * (q * c.mass - p);
+    if (kTarget && c.ce != 0) g += c.ce * (std::exp(ds) * c.inv_s_one - (is_target ? acc_t(1) : acc_t(0)));
+    if constexpr (kReference) {
+      g += c.reference * (q - std::exp((x.reference[j] - c.r_shift) * inv_temperature_) * c.inv_r_soft);
+    }
+    return g;
   }
 
   const LossRowsArgs& args_;

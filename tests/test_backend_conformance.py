@@ -187,7 +187,7 @@ def test_topk_teacher_matches_reference(backend, case):
     assert_conforms(backend, case)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_class_gives_exact_zeros(backend, dtype):
     """C = 1: softmax is exactly 1, so every loss term and the gradient are exactly 0 (and the teacher's

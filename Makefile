@@ -10,6 +10,8 @@ CMAKE_BUILD := build/cmake
 # A second compiler on every run (Debian packages: clang, libomp-dev for its -fopenmp).
 CLANG_BUILD := build/clang
 CLANG_TESTS := tests/test_cpu_backend.py tests/test_cpu_topk.py tests/test_isa_objects.py
+# ... and the conformance suite's cpu cases (the triton interpreter runs do not depend on the compiler).
+CLANG_CONFORMANCE := tests/test_backend_conformance.py -k "cpu and not interpreter"
 # The CMake build compiles the CUDA library and its standalone tests wherever nvcc is.
 CMAKE_ARGS ?= $(if $(wildcard $(CUDA_HOME)/bin/nvcc),-DSMSKD_FAST_CUDA=ON,)
 
@@ -69,6 +71,8 @@ test-clang: venv clang-toolchain
 	  "import smskd_fast._C as c, os; assert os.getcwd() in c.__file__, c.__file__; print(c.__file__)"
 	cd $(CLANG_BUILD)/lib && PYTHONPATH=$(abspath $(CLANG_BUILD)/lib) SMSKD_FAST_BUILD_TEMP=$(abspath $(CLANG_BUILD)/temp) \
 	  $(PY) -m pytest $(addprefix $(CURDIR)/,$(CLANG_TESTS)) -q -x -p no:cacheprovider
+	cd $(CLANG_BUILD)/lib && PYTHONPATH=$(abspath $(CLANG_BUILD)/lib) \
+	  $(PY) -m pytest $(CURDIR)/$(CLANG_CONFORMANCE) -q -x -p no:cacheprovider
 
 bench: build
 	$(PY) -m smskd_fast bench

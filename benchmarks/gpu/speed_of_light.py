@@ -48,6 +48,11 @@ def floor_bytes(impl: str, n: int, c: int, dtype: torch.dtype) -> int:
     return n * c * streams * torch.empty((), dtype=dtype).element_size()
 
 
+def copy_share(impl: str, n: int, c: int, dtype: str, ms: float, copy_gbps: float) -> float:
+    """The fraction of the copy bandwidth that moving the floor bytes in ms milliseconds takes."""
+    return floor_bytes(impl, n, c, getattr(torch, dtype)) / (ms * 1e-3) / 1e9 / copy_gbps
+
+
 def row_key(row: Dict) -> Tuple[str, int, int]:
     return row["dtype"], row["N"], row["C"]
 
@@ -66,7 +71,7 @@ def missed_targets(rows: Sequence[Dict], copy_gbps: float) -> List[str]:
             if ms is None:
                 continue
             backend = impl.split("_")[0]
-            share = floor_bytes(impl, n, c, getattr(torch, dtype)) / (ms * 1e-3) / 1e9 / copy_gbps
+            share = copy_share(impl, n, c, dtype, ms, copy_gbps)
             if c >= COPY_TARGET_MIN_CLASSES and share < COPY_SHARE_TARGET[backend]:
                 missed.append(f"{shape} {impl}: {100 * share:.0f}% of copy < {100 * COPY_SHARE_TARGET[backend]:.0f}%")
             for baseline, target in (("compiled", OVER_COMPILED_TARGET), ("liger", OVER_LIGER_TARGET)):
@@ -95,7 +100,7 @@ def table(rows: Sequence[Dict], copy_gbps: float) -> str:
             ms = row["ms"]
             parts = []
             if copy_gbps == copy_gbps:  # NaN in a dry run: no copy bandwidth on the CPU
-                share = floor_bytes(impl, n, c, getattr(torch, dtype)) / (ms * 1e-3) / 1e9 / copy_gbps
+                share = copy_share(impl, n, c, dtype, ms, copy_gbps)
                 parts.append(f"{100 * share:.0f}%")
             for baseline, label in (("compiled", "compile"), ("liger", "Liger")):
                 if impls.get(baseline, {}).get("ms"):

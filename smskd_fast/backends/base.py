@@ -36,7 +36,11 @@ class RowInputs:
 
     The teacher comes either as dense logits or, from a top-k logit cache, as
     teacher_topk (see smskd_fast/backends/topk.py); only backends whose supports_topk is
-    True are given the latter.
+    True are given the latter. grad_scale is the factor that the caller's reduction
+    will multiply every row's loss by (the mean's 1/n, a 0-d tensor in the
+    accumulation dtype on the student's device), or None: backends that write the
+    gradient in forward may fold it in (ops/schema.py, GRAD_SCALE); the per-row
+    values are never scaled.
     """
 
     student: torch.Tensor
@@ -44,6 +48,7 @@ class RowInputs:
     teacher: Optional[torch.Tensor]
     reference: Optional[torch.Tensor]
     teacher_topk: Optional["TopKTeacher"] = None
+    grad_scale: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)

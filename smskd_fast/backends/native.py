@@ -24,25 +24,25 @@ def needs_student_grad(student: torch.Tensor) -> bool:
 class GradientInStudent(torch.autograd.Function):
     """smskd_loss_rows_inplace_ under autograd: the forward writes d loss_i / d s_i over s.
 
-    The student's own storage holds the row gradients until backward scales them
-    in place by grad_output, so no N x C buffer is allocated at any point. The
+    The student's own storage holds the row gradients (times grad_scale) until
+    backward scales them in place by grad_output / grad_scale, so no N x C buffer is allocated at any point. The
     write bumps the student's version counter: autograd then refuses, rather
     than silently misuses, any saved use of the overwritten logits.
     """
 
     @staticmethod
-    def forward(ctx, student, target, teacher, reference, options: LossOptions):
+    def forward(ctx, student, target, teacher, reference, grad_scale, options: LossOptions):
         storage = student.detach()
         outputs = torch.ops.smskd_fast.smskd_loss_rows_inplace_(
-            storage, target, teacher, reference, *schema.scalar_arguments(options)
+            storage, target, teacher, reference, *schema.scalar_arguments(options), grad_scale
         )
-        ctx.save_for_backward(storage)
+        ctx.save_for_backward(storage, grad_scale)
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_grads):
-        return ops.scale_gradient_in_student_once(ctx, grad_loss), None, None, None, None
+        return ops.scale_gradient_in_student_once(ctx, grad_loss), None, None, None, None, None
 
 
 def can_overwrite_student(student: torch.Tensor, device_type: str) -> bool:
@@ -101,11 +101,12 @@ class CompiledOpBackend:
         if inputs.teacher_topk is not None:
             return self._topk_rows(inputs, options)
         if options.overwrite_student_logits and can_overwrite_student(inputs.student, self.device_type):
-            outputs = GradientInStudent.apply(inputs.student, inputs.target, inputs.teacher, inputs.reference, options)
+            outputs = GradientInStudent.apply(inputs.student, inputs.target, inputs.teacher, inputs.reference,
+                                              inputs.grad_scale, options)
         else:
             outputs = torch.ops.smskd_fast.smskd_loss_rows(
                 inputs.student, inputs.target, inputs.teacher, inputs.reference,
-                *schema.scalar_arguments(options), needs_student_grad(inputs.student),
+                *schema.scalar_arguments(options), needs_student_grad(inputs.student), inputs.grad_scale,
             )
         return schema.row_outputs(outputs)
 
@@ -114,6 +115,6 @@ class CompiledOpBackend:
         outputs = torch.ops.smskd_fast.smskd_loss_rows_topk(
             inputs.student, inputs.target, teacher.values, teacher.indices, teacher.true_logit,
             teacher.log_sum_exp, teacher.log_sum_exp_at_temperature, inputs.reference,
-            *schema.scalar_arguments(options), needs_student_grad(inputs.student),
+            *schema.scalar_arguments(options), needs_student_grad(inputs.student), inputs.grad_scale,
         )
         return schema.row_outputs(outputs)

@@ -6,6 +6,7 @@ rows to the chosen backend and applies the reduction. Backends only ever see
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -15,6 +16,7 @@ from smskd_fast.loss import validation
 from smskd_fast.backends import resolve_backend
 from smskd_fast.backends.base import LossOptions, RowInputs, RowOutputs
 from smskd_fast.backends.topk import TopKTeacher
+from smskd_fast.ops.schema import accumulation_dtype
 
 __all__ = ["SMSKDLossOutput", "smskd_loss", "kd_loss", "true_class_probability"]
 
@@ -40,17 +42,26 @@ def _rows(logits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if logits is None else logits.reshape(-1, logits.shape[-1])
 
 
-def _reduce(values: torch.Tensor, valid_rows: Union[torch.Tensor, int], reduction: str,
+def _reduce(values: torch.Tensor, mean_scale: Optional[torch.Tensor], reduction: str,
             leading: tuple) -> torch.Tensor:
-    """Mean over valid rows (0 when there are none), sum, or per row."""
+    """Per row, sum, or mean: the sum times mean_scale (1 / the number of valid rows)."""
     if reduction == "none":
         return values.reshape(leading)
     total = values.sum()
-    if reduction == "sum":
-        return total
+    return total if reduction == "sum" else total * mean_scale
+
+
+def _mean_scale(valid_rows: Union[torch.Tensor, int], student: torch.Tensor) -> torch.Tensor:
+    """1 / max(valid_rows, 1) as a 0-d tensor in the accumulation dtype on the student's device.
+
+    "mean" multiplies the sum by it, and the backends fold the same tensor into the
+    gradient they write (RowInputs.grad_scale), so that backward has no N x C pass
+    left when grad_output is 1. A count on the device stays there (no synchronisation).
+    """
+    acc = accumulation_dtype(student.dtype)
     if isinstance(valid_rows, int):
-        return total / max(valid_rows, 1)
-    return total / valid_rows.clamp(min=1).to(values.dtype)
+        return torch.full((), 1.0 / max(valid_rows, 1), dtype=acc, device=student.device)
+    return torch.reciprocal(valid_rows.clamp(min=1).to(acc))
 
 
 def _run(
@@ -61,6 +72,7 @@ def _run(
     options: LossOptions,
     backend: str,
     teacher_topk: Optional[TopKTeacher] = None,
+    grad_scale: Optional[torch.Tensor] = None,
 ) -> RowOutputs:
     inputs = RowInputs(
         student=_rows(student_logits),
@@ -68,6 +80,7 @@ def _run(
         teacher=_rows(teacher_logits),
         reference=_rows(reference_logits),
         teacher_topk=None if teacher_topk is None else teacher_topk.rows(),
+        grad_scale=grad_scale,
     )
     chosen = resolve_backend(backend, student_logits.device, student_logits.dtype, student_logits.shape[-1],
                              topk=teacher_topk is not None)
@@ -117,15 +130,16 @@ def smskd_loss(
                                        reference_logits)
     options = LossOptions(float(temperature), float(ce_weight), float(kd_weight), float(ref_weight),
                           weighting, int(ignore_index), bool(overwrite_student_logits))
-    rows = _run(student_logits, target, teacher_logits, reference_logits, options, backend, teacher_topk)
+    mean_scale = _mean_scale((target != ignore_index).sum(), student_logits) if reduction == "mean" else None
+    rows = _run(student_logits, target, teacher_logits, reference_logits, options, backend, teacher_topk,
+                grad_scale=mean_scale)
 
     leading = tuple(target.shape)
-    valid_rows = (target != ignore_index).sum()
     return SMSKDLossOutput(
-        loss=_reduce(rows.loss, valid_rows, reduction, leading),
-        ce=_reduce(rows.ce, valid_rows, reduction, leading),
-        kd=_reduce(rows.kd, valid_rows, reduction, leading),
-        ref=_reduce(rows.ref, valid_rows, reduction, leading),
+        loss=_reduce(rows.loss, mean_scale, reduction, leading),
+        ce=_reduce(rows.ce, mean_scale, reduction, leading),
+        kd=_reduce(rows.kd, mean_scale, reduction, leading),
+        ref=_reduce(rows.ref, mean_scale, reduction, leading),
         tcp=rows.tcp.reshape(leading),
         weight=rows.weight.reshape(leading),
     )
@@ -152,9 +166,10 @@ def kd_loss(
     validation.check_options(temperature, reduction, "constant", {})
     options = LossOptions(float(temperature), ce_weight=0.0, kd_weight=1.0, ref_weight=0.0,
                           weighting="constant", overwrite_student_logits=bool(overwrite_student_logits))
-    rows = _run(student_logits, None, teacher_logits, None, options, backend)
     leading = tuple(student_logits.shape[:-1])
-    return _reduce(rows.loss, rows.loss.shape[0], reduction, leading)
+    mean_scale = _mean_scale(math.prod(leading), student_logits) if reduction == "mean" else None
+    rows = _run(student_logits, None, teacher_logits, None, options, backend, grad_scale=mean_scale)
+    return _reduce(rows.loss, mean_scale, reduction, leading)
 
 
 @torch.no_grad()

@@ -117,11 +117,15 @@ class _Head:
 
 def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.Tensor,
                 options: LossOptions, backend: str, chunk_size: int,
-                row_scale: Optional[torch.Tensor], need: Tuple[bool, bool, bool]):
+                row_scale: Optional[torch.Tensor], need: Tuple[bool, bool, bool],
+                grad_scale: Optional[torch.Tensor] = None):
     """Per-row loss terms over all chunks; with row_scale, also the scaled parameter gradients.
 
     row_scale (N,) multiplies each row's gradient (1/n_valid for "mean", 1 for
-    "sum", grad_output for "none"). need says which of (hidden, weight, bias)
+    "sum", grad_output for "none"); grad_scale, the 0-d value that row_scale holds
+    on every valid row ("mean"), is folded into the kernels' gradient
+    (RowInputs.grad_scale), so that the logits' gradient needs no pass of its own
+    to apply row_scale. need says which of (hidden, weight, bias)
     gradients to accumulate: hidden and weight in their dtype (module docstring), bias in
     float32 (float64 for float64).
     """
@@ -149,7 +153,7 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
         with torch.enable_grad():
             logits.requires_grad_(row_scale is not None)
             inputs = RowInputs(logits, target[start:end], teacher_logits, reference_logits,
-                               teacher_topk=teacher.chunk_topk(start, end))
+                               teacher_topk=teacher.chunk_topk(start, end), grad_scale=grad_scale)
             rows = chosen.rows(inputs, options)
             if row_scale is not None:
                 (grad_logits,) = torch.autograd.grad(rows.loss, logits, grad_outputs=row_scale[start:end])
@@ -187,13 +191,15 @@ class _FusedLinearSMSKD(torch.autograd.Function):
         valid = target != options.ignore_index
         student = _Head(hidden, weight, bias)
         grads = any(need) and reduction != "none"
-        row_scale = None
+        row_scale = mean_scale = None
         if grads:
-            row_scale = valid.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+            acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+            row_scale = valid.to(acc)
             if reduction == "mean":
-                row_scale = row_scale / valid.sum().clamp(min=1)
+                mean_scale = torch.reciprocal(valid.sum().clamp(min=1).to(acc))
+                row_scale = row_scale * mean_scale
         per_row, grad_hidden, grad_weight, grad_bias = _chunk_pass(
-            student, teacher, reference, target, options, backend, chunk_size, row_scale, need)
+            student, teacher, reference, target, options, backend, chunk_size, row_scale, need, mean_scale)
         ctx.reduction, ctx.need, ctx.row_scale = reduction, need, row_scale
         ctx.replay = (student, teacher, reference, target, options, backend, chunk_size)
         ctx.grads = (grad_hidden, grad_weight, grad_bias) if grads else None

@@ -4,9 +4,11 @@ The schema (stated in smskd_fast/ops/schema.py, registered by csrc/ops.cpp) and 
 device kernels are C++ (csrc/); here we add what
 torch.compile needs (a fake implementation that only computes shapes) and the
 autograd formula. The kernel writes the gradient of each row's loss during the
-forward pass ("backward in forward"), so backward only scales it by grad_output,
-in place when the graph is not retained: the op's grad output is then consumed by
-backward (the public API never exposes it).
+forward pass ("backward in forward"), times the op's grad_scale (the mean's 1/n),
+so backward only scales it by grad_output / grad_scale, in place when the graph is
+not retained: the op's grad output is then consumed by backward (the public API
+never exposes it). For a mean loss with grad_output = 1 that factor is exactly 1
+and backward touches no row (ops/scale_rows.py).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 
 from smskd_fast.ops import schema
 from smskd_fast.ops.extension import extension_loaded
+from smskd_fast.ops.scale_rows import scale_rows_
 
 OP_NAME = schema.DENSE.qualified_name
 TOPK_OP_NAME = schema.TOPK.qualified_name  # the teacher in top-k form (smskd_fast/backends/topk.py)
@@ -22,12 +25,12 @@ INPLACE_OP_NAME = schema.INPLACE.qualified_name
 
 
 def setup_context(ctx, inputs, output) -> None:
-    """Saves the op's grad output (its last), for the functional ops whose last argument is compute_grad."""
-    ctx.compute_grad = inputs[-1]
+    """Saves the op's grad output (its last) and grad_scale, for the functional ops (..., compute_grad, grad_scale)."""
+    ctx.compute_grad = inputs[-2]
     # Only the loss output has a gradient; without this, autograd would hand
     # backward a materialised N x C zero tensor for the unused grad output.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(output[-1])
+    ctx.save_for_backward(output[-1], inputs[-1])
 
 
 def _last_use_of_saved_tensors(saved: torch.Tensor) -> bool:
@@ -41,8 +44,8 @@ def _last_use_of_saved_tensors(saved: torch.Tensor) -> bool:
 
 def backward_of(op: schema.OpSchema):
     """The autograd formula of a functional op (schema.DENSE, schema.TOPK or their Triton renamings)."""
-    if op.arguments[0].name != "student" or op.arguments[-1] != schema.COMPUTE_GRAD:
-        raise ValueError(f"{op.name} is not a functional loss op (student first, compute_grad last)")
+    if op.arguments[0].name != "student" or op.arguments[-2:] != (schema.COMPUTE_GRAD, schema.GRAD_SCALE):
+        raise ValueError(f"{op.name} is not a functional loss op (student first, compute_grad and grad_scale last)")
 
     def backward(ctx, grad_loss, *unused_grads):
         return _student_gradient(ctx, grad_loss, op.num_arguments)
@@ -59,23 +62,33 @@ def _student_gradient(ctx, grad_loss, num_inputs: int):
             "smskd_loss_rows was called with compute_grad=False, so it has no gradient; "
             "call it with compute_grad=True when the student logits require grad"
         )
-    (row_grad,) = ctx.saved_tensors
-    # grad_loss stays in its own (fp32) dtype: the product is formed in fp32 and rounded
-    # once to the gradient's dtype; rounding grad_loss to bf16 first would add a third
-    # rounding (tests/tolerances.py, scaled_grad_rtol).
-    scale = grad_loss.unsqueeze(-1)
+    row_grad, grad_scale = ctx.saved_tensors
+    factor = row_factor(grad_loss, grad_scale)
     # When nothing reads row_grad after this backward (it is the op's own buffer),
-    # scale it in place: the gradient then costs one N x C buffer instead of two.
+    # scale it in place: the gradient then costs one N x C buffer instead of two,
+    # and rows whose factor is 1 are not touched at all.
     in_place = _last_use_of_saved_tensors(row_grad)
-    grad_student = row_grad.mul_(scale) if in_place else (row_grad * scale).to(row_grad.dtype)
+    grad_student = scale_rows_(row_grad, factor) if in_place else (row_grad * factor.unsqueeze(-1)).to(row_grad.dtype)
     return (grad_student,) + (None,) * (num_inputs - 1)
+
+
+def row_factor(grad_loss: torch.Tensor, grad_scale) -> torch.Tensor:
+    """What each saved gradient row still needs: grad_output of the row over the op's grad_scale.
+
+    Stays in grad_loss's own (fp32) dtype: the product with the gradient is formed in
+    fp32 and rounded once to the gradient's dtype; rounding it to bf16 first would add
+    a rounding (tests/tolerances.py, scaled_grad_rtol). A mean loss's grad_loss is
+    grad_output * grad_scale, so with grad_output = 1 the quotient is exactly 1.
+    """
+    return grad_loss if grad_scale is None else grad_loss / grad_scale
 
 
 def scale_gradient_in_student_once(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
     """Backward when the kernel wrote d loss / d logits into the logits' own memory.
 
-    The one saved buffer is scaled in place by grad_output, so backward can run only
-    once; the overwrite_student_logits paths of every backend share this.
+    The one saved buffer (and the op's grad_scale, saved after it) is scaled in place
+    by grad_output / grad_scale, so backward can run only once; the
+    overwrite_student_logits paths of every backend share this.
     """
     if getattr(ctx, "backward_done", False):
         raise RuntimeError(
@@ -84,8 +97,8 @@ def scale_gradient_in_student_once(ctx, grad_loss: torch.Tensor) -> torch.Tensor
             "retain_graph or without the option"
         )
     ctx.backward_done = True
-    (grad,) = ctx.saved_tensors
-    return grad.mul_(grad_loss.unsqueeze(-1))  # in grad_loss's dtype, one rounding (as _student_gradient)
+    grad, grad_scale = ctx.saved_tensors
+    return scale_rows_(grad, row_factor(grad_loss, grad_scale))
 
 
 def register() -> None:

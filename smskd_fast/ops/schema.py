@@ -14,7 +14,7 @@ kernels/smskd_schema.h; tests/test_op_schema.py checks that the two agree.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -36,9 +36,10 @@ class Argument:
 
     name: str
     type: str
+    default: Optional[str] = None  # in the schema language ("None"); callers may then omit it
 
     def __str__(self) -> str:
-        return f"{self.type} {self.name}"
+        return f"{self.type} {self.name}" + ("" if self.default is None else f"={self.default}")
 
 
 _TENSOR_INPUTS = (Argument("student", "Tensor"), Argument("target", "Tensor?"))
@@ -54,6 +55,12 @@ SCALAR_ARGUMENTS: Tuple[Argument, ...] = (
     Argument("ref_weight", "float"), Argument("weighting", "str"), Argument("ignore_index", "int"),
 )
 COMPUTE_GRAD = Argument("compute_grad", "bool")
+# A 0-d tensor in the accumulation dtype on the student's device, or None (1): the
+# gradient written is grad_scale * d loss_i / d student_i, so that a reduction's
+# factor (the mean's 1/n) costs no pass of its own; backward divides it out of
+# grad_output and has nothing left to do when the two are equal (ops/registration.py).
+# Last, with a default, so that callers without it keep their positional arguments.
+GRAD_SCALE = Argument("grad_scale", "Tensor?", default="None")
 
 _CONVERT: Dict[str, Callable[[Any], Any]] = {"float": float, "int": int, "str": str, "bool": bool}
 
@@ -106,17 +113,17 @@ class OpSchema:
 
 
 DENSE = OpSchema(
-    "smskd_loss_rows", _TENSOR_INPUTS + _DENSE_TEACHER + SCALAR_ARGUMENTS + (COMPUTE_GRAD,),
+    "smskd_loss_rows", _TENSOR_INPUTS + _DENSE_TEACHER + SCALAR_ARGUMENTS + (COMPUTE_GRAD, GRAD_SCALE),
     PER_ROW_OUTPUTS + (GRAD_OUTPUT,),
 )
 TOPK = OpSchema(
-    "smskd_loss_rows_topk", _TENSOR_INPUTS + _TOPK_TEACHER + SCALAR_ARGUMENTS + (COMPUTE_GRAD,),
+    "smskd_loss_rows_topk", _TENSOR_INPUTS + _TOPK_TEACHER + SCALAR_ARGUMENTS + (COMPUTE_GRAD, GRAD_SCALE),
     PER_ROW_OUTPUTS + (GRAD_OUTPUT,),
 )
 # The student is overwritten by its gradient: Tensor(a!), and no grad output.
 INPLACE = OpSchema(
     "smskd_loss_rows_inplace_",
-    (Argument("student", "Tensor(a!)"),) + _TENSOR_INPUTS[1:] + _DENSE_TEACHER + SCALAR_ARGUMENTS,
+    (Argument("student", "Tensor(a!)"),) + _TENSOR_INPUTS[1:] + _DENSE_TEACHER + SCALAR_ARGUMENTS + (GRAD_SCALE,),
     PER_ROW_OUTPUTS,
 )
 COMPILED_OPS: Tuple[OpSchema, ...] = (DENSE, TOPK, INPLACE)

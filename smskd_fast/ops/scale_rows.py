@@ -1,0 +1,68 @@
+"""Backward's one N x C step: scaling the saved gradient rows in place, row i by factor[i].
+
+The kernels write the gradient already multiplied by the reduction's factor
+(the op's grad_scale), so for a mean loss differentiated with grad_output = 1
+every factor here is exactly 1 and the step should cost no memory traffic.
+Knowing that on the host would take a device synchronisation; instead, on CUDA
+a Triton kernel reads each row's factor on the device and reads and writes the
+row only when it is not 1 (a launch of programs that return at once, about the
+cost of a launch). On the CPU the check is an ordinary reduction over N values.
+Without Triton on CUDA, and for rows whose columns are not contiguous, it is a
+plain in-place multiply.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional; CUDA then scales every row with mul_
+    triton = None
+
+__all__ = ["scale_rows_"]
+
+_BLOCK_COLUMNS = 4096  # columns per program: a 32000-column bf16 row is 8 programs of 8 KB
+
+
+def scale_rows_(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """grad (N, C) *= factor (N,)[:, None] in place, leaving rows whose factor is exactly 1 unread; returns grad.
+
+    The product is formed in factor's dtype (fp32, or fp64 for fp64 logits) and
+    rounded once to grad's dtype, as grad.mul_(factor[:, None]) rounds it.
+    """
+    if grad.dim() != 2 or factor.shape != grad.shape[:1]:
+        raise ValueError(f"scale_rows_: grad must be (N, C) and factor (N,), got {tuple(grad.shape)} and "
+                         f"{tuple(factor.shape)}")
+    if grad.numel() == 0:
+        return grad
+    if grad.device.type == "cpu":
+        if not bool((factor == 1).all()):
+            grad.mul_(factor.unsqueeze(-1))
+        return grad
+    if triton is None or grad.device.type != "cuda" or grad.stride(-1) != 1:
+        return grad.mul_(factor.unsqueeze(-1))
+    launch_scale_rows(grad, factor.contiguous())
+    return grad
+
+
+def launch_scale_rows(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """Runs _scale_rows_kernel over (rows, column blocks); under TRITON_INTERPRET=1 it takes CPU tensors (tests)."""
+    rows, cols = grad.shape
+    grid = (rows, triton.cdiv(cols, _BLOCK_COLUMNS))
+    _scale_rows_kernel[grid](grad, factor, grad.stride(0), cols, BLOCK=_BLOCK_COLUMNS)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _scale_rows_kernel(grad_ptr, factor_ptr, row_stride, cols, BLOCK: tl.constexpr):
+        """One program per (row, block of columns): multiplies the block by the row's factor unless it is 1."""
+        row = tl.program_id(0)
+        factor = tl.load(factor_ptr + row)
+        if factor != 1.0:
+            columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+            inside = columns < cols
+            pointers = grad_ptr + row.to(tl.int64) * row_stride + columns
+            values = tl.load(pointers, mask=inside)
+            tl.store(pointers, (values.to(factor.dtype) * factor).to(values.dtype), mask=inside)

@@ -134,7 +134,6 @@ def copy_bandwidth(device: str) -> float:
     source = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     ms = do_bench(lambda: target.copy_(source), warmup=25, rep=200, return_mode="median")
-    del source, target
     return 2 * (1 << 30) / (ms * 1e-3) / 1e9
 
 

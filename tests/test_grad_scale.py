@@ -183,3 +183,51 @@ def test_scale_rows_leaves_rows_of_factor_one_alone_and_rounds_the_others_once(d
 def test_scale_rows_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match=r"grad must be \(N, C\) and factor \(N,\)"):
         scale_rows_(torch.zeros(3, 4), torch.ones(4))
+
+
+needs_cuda_op = pytest.mark.skipif(not smskd_fast.available_backends()["cuda"].available,
+                                   reason="needs a CUDA device and the CUDA build of smskd_fast._C")
+
+
+@needs_cuda_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("op", [dense_op, topk_op], ids=["dense", "topk"])
+def test_cuda_op_scales_the_gradient_and_nothing_else(dtype, op):
+    student, target, teacher, reference = (x.cuda() for x in rows(12, 300, dtype))
+    grad_scale = torch.tensor(1 / 3, device="cuda")
+    *plain_rows, plain_grad = op(student, target, teacher, reference)
+    *scaled_rows, grad = op(student, target, teacher, reference, grad_scale)
+    for name, plain, scaled in zip(PER_ROW_OUTPUTS, plain_rows, scaled_rows):
+        assert torch.equal(plain, scaled), f"{name} must not be scaled"
+    want = reference_grad(student.cpu(), target.cpu(), teacher.cpu(), reference.cpu(), topk=op is topk_op) / 3
+    _, grad_tol = backend_tolerance("cuda", dtype, temperature=OPTIONS.temperature, num_classes=300,
+                                    topk=op is topk_op, row_weights=True, max_abs_logit=12.0, weight_sum=3.0,
+                                    grad_scale=OPTIONS.ce_weight + OPTIONS.temperature * 2.2)
+    torch.testing.assert_close(grad.double().cpu(), want, **grad_tol)
+    with pytest.raises(ValueError, match="grad_scale must be on the student's device"):
+        op(student, target, teacher, reference, grad_scale.cpu())
+
+
+@needs_cuda_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("columns", [1, 5, 4097])
+def test_scale_rows_on_cuda_leaves_rows_of_factor_one_alone(dtype, columns):
+    storage = torch.randn(7, columns + 3, device="cuda").to(dtype)
+    grad = storage[:, :columns]  # rows with a stride larger than C, as the student's own storage may have
+    original = storage.clone()
+    factor = torch.ones(7, device="cuda")
+    factor[[1, 4]] = torch.tensor([0.3, -2.0], device="cuda")
+    scale_rows_(grad, factor)
+    want = original.clone()
+    want[:, :columns] = (original[:, :columns].float() * factor[:, None]).to(dtype)
+    assert torch.equal(storage, want)
+
+
+@needs_cuda_op
+def test_cuda_mean_backward_returns_the_forward_gradient_untouched():
+    student, target, teacher, reference = (x.cuda() for x in rows(16, 640, torch.bfloat16))
+    s = student.clone().requires_grad_(True)
+    smskd_fast.smskd_loss(s, target, teacher, reference, **vars(OPTIONS), backend="cuda").loss.backward()
+    valid = int((target != -100).sum())
+    *_, kernel_grad = dense_op(student, target, teacher, reference, torch.tensor(1.0 / valid, device="cuda"))
+    assert torch.equal(s.grad, kernel_grad)

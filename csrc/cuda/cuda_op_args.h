@@ -1,8 +1,8 @@
 // Argument helpers shared by the CUDA operators' wrappers (csrc/cuda/*.cpp):
 // the student and temperature checks, the kernels' dtype and weighting enums
 // from the operator's arguments (errors name the operator and the argument),
-// the per-row outputs and loss scalars of the kernels' argument structs, and
-// the checked launch on the current stream.
+// the per-row outputs and loss scalars of the kernels' argument structs, the
+// optional grad_scale, and the checked launch on the current stream.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -89,6 +89,23 @@ void set_outputs_and_scalars(KernelArgs& args, PerRowOutputs& per_row, double te
   args.kd_weight = static_cast<float>(kd_weight);
   args.ref_weight = static_cast<float>(ref_weight);
   args.ignore_index = ignore_index;
+}
+
+// The gradient's factor (schema GRAD_SCALE): a 0-d or one-element float32 tensor (the
+// accumulation dtype of the kernels' logits) on the student's device, whose address the
+// kernel reads the value from, so that no host synchronisation is needed; NULL when
+// absent or when no gradient is written (the argument is then ignored, unchecked).
+inline const float* checked_grad_scale(const std::optional<at::Tensor>& grad_scale, const at::Tensor& student,
+                                       bool writes_grad, const char* op) {
+  if (!writes_grad || !grad_scale.has_value()) return nullptr;
+  const at::Tensor& scale = *grad_scale;
+  TORCH_CHECK_VALUE(scale.numel() == 1, op, ": grad_scale must be a 0-d (or one-element) tensor, got shape ",
+                    scale.sizes());
+  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, op, ": grad_scale must be float32 (the accumulation dtype of ",
+                   student.scalar_type(), " logits), got ", scale.scalar_type());
+  TORCH_CHECK_VALUE(scale.device() == student.device(), op, ": grad_scale must be on the student's device ",
+                    student.device(), ", got ", scale.device());
+  return scale.const_data_ptr<float>();
 }
 
 // Refuses what the launcher's check objects to (its message, prefixed by op),

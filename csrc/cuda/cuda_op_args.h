@@ -9,8 +9,10 @@
 #include <ATen/cuda/CUDAContext.h>
 
 #include <cmath>
+#include <optional>
 #include <string>
 
+#include "grad_scale_arg.h"
 #include "op_outputs.h"
 #include "smskd_kernels.h"
 
@@ -91,21 +93,14 @@ void set_outputs_and_scalars(KernelArgs& args, PerRowOutputs& per_row, double te
   args.ignore_index = ignore_index;
 }
 
-// The gradient's factor (schema GRAD_SCALE): a 0-d or one-element float32 tensor (the
-// accumulation dtype of the kernels' logits) on the student's device, whose address the
-// kernel reads the value from, so that no host synchronisation is needed; NULL when
-// absent or when no gradient is written (the argument is then ignored, unchecked).
-inline const float* checked_grad_scale(const std::optional<at::Tensor>& grad_scale, const at::Tensor& student,
+// grad_scale (schema GRAD_SCALE), checked as the CPU operators check it
+// (csrc/grad_scale_arg.h: one float32 value on the student's device), and the
+// device address the kernel reads its value from, so that no host
+// synchronisation is needed; NULL when absent or when no gradient is written.
+inline const float* grad_scale_pointer(const std::optional<at::Tensor>& grad_scale, const at::Tensor& student,
                                        bool writes_grad, const char* op) {
-  if (!writes_grad || !grad_scale.has_value()) return nullptr;
-  const at::Tensor& scale = *grad_scale;
-  TORCH_CHECK_VALUE(scale.numel() == 1, op, ": grad_scale must be a 0-d (or one-element) tensor, got shape ",
-                    scale.sizes());
-  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, op, ": grad_scale must be float32 (the accumulation dtype of ",
-                   student.scalar_type(), " logits), got ", scale.scalar_type());
-  TORCH_CHECK_VALUE(scale.device() == student.device(), op, ": grad_scale must be on the student's device ",
-                    student.device(), ", got ", scale.device());
-  return scale.const_data_ptr<float>();
+  check_grad_scale(grad_scale, student, op);
+  return writes_grad && grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
 }
 
 // Refuses what the launcher's check objects to (its message, prefixed by op),

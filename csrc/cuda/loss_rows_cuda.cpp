@@ -71,7 +71,7 @@ PerRowResult launch(const at::Tensor& student, const std::optional<at::Tensor>& 
     args.grad = grad_out->data_ptr();
     args.grad_stride = grad_out->stride(0);
   }
-  args.grad_scale = checked_grad_scale(grad_scale, student, grad_out != nullptr, "smskd_loss_rows");
+  args.grad_scale = grad_scale_pointer(grad_scale, student, grad_out != nullptr, "smskd_loss_rows");
 
   PerRowOutputs per_row = empty_per_row_outputs(args.rows, student);
   set_outputs_and_scalars(args, per_row, temperature, ce_weight, kd_weight, ref_weight, ignore_index);

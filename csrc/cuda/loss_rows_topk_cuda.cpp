@@ -95,7 +95,7 @@ LossRowsResult smskd_loss_rows_topk_cuda(const at::Tensor& student_in, const std
                      ": target must hold integer class indices, got ", target->scalar_type());
     y = target->to(at::kLong);
   }
-  args.grad_scale = checked_grad_scale(grad_scale, student, compute_grad, kOp);
+  args.grad_scale = grad_scale_pointer(grad_scale, student, compute_grad, kOp);
 
   PerRowOutputs per_row = empty_per_row_outputs(args.rows, student);
   at::Tensor grad = at::empty({compute_grad ? args.rows : 0, args.cols},

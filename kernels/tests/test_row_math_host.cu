@@ -46,7 +46,8 @@ struct Case {
   float grad_scale;  // the factor of the second gradient written (kernel's grad_scale)
 };
 
-// The smallest normal magnitude of the gradient's dtype: below it a power-of-two scale may round.
+// The smallest normal magnitude of the gradient's dtype: a power-of-two scale is exact when the value
+// and its scaled value both exceed it (a stored value equal to it may be a rounded subnormal).
 double smallest_normal(smskd_dtype dtype) { return dtype == SMSKD_FLOAT16 ? std::ldexp(1.0, -14) : std::ldexp(1.0, -126); }
 
 template <typename T, int kThreads, bool kTarget, bool kTeacher, bool kRef>
@@ -148,7 +149,8 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
     if (!close(sc, scale * w.grad[c], 2e-6 * (1.0 + T2) * std::fabs(scale), storage_eps(dtype)) && bad++ < 8)
       std::printf("  grad[%lld] with grad_scale %g: got %.8g want %.8g\n", (long long)c, scale, sc,
                   scale * w.grad[c]);
-    if (power_of_two && (std::fabs(scale * gc) >= smallest_normal(dtype) || gc == 0.0) && sc != scale * gc &&
+    const bool normal = std::fmin(std::fabs(gc), std::fabs(scale * gc)) > smallest_normal(dtype);
+    if (power_of_two && (normal || (gc == 0.0 && std::fabs(scale) <= 1.0)) && sc != scale * gc &&
         bad++ < 8)
       std::printf("  grad[%lld] with grad_scale %g: got %.8g, not exactly scale * %.8g\n", (long long)c, scale, sc,
                   gc);

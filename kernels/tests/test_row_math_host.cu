@@ -50,6 +50,24 @@ struct Case {
 // and its scaled value both exceed it (a stored value equal to it may be a rounded subnormal).
 double smallest_normal(smskd_dtype dtype) { return dtype == SMSKD_FLOAT16 ? std::ldexp(1.0, -14) : std::ldexp(1.0, -126); }
 
+// Sweep 2 of one row, thread by thread, into g; counts each visited column into visits when given.
+// Not inlined, so that a row's gradients with and without grad_scale run the same machine code, as a
+// kernel's launches do: a host compiler that contracts multiply-adds (the FMA variant) may contract two
+// inlined copies differently, which would break the exact power-of-two relation checked below.
+template <typename T, int kThreads, typename Math>
+__attribute__((noinline)) void sweep_gradient(const Math& math, const RowResult& res, T* g, int64_t y, const Case& k,
+                                              std::vector<int>* visits) {
+  for (int lane = 0; lane < kThreads; ++lane) {
+    const RowSweep<T, kThreads> sweep(math.s_row, k.cols, k.vectorized, lane);
+    sweep.run(k.cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
+      if (visits)
+        for (int p = 0; p < decltype(packs)::value; ++p)
+          for (int e = 0; e < decltype(n)::value; ++e) ++(*visits)[c + p * stride + e];
+      math.template gradient<decltype(packs)::value, decltype(n)::value>(res, g, y, c, stride);
+    });
+  }
+}
+
 template <typename T, int kThreads, bool kTarget, bool kTeacher, bool kRef>
 void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
   using Math = RowMath<T, kTarget, kTeacher, kRef>;
@@ -112,14 +130,8 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
   const RowResult unscaled = with_gradient_scale(res, gradient_scale(prm, true));
   prm.grad_scale = &k.grad_scale;
   const RowResult scaled = with_gradient_scale(res, gradient_scale(prm, true));
-  for (int lane = 0; lane < kThreads; ++lane) {
-    const RowSweep<T, kThreads> sweep(s, k.cols, k.vectorized, lane);
-    sweep.run(k.cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
-      note(c, stride, decltype(packs)::value, decltype(n)::value);
-      math.template gradient<decltype(packs)::value, decltype(n)::value>(unscaled, g, y, c, stride);
-      math.template gradient<decltype(packs)::value, decltype(n)::value>(scaled, g_scaled, y, c, stride);
-    });
-  }
+  sweep_gradient<T, kThreads>(math, unscaled, g, y, k, &visits);
+  sweep_gradient<T, kThreads>(math, scaled, g_scaled, y, k, nullptr);
 
   const RowWant w = oracle(values[0], kTeacher ? &values[1] : nullptr, kRef ? &values[2] : nullptr, y, kTarget, a);
   int bad = 0;

@@ -53,6 +53,11 @@ typedef struct {
    * element is read before it is overwritten, by the thread that writes it. */
   void* grad;
   int64_t grad_stride;
+  /* NULL: 1. Else one float32 on the device: the gradient written is
+   * *grad_scale * d loss_i / d student_i (every row), e.g. a mean's 1/n, so that
+   * no pass of its own applies it. Read by the kernel (no host sync); the per-row
+   * outputs are not scaled. Unused without grad. */
+  const float* grad_scale;
 
   /* Per-row float32 outputs, each `rows` long and contiguous. */
   SMSKD_PER_ROW_OUTPUTS(SMSKD_PER_ROW_OUTPUT_POINTER)
@@ -126,6 +131,7 @@ typedef struct {
    * classes' gradient is written after the dense sweep, from student's values). */
   void* grad;
   int64_t grad_stride;
+  const float* grad_scale; /* NULL: 1; as in smskd_loss_rows_args */
 
   SMSKD_PER_ROW_OUTPUTS(SMSKD_PER_ROW_OUTPUT_POINTER)
 

@@ -68,6 +68,7 @@ void copy_shared_params(KernelParams& p, const Args& a) {
   p.reference_stride = a.reference_stride;
   p.target_stride = a.target_stride;
   p.grad_stride = a.grad_stride;
+  p.grad_scale = a.grad_scale;
   p.target = a.target;
 #define SMSKD_COPY_OUTPUT(name) p.name = a.name;
   SMSKD_PER_ROW_OUTPUTS(SMSKD_COPY_OUTPUT)

@@ -6,7 +6,8 @@
 // the pointers allow, keeping fp32 online-softmax statistics of s, t and r
 // (StreamStats); warp shuffles and then shared memory merge them into the row's
 // log-sum-exps and KL sums. A second sweep, while the row is still in L1/L2,
-// writes d loss / d s in the input dtype. No PyTorch dependency.
+// writes d loss / d s in the input dtype, times the launch's grad_scale (folded
+// into the row's coefficients: with_gradient_scale). No PyTorch dependency.
 #pragma once
 
 #include <assert.h>
@@ -186,6 +187,7 @@ SMSKD_HD void merge_row(RowStats& a, const RowStats& b, float k1, float kT) {
 struct Params {
   int64_t rows, cols;
   int64_t student_stride, teacher_stride, reference_stride, target_stride, grad_stride;
+  const float* grad_scale;  // NULL: 1 (smskd_loss_rows_args.grad_scale)
   const int64_t* target;
   SMSKD_PER_ROW_OUTPUTS(SMSKD_PER_ROW_OUTPUT_POINTER)
   float temperature, ce_weight, kd_weight, ref_weight;
@@ -273,6 +275,25 @@ struct RowResult {
   float max_s = 0.0f, max_t = 0.0f, max_r = 0.0f;
   float log2_s = 0.0f, log2_sT = 0.0f, log2_tT = 0.0f, log2_rT = 0.0f;  // log2 of sum1 / sumT
 };
+
+// The gradient's factor (the launch's grad_scale; NULL: 1), read from device memory once per
+// thread and only when a gradient is written: no host synchronisation.
+template <typename KernelParams>
+SMSKD_HD float gradient_scale(const KernelParams& prm, bool writes_grad) {
+  return writes_grad && prm.grad_scale != nullptr ? *prm.grad_scale : 1.0f;
+}
+
+// A row's result (RowResult, TopKRowResult) with the gradient's factor folded into its
+// gradient coefficients a, b and g, once per row: the gradient sweep then writes
+// scale * d loss / d s at no cost per element, a coefficient times (q - q) = 0 stays exactly 0
+// (C = 1), and scale 1 leaves every bit as it was. The per-row outputs are not scaled.
+template <typename Result>
+SMSKD_HD Result with_gradient_scale(Result res, float scale) {
+  res.a *= scale;
+  res.b *= scale;
+  res.g *= scale;
+  return res;
+}
 
 // The arithmetic of one row, independent of how threads share it: what a
 // thread adds to the statistics for a chunk of columns, the row's results from
@@ -387,6 +408,7 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
 
   const int lane = threadIdx.x % kThreads;
   const int64_t cols = prm.cols;
+  const float grad_scale = gradient_scale(prm, grad_base != nullptr);
 
   for (int64_t row = int64_t{blockIdx.x} * kRowsPerBlock + threadIdx.x / kThreads; row < prm.rows;
        row += int64_t{gridDim.x} * kRowsPerBlock) {
@@ -453,8 +475,9 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
 #undef SMSKD_STORE_OUTPUT
     }
     if (!g_row) continue;
+    const RowResult scaled = with_gradient_scale(res, grad_scale);
     sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
-      math.template gradient<decltype(packs)::value, decltype(n)::value>(res, g_row, y, c, stride);
+      math.template gradient<decltype(packs)::value, decltype(n)::value>(scaled, g_row, y, c, stride);
     });
   }
 }

@@ -11,7 +11,8 @@
 //      p_rest = max(-expm1(lse), 0); merged again;
 //   C. with a gradient: a dense sweep g_j = kd_w T (q_j M - p~_j) + CE and
 //      reference terms, p~_j = p_rest q_j / q_rest off the kept classes, then
-//      (after a barrier) the kept classes' entries again with p~_c = p_c.
+//      (after a barrier) the kept classes' entries again with p~_c = p_c; all
+//      times the launch's grad_scale, folded into the coefficients once per row.
 // No PyTorch dependency; the per-thread arithmetic (TopKRowMath) is host and
 // device code, tested on the CPU by kernels/tests/topk_rows_host.cu.
 #pragma once
@@ -25,6 +26,7 @@ namespace kernels {
 struct TopKParams {
   int64_t rows, cols, k;
   int64_t student_stride, reference_stride, target_stride, mask_stride, grad_stride;
+  const float* grad_scale;  // NULL: 1 (smskd_loss_rows_topk_args.grad_scale)
   const int64_t* target;
   const float* values;
   const int64_t* indices;
@@ -57,7 +59,7 @@ struct TopKRowResult {
 #define SMSKD_RESULT_FIELD(name) float name = 0.0f;
   SMSKD_PER_ROW_OUTPUTS(SMSKD_RESULT_FIELD)  // the per-row outputs
 #undef SMSKD_RESULT_FIELD
-  float a = 0.0f, b = 0.0f, g = 0.0f;  // ce_w, kd_w T, ref_w T w
+  float a = 0.0f, b = 0.0f, g = 0.0f;  // ce_w, kd_w T, ref_w T w (times grad_scale: with_gradient_scale)
   float total_mass = 0.0f;             // kept mass + p_rest
   float p_rest = 0.0f;
   float off_s = 0.0f, off_sT = 0.0f, off_rT = 0.0f, off_rest = 0.0f;  // log-sum-exps * log2 e
@@ -263,6 +265,7 @@ __device__ __forceinline__ void process_topk_rows(const TopKParams& prm, const T
   const unsigned mask = row_lane_mask<kLanes>();
   const int lane = threadIdx.x % kThreads;
   const int64_t cols = prm.cols;
+  const float grad_scale = gradient_scale(prm, grad != nullptr);
 
   // Every thread of the row passes each barrier: the loop and its branches are uniform per row.
   auto row_barrier = [&] {
@@ -327,11 +330,12 @@ __device__ __forceinline__ void process_topk_rows(const TopKParams& prm, const T
         math.finish(st, ks, s_y, kTarget ? prm.true_logit[row] : 0.0f, kTarget ? prm.lse[row] : 0.0f, prm);
     if (lane == 0) store_topk_row(prm, row, res);
     if (!g_row) continue;
+    const TopKRowResult scaled = with_gradient_scale(res, grad_scale);  // the rest's and kept classes' alike
     sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
-      math.template gradient<decltype(packs)::value, decltype(n)::value>(res, g_row, y, c, stride);
+      math.template gradient<decltype(packs)::value, decltype(n)::value>(scaled, g_row, y, c, stride);
     });
     row_barrier();  // the dense sweep's writes of kept columns land before their rewrite
-    math.scatter_kept(res, g_row, y, lane, kThreads);
+    math.scatter_kept(scaled, g_row, y, lane, kThreads);
   }
 }
 

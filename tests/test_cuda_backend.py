@@ -7,12 +7,15 @@ kernels' row layouts, strided and misaligned rows, temperatures, leading dimensi
 tests/test_backend_conformance.py, where the cuda parametrization runs them.
 Skipped without a CUDA device or without a CUDA build of smskd_fast._C.
 """
+import math
+
 import pytest
 import torch
 
 import smskd_fast
 from smskd_fast.ops import registration as ops
 from smskd_fast.backends import registry
+from smskd_fast.backends.topk import TopKTeacher
 from gpu_child import assert_fails_loudly, run_child
 
 CUDA_STATUS = smskd_fast.available_backends()["cuda"]
@@ -136,3 +139,84 @@ def test_auto_picks_a_gpu_backend_for_cuda_tensors():
     chosen = registry.resolve_backend("auto", torch.device("cuda"), torch.bfloat16, 32000)
     assert chosen.name in ("cuda", "triton")
     assert torch._C._dispatch_has_kernel_for_dispatch_key(ops.INPLACE_OP_NAME, "CUDA")
+
+
+# ---- grad_scale (the ops' last argument, issue 17): a 0-d float32 on the device that the kernel reads.
+SCALARS = (2.5, 0.7, 1.3, 0.9, "inverse_tcp", -100)
+
+
+def run_ops(student, target, teacher, reference, grad_scale):
+    """{op: (six per-row outputs, gradient)} of the three CUDA ops with grad_scale (None: without)."""
+    topk = TopKTeacher.from_logits(teacher, target, 40, SCALARS[0])
+    dense = torch.ops.smskd_fast.smskd_loss_rows(student, target, teacher, reference, *SCALARS, True, grad_scale)
+    sparse = torch.ops.smskd_fast.smskd_loss_rows_topk(
+        student, target, topk.values, topk.indices, topk.true_logit, topk.log_sum_exp,
+        topk.log_sum_exp_at_temperature, reference, *SCALARS, True, grad_scale)
+    overwritten = student.clone()
+    in_place = torch.ops.smskd_fast.smskd_loss_rows_inplace_(overwritten, target, teacher, reference, *SCALARS,
+                                                             grad_scale)
+    return {"dense": (dense[:6], dense[6]), "topk": (sparse[:6], sparse[6]), "inplace": (in_place, overwritten)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale", [0.25, -2.0, 1 / 3, 3.5])
+def test_grad_scale_scales_the_gradient_and_nothing_else(dtype, scale):
+    """The gradient is grad_scale times the one without it: bit for bit for a power of two (where both are
+    in the dtype's normal range), else within the two roundings to the dtype (rtol) and fp32's rounding of the scaled
+    terms, whose size is at most the coefficients' sum ce_w + T (kd_w + ref_w) (atol, with the spacing of
+    the dtype's subnormals); the per-row outputs are unchanged, bit for bit."""
+    student, target, teacher, reference = make_inputs(37, 2049, dtype, True, True, True)
+    without = run_ops(student, target, teacher, reference, None)
+    scale32 = float(torch.tensor(scale, dtype=torch.float32))
+    scaled = run_ops(student, target, teacher, reference, torch.tensor(scale, device="cuda"))
+    finfo = torch.finfo(dtype)
+    for op, (rows, grad) in scaled.items():
+        base_rows, base_grad = without[op]
+        assert all(torch.equal(a, b) for a, b in zip(rows, base_rows)), op
+        want = base_grad.double() * scale32
+        if math.frexp(abs(scale))[0] == 0.5:
+            # zeros too when |scale| <= 1 (an underflowed zero scaled up may round to a subnormal)
+            normal = (torch.minimum(want.abs(), base_grad.double().abs()) > finfo.tiny) | (
+                (base_grad == 0) & (abs(scale) <= 1))
+            assert torch.equal(grad.double()[normal], want[normal]), op
+        else:
+            fp32 = torch.finfo(torch.float32).eps
+            terms = (SCALARS[1] + SCALARS[0] * (SCALARS[2] + SCALARS[3])) * abs(scale32)
+            torch.testing.assert_close(grad.double(), want, rtol=finfo.eps + 4 * fp32,
+                                       atol=8 * fp32 * terms + finfo.tiny * finfo.eps, msg=lambda m: f"{op}: {m}")
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (lambda: torch.full((2,), 0.5, device="cuda"), ValueError, r"grad_scale must be a 0-d tensor .*got shape \[2\]"),
+    (lambda: torch.tensor(0.5, device="cuda", dtype=torch.float64), TypeError, "grad_scale must be Float .*got Double"),
+    (lambda: torch.tensor(0.5), ValueError, "grad_scale must be on the student's device"),
+], ids=["shape", "dtype", "device"])
+@pytest.mark.parametrize("compute_grad", [True, False])
+def test_a_bad_grad_scale_is_refused(bad, error, match, compute_grad):
+    """Checked as the CPU ops check it (csrc/grad_scale_arg.h), with or without a gradient to scale."""
+    student, target, teacher, reference = make_inputs(4, 100, torch.float32, True, True, True)
+    with pytest.raises(error, match=match):
+        torch.ops.smskd_fast.smskd_loss_rows(student, target, teacher, reference, *SCALARS, compute_grad, bad())
+    topk = TopKTeacher.from_logits(teacher, target, 5, SCALARS[0])
+    with pytest.raises(error, match=match):
+        torch.ops.smskd_fast.smskd_loss_rows_topk(student, target, topk.values, topk.indices, topk.true_logit,
+                                                  topk.log_sum_exp, topk.log_sum_exp_at_temperature, reference,
+                                                  *SCALARS, compute_grad, bad())
+    if compute_grad:
+        with pytest.raises(error, match=match):
+            torch.ops.smskd_fast.smskd_loss_rows_inplace_(student.clone(), target, teacher, reference, *SCALARS,
+                                                          bad())
+
+
+# Backward scales the op's saved grad output in place, so opcheck's AOT comparison after an eager
+# backward (grad_output 1) holds only for grad_scale 1; other scales run the remaining checks
+# (as tests/test_grad_scale.py does for the CPU op).
+@pytest.mark.parametrize("scale, test_utils", [
+    (1.0, ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")),
+    (0.25, ("test_schema", "test_autograd_registration", "test_faketensor")),
+], ids=["scale1", "scale0.25"])
+def test_opcheck_with_grad_scale(scale, test_utils):
+    student, target, teacher, reference = make_inputs(6, 300, torch.float32, True, True, True)
+    args = (student.requires_grad_(True), target, teacher, reference, *SCALARS, True,
+            torch.tensor(scale, device="cuda"))
+    torch.library.opcheck(torch.ops.smskd_fast.smskd_loss_rows.default, args, test_utils=test_utils)

@@ -10,6 +10,7 @@ without nvcc.
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -57,13 +58,16 @@ def raw(tensor):
     return t.numpy().tobytes()
 
 
-def run_host(binary, directory, student, target, topk, reference, options, *, pad, vectorized):
-    """Writes the case, runs the emulation, returns {threads: (six per-row outputs, grad)}."""
+def run_host(binary, directory, student, target, topk, reference, options, *, pad, vectorized, grad_scale=None):
+    """Writes the case, runs the emulation, returns {threads: (six per-row outputs, grad)}.
+    grad_scale: the operators' argument (a float32 the kernel reads), None for none."""
     n, c = student.shape
     directory.mkdir()
     meta = [n, c, topk.k, DTYPE_CODES[student.dtype], int(target is not None), int(reference is not None),
             repr(options.temperature), repr(options.ce_weight), repr(options.kd_weight), repr(options.ref_weight),
             WEIGHTING_CODES[options.weighting], options.ignore_index, pad, int(vectorized)]
+    if grad_scale is not None:
+        meta.append(repr(grad_scale))
     (directory / "meta.txt").write_text(" ".join(map(str, meta)))
     (directory / "student.bin").write_bytes(raw(student))
     if reference is not None:
@@ -116,6 +120,50 @@ def test_host_math_matches_the_float64_reference(host_binary, tmp_path, dtype, s
     pad, vectorized = ((0, True), (1, True), (3, False))[index % 3]
     check_case(host_binary, tmp_path / "case", student, target, topk, reference, options, pad=pad,
                vectorized=vectorized)
+
+
+# (dtype, (rows, C, k), target and reference, grad_scale): C = 1, the rest and no rest, every dtype;
+# powers of two (exact in float32), a mean's 1/3 and a factor above 1.
+SCALE_CASES = [(dtype, shape, both, scale) for dtype in DTYPE_CODES
+               for shape, both, scale in (((5, 1, 1), True, 0.25), ((6, 7, 7), False, 1 / 3), ((4, 513, 64), True, -0.5),
+                                          ((3, 2049, 300), False, 3.5))]
+
+
+def bits(tensor):
+    """The tensor's bit patterns (NaN and -0.0 compared exactly)."""
+    return tensor.view(torch.int32 if tensor.dtype == torch.float32 else torch.int16)
+
+
+@pytest.mark.parametrize("dtype, shape, both, scale", SCALE_CASES,
+                         ids=[f"{str(d)[6:]}-{s[1]}x{s[2]}-{g:g}" for d, s, _, g in SCALE_CASES])
+def test_grad_scale_scales_the_gradient_and_nothing_else(host_binary, tmp_path, dtype, shape, both, scale):
+    """With grad_scale the gradient written is grad_scale times the float64 reference's, the per-row
+    outputs are those without it; for a power of two it is exactly grad_scale times the unscaled gradient
+    (wherever both are in the dtype's normal range), and grad_scale 1 gives the unscaled bits."""
+    n, c, k = shape
+    options = LossOptions(temperature=2.5, ce_weight=0.3, kd_weight=0.9, ref_weight=0.7,
+                          weighting="inverse_tcp" if both else "constant")
+    student, target, topk, reference = make_inputs(n, c, k, dtype, seed=c, temperature=options.temperature,
+                                                   with_target=both, with_reference=both)
+    scale32 = float(torch.tensor(scale, dtype=torch.float32))  # what the kernel reads
+    expected, expected_grad = run_reference(student, target, topk, reference, options)
+    args = (student, target, topk, reference, options)
+    unscaled = run_host(host_binary, tmp_path / "none", *args, pad=1, vectorized=True)
+    scaled = run_host(host_binary, tmp_path / "scaled", *args, pad=1, vectorized=True, grad_scale=scale)
+    one = run_host(host_binary, tmp_path / "one", *args, pad=1, vectorized=True, grad_scale=1.0)
+    for threads in LAYOUTS:
+        (rows0, grad0), (rows1, grad1) = unscaled[threads], scaled[threads]
+        what = f"{threads} threads/row, grad_scale {scale:g}:"
+        assert_matches_reference(rows1, grad1, expected, expected_grad, student, options, what=what,
+                                 grad_scale=scale32)
+        assert all(torch.equal(a, b) for a, b in zip(rows0, rows1)), what  # outputs unscaled, bit for bit
+        assert torch.equal(bits(one[threads][1]), bits(grad0)), what
+        if abs(scale) <= 1:  # a 0 (C = 1's exact one, or an underflow) stays 0
+            assert torch.all(grad1[grad0 == 0] == 0), what
+        if math.frexp(abs(scale))[0] == 0.5:  # a power of two: scaling the coefficients is exact
+            want = grad0.double() * scale
+            normal = torch.minimum(want.abs(), grad0.double().abs()) > torch.finfo(dtype).tiny
+            assert torch.equal(grad1.double()[normal], want[normal]), what
 
 
 def test_no_rest_mass_and_masked_student_classes(host_binary, tmp_path):

@@ -1,16 +1,18 @@
 // Argument helpers shared by the CUDA operators' wrappers (csrc/cuda/*.cpp):
 // the student and temperature checks, the kernels' dtype and weighting enums
 // from the operator's arguments (errors name the operator and the argument),
-// the per-row outputs and loss scalars of the kernels' argument structs, and
-// the checked launch on the current stream.
+// the per-row outputs and loss scalars of the kernels' argument structs, the
+// optional grad_scale, and the checked launch on the current stream.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 
 #include <cmath>
+#include <optional>
 #include <string>
 
+#include "grad_scale_arg.h"
 #include "op_outputs.h"
 #include "smskd_kernels.h"
 
@@ -89,6 +91,16 @@ void set_outputs_and_scalars(KernelArgs& args, PerRowOutputs& per_row, double te
   args.kd_weight = static_cast<float>(kd_weight);
   args.ref_weight = static_cast<float>(ref_weight);
   args.ignore_index = ignore_index;
+}
+
+// grad_scale (schema GRAD_SCALE), checked as the CPU operators check it
+// (csrc/grad_scale_arg.h: one float32 value on the student's device), and the
+// device address the kernel reads its value from, so that no host
+// synchronisation is needed; NULL when absent or when no gradient is written.
+inline const float* grad_scale_pointer(const std::optional<at::Tensor>& grad_scale, const at::Tensor& student,
+                                       bool writes_grad, const char* op) {
+  check_grad_scale(grad_scale, student, op);
+  return writes_grad && grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
 }
 
 // Refuses what the launcher's check objects to (its message, prefixed by op),

@@ -57,7 +57,8 @@ LossRowsResult smskd_loss_rows_topk_cuda(const at::Tensor& student_in, const std
                                      const at::Tensor& log_sum_exp_at_temperature,
                                      const std::optional<at::Tensor>& reference, double temperature,
                                      double ce_weight, double kd_weight, double ref_weight,
-                                     c10::string_view weighting, int64_t ignore_index, bool compute_grad) {
+                                     c10::string_view weighting, int64_t ignore_index, bool compute_grad,
+                                     const std::optional<at::Tensor>& grad_scale) {
   check_student_and_temperature(student_in, temperature, kOp);
   smskd_loss_rows_topk_args args{};
   args.dtype = kernel_dtype(student_in, kOp);
@@ -94,6 +95,7 @@ LossRowsResult smskd_loss_rows_topk_cuda(const at::Tensor& student_in, const std
                      ": target must hold integer class indices, got ", target->scalar_type());
     y = target->to(at::kLong);
   }
+  args.grad_scale = grad_scale_pointer(grad_scale, student, compute_grad, kOp);
 
   PerRowOutputs per_row = empty_per_row_outputs(args.rows, student);
   at::Tensor grad = at::empty({compute_grad ? args.rows : 0, args.cols},

@@ -7,7 +7,10 @@
 // compared with the float64 oracle. Also checked: every column is visited
 // exactly once per sweep, and every pack of more than one element is 16-byte
 // aligned. Warp shuffles, barriers and the launch itself need a GPU
-// (test_smskd_kernels.cu). Built with -DSMSKD_EMULATE_FAST_MATH, the kernel's exp2f / log2f
+// (test_smskd_kernels.cu). Each row's gradient is also written with a grad_scale folded into
+// its coefficients (with_gradient_scale, as the kernel does): it must be scale times the oracle's
+// gradient, bit for bit scale times the unscaled one for a power of two, and a launch without
+// one must read a scale of exactly 1. Built with -DSMSKD_EMULATE_FAST_MATH, the kernel's exp2f / log2f
 // carry the device's fast-math error and denormals are flushed (fast_math_emulation.h).
 #include <cstdio>
 #include <random>
@@ -28,6 +31,8 @@ using smskd::kernels::RowMath;
 using smskd::kernels::RowResult;
 using smskd::kernels::RowStats;
 using smskd::kernels::RowSweep;
+using smskd::kernels::gradient_scale;
+using smskd::kernels::with_gradient_scale;
 
 int failures = 0;
 
@@ -38,7 +43,30 @@ struct Case {
   bool target, teacher, reference;
   smskd_weighting weighting;
   bool masked;  // some teacher and reference logits are -inf (classes with probability 0)
+  float grad_scale;  // the factor of the second gradient written (kernel's grad_scale)
 };
+
+// The smallest normal magnitude of the gradient's dtype: a power-of-two scale is exact when the value
+// and its scaled value both exceed it (a stored value equal to it may be a rounded subnormal).
+double smallest_normal(smskd_dtype dtype) { return dtype == SMSKD_FLOAT16 ? std::ldexp(1.0, -14) : std::ldexp(1.0, -126); }
+
+// Sweep 2 of one row, thread by thread, into g; counts each visited column into visits when given.
+// Not inlined, so that a row's gradients with and without grad_scale run the same machine code, as a
+// kernel's launches do: a host compiler that contracts multiply-adds (the FMA variant) may contract two
+// inlined copies differently, which would break the exact power-of-two relation checked below.
+template <typename T, int kThreads, typename Math>
+__attribute__((noinline)) void sweep_gradient(const Math& math, const RowResult& res, T* g, int64_t y, const Case& k,
+                                              std::vector<int>* visits) {
+  for (int lane = 0; lane < kThreads; ++lane) {
+    const RowSweep<T, kThreads> sweep(math.s_row, k.cols, k.vectorized, lane);
+    sweep.run(k.cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
+      if (visits)
+        for (int p = 0; p < decltype(packs)::value; ++p)
+          for (int e = 0; e < decltype(n)::value; ++e) ++(*visits)[c + p * stride + e];
+      math.template gradient<decltype(packs)::value, decltype(n)::value>(res, g, y, c, stride);
+    });
+  }
+}
 
 template <typename T, int kThreads, bool kTarget, bool kTeacher, bool kRef>
 void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
@@ -58,10 +86,12 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
     }
   }
   std::vector<unsigned char> grad_raw((k.offset + k.cols) * elem, 0xff);
+  std::vector<unsigned char> scaled_raw((k.offset + k.cols) * elem, 0xff);
   const T* s = reinterpret_cast<const T*>(raw[0].data()) + k.offset;
   const T* t = reinterpret_cast<const T*>(raw[1].data()) + k.offset;
   const T* r = reinterpret_cast<const T*>(raw[2].data()) + k.offset;
   T* g = reinterpret_cast<T*>(grad_raw.data()) + k.offset;
+  T* g_scaled = reinterpret_cast<T*>(scaled_raw.data()) + k.offset;
   const int64_t y = k.cols / 3;
 
   smskd_loss_rows_args a{};
@@ -96,13 +126,12 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
   const float s_y = kTarget ? smskd::kernels::to_float(s[y]) : 0.0f;
   const float t_y = kTeacher && kTarget ? smskd::kernels::to_float(t[y]) : 0.0f;
   const RowResult res = math.finish(total, s_y, t_y, prm);
-  for (int lane = 0; lane < kThreads; ++lane) {
-    const RowSweep<T, kThreads> sweep(s, k.cols, k.vectorized, lane);
-    sweep.run(k.cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
-      note(c, stride, decltype(packs)::value, decltype(n)::value);
-      math.template gradient<decltype(packs)::value, decltype(n)::value>(res, g, y, c, stride);
-    });
-  }
+  // As the kernel: the scale a launch without grad_scale reads, then one with k.grad_scale.
+  const RowResult unscaled = with_gradient_scale(res, gradient_scale(prm, true));
+  prm.grad_scale = &k.grad_scale;
+  const RowResult scaled = with_gradient_scale(res, gradient_scale(prm, true));
+  sweep_gradient<T, kThreads>(math, unscaled, g, y, k, &visits);
+  sweep_gradient<T, kThreads>(math, scaled, g_scaled, y, k, nullptr);
 
   const RowWant w = oracle(values[0], kTeacher ? &values[1] : nullptr, kRef ? &values[2] : nullptr, y, kTarget, a);
   int bad = 0;
@@ -115,10 +144,28 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
   for (int f = 0; f < kPerRowOutputs; ++f)
     if (!close(got[f], want[f], atol, 1e-4) && bad++ < 8)
       std::printf("  output %d: got %.8g want %.8g\n", f, got[f], want[f]);
+  for (int f = 0; f < kPerRowOutputs; ++f)  // the per-row outputs are not scaled
+    if (per_row_values(scaled)[f] != got[f] && bad++ < 8) std::printf("  output %d changed with grad_scale\n", f);
+  // No grad_scale: the coefficients are finish()'s, bit for bit (so the gradient is too).
+  if ((unscaled.a != res.a || unscaled.b != res.b || unscaled.g != res.g) && bad++ < 8)
+    std::printf("  without grad_scale the gradient coefficients changed\n");
+  const double scale = k.grad_scale;
+  int exponent = 0;
+  const bool power_of_two = std::frexp(std::fabs(scale), &exponent) == 0.5;
   for (int64_t c = 0; c < k.cols; ++c) {
     const double gc = decode(dtype, grad_raw.data() + (k.offset + c) * elem);
     if (!close(gc, w.grad[c], 2e-6 * (1.0 + T2), storage_eps(dtype)) && bad++ < 8)
       std::printf("  grad[%lld]: got %.8g want %.8g\n", (long long)c, gc, w.grad[c]);
+    // Scaled: the same tolerance, its absolute part scaled as the entries are.
+    const double sc = decode(dtype, scaled_raw.data() + (k.offset + c) * elem);
+    if (!close(sc, scale * w.grad[c], 2e-6 * (1.0 + T2) * std::fabs(scale), storage_eps(dtype)) && bad++ < 8)
+      std::printf("  grad[%lld] with grad_scale %g: got %.8g want %.8g\n", (long long)c, scale, sc,
+                  scale * w.grad[c]);
+    const bool normal = std::fmin(std::fabs(gc), std::fabs(scale * gc)) > smallest_normal(dtype);
+    if (power_of_two && (normal || (gc == 0.0 && std::fabs(scale) <= 1.0)) && sc != scale * gc &&
+        bad++ < 8)
+      std::printf("  grad[%lld] with grad_scale %g: got %.8g, not exactly scale * %.8g\n", (long long)c, scale, sc,
+                  gc);
   }
   if (k.cols == 1) {
     // One class: softmax is exactly 1, so every loss term and the gradient are exactly 0 (and
@@ -129,11 +176,13 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
     if (kTeacher && kTarget && res.tcp != 1.0f && bad++ < 8) std::printf("  C = 1: tcp is 1 + %.3g\n", res.tcp - 1.0);
     const double g0 = decode(dtype, grad_raw.data() + k.offset * elem);
     if (g0 != 0.0 && bad++ < 8) std::printf("  C = 1: grad is %.3g, not exactly 0\n", g0);
+    const double s0 = decode(dtype, scaled_raw.data() + k.offset * elem);
+    if (s0 != 0.0 && bad++ < 8) std::printf("  C = 1: grad with grad_scale is %.3g, not exactly 0\n", s0);
   }
   std::printf("%s %-4s threads=%d cols=%lld offset=%lld vectorized=%d target=%d teacher=%d ref=%d weighting=%d "
-              "masked=%d\n",
+              "masked=%d grad_scale=%g\n",
               bad ? "FAIL" : "ok  ", name_of(dtype), kThreads, (long long)k.cols, (long long)k.offset, k.vectorized,
-              kTarget, kTeacher, kRef, int(k.weighting), k.masked);
+              kTarget, kTeacher, kRef, int(k.weighting), k.masked, k.grad_scale);
   if (bad) ++failures;
 }
 
@@ -153,12 +202,15 @@ void run_dtype(smskd_dtype dtype, std::mt19937& rng) {
   for (int64_t cols : cols_grid)
     for (int64_t offset : offsets)
       for (bool vectorized : {true, false}) {
-        const Case all{cols, offset, vectorized, true, true, true, SMSKD_WEIGHT_INVERSE_TCP, false};
-        const Case kd_only{cols, offset, vectorized, false, true, false, SMSKD_WEIGHT_CONSTANT, false};
-        const Case ce_ref{cols, offset, vectorized, true, false, true, SMSKD_WEIGHT_CONSTANT, true};
-        const Case ce_kd{cols, offset, vectorized, true, true, false, SMSKD_WEIGHT_TCP, true};
-        const Case ce{cols, offset, vectorized, true, false, false, SMSKD_WEIGHT_INVERSE_TCP, false};
-        const Case masked_all{cols, offset, vectorized, true, true, true, SMSKD_WEIGHT_TCP, true};
+        // grad_scale: powers of two (exact), a mean's 1/3 and a factor above 1, in turn.
+        const float scales[] = {0.25f, 1.0f / 3.0f, -0.5f, 3.5f};
+        const float scale = scales[(offset + (vectorized ? 0 : 1)) % 4];
+        const Case all{cols, offset, vectorized, true, true, true, SMSKD_WEIGHT_INVERSE_TCP, false, scale};
+        const Case kd_only{cols, offset, vectorized, false, true, false, SMSKD_WEIGHT_CONSTANT, false, scale};
+        const Case ce_ref{cols, offset, vectorized, true, false, true, SMSKD_WEIGHT_CONSTANT, true, scale};
+        const Case ce_kd{cols, offset, vectorized, true, true, false, SMSKD_WEIGHT_TCP, true, scale};
+        const Case ce{cols, offset, vectorized, true, false, false, SMSKD_WEIGHT_INVERSE_TCP, false, scale};
+        const Case masked_all{cols, offset, vectorized, true, true, true, SMSKD_WEIGHT_TCP, true, scale};
         // Every layout (the launcher can be told to use any), each with every input combination.
         for (const Case& k : {all, kd_only, ce_ref, ce_kd, ce, masked_all}) {
           run_inputs<T, 8>(dtype, k, rng);

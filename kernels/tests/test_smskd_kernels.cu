@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -41,6 +42,7 @@ struct Case {
   int64_t padding;  // stride = cols + padding
   bool in_place;    // grad written over the student
   int threads_per_row = 0;  // 0: the launcher's choice
+  std::optional<float> grad_scale = std::nullopt;  // the gradient's factor (in device memory); none: NULL
 };
 
 void run_case(const Case& k, std::mt19937& rng) {
@@ -71,7 +73,7 @@ void run_case(const Case& k, std::mt19937& rng) {
   for (int64_t i = 0; i < k.rows; ++i) y[i] = (i % 5 == 3) ? ignore : cls(rng);
 
   DeviceBuffer ds(span * elem), dt(span * elem), dr(span * elem), dy(k.rows * 8), dg(span * elem),
-      dout(kPerRowOutputs * k.rows * sizeof(float));
+      dout(kPerRowOutputs * k.rows * sizeof(float)), dscale(std::vector<float>{k.grad_scale.value_or(1.0f)});
   CHECK_CUDA(cudaMemcpy(ds.ptr, s_raw.data(), s_raw.size(), cudaMemcpyHostToDevice));
   if (k.teacher) CHECK_CUDA(cudaMemcpy(dt.ptr, t_raw.data(), t_raw.size(), cudaMemcpyHostToDevice));
   if (k.reference) CHECK_CUDA(cudaMemcpy(dr.ptr, r_raw.data(), r_raw.size(), cudaMemcpyHostToDevice));
@@ -94,6 +96,7 @@ void run_case(const Case& k, std::mt19937& rng) {
   a.target_stride = 1;
   a.grad = k.in_place ? const_cast<void*>(a.student) : at_offset(dg.ptr);
   a.grad_stride = stride;
+  a.grad_scale = k.grad_scale ? dscale.as<float>() : nullptr;
   float* out = static_cast<float*>(dout.ptr);
   point_per_row_outputs(a, out, k.rows);
   a.temperature = 2.5f;
@@ -113,6 +116,7 @@ void run_case(const Case& k, std::mt19937& rng) {
 
   const double T2 = double(a.temperature) * a.temperature;
   const double value_atol = 2e-5 * (1.0 + T2) * std::log(double(k.cols) + 2.0);
+  const double scale = k.grad_scale.value_or(1.0f);  // the gradient is scale times the oracle's, the outputs are not
   int bad = 0;
   double worst_value = 0, worst_grad = 0;
   for (int64_t i = 0; i < k.rows; ++i) {
@@ -126,16 +130,17 @@ void run_case(const Case& k, std::mt19937& rng) {
     }
     for (int64_t c = 0; c < k.cols; ++c) {
       const double g = decode(k.dtype, g_raw.data() + (k.offset + i * stride + c) * elem);
-      worst_grad = std::max(worst_grad, std::fabs(g - w.grad[c]));
-      if (!close(g, w.grad[c], 2e-6 * (1.0 + T2), storage_eps(k.dtype)) && bad++ < 5)
-        std::printf("  row %lld grad[%lld]: got %.8g want %.8g\n", (long long)i, (long long)c, g, w.grad[c]);
+      const double want_g = scale * w.grad[c];
+      worst_grad = std::max(worst_grad, std::fabs(g - want_g));
+      if (!close(g, want_g, 2e-6 * (1.0 + T2) * std::fabs(scale), storage_eps(k.dtype)) && bad++ < 5)
+        std::printf("  row %lld grad[%lld]: got %.8g want %.8g\n", (long long)i, (long long)c, g, want_g);
     }
   }
   std::printf("%s %-4s rows=%lld cols=%lld target=%d teacher=%d ref=%d weighting=%d offset=%lld pad=%lld "
-              "in_place=%d threads=%d  max|err| value %.2e grad %.2e\n",
+              "in_place=%d threads=%d grad_scale=%g  max|err| value %.2e grad %.2e\n",
               bad ? "FAIL" : "ok  ", name_of(k.dtype), (long long)k.rows, (long long)k.cols, k.target, k.teacher,
               k.reference, int(k.weighting), (long long)k.offset, (long long)k.padding, k.in_place, k.threads_per_row,
-              worst_value, worst_grad);
+              scale, worst_value, worst_grad);
   if (bad) ++failures;
 }
 
@@ -159,6 +164,10 @@ int run_grid(bool quick) {
       run_case({d, rows, cols, true, false, false, SMSKD_WEIGHT_INVERSE_TCP, 5, 0, true}, rng);
       for (int threads : {8, 16, 32, 256, 512})  // every layout at every size, not only the automatic one
         run_case({d, rows, cols, true, true, true, SMSKD_WEIGHT_INVERSE_TCP, 1, 0, false, threads}, rng);
+      // grad_scale (a mean's 1/n, or any factor), in place or not, the rest of the row unscaled
+      run_case({d, rows, cols, true, true, true, SMSKD_WEIGHT_TCP, 0, 0, false, 0, 1.0f / 3.0f}, rng);
+      run_case({d, rows, cols, true, true, false, SMSKD_WEIGHT_INVERSE_TCP, 1, 8, true, 0, 0.25f}, rng);
+      run_case({d, rows, cols, false, true, true, SMSKD_WEIGHT_CONSTANT, 0, 1, false, 0, -3.5f}, rng);
     }
   }
   std::printf(failures ? "%d case(s) FAILED\n" : "all cases passed\n", failures);

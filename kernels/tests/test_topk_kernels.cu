@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstring>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -40,6 +41,7 @@ struct Case {
   smskd_weighting weighting;
   int64_t pad;  // elements before row 0 and after each row: stride = cols + pad
   int threads;  // threads per row; 0: the launcher's choice (GPU only)
+  std::optional<float> grad_scale;  // the gradient's factor; none: NULL
 };
 
 // Inputs as the kernel reads them, and as the oracle sees them (decoded doubles).
@@ -126,6 +128,7 @@ void compare(const Case& k, const Inputs& in, const smskd_loss_rows_topk_args& a
   dense.ref_weight = a.ref_weight, dense.weighting = a.weighting, dense.ignore_index = a.ignore_index;
   const double T2 = double(a.temperature) * a.temperature;
   const double atol = 2e-5 * (1.0 + T2) * std::log(double(k.cols) + 2.0);
+  const double scale = k.grad_scale.value_or(1.0f);  // the gradient is scale times the oracle's, the outputs are not
   int bad = 0;
   for (int64_t i = 0; i < k.rows; ++i) {
     const RowWant w = topk_oracle(in.s[i], k.reference ? &in.r[i] : nullptr, in.target[i], k.target, in.teacher[i],
@@ -138,8 +141,8 @@ void compare(const Case& k, const Inputs& in, const smskd_loss_rows_topk_args& a
     }
     for (int64_t c = 0; c < k.cols; ++c) {
       const double g = decode(k.dtype, grad.data() + (k.pad + i * in.stride + c) * elem);
-      if (!close(g, w.grad[c], 2e-6 * (1.0 + T2), storage_eps(k.dtype)) && bad++ < 6)
-        std::printf("  row %lld grad[%lld]: got %.8g want %.8g\n", (long long)i, (long long)c, g, w.grad[c]);
+      if (!close(g, scale * w.grad[c], 2e-6 * (1.0 + T2) * std::fabs(scale), storage_eps(k.dtype)) && bad++ < 6)
+        std::printf("  row %lld grad[%lld]: got %.8g want %.8g\n", (long long)i, (long long)c, g, scale * w.grad[c]);
     }
   }
   for (int64_t e = 0; e < in.span; ++e) {  // the padding between rows is never written
@@ -147,9 +150,10 @@ void compare(const Case& k, const Inputs& in, const smskd_loss_rows_topk_args& a
     if (!in_row && grad[e * elem] != kUnwritten && bad++ < 6)
       std::printf("  padding element %lld was written\n", (long long)e);
   }
-  std::printf("%s %-4s %-4s rows=%lld cols=%lld k=%lld threads=%d pad=%lld target=%d reference=%d weighting=%d\n",
+  std::printf("%s %-4s %-4s rows=%lld cols=%lld k=%lld threads=%d pad=%lld target=%d reference=%d weighting=%d "
+              "grad_scale=%g\n",
               bad ? "FAIL" : "ok  ", mode, name_of(k.dtype), (long long)k.rows, (long long)k.cols, (long long)k.k,
-              k.threads, (long long)k.pad, k.target, k.reference, int(k.weighting));
+              k.threads, (long long)k.pad, k.target, k.reference, int(k.weighting), scale);
   if (bad) ++failures;
 }
 
@@ -169,6 +173,7 @@ void run_host(const Case& k, Inputs& in, smskd_loss_rows_topk_args a) {
   prm.temperature = a.temperature, prm.ce_weight = a.ce_weight, prm.kd_weight = a.kd_weight;
   prm.ref_weight = a.ref_weight, prm.weighting = a.weighting, prm.ignore_index = a.ignore_index;
   prm.vectorized = true;  // every buffer's rows share their offset modulo 16 bytes
+  prm.grad_scale = k.grad_scale ? &*k.grad_scale : nullptr;
   const T* s = reinterpret_cast<const T*>(in.s_raw.data()) + k.pad;
   const T* r = k.reference ? reinterpret_cast<const T*>(in.r_raw.data()) + k.pad : nullptr;
   smskd::emulation::emulate_topk_rows<T>(k.threads, prm, s, r, reinterpret_cast<T*>(grad.data()) + k.pad);
@@ -179,7 +184,8 @@ void run_gpu(const Case& k, Inputs& in, smskd_loss_rows_topk_args a) {
   const size_t elem = bytes_of(k.dtype);
   const DeviceBuffer s(in.s_raw), r(in.r_raw), y(in.target), values(in.values), indices(in.indices), mask(in.mask),
       true_logit(in.true_logit), lse(in.lse), lse_t(in.lse_t), out(std::vector<float>(kPerRowOutputs * k.rows)),
-      grad(std::vector<unsigned char>(in.span * elem, kUnwritten));
+      grad(std::vector<unsigned char>(in.span * elem, kUnwritten)),
+      scale(std::vector<float>{k.grad_scale.value_or(1.0f)});
   a.student = s.as<unsigned char>() + k.pad * elem;
   a.reference = k.reference ? r.as<unsigned char>() + k.pad * elem : nullptr;
   a.target = k.target ? y.as<int64_t>() : nullptr;
@@ -187,6 +193,7 @@ void run_gpu(const Case& k, Inputs& in, smskd_loss_rows_topk_args a) {
   a.true_logit = true_logit.as<float>(), a.log_sum_exp = lse.as<float>();
   a.log_sum_exp_at_temperature = lse_t.as<float>();
   a.grad = grad.as<unsigned char>() + k.pad * elem;
+  a.grad_scale = k.grad_scale ? scale.as<float>() : nullptr;
   float* o = out.as<float>();
   point_per_row_outputs(a, o, k.rows);
   CHECK_CUDA(smskd_loss_rows_topk_launch(&a, nullptr));
@@ -298,6 +305,8 @@ int main(int argc, char** argv) {
                                            : std::vector<int>{0, 8, 16, 32, 256, 512};
   const int64_t kPads[] = {0, 1, 3};  // odd paddings misalign the rows' packs
   int index = 0;
+  // grad_scale in turn: none (NULL), powers of two, a mean's 1/3, a factor above 1.
+  const std::optional<float> scales[] = {std::nullopt, 0.25f, 1.0f / 3.0f, -0.5f, 3.5f};
   for (smskd_dtype dtype : {SMSKD_FLOAT32, SMSKD_BFLOAT16, SMSKD_FLOAT16})
     for (int64_t cols : cols_grid) {
       std::vector<int64_t> ks = {1, std::min<int64_t>(cols, 40)};
@@ -306,8 +315,10 @@ int main(int argc, char** argv) {
       for (int64_t k : ks)
         for (const InputSet& in : inputs)
           for (int threads : layouts) {
-            const int64_t pad = kPads[index++ % 3];
-            run_case({dtype, cols > 5000 ? 3 : 6, cols, k, in.target, in.reference, in.weighting, pad, threads},
+            const int64_t pad = kPads[index % 3];
+            const std::optional<float> grad_scale = scales[index++ % 5];
+            run_case({dtype, cols > 5000 ? 3 : 6, cols, k, in.target, in.reference, in.weighting, pad, threads,
+                      grad_scale},
                      host, rng);
           }
     }

@@ -51,13 +51,14 @@ void emulate(const TopKParams& prm, const T* student, const T* reference, T* gra
     const TopKRowResult res =
         math.finish(st, ks, s_y, kTarget ? prm.true_logit[row] : 0.0f, kTarget ? prm.lse[row] : 0.0f, prm);
     store_topk_row(prm, row, res);
+    const TopKRowResult scaled = with_gradient_scale(res, gradient_scale(prm, true));  // prm.grad_scale: host memory
     for (int lane = 0; lane < kThreads; ++lane) {
       const RowSweep<T, kThreads> sweep(math.s_row, prm.cols, prm.vectorized, lane);
       sweep.run(prm.cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
-        math.template gradient<decltype(packs)::value, decltype(n)::value>(res, g_row, y, c, stride);
+        math.template gradient<decltype(packs)::value, decltype(n)::value>(scaled, g_row, y, c, stride);
       });
     }
-    for (int lane = 0; lane < kThreads; ++lane) math.scatter_kept(res, g_row, y, lane, kThreads);
+    for (int lane = 0; lane < kThreads; ++lane) math.scatter_kept(scaled, g_row, y, lane, kThreads);
   }
 }
 

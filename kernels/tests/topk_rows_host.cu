@@ -6,7 +6,8 @@
 //
 // DIR/meta.txt: rows cols k dtype(0 f32, 1 bf16, 2 f16) has_target has_reference
 //   temperature ce_weight kd_weight ref_weight weighting(0 inverse_tcp, 1 tcp, 2 constant)
-//   ignore_index pad vectorized
+//   ignore_index pad vectorized [grad_scale]
+// (a 15th field: the gradient's factor, passed as TopKParams::grad_scale; absent: NULL)
 // DIR/{student,reference}.bin: rows x cols raw dtype; target.bin, indices.bin: int64;
 // values.bin (rows x k), true_logit.bin, lse.bin, lse_t.bin (rows): float32.
 // Rows are laid out with stride cols + pad, the first at element pad of a
@@ -37,6 +38,8 @@ struct Meta {
   int weighting;
   long long ignore_index, pad;
   int vectorized;
+  bool has_grad_scale;
+  float grad_scale;
 };
 
 std::vector<unsigned char> read_file(const std::string& path, size_t bytes) {
@@ -121,6 +124,7 @@ void run(const std::string& dir, const Meta& m) {
   prm.temperature = m.temperature, prm.ce_weight = m.ce_weight, prm.kd_weight = m.kd_weight;
   prm.ref_weight = m.ref_weight, prm.weighting = static_cast<smskd_weighting>(m.weighting);
   prm.ignore_index = m.ignore_index, prm.vectorized = m.vectorized != 0;
+  prm.grad_scale = m.has_grad_scale ? &m.grad_scale : nullptr;
 
   const T* s = reinterpret_cast<const T*>(student.at(0));
   const T* r = m.has_reference ? reinterpret_cast<const T*>(reference.at(0)) : nullptr;
@@ -146,12 +150,16 @@ int main(int argc, char** argv) {
   const std::string dir = argv[1];
   Meta m{};
   FILE* f = std::fopen((dir + "/meta.txt").c_str(), "r");
-  if (!f || std::fscanf(f, "%lld %lld %lld %d %d %d %f %f %f %f %d %lld %lld %d", &m.rows, &m.cols, &m.k, &m.dtype,
-                        &m.has_target, &m.has_reference, &m.temperature, &m.ce_weight, &m.kd_weight, &m.ref_weight,
-                        &m.weighting, &m.ignore_index, &m.pad, &m.vectorized) != 14) {
+  const int fields = f ? std::fscanf(f, "%lld %lld %lld %d %d %d %f %f %f %f %d %lld %lld %d %f", &m.rows, &m.cols,
+                                     &m.k, &m.dtype, &m.has_target, &m.has_reference, &m.temperature, &m.ce_weight,
+                                     &m.kd_weight, &m.ref_weight, &m.weighting, &m.ignore_index, &m.pad,
+                                     &m.vectorized, &m.grad_scale)
+                       : 0;
+  if (fields != 14 && fields != 15) {
     std::fprintf(stderr, "cannot parse %s/meta.txt\n", dir.c_str());
     return 2;
   }
+  m.has_grad_scale = fields == 15;
   std::fclose(f);
   if (m.dtype == 0) run<float>(dir, m);
   if (m.dtype == 1) run<__nv_bfloat16>(dir, m);

@@ -71,7 +71,8 @@ SMSKD_HD void store_pack(T* p, const float (&in)[N]) {
 // Softmax statistics of one logits stream x over part of a row, at temperature
 // 1 and at T, sharing one running maximum (max(x/T) = max(x)/T since T > 0):
 //   sum1 = sum_c exp(x_c - max),  sumT = sum_c exp((x_c - max)/T),
-//   dot  = sum_c exp((x_c - max)/T) * d_c  for a companion d (here (x_c - s_c)/T),
+//   dot  = sum_c exp((x_c - max)/T) * d_c  for a companion d (here x_c - s_c, not yet
+//          divided by T: finish() scales once per row),
 // so lse(x) = max + log(sum1), lse(x/T) = max/T + log(sumT) and
 // sum_c softmax(x/T)_c d_c = dot / sumT. Exponentials are exp2 of pre-scaled
 // arguments (k1 = log2 e, kT = log2 e / T). Which sums are kept is a template
@@ -322,12 +323,12 @@ struct RowMath {
     add_values<Need::kStudent1, Need::kStudentT, false>(st.s, s, d, k1, kT);
     if (kTeacher) {
 #pragma unroll
-      for (int k = 0; k < M; ++k) d[k] = (t[k] - s[k]) * invT;
+      for (int k = 0; k < M; ++k) d[k] = t[k] - s[k];  // scaled by 1/T in finish()
       add_values<Need::kTeacher1, true, true>(st.t, t, d, k1, kT);
     }
     if (kRef) {
 #pragma unroll
-      for (int k = 0; k < M; ++k) d[k] = (r[k] - s[k]) * invT;
+      for (int k = 0; k < M; ++k) d[k] = r[k] - s[k];
       add_values<false, true, true>(st.r, r, d, k1, kT);
     }
   }
@@ -336,7 +337,11 @@ struct RowMath {
   // written relative to the streams' maxima, lse(x/T) = max/T + log(sumT), and differences of
   // maxima are formed before any scaling: the rounding then scales with |x - max| (not |x|),
   // and a row with one class (sums exactly 1, logits equal to their maxima) gives exactly 0
-  // for every term and for the gradient, as softmax = 1 does in exact arithmetic.
+  // for every term and for the gradient, as softmax = 1 does in exact arithmetic. The KL
+  // terms add the unscaled sum_c p_c (x_c - s_c) to max_s - max_x before the one scaling by
+  // 1/T: with one class that sum is fl(x - s) + fl(s - x) = 0 whatever nvcc fuses into an
+  // FFMA (it contracts a + b * invT by default, which with a = fl((x - s) * invT) would leave
+  // the product's rounding error).
   SMSKD_HD RowResult finish(const RowStats& st, float s_y, float t_y, const Params& prm) const {
     RowResult res;
     const float T2 = temperature * temperature;
@@ -349,8 +354,9 @@ struct RowMath {
     res.log2_rT = kRef ? log2f(st.r.sumT) : 0.0f;
     res.ce = kTarget ? (res.max_s - s_y) + res.log2_s * kLn2 : 0.0f;
     res.tcp = Need::kTeacher1 ? exp2f(fmaf(t_y - res.max_t, k1, -log2f(st.t.sum1))) : 0.0f;
-    // KL(p||q) = sum_c p_c (x_c - s_c)/T - lse(x/T) + lse(s/T), the sum being dot / sumT
-    res.kd = kTeacher ? T2 * (st.t.dot / st.t.sumT + (res.max_s - res.max_t) * invT +
+    // KL(p||q) = [sum_c p_c (x_c - s_c) + max_s - max_x] / T + log(sumT_s) - log(sumT_x), the sum
+    // being dot / sumT
+    res.kd = kTeacher ? T2 * ((st.t.dot / st.t.sumT + (res.max_s - res.max_t)) * invT +
                               (res.log2_sT - res.log2_tT) * kLn2)
                       : 0.0f;
     if (prm.weighting == SMSKD_WEIGHT_CONSTANT) {
@@ -358,7 +364,7 @@ struct RowMath {
     } else if (Need::kTeacher1) {
       res.weight = prm.weighting == SMSKD_WEIGHT_TCP ? res.tcp : 1.0f - res.tcp;
     }
-    res.ref = kRef ? T2 * res.weight * (st.r.dot / st.r.sumT + (res.max_s - res.max_r) * invT +
+    res.ref = kRef ? T2 * res.weight * ((st.r.dot / st.r.sumT + (res.max_s - res.max_r)) * invT +
                                         (res.log2_sT - res.log2_rT) * kLn2)
                    : 0.0f;
     res.loss = prm.ce_weight * res.ce + prm.kd_weight * res.kd + prm.ref_weight * res.ref;

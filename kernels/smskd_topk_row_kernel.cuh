@@ -15,6 +15,11 @@
 //      times the launch's grad_scale, folded into the coefficients once per row.
 // No PyTorch dependency; the per-thread arithmetic (TopKRowMath) is host and
 // device code, tested on the CPU by kernels/tests/topk_rows_host.cu.
+//
+// As in the dense kernel, the student's and reference's terms are written relative to
+// their maxima (log q_c = (s_c - max)/T - log sumT, not s_c/T - lse(s/T)), and a KL sum is
+// scaled by 1/T once, after the difference of maxima is added to it: a row with one class
+// then gives exactly 0 for every term and the gradient, whatever nvcc fuses into an FFMA.
 #pragma once
 
 #include "smskd_row_kernel.cuh"
@@ -54,7 +59,8 @@ struct KeptStats {
   float mass = 0.0f;
 };
 
-// Per-row outputs and what the gradient needs.
+// Per-row outputs and what the gradient needs: its coefficients, the student's and reference's
+// maxima and the log2 of their sums, so that softmax(s/T)_j = exp2((s_j - max_s) kT - log2_sT).
 struct TopKRowResult {
 #define SMSKD_RESULT_FIELD(name) float name = 0.0f;
   SMSKD_PER_ROW_OUTPUTS(SMSKD_RESULT_FIELD)  // the per-row outputs
@@ -62,8 +68,19 @@ struct TopKRowResult {
   float a = 0.0f, b = 0.0f, g = 0.0f;  // ce_w, kd_w T, ref_w T w (times grad_scale: with_gradient_scale)
   float total_mass = 0.0f;             // kept mass + p_rest
   float p_rest = 0.0f;
-  float off_s = 0.0f, off_sT = 0.0f, off_rT = 0.0f, off_rest = 0.0f;  // log-sum-exps * log2 e
+  float max_s = 0.0f, max_r = 0.0f;
+  float log2_s = 0.0f, log2_sT = 0.0f, log2_rT = 0.0f, log2_rest = 0.0f;  // log2 of sum1, sumT, R
 };
+
+// a / b correctly rounded on the device too, whatever --use_fast_math makes of `/`: log p_c =
+// v_c/T - lse_t must use the v_c/T that topk.py's lse_t was formed from (0 for one kept class).
+SMSKD_HD float divide_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
 
 SMSKD_HD int64_t clamp_class(int64_t index, int64_t cols) { return index < 0 ? 0 : index >= cols ? cols - 1 : index; }
 
@@ -147,26 +164,24 @@ struct TopKRowMath {
     if (kRef) {
       load_chunk<P, N>(r_row, c, stride, r);
 #pragma unroll
-      for (int e = 0; e < M; ++e) d[e] = (r[e] - s[e]) * invT;
+      for (int e = 0; e < M; ++e) d[e] = r[e] - s[e];  // scaled by 1/T in finish()
       add_values<false, true, true>(st.r, r, d, k1, kT);
     }
   }
 
-  SMSKD_HD float lse_sT(const TopKRowStats& st) const { return st.s.max * invT + logf(st.s.sumT); }
-
   // log p_c of kept entry c and its clamped class.
-  SMSKD_HD float log_p(int64_t c) const { return values_row[c] / temperature - lse_t; }
+  SMSKD_HD float log_p(int64_t c) const { return divide_rn(values_row[c], temperature) - lse_t; }
   SMSKD_HD int64_t kept_class(int64_t c) const { return clamp_class(indices_row[c], cols); }
 
   // Gather B: kept entries lane, lane + threads, ... of the row, given the merged sweep A.
   SMSKD_HD void gather(KeptStats& ks, const TopKRowStats& st, int lane, int threads) const {
-    const float lse_q = lse_sT(st);
+    const float log_sumT = logf(st.s.sumT);
     for (int64_t c = lane; c < k; c += threads) {
       const float lp[1] = {log_p(c)};
       add_values<true, false, false>(ks.lse, lp, lp, k1, kT);
       const float p = expf(lp[0]);
       if (p != 0.0f) {  // p = 0 adds nothing; NaN propagates, as in topk.py
-        const float log_q = to_float(s_row[kept_class(c)]) * invT - lse_q;
+        const float log_q = (to_float(s_row[kept_class(c)]) - st.s.max) * invT - log_sumT;
         ks.kl += p * (lp[0] - log_q);
         ks.mass += p;
       }
@@ -178,17 +193,19 @@ struct TopKRowMath {
                                 float lse_teacher, const TopKParams& prm) const {
     TopKRowResult res;
     const float T2 = temperature * temperature;
-    const float lse_s = kTarget ? st.s.max + logf(st.s.sum1) : 0.0f;
-    const float lse_q = lse_sT(st);
-    res.ce = kTarget ? lse_s - s_y : 0.0f;
+    res.max_s = st.s.max;
+    res.max_r = kRef ? st.r.max : 0.0f;
+    res.log2_s = kTarget ? log2f(st.s.sum1) : 0.0f;
+    res.log2_sT = log2f(st.s.sumT);
+    res.log2_rT = kRef ? log2f(st.r.sumT) : 0.0f;
+    res.ce = kTarget ? (res.max_s - s_y) + res.log2_s * kLn2 : 0.0f;
     float rest_kl = 0.0f;
     if (k < cols) {
       const float log_kept = ks.lse.max + logf(ks.lse.sum1);
       res.p_rest = fmaxf(-expm1f(log_kept), 0.0f);
       if (res.p_rest > 0.0f) {
-        const float lse_rest = st.s.max * invT + logf(st.s.dot);  // log sum_{j not kept} exp(s_j/T); -inf if R = 0
-        rest_kl = res.p_rest * (logf(res.p_rest) - (lse_rest - lse_q));
-        res.off_rest = lse_rest * kLog2e;
+        res.log2_rest = log2f(st.s.dot);  // R = sum_{j not kept} exp((s_j - max)/T); -inf if R = 0
+        rest_kl = res.p_rest * (logf(res.p_rest) - (res.log2_rest - res.log2_sT) * kLn2);  // log q_rest
       }
     }
     res.kd = T2 * (ks.kl + rest_kl);
@@ -198,25 +215,25 @@ struct TopKRowMath {
     } else if (kTarget) {
       res.weight = prm.weighting == SMSKD_WEIGHT_TCP ? res.tcp : 1.0f - res.tcp;
     }
-    const float lse_rT = kRef ? st.r.max * invT + logf(st.r.sumT) : 0.0f;
-    res.ref = kRef ? T2 * res.weight * (st.r.dot / st.r.sumT - lse_rT + lse_q) : 0.0f;
+    // KL(p_r||q) = [sum_c p_r,c (r_c - s_c) + max_s - max_r] / T + log(sumT_s) - log(sumT_r)
+    res.ref = kRef ? T2 * res.weight * ((st.r.dot / st.r.sumT + (res.max_s - res.max_r)) * invT +
+                                        (res.log2_sT - res.log2_rT) * kLn2)
+                   : 0.0f;
     res.loss = prm.ce_weight * res.ce + prm.kd_weight * res.kd + prm.ref_weight * res.ref;
     res.a = kTarget ? prm.ce_weight : 0.0f;
     res.b = temperature * prm.kd_weight;
     res.g = kRef ? temperature * prm.ref_weight * res.weight : 0.0f;
     res.total_mass = ks.mass + res.p_rest;
-    res.off_s = lse_s * kLog2e;
-    res.off_sT = lse_q * kLog2e;
-    res.off_rT = lse_rT * kLog2e;
     return res;
   }
 
   // d loss / d s_j given s_j, r_j and the teacher's p~_j.
   SMSKD_HD float gradient_at(const TopKRowResult& res, float s, float r, bool is_target, float p_tilde) const {
-    const float q = exp2f(fmaf(s, kT, -res.off_sT));
+    const float zs = s - res.max_s;
+    const float q = exp2f(fmaf(zs, kT, -res.log2_sT));
     float v = res.b * (q * res.total_mass - p_tilde);
-    if (kTarget) v += res.a * (exp2f(fmaf(s, k1, -res.off_s)) - (is_target ? 1.0f : 0.0f));
-    if (kRef) v += res.g * (q - exp2f(fmaf(r, kT, -res.off_rT)));
+    if (kTarget) v += res.a * (exp2f(fmaf(zs, k1, -res.log2_s)) - (is_target ? 1.0f : 0.0f));
+    if (kRef) v += res.g * (q - exp2f(fmaf(r - res.max_r, kT, -res.log2_rT)));
     return v;
   }
 
@@ -230,7 +247,8 @@ struct TopKRowMath {
 #pragma unroll
     for (int e = 0; e < M; ++e) {
       const int64_t column = c + (e / N) * stride + (e % N);
-      const float p_tilde = res.p_rest > 0.0f ? res.p_rest * exp2f(fmaf(s[e], kT, -res.off_rest)) : 0.0f;
+      const float p_tilde =
+          res.p_rest > 0.0f ? res.p_rest * exp2f(fmaf(s[e] - res.max_s, kT, -res.log2_rest)) : 0.0f;
       out[e] = gradient_at(res, s[e], kRef ? r[e] : 0.0f, kTarget && column == y, p_tilde);
     }
     store_chunk<P, N>(g_row, c, stride, out);

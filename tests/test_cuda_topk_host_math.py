@@ -5,8 +5,9 @@ runs kernels/smskd_topk_row_kernel.cuh's per-thread work for every thread of a
 row in turn, with the merges the shuffles and shared memory do, for every row
 layout (8, 16, 32, 256, 512 threads per row), on inputs written here; the
 outputs must match tests/topk_cases.py's float64 reference. Warp shuffles,
-barriers and the launch itself need a GPU (tests/test_cuda_topk.py). Skipped
-without nvcc.
+barriers and the launch itself need a GPU (tests/test_cuda_topk.py). One-class rows
+must give exact zeros, also from a build whose host compiler contracts multiply-adds into FMA
+as nvcc does on the device. Skipped without nvcc.
 """
 from __future__ import annotations
 
@@ -41,13 +42,35 @@ SHAPES = ((5, 1, 1), (6, 7, 3), (6, 7, 7), (5, 100, 10), (4, 129, 40), (4, 513, 
 INPUTS = ((True, True, "inverse_tcp"), (True, False, "tcp"), (False, True, "constant"), (False, False, "constant"))
 
 
+# g++ fuses a * b + c into one rounding only with FMA instructions enabled and contraction allowed.
+CONTRACT = ["-Xcompiler", "-mfma", "-Xcompiler", "-ffp-contract=fast"]
+
+
+def build_host_binary(directory, flags=()):
+    binary = directory / "topk_rows_host"
+    kernels = os.path.join(ROOT, "kernels")
+    subprocess.run([NVCC, "-std=c++17", "-O2", *flags, "-I", kernels,
+                    os.path.join(kernels, "tests", "topk_rows_host.cu"), "-o", str(binary)],
+                   check=True, capture_output=True, text=True)
+    return binary
+
+
 @pytest.fixture(scope="module")
 def host_binary(tmp_path_factory):
-    binary = tmp_path_factory.mktemp("topk_host") / "topk_rows_host"
-    kernels = os.path.join(ROOT, "kernels")
-    subprocess.run([NVCC, "-std=c++17", "-O2", "-I", kernels, os.path.join(kernels, "tests", "topk_rows_host.cu"),
-                    "-o", str(binary)], check=True, capture_output=True, text=True)
-    return binary
+    return build_host_binary(tmp_path_factory.mktemp("topk_host"))
+
+
+@pytest.fixture(scope="module")
+def contracted_host_binary(tmp_path_factory):
+    """The same built with FMA contraction (nvcc's device default), or a skip on a CPU without FMA."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            has_fma = any(line.startswith("flags") and " fma " in line + " " for line in f)
+    except OSError:
+        has_fma = False
+    if not has_fma:
+        pytest.skip("no FMA instructions on this CPU (or no /proc/cpuinfo to tell)")
+    return build_host_binary(tmp_path_factory.mktemp("topk_host_fma"), CONTRACT)
 
 
 def raw(tensor):
@@ -164,6 +187,32 @@ def test_grad_scale_scales_the_gradient_and_nothing_else(host_binary, tmp_path, 
             want = grad0.double() * scale
             normal = torch.minimum(want.abs(), grad0.double().abs()) > torch.finfo(dtype).tiny
             assert torch.equal(grad1.double()[normal], want[normal]), what
+
+
+@pytest.mark.parametrize("contracted", [False, True], ids=["plain", "fma-contracted"])
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
+def test_one_class_rows_give_exact_zeros(request, tmp_path, dtype, contracted):
+    """C = k = 1: softmax is exactly 1, so every loss term and the gradient are exactly 0 (and the
+    teacher's true-class probability exactly 1), for every input combination, layout and a temperature
+    whose reciprocal is not a power of two, whether or not multiply-adds are contracted."""
+    binary = request.getfixturevalue("contracted_host_binary" if contracted else "host_binary")
+    for temperature in (1.0, 2.5, 4.0):
+        for index, (with_target, with_reference, weighting) in enumerate(INPUTS):
+            options = LossOptions(temperature=temperature, ce_weight=0.3, kd_weight=0.9, ref_weight=0.7,
+                                  weighting=weighting)
+            student, target, topk, reference = make_inputs(5, 1, 1, dtype, seed=index, temperature=temperature,
+                                                           with_target=with_target, with_reference=with_reference)
+            outputs = run_host(binary, tmp_path / f"t{temperature}_{index}", student, target, topk, reference,
+                               options, pad=index % 2, vectorized=True)
+            for threads, (per_row, grad) in outputs.items():
+                what = f"T={temperature} target={with_target} reference={with_reference} {threads} threads/row"
+                for name in ("loss", "ce", "kd", "ref"):
+                    value = per_row[FIELDS.index(name)]
+                    assert torch.count_nonzero(value) == 0, f"{what}: {name} {value.tolist()}"
+                assert torch.count_nonzero(grad) == 0, f"{what}: grad {grad.flatten().tolist()}"
+                if target is not None:
+                    tcp = per_row[FIELDS.index("tcp")][target != options.ignore_index]
+                    assert bool((tcp == 1).all()), f"{what}: tcp {tcp.tolist()}"
 
 
 def test_no_rest_mass_and_masked_student_classes(host_binary, tmp_path):

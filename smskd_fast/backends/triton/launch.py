@@ -153,6 +153,7 @@ def launch_rows(
     weighting: str,
     ignore_index: int,
     compute_grad: bool,
+    grad_scale: Optional[torch.Tensor] = None,
     grad_out: Optional[torch.Tensor] = None,
     config: Optional[OnlineConfig] = None,
     wrap=lambda kernel: kernel,
@@ -160,6 +161,8 @@ def launch_rows(
     """Runs the fused kernel on (N, C) rows; returns (loss, ce, kd, ref, tcp, weight, grad).
 
     Logits are fp32, bf16 or fp16 with unit column stride; per-row outputs are fp32.
+    grad_scale, a one-element fp32 tensor on the logits' device or None, multiplies
+    the gradient written (read by the kernel: no host synchronisation).
     grad_out, when given, receives the gradient (it may be the student itself: each
     program reads a block before it writes it). config forces an online
     configuration (benchmark sweeps). wrap is torch.library.wrap_triton inside
@@ -177,6 +180,7 @@ def launch_rows(
         dummy if reference is None else reference,
         dummy if target is None else target,
         grad if compute_grad else dummy,
+        dummy if grad_scale is None else grad_scale,
         *per_row,
     )
     strides = (
@@ -193,6 +197,7 @@ def launch_rows(
         HAS_REFERENCE=reference is not None,
         WEIGHTING=schema.WEIGHTING_CODES[weighting],
         COMPUTE_GRAD=bool(compute_grad),
+        HAS_GRAD_SCALE=grad_scale is not None,
     )
     if config is None and num_classes <= TILE_MAX_C:
         tile = tile_config(num_classes)

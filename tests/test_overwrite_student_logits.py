@@ -21,8 +21,9 @@ pytestmark = pytest.mark.skipif(not extension_loaded(), reason="smskd_fast._C is
 
 
 def closed_form_inplace(student, target, teacher, reference, temperature, ce_weight, kd_weight, ref_weight,
-                        weighting, ignore_index):
-    """SPEC.md section 2's gradient written over student; the per-row terms from the reference backend."""
+                        weighting, ignore_index, grad_scale=None):
+    """SPEC.md section 2's gradient (times grad_scale) written over student; the per-row terms from the
+    reference backend."""
     options = LossOptions(temperature, ce_weight, kd_weight, ref_weight, weighting, ignore_index)
     rows = ReferenceBackend().rows(RowInputs(student.detach(), target, teacher, reference), options)
     T = temperature
@@ -33,6 +34,8 @@ def closed_form_inplace(student, target, teacher, reference, temperature, ce_wei
     grad = ce_weight * (F.softmax(s, dim=-1) - onehot)
     grad += T * kd_weight * (q - F.softmax(teacher.double() / T, dim=-1))
     grad += T * ref_weight * rows.weight.double().unsqueeze(-1) * (q - F.softmax(reference.double() / T, dim=-1))
+    if grad_scale is not None:
+        grad *= grad_scale
     student.copy_(torch.where(valid, grad, 0.0))
     return tuple(x.detach().clone() for x in (rows.loss, rows.ce, rows.kd, rows.ref, rows.tcp, rows.weight))
 
@@ -63,14 +66,17 @@ def reference_gradient(student, target, teacher, reference, v):
     return rows.loss.detach(), x.grad
 
 
-def test_gradient_lands_in_the_logits_and_matches_the_reference(cpu_inplace_op):
+@pytest.mark.parametrize("grad_scale", [None, 0.2])
+def test_gradient_lands_in_the_logits_and_matches_the_reference(cpu_inplace_op, grad_scale):
+    """With grad_scale the forward writes grad_scale times the gradient and backward divides it out again."""
     student, target, teacher, reference = make_inputs()
     v = torch.linspace(0.5, 1.5, student.shape[0], dtype=torch.float64)
     want_loss, want_grad = reference_gradient(student, target, teacher, reference, v)
 
     leaf = student.clone().requires_grad_(True)
     logits = leaf * 1  # a non-leaf, as an lm head's output
-    loss, *_ = GradientInStudent.apply(logits, target, teacher, reference, OPTIONS)
+    scale = None if grad_scale is None else torch.tensor(grad_scale, dtype=torch.float64)
+    loss, *_ = GradientInStudent.apply(logits, target, teacher, reference, scale, OPTIONS)
     torch.testing.assert_close(loss, want_loss)
     assert not torch.equal(logits.detach(), student)  # overwritten by the forward
     (loss * v).sum().backward()
@@ -81,7 +87,7 @@ def test_gradient_lands_in_the_logits_and_matches_the_reference(cpu_inplace_op):
 def test_second_backward_is_refused(cpu_inplace_op):
     student, target, teacher, reference = make_inputs()
     logits = student.clone().requires_grad_(True) * 1
-    loss = GradientInStudent.apply(logits, target, teacher, reference, OPTIONS)[0].sum()
+    loss = GradientInStudent.apply(logits, target, teacher, reference, None, OPTIONS)[0].sum()
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
@@ -92,6 +98,6 @@ def test_a_saved_use_of_the_overwritten_logits_is_refused(cpu_inplace_op):
     student, target, teacher, reference = make_inputs()
     logits = student.clone().requires_grad_(True) * 1
     saved_by_sin = logits.sin().sum()  # sin saves its input for backward
-    loss = GradientInStudent.apply(logits, target, teacher, reference, OPTIONS)[0].sum()
+    loss = GradientInStudent.apply(logits, target, teacher, reference, None, OPTIONS)[0].sum()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (loss + saved_by_sin).backward()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import smskd_fast
-from closed_form import lse, softmax
+from closed_form import softmax
 from conftest import make_logits
 from gpu_child import assert_fails_loudly, run_child
 from smskd_fast.backends.topk import TopKTeacher

@@ -134,7 +134,6 @@ def copy_bandwidth(device: str) -> float:
     source = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     ms = do_bench(lambda: target.copy_(source), warmup=25, rep=200, return_mode="median")
-    del source, target
     return 2 * (1 << 30) / (ms * 1e-3) / 1e9
 
 
@@ -148,10 +147,10 @@ def make_inputs(n: int, c: int, dtype: torch.dtype, device: str):
 def measure(name: str, loss_fn: Callable, n: int, c: int, dtype: torch.dtype, device: str, timer: Timer) -> Dict:
     """One grid point; errors (out of memory included) are recorded, and the memory is released."""
     row = {"impl": name, "N": n, "C": c, "dtype": str(dtype).replace("torch.", "")}
-    return _recorded(row, device, lambda: _time_one(loss_fn, n, c, dtype, device, timer))
+    return recorded(row, device, lambda: _time_one(loss_fn, n, c, dtype, device, timer))
 
 
-def _recorded(row: Dict, device: str, time_it: Callable[[], Dict]) -> Dict:
+def recorded(row: Dict, device: str, time_it: Callable[[], Dict]) -> Dict:
     """row with time_it()'s figures, or the error that stopped it (the grid goes on); the memory is released."""
     try:
         row.update(time_it())
@@ -208,7 +207,7 @@ def sweep_online_configs(c: int, dtype: torch.dtype, device: str, timer: Timer, 
 def measure_topk(impl: str, n: int, c: int, dtype: torch.dtype, device: str, timer: Timer) -> Dict:
     """Forward+backward of the loss with the teacher in top-k form (or dense, for triton_dense)."""
     row = {"impl": impl, "N": n, "C": c, "k": TOPK_K, "dtype": str(dtype).replace("torch.", "")}
-    return _recorded(row, device, lambda: _time_topk(impl, n, c, dtype, device, timer))
+    return recorded(row, device, lambda: _time_topk(impl, n, c, dtype, device, timer))
 
 
 def _time_topk(impl: str, n: int, c: int, dtype: torch.dtype, device: str, timer: Timer) -> Dict:

@@ -13,10 +13,12 @@
 #    which also appends one line per test outcome, with the failure's first lines, to
 #    $OUT/test_progress.txt as the run goes: a run cut by the time box still says what failed
 #    and why. The whole pytest step gets SIGINT at its budget, so the junit file is still written;
-# 3. issue 17's speed table (benchmarks/gpu/speed_of_light.py: eager, torch.compile, Liger, cuda,
+# 3. benchmarks/gpu/backward_skip.py (<= 40 s): fwd+bwd of the mean with grad_output 1 against 0.5,
+#    i.e. what folding the mean's 1/n into the forward gradient saves, in one run;
+# 4. issue 17's speed table (benchmarks/gpu/speed_of_light.py: eager, torch.compile, Liger, cuda,
 #    triton, dense and top-k, % of copy bandwidth, missed targets) in the time that is left.
-# Writes to $OUT (default benchmarks/results/gpu_<date>), 5 files (the device tool returns at
-# most 8): run_all.log, test_progress.txt, tests.xml, speed_of_light.json, speed_of_light.md.
+# Writes to $OUT (default benchmarks/results/gpu_<date>), 7 files (the device tool returns at
+# most 8): run_all.log, test_progress.txt, tests.xml, backward_skip.{json,md}, speed_of_light.{json,md}.
 # (benchmarks/gpu/bench_grid.py, the wider grid with the online-config sweep, runs on its own.) Wheels in .whl/ are installed to /tmp/site first: expecttest (for
 # torch.testing helpers that import it; opcheck itself does not), liger-kernel (the Liger
 # column of the table). Fill .whl/ on a machine with an index:
@@ -92,6 +94,13 @@ echo "outcomes per file (from $PROGRESS):"
 awk '$1 !~ /^#/ { split($4, id, "::"); n[id[1] " " $1]++ } END { for (k in n) print n[k], k }' "$PROGRESS" 2>/dev/null \
   | sort -k2,2 -k3,3 | awk '{ printf "  %-45s %-8s %5d\n", $2, $3, $1 }'
 grep -E "^(FAILED|ERROR)" "$PROGRESS" 2>/dev/null | cut -c1-400 | head -n 60
+
+step "what the fold of the mean's 1/n saves (benchmarks/gpu/backward_skip.py, <= 40 s)"
+if [ -n "$ARCH" ]; then
+  timeout -k 5 60 $PY benchmarks/gpu/backward_skip.py --out "$OUT" --deadline 40 || echo "backward_skip failed or timed out"
+else
+  echo "skipped: no GPU (benchmarks/gpu/backward_skip.py --dry-run runs it on the CPU)"
+fi
 
 step "speed table (benchmarks/gpu/speed_of_light.py)"
 if [ -n "$ARCH" ]; then

@@ -47,6 +47,8 @@ struct LossRowsArgs {
   void* per_row[SMSKD_NUM_PER_ROW_OUTPUTS] = {};
   // (rows, classes) contiguous gradient in the input's type; nullptr for none.
   void* grad = nullptr;
+  // The gradient written is grad_scale * d loss_i / d student_i (the op's grad_scale).
+  double grad_scale = 1.0;
 };
 
 // The teacher in the top-k form (smskd_fast/backends/topk.py) for loss_rows_topk_kernel,

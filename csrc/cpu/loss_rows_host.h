@@ -9,6 +9,7 @@
 #include <cmath>
 #include <string>
 
+#include "grad_scale_arg.h"
 #include "loss_rows_args.h"
 #include "op_outputs.h"
 
@@ -87,8 +88,11 @@ inline void set_loss_scalars(LossRowsArgs& args, double temperature, double ce_w
 
 // Allocates the outputs (per-row ones in the accumulation type: float64 for a
 // float64 student, else float32; grad (N, C) or (0, C) in the student's dtype)
-// and points args at them.
-inline LossRowsResult allocate_outputs(LossRowsArgs& args, const at::Tensor& student, bool compute_grad) {
+// and points args at them and at the checked grad_scale.
+inline LossRowsResult allocate_outputs(LossRowsArgs& args, const at::Tensor& student, bool compute_grad,
+                                       const std::optional<at::Tensor>& grad_scale, const char* op) {
+  check_grad_scale(grad_scale, student, op);
+  if (compute_grad && grad_scale.has_value()) args.grad_scale = grad_scale->item<double>();  // a CPU value
   const auto accumulation = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const PerRowOutputs per_row = empty_per_row_outputs(args.rows, student.options().dtype(accumulation));
   for (size_t k = 0; k < per_row.size(); ++k) args.per_row[k] = per_row[k].data_ptr();

@@ -81,7 +81,8 @@ LossRowsResult smskd_loss_rows_topk_cpu(const at::Tensor& student, const std::op
                                         const at::Tensor& log_sum_exp_at_temperature,
                                         const std::optional<at::Tensor>& reference, double temperature,
                                         double ce_weight, double kd_weight, double ref_weight,
-                                        c10::string_view weighting, int64_t ignore_index, bool compute_grad) {
+                                        c10::string_view weighting, int64_t ignore_index, bool compute_grad,
+                                        const std::optional<at::Tensor>& grad_scale) {
   check_student_and_temperature(student, temperature, kOp);
   LossRowsArgs args;
   args.kind = scalar_kind(student, kOp);
@@ -127,7 +128,7 @@ LossRowsResult smskd_loss_rows_topk_cpu(const at::Tensor& student, const std::op
   teacher.log_sum_exp = lse.const_data_ptr();
   teacher.log_sum_exp_at_temperature = lse_t.const_data_ptr();
 
-  const LossRowsResult outputs = allocate_outputs(args, student, compute_grad);
+  const LossRowsResult outputs = allocate_outputs(args, student, compute_grad, grad_scale, kOp);
   if (args.rows > 0) select_kernel()(args, teacher);
   return outputs;
 }

@@ -122,9 +122,11 @@ class TopKRowKernel {
 
     write_row_outputs(args_, row, ce, kd, ref, tcp, weight);
 
-    const acc_t ce_weight = static_cast<acc_t>(args_.ce_weight);
-    const acc_t kd_weight = static_cast<acc_t>(args_.kd_weight);
-    const acc_t ref_weight = static_cast<acc_t>(args_.ref_weight);
+    // The gradient's weights: the loss weights times the op's grad_scale (1 when absent).
+    const acc_t grad_scale = static_cast<acc_t>(args_.grad_scale);
+    const acc_t ce_weight = static_cast<acc_t>(args_.ce_weight) * grad_scale;
+    const acc_t kd_weight = static_cast<acc_t>(args_.kd_weight) * grad_scale;
+    const acc_t ref_weight = static_cast<acc_t>(args_.ref_weight) * grad_scale;
 
     Coefficients c;
     c.s_shift = stats.student.shift();

@@ -316,15 +316,29 @@ def test_opcheck_with_grad_scale(topk):
 
 
 @needs_kernels
-def test_bad_grad_scale_is_refused_with_its_name():
+@pytest.mark.parametrize("topk", [False, True], ids=["dense", "topk"])
+def test_bad_grad_scale_is_refused_with_its_name(topk):
+    """As the compiled ops refuse it (csrc/grad_scale_arg.h): one value, float32, on the student's device."""
     student, target, teacher, reference = make_inputs(2, 5)
-    with pytest.raises(ValueError, match=r"grad_scale must be a 0-d \(one-element\) tensor, got shape \(2,\)"):
-        dense_op(student, target, teacher, reference, torch.ones(2, device=DEVICE))
-    with pytest.raises(TypeError, match="grad_scale must be float32 .* got torch.float64"):
-        dense_op(student, target, teacher, reference, torch.tensor(0.5, dtype=torch.float64, device=DEVICE))
+    if topk:
+        t = topk_on_device(student, target, TopKTeacher.from_logits(teacher.cpu(), target.cpu(), 2, 2.5), None)[2]
+
+        def run(scale):
+            return topk_op(student, target, t, reference, scale)
+        name = "smskd_loss_rows_topk_triton"
+    else:
+        def run(scale):
+            return dense_op(student, target, teacher, reference, scale)
+        name = "smskd_loss_rows_triton"
+    for shape in ((2,), (1, 1)):
+        with pytest.raises(ValueError, match=rf"{name}: grad_scale must be a 0-d tensor \(one value\), got shape"):
+            run(torch.full(shape, 0.5, device=DEVICE))
+    with pytest.raises(TypeError, match=f"{name}: grad_scale must be torch.float32 .* got torch.float64"):
+        run(torch.tensor(0.5, dtype=torch.float64, device=DEVICE))
+    assert run(torch.full((1,), 0.5, device=DEVICE))[6].shape == (2, 5)  # one value in one dimension is accepted
     if DEVICE == "cuda":  # under the interpreter every real tensor is on the CPU
-        with pytest.raises(ValueError, match="grad_scale must be on the student's device"):
-            dense_op(student, target, teacher, reference, torch.tensor(0.5))
+        with pytest.raises(ValueError, match=f"{name}: grad_scale must be on the student's device"):
+            run(torch.tensor(0.5))
 
 
 @reruns_under_interpreter

@@ -70,17 +70,19 @@ def _check_dtype(student: torch.Tensor) -> None:
         )
 
 
-def _check_grad_scale(grad_scale: Optional[torch.Tensor], student: torch.Tensor) -> None:
-    """grad_scale must be None or one float32 element on the student's device (ops/schema.py GRAD_SCALE)."""
+def _check_grad_scale(grad_scale: Optional[torch.Tensor], student: torch.Tensor, op: str) -> None:
+    """grad_scale must be None or one float32 value on the student's device (ops/schema.py GRAD_SCALE);
+    the rule and the messages of the compiled ops' check (csrc/grad_scale_arg.h)."""
     if grad_scale is None:
         return
-    if grad_scale.numel() != 1:
-        raise ValueError(f"grad_scale must be a 0-d (one-element) tensor, got shape {tuple(grad_scale.shape)}")
+    if not (grad_scale.dim() == 0 or (grad_scale.dim() == 1 and grad_scale.numel() == 1)):
+        raise ValueError(f"{op}: grad_scale must be a 0-d tensor (one value), got shape {list(grad_scale.shape)}")
     if grad_scale.dtype != torch.float32:
-        raise TypeError(f"grad_scale must be float32 (the accumulation dtype of {student.dtype} logits), "
-                        f"got {grad_scale.dtype}")
+        raise TypeError(f"{op}: grad_scale must be {torch.float32} (the accumulation dtype of {student.dtype} "
+                        f"logits), got {grad_scale.dtype}")
     if grad_scale.device != student.device:
-        raise ValueError(f"grad_scale must be on the student's device {student.device}, got {grad_scale.device}")
+        raise ValueError(f"{op}: grad_scale must be on the student's device {student.device}, "
+                         f"got {grad_scale.device}")
 
 
 def _unit_column_stride(logits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -111,7 +113,7 @@ if _IMPORT_ERROR is None:
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fused per-row loss of SPEC.md section 2 on (N, C) rows (see csrc/ops.cpp)."""
         _check_dtype(student)
-        _check_grad_scale(grad_scale, student)
+        _check_grad_scale(grad_scale, student, DENSE_SCHEMA.name)
         return triton_launch.launch_rows(
             _unit_column_stride(student), None if target is None else target.contiguous(),
             _unit_column_stride(teacher), _unit_column_stride(reference),
@@ -140,7 +142,7 @@ if _IMPORT_ERROR is None:
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """smskd_loss_rows_triton with the teacher in top-k form (see csrc/ops.cpp, smskd_loss_rows_topk)."""
         _check_dtype(student)
-        _check_grad_scale(grad_scale, student)
+        _check_grad_scale(grad_scale, student, TOPK_SCHEMA.name)
         return triton_topk_launch.launch_topk_rows(
             _unit_column_stride(student), None if target is None else target.contiguous(), topk_values,
             topk_indices, true_logit, log_sum_exp, log_sum_exp_at_temperature, _unit_column_stride(reference),
@@ -173,7 +175,7 @@ class _OverwriteStudentRows(torch.autograd.Function):
         # Writing through the kernel does not bump student's version counter:
         # nothing in this graph reads the logits' old values again, and the caller
         # promised that nothing else does (LossOptions.overwrite_student_logits).
-        _check_grad_scale(grad_scale, student)
+        _check_grad_scale(grad_scale, student, (DENSE_SCHEMA if teacher_topk is None else TOPK_SCHEMA).name)
         grad = student.detach()
         scalars = _scalar_arguments(options, compute_grad=True)
         if teacher_topk is None:

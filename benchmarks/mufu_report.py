@@ -179,7 +179,8 @@ def triton_job_rows(job) -> List[SweepRow]:
     fn = getattr(aot.topk_kernels if "topk" in job.kernel else aot.kernels, job.kernel)
     constexprs = dict(job.constexprs)
     column_blocks = job.kernel.endswith("online_kernel") or not constexprs.get("WHOLE_ROW", True)
-    sig, attrs = aot.signature(fn, aot.DTYPES[job.dtype], constexprs.get("HAS_TARGET", True), align_ints=column_blocks)
+    sig, attrs = aot.signature(fn, aot.DTYPES[job.dtype], constexprs.get("HAS_TARGET", True), align_ints=column_blocks,
+                               has_grad_scale=constexprs.get("HAS_GRAD_SCALE", False))
     compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", job.arch, 32),
                               options={"num_warps": job.num_warps})
     return triton_rows_from_cubin(compiled.asm["cubin"], job)

@@ -49,7 +49,9 @@ from smskd_fast.ops.schema import PER_ROW_OUTPUTS, WEIGHTING_CODES  # noqa: E402
 
 ARCHS = (80, 90)
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
-# name: (HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING, COMPUTE_GRAD)
+# name: (HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING, COMPUTE_GRAD). The gradient variants are
+# compiled with HAS_GRAD_SCALE (a grad_scale tensor, as reduction="mean" passes it): the superset of
+# the code without one (one fp32 load and three multiplies per program more).
 VARIANTS = {
     "smskd+grad": (True, True, True, WEIGHTING_CODES["inverse_tcp"], True),
     "smskd": (True, True, True, WEIGHTING_CODES["inverse_tcp"], False),
@@ -120,8 +122,10 @@ def cuobjdump() -> str:
     return str(path)
 
 
-def signature(fn, dtype: str, has_target: bool, align_ints: bool, scalars: str = "fp32"):
+def signature(fn, dtype: str, has_target: bool, align_ints: bool, scalars: str = "fp32", has_grad_scale: bool = False):
     """Argument types (the float scalars typed scalars) and the divisibility the JIT would specialize for aligned tensors.
+
+    grad_scale_ptr is the fp32 scale with has_grad_scale, else the launcher's stand-in (the student logits).
 
     Online kernels (and top-k column blocks) are compiled as for C = 32000 or 128256
     and k = 64 (C, k and strides divisible by 16, ROW_ALIGN = 16), tile kernels
@@ -135,6 +139,8 @@ def signature(fn, dtype: str, has_target: bool, align_ints: bool, scalars: str =
             sig[name] = TOPK_POINTERS[name]
         elif name == "target_ptr":
             sig[name] = "*i64" if has_target else dtype
+        elif name == "grad_scale_ptr":
+            sig[name] = "*fp32" if has_grad_scale else dtype
         elif name.endswith("_ptr"):
             sig[name] = dtype
         elif name in FLOAT_ARGS:
@@ -202,7 +208,8 @@ def compile_job(job: Job) -> Row:
         attrs = {(0,): [["tt.divisibility", 16]]}
     else:
         column_blocks = job.kernel.endswith("online_kernel") or not constexprs.get("WHOLE_ROW", True)
-        sig, attrs = signature(fn, DTYPES[job.dtype], has_target, align_ints=column_blocks, scalars=job.scalars)
+        sig, attrs = signature(fn, DTYPES[job.dtype], has_target, align_ints=column_blocks, scalars=job.scalars,
+                               has_grad_scale=constexprs.get("HAS_GRAD_SCALE", False))
     options = {"num_warps": job.num_warps}
     if job.kernel == "_check_targets_kernel":
         options["debug"] = job.variant == "debug"  # what @triton.jit(debug=True) gives eagerly
@@ -245,7 +252,7 @@ def kernel_jobs(variants, dtypes, archs, scalars: str) -> List[Job]:
         for variant in variants:
             has_target, has_teacher, has_reference, weighting, grad = VARIANTS[variant]
             flags = (("HAS_TARGET", has_target), ("HAS_TEACHER", has_teacher), ("HAS_REFERENCE", has_reference),
-                     ("WEIGHTING", weighting), ("COMPUTE_GRAD", grad))
+                     ("WEIGHTING", weighting), ("COMPUTE_GRAD", grad), ("HAS_GRAD_SCALE", grad))
             for dtype in dtypes:
                 for tile in launch.all_tile_configs():
                     result.append(Job("_smskd_rows_tile_kernel", f"ROWS={tile.rows} BLOCK_C={tile.block_c}",
@@ -265,7 +272,7 @@ def topk_jobs(variant: str, dtype: str, arch: int, scalars: str = "fp32") -> Lis
     """Every configuration of the top-k kernel (topk_launch.all_topk_configs) for one variant."""
     has_target, _, has_reference, weighting, grad = VARIANTS[variant]
     flags = (("HAS_TARGET", has_target), ("HAS_REFERENCE", has_reference), ("WEIGHTING", weighting),
-             ("COMPUTE_GRAD", grad), ("BLOCK_K", topk_launch.BLOCK_K))
+             ("COMPUTE_GRAD", grad), ("HAS_GRAD_SCALE", grad), ("BLOCK_K", topk_launch.BLOCK_K))
     result = []
     for config in topk_launch.all_topk_configs():
         shape = "whole row" if config.whole_row else "column blocks"

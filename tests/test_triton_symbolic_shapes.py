@@ -63,8 +63,9 @@ class SymbolicInputs:
         return pinned + ([] if replaced is None or not replaced.is_number else [sympy.Eq(c, replaced)])
 
 
-def trace(op, inputs: SymbolicInputs, args, backward: bool):
-    """The forward (and backward) graphs AOTAutograd traces for op(*args).loss.sum(), dynamic=True."""
+def trace(op, inputs: SymbolicInputs, args, backward: bool, grad_scale: bool = False):
+    """The forward (and backward) graphs AOTAutograd traces for op(*args).loss.sum(), dynamic=True;
+    with grad_scale, the last of args is the op's grad_scale (after the scalars)."""
     graphs = []
 
     def keep(graph, example_inputs):
@@ -72,6 +73,8 @@ def trace(op, inputs: SymbolicInputs, args, backward: bool):
         return make_boxed_func(graph)
 
     def loss(*tensors):
+        if grad_scale:
+            return op(*tensors[:-1], *SCALARS, tensors[-1])[0].sum()
         return op(*tensors, *SCALARS)[0].sum()
 
     compiled = aot_function(loss, fw_compiler=keep, bw_compiler=keep, dynamic=True)
@@ -94,11 +97,16 @@ def kernel_launches(graph) -> dict:
     return launches
 
 
-def check_graphs(graphs, inputs: SymbolicInputs, kernel: str, constexprs: dict, backward: bool) -> None:
+def check_graphs(graphs, inputs: SymbolicInputs, kernel: str, constexprs: dict, backward: bool,
+                 grad_scale: bool = False) -> None:
     assert len(graphs) == (2 if backward else 1)
     launches = kernel_launches(graphs[0])
     assert set(launches) == {"_check_targets_kernel", kernel}
     got = launches[kernel]
+    assert got["HAS_GRAD_SCALE"] is grad_scale
+    if grad_scale:  # the kernel reads the graph's grad_scale input (a 0-d fp32 tensor), not the stand-in
+        scale = got["grad_scale_ptr"]
+        assert scale.op == "placeholder" and scale.meta["val"].shape == () and scale.meta["val"].dtype == torch.float32
     for name, value in constexprs.items():  # the launch table's choice at the hint, as Python ints
         assert type(got[name]) is type(value) and got[name] == value, (name, got[name], value)
     classes = got["num_classes"]  # C stays a symbol in the graph ...
@@ -106,35 +114,42 @@ def check_graphs(graphs, inputs: SymbolicInputs, kernel: str, constexprs: dict, 
     assert inputs.pinned_classes() == []  # ... and no guard fixes it
 
 
+@pytest.mark.parametrize("grad_scale", [False, True], ids=["no_grad_scale", "grad_scale"])
 @pytest.mark.parametrize("num_classes", [100, 5000])  # the tile kernel; the online kernel (C > TILE_MAX_C)
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
-def test_dense_op_traces_with_symbolic_sizes(num_classes, device):
+def test_dense_op_traces_with_symbolic_sizes(num_classes, device, grad_scale):
     inputs = SymbolicInputs(num_classes, device)
     n, c = inputs.rows, inputs.classes
     student = inputs.empty(n, c).requires_grad_(device == "cpu")
     args = (student, inputs.empty(n, dtype=torch.int64), inputs.empty(n, c), inputs.empty(n, c))
-    graphs = trace(torch.ops.smskd_fast.smskd_loss_rows_triton, inputs, args, backward=device == "cpu")
+    args += (inputs.empty(()),) if grad_scale else ()
+    graphs = trace(torch.ops.smskd_fast.smskd_loss_rows_triton, inputs, args, backward=device == "cpu",
+                   grad_scale=grad_scale)
     if num_classes <= triton_launch.TILE_MAX_C:
         tile = triton_launch.tile_config(num_classes)
         check_graphs(graphs, inputs, "_smskd_rows_tile_kernel", {"ROWS": tile.rows, "BLOCK_C": tile.block_c},
-                     device == "cpu")
+                     device == "cpu", grad_scale)
     else:
         online = triton_launch.online_config(num_classes)
-        check_graphs(graphs, inputs, "_smskd_rows_online_kernel", {"BLOCK_C": online.block_c}, device == "cpu")
+        check_graphs(graphs, inputs, "_smskd_rows_online_kernel", {"BLOCK_C": online.block_c}, device == "cpu",
+                     grad_scale)
 
 
+@pytest.mark.parametrize("grad_scale", [False, True], ids=["no_grad_scale", "grad_scale"])
 @pytest.mark.parametrize("num_classes", [100, 5000])  # the row in registers; column blocks
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
-def test_topk_op_traces_with_symbolic_sizes(num_classes, device):
+def test_topk_op_traces_with_symbolic_sizes(num_classes, device, grad_scale):
     inputs = SymbolicInputs(num_classes, device)
     n, c = inputs.rows, inputs.classes
     student = inputs.empty(n, c).requires_grad_(device == "cpu")
     args = (student, inputs.empty(n, dtype=torch.int64), inputs.empty(n, K), inputs.empty(n, K, dtype=torch.int64),
             inputs.empty(n), inputs.empty(n), inputs.empty(n), inputs.empty(n, c))
-    graphs = trace(torch.ops.smskd_fast.smskd_loss_rows_topk_triton, inputs, args, backward=device == "cpu")
+    args += (inputs.empty(()),) if grad_scale else ()
+    graphs = trace(torch.ops.smskd_fast.smskd_loss_rows_topk_triton, inputs, args, backward=device == "cpu",
+                   grad_scale=grad_scale)
     config = triton_topk_launch.topk_config(num_classes)
     check_graphs(graphs, inputs, "_smskd_topk_rows_kernel",
-                 {"BLOCK_C": config.block_c, "WHOLE_ROW": config.whole_row}, device == "cpu")
+                 {"BLOCK_C": config.block_c, "WHOLE_ROW": config.whole_row}, device == "cpu", grad_scale)
 
 
 def test_launch_tables_take_symbolic_sizes():

@@ -5,7 +5,9 @@ The ops have the schemas of smskd_fast::smskd_loss_rows and smskd_loss_rows_topk
 their own names, so the backends are interchangeable; they are
 torch.library.triton_ops, so torch.compile(fullgraph=True) sees the kernels, and
 they share the fake kernels and the autograd formula of smskd_fast/ops/registration.py
-(backward scales the gradient that the forward wrote).
+(the forward writes the gradient times the op's grad_scale, the kernels
+multiplying their per-row coefficients by it; backward scales it by
+grad_output / grad_scale, and leaves it untouched when that is 1).
 
 overwrite_student_logits: when the caller allows it, the student logits need a
 gradient, and we are not being traced by torch.compile, the backend bypasses the
@@ -68,6 +70,21 @@ def _check_dtype(student: torch.Tensor) -> None:
         )
 
 
+def _check_grad_scale(grad_scale: Optional[torch.Tensor], student: torch.Tensor, op: str) -> None:
+    """grad_scale must be None or one float32 value on the student's device (ops/schema.py GRAD_SCALE);
+    the rule and the messages of the compiled ops' check (csrc/grad_scale_arg.h)."""
+    if grad_scale is None:
+        return
+    if not (grad_scale.dim() == 0 or (grad_scale.dim() == 1 and grad_scale.numel() == 1)):
+        raise ValueError(f"{op}: grad_scale must be a 0-d tensor (one value), got shape {list(grad_scale.shape)}")
+    if grad_scale.dtype != torch.float32:
+        raise TypeError(f"{op}: grad_scale must be {torch.float32} (the accumulation dtype of {student.dtype} "
+                        f"logits), got {grad_scale.dtype}")
+    if grad_scale.device != student.device:
+        raise ValueError(f"{op}: grad_scale must be on the student's device {student.device}, "
+                         f"got {grad_scale.device}")
+
+
 def _unit_column_stride(logits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Rows may have any stride; columns must be contiguous for the kernels."""
     if logits is None or logits.stride(-1) == 1:
@@ -92,14 +109,16 @@ if _IMPORT_ERROR is None:
         weighting: str,
         ignore_index: int,
         compute_grad: bool,
+        grad_scale: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fused per-row loss of SPEC.md section 2 on (N, C) rows (see csrc/ops.cpp)."""
         _check_dtype(student)
+        _check_grad_scale(grad_scale, student, DENSE_SCHEMA.name)
         return triton_launch.launch_rows(
             _unit_column_stride(student), None if target is None else target.contiguous(),
             _unit_column_stride(teacher), _unit_column_stride(reference),
             temperature, ce_weight, kd_weight, ref_weight, weighting, ignore_index, compute_grad,
-            wrap=_traceable,
+            grad_scale=grad_scale if compute_grad else None, wrap=_traceable,
         )
 
     @torch.library.triton_op(TOPK_OP_NAME, mutates_args=(), schema=TOPK_SCHEMA.schema())
@@ -119,14 +138,16 @@ if _IMPORT_ERROR is None:
         weighting: str,
         ignore_index: int,
         compute_grad: bool,
+        grad_scale: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """smskd_loss_rows_triton with the teacher in top-k form (see csrc/ops.cpp, smskd_loss_rows_topk)."""
         _check_dtype(student)
+        _check_grad_scale(grad_scale, student, TOPK_SCHEMA.name)
         return triton_topk_launch.launch_topk_rows(
             _unit_column_stride(student), None if target is None else target.contiguous(), topk_values,
             topk_indices, true_logit, log_sum_exp, log_sum_exp_at_temperature, _unit_column_stride(reference),
             temperature, ce_weight, kd_weight, ref_weight, weighting, ignore_index, compute_grad,
-            wrap=_traceable,
+            grad_scale=grad_scale if compute_grad else None, wrap=_traceable,
         )
 
     def _register_fake_and_autograd() -> None:
@@ -149,28 +170,32 @@ class _OverwriteStudentRows(torch.autograd.Function):
     """Runs the kernels with the student logits as the gradient buffer (no N x C allocation)."""
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, target, teacher, reference, teacher_topk, options: LossOptions):
+    def forward(ctx, student: torch.Tensor, target, teacher, reference, teacher_topk, grad_scale,
+                options: LossOptions):
         # Writing through the kernel does not bump student's version counter:
         # nothing in this graph reads the logits' old values again, and the caller
         # promised that nothing else does (LossOptions.overwrite_student_logits).
+        _check_grad_scale(grad_scale, student, (DENSE_SCHEMA if teacher_topk is None else TOPK_SCHEMA).name)
         grad = student.detach()
         scalars = _scalar_arguments(options, compute_grad=True)
         if teacher_topk is None:
-            outputs = triton_launch.launch_rows(grad, target, teacher, reference, *scalars, grad_out=grad)
+            outputs = triton_launch.launch_rows(grad, target, teacher, reference, *scalars, grad_scale=grad_scale,
+                                                grad_out=grad)
         else:
             outputs = triton_topk_launch.launch_topk_rows(
                 grad, target, teacher_topk.values, teacher_topk.indices, teacher_topk.true_logit,
                 teacher_topk.log_sum_exp, teacher_topk.log_sum_exp_at_temperature, reference, *scalars,
-                grad_out=grad,
+                grad_scale=grad_scale, grad_out=grad,
             )
-        ctx.save_for_backward(grad)
+        # backward divides grad_scale out of grad_output (ops.scale_gradient_in_student_once).
+        ctx.save_for_backward(grad, grad_scale)
         per_row = outputs[:len(schema.PER_ROW_OUTPUTS)]
         ctx.mark_non_differentiable(*per_row[1:])
         return per_row
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        return ops.scale_gradient_in_student_once(ctx, grad_loss), None, None, None, None, None
+        return ops.scale_gradient_in_student_once(ctx, grad_loss), None, None, None, None, None, None
 
 
 def _may_overwrite(inputs: RowInputs, options: LossOptions) -> bool:
@@ -219,16 +244,16 @@ class TritonBackend:
             return schema.row_outputs(_OverwriteStudentRows.apply(
                 inputs.student, None if inputs.target is None else inputs.target.contiguous(),
                 _unit_column_stride(inputs.teacher), _unit_column_stride(inputs.reference),
-                inputs.teacher_topk, options,
+                inputs.teacher_topk, inputs.grad_scale, options,
             ))
         scalars = _scalar_arguments(options, inputs.student.requires_grad and torch.is_grad_enabled())
         topk = inputs.teacher_topk
         if topk is None:
             outputs = torch.ops.smskd_fast.smskd_loss_rows_triton(
-                inputs.student, inputs.target, inputs.teacher, inputs.reference, *scalars)
+                inputs.student, inputs.target, inputs.teacher, inputs.reference, *scalars, inputs.grad_scale)
         else:
             outputs = torch.ops.smskd_fast.smskd_loss_rows_topk_triton(
                 inputs.student, inputs.target, topk.values, topk.indices, topk.true_logit, topk.log_sum_exp,
-                topk.log_sum_exp_at_temperature, inputs.reference, *scalars)
+                topk.log_sum_exp_at_temperature, inputs.reference, *scalars, inputs.grad_scale)
         return schema.row_outputs(outputs)
 

@@ -12,6 +12,11 @@ Two kernels share the same per-row math (the @triton.jit helpers below):
   second sweep re-reads the row from its last block back to its first (the
   blocks read last are the likeliest still in L2) and writes d loss_i / d s_i.
 
+The gradient written is grad_scale * d loss_i / d s_i when the op is given a
+grad_scale (HAS_GRAD_SCALE; ops/schema.py GRAD_SCALE): the scale multiplies the
+weights of the gradient formula once per program (_gradient_weights), not the
+elements, and not the per-row outputs.
+
 Statistics per row, from one read of s, t and r:
   lse(s), lse(s/T)    share the maximum of s (max(s/T) = max(s)/T for T > 0)
   lse(t), lse(t/T)    share the maximum of t; lse(t) only when TCP is needed
@@ -70,6 +75,23 @@ def _fp32_scalars(temperature, ce_weight, kd_weight, ref_weight):
     """
     return (tl.cast(temperature, tl.float32), tl.cast(ce_weight, tl.float32), tl.cast(kd_weight, tl.float32),
             tl.cast(ref_weight, tl.float32))
+
+
+@triton.jit
+def _gradient_weights(grad_scale_ptr, ce_weight, kd_weight, ref_weight, HAS_GRAD_SCALE: tl.constexpr):
+    """The loss weights as the gradient's coefficients: with HAS_GRAD_SCALE, times the op's grad_scale.
+
+    grad_scale (a 0-d fp32 tensor, e.g. the mean's 1/n) is read once per program;
+    scaling the three per-row coefficients instead of the elements adds no work per
+    element and keeps a one-class row's gradient an exact 0 (coefficient * (q - p)).
+    The per-row outputs keep the unscaled weights. Without it, the weights as given.
+    """
+    if HAS_GRAD_SCALE:
+        scale = tl.load(grad_scale_ptr).to(tl.float32)
+        ce_weight = ce_weight * scale
+        kd_weight = kd_weight * scale
+        ref_weight = ref_weight * scale
+    return ce_weight, kd_weight, ref_weight
 
 
 @triton.jit
@@ -208,12 +230,13 @@ def _row_gradient(s, t, r, is_target, ms_s, ms_t, ms_r, log2d_s, log2d_sT, log2d
 
 @triton.jit
 def _smskd_rows_online_kernel(
-    student_ptr, teacher_ptr, reference_ptr, target_ptr, grad_ptr,
+    student_ptr, teacher_ptr, reference_ptr, target_ptr, grad_ptr, grad_scale_ptr,
     loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr,
     num_classes, student_stride, teacher_stride, reference_stride, grad_stride,
     temperature, ce_weight, kd_weight, ref_weight, ignore_index,
     HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_REFERENCE: tl.constexpr,
-    WEIGHTING: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    WEIGHTING: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
     """One program per row; column blocks with online statistics; optional gradient sweep."""
     temperature, ce_weight, kd_weight, ref_weight = _fp32_scalars(temperature, ce_weight, kd_weight, ref_weight)
@@ -291,6 +314,8 @@ def _smskd_rows_online_kernel(
         _store_row_terms(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, loss, ce, kd, ref, tcp, w)
 
         if COMPUTE_GRAD:
+            g_ce_weight, g_kd_weight, g_ref_weight = _gradient_weights(
+                grad_scale_ptr, ce_weight, kd_weight, ref_weight, HAS_GRAD_SCALE)
             g_row = grad_ptr + row * grad_stride
             log2d_s = tl.log2(D_s)
             log2d_sT = tl.log2(D_sT)
@@ -308,7 +333,7 @@ def _smskd_rows_online_kernel(
                 if HAS_REFERENCE:
                     r = tl.load(r_row + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
                 grad = _row_gradient(s, t, r, cols == y, ms_s, ms_t, ms_r, log2d_s, log2d_sT, log2d_tT,
-                                     log2d_rT, w, temperature, ce_weight, kd_weight, ref_weight,
+                                     log2d_rT, w, temperature, g_ce_weight, g_kd_weight, g_ref_weight,
                                      HAS_TARGET, HAS_TEACHER, HAS_REFERENCE)
                 tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
@@ -334,13 +359,13 @@ def _tile_softened_kl(x, s_shifted, log_D_sT, scale_T, temperature):
 
 @triton.jit
 def _smskd_rows_tile_kernel(
-    student_ptr, teacher_ptr, reference_ptr, target_ptr, grad_ptr,
+    student_ptr, teacher_ptr, reference_ptr, target_ptr, grad_ptr, grad_scale_ptr,
     loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr,
     num_rows, num_classes, student_stride, teacher_stride, reference_stride, grad_stride,
     temperature, ce_weight, kd_weight, ref_weight, ignore_index,
     HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_REFERENCE: tl.constexpr,
-    WEIGHTING: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-    ROW_ALIGN: tl.constexpr,
+    WEIGHTING: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     """ROWS rows per program, each row whole in one [ROWS, BLOCK_C] tile (BLOCK_C >= C)."""
     temperature, ce_weight, kd_weight, ref_weight = _fp32_scalars(temperature, ce_weight, kd_weight, ref_weight)
@@ -415,15 +440,17 @@ def _smskd_rows_tile_kernel(
 
     if COMPUTE_GRAD:
         # Softmaxes reuse the exponentials above: p = e / D, no second read.
+        g_ce_weight, g_kd_weight, g_ref_weight = _gradient_weights(
+            grad_scale_ptr, ce_weight, kd_weight, ref_weight, HAS_GRAD_SCALE)
         coef_q = zero_rows
         grad = tl.zeros_like(e_sT)
         if HAS_TARGET:
-            grad = ce_weight * (e_s / D_s[:, None] - tl.where(is_target, 1.0, 0.0))
+            grad = g_ce_weight * (e_s / D_s[:, None] - tl.where(is_target, 1.0, 0.0))
         if HAS_TEACHER:
-            grad -= (temperature * kd_weight) * (e_tT / D_tT[:, None])
-            coef_q += temperature * kd_weight
+            grad -= (temperature * g_kd_weight) * (e_tT / D_tT[:, None])
+            coef_q += temperature * g_kd_weight
         if HAS_REFERENCE:
-            c_r = temperature * ref_weight * w
+            c_r = temperature * g_ref_weight * w
             grad -= c_r[:, None] * (e_rT / D_rT[:, None])
             coef_q += c_r
         grad += coef_q[:, None] * (e_sT / D_sT[:, None])

@@ -27,8 +27,11 @@ CHECK_BLOCK = 1024
 # Tile widths where the default warps (about 8 elements per thread) made ptxas
 # spill 4-8 bytes in some variant, and 4 warps spill in none, under triton 3.8 and
 # 3.6 (128: ce+grad fp32 on sm_80 with 3.6; 256: smskd+grad bf16/fp16; 2048: kd+grad
-# on sm_80). benchmarks/results/triton_aot_report*.md list every configuration.
-TILE_WARPS_OVERRIDE = {128: 4, 256: 4, 2048: 4}
+# on sm_80). 64: with the grad_scale load, smskd+grad with fp64 scalars (Inductor's)
+# on sm_80 spilled 4 bytes at 4 warps under triton 3.8; 2 warps (16 elements per
+# thread, at most 155 registers) and 8 spill in no variant, and 2 amortize the per-row
+# MUFU over more elements. benchmarks/results/triton_aot_report*.md list every configuration.
+TILE_WARPS_OVERRIDE = {64: 2, 128: 4, 256: 4, 2048: 4}
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,7 @@ def launch_rows(
     weighting: str,
     ignore_index: int,
     compute_grad: bool,
+    grad_scale: Optional[torch.Tensor] = None,
     grad_out: Optional[torch.Tensor] = None,
     config: Optional[OnlineConfig] = None,
     wrap=lambda kernel: kernel,
@@ -160,6 +164,8 @@ def launch_rows(
     """Runs the fused kernel on (N, C) rows; returns (loss, ce, kd, ref, tcp, weight, grad).
 
     Logits are fp32, bf16 or fp16 with unit column stride; per-row outputs are fp32.
+    grad_scale, a one-element fp32 tensor on the logits' device or None, multiplies
+    the gradient written (read by the kernel: no host synchronisation).
     grad_out, when given, receives the gradient (it may be the student itself: each
     program reads a block before it writes it). config forces an online
     configuration (benchmark sweeps). wrap is torch.library.wrap_triton inside
@@ -177,6 +183,7 @@ def launch_rows(
         dummy if reference is None else reference,
         dummy if target is None else target,
         grad if compute_grad else dummy,
+        dummy if grad_scale is None else grad_scale,
         *per_row,
     )
     strides = (
@@ -193,6 +200,7 @@ def launch_rows(
         HAS_REFERENCE=reference is not None,
         WEIGHTING=schema.WEIGHTING_CODES[weighting],
         COMPUTE_GRAD=bool(compute_grad),
+        HAS_GRAD_SCALE=grad_scale is not None,
     )
     if config is None and num_classes <= TILE_MAX_C:
         tile = tile_config(num_classes)

@@ -26,6 +26,8 @@ C. With COMPUTE_GRAD, the gradient of SPEC.md section 2 with the teacher
    The scatter takes the kept logits from kept_logits (N, k), where phase B put
    them, so the gradient may overwrite the student logits in place (the
    overwrite_student_logits path).
+   With HAS_GRAD_SCALE the three weights of g are first multiplied by the op's
+   grad_scale (kernels._gradient_weights: one load per row, nothing per element).
 
 Blocks are [BLOCK_C // 32, 32] tiles, one bitmask word per tile row, so a thread
 loads each word once for its columns instead of once per column.
@@ -40,8 +42,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from smskd_fast.backends.triton.kernels import (LOG2E, _aligned, _fp32_scalars, _kl_from_sums, _online_kl_sums, _online_sum, _rescale,
-                             _row_terms, _store_ignored_row, _store_row_terms, _weighted_diff)
+from smskd_fast.backends.triton.kernels import (LOG2E, _aligned, _fp32_scalars, _gradient_weights, _kl_from_sums,
+                                                _online_kl_sums, _online_sum, _rescale, _row_terms, _store_ignored_row,
+                                                _store_row_terms, _weighted_diff)
 
 
 @triton.jit
@@ -136,12 +139,13 @@ def _load_block(s_row, r_row, cols, num_classes, HAS_REFERENCE: tl.constexpr, EV
 @triton.jit
 def _smskd_topk_rows_kernel(
     student_ptr, reference_ptr, target_ptr, values_ptr, indices_ptr, true_logit_ptr, lse_ptr, lse_T_ptr,
-    bits_ptr, kept_logits_ptr, grad_ptr,
+    bits_ptr, kept_logits_ptr, grad_ptr, grad_scale_ptr,
     loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr,
     num_classes, num_kept, student_stride, reference_stride, grad_stride,
     temperature, ce_weight, kd_weight, ref_weight, ignore_index,
     HAS_TARGET: tl.constexpr, HAS_REFERENCE: tl.constexpr, WEIGHTING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    WHOLE_ROW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, WHOLE_ROW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
     """One row per program: phases A, B and C of the module docstring."""
     temperature, ce_weight, kd_weight, ref_weight = _fp32_scalars(temperature, ce_weight, kd_weight, ref_weight)
@@ -241,6 +245,8 @@ def _smskd_topk_rows_kernel(
 
         if COMPUTE_GRAD:
             # Phase C: the dense sweep writes every class as if it were not kept ...
+            g_ce_weight, g_kd_weight, g_ref_weight = _gradient_weights(
+                grad_scale_ptr, ce_weight, kd_weight, ref_weight, HAS_GRAD_SCALE)
             g_row = grad_ptr + row * grad_stride
             total_mass = mass_kept + p_rest
             log2d_s = tl.log2(D_s)
@@ -248,7 +254,7 @@ def _smskd_topk_rows_kernel(
             log2d_rT = tl.log2(D_rT)
             if WHOLE_ROW:
                 grad = _gradient(s, r, cols0 == y, rest_scale, 0.0, ms_s, log2d_s, log2d_sT, ms_r, log2d_rT,
-                                 total_mass, w, temperature, ce_weight, kd_weight, ref_weight,
+                                 total_mass, w, temperature, g_ce_weight, g_kd_weight, g_ref_weight,
                                  HAS_TARGET, HAS_REFERENCE)
                 tl.store(g_row + cols0, grad.to(grad_ptr.dtype.element_ty), mask=mask)
             else:
@@ -257,7 +263,7 @@ def _smskd_topk_rows_kernel(
                     cols = (num_blocks - 1 - back) * BLOCK_C + cols0
                     s, r, mask = _load_block(s_row, r_row, cols, num_classes, HAS_REFERENCE, "evict_first")
                     grad = _gradient(s, r, cols == y, rest_scale, 0.0, ms_s, log2d_s, log2d_sT, ms_r, log2d_rT,
-                                     total_mass, w, temperature, ce_weight, kd_weight, ref_weight,
+                                     total_mass, w, temperature, g_ce_weight, g_kd_weight, g_ref_weight,
                                      HAS_TARGET, HAS_REFERENCE)
                     tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
             # ... then rewrites the kept ones by a scatter, after every thread's sweep stores.
@@ -271,7 +277,7 @@ def _smskd_topk_rows_kernel(
                     r_c = tl.load(r_row + index, mask=k_mask, other=0.0).to(tl.float32)
                 p_c = tl.exp(v / temperature - lse_T)
                 kept_grad = _gradient(s_c, r_c, index == y, 0.0, p_c, ms_s, log2d_s, log2d_sT, ms_r, log2d_rT,
-                                      total_mass, w, temperature, ce_weight, kd_weight, ref_weight,
+                                      total_mass, w, temperature, g_ce_weight, g_kd_weight, g_ref_weight,
                                       HAS_TARGET, HAS_REFERENCE)
                 tl.store(g_row + index, kept_grad.to(grad_ptr.dtype.element_ty), mask=k_mask)
     else:

@@ -74,6 +74,7 @@ def launch_topk_rows(
     weighting: str,
     ignore_index: int,
     compute_grad: bool,
+    grad_scale: Optional[torch.Tensor] = None,
     grad_out: Optional[torch.Tensor] = None,
     config: Optional[TopKConfig] = None,
     wrap=lambda kernel: kernel,
@@ -81,8 +82,8 @@ def launch_topk_rows(
     """Runs the top-k kernel on (N, C) rows; returns (loss, ce, kd, ref, tcp, weight, grad).
 
     Logits have unit column stride; the top-k tensors may have any float / integer
-    dtype (converted to fp32 / int64, contiguous). grad_out, config and wrap are as
-    in launch.launch_rows; grad_out may be the student itself.
+    dtype (converted to fp32 / int64, contiguous). grad_scale, grad_out, config and
+    wrap are as in launch.launch_rows; grad_out may be the student itself.
     """
     num_rows, num_classes = student.shape
     per_row, grad = allocate_outputs(student, compute_grad, grad_out)
@@ -106,13 +107,15 @@ def launch_topk_rows(
                          f"got {chosen.block_c}")
     wrap(topk_kernels._smskd_topk_rows_kernel)[(num_rows,)](
         student, dummy if reference is None else reference, dummy if target is None else target,
-        fp32[0], indices, fp32[1], fp32[2], fp32[3], bits, kept_logits, grad if compute_grad else dummy, *per_row,
+        fp32[0], indices, fp32[1], fp32[2], fp32[3], bits, kept_logits, grad if compute_grad else dummy,
+        dummy if grad_scale is None else grad_scale, *per_row,
         num_classes, indices.shape[1], *strides,
         float(temperature), float(ce_weight), float(kd_weight), float(ref_weight), int(ignore_index),
         HAS_TARGET=target is not None,
         HAS_REFERENCE=reference is not None,
         WEIGHTING=schema.WEIGHTING_CODES[weighting],
         COMPUTE_GRAD=bool(compute_grad),
+        HAS_GRAD_SCALE=grad_scale is not None,
         WHOLE_ROW=chosen.whole_row,
         BLOCK_C=chosen.block_c,
         BLOCK_K=BLOCK_K,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import bench_grid  # noqa: E402  (first: it sets TRITON_INTERPRET for --dry-run before triton loads)
@@ -73,9 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     args, device = parsed
     timer = bench_grid.Timer(device)
-    env = bench_grid.environment(device)
-    results = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "environment": env,
-               "device": env["device"], "copy_GBps": bench_grid.copy_bandwidth(device), "rows": [], "skipped": []}
+    results = bench_grid.new_results(device)
     available = smskd_fast.available_backends()
     backends: List[str] = [b for b in (BACKENDS if device == "cuda" else ("cpu", "triton")) if available[b]]
     results["skipped"] += [f"{b} ({available[b].reason})" for b in BACKENDS if b not in backends and device == "cuda"]

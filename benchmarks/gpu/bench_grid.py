@@ -250,6 +250,14 @@ def environment(device: str) -> Dict:
     return info
 
 
+def new_results(device: str) -> Dict:
+    """The start of a GPU script's results: its command, environment, copy bandwidth, and empty rows."""
+    env = environment(device)
+    return {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "environment": env,
+            "device": env["device"], "torch": env["torch"], "copy_GBps": copy_bandwidth(device),
+            "rows": [], "skipped": []}
+
+
 def summary_markdown(results: Dict) -> str:
     env = results["environment"]
     copy = results["copy_GBps"]

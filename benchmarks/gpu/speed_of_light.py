@@ -148,10 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     args, device = parsed
     timer = bench_grid.Timer(device)
-    env = bench_grid.environment(device)
-    results = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "environment": env,
-               "device": env["device"], "torch": env["torch"], "copy_GBps": bench_grid.copy_bandwidth(device),
-               "rows": [], "skipped": []}
+    results = bench_grid.new_results(device)
     available = smskd_fast.available_backends()
     shapes = DRY_RUN_SHAPES if args.dry_run else SHAPES
 

@@ -67,12 +67,10 @@ def markdown(results: Dict) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.monotonic()
-    parsed = bench_grid.run_arguments(__doc__.splitlines()[0], 60.0, argv)
-    if parsed is None:
+    started = bench_grid.start_run(__doc__.splitlines()[0], 60.0, argv)
+    if started is None:
         return 2
-    args, device = parsed
-    timer = bench_grid.Timer(device)
-    results = bench_grid.new_results(device)
+    args, device, timer, results = started
     available = smskd_fast.available_backends()
     backends: List[str] = [b for b in (BACKENDS if device == "cuda" else ("cpu", "triton")) if available[b]]
     results["skipped"] += [f"{b} ({available[b].reason})" for b in BACKENDS if b not in backends and device == "cuda"]

@@ -250,12 +250,18 @@ def environment(device: str) -> Dict:
     return info
 
 
-def new_results(device: str) -> Dict:
-    """The start of a GPU script's results: its command, environment, copy bandwidth, and empty rows."""
+def start_run(description: str, deadline: float, argv=None) -> Optional[Tuple[argparse.Namespace, str, "Timer", Dict]]:
+    """A GPU script's start: its options and device (run_arguments), a Timer, and its results so far
+    (command, environment, copy bandwidth, no rows); None when a GPU run finds no GPU."""
+    parsed = run_arguments(description, deadline, argv)
+    if parsed is None:
+        return None
+    args, device = parsed
     env = environment(device)
-    return {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "environment": env,
-            "device": env["device"], "torch": env["torch"], "copy_GBps": copy_bandwidth(device),
-            "rows": [], "skipped": []}
+    results = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "environment": env,
+               "device": env["device"], "torch": env["torch"], "copy_GBps": copy_bandwidth(device),
+               "rows": [], "skipped": []}
+    return args, device, Timer(device), results
 
 
 def summary_markdown(results: Dict) -> str:

@@ -143,12 +143,10 @@ def implementations(dry_run: bool) -> Dict[str, Callable[[], Callable]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.monotonic()
-    parsed = bench_grid.run_arguments(__doc__.splitlines()[0], 290.0, argv)
-    if parsed is None:
+    started = bench_grid.start_run(__doc__.splitlines()[0], 290.0, argv)
+    if started is None:
         return 2
-    args, device = parsed
-    timer = bench_grid.Timer(device)
-    results = bench_grid.new_results(device)
+    args, device, timer, results = started
     available = smskd_fast.available_backends()
     shapes = DRY_RUN_SHAPES if args.dry_run else SHAPES
 

@@ -51,12 +51,12 @@ def _reduce(values: torch.Tensor, mean_scale: Optional[torch.Tensor], reduction:
     return total if reduction == "sum" else total * mean_scale
 
 
-def _mean_scale(valid_rows: Union[torch.Tensor, int], student: torch.Tensor) -> torch.Tensor:
+def mean_reduction_scale(valid_rows: Union[torch.Tensor, int], student: torch.Tensor) -> torch.Tensor:
     """1 / max(valid_rows, 1) as a 0-d tensor in the accumulation dtype on the student's device.
 
-    "mean" multiplies the sum by it, and the backends fold the same tensor into the
-    gradient they write (RowInputs.grad_scale), so that backward has no N x C pass
-    left when grad_output is 1. A count on the device stays there (no synchronisation).
+    "mean" (here and in fused_linear) multiplies the sum by it, and the backends fold
+    the same tensor into the gradient they write (RowInputs.grad_scale), so that
+    backward has no N x C pass left when grad_output is 1. A count on the device stays there (no synchronisation).
     """
     acc = accumulation_dtype(student.dtype)
     if isinstance(valid_rows, int):
@@ -130,7 +130,7 @@ def smskd_loss(
                                        reference_logits)
     options = LossOptions(float(temperature), float(ce_weight), float(kd_weight), float(ref_weight),
                           weighting, int(ignore_index), bool(overwrite_student_logits))
-    mean_scale = _mean_scale((target != ignore_index).sum(), student_logits) if reduction == "mean" else None
+    mean_scale = mean_reduction_scale((target != ignore_index).sum(), student_logits) if reduction == "mean" else None
     rows = _run(student_logits, target, teacher_logits, reference_logits, options, backend, teacher_topk,
                 grad_scale=mean_scale)
 
@@ -167,7 +167,7 @@ def kd_loss(
     options = LossOptions(float(temperature), ce_weight=0.0, kd_weight=1.0, ref_weight=0.0,
                           weighting="constant", overwrite_student_logits=bool(overwrite_student_logits))
     leading = tuple(student_logits.shape[:-1])
-    mean_scale = _mean_scale(math.prod(leading), student_logits) if reduction == "mean" else None
+    mean_scale = mean_reduction_scale(math.prod(leading), student_logits) if reduction == "mean" else None
     rows = _run(student_logits, None, teacher_logits, None, options, backend, grad_scale=mean_scale)
     return _reduce(rows.loss, mean_scale, reduction, leading)
 

@@ -33,6 +33,7 @@ import torch
 from smskd_fast.loss import validation
 from smskd_fast.backends import resolve_backend
 from smskd_fast.backends.base import LossOptions, RowInputs
+from smskd_fast.loss import functional
 from smskd_fast.loss.functional import SMSKDLossOutput
 from smskd_fast.ops import schema
 from smskd_fast.backends.topk import TopKTeacher
@@ -191,12 +192,11 @@ class _FusedLinearSMSKD(torch.autograd.Function):
         valid = target != options.ignore_index
         student = _Head(hidden, weight, bias)
         grads = any(need) and reduction != "none"
-        row_scale = mean_scale = None
+        mean_scale = functional.mean_reduction_scale(valid.sum(), hidden) if reduction == "mean" else None
+        row_scale = None
         if grads:
-            acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-            row_scale = valid.to(acc)
-            if reduction == "mean":
-                mean_scale = torch.reciprocal(valid.sum().clamp(min=1).to(acc))
+            row_scale = valid.to(schema.accumulation_dtype(hidden.dtype))
+            if mean_scale is not None:
                 row_scale = row_scale * mean_scale
         per_row, grad_hidden, grad_weight, grad_bias = _chunk_pass(
             student, teacher, reference, target, options, backend, chunk_size, row_scale, need, mean_scale)
@@ -207,8 +207,8 @@ class _FusedLinearSMSKD(torch.autograd.Function):
         if reduction == "none":
             reduced = (loss, ce, kd, ref)
         else:
-            divisor = valid.sum().clamp(min=1).to(loss.dtype) if reduction == "mean" else 1
-            reduced = tuple(values.sum() / divisor for values in (loss, ce, kd, ref))
+            reduced = tuple(values.sum() if mean_scale is None else values.sum() * mean_scale
+                            for values in (loss, ce, kd, ref))
         ctx.mark_non_differentiable(*reduced[1:], tcp, w)
         return (*reduced, tcp, w)
 

@@ -104,16 +104,16 @@ class CompiledOpBackend:
             outputs = GradientInStudent.apply(inputs.student, inputs.target, inputs.teacher, inputs.reference,
                                               inputs.grad_scale, options)
         else:
-            outputs = torch.ops.smskd_fast.smskd_loss_rows(
-                inputs.student, inputs.target, inputs.teacher, inputs.reference,
+            outputs = ops.call_functional_op(
+                torch.ops.smskd_fast.smskd_loss_rows, inputs.student, inputs.target, inputs.teacher, inputs.reference,
                 *schema.scalar_arguments(options), needs_student_grad(inputs.student), inputs.grad_scale,
             )
         return schema.row_outputs(outputs)
 
     def _topk_rows(self, inputs: RowInputs, options: LossOptions) -> RowOutputs:
         teacher = inputs.teacher_topk
-        outputs = torch.ops.smskd_fast.smskd_loss_rows_topk(
-            inputs.student, inputs.target, teacher.values, teacher.indices, teacher.true_logit,
+        outputs = ops.call_functional_op(
+            torch.ops.smskd_fast.smskd_loss_rows_topk, inputs.student, inputs.target, teacher.values, teacher.indices, teacher.true_logit,
             teacher.log_sum_exp, teacher.log_sum_exp_at_temperature, inputs.reference,
             *schema.scalar_arguments(options), needs_student_grad(inputs.student), inputs.grad_scale,
         )

@@ -51,6 +51,16 @@ def _reduce(values: torch.Tensor, mean_scale: Optional[torch.Tensor], reduction:
     return total if reduction == "sum" else total * mean_scale
 
 
+def _reduce_terms(rows: RowOutputs, mean_scale: Optional[torch.Tensor], reduction: str,
+                  leading: tuple) -> tuple:
+    """ce, kd and ref reduced like the loss, in one reduction over the three (3 operations instead of 6:
+    at small C each operation's launch, not its work, is the cost)."""
+    if reduction == "none":
+        return tuple(values.reshape(leading) for values in (rows.ce, rows.kd, rows.ref))
+    totals = torch.stack((rows.ce, rows.kd, rows.ref)).sum(dim=1)
+    return (totals if reduction == "sum" else totals.mul_(mean_scale)).unbind()
+
+
 def mean_reduction_scale(valid_rows: Union[torch.Tensor, int], student: torch.Tensor) -> torch.Tensor:
     """1 / max(valid_rows, 1) as a 0-d tensor in the accumulation dtype on the student's device.
 
@@ -135,11 +145,12 @@ def smskd_loss(
                 grad_scale=mean_scale)
 
     leading = tuple(target.shape)
+    ce, kd, ref = _reduce_terms(rows, mean_scale, reduction, leading)
     return SMSKDLossOutput(
         loss=_reduce(rows.loss, mean_scale, reduction, leading),
-        ce=_reduce(rows.ce, mean_scale, reduction, leading),
-        kd=_reduce(rows.kd, mean_scale, reduction, leading),
-        ref=_reduce(rows.ref, mean_scale, reduction, leading),
+        ce=ce,
+        kd=kd,
+        ref=ref,
         tcp=rows.tcp.reshape(leading),
         weight=rows.weight.reshape(leading),
     )

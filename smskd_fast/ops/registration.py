@@ -9,6 +9,11 @@ so backward only scales it by grad_output / grad_scale, in place when the graph 
 not retained: the op's grad output is then consumed by backward (the public API
 never exposes it). For a mean loss with grad_output = 1 that factor is exactly 1
 and backward touches no row (ops/scale_rows.py).
+
+The backends call the functional ops through call_functional_op: in eager mode with
+a student that needs its gradient it runs the op under FunctionalOpUnderAutograd,
+the same formula without torch.library's per-call binding of the arguments to the
+schema (see that class); traced and gradient-free calls go to the op itself.
 """
 from __future__ import annotations
 
@@ -99,6 +104,40 @@ def scale_gradient_in_student_once(ctx, grad_loss: torch.Tensor) -> torch.Tensor
     ctx.backward_done = True
     grad, grad_scale = ctx.saved_tensors
     return scale_rows_(grad, row_factor(grad_loss, grad_scale))
+
+
+class FunctionalOpUnderAutograd(torch.autograd.Function):
+    """Eager twin of the autograd registered below, for the backends' own calls.
+
+    register_autograd's wrapper re-binds every call's arguments to the schema
+    (torch._library.utils.fill_defaults rebuilds the argument list once per argument:
+    ~28 us of the ~195 us a small CPU call costs, benchmarks/host_overhead.py), and it
+    makes every output differentiable, so the per-row terms the API reduces build
+    graph nodes for nothing. Here grad mode is off inside forward, so the op runs
+    below autograd at once; only the loss is differentiable, and backward is the
+    registered formula (_student_gradient). torch.compile traces the op itself.
+    """
+
+    @staticmethod
+    def forward(ctx, op, num_inputs: int, *arguments):
+        outputs = op(*arguments)
+        setup_context(ctx, arguments, outputs)
+        ctx.num_inputs = num_inputs
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_grads):
+        return (None, None) + _student_gradient(ctx, grad_loss, ctx.num_inputs)
+
+
+def call_functional_op(op, *arguments):
+    """op(*arguments) for a functional loss op (student first, compute_grad and grad_scale last), under
+    FunctionalOpUnderAutograd when it computes the gradient of a student that autograd will ask for."""
+    if arguments[-2] and not torch.compiler.is_compiling() and arguments[0].requires_grad \
+            and torch.is_grad_enabled():
+        return FunctionalOpUnderAutograd.apply(op, len(arguments), *arguments)
+    return op(*arguments)
 
 
 def register() -> None:

@@ -249,11 +249,11 @@ class TritonBackend:
         scalars = _scalar_arguments(options, inputs.student.requires_grad and torch.is_grad_enabled())
         topk = inputs.teacher_topk
         if topk is None:
-            outputs = torch.ops.smskd_fast.smskd_loss_rows_triton(
-                inputs.student, inputs.target, inputs.teacher, inputs.reference, *scalars, inputs.grad_scale)
+            outputs = ops.call_functional_op(
+                torch.ops.smskd_fast.smskd_loss_rows_triton, inputs.student, inputs.target, inputs.teacher, inputs.reference, *scalars, inputs.grad_scale)
         else:
-            outputs = torch.ops.smskd_fast.smskd_loss_rows_topk_triton(
-                inputs.student, inputs.target, topk.values, topk.indices, topk.true_logit, topk.log_sum_exp,
+            outputs = ops.call_functional_op(
+                torch.ops.smskd_fast.smskd_loss_rows_topk_triton, inputs.student, inputs.target, topk.values, topk.indices, topk.true_logit, topk.log_sum_exp,
                 topk.log_sum_exp_at_temperature, inputs.reference, *scalars, inputs.grad_scale)
         return schema.row_outputs(outputs)
 

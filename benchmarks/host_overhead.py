@@ -1,0 +1,150 @@
+"""Host cost per call of the loss's forward + backward, at a shape whose kernels take no time.
+
+On a GPU, rows of C = 100 or 1000 classes cost the device microseconds: a call then takes as
+long as the host needs to issue it (Python, argument checks, autograd, one dispatch and launch
+per ATen operation). Issue 17's targets at those shapes (>= 1.2x torch.compile) are about this
+cost, and it can be measured without a GPU: the Python and dispatch layers are the same on
+every device. Two figures per implementation, side by side in one run:
+  us/call   wall time of one forward + backward (median over batches of --calls calls;
+            on CUDA the batch ends with a synchronisation)
+  ops/call  operations dispatched per call below autograd, views excluded: each is a kernel
+            launch on a GPU (our fused op counts as one; Triton kernels launched from Python,
+            e.g. backward's scale_rows on CUDA, are not ATen operations and are not counted)
+Implementations: smskd_fast with each backend available on the device, the eager PyTorch
+composition and torch.compile of it (benchmarks/gpu/bench_grid.py's; its ops are Inductor's
+and are not counted).
+
+  python benchmarks/host_overhead.py --out benchmarks/results/host_overhead_cpu
+  python benchmarks/host_overhead.py --device cuda --out $OUT/host_overhead
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from smskd_fast.backends.registry import available_backends  # noqa: E402
+from smskd_fast.provenance import git_commit  # noqa: E402
+from bench_grid import TEMPERATURE, eager_smskd, make_inputs, smskd_fast_loss  # noqa: E402
+
+
+class OperationCounter(TorchDispatchMode):
+    """Counts the operations dispatched below autograd, views and metadata-only operations excluded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: List[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in METADATA_ONLY:
+            self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+METADATA_ONLY = {"detach", "lift_fresh", "set_"}  # no kernel behind them
+
+
+def implementations(device: str) -> Dict[str, Callable]:
+    """name -> loss(student, target, teacher, reference), for what runs on this device."""
+    status = available_backends()
+    chosen = {f"smskd_fast[{backend}]": smskd_fast_loss(backend)
+              for backend in (("cpu",) if device == "cpu" else ("cuda", "triton")) if status[backend].available}
+    chosen["eager"] = eager_smskd
+    chosen["compiled"] = torch.compile(eager_smskd, dynamic=False)
+    return chosen
+
+
+def per_call_us(step: Callable[[], None], device: str, calls: int, batches: int) -> Dict[str, float]:
+    """Median and spread of the wall time of one step, in microseconds, over batches of calls."""
+    def synchronize():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(max(calls // 4, 10)):
+        step()
+    synchronize()
+    times = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        synchronize()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return {"us_per_call": statistics.median(times), "us_min": min(times), "us_max": max(times)}
+
+
+def measure(name: str, loss_fn: Callable, n: int, c: int, dtype: torch.dtype, device: str,
+            calls: int, batches: int) -> Dict:
+    student, target, teacher, reference = make_inputs(n, c, dtype, device)
+    student.requires_grad_()
+
+    def step():
+        student.grad = None
+        loss_fn(student, target, teacher, reference).backward()
+
+    row = {"impl": name, **per_call_us(step, device, calls, batches)}
+    if name != "compiled":
+        counter = OperationCounter()
+        with counter:
+            step()
+        row["ops_per_call"] = len(counter.names)
+        row["ops"] = counter.names
+    return row
+
+
+def table(rows: List[Dict], baseline: str) -> str:
+    base = next((row["us_per_call"] for row in rows if row["impl"] == baseline), float("nan"))
+    lines = ["| implementation | us/call (median) | min-max | vs " + baseline + " | ops/call |",
+             "| --- | --- | --- | --- | --- |"]
+    for row in rows:
+        lines.append(f"| {row['impl']} | {row['us_per_call']:.1f} | {row['us_min']:.1f}-{row['us_max']:.1f} | "
+                     f"{row['us_per_call'] / base:.2f}x | {row.get('ops_per_call', '-')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--classes", type=int, default=16)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--calls", type=int, default=200, help="calls per timed batch")
+    parser.add_argument("--batches", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--out", type=Path, help="writes OUT.json and OUT.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    rows = [measure(name, fn, args.rows, args.classes, dtype, args.device, args.calls, args.batches)
+            for name, fn in implementations(args.device).items()]
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    header = (f"host cost per forward+backward, {args.rows} x {args.classes} {args.dtype}, T = {TEMPERATURE}, "
+              f"device {args.device} ({device_name}), torch {torch.__version__}, threads {args.threads}, "
+              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}\n"
+              f"command: python {' '.join(sys.argv)}")
+    text = header + "\n\n" + table(rows, "compiled") + "\n"
+    print(text)
+    for row in rows:
+        if "ops" in row:
+            print(f"{row['impl']}: {' '.join(row['ops'])}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(text)
+        args.out.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,8 @@ schema (see that class); traced and gradient-free calls go to the op itself.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from smskd_fast.ops import schema
@@ -106,6 +108,11 @@ def scale_gradient_in_student_once(ctx, grad_loss: torch.Tensor) -> torch.Tensor
     return scale_rows_(grad, row_factor(grad_loss, grad_scale))
 
 
+# Dispatches straight to the device kernel, past the Autograd key's Python wrapper (which
+# would only see that grad mode is off and redispatch); torch.library's own wrapper uses it.
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
+
+
 class FunctionalOpUnderAutograd(torch.autograd.Function):
     """Eager twin of the autograd registered below, for the backends' own calls.
 
@@ -120,7 +127,8 @@ class FunctionalOpUnderAutograd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, num_inputs: int, *arguments):
-        outputs = op(*arguments)
+        with _below_autograd():
+            outputs = op(*arguments)
         setup_context(ctx, arguments, outputs)
         ctx.num_inputs = num_inputs
         ctx.mark_non_differentiable(*outputs[1:])

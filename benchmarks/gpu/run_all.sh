@@ -15,7 +15,10 @@
 #    and why. The whole pytest step gets SIGINT at its budget, so the junit file is still written;
 # 3. benchmarks/gpu/backward_skip.py (<= 40 s): fwd+bwd of the mean with grad_output 1 against 0.5,
 #    i.e. what folding the mean's 1/n into the forward gradient saves, in one run;
-# 4. issue 17's speed table (benchmarks/gpu/speed_of_light.py: eager, torch.compile, Liger, cuda,
+# 4. benchmarks/host_overhead.py --device cuda (<= 60 s): host time and operations per call of a
+#    forward+backward too small for the kernels to matter, against eager and torch.compile (its
+#    table goes to run_all.log: the device tool returns at most 8 files);
+# 5. issue 17's speed table (benchmarks/gpu/speed_of_light.py: eager, torch.compile, Liger, cuda,
 #    triton, dense and top-k, % of copy bandwidth, missed targets) in the time that is left.
 # Writes to $OUT (default benchmarks/results/gpu_<date>), 7 files (the device tool returns at
 # most 8): run_all.log, test_progress.txt, tests.xml, backward_skip.{json,md}, speed_of_light.{json,md}.
@@ -27,7 +30,7 @@
 set -uo pipefail
 source "$(dirname "$0")/common.sh" gpu run_all.log "${RUN_ALL_SECONDS:-470}"
 PROGRESS="$OUT/test_progress.txt"
-BENCH_SECONDS=${BENCH_SECONDS:-100}  # kept for the speed table after the tests
+BENCH_SECONDS=${BENCH_SECONDS:-160}  # kept after the tests: backward_skip, host_overhead, the speed table
 
 step "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
@@ -100,6 +103,14 @@ if [ -n "$ARCH" ]; then
   timeout -k 5 60 $PY benchmarks/gpu/backward_skip.py --out "$OUT" --deadline 40 || echo "backward_skip failed or timed out"
 else
   echo "skipped: no GPU (benchmarks/gpu/backward_skip.py --dry-run runs it on the CPU)"
+fi
+
+step "host cost per call (benchmarks/host_overhead.py, <= 60 s)"
+if [ -n "$ARCH" ]; then
+  timeout -k 5 60 $PY benchmarks/host_overhead.py --device cuda --calls 200 --batches 10 \
+    || echo "host_overhead failed or timed out"
+else
+  echo "skipped: no GPU (python benchmarks/host_overhead.py runs it on the CPU)"
 fi
 
 step "speed table (benchmarks/gpu/speed_of_light.py)"

@@ -208,6 +208,31 @@ def test_opcheck(dtype, n, c, config, compute_grad):
     torch.library.opcheck(OP.default, args)
 
 
+def test_torch_compile_fullgraph_as_the_first_call(monkeypatch):
+    """A process whose first call of the loss is traced: resolving backend="auto" asks each backend
+    whether it can run, and with a top-k teacher whether it has that kernel (queries dynamo cannot
+    trace); neither may break the graph."""
+    from smskd_fast.backends import registry
+    from smskd_fast.backends.topk import TopKTeacher
+
+    monkeypatch.setattr(registry, "_STATUS", {})
+    torch._dynamo.reset()
+    student, target, teacher, reference = make_rows(8, 50, torch.float32)
+    topk = TopKTeacher.from_logits(teacher, target, 6, 2.0)
+
+    def losses(s):
+        dense = smskd_fast.smskd_loss(s, target, teacher, reference, temperature=2.0, reduction="sum")
+        sparse = smskd_fast.smskd_loss(s, target, None, reference, teacher_topk=topk, temperature=2.0)
+        return dense.loss + dense.ce + sparse.loss + smskd_fast.kd_loss(s, teacher)
+
+    s = student.clone().requires_grad_(True)
+    torch.compile(losses, fullgraph=True, backend="eager")(s).backward()
+    assert registry._STATUS["cpu"].available
+    s_eager = student.clone().requires_grad_(True)
+    losses(s_eager).backward()
+    torch.testing.assert_close(s.grad, s_eager.grad, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "default",
                     reason="inductor emits at::vec code that does not compile with ATEN_CPU_CAPABILITY=default")
 def test_torch_compile_fullgraph_round_trip():

@@ -89,3 +89,20 @@ def test_shipped_table_is_a_real_measurement_and_package_data():
         patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["smskd_fast"]
     relative = os.path.relpath(gpu_choice.TABLE_PATH, os.path.join(root, "smskd_fast"))
     assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), patterns
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_choice_traces_without_graph_breaks(measured_table, dynamic):
+    """torch.compile(fullgraph=True) of code that resolves backend="auto" on a GPU: the table lookup runs
+    eagerly at trace time (a file, the GPU's name) and C is only compared, so it traces, symbolic C too."""
+    candidates = ["cuda", "triton", "reference"]
+
+    def scaled_by_choice(x):
+        return x * (1.0 if gpu_choice.choose_gpu_backend(candidates, x.dtype, x.shape[-1]) == "cuda" else 2.0)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(scaled_by_choice, fullgraph=True, dynamic=dynamic, backend="eager")
+    for num_classes in (10, 1500, 3000, 250000, 1024):
+        x = torch.ones(2, num_classes, dtype=torch.bfloat16)
+        expected = 1.0 if gpu_choice.choose_gpu_backend(candidates, torch.bfloat16, num_classes) == "cuda" else 2.0
+        assert compiled(x)[0, 0].item() == expected, num_classes

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -48,14 +47,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def measured_winner(table: ChoiceTable, device: str, dtype: torch.dtype, num_classes: int) -> Optional[str]:
-    """The backend that won at the measured C nearest to num_classes, or None if unmeasured."""
-    entries = table.get(device, {}).get(dtype_name(dtype), {})
-    if not entries:
-        return None
-    target = math.log(max(num_classes, 1))
-    nearest = min(entries, key=lambda c: abs(math.log(max(int(c), 1)) - target))
-    return entries[nearest]
+def nearest_measured(winners: Sequence[Tuple[int, str]], num_classes) -> Optional[str]:
+    """The winner measured at the C nearest to num_classes in log scale, of (C, winner) pairs sorted by C;
+    None if there are none. Only comparisons of num_classes: under torch.compile(dynamic=True) it may be
+    symbolic, and each comparison becomes a guard (sqrt(c_i c_j) is the log-scale midpoint of c_i, c_j)."""
+    for (low, winner), (high, _) in zip(winners, winners[1:]):
+        if num_classes * num_classes < low * high:
+            return winner
+    return winners[-1][1] if winners else None
 
 
 def pick_winner(timings_ms: Dict[str, float]) -> str:
@@ -72,6 +71,18 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
+@torch.compiler.assume_constant_result
+def _forced_and_measured(dtype: torch.dtype) -> Tuple[Optional[str], Tuple[Tuple[int, str], ...]]:
+    """SMSKD_FAST_GPU_BACKEND and this GPU's measured (C, winner) pairs for dtype, sorted by C.
+
+    Constants for torch.compile: when a traced call of the loss resolves backend="auto",
+    dynamo runs this eagerly (it reads a file and asks the driver for the GPU's name, which
+    it could not trace), so the chooser adds no graph break."""
+    table = load_table(table_path()).get(_device_name(torch.cuda.current_device()), {})
+    entries = table.get(dtype_name(dtype), {})
+    return os.environ.get("SMSKD_FAST_GPU_BACKEND"), tuple(sorted((int(c), w) for c, w in entries.items()))
+
+
 def choose_gpu_backend(candidates: List[str], dtype: torch.dtype, num_classes: int) -> str:
     """The AutoChooser for device type "cuda" (see registry.register_auto_chooser)."""
     gpu = [name for name in candidates if name in GPU_BACKENDS]
@@ -79,11 +90,10 @@ def choose_gpu_backend(candidates: List[str], dtype: torch.dtype, num_classes: i
         return candidates[0]
     if len(gpu) == 1:
         return gpu[0]
-    forced = os.environ.get("SMSKD_FAST_GPU_BACKEND")
+    forced, measured = _forced_and_measured(dtype)
     if forced in gpu:
         return forced
-    device = _device_name(torch.cuda.current_device())
-    winner = measured_winner(load_table(table_path()), device, dtype, num_classes)
+    winner = nearest_measured(measured, num_classes)
     if winner in gpu:
         return winner
     return UNMEASURED_DEFAULT if UNMEASURED_DEFAULT in gpu else gpu[0]

@@ -60,6 +60,16 @@ def can_overwrite_student(student: torch.Tensor, device_type: str) -> bool:
     )
 
 
+@torch.compiler.assume_constant_result
+def has_kernel(op_name: str, dispatch_key: str) -> bool:
+    """Whether the loaded library registers op_name for dispatch_key; False for an op it does not define
+    (a library built before it existed). A constant to torch.compile, which cannot trace the query."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op_name, dispatch_key)
+    except RuntimeError:
+        return False
+
+
 class CompiledOpBackend:
     """Dispatches to the C++/CUDA operator for one device type."""
 
@@ -72,7 +82,7 @@ class CompiledOpBackend:
     def status(self) -> BackendStatus:
         if not extension_loaded():
             return BackendStatus(False, str(extension_error()))
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(ops.OP_NAME, self.dispatch_key):
+        if not has_kernel(ops.OP_NAME, self.dispatch_key):
             hint = " (built with SMSKD_FAST_NO_CUDA=1, or without nvcc)" if self.device_type == "cuda" else ""
             return BackendStatus(
                 False, f"smskd_fast._C is loaded but registers no {self.dispatch_key} kernel for {ops.OP_NAME}{hint}"
@@ -86,10 +96,7 @@ class CompiledOpBackend:
         """Whether the library has this device's kernel of the top-k form (CPU; CUDA in a CUDA build)."""
         if not extension_loaded():
             return False
-        try:
-            return torch._C._dispatch_has_kernel_for_dispatch_key(ops.TOPK_OP_NAME, self.dispatch_key)
-        except RuntimeError:  # a library built before the top-k schema existed
-            return False
+        return has_kernel(ops.TOPK_OP_NAME, self.dispatch_key)
 
     def supports(self, device: torch.device) -> bool:
         return device.type == self.device_type

@@ -31,8 +31,17 @@ def register_backend(backend: Backend, *, rank: int) -> None:
 def backend_status(name: str) -> BackendStatus:
     """The (cached) status of a registered backend."""
     if name not in _STATUS:
-        _STATUS[name] = _BACKENDS[name][1].status()
+        _STATUS[name] = BackendStatus(*_probe_status(name))
     return _STATUS[name]
+
+
+@torch.compiler.assume_constant_result
+def _probe_status(name: str) -> Tuple[bool, str]:
+    """Asks the backend whether it can run, as constants: when the first call of the loss is traced
+    by torch.compile, dynamo runs this eagerly instead of breaking the graph at the probes' calls
+    into torch._C and triton that it cannot trace."""
+    status = _BACKENDS[name][1].status()
+    return status.available, status.reason
 
 
 def register_auto_chooser(device_type: str, chooser: AutoChooser) -> None:

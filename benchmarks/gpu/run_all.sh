@@ -18,10 +18,13 @@
 # 4. benchmarks/host_overhead.py --device cuda (<= 60 s): host time and operations per call of a
 #    forward+backward too small for the kernels to matter, against eager and torch.compile (its
 #    table goes to run_all.log: the device tool returns at most 8 files);
-# 5. issue 17's speed table (benchmarks/gpu/speed_of_light.py: eager, torch.compile, Liger, cuda,
+# 5. benchmarks/gpu/kernel_breakdown.py (<= 45 s): each call's kernels' device time against its wall
+#    time, kernels per call, the longest kernels (kernel_breakdown.json; its table in run_all.log);
+# 6. issue 17's speed table (benchmarks/gpu/speed_of_light.py: eager, torch.compile, Liger, cuda,
 #    triton, dense and top-k, % of copy bandwidth, missed targets) in the time that is left.
-# Writes to $OUT (default benchmarks/results/gpu_<date>), 7 files (the device tool returns at
-# most 8): run_all.log, test_progress.txt, tests.xml, backward_skip.{json,md}, speed_of_light.{json,md}.
+# Writes to $OUT (default benchmarks/results/gpu_<date>), 8 files (the device tool returns at
+# most 8): run_all.log, test_progress.txt, tests.xml, backward_skip.{json,md}, kernel_breakdown.json,
+# speed_of_light.{json,md}.
 # (benchmarks/gpu/bench_grid.py, the wider grid with the online-config sweep, runs on its own.) Wheels in .whl/ are installed to /tmp/site first: expecttest (for
 # torch.testing helpers that import it; opcheck itself does not), liger-kernel (the Liger
 # column of the table). Fill .whl/ on a machine with an index:
@@ -30,7 +33,7 @@
 set -uo pipefail
 source "$(dirname "$0")/common.sh" gpu run_all.log "${RUN_ALL_SECONDS:-470}"
 PROGRESS="$OUT/test_progress.txt"
-BENCH_SECONDS=${BENCH_SECONDS:-160}  # kept after the tests: backward_skip, host_overhead, the speed table
+BENCH_SECONDS=${BENCH_SECONDS:-210}  # kept after the tests: backward_skip, host_overhead, kernel_breakdown, the speed table
 
 step "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
@@ -111,6 +114,14 @@ if [ -n "$ARCH" ]; then
     || echo "host_overhead failed or timed out"
 else
   echo "skipped: no GPU (python benchmarks/host_overhead.py runs it on the CPU)"
+fi
+
+step "kernel time against call time (benchmarks/gpu/kernel_breakdown.py, <= 45 s)"
+if [ -n "$ARCH" ]; then
+  timeout -k 5 75 $PY benchmarks/gpu/kernel_breakdown.py --out "$OUT" --deadline 45 \
+    || echo "kernel_breakdown failed or timed out"
+else
+  echo "skipped: no GPU (benchmarks/gpu/kernel_breakdown.py --dry-run runs it on the CPU)"
 fi
 
 step "speed table (benchmarks/gpu/speed_of_light.py)"

@@ -231,3 +231,19 @@ def test_cuda_mean_backward_returns_the_forward_gradient_untouched():
     valid = int((target != -100).sum())
     *_, kernel_grad = dense_op(student, target, teacher, reference, torch.tensor(1.0 / valid, device="cuda"))
     assert torch.equal(s.grad, kernel_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_mean_reduction_scale_is_one_over_the_count(dtype):
+    """1 / max(valid rows, 1) in the accumulation dtype, the count exact on either side of the float32
+    integer limit (2^24 + 3 rows: counted as an integer and then rounded, like n itself)."""
+    from smskd_fast.loss.functional import mean_reduction_scale
+
+    student = torch.zeros(1, 3, dtype=dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    cases = [(torch.zeros(0, dtype=torch.bool), 1), (torch.tensor([True, False, True, True, False]), 3),
+             (torch.zeros(4, dtype=torch.bool), 1), (torch.ones(2 ** 24 + 3, dtype=torch.bool), 2 ** 24 + 3), (7, 7)]
+    for valid, count in cases:
+        got = mean_reduction_scale(valid, student)
+        assert got.dtype == acc and got.dim() == 0
+        assert got.item() == torch.tensor(float(count), dtype=acc).reciprocal().item(), count

@@ -192,7 +192,7 @@ class _FusedLinearSMSKD(torch.autograd.Function):
         valid = target != options.ignore_index
         student = _Head(hidden, weight, bias)
         grads = any(need) and reduction != "none"
-        mean_scale = functional.mean_reduction_scale(valid.sum(), hidden) if reduction == "mean" else None
+        mean_scale = functional.mean_reduction_scale(valid, hidden) if reduction == "mean" else None
         row_scale = None
         if grads:
             row_scale = valid.to(schema.accumulation_dtype(hidden.dtype))

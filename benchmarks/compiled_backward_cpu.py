@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import sys
 import time
@@ -25,6 +24,7 @@ import torch  # noqa: E402
 
 import smskd_fast  # noqa: E402
 from smskd_fast.provenance import git_commit  # noqa: E402
+from host_overhead import write_outputs  # noqa: E402
 
 SHAPES = ((2048, 4000), (512, 32000))
 
@@ -72,9 +72,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+        write_outputs(args.out, text, {"header": header, "rows": rows})
 
 
 if __name__ == "__main__":

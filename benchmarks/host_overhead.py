@@ -68,7 +68,8 @@ def implementations(device: str) -> Dict[str, Callable]:
 
 
 def per_call_us(step: Callable[[], None], device: str, calls: int, batches: int) -> Dict[str, float]:
-    """Median and spread of the wall time of one step, in microseconds, over batches of calls."""
+    """Median and spread of the wall time of one step, in microseconds, over batches of calls (each
+    ended by a synchronisation on CUDA), after a warm-up."""
     def synchronize():
         if device == "cuda":
             torch.cuda.synchronize()
@@ -115,6 +116,13 @@ def table(rows: List[Dict], baseline: str) -> str:
     return "\n".join(lines)
 
 
+def write_outputs(out: Path, text: str, data: Dict) -> None:
+    """OUT.md (the printed table) and OUT.json (the raw figures)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -143,9 +151,7 @@ def main() -> None:
         if "ops" in row:
             print(f"{row['impl']}: {' '.join(row['ops'])}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+        write_outputs(args.out, text, {"header": header, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ in its log).
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -26,6 +25,9 @@ from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import smskd_fast  # noqa: E402
+
+sys.path.insert(0, str(bench_grid.ROOT / "benchmarks"))
+from host_overhead import per_call_us  # noqa: E402
 
 SHAPES = ((65536, 100, torch.bfloat16), (16384, 1000, torch.bfloat16), (4096, 1000, torch.float32),
           (8192, 32000, torch.bfloat16))
@@ -39,23 +41,6 @@ def implementations(device: str) -> Dict[str, Callable]:
     chosen = {backend: bench_grid.smskd_fast_loss(backend) for backend in backends if available[backend]}
     chosen["compiled"] = torch.compile(bench_grid.eager_smskd, dynamic=False)
     return chosen
-
-
-def wall_ms(step: Callable[[], None], device: str, calls: int = 20, batches: int = 5) -> float:
-    def synchronize():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    step()
-    synchronize()
-    times = []
-    for _ in range(batches):
-        start = time.perf_counter()
-        for _ in range(calls):
-            step()
-        synchronize()
-        times.append((time.perf_counter() - start) / calls * 1e3)
-    return statistics.median(times)
 
 
 def kernel_times_ms(step: Callable[[], None], device: str) -> Dict[str, float]:
@@ -85,7 +70,7 @@ def measure(loss_fn: Callable, n: int, c: int, dtype: torch.dtype, device: str) 
         student.grad = None
         loss_fn(student, target, teacher, reference).backward()
 
-    wall = wall_ms(step, device)
+    wall = per_call_us(step, device, calls=20, batches=5)["us_per_call"] / 1e3
     kernels = kernel_times_ms(step, device)
     busy = sum(kernels.values())
     longest = sorted(kernels.items(), key=lambda item: -item[1])[:3]

@@ -112,7 +112,8 @@ class CompiledOpBackend:
                                               inputs.grad_scale, options)
         else:
             outputs = ops.call_functional_op(
-                torch.ops.smskd_fast.smskd_loss_rows, inputs.student, inputs.target, inputs.teacher, inputs.reference,
+                torch.ops.smskd_fast.smskd_loss_rows,
+                inputs.student, inputs.target, inputs.teacher, inputs.reference,
                 *schema.scalar_arguments(options), needs_student_grad(inputs.student), inputs.grad_scale,
             )
         return schema.row_outputs(outputs)
@@ -120,7 +121,8 @@ class CompiledOpBackend:
     def _topk_rows(self, inputs: RowInputs, options: LossOptions) -> RowOutputs:
         teacher = inputs.teacher_topk
         outputs = ops.call_functional_op(
-            torch.ops.smskd_fast.smskd_loss_rows_topk, inputs.student, inputs.target, teacher.values, teacher.indices, teacher.true_logit,
+            torch.ops.smskd_fast.smskd_loss_rows_topk,
+            inputs.student, inputs.target, teacher.values, teacher.indices, teacher.true_logit,
             teacher.log_sum_exp, teacher.log_sum_exp_at_temperature, inputs.reference,
             *schema.scalar_arguments(options), needs_student_grad(inputs.student), inputs.grad_scale,
         )

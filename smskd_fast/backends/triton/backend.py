@@ -250,10 +250,12 @@ class TritonBackend:
         topk = inputs.teacher_topk
         if topk is None:
             outputs = ops.call_functional_op(
-                torch.ops.smskd_fast.smskd_loss_rows_triton, inputs.student, inputs.target, inputs.teacher, inputs.reference, *scalars, inputs.grad_scale)
+                torch.ops.smskd_fast.smskd_loss_rows_triton,
+                inputs.student, inputs.target, inputs.teacher, inputs.reference, *scalars, inputs.grad_scale)
         else:
             outputs = ops.call_functional_op(
-                torch.ops.smskd_fast.smskd_loss_rows_topk_triton, inputs.student, inputs.target, topk.values, topk.indices, topk.true_logit, topk.log_sum_exp,
+                torch.ops.smskd_fast.smskd_loss_rows_topk_triton,
+                inputs.student, inputs.target, topk.values, topk.indices, topk.true_logit, topk.log_sum_exp,
                 topk.log_sum_exp_at_temperature, inputs.reference, *scalars, inputs.grad_scale)
         return schema.row_outputs(outputs)
 

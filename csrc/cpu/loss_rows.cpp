@@ -60,7 +60,8 @@ LossRowsResult smskd_loss_rows_cpu(const at::Tensor& student, const std::optiona
   if (teacher.has_value()) args.teacher = view_of(*teacher);
   if (reference.has_value()) args.reference = view_of(*reference);
 
-  const LossRowsResult outputs = allocate_outputs(args, student, compute_grad, grad_scale, kOp);
+  args.grad_scale = grad_scale_value(grad_scale, student, compute_grad, kOp);
+  const LossRowsResult outputs = allocate_outputs(args, student, compute_grad);
   if (args.rows > 0) select_kernel()(args);
   return outputs;
 }

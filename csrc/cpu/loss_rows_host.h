@@ -86,13 +86,19 @@ inline void set_loss_scalars(LossRowsArgs& args, double temperature, double ce_w
   args.ignore_index = ignore_index;
 }
 
+// grad_scale (schema GRAD_SCALE), checked as every operator checks it (csrc/grad_scale_arg.h), and
+// its value for LossRowsArgs::grad_scale: 1 when absent or when no gradient is written. The CPU
+// twin of csrc/cuda/cuda_op_args.h's grad_scale_pointer (a CPU tensor's value is read directly).
+inline double grad_scale_value(const std::optional<at::Tensor>& grad_scale, const at::Tensor& student,
+                               bool writes_grad, const char* op) {
+  check_grad_scale(grad_scale, student, op);
+  return writes_grad && grad_scale.has_value() ? grad_scale->item<double>() : 1.0;
+}
+
 // Allocates the outputs (per-row ones in the accumulation type: float64 for a
 // float64 student, else float32; grad (N, C) or (0, C) in the student's dtype)
-// and points args at them and at the checked grad_scale.
-inline LossRowsResult allocate_outputs(LossRowsArgs& args, const at::Tensor& student, bool compute_grad,
-                                       const std::optional<at::Tensor>& grad_scale, const char* op) {
-  check_grad_scale(grad_scale, student, op);
-  if (compute_grad && grad_scale.has_value()) args.grad_scale = grad_scale->item<double>();  // a CPU value
+// and points args at them.
+inline LossRowsResult allocate_outputs(LossRowsArgs& args, const at::Tensor& student, bool compute_grad) {
   const auto accumulation = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const PerRowOutputs per_row = empty_per_row_outputs(args.rows, student.options().dtype(accumulation));
   for (size_t k = 0; k < per_row.size(); ++k) args.per_row[k] = per_row[k].data_ptr();

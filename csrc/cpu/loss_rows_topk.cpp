@@ -128,7 +128,8 @@ LossRowsResult smskd_loss_rows_topk_cpu(const at::Tensor& student, const std::op
   teacher.log_sum_exp = lse.const_data_ptr();
   teacher.log_sum_exp_at_temperature = lse_t.const_data_ptr();
 
-  const LossRowsResult outputs = allocate_outputs(args, student, compute_grad, grad_scale, kOp);
+  args.grad_scale = grad_scale_value(grad_scale, student, compute_grad, kOp);
+  const LossRowsResult outputs = allocate_outputs(args, student, compute_grad);
   if (args.rows > 0) select_kernel()(args, teacher);
   return outputs;
 }

@@ -39,7 +39,10 @@ class SMSKDLossOutput:
 
 
 def _rows(logits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if logits is None else logits.reshape(-1, logits.shape[-1])
+    """(..., C) logits as (N, C) rows (2-D ones as they are)."""
+    if logits is None or logits.dim() == 2:
+        return logits
+    return logits.reshape(-1, logits.shape[-1])
 
 
 def _reduce(values: torch.Tensor, mean_scale: Optional[torch.Tensor], reduction: str,

@@ -146,6 +146,8 @@ RowOutputs.__module__ = __name__
 
 
 def row_outputs(outputs: Sequence[torch.Tensor]) -> "RowOutputs":
-    """An operator's outputs (the per-row ones first) as RowOutputs; all but loss detached."""
-    values = {name: tensor if name == "loss" else tensor.detach() for name, tensor in zip(PER_ROW_OUTPUTS, outputs)}
+    """An operator's outputs (the per-row ones first) as RowOutputs; all but loss detached (those that carry
+    autograd history: the backends' eager calls return them without)."""
+    values = {name: tensor.detach() if name != "loss" and tensor.requires_grad else tensor
+              for name, tensor in zip(PER_ROW_OUTPUTS, outputs)}
     return RowOutputs(**values)

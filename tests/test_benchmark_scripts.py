@@ -41,7 +41,7 @@ def test_kernel_breakdown_dry_run(tmp_path):
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads((tmp_path / "kernel_breakdown.json").read_text())["rows"]
-    assert {row["impl"] for row in rows} >= {"cpu", "compiled"}
+    assert {row["impl"] for row in rows} == {"smskd_fast[cpu]", "eager", "compiled"}
     for row in rows:
         assert "error" not in row, row
         assert row["kernels"] > 0 and 0 < row["device_ms"] and 0 < row["wall_ms"]

@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 import smskd_fast.loss.fused_linear as fused_linear_module
 from smskd_fast.loss.fused_linear import fused_linear_smskd_loss
 from smskd_fast.backends.topk import TopKTeacher
+from test_loss_sync import sync_is_an_error
 
 SYNCING = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__complex__", "nonzero", "argwhere",
            "masked_select", "unique", "unique_consecutive", "bincount", "repeat_interleave", "numpy", "cpu",
@@ -130,15 +131,6 @@ def test_the_counter_sees_what_it_should():
 def test_the_chunk_loop_does_not_synchronise_on_cuda(monkeypatch, backend, teacher_form, dtype):
     """torch.cuda.set_sync_debug_mode("error") inside the loop, forward and backward, after a warm-up
     (Triton compiles, and may benchmark, on its first launch)."""
-    @contextlib.contextmanager
-    def sync_is_an_error():
-        previous = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            yield
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
-
     for reduction in ("mean", "none"):
         inputs, leaves = problem("cuda", dtype, teacher_form)
         run(inputs, leaves, reduction, backend)  # warm-up

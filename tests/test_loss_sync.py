@@ -38,6 +38,7 @@ def problem(n: int, c: int, dtype: torch.dtype, topk: bool, seed: int = 0):
 
 @contextlib.contextmanager
 def sync_is_an_error():
+    """torch.cuda.set_sync_debug_mode("error") for the block (also used by test_fused_linear_sync.py)."""
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -1,6 +1,7 @@
 """Where a forward+backward call's time goes on the GPU: its kernels' device time against its wall time.
 
-For each implementation and shape (bench_grid's inputs, mean loss, T = 2): the wall time of one
+For each implementation (host_overhead.implementations: smskd_fast's backends on the device, the
+eager composition, torch.compile of it) and shape (bench_grid's inputs, mean loss, T = 2): the wall time of one
 call (median over batches of calls that end with a synchronisation), the device time of the
 call's kernels (torch.profiler over a few calls: CUDA kernels, Triton's included, summed), the
 kernels per call and the three longest. device/wall near 1: the kernels bound the call, and the
@@ -24,23 +25,13 @@ import torch  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-import smskd_fast  # noqa: E402
-
 sys.path.insert(0, str(bench_grid.ROOT / "benchmarks"))
-from host_overhead import per_call_us  # noqa: E402
+from host_overhead import implementations, per_call_us  # noqa: E402
 
 SHAPES = ((65536, 100, torch.bfloat16), (16384, 1000, torch.bfloat16), (4096, 1000, torch.float32),
           (8192, 32000, torch.bfloat16))
 DRY_RUN_SHAPES = ((64, 100, torch.float32),)
 PROFILED_CALLS = 5
-
-
-def implementations(device: str) -> Dict[str, Callable]:
-    available = smskd_fast.available_backends()
-    backends = ("cuda", "triton") if device == "cuda" else ("cpu", "triton")
-    chosen = {backend: bench_grid.smskd_fast_loss(backend) for backend in backends if available[backend]}
-    chosen["compiled"] = torch.compile(bench_grid.eager_smskd, dynamic=False)
-    return chosen
 
 
 def kernel_times_ms(step: Callable[[], None], device: str) -> Dict[str, float]:

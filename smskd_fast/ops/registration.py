@@ -129,17 +129,17 @@ class FunctionalOpUnderAutograd(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, op, num_inputs: int, *arguments):
+    def forward(ctx, op, *arguments):
         with _below_autograd():
             outputs = op(*arguments)
         setup_context(ctx, arguments, outputs)
-        ctx.num_inputs = num_inputs
+        ctx.num_inputs = len(arguments)
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_grads):
-        return (None, None) + _student_gradient(ctx, grad_loss, ctx.num_inputs)
+        return (None,) + _student_gradient(ctx, grad_loss, ctx.num_inputs)
 
 
 def call_functional_op(op, *arguments):
@@ -147,7 +147,7 @@ def call_functional_op(op, *arguments):
     FunctionalOpUnderAutograd when it computes the gradient of a student that autograd will ask for."""
     if arguments[-2] and not torch.compiler.is_compiling() and arguments[0].requires_grad \
             and torch.is_grad_enabled():
-        return FunctionalOpUnderAutograd.apply(op, len(arguments), *arguments)
+        return FunctionalOpUnderAutograd.apply(op, *arguments)
     return op(*arguments)
 
 

@@ -71,8 +71,10 @@ inline at::Tensor checked_target(const at::Tensor& target, int64_t rows, int64_t
   const int64_t* values = indices.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t y = values[i];
-    TORCH_CHECK_VALUE(y == ignore_index || (y >= 0 && y < classes), op, ": target[", i, "] = ", y,
-                      " is not a class index in [0, ", classes, ") nor ignore_index = ", ignore_index);
+    // The wording of the Python check (smskd_fast/backends/base.py check_target_range), which the
+    // public API leaves to this one, plus the position.
+    TORCH_CHECK_VALUE(y == ignore_index || (y >= 0 && y < classes), op, ": target values must be in [0, ", classes,
+                      ") or equal ignore_index=", ignore_index, ", found ", y, " at target[", i, "]");
   }
   return indices;
 }

@@ -48,14 +48,18 @@ def check_companion_logits(name: str, logits: Optional[torch.Tensor], student: t
         )
 
 
-def check_target(target: torch.Tensor, student: torch.Tensor, ignore_index: int) -> None:
-    """Target: integer class indices with the logits' leading shape, in [0, C) or ignore_index."""
+def check_target(target: torch.Tensor, student: torch.Tensor, ignore_index: int, *, values: bool = True) -> None:
+    """Target: integer class indices with the logits' leading shape, in [0, C) or ignore_index.
+
+    values=False leaves the range of the values to the backend (smskd_loss: every backend
+    checks them itself, so the CPU check is not done twice per call).
+    """
     check_class_indices(target, tuple(student.shape[:-1]), student.shape[-1], student.device,
-                        ignore_index, owner="student_logits")
+                        ignore_index, owner="student_logits", values=values)
 
 
 def check_class_indices(target: torch.Tensor, leading: tuple, num_classes: int, device: torch.device,
-                        ignore_index: int, *, owner: str) -> None:
+                        ignore_index: int, *, owner: str, values: bool = True) -> None:
     """Target of shape leading with values in [0, num_classes) or ignore_index, on device."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
@@ -69,7 +73,7 @@ def check_class_indices(target: torch.Tensor, leading: tuple, num_classes: int, 
     # A data-dependent check needs the values on the host: done eagerly on the
     # CPU; CUDA kernels check on the device instead, and compiled graphs rely on
     # the kernels' own checks.
-    if target.device.type == "cpu" and not torch.compiler.is_compiling() and target.numel() > 0:
+    if values and target.device.type == "cpu" and not torch.compiler.is_compiling() and target.numel() > 0:
         check_target_range(target, num_classes, ignore_index)
 
 

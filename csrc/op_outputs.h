@@ -40,10 +40,23 @@ inline LossRowsResult loss_rows_result(const PerRowOutputs& per_row, const at::T
   return std::tuple_cat(per_row_result(per_row), std::make_tuple(grad));
 }
 
-// Empty per-row outputs: `rows` values each, with the given options (device, dtype).
-inline PerRowOutputs empty_per_row_outputs(int64_t rows, const at::TensorOptions& options) {
+// The per-row outputs that reduction "sum" / "mean" sums over the rows (csrc/reduction_arg.h):
+// the first four of SMSKD_PER_ROW_OUTPUTS, loss, ce, kd and ref (tests/test_op_schema.py checks
+// the order); tcp and weight stay per row.
+constexpr int64_t kNumReducedOutputs = 4;
+static_assert(kNumReducedOutputs < SMSKD_NUM_PER_ROW_OUTPUTS, "tcp and weight are never reduced");
+
+// Empty per-row outputs: `rows` values each, with the given options (device, dtype). With reduced,
+// the first kNumReducedOutputs are the rows of one (kNumReducedOutputs, rows) buffer, so that
+// reduce_per_row_outputs sums them in one operation.
+inline PerRowOutputs empty_per_row_outputs(int64_t rows, const at::TensorOptions& options, bool reduced = false) {
   PerRowOutputs per_row;
-  for (auto& out : per_row) out = at::empty({rows}, options);
+  int64_t k = 0;
+  if (reduced) {
+    const at::Tensor terms = at::empty({kNumReducedOutputs, rows}, options);
+    for (; k < kNumReducedOutputs; ++k) per_row[k] = terms[k];
+  }
+  for (; k < static_cast<int64_t>(per_row.size()); ++k) per_row[k] = at::empty({rows}, options);
   return per_row;
 }
 

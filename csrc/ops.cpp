@@ -29,6 +29,10 @@ PyObject* PyInit__C(void) {
 // student's device; the gradient written is grad_scale * d loss_i / d student_i
 // (the mean's 1/n folded in, smskd_fast/ops/registration.py); per-row outputs are not scaled.
 #define SMSKD_GRAD_SCALE_ARG "Tensor? grad_scale=None"
+// After it: "none" (per-row outputs), "sum" or "mean" (loss, ce, kd and ref as 0-d sums over the
+// rows, the mean's over the rows whose target is not ignore_index, and the gradient of that
+// reduced loss; grad_scale must then be None). csrc/reduction_arg.h.
+#define SMSKD_REDUCTION_ARG "str reduction=\"none\""
 
 TORCH_LIBRARY(smskd_fast, m) {
   // The per-row outputs (kernels/smskd_schema.h), each of length N and in the
@@ -41,7 +45,8 @@ TORCH_LIBRARY(smskd_fast, m) {
   // else (0, C). weighting is one of SMSKD_WEIGHTINGS; rows whose target equals
   // ignore_index give zeros everywhere.
   m.def(("smskd_loss_rows(Tensor student, Tensor? target, Tensor? teacher, Tensor? reference, " SMSKD_SCALAR_ARGS
-         ", bool compute_grad, " SMSKD_GRAD_SCALE_ARG ") -> (" + per_row + ", Tensor grad)").c_str());
+         ", bool compute_grad, " SMSKD_GRAD_SCALE_ARG ", " SMSKD_REDUCTION_ARG ") -> (" + per_row +
+         ", Tensor grad)").c_str());
   // The same loss and outputs with the teacher in the top-k form of a logit
   // cache (smskd_fast/backends/topk.py): per row its k largest logits (values, (N, k))
   // and their classes (indices, (N, k)), the true-class logit and the row's
@@ -49,10 +54,11 @@ TORCH_LIBRARY(smskd_fast, m) {
   // KD is the coarsened KL (kept classes exact, the rest spread like the student).
   m.def(("smskd_loss_rows_topk(Tensor student, Tensor? target, Tensor topk_values, Tensor topk_indices, "
          "Tensor true_logit, Tensor log_sum_exp, Tensor log_sum_exp_at_temperature, Tensor? reference, "
-         SMSKD_SCALAR_ARGS ", bool compute_grad, " SMSKD_GRAD_SCALE_ARG ") -> (" + per_row + ", Tensor grad)").c_str());
+         SMSKD_SCALAR_ARGS ", bool compute_grad, " SMSKD_GRAD_SCALE_ARG ", " SMSKD_REDUCTION_ARG ") -> (" + per_row +
+         ", Tensor grad)").c_str());
   // The same loss with the gradient written over the student logits (a GPU
   // option, LossOptions.overwrite_student_logits): no N x C gradient buffer;
   // student's columns must be contiguous. Returns the per-row outputs.
   m.def(("smskd_loss_rows_inplace_(Tensor(a!) student, Tensor? target, Tensor? teacher, Tensor? reference, "
-         SMSKD_SCALAR_ARGS ", " SMSKD_GRAD_SCALE_ARG ") -> (" + per_row + ")").c_str());
+         SMSKD_SCALAR_ARGS ", " SMSKD_GRAD_SCALE_ARG ", " SMSKD_REDUCTION_ARG ") -> (" + per_row + ")").c_str());
 }

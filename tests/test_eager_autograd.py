@@ -80,7 +80,7 @@ def test_eager_path_is_the_registered_formula_bit_for_bit(backend, topk, dtype, 
     student, tensors, _ = rows_case(topk, dtype, DEVICE)
     op = op_for(backend, topk)
     scale = torch.tensor(1 / 5, dtype=torch.float32, device=DEVICE)
-    arguments = (*tensors, *schema.scalar_arguments(OPTIONS), True, scale)
+    arguments = (*tensors, *schema.scalar_arguments(OPTIONS), True, scale, "none")
     weights = torch.linspace(0.5, 1.5, 6, device=DEVICE) if row_weights else torch.ones(6, device=DEVICE)
     eager = gradient(lambda: registration.call_functional_op(op, student, *arguments)[0], student, weights,
                      grad_output, retain)
@@ -91,6 +91,25 @@ def test_eager_path_is_the_registered_formula_bit_for_bit(backend, topk, dtype, 
             torch.testing.assert_close(got, want, rtol=0, atol=0)
     # The registered path itself is checked against float64 elsewhere (test_grad_scale*.py); here
     # only that it is not trivially zero, so that the bitwise agreement above says something.
+    assert eager[0].abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", [CPU_CASES, TRITON_CASES])
+@pytest.mark.parametrize("topk", [False, True], ids=["dense", "topk"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("grad_output, retain", [(1.0, False), (0.37, False), (0.37, True)])
+def test_reducing_op_eager_path_is_the_registered_formula_bit_for_bit(backend, topk, reduction, grad_output, retain):
+    """The op's own reduction: its 0-d loss differentiated eagerly equals the registered autograd's."""
+    student, tensors, _ = rows_case(topk, torch.float32, DEVICE)
+    op = op_for(backend, topk)
+    arguments = (*tensors, *schema.scalar_arguments(OPTIONS), True, None, reduction)
+    one = torch.ones((), device=DEVICE)
+    eager = gradient(lambda: registration.call_functional_op(op, student, *arguments)[0], student, one,
+                     grad_output, retain)
+    registered = gradient(lambda: op(student, *arguments)[0], student, one, grad_output, retain)
+    for got, want in zip(eager, registered):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert eager[0].abs().max() > 0
 
 
@@ -113,7 +132,7 @@ def test_public_api_does_not_rebind_arguments_per_call(backend, topk, monkeypatc
     out.loss.backward()
     assert calls == []
     assert student.grad is not None and student.grad.abs().max() > 0
-    op_for(backend, topk)(student, *tensors, *schema.scalar_arguments(OPTIONS), True, None)
+    op_for(backend, topk)(student, *tensors, *schema.scalar_arguments(OPTIONS), True, None, "none")
     assert calls == [1]
 
 
@@ -126,7 +145,7 @@ def test_only_the_loss_is_differentiable(backend):
     for name in ("ce", "kd", "ref", "tcp", "weight"):
         assert not getattr(out, name).requires_grad, name
     outputs = registration.call_functional_op(op_for(backend, False), student, *tensors,
-                                              *schema.scalar_arguments(OPTIONS), True, None)
+                                              *schema.scalar_arguments(OPTIONS), True, None, "none")
     assert [x.requires_grad for x in outputs] == [True] + [False] * 6
 
 
@@ -137,9 +156,10 @@ def test_calls_without_a_gradient_use_the_op_itself(backend):
     op = op_for(backend, False)
     scalars = schema.scalar_arguments(OPTIONS)
     with torch.no_grad():
-        assert registration.call_functional_op(op, student, *tensors, *scalars, True, None)[0].grad_fn is None
-    assert registration.call_functional_op(op, student.detach(), *tensors, *scalars, True, None)[0].grad_fn is None
-    outputs = registration.call_functional_op(op, student.detach(), *tensors, *scalars, False, None)
+        assert registration.call_functional_op(op, student, *tensors, *scalars, True, None, "none")[0].grad_fn is None
+    assert registration.call_functional_op(op, student.detach(), *tensors, *scalars, True, None,
+                                           "none")[0].grad_fn is None
+    outputs = registration.call_functional_op(op, student.detach(), *tensors, *scalars, False, None, "none")
     assert outputs[-1].shape == (0, 40)
 
 

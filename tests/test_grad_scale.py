@@ -237,7 +237,7 @@ def test_cuda_mean_backward_returns_the_forward_gradient_untouched():
 def test_mean_reduction_scale_is_one_over_the_count(dtype):
     """1 / max(valid rows, 1) in the accumulation dtype, the count exact on either side of the float32
     integer limit (2^24 + 3 rows: counted as an integer and then rounded, like n itself)."""
-    from smskd_fast.loss.functional import mean_reduction_scale
+    from smskd_fast.ops.reduction import mean_reduction_scale
 
     student = torch.zeros(1, 3, dtype=dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32

@@ -97,15 +97,40 @@ def test_cpu_op_refuses_an_unknown_weighting_listing_every_mode():
         assert f"'{name}'" in str(error.value)
 
 
+@pytest.mark.parametrize("reduction", schema.REDUCTIONS)
 @pytest.mark.parametrize("op", schema.COMPILED_OPS, ids=lambda op: op.name)
-def test_fakes_give_one_output_per_schema_output(op):
+def test_fakes_give_one_output_per_schema_output(op, reduction):
     student = torch.empty(5, 7, dtype=torch.bfloat16, device="meta")
-    values = {"student": student, "compute_grad": True}
+    values = {"student": student, "compute_grad": True, "reduction": reduction}
     outputs = op.fake(*(values.get(argument.name) for argument in op.arguments))
     assert len(outputs) == len(op.outputs)
     for name, tensor in zip(op.outputs, outputs):
-        expected = ((5, 7), torch.bfloat16) if name == schema.GRAD_OUTPUT else ((5,), torch.float32)
+        if name == schema.GRAD_OUTPUT:
+            expected = ((5, 7), torch.bfloat16)
+        else:
+            expected = ((), torch.float32) if reduction != "none" and name in schema.REDUCED_OUTPUTS \
+                else ((5,), torch.float32)
         assert (tuple(tensor.shape), tensor.dtype) == expected, name
+
+
+def test_reduced_outputs_are_the_first_per_row_outputs():
+    """csrc/op_outputs.h reduces the first kNumReducedOutputs outputs, as schema.REDUCED_OUTPUTS names them."""
+    assert schema.PER_ROW_OUTPUTS[:len(schema.REDUCED_OUTPUTS)] == schema.REDUCED_OUTPUTS
+    header = (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "op_outputs.h").read_text()
+    assert f"constexpr int64_t kNumReducedOutputs = {len(schema.REDUCED_OUTPUTS)};" in header
+
+
+@needs_extension
+@pytest.mark.parametrize("reduction", schema.REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fake_matches_the_cpu_op(reduction, dtype):
+    """The fake kernel's shapes and dtypes are the compiled op's, for every reduction."""
+    student, teacher, reference = (torch.randn(5, 7).to(dtype) for _ in range(3))
+    target = torch.tensor([0, 3, -100, 6, 2])
+    arguments = (student, target, teacher, reference, 2.0, 1.0, 1.0, 1.0, "inverse_tcp", -100, True, None, reduction)
+    real = torch.ops.smskd_fast.smskd_loss_rows(*arguments)
+    fake = schema.DENSE.fake(*(a.to("meta") if isinstance(a, torch.Tensor) else a for a in arguments))
+    assert [(tuple(t.shape), t.dtype) for t in fake] == [(tuple(t.shape), t.dtype) for t in real]
 
 
 def test_row_outputs_and_scalar_arguments_follow_the_lists():

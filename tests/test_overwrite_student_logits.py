@@ -16,14 +16,16 @@ from smskd_fast.ops.extension import extension_loaded
 from smskd_fast.backends.base import LossOptions, RowInputs
 from smskd_fast.backends.native import GradientInStudent
 from smskd_fast.backends.reference import ReferenceBackend
+from smskd_fast.ops.reduction import reduce_per_row_outputs, reduction_grad_scale
 
 pytestmark = pytest.mark.skipif(not extension_loaded(), reason="smskd_fast._C is not built (it holds the schema)")
 
 
 def closed_form_inplace(student, target, teacher, reference, temperature, ce_weight, kd_weight, ref_weight,
-                        weighting, ignore_index, grad_scale=None):
-    """SPEC.md section 2's gradient (times grad_scale) written over student; the per-row terms from the
-    reference backend."""
+                        weighting, ignore_index, grad_scale=None, reduction="none"):
+    """SPEC.md section 2's gradient (times grad_scale, or the reduction's scale) written over student; the
+    per-row terms from the reference backend, reduced as the op reduces them (ops/reduction.py)."""
+    grad_scale = reduction_grad_scale(reduction, grad_scale, target, student, ignore_index, "stand-in")
     options = LossOptions(temperature, ce_weight, kd_weight, ref_weight, weighting, ignore_index)
     rows = ReferenceBackend().rows(RowInputs(student.detach(), target, teacher, reference), options)
     T = temperature
@@ -37,7 +39,8 @@ def closed_form_inplace(student, target, teacher, reference, temperature, ce_wei
     if grad_scale is not None:
         grad *= grad_scale
     student.copy_(torch.where(valid, grad, 0.0))
-    return tuple(x.detach().clone() for x in (rows.loss, rows.ce, rows.kd, rows.ref, rows.tcp, rows.weight))
+    outputs = tuple(x.detach().clone() for x in (rows.loss, rows.ce, rows.kd, rows.ref, rows.tcp, rows.weight))
+    return outputs if reduction == "none" else reduce_per_row_outputs(outputs, grad_scale)
 
 
 @pytest.fixture
@@ -76,7 +79,7 @@ def test_gradient_lands_in_the_logits_and_matches_the_reference(cpu_inplace_op, 
     leaf = student.clone().requires_grad_(True)
     logits = leaf * 1  # a non-leaf, as an lm head's output
     scale = None if grad_scale is None else torch.tensor(grad_scale, dtype=torch.float64)
-    loss, *_ = GradientInStudent.apply(logits, target, teacher, reference, scale, OPTIONS)
+    loss, *_ = GradientInStudent.apply(logits, target, teacher, reference, scale, "none", OPTIONS)
     torch.testing.assert_close(loss, want_loss)
     assert not torch.equal(logits.detach(), student)  # overwritten by the forward
     (loss * v).sum().backward()
@@ -84,10 +87,27 @@ def test_gradient_lands_in_the_logits_and_matches_the_reference(cpu_inplace_op, 
     torch.testing.assert_close(logits.detach(), want_grad)  # scaled in place by backward
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_reduced_loss_gradient_lands_in_the_logits(cpu_inplace_op, reduction):
+    """With the op's own reduction the loss is 0-d and backward scales the written gradient by grad_output."""
+    student, target, teacher, reference = make_inputs()
+    count = (target != OPTIONS.ignore_index).sum().item() if reduction == "mean" else 1
+    v = torch.full((student.shape[0],), 0.5 / count, dtype=torch.float64)
+    want_loss, want_grad = reference_gradient(student, target, teacher, reference, v)
+
+    leaf = student.clone().requires_grad_(True)
+    logits = leaf * 1
+    loss, *_ = GradientInStudent.apply(logits, target, teacher, reference, None, reduction, OPTIONS)
+    assert loss.dim() == 0
+    torch.testing.assert_close(loss, want_loss.sum() / count)
+    (loss * 0.5).backward()
+    torch.testing.assert_close(leaf.grad, want_grad)
+
+
 def test_second_backward_is_refused(cpu_inplace_op):
     student, target, teacher, reference = make_inputs()
     logits = student.clone().requires_grad_(True) * 1
-    loss = GradientInStudent.apply(logits, target, teacher, reference, None, OPTIONS)[0].sum()
+    loss = GradientInStudent.apply(logits, target, teacher, reference, None, "none", OPTIONS)[0].sum()
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
@@ -98,6 +118,6 @@ def test_a_saved_use_of_the_overwritten_logits_is_refused(cpu_inplace_op):
     student, target, teacher, reference = make_inputs()
     logits = student.clone().requires_grad_(True) * 1
     saved_by_sin = logits.sin().sum()  # sin saves its input for backward
-    loss = GradientInStudent.apply(logits, target, teacher, reference, None, OPTIONS)[0].sum()
+    loss = GradientInStudent.apply(logits, target, teacher, reference, None, "none", OPTIONS)[0].sum()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (loss + saved_by_sin).backward()

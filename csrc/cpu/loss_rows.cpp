@@ -39,7 +39,7 @@ LossRowsResult smskd_loss_rows_cpu(const at::Tensor& student, const std::optiona
                                    const std::optional<at::Tensor>& reference, double temperature, double ce_weight,
                                    double kd_weight, double ref_weight, c10::string_view weighting,
                                    int64_t ignore_index, bool compute_grad,
-                                   const std::optional<at::Tensor>& grad_scale) {
+                                   const std::optional<at::Tensor>& grad_scale, c10::string_view reduction) {
   check_student_and_temperature(student, temperature, kOp);
   check_companion("teacher", teacher, student);
   check_companion("reference", reference, student);
@@ -60,10 +60,8 @@ LossRowsResult smskd_loss_rows_cpu(const at::Tensor& student, const std::optiona
   if (teacher.has_value()) args.teacher = view_of(*teacher);
   if (reference.has_value()) args.reference = view_of(*reference);
 
-  args.grad_scale = grad_scale_value(grad_scale, student, compute_grad, kOp);
-  const LossRowsResult outputs = allocate_outputs(args, student, compute_grad);
-  if (args.rows > 0) select_kernel()(args);
-  return outputs;
+  return run_reduced(args, student, target, compute_grad, grad_scale, ignore_index, reduction, kOp,
+                     [&args] { select_kernel()(args); });
 }
 
 }  // namespace

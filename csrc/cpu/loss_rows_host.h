@@ -8,10 +8,12 @@
 
 #include <cmath>
 #include <string>
+#include <utility>
 
 #include "grad_scale_arg.h"
 #include "loss_rows_args.h"
 #include "op_outputs.h"
+#include "reduction_arg.h"
 
 namespace smskd::cpu {
 
@@ -99,13 +101,29 @@ inline double grad_scale_value(const std::optional<at::Tensor>& grad_scale, cons
 
 // Allocates the outputs (per-row ones in the accumulation type: float64 for a
 // float64 student, else float32; grad (N, C) or (0, C) in the student's dtype)
-// and points args at them.
-inline LossRowsResult allocate_outputs(LossRowsArgs& args, const at::Tensor& student, bool compute_grad) {
+// and points args at them; reduced: laid out for reduce_per_row_outputs.
+inline std::pair<PerRowOutputs, at::Tensor> allocate_outputs(LossRowsArgs& args, const at::Tensor& student,
+                                                             bool compute_grad, bool reduced) {
   const auto accumulation = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const PerRowOutputs per_row = empty_per_row_outputs(args.rows, student.options().dtype(accumulation));
+  const PerRowOutputs per_row = empty_per_row_outputs(args.rows, student.options().dtype(accumulation), reduced);
   for (size_t k = 0; k < per_row.size(); ++k) args.per_row[k] = per_row[k].data_ptr();
   at::Tensor grad = at::empty({compute_grad ? args.rows : 0, args.classes}, student.options());
   if (compute_grad) args.grad = grad.data_ptr();
+  return {per_row, grad};
+}
+
+// Runs kernel (after the checks, with args filled but for grad_scale and the outputs) and returns the
+// operator's result, reduced as the reduction argument says (csrc/reduction_arg.h).
+template <typename RunKernel>
+LossRowsResult run_reduced(LossRowsArgs& args, const at::Tensor& student, const std::optional<at::Tensor>& target,
+                           bool compute_grad, const std::optional<at::Tensor>& grad_scale, int64_t ignore_index,
+                           c10::string_view reduction, const char* op, RunKernel&& kernel) {
+  const Reduction mode = parse_reduction(reduction, op);
+  const std::optional<at::Tensor> scale = reduction_grad_scale(mode, grad_scale, target, student, ignore_index, op);
+  args.grad_scale = grad_scale_value(scale, student, compute_grad, op);
+  auto [per_row, grad] = allocate_outputs(args, student, compute_grad, mode != Reduction::None);
+  if (args.rows > 0) kernel();
+  if (mode != Reduction::None) reduce_per_row_outputs(per_row, scale);
   return loss_rows_result(per_row, grad);
 }
 

@@ -82,7 +82,7 @@ LossRowsResult smskd_loss_rows_topk_cpu(const at::Tensor& student, const std::op
                                         const std::optional<at::Tensor>& reference, double temperature,
                                         double ce_weight, double kd_weight, double ref_weight,
                                         c10::string_view weighting, int64_t ignore_index, bool compute_grad,
-                                        const std::optional<at::Tensor>& grad_scale) {
+                                        const std::optional<at::Tensor>& grad_scale, c10::string_view reduction) {
   check_student_and_temperature(student, temperature, kOp);
   LossRowsArgs args;
   args.kind = scalar_kind(student, kOp);
@@ -128,10 +128,8 @@ LossRowsResult smskd_loss_rows_topk_cpu(const at::Tensor& student, const std::op
   teacher.log_sum_exp = lse.const_data_ptr();
   teacher.log_sum_exp_at_temperature = lse_t.const_data_ptr();
 
-  args.grad_scale = grad_scale_value(grad_scale, student, compute_grad, kOp);
-  const LossRowsResult outputs = allocate_outputs(args, student, compute_grad);
-  if (args.rows > 0) select_kernel()(args, teacher);
-  return outputs;
+  return run_reduced(args, student, target, compute_grad, grad_scale, ignore_index, reduction, kOp,
+                     [&args, &teacher] { select_kernel()(args, teacher); });
 }
 
 }  // namespace

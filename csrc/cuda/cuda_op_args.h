@@ -14,6 +14,7 @@
 
 #include "grad_scale_arg.h"
 #include "op_outputs.h"
+#include "reduction_arg.h"
 #include "smskd_kernels.h"
 
 namespace smskd::cuda {
@@ -72,9 +73,10 @@ void set_input_rows(KernelArgs& args, const at::Tensor& student, const at::Tenso
   }
 }
 
-// The per-row outputs (SMSKD_PER_ROW_OUTPUTS): float32, one entry per row, on the student's device.
-inline PerRowOutputs empty_per_row_outputs(int64_t rows, const at::Tensor& student) {
-  return smskd::empty_per_row_outputs(rows, student.options().dtype(at::kFloat));
+// The per-row outputs (SMSKD_PER_ROW_OUTPUTS): float32, one entry per row, on the student's device;
+// reduced: laid out for reduce_per_row_outputs (csrc/reduction_arg.h).
+inline PerRowOutputs empty_per_row_outputs(int64_t rows, const at::Tensor& student, bool reduced) {
+  return smskd::empty_per_row_outputs(rows, student.options().dtype(at::kFloat), reduced);
 }
 
 // Points a kernel argument struct (smskd_loss_rows_args or _topk_args) at the

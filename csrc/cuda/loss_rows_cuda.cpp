@@ -43,12 +43,13 @@ at::Tensor checked_target(const at::Tensor& target, const at::Tensor& student) {
 }
 
 // Checks every input, allocates the per-row outputs and launches the kernel;
-// grad (times grad_scale) is written where grad_out points (a new tensor, or the student itself).
+// grad (times grad_scale, or the reduction's scale) is written where grad_out points (a new
+// tensor, or the student itself); the outputs are reduced as reduction says.
 PerRowResult launch(const at::Tensor& student, const std::optional<at::Tensor>& target,
                     const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& reference,
                     double temperature, double ce_weight, double kd_weight, double ref_weight,
                     c10::string_view weighting, int64_t ignore_index, const at::Tensor* grad_out,
-                    const std::optional<at::Tensor>& grad_scale) {
+                    const std::optional<at::Tensor>& grad_scale, c10::string_view reduction) {
   check_student_and_temperature(student, temperature, "smskd_loss_rows");
   smskd_loss_rows_args args{};
   args.dtype = kernel_dtype(student, "smskd_loss_rows");
@@ -71,11 +72,15 @@ PerRowResult launch(const at::Tensor& student, const std::optional<at::Tensor>& 
     args.grad = grad_out->data_ptr();
     args.grad_stride = grad_out->stride(0);
   }
-  args.grad_scale = grad_scale_pointer(grad_scale, student, grad_out != nullptr, "smskd_loss_rows");
+  const Reduction mode = parse_reduction(reduction, "smskd_loss_rows");
+  const std::optional<at::Tensor> scale =
+      reduction_grad_scale(mode, grad_scale, target, student, ignore_index, "smskd_loss_rows");
+  args.grad_scale = grad_scale_pointer(scale, student, grad_out != nullptr, "smskd_loss_rows");
 
-  PerRowOutputs per_row = empty_per_row_outputs(args.rows, student);
+  PerRowOutputs per_row = empty_per_row_outputs(args.rows, student, mode != Reduction::None);
   set_outputs_and_scalars(args, per_row, temperature, ce_weight, kd_weight, ref_weight, ignore_index);
   launch_checked(args, "smskd_loss_rows", &smskd_loss_rows_invalid, &smskd_loss_rows_launch);
+  if (mode != Reduction::None) reduce_per_row_outputs(per_row, scale);
   return per_row_result(per_row);
 }
 
@@ -84,14 +89,14 @@ LossRowsResult smskd_loss_rows_cuda(const at::Tensor& student, const std::option
                                     const std::optional<at::Tensor>& reference, double temperature, double ce_weight,
                                     double kd_weight, double ref_weight, c10::string_view weighting,
                                     int64_t ignore_index, bool compute_grad,
-                                    const std::optional<at::Tensor>& grad_scale) {
+                                    const std::optional<at::Tensor>& grad_scale, c10::string_view reduction) {
   TORCH_CHECK_VALUE(student.dim() == 2, "smskd_loss_rows: student must have shape (N, C) with C >= 1, got ",
                     student.sizes());
   const at::Tensor logits = with_unit_column_stride(student);
   at::Tensor grad = at::empty({compute_grad ? logits.size(0) : 0, logits.size(1)},
                               logits.options().memory_format(at::MemoryFormat::Contiguous));
   return std::tuple_cat(launch(logits, target, teacher, reference, temperature, ce_weight, kd_weight, ref_weight,
-                               weighting, ignore_index, compute_grad ? &grad : nullptr, grad_scale),
+                               weighting, ignore_index, compute_grad ? &grad : nullptr, grad_scale, reduction),
                         std::make_tuple(grad));
 }
 
@@ -101,7 +106,7 @@ PerRowResult smskd_loss_rows_inplace_cuda(at::Tensor& student, const std::option
                                           const std::optional<at::Tensor>& reference, double temperature,
                                           double ce_weight, double kd_weight, double ref_weight,
                                           c10::string_view weighting, int64_t ignore_index,
-                                          const std::optional<at::Tensor>& grad_scale) {
+                                          const std::optional<at::Tensor>& grad_scale, c10::string_view reduction) {
   TORCH_CHECK_VALUE(student.dim() == 2 && (student.size(1) <= 1 || student.stride(1) == 1),
                     "smskd_loss_rows_inplace_: student must be an (N, C) tensor with contiguous columns, got sizes ",
                     student.sizes(), " and strides ", student.strides());
@@ -109,7 +114,7 @@ PerRowResult smskd_loss_rows_inplace_cuda(at::Tensor& student, const std::option
                     "smskd_loss_rows_inplace_: student's rows must not overlap (stride(0) >= C), got strides ",
                     student.strides());
   return launch(student, target, teacher, reference, temperature, ce_weight, kd_weight, ref_weight, weighting,
-                ignore_index, &student, grad_scale);
+                ignore_index, &student, grad_scale, reduction);
 }
 
 }  // namespace

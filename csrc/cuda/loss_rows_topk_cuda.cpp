@@ -58,7 +58,7 @@ LossRowsResult smskd_loss_rows_topk_cuda(const at::Tensor& student_in, const std
                                      const std::optional<at::Tensor>& reference, double temperature,
                                      double ce_weight, double kd_weight, double ref_weight,
                                      c10::string_view weighting, int64_t ignore_index, bool compute_grad,
-                                     const std::optional<at::Tensor>& grad_scale) {
+                                     const std::optional<at::Tensor>& grad_scale, c10::string_view reduction) {
   check_student_and_temperature(student_in, temperature, kOp);
   smskd_loss_rows_topk_args args{};
   args.dtype = kernel_dtype(student_in, kOp);
@@ -95,28 +95,31 @@ LossRowsResult smskd_loss_rows_topk_cuda(const at::Tensor& student_in, const std
                      ": target must hold integer class indices, got ", target->scalar_type());
     y = target->to(at::kLong);
   }
-  args.grad_scale = grad_scale_pointer(grad_scale, student, compute_grad, kOp);
+  const Reduction mode = parse_reduction(reduction, kOp);
+  const std::optional<at::Tensor> scale = reduction_grad_scale(mode, grad_scale, target, student, ignore_index, kOp);
+  args.grad_scale = grad_scale_pointer(scale, student, compute_grad, kOp);
 
-  PerRowOutputs per_row = empty_per_row_outputs(args.rows, student);
+  PerRowOutputs per_row = empty_per_row_outputs(args.rows, student, mode != Reduction::None);
   at::Tensor grad = at::empty({compute_grad ? args.rows : 0, args.cols},
                               student.options().memory_format(at::MemoryFormat::Contiguous));
-  if (args.rows == 0) return loss_rows_result(per_row, grad);
-
-  const at::Tensor mask = kept_class_mask(indices, args.cols);
-  set_input_rows(args, student, r, y);
-  args.topk_values = values.const_data_ptr<float>();
-  args.topk_indices = indices.const_data_ptr<int64_t>();
-  args.kept_mask = reinterpret_cast<const uint32_t*>(mask.const_data_ptr<int32_t>());
-  args.kept_mask_stride = mask.stride(0);
-  args.true_logit = true_values.const_data_ptr<float>();
-  args.log_sum_exp = lse.const_data_ptr<float>();
-  args.log_sum_exp_at_temperature = lse_t.const_data_ptr<float>();
-  if (compute_grad) {
-    args.grad = grad.data_ptr();
-    args.grad_stride = grad.stride(0);
+  if (args.rows > 0) {
+    const at::Tensor mask = kept_class_mask(indices, args.cols);
+    set_input_rows(args, student, r, y);
+    args.topk_values = values.const_data_ptr<float>();
+    args.topk_indices = indices.const_data_ptr<int64_t>();
+    args.kept_mask = reinterpret_cast<const uint32_t*>(mask.const_data_ptr<int32_t>());
+    args.kept_mask_stride = mask.stride(0);
+    args.true_logit = true_values.const_data_ptr<float>();
+    args.log_sum_exp = lse.const_data_ptr<float>();
+    args.log_sum_exp_at_temperature = lse_t.const_data_ptr<float>();
+    if (compute_grad) {
+      args.grad = grad.data_ptr();
+      args.grad_stride = grad.stride(0);
+    }
+    set_outputs_and_scalars(args, per_row, temperature, ce_weight, kd_weight, ref_weight, ignore_index);
+    launch_checked(args, kOp, &smskd_loss_rows_topk_invalid, &smskd_loss_rows_topk_launch);
   }
-  set_outputs_and_scalars(args, per_row, temperature, ce_weight, kd_weight, ref_weight, ignore_index);
-  launch_checked(args, kOp, &smskd_loss_rows_topk_invalid, &smskd_loss_rows_topk_launch);
+  if (mode != Reduction::None) reduce_per_row_outputs(per_row, scale);
   return loss_rows_result(per_row, grad);
 }
 

@@ -40,7 +40,10 @@ class RowInputs:
     will multiply every row's loss by (the mean's 1/n, a 0-d tensor in the
     accumulation dtype on the student's device), or None: backends that write the
     gradient in forward may fold it in (ops/schema.py, GRAD_SCALE); the per-row
-    values are never scaled.
+    values are never scaled. reduction is "none" except for backends whose reduces
+    is True: "sum" or "mean" then asks for loss, ce, kd and ref as 0-d sums over the
+    rows (the mean's over the valid rows) and the gradient of that reduced loss
+    (ops/schema.py, REDUCTION; grad_scale is then None).
     """
 
     student: torch.Tensor
@@ -49,6 +52,7 @@ class RowInputs:
     reference: Optional[torch.Tensor]
     teacher_topk: Optional["TopKTeacher"] = None
     grad_scale: Optional[torch.Tensor] = None
+    reduction: str = "none"
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,8 @@ class Backend(Protocol):
 
     name: str
     supports_topk: bool  # accepts RowInputs.teacher_topk (absent means False)
+    reduces: bool  # accepts RowInputs.reduction "sum" and "mean" (absent means False: the API reduces)
+    checks_target: bool  # refuses target values outside [0, C) and ignore_index itself (absent: the API checks)
 
     def status(self) -> BackendStatus:
         """Whether this backend can run in this process, and why not."""

@@ -31,10 +31,10 @@ class GradientInStudent(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, target, teacher, reference, grad_scale, options: LossOptions):
+    def forward(ctx, student, target, teacher, reference, grad_scale, reduction: str, options: LossOptions):
         storage = student.detach()
         outputs = torch.ops.smskd_fast.smskd_loss_rows_inplace_(
-            storage, target, teacher, reference, *schema.scalar_arguments(options), grad_scale
+            storage, target, teacher, reference, *schema.scalar_arguments(options), grad_scale, reduction
         )
         ctx.save_for_backward(storage, grad_scale)
         ctx.mark_non_differentiable(*outputs[1:])
@@ -42,7 +42,7 @@ class GradientInStudent(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_grads):
-        return ops.scale_gradient_in_student_once(ctx, grad_loss), None, None, None, None, None
+        return ops.scale_gradient_in_student_once(ctx, grad_loss), None, None, None, None, None, None
 
 
 def can_overwrite_student(student: torch.Tensor, device_type: str) -> bool:
@@ -72,6 +72,9 @@ def has_kernel(op_name: str, dispatch_key: str) -> bool:
 
 class CompiledOpBackend:
     """Dispatches to the C++/CUDA operator for one device type."""
+
+    reduces = True  # the ops reduce in their one dispatch (csrc/reduction_arg.h)
+    checks_target = True  # the CPU op on the host (its message names the value), the CUDA kernels on the device
 
     def __init__(self, name: str, device_type: str, dispatch_key: str, *, float64: bool = True) -> None:
         self.name = name
@@ -109,12 +112,13 @@ class CompiledOpBackend:
             return self._topk_rows(inputs, options)
         if options.overwrite_student_logits and can_overwrite_student(inputs.student, self.device_type):
             outputs = GradientInStudent.apply(inputs.student, inputs.target, inputs.teacher, inputs.reference,
-                                              inputs.grad_scale, options)
+                                              inputs.grad_scale, inputs.reduction, options)
         else:
             outputs = ops.call_functional_op(
                 torch.ops.smskd_fast.smskd_loss_rows,
                 inputs.student, inputs.target, inputs.teacher, inputs.reference,
                 *schema.scalar_arguments(options), needs_student_grad(inputs.student), inputs.grad_scale,
+                inputs.reduction,
             )
         return schema.row_outputs(outputs)
 
@@ -125,5 +129,6 @@ class CompiledOpBackend:
             inputs.student, inputs.target, teacher.values, teacher.indices, teacher.true_logit,
             teacher.log_sum_exp, teacher.log_sum_exp_at_temperature, inputs.reference,
             *schema.scalar_arguments(options), needs_student_grad(inputs.student), inputs.grad_scale,
+            inputs.reduction,
         )
         return schema.row_outputs(outputs)

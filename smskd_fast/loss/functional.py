@@ -6,9 +6,8 @@ rows to the chosen backend and applies the reduction. Backends only ever see
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
@@ -16,7 +15,8 @@ from smskd_fast.loss import validation
 from smskd_fast.backends import resolve_backend
 from smskd_fast.backends.base import LossOptions, RowInputs, RowOutputs
 from smskd_fast.backends.topk import TopKTeacher
-from smskd_fast.ops.schema import accumulation_dtype
+from smskd_fast.ops.reduction import mean_reduction_scale, reduce_per_row_outputs
+from smskd_fast.ops.schema import PER_ROW_OUTPUTS, row_outputs
 
 __all__ = ["SMSKDLossOutput", "smskd_loss", "kd_loss", "true_class_probability"]
 
@@ -45,41 +45,9 @@ def _rows(logits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return logits.reshape(-1, logits.shape[-1])
 
 
-def _reduce(values: torch.Tensor, mean_scale: Optional[torch.Tensor], reduction: str,
-            leading: tuple) -> torch.Tensor:
-    """Per row, sum, or mean: the sum times mean_scale (1 / the number of valid rows)."""
-    if reduction == "none":
-        return values.reshape(leading)
-    total = values.sum()
-    return total if reduction == "sum" else total * mean_scale
-
-
-def _reduce_terms(rows: RowOutputs, mean_scale: Optional[torch.Tensor], reduction: str,
-                  leading: tuple) -> tuple:
-    """ce, kd and ref reduced like the loss, in one reduction over the three (3 operations instead of 6:
-    at small C each operation's launch, not its work, is the cost)."""
-    if reduction == "none":
-        return tuple(values.reshape(leading) for values in (rows.ce, rows.kd, rows.ref))
-    totals = torch.stack((rows.ce, rows.kd, rows.ref)).sum(dim=1)
-    return (totals if reduction == "sum" else totals.mul_(mean_scale)).unbind()
-
-
-def mean_reduction_scale(valid_rows: Union[torch.Tensor, int], student: torch.Tensor) -> torch.Tensor:
-    """1 / max(number of valid rows, 1) as a 0-d tensor in the accumulation dtype on the student's device.
-
-    valid_rows is the rows' boolean mask (counted on the device: no synchronisation) or their number.
-    "mean" (here and in fused_linear) multiplies the sum by it, and the backends fold
-    the same tensor into the gradient they write (RowInputs.grad_scale), so that
-    backward has no N x C pass left when grad_output is 1.
-    """
-    acc = accumulation_dtype(student.dtype)
-    if isinstance(valid_rows, int):
-        return torch.full((), 1.0 / max(valid_rows, 1), dtype=acc, device=student.device)
-    # Counted in acc directly (one operation fewer per call) while every partial sum is an exact
-    # integer: up to 2 / eps = 2^24 rows in float32.
-    exact = valid_rows.numel() <= 2 / torch.finfo(acc).eps
-    count = valid_rows.sum(dtype=acc) if exact else valid_rows.sum().to(acc)
-    return count.clamp_(min=1).reciprocal_()
+def _shaped(values: torch.Tensor, leading: tuple) -> torch.Tensor:
+    """Per-row values (N,) in the leading shape of the logits (1-D ones as they are: a view costs a dispatch)."""
+    return values if len(leading) == 1 else values.reshape(leading)
 
 
 def _run(
@@ -89,20 +57,36 @@ def _run(
     reference_logits: Optional[torch.Tensor],
     options: LossOptions,
     backend: str,
+    reduction: str,
     teacher_topk: Optional[TopKTeacher] = None,
-    grad_scale: Optional[torch.Tensor] = None,
 ) -> RowOutputs:
+    """The chosen backend's outputs, reduced as reduction says: by the backend itself when it can
+    (one dispatch for the whole mean loss on the compiled and Triton ops), else here."""
+    chosen = resolve_backend(backend, student_logits.device, student_logits.dtype, student_logits.shape[-1],
+                             topk=teacher_topk is not None)
+    in_backend = reduction != "none" and getattr(chosen, "reduces", False)
+    flat_target = target if target is None or target.dim() == 1 else target.reshape(-1)
+    if flat_target is not None and not getattr(chosen, "checks_target", False):
+        validation.check_target_values(flat_target, student_logits.shape[-1], options.ignore_index)
+    student = _rows(student_logits)
+    mean_scale = None
+    if reduction == "mean" and not in_backend:
+        mean_scale = mean_reduction_scale(student.shape[0] if target is None else flat_target != options.ignore_index,
+                                          student)
     inputs = RowInputs(
-        student=_rows(student_logits),
-        target=None if target is None else target.reshape(-1),
+        student=student,
+        target=flat_target,
         teacher=_rows(teacher_logits),
         reference=_rows(reference_logits),
         teacher_topk=None if teacher_topk is None else teacher_topk.rows(),
-        grad_scale=grad_scale,
+        grad_scale=mean_scale,
+        reduction=reduction if in_backend else "none",
     )
-    chosen = resolve_backend(backend, student_logits.device, student_logits.dtype, student_logits.shape[-1],
-                             topk=teacher_topk is not None)
-    return chosen.rows(inputs, options)
+    rows = chosen.rows(inputs, options)
+    if in_backend or reduction == "none":
+        return rows
+    # One reduction of the four terms: the loss keeps its history, row_outputs detaches the rest.
+    return row_outputs(reduce_per_row_outputs([getattr(rows, name) for name in PER_ROW_OUTPUTS], mean_scale))
 
 
 def smskd_loss(
@@ -138,9 +122,7 @@ def smskd_loss(
     validation.check_logits("student_logits", student_logits)
     validation.check_companion_logits("teacher_logits", teacher_logits, student_logits)
     validation.check_companion_logits("reference_logits", reference_logits, student_logits)
-    # The target's values are checked by the backend (the compiled ops, the reference, the Triton
-    # launcher on the CPU; device assertions on CUDA): on the CPU a second check cost ~10 us per call.
-    validation.check_target(target, student_logits, ignore_index, values=False)
+    validation.check_target(target, student_logits, ignore_index, values=False)  # values: _run
     validation.check_options(
         temperature, reduction, weighting,
         {"ce_weight": ce_weight, "kd_weight": kd_weight, "ref_weight": ref_weight},
@@ -150,20 +132,12 @@ def smskd_loss(
                                        reference_logits)
     options = LossOptions(float(temperature), float(ce_weight), float(kd_weight), float(ref_weight),
                           weighting, int(ignore_index), bool(overwrite_student_logits))
-    mean_scale = mean_reduction_scale(target != ignore_index, student_logits) if reduction == "mean" else None
-    rows = _run(student_logits, target, teacher_logits, reference_logits, options, backend, teacher_topk,
-                grad_scale=mean_scale)
-
+    rows = _run(student_logits, target, teacher_logits, reference_logits, options, backend, reduction, teacher_topk)
     leading = tuple(target.shape)
-    ce, kd, ref = _reduce_terms(rows, mean_scale, reduction, leading)
-    return SMSKDLossOutput(
-        loss=_reduce(rows.loss, mean_scale, reduction, leading),
-        ce=ce,
-        kd=kd,
-        ref=ref,
-        tcp=rows.tcp.reshape(leading),
-        weight=rows.weight.reshape(leading),
-    )
+    terms = (rows.loss, rows.ce, rows.kd, rows.ref)
+    loss, ce, kd, ref = (_shaped(term, leading) for term in terms) if reduction == "none" else terms
+    return SMSKDLossOutput(loss=loss, ce=ce, kd=kd, ref=ref, tcp=_shaped(rows.tcp, leading),
+                           weight=_shaped(rows.weight, leading))
 
 
 def kd_loss(
@@ -187,10 +161,8 @@ def kd_loss(
     validation.check_options(temperature, reduction, "constant", {})
     options = LossOptions(float(temperature), ce_weight=0.0, kd_weight=1.0, ref_weight=0.0,
                           weighting="constant", overwrite_student_logits=bool(overwrite_student_logits))
-    leading = tuple(student_logits.shape[:-1])
-    mean_scale = mean_reduction_scale(math.prod(leading), student_logits) if reduction == "mean" else None
-    rows = _run(student_logits, None, teacher_logits, None, options, backend, grad_scale=mean_scale)
-    return _reduce(rows.loss, mean_scale, reduction, leading)
+    rows = _run(student_logits, None, teacher_logits, None, options, backend, reduction)
+    return _shaped(rows.loss, tuple(student_logits.shape[:-1])) if reduction == "none" else rows.loss
 
 
 @torch.no_grad()

@@ -33,9 +33,9 @@ import torch
 from smskd_fast.loss import validation
 from smskd_fast.backends import resolve_backend
 from smskd_fast.backends.base import LossOptions, RowInputs
-from smskd_fast.loss import functional
 from smskd_fast.loss.functional import SMSKDLossOutput
 from smskd_fast.ops import schema
+from smskd_fast.ops.reduction import mean_reduction_scale
 from smskd_fast.backends.topk import TopKTeacher
 
 __all__ = ["fused_linear_smskd_loss", "chunk_rows"]
@@ -192,7 +192,7 @@ class _FusedLinearSMSKD(torch.autograd.Function):
         valid = target != options.ignore_index
         student = _Head(hidden, weight, bias)
         grads = any(need) and reduction != "none"
-        mean_scale = functional.mean_reduction_scale(valid, hidden) if reduction == "mean" else None
+        mean_scale = mean_reduction_scale(valid, hidden) if reduction == "mean" else None
         row_scale = None
         if grads:
             row_scale = valid.to(schema.accumulation_dtype(hidden.dtype))

@@ -31,13 +31,20 @@ TOPK_OP_NAME = schema.TOPK.qualified_name  # the teacher in top-k form (smskd_fa
 INPLACE_OP_NAME = schema.INPLACE.qualified_name
 
 
+# Positions of compute_grad and grad_scale in a functional op's arguments (schema.FUNCTIONAL_TAIL).
+_COMPUTE_GRAD = -len(schema.FUNCTIONAL_TAIL) + schema.FUNCTIONAL_TAIL.index(schema.COMPUTE_GRAD)
+_GRAD_SCALE = -len(schema.FUNCTIONAL_TAIL) + schema.FUNCTIONAL_TAIL.index(schema.GRAD_SCALE)
+
+
 def setup_context(ctx, inputs, output) -> None:
-    """Saves the op's grad output (its last) and grad_scale, for the functional ops (..., compute_grad, grad_scale)."""
-    ctx.compute_grad = inputs[-2]
+    """Saves the op's grad output (its last) and grad_scale, for the functional ops
+    (..., compute_grad, grad_scale, reduction). With a reduction grad_scale is None: the
+    gradient written is already that of the reduced loss, and backward's factor is grad_output."""
+    ctx.compute_grad = inputs[_COMPUTE_GRAD]
     # Only the loss output has a gradient; without this, autograd would hand
     # backward a materialised N x C zero tensor for the unused grad output.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(output[-1], inputs[-1])
+    ctx.save_for_backward(output[-1], inputs[_GRAD_SCALE])
 
 
 def _last_use_of_saved_tensors(saved: torch.Tensor) -> bool:
@@ -51,8 +58,9 @@ def _last_use_of_saved_tensors(saved: torch.Tensor) -> bool:
 
 def backward_of(op: schema.OpSchema):
     """The autograd formula of a functional op (schema.DENSE, schema.TOPK or their Triton renamings)."""
-    if op.arguments[0].name != "student" or op.arguments[-2:] != (schema.COMPUTE_GRAD, schema.GRAD_SCALE):
-        raise ValueError(f"{op.name} is not a functional loss op (student first, compute_grad and grad_scale last)")
+    if op.arguments[0].name != "student" or op.arguments[-len(schema.FUNCTIONAL_TAIL):] != schema.FUNCTIONAL_TAIL:
+        raise ValueError(f"{op.name} is not a functional loss op (student first, compute_grad, grad_scale and "
+                         "reduction last)")
 
     def backward(ctx, grad_loss, *unused_grads):
         return _student_gradient(ctx, grad_loss, op.num_arguments)
@@ -80,7 +88,8 @@ def _student_gradient(ctx, grad_loss, num_inputs: int):
 
 
 def row_factor(grad_loss: torch.Tensor, grad_scale) -> torch.Tensor:
-    """What each saved gradient row still needs: grad_output of the row over the op's grad_scale.
+    """What each saved gradient row still needs: grad_output of the row over the op's grad_scale
+    (a reduced op's grad_output is 0-d and its grad_scale None: the factor of every row).
 
     Stays in grad_loss's own (fp32) dtype: the product with the gradient is formed in
     fp32 and rounded once to the gradient's dtype; rounding it to bf16 first would add
@@ -143,9 +152,9 @@ class FunctionalOpUnderAutograd(torch.autograd.Function):
 
 
 def call_functional_op(op, *arguments):
-    """op(*arguments) for a functional loss op (student first, compute_grad and grad_scale last), under
-    FunctionalOpUnderAutograd when it computes the gradient of a student that autograd will ask for."""
-    if arguments[-2] and not torch.compiler.is_compiling() and arguments[0].requires_grad \
+    """op(*arguments) for a functional loss op, every argument given (student first, schema.FUNCTIONAL_TAIL
+    last), under FunctionalOpUnderAutograd when it computes the gradient of a student that autograd will ask for."""
+    if arguments[_COMPUTE_GRAD] and not torch.compiler.is_compiling() and arguments[0].requires_grad \
             and torch.is_grad_enabled():
         return FunctionalOpUnderAutograd.apply(op, *arguments)
     return op(*arguments)

@@ -28,38 +28,42 @@ _BLOCK_COLUMNS = 4096  # columns per program: a 32000-column bf16 row is 8 progr
 def scale_rows_(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """grad (N, C) *= factor (N,)[:, None] in place, leaving rows whose factor is exactly 1 unread; returns grad.
 
+    A 0-d factor (the gradient of a reduced loss: grad_output) scales every row alike.
     The product is formed in factor's dtype (fp32, or fp64 for fp64 logits) and
     rounded once to grad's dtype, as grad.mul_(factor[:, None]) rounds it.
     """
-    if grad.dim() != 2 or factor.shape != grad.shape[:1]:
-        raise ValueError(f"scale_rows_: grad must be (N, C) and factor (N,), got {tuple(grad.shape)} and "
+    if grad.dim() != 2 or factor.shape not in ((), grad.shape[:1]):
+        raise ValueError(f"scale_rows_: grad must be (N, C) and factor (N,) or 0-d, got {tuple(grad.shape)} and "
                          f"{tuple(factor.shape)}")
     if grad.numel() == 0:
         return grad
+    per_row = factor.unsqueeze(-1) if factor.dim() == 1 else factor
     if grad.device.type == "cpu":
-        if not bool((factor == 1).all()):
-            grad.mul_(factor.unsqueeze(-1))
+        if not (factor.item() == 1 if factor.dim() == 0 else bool((factor == 1).all())):
+            grad.mul_(per_row)
         return grad
     if triton is None or grad.device.type != "cuda" or grad.stride(-1) != 1:
-        return grad.mul_(factor.unsqueeze(-1))
+        return grad.mul_(per_row)
     launch_scale_rows(grad, factor.contiguous())
     return grad
 
 
 def launch_scale_rows(grad: torch.Tensor, factor: torch.Tensor) -> None:
-    """Runs _scale_rows_kernel over (rows, column blocks); under TRITON_INTERPRET=1 it takes CPU tensors (tests)."""
+    """Runs _scale_rows_kernel over (rows, column blocks), factor (N,) or 0-d (then read by every row);
+    under TRITON_INTERPRET=1 it takes CPU tensors (tests)."""
     rows, cols = grad.shape
     grid = (rows, triton.cdiv(cols, _BLOCK_COLUMNS))
-    _scale_rows_kernel[grid](grad, factor, grad.stride(0), cols, BLOCK=_BLOCK_COLUMNS)
+    factor_stride = 0 if factor.dim() == 0 else factor.stride(0)
+    _scale_rows_kernel[grid](grad, factor, grad.stride(0), factor_stride, cols, BLOCK=_BLOCK_COLUMNS)
 
 
 if triton is not None:
 
     @triton.jit
-    def _scale_rows_kernel(grad_ptr, factor_ptr, row_stride, cols, BLOCK: tl.constexpr):
+    def _scale_rows_kernel(grad_ptr, factor_ptr, row_stride, factor_stride, cols, BLOCK: tl.constexpr):
         """One program per (row, block of columns): multiplies the block by the row's factor unless it is 1."""
         row = tl.program_id(0)
-        factor = tl.load(factor_ptr + row)
+        factor = tl.load(factor_ptr + row * factor_stride)
         if factor != 1.0:
             columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
             inside = columns < cols

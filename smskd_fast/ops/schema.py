@@ -61,6 +61,13 @@ COMPUTE_GRAD = Argument("compute_grad", "bool")
 # grad_output and has nothing left to do when the two are equal (ops/registration.py).
 # Last, with a default, so that callers without it keep their positional arguments.
 GRAD_SCALE = Argument("grad_scale", "Tensor?", default="None")
+# After grad_scale: "none" returns the per-row outputs; "sum" and "mean" return loss, ce, kd and ref
+# (REDUCED_OUTPUTS) as 0-d sums over the rows, the mean's divided by the rows whose target is not
+# ignore_index (at least 1), and write the gradient of that reduced loss (grad_scale must be None:
+# the op computes the mean's scale itself). One dispatch then does what took ten (csrc/reduction_arg.h).
+REDUCTION = Argument("reduction", "str", default='"none"')
+REDUCTIONS: Tuple[str, ...] = ("none", "sum", "mean")
+REDUCED_OUTPUTS: Tuple[str, ...] = ("loss", "ce", "kd", "ref")  # the first PER_ROW_OUTPUTS (csrc/op_outputs.h)
 
 _CONVERT: Dict[str, Callable[[Any], Any]] = {"float": float, "int": int, "str": str, "bool": bool}
 
@@ -106,24 +113,29 @@ class OpSchema:
         student = bound["student"]
         rows, classes = student.shape
         acc = accumulation_dtype(student.dtype)
-        per_row = tuple(student.new_empty((rows,), dtype=acc) for _ in PER_ROW_OUTPUTS)
+        reduced = bound.get(REDUCTION.name) in ("sum", "mean")
+        per_row = tuple(student.new_empty(() if reduced and name in REDUCED_OUTPUTS else (rows,), dtype=acc)
+                        for name in PER_ROW_OUTPUTS)
         if GRAD_OUTPUT not in self.outputs:
             return per_row
         return (*per_row, student.new_empty((rows if bound[COMPUTE_GRAD.name] else 0, classes)))
 
 
+# The functional ops' last arguments, in this order (ops/registration.py reads them by position).
+FUNCTIONAL_TAIL: Tuple[Argument, ...] = (COMPUTE_GRAD, GRAD_SCALE, REDUCTION)
 DENSE = OpSchema(
-    "smskd_loss_rows", _TENSOR_INPUTS + _DENSE_TEACHER + SCALAR_ARGUMENTS + (COMPUTE_GRAD, GRAD_SCALE),
+    "smskd_loss_rows", _TENSOR_INPUTS + _DENSE_TEACHER + SCALAR_ARGUMENTS + FUNCTIONAL_TAIL,
     PER_ROW_OUTPUTS + (GRAD_OUTPUT,),
 )
 TOPK = OpSchema(
-    "smskd_loss_rows_topk", _TENSOR_INPUTS + _TOPK_TEACHER + SCALAR_ARGUMENTS + (COMPUTE_GRAD, GRAD_SCALE),
+    "smskd_loss_rows_topk", _TENSOR_INPUTS + _TOPK_TEACHER + SCALAR_ARGUMENTS + FUNCTIONAL_TAIL,
     PER_ROW_OUTPUTS + (GRAD_OUTPUT,),
 )
 # The student is overwritten by its gradient: Tensor(a!), and no grad output.
 INPLACE = OpSchema(
     "smskd_loss_rows_inplace_",
-    (Argument("student", "Tensor(a!)"),) + _TENSOR_INPUTS[1:] + _DENSE_TEACHER + SCALAR_ARGUMENTS + (GRAD_SCALE,),
+    (Argument("student", "Tensor(a!)"),) + _TENSOR_INPUTS[1:] + _DENSE_TEACHER + SCALAR_ARGUMENTS
+    + (GRAD_SCALE, REDUCTION),
     PER_ROW_OUTPUTS,
 )
 COMPILED_OPS: Tuple[OpSchema, ...] = (DENSE, TOPK, INPLACE)
@@ -137,7 +149,8 @@ def scalar_arguments(options: Any) -> tuple:
 RowOutputs = dataclasses.make_dataclass(
     "RowOutputs", [(name, torch.Tensor) for name in PER_ROW_OUTPUTS], frozen=True,
     namespace={"__doc__": (
-        "Per-row results, one field per PER_ROW_OUTPUTS name, each of shape (N,) in the accumulation dtype.\n\n"
+        "Per-row results, one field per PER_ROW_OUTPUTS name, each of shape (N,) in the accumulation dtype\n"
+        "(loss, ce, kd and ref 0-d when the op reduced them: REDUCTION).\n\n"
         "loss is differentiable with respect to the student logits; the other fields are the unweighted terms\n"
         "(ref already includes the weight w_i) and the TCP and weight of each row, all zero on ignored rows."
     )},

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Host cost per forward+backward before/after, alternating trees, one thread (benchmarks/host_overhead.py).
-# usage: bash compare.sh BEFORE_TREE AFTER_TREE  (each tree has its own built smskd_fast/_C and a copy of
-# benchmarks/host_overhead.py); writes {before,after}_{dtype}_run{k}.{md,json} here.
+# usage: bash compare.sh BEFORE_TREE AFTER_TREE [OUT_DIR]  (each tree has its own built smskd_fast/_C and a
+# copy of benchmarks/host_overhead.py); writes {before,after}_{dtype}_run{k}.{md,json} in OUT_DIR (default: here).
+# HOST_OVERHEAD_ARGS adds arguments to every run (e.g. "--rows 128 --classes 100").
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
 before="$1"; after="$2"
+here="$(mkdir -p "${3:-$(dirname "$0")}" && cd "${3:-$(dirname "$0")}" && pwd)"
 for run in 1 2 3; do
   for dtype in float32 bfloat16; do
     for side in before after; do
       tree=$before; [ "$side" = after ] && tree=$after
-      (cd "$tree" && python benchmarks/host_overhead.py --dtype "$dtype" --calls 200 --batches 15 \
+      (cd "$tree" && python benchmarks/host_overhead.py --dtype "$dtype" --calls 200 --batches 15 ${HOST_OVERHEAD_ARGS:-} \
         --out "$here/${side}_${dtype}_run${run}" > /dev/null 2>&1)
     done
   done

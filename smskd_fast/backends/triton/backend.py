@@ -32,6 +32,7 @@ import torch
 
 from smskd_fast.ops import registration as ops
 from smskd_fast.ops import schema
+from smskd_fast.ops.reduction import reduce_per_row_outputs, reduction_grad_scale
 from smskd_fast.backends.base import BackendStatus, LossOptions, RowInputs, RowOutputs
 
 # The signatures of smskd_loss_rows and smskd_loss_rows_topk under the Triton ops' own names.
@@ -85,6 +86,11 @@ def _check_grad_scale(grad_scale: Optional[torch.Tensor], student: torch.Tensor,
                          f"got {grad_scale.device}")
 
 
+def _reduced(outputs: tuple, reduction: str, scale: Optional[torch.Tensor]) -> tuple:
+    """The launchers' outputs as an op returns them for reduction (ops/reduction.py, as csrc/reduction_arg.h)."""
+    return outputs if reduction == "none" else reduce_per_row_outputs(outputs, scale)
+
+
 def _unit_column_stride(logits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Rows may have any stride; columns must be contiguous for the kernels."""
     if logits is None or logits.stride(-1) == 1:
@@ -110,16 +116,19 @@ if _IMPORT_ERROR is None:
         ignore_index: int,
         compute_grad: bool,
         grad_scale: Optional[torch.Tensor] = None,
+        reduction: str = "none",
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The fused per-row loss of SPEC.md section 2 on (N, C) rows (see csrc/ops.cpp)."""
+        """The fused per-row loss of SPEC.md section 2 on (N, C) rows (see csrc/ops.cpp), reduced as reduction says."""
         _check_dtype(student)
         _check_grad_scale(grad_scale, student, DENSE_SCHEMA.name)
-        return triton_launch.launch_rows(
+        scale = reduction_grad_scale(reduction, grad_scale, target, student, ignore_index, DENSE_SCHEMA.name)
+        outputs = triton_launch.launch_rows(
             _unit_column_stride(student), None if target is None else target.contiguous(),
             _unit_column_stride(teacher), _unit_column_stride(reference),
             temperature, ce_weight, kd_weight, ref_weight, weighting, ignore_index, compute_grad,
-            grad_scale=grad_scale if compute_grad else None, wrap=_traceable,
+            grad_scale=scale if compute_grad else None, wrap=_traceable,
         )
+        return _reduced(outputs, reduction, scale)
 
     @torch.library.triton_op(TOPK_OP_NAME, mutates_args=(), schema=TOPK_SCHEMA.schema())
     def smskd_loss_rows_topk_triton(
@@ -139,16 +148,19 @@ if _IMPORT_ERROR is None:
         ignore_index: int,
         compute_grad: bool,
         grad_scale: Optional[torch.Tensor] = None,
+        reduction: str = "none",
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """smskd_loss_rows_triton with the teacher in top-k form (see csrc/ops.cpp, smskd_loss_rows_topk)."""
         _check_dtype(student)
         _check_grad_scale(grad_scale, student, TOPK_SCHEMA.name)
-        return triton_topk_launch.launch_topk_rows(
+        scale = reduction_grad_scale(reduction, grad_scale, target, student, ignore_index, TOPK_SCHEMA.name)
+        outputs = triton_topk_launch.launch_topk_rows(
             _unit_column_stride(student), None if target is None else target.contiguous(), topk_values,
             topk_indices, true_logit, log_sum_exp, log_sum_exp_at_temperature, _unit_column_stride(reference),
             temperature, ce_weight, kd_weight, ref_weight, weighting, ignore_index, compute_grad,
-            grad_scale=grad_scale if compute_grad else None, wrap=_traceable,
+            grad_scale=scale if compute_grad else None, wrap=_traceable,
         )
+        return _reduced(outputs, reduction, scale)
 
     def _register_fake_and_autograd() -> None:
         # The shape functions and gradient formulas of smskd_fast::smskd_loss_rows(_topk).
@@ -171,31 +183,34 @@ class _OverwriteStudentRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, target, teacher, reference, teacher_topk, grad_scale,
-                options: LossOptions):
+                reduction: str, options: LossOptions):
         # Writing through the kernel does not bump student's version counter:
         # nothing in this graph reads the logits' old values again, and the caller
         # promised that nothing else does (LossOptions.overwrite_student_logits).
-        _check_grad_scale(grad_scale, student, (DENSE_SCHEMA if teacher_topk is None else TOPK_SCHEMA).name)
+        op = (DENSE_SCHEMA if teacher_topk is None else TOPK_SCHEMA).name
+        _check_grad_scale(grad_scale, student, op)
+        scale = reduction_grad_scale(reduction, grad_scale, target, student, options.ignore_index, op)
         grad = student.detach()
         scalars = _scalar_arguments(options, compute_grad=True)
         if teacher_topk is None:
-            outputs = triton_launch.launch_rows(grad, target, teacher, reference, *scalars, grad_scale=grad_scale,
+            outputs = triton_launch.launch_rows(grad, target, teacher, reference, *scalars, grad_scale=scale,
                                                 grad_out=grad)
         else:
             outputs = triton_topk_launch.launch_topk_rows(
                 grad, target, teacher_topk.values, teacher_topk.indices, teacher_topk.true_logit,
                 teacher_topk.log_sum_exp, teacher_topk.log_sum_exp_at_temperature, reference, *scalars,
-                grad_scale=grad_scale, grad_out=grad,
+                grad_scale=scale, grad_out=grad,
             )
-        # backward divides grad_scale out of grad_output (ops.scale_gradient_in_student_once).
+        # backward divides the caller's grad_scale (None with a reduction) out of grad_output
+        # (ops.scale_gradient_in_student_once).
         ctx.save_for_backward(grad, grad_scale)
-        per_row = outputs[:len(schema.PER_ROW_OUTPUTS)]
+        per_row = _reduced(outputs[:len(schema.PER_ROW_OUTPUTS)], reduction, scale)
         ctx.mark_non_differentiable(*per_row[1:])
         return per_row
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        return ops.scale_gradient_in_student_once(ctx, grad_loss), None, None, None, None, None, None
+        return ops.scale_gradient_in_student_once(ctx, grad_loss), None, None, None, None, None, None, None
 
 
 def _may_overwrite(inputs: RowInputs, options: LossOptions) -> bool:
@@ -214,6 +229,8 @@ class TritonBackend:
 
     name = "triton"
     supports_topk = True
+    reduces = True  # inside the op (ops/reduction.py), as the compiled ops do
+    checks_target = True  # on the device, or on the host under the interpreter (launch.check_targets)
 
     def status(self) -> BackendStatus:
         if _IMPORT_ERROR is not None:
@@ -244,18 +261,19 @@ class TritonBackend:
             return schema.row_outputs(_OverwriteStudentRows.apply(
                 inputs.student, None if inputs.target is None else inputs.target.contiguous(),
                 _unit_column_stride(inputs.teacher), _unit_column_stride(inputs.reference),
-                inputs.teacher_topk, inputs.grad_scale, options,
+                inputs.teacher_topk, inputs.grad_scale, inputs.reduction, options,
             ))
         scalars = _scalar_arguments(options, inputs.student.requires_grad and torch.is_grad_enabled())
         topk = inputs.teacher_topk
         if topk is None:
             outputs = ops.call_functional_op(
                 torch.ops.smskd_fast.smskd_loss_rows_triton,
-                inputs.student, inputs.target, inputs.teacher, inputs.reference, *scalars, inputs.grad_scale)
+                inputs.student, inputs.target, inputs.teacher, inputs.reference, *scalars, inputs.grad_scale,
+                inputs.reduction)
         else:
             outputs = ops.call_functional_op(
                 torch.ops.smskd_fast.smskd_loss_rows_topk_triton,
                 inputs.student, inputs.target, topk.values, topk.indices, topk.true_logit, topk.log_sum_exp,
-                topk.log_sum_exp_at_temperature, inputs.reference, *scalars, inputs.grad_scale)
+                topk.log_sum_exp_at_temperature, inputs.reference, *scalars, inputs.grad_scale, inputs.reduction)
         return schema.row_outputs(outputs)
 

@@ -1,0 +1,58 @@
+"""The reductions "sum" and "mean" of the fused loss, for every layer that applies one.
+
+The compiled ops reduce inside their one dispatch (csrc/reduction_arg.h, the op's
+reduction argument); the Triton ops, the public API for backends that cannot
+(the reference) and the chunked fused-linear loss use these Python twins, which
+compute the same values with the same operations.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from smskd_fast.ops import schema
+
+__all__ = ["mean_reduction_scale", "reduction_grad_scale", "reduce_per_row_outputs"]
+
+
+def mean_reduction_scale(valid_rows: Union[torch.Tensor, int], student: torch.Tensor) -> torch.Tensor:
+    """1 / max(number of valid rows, 1) as a 0-d tensor in the accumulation dtype on the student's device.
+
+    valid_rows is the rows' boolean mask (counted on the device: no synchronisation) or their number.
+    "mean" multiplies the sum by it, and the kernels fold the same tensor into the gradient they
+    write (the op's grad_scale), so that backward has no N x C pass left when grad_output is 1.
+    """
+    acc = schema.accumulation_dtype(student.dtype)
+    if isinstance(valid_rows, int):
+        return torch.full((), 1.0 / max(valid_rows, 1), dtype=acc, device=student.device)
+    # Counted in acc directly (one operation fewer per call) while every partial sum is an exact
+    # integer: up to 2 / eps = 2^24 rows in float32.
+    exact = valid_rows.numel() <= 2 / torch.finfo(acc).eps
+    count = valid_rows.sum(dtype=acc) if exact else valid_rows.sum().to(acc)
+    return count.clamp_(min=1).reciprocal_()
+
+
+def reduction_grad_scale(reduction: str, grad_scale: Optional[torch.Tensor], target: Optional[torch.Tensor],
+                         student: torch.Tensor, ignore_index: int, op: str) -> Optional[torch.Tensor]:
+    """The factor a reducing op writes its gradient with: grad_scale for "none", None (1) for "sum",
+    the mean's scale for "mean" (grad_scale must then be None); the compiled ops' rule and messages."""
+    if reduction not in schema.REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {', '.join(map(repr, schema.REDUCTIONS))}, "
+                         f"got {reduction!r}")
+    if reduction == "none":
+        return grad_scale
+    if grad_scale is not None:
+        raise ValueError(f"{op}: grad_scale must be None when reduction is 'sum' or 'mean' (the operator then "
+                         "scales the gradient itself)")
+    if reduction == "sum":
+        return None
+    return mean_reduction_scale(student.shape[0] if target is None else target != ignore_index, student)
+
+
+def reduce_per_row_outputs(outputs: Sequence[torch.Tensor], scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """outputs (the per-row ones first) with loss, ce, kd and ref summed over the rows, times scale when given."""
+    count = len(schema.REDUCED_OUTPUTS)
+    totals = list(torch.stack(tuple(outputs[:count])).sum(dim=1).unbind())
+    reduced = torch._foreach_mul(totals, 1.0 if scale is None else scale)
+    return (*reduced, *outputs[count:])

@@ -180,8 +180,21 @@ def test_scale_rows_leaves_rows_of_factor_one_alone_and_rounds_the_others_once(d
     assert torch.equal(grad, (original.to(factor.dtype) * factor[:, None]).to(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_scale_rows_with_one_factor_for_all_rows(dtype):
+    """A 0-d factor (a reduced loss's grad_output): 1 leaves the gradient's bits alone, another value scales
+    every row, rounded once."""
+    grad = torch.randn(6, 11, dtype=torch.float64).to(dtype)
+    original = grad.clone()
+    one = torch.ones((), dtype=accumulation_dtype(dtype))
+    assert scale_rows_(grad, one) is grad and torch.equal(grad, original)
+    factor = torch.tensor(0.3, dtype=accumulation_dtype(dtype))
+    scale_rows_(grad, factor)
+    assert torch.equal(grad, (original.to(factor.dtype) * factor).to(dtype))
+
+
 def test_scale_rows_refuses_mismatched_shapes():
-    with pytest.raises(ValueError, match=r"grad must be \(N, C\) and factor \(N,\)"):
+    with pytest.raises(ValueError, match=r"grad must be \(N, C\) and factor \(N,\) or 0-d"):
         scale_rows_(torch.zeros(3, 4), torch.ones(4))
 
 

@@ -282,6 +282,24 @@ def test_scale_rows_kernel(c, dtype):
         assert_bitwise_equal(grad[row], want, f"row {row}")
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("factor", [1.0, 0.37])
+@pytest.mark.parametrize("rows", [3, 1030])  # fewer rows than programs; more (programs stride over rows)
+def test_scale_rows_kernel_with_one_factor_for_all_rows(rows, factor, dtype):
+    """A 0-d factor (a reduced loss's grad_output): 1 leaves every bit alone, another value scales every row
+    once; rows beyond the programs' count are reached by their stride."""
+    from smskd_fast.ops.scale_rows import launch_scale_rows
+
+    generator = torch.Generator().manual_seed(rows)
+    grad = (torch.randn(rows, 5, generator=generator) * 3).to(dtype)
+    grad[0, 0] = float("nan")
+    before = grad.clone()
+    launch_scale_rows(grad, torch.tensor(factor))
+    want = before if factor == 1.0 else rounded_like_the_kernels(before.float() * factor, dtype)
+    assert_bitwise_equal(grad, want, "all rows")
+
+
 def rounded_like_the_kernels(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """fp32 values as a Triton kernel's .to(dtype) stores them: compiled, rounded to nearest (cvt.rn), as torch
     rounds; under the interpreter, bf16 by truncation (triton/runtime/interpreter.py converts fp32 to bf16

@@ -53,3 +53,27 @@ def test_every_kernel_configuration_compiles_without_spills(tmp_path):
     assert all(row["fp64_ops"] == 0 for row in rows)  # the scalars are cast to fp32 once, whatever their type
     # The target check: assert + trap in the debug build, the trap alone in Inductor's re-jit.
     assert [row["check_live"] for row in rows if row["kernel"] == "_check_targets_kernel"] == [True] * 4
+
+
+@pytest.mark.skipif(not (BIN / "ptxas").exists(), reason=f"this triton has no ptxas under {BIN}")
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("kernel", ["_scale_rows_kernel", "_scale_all_rows_kernel"])
+def test_backward_scale_kernels_compile_without_spills(kernel, dtype, arch):
+    """ops/scale_rows.py's kernels (backward's only N x C step) compile for the GPU targets without spills."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from smskd_fast.ops import scale_rows
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from triton_aot_report import ptxas_spills
+
+    signature = {"grad_ptr": f"*{dtype}", "factor_ptr": "*fp32", "row_stride": "i32"}
+    if kernel == "_scale_all_rows_kernel":
+        signature["rows"] = "i32"
+    signature.update(cols="i32", BLOCK="constexpr")
+    source = ASTSource(getattr(scale_rows, kernel), signature, {"BLOCK": scale_rows._BLOCK_COLUMNS},
+                       {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+    assert ptxas_spills(compiled.asm["ptx"]) == {"spill_stores": 0, "spill_loads": 0}

@@ -1,8 +1,9 @@
 """The public functional loss API (SPEC.md section 4) and its dispatch to backends.
 
-This module validates the arguments, flattens (..., C) logits to rows, hands the
-rows to the chosen backend and applies the reduction. Backends only ever see
-2-D rows and validated options.
+This module validates the arguments, flattens (..., C) logits to rows and hands the
+rows to the chosen backend, with the reduction for backends that reduce inside their
+op (one dispatch for a mean loss), else reducing their per-row outputs here. Backends
+only ever see 2-D rows and validated options.
 """
 from __future__ import annotations
 
@@ -122,7 +123,8 @@ def smskd_loss(
     validation.check_logits("student_logits", student_logits)
     validation.check_companion_logits("teacher_logits", teacher_logits, student_logits)
     validation.check_companion_logits("reference_logits", reference_logits, student_logits)
-    validation.check_target(target, student_logits, ignore_index, values=False)  # values: _run
+    # The values are checked in _run, once the backend is known (most check them themselves).
+    validation.check_target(target, student_logits, ignore_index, values=False)
     validation.check_options(
         temperature, reduction, weighting,
         {"ce_weight": ce_weight, "kd_weight": kd_weight, "ref_weight": ref_weight},

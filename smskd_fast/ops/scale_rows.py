@@ -23,6 +23,7 @@ except ImportError:  # triton is optional; CUDA then scales every row with mul_
 __all__ = ["scale_rows_"]
 
 _BLOCK_COLUMNS = 4096  # columns per program: a 32000-column bf16 row is 8 programs of 8 KB
+_UNIFORM_PROGRAMS = 1024  # row programs for a 0-d factor: a few per SM, each striding over the rows
 
 
 def scale_rows_(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -49,24 +50,42 @@ def scale_rows_(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def launch_scale_rows(grad: torch.Tensor, factor: torch.Tensor) -> None:
-    """Runs _scale_rows_kernel over (rows, column blocks), factor (N,) or 0-d (then read by every row);
-    under TRITON_INTERPRET=1 it takes CPU tensors (tests)."""
+    """Runs _scale_rows_kernel over (rows, column blocks) for a factor per row, _scale_all_rows_kernel over
+    at most _UNIFORM_PROGRAMS row programs for a 0-d one (a reduced loss's grad_output: a 65536-row batch
+    would otherwise launch 65536 programs that only read it); under TRITON_INTERPRET=1 they take CPU
+    tensors (tests)."""
     rows, cols = grad.shape
-    grid = (rows, triton.cdiv(cols, _BLOCK_COLUMNS))
-    factor_stride = 0 if factor.dim() == 0 else factor.stride(0)
-    _scale_rows_kernel[grid](grad, factor, grad.stride(0), factor_stride, cols, BLOCK=_BLOCK_COLUMNS)
+    column_blocks = triton.cdiv(cols, _BLOCK_COLUMNS)
+    if factor.dim() == 0:
+        grid = (min(rows, _UNIFORM_PROGRAMS), column_blocks)
+        _scale_all_rows_kernel[grid](grad, factor, grad.stride(0), rows, cols, BLOCK=_BLOCK_COLUMNS)
+    else:
+        _scale_rows_kernel[(rows, column_blocks)](grad, factor, grad.stride(0), cols, BLOCK=_BLOCK_COLUMNS)
 
 
 if triton is not None:
 
     @triton.jit
-    def _scale_rows_kernel(grad_ptr, factor_ptr, row_stride, factor_stride, cols, BLOCK: tl.constexpr):
+    def _scale_rows_kernel(grad_ptr, factor_ptr, row_stride, cols, BLOCK: tl.constexpr):
         """One program per (row, block of columns): multiplies the block by the row's factor unless it is 1."""
         row = tl.program_id(0)
-        factor = tl.load(factor_ptr + row * factor_stride)
+        factor = tl.load(factor_ptr + row)
         if factor != 1.0:
             columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
             inside = columns < cols
             pointers = grad_ptr + row.to(tl.int64) * row_stride + columns
             values = tl.load(pointers, mask=inside)
             tl.store(pointers, (values.to(factor.dtype) * factor).to(values.dtype), mask=inside)
+
+    @triton.jit
+    def _scale_all_rows_kernel(grad_ptr, factor_ptr, row_stride, rows, cols, BLOCK: tl.constexpr):
+        """Programs (row programs, column blocks) that stride over the rows with one factor for all, read once:
+        nothing is read or written when it is 1."""
+        factor = tl.load(factor_ptr)
+        if factor != 1.0:
+            columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+            inside = columns < cols
+            for row in range(tl.program_id(0), rows, tl.num_programs(0)):
+                pointers = grad_ptr + tl.cast(row, tl.int64) * row_stride + columns
+                values = tl.load(pointers, mask=inside)
+                tl.store(pointers, (values.to(factor.dtype) * factor).to(values.dtype), mask=inside)

@@ -87,6 +87,11 @@ class Backend(Protocol):
         """Computes the per-row loss terms of SPEC.md section 2."""
 
 
+def needs_student_grad(student: torch.Tensor) -> bool:
+    """Whether autograd will ask for d loss / d student (the kernels then write the gradient)."""
+    return student.requires_grad and torch.is_grad_enabled()
+
+
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Every target in [0, num_classes) or equal to ignore_index (reads the values on the host)."""
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)

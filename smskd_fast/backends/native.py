@@ -13,12 +13,7 @@ import torch
 from smskd_fast.ops import registration as ops
 from smskd_fast.ops import schema
 from smskd_fast.ops.extension import extension_error, extension_loaded
-from smskd_fast.backends.base import BackendStatus, LossOptions, RowInputs, RowOutputs
-
-
-def needs_student_grad(student: torch.Tensor) -> bool:
-    """Whether autograd will ask for d loss / d student."""
-    return student.requires_grad and torch.is_grad_enabled()
+from smskd_fast.backends.base import BackendStatus, LossOptions, RowInputs, RowOutputs, needs_student_grad
 
 
 class GradientInStudent(torch.autograd.Function):

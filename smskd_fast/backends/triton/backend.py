@@ -33,7 +33,7 @@ import torch
 from smskd_fast.ops import registration as ops
 from smskd_fast.ops import schema
 from smskd_fast.ops.reduction import reduce_per_row_outputs, reduction_grad_scale
-from smskd_fast.backends.base import BackendStatus, LossOptions, RowInputs, RowOutputs
+from smskd_fast.backends.base import BackendStatus, LossOptions, RowInputs, RowOutputs, needs_student_grad
 
 # The signatures of smskd_loss_rows and smskd_loss_rows_topk under the Triton ops' own names.
 DENSE_SCHEMA = schema.DENSE.renamed("smskd_loss_rows_triton")
@@ -217,8 +217,7 @@ def _may_overwrite(inputs: RowInputs, options: LossOptions) -> bool:
     student = inputs.student
     return (
         options.overwrite_student_logits
-        and student.requires_grad
-        and torch.is_grad_enabled()
+        and needs_student_grad(student)
         and student.is_contiguous()
         and not torch.compiler.is_compiling()
     )
@@ -263,7 +262,7 @@ class TritonBackend:
                 _unit_column_stride(inputs.teacher), _unit_column_stride(inputs.reference),
                 inputs.teacher_topk, inputs.grad_scale, inputs.reduction, options,
             ))
-        scalars = _scalar_arguments(options, inputs.student.requires_grad and torch.is_grad_enabled())
+        scalars = _scalar_arguments(options, needs_student_grad(inputs.student))
         topk = inputs.teacher_topk
         if topk is None:
             outputs = ops.call_functional_op(

@@ -141,7 +141,7 @@ def test_auto_picks_a_gpu_backend_for_cuda_tensors():
     assert torch._C._dispatch_has_kernel_for_dispatch_key(ops.INPLACE_OP_NAME, "CUDA")
 
 
-# ---- grad_scale (the ops' last argument, issue 17): a 0-d float32 on the device that the kernel reads.
+# ---- grad_scale (the ops' argument before reduction, issue 17): a 0-d float32 on the device that the kernel reads.
 SCALARS = (2.5, 0.7, 1.3, 0.9, "inverse_tcp", -100)
 
 

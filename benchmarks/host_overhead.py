@@ -10,8 +10,9 @@ every device. Two figures per implementation, side by side in one run:
   ops/call  operations dispatched per call below autograd, views excluded: each is a kernel
             launch on a GPU (our fused op counts as one, although with reduction "mean" it
             issues from C++ the mean's count and the sums of its outputs too: on CUDA 7
-            launches in all, csrc/reduction_arg.h; Triton kernels launched from Python, e.g.
-            backward's scale_rows on CUDA, are not ATen operations and are not counted;
+            launches for the op, 9 for the whole fwd+bwd call, csrc/reduction_arg.h; Triton
+            kernels launched from Python, e.g. backward's scale_rows on CUDA, are not ATen
+            operations and are not counted;
             benchmarks/gpu/kernel_breakdown.py counts a GPU's kernels per call)
 Implementations: smskd_fast with each backend available on the device, the eager PyTorch
 composition and torch.compile of it (benchmarks/gpu/bench_grid.py's; its ops are Inductor's

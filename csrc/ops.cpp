@@ -25,7 +25,7 @@ PyObject* PyInit__C(void) {
 // that the schemas registered here equal the ones schema.py derives.
 #define SMSKD_SCALAR_ARGS \
   "float temperature, float ce_weight, float kd_weight, float ref_weight, str weighting, int ignore_index"
-// Last in every operator, optional: a 0-d tensor in the accumulation dtype on the
+// Optional, in every operator (before reduction): a 0-d tensor in the accumulation dtype on the
 // student's device; the gradient written is grad_scale * d loss_i / d student_i
 // (the mean's 1/n folded in, smskd_fast/ops/registration.py); per-row outputs are not scaled.
 #define SMSKD_GRAD_SCALE_ARG "Tensor? grad_scale=None"
@@ -35,8 +35,8 @@ PyObject* PyInit__C(void) {
 #define SMSKD_REDUCTION_ARG "str reduction=\"none\""
 
 TORCH_LIBRARY(smskd_fast, m) {
-  // The per-row outputs (kernels/smskd_schema.h), each of length N and in the
-  // accumulation dtype (float32, or float64 for float64 inputs):
+  // The per-row outputs (kernels/smskd_schema.h), each of length N (loss, ce, kd and ref 0-d
+  // under reduction "sum" / "mean") and in the accumulation dtype (float32, or float64 for float64 inputs):
   //   loss = ce_weight*ce + kd_weight*kd + ref_weight*ref, and the terms ce, kd,
   //   ref (= T^2 * w * KL), tcp and weight.
   const std::string per_row = smskd::per_row_schema_outputs();

@@ -33,10 +33,11 @@ inline Reduction parse_reduction(c10::string_view reduction, const char* op) {
 // The factor the kernel writes the gradient with (its grad_scale): the caller's for "none", 1 for
 // "sum" (nullopt), for "mean" 1 / max(valid rows, 1) as a 0-d tensor in the accumulation dtype on
 // the student's device. The operator owns the scale of a reduction, so grad_scale must be absent.
+// target_long: the int64 target the kernel reads, undefined without one (a narrower dtype would
+// compare with ignore_index after wrapping it: -100 is 156 in uint8).
 inline std::optional<at::Tensor> reduction_grad_scale(Reduction reduction, const std::optional<at::Tensor>& grad_scale,
-                                                      const std::optional<at::Tensor>& target,
-                                                      const at::Tensor& student, int64_t ignore_index,
-                                                      const char* op) {
+                                                      const at::Tensor& target_long, const at::Tensor& student,
+                                                      int64_t ignore_index, const char* op) {
   if (reduction == Reduction::None) return grad_scale;
   TORCH_CHECK_VALUE(!grad_scale.has_value(), op,
                     ": grad_scale must be None when reduction is 'sum' or 'mean' (the operator then scales the "
@@ -44,13 +45,13 @@ inline std::optional<at::Tensor> reduction_grad_scale(Reduction reduction, const
   if (reduction == Reduction::Sum) return std::nullopt;
   const at::ScalarType accumulation = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t rows = student.size(0);
-  if (!target.has_value()) {
+  if (!target_long.defined()) {
     return at::full({}, 1.0 / static_cast<double>(std::max<int64_t>(rows, 1)), student.options().dtype(accumulation));
   }
   // Counted in the accumulation dtype while every partial sum is an exact integer (2^24 rows in
   // float32), else in int64: one operation fewer in the common case.
   const bool exact = rows <= 2 / std::numeric_limits<float>::epsilon() || accumulation == at::kDouble;
-  const at::Tensor valid = at::ne(*target, ignore_index);
+  const at::Tensor valid = at::ne(target_long, ignore_index);
   at::Tensor count = exact ? at::sum(valid, accumulation)
                            : at::sum(valid).to(accumulation);
   return count.clamp_min_(1).reciprocal_();

@@ -43,3 +43,24 @@ def cuda_extension_binary():
     if not extension_loaded() or not torch._C._dispatch_has_kernel_for_dispatch_key(registration.OP_NAME, "CUDA"):
         return None
     return importlib.util.find_spec("smskd_fast._C").origin
+
+
+_SAME_WIDTH_INTEGER = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
+                       torch.float16: torch.int16}
+_SIGNALING_NAN_BITS = {torch.float64: 0x7FF0000000000001, torch.float32: 0x7F800001, torch.bfloat16: 0x7F81,
+                       torch.float16: 0x7C01}
+
+
+def signaling_nan(dtype: torch.dtype) -> torch.Tensor:
+    """A 0-d signaling NaN of dtype: any arithmetic on it, even x 1, gives a quiet NaN (other bits), so an
+    element that keeps these bits was not computed on."""
+    integer = _SAME_WIDTH_INTEGER[dtype]
+    return torch.tensor(_SIGNALING_NAN_BITS[dtype], dtype=integer).view(dtype)
+
+
+def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
+    """got and want hold the same bits (NaNs included, which torch.equal calls different)."""
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    integer = _SAME_WIDTH_INTEGER[got.dtype]
+    assert torch.equal(got.view(integer), want.view(integer)), what
+

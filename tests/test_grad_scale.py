@@ -19,6 +19,7 @@ from smskd_fast.backends.reference import ReferenceBackend
 from smskd_fast.backends.topk import TopKTeacher
 from smskd_fast.ops.scale_rows import scale_rows_
 from smskd_fast.ops.schema import PER_ROW_OUTPUTS, accumulation_dtype
+from conftest import assert_bitwise_equal, signaling_nan
 from tolerances import backend_tolerance
 
 DENSE = torch.ops.smskd_fast.smskd_loss_rows
@@ -172,12 +173,16 @@ def test_bad_grad_scale_is_a_clear_error():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_scale_rows_leaves_rows_of_factor_one_alone_and_rounds_the_others_once(dtype):
     grad = torch.randn(6, 11, dtype=torch.float64).to(dtype)
+    grad[0, 0] = signaling_nan(dtype)  # x 1 would make it a quiet NaN: kept bits show the row was skipped
     original = grad.clone()
     factor = torch.ones(6, dtype=accumulation_dtype(dtype))
-    assert scale_rows_(grad, factor) is grad and torch.equal(grad, original)
+    assert scale_rows_(grad, factor) is grad
+    assert_bitwise_equal(grad, original)
+    grad[0, 0] = 0.5  # the CPU multiplies every row once any factor is not 1 (x 1 keeps finite values)
+    original = grad.clone()
     factor[2] = 0.3
     scale_rows_(grad, factor)
-    assert torch.equal(grad, (original.to(factor.dtype) * factor[:, None]).to(dtype))
+    assert_bitwise_equal(grad, (original.to(factor.dtype) * factor[:, None]).to(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
@@ -185,12 +190,16 @@ def test_scale_rows_with_one_factor_for_all_rows(dtype):
     """A 0-d factor (a reduced loss's grad_output): 1 leaves the gradient's bits alone, another value scales
     every row, rounded once."""
     grad = torch.randn(6, 11, dtype=torch.float64).to(dtype)
+    grad[3, 4] = signaling_nan(dtype)  # x 1 would make it a quiet NaN: kept bits show nothing was computed
     original = grad.clone()
     one = torch.ones((), dtype=accumulation_dtype(dtype))
-    assert scale_rows_(grad, one) is grad and torch.equal(grad, original)
+    assert scale_rows_(grad, one) is grad
+    assert_bitwise_equal(grad, original)
+    grad[3, 4] = 0.5
+    original = grad.clone()
     factor = torch.tensor(0.3, dtype=accumulation_dtype(dtype))
     scale_rows_(grad, factor)
-    assert torch.equal(grad, (original.to(factor.dtype) * factor).to(dtype))
+    assert_bitwise_equal(grad, (original.to(factor.dtype) * factor).to(dtype))
 
 
 def test_scale_rows_refuses_mismatched_shapes():

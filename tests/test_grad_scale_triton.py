@@ -20,6 +20,7 @@ from test_triton_backend import make_inputs, reference_rows, triton_tolerance
 from tolerances import FP32_EPS, unit_roundoff
 from topk_cases import make_inputs as make_topk_inputs
 from topk_cases import run_reference as run_topk_reference
+from conftest import assert_bitwise_equal, signaling_nan
 from triton_interpreter import DEVICE, INTERPRETED, needs_kernels, reruns_under_interpreter, run_under_interpreter
 
 OPTIONS = LossOptions(temperature=2.5, ce_weight=0.7, kd_weight=1.3, ref_weight=0.9)
@@ -51,12 +52,6 @@ def topk_on_device(student, target, topk, reference):
         return None if t is None else t.to(DEVICE)
 
     return move(student), move(target), TopKTeacher(*(move(t) for t in vars(topk).values())), move(reference)
-
-
-def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    assert got.dtype == want.dtype and got.shape == want.shape, what
-    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[got.dtype]
-    assert torch.equal(got.view(bits), want.view(bits)), what
 
 
 def check_scaled(run, expected_grad: torch.Tensor, dtype: torch.dtype) -> None:
@@ -272,7 +267,7 @@ def test_scale_rows_kernel(c, dtype):
 
     generator = torch.Generator().manual_seed(c)
     grad = (torch.randn(6, c, generator=generator) * 3).to(dtype)
-    grad[0, 0] = float("nan")  # a factor-1 row keeps even a NaN's bits
+    grad[0, 0] = signaling_nan(dtype)  # a factor-1 row keeps its bits: multiplied by 1 it would be quiet
     grad[3, -1] = -0.0
     factor = torch.tensor([1.0, 0.2, 1.0, 1 / 3, 3.0, 1.0], dtype=torch.float32)
     before = grad.clone()
@@ -293,7 +288,8 @@ def test_scale_rows_kernel_with_one_factor_for_all_rows(rows, factor, dtype):
 
     generator = torch.Generator().manual_seed(rows)
     grad = (torch.randn(rows, 5, generator=generator) * 3).to(dtype)
-    grad[0, 0] = float("nan")
+    if factor == 1.0:
+        grad[0, 0] = signaling_nan(dtype)  # x 1 would make it a quiet NaN: kept bits show the rows were skipped
     before = grad.clone()
     launch_scale_rows(grad, torch.tensor(factor))
     want = before if factor == 1.0 else rounded_like_the_kernels(before.float() * factor, dtype)

@@ -60,7 +60,7 @@ LossRowsResult smskd_loss_rows_cpu(const at::Tensor& student, const std::optiona
   if (teacher.has_value()) args.teacher = view_of(*teacher);
   if (reference.has_value()) args.reference = view_of(*reference);
 
-  return run_reduced(args, student, target, compute_grad, grad_scale, ignore_index, reduction, kOp,
+  return run_reduced(args, student, indices, compute_grad, grad_scale, ignore_index, reduction, kOp,
                      [&args] { select_kernel()(args); });
 }
 

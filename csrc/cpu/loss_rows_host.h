@@ -114,12 +114,14 @@ inline std::pair<PerRowOutputs, at::Tensor> allocate_outputs(LossRowsArgs& args,
 
 // Runs kernel (after the checks, with args filled but for grad_scale and the outputs) and returns the
 // operator's result, reduced as the reduction argument says (csrc/reduction_arg.h).
+// target_long: the checked int64 target (undefined without one).
 template <typename RunKernel>
-LossRowsResult run_reduced(LossRowsArgs& args, const at::Tensor& student, const std::optional<at::Tensor>& target,
+LossRowsResult run_reduced(LossRowsArgs& args, const at::Tensor& student, const at::Tensor& target_long,
                            bool compute_grad, const std::optional<at::Tensor>& grad_scale, int64_t ignore_index,
                            c10::string_view reduction, const char* op, RunKernel&& kernel) {
   const Reduction mode = parse_reduction(reduction, op);
-  const std::optional<at::Tensor> scale = reduction_grad_scale(mode, grad_scale, target, student, ignore_index, op);
+  const std::optional<at::Tensor> scale =
+      reduction_grad_scale(mode, grad_scale, target_long, student, ignore_index, op);
   args.grad_scale = grad_scale_value(scale, student, compute_grad, op);
   auto [per_row, grad] = allocate_outputs(args, student, compute_grad, mode != Reduction::None);
   if (args.rows > 0) kernel();

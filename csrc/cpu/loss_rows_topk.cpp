@@ -128,7 +128,7 @@ LossRowsResult smskd_loss_rows_topk_cpu(const at::Tensor& student, const std::op
   teacher.log_sum_exp = lse.const_data_ptr();
   teacher.log_sum_exp_at_temperature = lse_t.const_data_ptr();
 
-  return run_reduced(args, student, target, compute_grad, grad_scale, ignore_index, reduction, kOp,
+  return run_reduced(args, student, target_long, compute_grad, grad_scale, ignore_index, reduction, kOp,
                      [&args, &teacher] { select_kernel()(args, teacher); });
 }
 

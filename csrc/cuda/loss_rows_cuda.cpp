@@ -74,7 +74,7 @@ PerRowResult launch(const at::Tensor& student, const std::optional<at::Tensor>& 
   }
   const Reduction mode = parse_reduction(reduction, "smskd_loss_rows");
   const std::optional<at::Tensor> scale =
-      reduction_grad_scale(mode, grad_scale, target, student, ignore_index, "smskd_loss_rows");
+      reduction_grad_scale(mode, grad_scale, y, student, ignore_index, "smskd_loss_rows");
   args.grad_scale = grad_scale_pointer(scale, student, grad_out != nullptr, "smskd_loss_rows");
 
   PerRowOutputs per_row = empty_per_row_outputs(args.rows, student, mode != Reduction::None);

@@ -96,7 +96,7 @@ LossRowsResult smskd_loss_rows_topk_cuda(const at::Tensor& student_in, const std
     y = target->to(at::kLong);
   }
   const Reduction mode = parse_reduction(reduction, kOp);
-  const std::optional<at::Tensor> scale = reduction_grad_scale(mode, grad_scale, target, student, ignore_index, kOp);
+  const std::optional<at::Tensor> scale = reduction_grad_scale(mode, grad_scale, y, student, ignore_index, kOp);
   args.grad_scale = grad_scale_pointer(scale, student, compute_grad, kOp);
 
   PerRowOutputs per_row = empty_per_row_outputs(args.rows, student, mode != Reduction::None);

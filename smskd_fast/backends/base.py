@@ -92,8 +92,15 @@ def needs_student_grad(student: torch.Tensor) -> bool:
     return student.requires_grad and torch.is_grad_enabled()
 
 
+def as_class_indices(target: torch.Tensor) -> torch.Tensor:
+    """target as int64, as the kernels read it: compared with ignore_index in a narrower dtype, -100
+    would wrap (to 156 in uint8) and a row of class 156 would count as ignored."""
+    return target if target.dtype == torch.int64 else target.long()
+
+
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Every target in [0, num_classes) or equal to ignore_index (reads the values on the host)."""
+    target = as_class_indices(target)
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):
         first = int(target[bad].flatten()[0])

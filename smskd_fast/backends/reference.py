@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from smskd_fast.backends.topk import topk_kl, topk_tcp
-from smskd_fast.backends.base import BackendStatus, LossOptions, RowInputs, RowOutputs
+from smskd_fast.backends.base import BackendStatus, LossOptions, RowInputs, RowOutputs, as_class_indices
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -57,7 +57,7 @@ class ReferenceBackend:
             valid = torch.ones(n, dtype=torch.bool, device=inputs.student.device)
             target = torch.zeros(n, dtype=torch.long, device=inputs.student.device)
         else:
-            valid = inputs.target != options.ignore_index
+            valid = as_class_indices(inputs.target) != options.ignore_index
             target = torch.where(valid, inputs.target, torch.zeros_like(inputs.target)).long()
         keep = valid.unsqueeze(-1)
 

@@ -14,7 +14,7 @@ import torch
 
 from smskd_fast.loss import validation
 from smskd_fast.backends import resolve_backend
-from smskd_fast.backends.base import LossOptions, RowInputs, RowOutputs
+from smskd_fast.backends.base import LossOptions, RowInputs, RowOutputs, as_class_indices
 from smskd_fast.backends.topk import TopKTeacher
 from smskd_fast.ops.reduction import mean_reduction_scale, reduce_per_row_outputs
 from smskd_fast.ops.schema import PER_ROW_OUTPUTS, row_outputs
@@ -66,7 +66,7 @@ def _run(
     chosen = resolve_backend(backend, student_logits.device, student_logits.dtype, student_logits.shape[-1],
                              topk=teacher_topk is not None)
     in_backend = reduction != "none" and getattr(chosen, "reduces", False)
-    flat_target = target if target is None or target.dim() == 1 else target.reshape(-1)
+    flat_target = None if target is None else as_class_indices(target if target.dim() == 1 else target.reshape(-1))
     if flat_target is not None and not getattr(chosen, "checks_target", False):
         validation.check_target_values(flat_target, student_logits.shape[-1], options.ignore_index)
     student = _rows(student_logits)
@@ -173,6 +173,7 @@ def true_class_probability(teacher_logits: torch.Tensor, target: torch.Tensor,
     """TCP_i = softmax(t_i)[y_i] at temperature 1, in float32 (float64 for float64 input); 0 on ignored rows."""
     validation.check_logits("teacher_logits", teacher_logits)
     validation.check_target(target, teacher_logits, ignore_index)
+    target = as_class_indices(target)
     valid = target != ignore_index
     safe_target = torch.where(valid, target, torch.zeros_like(target)).long().unsqueeze(-1)
     acc = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32

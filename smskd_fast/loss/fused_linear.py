@@ -32,7 +32,7 @@ import torch
 
 from smskd_fast.loss import validation
 from smskd_fast.backends import resolve_backend
-from smskd_fast.backends.base import LossOptions, RowInputs
+from smskd_fast.backends.base import LossOptions, RowInputs, as_class_indices
 from smskd_fast.loss.functional import SMSKDLossOutput
 from smskd_fast.ops import schema
 from smskd_fast.ops.reduction import mean_reduction_scale
@@ -189,6 +189,7 @@ class _FusedLinearSMSKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher, reference, target, options, backend, chunk_size, reduction):
         need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        target = as_class_indices(target)
         valid = target != options.ignore_index
         student = _Head(hidden, weight, bias)
         grads = any(need) and reduction != "none"

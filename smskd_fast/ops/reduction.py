@@ -47,7 +47,10 @@ def reduction_grad_scale(reduction: str, grad_scale: Optional[torch.Tensor], tar
                          "scales the gradient itself)")
     if reduction == "sum":
         return None
-    return mean_reduction_scale(student.shape[0] if target is None else target != ignore_index, student)
+    if target is None:
+        return mean_reduction_scale(student.shape[0], student)
+    # Compared as int64, as the kernels read it (in uint8, -100 would wrap to 156).
+    return mean_reduction_scale((target if target.dtype == torch.int64 else target.long()) != ignore_index, student)
 
 
 def reduce_per_row_outputs(outputs: Sequence[torch.Tensor], scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:

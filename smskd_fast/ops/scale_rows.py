@@ -27,7 +27,8 @@ _UNIFORM_PROGRAMS = 1024  # row programs for a 0-d factor: a few per SM, each st
 
 
 def scale_rows_(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """grad (N, C) *= factor (N,)[:, None] in place, leaving rows whose factor is exactly 1 unread; returns grad.
+    """grad (N, C) *= factor (N,)[:, None] in place; returns grad. On CUDA rows whose factor is exactly 1 are
+    left unread; on the CPU the gradient is left untouched when every factor is 1.
 
     A 0-d factor (the gradient of a reduced loss: grad_output) scales every row alike.
     The product is formed in factor's dtype (fp32, or fp64 for fp64 logits) and
@@ -38,13 +39,14 @@ def scale_rows_(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
                          f"{tuple(factor.shape)}")
     if grad.numel() == 0:
         return grad
-    per_row = factor.unsqueeze(-1) if factor.dim() == 1 else factor
+    # (N, 1) or (1, 1): never a 0-d operand, which ATen would round to grad's dtype before multiplying.
+    column = factor.unsqueeze(-1) if factor.dim() == 1 else factor.reshape(1, 1)
     if grad.device.type == "cpu":
         if not (factor.item() == 1 if factor.dim() == 0 else bool((factor == 1).all())):
-            grad.mul_(per_row)
+            grad.mul_(column)
         return grad
     if triton is None or grad.device.type != "cuda" or grad.stride(-1) != 1:
-        return grad.mul_(per_row)
+        return grad.mul_(column)
     launch_scale_rows(grad, factor.contiguous())
     return grad
 

@@ -59,7 +59,7 @@ COMPUTE_GRAD = Argument("compute_grad", "bool")
 # gradient written is grad_scale * d loss_i / d student_i, so that a reduction's
 # factor (the mean's 1/n) costs no pass of its own; backward divides it out of
 # grad_output and has nothing left to do when the two are equal (ops/registration.py).
-# Last, with a default, so that callers without it keep their positional arguments.
+# With a default (as REDUCTION after it), so that callers without it keep their positional arguments.
 GRAD_SCALE = Argument("grad_scale", "Tensor?", default="None")
 # After grad_scale: "none" returns the per-row outputs; "sum" and "mean" return loss, ce, kd and ref
 # (REDUCED_OUTPUTS) as 0-d sums over the rows, the mean's divided by the rows whose target is not

@@ -120,8 +120,9 @@ if _IMPORT_ERROR is None:
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fused per-row loss of SPEC.md section 2 on (N, C) rows (see csrc/ops.cpp), reduced as reduction says."""
         _check_dtype(student)
-        _check_grad_scale(grad_scale, student, DENSE_SCHEMA.name)
+        # The compiled ops' order: a reduction refuses any grad_scale before its value is looked at.
         scale = reduction_grad_scale(reduction, grad_scale, target, student, ignore_index, DENSE_SCHEMA.name)
+        _check_grad_scale(grad_scale, student, DENSE_SCHEMA.name)
         outputs = triton_launch.launch_rows(
             _unit_column_stride(student), None if target is None else target.contiguous(),
             _unit_column_stride(teacher), _unit_column_stride(reference),
@@ -152,8 +153,8 @@ if _IMPORT_ERROR is None:
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """smskd_loss_rows_triton with the teacher in top-k form (see csrc/ops.cpp, smskd_loss_rows_topk)."""
         _check_dtype(student)
-        _check_grad_scale(grad_scale, student, TOPK_SCHEMA.name)
         scale = reduction_grad_scale(reduction, grad_scale, target, student, ignore_index, TOPK_SCHEMA.name)
+        _check_grad_scale(grad_scale, student, TOPK_SCHEMA.name)
         outputs = triton_topk_launch.launch_topk_rows(
             _unit_column_stride(student), None if target is None else target.contiguous(), topk_values,
             topk_indices, true_logit, log_sum_exp, log_sum_exp_at_temperature, _unit_column_stride(reference),
@@ -188,8 +189,8 @@ class _OverwriteStudentRows(torch.autograd.Function):
         # nothing in this graph reads the logits' old values again, and the caller
         # promised that nothing else does (LossOptions.overwrite_student_logits).
         op = (DENSE_SCHEMA if teacher_topk is None else TOPK_SCHEMA).name
-        _check_grad_scale(grad_scale, student, op)
         scale = reduction_grad_scale(reduction, grad_scale, target, student, options.ignore_index, op)
+        _check_grad_scale(grad_scale, student, op)
         grad = student.detach()
         scalars = _scalar_arguments(options, compute_grad=True)
         if teacher_topk is None:

@@ -1,10 +1,12 @@
-// The operators' optional last argument grad_scale (csrc/ops.cpp), checked on
+// The operators' optional argument grad_scale (csrc/ops.cpp), checked on
 // the host for the CPU and CUDA operators alike.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <optional>
+
+#include "op_outputs.h"
 
 namespace smskd {
 
@@ -13,7 +15,7 @@ namespace smskd {
 // there (on CUDA without a host synchronisation).
 inline void check_grad_scale(const std::optional<at::Tensor>& grad_scale, const at::Tensor& student, const char* op) {
   if (!grad_scale.has_value()) return;
-  const at::ScalarType accumulation = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType accumulation = accumulation_type(student);
   TORCH_CHECK_VALUE(grad_scale->dim() == 0 || (grad_scale->dim() == 1 && grad_scale->numel() == 1), op,
                     ": grad_scale must be a 0-d tensor (one value), got shape ", grad_scale->sizes());
   TORCH_CHECK_TYPE(grad_scale->scalar_type() == accumulation, op, ": grad_scale must be ", accumulation,

@@ -16,6 +16,11 @@
 
 namespace smskd {
 
+// The per-row outputs' dtype (and grad_scale's): float64 for a float64 student, else float32.
+inline at::ScalarType accumulation_type(const at::Tensor& student) {
+  return student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // One tensor per per-row output, in SMSKD_PER_ROW_OUTPUTS order.
 using PerRowOutputs = std::array<at::Tensor, SMSKD_NUM_PER_ROW_OUTPUTS>;
 

@@ -43,7 +43,7 @@ inline std::optional<at::Tensor> reduction_grad_scale(Reduction reduction, const
                     ": grad_scale must be None when reduction is 'sum' or 'mean' (the operator then scales the "
                     "gradient itself)");
   if (reduction == Reduction::Sum) return std::nullopt;
-  const at::ScalarType accumulation = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType accumulation = accumulation_type(student);
   const int64_t rows = student.size(0);
   if (!target_long.defined()) {
     return at::full({}, 1.0 / static_cast<double>(std::max<int64_t>(rows, 1)), student.options().dtype(accumulation));

@@ -104,8 +104,8 @@ inline double grad_scale_value(const std::optional<at::Tensor>& grad_scale, cons
 // and points args at them; reduced: laid out for reduce_per_row_outputs.
 inline std::pair<PerRowOutputs, at::Tensor> allocate_outputs(LossRowsArgs& args, const at::Tensor& student,
                                                              bool compute_grad, bool reduced) {
-  const auto accumulation = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const PerRowOutputs per_row = empty_per_row_outputs(args.rows, student.options().dtype(accumulation), reduced);
+  const PerRowOutputs per_row = empty_per_row_outputs(args.rows, student.options().dtype(accumulation_type(student)),
+                                                      reduced);
   for (size_t k = 0; k < per_row.size(); ++k) args.per_row[k] = per_row[k].data_ptr();
   at::Tensor grad = at::empty({compute_grad ? args.rows : 0, args.classes}, student.options());
   if (compute_grad) args.grad = grad.data_ptr();

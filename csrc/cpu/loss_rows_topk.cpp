@@ -114,7 +114,7 @@ LossRowsResult smskd_loss_rows_topk_cpu(const at::Tensor& student, const std::op
   args.student = view_of(student);
   if (reference.has_value()) args.reference = view_of(*reference);
 
-  const auto accumulation = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto accumulation = accumulation_type(student);
   const auto as_acc = [&](const at::Tensor& t) { return t.to(accumulation).contiguous(); };
   const auto [sorted_indices, sorted_values] =
       sorted_kept_classes(topk_indices.to(at::kLong).contiguous(), as_acc(topk_values), args.classes);

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Optional, Protocol
 import torch
 
 # The weighting modes and the per-row outputs' structure are the operators' (ops/schema.py).
+from smskd_fast.ops.reduction import as_class_indices
 from smskd_fast.ops.schema import WEIGHTINGS, RowOutputs
 
 if TYPE_CHECKING:
@@ -90,12 +91,6 @@ class Backend(Protocol):
 def needs_student_grad(student: torch.Tensor) -> bool:
     """Whether autograd will ask for d loss / d student (the kernels then write the gradient)."""
     return student.requires_grad and torch.is_grad_enabled()
-
-
-def as_class_indices(target: torch.Tensor) -> torch.Tensor:
-    """target as int64, as the kernels read it: compared with ignore_index in a narrower dtype, -100
-    would wrap (to 156 in uint8) and a row of class 156 would count as ignored."""
-    return target if target.dtype == torch.int64 else target.long()
 
 
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from smskd_fast.backends.topk import topk_kl, topk_tcp
-from smskd_fast.backends.base import BackendStatus, LossOptions, RowInputs, RowOutputs, as_class_indices
+from smskd_fast.backends.base import BackendStatus, LossOptions, RowInputs, RowOutputs
+from smskd_fast.ops.reduction import as_class_indices
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -14,9 +14,9 @@ import torch
 
 from smskd_fast.loss import validation
 from smskd_fast.backends import resolve_backend
-from smskd_fast.backends.base import LossOptions, RowInputs, RowOutputs, as_class_indices
+from smskd_fast.backends.base import LossOptions, RowInputs, RowOutputs
 from smskd_fast.backends.topk import TopKTeacher
-from smskd_fast.ops.reduction import mean_reduction_scale, reduce_per_row_outputs
+from smskd_fast.ops.reduction import as_class_indices, reduce_per_row_outputs, reduction_grad_scale
 from smskd_fast.ops.schema import PER_ROW_OUTPUTS, row_outputs
 
 __all__ = ["SMSKDLossOutput", "smskd_loss", "kd_loss", "true_class_probability"]
@@ -70,24 +70,23 @@ def _run(
     if flat_target is not None and not getattr(chosen, "checks_target", False):
         validation.check_target_values(flat_target, student_logits.shape[-1], options.ignore_index)
     student = _rows(student_logits)
-    mean_scale = None
-    if reduction == "mean" and not in_backend:
-        mean_scale = mean_reduction_scale(student.shape[0] if target is None else flat_target != options.ignore_index,
-                                          student)
+    # Reduced here: the mean's scale (None for "sum"), folded into the gradient as the ops' own reduction does.
+    scale = None if in_backend else reduction_grad_scale(reduction, None, flat_target, student, options.ignore_index,
+                                                         "smskd_loss")
     inputs = RowInputs(
         student=student,
         target=flat_target,
         teacher=_rows(teacher_logits),
         reference=_rows(reference_logits),
         teacher_topk=None if teacher_topk is None else teacher_topk.rows(),
-        grad_scale=mean_scale,
+        grad_scale=scale,
         reduction=reduction if in_backend else "none",
     )
     rows = chosen.rows(inputs, options)
     if in_backend or reduction == "none":
         return rows
     # One reduction of the four terms: the loss keeps its history, row_outputs detaches the rest.
-    return row_outputs(reduce_per_row_outputs([getattr(rows, name) for name in PER_ROW_OUTPUTS], mean_scale))
+    return row_outputs(reduce_per_row_outputs([getattr(rows, name) for name in PER_ROW_OUTPUTS], scale))
 
 
 def smskd_loss(

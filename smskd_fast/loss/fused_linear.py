@@ -32,10 +32,10 @@ import torch
 
 from smskd_fast.loss import validation
 from smskd_fast.backends import resolve_backend
-from smskd_fast.backends.base import LossOptions, RowInputs, as_class_indices
+from smskd_fast.backends.base import LossOptions, RowInputs
 from smskd_fast.loss.functional import SMSKDLossOutput
 from smskd_fast.ops import schema
-from smskd_fast.ops.reduction import mean_reduction_scale
+from smskd_fast.ops.reduction import as_class_indices, mean_reduction_scale
 from smskd_fast.backends.topk import TopKTeacher
 
 __all__ = ["fused_linear_smskd_loss", "chunk_rows"]

@@ -13,7 +13,13 @@ import torch
 
 from smskd_fast.ops import schema
 
-__all__ = ["mean_reduction_scale", "reduction_grad_scale", "reduce_per_row_outputs"]
+__all__ = ["as_class_indices", "mean_reduction_scale", "reduction_grad_scale", "reduce_per_row_outputs"]
+
+
+def as_class_indices(target: torch.Tensor) -> torch.Tensor:
+    """target as int64, as the kernels read it: compared with ignore_index in a narrower dtype, -100
+    would wrap (to 156 in uint8) and a row of class 156 would count as ignored."""
+    return target if target.dtype == torch.int64 else target.long()
 
 
 def mean_reduction_scale(valid_rows: Union[torch.Tensor, int], student: torch.Tensor) -> torch.Tensor:
@@ -49,8 +55,7 @@ def reduction_grad_scale(reduction: str, grad_scale: Optional[torch.Tensor], tar
         return None
     if target is None:
         return mean_reduction_scale(student.shape[0], student)
-    # Compared as int64, as the kernels read it (in uint8, -100 would wrap to 156).
-    return mean_reduction_scale((target if target.dtype == torch.int64 else target.long()) != ignore_index, student)
+    return mean_reduction_scale(as_class_indices(target) != ignore_index, student)
 
 
 def reduce_per_row_outputs(outputs: Sequence[torch.Tensor], scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:

@@ -7,13 +7,14 @@ Each instruction belongs to the innermost (shortest) loop containing it; a loop 
 another one is an outer (row) loop and is not attributed per element. Per loop body the counter
 records the MUFU instructions by kind (EX2, LG2, RCP, RSQ, SIN, ...), all its instructions (issue
 slots: an FMA-pipe exp2 trades one MUFU for about a dozen of them), the global loads (LDG) and
-stores (STG) with their widths, and whether it loads 64-bit words (an i64 gather of top-k class
-indices). From that a loop's sweep is named:
-  statistics  loads, no stores (the first sweep: maxima and sums of exponentials)
-  gradient    loads and stores (the second sweep: d loss / d s)
-  zero-fill   stores only (the gradient row of an ignored target)
+stores (STG) and the shared-memory loads (LDS) with their widths, and whether it loads 64-bit
+words (an i64 gather of top-k class indices). From that a loop's sweep is named:
+  statistics  global loads, no global stores (the first sweep: maxima and sums of exponentials)
+  gradient    global loads and stores (the second sweep: d loss / d s), or shared-memory loads and
+              global stores (the second sweep over the packs a CUDA row cache kept on chip)
+  zero-fill   global stores only (the gradient row of an ignored target)
   kept        64-bit loads (the k kept classes of the top-k teacher form; per row, not per column)
-  merge       neither loads nor stores (the cross-warp merge of statistics)
+  merge       no global loads or stores (the cross-warp merge of statistics)
 The caller supplies the elements one iteration processes per thread (from the loads' widths or
 from the launch configuration); MUFU per element = MUFU in the body / elements per iteration.
 
@@ -56,6 +57,7 @@ class Loop:
     conditional_mufu: int = 0
     loads: List[int] = field(default_factory=list)  # bytes of each global load
     stores: List[int] = field(default_factory=list)
+    shared_loads: List[int] = field(default_factory=list)  # bytes of each shared-memory load (LDS)
     instructions: int = 0  # issue slots per iteration (every instruction of the body, NOPs excepted)
     skippable_instructions: int = 0  # of which between a predicated forward branch and its target
     outer: bool = False
@@ -72,11 +74,14 @@ class Loop:
             return "kept"
         if self.loads:
             return "gradient" if self.stores else "statistics"
-        return "zero-fill" if self.stores else "merge"
+        if self.stores:  # a gradient sweep over packs a row cache kept in shared memory, or a zero-fill
+            return "gradient" if self.shared_loads else "zero-fill"
+        return "merge"
 
     def widest_bytes(self, stores: bool = False) -> int:
-        """Bytes moved per iteration by the widest loads (stores): the row streams' packs."""
-        sizes = self.stores if stores else self.loads
+        """Bytes moved per iteration by the widest loads (stores): the row streams' packs, read from
+        global memory or, for a gradient sweep over a row cache, from shared memory."""
+        sizes = self.stores if stores else (self.loads or (self.shared_loads if self.stores else []))
         return max(sizes) * sizes.count(max(sizes)) if sizes else 0
 
 
@@ -93,7 +98,8 @@ def parse_functions(sass: str) -> Dict[str, List[Instruction]]:
 
 
 def access_bytes(opcode: str, unit: str) -> int:
-    """Width in bytes of a global load (unit "LDG") or store ("STG") opcode, 0 for anything else."""
+    """Width in bytes of a global load (unit "LDG"), store ("STG") or shared-memory load ("LDS")
+    opcode, 0 for anything else."""
     parts = opcode.split(".")
     if parts[0] != unit:
         return 0
@@ -128,6 +134,8 @@ def find_loops(instructions: List[Instruction]) -> List[Loop]:
             loop.loads.append(size)
         elif size := access_bytes(ins.opcode, "STG"):
             loop.stores.append(size)
+        elif size := access_bytes(ins.opcode, "LDS"):
+            loop.shared_loads.append(size)
     return loops
 
 

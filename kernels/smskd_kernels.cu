@@ -22,26 +22,58 @@ Params make_params(const smskd_loss_rows_args& a) {
   return p;
 }
 
+// Sizes the row cache of a block-per-row launch of kernel (Params::row_cache_packs, and the
+// dynamic shared memory it needs): what a.row_cache_bytes asks for, at most what the device
+// lets one block opt in to beside the kernel's static shared memory; the whole row when that
+// fits, else whole unrolled pairs of packs per thread (RowSweep::run_kept keeps no pair in part).
+// Opts the kernel in to that much. Leaves both as they are (0) when nothing is kept.
+template <typename Layout, typename Kernel>
+cudaError_t size_row_cache(const smskd_loss_rows_args& a, Kernel kernel, int streams, Params& prm, size_t& bytes) {
+  using T = typename Layout::scalar_t;
+  if (a.row_cache_bytes == 0 || !prm.vectorized) return cudaSuccess;
+  int device = 0, optin = 0;
+  cudaFuncAttributes attributes;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (status == cudaSuccess) status = cudaFuncGetAttributes(&attributes, kernel);
+  if (status != cudaSuccess) return status;
+  const int64_t available = int64_t{optin} - static_cast<int64_t>(attributes.sharedSizeBytes);
+  const int64_t wanted = a.row_cache_bytes < 0 || a.row_cache_bytes > available ? available : a.row_cache_bytes;
+  const int64_t per_pack = int64_t{streams} * smskd::kernels::kPackBytes;
+  const int64_t row_packs = a.cols / smskd::kernels::RowCache<T>::kVec;
+  const int64_t pair = int64_t{smskd::kernels::RowSweep<T, Layout::kThreads>::kUnroll} * Layout::kThreads;
+  const int64_t packs = wanted / per_pack >= row_packs ? row_packs : wanted / per_pack / pair * pair;
+  if (packs <= 0) return cudaSuccess;
+  prm.row_cache_packs = packs;
+  bytes = static_cast<size_t>(packs * per_pack);
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+template <typename Layout, typename Kernel>
+cudaError_t launch_kernel(const smskd_loss_rows_args& a, cudaStream_t stream, Kernel kernel, int streams) {
+  using T = typename Layout::scalar_t;
+  Params prm = make_params(a);
+  prm.row_cache_packs = 0;
+  size_t cache_bytes = 0;
+  if constexpr (Layout::kRows == 1) {
+    const cudaError_t status = size_row_cache<Layout>(a, kernel, streams, prm, cache_bytes);
+    if (status != cudaSuccess) return status;
+  }
+  kernel<<<Layout::grid(a.rows), Layout::block(), cache_bytes, stream>>>(
+      prm, static_cast<const T*>(a.student), static_cast<const T*>(a.teacher), static_cast<const T*>(a.reference),
+      static_cast<T*>(a.grad));
+  return cudaGetLastError();
+}
+
 template <typename Layout>
 cudaError_t launch_layout(const smskd_loss_rows_args& a, cudaStream_t stream) {
   using T = typename Layout::scalar_t;
   constexpr int kThreads = Layout::kThreads, kRows = Layout::kRows;
-  const Params prm = make_params(a);
-  const T* s = static_cast<const T*>(a.student);
-  const T* t = static_cast<const T*>(a.teacher);
-  const T* r = static_cast<const T*>(a.reference);
-  T* g = static_cast<T*>(a.grad);
-  const dim3 grid = Layout::grid(a.rows), block = Layout::block();
-  if (t && r) {
-    smskd_rows_kernel<T, kThreads, kRows, true, true><<<grid, block, 0, stream>>>(prm, s, t, r, g);
-  } else if (t) {
-    smskd_rows_kernel<T, kThreads, kRows, true, false><<<grid, block, 0, stream>>>(prm, s, t, r, g);
-  } else if (r) {
-    smskd_rows_kernel<T, kThreads, kRows, false, true><<<grid, block, 0, stream>>>(prm, s, t, r, g);
-  } else {
-    smskd_rows_kernel<T, kThreads, kRows, false, false><<<grid, block, 0, stream>>>(prm, s, t, r, g);
-  }
-  return cudaGetLastError();
+  if (a.teacher && a.reference)
+    return launch_kernel<Layout>(a, stream, &smskd_rows_kernel<T, kThreads, kRows, true, true>, 3);
+  if (a.teacher) return launch_kernel<Layout>(a, stream, &smskd_rows_kernel<T, kThreads, kRows, true, false>, 2);
+  if (a.reference) return launch_kernel<Layout>(a, stream, &smskd_rows_kernel<T, kThreads, kRows, false, true>, 2);
+  return launch_kernel<Layout>(a, stream, &smskd_rows_kernel<T, kThreads, kRows, false, false>, 1);
 }
 
 }  // namespace

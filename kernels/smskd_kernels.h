@@ -73,6 +73,13 @@ typedef struct {
    * tuning: 8 or 16 (lanes of a warp per row), 32 (a warp per row), 256 or 512
    * (a block per row) forces one. */
   int threads_per_row;
+
+  /* Shared memory per row in which a block-per-row layout (256 or 512 threads per row) keeps the
+   * row's 16-byte packs between its two sweeps, so that the gradient sweep reads them on chip
+   * rather than again from global memory: 0 none; < 0 as much as the device lets one block opt
+   * in to; > 0 at most that many bytes. The row's first packs are kept, the rest read twice as
+   * without it. Needs the packed path (rows aligned alike modulo 16 bytes); else ignored. */
+  int64_t row_cache_bytes;
 } smskd_loss_rows_args;
 
 /* Checks the arguments on the host (no device access): NULL when they are

@@ -54,10 +54,15 @@ struct alignas(sizeof(T) * N) Pack {
 };
 
 template <int N, typename T>
-SMSKD_HD void load_pack(const T* p, float (&out)[N]) {
-  const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N>*>(p);
+SMSKD_HD void unpack(const Pack<T, N>& pack, float (&out)[N]) {
 #pragma unroll
   for (int k = 0; k < N; ++k) out[k] = to_float(pack.v[k]);
+}
+
+template <int N, typename T>
+SMSKD_HD void load_pack(const T* p, float (&out)[N]) {
+  const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N>*>(p);  // one load of the whole pack
+  unpack<N>(pack, out);
 }
 
 template <int N, typename T>
@@ -168,20 +173,117 @@ struct RowStats {
   StreamStats s, t, r;
 };
 
-template <int kLanes, bool kTarget, bool kTeacher, bool kRef>
-__device__ __forceinline__ void warp_merge_row(RowStats& st, unsigned mask, float k1, float kT) {
-  using N = Needs<kTarget, kTeacher, kRef>;
-  warp_merge<kLanes, N::kStudent1, N::kStudentT, false>(st.s, mask, k1, kT);
-  if (kTeacher) warp_merge<kLanes, N::kTeacher1, true, true>(st.t, mask, k1, kT);
-  if (kRef) warp_merge<kLanes, false, true, true>(st.r, mask, k1, kT);
+// The row's statistics from its threads' in two steps, so that merging costs no exponential per
+// step: the streams' maxima first (max-reduced over the row's threads), then each thread's sums
+// rescaled once to them (at most 5 exp2 per thread and row) and added. Merging (max, sums) pairs
+// instead took 10 exp2 per butterfly step and per warp merged: ~255 per thread and row with 512
+// threads per row, as many as the sweeps' own at C = 32000 (docs/perf_notes.md).
+
+// a's maxima become the maxima of a's and b's.
+template <bool kTeacher, bool kRef>
+SMSKD_HD void max_of_maxima(RowStats& a, const RowStats& b) {
+  a.s.max = fmaxf(a.s.max, b.s.max);
+  if (kTeacher) a.t.max = fmaxf(a.t.max, b.t.max);
+  if (kRef) a.r.max = fmaxf(a.r.max, b.r.max);
 }
 
+// One stream's sums rescaled from its own maximum to m >= it (equal maxima, even both -inf,
+// scale by 1; an empty share's -inf maximum scales its zero sums by 0).
+template <bool kSum1, bool kSumT, bool kDot>
+SMSKD_HD void rescale_stream(StreamStats& x, float m, float k1, float kT) {
+  const float shift = x.max == m ? 0.0f : x.max - m;
+  if (kSum1) x.sum1 *= exp2f(shift * k1);
+  if (kSumT || kDot) {
+    const float scale = exp2f(shift * kT);
+    if (kSumT) x.sumT *= scale;
+    if (kDot) x.dot *= scale;
+  }
+  x.max = m;
+}
+
+// A thread's sums rescaled to the row's maxima (the maxima of row_max).
 template <bool kTarget, bool kTeacher, bool kRef>
-SMSKD_HD void merge_row(RowStats& a, const RowStats& b, float k1, float kT) {
+SMSKD_HD void rescale_to_maxima(RowStats& st, const RowStats& row_max, float k1, float kT) {
   using N = Needs<kTarget, kTeacher, kRef>;
-  merge_stats<N::kStudent1, N::kStudentT, false>(a.s, b.s, k1, kT);
-  if (kTeacher) merge_stats<N::kTeacher1, true, true>(a.t, b.t, k1, kT);
-  if (kRef) merge_stats<false, true, true>(a.r, b.r, k1, kT);
+  rescale_stream<N::kStudent1, N::kStudentT, false>(st.s, row_max.s.max, k1, kT);
+  if (kTeacher) rescale_stream<N::kTeacher1, true, true>(st.t, row_max.t.max, k1, kT);
+  if (kRef) rescale_stream<false, true, true>(st.r, row_max.r.max, k1, kT);
+}
+
+// a's sums plus b's, both at the same maxima.
+template <bool kTarget, bool kTeacher, bool kRef>
+SMSKD_HD void add_sums(RowStats& a, const RowStats& b) {
+  using N = Needs<kTarget, kTeacher, kRef>;
+  if (N::kStudent1) a.s.sum1 += b.s.sum1;
+  if (N::kStudentT) a.s.sumT += b.s.sumT;
+  if (N::kTeacher1) a.t.sum1 += b.t.sum1;
+  if (kTeacher) {
+    a.t.sumT += b.t.sumT;
+    a.t.dot += b.t.dot;
+  }
+  if (kRef) {
+    a.r.sumT += b.r.sumT;
+    a.r.dot += b.r.dot;
+  }
+}
+
+// Every field that add_sums adds, exchanged with the lane at xor offset.
+template <bool kTarget, bool kTeacher, bool kRef>
+__device__ __forceinline__ RowStats shuffle_sums(const RowStats& st, unsigned mask, int offset) {
+  using N = Needs<kTarget, kTeacher, kRef>;
+  RowStats other;
+  if (N::kStudent1) other.s.sum1 = __shfl_xor_sync(mask, st.s.sum1, offset);
+  if (N::kStudentT) other.s.sumT = __shfl_xor_sync(mask, st.s.sumT, offset);
+  if (N::kTeacher1) other.t.sum1 = __shfl_xor_sync(mask, st.t.sum1, offset);
+  if (kTeacher) {
+    other.t.sumT = __shfl_xor_sync(mask, st.t.sumT, offset);
+    other.t.dot = __shfl_xor_sync(mask, st.t.dot, offset);
+  }
+  if (kRef) {
+    other.r.sumT = __shfl_xor_sync(mask, st.r.sumT, offset);
+    other.r.dot = __shfl_xor_sync(mask, st.r.dot, offset);
+  }
+  return other;
+}
+
+// Merges the statistics of the kThreads threads of a row (kLanes of them per warp, kWarps warps)
+// into every one of them, identically (the same additions in the same order in every thread, so
+// that each computes the same row results). shared_maxima, shared_sums: kWarps entries each of the
+// block's shared memory; its two barriers keep rows apart (a thread writes the next row's maxima
+// only after every thread has passed this row's second barrier, i.e. read this row's maxima, and
+// the next row's sums only after every thread has read this row's).
+template <int kLanes, int kWarps, bool kTarget, bool kTeacher, bool kRef>
+__device__ __forceinline__ void merge_row_statistics(RowStats& st, unsigned mask, float k1, float kT,
+                                                     RowStats* shared_maxima, RowStats* shared_sums) {
+  const int warp = (threadIdx.x % (kLanes * kWarps)) / 32;
+  const bool first_lane = threadIdx.x % 32 == 0;
+  RowStats row = st;  // the row's maxima, first of the warp's lanes, then of the block's warps
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
+    RowStats other;
+    other.s.max = __shfl_xor_sync(mask, row.s.max, offset);
+    if (kTeacher) other.t.max = __shfl_xor_sync(mask, row.t.max, offset);
+    if (kRef) other.r.max = __shfl_xor_sync(mask, row.r.max, offset);
+    max_of_maxima<kTeacher, kRef>(row, other);
+  }
+  if constexpr (kWarps > 1) {
+    if (first_lane) shared_maxima[warp] = row;
+    __syncthreads();
+    row = shared_maxima[0];
+#pragma unroll 4
+    for (int w = 1; w < kWarps; ++w) max_of_maxima<kTeacher, kRef>(row, shared_maxima[w]);
+  }
+  rescale_to_maxima<kTarget, kTeacher, kRef>(st, row, k1, kT);
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset >>= 1)
+    add_sums<kTarget, kTeacher, kRef>(st, shuffle_sums<kTarget, kTeacher, kRef>(st, mask, offset));
+  if constexpr (kWarps > 1) {
+    if (first_lane) shared_sums[warp] = st;
+    __syncthreads();
+    st = shared_sums[0];
+#pragma unroll 4
+    for (int w = 1; w < kWarps; ++w) add_sums<kTarget, kTeacher, kRef>(st, shared_sums[w]);
+  }
 }
 
 // Scalars of one launch, copied from smskd_loss_rows_args into kernel parameters.
@@ -195,6 +297,10 @@ struct Params {
   smskd_weighting weighting;
   int64_t ignore_index;
   bool vectorized;  // every row of every tensor starts at the same offset modulo 16 bytes
+  // Packs of each stream a block-per-row layout keeps in dynamic shared memory between the sweeps
+  // (RowCache; 0: none, always on the scalar path). The launch gives the block row_cache_packs x
+  // streams x 16 bytes of it.
+  int64_t row_cache_packs;
 };
 
 // Column ranges of one row as seen by one thread: a scalar head up to the
@@ -219,15 +325,45 @@ struct RowSweep {
 #pragma nv_exec_check_disable
   template <typename Visit>
   SMSKD_HD void run(int64_t cols, Visit&& visit) const {
+    run_packs<false>(cols, 0, [&](int64_t c, int64_t stride, auto packs, auto n, auto, int64_t) {
+      visit(c, stride, packs, n);
+    });
+  }
+
+  // As run, calling visit(column, stride, Packs, N, Kept, pack) where pack is the row's index of the
+  // chunk's first 16-byte pack (its second is pack + kThreads) and Kept (std::true_type or
+  // std::false_type) says whether the chunk's packs are among the row's first `kept` (a row cache's).
+  // A pair of packs is never split: with kept a multiple of kUnroll * kThreads (or >= packs) every
+  // pack below it is visited as kept; otherwise the pair that straddles it is not, in every sweep alike.
+#pragma nv_exec_check_disable
+  template <typename Visit>
+  SMSKD_HD void run_kept(int64_t cols, int64_t kept, Visit&& visit) const {
+    run_packs<true>(cols, kept, visit);
+  }
+
+ private:
+#pragma nv_exec_check_disable
+  template <bool kKeeps, typename Visit>
+  SMSKD_HD void run_packs(int64_t cols, int64_t kept, Visit&& visit) const {
     using One = std::integral_constant<int, 1>;
     using Vec = std::integral_constant<int, kVec>;
     using Two = std::integral_constant<int, kUnroll>;
-    for (int64_t c = lane; c < head; c += kThreads) visit(c, int64_t{0}, One{}, One{});
+    using Kept = std::true_type;
+    using NotKept = std::false_type;
+    for (int64_t c = lane; c < head; c += kThreads) visit(c, int64_t{0}, One{}, One{}, NotKept{}, int64_t{-1});
     int64_t p = lane;
+    if constexpr (kKeeps) {
+      const int64_t kept_end = kept < packs ? kept : packs;
+      for (; p + (kUnroll - 1) * kThreads < kept_end; p += kUnroll * kThreads)
+        visit(head + p * kVec, int64_t{kThreads} * kVec, Two{}, Vec{}, Kept{}, p);
+      for (; p < kept_end && p + (kUnroll - 1) * kThreads >= packs; p += kThreads)  // a last single pack, kept
+        visit(head + p * kVec, int64_t{0}, One{}, Vec{}, Kept{}, p);
+    }
     for (; p + (kUnroll - 1) * kThreads < packs; p += kUnroll * kThreads)
-      visit(head + p * kVec, int64_t{kThreads} * kVec, Two{}, Vec{});
-    for (; p < packs; p += kThreads) visit(head + p * kVec, int64_t{0}, One{}, Vec{});
-    for (int64_t c = tail_begin + lane; c < cols; c += kThreads) visit(c, int64_t{0}, One{}, One{});
+      visit(head + p * kVec, int64_t{kThreads} * kVec, Two{}, Vec{}, NotKept{}, p);
+    for (; p < packs; p += kThreads) visit(head + p * kVec, int64_t{0}, One{}, Vec{}, NotKept{}, p);
+    for (int64_t c = tail_begin + lane; c < cols; c += kThreads)
+      visit(c, int64_t{0}, One{}, One{}, NotKept{}, int64_t{-1});
   }
 };
 
@@ -239,6 +375,53 @@ SMSKD_HD void load_chunk(const T* row, int64_t column, int64_t stride, float (&o
     load_pack<N>(row + column + p * stride, part);
 #pragma unroll
     for (int k = 0; k < N; ++k) out[p * N + k] = part[k];
+  }
+}
+
+// Sweep 1's 16-byte packs of one row kept on chip for sweep 2, so that sweep 2 does not read them
+// again from global memory (docs/perf_notes.md, prediction 4): the row's first `packs` packs of each
+// stream (RowSweep::run_kept), in shared memory on the device. Each thread stores and reloads only
+// the packs it visits itself (both sweeps visit the same packs in each lane), so the slots need no
+// barrier. packs = 0 keeps nothing.
+template <typename T>
+struct RowCache {
+  static constexpr int kVec = kPackBytes / sizeof(T);
+  Pack<T, kVec>* slots = nullptr;  // [stream][pack]: the present streams in order student, teacher, reference
+  int64_t packs = 0;
+
+  SMSKD_HD Pack<T, kVec>* slot(int stream, int64_t pack) const { return slots + stream * packs + pack; }
+};
+
+// load_chunk that also stores the chunk's packs in their cache slots when kKeep (sweep 1); pack is
+// the row's index of the chunk's first pack (RowSweep::run_kept).
+template <int P, int N, bool kKeep, typename T>
+SMSKD_HD void load_chunk_keeping(const T* row, int64_t column, int64_t stride, float (&out)[P * N],
+                                 const RowCache<T>& cache, int stream, int64_t pack) {
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const Pack<T, N> loaded = *reinterpret_cast<const Pack<T, N>*>(row + column + p * stride);
+    if constexpr (kKeep) *cache.slot(stream, pack + p * stride / N) = loaded;
+    float part[N];
+    unpack<N>(loaded, part);
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[p * N + k] = part[k];
+  }
+}
+
+// load_chunk that reads the chunk's packs from their cache slots when kKept (sweep 2).
+template <int P, int N, bool kKept, typename T>
+SMSKD_HD void load_chunk_kept(const T* row, int64_t column, int64_t stride, float (&out)[P * N],
+                              const RowCache<T>& cache, int stream, int64_t pack) {
+  if constexpr (kKept) {
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      float part[N];
+      unpack<N>(*cache.slot(stream, pack + p * stride / N), part);
+#pragma unroll
+      for (int k = 0; k < N; ++k) out[p * N + k] = part[k];
+    }
+  } else {
+    load_chunk<P, N>(row, column, stride, out);
   }
 }
 
@@ -308,18 +491,23 @@ struct RowMath {
   const T* r_row;
   float temperature, invT, kT;
   static constexpr float k1 = kLog2e;
+  // Each present stream's slots in a RowCache: student, teacher, reference in order.
+  static constexpr int kStreams = 1 + int{kTeacher} + int{kRef};
+  static constexpr int kTeacherSlot = 1, kRefSlot = kTeacher ? 2 : 1;
 
   SMSKD_HD RowMath(const T* s, const T* t, const T* r, float temperature_)
       : s_row(s), t_row(t), r_row(r), temperature(temperature_), invT(1.0f / temperature_), kT(kLog2e / temperature_) {}
 
-  // Sweep 1: P packs of N columns, pack p starting at column c + p * stride.
-  template <int P, int N>
-  SMSKD_HD void accumulate(RowStats& st, int64_t c, int64_t stride) const {
+  // Sweep 1: P packs of N columns, pack p starting at column c + p * stride; kKeep: kept in
+  // cache for sweep 2 (pack: the row's index of the first, RowSweep::run_kept).
+  template <int P, int N, bool kKeep = false>
+  SMSKD_HD void accumulate(RowStats& st, int64_t c, int64_t stride, const RowCache<T>& cache = {},
+                           int64_t pack = 0) const {
     constexpr int M = P * N;
     float s[M], t[M], r[M], d[M];
-    load_chunk<P, N>(s_row, c, stride, s);
-    if (kTeacher) load_chunk<P, N>(t_row, c, stride, t);
-    if (kRef) load_chunk<P, N>(r_row, c, stride, r);
+    load_chunk_keeping<P, N, kKeep>(s_row, c, stride, s, cache, 0, pack);
+    if (kTeacher) load_chunk_keeping<P, N, kKeep>(t_row, c, stride, t, cache, kTeacherSlot, pack);
+    if (kRef) load_chunk_keeping<P, N, kKeep>(r_row, c, stride, r, cache, kRefSlot, pack);
     add_values<Need::kStudent1, Need::kStudentT, false>(st.s, s, d, k1, kT);
     if (kTeacher) {
 #pragma unroll
@@ -375,14 +563,16 @@ struct RowMath {
   }
 
   // Sweep 2: d loss / d s = a (softmax(s) - onehot(y)) + b (softmax(s/T) - softmax(t/T))
-  //                         + g (softmax(s/T) - softmax(r/T)).
-  template <int P, int N>
-  SMSKD_HD void gradient(const RowResult& res, T* g_row, int64_t y, int64_t c, int64_t stride) const {
+  //                         + g (softmax(s/T) - softmax(r/T)),
+  // kKept: the packs are read from cache, where sweep 1 kept them.
+  template <int P, int N, bool kKept = false>
+  SMSKD_HD void gradient(const RowResult& res, T* g_row, int64_t y, int64_t c, int64_t stride,
+                         const RowCache<T>& cache = {}, int64_t pack = 0) const {
     constexpr int M = P * N;
     float s[M], t[M], r[M], out[M];
-    load_chunk<P, N>(s_row, c, stride, s);
-    if (kTeacher) load_chunk<P, N>(t_row, c, stride, t);
-    if (kRef) load_chunk<P, N>(r_row, c, stride, r);
+    load_chunk_kept<P, N, kKept>(s_row, c, stride, s, cache, 0, pack);
+    if (kTeacher) load_chunk_kept<P, N, kKept>(t_row, c, stride, t, cache, kTeacherSlot, pack);
+    if (kRef) load_chunk_kept<P, N, kKept>(r_row, c, stride, r, cache, kRefSlot, pack);
 #pragma unroll
     for (int k = 0; k < M; ++k) {
       const float zs = s[k] - res.max_s;
@@ -409,12 +599,20 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
   using Math = RowMath<T, kTarget, kTeacher, kRef>;
   constexpr int kWarps = kThreads / 32;
   constexpr int kLanes = kThreads < 32 ? kThreads : 32;  // lanes of one row within a warp
-  __shared__ RowStats warp_stats[kWarps > 1 ? kWarps : 1];
+  __shared__ RowStats warp_maxima[kWarps > 1 ? kWarps : 1], warp_sums[kWarps > 1 ? kWarps : 1];
   const unsigned mask = row_lane_mask<kLanes>();
 
   const int lane = threadIdx.x % kThreads;
   const int64_t cols = prm.cols;
   const float grad_scale = gradient_scale(prm, grad_base != nullptr);
+  // A block per row may keep the row's packs on chip (Params::row_cache_packs, in the launch's dynamic
+  // shared memory); rows that share a block never do.
+  extern __shared__ __align__(16) unsigned char row_cache_memory[];
+  RowCache<T> cache;
+  if constexpr (kRowsPerBlock == 1) {
+    cache.slots = reinterpret_cast<Pack<T, RowCache<T>::kVec>*>(row_cache_memory);
+    cache.packs = prm.row_cache_packs;
+  }
 
   for (int64_t row = int64_t{blockIdx.x} * kRowsPerBlock + threadIdx.x / kThreads; row < prm.rows;
        row += int64_t{gridDim.x} * kRowsPerBlock) {
@@ -456,22 +654,15 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
     const float t_y = Math::Need::kTeacher1 ? to_float(math.t_row[y]) : 0.0f;
 
     RowStats st;
-    sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
-      math.template accumulate<decltype(packs)::value, decltype(n)::value>(st, c, stride);
+    sweep.run_kept(cols, cache.packs, [&](int64_t c, int64_t stride, auto packs, auto n, auto kept, int64_t pack) {
+      math.template accumulate<decltype(packs)::value, decltype(n)::value, decltype(kept)::value>(st, c, stride,
+                                                                                                 cache, pack);
     });
 
-    warp_merge_row<kLanes, kTarget, kTeacher, kRef>(st, mask, Math::k1, math.kT);
-    if (kWarps > 1) {
-      const int warp = lane / 32;
-      if (lane % 32 == 0) warp_stats[warp] = st;
-      __syncthreads();
-      st = warp_stats[0];
-#pragma unroll 4
-      for (int w = 1; w < kWarps; ++w) merge_row<kTarget, kTeacher, kRef>(st, warp_stats[w], Math::k1, math.kT);
-      __syncthreads();  // warp_stats is rewritten for the next row
-    } else {
-      __syncwarp(mask);  // orders every lane's reads of s before any lane's writes of grad
-    }
+    merge_row_statistics<kLanes, kWarps, kTarget, kTeacher, kRef>(st, mask, Math::k1, math.kT, warp_maxima,
+                                                                  warp_sums);
+    // Orders every lane's reads of s before any lane's writes of grad (several warps: the merge's barriers).
+    if (kWarps == 1) __syncwarp(mask);
 
     // Every thread of the row computes the results; lane 0 stores them.
     const RowResult res = math.finish(st, s_y, t_y, prm);
@@ -482,8 +673,9 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
     }
     if (!g_row) continue;
     const RowResult scaled = with_gradient_scale(res, grad_scale);
-    sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
-      math.template gradient<decltype(packs)::value, decltype(n)::value>(scaled, g_row, y, c, stride);
+    sweep.run_kept(cols, cache.packs, [&](int64_t c, int64_t stride, auto packs, auto n, auto kept, int64_t pack) {
+      math.template gradient<decltype(packs)::value, decltype(n)::value, decltype(kept)::value>(scaled, g_row, y, c,
+                                                                                                stride, cache, pack);
     });
   }
 }

@@ -57,6 +57,33 @@ def test_loops_and_their_mufu_are_found():
     assert sass_loops.access_bytes("LDG.E.U16", "LDG") == 2 and sass_loops.access_bytes("STG.E.64", "LDG") == 0
 
 
+# A gradient loop over packs a row cache kept in shared memory (two 16-byte LDS per stream read, one STG
+# written, 4 EX2), then a cross-warp merge loop that reads shared memory and stores nothing globally.
+SASS_ROW_CACHE = """
+        Function : _Z4demoPKfPf
+        /*0100*/                   LDS.128 R4, [R2] ;
+        /*0110*/                   LDS.128 R8, [R2+0x2000] ;
+        /*0120*/                   MUFU.EX2 R4, R4 ;
+        /*0130*/                   MUFU.EX2 R5, R5 ;
+        /*0140*/                   MUFU.EX2 R6, R6 ;
+        /*0150*/                   MUFU.EX2 R7, R7 ;
+        /*0160*/                   STG.E.128 desc[UR4][R12.64], R4 ;
+        /*0170*/              @!P0 BRA 0x100 ;
+        /*0180*/                   LDS.128 R4, [R3] ;
+        /*0190*/                   FADD R0, R0, R4 ;
+        /*01a0*/              @!P1 BRA 0x180 ;
+        /*01b0*/                   EXIT ;
+"""
+
+
+def test_a_gradient_loop_over_shared_memory_is_counted_by_its_shared_loads():
+    (instructions,) = sass_loops.parse_functions(SASS_ROW_CACHE).values()
+    gradient, merge = sass_loops.find_loops(instructions)
+    assert (gradient.sweep, gradient.shared_loads, gradient.widest_bytes()) == ("gradient", [16, 16], 32)
+    assert (merge.sweep, merge.widest_bytes()) == ("merge", 0)
+    assert sass_loops.access_bytes("LDS.U.128", "LDS") == 16 and sass_loops.access_bytes("LDS.128", "LDG") == 0
+
+
 def test_sweep_rows_take_the_worst_packed_loop():
     (instructions,) = sass_loops.parse_functions(SASS).values()
     loops = sass_loops.find_loops(instructions)

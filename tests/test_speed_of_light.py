@@ -4,8 +4,11 @@ The script itself needs a GPU for its figures; what can be wrong without one is 
 that turns milliseconds into "% of copy bandwidth" and "x torch.compile" and decides which
 target is missed. Each expected line below is computed by hand from the issue's definitions.
 """
+import os
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"))
 import speed_of_light  # noqa: E402
@@ -53,4 +56,29 @@ def test_table_shows_share_and_ratios():
     line = text.splitlines()[2]
     # triton 0.5 ms: 4194 GB/s = 105% of copy (impossible on a GPU, fine for the arithmetic), 2.00x, 6.00x.
     assert line == ("| 8192x32000 bfloat16 | 4.000 | 1.000 | 3.000 | 1.000 (52%, 1.00x compile, 3.00x Liger) | "
-                    "0.500 (105%, 2.00x compile, 6.00x Liger) | - | - |")
+                    "0.500 (105%, 2.00x compile, 6.00x Liger) | - | - | - |")
+
+
+def test_the_row_cache_candidate_is_shown_and_not_held_to_the_targets():
+    # cuda and triton meet every target (as in the first test); cuda_rowcache at 1.0 ms (52% of copy,
+    # 1.00x compile) would miss two were it held to them.
+    measured = rows(compiled=1.0, liger=4.0, cuda=0.65, triton=0.80, cuda_rowcache=1.0)
+    assert speed_of_light.missed_targets(measured, COPY_GBPS) == []
+    assert "| 1.000 (52%, 1.00x compile, 4.00x Liger) |" in speed_of_light.table(measured, COPY_GBPS)
+
+
+def test_the_row_cache_is_asked_for_during_each_call_only(monkeypatch):
+    monkeypatch.delenv(speed_of_light.ROW_CACHE_VARIABLE, raising=False)
+    seen = []
+
+    def loss(*args):
+        seen.append(os.environ.get(speed_of_light.ROW_CACHE_VARIABLE))
+        if args:
+            raise RuntimeError("a failing call")
+        return 1.0
+
+    cached = speed_of_light.with_row_cache(loss)
+    assert cached() == 1.0
+    with pytest.raises(RuntimeError):
+        cached("fails")
+    assert seen == ["max", "max"] and speed_of_light.ROW_CACHE_VARIABLE not in os.environ

@@ -8,7 +8,10 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 
+#include <cerrno>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <string>
 
@@ -103,6 +106,24 @@ inline const float* grad_scale_pointer(const std::optional<at::Tensor>& grad_sca
                                        bool writes_grad, const char* op) {
   check_grad_scale(grad_scale, student, op);
   return writes_grad && grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
+}
+
+// The shared memory per row in which the dense kernel's block-per-row layouts keep the row between
+// their sweeps (smskd_loss_rows_args.row_cache_bytes), from SMSKD_FAST_CUDA_ROW_CACHE_BYTES: unset,
+// empty or 0: none (the default until a GPU measurement chooses; docs/perf_notes.md); "max": as much
+// as the device lets one block have; N > 0: at most N bytes. Read on every call, so that one process
+// can compare both (benchmarks/gpu/speed_of_light.py).
+inline int64_t row_cache_bytes_from_environment(const char* op) {
+  const char* value = std::getenv("SMSKD_FAST_CUDA_ROW_CACHE_BYTES");
+  if (value == nullptr || *value == '\0') return 0;
+  if (std::strcmp(value, "max") == 0) return -1;
+  char* end = nullptr;
+  errno = 0;
+  const long long bytes = std::strtoll(value, &end, 10);
+  TORCH_CHECK_VALUE(errno == 0 && *end == '\0' && bytes >= 0, op,
+                    ": the environment variable SMSKD_FAST_CUDA_ROW_CACHE_BYTES must be a number of bytes >= 0 "
+                    "or \"max\", got '", value, "'");
+  return bytes;
 }
 
 // Refuses what the launcher's check objects to (its message, prefixed by op),

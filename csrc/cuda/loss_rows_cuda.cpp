@@ -79,6 +79,7 @@ PerRowResult launch(const at::Tensor& student, const std::optional<at::Tensor>& 
 
   PerRowOutputs per_row = empty_per_row_outputs(args.rows, student, mode != Reduction::None);
   set_outputs_and_scalars(args, per_row, temperature, ce_weight, kd_weight, ref_weight, ignore_index);
+  args.row_cache_bytes = row_cache_bytes_from_environment("smskd_loss_rows");
   launch_checked(args, "smskd_loss_rows", &smskd_loss_rows_invalid, &smskd_loss_rows_launch);
   if (mode != Reduction::None) reduce_per_row_outputs(per_row, scale);
   return per_row_result(per_row);

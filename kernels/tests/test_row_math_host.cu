@@ -30,6 +30,7 @@ namespace {
 
 using namespace smskd::oracle;
 using smskd::kernels::Params;
+using smskd::kernels::RowCache;
 using smskd::kernels::RowMath;
 using smskd::kernels::RowResult;
 using smskd::kernels::RowStats;
@@ -48,6 +49,7 @@ struct Case {
   smskd_weighting weighting;
   bool masked;  // some teacher and reference logits are -inf (classes with probability 0)
   float grad_scale;  // the factor of the second gradient written (kernel's grad_scale)
+  int64_t cache_packs = 0;  // packs of each stream sweep 1 keeps for sweep 2 (RowCache); 0: none
 };
 
 // The smallest normal magnitude of the gradient's dtype: a power-of-two scale is exact when the value
@@ -60,14 +62,15 @@ double smallest_normal(smskd_dtype dtype) { return dtype == SMSKD_FLOAT16 ? std:
 // inlined copies differently, which would break the exact power-of-two relation checked below.
 template <typename T, int kThreads, typename Math>
 __attribute__((noinline)) void sweep_gradient(const Math& math, const RowResult& res, T* g, int64_t y, const Case& k,
-                                              std::vector<int>* visits) {
+                                              RowCache<T> cache, std::vector<int>* visits) {
   for (int lane = 0; lane < kThreads; ++lane) {
     const RowSweep<T, kThreads> sweep(math.s_row, k.cols, k.vectorized, lane);
-    sweep.run(k.cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
+    sweep.run_kept(k.cols, cache.packs, [&](int64_t c, int64_t stride, auto packs, auto n, auto kept, int64_t pack) {
       if (visits)
         for (int p = 0; p < decltype(packs)::value; ++p)
           for (int e = 0; e < decltype(n)::value; ++e) ++(*visits)[c + p * stride + e];
-      math.template gradient<decltype(packs)::value, decltype(n)::value>(res, g, y, c, stride);
+      math.template gradient<decltype(packs)::value, decltype(n)::value, decltype(kept)::value>(res, g, y, c, stride,
+                                                                                                cache, pack);
     });
   }
 }
@@ -116,29 +119,63 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
     }
   };
 
-  // Sweep 1, thread by thread, then the merge the shuffles and shared memory do.
-  RowStats total;
+  int bad = 0;
+  // The row cache's slots, as the kernel's dynamic shared memory would hold them.
+  using Slot = smskd::kernels::Pack<T, RowCache<T>::kVec>;
+  std::vector<Slot> slots(Math::kStreams * k.cache_packs);
+  RowCache<T> cache;
+  cache.slots = slots.data();
+  cache.packs = k.cache_packs;
+
+  // Sweep 1, thread by thread, then the merge the shuffles and shared memory do
+  // (merge_row_statistics): the row's maxima, each thread's sums rescaled to them, added.
+  std::vector<RowStats> threads(kThreads);
+  RowStats maxima;
+  std::vector<int64_t> kept_columns;  // the first column of each pack sweep 1 kept
   for (int lane = 0; lane < kThreads; ++lane) {
     const RowSweep<T, kThreads> sweep(s, k.cols, k.vectorized, lane);
-    RowStats mine;
-    sweep.run(k.cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
+    sweep.run_kept(k.cols, cache.packs, [&](int64_t c, int64_t stride, auto packs, auto n, auto kept, int64_t pack) {
       note(c, stride, decltype(packs)::value, decltype(n)::value);
-      math.template accumulate<decltype(packs)::value, decltype(n)::value>(mine, c, stride);
+      if (decltype(kept)::value)
+        for (int p = 0; p < decltype(packs)::value; ++p) {
+          kept_columns.push_back(c + p * stride);
+          if (pack + p * kThreads != (c + p * stride - sweep.head) / RowCache<T>::kVec && bad++ < 3)
+            std::printf("  pack index %lld is not that of column %lld\n", (long long)(pack + p * kThreads),
+                        (long long)(c + p * stride));
+        }
+      math.template accumulate<decltype(packs)::value, decltype(n)::value, decltype(kept)::value>(threads[lane], c,
+                                                                                                  stride, cache, pack);
     });
-    smskd::kernels::merge_row<kTarget, kTeacher, kRef>(total, mine, Math::k1, math.kT);
+    smskd::kernels::max_of_maxima<kTeacher, kRef>(maxima, threads[lane]);
+  }
+  RowStats total = maxima;
+  for (RowStats& mine : threads) {
+    smskd::kernels::rescale_to_maxima<kTarget, kTeacher, kRef>(mine, maxima, Math::k1, math.kT);
+    smskd::kernels::add_sums<kTarget, kTeacher, kRef>(total, mine);
   }
   const float s_y = kTarget ? smskd::kernels::to_float(s[y]) : 0.0f;
   const float t_y = kTeacher && kTarget ? smskd::kernels::to_float(t[y]) : 0.0f;
   const RowResult res = math.finish(total, s_y, t_y, prm);
+  // Every pack below the cache's capacity is kept when that is a multiple of a thread's unrolled pair
+  // of packs (as the launcher sizes it) or the whole row; the packs sweep 1 kept are NaN in global
+  // memory from here on: sweep 2 must read them from their slots (a NaN in the gradient otherwise),
+  // and read every other column from the row.
+  const RowSweep<T, kThreads> layout(s, k.cols, k.vectorized, 0);
+  const int64_t capacity = std::min(k.cache_packs, layout.packs);
+  const bool whole_pairs = k.cache_packs >= layout.packs || k.cache_packs % (2 * kThreads) == 0;
+  if (whole_pairs && static_cast<int64_t>(kept_columns.size()) != capacity && bad++ < 3)
+    std::printf("  %zu packs kept, want %lld\n", kept_columns.size(), (long long)capacity);
+  for (int64_t column : kept_columns)
+    for (int i = 0; i < 3; ++i)
+      for (int e = 0; e < RowCache<T>::kVec; ++e) encode(dtype, NAN, raw[i].data() + (k.offset + column + e) * elem);
   // As the kernel: the scale a launch without grad_scale reads, then one with k.grad_scale.
   const RowResult unscaled = with_gradient_scale(res, gradient_scale(prm, true));
   prm.grad_scale = &k.grad_scale;
   const RowResult scaled = with_gradient_scale(res, gradient_scale(prm, true));
-  sweep_gradient<T, kThreads>(math, unscaled, g, y, k, &visits);
-  sweep_gradient<T, kThreads>(math, scaled, g_scaled, y, k, nullptr);
+  sweep_gradient<T, kThreads>(math, unscaled, g, y, k, cache, &visits);
+  sweep_gradient<T, kThreads>(math, scaled, g_scaled, y, k, cache, nullptr);
 
   const RowWant w = oracle(values[0], kTeacher ? &values[1] : nullptr, kRef ? &values[2] : nullptr, y, kTarget, a);
-  int bad = 0;
   for (int64_t c = 0; c < k.cols; ++c)
     if (visits[c] != 2 && bad++ < 3) std::printf("  column %lld visited %d times (want 2)\n", (long long)c, visits[c]);
   if (k.vectorized && misaligned_pack && bad++ < 3) std::printf("  a pack was not 16-byte aligned\n");
@@ -187,9 +224,10 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
     if (s0 != 0.0 && bad++ < 8) std::printf("  C = 1: grad with grad_scale is %.3g, not exactly 0\n", s0);
   }
   std::printf("%s %-4s threads=%d cols=%lld offset=%lld vectorized=%d target=%d teacher=%d ref=%d weighting=%d "
-              "masked=%d grad_scale=%g\n",
+              "masked=%d grad_scale=%g cache_packs=%lld (%lld columns kept)\n",
               bad ? "FAIL" : "ok  ", name_of(dtype), kThreads, (long long)k.cols, (long long)k.offset, k.vectorized,
-              kTarget, kTeacher, kRef, int(k.weighting), k.masked, k.grad_scale);
+              kTarget, kTeacher, kRef, int(k.weighting), k.masked, k.grad_scale, (long long)k.cache_packs,
+              (long long)(kept_columns.size() * RowCache<T>::kVec));
   if (bad) ++failures;
 }
 
@@ -225,6 +263,14 @@ void run_dtype(smskd_dtype dtype, std::mt19937& rng) {
           run_inputs<T, 32>(dtype, k, rng);
           run_inputs<T, 256>(dtype, k, rng);
           run_inputs<T, 512>(dtype, k, rng);
+          // The block-per-row layouts with a row cache: the whole row, a capacity of whole unrolled pairs
+          // (part of the longer rows, as the launcher sizes it), and an odd one (a pair straddles it).
+          for (int64_t packs : {cols, int64_t{2 * 256}, int64_t{2 * 512}, cols / (2 * RowCache<T>::kVec) + 1}) {
+            Case cached = k;
+            cached.cache_packs = packs;
+            if (packs != 2 * 512) run_inputs<T, 256>(dtype, cached, rng);
+            if (packs != 2 * 256) run_inputs<T, 512>(dtype, cached, rng);
+          }
         }
       }
 }

@@ -18,6 +18,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "smskd_kernels.h"
@@ -43,6 +44,7 @@ struct Case {
   bool in_place;    // grad written over the student
   int threads_per_row = 0;  // 0: the launcher's choice
   std::optional<float> grad_scale = std::nullopt;  // the gradient's factor (in device memory); none: NULL
+  int64_t row_cache_bytes = 0;  // smskd_loss_rows_args.row_cache_bytes: 0 none, < 0 the device's most
 };
 
 void run_case(const Case& k, std::mt19937& rng) {
@@ -106,6 +108,7 @@ void run_case(const Case& k, std::mt19937& rng) {
   a.weighting = k.weighting;
   a.ignore_index = ignore;
   a.threads_per_row = k.threads_per_row;
+  a.row_cache_bytes = k.row_cache_bytes;
 
   CHECK_CUDA(smskd_loss_rows_launch(&a, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
@@ -168,6 +171,13 @@ int run_grid(bool quick) {
       run_case({d, rows, cols, true, true, true, SMSKD_WEIGHT_TCP, 0, 0, false, 0, 1.0f / 3.0f}, rng);
       run_case({d, rows, cols, true, true, false, SMSKD_WEIGHT_INVERSE_TCP, 1, 8, true, 0, 0.25f}, rng);
       run_case({d, rows, cols, false, true, true, SMSKD_WEIGHT_CONSTANT, 0, 1, false, 0, -3.5f}, rng);
+      // The row cache of the block-per-row layouts: as much as the device allows, and 20000 bytes (part
+      // of the longer rows), packed and in place; on the scalar path (offset 1, padding 3) it is ignored.
+      for (int threads : {256, 512}) {
+        run_case({d, rows, cols, true, true, true, SMSKD_WEIGHT_INVERSE_TCP, 0, 0, false, threads, 0.25f, -1}, rng);
+        run_case({d, rows, cols, true, false, true, SMSKD_WEIGHT_CONSTANT, 0, 8, true, threads, std::nullopt, 20000}, rng);
+        run_case({d, rows, cols, false, true, false, SMSKD_WEIGHT_CONSTANT, 1, 3, false, threads, std::nullopt, -1}, rng);
+      }
     }
   }
   std::printf(failures ? "%d case(s) FAILED\n" : "all cases passed\n", failures);
@@ -222,7 +232,11 @@ int run_bench() {
   for (int64_t cols : {32, 128, 512, 1024, 2048, 4096, 16384, 32768, 131072, 262144}) {
     int automatic = 0, rows_per_block = 0;
     smskd_loss_rows_config(cols, &automatic, &rows_per_block);
-    for (int threads : {8, 16, 32, 256, 512}) {  // every layout, to tune the automatic choice (marked *)
+    // Every layout, to tune the automatic choice (marked *), the block-per-row ones also with the row
+    // cache (as much as the device allows; marked c).
+    const std::pair<int, bool> layouts[] = {{8, false}, {16, false}, {32, false}, {256, false},
+                                            {256, true}, {512, false}, {512, true}};
+    for (const auto& [threads, cached] : layouts) {
       const int64_t rows = elements / cols;
       smskd_loss_rows_args a{};
       a.rows = rows, a.cols = cols, a.dtype = SMSKD_BFLOAT16;
@@ -234,10 +248,11 @@ int run_bench() {
       a.temperature = 4.0f, a.ce_weight = a.kd_weight = a.ref_weight = 1.0f;
       a.weighting = SMSKD_WEIGHT_INVERSE_TCP, a.ignore_index = -100;
       a.threads_per_row = threads;
+      a.row_cache_bytes = cached ? -1 : 0;
       const double ms = time_ms([&] { CHECK_CUDA(smskd_loss_rows_launch(&a, nullptr)); });
       const double gbs = double(rows) * cols * 4 * 2 / ms / 1e6;
-      std::printf("%8lld %8lld %6d%s %10.4f %10.1f %7.1f%%\n", (long long)cols, (long long)rows, threads,
-                  threads == automatic ? "*" : " ", ms, gbs, 100.0 * gbs / copy_gbs);
+      std::printf("%8lld %8lld %6d%s%s %10.4f %10.1f %7.1f%%\n", (long long)cols, (long long)rows, threads,
+                  threads == automatic && !cached ? "*" : " ", cached ? "c" : " ", ms, gbs, 100.0 * gbs / copy_gbs);
     }
   }
   return 0;

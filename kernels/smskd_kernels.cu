@@ -26,7 +26,9 @@ Params make_params(const smskd_loss_rows_args& a) {
 // dynamic shared memory it needs): what a.row_cache_bytes asks for, at most what the device
 // lets one block opt in to beside the kernel's static shared memory; the whole row when that
 // fits, else whole unrolled pairs of packs per thread (RowSweep::run_kept keeps no pair in part).
-// Opts the kernel in to that much. Leaves both as they are (0) when nothing is kept.
+// Opts the kernel in to all the device allows, never less, so that a launch of another size from
+// another host thread, or a captured CUDA graph's replay, never finds the limit lowered under it.
+// Leaves both as they are (0) when nothing is kept.
 template <typename Layout, typename Kernel>
 cudaError_t size_row_cache(const smskd_loss_rows_args& a, Kernel kernel, int streams, Params& prm, size_t& bytes) {
   using T = typename Layout::scalar_t;
@@ -46,7 +48,7 @@ cudaError_t size_row_cache(const smskd_loss_rows_args& a, Kernel kernel, int str
   if (packs <= 0) return cudaSuccess;
   prm.row_cache_packs = packs;
   bytes = static_cast<size_t>(packs * per_pack);
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(available));
 }
 
 template <typename Layout, typename Kernel>

@@ -255,8 +255,7 @@ __device__ __forceinline__ RowStats shuffle_sums(const RowStats& st, unsigned ma
 template <int kLanes, int kWarps, bool kTarget, bool kTeacher, bool kRef>
 __device__ __forceinline__ void merge_row_statistics(RowStats& st, unsigned mask, float k1, float kT,
                                                      RowStats* shared_maxima, RowStats* shared_sums) {
-  const int warp = (threadIdx.x % (kLanes * kWarps)) / 32;
-  const bool first_lane = threadIdx.x % 32 == 0;
+  const bool first_lane = threadIdx.x % 32 == 0;  // of its warp (several warps: kRowsPerBlock = 1)
   RowStats row = st;  // the row's maxima, first of the warp's lanes, then of the block's warps
 #pragma unroll
   for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
@@ -267,7 +266,7 @@ __device__ __forceinline__ void merge_row_statistics(RowStats& st, unsigned mask
     max_of_maxima<kTeacher, kRef>(row, other);
   }
   if constexpr (kWarps > 1) {
-    if (first_lane) shared_maxima[warp] = row;
+    if (first_lane) shared_maxima[threadIdx.x / 32] = row;
     __syncthreads();
     row = shared_maxima[0];
 #pragma unroll 4
@@ -278,7 +277,7 @@ __device__ __forceinline__ void merge_row_statistics(RowStats& st, unsigned mask
   for (int offset = kLanes / 2; offset > 0; offset >>= 1)
     add_sums<kTarget, kTeacher, kRef>(st, shuffle_sums<kTarget, kTeacher, kRef>(st, mask, offset));
   if constexpr (kWarps > 1) {
-    if (first_lane) shared_sums[warp] = st;
+    if (first_lane) shared_sums[threadIdx.x / 32] = st;
     __syncthreads();
     st = shared_sums[0];
 #pragma unroll 4
@@ -325,9 +324,7 @@ struct RowSweep {
 #pragma nv_exec_check_disable
   template <typename Visit>
   SMSKD_HD void run(int64_t cols, Visit&& visit) const {
-    run_packs<false>(cols, 0, [&](int64_t c, int64_t stride, auto packs, auto n, auto, int64_t) {
-      visit(c, stride, packs, n);
-    });
+    run_packs<false>(cols, 0, visit);
   }
 
   // As run, calling visit(column, stride, Packs, N, Kept, pack) where pack is the row's index of the
@@ -342,28 +339,39 @@ struct RowSweep {
   }
 
  private:
+  // visit's call for run (kKeeps false: without Kept and pack) or run_kept.
+#pragma nv_exec_check_disable
+  template <bool kKeeps, typename Visit, typename Packs, typename N, typename Kept>
+  static SMSKD_HD void call(Visit& visit, int64_t column, int64_t stride, Packs packs, N n, Kept kept, int64_t pack) {
+    if constexpr (kKeeps) {
+      visit(column, stride, packs, n, kept, pack);
+    } else {
+      visit(column, stride, packs, n);
+    }
+  }
+
 #pragma nv_exec_check_disable
   template <bool kKeeps, typename Visit>
-  SMSKD_HD void run_packs(int64_t cols, int64_t kept, Visit&& visit) const {
+  SMSKD_HD void run_packs(int64_t cols, int64_t kept, Visit& visit) const {
     using One = std::integral_constant<int, 1>;
     using Vec = std::integral_constant<int, kVec>;
     using Two = std::integral_constant<int, kUnroll>;
     using Kept = std::true_type;
     using NotKept = std::false_type;
-    for (int64_t c = lane; c < head; c += kThreads) visit(c, int64_t{0}, One{}, One{}, NotKept{}, int64_t{-1});
+    for (int64_t c = lane; c < head; c += kThreads) call<kKeeps>(visit, c, 0, One{}, One{}, NotKept{}, -1);
     int64_t p = lane;
     if constexpr (kKeeps) {
       const int64_t kept_end = kept < packs ? kept : packs;
       for (; p + (kUnroll - 1) * kThreads < kept_end; p += kUnroll * kThreads)
-        visit(head + p * kVec, int64_t{kThreads} * kVec, Two{}, Vec{}, Kept{}, p);
+        call<kKeeps>(visit, head + p * kVec, int64_t{kThreads} * kVec, Two{}, Vec{}, Kept{}, p);
       for (; p < kept_end && p + (kUnroll - 1) * kThreads >= packs; p += kThreads)  // a last single pack, kept
-        visit(head + p * kVec, int64_t{0}, One{}, Vec{}, Kept{}, p);
+        call<kKeeps>(visit, head + p * kVec, 0, One{}, Vec{}, Kept{}, p);
     }
     for (; p + (kUnroll - 1) * kThreads < packs; p += kUnroll * kThreads)
-      visit(head + p * kVec, int64_t{kThreads} * kVec, Two{}, Vec{}, NotKept{}, p);
-    for (; p < packs; p += kThreads) visit(head + p * kVec, int64_t{0}, One{}, Vec{}, NotKept{}, p);
+      call<kKeeps>(visit, head + p * kVec, int64_t{kThreads} * kVec, Two{}, Vec{}, NotKept{}, p);
+    for (; p < packs; p += kThreads) call<kKeeps>(visit, head + p * kVec, 0, One{}, Vec{}, NotKept{}, p);
     for (int64_t c = tail_begin + lane; c < cols; c += kThreads)
-      visit(c, int64_t{0}, One{}, One{}, NotKept{}, int64_t{-1});
+      call<kKeeps>(visit, c, 0, One{}, One{}, NotKept{}, -1);
   }
 };
 
@@ -662,7 +670,7 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
     merge_row_statistics<kLanes, kWarps, kTarget, kTeacher, kRef>(st, mask, Math::k1, math.kT, warp_maxima,
                                                                   warp_sums);
     // Orders every lane's reads of s before any lane's writes of grad (several warps: the merge's barriers).
-    if (kWarps == 1) __syncwarp(mask);
+    if (kWarps <= 1) __syncwarp(mask);
 
     // Every thread of the row computes the results; lane 0 stores them.
     const RowResult res = math.finish(st, s_y, t_y, prm);

@@ -171,12 +171,13 @@ int run_grid(bool quick) {
       run_case({d, rows, cols, true, true, true, SMSKD_WEIGHT_TCP, 0, 0, false, 0, 1.0f / 3.0f}, rng);
       run_case({d, rows, cols, true, true, false, SMSKD_WEIGHT_INVERSE_TCP, 1, 8, true, 0, 0.25f}, rng);
       run_case({d, rows, cols, false, true, true, SMSKD_WEIGHT_CONSTANT, 0, 1, false, 0, -3.5f}, rng);
-      // The row cache of the block-per-row layouts: as much as the device allows, and 20000 bytes (part
-      // of the longer rows), packed and in place; on the scalar path (offset 1, padding 3) it is ignored.
+      // The row cache of the block-per-row layouts: as much as the device allows, and 40000 bytes (1250
+      // packs of 2 streams: one unrolled pair per thread, i.e. part of the rows over 1024 packs), packed
+      // and in place; on the scalar path (offset 1, padding 3) it is ignored.
       for (int threads : {256, 512}) {
         run_case({d, rows, cols, true, true, true, SMSKD_WEIGHT_INVERSE_TCP, 0, 0, false, threads, 0.25f, -1}, rng);
-        run_case({d, rows, cols, true, false, true, SMSKD_WEIGHT_CONSTANT, 0, 8, true, threads, std::nullopt, 20000}, rng);
-        run_case({d, rows, cols, false, true, false, SMSKD_WEIGHT_CONSTANT, 1, 3, false, threads, std::nullopt, -1}, rng);
+        run_case({d, rows, cols, true, false, true, SMSKD_WEIGHT_CONSTANT, 0, 8, true, threads, {}, 40000}, rng);
+        run_case({d, rows, cols, false, true, false, SMSKD_WEIGHT_CONSTANT, 1, 3, false, threads, {}, -1}, rng);
       }
     }
   }

@@ -176,8 +176,8 @@ struct RowStats {
 // The row's statistics from its threads' in two steps, so that merging costs no exponential per
 // step: the streams' maxima first (max-reduced over the row's threads), then each thread's sums
 // rescaled once to them (at most 5 exp2 per thread and row) and added. Merging (max, sums) pairs
-// instead took 10 exp2 per butterfly step and per warp merged: ~255 per thread and row with 512
-// threads per row, as many as the sweeps' own at C = 32000 (docs/perf_notes.md).
+// instead took 10 exp2 per butterfly step and per warp merged: ~210 per thread and row with 512
+// threads per row, ~3.3 per element at C = 32000 on top of the sweeps' 9.3 (docs/perf_notes.md).
 
 // a's maxima become the maxima of a's and b's.
 template <bool kTeacher, bool kRef>
@@ -423,8 +423,9 @@ SMSKD_HD void load_chunk_kept(const T* row, int64_t column, int64_t stride, floa
   if constexpr (kKept) {
 #pragma unroll
     for (int p = 0; p < P; ++p) {
+      const Pack<T, N> kept = *cache.slot(stream, pack + p * stride / N);  // one 16-byte load of the slot
       float part[N];
-      unpack<N>(*cache.slot(stream, pack + p * stride / N), part);
+      unpack<N>(kept, part);
 #pragma unroll
       for (int k = 0; k < N; ++k) out[p * N + k] = part[k];
     }

@@ -4,11 +4,13 @@ memory between the kernel's sweeps changes where sweep 2 reads them, never a val
 Oracle: the same call without the cache, bit for bit (every per-row output, the reduced outputs and
 the gradient), over the block-per-row layouts (256 threads: C <= 16384, 512 beyond), rows kept
 whole and in part (a byte cap, or a row longer than shared memory holds), every input combination,
-the in-place gradient, and rows the packed path cannot take (the cache is then ignored). Its values
+the in-place gradient, and rows the packed path cannot take (the cache is then ignored); and that the
+launch does keep the packs (its shared memory in the profiler's trace). Its values
 against the float64 reference are those of the uncached kernel (tests/test_backend_conformance.py).
 The per-thread arithmetic of the cache runs without a GPU in kernels/tests/test_row_math_host.cu.
 Skipped without a CUDA device or without a CUDA build of smskd_fast._C.
 """
+import json
 import re
 
 import pytest
@@ -35,7 +37,7 @@ CASES = [
     (2, 262144, torch.bfloat16, "max"),
 ]
 INPUTS = {"all": (True, True, True), "teacher": (True, True, False), "reference": (True, False, True),
-          "kd only": (False, True, False)}
+          "ce only": (True, False, False), "kd only": (False, True, False)}
 
 
 def run(student, target, teacher, reference, reduction, *, overwrite=False):
@@ -87,8 +89,43 @@ def test_row_cache_with_the_gradient_written_over_the_student(monkeypatch, n, c,
     got, want = with_and_without(monkeypatch, request_bytes,
                                  lambda: run(student, target, teacher, reference, "mean", overwrite=True))
     assert_all_bitwise_equal(got, want)
-    plain = run(student, target, teacher, reference, "mean")
+    monkeypatch.delenv(VARIABLE)
+    plain = run(student, target, teacher, reference, "mean")  # no cache, a new gradient buffer
     assert_all_bitwise_equal(got, plain)
+
+
+def row_kernel_shared_memory(call, path):
+    """Bytes of shared memory (static + dynamic) the dense row kernel launched by call() had, from the
+    profiler's trace of the launch."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        call()
+        torch.cuda.synchronize()
+    profile.export_chrome_trace(str(path))
+    launches = [event for event in json.loads(path.read_text())["traceEvents"]
+                if event.get("cat") == "kernel" and "smskd_rows_kernel" in event.get("name", "")]
+    assert len(launches) == 1, [event.get("name") for event in launches]
+    return launches[0]["args"]["shared memory"]
+
+
+@pytest.mark.parametrize("n, c, dtype, request_bytes, kept_packs", [
+    (4, 20000, torch.bfloat16, "max", 20000 // 8),  # the whole row: 2500 packs of 8 columns
+    (6, 20000, torch.float32, "50000", 1024),  # 50000 // 48 = 1041 packs, whole pairs of 512 threads
+    (6, 20000, torch.float32, "0", 0),
+])
+def test_the_row_cache_takes_the_shared_memory_it_keeps(monkeypatch, tmp_path, n, c, dtype, request_bytes,
+                                                        kept_packs):
+    """Not only the same bits: the launch really keeps the packs (3 streams x 16 bytes each)."""
+    student, target, teacher, reference = make_inputs(n, c, dtype, True, True, True)
+
+    def call():
+        return run(student, target, teacher, reference, "mean")
+
+    call()  # warm-up outside the trace
+    monkeypatch.delenv(VARIABLE, raising=False)
+    without = row_kernel_shared_memory(call, tmp_path / "without.json")
+    monkeypatch.setenv(VARIABLE, request_bytes)
+    with_cache = row_kernel_shared_memory(call, tmp_path / "with.json")
+    assert with_cache - without == kept_packs * 3 * 16
 
 
 @pytest.mark.parametrize("offset", [1, 3], ids=lambda o: f"offset{o}")

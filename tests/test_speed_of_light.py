@@ -67,8 +67,12 @@ def test_the_row_cache_candidate_is_shown_and_not_held_to_the_targets():
     assert "| 1.000 (52%, 1.00x compile, 4.00x Liger) |" in speed_of_light.table(measured, COPY_GBPS)
 
 
-def test_the_row_cache_is_asked_for_during_each_call_only(monkeypatch):
-    monkeypatch.delenv(speed_of_light.ROW_CACHE_VARIABLE, raising=False)
+@pytest.mark.parametrize("before", [None, "4096"])
+def test_the_row_cache_is_asked_for_during_each_call_only(monkeypatch, before):
+    if before is None:
+        monkeypatch.delenv(speed_of_light.ROW_CACHE_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(speed_of_light.ROW_CACHE_VARIABLE, before)
     seen = []
 
     def loss(*args):
@@ -81,4 +85,4 @@ def test_the_row_cache_is_asked_for_during_each_call_only(monkeypatch):
     assert cached() == 1.0
     with pytest.raises(RuntimeError):
         cached("fails")
-    assert seen == ["max", "max"] and speed_of_light.ROW_CACHE_VARIABLE not in os.environ
+    assert seen == ["max", "max"] and os.environ.get(speed_of_light.ROW_CACHE_VARIABLE) == before

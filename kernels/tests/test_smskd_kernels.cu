@@ -173,7 +173,7 @@ int run_grid(bool quick) {
       run_case({d, rows, cols, false, true, true, SMSKD_WEIGHT_CONSTANT, 0, 1, false, 0, -3.5f}, rng);
       // The row cache of the block-per-row layouts: as much as the device allows, and 40000 bytes (1250
       // packs of 2 streams: one unrolled pair per thread, i.e. part of the rows over 1024 packs), packed
-      // and in place; on the scalar path (offset 1, padding 3) it is ignored.
+      // and in place, and with rows whose scalar head differs from row to row (offset 1, padding 3).
       for (int threads : {256, 512}) {
         run_case({d, rows, cols, true, true, true, SMSKD_WEIGHT_INVERSE_TCP, 0, 0, false, threads, 0.25f, -1}, rng);
         run_case({d, rows, cols, true, false, true, SMSKD_WEIGHT_CONSTANT, 0, 8, true, threads, {}, 40000}, rng);

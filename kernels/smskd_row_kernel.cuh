@@ -118,35 +118,6 @@ SMSKD_HD void add_values(StreamStats& st, const float (&x)[N], const float (&d)[
   }
 }
 
-template <bool kSum1, bool kSumT, bool kDot>
-SMSKD_HD void merge_stats(StreamStats& a, const StreamStats& b, float k1, float kT) {
-  const float m = fmaxf(a.max, b.max);
-  const float shift_a = a.max == m ? 0.0f : a.max - m;  // equal maxima (even both -inf) scale by 1
-  const float shift_b = b.max == m ? 0.0f : b.max - m;
-  if (kSum1) a.sum1 = a.sum1 * exp2f(shift_a * k1) + b.sum1 * exp2f(shift_b * k1);
-  if (kSumT || kDot) {
-    const float sa = exp2f(shift_a * kT), sb = exp2f(shift_b * kT);
-    if (kSumT) a.sumT = a.sumT * sa + b.sumT * sb;
-    if (kDot) a.dot = a.dot * sa + b.dot * sb;
-  }
-  a.max = m;
-}
-
-// Butterfly merge over the kLanes (<= 32) lanes of a row that share a warp;
-// mask names exactly those lanes, so rows sharing a warp may diverge.
-template <int kLanes, bool kSum1, bool kSumT, bool kDot>
-__device__ __forceinline__ void warp_merge(StreamStats& st, unsigned mask, float k1, float kT) {
-#pragma unroll
-  for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
-    StreamStats other;
-    other.max = __shfl_xor_sync(mask, st.max, offset);
-    if (kSum1) other.sum1 = __shfl_xor_sync(mask, st.sum1, offset);
-    if (kSumT) other.sumT = __shfl_xor_sync(mask, st.sumT, offset);
-    if (kDot) other.dot = __shfl_xor_sync(mask, st.dot, offset);
-    merge_stats<kSum1, kSumT, kDot>(st, other, k1, kT);
-  }
-}
-
 // The lanes of the calling thread's warp that work on its row.
 template <int kLanes>
 __device__ __forceinline__ unsigned row_lane_mask() {
@@ -178,13 +149,34 @@ struct RowStats {
 // rescaled once to them (at most 5 exp2 per thread and row) and added. Merging (max, sums) pairs
 // instead took 10 exp2 per butterfly step and per warp merged: ~210 per thread and row with 512
 // threads per row, ~3.3 per element at C = 32000 on top of the sweeps' 9.3 (docs/perf_notes.md).
+// Written once for every statistics type (RowStats here, the top-k form's two): a type's Streams
+// lists its StreamStats with the sums each keeps, and its plain sums (added as they are).
+
+// Which sums of a StreamStats a merge carries.
+template <bool Sum1, bool SumT, bool Dot>
+struct Sums {
+  static constexpr bool kSum1 = Sum1, kSumT = SumT, kDot = Dot;
+};
+
+// RowStats' streams given which inputs exist: f(a.x, b.x, Sums) per present stream.
+template <bool kTarget, bool kTeacher, bool kRef>
+struct RowStreams {
+  using N = Needs<kTarget, kTeacher, kRef>;
+#pragma nv_exec_check_disable
+  template <typename A, typename B, typename F>
+  SMSKD_HD static void each(A& a, B& b, F&& f) {
+    f(a.s, b.s, Sums<N::kStudent1, N::kStudentT, false>{});
+    if constexpr (kTeacher) f(a.t, b.t, Sums<N::kTeacher1, true, true>{});
+    if constexpr (kRef) f(a.r, b.r, Sums<false, true, true>{});
+  }
+  template <typename A, typename B, typename F>
+  SMSKD_HD static void each_plain(A&, B&, F&&) {}
+};
 
 // a's maxima become the maxima of a's and b's.
-template <bool kTeacher, bool kRef>
-SMSKD_HD void max_of_maxima(RowStats& a, const RowStats& b) {
-  a.s.max = fmaxf(a.s.max, b.s.max);
-  if (kTeacher) a.t.max = fmaxf(a.t.max, b.t.max);
-  if (kRef) a.r.max = fmaxf(a.r.max, b.r.max);
+template <typename Streams, typename Stats>
+SMSKD_HD void max_of_maxima(Stats& a, const Stats& b) {
+  Streams::each(a, b, [](StreamStats& x, const StreamStats& y, auto) { x.max = fmaxf(x.max, y.max); });
 }
 
 // One stream's sums rescaled from its own maximum to m >= it (equal maxima, even both -inf,
@@ -202,47 +194,38 @@ SMSKD_HD void rescale_stream(StreamStats& x, float m, float k1, float kT) {
 }
 
 // A thread's sums rescaled to the row's maxima (the maxima of row_max).
-template <bool kTarget, bool kTeacher, bool kRef>
-SMSKD_HD void rescale_to_maxima(RowStats& st, const RowStats& row_max, float k1, float kT) {
-  using N = Needs<kTarget, kTeacher, kRef>;
-  rescale_stream<N::kStudent1, N::kStudentT, false>(st.s, row_max.s.max, k1, kT);
-  if (kTeacher) rescale_stream<N::kTeacher1, true, true>(st.t, row_max.t.max, k1, kT);
-  if (kRef) rescale_stream<false, true, true>(st.r, row_max.r.max, k1, kT);
+template <typename Streams, typename Stats>
+SMSKD_HD void rescale_to_maxima(Stats& st, const Stats& row_max, float k1, float kT) {
+  Streams::each(st, row_max, [&](StreamStats& x, const StreamStats& m, auto sums) {
+    using S = decltype(sums);
+    rescale_stream<S::kSum1, S::kSumT, S::kDot>(x, m.max, k1, kT);
+  });
 }
 
 // a's sums plus b's, both at the same maxima.
-template <bool kTarget, bool kTeacher, bool kRef>
-SMSKD_HD void add_sums(RowStats& a, const RowStats& b) {
-  using N = Needs<kTarget, kTeacher, kRef>;
-  if (N::kStudent1) a.s.sum1 += b.s.sum1;
-  if (N::kStudentT) a.s.sumT += b.s.sumT;
-  if (N::kTeacher1) a.t.sum1 += b.t.sum1;
-  if (kTeacher) {
-    a.t.sumT += b.t.sumT;
-    a.t.dot += b.t.dot;
-  }
-  if (kRef) {
-    a.r.sumT += b.r.sumT;
-    a.r.dot += b.r.dot;
-  }
+template <typename Streams, typename Stats>
+SMSKD_HD void add_sums(Stats& a, const Stats& b) {
+  Streams::each(a, b, [](StreamStats& x, const StreamStats& y, auto sums) {
+    using S = decltype(sums);
+    if (S::kSum1) x.sum1 += y.sum1;
+    if (S::kSumT) x.sumT += y.sumT;
+    if (S::kDot) x.dot += y.dot;
+  });
+  Streams::each_plain(a, b, [](float& x, const float& y) { x += y; });
 }
 
-// Every field that add_sums adds, exchanged with the lane at xor offset.
-template <bool kTarget, bool kTeacher, bool kRef>
-__device__ __forceinline__ RowStats shuffle_sums(const RowStats& st, unsigned mask, int offset) {
-  using N = Needs<kTarget, kTeacher, kRef>;
-  RowStats other;
-  if (N::kStudent1) other.s.sum1 = __shfl_xor_sync(mask, st.s.sum1, offset);
-  if (N::kStudentT) other.s.sumT = __shfl_xor_sync(mask, st.s.sumT, offset);
-  if (N::kTeacher1) other.t.sum1 = __shfl_xor_sync(mask, st.t.sum1, offset);
-  if (kTeacher) {
-    other.t.sumT = __shfl_xor_sync(mask, st.t.sumT, offset);
-    other.t.dot = __shfl_xor_sync(mask, st.t.dot, offset);
-  }
-  if (kRef) {
-    other.r.sumT = __shfl_xor_sync(mask, st.r.sumT, offset);
-    other.r.dot = __shfl_xor_sync(mask, st.r.dot, offset);
-  }
+// st's maxima (kMaxima) or the sums that add_sums adds, from the lane at xor offset.
+template <typename Streams, bool kMaxima, typename Stats>
+__device__ __forceinline__ Stats shuffled(const Stats& st, unsigned mask, int offset) {
+  Stats other;
+  Streams::each(other, st, [&](StreamStats& x, const StreamStats& y, auto sums) {
+    using S = decltype(sums);
+    if (kMaxima) x.max = __shfl_xor_sync(mask, y.max, offset);
+    if (!kMaxima && S::kSum1) x.sum1 = __shfl_xor_sync(mask, y.sum1, offset);
+    if (!kMaxima && S::kSumT) x.sumT = __shfl_xor_sync(mask, y.sumT, offset);
+    if (!kMaxima && S::kDot) x.dot = __shfl_xor_sync(mask, y.dot, offset);
+  });
+  if (!kMaxima) Streams::each_plain(other, st, [&](float& x, const float& y) { x = __shfl_xor_sync(mask, y, offset); });
   return other;
 }
 
@@ -252,36 +235,31 @@ __device__ __forceinline__ RowStats shuffle_sums(const RowStats& st, unsigned ma
 // block's shared memory; its two barriers keep rows apart (a thread writes the next row's maxima
 // only after every thread has passed this row's second barrier, i.e. read this row's maxima, and
 // the next row's sums only after every thread has read this row's).
-template <int kLanes, int kWarps, bool kTarget, bool kTeacher, bool kRef>
-__device__ __forceinline__ void merge_row_statistics(RowStats& st, unsigned mask, float k1, float kT,
-                                                     RowStats* shared_maxima, RowStats* shared_sums) {
+template <int kLanes, int kWarps, typename Streams, typename Stats>
+__device__ __forceinline__ void merge_row_statistics(Stats& st, unsigned mask, float k1, float kT,
+                                                     Stats* shared_maxima, Stats* shared_sums) {
   const bool first_lane = threadIdx.x % 32 == 0;  // of its warp (several warps: kRowsPerBlock = 1)
-  RowStats row = st;  // the row's maxima, first of the warp's lanes, then of the block's warps
+  Stats row = st;  // the row's maxima, first of the warp's lanes, then of the block's warps
 #pragma unroll
-  for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
-    RowStats other;
-    other.s.max = __shfl_xor_sync(mask, row.s.max, offset);
-    if (kTeacher) other.t.max = __shfl_xor_sync(mask, row.t.max, offset);
-    if (kRef) other.r.max = __shfl_xor_sync(mask, row.r.max, offset);
-    max_of_maxima<kTeacher, kRef>(row, other);
-  }
+  for (int offset = kLanes / 2; offset > 0; offset >>= 1)
+    max_of_maxima<Streams>(row, shuffled<Streams, true>(row, mask, offset));
   if constexpr (kWarps > 1) {
     if (first_lane) shared_maxima[threadIdx.x / 32] = row;
     __syncthreads();
     row = shared_maxima[0];
 #pragma unroll 4
-    for (int w = 1; w < kWarps; ++w) max_of_maxima<kTeacher, kRef>(row, shared_maxima[w]);
+    for (int w = 1; w < kWarps; ++w) max_of_maxima<Streams>(row, shared_maxima[w]);
   }
-  rescale_to_maxima<kTarget, kTeacher, kRef>(st, row, k1, kT);
+  rescale_to_maxima<Streams>(st, row, k1, kT);
 #pragma unroll
   for (int offset = kLanes / 2; offset > 0; offset >>= 1)
-    add_sums<kTarget, kTeacher, kRef>(st, shuffle_sums<kTarget, kTeacher, kRef>(st, mask, offset));
+    add_sums<Streams>(st, shuffled<Streams, false>(st, mask, offset));
   if constexpr (kWarps > 1) {
     if (first_lane) shared_sums[threadIdx.x / 32] = st;
     __syncthreads();
     st = shared_sums[0];
 #pragma unroll 4
-    for (int w = 1; w < kWarps; ++w) add_sums<kTarget, kTeacher, kRef>(st, shared_sums[w]);
+    for (int w = 1; w < kWarps; ++w) add_sums<Streams>(st, shared_sums[w]);
   }
 }
 
@@ -607,6 +585,7 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
                                              T* grad_base) {
   using Math = RowMath<T, kTarget, kTeacher, kRef>;
   constexpr int kWarps = kThreads / 32;
+  static_assert(kThreads <= 32 || kRowsPerBlock == 1, "rows of several warps own their block (merge_row_statistics)");
   constexpr int kLanes = kThreads < 32 ? kThreads : 32;  // lanes of one row within a warp
   __shared__ RowStats warp_maxima[kWarps > 1 ? kWarps : 1], warp_sums[kWarps > 1 ? kWarps : 1];
   const unsigned mask = row_lane_mask<kLanes>();
@@ -668,8 +647,8 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
                                                                                                  cache, pack);
     });
 
-    merge_row_statistics<kLanes, kWarps, kTarget, kTeacher, kRef>(st, mask, Math::k1, math.kT, warp_maxima,
-                                                                  warp_sums);
+    merge_row_statistics<kLanes, kWarps, RowStreams<kTarget, kTeacher, kRef>>(st, mask, Math::k1, math.kT,
+                                                                             warp_maxima, warp_sums);
     // Orders every lane's reads of s before any lane's writes of grad (several warps: the merge's barriers).
     if (kWarps <= 1) __syncwarp(mask);
 

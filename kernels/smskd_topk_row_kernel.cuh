@@ -95,33 +95,34 @@ SMSKD_HD uint32_t kept_bits(const uint32_t* mask_row, int64_t column) {
   return static_cast<uint32_t>(bits >> shift);
 }
 
+// The two statistics types' streams for the two-step merge (smskd_row_kernel.cuh,
+// merge_row_statistics): the student's (and reference's) sweep statistics, then the kept classes'.
 template <bool kTarget, bool kRef>
-SMSKD_HD void merge_topk_row(TopKRowStats& a, const TopKRowStats& b, float k1, float kT) {
-  merge_stats<kTarget, true, true>(a.s, b.s, k1, kT);
-  if (kRef) merge_stats<false, true, true>(a.r, b.r, k1, kT);
-}
-
-SMSKD_HD void merge_kept(KeptStats& a, const KeptStats& b, float k1, float kT) {
-  merge_stats<true, false, false>(a.lse, b.lse, k1, kT);
-  a.kl += b.kl;
-  a.mass += b.mass;
-}
-
-template <int kLanes, bool kTarget, bool kRef>
-__device__ __forceinline__ void warp_merge_topk_row(TopKRowStats& st, unsigned mask, float k1, float kT) {
-  warp_merge<kLanes, kTarget, true, true>(st.s, mask, k1, kT);
-  if (kRef) warp_merge<kLanes, false, true, true>(st.r, mask, k1, kT);
-}
-
-template <int kLanes>
-__device__ __forceinline__ void warp_merge_kept(KeptStats& st, unsigned mask, float k1, float kT) {
-  warp_merge<kLanes, true, false, false>(st.lse, mask, k1, kT);
-#pragma unroll
-  for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
-    st.kl += __shfl_xor_sync(mask, st.kl, offset);
-    st.mass += __shfl_xor_sync(mask, st.mass, offset);
+struct TopKRowStreams {
+#pragma nv_exec_check_disable
+  template <typename A, typename B, typename F>
+  SMSKD_HD static void each(A& a, B& b, F&& f) {
+    f(a.s, b.s, Sums<kTarget, true, true>{});
+    if constexpr (kRef) f(a.r, b.r, Sums<false, true, true>{});
   }
-}
+  template <typename A, typename B, typename F>
+  SMSKD_HD static void each_plain(A&, B&, F&&) {}
+};
+
+// The log-sum-exp of the kept classes' log p (lse.max, lse.sum1), and kl and mass added as they are.
+struct KeptStreams {
+#pragma nv_exec_check_disable
+  template <typename A, typename B, typename F>
+  SMSKD_HD static void each(A& a, B& b, F&& f) {
+    f(a.lse, b.lse, Sums<true, false, false>{});
+  }
+#pragma nv_exec_check_disable
+  template <typename A, typename B, typename F>
+  SMSKD_HD static void each_plain(A& a, B& b, F&& f) {
+    f(a.kl, b.kl);
+    f(a.mass, b.mass);
+  }
+};
 
 // The arithmetic of one row of the top-k form, independent of how threads share it.
 template <typename T, bool kTarget, bool kRef>
@@ -277,9 +278,11 @@ __device__ __forceinline__ void process_topk_rows(const TopKParams& prm, const T
                                                   const T* __restrict__ reference, T* __restrict__ grad) {
   using Math = TopKRowMath<T, kTarget, kRef>;
   constexpr int kWarps = kThreads / 32;
+  static_assert(kThreads <= 32 || kRowsPerBlock == 1, "rows of several warps own their block (merge_row_statistics)");
   constexpr int kLanes = kThreads < 32 ? kThreads : 32;
-  __shared__ TopKRowStats warp_stats[kWarps > 1 ? kWarps : 1];
-  __shared__ KeptStats warp_kept[kWarps > 1 ? kWarps : 1];
+  constexpr int kShared = kWarps > 1 ? kWarps : 1;
+  __shared__ TopKRowStats row_maxima[kShared], row_sums[kShared];
+  __shared__ KeptStats kept_maxima[kShared], kept_sums[kShared];
   const unsigned mask = row_lane_mask<kLanes>();
   const int lane = threadIdx.x % kThreads;
   const int64_t cols = prm.cols;
@@ -323,26 +326,13 @@ __device__ __forceinline__ void process_topk_rows(const TopKParams& prm, const T
     sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
       math.template accumulate<decltype(packs)::value, decltype(n)::value>(st, c, stride);
     });
-    warp_merge_topk_row<kLanes, kTarget, kRef>(st, mask, Math::k1, math.kT);
-    if (kWarps > 1) {
-      if (lane % 32 == 0) warp_stats[lane / 32] = st;
-      __syncthreads();
-      st = warp_stats[0];
-#pragma unroll 4
-      for (int w = 1; w < kWarps; ++w) merge_topk_row<kTarget, kRef>(st, warp_stats[w], Math::k1, math.kT);
-    }
+    // Each merge's two barriers also keep this row's shared entries apart from the next row's.
+    merge_row_statistics<kLanes, kWarps, TopKRowStreams<kTarget, kRef>>(st, mask, Math::k1, math.kT, row_maxima,
+                                                                        row_sums);
 
     KeptStats ks;
     math.gather(ks, st, lane, kThreads);
-    warp_merge_kept<kLanes>(ks, mask, Math::k1, math.kT);
-    if (kWarps > 1) {
-      if (lane % 32 == 0) warp_kept[lane / 32] = ks;
-      __syncthreads();
-      ks = warp_kept[0];
-#pragma unroll 4
-      for (int w = 1; w < kWarps; ++w) merge_kept(ks, warp_kept[w], Math::k1, math.kT);
-      __syncthreads();  // warp_stats and warp_kept are rewritten for the next row
-    }
+    merge_row_statistics<kLanes, kWarps, KeptStreams>(ks, mask, Math::k1, math.kT, kept_maxima, kept_sums);
 
     const TopKRowResult res =
         math.finish(st, ks, s_y, kTarget ? prm.true_logit[row] : 0.0f, kTarget ? prm.lse[row] : 0.0f, prm);

@@ -78,6 +78,7 @@ __attribute__((noinline)) void sweep_gradient(const Math& math, const RowResult&
 template <typename T, int kThreads, bool kTarget, bool kTeacher, bool kRef>
 void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
   using Math = RowMath<T, kTarget, kTeacher, kRef>;
+  using Streams = smskd::kernels::RowStreams<kTarget, kTeacher, kRef>;
   const size_t elem = sizeof(T);
   std::normal_distribution<float> normal(0.0f, 3.0f);
   std::vector<unsigned char> raw[3];
@@ -146,12 +147,12 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
       math.template accumulate<decltype(packs)::value, decltype(n)::value, decltype(kept)::value>(threads[lane], c,
                                                                                                   stride, cache, pack);
     });
-    smskd::kernels::max_of_maxima<kTeacher, kRef>(maxima, threads[lane]);
+    smskd::kernels::max_of_maxima<Streams>(maxima, threads[lane]);
   }
   RowStats total = maxima;
   for (RowStats& mine : threads) {
-    smskd::kernels::rescale_to_maxima<kTarget, kTeacher, kRef>(mine, maxima, Math::k1, math.kT);
-    smskd::kernels::add_sums<kTarget, kTeacher, kRef>(total, mine);
+    smskd::kernels::rescale_to_maxima<Streams>(mine, maxima, Math::k1, math.kT);
+    smskd::kernels::add_sums<Streams>(total, mine);
   }
   const float s_y = kTarget ? smskd::kernels::to_float(s[y]) : 0.0f;
   const float t_y = kTeacher && kTarget ? smskd::kernels::to_float(t[y]) : 0.0f;

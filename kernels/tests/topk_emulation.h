@@ -1,9 +1,12 @@
 // The top-k row kernel (kernels/smskd_topk_row_kernel.cuh) emulated on the CPU:
-// each thread of a row runs in turn, and the statistics are merged as the warp
-// shuffles and shared memory would (in thread order). Shared by the host drivers
+// each thread of a row runs in turn, and the statistics are merged in the steps the
+// warp shuffles and shared memory take (maxima, rescale, sums; the sums added in
+// thread order, which differs from the device's butterfly order only in rounding). Shared by the host drivers
 // topk_rows_host.cu (inputs from tests/test_cuda_topk_host_math.py) and
 // test_topk_kernels.cu --host (the standalone ctest against topk_oracle.h).
 #pragma once
+
+#include <vector>
 
 #include "smskd_topk_row_kernel.cuh"
 
@@ -11,6 +14,19 @@ namespace smskd {
 namespace emulation {
 
 using namespace smskd::kernels;
+
+// The threads' statistics merged in merge_row_statistics' steps: the maxima, each thread's sums
+// rescaled to them, added (in thread order here).
+template <typename Streams, typename Stats>
+Stats merged(std::vector<Stats>& threads, float k1, float kT) {
+  Stats total;
+  for (const Stats& mine : threads) max_of_maxima<Streams>(total, mine);
+  for (Stats& mine : threads) {
+    rescale_to_maxima<Streams>(mine, total, k1, kT);
+    add_sums<Streams>(total, mine);
+  }
+  return total;
+}
 
 template <typename T, int kThreads, bool kTarget, bool kRef>
 void emulate(const TopKParams& prm, const T* student, const T* reference, T* grad) {
@@ -33,21 +49,17 @@ void emulate(const TopKParams& prm, const T* student, const T* reference, T* gra
     }
     const Math math(prm, student, reference, row);
     const float s_y = kTarget ? to_float(math.s_row[y]) : 0.0f;
-    TopKRowStats st;
+    std::vector<TopKRowStats> threads(kThreads);
     for (int lane = 0; lane < kThreads; ++lane) {
       const RowSweep<T, kThreads> sweep(math.s_row, prm.cols, prm.vectorized, lane);
-      TopKRowStats mine;
       sweep.run(prm.cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
-        math.template accumulate<decltype(packs)::value, decltype(n)::value>(mine, c, stride);
+        math.template accumulate<decltype(packs)::value, decltype(n)::value>(threads[lane], c, stride);
       });
-      merge_topk_row<kTarget, kRef>(st, mine, Math::k1, math.kT);
     }
-    KeptStats ks;
-    for (int lane = 0; lane < kThreads; ++lane) {
-      KeptStats mine;
-      math.gather(mine, st, lane, kThreads);
-      merge_kept(ks, mine, Math::k1, math.kT);
-    }
+    const TopKRowStats st = merged<TopKRowStreams<kTarget, kRef>>(threads, Math::k1, math.kT);
+    std::vector<KeptStats> kept(kThreads);
+    for (int lane = 0; lane < kThreads; ++lane) math.gather(kept[lane], st, lane, kThreads);
+    const KeptStats ks = merged<KeptStreams>(kept, Math::k1, math.kT);
     const TopKRowResult res =
         math.finish(st, ks, s_y, kTarget ? prm.true_logit[row] : 0.0f, kTarget ? prm.lse[row] : 0.0f, prm);
     store_topk_row(prm, row, res);

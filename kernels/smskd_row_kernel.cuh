@@ -229,6 +229,22 @@ __device__ __forceinline__ Stats shuffled(const Stats& st, unsigned mask, int of
   return other;
 }
 
+// Combines a per-thread value v over the row's threads into every one of them: xor shuffles
+// (shuffle(v, offset): the lane's partner's value) within the warp, then, for rows of several warps,
+// the warps' values through shared (kWarps entries) after one barrier, in warp order.
+template <int kLanes, int kWarps, typename Stats, typename Shuffle, typename Combine>
+__device__ __forceinline__ void reduce_over_row(Stats& v, Shuffle&& shuffle, Combine&& combine, Stats* shared) {
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset >>= 1) combine(v, shuffle(v, offset));
+  if constexpr (kWarps > 1) {  // several warps: the row owns its block (kRowsPerBlock = 1)
+    if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
+    __syncthreads();
+    v = shared[0];
+#pragma unroll 4
+    for (int w = 1; w < kWarps; ++w) combine(v, shared[w]);
+  }
+}
+
 // Merges the statistics of the kThreads threads of a row (kLanes of them per warp, kWarps warps)
 // into every one of them, identically (the same additions in the same order in every thread, so
 // that each computes the same row results). shared_maxima, shared_sums: kWarps entries each of the
@@ -238,29 +254,14 @@ __device__ __forceinline__ Stats shuffled(const Stats& st, unsigned mask, int of
 template <int kLanes, int kWarps, typename Streams, typename Stats>
 __device__ __forceinline__ void merge_row_statistics(Stats& st, unsigned mask, float k1, float kT,
                                                      Stats* shared_maxima, Stats* shared_sums) {
-  const bool first_lane = threadIdx.x % 32 == 0;  // of its warp (several warps: kRowsPerBlock = 1)
-  Stats row = st;  // the row's maxima, first of the warp's lanes, then of the block's warps
-#pragma unroll
-  for (int offset = kLanes / 2; offset > 0; offset >>= 1)
-    max_of_maxima<Streams>(row, shuffled<Streams, true>(row, mask, offset));
-  if constexpr (kWarps > 1) {
-    if (first_lane) shared_maxima[threadIdx.x / 32] = row;
-    __syncthreads();
-    row = shared_maxima[0];
-#pragma unroll 4
-    for (int w = 1; w < kWarps; ++w) max_of_maxima<Streams>(row, shared_maxima[w]);
-  }
+  Stats row = st;  // the row's maxima
+  reduce_over_row<kLanes, kWarps>(
+      row, [&](const Stats& v, int offset) { return shuffled<Streams, true>(v, mask, offset); },
+      [](Stats& a, const Stats& b) { max_of_maxima<Streams>(a, b); }, shared_maxima);
   rescale_to_maxima<Streams>(st, row, k1, kT);
-#pragma unroll
-  for (int offset = kLanes / 2; offset > 0; offset >>= 1)
-    add_sums<Streams>(st, shuffled<Streams, false>(st, mask, offset));
-  if constexpr (kWarps > 1) {
-    if (first_lane) shared_sums[threadIdx.x / 32] = st;
-    __syncthreads();
-    st = shared_sums[0];
-#pragma unroll 4
-    for (int w = 1; w < kWarps; ++w) add_sums<Streams>(st, shared_sums[w]);
-  }
+  reduce_over_row<kLanes, kWarps>(
+      st, [&](const Stats& v, int offset) { return shuffled<Streams, false>(v, mask, offset); },
+      [](Stats& a, const Stats& b) { add_sums<Streams>(a, b); }, shared_sums);
 }
 
 // Scalars of one launch, copied from smskd_loss_rows_args into kernel parameters.

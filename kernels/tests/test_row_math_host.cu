@@ -25,6 +25,7 @@
 #include "fast_math_emulation.h"  // the device's ex2/lg2.approx.ftz error, in the kernel code below
 #endif
 #include "smskd_row_kernel.cuh"
+#include "merge_emulation.h"  // after the kernel code (and its fast-math emulation)
 
 namespace {
 
@@ -128,10 +129,8 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
   cache.slots = slots.data();
   cache.packs = k.cache_packs;
 
-  // Sweep 1, thread by thread, then the merge the shuffles and shared memory do
-  // (merge_row_statistics): the row's maxima, each thread's sums rescaled to them, added.
+  // Sweep 1, thread by thread, then the merge the shuffles and shared memory do (merge_emulation.h).
   std::vector<RowStats> threads(kThreads);
-  RowStats maxima;
   std::vector<int64_t> kept_columns;  // the first column of each pack sweep 1 kept
   for (int lane = 0; lane < kThreads; ++lane) {
     const RowSweep<T, kThreads> sweep(s, k.cols, k.vectorized, lane);
@@ -147,13 +146,8 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
       math.template accumulate<decltype(packs)::value, decltype(n)::value, decltype(kept)::value>(threads[lane], c,
                                                                                                   stride, cache, pack);
     });
-    smskd::kernels::max_of_maxima<Streams>(maxima, threads[lane]);
   }
-  RowStats total = maxima;
-  for (RowStats& mine : threads) {
-    smskd::kernels::rescale_to_maxima<Streams>(mine, maxima, Math::k1, math.kT);
-    smskd::kernels::add_sums<Streams>(total, mine);
-  }
+  const RowStats total = smskd::emulation::merged<Streams>(threads, Math::k1, math.kT);
   const float s_y = kTarget ? smskd::kernels::to_float(s[y]) : 0.0f;
   const float t_y = kTeacher && kTarget ? smskd::kernels::to_float(t[y]) : 0.0f;
   const RowResult res = math.finish(total, s_y, t_y, prm);

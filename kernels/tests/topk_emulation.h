@@ -1,7 +1,6 @@
 // The top-k row kernel (kernels/smskd_topk_row_kernel.cuh) emulated on the CPU:
-// each thread of a row runs in turn, and the statistics are merged in the steps the
-// warp shuffles and shared memory take (maxima, rescale, sums; the sums added in
-// thread order, which differs from the device's butterfly order only in rounding). Shared by the host drivers
+// each thread of a row runs in turn, and the statistics are merged as merge_emulation.h
+// says. Shared by the host drivers
 // topk_rows_host.cu (inputs from tests/test_cuda_topk_host_math.py) and
 // test_topk_kernels.cu --host (the standalone ctest against topk_oracle.h).
 #pragma once
@@ -9,24 +8,12 @@
 #include <vector>
 
 #include "smskd_topk_row_kernel.cuh"
+#include "merge_emulation.h"
 
 namespace smskd {
 namespace emulation {
 
 using namespace smskd::kernels;
-
-// The threads' statistics merged in merge_row_statistics' steps: the maxima, each thread's sums
-// rescaled to them, added (in thread order here).
-template <typename Streams, typename Stats>
-Stats merged(std::vector<Stats>& threads, float k1, float kT) {
-  Stats total;
-  for (const Stats& mine : threads) max_of_maxima<Streams>(total, mine);
-  for (Stats& mine : threads) {
-    rescale_to_maxima<Streams>(mine, total, k1, kT);
-    add_sums<Streams>(total, mine);
-  }
-  return total;
-}
 
 template <typename T, int kThreads, bool kTarget, bool kRef>
 void emulate(const TopKParams& prm, const T* student, const T* reference, T* grad) {

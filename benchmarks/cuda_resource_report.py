@@ -36,6 +36,7 @@ NVCC_FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "-lineinfo"]  # as setup.p
 KERNEL_NAME = re.compile(
     r"smskd_(?P<topk>topk_)?rows_kernelI(?P<dtype>6__half|13__nv_bfloat16|f)Li(?P<threads>\d+)ELi(?P<rows>\d+)E"
     r"(?:Lb(?P<teacher>[01])E)?Lb(?P<reference>[01])E"  # the top-k form has no teacher flag
+    r"(?:Li(?P<power>\d)E)?"  # the dense form's temperature power (kPower: 0 any T, else T = kPower)
 )
 DTYPES = {"6__half": "float16", "13__nv_bfloat16": "bfloat16", "f": "float32"}
 
@@ -62,7 +63,8 @@ class KernelUsage:
         teacher = "top-k" if match["topk"] else "teacher" if match["teacher"] == "1" else None
         inputs = "+".join(name for name in (teacher, "reference" if match["reference"] == "1" else None)
                           if name) or "student only"
-        return f"{DTYPES[match['dtype']]:8s} {match['threads']:>3s} thr/row x {match['rows']} rows, {inputs}"
+        at = f" at T={match['power']}" if match["power"] not in (None, "0") else ""
+        return f"{DTYPES[match['dtype']]:8s} {match['threads']:>3s} thr/row x {match['rows']} rows, {inputs}{at}"
 
     @property
     def dtype(self) -> Optional[str]:

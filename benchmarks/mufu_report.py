@@ -9,7 +9,7 @@ Sources of SASS:
   CUDA    kernels/smskd_kernels.cu and smskd_topk_kernels.cu compiled with nvcc to an sm_90
           cubin (--cuda-source, about 2-3 minutes of one core), or a built smskd_fast._C
           (--cuda-binary PATH, seconds); every smskd_rows_kernel / smskd_topk_rows_kernel
-          instantiation (dtype x threads per row x inputs).
+          instantiation (dtype x threads per row x inputs x the temperature power: T = 1, T = 2, any).
   Triton  every kernel/configuration/variant/dtype that benchmarks/triton_aot_report.py compiles,
           by triton.compile with GPUTarget("cuda", 90, 32); cuobjdump from triton's package.
 benchmarks/sass_loops.py finds the loops (backward branches) and counts per loop body.

@@ -67,15 +67,34 @@ cudaError_t launch_kernel(const smskd_loss_rows_args& a, cudaStream_t stream, Ke
   return cudaGetLastError();
 }
 
-template <typename Layout>
-cudaError_t launch_layout(const smskd_loss_rows_args& a, cudaStream_t stream) {
+// The instantiation for the inputs that exist: with a target and a teacher or reference at T = 1 or
+// T = 2, the one that derives the T = 1 exponentials from those at T (temperature_power).
+template <typename Layout, bool kTeacher, bool kRef>
+cudaError_t launch_inputs(const smskd_loss_rows_args& a, cudaStream_t stream) {
   using T = typename Layout::scalar_t;
   constexpr int kThreads = Layout::kThreads, kRows = Layout::kRows;
-  if (a.teacher && a.reference)
-    return launch_kernel<Layout>(a, stream, &smskd_rows_kernel<T, kThreads, kRows, true, true>, 3);
-  if (a.teacher) return launch_kernel<Layout>(a, stream, &smskd_rows_kernel<T, kThreads, kRows, true, false>, 2);
-  if (a.reference) return launch_kernel<Layout>(a, stream, &smskd_rows_kernel<T, kThreads, kRows, false, true>, 2);
-  return launch_kernel<Layout>(a, stream, &smskd_rows_kernel<T, kThreads, kRows, false, false>, 1);
+  constexpr int streams = 1 + int{kTeacher} + int{kRef};
+  if constexpr (kTeacher || kRef) {
+    if (a.target != nullptr) {
+      switch (smskd::kernels::temperature_power(a.temperature)) {
+        case 1:
+          return launch_kernel<Layout>(a, stream, &smskd_rows_kernel<T, kThreads, kRows, kTeacher, kRef, 1>, streams);
+        case 2:
+          return launch_kernel<Layout>(a, stream, &smskd_rows_kernel<T, kThreads, kRows, kTeacher, kRef, 2>, streams);
+        default:
+          break;
+      }
+    }
+  }
+  return launch_kernel<Layout>(a, stream, &smskd_rows_kernel<T, kThreads, kRows, kTeacher, kRef, 0>, streams);
+}
+
+template <typename Layout>
+cudaError_t launch_layout(const smskd_loss_rows_args& a, cudaStream_t stream) {
+  if (a.teacher && a.reference) return launch_inputs<Layout, true, true>(a, stream);
+  if (a.teacher) return launch_inputs<Layout, true, false>(a, stream);
+  if (a.reference) return launch_inputs<Layout, false, true>(a, stream);
+  return launch_inputs<Layout, false, false>(a, stream);
 }
 
 }  // namespace

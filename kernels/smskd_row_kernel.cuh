@@ -89,16 +89,35 @@ struct StreamStats {
   float dot = 0.0f;
 };
 
-template <bool kSum1, bool kSumT, bool kDot, int N>
+// Temperatures at which exp(z) is a small power of exp(z/T), so that the T = 1 exponentials of a
+// stream kept at both temperatures cost a multiply instead of a MUFU op: kPower = T for T = 1
+// and T = 2 (the temperatures LLM distillation uses most), 0 for any other T (each exponential
+// its own). With a target, teacher and reference that takes the statistics sweep from 5 to 3
+// exponentials per element and the gradient sweep from 4 to 3 (docs/perf_notes.md).
+SMSKD_HD int temperature_power(float temperature) {
+  return temperature == 1.0f ? 1 : temperature == 2.0f ? 2 : 0;
+}
+
+// e^kPower for kPower 1 or 2: exp(z) from e = exp(z/T) when T = kPower.
+template <int kPower>
+SMSKD_HD float to_unit_temperature(float e) {
+  static_assert(kPower == 1 || kPower == 2, "only T = 1 and T = 2 share their exponentials");
+  return kPower == 1 ? e : e * e;
+}
+
+// kPower (temperature_power): sum1's exponentials are taken from sumT's when nonzero.
+template <bool kSum1, bool kSumT, bool kDot, int kPower = 0, int N>
 SMSKD_HD void add_values(StreamStats& st, const float (&x)[N], const float (&d)[N], float k1,
                                            float kT) {
+  constexpr bool kSoftened = kSumT || kDot || (kSum1 && kPower != 0);  // exponentials at T taken
   float m = x[0];
 #pragma unroll
   for (int k = 1; k < N; ++k) m = fmaxf(m, x[k]);
   if (m > st.max) {  // rescale once per chunk, only when the maximum grows
     const float shift = st.max - m;  // -inf while empty: the factors are then 0
-    if (kSum1) st.sum1 *= exp2f(shift * k1);
     const float scale = exp2f(shift * kT);
+    if constexpr (kSum1 && kPower != 0) st.sum1 *= to_unit_temperature<kPower>(scale);
+    if constexpr (kSum1 && kPower == 0) st.sum1 *= exp2f(shift * k1);
     if (kSumT) st.sumT *= scale;
     if (kDot) st.dot *= scale;
     st.max = m;
@@ -109,12 +128,11 @@ SMSKD_HD void add_values(StreamStats& st, const float (&x)[N], const float (&d)[
 #pragma unroll
   for (int k = 0; k < N; ++k) {
     const float z = x[k] - base;
-    if (kSum1) st.sum1 += exp2f(z * k1);
-    if (kSumT || kDot) {
-      const float e = exp2f(z * kT);
-      if (kSumT) st.sumT += e;
-      if (kDot) st.dot += e > 0.0f ? e * d[k] : 0.0f;  // p = 0 adds 0 even where d is infinite
-    }
+    const float e = kSoftened ? exp2f(z * kT) : 0.0f;
+    if constexpr (kSum1 && kPower != 0) st.sum1 += to_unit_temperature<kPower>(e);
+    if constexpr (kSum1 && kPower == 0) st.sum1 += exp2f(z * k1);
+    if (kSumT) st.sumT += e;
+    if (kDot) st.dot += e > 0.0f ? e * d[k] : 0.0f;  // p = 0 adds 0 even where d is infinite
   }
 }
 
@@ -446,6 +464,9 @@ struct RowResult {
   float a = 0.0f, b = 0.0f, g = 0.0f;  // CE, KD and reference coefficients of the gradient
   float max_s = 0.0f, max_t = 0.0f, max_r = 0.0f;
   float log2_s = 0.0f, log2_sT = 0.0f, log2_tT = 0.0f, log2_rT = 0.0f;  // log2 of sum1 / sumT
+  // RowMath's kPower != 0: softmax(s)_c = (softmax(s/T)_c * unit_root)^kPower, one multiply or two
+  // instead of an exponential (unit_root = 2^(log2_sT - log2_s / kPower)).
+  float unit_root = 0.0f;
 };
 
 // The gradient's factor (the launch's grad_scale; NULL: 1), read from device memory once per
@@ -470,10 +491,13 @@ SMSKD_HD Result with_gradient_scale(Result res, float scale) {
 // The arithmetic of one row, independent of how threads share it: what a
 // thread adds to the statistics for a chunk of columns, the row's results from
 // the merged statistics, and the gradient of a chunk. Host and device code, so
-// that tests/test_row_math_host.cu checks it on a machine without a GPU.
-template <typename T, bool kTarget, bool kTeacher, bool kRef>
+// that tests/test_row_math_host.cu checks it on a machine without a GPU. kPower: the launch's
+// temperature_power, for rows with a target and a teacher or reference (only they take
+// exponentials at both temperatures); 0 for any temperature.
+template <typename T, bool kTarget, bool kTeacher, bool kRef, int kPower = 0>
 struct RowMath {
   using Need = Needs<kTarget, kTeacher, kRef>;
+  static_assert(kPower == 0 || (kTarget && Need::kSoftened), "kPower needs a target and a teacher or reference");
   const T* s_row;
   const T* t_row;
   const T* r_row;
@@ -496,11 +520,11 @@ struct RowMath {
     load_chunk_keeping<P, N, kKeep>(s_row, c, stride, s, cache, 0, pack);
     if (kTeacher) load_chunk_keeping<P, N, kKeep>(t_row, c, stride, t, cache, kTeacherSlot, pack);
     if (kRef) load_chunk_keeping<P, N, kKeep>(r_row, c, stride, r, cache, kRefSlot, pack);
-    add_values<Need::kStudent1, Need::kStudentT, false>(st.s, s, d, k1, kT);
+    add_values<Need::kStudent1, Need::kStudentT, false, kPower>(st.s, s, d, k1, kT);
     if (kTeacher) {
 #pragma unroll
       for (int k = 0; k < M; ++k) d[k] = t[k] - s[k];  // scaled by 1/T in finish()
-      add_values<Need::kTeacher1, true, true>(st.t, t, d, k1, kT);
+      add_values<Need::kTeacher1, true, true, kPower>(st.t, t, d, k1, kT);
     }
     if (kRef) {
 #pragma unroll
@@ -529,6 +553,7 @@ struct RowMath {
     res.log2_tT = kTeacher ? log2f(st.t.sumT) : 0.0f;
     res.log2_rT = kRef ? log2f(st.r.sumT) : 0.0f;
     res.ce = kTarget ? (res.max_s - s_y) + res.log2_s * kLn2 : 0.0f;
+    if (kPower != 0) res.unit_root = exp2f(res.log2_sT - res.log2_s * (1.0f / kPower));
     res.tcp = Need::kTeacher1 ? exp2f(fmaf(t_y - res.max_t, k1, -log2f(st.t.sum1))) : 0.0f;
     // KL(p||q) = [sum_c p_c (x_c - s_c) + max_s - max_x] / T + log(sumT_s) - log(sumT_x), the sum
     // being dot / sumT
@@ -564,27 +589,31 @@ struct RowMath {
 #pragma unroll
     for (int k = 0; k < M; ++k) {
       const float zs = s[k] - res.max_s;
+      const float q = Need::kSoftened ? exp2f(fmaf(zs, kT, -res.log2_sT)) : 0.0f;  // softmax(s/T)_c
       float v = 0.0f;
       if (kTarget) {
         const int64_t column = c + (k / N) * stride + (k % N);
-        v = res.a * (exp2f(fmaf(zs, k1, -res.log2_s)) - (column == y ? 1.0f : 0.0f));
+        float p;  // softmax(s)_c
+        if constexpr (kPower != 0) {
+          p = to_unit_temperature<kPower>(q * res.unit_root);
+        } else {
+          p = exp2f(fmaf(zs, k1, -res.log2_s));
+        }
+        v = res.a * (p - (column == y ? 1.0f : 0.0f));
       }
-      if (Need::kSoftened) {
-        const float q = exp2f(fmaf(zs, kT, -res.log2_sT));
-        if (kTeacher) v += res.b * (q - exp2f(fmaf(t[k] - res.max_t, kT, -res.log2_tT)));
-        if (kRef) v += res.g * (q - exp2f(fmaf(r[k] - res.max_r, kT, -res.log2_rT)));
-      }
+      if (kTeacher) v += res.b * (q - exp2f(fmaf(t[k] - res.max_t, kT, -res.log2_tT)));
+      if (kRef) v += res.g * (q - exp2f(fmaf(r[k] - res.max_r, kT, -res.log2_rT)));
       out[k] = v;
     }
     store_chunk<P, N>(g_row, c, stride, out);
   }
 };
 
-template <typename T, int kThreads, int kRowsPerBlock, bool kTarget, bool kTeacher, bool kRef>
+template <typename T, int kThreads, int kRowsPerBlock, bool kTarget, bool kTeacher, bool kRef, int kPower>
 __device__ __forceinline__ void process_rows(const Params& prm, const T* student_base,
                                              const T* __restrict__ teacher_base, const T* __restrict__ ref_base,
                                              T* grad_base) {
-  using Math = RowMath<T, kTarget, kTeacher, kRef>;
+  using Math = RowMath<T, kTarget, kTeacher, kRef, kPower>;
   constexpr int kWarps = kThreads / 32;
   static_assert(kThreads <= 32 || kRowsPerBlock == 1, "rows of several warps own their block (merge_row_statistics)");
   constexpr int kLanes = kThreads < 32 ? kThreads : 32;  // lanes of one row within a warp
@@ -673,13 +702,17 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
 // per thread: enough loads in flight for bandwidth without spilling.
 constexpr int min_blocks_per_sm(int block_threads) { return block_threads >= 512 ? 1 : 512 / block_threads; }
 
-template <typename T, int kThreads, int kRowsPerBlock, bool kTeacher, bool kRef>
+// kPower != 0 (temperature_power): launched only with a target and a temperature of kPower, the
+// rows whose T = 1 exponentials it derives from those at T (smskd_kernels.cu chooses).
+template <typename T, int kThreads, int kRowsPerBlock, bool kTeacher, bool kRef, int kPower>
 __global__ void __launch_bounds__(kThreads* kRowsPerBlock, min_blocks_per_sm(kThreads* kRowsPerBlock))
     smskd_rows_kernel(Params prm, const T* student, const T* teacher, const T* reference, T* grad) {
-  if (prm.target != nullptr) {
-    process_rows<T, kThreads, kRowsPerBlock, true, kTeacher, kRef>(prm, student, teacher, reference, grad);
+  if constexpr (kPower != 0) {
+    process_rows<T, kThreads, kRowsPerBlock, true, kTeacher, kRef, kPower>(prm, student, teacher, reference, grad);
+  } else if (prm.target != nullptr) {
+    process_rows<T, kThreads, kRowsPerBlock, true, kTeacher, kRef, 0>(prm, student, teacher, reference, grad);
   } else {
-    process_rows<T, kThreads, kRowsPerBlock, false, kTeacher, kRef>(prm, student, teacher, reference, grad);
+    process_rows<T, kThreads, kRowsPerBlock, false, kTeacher, kRef, 0>(prm, student, teacher, reference, grad);
   }
 }
 

@@ -360,12 +360,22 @@ def dense_cases() -> list:
                   131072, 262144):
             for inputs in ("smskd", "smskd_tcp", "ce_kd", "ce_ref", "ce_only", "kd_only"):
                 cases.append(Case("ladder", row_count(c), c, dtype, inputs, temperature=2.5, row_weights=True))
+    # T = 1 and T = 2 over the same row layouts: the CUDA kernel's instantiations for them take softmax(s) and
+    # the teacher's T = 1 sums from the exponentials at T (kernels/smskd_row_kernel.cuh, temperature_power).
+    for dtype in (F32, BF16, F16):
+        for c in (100, 513, 2049, 16385, 50257):
+            for inputs in ("smskd", "smskd_tcp", "ce_kd", "ce_ref"):
+                for temperature in (1.0, 2.0):
+                    cases.append(Case("temperature_ladder", row_count(c), c, dtype, inputs, temperature=temperature,
+                                      row_weights=True, seed=c + int(temperature)))
     # Temperatures: 1 and 4 take the CPU's integer-power path, the others exp.
     for temperature in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 8.0, 9.0):
         for dtype in (F64, F32, BF16):
             cases.append(Case("temperature", 4, 300, dtype, temperature=temperature))
         if temperature in (0.5, 1.0, 8.0):
             cases.append(Case("temperature", 33, 4096, BF16, temperature=temperature, row_weights=True))
+        if temperature in (1.0, 2.0):  # Triton's column-block kernel (C > 4096), small enough for its interpreter
+            cases.append(Case("temperature", 3, 4100, F32, temperature=temperature, row_weights=True))
     # Triton's shapes: every weighting, subsets of the inputs with unit weights, half precision.
     shapes = ((3, 1), (4, 7), (5, 130), (2, 4100), (64, 1000), (33, 4097), (16, 32000), (8, 128256), (4, 262144))
     for n, c in shapes:

@@ -31,7 +31,7 @@ BACKENDS = ("cpu", "triton", "cuda")
 INTERPRETER_MAX_LOGITS = 25_000  # Triton's interpreter takes about a second per case of this size
 # Groups sized for a GPU: under the interpreter only their float32 cases run (the rows, half and topk_rows,
 # topk_half groups run bfloat16 and float16 there).
-GPU_SCALE_GROUPS = ("ladder", "topk_ladder")
+GPU_SCALE_GROUPS = ("ladder", "temperature_ladder", "topk_ladder")
 # R = 0 with p_rest > 0: KD = +inf, whose gradient is undefined (the reference's autograd gives NaN where
 # the kernels give numbers); test_infinite_rest_term_matches_the_cpu_kernel compares those with the cpu's.
 EDITS_WITH_INFINITE_LOSS = ("student_rest_masked",)

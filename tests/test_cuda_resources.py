@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import cuda_resource_report as report  # noqa: E402
 
-BF16_KERNEL = "_ZN5smskd7kernels17smskd_rows_kernelI13__nv_bfloat16Li512ELi1ELb1ELb1EEEvNS0_6ParamsEPKT_S6_S6_PS4_"
+BF16_KERNEL = "_ZN5smskd7kernels17smskd_rows_kernelI13__nv_bfloat16Li512ELi1ELb1ELb1ELi0EEEvNS0_6ParamsEPKT_S6_S6_PS4_"
 TOPK_KERNEL = "_ZN5smskd7kernels22smskd_topk_rows_kernelI13__nv_bfloat16Li32ELi4ELb1EEEvNS0_10TopKParamsEPKT_S6_PS4_"
 PTXAS_WITH_SPILL = f"""
 ptxas info    : Compiling entry function '{BF16_KERNEL}' for 'sm_90'
@@ -49,6 +49,13 @@ def test_ptxas_spill_is_reported():
         kernel.sass_128bit_loads = 1
     _, problems = report.report(kernels, [])
     assert len(problems) == 1 and "spills" in problems[0] and "bfloat16" in problems[0]
+
+
+def test_labels_name_the_temperature_power_of_dense_kernels():
+    at_two = report.KernelUsage(arch="sm_90", mangled=BF16_KERNEL.replace("Lb1ELi0E", "Lb1ELi2E"))
+    assert report.KernelUsage(arch="sm_90", mangled=BF16_KERNEL).label == "bfloat16 512 thr/row x 1 rows, teacher+reference"
+    assert at_two.label == "bfloat16 512 thr/row x 1 rows, teacher+reference at T=2"
+    assert at_two.dtype == "bfloat16" and not at_two.topk
 
 
 def test_cuobjdump_stack_counts_as_spill():

@@ -35,10 +35,12 @@ def test_every_kernel_configuration_compiles_without_spills(tmp_path):
     from smskd_fast.backends.triton import launch as triton_launch
     from smskd_fast.backends.triton import topk_launch as triton_topk_launch
 
-    configs = (len(triton_launch.all_tile_configs()) + len(triton_launch.ONLINE_CONFIGS)
-               + len(triton_topk_launch.all_topk_configs()))
-    per_arch = 2 + 2 * 2 * configs  # the check kernel twice; 2 variants x 2 dtypes x every configuration
-    assert len(rows) == 2 * per_arch + 2 * configs  # and 2 variants with fp64 scalars on sm_90
+    dense = len(triton_launch.all_tile_configs()) + len(triton_launch.ONLINE_CONFIGS)
+    topk = len(triton_topk_launch.all_topk_configs())
+    # 3 variants of the dense kernels (smskd+grad, at T = 2, kd+grad) and 2 of the top-k one, every configuration
+    configs = 3 * dense + 2 * topk
+    per_arch = 2 + 2 * configs  # the check kernel twice; 2 dtypes
+    assert len(rows) == 2 * per_arch + configs  # and the same with fp64 scalars on sm_90 (fp32 logits)
     inductor = [row for row in rows if row["scalars"] == "fp64"]
     assert {(row["kernel"], row["config"], row["variant"]) for row in inductor} == {
         (row["kernel"], row["config"], row["variant"]) for row in rows

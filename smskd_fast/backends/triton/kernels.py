@@ -26,6 +26,12 @@ Inputs are fp32, bf16 or fp16; accumulation is fp32 (float64 inputs are refused
 by the backend: scalar kernel arguments are fp32, so a float64 result would not
 carry float64 accuracy). Exponentials are exp2 with log2(e) folded into the scale.
 
+T_POWER (temperature_power below: 1 at T = 1, 2 at T = 2, else 0) lets the rows with a target and
+a teacher or reference take their T = 1 exponentials (softmax(s) and the teacher's lse(t) for TCP)
+from those at T by one or two multiplies, exp(z) = exp(z/T)^T, instead of exp2 on the
+special-function unit: 5 -> 3 exponentials per element in the statistics sweep, 4 -> 3 in the
+gradient sweep (the CUDA kernels do the same; docs/perf_notes.md).
+
 Target checks: _check_targets_kernel is compiled with debug=True so its
 tl.device_assert is live; an out-of-range target aborts the CUDA context with
 "device-side assert triggered"; a PTX trap after it covers builds without debug
@@ -94,6 +100,22 @@ def _gradient_weights(grad_scale_ptr, ce_weight, kd_weight, ref_weight, HAS_GRAD
     return ce_weight, kd_weight, ref_weight
 
 
+def temperature_power(temperature: float, has_target: bool, softened: bool) -> int:
+    """The T_POWER constexpr for a launch: T when T is 1 or 2 and the rows take exponentials at both
+    temperatures (a target, and a teacher or reference), else 0 (each exponential its own)."""
+    if not (has_target and softened):
+        return 0
+    return {1.0: 1, 2.0: 2}.get(float(temperature), 0)
+
+
+@triton.jit
+def _to_unit_temperature(e, T_POWER: tl.constexpr):
+    """exp(z) from e = exp(z/T) at T = T_POWER (1 or 2): e ** T_POWER by multiplies."""
+    if T_POWER == 2:
+        e = e * e
+    return e
+
+
 @triton.jit
 def _rescale(m_old, m_new, scale):
     """exp2((m_old - m_new) * scale), 0 when m_old is -inf, with a -inf m_new read as 0."""
@@ -116,14 +138,32 @@ def _online_sum(d, m_old, m_new, x, scale):
 
 
 @triton.jit
+def _block_exponentials(x, m_old, m_new, scale_T):
+    """A block's exp2((x - m) * scale_T) against the row maximum m grown from m_old to m_new, and the
+    factor alpha_T that rescales the sums so far: (alpha_T, e_T)."""
+    alpha_T, m_safe = _rescale(m_old, m_new, scale_T)
+    return alpha_T, tl.exp2((x - m_safe) * scale_T)
+
+
+@triton.jit
+def _online_unit_sum(d, m_old, m_new, x, alpha_T, e_T, T_POWER: tl.constexpr):
+    """_online_sum at temperature 1 (scale log2 e); at T = T_POWER from the same block's alpha_T and
+    e_T (_block_exponentials) by multiplies, else with its own exponentials."""
+    if T_POWER != 0:
+        d = d * _to_unit_temperature(alpha_T, T_POWER) + _to_unit_temperature(e_T, T_POWER)
+    else:
+        d = _online_sum(d, m_old, m_new, x, LOG2E)
+    return d
+
+
+@triton.jit
 def _online_kl_sums(x, s, m_old, m_new, d_T, a, scale_T):
     """A block of x added to its per-lane sums at temperature T, the row maximum grown from m_old to m_new.
 
     d_T sums e = exp2((x - m) * scale_T) and a sums e * (x - s): the parts of
     KL(softmax(x/T) || softmax(s/T)) that _kl_from_sums puts together.
     """
-    alpha_T, m_safe = _rescale(m_old, m_new, scale_T)
-    e_T = tl.exp2((x - m_safe) * scale_T)
+    alpha_T, e_T = _block_exponentials(x, m_old, m_new, scale_T)
     return d_T * alpha_T + e_T, a * alpha_T + _weighted_diff(e_T, x, s)
 
 
@@ -202,20 +242,25 @@ def _row_terms(lse_s, s_y, kl_t, lse_t, t_y, kl_r,
 
 
 @triton.jit
-def _row_gradient(s, t, r, is_target, ms_s, ms_t, ms_r, log2d_s, log2d_sT, log2d_tT, log2d_rT,
+def _row_gradient(s, t, r, is_target, ms_s, ms_t, ms_r, log2d_s, log2d_sT, log2d_tT, log2d_rT, unit_root,
                   w, temperature, ce_weight, kd_weight, ref_weight,
-                  HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_REFERENCE: tl.constexpr):
+                  HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_REFERENCE: tl.constexpr,
+                  T_POWER: tl.constexpr):
     """d loss_i / d s on a block, from the row's final statistics (SPEC.md section 2).
 
     ms_x is the row maximum of x (0 if it was -inf), log2d_x the log2 of its sum of
-    exponentials, so softmax(x/T)_c = exp2((x_c - ms_x) * log2(e)/T - log2d_xT).
+    exponentials, so softmax(x/T)_c = exp2((x_c - ms_x) * log2(e)/T - log2d_xT). With T_POWER,
+    softmax(s)_c = (softmax(s/T)_c * unit_root) ** T_POWER, unit_root = 2^(log2d_sT - log2d_s / T_POWER).
     """
     scale_T = LOG2E / temperature
     q_s = tl.exp2((s - ms_s) * scale_T - log2d_sT)
     coef_q = 0.0
     grad = tl.zeros_like(q_s)
     if HAS_TARGET:
-        p_s = tl.exp2((s - ms_s) * LOG2E - log2d_s)
+        if T_POWER != 0:
+            p_s = _to_unit_temperature(q_s * unit_root, T_POWER)
+        else:
+            p_s = tl.exp2((s - ms_s) * LOG2E - log2d_s)
         grad = ce_weight * (p_s - tl.where(is_target, 1.0, 0.0))
     if HAS_TEACHER:
         p_t = tl.exp2((t - ms_t) * scale_T - log2d_tT)
@@ -236,7 +281,7 @@ def _smskd_rows_online_kernel(
     temperature, ce_weight, kd_weight, ref_weight, ignore_index,
     HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_REFERENCE: tl.constexpr,
     WEIGHTING: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, BLOCK_C: tl.constexpr,
-    ROW_ALIGN: tl.constexpr,
+    ROW_ALIGN: tl.constexpr, T_POWER: tl.constexpr,
 ):
     """One program per row; column blocks with online statistics; optional gradient sweep."""
     temperature, ce_weight, kd_weight, ref_weight = _fp32_scalars(temperature, ce_weight, kd_weight, ref_weight)
@@ -273,16 +318,19 @@ def _smskd_rows_online_kernel(
             mask = cols < num_classes
             s = tl.load(s_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
             m_new = tl.maximum(m_s, tl.max(s, 0))
-            d_sT = _online_sum(d_sT, m_s, m_new, s, scale_T)
+            alpha_T, e_T = _block_exponentials(s, m_s, m_new, scale_T)
+            d_sT = d_sT * alpha_T + e_T
             if HAS_TARGET:
-                d_s = _online_sum(d_s, m_s, m_new, s, LOG2E)
+                d_s = _online_unit_sum(d_s, m_s, m_new, s, alpha_T, e_T, T_POWER)
             m_s = m_new
             if HAS_TEACHER:
                 t = tl.load(t_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
                 m_new = tl.maximum(m_t, tl.max(t, 0))
-                d_tT, a_t = _online_kl_sums(t, s, m_t, m_new, d_tT, a_t, scale_T)
+                alpha_T, e_T = _block_exponentials(t, m_t, m_new, scale_T)
+                d_tT = d_tT * alpha_T + e_T
+                a_t = a_t * alpha_T + _weighted_diff(e_T, t, s)
                 if NEED_TCP:
-                    d_t = _online_sum(d_t, m_t, m_new, t, LOG2E)
+                    d_t = _online_unit_sum(d_t, m_t, m_new, t, alpha_T, e_T, T_POWER)
                 m_t = m_new
             if HAS_REFERENCE:
                 r = tl.load(r_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
@@ -321,6 +369,9 @@ def _smskd_rows_online_kernel(
             log2d_sT = tl.log2(D_sT)
             log2d_tT = tl.log2(D_tT)
             log2d_rT = tl.log2(D_rT)
+            unit_root = 0.0
+            if T_POWER != 0:
+                unit_root = tl.exp2(log2d_sT - log2d_s / T_POWER)
             num_blocks = tl.cdiv(num_classes, BLOCK_C)
             for back in range(0, num_blocks):
                 cols = (num_blocks - 1 - back) * BLOCK_C + cols0
@@ -333,8 +384,8 @@ def _smskd_rows_online_kernel(
                 if HAS_REFERENCE:
                     r = tl.load(r_row + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
                 grad = _row_gradient(s, t, r, cols == y, ms_s, ms_t, ms_r, log2d_s, log2d_sT, log2d_tT,
-                                     log2d_rT, w, temperature, g_ce_weight, g_kd_weight, g_ref_weight,
-                                     HAS_TARGET, HAS_TEACHER, HAS_REFERENCE)
+                                     log2d_rT, unit_root, w, temperature, g_ce_weight, g_kd_weight, g_ref_weight,
+                                     HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, T_POWER)
                 tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
         _store_ignored_row(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, grad_ptr, grad_stride,
@@ -365,7 +416,7 @@ def _smskd_rows_tile_kernel(
     temperature, ce_weight, kd_weight, ref_weight, ignore_index,
     HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_REFERENCE: tl.constexpr,
     WEIGHTING: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr, T_POWER: tl.constexpr,
 ):
     """ROWS rows per program, each row whole in one [ROWS, BLOCK_C] tile (BLOCK_C >= C)."""
     temperature, ce_weight, kd_weight, ref_weight = _fp32_scalars(temperature, ce_weight, kd_weight, ref_weight)
@@ -400,7 +451,10 @@ def _smskd_rows_tile_kernel(
     s_y = zero_rows
     e_s = e_sT
     if HAS_TARGET:
-        e_s = tl.exp2(s_shifted * LOG2E)
+        if T_POWER != 0:
+            e_s = _to_unit_temperature(e_sT, T_POWER)
+        else:
+            e_s = tl.exp2(s_shifted * LOG2E)
         D_s = tl.sum(e_s, 1)
         lse_s = ms_s + tl.log(D_s)
         s_y = tl.sum(tl.where(is_target, s, 0.0), 1)
@@ -416,7 +470,11 @@ def _smskd_rows_tile_kernel(
                     other=float("-inf")).to(tl.float32)
         ms_t, e_tT, D_tT, kl_t = _tile_softened_kl(t, s_shifted, log_D_sT, scale_T, temperature)
         if NEED_TCP:
-            lse_t = ms_t + tl.log(tl.sum(tl.exp2((t - ms_t[:, None]) * LOG2E), 1))
+            if T_POWER != 0:
+                e_t = _to_unit_temperature(e_tT, T_POWER)
+            else:
+                e_t = tl.exp2((t - ms_t[:, None]) * LOG2E)
+            lse_t = ms_t + tl.log(tl.sum(e_t, 1))
             t_y = tl.sum(tl.where(is_target, t, 0.0), 1)
 
     e_rT = e_sT

@@ -201,6 +201,7 @@ def launch_rows(
         WEIGHTING=schema.WEIGHTING_CODES[weighting],
         COMPUTE_GRAD=bool(compute_grad),
         HAS_GRAD_SCALE=grad_scale is not None,
+        T_POWER=kernels.temperature_power(temperature, target is not None, teacher is not None or reference is not None),
     )
     if config is None and num_classes <= TILE_MAX_C:
         tile = tile_config(num_classes)

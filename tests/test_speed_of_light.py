@@ -56,7 +56,7 @@ def test_table_shows_share_and_ratios():
     line = text.splitlines()[2]
     # triton 0.5 ms: 4194 GB/s = 105% of copy (impossible on a GPU, fine for the arithmetic), 2.00x, 6.00x.
     assert line == ("| 8192x32000 bfloat16 | 4.000 | 1.000 | 3.000 | 1.000 (52%, 1.00x compile, 3.00x Liger) | "
-                    "0.500 (105%, 2.00x compile, 6.00x Liger) | - | - | - |")
+                    "0.500 (105%, 2.00x compile, 6.00x Liger) | - | - | - | - | - |")
 
 
 def test_the_row_cache_candidate_is_shown_and_not_held_to_the_targets():
@@ -65,6 +65,19 @@ def test_the_row_cache_candidate_is_shown_and_not_held_to_the_targets():
     measured = rows(compiled=1.0, liger=4.0, cuda=0.65, triton=0.80, cuda_rowcache=1.0)
     assert speed_of_light.missed_targets(measured, COPY_GBPS) == []
     assert "| 1.000 (52%, 1.00x compile, 4.00x Liger) |" in speed_of_light.table(measured, COPY_GBPS)
+
+
+def test_the_any_temperature_candidates_run_the_generic_kernels_beside_the_t2_ones():
+    temperature_power = pytest.importorskip("smskd_fast.backends.triton.kernels").temperature_power
+    assert speed_of_light.bench_grid.TEMPERATURE == 2.0
+    assert temperature_power(speed_of_light.bench_grid.TEMPERATURE, True, True) == 2
+    assert temperature_power(speed_of_light.ANY_TEMPERATURE, True, True) == 0
+    assert 0 < speed_of_light.ANY_TEMPERATURE - 2.0 < 1e-6
+    assert set(speed_of_light.candidates()) == set(speed_of_light.CANDIDATES)
+    measured = rows(compiled=1.0, liger=4.0, cuda=0.65, triton=0.80, cuda_anyT=0.9, triton_anyT=1.1)
+    assert speed_of_light.missed_targets(measured, COPY_GBPS) == []  # candidates are not held to the targets
+    assert "| 0.900 (58%, 1.11x compile, 4.44x Liger) | 1.100 (48%, 0.91x compile, 3.64x Liger) |" in (
+        speed_of_light.table(measured, COPY_GBPS))
 
 
 @pytest.mark.parametrize("before", [None, "4096"])

@@ -96,9 +96,9 @@ def liger_loss_factory() -> Callable:
     return loss
 
 
-def smskd_fast_loss(backend: str, overwrite: bool = False) -> Callable:
+def smskd_fast_loss(backend: str, overwrite: bool = False, temperature: float = TEMPERATURE) -> Callable:
     def loss(student, target, teacher, reference):
-        return smskd_fast.smskd_loss(student, target, teacher, reference, temperature=TEMPERATURE,
+        return smskd_fast.smskd_loss(student, target, teacher, reference, temperature=temperature,
                                      backend=backend, overwrite_student_logits=overwrite).loss
     return loss
 

@@ -3,7 +3,8 @@
 For each shape and dtype, forward+backward of the mean SMSKD loss (target, teacher, reference,
 T = 2; bench_grid's implementations): eager, torch.compile of the eager composition, the Liger
 composition (CE + 2 KL), cuda and triton with the dense teacher, cuda keeping each row on chip
-between its sweeps (cuda_rowcache, C > 2048: a candidate, not held to the targets), and cuda/triton with the teacher
+between its sweeps (cuda_rowcache, C > 2048: a candidate, not held to the targets), cuda/triton at T = 2 + 1 ulp
+(cuda_anyT, triton_anyT, C >= 32000: the kernels for any T, beside the T = 2 ones; candidates), and cuda/triton with the teacher
 in top-k form (k = 64; no compiled or Liger top-k exists, so those columns compare with the dense
 baselines a user would otherwise run). Per fused backend: ms, % of the measured copy bandwidth on
 floor bytes (N*C*(3 reads + 1 write)*element size dense; N*C*(2 reads + 1 write) top-k), and the
@@ -20,6 +21,7 @@ speed_of_light.md (the table, device, date, commit, command).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -38,12 +40,15 @@ BASELINES = ("eager", "compiled", "liger")
 FUSED = ("cuda", "triton")
 TOPK = ("cuda_topk", "triton_topk")
 # Candidates measured in the same run as the defaults, last, so that one run can choose
-# (docs/perf_notes.md): the cuda backend keeping the first packs of each row on chip between its
-# sweeps (SMSKD_FAST_CUDA_ROW_CACHE_BYTES=max), at the shapes whose block-per-row layouts can keep
-# them (C > 2048; the table's are 32000 and up). Not held to the targets.
-CANDIDATES = ("cuda_rowcache",)
-CANDIDATE_MIN_CLASSES = 2049
+# (docs/perf_notes.md), not held to the targets: the cuda backend keeping the first packs of each row on
+# chip between its sweeps (SMSKD_FAST_CUDA_ROW_CACHE_BYTES=max), at the shapes whose block-per-row
+# layouts can keep them (C > 2048; the table's are 32000 and up); and both fused backends at the next
+# float above T = 2, which runs their kernels for any temperature instead of those that take the T = 1
+# exponentials from the ones at T (temperature_power): the ratio to the cuda / triton columns is that
+# change's gain, at the shapes where the exponentials may bind (C >= 32000).
+CANDIDATES = ("cuda_rowcache", "cuda_anyT", "triton_anyT")
 ROW_CACHE_VARIABLE = "SMSKD_FAST_CUDA_ROW_CACHE_BYTES"
+ANY_TEMPERATURE = math.nextafter(bench_grid.TEMPERATURE, math.inf)
 # The issue's targets.
 COPY_SHARE_TARGET = {"cuda": 0.80, "triton": 0.65}
 COPY_TARGET_MIN_CLASSES = 32000
@@ -167,9 +172,14 @@ def implementations(dry_run: bool) -> Dict[str, Callable[[], Callable]]:
     }
 
 
-def candidates() -> Dict[str, Callable[[], Callable]]:
-    """Measured after everything held to the targets, so that a deadline cuts them first."""
-    return {"cuda_rowcache": lambda: with_row_cache(bench_grid.smskd_fast_loss("cuda"))}
+def candidates() -> Dict[str, Tuple[int, Callable[[], Callable]]]:
+    """CANDIDATES: the fewest classes each is measured at, and its loss factory. Measured after everything
+    held to the targets, so that a deadline cuts them first."""
+    return {
+        "cuda_rowcache": (2049, lambda: with_row_cache(bench_grid.smskd_fast_loss("cuda"))),
+        "cuda_anyT": (32000, lambda: bench_grid.smskd_fast_loss("cuda", temperature=ANY_TEMPERATURE)),
+        "triton_anyT": (32000, lambda: bench_grid.smskd_fast_loss("triton", temperature=ANY_TEMPERATURE)),
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -194,8 +204,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(row), flush=True)
         write(results, args.out)
 
-    def measure_dense(impls: Dict[str, Callable[[], Callable]], min_classes: int = 1) -> None:
-        for impl, factory in impls.items():
+    def measure_dense(impls: Dict[str, Tuple[int, Callable[[], Callable]]]) -> None:
+        for impl, (min_classes, factory) in impls.items():
             backend = impl.split("_")[0]
             if backend in FUSED and not available[backend]:
                 results["skipped"].append(f"{impl} ({available[backend].reason})")
@@ -210,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     if c >= min_classes and not out_of_time(f"{impl} {dtype} {n}x{c}"):
                         record(bench_grid.measure(impl, loss_fn, n, c, dtype, device, timer))
 
-    measure_dense(implementations(args.dry_run))
+    measure_dense({impl: (1, factory) for impl, factory in implementations(args.dry_run).items()})
     for impl in TOPK:
         if not bench_grid.accepts_topk(impl.split("_")[0], device):
             results["skipped"].append(f"{impl} (backend unavailable or without top-k)")
@@ -219,7 +229,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for n, c in shapes:
                 if not out_of_time(f"{impl} {dtype} {n}x{c}"):
                     record(bench_grid.measure_topk(impl, n, c, dtype, device, timer))
-    measure_dense(candidates(), CANDIDATE_MIN_CLASSES)
+    measure_dense(candidates())
     write(results, args.out)
     print(report(results))
     return 0

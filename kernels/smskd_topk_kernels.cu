@@ -27,8 +27,10 @@ TopKParams make_params(const smskd_loss_rows_topk_args& a) {
   return p;
 }
 
-template <typename Layout>
-cudaError_t launch_layout(const smskd_loss_rows_topk_args& a, cudaStream_t stream) {
+// The instantiation for the inputs and temperature: with a target at T = 1 or T = 2, the one that
+// takes softmax(s) from the exponentials at T (temperature_power).
+template <typename Layout, bool kRef>
+cudaError_t launch_inputs(const smskd_loss_rows_topk_args& a, cudaStream_t stream) {
   using T = typename Layout::scalar_t;
   constexpr int kThreads = Layout::kThreads, kRows = Layout::kRows;
   const TopKParams prm = make_params(a);
@@ -36,12 +38,22 @@ cudaError_t launch_layout(const smskd_loss_rows_topk_args& a, cudaStream_t strea
   const T* r = static_cast<const T*>(a.reference);
   T* g = static_cast<T*>(a.grad);
   const dim3 grid = Layout::grid(a.rows), block = Layout::block();
-  if (r) {
-    smskd_topk_rows_kernel<T, kThreads, kRows, true><<<grid, block, 0, stream>>>(prm, s, r, g);
-  } else {
-    smskd_topk_rows_kernel<T, kThreads, kRows, false><<<grid, block, 0, stream>>>(prm, s, r, g);
+  switch (a.target != nullptr ? smskd::kernels::temperature_power(a.temperature) : 0) {
+    case 1:
+      smskd_topk_rows_kernel<T, kThreads, kRows, kRef, 1><<<grid, block, 0, stream>>>(prm, s, r, g);
+      break;
+    case 2:
+      smskd_topk_rows_kernel<T, kThreads, kRows, kRef, 2><<<grid, block, 0, stream>>>(prm, s, r, g);
+      break;
+    default:
+      smskd_topk_rows_kernel<T, kThreads, kRows, kRef, 0><<<grid, block, 0, stream>>>(prm, s, r, g);
   }
   return cudaGetLastError();
+}
+
+template <typename Layout>
+cudaError_t launch_layout(const smskd_loss_rows_topk_args& a, cudaStream_t stream) {
+  return a.reference ? launch_inputs<Layout, true>(a, stream) : launch_inputs<Layout, false>(a, stream);
 }
 
 }  // namespace

@@ -70,6 +70,7 @@ struct TopKRowResult {
   float p_rest = 0.0f;
   float max_s = 0.0f, max_r = 0.0f;
   float log2_s = 0.0f, log2_sT = 0.0f, log2_rT = 0.0f, log2_rest = 0.0f;  // log2 of sum1, sumT, R
+  float unit_root = 0.0f;  // kPower != 0: softmax(s)_j = (softmax(s/T)_j unit_root)^kPower (RowResult's)
 };
 
 // a / b correctly rounded on the device too, whatever --use_fast_math makes of `/`: log p_c =
@@ -124,9 +125,12 @@ struct KeptStreams {
   }
 };
 
-// The arithmetic of one row of the top-k form, independent of how threads share it.
-template <typename T, bool kTarget, bool kRef>
+// The arithmetic of one row of the top-k form, independent of how threads share it. kPower: the
+// launch's temperature_power for rows with a target (softmax(s) and its sums from the exponentials
+// at T, as RowMath does), else 0.
+template <typename T, bool kTarget, bool kRef, int kPower = 0>
 struct TopKRowMath {
+  static_assert(kPower == 0 || kTarget, "kPower needs a target");
   const T* s_row;
   const T* r_row;
   const uint32_t* mask_row;
@@ -161,7 +165,7 @@ struct TopKRowMath {
 #pragma unroll
       for (int e = 0; e < N; ++e) d[p * N + e] = (kept >> e) & 1u ? 0.0f : 1.0f;
     }
-    add_values<kTarget, true, true>(st.s, s, d, k1, kT);  // dot: the rest's sum R
+    add_values<kTarget, true, true, kPower>(st.s, s, d, k1, kT);  // dot: the rest's sum R
     if (kRef) {
       load_chunk<P, N>(r_row, c, stride, r);
 #pragma unroll
@@ -200,6 +204,7 @@ struct TopKRowMath {
     res.log2_sT = log2f(st.s.sumT);
     res.log2_rT = kRef ? log2f(st.r.sumT) : 0.0f;
     res.ce = kTarget ? (res.max_s - s_y) + res.log2_s * kLn2 : 0.0f;
+    if (kPower != 0) res.unit_root = exp2f(res.log2_sT - res.log2_s * (1.0f / kPower));
     float rest_kl = 0.0f;
     if (k < cols) {
       const float log_kept = ks.lse.max + logf(ks.lse.sum1);
@@ -233,7 +238,11 @@ struct TopKRowMath {
     const float zs = s - res.max_s;
     const float q = exp2f(fmaf(zs, kT, -res.log2_sT));
     float v = res.b * (q * res.total_mass - p_tilde);
-    if (kTarget) v += res.a * (exp2f(fmaf(zs, k1, -res.log2_s)) - (is_target ? 1.0f : 0.0f));
+    if constexpr (kPower != 0) {
+      v += res.a * (to_unit_temperature<kPower>(q * res.unit_root) - (is_target ? 1.0f : 0.0f));
+    } else if (kTarget) {
+      v += res.a * (exp2f(fmaf(zs, k1, -res.log2_s)) - (is_target ? 1.0f : 0.0f));
+    }
     if (kRef) v += res.g * (q - exp2f(fmaf(r - res.max_r, kT, -res.log2_rT)));
     return v;
   }
@@ -273,10 +282,10 @@ SMSKD_HD void store_topk_row(const TopKParams& prm, int64_t row, const TopKRowRe
 #undef SMSKD_STORE_OUTPUT
 }
 
-template <typename T, int kThreads, int kRowsPerBlock, bool kTarget, bool kRef>
+template <typename T, int kThreads, int kRowsPerBlock, bool kTarget, bool kRef, int kPower>
 __device__ __forceinline__ void process_topk_rows(const TopKParams& prm, const T* __restrict__ student,
                                                   const T* __restrict__ reference, T* __restrict__ grad) {
-  using Math = TopKRowMath<T, kTarget, kRef>;
+  using Math = TopKRowMath<T, kTarget, kRef, kPower>;
   constexpr int kWarps = kThreads / 32;
   static_assert(kThreads <= 32 || kRowsPerBlock == 1, "rows of several warps own their block (merge_row_statistics)");
   constexpr int kLanes = kThreads < 32 ? kThreads : 32;
@@ -347,13 +356,17 @@ __device__ __forceinline__ void process_topk_rows(const TopKParams& prm, const T
   }
 }
 
-template <typename T, int kThreads, int kRowsPerBlock, bool kRef>
+// kPower != 0 (temperature_power): launched only with a target and a temperature of kPower
+// (smskd_topk_kernels.cu chooses).
+template <typename T, int kThreads, int kRowsPerBlock, bool kRef, int kPower>
 __global__ void __launch_bounds__(kThreads* kRowsPerBlock, min_blocks_per_sm(kThreads* kRowsPerBlock))
     smskd_topk_rows_kernel(TopKParams prm, const T* student, const T* reference, T* grad) {
-  if (prm.target != nullptr) {
-    process_topk_rows<T, kThreads, kRowsPerBlock, true, kRef>(prm, student, reference, grad);
+  if constexpr (kPower != 0) {
+    process_topk_rows<T, kThreads, kRowsPerBlock, true, kRef, kPower>(prm, student, reference, grad);
+  } else if (prm.target != nullptr) {
+    process_topk_rows<T, kThreads, kRowsPerBlock, true, kRef, 0>(prm, student, reference, grad);
   } else {
-    process_topk_rows<T, kThreads, kRowsPerBlock, false, kRef>(prm, student, reference, grad);
+    process_topk_rows<T, kThreads, kRowsPerBlock, false, kRef, 0>(prm, student, reference, grad);
   }
 }
 

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import cuda_resource_report as report  # noqa: E402
 
 BF16_KERNEL = "_ZN5smskd7kernels17smskd_rows_kernelI13__nv_bfloat16Li512ELi1ELb1ELb1ELi0EEEvNS0_6ParamsEPKT_S6_S6_PS4_"
-TOPK_KERNEL = "_ZN5smskd7kernels22smskd_topk_rows_kernelI13__nv_bfloat16Li32ELi4ELb1EEEvNS0_10TopKParamsEPKT_S6_PS4_"
+TOPK_KERNEL = "_ZN5smskd7kernels22smskd_topk_rows_kernelI13__nv_bfloat16Li32ELi4ELb1ELi0EEEvNS0_10TopKParamsEPKT_S6_PS4_"
 PTXAS_WITH_SPILL = f"""
 ptxas info    : Compiling entry function '{BF16_KERNEL}' for 'sm_90'
 ptxas info    : Function properties for {BF16_KERNEL}

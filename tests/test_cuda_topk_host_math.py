@@ -135,8 +135,10 @@ def test_host_math_matches_the_float64_reference(host_binary, tmp_path, dtype, s
     n, c, k = shape
     with_target, with_reference, weighting = inputs
     index = CASES.index((dtype, shape, inputs))
-    options = LossOptions(temperature=(4.0, 1.0, 2.5)[index % 3], ce_weight=0.3, kd_weight=0.9, ref_weight=0.7,
-                          weighting=weighting)
+    # In turn over the shapes and inputs, so that each input combination meets every temperature (T = 1 and
+    # T = 2 with a target run the kernels that take softmax(s) from the exponentials at T).
+    temperature = (4.0, 1.0, 2.5, 2.0)[(index // len(INPUTS) + index) % 4]
+    options = LossOptions(temperature=temperature, ce_weight=0.3, kd_weight=0.9, ref_weight=0.7, weighting=weighting)
     student, target, topk, reference = make_inputs(n, c, k, dtype, seed=index, temperature=options.temperature,
                                                    with_target=with_target, with_reference=with_reference)
     # Alternate the row layout in memory: contiguous, misaligned rows, and the scalar path.
@@ -196,7 +198,7 @@ def test_one_class_rows_give_exact_zeros(request, tmp_path, dtype, contracted):
     teacher's true-class probability exactly 1), for every input combination, layout and a temperature
     whose reciprocal is not a power of two, whether or not multiply-adds are contracted."""
     binary = request.getfixturevalue("contracted_host_binary" if contracted else "host_binary")
-    for temperature in (1.0, 2.5, 4.0):
+    for temperature in (1.0, 2.0, 2.5, 4.0):
         for index, (with_target, with_reference, weighting) in enumerate(INPUTS):
             options = LossOptions(temperature=temperature, ce_weight=0.3, kd_weight=0.9, ref_weight=0.7,
                                   weighting=weighting)

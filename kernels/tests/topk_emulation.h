@@ -15,9 +15,9 @@ namespace emulation {
 
 using namespace smskd::kernels;
 
-template <typename T, int kThreads, bool kTarget, bool kRef>
+template <typename T, int kThreads, bool kTarget, bool kRef, int kPower>
 void emulate(const TopKParams& prm, const T* student, const T* reference, T* grad) {
-  using Math = TopKRowMath<T, kTarget, kRef>;
+  using Math = TopKRowMath<T, kTarget, kRef, kPower>;
   for (int64_t row = 0; row < prm.rows; ++row) {
     T* g_row = grad + row * prm.grad_stride;
     int64_t y = 0;
@@ -61,12 +61,22 @@ void emulate(const TopKParams& prm, const T* student, const T* reference, T* gra
   }
 }
 
+// With a target, the row math at the launch's temperature power, as smskd_topk_kernels.cu chooses.
+template <typename T, int kThreads, bool kRef>
+void emulate_with_target(const TopKParams& prm, const T* student, const T* reference, T* grad) {
+  switch (temperature_power(prm.temperature)) {
+    case 1: return emulate<T, kThreads, true, kRef, 1>(prm, student, reference, grad);
+    case 2: return emulate<T, kThreads, true, kRef, 2>(prm, student, reference, grad);
+    default: return emulate<T, kThreads, true, kRef, 0>(prm, student, reference, grad);
+  }
+}
+
 template <typename T, int kThreads>
 void emulate_inputs(const TopKParams& prm, const T* student, const T* reference, T* grad) {
-  if (prm.target && reference) emulate<T, kThreads, true, true>(prm, student, reference, grad);
-  if (prm.target && !reference) emulate<T, kThreads, true, false>(prm, student, reference, grad);
-  if (!prm.target && reference) emulate<T, kThreads, false, true>(prm, student, reference, grad);
-  if (!prm.target && !reference) emulate<T, kThreads, false, false>(prm, student, reference, grad);
+  if (prm.target && reference) emulate_with_target<T, kThreads, true>(prm, student, reference, grad);
+  if (prm.target && !reference) emulate_with_target<T, kThreads, false>(prm, student, reference, grad);
+  if (!prm.target && reference) emulate<T, kThreads, false, true, 0>(prm, student, reference, grad);
+  if (!prm.target && !reference) emulate<T, kThreads, false, false, 0>(prm, student, reference, grad);
 }
 
 // All rows with threads (8, 16, 32, 256 or 512) threads per row; grad must not be NULL.

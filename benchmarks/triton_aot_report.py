@@ -51,8 +51,8 @@ ARCHS = (80, 90)
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 # name: (HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING, COMPUTE_GRAD, T_POWER). The gradient variants
 # are compiled with HAS_GRAD_SCALE (a grad_scale tensor, as reduction="mean" passes it): the superset of
-# the code without one (one fp32 load and three multiplies per program more). T_POWER (the dense kernels
-# only): 2 is the launch at T = 2 with a target and a teacher or reference (kernels.temperature_power).
+# the code without one (one fp32 load and three multiplies per program more). T_POWER: 2 is the launch at
+# T = 2 with a target and a teacher or reference (kernels.temperature_power).
 VARIANTS = {
     "smskd+grad": (True, True, True, WEIGHTING_CODES["inverse_tcp"], True, 0),
     "smskd+grad T=2": (True, True, True, WEIGHTING_CODES["inverse_tcp"], True, 2),
@@ -61,7 +61,7 @@ VARIANTS = {
     "ce+grad": (True, False, False, WEIGHTING_CODES["constant"], True, 0),
 }
 # The top-k kernel has no HAS_TEACHER (its teacher is the top-k form) and no "ce" variant.
-TOPK_VARIANTS = ("smskd+grad", "smskd", "kd+grad")
+TOPK_VARIANTS = ("smskd+grad", "smskd+grad T=2", "smskd", "kd+grad")
 CI_VARIANTS = ("smskd+grad", "smskd+grad T=2", "kd+grad")
 CI_DTYPES = ("fp32", "bf16")
 OUTPUT_POINTERS = tuple(f"{name}_ptr" for name in PER_ROW_OUTPUTS)
@@ -272,9 +272,9 @@ def kernel_jobs(variants, dtypes, archs, scalars: str) -> List[Job]:
 
 def topk_jobs(variant: str, dtype: str, arch: int, scalars: str = "fp32") -> List[Job]:
     """Every configuration of the top-k kernel (topk_launch.all_topk_configs) for one variant."""
-    has_target, _, has_reference, weighting, grad, _ = VARIANTS[variant]
+    has_target, _, has_reference, weighting, grad, power = VARIANTS[variant]
     flags = (("HAS_TARGET", has_target), ("HAS_REFERENCE", has_reference), ("WEIGHTING", weighting),
-             ("COMPUTE_GRAD", grad), ("HAS_GRAD_SCALE", grad), ("BLOCK_K", topk_launch.BLOCK_K))
+             ("COMPUTE_GRAD", grad), ("HAS_GRAD_SCALE", grad), ("BLOCK_K", topk_launch.BLOCK_K), ("T_POWER", power))
     result = []
     for config in topk_launch.all_topk_configs():
         shape = "whole row" if config.whole_row else "column blocks"

@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 
 from smskd_fast.backends.triton.kernels import (LOG2E, _aligned, _fp32_scalars, _gradient_weights, _kl_from_sums,
-                                                _online_kl_sums, _online_sum, _rescale, _row_terms, _store_ignored_row,
+                                                _online_kl_sums, _online_unit_sum, _rescale, _row_terms,
+                                                _store_ignored_row, _to_unit_temperature,
                                                 _store_row_terms, _weighted_diff)
 
 
@@ -87,15 +88,16 @@ def _kept_block(v_row, i_row, kk, num_kept, num_classes):
 
 @triton.jit
 def _sweep_block(s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T,
-                 HAS_TARGET: tl.constexpr, HAS_REFERENCE: tl.constexpr):
-    """Adds one block to the per-lane online sums (the maxima are per row, the sums per lane)."""
+                 HAS_TARGET: tl.constexpr, HAS_REFERENCE: tl.constexpr, T_POWER: tl.constexpr):
+    """Adds one block to the per-lane online sums (the maxima are per row, the sums per lane); with T_POWER
+    (kernels.temperature_power) the T = 1 sums d_s from the exponentials at T."""
     m_new = tl.maximum(m_s, _tile_max(s))
     alpha_T, ms = _rescale(m_s, m_new, scale_T)
     e_sT = tl.exp2((s - ms) * scale_T)
     d_sT = d_sT * alpha_T + e_sT
     d_rest = d_rest * alpha_T + tl.where(kept, 0.0, e_sT)
     if HAS_TARGET:
-        d_s = _online_sum(d_s, m_s, m_new, s, LOG2E)
+        d_s = _online_unit_sum(d_s, m_s, m_new, s, alpha_T, e_sT, T_POWER)
     m_s = m_new
     if HAS_REFERENCE:
         m_new = tl.maximum(m_r, _tile_max(r))
@@ -105,15 +107,19 @@ def _sweep_block(s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T,
 
 
 @triton.jit
-def _gradient(s, r, is_target, teacher_scale, teacher_p, ms_s, log2d_s, log2d_sT, ms_r, log2d_rT,
+def _gradient(s, r, is_target, teacher_scale, teacher_p, ms_s, log2d_s, log2d_sT, unit_root, ms_r, log2d_rT,
               total_mass, w, temperature, ce_weight, kd_weight, ref_weight,
-              HAS_TARGET: tl.constexpr, HAS_REFERENCE: tl.constexpr):
-    """d loss_i / d s on a block or on the gathered kept classes, with p~ = q * teacher_scale + teacher_p."""
+              HAS_TARGET: tl.constexpr, HAS_REFERENCE: tl.constexpr, T_POWER: tl.constexpr):
+    """d loss_i / d s on a block or on the gathered kept classes, with p~ = q * teacher_scale + teacher_p;
+    with T_POWER, softmax(s) = (q * unit_root) ** T_POWER (kernels._row_gradient)."""
     scale_T = LOG2E / temperature
     q = tl.exp2((s - ms_s) * scale_T - log2d_sT)
     grad = (temperature * kd_weight) * (q * (total_mass - teacher_scale) - teacher_p)
     if HAS_TARGET:
-        p_s = tl.exp2((s - ms_s) * LOG2E - log2d_s)
+        if T_POWER != 0:
+            p_s = _to_unit_temperature(q * unit_root, T_POWER)
+        else:
+            p_s = tl.exp2((s - ms_s) * LOG2E - log2d_s)
         grad += ce_weight * (p_s - tl.where(is_target, 1.0, 0.0))
     if HAS_REFERENCE:
         p_r = tl.exp2((r - ms_r) * scale_T - log2d_rT)
@@ -145,7 +151,7 @@ def _smskd_topk_rows_kernel(
     temperature, ce_weight, kd_weight, ref_weight, ignore_index,
     HAS_TARGET: tl.constexpr, HAS_REFERENCE: tl.constexpr, WEIGHTING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, WHOLE_ROW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    ROW_ALIGN: tl.constexpr,
+    ROW_ALIGN: tl.constexpr, T_POWER: tl.constexpr,
 ):
     """One row per program: phases A, B and C of the module docstring."""
     temperature, ce_weight, kd_weight, ref_weight = _fp32_scalars(temperature, ce_weight, kd_weight, ref_weight)
@@ -181,13 +187,15 @@ def _smskd_topk_rows_kernel(
             s, r, mask = _load_block(s_row, r_row, cols0, num_classes, HAS_REFERENCE, "")
             kept = _kept(bits_row, 0, num_classes, BLOCK_C)
             m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r = _sweep_block(
-                s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T, HAS_TARGET, HAS_REFERENCE)
+                s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T, HAS_TARGET, HAS_REFERENCE,
+                T_POWER)
         else:
             for start in range(0, num_classes, BLOCK_C):
                 s, r, mask = _load_block(s_row, r_row, start + cols0, num_classes, HAS_REFERENCE, "evict_last")
                 kept = _kept(bits_row, start, num_classes, BLOCK_C)
                 m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r = _sweep_block(
-                    s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T, HAS_TARGET, HAS_REFERENCE)
+                    s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T, HAS_TARGET, HAS_REFERENCE,
+                    T_POWER)
         ms_s = tl.where(m_s == float("-inf"), 0.0, m_s)
         ms_r = tl.where(m_r == float("-inf"), 0.0, m_r)
         D_sT = _tile_sum(d_sT)
@@ -252,19 +260,22 @@ def _smskd_topk_rows_kernel(
             log2d_s = tl.log2(D_s)
             log2d_sT = tl.log2(D_sT)
             log2d_rT = tl.log2(D_rT)
+            unit_root = 0.0
+            if T_POWER != 0:
+                unit_root = tl.exp2(log2d_sT - log2d_s / T_POWER)
             if WHOLE_ROW:
-                grad = _gradient(s, r, cols0 == y, rest_scale, 0.0, ms_s, log2d_s, log2d_sT, ms_r, log2d_rT,
+                grad = _gradient(s, r, cols0 == y, rest_scale, 0.0, ms_s, log2d_s, log2d_sT, unit_root, ms_r, log2d_rT,
                                  total_mass, w, temperature, g_ce_weight, g_kd_weight, g_ref_weight,
-                                 HAS_TARGET, HAS_REFERENCE)
+                                 HAS_TARGET, HAS_REFERENCE, T_POWER)
                 tl.store(g_row + cols0, grad.to(grad_ptr.dtype.element_ty), mask=mask)
             else:
                 num_blocks = tl.cdiv(num_classes, BLOCK_C)
                 for back in range(0, num_blocks):
                     cols = (num_blocks - 1 - back) * BLOCK_C + cols0
                     s, r, mask = _load_block(s_row, r_row, cols, num_classes, HAS_REFERENCE, "evict_first")
-                    grad = _gradient(s, r, cols == y, rest_scale, 0.0, ms_s, log2d_s, log2d_sT, ms_r, log2d_rT,
+                    grad = _gradient(s, r, cols == y, rest_scale, 0.0, ms_s, log2d_s, log2d_sT, unit_root, ms_r, log2d_rT,
                                      total_mass, w, temperature, g_ce_weight, g_kd_weight, g_ref_weight,
-                                     HAS_TARGET, HAS_REFERENCE)
+                                     HAS_TARGET, HAS_REFERENCE, T_POWER)
                     tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
             # ... then rewrites the kept ones by a scatter, after every thread's sweep stores.
             tl.debug_barrier()
@@ -276,9 +287,9 @@ def _smskd_topk_rows_kernel(
                 if HAS_REFERENCE:
                     r_c = tl.load(r_row + index, mask=k_mask, other=0.0).to(tl.float32)
                 p_c = tl.exp(v / temperature - lse_T)
-                kept_grad = _gradient(s_c, r_c, index == y, 0.0, p_c, ms_s, log2d_s, log2d_sT, ms_r, log2d_rT,
+                kept_grad = _gradient(s_c, r_c, index == y, 0.0, p_c, ms_s, log2d_s, log2d_sT, unit_root, ms_r, log2d_rT,
                                       total_mass, w, temperature, g_ce_weight, g_kd_weight, g_ref_weight,
-                                      HAS_TARGET, HAS_REFERENCE)
+                                      HAS_TARGET, HAS_REFERENCE, T_POWER)
                 tl.store(g_row + index, kept_grad.to(grad_ptr.dtype.element_ty), mask=k_mask)
     else:
         _store_ignored_row(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, grad_ptr, grad_stride,

@@ -14,7 +14,7 @@ import torch
 
 from smskd_fast.backends.triton.topk_bitmask import kept_class_bitmask
 from smskd_fast.ops import schema
-from smskd_fast.backends.triton import topk_kernels
+from smskd_fast.backends.triton import kernels, topk_kernels
 from smskd_fast.backends.triton.launch import allocate_outputs, check_targets, power_of_two_at_least, row_alignment
 
 WHOLE_ROW_MAX_C = 4096
@@ -120,6 +120,7 @@ def launch_topk_rows(
         BLOCK_C=chosen.block_c,
         BLOCK_K=BLOCK_K,
         ROW_ALIGN=row_alignment(num_classes, *strides),
+        T_POWER=kernels.temperature_power(temperature, target is not None, True),
         num_warps=chosen.num_warps,
     )
     return (*per_row, grad)

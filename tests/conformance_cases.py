@@ -401,6 +401,10 @@ def dense_cases() -> list:
               Case("ignore_index", 6, 90, F32, ignore_index=-1, edit="nan_ignored_row"),
               Case("all_equal", 3, 37, F32, edit="all_equal"),
               Case("late_maximum", 4, 300, F32, temperature=3.0, seed=3, edit="late_maximum"),
+              # T = 1 and 2 with C > 4096: Triton's column-block kernel rescaling its squared (T = 2) sums
+              Case("late_maximum", 3, 4100, F32, temperature=2.0, seed=3, edit="late_maximum"),
+              Case("late_maximum", 3, 4100, F32, temperature=1.0, seed=4, edit="late_maximum"),
+              Case("nan", 3, 4100, F32, temperature=2.0, edit="nan_teacher"),
               Case("nan", 3, 40, F32, edit="nan_teacher"),
               Case("nan", 4, 4100, F32, edit="nan_teacher"),
               Case("masked", 9, 3000, F32, edit="masked_teacher_reference", row_weights=True)]

@@ -104,8 +104,18 @@ def test_online_kernel_with_many_partial_blocks(block_c):
     assert_rows_match(outputs, expected, grad, torch.float32)
 
 
+def test_temperature_power_is_chosen_as_the_cuda_launcher_chooses():
+    temperature_power = pytest.importorskip("smskd_fast.backends.triton.kernels").temperature_power
+
+    assert [temperature_power(t, True, True) for t in (1.0, 2.0, 2.5, 4.0, 0.5)] == [1, 2, 0, 0, 0]
+    assert temperature_power(2.0, False, True) == 0 and temperature_power(1.0, True, False) == 0  # nothing to share
+    # compared in float32, as the kernels (and csrc/cuda's float argument) see T
+    assert temperature_power(2.0 + 1e-12, True, True) == 2
+    assert temperature_power(float(torch.nextafter(torch.tensor(2.0), torch.tensor(3.0))), True, True) == 0
+
+
 @needs_kernels
-@pytest.mark.parametrize("temperature", [1.0, 2.5, 4.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 2.5, 4.0])
 def test_one_class_gives_exact_zeros_in_the_online_kernel(temperature):
     """C = 1 in the online kernel (forced): every loss term and the gradient are exactly 0, not a rounding
     residue of lse(t/T) - lse(s/T). The launch table's kernel: test_backend_conformance.py."""

@@ -3,7 +3,7 @@
 For each shape and dtype, forward+backward of the mean SMSKD loss (target, teacher, reference,
 T = 2; bench_grid's implementations): eager, torch.compile of the eager composition, the Liger
 composition (CE + 2 KL), cuda and triton with the dense teacher, cuda keeping each row on chip
-between its sweeps (cuda_rowcache, C > 2048: a candidate, not held to the targets), cuda/triton at T = 2 + 1 ulp
+between its sweeps (cuda_rowcache, C > 2048: a candidate, not held to the targets), cuda/triton at T = 2 + 1 float32 ulp
 (cuda_anyT, triton_anyT, C >= 32000: the kernels for any T, beside the T = 2 ones; candidates), and cuda/triton with the teacher
 in top-k form (k = 64; no compiled or Liger top-k exists, so those columns compare with the dense
 baselines a user would otherwise run). Per fused backend: ms, % of the measured copy bandwidth on
@@ -48,7 +48,8 @@ TOPK = ("cuda_topk", "triton_topk")
 # change's gain, at the shapes where the exponentials may bind (C >= 32000).
 CANDIDATES = ("cuda_rowcache", "cuda_anyT", "triton_anyT")
 ROW_CACHE_VARIABLE = "SMSKD_FAST_CUDA_ROW_CACHE_BYTES"
-ANY_TEMPERATURE = math.nextafter(bench_grid.TEMPERATURE, math.inf)
+# The next float32 above T = 2 (the kernels take T as a float32: the next double would round back to 2).
+ANY_TEMPERATURE = torch.nextafter(torch.tensor(bench_grid.TEMPERATURE), torch.tensor(math.inf)).item()
 # The targets.
 COPY_SHARE_TARGET = {"cuda": 0.80, "triton": 0.65}
 COPY_TARGET_MIN_CLASSES = 32000

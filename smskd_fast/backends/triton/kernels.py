@@ -42,6 +42,8 @@ neither: the launcher checks on the host there.
 """
 from __future__ import annotations
 
+import struct
+
 import triton
 import triton.language as tl
 
@@ -102,10 +104,12 @@ def _gradient_weights(grad_scale_ptr, ce_weight, kd_weight, ref_weight, HAS_GRAD
 
 def temperature_power(temperature: float, has_target: bool, softened: bool) -> int:
     """The T_POWER constexpr for a launch: T when T is 1 or 2 and the rows take exponentials at both
-    temperatures (a target, and a teacher or reference), else 0 (each exponential its own)."""
+    temperatures (a target, and a teacher or reference), else 0 (each exponential its own). T is compared
+    as the kernels use it, rounded to float32 (_fp32_scalars), as the CUDA launcher compares it."""
     if not (has_target and softened):
         return 0
-    return {1.0: 1, 2.0: 2}.get(float(temperature), 0)
+    as_float32 = struct.unpack("f", struct.pack("f", temperature))[0]
+    return {1.0: 1, 2.0: 2}.get(as_float32, 0)
 
 
 @triton.jit

@@ -71,6 +71,9 @@ struct TopKRowResult {
   float max_s = 0.0f, max_r = 0.0f;
   float log2_s = 0.0f, log2_sT = 0.0f, log2_rT = 0.0f, log2_rest = 0.0f;  // log2 of sum1, sumT, R
   float unit_root = 0.0f;  // kPower != 0: softmax(s)_j = (softmax(s/T)_j unit_root)^kPower (RowResult's)
+  // p_rest / q_rest (0 without rest mass; +inf when R underflowed to 0): on the rest the teacher's p~_j =
+  // q_j rest_scale, a multiply instead of an exponential per column, as the Triton kernel forms it.
+  float rest_scale = 0.0f;
 };
 
 // a / b correctly rounded on the device too, whatever --use_fast_math makes of `/`: log p_c =
@@ -212,6 +215,7 @@ struct TopKRowMath {
       if (res.p_rest > 0.0f) {
         res.log2_rest = log2f(st.s.dot);  // R = sum_{j not kept} exp((s_j - max)/T); -inf if R = 0
         rest_kl = res.p_rest * (logf(res.p_rest) - (res.log2_rest - res.log2_sT) * kLn2);  // log q_rest
+        res.rest_scale = res.p_rest * exp2f(res.log2_sT - res.log2_rest);
       }
     }
     res.kd = T2 * (ks.kl + rest_kl);
@@ -233,11 +237,13 @@ struct TopKRowMath {
     return res;
   }
 
-  // d loss / d s_j given s_j, r_j and the teacher's p~_j.
-  SMSKD_HD float gradient_at(const TopKRowResult& res, float s, float r, bool is_target, float p_tilde) const {
+  // d loss / d s_j given s_j, r_j and the teacher's p~_j = q_j teacher_scale + teacher_p (the rest:
+  // res.rest_scale and 0; a kept class: 0 and its p_j).
+  SMSKD_HD float gradient_at(const TopKRowResult& res, float s, float r, bool is_target, float teacher_scale,
+                             float teacher_p) const {
     const float zs = s - res.max_s;
     const float q = exp2f(fmaf(zs, kT, -res.log2_sT));
-    float v = res.b * (q * res.total_mass - p_tilde);
+    float v = res.b * (q * res.total_mass - (q * teacher_scale + teacher_p));
     if constexpr (kPower != 0) {
       v += res.a * (to_unit_temperature<kPower>(q * res.unit_root) - (is_target ? 1.0f : 0.0f));
     } else if (kTarget) {
@@ -257,9 +263,7 @@ struct TopKRowMath {
 #pragma unroll
     for (int e = 0; e < M; ++e) {
       const int64_t column = c + (e / N) * stride + (e % N);
-      const float p_tilde =
-          res.p_rest > 0.0f ? res.p_rest * exp2f(fmaf(s[e] - res.max_s, kT, -res.log2_rest)) : 0.0f;
-      out[e] = gradient_at(res, s[e], kRef ? r[e] : 0.0f, kTarget && column == y, p_tilde);
+      out[e] = gradient_at(res, s[e], kRef ? r[e] : 0.0f, kTarget && column == y, res.rest_scale, 0.0f);
     }
     store_chunk<P, N>(g_row, c, stride, out);
   }
@@ -270,7 +274,7 @@ struct TopKRowMath {
       const int64_t j = kept_class(c);
       const float p = expf(log_p(c));
       const float r = kRef ? to_float(r_row[j]) : 0.0f;
-      g_row[j] = from_float<T>(gradient_at(res, to_float(s_row[j]), r, kTarget && j == y, p != 0.0f ? p : 0.0f));
+      g_row[j] = from_float<T>(gradient_at(res, to_float(s_row[j]), r, kTarget && j == y, 0.0f, p != 0.0f ? p : 0.0f));
     }
   }
 };

@@ -105,6 +105,23 @@ SMSKD_HD float to_unit_temperature(float e) {
   return kPower == 1 ? e : e * e;
 }
 
+// With kPower != 0, once per row: unit_root = 2^(log2 sumT - log2 sum1 / kPower) (log2_sT, log2_s:
+// the logs of the student's sums at T and at 1), so that softmax(s)_c = (softmax(s/T)_c unit_root)^kPower.
+// The root rather than its power: the square of q unit_root underflows only where softmax(s) does.
+template <int kPower>
+SMSKD_HD float unit_temperature_root(float log2_sT, float log2_s) {
+  if constexpr (kPower != 0) return exp2f(log2_sT - log2_s * (1.0f / kPower));
+  return 0.0f;
+}
+
+// softmax(s)_c from q = softmax(s/T)_c by a multiply or two when kPower != 0 (unit_root:
+// unit_temperature_root), else by its own exponential of zs = s_c - max_s (k1 = log2 e).
+template <int kPower>
+SMSKD_HD float unit_softmax(float q, float zs, float k1, float log2_s, float unit_root) {
+  if constexpr (kPower != 0) return to_unit_temperature<kPower>(q * unit_root);
+  return exp2f(fmaf(zs, k1, -log2_s));
+}
+
 // kPower (temperature_power): sum1's exponentials are taken from sumT's when nonzero.
 template <bool kSum1, bool kSumT, bool kDot, int kPower = 0, int N>
 SMSKD_HD void add_values(StreamStats& st, const float (&x)[N], const float (&d)[N], float k1,
@@ -464,9 +481,7 @@ struct RowResult {
   float a = 0.0f, b = 0.0f, g = 0.0f;  // CE, KD and reference coefficients of the gradient
   float max_s = 0.0f, max_t = 0.0f, max_r = 0.0f;
   float log2_s = 0.0f, log2_sT = 0.0f, log2_tT = 0.0f, log2_rT = 0.0f;  // log2 of sum1 / sumT
-  // RowMath's kPower != 0: softmax(s)_c = (softmax(s/T)_c * unit_root)^kPower, one multiply or two
-  // instead of an exponential (unit_root = 2^(log2_sT - log2_s / kPower)).
-  float unit_root = 0.0f;
+  float unit_root = 0.0f;  // RowMath's kPower != 0: unit_temperature_root, for unit_softmax
 };
 
 // The gradient's factor (the launch's grad_scale; NULL: 1), read from device memory once per
@@ -553,7 +568,7 @@ struct RowMath {
     res.log2_tT = kTeacher ? log2f(st.t.sumT) : 0.0f;
     res.log2_rT = kRef ? log2f(st.r.sumT) : 0.0f;
     res.ce = kTarget ? (res.max_s - s_y) + res.log2_s * kLn2 : 0.0f;
-    if (kPower != 0) res.unit_root = exp2f(res.log2_sT - res.log2_s * (1.0f / kPower));
+    res.unit_root = unit_temperature_root<kPower>(res.log2_sT, res.log2_s);
     res.tcp = Need::kTeacher1 ? exp2f(fmaf(t_y - res.max_t, k1, -log2f(st.t.sum1))) : 0.0f;
     // KL(p||q) = [sum_c p_c (x_c - s_c) + max_s - max_x] / T + log(sumT_s) - log(sumT_x), the sum
     // being dot / sumT
@@ -593,12 +608,7 @@ struct RowMath {
       float v = 0.0f;
       if (kTarget) {
         const int64_t column = c + (k / N) * stride + (k % N);
-        float p;  // softmax(s)_c
-        if constexpr (kPower != 0) {
-          p = to_unit_temperature<kPower>(q * res.unit_root);
-        } else {
-          p = exp2f(fmaf(zs, k1, -res.log2_s));
-        }
+        const float p = unit_softmax<kPower>(q, zs, k1, res.log2_s, res.unit_root);  // softmax(s)_c
         v = res.a * (p - (column == y ? 1.0f : 0.0f));
       }
       if (kTeacher) v += res.b * (q - exp2f(fmaf(t[k] - res.max_t, kT, -res.log2_tT)));

@@ -70,7 +70,7 @@ struct TopKRowResult {
   float p_rest = 0.0f;
   float max_s = 0.0f, max_r = 0.0f;
   float log2_s = 0.0f, log2_sT = 0.0f, log2_rT = 0.0f, log2_rest = 0.0f;  // log2 of sum1, sumT, R
-  float unit_root = 0.0f;  // kPower != 0: softmax(s)_j = (softmax(s/T)_j unit_root)^kPower (RowResult's)
+  float unit_root = 0.0f;  // kPower != 0: unit_temperature_root, for unit_softmax (as RowResult's)
   // p_rest / q_rest (0 without rest mass; +inf when R underflowed to 0): on the rest the teacher's p~_j =
   // q_j rest_scale, a multiply instead of an exponential per column, as the Triton kernel forms it.
   float rest_scale = 0.0f;
@@ -207,7 +207,7 @@ struct TopKRowMath {
     res.log2_sT = log2f(st.s.sumT);
     res.log2_rT = kRef ? log2f(st.r.sumT) : 0.0f;
     res.ce = kTarget ? (res.max_s - s_y) + res.log2_s * kLn2 : 0.0f;
-    if (kPower != 0) res.unit_root = exp2f(res.log2_sT - res.log2_s * (1.0f / kPower));
+    res.unit_root = unit_temperature_root<kPower>(res.log2_sT, res.log2_s);
     float rest_kl = 0.0f;
     if (k < cols) {
       const float log_kept = ks.lse.max + logf(ks.lse.sum1);
@@ -244,11 +244,7 @@ struct TopKRowMath {
     const float zs = s - res.max_s;
     const float q = exp2f(fmaf(zs, kT, -res.log2_sT));
     float v = res.b * (q * res.total_mass - (q * teacher_scale + teacher_p));
-    if constexpr (kPower != 0) {
-      v += res.a * (to_unit_temperature<kPower>(q * res.unit_root) - (is_target ? 1.0f : 0.0f));
-    } else if (kTarget) {
-      v += res.a * (exp2f(fmaf(zs, k1, -res.log2_s)) - (is_target ? 1.0f : 0.0f));
-    }
+    if (kTarget) v += res.a * (unit_softmax<kPower>(q, zs, k1, res.log2_s, res.unit_root) - (is_target ? 1.0f : 0.0f));
     if (kRef) v += res.g * (q - exp2f(fmaf(r - res.max_r, kT, -res.log2_rT)));
     return v;
   }

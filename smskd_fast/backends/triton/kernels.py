@@ -121,6 +121,28 @@ def _to_unit_temperature(e, T_POWER: tl.constexpr):
 
 
 @triton.jit
+def _unit_root(log2d_s, log2d_sT, T_POWER: tl.constexpr):
+    """With T_POWER, once per row: 2^(log2d_sT - log2d_s / T_POWER) (the logs of the student's sums at T
+    and at 1), so that softmax(s)_c = (softmax(s/T)_c * unit_root) ** T_POWER; 0 without. The root rather
+    than its power: the square of q * unit_root underflows only where softmax(s) does."""
+    unit_root = 0.0
+    if T_POWER != 0:
+        unit_root = tl.exp2(log2d_sT - log2d_s / T_POWER)
+    return unit_root
+
+
+@triton.jit
+def _unit_softmax(s, q, ms_s, log2d_s, unit_root, T_POWER: tl.constexpr):
+    """softmax(s) on a block: from q = softmax(s/T) by multiplies with T_POWER (unit_root: _unit_root),
+    else by its own exponential (ms_s the row maximum, log2d_s the log2 of its sum at T = 1)."""
+    if T_POWER != 0:
+        p_s = _to_unit_temperature(q * unit_root, T_POWER)
+    else:
+        p_s = tl.exp2((s - ms_s) * LOG2E - log2d_s)
+    return p_s
+
+
+@triton.jit
 def _rescale(m_old, m_new, scale):
     """exp2((m_old - m_new) * scale), 0 when m_old is -inf, with a -inf m_new read as 0."""
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -253,18 +275,14 @@ def _row_gradient(s, t, r, is_target, ms_s, ms_t, ms_r, log2d_s, log2d_sT, log2d
     """d loss_i / d s on a block, from the row's final statistics (SPEC.md section 2).
 
     ms_x is the row maximum of x (0 if it was -inf), log2d_x the log2 of its sum of
-    exponentials, so softmax(x/T)_c = exp2((x_c - ms_x) * log2(e)/T - log2d_xT). With T_POWER,
-    softmax(s)_c = (softmax(s/T)_c * unit_root) ** T_POWER, unit_root = 2^(log2d_sT - log2d_s / T_POWER).
+    exponentials, so softmax(x/T)_c = exp2((x_c - ms_x) * log2(e)/T - log2d_xT); softmax(s) by _unit_softmax.
     """
     scale_T = LOG2E / temperature
     q_s = tl.exp2((s - ms_s) * scale_T - log2d_sT)
     coef_q = 0.0
     grad = tl.zeros_like(q_s)
     if HAS_TARGET:
-        if T_POWER != 0:
-            p_s = _to_unit_temperature(q_s * unit_root, T_POWER)
-        else:
-            p_s = tl.exp2((s - ms_s) * LOG2E - log2d_s)
+        p_s = _unit_softmax(s, q_s, ms_s, log2d_s, unit_root, T_POWER)
         grad = ce_weight * (p_s - tl.where(is_target, 1.0, 0.0))
     if HAS_TEACHER:
         p_t = tl.exp2((t - ms_t) * scale_T - log2d_tT)
@@ -373,9 +391,7 @@ def _smskd_rows_online_kernel(
             log2d_sT = tl.log2(D_sT)
             log2d_tT = tl.log2(D_tT)
             log2d_rT = tl.log2(D_rT)
-            unit_root = 0.0
-            if T_POWER != 0:
-                unit_root = tl.exp2(log2d_sT - log2d_s / T_POWER)
+            unit_root = _unit_root(log2d_s, log2d_sT, T_POWER)
             num_blocks = tl.cdiv(num_classes, BLOCK_C)
             for back in range(0, num_blocks):
                 cols = (num_blocks - 1 - back) * BLOCK_C + cols0

@@ -44,8 +44,8 @@ import triton.language as tl
 
 from smskd_fast.backends.triton.kernels import (LOG2E, _aligned, _fp32_scalars, _gradient_weights, _kl_from_sums,
                                                 _online_kl_sums, _online_unit_sum, _rescale, _row_terms,
-                                                _store_ignored_row, _to_unit_temperature,
-                                                _store_row_terms, _weighted_diff)
+                                                _store_ignored_row, _store_row_terms, _unit_root, _unit_softmax,
+                                                _weighted_diff)
 
 
 @triton.jit
@@ -111,15 +111,12 @@ def _gradient(s, r, is_target, teacher_scale, teacher_p, ms_s, log2d_s, log2d_sT
               total_mass, w, temperature, ce_weight, kd_weight, ref_weight,
               HAS_TARGET: tl.constexpr, HAS_REFERENCE: tl.constexpr, T_POWER: tl.constexpr):
     """d loss_i / d s on a block or on the gathered kept classes, with p~ = q * teacher_scale + teacher_p;
-    with T_POWER, softmax(s) = (q * unit_root) ** T_POWER (kernels._row_gradient)."""
+    softmax(s) by _unit_softmax."""
     scale_T = LOG2E / temperature
     q = tl.exp2((s - ms_s) * scale_T - log2d_sT)
     grad = (temperature * kd_weight) * (q * (total_mass - teacher_scale) - teacher_p)
     if HAS_TARGET:
-        if T_POWER != 0:
-            p_s = _to_unit_temperature(q * unit_root, T_POWER)
-        else:
-            p_s = tl.exp2((s - ms_s) * LOG2E - log2d_s)
+        p_s = _unit_softmax(s, q, ms_s, log2d_s, unit_root, T_POWER)
         grad += ce_weight * (p_s - tl.where(is_target, 1.0, 0.0))
     if HAS_REFERENCE:
         p_r = tl.exp2((r - ms_r) * scale_T - log2d_rT)
@@ -260,12 +257,11 @@ def _smskd_topk_rows_kernel(
             log2d_s = tl.log2(D_s)
             log2d_sT = tl.log2(D_sT)
             log2d_rT = tl.log2(D_rT)
-            unit_root = 0.0
-            if T_POWER != 0:
-                unit_root = tl.exp2(log2d_sT - log2d_s / T_POWER)
+            unit_root = _unit_root(log2d_s, log2d_sT, T_POWER)  # the column-block sweep's and the scatter's
             if WHOLE_ROW:
                 # T_POWER 0 here: the squared softmax(s) made ptxas spill the fp32 whole-row kernel of 512
-                # columns on sm_90 (56 registers, 4 bytes); the sweep above still takes the T = 1 sums squared
+                # columns on sm_90 (56 registers, 4 bytes); the sweep above still takes the T = 1 sums squared,
+                # and the kept classes' scatter below still takes softmax(s) from q
                 grad = _gradient(s, r, cols0 == y, rest_scale, 0.0, ms_s, log2d_s, log2d_sT, unit_root, ms_r, log2d_rT,
                                  total_mass, w, temperature, g_ce_weight, g_kd_weight, g_ref_weight,
                                  HAS_TARGET, HAS_REFERENCE, 0)

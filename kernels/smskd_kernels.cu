@@ -42,7 +42,7 @@ cudaError_t size_row_cache(const smskd_loss_rows_args& a, Kernel kernel, int str
   const int64_t available = int64_t{optin} - static_cast<int64_t>(attributes.sharedSizeBytes);
   const int64_t wanted = a.row_cache_bytes < 0 || a.row_cache_bytes > available ? available : a.row_cache_bytes;
   const int64_t per_pack = int64_t{streams} * smskd::kernels::kPackBytes;
-  const int64_t row_packs = a.cols / smskd::kernels::RowCache<T>::kVec;
+  const int64_t row_packs = a.cols / smskd::kernels::kPackElements<T>;
   const int64_t pair = int64_t{smskd::kernels::RowSweep<T, Layout::kThreads>::kUnroll} * Layout::kThreads;
   const int64_t packs = wanted / per_pack >= row_packs ? row_packs : wanted / per_pack / pair * pair;
   if (packs <= 0) return cudaSuccess;

@@ -33,6 +33,8 @@ namespace kernels {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kPackBytes = 16;
+template <typename T>
+constexpr int kPackElements = kPackBytes / sizeof(T);  // elements of T in one 16-byte pack
 
 SMSKD_HD float to_float(float x) { return x; }
 SMSKD_HD float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -57,12 +59,6 @@ template <int N, typename T>
 SMSKD_HD void unpack(const Pack<T, N>& pack, float (&out)[N]) {
 #pragma unroll
   for (int k = 0; k < N; ++k) out[k] = to_float(pack.v[k]);
-}
-
-template <int N, typename T>
-SMSKD_HD void load_pack(const T* p, float (&out)[N]) {
-  const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N>*>(p);  // one load of the whole pack
-  unpack<N>(pack, out);
 }
 
 template <int N, typename T>
@@ -320,7 +316,7 @@ struct Params {
 // first 16-byte boundary of the student row, packs of kVec, a scalar tail.
 template <typename T, int kThreads>
 struct RowSweep {
-  static constexpr int kVec = kPackBytes / sizeof(T);
+  static constexpr int kVec = kPackElements<T>;
   static constexpr int kUnroll = 2;  // packs in flight per stream and thread
   int64_t head, packs, tail_begin;
   int lane;
@@ -389,17 +385,6 @@ struct RowSweep {
   }
 };
 
-template <int P, int N, typename T>
-SMSKD_HD void load_chunk(const T* row, int64_t column, int64_t stride, float (&out)[P * N]) {
-#pragma unroll
-  for (int p = 0; p < P; ++p) {
-    float part[N];
-    load_pack<N>(row + column + p * stride, part);
-#pragma unroll
-    for (int k = 0; k < N; ++k) out[p * N + k] = part[k];
-  }
-}
-
 // Sweep 1's 16-byte packs of one row kept on chip for sweep 2, so that sweep 2 does not read them
 // again from global memory (docs/perf_notes.md, prediction 4): the row's first `packs` packs of each
 // stream (RowSweep::run_kept), in shared memory on the device. Each thread stores and reloads only
@@ -407,18 +392,19 @@ SMSKD_HD void load_chunk(const T* row, int64_t column, int64_t stride, float (&o
 // barrier. packs = 0 keeps nothing.
 template <typename T>
 struct RowCache {
-  static constexpr int kVec = kPackBytes / sizeof(T);
-  Pack<T, kVec>* slots = nullptr;  // [stream][pack]: the present streams in order student, teacher, reference
+  using Slot = Pack<T, kPackElements<T>>;
+  Slot* slots = nullptr;  // [stream][pack]: the present streams in order student, teacher, reference
   int64_t packs = 0;
 
-  SMSKD_HD Pack<T, kVec>* slot(int stream, int64_t pack) const { return slots + stream * packs + pack; }
+  SMSKD_HD Slot* slot(int stream, int64_t pack) const { return slots + stream * packs + pack; }
 };
 
-// load_chunk that also stores the chunk's packs in their cache slots when kKeep (sweep 1); pack is
-// the row's index of the chunk's first pack (RowSweep::run_kept).
-template <int P, int N, bool kKeep, typename T>
-SMSKD_HD void load_chunk_keeping(const T* row, int64_t column, int64_t stride, float (&out)[P * N],
-                                 const RowCache<T>& cache, int stream, int64_t pack) {
+// P packs of N elements of a row (pack p at column + p * stride) as floats, each one load. kKeep
+// (sweep 1) also stores them in their slots of cache, of which pack is the row's index of the
+// chunk's first pack (RowSweep::run_kept).
+template <int P, int N, bool kKeep = false, typename T>
+SMSKD_HD void load_chunk(const T* row, int64_t column, int64_t stride, float (&out)[P * N],
+                         const RowCache<T>& cache = {}, int stream = 0, int64_t pack = 0) {
 #pragma unroll
   for (int p = 0; p < P; ++p) {
     const Pack<T, N> loaded = *reinterpret_cast<const Pack<T, N>*>(row + column + p * stride);
@@ -532,9 +518,9 @@ struct RowMath {
                            int64_t pack = 0) const {
     constexpr int M = P * N;
     float s[M], t[M], r[M], d[M];
-    load_chunk_keeping<P, N, kKeep>(s_row, c, stride, s, cache, 0, pack);
-    if (kTeacher) load_chunk_keeping<P, N, kKeep>(t_row, c, stride, t, cache, kTeacherSlot, pack);
-    if (kRef) load_chunk_keeping<P, N, kKeep>(r_row, c, stride, r, cache, kRefSlot, pack);
+    load_chunk<P, N, kKeep>(s_row, c, stride, s, cache, 0, pack);
+    if (kTeacher) load_chunk<P, N, kKeep>(t_row, c, stride, t, cache, kTeacherSlot, pack);
+    if (kRef) load_chunk<P, N, kKeep>(r_row, c, stride, r, cache, kRefSlot, pack);
     add_values<Need::kStudent1, Need::kStudentT, false, kPower>(st.s, s, d, k1, kT);
     if (kTeacher) {
 #pragma unroll
@@ -638,7 +624,7 @@ __device__ __forceinline__ void process_rows(const Params& prm, const T* student
   extern __shared__ __align__(16) unsigned char row_cache_memory[];
   RowCache<T> cache;
   if constexpr (kRowsPerBlock == 1) {
-    cache.slots = reinterpret_cast<Pack<T, RowCache<T>::kVec>*>(row_cache_memory);
+    cache.slots = reinterpret_cast<typename RowCache<T>::Slot*>(row_cache_memory);
     cache.packs = prm.row_cache_packs;
   }
 

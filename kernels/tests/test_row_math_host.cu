@@ -126,7 +126,7 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
 
   int bad = 0;
   // The row cache's slots, as the kernel's dynamic shared memory would hold them.
-  using Slot = smskd::kernels::Pack<T, RowCache<T>::kVec>;
+  using Slot = typename RowCache<T>::Slot;
   std::vector<Slot> slots(Math::kStreams * k.cache_packs);
   RowCache<T> cache;
   cache.slots = slots.data();
@@ -142,7 +142,7 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
       if (decltype(kept)::value)
         for (int p = 0; p < decltype(packs)::value; ++p) {
           kept_columns.push_back(c + p * stride);
-          if (pack + p * kThreads != (c + p * stride - sweep.head) / RowCache<T>::kVec && bad++ < 3)
+          if (pack + p * kThreads != (c + p * stride - sweep.head) / smskd::kernels::kPackElements<T> && bad++ < 3)
             std::printf("  pack index %lld is not that of column %lld\n", (long long)(pack + p * kThreads),
                         (long long)(c + p * stride));
         }
@@ -165,7 +165,7 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
     std::printf("  %zu packs kept, want %lld\n", kept_columns.size(), (long long)capacity);
   for (int64_t column : kept_columns)
     for (int i = 0; i < 3; ++i)
-      for (int e = 0; e < RowCache<T>::kVec; ++e) encode(dtype, NAN, raw[i].data() + (k.offset + column + e) * elem);
+      for (int e = 0; e < smskd::kernels::kPackElements<T>; ++e) encode(dtype, NAN, raw[i].data() + (k.offset + column + e) * elem);
   // As the kernel: the scale a launch without grad_scale reads, then one with k.grad_scale.
   const RowResult unscaled = with_gradient_scale(res, gradient_scale(prm, true));
   prm.grad_scale = &k.grad_scale;
@@ -234,7 +234,7 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
               bad ? "FAIL" : "ok  ", name_of(dtype), kThreads, (long long)k.cols, (long long)k.offset, k.vectorized,
               kTarget, kTeacher, kRef, int(k.weighting), k.masked, k.grad_scale, k.temperature, kPower,
               (long long)k.cache_packs,
-              (long long)(kept_columns.size() * RowCache<T>::kVec));
+              (long long)(kept_columns.size() * smskd::kernels::kPackElements<T>));
   if (bad) ++failures;
 }
 
@@ -298,7 +298,7 @@ void run_dtype(smskd_dtype dtype, std::mt19937& rng) {
           run_inputs<T, 512>(dtype, k, rng);
           // The block-per-row layouts with a row cache: the whole row, a capacity of whole unrolled pairs
           // (part of the longer rows, as the launcher sizes it), and an odd one (a pair straddles it).
-          for (int64_t packs : {cols, int64_t{2 * 256}, int64_t{2 * 512}, cols / (2 * RowCache<T>::kVec) + 1}) {
+          for (int64_t packs : {cols, int64_t{2 * 256}, int64_t{2 * 512}, cols / (2 * smskd::kernels::kPackElements<T>) + 1}) {
             Case cached = k;
             cached.cache_packs = packs;
             if (packs != 2 * 512) run_inputs<T, 256>(dtype, cached, rng);

@@ -87,19 +87,22 @@ def assert_compiled_matches_eager(loss_fn, student, backend):
 
 
 @needs_kernels
+@pytest.mark.parametrize("maxima", ["per_pack", "per_block"])
 @pytest.mark.parametrize("block_c", [16, 128])
-def test_online_kernel_with_many_partial_blocks(block_c):
-    """C = 300 is no multiple of the block: the last block is partial, the maxima grow across blocks."""
+def test_online_kernel_with_many_partial_blocks(block_c, maxima):
+    """C = 300 is no multiple of the block: the last block is partial, the maxima grow across blocks; with
+    a maximum per 16-byte pack (the default) and per block (OnlineConfig.maxima_columns = block_c)."""
     from smskd_fast.backends.triton import launch as triton_launch
 
     student, target, teacher, reference = make_inputs(4, 300, seed=3)
     student[:, 250:] += 8.0  # the running maximum must be rescaled late in the row
+    teacher[2, :200] = float("-inf")  # whole packs and blocks without probability: their sums add 0
     target[1] = -100
     options = LossOptions(temperature=3.0)
     expected, grad = reference_rows(student, target, teacher, reference, options)
     outputs = triton_launch.launch_rows(
         student, target, teacher, reference, 3.0, 1.0, 1.0, 1.0, "inverse_tcp", -100, True,
-        config=triton_launch.OnlineConfig(block_c, 4),
+        config=triton_launch.OnlineConfig(block_c, 4, maxima_columns=block_c if maxima == "per_block" else 0),
     )
     assert_rows_match(outputs, expected, grad, torch.float32)
 

@@ -7,8 +7,9 @@ Two kernels share the same per-row math (the @triton.jit helpers below):
   softmaxes of the gradient reuse the exponentials of the statistics.
 - _smskd_rows_online_kernel: any C up to 262144 and beyond. A program takes one
   row and walks it in column blocks of BLOCK_C, keeping online-softmax statistics
-  (a running maximum per input and per-lane running sums rescaled when the
-  maximum grows), so no row is ever held whole. When the gradient is wanted, a
+  (a running maximum per input and per pack of PACK columns, and per-lane running
+  sums rescaled when it grows; the packs meet the row maximum after the sweep),
+  so no row is ever held whole. When the gradient is wanted, a
   second sweep re-reads the row from its last block back to its first (the
   blocks read last are the likeliest still in L2) and writes d loss_i / d s_i.
 
@@ -194,6 +195,17 @@ def _online_kl_sums(x, s, m_old, m_new, d_T, a, scale_T):
 
 
 @triton.jit
+def _row_sums(m_pack, d, d_T, a, scale_T):
+    """A row's maximum (0 when -inf, as _rescale's m_safe) and its sums at temperature 1 (d) and T (d_T,
+    a: _online_kl_sums'), from per-pack maxima m_pack ([packs, 1]) and the per-lane sums at them: each
+    pack's sums rescaled once to the row maximum (0 for a pack of -inf), then added."""
+    m_row = tl.max(m_pack)
+    alpha, m_safe = _rescale(m_pack, m_row, LOG2E)
+    alpha_T, _ = _rescale(m_pack, m_row, scale_T)
+    return m_safe, tl.sum(d * alpha), tl.sum(d_T * alpha_T), tl.sum(a * alpha_T)
+
+
+@triton.jit
 def _kl_from_sums(a_sum, d_sum, m_safe, ms_s, log_d_sT, temperature):
     """KL(softmax(x/T) || softmax(s/T)) = A / (D T) - lse(x/T) + lse(s/T), from the row sums of _online_kl_sums
     at the maximum m_safe (0 when it was -inf); lse(x/T) = m_safe / T + log D, lse(s/T) = ms_s / T + log_d_sT.
@@ -303,9 +315,13 @@ def _smskd_rows_online_kernel(
     temperature, ce_weight, kd_weight, ref_weight, ignore_index,
     HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_REFERENCE: tl.constexpr,
     WEIGHTING: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, BLOCK_C: tl.constexpr,
-    ROW_ALIGN: tl.constexpr, T_POWER: tl.constexpr,
+    PACK: tl.constexpr, ROW_ALIGN: tl.constexpr, T_POWER: tl.constexpr,
 ):
-    """One program per row; column blocks with online statistics; optional gradient sweep."""
+    """One program per row; column blocks with online statistics; optional gradient sweep.
+
+    The statistics sweep keeps a running maximum per pack of PACK consecutive columns (launch.OnlineConfig:
+    one thread's 16-byte load), so that a step reduces no maximum over the block (no shuffles, barriers or
+    shared memory per step); the packs' sums meet the row maximum once, after the sweep (_row_sums)."""
     temperature, ce_weight, kd_weight, ref_weight = _fp32_scalars(temperature, ce_weight, kd_weight, ref_weight)
     num_classes, student_stride, teacher_stride, reference_stride, grad_stride = _aligned(
         num_classes, student_stride, teacher_stride, reference_stride, grad_stride, ROW_ALIGN)
@@ -324,22 +340,22 @@ def _smskd_rows_online_kernel(
         valid = y != ignore_index
 
     if valid:
-        neg_inf = tl.full([], float("-inf"), tl.float32)
-        m_s = neg_inf
-        m_t = neg_inf
-        m_r = neg_inf
-        d_s = tl.zeros([BLOCK_C], tl.float32)
-        d_sT = tl.zeros([BLOCK_C], tl.float32)
-        d_t = tl.zeros([BLOCK_C], tl.float32)
-        d_tT = tl.zeros([BLOCK_C], tl.float32)
-        a_t = tl.zeros([BLOCK_C], tl.float32)
-        d_rT = tl.zeros([BLOCK_C], tl.float32)
-        a_r = tl.zeros([BLOCK_C], tl.float32)
+        pack_cols = tl.arange(0, BLOCK_C // PACK)[:, None] * PACK + tl.arange(0, PACK)[None, :]
+        m_s = tl.full([BLOCK_C // PACK, 1], float("-inf"), tl.float32)
+        m_t = m_s
+        m_r = m_s
+        d_s = tl.zeros([BLOCK_C // PACK, PACK], tl.float32)
+        d_sT = d_s
+        d_t = d_s
+        d_tT = d_s
+        a_t = d_s
+        d_rT = d_s
+        a_r = d_s
         for start in range(0, num_classes, BLOCK_C):
-            cols = start + cols0
+            cols = start + pack_cols
             mask = cols < num_classes
             s = tl.load(s_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
-            m_new = tl.maximum(m_s, tl.max(s, 0))
+            m_new = tl.maximum(m_s, tl.max(s, 1, keep_dims=True))
             alpha_T, e_T = _block_exponentials(s, m_s, m_new, scale_T)
             d_sT = d_sT * alpha_T + e_T
             if HAS_TARGET:
@@ -347,7 +363,7 @@ def _smskd_rows_online_kernel(
             m_s = m_new
             if HAS_TEACHER:
                 t = tl.load(t_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
-                m_new = tl.maximum(m_t, tl.max(t, 0))
+                m_new = tl.maximum(m_t, tl.max(t, 1, keep_dims=True))
                 alpha_T, e_T = _block_exponentials(t, m_t, m_new, scale_T)
                 d_tT = d_tT * alpha_T + e_T
                 a_t = a_t * alpha_T + _weighted_diff(e_T, t, s)
@@ -356,22 +372,18 @@ def _smskd_rows_online_kernel(
                 m_t = m_new
             if HAS_REFERENCE:
                 r = tl.load(r_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
-                m_new = tl.maximum(m_r, tl.max(r, 0))
+                m_new = tl.maximum(m_r, tl.max(r, 1, keep_dims=True))
                 d_rT, a_r = _online_kl_sums(r, s, m_r, m_new, d_rT, a_r, scale_T)
                 m_r = m_new
 
-        ms_s = tl.where(m_s == float("-inf"), 0.0, m_s)
-        ms_t = tl.where(m_t == float("-inf"), 0.0, m_t)
-        ms_r = tl.where(m_r == float("-inf"), 0.0, m_r)
-        D_sT = tl.sum(d_sT, 0)
-        D_s = tl.sum(d_s, 0)
-        D_tT = tl.sum(d_tT, 0)
-        D_rT = tl.sum(d_rT, 0)
+        ms_s, D_s, D_sT, _ = _row_sums(m_s, d_s, d_sT, d_sT, scale_T)
+        ms_t, D_t, D_tT, A_t = _row_sums(m_t, d_t, d_tT, a_t, scale_T)
+        ms_r, _, D_rT, A_r = _row_sums(m_r, d_rT, d_rT, a_r, scale_T)
         log_D_sT = tl.log(D_sT)
         lse_s = ms_s + tl.log(D_s)
-        lse_t = ms_t + tl.log(tl.sum(d_t, 0))
-        kl_t = _kl_from_sums(tl.sum(a_t, 0), D_tT, ms_t, ms_s, log_D_sT, temperature)
-        kl_r = _kl_from_sums(tl.sum(a_r, 0), D_rT, ms_r, ms_s, log_D_sT, temperature)
+        lse_t = ms_t + tl.log(D_t)
+        kl_t = _kl_from_sums(A_t, D_tT, ms_t, ms_s, log_D_sT, temperature)
+        kl_r = _kl_from_sums(A_r, D_rT, ms_r, ms_s, log_D_sT, temperature)
         s_y = tl.zeros([], tl.float32)
         t_y = tl.zeros([], tl.float32)
         if HAS_TARGET:

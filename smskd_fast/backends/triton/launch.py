@@ -45,15 +45,24 @@ class TileConfig:
 
 @dataclass(frozen=True)
 class OnlineConfig:
-    """_smskd_rows_online_kernel: one row per program, BLOCK_C columns per step."""
+    """_smskd_rows_online_kernel: one row per program, BLOCK_C columns per step. maxima_columns: the
+    columns that share a running maximum in the statistics sweep; 0 (the default) one thread's 16-byte
+    load, so that no step reduces over the block; block_c one per step, a block-wide reduction each
+    (the kernel before stop 27, kept in the sweep to be measured against)."""
 
     block_c: int
     num_warps: int
+    maxima_columns: int = 0
+
+    def pack(self, element_size: int) -> int:
+        """The kernel's PACK for logits of element_size bytes."""
+        return self.maxima_columns or 16 // element_size
 
 
 ONLINE_CONFIGS: Tuple[OnlineConfig, ...] = (
     OnlineConfig(1024, 4),
     OnlineConfig(2048, 8),
+    OnlineConfig(2048, 8, maxima_columns=2048),
     OnlineConfig(4096, 8),
     OnlineConfig(4096, 16),
 )
@@ -213,6 +222,6 @@ def launch_rows(
         online = config or online_config(num_classes)
         wrap(kernels._smskd_rows_online_kernel)[(num_rows,)](
             *common, num_classes, *strides, *scalars, **flags,
-            BLOCK_C=online.block_c, num_warps=online.num_warps,
+            BLOCK_C=online.block_c, PACK=online.pack(student.element_size()), num_warps=online.num_warps,
         )
     return (*per_row, grad)

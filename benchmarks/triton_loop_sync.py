@@ -48,11 +48,11 @@ def rows():
     for job in jobs:
         for instructions in sass_loops.parse_functions(sass_of(job)).values():
             for loop in sass_loops.find_loops(instructions):
-                if loop.sweep() not in ("statistics", "gradient"):
+                if loop.sweep not in ("statistics", "gradient"):
                     continue
                 body = [ins for ins in instructions if loop.start <= ins.address <= loop.end]
                 ops = collections.Counter(ins.opcode.split(".")[0] for ins in body)
-                yield (job.config, job.num_warps, job.variant, job.dtype, loop.sweep(), len(body),
+                yield (job.config, job.num_warps, job.variant, job.dtype, loop.sweep, len(body),
                        *(ops[name] for name in COUNTED))
 
 

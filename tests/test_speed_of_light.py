@@ -57,7 +57,7 @@ def test_table_shows_share_and_ratios():
     line = text.splitlines()[2]
     # triton 0.5 ms: 4194 GB/s = 105% of copy (impossible on a GPU, fine for the arithmetic), 2.00x, 6.00x.
     assert line == ("| 8192x32000 bfloat16 | 4.000 | 1.000 | 3.000 | 1.000 (52%, 1.00x compile, 3.00x Liger) | "
-                    "0.500 (105%, 2.00x compile, 6.00x Liger) | - | - | - | - | - |")
+                    "0.500 (105%, 2.00x compile, 6.00x Liger) | - | - | - | - | - | - |")
 
 
 def test_the_row_cache_candidate_is_shown_and_not_held_to_the_targets():
@@ -81,6 +81,29 @@ def test_the_any_temperature_candidates_run_the_generic_kernels_beside_the_t2_on
     assert speed_of_light.missed_targets(measured, COPY_GBPS) == []  # candidates are not held to the targets
     assert "| 0.900 (58%, 1.11x compile, 4.44x Liger) | 1.100 (48%, 0.91x compile, 3.64x Liger) |" in (
         speed_of_light.table(measured, COPY_GBPS))
+
+
+def test_the_block_maxima_candidate_launches_that_configuration_during_each_call_only():
+    triton_launch = pytest.importorskip("smskd_fast.backends.triton.launch")
+    default = triton_launch.online_config(32000)
+    config = speed_of_light.block_maxima_config()
+    assert (config.block_c, config.num_warps) == (default.block_c, default.num_warps)
+    assert config.pack(2) == config.pack(4) == default.block_c and default.pack(2) == 8
+    assert config in triton_launch.ONLINE_CONFIGS  # compiled and spill-checked in CI (tests/test_triton_aot.py)
+    seen = []
+
+    def loss(*args):
+        seen.append(triton_launch.online_config(32000))
+        if args:
+            raise RuntimeError("a failing call")
+        return 1.0
+
+    patched = speed_of_light.with_online_config(loss, config)
+    assert patched() == 1.0
+    with pytest.raises(RuntimeError):
+        patched("fail")
+    assert seen == [config, config]
+    assert triton_launch.online_config(32000) == default
 
 
 @pytest.mark.parametrize("before", [None, "4096"])

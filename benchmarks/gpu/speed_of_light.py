@@ -4,7 +4,8 @@ For each shape and dtype, forward+backward of the mean SMSKD loss (target, teach
 T = 2; bench_grid's implementations): eager, torch.compile of the eager composition, the Liger
 composition (CE + 2 KL), cuda and triton with the dense teacher, cuda keeping each row on chip
 between its sweeps (cuda_rowcache, C > 2048: a candidate, not held to the targets), cuda/triton at T = 2 + 1 float32 ulp
-(cuda_anyT, triton_anyT, C >= 32000: the kernels for any T, beside the T = 2 ones; candidates), and cuda/triton with the teacher
+(cuda_anyT, triton_anyT, C >= 32000: the kernels for any T, beside the T = 2 ones; candidates), triton with one running
+maximum per column block (triton_blockmax, C >= 32000: the online kernel before stop 27; a candidate), and cuda/triton with the teacher
 in top-k form (k = 64; no compiled or Liger top-k exists, so those columns compare with the dense
 baselines a user would otherwise run). Per fused backend: ms, % of the measured copy bandwidth on
 floor bytes (N*C*(3 reads + 1 write)*element size dense; N*C*(2 reads + 1 write) top-k), and the
@@ -45,8 +46,9 @@ TOPK = ("cuda_topk", "triton_topk")
 # layouts can keep them (C > 2048; the table's are 32000 and up); and both fused backends at the next
 # float above T = 2, which runs their kernels for any temperature instead of those that take the T = 1
 # exponentials from the ones at T (temperature_power): the ratio to the cuda / triton columns is that
-# change's gain, at the shapes where the exponentials may bind (C >= 32000).
-CANDIDATES = ("cuda_rowcache", "cuda_anyT", "triton_anyT")
+# change's gain, at the shapes where the exponentials may bind (C >= 32000); and Triton's online kernel with
+# a running maximum per column block (a block-wide reduction each step) instead of per 16-byte pack.
+CANDIDATES = ("cuda_rowcache", "cuda_anyT", "triton_anyT", "triton_blockmax")
 ROW_CACHE_VARIABLE = "SMSKD_FAST_CUDA_ROW_CACHE_BYTES"
 # The next float32 above T = 2 (the kernels take T as a float32: the next double would round back to 2).
 ANY_TEMPERATURE = torch.nextafter(torch.tensor(bench_grid.TEMPERATURE), torch.tensor(math.inf)).item()
@@ -71,6 +73,29 @@ def with_row_cache(loss_fn: Callable, request: str = "max") -> Callable:
             else:
                 os.environ[ROW_CACHE_VARIABLE] = previous
     return loss
+
+
+def with_online_config(loss_fn: Callable, config) -> Callable:
+    """loss_fn with the Triton launcher's online configuration replaced by config during each call
+    (the launcher looks it up per launch); the launcher's own is restored after it."""
+    from smskd_fast.backends.triton import launch as triton_launch
+
+    def loss(*args):
+        chooser = triton_launch.online_config
+        triton_launch.online_config = lambda num_classes: config
+        try:
+            return loss_fn(*args)
+        finally:
+            triton_launch.online_config = chooser
+    return loss
+
+
+def block_maxima_config():
+    """The default online configuration with one running maximum per column block."""
+    from smskd_fast.backends.triton import launch as triton_launch
+
+    default = triton_launch.DEFAULT_ONLINE_CONFIG
+    return triton_launch.OnlineConfig(default.block_c, default.num_warps, maxima_columns=default.block_c)
 
 
 def floor_bytes(impl: str, n: int, c: int, dtype: torch.dtype) -> int:
@@ -180,6 +205,8 @@ def candidates() -> Dict[str, Tuple[int, Callable[[], Callable]]]:
         "cuda_rowcache": (2049, lambda: with_row_cache(bench_grid.smskd_fast_loss("cuda"))),
         "cuda_anyT": (32000, lambda: bench_grid.smskd_fast_loss("cuda", temperature=ANY_TEMPERATURE)),
         "triton_anyT": (32000, lambda: bench_grid.smskd_fast_loss("triton", temperature=ANY_TEMPERATURE)),
+        "triton_blockmax": (32000, lambda: with_online_config(bench_grid.smskd_fast_loss("triton"),
+                                                              block_maxima_config())),
     }
 
 

@@ -107,6 +107,18 @@ def test_online_kernel_with_many_partial_blocks(block_c, maxima):
     assert_rows_match(outputs, expected, grad, torch.float32)
 
 
+def test_online_maxima_are_per_16_byte_pack_only_where_rows_allow_16_byte_loads():
+    """A pack is one thread's 16-byte load; rows whose C or strides break 16-byte alignment (row_alignment)
+    take one maximum per block instead (a pack would spread over threads: benchmarks/triton_loop_sync.py)."""
+    triton_launch = pytest.importorskip("smskd_fast.backends.triton.launch")
+    config = triton_launch.OnlineConfig(2048, 8)
+    assert (config.pack(2), config.pack(4)) == (8, 4)
+    assert (config.pack(2, triton_launch.row_alignment(32000, 32000)), config.pack(4, 4)) == (8, 4)
+    assert config.pack(2, triton_launch.row_alignment(50257, 50257)) == 2048  # GPT-2's vocabulary
+    assert (config.pack(2, 4), config.pack(4, 2)) == (2048, 2048)
+    assert triton_launch.OnlineConfig(2048, 8, maxima_columns=2048).pack(2) == 2048
+
+
 def test_temperature_power_is_chosen_as_the_cuda_launcher_chooses():
     temperature_power = pytest.importorskip("smskd_fast.backends.triton.kernels").temperature_power
 

@@ -319,9 +319,10 @@ def _smskd_rows_online_kernel(
 ):
     """One program per row; column blocks with online statistics; optional gradient sweep.
 
-    The statistics sweep keeps a running maximum per pack of PACK consecutive columns (launch.OnlineConfig:
-    one thread's 16-byte load), so that a step reduces no maximum over the block (no shuffles, barriers or
-    shared memory per step); the packs' sums meet the row maximum once, after the sweep (_row_sums)."""
+    The statistics sweep keeps a running maximum per pack of PACK consecutive columns (launch.OnlineConfig.pack:
+    one thread's 16-byte load where the rows allow 16-byte loads, else the whole block), so that a step reduces
+    no maximum over the block (no shuffles, barriers or shared memory per step); the packs' sums meet the row
+    maximum once, after the sweep (_row_sums)."""
     temperature, ce_weight, kd_weight, ref_weight = _fp32_scalars(temperature, ce_weight, kd_weight, ref_weight)
     num_classes, student_stride, teacher_stride, reference_stride, grad_stride = _aligned(
         num_classes, student_stride, teacher_stride, reference_stride, grad_stride, ROW_ALIGN)

@@ -47,16 +47,23 @@ class TileConfig:
 class OnlineConfig:
     """_smskd_rows_online_kernel: one row per program, BLOCK_C columns per step. maxima_columns: the
     columns that share a running maximum in the statistics sweep; 0 (the default) one thread's 16-byte
-    load, so that no step reduces over the block; block_c one per step, a block-wide reduction each
-    (the kernel before stop 27, kept in the sweep to be measured against)."""
+    load where the rows allow 16-byte loads, so that no step reduces over the block, and block_c
+    where they do not; block_c one per step, a block-wide reduction each (the kernel before stop 27,
+    kept in the sweep to be measured against)."""
 
     block_c: int
     num_warps: int
     maxima_columns: int = 0
 
-    def pack(self, element_size: int) -> int:
-        """The kernel's PACK for logits of element_size bytes."""
-        return self.maxima_columns or 16 // element_size
+    def pack(self, element_size: int, row_align: int = 16) -> int:
+        """The kernel's PACK for logits of element_size bytes in rows aligned to row_align elements
+        (row_alignment). Without 16-byte rows a thread's loads are narrower than a pack, Triton spreads
+        each pack over threads and a thread holds several (one rescale factor each, and shuffles):
+        one maximum per block is then the cheaper (sm_90 SASS, C odd: 722 instead of 507 instructions
+        per step)."""
+        if self.maxima_columns:
+            return self.maxima_columns
+        return 16 // element_size if row_align * element_size >= 16 else self.block_c
 
 
 ONLINE_CONFIGS: Tuple[OnlineConfig, ...] = (
@@ -202,8 +209,9 @@ def launch_rows(
         grad.stride(0) if compute_grad else 0,
     )
     scalars = (float(temperature), float(ce_weight), float(kd_weight), float(ref_weight), int(ignore_index))
+    row_align = row_alignment(num_classes, *strides)
     flags = dict(
-        ROW_ALIGN=row_alignment(num_classes, *strides),
+        ROW_ALIGN=row_align,
         HAS_TARGET=target is not None,
         HAS_TEACHER=teacher is not None,
         HAS_REFERENCE=reference is not None,
@@ -222,6 +230,6 @@ def launch_rows(
         online = config or online_config(num_classes)
         wrap(kernels._smskd_rows_online_kernel)[(num_rows,)](
             *common, num_classes, *strides, *scalars, **flags,
-            BLOCK_C=online.block_c, PACK=online.pack(student.element_size()), num_warps=online.num_warps,
+            BLOCK_C=online.block_c, PACK=online.pack(student.element_size(), row_align), num_warps=online.num_warps,
         )
     return (*per_row, grad)

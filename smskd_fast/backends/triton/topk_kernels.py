@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from smskd_fast.backends.triton.kernels import (LOG2E, _aligned, _fp32_scalars, _gradient_weights, _kl_from_sums,
-                                                _online_kl_sums, _online_unit_sum, _rescale, _row_terms,
+                                                _online_kl_sums, _online_unit_sum, _rescale, _row_sums, _row_terms,
                                                 _store_ignored_row, _store_row_terms, _unit_root, _unit_softmax,
                                                 _weighted_diff)
 
@@ -58,15 +58,22 @@ def _negative_expm1(x):
 
 
 @triton.jit
-def _tile_sum(x):
-    """The sum of a [BLOCK_C // 32, 32] tile."""
-    return tl.sum(tl.sum(x, 1), 0)
+def _word_maxima(x, TILE_MAXIMA: tl.constexpr):
+    """The maxima a [BLOCK_C // 32, 32] tile adds to the running ones: one per 32-column word ([rows, 1]) in
+    column blocks, so that no block reduces its maxima over the block (as kernels._smskd_rows_online_kernel's
+    packs); with TILE_MAXIMA the tile's own (a scalar): a whole row has no later block to rescale for, and
+    rows without 16-byte loads would spread each word over more threads than a block reduction costs."""
+    if TILE_MAXIMA:
+        m = tl.max(tl.max(x, 1), 0)
+    else:
+        m = tl.max(x, 1, keep_dims=True)
+    return m
 
 
 @triton.jit
-def _tile_max(x):
-    """The maximum of a [BLOCK_C // 32, 32] tile."""
-    return tl.max(tl.max(x, 1), 0)
+def _tile_sum(x):
+    """The sum of a [BLOCK_C // 32, 32] tile."""
+    return tl.sum(tl.sum(x, 1), 0)
 
 
 @triton.jit
@@ -88,10 +95,11 @@ def _kept_block(v_row, i_row, kk, num_kept, num_classes):
 
 @triton.jit
 def _sweep_block(s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T,
-                 HAS_TARGET: tl.constexpr, HAS_REFERENCE: tl.constexpr, T_POWER: tl.constexpr):
-    """Adds one block to the per-lane online sums (the maxima are per row, the sums per lane); with T_POWER
-    (kernels.temperature_power) the T = 1 sums d_s from the exponentials at T."""
-    m_new = tl.maximum(m_s, _tile_max(s))
+                 HAS_TARGET: tl.constexpr, HAS_REFERENCE: tl.constexpr, T_POWER: tl.constexpr,
+                 TILE_MAXIMA: tl.constexpr):
+    """Adds one block to the per-lane online sums (the maxima per word or tile: _word_maxima; the sums per
+    lane); with T_POWER (kernels.temperature_power) the T = 1 sums d_s from the exponentials at T."""
+    m_new = tl.maximum(m_s, _word_maxima(s, TILE_MAXIMA))
     alpha_T, ms = _rescale(m_s, m_new, scale_T)
     e_sT = tl.exp2((s - ms) * scale_T)
     d_sT = d_sT * alpha_T + e_sT
@@ -100,7 +108,7 @@ def _sweep_block(s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T,
         d_s = _online_unit_sum(d_s, m_s, m_new, s, alpha_T, e_sT, T_POWER)
     m_s = m_new
     if HAS_REFERENCE:
-        m_new = tl.maximum(m_r, _tile_max(r))
+        m_new = tl.maximum(m_r, _word_maxima(r, TILE_MAXIMA))
         d_rT, a_r = _online_kl_sums(r, s, m_r, m_new, d_rT, a_r, scale_T)
         m_r = m_new
     return m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r
@@ -173,7 +181,11 @@ def _smskd_topk_rows_kernel(
 
     if valid:
         # Phase A: the dense sweep.
-        m_s = tl.full([], float("-inf"), tl.float32)
+        TILE_MAXIMA: tl.constexpr = WHOLE_ROW or ROW_ALIGN * student_ptr.dtype.element_ty.primitive_bitwidth < 128
+        if TILE_MAXIMA:
+            m_s = tl.full([], float("-inf"), tl.float32)
+        else:
+            m_s = tl.full([BLOCK_C // 32, 1], float("-inf"), tl.float32)
         m_r = m_s
         d_s = tl.zeros([BLOCK_C // 32, 32], tl.float32)
         d_sT = tl.zeros([BLOCK_C // 32, 32], tl.float32)
@@ -185,24 +197,30 @@ def _smskd_topk_rows_kernel(
             kept = _kept(bits_row, 0, num_classes, BLOCK_C)
             m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r = _sweep_block(
                 s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T, HAS_TARGET, HAS_REFERENCE,
-                T_POWER)
+                T_POWER, TILE_MAXIMA)
         else:
             for start in range(0, num_classes, BLOCK_C):
                 s, r, mask = _load_block(s_row, r_row, start + cols0, num_classes, HAS_REFERENCE, "evict_last")
                 kept = _kept(bits_row, start, num_classes, BLOCK_C)
                 m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r = _sweep_block(
                     s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T, HAS_TARGET, HAS_REFERENCE,
-                    T_POWER)
-        ms_s = tl.where(m_s == float("-inf"), 0.0, m_s)
-        ms_r = tl.where(m_r == float("-inf"), 0.0, m_r)
-        D_sT = _tile_sum(d_sT)
-        D_s = _tile_sum(d_s)
-        D_rT = _tile_sum(d_rT)
-        rest_sum = _tile_sum(d_rest)
+                    T_POWER, TILE_MAXIMA)
+        if TILE_MAXIMA:  # one maximum per stream: the sums are at it
+            ms_s = tl.where(m_s == float("-inf"), 0.0, m_s)
+            ms_r = tl.where(m_r == float("-inf"), 0.0, m_r)
+            D_sT = _tile_sum(d_sT)
+            D_s = _tile_sum(d_s)
+            D_rT = _tile_sum(d_rT)
+            rest_sum = _tile_sum(d_rest)
+        else:  # the words' sums rescaled to the row's maxima
+            ms_s, D_s, D_sT, rest_sum = _row_sums(m_s, d_s, d_sT, d_rest, scale_T)
+            ms_r, _unit_sum_r, D_rT, A_r = _row_sums(m_r, d_rT, d_rT, a_r, scale_T)  # (no T = 1 sum of r)
         log_D_sT = tl.log(D_sT)
         lse_sT = ms_s / temperature + log_D_sT
         lse_s = ms_s + tl.log(D_s)
-        kl_r = _kl_from_sums(_tile_sum(a_r), D_rT, ms_r, ms_s, log_D_sT, temperature)
+        if TILE_MAXIMA:
+            A_r = _tile_sum(a_r)
+        kl_r = _kl_from_sums(A_r, D_rT, ms_r, ms_s, log_D_sT, temperature)
 
         # Phase B: the kept classes.
         lse_T = tl.load(lse_T_ptr + row)

@@ -117,6 +117,10 @@ def test_online_maxima_are_per_16_byte_pack_only_where_rows_allow_16_byte_loads(
     assert config.pack(2, triton_launch.row_alignment(50257, 50257)) == 2048  # GPT-2's vocabulary
     assert (config.pack(2, 4), config.pack(4, 2)) == (2048, 2048)
     assert triton_launch.OnlineConfig(2048, 8, maxima_columns=2048).pack(2) == 2048
+    assert triton_launch.OnlineConfig(4, 1).pack(2) == 4  # a block narrower than a pack is one pack
+    for block_c, maxima_columns in ((48, 0), (64, 32 + 16), (64, 128)):
+        with pytest.raises(ValueError, match="block_c|maxima_columns"):
+            triton_launch.OnlineConfig(block_c, 4, maxima_columns=maxima_columns)
 
 
 def test_temperature_power_is_chosen_as_the_cuda_launcher_chooses():

@@ -55,6 +55,13 @@ class OnlineConfig:
     num_warps: int
     maxima_columns: int = 0
 
+    def __post_init__(self):
+        if self.block_c < 1 or self.block_c & (self.block_c - 1):
+            raise ValueError(f"block_c must be a power of two, got {self.block_c}")
+        if self.maxima_columns and (self.maxima_columns & (self.maxima_columns - 1) or self.maxima_columns > self.block_c):
+            raise ValueError(f"maxima_columns must be 0 or a power of two <= block_c = {self.block_c}, "
+                             f"got {self.maxima_columns}")
+
     def pack(self, element_size: int, row_align: int = 16) -> int:
         """The kernel's PACK for logits of element_size bytes in rows aligned to row_align elements
         (row_alignment). Without 16-byte rows a thread's loads are narrower than a pack, Triton spreads
@@ -63,7 +70,7 @@ class OnlineConfig:
         per step)."""
         if self.maxima_columns:
             return self.maxima_columns
-        return 16 // element_size if row_align * element_size >= 16 else self.block_c
+        return min(16 // element_size, self.block_c) if row_align * element_size >= 16 else self.block_c
 
 
 ONLINE_CONFIGS: Tuple[OnlineConfig, ...] = (

@@ -131,8 +131,9 @@ def test_dense_op_traces_with_symbolic_sizes(num_classes, device, grad_scale):
                      device == "cpu", grad_scale)
     else:
         online = triton_launch.online_config(num_classes)
-        check_graphs(graphs, inputs, "_smskd_rows_online_kernel", {"BLOCK_C": online.block_c}, device == "cpu",
-                     grad_scale)
+        pack = online.pack(student.element_size(), triton_launch.row_alignment(num_classes))  # rows of C, contiguous
+        check_graphs(graphs, inputs, "_smskd_rows_online_kernel", {"BLOCK_C": online.block_c, "PACK": pack},
+                     device == "cpu", grad_scale)
 
 
 @pytest.mark.parametrize("grad_scale", [False, True], ids=["no_grad_scale", "grad_scale"])

@@ -49,7 +49,6 @@ from smskd_fast.ops.schema import PER_ROW_OUTPUTS, WEIGHTING_CODES  # noqa: E402
 
 ARCHS = (80, 90)
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
-ELEMENT_SIZES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # name: (HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING, COMPUTE_GRAD, T_POWER). The gradient variants
 # are compiled with HAS_GRAD_SCALE (a grad_scale tensor, as reduction="mean" passes it): the superset of
 # the code without one (one fp32 load and three multiplies per program more). T_POWER: 2 is the launch at
@@ -264,10 +263,10 @@ def kernel_jobs(variants, dtypes, archs, scalars: str) -> List[Job]:
                                       scalars))
                 for online in launch.ONLINE_CONFIGS:
                     maxima = f" maxima per {online.maxima_columns}" if online.maxima_columns else ""
-                    pack = online.pack(ELEMENT_SIZES[dtype])
                     result.append(Job("_smskd_rows_online_kernel", f"BLOCK_C={online.block_c}{maxima}",
                                       variant, dtype, arch, online.num_warps,
-                                      flags + (("BLOCK_C", online.block_c), ("PACK", pack), ("ROW_ALIGN", 16)),
+                                      flags + (("BLOCK_C", online.block_c),
+                                               ("MAXIMA_COLUMNS", online.maxima_columns), ("ROW_ALIGN", 16)),
                                       scalars))
                 if variant in TOPK_VARIANTS:
                     result.extend(topk_jobs(variant, dtype, arch, scalars))

@@ -107,10 +107,36 @@ def test_online_kernel_with_many_partial_blocks(block_c, maxima):
     assert_rows_match(outputs, expected, grad, torch.float32)
 
 
+@needs_kernels
+def test_online_kernel_on_rows_off_16_byte_boundaries():
+    """Logits viewed from a flat buffer at an odd element (storage offset 1): the launcher's ROW_ALIGN is 1,
+    the kernel keeps one maximum per block, and the rows match the float64 reference."""
+    from smskd_fast.backends.triton import launch as triton_launch
+
+    student, target, teacher, reference = make_inputs(4, 320, seed=5)
+    student[:, 200:] += 6.0
+    shifted = [torch.cat([x.new_zeros(1), x.reshape(-1)])[1:].view(x.shape) for x in (student, teacher, reference)]
+    assert triton_launch.logits_row_alignment(320, shifted) == 1
+    options = LossOptions(temperature=2.0)
+    expected, grad = reference_rows(student, target, teacher, reference, options)
+    outputs = triton_launch.launch_rows(shifted[0], target, shifted[1], shifted[2], 2.0, 1.0, 1.0, 1.0,
+                                        "inverse_tcp", -100, True, config=triton_launch.OnlineConfig(64, 4))
+    assert_rows_match(outputs, expected, grad, torch.float32)
+
+
 def test_online_maxima_are_per_16_byte_pack_only_where_rows_allow_16_byte_loads():
-    """A pack is one thread's 16-byte load; rows whose C or strides break 16-byte alignment (row_alignment)
-    take one maximum per block instead (a pack would spread over threads: benchmarks/triton_loop_sync.py)."""
+    """A pack is one thread's 16-byte load; rows whose C, strides or offsets break 16-byte alignment
+    (logits_row_alignment) take one maximum per block instead (a pack would spread over threads:
+    benchmarks/triton_loop_sync.py). The kernels and the launchers share the rule (kernels.sixteen_byte_loads)."""
     triton_launch = pytest.importorskip("smskd_fast.backends.triton.launch")
+    kernels = pytest.importorskip("smskd_fast.backends.triton.kernels")
+    assert [kernels.sixteen_byte_loads(align, bits) for align, bits in ((16, 16), (8, 16), (4, 32), (4, 16), (2, 32))] \
+        == [True, True, True, False, False]
+    rows = torch.zeros(2 * 32000 + 8)
+    assert triton_launch.logits_row_alignment(32000, (rows[:64000].view(2, 32000), None)) == 16
+    assert triton_launch.logits_row_alignment(32000, (rows[8:].view(2, 32000), None)) == 8  # storage offset 8
+    assert triton_launch.logits_row_alignment(32000, (rows[:64000].view(2, 32000), rows[2:64002].view(2, 32000))) == 2
+    assert triton_launch.logits_row_alignment(1000, (rows[:64000].view(32, 2000)[:, :1000],)) == 8  # C = 1000
     config = triton_launch.OnlineConfig(2048, 8)
     assert (config.pack(2), config.pack(4)) == (8, 4)
     assert (config.pack(2, triton_launch.row_alignment(32000, 32000)), config.pack(4, 4)) == (8, 4)

@@ -125,14 +125,15 @@ def test_dense_op_traces_with_symbolic_sizes(num_classes, device, grad_scale):
     args += (inputs.empty(()),) if grad_scale else ()
     graphs = trace(torch.ops.smskd_fast.smskd_loss_rows_triton, inputs, args, backward=device == "cpu",
                    grad_scale=grad_scale)
+    row_align = triton_launch.row_alignment(num_classes)  # rows of C, contiguous, at offset 0
     if num_classes <= triton_launch.TILE_MAX_C:
         tile = triton_launch.tile_config(num_classes)
-        check_graphs(graphs, inputs, "_smskd_rows_tile_kernel", {"ROWS": tile.rows, "BLOCK_C": tile.block_c},
-                     device == "cpu", grad_scale)
+        check_graphs(graphs, inputs, "_smskd_rows_tile_kernel",
+                     {"ROWS": tile.rows, "BLOCK_C": tile.block_c, "ROW_ALIGN": row_align}, device == "cpu", grad_scale)
     else:
         online = triton_launch.online_config(num_classes)
-        pack = online.pack(student.element_size(), triton_launch.row_alignment(num_classes))  # rows of C, contiguous
-        check_graphs(graphs, inputs, "_smskd_rows_online_kernel", {"BLOCK_C": online.block_c, "PACK": pack},
+        check_graphs(graphs, inputs, "_smskd_rows_online_kernel",
+                     {"BLOCK_C": online.block_c, "MAXIMA_COLUMNS": online.maxima_columns, "ROW_ALIGN": row_align},
                      device == "cpu", grad_scale)
 
 

@@ -103,6 +103,29 @@ def _gradient_weights(grad_scale_ptr, ce_weight, kd_weight, ref_weight, HAS_GRAD
     return ce_weight, kd_weight, ref_weight
 
 
+@triton.constexpr_function
+def sixteen_byte_loads(row_align, element_bits):
+    """Whether rows aligned to row_align elements (ROW_ALIGN: C, the row strides and the tensors'
+    offsets) of element_bits-bit logits give each thread 16-byte loads. A running maximum per load
+    (kernels._smskd_rows_online_kernel's packs, topk_kernels' words) is only cheaper than one per
+    column block there: with narrower loads Triton spreads each pack over threads and a thread holds
+    several, each with its own rescale factor and shuffles (sm_90, C odd: 722 instead of 507
+    instructions per step). The one statement of that rule, for both kernels and the launchers."""
+    return row_align * element_bits >= 128
+
+
+@triton.constexpr_function
+def online_pack(block_c, maxima_columns, row_align, element_bits):
+    """The columns that share a running maximum in the online kernel's statistics sweep: maxima_columns
+    when not 0 (launch.OnlineConfig's override), else one thread's 16-byte load where sixteen_byte_loads,
+    else the whole block (one maximum per block, reduced over it every step)."""
+    if maxima_columns:
+        return maxima_columns
+    if sixteen_byte_loads(row_align, element_bits):
+        return min(128 // element_bits, block_c)
+    return block_c
+
+
 def temperature_power(temperature: float, has_target: bool, softened: bool) -> int:
     """The T_POWER constexpr for a launch: T when T is 1 or 2 and the rows take exponentials at both
     temperatures (a target, and a teacher or reference), else 0 (each exponential its own). T is compared
@@ -315,14 +338,16 @@ def _smskd_rows_online_kernel(
     temperature, ce_weight, kd_weight, ref_weight, ignore_index,
     HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_REFERENCE: tl.constexpr,
     WEIGHTING: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, BLOCK_C: tl.constexpr,
-    PACK: tl.constexpr, ROW_ALIGN: tl.constexpr, T_POWER: tl.constexpr,
+    MAXIMA_COLUMNS: tl.constexpr, ROW_ALIGN: tl.constexpr, T_POWER: tl.constexpr,
 ):
     """One program per row; column blocks with online statistics; optional gradient sweep.
 
-    The statistics sweep keeps a running maximum per pack of PACK consecutive columns (launch.OnlineConfig.pack:
-    one thread's 16-byte load where the rows allow 16-byte loads, else the whole block), so that a step reduces
-    no maximum over the block (no shuffles, barriers or shared memory per step); the packs' sums meet the row
-    maximum once, after the sweep (_row_sums)."""
+    The statistics sweep keeps a running maximum per pack of PACK consecutive columns (online_pack: one
+    thread's 16-byte load where the rows allow 16-byte loads, else the whole block; MAXIMA_COLUMNS, when not 0,
+    forces it), so that a step reduces no maximum over the block (no shuffles, barriers or shared memory per
+    step); the packs' sums meet the row maximum once, after the sweep (_row_sums)."""
+    PACK: tl.constexpr = online_pack(BLOCK_C, MAXIMA_COLUMNS, ROW_ALIGN,
+                                   student_ptr.dtype.element_ty.primitive_bitwidth)
     temperature, ce_weight, kd_weight, ref_weight = _fp32_scalars(temperature, ce_weight, kd_weight, ref_weight)
     num_classes, student_stride, teacher_stride, reference_stride, grad_stride = _aligned(
         num_classes, student_stride, teacher_stride, reference_stride, grad_stride, ROW_ALIGN)

@@ -9,7 +9,7 @@ benchmarks/gpu/ sweeps the online configurations on a GPU to refine the table.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -46,10 +46,10 @@ class TileConfig:
 @dataclass(frozen=True)
 class OnlineConfig:
     """_smskd_rows_online_kernel: one row per program, BLOCK_C columns per step. maxima_columns: the
-    columns that share a running maximum in the statistics sweep; 0 (the default) one thread's 16-byte
-    load where the rows allow 16-byte loads, so that no step reduces over the block, and block_c
-    where they do not; block_c one per step, a block-wide reduction each (the kernel before stop 27,
-    kept in the sweep to be measured against)."""
+    columns that share a running maximum in the statistics sweep (the kernel's MAXIMA_COLUMNS); 0 (the
+    default) lets the kernel choose (kernels.online_pack: one thread's 16-byte load where the rows allow
+    16-byte loads, so that no step reduces over the block, else block_c); block_c one per step, a
+    block-wide reduction each (the kernel before stop 27, kept in the sweep to be measured against)."""
 
     block_c: int
     num_warps: int
@@ -63,14 +63,9 @@ class OnlineConfig:
                              f"got {self.maxima_columns}")
 
     def pack(self, element_size: int, row_align: int = 16) -> int:
-        """The kernel's PACK for logits of element_size bytes in rows aligned to row_align elements
-        (row_alignment). Without 16-byte rows a thread's loads are narrower than a pack, Triton spreads
-        each pack over threads and a thread holds several (one rescale factor each, and shuffles):
-        one maximum per block is then the cheaper (sm_90 SASS, C odd: 722 instead of 507 instructions
-        per step)."""
-        if self.maxima_columns:
-            return self.maxima_columns
-        return min(16 // element_size, self.block_c) if row_align * element_size >= 16 else self.block_c
+        """The columns per running maximum the kernel takes (kernels.online_pack) for logits of
+        element_size bytes in rows aligned to row_align elements (logits_row_alignment)."""
+        return kernels.online_pack(self.block_c, self.maxima_columns, row_align, 8 * element_size)
 
 
 ONLINE_CONFIGS: Tuple[OnlineConfig, ...] = (
@@ -123,11 +118,23 @@ def online_config(num_classes: int) -> OnlineConfig:
 
 
 def row_alignment(*values: int) -> int:
-    """The largest power of two <= 16 that divides every value (C and the row strides)."""
+    """The largest power of two <= 16 that divides every value (C, the row strides, the offsets)."""
     align = 16
     while align > 1 and any(value % align for value in values):
         align //= 2
     return align
+
+
+def logits_row_alignment(num_classes: int, logits: Sequence[Optional[torch.Tensor]]) -> int:
+    """The kernels' ROW_ALIGN: the largest power of two <= 16 elements dividing C and, for each logits
+    tensor given (None: absent), its row stride and storage offset, so that every row starts as aligned
+    as the storage (the allocators' are aligned to >= 16 bytes). The offset makes a tensor sliced off
+    16-byte boundaries (a flat buffer's view from element 1) take the narrow loads' configuration
+    (kernels.sixteen_byte_loads). From sizes, strides and offsets alone, so that it can be taken while
+    tracing (data_ptr() cannot)."""
+    present = [tensor for tensor in logits if tensor is not None]
+    return row_alignment(num_classes, *(tensor.stride(0) for tensor in present),
+                         *(tensor.storage_offset() for tensor in present))
 
 
 def kernels_interpreted() -> bool:
@@ -216,7 +223,7 @@ def launch_rows(
         grad.stride(0) if compute_grad else 0,
     )
     scalars = (float(temperature), float(ce_weight), float(kd_weight), float(ref_weight), int(ignore_index))
-    row_align = row_alignment(num_classes, *strides)
+    row_align = logits_row_alignment(num_classes, (student, teacher, reference, grad if compute_grad else None))
     flags = dict(
         ROW_ALIGN=row_align,
         HAS_TARGET=target is not None,
@@ -237,6 +244,6 @@ def launch_rows(
         online = config or online_config(num_classes)
         wrap(kernels._smskd_rows_online_kernel)[(num_rows,)](
             *common, num_classes, *strides, *scalars, **flags,
-            BLOCK_C=online.block_c, PACK=online.pack(student.element_size(), row_align), num_warps=online.num_warps,
+            BLOCK_C=online.block_c, MAXIMA_COLUMNS=online.maxima_columns, num_warps=online.num_warps,
         )
     return (*per_row, grad)

@@ -45,7 +45,7 @@ import triton.language as tl
 from smskd_fast.backends.triton.kernels import (LOG2E, _aligned, _fp32_scalars, _gradient_weights, _kl_from_sums,
                                                 _online_kl_sums, _online_unit_sum, _rescale, _row_sums, _row_terms,
                                                 _store_ignored_row, _store_row_terms, _unit_root, _unit_softmax,
-                                                _weighted_diff)
+                                                _weighted_diff, sixteen_byte_loads)
 
 
 @triton.jit
@@ -181,7 +181,8 @@ def _smskd_topk_rows_kernel(
 
     if valid:
         # Phase A: the dense sweep.
-        TILE_MAXIMA: tl.constexpr = WHOLE_ROW or ROW_ALIGN * student_ptr.dtype.element_ty.primitive_bitwidth < 128
+        element_bits: tl.constexpr = student_ptr.dtype.element_ty.primitive_bitwidth
+        TILE_MAXIMA: tl.constexpr = WHOLE_ROW or not sixteen_byte_loads(ROW_ALIGN, element_bits)
         if TILE_MAXIMA:
             m_s = tl.full([], float("-inf"), tl.float32)
         else:

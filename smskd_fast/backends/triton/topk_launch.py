@@ -15,7 +15,8 @@ import torch
 from smskd_fast.backends.triton.topk_bitmask import kept_class_bitmask
 from smskd_fast.ops import schema
 from smskd_fast.backends.triton import kernels, topk_kernels
-from smskd_fast.backends.triton.launch import allocate_outputs, check_targets, power_of_two_at_least, row_alignment
+from smskd_fast.backends.triton.launch import (allocate_outputs, check_targets, logits_row_alignment,
+                                               power_of_two_at_least)
 
 WHOLE_ROW_MAX_C = 4096
 # Kept classes gathered per step: a cache keeps tens of classes; k = C walks in steps.
@@ -119,7 +120,7 @@ def launch_topk_rows(
         WHOLE_ROW=chosen.whole_row,
         BLOCK_C=chosen.block_c,
         BLOCK_K=BLOCK_K,
-        ROW_ALIGN=row_alignment(num_classes, *strides),
+        ROW_ALIGN=logits_row_alignment(num_classes, (student, reference, grad if compute_grad else None)),
         T_POWER=kernels.temperature_power(temperature, target is not None, True),
         num_warps=chosen.num_warps,
     )

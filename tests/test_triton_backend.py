@@ -305,6 +305,22 @@ def test_status_says_why():
         assert not status.available and status.reason
 
 
+def test_a_triton_without_constexpr_function_is_a_status_not_a_crash():
+    """The kernels need triton.constexpr_function (triton >= 3.5): an older triton leaves the backend
+    unavailable with a status that says so, and the package imports."""
+    pytest.importorskip("triton")
+    probe = textwrap.dedent("""
+        import triton
+        del triton.constexpr_function
+        import smskd_fast
+        status = smskd_fast.available_backends()["triton"]
+        print(status.available, status.reason)
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("False ") and "triton >= 3.5" in result.stdout, result.stdout
+
+
 @reruns_under_interpreter
 def test_cases_under_the_interpreter():
     """Runs this file under TRITON_INTERPRET=1 in a fresh interpreter (see tests/triton_interpreter.py)."""

@@ -50,6 +50,10 @@ import triton.language as tl
 
 from smskd_fast.ops.schema import WEIGHTING_CODES
 
+if not hasattr(triton, "constexpr_function"):  # the backend reports this as its status
+    raise ImportError(f"smskd_fast's Triton kernels need triton >= 3.5 (triton.constexpr_function; torch >= 2.11 "
+                      f"ships 3.6), found triton {triton.__version__}")
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 # The weighting modes' codes (ops/schema.py, as the C enum smskd_weighting); the

@@ -193,6 +193,7 @@ def sweep_online_configs(c: int, dtype: torch.dtype, device: str, timer: Timer, 
     """Kernel-only forward+gradient time of each online configuration (refines DEFAULT_ONLINE_CONFIG)."""
     rows = []
     student, target, teacher, reference = make_inputs(n, c, dtype, device)
+    row_align = triton_launch.logits_row_alignment(c, (student, teacher, reference))
     for config in triton_launch.ONLINE_CONFIGS:
         def step():
             triton_launch.launch_rows(student, target, teacher, reference, TEMPERATURE, 1.0, 1.0, 1.0,
@@ -200,8 +201,8 @@ def sweep_online_configs(c: int, dtype: torch.dtype, device: str, timer: Timer, 
         ms = timer(step, [])
         floor_bytes = n * c * 4 * student.element_size()
         rows.append({"N": n, "C": c, "dtype": str(dtype).replace("torch.", ""), "block_c": config.block_c,
-                     "num_warps": config.num_warps, "maxima_columns": config.pack(student.element_size()), "ms": ms,
-                     "GBps": floor_bytes / (ms * 1e-3) / 1e9})
+                     "num_warps": config.num_warps, "maxima_columns": config.pack(student.element_size(), row_align),
+                     "ms": ms, "GBps": floor_bytes / (ms * 1e-3) / 1e9})
     return rows
 
 

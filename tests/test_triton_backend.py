@@ -110,13 +110,14 @@ def test_online_kernel_with_many_partial_blocks(block_c, maxima):
 @needs_kernels
 def test_online_kernel_on_rows_off_16_byte_boundaries():
     """Logits viewed from a flat buffer at an odd element (storage offset 1): the launcher's ROW_ALIGN is 1,
-    the kernel keeps one maximum per block, and the rows match the float64 reference."""
+    so the kernel keeps one maximum per block (online_pack), and the rows match the float64 reference."""
     from smskd_fast.backends.triton import launch as triton_launch
 
     student, target, teacher, reference = make_inputs(4, 320, seed=5)
     student[:, 200:] += 6.0
     shifted = [torch.cat([x.new_zeros(1), x.reshape(-1)])[1:].view(x.shape) for x in (student, teacher, reference)]
     assert triton_launch.logits_row_alignment(320, shifted) == 1
+    assert triton_launch.OnlineConfig(64, 4).pack(shifted[0].element_size(), 1) == 64
     options = LossOptions(temperature=2.0)
     expected, grad = reference_rows(student, target, teacher, reference, options)
     outputs = triton_launch.launch_rows(shifted[0], target, shifted[1], shifted[2], 2.0, 1.0, 1.0, 1.0,

@@ -161,3 +161,20 @@ def test_launch_tables_take_symbolic_sizes():
         assert triton_launch.tile_config(inputs.classes) == triton_launch.tile_config(num_classes)
         assert triton_topk_launch.topk_config(inputs.classes) == triton_topk_launch.topk_config(num_classes)
         assert inputs.pinned_classes() == []
+
+
+def test_row_alignment_of_symbolic_storage_offsets():
+    """ROW_ALIGN reads the logits' storage offsets: a backed symbolic offset gives the alignment of its hint
+    (guarded), a data-dependent one (unbacked: a slice at a tensor's .item()) counts as unaligned (1)
+    instead of failing the trace with a data-dependent guard."""
+    inputs = SymbolicInputs(32000, "cpu")
+    c = inputs.classes
+    offset = inputs.symbol(24, "OFFSET")
+    with inputs.mode:
+        flat = torch.empty(inputs.rows * c + offset, dtype=torch.bfloat16)
+        backed = flat.as_strided((inputs.rows, c), (c, 1), offset)
+        assert triton_launch.logits_row_alignment(c, (backed, None)) == 8
+        unbacked_offset = inputs.shape_env.create_unbacked_symint()
+        torch._check(unbacked_offset >= 0)
+        unbacked = flat.as_strided((inputs.rows, c), (c, 1), unbacked_offset)
+        assert triton_launch.logits_row_alignment(c, (backed, unbacked)) == 1

@@ -1,9 +1,10 @@
 """Launch configurations of the Triton kernels and the function that launches them.
 
-The configuration is a pure function of C (no run-time autotuning): an
-autotuner re-runs a kernel to time it, which would be wrong when the gradient
-overwrites the student logits, and a table keeps launches deterministic and
-lets benchmarks/triton_aot_report.py compile exactly the set that can run.
+The configuration is a pure function of C and of how the rows are aligned
+(logits_row_alignment), with no run-time autotuning: an autotuner re-runs a
+kernel to time it, which would be wrong when the gradient overwrites the student
+logits, and a table keeps launches deterministic and lets
+benchmarks/triton_aot_report.py compile exactly the set that can run.
 benchmarks/gpu/ sweeps the online configurations on a GPU to refine the table.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from smskd_fast.backends.base import check_target_range
 from smskd_fast.ops import schema
@@ -118,7 +120,7 @@ def online_config(num_classes: int) -> OnlineConfig:
 
 
 def row_alignment(*values: int) -> int:
-    """The largest power of two <= 16 that divides every value (C, the row strides, the offsets)."""
+    """The largest power of two <= 16 that divides every value (C and the row strides)."""
     align = 16
     while align > 1 and any(value % align for value in values):
         align //= 2
@@ -128,13 +130,19 @@ def row_alignment(*values: int) -> int:
 def logits_row_alignment(num_classes: int, logits: Sequence[Optional[torch.Tensor]]) -> int:
     """The kernels' ROW_ALIGN: the largest power of two <= 16 elements dividing C and, for each logits
     tensor given (None: absent), its row stride and storage offset, so that every row starts as aligned
-    as the storage (the allocators' are aligned to >= 16 bytes). The offset makes a tensor sliced off
-    16-byte boundaries (a flat buffer's view from element 1) take the narrow loads' configuration
-    (kernels.sixteen_byte_loads). From sizes, strides and offsets alone, so that it can be taken while
-    tracing (data_ptr() cannot)."""
+    as the storage (the allocators' are aligned to >= 16 bytes). The offset makes a view that starts off
+    a 16-byte boundary (a flat buffer's view from element 1) take the narrow loads' configuration
+    (kernels.sixteen_byte_loads), which only changes speed and the order of the row's sums.
+
+    From sizes, strides and offsets alone, as tracing allows (data_ptr() does not). An offset whose
+    alignment is unknown while tracing (data-dependent, e.g. a slice at a tensor's .item()) counts as
+    unaligned (guard_or_false), not as an error. torch.compile does not guard a graph on its inputs'
+    offsets, so a compiled graph keeps the configuration of the call it was traced with."""
     present = [tensor for tensor in logits if tensor is not None]
-    return row_alignment(num_classes, *(tensor.stride(0) for tensor in present),
-                         *(tensor.storage_offset() for tensor in present))
+    align = row_alignment(num_classes, *(tensor.stride(0) for tensor in present))
+    while align > 1 and not all(guard_or_false(tensor.storage_offset() % align == 0) for tensor in present):
+        align //= 2
+    return align
 
 
 def kernels_interpreted() -> bool:

@@ -140,8 +140,14 @@ def logits_row_alignment(num_classes: int, logits: Sequence[Optional[torch.Tenso
     offsets, so a compiled graph keeps the configuration of the call it was traced with."""
     present = [tensor for tensor in logits if tensor is not None]
     align = row_alignment(num_classes, *(tensor.stride(0) for tensor in present))
-    while align > 1 and not all(guard_or_false(tensor.storage_offset() % align == 0) for tensor in present):
-        align //= 2
+    for tensor in present:
+        offset = tensor.storage_offset()
+        if isinstance(offset, int):  # eager: no symbolic reasoning to pay for
+            while offset % align:
+                align //= 2
+        else:
+            while align > 1 and not guard_or_false(offset % align == 0):
+                align //= 2
     return align
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import pytest
 import torch
 from torch._library import utils as library_utils
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import smskd_fast
 from smskd_fast.backends.base import LossOptions
@@ -161,6 +162,75 @@ def test_calls_without_a_gradient_use_the_op_itself(backend):
                                            "none")[0].grad_fn is None
     outputs = registration.call_functional_op(op, student.detach(), *tensors, *scalars, False, None, "none")
     assert outputs[-1].shape == (0, 40)
+
+
+def triton_body(topk: bool):
+    from smskd_fast.backends.triton import backend as triton_backend
+
+    return triton_backend._eager_topk_rows if topk else triton_backend._eager_dense_rows
+
+
+@needs_kernels
+@pytest.mark.parametrize("topk", [False, True], ids=["dense", "topk"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_triton_body_called_past_the_dispatcher_equals_the_op_bit_for_bit(topk, dtype, reduction):
+    """The Triton backend's plain eager calls run the op's body directly (call_functional_op's eager): every
+    output and the gradient are the op's, bit for bit, and the body is what ran."""
+    student, tensors, _ = rows_case(topk, dtype, DEVICE)
+    op = op_for("triton", topk)
+    arguments = (*tensors, *schema.scalar_arguments(OPTIONS), True, None, reduction)
+    body = triton_body(topk)
+    ran = []
+
+    def spied(*args):
+        ran.append(1)
+        return body(*args)
+
+    direct = registration.call_functional_op(op, student, *arguments, eager=spied)
+    (direct_grad,) = torch.autograd.grad(direct[0].sum() * 0.37, student)
+    assert ran == [1]
+    through_op = registration.call_functional_op(op, student, *arguments)
+    (op_grad,) = torch.autograd.grad(through_op[0].sum() * 0.37, student)
+    assert ran == [1]
+    for got, want in zip((*direct, direct_grad), (*through_op, op_grad)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert direct_grad.abs().max() > 0
+
+
+class OperationNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@needs_kernels
+def test_triton_api_runs_the_body_directly_only_in_plain_eager(monkeypatch):
+    """A dispatch mode (fake tensors, functionalization, operation counters) or a function mode
+    (torch.device(...)) sees the op itself; only a plain eager call runs its body past the dispatcher."""
+    from smskd_fast.backends.triton import backend as triton_backend
+
+    student, tensors, _ = rows_case(False, torch.float32, DEVICE)
+    ran = []
+    body = triton_backend._eager_dense_rows
+    monkeypatch.setattr(triton_backend, "_eager_dense_rows", lambda *args: ran.append(1) or body(*args))
+
+    def loss():
+        return smskd_fast.smskd_loss(student, tensors[0], tensors[1], tensors[2], backend="triton").loss
+
+    loss().backward()
+    assert ran == [1]
+    with torch.device(DEVICE):
+        loss().backward()
+    with OperationNames() as mode:
+        loss().backward()
+    assert ran == [1]
+    assert "smskd_fast::smskd_loss_rows_triton" in mode.names
 
 
 @reruns_under_interpreter

@@ -151,12 +151,28 @@ class FunctionalOpUnderAutograd(torch.autograd.Function):
         return (None,) + _student_gradient(ctx, grad_loss, ctx.num_inputs)
 
 
-def call_functional_op(op, *arguments):
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager_call(arguments) -> bool:
+    """Whether nothing but the op's own implementation could see this call: plain tensors, no dispatch or
+    function mode (fake tensors, functionalization, operation counters, torch.device(...)), no profiler."""
+    return (torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
+            and not torch.autograd._profiler_enabled()
+            and all(type(value) in _PLAIN_TENSOR_TYPES for value in arguments if isinstance(value, torch.Tensor)))
+
+
+def call_functional_op(op, *arguments, eager=None):
     """op(*arguments) for a functional loss op, every argument given (student first, schema.FUNCTIONAL_TAIL
-    last), under FunctionalOpUnderAutograd when it computes the gradient of a student that autograd will ask for."""
+    last), under FunctionalOpUnderAutograd when it computes the gradient of a student that autograd will ask for.
+
+    eager, when given, is op's own implementation for the op's device, called in op's place there on a
+    plain eager call (plain_eager_call): a Python op (torch.library.triton_op) costs ~25 us per call in
+    the dispatcher's Python layers before its body runs (benchmarks/host_overhead.py)."""
     if arguments[_COMPUTE_GRAD] and not torch.compiler.is_compiling() and arguments[0].requires_grad \
             and torch.is_grad_enabled():
-        return FunctionalOpUnderAutograd.apply(op, *arguments)
+        direct = eager is not None and plain_eager_call(arguments)
+        return FunctionalOpUnderAutograd.apply(eager if direct else op, *arguments)
     return op(*arguments)
 
 

@@ -98,6 +98,53 @@ def _unit_column_stride(logits: Optional[torch.Tensor]) -> Optional[torch.Tensor
     return logits.contiguous()
 
 
+def _dense_rows(student, target, teacher, reference, temperature, ce_weight, kd_weight, ref_weight, weighting,
+                ignore_index, compute_grad, grad_scale, reduction, wrap):
+    """The body of smskd_loss_rows_triton; wrap is launch.launch_rows'."""
+    _check_dtype(student)
+    # The compiled ops' order: a reduction refuses any grad_scale before its value is looked at.
+    scale = reduction_grad_scale(reduction, grad_scale, target, student, ignore_index, DENSE_SCHEMA.name)
+    _check_grad_scale(grad_scale, student, DENSE_SCHEMA.name)
+    outputs = triton_launch.launch_rows(
+        _unit_column_stride(student), None if target is None else target.contiguous(),
+        _unit_column_stride(teacher), _unit_column_stride(reference),
+        temperature, ce_weight, kd_weight, ref_weight, weighting, ignore_index, compute_grad,
+        grad_scale=scale if compute_grad else None, wrap=wrap,
+    )
+    return _reduced(outputs, reduction, scale)
+
+
+def _topk_rows(student, target, topk_values, topk_indices, true_logit, log_sum_exp, log_sum_exp_at_temperature,
+               reference, temperature, ce_weight, kd_weight, ref_weight, weighting, ignore_index, compute_grad,
+               grad_scale, reduction, wrap):
+    """The body of smskd_loss_rows_topk_triton; wrap is launch.launch_rows'."""
+    _check_dtype(student)
+    scale = reduction_grad_scale(reduction, grad_scale, target, student, ignore_index, TOPK_SCHEMA.name)
+    _check_grad_scale(grad_scale, student, TOPK_SCHEMA.name)
+    outputs = triton_topk_launch.launch_topk_rows(
+        _unit_column_stride(student), None if target is None else target.contiguous(), topk_values,
+        topk_indices, true_logit, log_sum_exp, log_sum_exp_at_temperature, _unit_column_stride(reference),
+        temperature, ce_weight, kd_weight, ref_weight, weighting, ignore_index, compute_grad,
+        grad_scale=scale if compute_grad else None, wrap=wrap,
+    )
+    return _reduced(outputs, reduction, scale)
+
+
+def _launched_directly(kernel):
+    """The wrap of an eager call outside the op: the kernel itself, as triton_op's own eager path launches it."""
+    return kernel
+
+
+def _eager_dense_rows(*arguments):
+    """smskd_loss_rows_triton's body for ops.call_functional_op's plain eager calls (past the dispatcher)."""
+    return _dense_rows(*arguments, wrap=_launched_directly)
+
+
+def _eager_topk_rows(*arguments):
+    """smskd_loss_rows_topk_triton's body for ops.call_functional_op's plain eager calls."""
+    return _topk_rows(*arguments, wrap=_launched_directly)
+
+
 if _IMPORT_ERROR is None:
 
     # The schema strings come from ops/schema.py. torch 2.11's triton_op accepts and ignores
@@ -119,17 +166,8 @@ if _IMPORT_ERROR is None:
         reduction: str = "none",
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fused per-row loss of SPEC.md section 2 on (N, C) rows (see csrc/ops.cpp), reduced as reduction says."""
-        _check_dtype(student)
-        # The compiled ops' order: a reduction refuses any grad_scale before its value is looked at.
-        scale = reduction_grad_scale(reduction, grad_scale, target, student, ignore_index, DENSE_SCHEMA.name)
-        _check_grad_scale(grad_scale, student, DENSE_SCHEMA.name)
-        outputs = triton_launch.launch_rows(
-            _unit_column_stride(student), None if target is None else target.contiguous(),
-            _unit_column_stride(teacher), _unit_column_stride(reference),
-            temperature, ce_weight, kd_weight, ref_weight, weighting, ignore_index, compute_grad,
-            grad_scale=scale if compute_grad else None, wrap=_traceable,
-        )
-        return _reduced(outputs, reduction, scale)
+        return _dense_rows(student, target, teacher, reference, temperature, ce_weight, kd_weight, ref_weight,
+                           weighting, ignore_index, compute_grad, grad_scale, reduction, wrap=_traceable)
 
     @torch.library.triton_op(TOPK_OP_NAME, mutates_args=(), schema=TOPK_SCHEMA.schema())
     def smskd_loss_rows_topk_triton(
@@ -152,16 +190,9 @@ if _IMPORT_ERROR is None:
         reduction: str = "none",
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """smskd_loss_rows_triton with the teacher in top-k form (see csrc/ops.cpp, smskd_loss_rows_topk)."""
-        _check_dtype(student)
-        scale = reduction_grad_scale(reduction, grad_scale, target, student, ignore_index, TOPK_SCHEMA.name)
-        _check_grad_scale(grad_scale, student, TOPK_SCHEMA.name)
-        outputs = triton_topk_launch.launch_topk_rows(
-            _unit_column_stride(student), None if target is None else target.contiguous(), topk_values,
-            topk_indices, true_logit, log_sum_exp, log_sum_exp_at_temperature, _unit_column_stride(reference),
-            temperature, ce_weight, kd_weight, ref_weight, weighting, ignore_index, compute_grad,
-            grad_scale=scale if compute_grad else None, wrap=_traceable,
-        )
-        return _reduced(outputs, reduction, scale)
+        return _topk_rows(student, target, topk_values, topk_indices, true_logit, log_sum_exp,
+                          log_sum_exp_at_temperature, reference, temperature, ce_weight, kd_weight, ref_weight,
+                          weighting, ignore_index, compute_grad, grad_scale, reduction, wrap=_traceable)
 
     def _register_fake_and_autograd() -> None:
         # The shape functions and gradient formulas of smskd_fast::smskd_loss_rows(_topk).
@@ -269,11 +300,12 @@ class TritonBackend:
             outputs = ops.call_functional_op(
                 torch.ops.smskd_fast.smskd_loss_rows_triton,
                 inputs.student, inputs.target, inputs.teacher, inputs.reference, *scalars, inputs.grad_scale,
-                inputs.reduction)
+                inputs.reduction, eager=_eager_dense_rows)
         else:
             outputs = ops.call_functional_op(
                 torch.ops.smskd_fast.smskd_loss_rows_topk_triton,
                 inputs.student, inputs.target, topk.values, topk.indices, topk.true_logit, topk.log_sum_exp,
-                topk.log_sum_exp_at_temperature, inputs.reference, *scalars, inputs.grad_scale, inputs.reduction)
+                topk.log_sum_exp_at_temperature, inputs.reference, *scalars, inputs.grad_scale, inputs.reduction,
+                eager=_eager_topk_rows)
         return schema.row_outputs(outputs)
 

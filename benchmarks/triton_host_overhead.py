@@ -1,0 +1,146 @@
+"""Host cost of the Triton backend's own Python per call, without a GPU: its op body called past the
+dispatcher (ops/registration.py call_functional_op's eager, the plain eager path) against the op itself.
+
+At C = 100 or 1000 a call costs what the host does to issue it (docs/perf_notes.md, predictions 5-6).
+The Triton backend's host code is Python: the op (a torch.library.triton_op), its argument checks, the
+mean's scale, the launchers, the reductions, autograd. This script runs exactly that code on CPU
+tensors with every Triton launch replaced by a no-op (TRITON_INTERPRET=1, so that the backend accepts
+CPU tensors; the interpreter itself never runs), and times forward + backward of the public API's loss
+at a small shape, alternating the two paths in one run (ratios: this machine is noisy). Triton's own
+launcher (its argument binding, the CUDA launch) is not in these figures: it is the same for both paths
+and needs a GPU; benchmarks/host_overhead.py --device cuda measures whole calls there.
+
+    python benchmarks/triton_host_overhead.py --out benchmarks/results/triton_host_overhead_<date>
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the backend then takes CPU tensors
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+
+import torch  # noqa: E402
+
+import smskd_fast  # noqa: E402
+from smskd_fast.backends.topk import TopKTeacher  # noqa: E402
+from smskd_fast.backends.triton import kernels, launch, topk_kernels  # noqa: E402
+from smskd_fast.ops import registration  # noqa: E402
+from smskd_fast.provenance import git_commit  # noqa: E402
+from bench_grid import TEMPERATURE, make_inputs  # noqa: E402
+
+PATHS = ("op", "body")
+
+
+class NoLaunch:
+    """Stands for a Triton kernel: kernel[grid](...) does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def launches_removed() -> None:
+    """Every kernel the launchers can start becomes a no-op; the host-side target check (the interpreter's
+    stand-in for the device's) goes too, as on a GPU it is a launch."""
+    for module in (kernels, topk_kernels):
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                setattr(module, name, NoLaunch())
+    launch.check_targets_on_host = lambda *args: None
+    launch.kernels_interpreted = lambda: True
+
+
+def loss_step(topk: bool, reduction: str, n: int, c: int) -> Callable[[], None]:
+    student, target, teacher, reference = make_inputs(n, c, torch.float32, "cpu")
+    student.requires_grad_()
+    teacher_args = {"teacher_logits": teacher}
+    if topk:
+        values, indices = teacher.topk(4, dim=-1)
+        teacher_args = {"teacher_topk": TopKTeacher(values, indices, teacher.gather(1, target[:, None])[:, 0],
+                                                    teacher.logsumexp(-1), (teacher / TEMPERATURE).logsumexp(-1))}
+
+    def step():
+        student.grad = None
+        out = smskd_fast.smskd_loss(student, target, reference_logits=reference, temperature=TEMPERATURE,
+                                    backend="triton", reduction=reduction, **teacher_args)
+        (out.loss if reduction != "none" else out.loss.sum()).backward()
+    return step
+
+
+def timed(step: Callable[[], None], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def measure(topk: bool, reduction: str, args) -> Dict:
+    """Both paths of one case, batch after batch in turn; medians in us per call."""
+    step = loss_step(topk, reduction, args.rows, args.classes)
+    plain = registration.plain_eager_call
+    choose = {"op": lambda arguments: False, "body": plain}
+    times: Dict[str, List[float]] = {path: [] for path in PATHS}
+    for path in PATHS:  # warm-up
+        registration.plain_eager_call = choose[path]
+        timed(step, max(args.calls // 4, 10))
+    for _ in range(args.batches):
+        for path in PATHS:
+            registration.plain_eager_call = choose[path]
+            times[path].append(timed(step, args.calls))
+    registration.plain_eager_call = plain
+    medians = {path: statistics.median(values) for path, values in times.items()}
+    return {"teacher": "top-k" if topk else "dense", "reduction": reduction, "N": args.rows, "C": args.classes,
+            **{f"{path}_us": medians[path] for path in PATHS},
+            **{f"{path}_us_all": times[path] for path in PATHS},
+            "body_over_op": medians["body"] / medians["op"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--classes", type=int, default=16)
+    parser.add_argument("--calls", type=int, default=300, help="calls per timed batch")
+    parser.add_argument("--batches", type=int, default=9, help="timed batches per path, alternating")
+    parser.add_argument("--out", type=Path, help="writes OUT.json and OUT.md")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    launches_removed()
+    rows = [measure(topk, reduction, args) for topk in (False, True) for reduction in ("mean", "none")]
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    lines = [f"# Triton backend host code per fwd+bwd call, kernels not launched (CPU, {platform.processor() or platform.machine()})",
+             "",
+             f"Command: `python benchmarks/triton_host_overhead.py {' '.join(sys.argv[1:])}`; {stamp}; commit "
+             f"{git_commit()}; torch {torch.__version__}; 1 thread; {args.batches} batches of {args.calls} calls per "
+             "path, alternating; medians.",
+             "op: through torch.ops (the dispatcher's triton_op layers); body: the op's body called directly "
+             "(plain eager calls since this commit).",
+             "",
+             "| teacher | reduction | N x C | op us/call | body us/call | body / op |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        lines.append(f"| {row['teacher']} | {row['reduction']} | {row['N']}x{row['C']} | {row['op_us']:.1f} | "
+                     f"{row['body_us']:.1f} | {row['body_over_op']:.3f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(text)
+        args.out.with_suffix(".json").write_text(json.dumps(
+            {"command": "python benchmarks/triton_host_overhead.py " + " ".join(sys.argv[1:]), "date": stamp,
+             "commit": git_commit(), "torch": torch.__version__, "machine": platform.machine(),
+             "cpus": os.cpu_count(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -231,6 +231,9 @@ def test_triton_api_runs_the_body_directly_only_in_plain_eager(monkeypatch):
         loss().backward()
     assert ran == [1]
     assert "smskd_fast::smskd_loss_rows_triton" in mode.names
+    seen = []
+    torch.vmap(lambda x: seen.append(registration.plain_eager_call((x,))) or x)(student.detach())
+    assert seen == [False] and registration.plain_eager_call((student,))
 
 
 @reruns_under_interpreter

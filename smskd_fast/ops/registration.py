@@ -155,10 +155,11 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def plain_eager_call(arguments) -> bool:
-    """Whether nothing but the op's own implementation could see this call: plain tensors, no dispatch or
-    function mode (fake tensors, functionalization, operation counters, torch.device(...)), no profiler."""
+    """Whether nothing but the op's own implementation could see this call: plain tensors (no subclass, no
+    functorch transform's wrapper: vmap's tensors are torch.Tensor too), no dispatch or function mode (fake
+    tensors, functionalization, operation counters, torch.device(...)), no profiler."""
     return (torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
-            and not torch.autograd._profiler_enabled()
+            and not torch._C._are_functorch_transforms_active() and not torch.autograd._profiler_enabled()
             and all(type(value) in _PLAIN_TENSOR_TYPES for value in arguments if isinstance(value, torch.Tensor)))
 
 

@@ -12,9 +12,13 @@ every device. Two figures per implementation, side by side in one run:
             issues from C++ the mean's count and the sums of its outputs too: on CUDA 7
             launches for the op, 9 for the whole fwd+bwd call, csrc/reduction_arg.h; Triton
             kernels launched from Python, e.g. backward's scale_rows on CUDA, are not ATen
-            operations and are not counted;
+            operations and are not counted; the counter is a dispatch mode, so the Triton backend's
+            call is counted through its op, as one, like the compiled ops, where its plain eager
+            calls run the op's body and its ATen operations one by one;
             benchmarks/gpu/kernel_breakdown.py counts a GPU's kernels per call)
-Implementations: smskd_fast with each backend available on the device, the eager PyTorch
+Implementations: smskd_fast with each backend available on the device (on CUDA the Triton backend also
+"through the op", its path before its plain eager calls ran the op's body: the ratio is that change's
+saving, benchmarks/triton_host_overhead.py measures it without a GPU), the eager PyTorch
 composition and torch.compile of it (benchmarks/gpu/bench_grid.py's; its ops are Inductor's
 and are not counted).
 
@@ -41,6 +45,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from smskd_fast.backends.registry import available_backends  # noqa: E402
+from smskd_fast.ops import registration  # noqa: E402
 from smskd_fast.provenance import git_commit  # noqa: E402
 from bench_grid import TEMPERATURE, eager_smskd, make_inputs, smskd_fast_loss  # noqa: E402
 
@@ -61,11 +66,26 @@ class OperationCounter(TorchDispatchMode):
 METADATA_ONLY = {"detach", "lift_fresh", "set_"}  # no kernel behind them
 
 
+def through_the_op(loss_fn: Callable) -> Callable:
+    """loss_fn with its plain eager calls sent through the op, not its body (registration.plain_eager_call
+    answering no): the Triton backend's path before stop 28, to be measured beside it."""
+    def loss(*args):
+        plain = registration.plain_eager_call
+        registration.plain_eager_call = lambda arguments: False
+        try:
+            return loss_fn(*args)
+        finally:
+            registration.plain_eager_call = plain
+    return loss
+
+
 def implementations(device: str) -> Dict[str, Callable]:
     """name -> loss(student, target, teacher, reference), for what runs on this device."""
     status = available_backends()
     chosen = {f"smskd_fast[{backend}]": smskd_fast_loss(backend)
               for backend in (("cpu",) if device == "cpu" else ("cuda", "triton")) if status[backend].available}
+    if "smskd_fast[triton]" in chosen:
+        chosen["smskd_fast[triton] through the op"] = through_the_op(chosen["smskd_fast[triton]"])
     chosen["eager"] = eager_smskd
     chosen["compiled"] = torch.compile(eager_smskd, dynamic=False)
     return chosen

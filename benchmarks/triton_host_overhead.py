@@ -6,9 +6,12 @@ The Triton backend's host code is Python: the op (a torch.library.triton_op), it
 mean's scale, the launchers, the reductions, autograd. This script runs exactly that code on CPU
 tensors with every Triton launch replaced by a no-op (TRITON_INTERPRET=1, so that the backend accepts
 CPU tensors; the interpreter itself never runs), and times forward + backward of the public API's loss
-at a small shape, alternating the two paths in one run (ratios: this machine is noisy). Triton's own
-launcher (its argument binding, the CUDA launch) is not in these figures: it is the same for both paths
-and needs a GPU; benchmarks/host_overhead.py --device cuda measures whole calls there.
+at a small shape, alternating the two paths in one run (ratios: this machine is noisy). Not in the two
+columns: Triton's own launcher (its argument binding, the CUDA launch: the same for both paths, and it
+needs a GPU; benchmarks/host_overhead.py --device cuda measures whole calls there), and, on the op path
+only, the wrapper its body puts around each launch on a GPU (torch.library.wrap_triton(kernel)[grid],
+for torch.compile to see the kernel: the interpreter's kernels are launched bare). Its cost is measured
+apart, in a process without the interpreter, and reported per launch (2 per forward).
 
     python benchmarks/triton_host_overhead.py --out benchmarks/results/triton_host_overhead_<date>
 """
@@ -20,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -106,6 +110,25 @@ def measure(topk: bool, reduction: str, args) -> Dict:
             "body_over_op": medians["body"] / medians["op"]}
 
 
+WRAP_COST = """
+import statistics, timeit, torch
+from smskd_fast.backends.triton import kernels
+kernel = kernels._check_targets_kernel
+runs = [timeit.timeit(lambda: torch.library.wrap_triton(kernel)[(1,)], number=5000) / 5000 * 1e6 for _ in range(7)]
+bare = [timeit.timeit(lambda: kernel[(1,)], number=5000) / 5000 * 1e6 for _ in range(7)]
+print(statistics.median(runs), statistics.median(bare))
+"""
+
+
+def wrap_triton_cost_us() -> Dict[str, float]:
+    """us per launch of wrap_triton(kernel)[grid] and of kernel[grid] (no launch: the callable only), in a
+    process where the kernels are compiled JITFunctions, as on a GPU."""
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    output = subprocess.run([sys.executable, "-c", WRAP_COST], capture_output=True, text=True, check=True,
+                            cwd=ROOT, env=environment).stdout.split()
+    return {"wrap_triton_us": float(output[0]), "bare_us": float(output[1])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=8)
@@ -117,6 +140,7 @@ def main() -> None:
     torch.set_num_threads(1)
     launches_removed()
     rows = [measure(topk, reduction, args) for topk in (False, True) for reduction in ("mean", "none")]
+    wrap = wrap_triton_cost_us()
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     lines = [f"# Triton backend host code per fwd+bwd call, kernels not launched (CPU, {platform.processor() or platform.machine()})",
              "",
@@ -131,6 +155,9 @@ def main() -> None:
     for row in rows:
         lines.append(f"| {row['teacher']} | {row['reduction']} | {row['N']}x{row['C']} | {row['op_us']:.1f} | "
                      f"{row['body_us']:.1f} | {row['body_over_op']:.3f} |")
+    lines += ["", f"Not in the op column: on a GPU its body wraps each launch, wrap_triton(kernel)[grid] "
+              f"{wrap['wrap_triton_us']:.1f} us against {wrap['bare_us']:.2f} us for kernel[grid] (median, "
+              "no launch), 2 launches per forward."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
@@ -139,7 +166,7 @@ def main() -> None:
         args.out.with_suffix(".json").write_text(json.dumps(
             {"command": "python benchmarks/triton_host_overhead.py " + " ".join(sys.argv[1:]), "date": stamp,
              "commit": git_commit(), "torch": torch.__version__, "machine": platform.machine(),
-             "cpus": os.cpu_count(), "rows": rows}, indent=1))
+             "cpus": os.cpu_count(), "rows": rows, "per_launch": wrap}, indent=1))
 
 
 if __name__ == "__main__":

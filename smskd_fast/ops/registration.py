@@ -155,11 +155,11 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def plain_eager_call(arguments) -> bool:
-    """Whether nothing but the op's own implementation could see this call: plain tensors (no subclass, no
-    functorch transform's wrapper: vmap's tensors are torch.Tensor too), no dispatch or function mode (fake
-    tensors, functionalization, operation counters, torch.device(...)), no profiler."""
+    """Whether nothing but the op's own implementation could see this call: plain tensors (no subclass),
+    no dispatch or function mode (fake tensors, functionalization, operation counters, torch.device(...),
+    torch.set_default_device), no JIT tracer, no profiler."""
     return (torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
-            and not torch._C._are_functorch_transforms_active() and not torch.autograd._profiler_enabled()
+            and torch._C._get_tracing_state() is None and not torch.autograd._profiler_enabled()
             and all(type(value) in _PLAIN_TENSOR_TYPES for value in arguments if isinstance(value, torch.Tensor)))
 
 
@@ -168,8 +168,10 @@ def call_functional_op(op, *arguments, eager=None):
     last), under FunctionalOpUnderAutograd when it computes the gradient of a student that autograd will ask for.
 
     eager, when given, is op's own implementation for the op's device, called in op's place there on a
-    plain eager call (plain_eager_call): a Python op (torch.library.triton_op) costs ~25 us per call in
-    the dispatcher's Python layers before its body runs (benchmarks/host_overhead.py)."""
+    plain eager call (plain_eager_call): a Python op (torch.library.triton_op) costs ~20 us per call in
+    the dispatcher's Python layers before its body runs, and its body wraps each Triton launch for
+    tracing (wrap_triton, ~9 us a launch); benchmarks/triton_host_overhead.py. Kernels registered over
+    op (torch.library.register_kernel) are not used on that path."""
     if arguments[_COMPUTE_GRAD] and not torch.compiler.is_compiling() and arguments[0].requires_grad \
             and torch.is_grad_enabled():
         direct = eager is not None and plain_eager_call(arguments)

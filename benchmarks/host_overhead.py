@@ -47,7 +47,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from smskd_fast.backends.registry import available_backends  # noqa: E402
 from smskd_fast.ops import registration  # noqa: E402
 from smskd_fast.provenance import git_commit  # noqa: E402
-from bench_grid import TEMPERATURE, eager_smskd, make_inputs, smskd_fast_loss  # noqa: E402
+from bench_grid import (TEMPERATURE, eager_smskd, make_inputs, smskd_fast_loss,  # noqa: E402
+                        with_attribute_during_each_call)
 
 
 class OperationCounter(TorchDispatchMode):
@@ -69,14 +70,7 @@ METADATA_ONLY = {"detach", "lift_fresh", "set_"}  # no kernel behind them
 def through_the_op(loss_fn: Callable) -> Callable:
     """loss_fn with its plain eager calls sent through the op, not its body (registration.plain_eager_call
     answering no): the Triton backend's path before stop 28, to be measured beside it."""
-    def loss(*args):
-        plain = registration.plain_eager_call
-        registration.plain_eager_call = lambda arguments: False
-        try:
-            return loss_fn(*args)
-        finally:
-            registration.plain_eager_call = plain
-    return loss
+    return with_attribute_during_each_call(loss_fn, registration, "plain_eager_call", lambda arguments: False)
 
 
 def implementations(device: str) -> Dict[str, Callable]:

@@ -96,6 +96,19 @@ def liger_loss_factory() -> Callable:
     return loss
 
 
+def with_attribute_during_each_call(loss_fn: Callable, owner, name: str, value) -> Callable:
+    """loss_fn with owner.name set to value during each call (for what the library looks up per call:
+    a launcher's chooser, a path's test), restored after it: a variant measured beside the default."""
+    def loss(*args):
+        previous = getattr(owner, name)
+        setattr(owner, name, value)
+        try:
+            return loss_fn(*args)
+        finally:
+            setattr(owner, name, previous)
+    return loss
+
+
 def smskd_fast_loss(backend: str, overwrite: bool = False, temperature: float = TEMPERATURE) -> Callable:
     def loss(student, target, teacher, reference):
         return smskd_fast.smskd_loss(student, target, teacher, reference, temperature=temperature,

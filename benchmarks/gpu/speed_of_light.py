@@ -80,14 +80,8 @@ def with_online_config(loss_fn: Callable, config) -> Callable:
     (the launcher looks it up per launch); the launcher's own is restored after it."""
     from smskd_fast.backends.triton import launch as triton_launch
 
-    def loss(*args):
-        chooser = triton_launch.online_config
-        triton_launch.online_config = lambda num_classes: config
-        try:
-            return loss_fn(*args)
-        finally:
-            triton_launch.online_config = chooser
-    return loss
+    return bench_grid.with_attribute_during_each_call(loss_fn, triton_launch, "online_config",
+                                                      lambda num_classes: config)
 
 
 def block_maxima_config():

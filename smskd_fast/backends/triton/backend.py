@@ -117,7 +117,7 @@ def _dense_rows(student, target, teacher, reference, temperature, ce_weight, kd_
 def _topk_rows(student, target, topk_values, topk_indices, true_logit, log_sum_exp, log_sum_exp_at_temperature,
                reference, temperature, ce_weight, kd_weight, ref_weight, weighting, ignore_index, compute_grad,
                grad_scale, reduction, wrap):
-    """The body of smskd_loss_rows_topk_triton; wrap is launch.launch_rows'."""
+    """The body of smskd_loss_rows_topk_triton; wrap is topk_launch.launch_topk_rows'."""
     _check_dtype(student)
     scale = reduction_grad_scale(reduction, grad_scale, target, student, ignore_index, TOPK_SCHEMA.name)
     _check_grad_scale(grad_scale, student, TOPK_SCHEMA.name)

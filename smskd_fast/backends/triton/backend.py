@@ -86,6 +86,15 @@ def _check_grad_scale(grad_scale: Optional[torch.Tensor], student: torch.Tensor,
                          f"got {grad_scale.device}")
 
 
+def _gradient_scale(op: str, reduction: str, grad_scale: Optional[torch.Tensor], target: Optional[torch.Tensor],
+                    student: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
+    """The factor the kernels write the gradient with (reduction_grad_scale), after the compiled ops'
+    checks in their order: a reduction refuses any grad_scale before its value is looked at."""
+    scale = reduction_grad_scale(reduction, grad_scale, target, student, ignore_index, op)
+    _check_grad_scale(grad_scale, student, op)
+    return scale
+
+
 def _reduced(outputs: tuple, reduction: str, scale: Optional[torch.Tensor]) -> tuple:
     """The launchers' outputs as an op returns them for reduction (ops/reduction.py, as csrc/reduction_arg.h)."""
     return outputs if reduction == "none" else reduce_per_row_outputs(outputs, scale)
@@ -102,9 +111,7 @@ def _dense_rows(student, target, teacher, reference, temperature, ce_weight, kd_
                 ignore_index, compute_grad, grad_scale, reduction, wrap):
     """The body of smskd_loss_rows_triton; wrap is launch.launch_rows'."""
     _check_dtype(student)
-    # The compiled ops' order: a reduction refuses any grad_scale before its value is looked at.
-    scale = reduction_grad_scale(reduction, grad_scale, target, student, ignore_index, DENSE_SCHEMA.name)
-    _check_grad_scale(grad_scale, student, DENSE_SCHEMA.name)
+    scale = _gradient_scale(DENSE_SCHEMA.name, reduction, grad_scale, target, student, ignore_index)
     outputs = triton_launch.launch_rows(
         _unit_column_stride(student), None if target is None else target.contiguous(),
         _unit_column_stride(teacher), _unit_column_stride(reference),
@@ -119,8 +126,7 @@ def _topk_rows(student, target, topk_values, topk_indices, true_logit, log_sum_e
                grad_scale, reduction, wrap):
     """The body of smskd_loss_rows_topk_triton; wrap is topk_launch.launch_topk_rows'."""
     _check_dtype(student)
-    scale = reduction_grad_scale(reduction, grad_scale, target, student, ignore_index, TOPK_SCHEMA.name)
-    _check_grad_scale(grad_scale, student, TOPK_SCHEMA.name)
+    scale = _gradient_scale(TOPK_SCHEMA.name, reduction, grad_scale, target, student, ignore_index)
     outputs = triton_topk_launch.launch_topk_rows(
         _unit_column_stride(student), None if target is None else target.contiguous(), topk_values,
         topk_indices, true_logit, log_sum_exp, log_sum_exp_at_temperature, _unit_column_stride(reference),
@@ -220,8 +226,7 @@ class _OverwriteStudentRows(torch.autograd.Function):
         # nothing in this graph reads the logits' old values again, and the caller
         # promised that nothing else does (LossOptions.overwrite_student_logits).
         op = (DENSE_SCHEMA if teacher_topk is None else TOPK_SCHEMA).name
-        scale = reduction_grad_scale(reduction, grad_scale, target, student, options.ignore_index, op)
-        _check_grad_scale(grad_scale, student, op)
+        scale = _gradient_scale(op, reduction, grad_scale, target, student, options.ignore_index)
         grad = student.detach()
         scalars = _scalar_arguments(options, compute_grad=True)
         if teacher_topk is None:

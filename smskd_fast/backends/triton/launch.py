@@ -9,6 +9,7 @@ benchmarks/gpu/ sweeps the online configurations on a GPU to refine the table.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -158,6 +159,17 @@ def kernels_interpreted() -> bool:
     return isinstance(kernels._smskd_rows_online_kernel, InterpretedFunction)
 
 
+def on_device_of(tensor: torch.Tensor):
+    """A context in which Triton launches on tensor's CUDA device: Triton launches on the current device
+    (and its current stream), so logits on cuda:1 while cuda:0 is current would be read from the wrong
+    device, as the compiled ops' CUDAGuard prevents. Nothing to switch with one visible device (or none,
+    as under the interpreter), so the usual call pays one cached device count."""
+    device = tensor.device
+    if device.type != "cuda" or torch.cuda.device_count() < 2 or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
 def check_targets_on_host(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """The interpreter ignores tl.device_assert (it has no debug mode), so check here instead."""
     check_target_range(target, num_classes, ignore_index)
@@ -219,45 +231,47 @@ def launch_rows(
     per_row, grad = allocate_outputs(student, compute_grad, grad_out)
     if num_rows == 0:
         return (*per_row, grad)
-    check_targets(target, num_classes, ignore_index, wrap)
-    dummy = student  # stands for absent tensors; the kernels never read it then
-    common = (
-        student,
-        dummy if teacher is None else teacher,
-        dummy if reference is None else reference,
-        dummy if target is None else target,
-        grad if compute_grad else dummy,
-        dummy if grad_scale is None else grad_scale,
-        *per_row,
-    )
-    strides = (
-        student.stride(0),
-        0 if teacher is None else teacher.stride(0),
-        0 if reference is None else reference.stride(0),
-        grad.stride(0) if compute_grad else 0,
-    )
-    scalars = (float(temperature), float(ce_weight), float(kd_weight), float(ref_weight), int(ignore_index))
-    row_align = logits_row_alignment(num_classes, (student, teacher, reference, grad if compute_grad else None))
-    flags = dict(
-        ROW_ALIGN=row_align,
-        HAS_TARGET=target is not None,
-        HAS_TEACHER=teacher is not None,
-        HAS_REFERENCE=reference is not None,
-        WEIGHTING=schema.WEIGHTING_CODES[weighting],
-        COMPUTE_GRAD=bool(compute_grad),
-        HAS_GRAD_SCALE=grad_scale is not None,
-        T_POWER=kernels.temperature_power(temperature, target is not None, teacher is not None or reference is not None),
-    )
-    if config is None and num_classes <= TILE_MAX_C:
-        tile = tile_config(num_classes)
-        wrap(kernels._smskd_rows_tile_kernel)[(triton.cdiv(num_rows, tile.rows),)](
-            *common, num_rows, num_classes, *strides, *scalars, **flags,
-            ROWS=tile.rows, BLOCK_C=tile.block_c, num_warps=tile.num_warps,
+    with on_device_of(student):
+        check_targets(target, num_classes, ignore_index, wrap)
+        dummy = student  # stands for absent tensors; the kernels never read it then
+        common = (
+            student,
+            dummy if teacher is None else teacher,
+            dummy if reference is None else reference,
+            dummy if target is None else target,
+            grad if compute_grad else dummy,
+            dummy if grad_scale is None else grad_scale,
+            *per_row,
         )
-    else:
-        online = config or online_config(num_classes)
-        wrap(kernels._smskd_rows_online_kernel)[(num_rows,)](
-            *common, num_classes, *strides, *scalars, **flags,
-            BLOCK_C=online.block_c, MAXIMA_COLUMNS=online.maxima_columns, num_warps=online.num_warps,
+        strides = (
+            student.stride(0),
+            0 if teacher is None else teacher.stride(0),
+            0 if reference is None else reference.stride(0),
+            grad.stride(0) if compute_grad else 0,
         )
+        scalars = (float(temperature), float(ce_weight), float(kd_weight), float(ref_weight), int(ignore_index))
+        row_align = logits_row_alignment(num_classes, (student, teacher, reference, grad if compute_grad else None))
+        flags = dict(
+            ROW_ALIGN=row_align,
+            HAS_TARGET=target is not None,
+            HAS_TEACHER=teacher is not None,
+            HAS_REFERENCE=reference is not None,
+            WEIGHTING=schema.WEIGHTING_CODES[weighting],
+            COMPUTE_GRAD=bool(compute_grad),
+            HAS_GRAD_SCALE=grad_scale is not None,
+            T_POWER=kernels.temperature_power(temperature, target is not None,
+                                              teacher is not None or reference is not None),
+        )
+        if config is None and num_classes <= TILE_MAX_C:
+            tile = tile_config(num_classes)
+            wrap(kernels._smskd_rows_tile_kernel)[(triton.cdiv(num_rows, tile.rows),)](
+                *common, num_rows, num_classes, *strides, *scalars, **flags,
+                ROWS=tile.rows, BLOCK_C=tile.block_c, num_warps=tile.num_warps,
+            )
+        else:
+            online = config or online_config(num_classes)
+            wrap(kernels._smskd_rows_online_kernel)[(num_rows,)](
+                *common, num_classes, *strides, *scalars, **flags,
+                BLOCK_C=online.block_c, MAXIMA_COLUMNS=online.maxima_columns, num_warps=online.num_warps,
+            )
     return (*per_row, grad)

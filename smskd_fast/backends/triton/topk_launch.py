@@ -16,7 +16,7 @@ from smskd_fast.backends.triton.topk_bitmask import kept_class_bitmask
 from smskd_fast.ops import schema
 from smskd_fast.backends.triton import kernels, topk_kernels
 from smskd_fast.backends.triton.launch import (allocate_outputs, check_targets, logits_row_alignment,
-                                               power_of_two_at_least)
+                                               on_device_of, power_of_two_at_least)
 
 WHOLE_ROW_MAX_C = 4096
 # Kept classes gathered per step: a cache keeps tens of classes; k = C walks in steps.
@@ -90,38 +90,41 @@ def launch_topk_rows(
     per_row, grad = allocate_outputs(student, compute_grad, grad_out)
     if num_rows == 0:
         return (*per_row, grad)
-    check_targets(target, num_classes, ignore_index, wrap)
-    indices = indices.to(torch.int64).contiguous()
-    bits = kept_class_bitmask(indices, num_classes)
-    fp32 = [t.to(torch.float32).contiguous() for t in (values, true_logit, log_sum_exp, log_sum_exp_at_temperature)]
-    # The kept classes' logits, saved by the kernel for its scatter (the student may be the gradient buffer).
-    kept_logits = torch.empty(indices.shape, dtype=torch.float32, device=student.device) if compute_grad else fp32[0]
-    dummy = student  # stands for absent tensors; the kernel never reads it then
-    strides = (
-        student.stride(0),
-        0 if reference is None else reference.stride(0),
-        grad.stride(0) if compute_grad else 0,
-    )
-    chosen = config or topk_config(num_classes)
-    if chosen.block_c % 32 or (chosen.whole_row and chosen.block_c < num_classes):
-        raise ValueError(f"block_c must be a multiple of 32 (and >= C = {num_classes} for a whole row), "
-                         f"got {chosen.block_c}")
-    wrap(topk_kernels._smskd_topk_rows_kernel)[(num_rows,)](
-        student, dummy if reference is None else reference, dummy if target is None else target,
-        fp32[0], indices, fp32[1], fp32[2], fp32[3], bits, kept_logits, grad if compute_grad else dummy,
-        dummy if grad_scale is None else grad_scale, *per_row,
-        num_classes, indices.shape[1], *strides,
-        float(temperature), float(ce_weight), float(kd_weight), float(ref_weight), int(ignore_index),
-        HAS_TARGET=target is not None,
-        HAS_REFERENCE=reference is not None,
-        WEIGHTING=schema.WEIGHTING_CODES[weighting],
-        COMPUTE_GRAD=bool(compute_grad),
-        HAS_GRAD_SCALE=grad_scale is not None,
-        WHOLE_ROW=chosen.whole_row,
-        BLOCK_C=chosen.block_c,
-        BLOCK_K=BLOCK_K,
-        ROW_ALIGN=logits_row_alignment(num_classes, (student, reference, grad if compute_grad else None)),
-        T_POWER=kernels.temperature_power(temperature, target is not None, True),
-        num_warps=chosen.num_warps,
-    )
+    with on_device_of(student):
+        check_targets(target, num_classes, ignore_index, wrap)
+        indices = indices.to(torch.int64).contiguous()
+        bits = kept_class_bitmask(indices, num_classes)
+        fp32 = [t.to(torch.float32).contiguous()
+                for t in (values, true_logit, log_sum_exp, log_sum_exp_at_temperature)]
+        # The kept classes' logits, saved by the kernel for its scatter (the student may be the gradient buffer).
+        kept_logits = (torch.empty(indices.shape, dtype=torch.float32, device=student.device) if compute_grad
+                       else fp32[0])
+        dummy = student  # stands for absent tensors; the kernel never reads it then
+        strides = (
+            student.stride(0),
+            0 if reference is None else reference.stride(0),
+            grad.stride(0) if compute_grad else 0,
+        )
+        chosen = config or topk_config(num_classes)
+        if chosen.block_c % 32 or (chosen.whole_row and chosen.block_c < num_classes):
+            raise ValueError(f"block_c must be a multiple of 32 (and >= C = {num_classes} for a whole row), "
+                             f"got {chosen.block_c}")
+        wrap(topk_kernels._smskd_topk_rows_kernel)[(num_rows,)](
+            student, dummy if reference is None else reference, dummy if target is None else target,
+            fp32[0], indices, fp32[1], fp32[2], fp32[3], bits, kept_logits, grad if compute_grad else dummy,
+            dummy if grad_scale is None else grad_scale, *per_row,
+            num_classes, indices.shape[1], *strides,
+            float(temperature), float(ce_weight), float(kd_weight), float(ref_weight), int(ignore_index),
+            HAS_TARGET=target is not None,
+            HAS_REFERENCE=reference is not None,
+            WEIGHTING=schema.WEIGHTING_CODES[weighting],
+            COMPUTE_GRAD=bool(compute_grad),
+            HAS_GRAD_SCALE=grad_scale is not None,
+            WHOLE_ROW=chosen.whole_row,
+            BLOCK_C=chosen.block_c,
+            BLOCK_K=BLOCK_K,
+            ROW_ALIGN=logits_row_alignment(num_classes, (student, reference, grad if compute_grad else None)),
+            T_POWER=kernels.temperature_power(temperature, target is not None, True),
+            num_warps=chosen.num_warps,
+        )
     return (*per_row, grad)

@@ -1,0 +1,84 @@
+"""Logits on a CUDA device that is not the current one: every GPU backend computes on the logits' device.
+
+Triton launches on the current device (and its current stream); the Triton launchers switch to the
+logits' device (launch.on_device_of), the compiled CUDA ops take a device guard. The GPU cases run
+the loss on cuda:1 while cuda:0 is current and compare it with the same call on cuda:0 (same kernels,
+same configuration: equal bit for bit); they need two GPUs and are skipped with fewer. The switch's
+decision itself is checked everywhere, with the device count and the current device stubbed.
+"""
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import smskd_fast
+from smskd_fast.backends.topk import TopKTeacher
+
+triton_launch = pytest.importorskip("smskd_fast.backends.triton.launch", reason="triton is not installed")
+
+
+def stub_cuda(monkeypatch, count: int, current: int) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+
+
+def on(device: str):
+    return SimpleNamespace(device=torch.device(device))
+
+
+@pytest.mark.parametrize("device, count, current, switches_to", [
+    ("cuda:1", 2, 0, 1),    # the case the switch exists for
+    ("cuda:0", 2, 1, 0),
+    ("cuda:1", 2, 1, None),  # already current
+    ("cuda:0", 1, 0, None),  # one GPU: nothing to switch to
+    ("cpu", 2, 0, None),     # the interpreter's CPU tensors
+])
+def test_launches_switch_to_the_logits_device(monkeypatch, device, count, current, switches_to):
+    stub_cuda(monkeypatch, count, current)
+    context = triton_launch.on_device_of(on(device))
+    if switches_to is None:
+        assert isinstance(context, contextlib.nullcontext)
+    else:
+        assert isinstance(context, torch.cuda.device) and context.idx == switches_to
+
+
+TWO_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2
+GPU_BACKENDS = [name for name in ("cuda", "triton") if smskd_fast.available_backends()[name]]
+
+
+def loss_and_grad(backend: str, device: str, topk: bool, overwrite: bool):
+    """The mean SMSKD loss, its terms and the student's gradient, computed on device, returned on the CPU."""
+    generator = torch.Generator().manual_seed(0)
+    n, c = 37, 5000  # the online kernels (C > 4096) and the top-k column blocks
+
+    def logits():
+        return (3 * torch.randn(n, c, generator=generator)).to(torch.bfloat16).to(device)
+
+    student, teacher, reference = logits(), logits(), logits()
+    target = torch.randint(0, c, (n,), generator=generator).to(device)
+    target[::7] = -100
+    teacher_topk = TopKTeacher.from_logits(teacher, target, k=16, temperature=2.0) if topk else None
+    leaf = student.clone().requires_grad_(True)
+    out = smskd_fast.smskd_loss(leaf.clone() if overwrite else leaf, target, None if topk else teacher, reference,
+                                temperature=2.0, backend=backend, overwrite_student_logits=overwrite,
+                                teacher_topk=teacher_topk)
+    out.loss.backward()
+    torch.cuda.synchronize(device)
+    return [value.detach().cpu() for value in (out.loss, out.ce, out.kd, out.ref, leaf.grad)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not TWO_GPUS, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("topk", [False, True], ids=["dense", "topk"])
+@pytest.mark.parametrize("overwrite", [False, True], ids=["functional", "overwrite"])
+def test_logits_on_a_device_that_is_not_current(backend, topk, overwrite):
+    with torch.cuda.device(0):
+        expected = loss_and_grad(backend, "cuda:0", topk, overwrite)
+        computed = loss_and_grad(backend, "cuda:1", topk, overwrite)
+        assert torch.cuda.current_device() == 0  # the switch was undone
+    for name, value, want in zip(("loss", "ce", "kd", "ref", "grad"), computed, expected):
+        assert torch.equal(value, want), name

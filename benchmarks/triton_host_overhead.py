@@ -6,7 +6,8 @@ The Triton backend's host code is Python: the op (a torch.library.triton_op), it
 mean's scale, the launchers, the reductions, autograd. This script runs exactly that code on CPU
 tensors with every Triton launch replaced by a no-op (TRITON_INTERPRET=1, so that the backend accepts
 CPU tensors; the interpreter itself never runs), and times forward + backward of the public API's loss
-at a small shape, alternating the two paths in one run (ratios: this machine is noisy). Not in the two
+at a small shape, and the forward alone under no_grad (evaluation), alternating the two paths in one run
+(ratios: this machine is noisy). Not in the two
 columns: Triton's own launcher (its argument binding, the CUDA launch: the same for both paths, and it
 needs a GPU; benchmarks/host_overhead.py --device cuda measures whole calls there), and, on the op path
 only, the wrapper its body puts around each launch on a GPU (torch.library.wrap_triton(kernel)[grid],
@@ -65,7 +66,9 @@ def launches_removed() -> None:
     launch.kernels_interpreted = lambda: True
 
 
-def loss_step(topk: bool, reduction: str, n: int, c: int) -> Callable[[], None]:
+def loss_step(topk: bool, reduction: str, n: int, c: int, training: bool) -> Callable[[], None]:
+    """One call of the public API's loss: forward + backward when training, else a forward under no_grad
+    (evaluation)."""
     student, target, teacher, reference = make_inputs(n, c, torch.float32, "cpu")
     student.requires_grad_()
     teacher_args = {"teacher_logits": teacher}
@@ -74,12 +77,19 @@ def loss_step(topk: bool, reduction: str, n: int, c: int) -> Callable[[], None]:
         teacher_args = {"teacher_topk": TopKTeacher(values, indices, teacher.gather(1, target[:, None])[:, 0],
                                                     teacher.logsumexp(-1), (teacher / TEMPERATURE).logsumexp(-1))}
 
-    def step():
+    def loss():
+        return smskd_fast.smskd_loss(student, target, reference_logits=reference, temperature=TEMPERATURE,
+                                     backend="triton", reduction=reduction, **teacher_args)
+
+    def train_step():
         student.grad = None
-        out = smskd_fast.smskd_loss(student, target, reference_logits=reference, temperature=TEMPERATURE,
-                                    backend="triton", reduction=reduction, **teacher_args)
+        out = loss()
         (out.loss if reduction != "none" else out.loss.sum()).backward()
-    return step
+
+    def evaluation_step():
+        with torch.no_grad():
+            loss()
+    return train_step if training else evaluation_step
 
 
 def timed(step: Callable[[], None], calls: int) -> float:
@@ -89,9 +99,9 @@ def timed(step: Callable[[], None], calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def measure(topk: bool, reduction: str, args) -> Dict:
+def measure(topk: bool, reduction: str, training: bool, args) -> Dict:
     """Both paths of one case, batch after batch in turn; medians in us per call."""
-    step = loss_step(topk, reduction, args.rows, args.classes)
+    step = loss_step(topk, reduction, args.rows, args.classes, training)
     plain = registration.plain_eager_call
     choose = {"op": lambda arguments: False, "body": plain}
     times: Dict[str, List[float]] = {path: [] for path in PATHS}
@@ -104,7 +114,8 @@ def measure(topk: bool, reduction: str, args) -> Dict:
             times[path].append(timed(step, args.calls))
     registration.plain_eager_call = plain
     medians = {path: statistics.median(values) for path, values in times.items()}
-    return {"teacher": "top-k" if topk else "dense", "reduction": reduction, "N": args.rows, "C": args.classes,
+    return {"teacher": "top-k" if topk else "dense", "reduction": reduction,
+            "call": "fwd+bwd" if training else "no_grad fwd", "N": args.rows, "C": args.classes,
             **{f"{path}_us": medians[path] for path in PATHS},
             **{f"{path}_us_all": times[path] for path in PATHS},
             "body_over_op": medians["body"] / medians["op"]}
@@ -139,21 +150,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     launches_removed()
-    rows = [measure(topk, reduction, args) for topk in (False, True) for reduction in ("mean", "none")]
+    rows = [measure(topk, reduction, training, args)
+            for training in (True, False) for topk in (False, True) for reduction in ("mean", "none")]
     wrap = wrap_triton_cost_us()
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    lines = [f"# Triton backend host code per fwd+bwd call, kernels not launched (CPU, {platform.processor() or platform.machine()})",
+    lines = [f"# Triton backend host code per call, kernels not launched (CPU, {platform.processor() or platform.machine()})",
              "",
              f"Command: `python benchmarks/triton_host_overhead.py {' '.join(sys.argv[1:])}`; {stamp}; commit "
              f"{git_commit()}; torch {torch.__version__}; 1 thread; {args.batches} batches of {args.calls} calls per "
              "path, alternating; medians.",
              "op: through torch.ops (the dispatcher's triton_op layers); body: the op's body called directly "
-             "(plain eager calls since this commit).",
+             "(plain eager calls; without a gradient, evaluation calls too since 2026-12-06).",
              "",
-             "| teacher | reduction | N x C | op us/call | body us/call | body / op |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| call | teacher | reduction | N x C | op us/call | body us/call | body / op |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        lines.append(f"| {row['teacher']} | {row['reduction']} | {row['N']}x{row['C']} | {row['op_us']:.1f} | "
+        lines.append(f"| {row['call']} | {row['teacher']} | {row['reduction']} | {row['N']}x{row['C']} | {row['op_us']:.1f} | "
                      f"{row['body_us']:.1f} | {row['body_over_op']:.3f} |")
     lines += ["", f"Not in the op column: on a GPU its body wraps each launch, wrap_triton(kernel)[grid] "
               f"{wrap['wrap_triton_us']:.1f} us against {wrap['bare_us']:.2f} us for kernel[grid] (median, "

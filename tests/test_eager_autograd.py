@@ -11,6 +11,7 @@ A patched fill_defaults shows which path ran.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 
@@ -198,6 +199,40 @@ def test_triton_body_called_past_the_dispatcher_equals_the_op_bit_for_bit(topk, 
         assert got.dtype == want.dtype and got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     assert direct_grad.abs().max() > 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("topk", [False, True], ids=["dense", "topk"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_triton_calls_without_a_gradient_run_the_body_directly(topk, reduction):
+    """Evaluation calls (grad mode off, a student that needs no gradient, inference mode) run the body past
+    the dispatcher too, with the op's outputs bit for bit; a teacher that requires a gradient keeps the op,
+    whose autograd records the call."""
+    student, tensors, _ = rows_case(topk, torch.float32, DEVICE)
+    op, body = op_for("triton", topk), triton_body(topk)
+    ran = []
+
+    def spied(*args):
+        ran.append(1)
+        return body(*args)
+
+    for compute_grad in (True, False):
+        arguments = (*tensors, *schema.scalar_arguments(OPTIONS), compute_grad, None, reduction)
+        expected = op(student.detach(), *arguments)
+        for context, argument in ((torch.no_grad(), student), (contextlib.nullcontext(), student.detach()),
+                                  (torch.inference_mode(), student.detach())):
+            with context:
+                outputs = registration.call_functional_op(op, argument, *arguments, eager=spied)
+            assert outputs[0].grad_fn is None
+            for got, want in zip(outputs, expected):
+                torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert len(ran) == 6
+    if not topk:
+        teacher = tensors[1].detach().requires_grad_()
+        outputs = registration.call_functional_op(op, student.detach(), tensors[0], teacher, *tensors[2:],
+                                                  *schema.scalar_arguments(OPTIONS), False, None, reduction,
+                                                  eager=spied)
+        assert len(ran) == 6 and outputs[0].grad_fn is not None
 
 
 class OperationNames(TorchDispatchMode):

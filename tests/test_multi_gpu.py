@@ -1,7 +1,7 @@
 """Logits on a CUDA device that is not the current one: every GPU backend computes on the logits' device.
 
 Triton launches on the current device (and its current stream); the Triton launchers switch to the
-logits' device (launch.on_device_of), the compiled CUDA ops take a device guard. The GPU cases run
+logits' device (smskd_fast/ops/launch_device.py), the compiled CUDA ops take a device guard. The GPU cases run
 the loss on cuda:1 while cuda:0 is current and compare it with the same call on cuda:0 (same kernels,
 same configuration: equal bit for bit); they need two GPUs and are skipped with fewer. The switch's
 decision itself is checked everywhere, with the device count and the current device stubbed.
@@ -16,8 +16,9 @@ import torch
 
 import smskd_fast
 from smskd_fast.backends.topk import TopKTeacher
+from smskd_fast.ops.launch_device import on_device_of
+from smskd_fast.ops.scale_rows import scale_rows_
 
-triton_launch = pytest.importorskip("smskd_fast.backends.triton.launch", reason="triton is not installed")
 
 
 def stub_cuda(monkeypatch, count: int, current: int) -> None:
@@ -38,7 +39,7 @@ def on(device: str):
 ])
 def test_launches_switch_to_the_logits_device(monkeypatch, device, count, current, switches_to):
     stub_cuda(monkeypatch, count, current)
-    context = triton_launch.on_device_of(on(device))
+    context = on_device_of(on(device))
     if switches_to is None:
         assert isinstance(context, contextlib.nullcontext)
     else:
@@ -82,3 +83,21 @@ def test_logits_on_a_device_that_is_not_current(backend, topk, overwrite):
         assert torch.cuda.current_device() == 0  # the switch was undone
     for name, value, want in zip(("loss", "ce", "kd", "ref", "grad"), computed, expected):
         assert torch.equal(value, want), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not TWO_GPUS, reason="needs two CUDA devices")
+@pytest.mark.parametrize("per_row", [True, False], ids=["factor_per_row", "one_factor"])
+def test_backward_scaling_on_a_device_that_is_not_current(per_row):
+    """scale_rows_ (backward's Triton step) on cuda:1 with cuda:0 current: as the in-place multiply."""
+    grad = torch.randn(300, 5000, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to("cuda:1")
+    if per_row:
+        factor = torch.linspace(0.5, 1.5, 300, device="cuda:1")
+        factor[::3] = 1.0  # rows the kernel leaves unread
+    else:
+        factor = torch.tensor(0.25, device="cuda:1")
+    expected = (grad.float() * (factor[:, None] if per_row else factor)).to(torch.bfloat16)
+    with torch.cuda.device(0):
+        scale_rows_(grad, factor)
+        torch.cuda.synchronize("cuda:1")
+    assert torch.equal(grad, expected)

@@ -13,7 +13,7 @@ and backward touches no row (ops/scale_rows.py).
 The backends call the functional ops through call_functional_op: in eager mode with
 a student that needs its gradient it runs the op under FunctionalOpUnderAutograd,
 the same formula without torch.library's per-call binding of the arguments to the
-schema (see that class); traced and gradient-free calls go to the op itself.
+schema (see that class); traced calls go to the op itself.
 """
 from __future__ import annotations
 
@@ -168,15 +168,23 @@ def call_functional_op(op, *arguments, eager=None):
     last), under FunctionalOpUnderAutograd when it computes the gradient of a student that autograd will ask for.
 
     eager, when given, is op's own implementation for the op's device, called in op's place there on a
-    plain eager call (plain_eager_call): a Python op (torch.library.triton_op) costs ~20 us per call in
+    plain eager call (plain_eager_call), with the gradient or without (evaluation: no tensor argument
+    requires a gradient, or grad mode is off): a Python op (torch.library.triton_op) costs ~20 us per call in
     the dispatcher's Python layers before its body runs, and its body wraps each Triton launch for
     tracing (wrap_triton, ~9 us a launch); benchmarks/triton_host_overhead.py. Kernels registered over
     op (torch.library.register_kernel) are not used on that path."""
-    if arguments[_COMPUTE_GRAD] and not torch.compiler.is_compiling() and arguments[0].requires_grad \
-            and torch.is_grad_enabled():
-        direct = eager is not None and plain_eager_call(arguments)
+    if torch.compiler.is_compiling():
+        return op(*arguments)
+    direct = eager is not None and plain_eager_call(arguments)
+    if arguments[_COMPUTE_GRAD] and arguments[0].requires_grad and torch.is_grad_enabled():
         return FunctionalOpUnderAutograd.apply(eager if direct else op, *arguments)
+    if direct and not (torch.is_grad_enabled() and _any_requires_grad(arguments)):
+        return eager(*arguments)  # nothing for autograd to record, as the op would record nothing
     return op(*arguments)
+
+
+def _any_requires_grad(arguments) -> bool:
+    return any(value.requires_grad for value in arguments if isinstance(value, torch.Tensor))
 
 
 def register() -> None:

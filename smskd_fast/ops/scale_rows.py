@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from smskd_fast.ops.launch_device import on_device_of
+
 try:
     import triton
     import triton.language as tl
@@ -58,11 +60,12 @@ def launch_scale_rows(grad: torch.Tensor, factor: torch.Tensor) -> None:
     tensors (tests)."""
     rows, cols = grad.shape
     column_blocks = triton.cdiv(cols, _BLOCK_COLUMNS)
-    if factor.dim() == 0:
-        grid = (min(rows, _UNIFORM_PROGRAMS), column_blocks)
-        _scale_all_rows_kernel[grid](grad, factor, grad.stride(0), rows, cols, BLOCK=_BLOCK_COLUMNS)
-    else:
-        _scale_rows_kernel[(rows, column_blocks)](grad, factor, grad.stride(0), cols, BLOCK=_BLOCK_COLUMNS)
+    with on_device_of(grad):
+        if factor.dim() == 0:
+            grid = (min(rows, _UNIFORM_PROGRAMS), column_blocks)
+            _scale_all_rows_kernel[grid](grad, factor, grad.stride(0), rows, cols, BLOCK=_BLOCK_COLUMNS)
+        else:
+            _scale_rows_kernel[(rows, column_blocks)](grad, factor, grad.stride(0), cols, BLOCK=_BLOCK_COLUMNS)
 
 
 if triton is not None:

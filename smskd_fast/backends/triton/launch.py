@@ -9,7 +9,6 @@ benchmarks/gpu/ sweeps the online configurations on a GPU to refine the table.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -19,6 +18,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from smskd_fast.backends.base import check_target_range
 from smskd_fast.ops import schema
+from smskd_fast.ops.launch_device import on_device_of
 from smskd_fast.backends.triton import kernels
 
 # Largest C handled by the one-tile kernel (each row whole in registers).
@@ -157,17 +157,6 @@ def kernels_interpreted() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(kernels._smskd_rows_online_kernel, InterpretedFunction)
-
-
-def on_device_of(tensor: torch.Tensor):
-    """A context in which Triton launches on tensor's CUDA device: Triton launches on the current device
-    (and its current stream), so logits on cuda:1 while cuda:0 is current would be read from the wrong
-    device, as the compiled ops' CUDAGuard prevents. Nothing to switch with one visible device (or none,
-    as under the interpreter), so the usual call pays one cached device count."""
-    device = tensor.device
-    if device.type != "cuda" or torch.cuda.device_count() < 2 or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
 
 
 def check_targets_on_host(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:

@@ -15,8 +15,9 @@ import torch
 from smskd_fast.backends.triton.topk_bitmask import kept_class_bitmask
 from smskd_fast.ops import schema
 from smskd_fast.backends.triton import kernels, topk_kernels
+from smskd_fast.ops.launch_device import on_device_of
 from smskd_fast.backends.triton.launch import (allocate_outputs, check_targets, logits_row_alignment,
-                                               on_device_of, power_of_two_at_least)
+                                               power_of_two_at_least)
 
 WHOLE_ROW_MAX_C = 4096
 # Kept classes gathered per step: a cache keeps tens of classes; k = C walks in steps.

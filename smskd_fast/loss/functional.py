@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from smskd_fast.loss import validation
+from smskd_fast.loss.derivative_modes import backend_for_derivatives
 from smskd_fast.backends import resolve_backend
 from smskd_fast.backends.base import LossOptions, RowInputs, RowOutputs
 from smskd_fast.backends.topk import TopKTeacher
@@ -133,6 +134,7 @@ def smskd_loss(
                                        reference_logits)
     options = LossOptions(float(temperature), float(ce_weight), float(kd_weight), float(ref_weight),
                           weighting, int(ignore_index), bool(overwrite_student_logits))
+    backend = backend_for_derivatives(backend, student_logits, "smskd_loss")
     rows = _run(student_logits, target, teacher_logits, reference_logits, options, backend, reduction, teacher_topk)
     leading = tuple(target.shape)
     terms = (rows.loss, rows.ce, rows.kd, rows.ref)
@@ -162,6 +164,7 @@ def kd_loss(
     validation.check_options(temperature, reduction, "constant", {})
     options = LossOptions(float(temperature), ce_weight=0.0, kd_weight=1.0, ref_weight=0.0,
                           weighting="constant", overwrite_student_logits=bool(overwrite_student_logits))
+    backend = backend_for_derivatives(backend, student_logits, "kd_loss")
     rows = _run(student_logits, None, teacher_logits, None, options, backend, reduction)
     return _shaped(rows.loss, tuple(student_logits.shape[:-1])) if reduction == "none" else rows.loss
 

@@ -157,8 +157,10 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 def plain_eager_call(arguments) -> bool:
     """Whether nothing but the op's own implementation could see this call: plain tensors (no subclass),
     no dispatch or function mode (fake tensors, functionalization, operation counters, torch.device(...),
-    torch.set_default_device), no JIT tracer, no profiler."""
+    torch.set_default_device), no torch.func transform (vmap's batched tensors have no storage for the
+    kernels: the op has vmap's per-sample fallback), no JIT tracer, no profiler."""
     return (torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._are_functorch_transforms_active()
             and torch._C._get_tracing_state() is None and not torch.autograd._profiler_enabled()
             and all(type(value) in _PLAIN_TENSOR_TYPES for value in arguments if isinstance(value, torch.Tensor)))
 

@@ -1,0 +1,57 @@
+"""Derivatives the fused kernels do not compute, and the backend a call then runs.
+
+The fused backends (cpu, cuda, triton) write d loss / d student in their forward pass and give it to
+reverse-mode autograd (loss.backward(), torch.autograd.grad). Forward-mode AD (torch.autograd.forward_ad,
+torch.func.jvp) would get no tangent from them, a silent zero, and torch.func's reverse-mode transforms
+(grad, vjp, jacrev) cannot run their autograd. The reference backend is plain PyTorch and supports both:
+"auto" runs it for such calls, and a fused backend named explicitly refuses them with an error that says
+so. torch.func.vmap alone runs every backend (the fused ones through their ops' per-sample fallback).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.autograd.forward_ad as forward_ad
+
+__all__ = ["unsupported_derivative", "backend_for_derivatives"]
+
+REFERENCE = "reference"
+
+
+def unsupported_derivative(student: torch.Tensor) -> Optional[str]:
+    """What this call asks of the loss that the fused kernels lack (None: nothing): a forward-mode
+    tangent on the student, or a torch.func transform other than vmap around the call. Cheap when
+    neither is in use (two flags read); never under torch.compile, which supports neither."""
+    if torch.compiler.is_compiling():
+        return None
+    forward_mode = "forward-mode AD (torch.func.jvp or jacfwd, torch.autograd.forward_ad)"
+    if forward_ad._current_level >= 0 and forward_ad.unpack_dual(student).tangent is not None:
+        return forward_mode
+    if torch._C._are_functorch_transforms_active():
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        transforms = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
+        if TransformType.Jvp in transforms:
+            return forward_mode
+        if TransformType.Grad in transforms:
+            return "torch.func's reverse mode (grad, vjp, jacrev)"
+    return None
+
+
+def backend_for_derivatives(backend: str, student: torch.Tensor, api: str) -> str:
+    """backend, or the reference for "auto" when the call asks for a derivative the fused kernels lack;
+    a fused backend named explicitly then raises NotImplementedError (it would return a wrong tangent
+    or fail inside autograd)."""
+    if backend == REFERENCE:
+        return backend
+    needed = unsupported_derivative(student)
+    if needed is None:
+        return backend
+    if backend == "auto":
+        return REFERENCE
+    raise NotImplementedError(
+        f"{api}: backend={backend!r} does not support {needed}: its kernels give the gradient to reverse-mode "
+        "autograd only (loss.backward(), torch.autograd.grad); use backend='reference' or 'auto' for this call"
+    )

@@ -1,0 +1,99 @@
+"""Derivatives other than reverse-mode autograd (smskd_fast/loss/derivative_modes.py).
+
+The fused backends give d loss / d student to loss.backward() only. Forward-mode AD (torch.func.jvp,
+torch.autograd.forward_ad) used to get no tangent from them (a silent zero) and torch.func.grad failed
+inside autograd.Function: now a fused backend named explicitly refuses both with an error that says so,
+and "auto" runs the reference. The oracle for the values "auto" then gives is the fused backend's own
+reverse-mode gradient (loss.backward()): jvp = <gradient, tangent>, torch.func.grad = the gradient.
+torch.func.vmap runs the fused backends through their ops (never the Triton body past the dispatcher,
+whose kernels cannot read vmap's batched tensors) and equals the loss of each sample.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as forward_ad
+
+import smskd_fast
+from smskd_fast.ops.extension import extension_loaded
+from triton_interpreter import DEVICE, needs_kernels, reruns_under_interpreter, run_under_interpreter
+
+FUSED = [pytest.param("cpu", marks=pytest.mark.skipif(not extension_loaded() or DEVICE != "cpu",
+                                                      reason="needs the compiled smskd_fast._C and CPU tensors")),
+         pytest.param("triton", marks=needs_kernels)]
+TOLERANCE = dict(rtol=2e-5, atol=2e-6)
+
+
+def case():
+    generator = torch.Generator().manual_seed(5)
+    student, teacher, reference, tangent = (torch.randn(6, 33, generator=generator).to(DEVICE) * 2 for _ in range(4))
+    target = torch.randint(0, 33, (6,), generator=generator).to(DEVICE)
+    target[1] = -100
+    return student, target, teacher, reference, tangent
+
+
+def loss_of(backend, target, teacher, reference):
+    return lambda student: smskd_fast.smskd_loss(student, target, teacher, reference, temperature=2.0,
+                                                 backend=backend).loss
+
+
+def backward_gradient(backend, student, target, teacher, reference):
+    """d loss / d student by loss.backward() through backend: the reverse mode every backend supports."""
+    leaf = student.clone().requires_grad_()
+    loss_of(backend, target, teacher, reference)(leaf).backward()
+    return leaf.grad
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_a_fused_backend_refuses_forward_mode_and_func_grad(backend):
+    student, target, teacher, reference, tangent = case()
+    loss = loss_of(backend, target, teacher, reference)
+    forward_mode = f"backend='{backend}' does not support forward-mode AD"
+    with pytest.raises(NotImplementedError, match=forward_mode):
+        torch.func.jvp(loss, (student,), (tangent,))
+    with forward_ad.dual_level(), pytest.raises(NotImplementedError, match=forward_mode):
+        loss(forward_ad.make_dual(student, tangent))
+    with pytest.raises(NotImplementedError, match=f"backend='{backend}' does not support torch.func's reverse mode"):
+        torch.func.grad(loss)(student)
+    with pytest.raises(NotImplementedError, match="kd_loss: backend"):
+        torch.func.jvp(lambda s: smskd_fast.kd_loss(s, teacher, backend=backend), (student,), (tangent,))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_auto_runs_the_reference_for_them_with_the_fused_backends_gradient(backend):
+    """Named backends are compared as the oracle: jvp and torch.func.grad through "auto" against the
+    fused backend's loss.backward() gradient."""
+    student, target, teacher, reference, tangent = case()
+    auto = loss_of("auto", target, teacher, reference)
+    gradient = backward_gradient(backend, student, target, teacher, reference)
+    assert gradient.abs().max() > 0
+    value, derivative = torch.func.jvp(auto, (student,), (tangent,))
+    torch.testing.assert_close(derivative, (gradient * tangent).sum(), **TOLERANCE)
+    torch.testing.assert_close(value, loss_of(backend, target, teacher, reference)(student), **TOLERANCE)
+    with forward_ad.dual_level():
+        dual = auto(forward_ad.make_dual(student, tangent))
+        torch.testing.assert_close(forward_ad.unpack_dual(dual).tangent, derivative, **TOLERANCE)
+    torch.testing.assert_close(torch.func.grad(auto)(student), gradient, **TOLERANCE)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_a_dual_level_without_a_student_tangent_runs_the_fused_backend(backend):
+    student, target, teacher, reference, _ = case()
+    with forward_ad.dual_level():
+        value = loss_of(backend, target, teacher, reference)(student)
+    torch.testing.assert_close(value, loss_of("reference", target, teacher, reference)(student), **TOLERANCE)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_vmap_runs_the_fused_backend_per_sample(backend):
+    student, target, teacher, reference, _ = case()
+    batch = torch.stack((student, -student, 0.5 * student))
+    loss = loss_of(backend, target, teacher, reference)
+    torch.testing.assert_close(torch.func.vmap(loss)(batch), torch.stack([loss(sample) for sample in batch]),
+                               rtol=0, atol=0)
+
+
+@reruns_under_interpreter
+def test_cases_under_the_interpreter():
+    """Runs this file's Triton cases under TRITON_INTERPRET=1 in a fresh interpreter (tests/triton_interpreter.py)."""
+    run_under_interpreter(__file__, "-k", "triton")

@@ -7,6 +7,8 @@ and "auto" runs the reference. The oracle for the values "auto" then gives is th
 reverse-mode gradient (loss.backward()): jvp = <gradient, tangent>, torch.func.grad = the gradient.
 torch.func.vmap runs the fused backends through their ops (never the Triton body past the dispatcher,
 whose kernels cannot read vmap's batched tensors) and equals the loss of each sample.
+fused_linear_smskd_loss (an autograd.Function computing its gradients in forward, on every backend)
+refuses every transform and forward-mode tangent with an error that says so.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 import smskd_fast
+from smskd_fast.loss.fused_linear import fused_linear_smskd_loss
 from smskd_fast.ops.extension import extension_loaded
 from triton_interpreter import DEVICE, needs_kernels, reruns_under_interpreter, run_under_interpreter
 
@@ -91,6 +94,28 @@ def test_vmap_runs_the_fused_backend_per_sample(backend):
     loss = loss_of(backend, target, teacher, reference)
     torch.testing.assert_close(torch.func.vmap(loss)(batch), torch.stack([loss(sample) for sample in batch]),
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_fused_linear_refuses_transforms_and_tangents(backend):
+    generator = torch.Generator().manual_seed(6)
+    hidden, teacher_hidden, tangent = (torch.randn(5, 8, generator=generator) for _ in range(3))
+    weight, teacher_weight = (torch.randn(20, 8, generator=generator) for _ in range(2))
+    target = torch.randint(0, 20, (5,), generator=generator)
+
+    def loss(h, w=weight):
+        return fused_linear_smskd_loss(h, w, target, teacher_hidden, teacher_weight, backend=backend).loss
+
+    refused = "fused_linear_smskd_loss: torch.func transforms .* are not supported"
+    for transform in (lambda: torch.func.jvp(loss, (hidden,), (tangent,)), lambda: torch.func.grad(loss)(hidden),
+                      lambda: torch.func.vmap(loss)(hidden[None].expand(2, 5, 8))):
+        with pytest.raises(NotImplementedError, match=refused):
+            transform()
+    expected = loss(hidden)
+    with forward_ad.dual_level():
+        with pytest.raises(NotImplementedError, match=refused):
+            loss(hidden, forward_ad.make_dual(weight, torch.ones_like(weight)))
+        torch.testing.assert_close(loss(hidden), expected, rtol=0, atol=0)  # no tangent: it runs
 
 
 @reruns_under_interpreter

@@ -6,6 +6,8 @@ torch.func.jvp) would get no tangent from them, a silent zero, and torch.func's 
 (grad, vjp, jacrev) cannot run their autograd. The reference backend is plain PyTorch and supports both:
 "auto" runs it for such calls, and a fused backend named explicitly refuses them with an error that says
 so. torch.func.vmap alone runs every backend (the fused ones through their ops' per-sample fallback).
+fused_linear_smskd_loss is itself an autograd.Function that computes every gradient in its forward pass,
+whatever the backend: it refuses every torch.func transform and forward-mode tangent (check_reverse_mode_only).
 """
 from __future__ import annotations
 
@@ -14,9 +16,13 @@ from typing import Optional
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-__all__ = ["unsupported_derivative", "backend_for_derivatives"]
+__all__ = ["unsupported_derivative", "backend_for_derivatives", "check_reverse_mode_only"]
 
 REFERENCE = "reference"
+
+
+def _has_tangent(tensor: Optional[torch.Tensor]) -> bool:
+    return tensor is not None and forward_ad.unpack_dual(tensor).tangent is not None
 
 
 def unsupported_derivative(student: torch.Tensor) -> Optional[str]:
@@ -26,7 +32,7 @@ def unsupported_derivative(student: torch.Tensor) -> Optional[str]:
     if torch.compiler.is_compiling():
         return None
     forward_mode = "forward-mode AD (torch.func.jvp or jacfwd, torch.autograd.forward_ad)"
-    if forward_ad._current_level >= 0 and forward_ad.unpack_dual(student).tangent is not None:
+    if forward_ad._current_level >= 0 and _has_tangent(student):
         return forward_mode
     if torch._C._are_functorch_transforms_active():
         from torch._C._functorch import TransformType
@@ -55,3 +61,18 @@ def backend_for_derivatives(backend: str, student: torch.Tensor, api: str) -> st
         f"{api}: backend={backend!r} does not support {needed}: its kernels give the gradient to reverse-mode "
         "autograd only (loss.backward(), torch.autograd.grad); use backend='reference' or 'auto' for this call"
     )
+
+
+def check_reverse_mode_only(api: str, *differentiable: Optional[torch.Tensor]) -> None:
+    """Refuses, with an error that says what to do instead, a torch.func transform around an API that is
+    an autograd.Function computing its gradients in forward, and a forward-mode tangent on one of its
+    differentiable inputs (autograd.Function would fail on either with an error about its own methods)."""
+    if torch.compiler.is_compiling():
+        return
+    if torch._C._are_functorch_transforms_active() or (
+            forward_ad._current_level >= 0 and any(_has_tangent(tensor) for tensor in differentiable)):
+        raise NotImplementedError(
+            f"{api}: torch.func transforms (vmap, grad, jvp, ...) and forward-mode AD are not supported: it "
+            "computes its gradients in the forward pass for reverse-mode autograd (loss.backward(), "
+            "torch.autograd.grad); for them, compute the logits and call smskd_loss(..., backend='reference')"
+        )

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from smskd_fast.loss import validation
+from smskd_fast.loss.derivative_modes import check_reverse_mode_only
 from smskd_fast.backends import resolve_backend
 from smskd_fast.backends.base import LossOptions, RowInputs
 from smskd_fast.loss.functional import SMSKDLossOutput
@@ -335,6 +336,7 @@ def fused_linear_smskd_loss(
                                 student_hidden.dtype, heads=dense_heads)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    check_reverse_mode_only("fused_linear_smskd_loss", student_hidden, student_head_weight, student_head_bias)
 
     def flat(tensor):
         return None if tensor is None else tensor.reshape(-1, tensor.shape[-1])

@@ -8,7 +8,9 @@ reverse-mode gradient (loss.backward()): jvp = <gradient, tangent>, torch.func.g
 torch.func.vmap runs the fused backends through their ops (never the Triton body past the dispatcher,
 whose kernels cannot read vmap's batched tensors) and equals the loss of each sample.
 fused_linear_smskd_loss (an autograd.Function computing its gradients in forward, on every backend)
-refuses every transform and forward-mode tangent with an error that says so.
+refuses every transform and forward-mode tangent with an error that says so. Double backward
+(create_graph=True) through a fused backend's gradient, a constant to autograd, used to give a silently
+incomplete second derivative (or an error about tensors that do not require grad): it is refused.
 """
 from __future__ import annotations
 
@@ -116,6 +118,39 @@ def test_fused_linear_refuses_transforms_and_tangents(backend):
         with pytest.raises(NotImplementedError, match=refused):
             loss(hidden, forward_ad.make_dual(weight, torch.ones_like(weight)))
         torch.testing.assert_close(loss(hidden), expected, rtol=0, atol=0)  # no tangent: it runs
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("overwrite", [False, True], ids=["functional", "overwrite"])
+def test_a_fused_backend_refuses_double_backward(backend, overwrite):
+    """A gradient penalty on a linear head's weight: the fused backends refuse create_graph=True (their
+    gradient has no derivative of its own); plain backward still runs; the reference differentiates twice."""
+    student, target, teacher, reference, _ = case()
+    head = torch.nn.Linear(33, 33, device=DEVICE)
+
+    def loss(name):
+        logits = head(student)
+        return smskd_fast.smskd_loss(logits, target, teacher, reference, temperature=2.0, backend=name,
+                                     overwrite_student_logits=overwrite).loss
+
+    with pytest.raises(NotImplementedError, match="create_graph=True .* needs backend='reference'"):
+        torch.autograd.grad(loss(backend), head.weight, create_graph=True)
+    (first,) = torch.autograd.grad(loss(backend), head.weight)
+    (reference_first,) = torch.autograd.grad(loss("reference"), head.weight, create_graph=True)
+    torch.testing.assert_close(first, reference_first.detach(), **TOLERANCE)
+    (second,) = torch.autograd.grad(reference_first.pow(2).sum(), head.weight)
+    assert second.abs().max() > 0
+
+
+def test_fused_linear_refuses_double_backward():
+    generator = torch.Generator().manual_seed(7)
+    hidden = torch.randn(5, 8, generator=generator)
+    weight = torch.randn(20, 8, generator=generator).requires_grad_()
+    target = torch.randint(0, 20, (5,), generator=generator)
+    loss = fused_linear_smskd_loss(hidden, weight, target, teacher_logits=torch.randn(5, 20, generator=generator),
+                                   backend="reference").loss
+    with pytest.raises(NotImplementedError, match="create_graph=True"):
+        torch.autograd.grad(loss, weight, create_graph=True)
 
 
 @reruns_under_interpreter

@@ -36,6 +36,7 @@ from smskd_fast.backends import resolve_backend
 from smskd_fast.backends.base import LossOptions, RowInputs
 from smskd_fast.loss.functional import SMSKDLossOutput
 from smskd_fast.ops import schema
+from smskd_fast.ops.registration import refuse_double_backward
 from smskd_fast.ops.reduction import as_class_indices, mean_reduction_scale
 from smskd_fast.backends.topk import TopKTeacher
 
@@ -216,6 +217,7 @@ class _FusedLinearSMSKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
+        refuse_double_backward()
         if ctx.grads is not None:
             grad_hidden, grad_weight, grad_bias = (
                 None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads)

@@ -56,6 +56,20 @@ def _last_use_of_saved_tensors(saved: torch.Tensor) -> bool:
     return not keep_graph()
 
 
+def refuse_double_backward() -> None:
+    """Called by backward before it returns a gradient that the kernels wrote in the forward pass.
+    Under create_graph=True (grad mode on in backward) autograd would take that gradient for a constant,
+    so a second derivative through it (a gradient penalty, MAML, Hessian-vector products) would silently
+    lack the loss's own second-order term: refuse instead, with what to use. Eager only: a traced
+    backward (torch.compile, a dispatch mode) runs with grad mode on while tracing its graph."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack():
+        raise NotImplementedError(
+            "smskd_fast: the fused backends write the loss's gradient in the forward pass, so it cannot be "
+            "differentiated again: backward with create_graph=True (double backward: a gradient penalty, MAML, "
+            "Hessian-vector products) needs backend='reference' (smskd_loss, kd_loss)"
+        )
+
+
 def backward_of(op: schema.OpSchema):
     """The autograd formula of a functional op (schema.DENSE, schema.TOPK or their Triton renamings)."""
     if op.arguments[0].name != "student" or op.arguments[-len(schema.FUNCTIONAL_TAIL):] != schema.FUNCTIONAL_TAIL:
@@ -77,6 +91,7 @@ def _student_gradient(ctx, grad_loss, num_inputs: int):
             "smskd_loss_rows was called with compute_grad=False, so it has no gradient; "
             "call it with compute_grad=True when the student logits require grad"
         )
+    refuse_double_backward()
     row_grad, grad_scale = ctx.saved_tensors
     factor = row_factor(grad_loss, grad_scale)
     # When nothing reads row_grad after this backward (it is the op's own buffer),
@@ -112,6 +127,7 @@ def scale_gradient_in_student_once(ctx, grad_loss: torch.Tensor) -> torch.Tensor
             "can run only once: a second backward through the same loss is not supported; call without "
             "retain_graph or without the option"
         )
+    refuse_double_backward()
     ctx.backward_done = True
     grad, grad_scale = ctx.saved_tensors
     return scale_rows_(grad, row_factor(grad_loss, grad_scale))

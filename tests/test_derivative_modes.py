@@ -90,6 +90,55 @@ def test_a_dual_level_without_a_student_tangent_runs_the_fused_backend(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+def test_a_tangent_on_the_teacher_is_refused_by_a_fused_backend(backend):
+    """The fused kernels' autograd cannot carry any tangent; "auto" runs the reference, to which the teacher is
+    a constant (the loss is differentiable with respect to the student only)."""
+    student, target, teacher, reference, tangent = case()
+    student.requires_grad_()
+    with forward_ad.dual_level():
+        dual_teacher = forward_ad.make_dual(teacher, tangent)
+        with pytest.raises(NotImplementedError, match=f"backend='{backend}' does not support forward-mode AD"):
+            loss_of(backend, target, dual_teacher, reference)(student)
+        value = loss_of("auto", target, dual_teacher, reference)(student)
+    torch.testing.assert_close(value.detach(), loss_of(backend, target, teacher, reference)(student).detach(),
+                               **TOLERANCE)
+
+
+@pytest.mark.skipif(not extension_loaded() or DEVICE != "cpu", reason="needs the compiled smskd_fast._C")
+def test_forward_mode_inside_torch_compile():
+    """Dynamo traces torch.func.jvp around the loss: the compiled call takes the reference under "auto" and
+    refuses the cpu backend, as eager does (it used to compile the fused op with a zero tangent)."""
+    student, target, teacher, reference, tangent = case()
+
+    def jvp(backend):
+        return torch.compile(lambda x: torch.func.jvp(loss_of(backend, target, teacher, reference), (x,),
+                                                      (tangent,))[1], fullgraph=True, backend="aot_eager")
+
+    gradient = backward_gradient("cpu", student, target, teacher, reference)
+    torch.testing.assert_close(jvp("auto")(student), (gradient * tangent).sum(), **TOLERANCE)
+    with pytest.raises(Exception, match="backend='cpu' does not support forward-mode AD"):
+        jvp("cpu")(student)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_per_sample_gradients_with_vmap_of_grad(backend, reduction):
+    """vmap(grad(loss)) over a batch of students: each sample's gradient (the reduction no longer uses
+    _foreach_mul, which vmap cannot batch, under a transform)."""
+    student, target, teacher, reference, _ = case()
+    batch = torch.stack((student, 0.5 * student - 1))
+
+    def loss(x):
+        return smskd_fast.smskd_loss(x, target, teacher, reference, temperature=2.0, reduction=reduction,
+                                     backend=backend).loss
+
+    expected = torch.stack([backward_gradient("reference", sample, target, teacher, reference) for sample in batch])
+    if reduction == "sum":
+        expected = expected * (target != -100).sum()
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(loss))(batch), expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_vmap_runs_the_fused_backend_per_sample(backend):
     student, target, teacher, reference, _ = case()
     batch = torch.stack((student, -student, 0.5 * student))

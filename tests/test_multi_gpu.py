@@ -4,7 +4,8 @@ Triton launches on the current device (and its current stream); the Triton launc
 logits' device (smskd_fast/ops/launch_device.py), the compiled CUDA ops take a device guard. The GPU cases run
 the loss on cuda:1 while cuda:0 is current and compare it with the same call on cuda:0 (same kernels,
 same configuration: equal bit for bit); they need two GPUs and are skipped with fewer. The switch's
-decision itself is checked everywhere, with the device count and the current device stubbed.
+decision itself is checked everywhere, with the device count and the current device stubbed, and that
+every Triton launcher enters it (under the interpreter, with a spy).
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import torch
 
 import smskd_fast
 from smskd_fast.backends.topk import TopKTeacher
+from smskd_fast.ops import launch_device
 from smskd_fast.ops.launch_device import on_device_of
 from smskd_fast.ops.scale_rows import scale_rows_
+from triton_interpreter import DEVICE, needs_kernels, reruns_under_interpreter, run_under_interpreter
 
 
 
@@ -39,11 +42,53 @@ def on(device: str):
 ])
 def test_launches_switch_to_the_logits_device(monkeypatch, device, count, current, switches_to):
     stub_cuda(monkeypatch, count, current)
+    monkeypatch.setattr(launch_device, "_REAL_TENSOR_TYPES", (SimpleNamespace,))  # a tensor on `device`
     context = on_device_of(on(device))
     if switches_to is None:
         assert isinstance(context, contextlib.nullcontext)
     else:
         assert isinstance(context, torch.cuda.device) and context.idx == switches_to
+
+
+def test_no_switch_while_tracing(monkeypatch):
+    """A fake tensor's launch is recorded, not run, and its device need not exist on this machine."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    stub_cuda(monkeypatch, 2, 0)
+    with FakeTensorMode():
+        fake = torch.empty(2, 3, device="cuda:1")
+    assert fake.device == torch.device("cuda:1")
+    assert isinstance(on_device_of(fake), contextlib.nullcontext)
+
+
+@needs_kernels
+def test_every_triton_launcher_enters_the_switch(monkeypatch):
+    """The dense and top-k launchers (through the API, forward and backward) and backward's row scaling
+    each enter on_device_of with the tensor they launch on."""
+    from smskd_fast.backends.triton import launch, topk_launch
+    from smskd_fast.ops import scale_rows
+
+    entered = []
+
+    def spy(tensor):
+        entered.append(module_name)
+        return contextlib.nullcontext()
+
+    for module in (launch, topk_launch, scale_rows):
+        monkeypatch.setattr(module, "on_device_of", spy)
+    generator = torch.Generator().manual_seed(2)
+    student, teacher = (torch.randn(4, 40, generator=generator).to(DEVICE) for _ in range(2))
+    target = torch.randint(0, 40, (4,), generator=generator).to(DEVICE)
+    leaf = student.requires_grad_()
+    for module_name, teacher_args in (("launch", {"teacher_logits": teacher}),
+                                      ("topk_launch", {"teacher_topk": TopKTeacher.from_logits(teacher, target, k=5,
+                                                                                                temperature=2.0)})):
+        smskd_fast.smskd_loss(leaf, target, temperature=2.0, backend="triton", **teacher_args).loss.backward()
+        assert entered == [module_name]
+        entered.clear()
+    module_name = "scale_rows"
+    scale_rows.launch_scale_rows(torch.ones(4, 40, device=DEVICE), torch.full((4,), 0.5, device=DEVICE))
+    assert entered == ["scale_rows"]
 
 
 TWO_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2
@@ -101,3 +146,9 @@ def test_backward_scaling_on_a_device_that_is_not_current(per_row):
         scale_rows_(grad, factor)
         torch.cuda.synchronize("cuda:1")
     assert torch.equal(grad, expected)
+
+
+@reruns_under_interpreter
+def test_cases_under_the_interpreter():
+    """Runs this file's Triton cases under TRITON_INTERPRET=1 in a fresh interpreter (tests/triton_interpreter.py)."""
+    run_under_interpreter(__file__, "-k", "launcher")

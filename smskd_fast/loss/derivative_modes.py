@@ -25,14 +25,14 @@ def _has_tangent(tensor: Optional[torch.Tensor]) -> bool:
     return tensor is not None and forward_ad.unpack_dual(tensor).tangent is not None
 
 
-def unsupported_derivative(student: torch.Tensor) -> Optional[str]:
+def unsupported_derivative(*logits: Optional[torch.Tensor]) -> Optional[str]:
     """What this call asks of the loss that the fused kernels lack (None: nothing): a forward-mode
-    tangent on the student, or a torch.func transform other than vmap around the call. Cheap when
-    neither is in use (two flags read); never under torch.compile, which supports neither."""
-    if torch.compiler.is_compiling():
-        return None
+    tangent on one of the logits (the student's, or the teacher's or reference's, on which the fused
+    kernels' autograd would fail), or a torch.func transform other than vmap around the call. Cheap
+    when neither is in use (two flags read). Also while torch.compile traces: Dynamo traces jvp, grad
+    and forward_ad inside a compiled function, and the kernels' tangent would be as missing there."""
     forward_mode = "forward-mode AD (torch.func.jvp or jacfwd, torch.autograd.forward_ad)"
-    if forward_ad._current_level >= 0 and _has_tangent(student):
+    if forward_ad._current_level >= 0 and any(_has_tangent(tensor) for tensor in logits):
         return forward_mode
     if torch._C._are_functorch_transforms_active():
         from torch._C._functorch import TransformType
@@ -46,13 +46,13 @@ def unsupported_derivative(student: torch.Tensor) -> Optional[str]:
     return None
 
 
-def backend_for_derivatives(backend: str, student: torch.Tensor, api: str) -> str:
-    """backend, or the reference for "auto" when the call asks for a derivative the fused kernels lack;
-    a fused backend named explicitly then raises NotImplementedError (it would return a wrong tangent
-    or fail inside autograd)."""
+def backend_for_derivatives(backend: str, api: str, *logits: Optional[torch.Tensor]) -> str:
+    """backend, or the reference for "auto" when the call asks for a derivative the fused kernels lack
+    (unsupported_derivative of the call's logits, the student's first); a fused backend named explicitly
+    then raises NotImplementedError (it would return a wrong tangent or fail inside autograd)."""
     if backend == REFERENCE:
         return backend
-    needed = unsupported_derivative(student)
+    needed = unsupported_derivative(*logits)
     if needed is None:
         return backend
     if backend == "auto":
@@ -66,9 +66,8 @@ def backend_for_derivatives(backend: str, student: torch.Tensor, api: str) -> st
 def check_reverse_mode_only(api: str, *differentiable: Optional[torch.Tensor]) -> None:
     """Refuses, with an error that says what to do instead, a torch.func transform around an API that is
     an autograd.Function computing its gradients in forward, and a forward-mode tangent on one of its
-    differentiable inputs (autograd.Function would fail on either with an error about its own methods)."""
-    if torch.compiler.is_compiling():
-        return
+    differentiable inputs (autograd.Function would fail on either with an error about its own methods;
+    under torch.compile the tangent would be missing)."""
     if torch._C._are_functorch_transforms_active() or (
             forward_ad._current_level >= 0 and any(_has_tangent(tensor) for tensor in differentiable)):
         raise NotImplementedError(

@@ -134,7 +134,7 @@ def smskd_loss(
                                        reference_logits)
     options = LossOptions(float(temperature), float(ce_weight), float(kd_weight), float(ref_weight),
                           weighting, int(ignore_index), bool(overwrite_student_logits))
-    backend = backend_for_derivatives(backend, student_logits, "smskd_loss")
+    backend = backend_for_derivatives(backend, "smskd_loss", student_logits, teacher_logits, reference_logits)
     rows = _run(student_logits, target, teacher_logits, reference_logits, options, backend, reduction, teacher_topk)
     leading = tuple(target.shape)
     terms = (rows.loss, rows.ce, rows.kd, rows.ref)
@@ -164,7 +164,7 @@ def kd_loss(
     validation.check_options(temperature, reduction, "constant", {})
     options = LossOptions(float(temperature), ce_weight=0.0, kd_weight=1.0, ref_weight=0.0,
                           weighting="constant", overwrite_student_logits=bool(overwrite_student_logits))
-    backend = backend_for_derivatives(backend, student_logits, "kd_loss")
+    backend = backend_for_derivatives(backend, "kd_loss", student_logits, teacher_logits)
     rows = _run(student_logits, None, teacher_logits, None, options, backend, reduction)
     return _shaped(rows.loss, tuple(student_logits.shape[:-1])) if reduction == "none" else rows.loss
 

@@ -62,5 +62,9 @@ def reduce_per_row_outputs(outputs: Sequence[torch.Tensor], scale: Optional[torc
     """outputs (the per-row ones first) with loss, ce, kd and ref summed over the rows, times scale when given."""
     count = len(schema.REDUCED_OUTPUTS)
     totals = list(torch.stack(tuple(outputs[:count])).sum(dim=1).unbind())
-    reduced = torch._foreach_mul(totals, 1.0 if scale is None else scale)
+    factor = 1.0 if scale is None else scale
+    if torch._C._are_functorch_transforms_active():  # vmap has no batching rule for _foreach_mul
+        reduced = [total * factor for total in totals]
+    else:
+        reduced = torch._foreach_mul(totals, factor)
     return (*reduced, *outputs[count:])

@@ -123,19 +123,23 @@ def test_forward_mode_inside_torch_compile():
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_per_sample_gradients_with_vmap_of_grad(backend, reduction):
-    """vmap(grad(loss)) over a batch of students: each sample's gradient (the reduction no longer uses
-    _foreach_mul, which vmap cannot batch, under a transform)."""
+    """vmap(grad(loss)) over a batch of students and targets: each sample's gradient (under a transform the
+    reduction avoids _foreach_mul and the host reads no target value, which vmap cannot batch)."""
     student, target, teacher, reference, _ = case()
-    batch = torch.stack((student, 0.5 * student - 1))
+    students = torch.stack((student, 0.5 * student - 1))
+    targets = torch.stack((target, target.flip(0)))
 
-    def loss(x):
-        return smskd_fast.smskd_loss(x, target, teacher, reference, temperature=2.0, reduction=reduction,
+    def loss(x, y):
+        return smskd_fast.smskd_loss(x, y, teacher, reference, temperature=2.0, reduction=reduction,
                                      backend=backend).loss
 
-    expected = torch.stack([backward_gradient("reference", sample, target, teacher, reference) for sample in batch])
-    if reduction == "sum":
-        expected = expected * (target != -100).sum()
-    torch.testing.assert_close(torch.func.vmap(torch.func.grad(loss))(batch), expected, **TOLERANCE)
+    expected = torch.stack([backward_gradient("reference", x, y, teacher, reference) * (
+        (y != -100).sum() if reduction == "sum" else 1) for x, y in zip(students, targets)])
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(loss))(students, targets), expected, **TOLERANCE)
+    bad = targets.clone()
+    bad[1, 2] = 33
+    with pytest.raises((ValueError, RuntimeError), match="33"):  # the fused op's check, or the reference's gather
+        torch.func.vmap(loss)(students, bad)
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -77,8 +77,10 @@ def check_class_indices(target: torch.Tensor, leading: tuple, num_classes: int, 
 def check_target_values(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Every value in [0, num_classes) or ignore_index. A data-dependent check needs the values on the
     host: done eagerly on the CPU; CUDA kernels check on the device instead, and compiled graphs rely
-    on the kernels' own checks."""
-    if target.device.type == "cpu" and not torch.compiler.is_compiling() and target.numel() > 0:
+    on the kernels' own checks. Not under torch.func transforms either (vmap's batched values cannot be
+    read): the reference's gather refuses a class outside [0, C) there, the fused ops check each sample."""
+    if target.device.type == "cpu" and not torch.compiler.is_compiling() and target.numel() > 0 \
+            and not torch._C._are_functorch_transforms_active():
         check_target_range(target, num_classes, ignore_index)
 
 

@@ -36,7 +36,7 @@ def mean_reduction_scale(valid_rows: Union[torch.Tensor, int], student: torch.Te
     # integer: up to 2 / eps = 2^24 rows in float32.
     exact = valid_rows.numel() <= 2 / torch.finfo(acc).eps
     count = valid_rows.sum(dtype=acc) if exact else valid_rows.sum().to(acc)
-    return count.clamp_(min=1).reciprocal_()
+    return count.clamp(min=1).reciprocal_()  # clamp_ has no vmap batching rule
 
 
 def reduction_grad_scale(reduction: str, grad_scale: Optional[torch.Tensor], target: Optional[torch.Tensor],

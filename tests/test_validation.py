@@ -1,6 +1,8 @@
 """Every bad input to the public loss API gives one clear error naming the argument."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -176,3 +178,20 @@ def test_auto_passes_over_backends_that_refuse_the_dtype(monkeypatch):
     chosen = registry.resolve_backend("auto", student.device, torch.float64, 4)
     assert chosen.name != "float32_only"
     assert registry.resolve_backend("auto", student.device, torch.float32, 4).name == "float32_only"
+
+
+@pytest.mark.parametrize("name", ["teacher_logits", "reference_logits"])
+def test_companion_logits_that_require_grad_get_a_warning_and_no_gradient(inputs, name):
+    """The loss is differentiable with respect to the student only, on every backend: a teacher trained jointly
+    would silently get nothing, so a call with grad mode on says so; detached or under no_grad it is quiet."""
+    companion = inputs[name].clone().requires_grad_()
+    student = inputs["student_logits"].clone().requires_grad_()
+    with pytest.warns(UserWarning, match=f"{name} requires grad, but the loss is differentiable with respect to "
+                                         f"student_logits only"):
+        call(inputs, student_logits=student, **{name: companion}).loss.backward()
+    assert companion.grad is None and student.grad is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call(inputs, student_logits=student, **{name: companion.detach()})
+        with torch.no_grad():
+            call(inputs, student_logits=student, **{name: companion})

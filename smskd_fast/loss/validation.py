@@ -5,6 +5,7 @@ to fix without reading a kernel's stack trace.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -29,7 +30,8 @@ def check_logits(name: str, logits: torch.Tensor) -> None:
 
 
 def check_companion_logits(name: str, logits: Optional[torch.Tensor], student: torch.Tensor) -> None:
-    """Teacher or reference logits must match the student's shape, dtype and device."""
+    """Teacher or reference logits must match the student's shape, dtype and device; a warning when they
+    require grad (they are constants to every backend)."""
     if logits is None:
         return
     check_logits(name, logits)
@@ -46,6 +48,12 @@ def check_companion_logits(name: str, logits: Optional[torch.Tensor], student: t
         raise ValueError(
             f"{name} must be on the student_logits' device {student.device}, got {logits.device}"
         )
+    if logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # Python shows a warning once per place: a teacher trained jointly would otherwise silently get
+        # no gradient from this loss, and a teacher's forward run with grad builds a graph for nothing.
+        warnings.warn(f"{name} requires grad, but the loss is differentiable with respect to student_logits "
+                      f"only: no gradient reaches {name}; compute it under torch.no_grad() or pass "
+                      f"{name}.detach() to silence this warning", UserWarning, stacklevel=3)
 
 
 def check_target(target: torch.Tensor, student: torch.Tensor, ignore_index: int, *, values: bool = True) -> None:

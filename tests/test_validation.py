@@ -195,3 +195,29 @@ def test_companion_logits_that_require_grad_get_a_warning_and_no_gradient(inputs
         call(inputs, student_logits=student, **{name: companion.detach()})
         with torch.no_grad():
             call(inputs, student_logits=student, **{name: companion})
+
+
+@pytest.mark.parametrize("ignore_index", [-100.7, None, "x", torch.tensor(-100), 2 ** 70, True])
+def test_ignore_index_must_be_an_integer(inputs, ignore_index):
+    with pytest.raises(TypeError, match=r"ignore_index must be an integer in int64's range"):
+        call(inputs, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e300, 2.0 ** -64])
+def test_temperature_outside_float32s_reach(inputs, temperature):
+    with pytest.raises(ValueError, match=r"temperature must be in \[2\*\*-63, 2\*\*63\]"):
+        call(inputs, temperature=temperature)
+
+
+def test_numpy_numbers_are_numbers(inputs):
+    """Configs and sweeps hand numpy scalars: they are accepted and give the Python numbers' loss."""
+    numpy = pytest.importorskip("numpy")
+    expected = call(inputs, temperature=4.0, kd_weight=0.5, ignore_index=-100).loss
+    got = call(inputs, temperature=numpy.float32(4.0), kd_weight=numpy.float64(0.5),
+               ignore_index=numpy.int64(-100)).loss
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_teacher_topk_must_be_a_topk_teacher(inputs):
+    with pytest.raises(TypeError, match="teacher_topk must be a smskd_fast.TopKTeacher .* got tuple"):
+        call(inputs, teacher_logits=None, teacher_topk=(torch.zeros(4, 2), torch.zeros(4, 2, dtype=torch.long)))

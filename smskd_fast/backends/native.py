@@ -31,7 +31,8 @@ class GradientInStudent(torch.autograd.Function):
         outputs = torch.ops.smskd_fast.smskd_loss_rows_inplace_(
             storage, target, teacher, reference, *schema.scalar_arguments(options), grad_scale, reduction
         )
-        ctx.save_for_backward(storage, grad_scale)
+        ctx.save_for_backward(storage, grad_scale, target)
+        ctx.ignore_index = options.ignore_index
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
 

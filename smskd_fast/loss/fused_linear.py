@@ -224,7 +224,10 @@ class _FusedLinearSMSKD(torch.autograd.Function):
             ctx.grads = None
         else:
             student, teacher, reference, target, options, backend, chunk_size = ctx.replay
-            row_scale = grad_loss if ctx.reduction == "none" else ctx.row_scale * grad_loss.to(ctx.row_scale.dtype)
+            if ctx.reduction == "none":  # an ignored row's gradient is 0 whatever grad_output holds (row_factor)
+                row_scale = torch.where(target != options.ignore_index, grad_loss, 0.0)
+            else:
+                row_scale = ctx.row_scale * grad_loss.to(ctx.row_scale.dtype)
             _, grad_hidden, grad_weight, grad_bias = _chunk_pass(
                 student, teacher, reference, target, options, backend, chunk_size, row_scale, ctx.need)
         student = ctx.replay[0]

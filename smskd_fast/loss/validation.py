@@ -5,12 +5,14 @@ to fix without reading a kernel's stack trace.
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Optional
 
 import torch
 
 from smskd_fast.backends.base import check_target_range
+from smskd_fast.backends.topk import TopKTeacher
 from smskd_fast.ops.schema import WEIGHTINGS
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -68,7 +70,8 @@ def check_target(target: torch.Tensor, student: torch.Tensor, ignore_index: int,
 
 def check_class_indices(target: torch.Tensor, leading: tuple, num_classes: int, device: torch.device,
                         ignore_index: int, *, owner: str, values: bool = True) -> None:
-    """Target of shape leading with values in [0, num_classes) or ignore_index, on device."""
+    """Target of shape leading with values in [0, num_classes) or ignore_index (an integer), on device."""
+    check_ignore_index(ignore_index)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
@@ -92,18 +95,40 @@ def check_target_values(target: torch.Tensor, num_classes: int, ignore_index: in
         check_target_range(target, num_classes, ignore_index)
 
 
+# The temperatures whose square and inverse the kernels can hold in float32 (2**126 < float32's max).
+TEMPERATURE_RANGE = (2.0 ** -63, 2.0 ** 63)
+_INT64_RANGE = (-2 ** 63, 2 ** 63 - 1)
+
+
+def _is_real(value) -> bool:
+    """A real number, Python's or numpy's (numbers.Real), not a bool and not a tensor."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_ignore_index(ignore_index) -> None:
+    """An integer (Python's or numpy's) in int64's range, as the kernels compare it with int64 targets."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral) \
+            or not _INT64_RANGE[0] <= int(ignore_index) <= _INT64_RANGE[1]:
+        raise TypeError(f"ignore_index must be an integer in int64's range (the target value of rows to skip), "
+                        f"got {ignore_index!r}")
+
+
 def check_options(temperature: float, reduction: str, weighting: str, weights: dict) -> None:
-    """Scalar options: T > 0, known reduction and weighting, finite loss weights."""
-    if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature != temperature:
+    """Scalar options: T > 0 within TEMPERATURE_RANGE, known reduction and weighting, finite loss weights
+    (Python or numpy numbers)."""
+    if not _is_real(temperature) or not temperature > 0 or temperature != temperature:
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if temperature == float("inf"):
         raise ValueError("temperature must be finite, got inf")
+    if not TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]:
+        raise ValueError(f"temperature must be in [2**-63, 2**63] (the kernels hold T**2 and 1/T in float32), "
+                         f"got {temperature!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     for name, value in weights.items():
-        if not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        if not _is_real(value) or value != value or abs(value) == float("inf"):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
@@ -119,6 +144,9 @@ def check_teacher_topk(teacher_topk, teacher_logits: Optional[torch.Tensor], stu
     """
     if teacher_topk is None:
         return
+    if not isinstance(teacher_topk, TopKTeacher):
+        raise TypeError(f"teacher_topk must be a smskd_fast.TopKTeacher (TopKTeacher.from_logits builds one), "
+                        f"got {type(teacher_topk).__name__}")
     if teacher_logits is not None:
         raise ValueError("give the teacher either as teacher_logits or as teacher_topk, not both")
     leading, num_classes = tuple(student.shape[:-1]), student.shape[-1]

@@ -18,6 +18,7 @@ schema (see that class); traced calls go to the op itself.
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 
@@ -34,17 +35,22 @@ INPLACE_OP_NAME = schema.INPLACE.qualified_name
 # Positions of compute_grad and grad_scale in a functional op's arguments (schema.FUNCTIONAL_TAIL).
 _COMPUTE_GRAD = -len(schema.FUNCTIONAL_TAIL) + schema.FUNCTIONAL_TAIL.index(schema.COMPUTE_GRAD)
 _GRAD_SCALE = -len(schema.FUNCTIONAL_TAIL) + schema.FUNCTIONAL_TAIL.index(schema.GRAD_SCALE)
+# ... and of target (after the student) and ignore_index (the last scalar argument, before the tail).
+_TARGET = 1
+_IGNORE_INDEX = -len(schema.FUNCTIONAL_TAIL) - len(schema.SCALAR_ARGUMENTS) + [
+    argument.name for argument in schema.SCALAR_ARGUMENTS].index("ignore_index")
 
 
 def setup_context(ctx, inputs, output) -> None:
-    """Saves the op's grad output (its last) and grad_scale, for the functional ops
+    """Saves the op's grad output (its last), grad_scale and target, for the functional ops
     (..., compute_grad, grad_scale, reduction). With a reduction grad_scale is None: the
     gradient written is already that of the reduced loss, and backward's factor is grad_output."""
     ctx.compute_grad = inputs[_COMPUTE_GRAD]
+    ctx.ignore_index = inputs[_IGNORE_INDEX]
     # Only the loss output has a gradient; without this, autograd would hand
     # backward a materialised N x C zero tensor for the unused grad output.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(output[-1], inputs[_GRAD_SCALE])
+    ctx.save_for_backward(output[-1], inputs[_GRAD_SCALE], inputs[_TARGET])
 
 
 def _last_use_of_saved_tensors(saved: torch.Tensor) -> bool:
@@ -87,13 +93,15 @@ def _student_gradient(ctx, grad_loss, num_inputs: int):
     if grad_loss is None:
         return (None,) * num_inputs
     if not ctx.compute_grad:
+        if not ctx.needs_input_grad[0]:
+            return (None,) * num_inputs  # a teacher or reference that requires grad: constants, no gradient
         raise RuntimeError(
             "smskd_loss_rows was called with compute_grad=False, so it has no gradient; "
             "call it with compute_grad=True when the student logits require grad"
         )
     refuse_double_backward()
-    row_grad, grad_scale = ctx.saved_tensors
-    factor = row_factor(grad_loss, grad_scale)
+    row_grad, grad_scale, target = ctx.saved_tensors
+    factor = row_factor(grad_loss, grad_scale, target, ctx.ignore_index)
     # When nothing reads row_grad after this backward (it is the op's own buffer),
     # scale it in place: the gradient then costs one N x C buffer instead of two,
     # and rows whose factor is 1 are not touched at all.
@@ -102,22 +110,29 @@ def _student_gradient(ctx, grad_loss, num_inputs: int):
     return (grad_student,) + (None,) * (num_inputs - 1)
 
 
-def row_factor(grad_loss: torch.Tensor, grad_scale) -> torch.Tensor:
+def row_factor(grad_loss: torch.Tensor, grad_scale, target: Optional[torch.Tensor] = None,
+               ignore_index: int = -100) -> torch.Tensor:
     """What each saved gradient row still needs: grad_output of the row over the op's grad_scale
-    (a reduced op's grad_output is 0-d and its grad_scale None: the factor of every row).
+    (a reduced op's grad_output is 0-d and its grad_scale None: the factor of every row), and 0 on the
+    rows whose target is ignore_index: their gradient is 0 whatever grad_output holds there, as
+    cross_entropy's is (the kernels wrote zeros, and 0 * NaN is NaN: a per-sequence mean over a
+    sequence of padding alone sends 0 / 0 to its rows).
 
     Stays in grad_loss's own (fp32) dtype: the product with the gradient is formed in
     fp32 and rounded once to the gradient's dtype; rounding it to bf16 first would add
     a rounding (tests/tolerances.py, scaled_grad_rtol). A mean loss's grad_loss is
     grad_output * grad_scale, so with grad_output = 1 the quotient is exactly 1.
     """
-    return grad_loss if grad_scale is None else grad_loss / grad_scale
+    factor = grad_loss if grad_scale is None else grad_loss / grad_scale
+    if target is not None and factor.dim() == 1:
+        factor = torch.where(target != ignore_index, factor, 0.0)
+    return factor
 
 
 def scale_gradient_in_student_once(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
     """Backward when the kernel wrote d loss / d logits into the logits' own memory.
 
-    The one saved buffer (and the op's grad_scale, saved after it) is scaled in place
+    The one saved buffer (and the op's grad_scale and target, saved after it, and ctx.ignore_index) is scaled in place
     by grad_output / grad_scale, so backward can run only once; the
     overwrite_student_logits paths of every backend share this.
     """
@@ -129,8 +144,8 @@ def scale_gradient_in_student_once(ctx, grad_loss: torch.Tensor) -> torch.Tensor
         )
     refuse_double_backward()
     ctx.backward_done = True
-    grad, grad_scale = ctx.saved_tensors
-    return scale_rows_(grad, row_factor(grad_loss, grad_scale))
+    grad, grad_scale, target = ctx.saved_tensors
+    return scale_rows_(grad, row_factor(grad_loss, grad_scale, target, ctx.ignore_index))
 
 
 # Dispatches straight to the device kernel, past the Autograd key's Python wrapper (which

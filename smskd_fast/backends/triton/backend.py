@@ -222,9 +222,6 @@ class _OverwriteStudentRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student: torch.Tensor, target, teacher, reference, teacher_topk, grad_scale,
                 reduction: str, options: LossOptions):
-        # Writing through the kernel does not bump student's version counter:
-        # nothing in this graph reads the logits' old values again, and the caller
-        # promised that nothing else does (LossOptions.overwrite_student_logits).
         op = (DENSE_SCHEMA if teacher_topk is None else TOPK_SCHEMA).name
         scale = _gradient_scale(op, reduction, grad_scale, target, student, options.ignore_index)
         grad = student.detach()
@@ -238,9 +235,14 @@ class _OverwriteStudentRows(torch.autograd.Function):
                 teacher_topk.log_sum_exp, teacher_topk.log_sum_exp_at_temperature, reference, *scalars,
                 grad_scale=scale, grad_out=grad,
             )
+        # The kernels wrote over the logits: bump their version counter (grad shares it), as the compiled
+        # in-place op does, so that autograd refuses, rather than silently misuses, any other saved use
+        # of their old values (the caller promised there is none: LossOptions.overwrite_student_logits).
+        torch.autograd.graph.increment_version(grad)
         # backward divides the caller's grad_scale (None with a reduction) out of grad_output
         # (ops.scale_gradient_in_student_once).
-        ctx.save_for_backward(grad, grad_scale)
+        ctx.save_for_backward(grad, grad_scale, target)
+        ctx.ignore_index = options.ignore_index
         per_row = _reduced(outputs[:len(schema.PER_ROW_OUTPUTS)], reduction, scale)
         ctx.mark_non_differentiable(*per_row[1:])
         return per_row

@@ -1,6 +1,8 @@
 """The top-k teacher form: exact TCP, exact when k = C, the coarsened KL otherwise, and its gradient."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -167,6 +169,23 @@ def test_float16_rounding_of_stored_values_passes_the_kept_mass_check():
     kept_mass = torch.exp(stored.values - stored.log_sum_exp_at_temperature[:, None]).sum(-1)
     assert float(kept_mass.max()) > 1  # the case this guards
     smskd_fast.smskd_loss(student, target, teacher_topk=stored, temperature=1.0)
+
+
+def test_bfloat16_storage_passes_the_kept_mass_check_and_another_temperature_does_not():
+    """bfloat16 fields (an epsilon of 2^-7): rounding of a confident teacher's large logits must not be refused
+    (it was, with the message about another temperature); a cache built for another temperature still is."""
+    student, target, teacher, _ = make_logits((64, 50), dtype=torch.float32, with_reference=False)
+    teacher = teacher * 8 + 60
+    topk = TopKTeacher.from_logits(teacher, target, 5, 1.0)
+    stored = TopKTeacher(*(field.bfloat16() if field.is_floating_point() else field
+                           for field in dataclasses.astuple(topk)))
+    kept_mass = torch.exp(stored.values.double() - stored.log_sum_exp_at_temperature.double()[:, None]).sum(-1)
+    assert float(kept_mass.max()) > 1  # the case this guards
+    smskd_fast.smskd_loss(student, target, teacher_topk=stored, temperature=1.0)
+    other = TopKTeacher(*(field.bfloat16() if field.is_floating_point() else field
+                          for field in dataclasses.astuple(TopKTeacher.from_logits(teacher / 20, target, 5, 4.0))))
+    with pytest.raises(ValueError, match=r"kept probabilities .* > 1 .* at temperature 1"):
+        smskd_fast.smskd_loss(student, target, teacher_topk=other, temperature=1.0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

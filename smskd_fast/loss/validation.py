@@ -215,11 +215,17 @@ def assert_topk_indices_async(indices: torch.Tensor, num_classes: int) -> None:
     torch._assert_async(~_repeats(indices).any(), "teacher_topk.indices must be distinct within a row")
 
 
-# Allowed excess of log(sum of the kept probabilities) over 0, per unit of |value|/T:
-# two half-ulps of float16 (2^-11 each), the coarsest storage of a logit cache, so
-# that rounding of stored values never trips the check.
+# Allowed excess of log(sum of the kept probabilities) over 0, per unit of |value|/T: two
+# half-ulps of the stored dtype (float16's 2^-11 at least; bfloat16's 2^-8), so that rounding of
+# stored values never trips the check.
 KEPT_MASS_LOG_SLACK_PER_LOGIT = 2.0 ** -10
 KEPT_MASS_LOG_SLACK = 1e-4
+
+
+def _kept_mass_slack_per_logit(*stored: torch.Tensor) -> float:
+    """KEPT_MASS_LOG_SLACK_PER_LOGIT, or one epsilon of a coarser stored dtype (bfloat16's 2^-7)."""
+    return max([KEPT_MASS_LOG_SLACK_PER_LOGIT] + [torch.finfo(tensor.dtype).eps for tensor in stored
+                                                   if tensor.dtype.is_floating_point])
 
 
 def check_topk_kept_mass(teacher_topk, temperature: float) -> None:
@@ -232,7 +238,8 @@ def check_topk_kept_mass(teacher_topk, temperature: float) -> None:
     """
     values = teacher_topk.values.double() / temperature
     log_kept_mass = torch.logsumexp(values, dim=-1) - teacher_topk.log_sum_exp_at_temperature.double()
-    slack = KEPT_MASS_LOG_SLACK + KEPT_MASS_LOG_SLACK_PER_LOGIT * values.abs().amax(dim=-1)
+    per_logit = _kept_mass_slack_per_logit(teacher_topk.values, teacher_topk.log_sum_exp_at_temperature)
+    slack = KEPT_MASS_LOG_SLACK + per_logit * values.abs().amax(dim=-1)
     too_much = log_kept_mass > slack
     if bool(too_much.any()):
         mass = float(log_kept_mass[too_much][0].exp())

@@ -31,8 +31,7 @@ class GradientInStudent(torch.autograd.Function):
         outputs = torch.ops.smskd_fast.smskd_loss_rows_inplace_(
             storage, target, teacher, reference, *schema.scalar_arguments(options), grad_scale, reduction
         )
-        ctx.save_for_backward(storage, grad_scale, target)
-        ctx.ignore_index = options.ignore_index
+        ops.save_for_scaling(ctx, storage, grad_scale, target, options.ignore_index)
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
 

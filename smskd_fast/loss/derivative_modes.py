@@ -21,8 +21,10 @@ __all__ = ["unsupported_derivative", "backend_for_derivatives", "check_reverse_m
 REFERENCE = "reference"
 
 
-def _has_tangent(tensor: Optional[torch.Tensor]) -> bool:
-    return tensor is not None and forward_ad.unpack_dual(tensor).tangent is not None
+def _has_forward_tangent(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether one of tensors carries a forward-mode tangent (none can without a dual level: one flag read)."""
+    return forward_ad._current_level >= 0 and any(
+        tensor is not None and forward_ad.unpack_dual(tensor).tangent is not None for tensor in tensors)
 
 
 def unsupported_derivative(*logits: Optional[torch.Tensor]) -> Optional[str]:
@@ -32,7 +34,7 @@ def unsupported_derivative(*logits: Optional[torch.Tensor]) -> Optional[str]:
     when neither is in use (two flags read). Also while torch.compile traces: Dynamo traces jvp, grad
     and forward_ad inside a compiled function, and the kernels' tangent would be as missing there."""
     forward_mode = "forward-mode AD (torch.func.jvp or jacfwd, torch.autograd.forward_ad)"
-    if forward_ad._current_level >= 0 and any(_has_tangent(tensor) for tensor in logits):
+    if _has_forward_tangent(*logits):
         return forward_mode
     if torch._C._are_functorch_transforms_active():
         from torch._C._functorch import TransformType
@@ -68,8 +70,7 @@ def check_reverse_mode_only(api: str, *differentiable: Optional[torch.Tensor]) -
     an autograd.Function computing its gradients in forward, and a forward-mode tangent on one of its
     differentiable inputs (autograd.Function would fail on either with an error about its own methods;
     under torch.compile the tangent would be missing)."""
-    if torch._C._are_functorch_transforms_active() or (
-            forward_ad._current_level >= 0 and any(_has_tangent(tensor) for tensor in differentiable)):
+    if torch._C._are_functorch_transforms_active() or _has_forward_tangent(*differentiable):
         raise NotImplementedError(
             f"{api}: torch.func transforms (vmap, grad, jvp, ...) and forward-mode AD are not supported: it "
             "computes its gradients in the forward pass for reverse-mode autograd (loss.backward(), "

@@ -36,7 +36,7 @@ from smskd_fast.backends import resolve_backend
 from smskd_fast.backends.base import LossOptions, RowInputs
 from smskd_fast.loss.functional import SMSKDLossOutput
 from smskd_fast.ops import schema
-from smskd_fast.ops.registration import refuse_double_backward
+from smskd_fast.ops.registration import refuse_double_backward, row_factor
 from smskd_fast.ops.reduction import as_class_indices, mean_reduction_scale
 from smskd_fast.backends.topk import TopKTeacher
 
@@ -224,8 +224,8 @@ class _FusedLinearSMSKD(torch.autograd.Function):
             ctx.grads = None
         else:
             student, teacher, reference, target, options, backend, chunk_size = ctx.replay
-            if ctx.reduction == "none":  # an ignored row's gradient is 0 whatever grad_output holds (row_factor)
-                row_scale = torch.where(target != options.ignore_index, grad_loss, 0.0)
+            if ctx.reduction == "none":  # an ignored row's gradient is 0 whatever grad_output holds
+                row_scale = row_factor(grad_loss, None, target, options.ignore_index)
             else:
                 row_scale = ctx.row_scale * grad_loss.to(ctx.row_scale.dtype)
             _, grad_hidden, grad_weight, grad_bias = _chunk_pass(

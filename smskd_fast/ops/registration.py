@@ -35,8 +35,8 @@ INPLACE_OP_NAME = schema.INPLACE.qualified_name
 # Positions of compute_grad and grad_scale in a functional op's arguments (schema.FUNCTIONAL_TAIL).
 _COMPUTE_GRAD = -len(schema.FUNCTIONAL_TAIL) + schema.FUNCTIONAL_TAIL.index(schema.COMPUTE_GRAD)
 _GRAD_SCALE = -len(schema.FUNCTIONAL_TAIL) + schema.FUNCTIONAL_TAIL.index(schema.GRAD_SCALE)
-# ... and of target (after the student) and ignore_index (the last scalar argument, before the tail).
-_TARGET = 1
+# ... and of target and ignore_index (the same in both functional ops).
+_TARGET = [argument.name for argument in schema.DENSE.arguments].index("target")
 _IGNORE_INDEX = -len(schema.FUNCTIONAL_TAIL) - len(schema.SCALAR_ARGUMENTS) + [
     argument.name for argument in schema.SCALAR_ARGUMENTS].index("ignore_index")
 
@@ -46,11 +46,18 @@ def setup_context(ctx, inputs, output) -> None:
     (..., compute_grad, grad_scale, reduction). With a reduction grad_scale is None: the
     gradient written is already that of the reduced loss, and backward's factor is grad_output."""
     ctx.compute_grad = inputs[_COMPUTE_GRAD]
-    ctx.ignore_index = inputs[_IGNORE_INDEX]
     # Only the loss output has a gradient; without this, autograd would hand
     # backward a materialised N x C zero tensor for the unused grad output.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(output[-1], inputs[_GRAD_SCALE], inputs[_TARGET])
+    save_for_scaling(ctx, output[-1], inputs[_GRAD_SCALE], inputs[_TARGET], inputs[_IGNORE_INDEX])
+
+
+def save_for_scaling(ctx, grad: torch.Tensor, grad_scale: Optional[torch.Tensor], target: Optional[torch.Tensor],
+                     ignore_index: int) -> None:
+    """What backward's scaling of the written gradient reads (row_factor): the gradient, the op's
+    grad_scale, and the target with ignore_index, whose rows keep a zero gradient."""
+    ctx.ignore_index = ignore_index
+    ctx.save_for_backward(grad, grad_scale, target)
 
 
 def _last_use_of_saved_tensors(saved: torch.Tensor) -> bool:
@@ -132,7 +139,7 @@ def row_factor(grad_loss: torch.Tensor, grad_scale, target: Optional[torch.Tenso
 def scale_gradient_in_student_once(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
     """Backward when the kernel wrote d loss / d logits into the logits' own memory.
 
-    The one saved buffer (and the op's grad_scale and target, saved after it, and ctx.ignore_index) is scaled in place
+    The one saved buffer (saved with save_for_scaling, beside grad_scale and the target) is scaled in place
     by grad_output / grad_scale, so backward can run only once; the
     overwrite_student_logits paths of every backend share this.
     """

@@ -241,8 +241,7 @@ class _OverwriteStudentRows(torch.autograd.Function):
         torch.autograd.graph.increment_version(grad)
         # backward divides the caller's grad_scale (None with a reduction) out of grad_output
         # (ops.scale_gradient_in_student_once).
-        ctx.save_for_backward(grad, grad_scale, target)
-        ctx.ignore_index = options.ignore_index
+        ops.save_for_scaling(ctx, grad, grad_scale, target, options.ignore_index)
         per_row = _reduced(outputs[:len(schema.PER_ROW_OUTPUTS)], reduction, scale)
         ctx.mark_non_differentiable(*per_row[1:])
         return per_row

@@ -270,8 +270,30 @@ def _student_rest_masked(student, teacher, target, case):
     return TopKTeacher.from_logits(teacher, target, case.k, case.temperature)
 
 
+# The rest's distance below the kept classes, in units of T, by row (row 1 is ignored): past fp32's underflow of
+# the rest's sum at the row maximum (about 87 T), just past the kernels' 64 T switch to the rest's own maximum,
+# past float64's underflow (about 708 T), and below the switch.
+FAR_REST_GAPS = (120.0, 0.0, 70.0, 1000.0, 50.0)
+
+
+def _student_rest_far_below(student, teacher, target, case):
+    """p_rest > 0 and the student's largest logit not kept lies FAR_REST_GAPS[i] T below its largest kept one
+    (a confident student at a low temperature): the exact KD is finite, and so is its gradient, where the rest's
+    sum taken at the row maximum underflows. Targets alternate between a kept class and the rest."""
+    topk = TopKTeacher.from_logits(teacher, target, case.k, case.temperature)
+    rest = torch.ones_like(student, dtype=torch.bool).scatter(1, topk.indices, False)
+    kept_max = student.masked_fill(rest, float("-inf")).amax(1, keepdim=True)
+    rest_max = student.masked_fill(~rest, float("-inf")).amax(1, keepdim=True)
+    gaps = torch.tensor(FAR_REST_GAPS, dtype=student.dtype).repeat(case.n // len(FAR_REST_GAPS) + 1)[: case.n]
+    student[:] = torch.where(rest, student - rest_max + kept_max - gaps[:, None] * case.temperature, student)
+    on_kept = (target != case.ignore_index) & (torch.arange(case.n) % 2 == 0)
+    target[on_kept] = topk.indices[on_kept, 0]
+    return TopKTeacher.from_logits(teacher, target, case.k, case.temperature)
+
+
 # edit -> (student, teacher, target, case) -> TopKTeacher; may edit student and target in place.
 TOPK_TEACHERS = {"no_rest": _no_rest, "student_rest_masked": _student_rest_masked,
+                 "student_rest_far_below": _student_rest_far_below,
                  "sure_teacher": _sure_teacher, "nan_kept_value": _nan_kept_value, "half_cache": _half_cache}
 
 
@@ -476,6 +498,17 @@ def topk_cases() -> list:
              edit="half_cache"),
         Case("topk_leading", 6, 12, F32, k=4, seed=5, temperature=3.0, weights=(1.0, 1.0, 1.0), leading=(2, 3)),
     ]
+    # The rest far below the kept classes (FAR_REST_GAPS): T = 1 and 2 (the CUDA kernel's power paths) and 2.5,
+    # a whole row and column blocks (Triton), the CPU's row split among threads (one row of C >= 4096).
+    for dtype in (F64, F32, BF16, F16):
+        for temperature in (1.0, 2.0, 2.5):
+            for inputs in ("target+reference", "target", "neither"):
+                cases.append(Case("topk_far_rest", 5, 300, dtype, inputs, k=5, seed=21, temperature=temperature,
+                                  weights=(0.5, 1.0, 0.7), edit="student_rest_far_below"))
+    for n, c, k in ((5, 5000, 37), (1, 5000, 3), (3, 2049, 300)):
+        for temperature in (1.0, 2.5):
+            cases.append(Case("topk_far_rest", n, c, F32, k=k, seed=c, temperature=temperature,
+                              weights=(0.5, 1.0, 0.7), edit="student_rest_far_below"))
     for c in (9, 300):
         cases.append(Case("topk_nan", 4, c, F32, "target", k=3, seed=6, temperature=2.0, weights=(0.5, 1.0, 0.0),
                           edit="nan_kept_value"))

@@ -35,8 +35,15 @@ GPU_SCALE_GROUPS = ("ladder", "temperature_ladder", "topk_ladder")
 # R = 0 with p_rest > 0: KD = +inf, whose gradient is undefined (the reference's autograd gives NaN where
 # the kernels give numbers); test_infinite_rest_term_matches_the_cpu_kernel compares those with the cpu's.
 EDITS_WITH_INFINITE_LOSS = ("student_rest_masked",)
+# Known defects, by (backend, edit), expected to fail until fixed (strict: a fix turns them into failures that
+# ask for the mark to go). The GPU kernels still sum the rest at the row maximum, which underflows from about
+# 87 T (KD = inf, a NaN gradient); the CPU kernel sums it again at the rest's own maximum (issue 17's notes).
+KNOWN_DEFECTS = {
+    ("triton", "student_rest_far_below"): "Triton top-k kernel: the rest's sum at the row maximum underflows",
+    ("cuda", "student_rest_far_below"): "CUDA top-k kernel: the rest's sum at the row maximum underflows",
+}
 EDITS_WITH_FINITE_RESULTS = ("masked_blocks", "masked_every_third", "masked_teacher_reference", "all_equal",
-                             "no_rest", "sure_teacher")
+                             "no_rest", "sure_teacher", "student_rest_far_below")
 
 
 def device_of(backend: str) -> str:
@@ -152,6 +159,12 @@ def assert_conforms(backend: str, case: Case) -> None:
     grad = grad.detach().cpu().double().reshape(-1, c)
     if case.edit.startswith("nan"):  # the case is what it claims
         assert torch.isnan(want["loss"].reshape(-1)[2]) != (case.edit == "nan_ignored_row")
+    if case.edit == "student_rest_far_below":  # the case is what it claims: the rest's fp32 sum at the maximum
+        # underflows (0 or subnormal) in some row
+        s32 = cpu_inputs.student.float()
+        rest = torch.ones_like(s32, dtype=torch.bool).scatter(1, cpu_inputs.topk.indices.long(), False)
+        at_max = ((s32 - s32.amax(1, keepdim=True)) / o.temperature).exp().masked_fill(~rest, 0).sum(1)
+        assert (at_max < torch.finfo(torch.float32).tiny).any()
     if case.edit in EDITS_WITH_INFINITE_LOSS:
         assert torch.isinf(want["kd"][cpu_inputs.target != case.ignore_index]).all()  # the case is what it claims
     else:
@@ -183,7 +196,10 @@ def test_dense_teacher_matches_reference(backend, case):
 
 @pytest.mark.parametrize("case", TOPK, ids=[case.id for case in TOPK])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_topk_teacher_matches_reference(backend, case):
+def test_topk_teacher_matches_reference(backend, case, request):
+    defect = KNOWN_DEFECTS.get((backend, case.edit))
+    if defect:
+        request.applymarker(pytest.mark.xfail(reason=defect, strict=True))
     assert_conforms(backend, case)
 
 

@@ -9,11 +9,15 @@
 //           cancellation) and of the reference;
 //   then the kept classes' p_c = exp(v_c/T - lse_T) and log q_c from a gather of
 //           s_c, giving KD = T^2 [sum_kept p_c log(p_c/q_c) + p_rest log(p_rest/q_rest)]
-//           with q_rest = R / sum u;
+//           with q_rest = R / sum u. R shares the row's maximum m, so a rest whose
+//           largest logit (pass 1 keeps it too) lies more than kRestDrop T below m
+//           would underflow (R = 0: KD = inf, a NaN gradient); such a row sums its
+//           rest once more at the rest's own maximum (a scalar sweep, rare);
 //   pass 2, when the gradient is wanted: dKD/ds_j = T (q_j M - p~_j) with M the
 //           teacher's total mass and p~_j = p_rest u_j / R on the rest, i.e. u_j
 //           times one coefficient on every column not kept (vectorised, with the
-//           dense CE and reference terms), then each kept class rewritten from
+//           dense CE and reference terms; u_j at the rest's maximum in a row that
+//           took the rare sweep, the coefficients scaled to match), then each kept class rewritten from
 //           differences of probabilities, T (q_c M - p_c) + ... (scalar, k per row):
 //           equal probabilities, as with one class, then give exactly 0.
 // Per thread: blocks of kBlock values for converted or strided inputs, the staged
@@ -51,19 +55,33 @@ class TopKRowKernel {
     RunningStats<acc_t> student;  // every class
     RunningStats<acc_t> rest;     // the classes not kept; its maximum is the student's
     RunningStats<acc_t> reference;
+    acc_t rest_max = kNegInf<acc_t>;  // the largest logit not kept (NaN sticks)
 
     void merge(const Stats& other, acc_t inv_temperature) {
       student.merge(other.student, inv_temperature);
       rest.merge(other.rest, inv_temperature);
       reference.merge(other.reference, inv_temperature);
+      raise_rest_max(other.rest_max);
+    }
+
+    void raise_rest_max(acc_t value) {
+      if (std::isnan(value) || value > rest_max) rest_max = std::isnan(rest_max) ? rest_max : value;
     }
   };
 
+  // How far below the row's maximum (in units of T) the rest's largest logit may lie before
+  // its sum at that maximum loses precision: e^-64 leaves float's e^-87 underflow 23 e-folds,
+  // more than its 24 bits of mantissa span.
+  static constexpr double kRestDrop = 64.0;
+
   struct Coefficients {
     acc_t s_shift = 0, r_shift = 0, inv_s_one = 0, inv_s_soft = 0, inv_r_soft = 0;
+    acc_t u_shift = 0;    // pass 2's u_j = exp((s_j - u_shift)/T): s_shift, or the rest's maximum after the rare sweep
+    acc_t ce_scale = 0;   // on pass 2's exp(s_j - u_shift): exp(u_shift - s_shift) / sum exp(s - s_shift)
     acc_t ce = 0;         // ce_weight, on softmax(s) - onehot(y)
     acc_t mass = 0;       // M, the teacher's total mass: kept mass + p_rest
     acc_t rest = 0;       // on u_j of a class not kept: (T kd_weight M + T ref_weight w) / sum u - T kd_weight p_rest / R
+                          // (the first part times exp((u_shift - s_shift)/T), R summed at u_shift)
     acc_t teacher = 0;    // T kd_weight, on q_c M - p_c of a kept class
     acc_t reference = 0;  // T ref_weight w, on softmax(s/T) - softmax(r/T)
     int64_t target = 0;
@@ -113,7 +131,15 @@ class TopKRowKernel {
     } else if (teacher_.k < args_.classes) {
       p_rest = 1;  // no kept class has any mass
     }
-    if (p_rest > 0) rest_kl = p_rest * (std::log(p_rest) - (std::log(stats.rest.soft) - log_soft));
+    // R at the row's maximum, or, for a rest far below it, at the rest's own (the rare sweep).
+    acc_t rest_shift = stats.student.shift(), rest_sum = stats.rest.soft;
+    if (p_rest > 0 && stats.rest_max != kNegInf<acc_t> &&
+        (stats.student.max - stats.rest_max) * inv_temperature_ > acc_t(kRestDrop)) {
+      rest_shift = stats.rest_max;
+      rest_sum = rest_sum_at(row, rest_shift);
+    }
+    const acc_t log_q_rest = (rest_shift - stats.student.shift()) * inv_temperature_ + std::log(rest_sum) - log_soft;
+    if (p_rest > 0) rest_kl = p_rest * (std::log(p_rest) - log_q_rest);
     const acc_t kd = T * T * (kept_kl + rest_kl);
 
     const acc_t weight = reference_weight(args_.weighting, kTarget, tcp);
@@ -138,8 +164,11 @@ class TopKRowKernel {
     c.teacher = T * kd_weight;
     c.reference = kReference ? T * ref_weight * weight : acc_t(0);
     c.mass = kept_mass + p_rest;
-    const acc_t on_any = (c.teacher * c.mass + c.reference) / stats.student.soft;
-    c.rest = p_rest > 0 ? on_any - c.teacher * p_rest / stats.rest.soft : on_any;
+    c.u_shift = rest_shift;
+    const acc_t u_drop = rest_shift - c.s_shift;  // 0 but after the rare sweep
+    c.ce_scale = std::exp(u_drop) * c.inv_s_one;
+    const acc_t on_any = (c.teacher * c.mass + c.reference) / stats.student.soft * std::exp(u_drop * inv_temperature_);
+    c.rest = p_rest > 0 ? on_any - c.teacher * p_rest / rest_sum : on_any;
     c.target = target;
     return c;
   }
@@ -169,6 +198,21 @@ class TopKRowKernel {
     // a row whose one kept class is all of its mass has log p = 0, p = 1 exactly.
     acc_t log_p(int64_t c) const { return value[c] / temperature - lse_t; }
   };
+
+  // The rare sweep: R = sum over the classes not kept of exp((s_j - shift)/T), scalar.
+  acc_t rest_sum_at(int64_t row, acc_t shift) const {
+    const int64_t* kept = teacher_.sorted_indices + row * teacher_.k;
+    const int64_t* const kept_end = kept + teacher_.k;
+    acc_t sum = 0;
+    for (int64_t j = 0; j < args_.classes; ++j) {
+      if (kept != kept_end && *kept == j) {
+        ++kept;
+        continue;
+      }
+      sum += std::exp((value_at<scalar_t, acc_t>(args_.student, row, j) - shift) * inv_temperature_);
+    }
+    return sum;
+  }
 
   acc_t teacher_value(const void* values, int64_t row) const { return static_cast<const acc_t*>(values)[row]; }
 
@@ -205,15 +249,17 @@ class TopKRowKernel {
     stats.rest.raise(s_max, inv_temperature_);
     if constexpr (kReference) stats.reference.raise(block_max(x.reference, n), inv_temperature_);
 
-    const Vec inv_t(inv_temperature_), zero(acc_t(0));
+    const Vec inv_t(inv_temperature_), zero(acc_t(0)), neg_inf(kNegInf<acc_t>);
     const Vec s_shift(stats.student.shift()), r_shift(stats.reference.shift());
-    Vec s_soft = zero, s_one = zero, rest = zero, r_soft = zero, r_cross = zero;
+    Vec s_soft = zero, s_one = zero, rest = zero, r_soft = zero, r_cross = zero, rest_top = neg_inf;
     for (int64_t i = 0; i < n; i += Vec::size()) {
       const Vec s = load_padded(x.student + i, n - i);
       const Vec ds = s - s_shift;
       const Vec us = vexp(ds * inv_t);
+      const Vec is_kept = Vec::loadu(kept + i) != zero;
       s_soft += us;
-      rest += Vec::blendv(us, zero, Vec::loadu(kept + i) != zero);
+      rest += Vec::blendv(us, zero, is_kept);
+      rest_top = at::vec::maximum(rest_top, Vec::blendv(s, neg_inf, is_kept));
       if constexpr (kTarget) s_one += integer_power_ ? vpow(us, integer_power_) : vexp(ds);
       if constexpr (kReference) {
         const Vec r = load_padded(x.reference + i, n - i);
@@ -225,6 +271,7 @@ class TopKRowKernel {
     stats.student.soft += hsum(s_soft);
     stats.student.one += hsum(s_one);
     stats.rest.soft += hsum(rest);
+    stats.raise_rest_max(at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, rest_top));
     stats.reference.soft += hsum(r_soft);
     stats.reference.cross += hsum(r_cross);
   }
@@ -236,16 +283,16 @@ class TopKRowKernel {
     constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
     acc_t* out = direct ? reinterpret_cast<acc_t*>(row_grad + begin) : scratch.grad;
     const Vec inv_t(inv_temperature_);
-    const Vec s_shift(c.s_shift), r_shift(c.r_shift), inv_s_one(c.inv_s_one), inv_r_soft(c.inv_r_soft);
+    const Vec u_shift(c.u_shift), r_shift(c.r_shift), ce_scale(c.ce_scale), inv_r_soft(c.inv_r_soft);
     const Vec ce_coef(c.ce), rest_coef(c.rest), r_coef(c.reference);
     const bool with_ce = kTarget && c.ce != 0;
     for (int64_t i = 0; i < n; i += Vec::size()) {
       const Vec s = load_padded(x.student + i, n - i);
-      const Vec ds = s - s_shift;
+      const Vec ds = s - u_shift;
       const Vec us = vexp(ds * inv_t);
       Vec g = us * rest_coef;
       if (with_ce) {
-        const Vec p = integer_power_ ? vpow(us, integer_power_) * inv_s_one : vexp(ds) * inv_s_one;
+        const Vec p = integer_power_ ? vpow(us, integer_power_) * ce_scale : vexp(ds) * ce_scale;
         g = at::vec::fmadd(ce_coef, p, g);
       }
       if constexpr (kReference) {

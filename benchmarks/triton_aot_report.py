@@ -67,7 +67,7 @@ CI_DTYPES = ("fp32", "bf16")
 OUTPUT_POINTERS = tuple(f"{name}_ptr" for name in PER_ROW_OUTPUTS)
 # The top-k form's own tensors, as the launcher passes them (topk_launch.launch_topk_rows).
 TOPK_POINTERS = {"values_ptr": "*fp32", "true_logit_ptr": "*fp32", "lse_ptr": "*fp32", "lse_T_ptr": "*fp32",
-                 "indices_ptr": "*i64", "bits_ptr": "*i32", "kept_logits_ptr": "*fp32"}
+                 "indices_ptr": "*i64", "bits_ptr": "*i32", "kept_logits_ptr": "*fp32", "exact_rest_ptr": "*i8"}
 ALIGNED_INTS = ("num_classes", "num_kept", "student_stride", "teacher_stride", "reference_stride", "grad_stride")
 FLOAT_ARGS = ("temperature", "ce_weight", "kd_weight", "ref_weight")
 # The float arguments' types: as Triton's launcher passes them, and as Inductor does.
@@ -274,16 +274,23 @@ def kernel_jobs(variants, dtypes, archs, scalars: str) -> List[Job]:
 
 
 def topk_jobs(variant: str, dtype: str, arch: int, scalars: str = "fp32") -> List[Job]:
-    """Every configuration of the top-k kernel (topk_launch.all_topk_configs) for one variant."""
+    """Every configuration of the top-k kernel (topk_launch.all_topk_configs) for one variant, and its
+    exact-rest pass (topk_launch.EXACT_REST_CONFIG, T_POWER 0, as the launcher runs it) once per variant
+    without a temperature power."""
     has_target, _, has_reference, weighting, grad, power = VARIANTS[variant]
     flags = (("HAS_TARGET", has_target), ("HAS_REFERENCE", has_reference), ("WEIGHTING", weighting),
-             ("COMPUTE_GRAD", grad), ("HAS_GRAD_SCALE", grad), ("BLOCK_K", topk_launch.BLOCK_K), ("T_POWER", power))
+             ("COMPUTE_GRAD", grad), ("HAS_GRAD_SCALE", grad), ("BLOCK_K", topk_launch.BLOCK_K))
+    passes = [(config, False, power) for config in topk_launch.all_topk_configs()]
+    if power == 0:
+        passes.append((topk_launch.EXACT_REST_CONFIG, True, 0))
     result = []
-    for config in topk_launch.all_topk_configs():
+    for config, exact_rest, t_power in passes:
         shape = "whole row" if config.whole_row else "column blocks"
-        result.append(Job("_smskd_topk_rows_kernel", f"BLOCK_C={config.block_c} {shape}", variant, dtype, arch,
-                          config.num_warps, flags + (("WHOLE_ROW", config.whole_row), ("BLOCK_C", config.block_c),
-                                                     ("ROW_ALIGN", 8 if config.whole_row else 16)), scalars))
+        name = f"BLOCK_C={config.block_c} {shape}" + (" exact rest" if exact_rest else "")
+        result.append(Job("_smskd_topk_rows_kernel", name, variant, dtype, arch, config.num_warps,
+                          flags + (("T_POWER", t_power), ("EXACT_REST", exact_rest), ("WHOLE_ROW", config.whole_row),
+                                   ("BLOCK_C", config.block_c), ("ROW_ALIGN", 8 if config.whole_row else 16)),
+                          scalars))
     return result
 
 

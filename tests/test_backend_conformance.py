@@ -36,10 +36,9 @@ GPU_SCALE_GROUPS = ("ladder", "temperature_ladder", "topk_ladder")
 # the kernels give numbers); test_infinite_rest_term_matches_the_cpu_kernel compares those with the cpu's.
 EDITS_WITH_INFINITE_LOSS = ("student_rest_masked",)
 # Known defects, by (backend, edit), expected to fail until fixed (strict: a fix turns them into failures that
-# ask for the mark to go). The GPU kernels still sum the rest at the row maximum, which underflows from about
-# 87 T (KD = inf, a NaN gradient); the CPU kernel sums it again at the rest's own maximum (issue 17's notes).
+# ask for the mark to go). The CUDA top-k kernel still sums the rest at the row maximum, which underflows from
+# about 87 T (KD = inf, a NaN gradient); the CPU and Triton kernels sum it again at the rest's own maximum.
 KNOWN_DEFECTS = {
-    ("triton", "student_rest_far_below"): "Triton top-k kernel: the rest's sum at the row maximum underflows",
     ("cuda", "student_rest_far_below"): "CUDA top-k kernel: the rest's sum at the row maximum underflows",
 }
 EDITS_WITH_FINITE_RESULTS = ("masked_blocks", "masked_every_third", "masked_teacher_reference", "all_equal",

@@ -3,7 +3,7 @@ and also with the argument types torch.compile's Inductor passes (fp64 float sca
 
 Runs benchmarks/triton_aot_report.py --ci (the gradient variants, fp32 and bf16,
 every launch configuration of the dense and the top-k kernels, and each again with
-fp64 scalars on sm_90; 224 compiles, 4-6 minutes on 2 cores shared with other work)
+fp64 scalars on sm_90; 359 compiles, 2-6 minutes on 2 cores shared with other work)
 in a subprocess: triton.compile with a GPUTarget needs no GPU, and cuobjdump and
 ptxas ship inside triton's package. The fp64 compiles catch what a GPU run of
 torch.compile(fullgraph=True) found on an H200 (issue 15): a kernel that fails to
@@ -37,8 +37,9 @@ def test_every_kernel_configuration_compiles_without_spills(tmp_path):
 
     dense = len(triton_launch.all_tile_configs()) + len(triton_launch.ONLINE_CONFIGS)
     topk = len(triton_topk_launch.all_topk_configs())
-    # 3 variants (smskd+grad, the same at T = 2, kd+grad) of the dense and the top-k kernels, every configuration
-    configs = 3 * (dense + topk)
+    # 3 variants (smskd+grad, the same at T = 2, kd+grad) of the dense and the top-k kernels, every configuration,
+    # and the top-k kernel's exact-rest pass (one configuration, T_POWER 0: the two variants at any T)
+    configs = 3 * (dense + topk) + 2
     per_arch = 2 + 2 * configs  # the check kernel twice; 2 dtypes
     assert len(rows) == 2 * per_arch + configs  # and the same with fp64 scalars on sm_90 (fp32 logits)
     inductor = [row for row in rows if row["scalars"] == "fp64"]
@@ -47,9 +48,10 @@ def test_every_kernel_configuration_compiles_without_spills(tmp_path):
         if row["scalars"] == "fp32" and row["arch"] == "sm_90" and row["dtype"] == "fp32"
         and row["kernel"] != "_check_targets_kernel"}
     assert {row["arch"] for row in inductor} == {"sm_90"}
+    exact_rest = triton_topk_launch.EXACT_REST_CONFIG
     assert {row["config"] for row in rows if row["kernel"] == "_smskd_topk_rows_kernel"} == {
         f"BLOCK_C={c.block_c} {'whole row' if c.whole_row else 'column blocks'}"
-        for c in triton_topk_launch.all_topk_configs()}
+        for c in triton_topk_launch.all_topk_configs()} | {f"BLOCK_C={exact_rest.block_c} column blocks exact rest"}
     assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
     assert all(row["registers"] > 0 and row["spill_stores"] == 0 and not row["error"] for row in rows)
     assert all(row["fp64_ops"] == 0 for row in rows)  # the scalars are cast to fp32 once, whatever their type

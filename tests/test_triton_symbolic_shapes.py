@@ -86,31 +86,34 @@ def trace(op, inputs: SymbolicInputs, args, backward: bool, grad_scale: bool = F
 
 
 def kernel_launches(graph) -> dict:
-    """{kernel name: kwargs} of the graph's triton_kernel_wrapper_functional nodes."""
+    """{kernel name: [kwargs of each launch, in order]} of the graph's triton_kernel_wrapper_functional nodes."""
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
     launches = {}
     for node in graph.graph.nodes:
         if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
             kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
-            launches[kernel.fn.__name__] = node.kwargs["kwargs"]
+            launches.setdefault(kernel.fn.__name__, []).append(node.kwargs["kwargs"])
     return launches
 
 
 def check_graphs(graphs, inputs: SymbolicInputs, kernel: str, constexprs: dict, backward: bool,
-                 grad_scale: bool = False) -> None:
+                 grad_scale: bool = False, passes: tuple = ({},)) -> None:
+    """passes: the constexprs each launch of kernel has besides constexprs (the first's), one dict per launch."""
     assert len(graphs) == (2 if backward else 1)
     launches = kernel_launches(graphs[0])
     assert set(launches) == {"_check_targets_kernel", kernel}
-    got = launches[kernel]
-    assert got["HAS_GRAD_SCALE"] is grad_scale
-    if grad_scale:  # the kernel reads the graph's grad_scale input (a 0-d fp32 tensor), not the stand-in
-        scale = got["grad_scale_ptr"]
-        assert scale.op == "placeholder" and scale.meta["val"].shape == () and scale.meta["val"].dtype == torch.float32
-    for name, value in constexprs.items():  # the launch table's choice at the hint, as Python ints
-        assert type(got[name]) is type(value) and got[name] == value, (name, got[name], value)
-    classes = got["num_classes"]  # C stays a symbol in the graph ...
-    assert isinstance(classes, torch.fx.Node) and isinstance(classes.meta["val"], torch.SymInt), classes
+    assert len(launches[kernel]) == len(passes)
+    for index, (got, own) in enumerate(zip(launches[kernel], passes)):
+        assert got["HAS_GRAD_SCALE"] is grad_scale
+        if grad_scale and index == 0:  # it reads the graph's grad_scale input (a 0-d fp32 tensor), not the stand-in
+            scale = got["grad_scale_ptr"]
+            assert scale.op == "placeholder" and scale.meta["val"].shape == () and scale.meta["val"].dtype == torch.float32
+        # the launch table's choice at the hint, as Python ints
+        for name, value in (constexprs if index == 0 else {}).items() | own.items():
+            assert type(got[name]) is type(value) and got[name] == value, (name, got[name], value)
+        classes = got["num_classes"]  # C stays a symbol in the graph ...
+        assert isinstance(classes, torch.fx.Node) and isinstance(classes.meta["val"], torch.SymInt), classes
     assert inputs.pinned_classes() == []  # ... and no guard fixes it
 
 
@@ -150,8 +153,11 @@ def test_topk_op_traces_with_symbolic_sizes(num_classes, device, grad_scale):
     graphs = trace(torch.ops.smskd_fast.smskd_loss_rows_topk_triton, inputs, args, backward=device == "cpu",
                    grad_scale=grad_scale)
     config = triton_topk_launch.topk_config(num_classes)
+    exact_rest = triton_topk_launch.EXACT_REST_CONFIG
     check_graphs(graphs, inputs, "_smskd_topk_rows_kernel",
-                 {"BLOCK_C": config.block_c, "WHOLE_ROW": config.whole_row}, device == "cpu", grad_scale)
+                 {"BLOCK_C": config.block_c, "WHOLE_ROW": config.whole_row}, device == "cpu", grad_scale,
+                 passes=({"EXACT_REST": False},  # the rows, then the exact-rest pass over those the first flagged
+                         {"EXACT_REST": True, "BLOCK_C": exact_rest.block_c, "WHOLE_ROW": False}))
 
 
 def test_launch_tables_take_symbolic_sizes():

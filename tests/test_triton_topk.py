@@ -17,6 +17,7 @@ import smskd_fast
 from smskd_fast.backends.base import LossOptions
 from smskd_fast.backends.topk import TopKTeacher
 from test_triton_backend import assert_compiled_matches_eager, assert_rows_match, assert_same_schema, triton_tolerance
+from conformance_cases import Case, build
 from topk_cases import FIELDS, make_inputs, run_reference
 from triton_interpreter import DEVICE, INTERPRETED, gpu_only, needs_kernels, reruns_under_interpreter, \
     run_under_interpreter
@@ -143,6 +144,33 @@ def test_overwrite_student_logits_stores_the_gradient_in_place(c, monkeypatch):
     torch.testing.assert_close(logits_leaf.grad, leaf.grad, **grad_tol)
     assert logits.data_ptr() == storage
     torch.testing.assert_close(logits.detach(), leaf.grad, **grad_tol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("c", [300, 5000])
+def test_a_far_rest_row_in_place_is_redone_from_intact_logits(c):
+    """overwrite_student_logits with rows whose rest lies far below the kept classes: the first launch writes
+    no gradient for them (the exact-rest pass reads their logits), so the in-place gradient matches the float64
+    reference; c = 300 a whole row, 5000 column blocks."""
+    case = Case("topk_far_rest", 5, c, torch.float32, k=7, seed=c, temperature=1.0, weights=(0.5, 1.0, 0.7),
+                edit="student_rest_far_below")
+    inputs = build(case)
+    student, target, topk, reference = on_device(inputs.student, inputs.target, inputs.topk, inputs.reference)
+    leaf = student.detach().double().requires_grad_()
+    expected = smskd_fast.smskd_loss(leaf, target, None, reference.double(), teacher_topk=topk, temperature=1.0,
+                                     ce_weight=0.5, ref_weight=0.7, backend="reference", reduction="sum")
+    expected.loss.backward()
+
+    logits_leaf = student.detach().clone().requires_grad_()
+    logits = logits_leaf * 1.0
+    out = smskd_fast.smskd_loss(logits, target, None, reference, teacher_topk=topk, temperature=1.0,
+                                ce_weight=0.5, ref_weight=0.7, backend="triton", reduction="sum",
+                                overwrite_student_logits=True)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(logits_leaf.grad).all()
+    value_tol, grad_tol = triton_tolerance()
+    torch.testing.assert_close(out.loss.double(), expected.loss, **value_tol)
+    torch.testing.assert_close(logits_leaf.grad.double(), leaf.grad, **grad_tol)
 
 
 @needs_kernels

@@ -7,9 +7,10 @@ A. A dense sweep over the student row (and the reference row, when given):
    in triton_kernels.py, and the rest's sum R = sum_{j not kept} exp((s_j - m)/T)
    over the classes the teacher left out, found from the kept-class bitmask
    (smskd_fast/backends/triton/topk_bitmask.py). R is summed directly, never as D - sum_kept, so
-   it has no cancellation; it shares the row maximum m, so a rest whose logits
-   all lie more than about 87 T below m underflows to R = 0, and with p_rest > 0
-   then gives KD = +inf (as the reference does for a rest of -inf logits). With
+   it has no cancellation; it shares the row maximum m, so a rest lying far below m
+   (a confident student at a low temperature) makes it lose precision, then underflow
+   to 0 from about 87 T (KD = inf, a NaN gradient). Such a row (p_rest > 0 and
+   R < 2^-100) is flagged and left to the exact-rest pass (below). With
    WHOLE_ROW (BLOCK_C >= C) the row is read once and kept in registers for the
    gradient; otherwise it is walked in column blocks with online statistics and
    read again, last block first, for the gradient.
@@ -29,6 +30,15 @@ C. With COMPUTE_GRAD, the gradient of SPEC.md section 2 with the teacher
    With HAS_GRAD_SCALE the three weights of g are first multiplied by the op's
    grad_scale (kernels._gradient_weights: one load per row, nothing per element).
 
+The exact-rest pass (EXACT_REST, a second launch of this kernel over the rows flagged by the
+first; the others return at once) is the same with the rest's sum taken at the rest's own
+maximum m_rest: phase A also keeps m_rest, a sweep sums R at it, log q_rest gains
+(m_rest - m)/T, and phase C's one exponential per element is taken at m_rest, where the
+rest's p~_j stay representable while q_j underflows (q_j is its multiple). The first launch
+writes no gradient for a flagged row, so that the pass reads the student's logits intact
+also when the gradient overwrites them. Keeping that code out of the first launch keeps its
+registers (several configurations are at ptxas's limit).
+
 Blocks are [BLOCK_C // 32, 32] tiles, one bitmask word per tile row, so a thread
 loads each word once for its columns instead of once per column.
 
@@ -46,6 +56,11 @@ from smskd_fast.backends.triton.kernels import (LOG2E, _aligned, _fp32_scalars, 
                                                 _online_kl_sums, _online_unit_sum, _rescale, _row_sums, _row_terms,
                                                 _store_ignored_row, _store_row_terms, _unit_root, _unit_softmax,
                                                 _weighted_diff, sixteen_byte_loads)
+
+
+# A row whose rest sums to less than this at the row maximum goes to the exact-rest pass: from 2^-100 on, the
+# rest's largest terms (at least R / C, C < 2^24) are normal floats and R is exact to fp32's precision.
+EXACT_REST_BELOW = tl.constexpr(2.0**-100)
 
 
 @triton.jit
@@ -94,11 +109,26 @@ def _kept_block(v_row, i_row, kk, num_kept, num_classes):
 
 
 @triton.jit
-def _sweep_block(s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T,
+def _rest_sum_at(s_row, bits_row, num_classes, shift, scale_T, BLOCK_C: tl.constexpr):
+    """The exact-rest pass's sweep: the sum over the classes not kept of exp2((s - shift) * scale_T)."""
+    cols0 = tl.arange(0, BLOCK_C // 32)[:, None] * 32 + tl.arange(0, 32)[None, :]
+    total = tl.zeros([BLOCK_C // 32, 32], tl.float32)
+    for start in range(0, num_classes, BLOCK_C):
+        cols = start + cols0
+        s = tl.load(s_row + cols, mask=cols < num_classes, other=float("-inf")).to(tl.float32)
+        total += tl.where(_kept(bits_row, start, num_classes, BLOCK_C), 0.0, tl.exp2((s - shift) * scale_T))
+    return _tile_sum(total)
+
+
+@triton.jit
+def _sweep_block(s, r, kept, m_s, d_s, d_sT, d_rest, m_rest, m_r, d_rT, a_r, scale_T,
                  HAS_TARGET: tl.constexpr, HAS_REFERENCE: tl.constexpr, T_POWER: tl.constexpr,
-                 TILE_MAXIMA: tl.constexpr):
+                 TILE_MAXIMA: tl.constexpr, EXACT_REST: tl.constexpr):
     """Adds one block to the per-lane online sums (the maxima per word or tile: _word_maxima; the sums per
-    lane); with T_POWER (kernels.temperature_power) the T = 1 sums d_s from the exponentials at T."""
+    lane); with T_POWER (kernels.temperature_power) the T = 1 sums d_s from the exponentials at T; with
+    EXACT_REST the rest's maxima m_rest too."""
+    if EXACT_REST:
+        m_rest = tl.maximum(m_rest, _word_maxima(tl.where(kept, float("-inf"), s), TILE_MAXIMA))
     m_new = tl.maximum(m_s, _word_maxima(s, TILE_MAXIMA))
     alpha_T, ms = _rescale(m_s, m_new, scale_T)
     e_sT = tl.exp2((s - ms) * scale_T)
@@ -111,18 +141,25 @@ def _sweep_block(s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T,
         m_new = tl.maximum(m_r, _word_maxima(r, TILE_MAXIMA))
         d_rT, a_r = _online_kl_sums(r, s, m_r, m_new, d_rT, a_r, scale_T)
         m_r = m_new
-    return m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r
+    return m_s, d_s, d_sT, d_rest, m_rest, m_r, d_rT, a_r
 
 
 @triton.jit
 def _gradient(s, r, is_target, teacher_scale, teacher_p, ms_s, log2d_s, log2d_sT, unit_root, ms_r, log2d_rT,
-              total_mass, w, temperature, ce_weight, kd_weight, ref_weight,
-              HAS_TARGET: tl.constexpr, HAS_REFERENCE: tl.constexpr, T_POWER: tl.constexpr):
+              total_mass, w, temperature, ce_weight, kd_weight, ref_weight, u_shift, q_scale,
+              HAS_TARGET: tl.constexpr, HAS_REFERENCE: tl.constexpr, T_POWER: tl.constexpr,
+              SHIFTED: tl.constexpr):
     """d loss_i / d s on a block or on the gathered kept classes, with p~ = q * teacher_scale + teacher_p;
-    softmax(s) by _unit_softmax."""
+    softmax(s) by _unit_softmax. SHIFTED (the exact-rest pass's dense sweep): one exponential per element
+    e = exp2((s - u_shift) scale_T - log2 D), q = e * q_scale and p~ = e * teacher_scale + teacher_p."""
     scale_T = LOG2E / temperature
-    q = tl.exp2((s - ms_s) * scale_T - log2d_sT)
-    grad = (temperature * kd_weight) * (q * (total_mass - teacher_scale) - teacher_p)
+    if SHIFTED:
+        e = tl.exp2((s - u_shift) * scale_T - log2d_sT)
+        q = e * q_scale
+        grad = (temperature * kd_weight) * (q * total_mass - (e * teacher_scale + teacher_p))
+    else:
+        q = tl.exp2((s - ms_s) * scale_T - log2d_sT)
+        grad = (temperature * kd_weight) * (q * (total_mass - teacher_scale) - teacher_p)
     if HAS_TARGET:
         p_s = _unit_softmax(s, q, ms_s, log2d_s, unit_root, T_POWER)
         grad += ce_weight * (p_s - tl.where(is_target, 1.0, 0.0))
@@ -150,15 +187,16 @@ def _load_block(s_row, r_row, cols, num_classes, HAS_REFERENCE: tl.constexpr, EV
 @triton.jit
 def _smskd_topk_rows_kernel(
     student_ptr, reference_ptr, target_ptr, values_ptr, indices_ptr, true_logit_ptr, lse_ptr, lse_T_ptr,
-    bits_ptr, kept_logits_ptr, grad_ptr, grad_scale_ptr,
+    bits_ptr, kept_logits_ptr, grad_ptr, grad_scale_ptr, exact_rest_ptr,
     loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr,
     num_classes, num_kept, student_stride, reference_stride, grad_stride,
     temperature, ce_weight, kd_weight, ref_weight, ignore_index,
     HAS_TARGET: tl.constexpr, HAS_REFERENCE: tl.constexpr, WEIGHTING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, WHOLE_ROW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    ROW_ALIGN: tl.constexpr, T_POWER: tl.constexpr,
+    ROW_ALIGN: tl.constexpr, T_POWER: tl.constexpr, EXACT_REST: tl.constexpr,
 ):
-    """One row per program: phases A, B and C of the module docstring."""
+    """One row per program: phases A, B and C of the module docstring; exact_rest_ptr: a flag per row (int8),
+    written by the first launch, read by the exact-rest pass (EXACT_REST)."""
     temperature, ce_weight, kd_weight, ref_weight = _fp32_scalars(temperature, ce_weight, kd_weight, ref_weight)
     num_classes, student_stride, reference_stride, _, grad_stride = _aligned(
         num_classes, student_stride, reference_stride, reference_stride, grad_stride, ROW_ALIGN)
@@ -178,6 +216,8 @@ def _smskd_topk_rows_kernel(
     if HAS_TARGET:
         y = tl.load(target_ptr + row).to(tl.int64)
         valid = y != ignore_index
+    if EXACT_REST:  # only the rows the first launch flagged
+        valid = valid & (tl.load(exact_rest_ptr + row) != 0)
 
     if valid:
         # Phase A: the dense sweep.
@@ -191,21 +231,22 @@ def _smskd_topk_rows_kernel(
         d_s = tl.zeros([BLOCK_C // 32, 32], tl.float32)
         d_sT = tl.zeros([BLOCK_C // 32, 32], tl.float32)
         d_rest = tl.zeros([BLOCK_C // 32, 32], tl.float32)
+        m_rest = m_s
         d_rT = tl.zeros([BLOCK_C // 32, 32], tl.float32)
         a_r = tl.zeros([BLOCK_C // 32, 32], tl.float32)
         if WHOLE_ROW:
             s, r, mask = _load_block(s_row, r_row, cols0, num_classes, HAS_REFERENCE, "")
             kept = _kept(bits_row, 0, num_classes, BLOCK_C)
-            m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r = _sweep_block(
-                s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T, HAS_TARGET, HAS_REFERENCE,
-                T_POWER, TILE_MAXIMA)
+            m_s, d_s, d_sT, d_rest, m_rest, m_r, d_rT, a_r = _sweep_block(
+                s, r, kept, m_s, d_s, d_sT, d_rest, m_rest, m_r, d_rT, a_r, scale_T, HAS_TARGET, HAS_REFERENCE,
+                T_POWER, TILE_MAXIMA, EXACT_REST)
         else:
             for start in range(0, num_classes, BLOCK_C):
                 s, r, mask = _load_block(s_row, r_row, start + cols0, num_classes, HAS_REFERENCE, "evict_last")
                 kept = _kept(bits_row, start, num_classes, BLOCK_C)
-                m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r = _sweep_block(
-                    s, r, kept, m_s, d_s, d_sT, d_rest, m_r, d_rT, a_r, scale_T, HAS_TARGET, HAS_REFERENCE,
-                    T_POWER, TILE_MAXIMA)
+                m_s, d_s, d_sT, d_rest, m_rest, m_r, d_rT, a_r = _sweep_block(
+                    s, r, kept, m_s, d_s, d_sT, d_rest, m_rest, m_r, d_rT, a_r, scale_T, HAS_TARGET, HAS_REFERENCE,
+                    T_POWER, TILE_MAXIMA, EXACT_REST)
         if TILE_MAXIMA:  # one maximum per stream: the sums are at it
             ms_s = tl.where(m_s == float("-inf"), 0.0, m_s)
             ms_r = tl.where(m_r == float("-inf"), 0.0, m_r)
@@ -249,9 +290,22 @@ def _smskd_topk_rows_kernel(
         p_rest = tl.where(num_kept < num_classes, tl.maximum(_negative_expm1(log_kept), 0.0), 0.0)
         has_rest = p_rest > 0
         safe_p_rest = tl.where(has_rest, p_rest, 1.0)
+        rest_shift = ms_s  # where R is summed: the row's maximum, or in the exact-rest pass the rest's own
+        if EXACT_REST:
+            if not TILE_MAXIMA:
+                m_rest = tl.max(m_rest)
+            rest_shift = tl.where(m_rest == float("-inf"), ms_s, m_rest)  # a rest of -inf logits: R = 0 still
+            rest_sum = _rest_sum_at(s_row, bits_row, num_classes, rest_shift, scale_T, BLOCK_C)
+        else:
+            # The flag, and no gradient here for a flagged row (the exact-rest pass rewrites it).
+            exact_rest = has_rest & (rest_sum < EXACT_REST_BELOW)
+            tl.store(exact_rest_ptr + row, exact_rest.to(tl.int8))
         log_q_rest = tl.log(rest_sum) - tl.log(D_sT)
+        if EXACT_REST:
+            log_q_rest += (rest_shift - ms_s) / temperature
         rest_kl = tl.where(has_rest, p_rest * (tl.log(safe_p_rest) - log_q_rest), 0.0)
-        # p~_j / q_j = p_rest / q_rest on the rest (inf when R underflowed to 0 while p_rest > 0).
+        # p~_j / e_j on the rest: p_rest / q_rest (e_j = q_j) in the first launch, p_rest D / R at m_rest in the
+        # exact-rest pass.
         rest_scale = tl.where(has_rest, p_rest * (D_sT / rest_sum), 0.0)
 
         s_y = tl.zeros([], tl.float32)
@@ -268,46 +322,55 @@ def _smskd_topk_rows_kernel(
         _store_row_terms(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, loss, ce, kd, ref, tcp, w)
 
         if COMPUTE_GRAD:
-            # Phase C: the dense sweep writes every class as if it were not kept ...
-            g_ce_weight, g_kd_weight, g_ref_weight = _gradient_weights(
-                grad_scale_ptr, ce_weight, kd_weight, ref_weight, HAS_GRAD_SCALE)
-            g_row = grad_ptr + row * grad_stride
-            total_mass = mass_kept + p_rest
-            log2d_s = tl.log2(D_s)
-            log2d_sT = tl.log2(D_sT)
-            log2d_rT = tl.log2(D_rT)
-            unit_root = _unit_root(log2d_s, log2d_sT, T_POWER)  # the column-block sweep's and the scatter's
-            if WHOLE_ROW:
-                # T_POWER 0 here: the squared softmax(s) made ptxas spill the fp32 whole-row kernel of 512
-                # columns on sm_90 (56 registers, 4 bytes); the sweep above still takes the T = 1 sums squared,
-                # and the kept classes' scatter below still takes softmax(s) from q
-                grad = _gradient(s, r, cols0 == y, rest_scale, 0.0, ms_s, log2d_s, log2d_sT, unit_root, ms_r, log2d_rT,
-                                 total_mass, w, temperature, g_ce_weight, g_kd_weight, g_ref_weight,
-                                 HAS_TARGET, HAS_REFERENCE, 0)
-                tl.store(g_row + cols0, grad.to(grad_ptr.dtype.element_ty), mask=mask)
-            else:
-                num_blocks = tl.cdiv(num_classes, BLOCK_C)
-                for back in range(0, num_blocks):
-                    cols = (num_blocks - 1 - back) * BLOCK_C + cols0
-                    s, r, mask = _load_block(s_row, r_row, cols, num_classes, HAS_REFERENCE, "evict_first")
-                    grad = _gradient(s, r, cols == y, rest_scale, 0.0, ms_s, log2d_s, log2d_sT, unit_root, ms_r, log2d_rT,
-                                     total_mass, w, temperature, g_ce_weight, g_kd_weight, g_ref_weight,
-                                     HAS_TARGET, HAS_REFERENCE, T_POWER)
-                    tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
-            # ... then rewrites the kept ones by a scatter, after every thread's sweep stores.
-            tl.debug_barrier()
-            for k_start in range(0, num_kept, BLOCK_K):
-                kk = k_start + kk0
-                k_mask, v, index = _kept_block(v_row, i_row, kk, num_kept, num_classes)
-                s_c = tl.load(kept_logits_row + kk, mask=k_mask, other=0.0)
-                r_c = s_c
-                if HAS_REFERENCE:
-                    r_c = tl.load(r_row + index, mask=k_mask, other=0.0).to(tl.float32)
-                p_c = tl.exp(v / temperature - lse_T)
-                kept_grad = _gradient(s_c, r_c, index == y, 0.0, p_c, ms_s, log2d_s, log2d_sT, unit_root, ms_r, log2d_rT,
-                                      total_mass, w, temperature, g_ce_weight, g_kd_weight, g_ref_weight,
-                                      HAS_TARGET, HAS_REFERENCE, T_POWER)
-                tl.store(g_row + index, kept_grad.to(grad_ptr.dtype.element_ty), mask=k_mask)
+            write = True
+            if not EXACT_REST:  # a flagged row's gradient is the exact-rest pass's (which reads the logits intact)
+                write = exact_rest == 0
+            if write:
+                # Phase C: the dense sweep writes every class as if it were not kept ...
+                g_ce_weight, g_kd_weight, g_ref_weight = _gradient_weights(
+                    grad_scale_ptr, ce_weight, kd_weight, ref_weight, HAS_GRAD_SCALE)
+                g_row = grad_ptr + row * grad_stride
+                total_mass = mass_kept + p_rest
+                log2d_s = tl.log2(D_s)
+                log2d_sT = tl.log2(D_sT)
+                log2d_rT = tl.log2(D_rT)
+                unit_root = _unit_root(log2d_s, log2d_sT, T_POWER)  # the column-block sweep's and the scatter's
+                q_scale = 1.0
+                if EXACT_REST:
+                    q_scale = tl.exp2((rest_shift - ms_s) * scale_T)
+                if WHOLE_ROW:
+                    # T_POWER 0 here: the squared softmax(s) made ptxas spill the fp32 whole-row kernel of 512
+                    # columns on sm_90 (56 registers, 4 bytes); the sweep above still takes the T = 1 sums squared,
+                    # and the kept classes' scatter below still takes softmax(s) from q
+                    grad = _gradient(s, r, cols0 == y, rest_scale, 0.0, ms_s, log2d_s, log2d_sT, unit_root, ms_r, log2d_rT,
+                                     total_mass, w, temperature, g_ce_weight, g_kd_weight, g_ref_weight, rest_shift,
+                                     q_scale, HAS_TARGET, HAS_REFERENCE, 0, EXACT_REST)
+                    tl.store(g_row + cols0, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+                else:
+                    num_blocks = tl.cdiv(num_classes, BLOCK_C)
+                    for back in range(0, num_blocks):
+                        cols = (num_blocks - 1 - back) * BLOCK_C + cols0
+                        s, r, mask = _load_block(s_row, r_row, cols, num_classes, HAS_REFERENCE, "evict_first")
+                        grad = _gradient(s, r, cols == y, rest_scale, 0.0, ms_s, log2d_s, log2d_sT, unit_root, ms_r, log2d_rT,
+                                         total_mass, w, temperature, g_ce_weight, g_kd_weight, g_ref_weight, rest_shift,
+                                         q_scale, HAS_TARGET, HAS_REFERENCE, T_POWER, EXACT_REST)
+                        tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+                # ... then rewrites the kept ones by a scatter, after every thread's sweep stores.
+                tl.debug_barrier()
+                for k_start in range(0, num_kept, BLOCK_K):
+                    kk = k_start + kk0
+                    k_mask, v, index = _kept_block(v_row, i_row, kk, num_kept, num_classes)
+                    s_c = tl.load(kept_logits_row + kk, mask=k_mask, other=0.0)
+                    r_c = s_c
+                    if HAS_REFERENCE:
+                        r_c = tl.load(r_row + index, mask=k_mask, other=0.0).to(tl.float32)
+                    p_c = tl.exp(v / temperature - lse_T)
+                    kept_grad = _gradient(s_c, r_c, index == y, 0.0, p_c, ms_s, log2d_s, log2d_sT, unit_root, ms_r, log2d_rT,
+                                          total_mass, w, temperature, g_ce_weight, g_kd_weight, g_ref_weight, ms_s,
+                                          1.0, HAS_TARGET, HAS_REFERENCE, T_POWER, False)
+                    tl.store(g_row + index, kept_grad.to(grad_ptr.dtype.element_ty), mask=k_mask)
     else:
-        _store_ignored_row(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, grad_ptr, grad_stride,
-                           num_classes, cols0, BLOCK_C, COMPUTE_GRAD)
+        if not EXACT_REST:
+            tl.store(exact_rest_ptr + row, tl.zeros([], tl.int8))
+            _store_ignored_row(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, grad_ptr, grad_stride,
+                               num_classes, cols0, BLOCK_C, COMPUTE_GRAD)

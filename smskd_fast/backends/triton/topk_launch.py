@@ -3,7 +3,9 @@
 As for the dense kernels (launch.py), the configuration is a pure function
 of C, with no autotuning, so benchmarks/triton_aot_report.py can compile every
 configuration that can run: up to WHOLE_ROW_MAX_C a row is held in registers
-(BLOCK_C = the next power of two >= C), above it walked in column blocks.
+(BLOCK_C = the next power of two >= C), above it walked in column blocks. A second
+launch, the exact-rest pass (topk_kernels.py), redoes the rows the first flagged, in
+EXACT_REST_CONFIG; the others return at once.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ class TopKConfig:
 
 
 COLUMN_BLOCK_CONFIG = TopKConfig(2048, 8, False)
+# The exact-rest pass: column blocks whatever C (rare rows; one configuration to compile and check).
+EXACT_REST_CONFIG = TopKConfig(1024, 4, False)
 # Whole-row widths where BLOCK_C / 256 warps made ptxas spill 4-8 bytes on sm_80 under
 # triton 3.6 (1024: smskd+grad fp32; 2048: smskd+grad bf16/fp16; 4096 with 16 warps:
 # kd+grad fp32), and these spill in no variant under 3.6 or 3.8 (benchmarks/results/).
@@ -100,6 +104,7 @@ def launch_topk_rows(
         # The kept classes' logits, saved by the kernel for its scatter (the student may be the gradient buffer).
         kept_logits = (torch.empty(indices.shape, dtype=torch.float32, device=student.device) if compute_grad
                        else fp32[0])
+        exact_rest = torch.empty(num_rows, dtype=torch.int8, device=student.device)  # the rows' flags
         dummy = student  # stands for absent tensors; the kernel never reads it then
         strides = (
             student.stride(0),
@@ -110,22 +115,26 @@ def launch_topk_rows(
         if chosen.block_c % 32 or (chosen.whole_row and chosen.block_c < num_classes):
             raise ValueError(f"block_c must be a multiple of 32 (and >= C = {num_classes} for a whole row), "
                              f"got {chosen.block_c}")
-        wrap(topk_kernels._smskd_topk_rows_kernel)[(num_rows,)](
+        arguments = (
             student, dummy if reference is None else reference, dummy if target is None else target,
             fp32[0], indices, fp32[1], fp32[2], fp32[3], bits, kept_logits, grad if compute_grad else dummy,
-            dummy if grad_scale is None else grad_scale, *per_row,
+            dummy if grad_scale is None else grad_scale, exact_rest, *per_row,
             num_classes, indices.shape[1], *strides,
             float(temperature), float(ce_weight), float(kd_weight), float(ref_weight), int(ignore_index),
+        )
+        flags = dict(
             HAS_TARGET=target is not None,
             HAS_REFERENCE=reference is not None,
             WEIGHTING=schema.WEIGHTING_CODES[weighting],
             COMPUTE_GRAD=bool(compute_grad),
             HAS_GRAD_SCALE=grad_scale is not None,
-            WHOLE_ROW=chosen.whole_row,
-            BLOCK_C=chosen.block_c,
             BLOCK_K=BLOCK_K,
             ROW_ALIGN=logits_row_alignment(num_classes, (student, reference, grad if compute_grad else None)),
-            T_POWER=kernels.temperature_power(temperature, target is not None, True),
-            num_warps=chosen.num_warps,
         )
+        kernel = wrap(topk_kernels._smskd_topk_rows_kernel)
+        kernel[(num_rows,)](*arguments, **flags, WHOLE_ROW=chosen.whole_row, BLOCK_C=chosen.block_c,
+                            T_POWER=kernels.temperature_power(temperature, target is not None, True),
+                            EXACT_REST=False, num_warps=chosen.num_warps)
+        kernel[(num_rows,)](*arguments, **flags, WHOLE_ROW=False, BLOCK_C=EXACT_REST_CONFIG.block_c, T_POWER=0,
+                            EXACT_REST=True, num_warps=EXACT_REST_CONFIG.num_warps)
     return (*per_row, grad)

@@ -34,10 +34,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_SOURCES = [os.path.join(ROOT, "kernels", name) for name in ("smskd_kernels.cu", "smskd_topk_kernels.cu")]
 NVCC_FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "-lineinfo"]  # as setup.py and kernels/CMakeLists.txt
 KERNEL_NAME = re.compile(
-    r"smskd_(?P<topk>topk_)?rows_kernelI(?P<dtype>6__half|13__nv_bfloat16|f)Li(?P<threads>\d+)ELi(?P<rows>\d+)E"
+    r"smskd_(?:(?P<topk>topk_)?rows|(?P<exact>topk_exact_rest))_kernelI(?P<dtype>6__half|13__nv_bfloat16|f)"
+    r"(?:Li(?P<threads>\d+)ELi(?P<rows>\d+)E)?"  # absent: the top-k exact-rest kernel's fixed layout
     r"(?:Lb(?P<teacher>[01])E)?Lb(?P<reference>[01])E"  # the top-k form has no teacher flag
     r"(?:Li(?P<power>\d)E)?"  # the dense form's temperature power (kPower: 0 any T, else T = kPower)
 )
+EXACT_REST_THREADS = "256"  # kernels/smskd_topk_row_kernel.cuh, kExactRestThreads: a block per row
 DTYPES = {"6__half": "float16", "13__nv_bfloat16": "bfloat16", "f": "float32"}
 
 
@@ -60,11 +62,13 @@ class KernelUsage:
         match = KERNEL_NAME.search(self.mangled)
         if not match:
             return self.mangled
-        teacher = "top-k" if match["topk"] else "teacher" if match["teacher"] == "1" else None
+        teacher = "top-k" if match["topk"] or match["exact"] else "teacher" if match["teacher"] == "1" else None
         inputs = "+".join(name for name in (teacher, "reference" if match["reference"] == "1" else None)
                           if name) or "student only"
         at = f" at T={match['power']}" if match["power"] not in (None, "0") else ""
-        return f"{DTYPES[match['dtype']]:8s} {match['threads']:>3s} thr/row x {match['rows']} rows, {inputs}{at}"
+        exact = " exact rest" if match["exact"] else ""
+        threads, rows = match["threads"] or EXACT_REST_THREADS, match["rows"] or "1"
+        return f"{DTYPES[match['dtype']]:8s} {threads:>3s} thr/row x {rows} rows, {inputs}{at}{exact}"
 
     @property
     def dtype(self) -> Optional[str]:
@@ -74,7 +78,7 @@ class KernelUsage:
     @property
     def topk(self) -> bool:
         match = KERNEL_NAME.search(self.mangled)
-        return bool(match and match["topk"])
+        return bool(match and (match["topk"] or match["exact"]))
 
     @property
     def spills(self) -> bool:

@@ -142,6 +142,11 @@ typedef struct {
 
   SMSKD_PER_ROW_OUTPUTS(SMSKD_PER_ROW_OUTPUT_POINTER)
 
+  /* rows bytes of device scratch: the rows whose rest (the classes not kept) lies so far below the
+   * student's maximum that its sum there loses precision are flagged here and redone by a second
+   * kernel, which sums the rest at its own maximum. */
+  uint8_t* exact_rest;
+
   float temperature;
   float ce_weight;
   float kd_weight;

@@ -1,13 +1,15 @@
 // The C ABI launcher of the top-k teacher form (kernels/smskd_kernels.h):
 // checks the arguments, picks the row layout for C (the dense kernel's choice,
 // smskd_launch.cuh) and the packed or scalar path, and enqueues one
-// smskd_topk_rows_kernel instantiation. No PyTorch dependency.
+// smskd_topk_rows_kernel instantiation, then the exact-rest kernel over the rows it
+// flagged (smskd_topk_row_kernel.cuh). No PyTorch dependency.
 #include "smskd_kernels.h"
 #include "smskd_launch.cuh"
 #include "smskd_topk_row_kernel.cuh"
 
 namespace {
 
+using smskd::kernels::smskd_topk_exact_rest_kernel;
 using smskd::kernels::smskd_topk_rows_kernel;
 using smskd::kernels::TopKParams;
 
@@ -22,6 +24,7 @@ TopKParams make_params(const smskd_loss_rows_topk_args& a) {
   p.true_logit = a.true_logit;
   p.lse = a.log_sum_exp;
   p.lse_t = a.log_sum_exp_at_temperature;
+  p.exact_rest = a.exact_rest;
   p.vectorized = smskd::kernels::packs_align(a.dtype, {a.student, a.student_stride},
                                               {{a.reference, a.reference_stride}, {a.grad, a.grad_stride}});
   return p;
@@ -48,6 +51,11 @@ cudaError_t launch_inputs(const smskd_loss_rows_topk_args& a, cudaStream_t strea
     default:
       smskd_topk_rows_kernel<T, kThreads, kRows, kRef, 0><<<grid, block, 0, stream>>>(prm, s, r, g);
   }
+  if (const cudaError_t error = cudaGetLastError(); error != cudaSuccess) return error;
+  // The flagged rows again; a block that meets none of them only reads its rows' flags.
+  constexpr int64_t kExactRestBlocks = 1024;
+  const dim3 exact_grid(static_cast<unsigned>(a.rows < kExactRestBlocks ? a.rows : kExactRestBlocks));
+  smskd_topk_exact_rest_kernel<T, kRef><<<exact_grid, smskd::kernels::kExactRestThreads, 0, stream>>>(prm, s, r, g);
   return cudaGetLastError();
 }
 
@@ -69,6 +77,7 @@ extern "C" const char* smskd_loss_rows_topk_invalid(const smskd_loss_rows_topk_a
   if (a->student == nullptr) return "student must not be NULL";
   if (!a->topk_values || !a->topk_indices || !a->kept_mask || !a->log_sum_exp_at_temperature)
     return "topk_values, topk_indices, kept_mask and log_sum_exp_at_temperature must not be NULL";
+  if (a->exact_rest == nullptr) return "exact_rest must not be NULL (rows bytes of scratch)";
   if (a->target != nullptr && (!a->true_logit || !a->log_sum_exp))
     return "true_logit and log_sum_exp must not be NULL when a target is given";
   if (const char* invalid = smskd::kernels::per_row_outputs_invalid(*a)) return invalid;

@@ -13,6 +13,14 @@
 //      reference terms, p~_j = p_rest q_j / q_rest off the kept classes, then
 //      (after a barrier) the kept classes' entries again with p~_c = p_c; all
 //      times the launch's grad_scale, folded into the coefficients once per row.
+// R shares the row maximum m, so a rest lying far below it (a confident student at a
+// low temperature) loses precision, then underflows to 0 from about 87 T (KD = inf, a
+// NaN gradient). Such a row (p_rest > 0, R < 2^-100) is flagged (TopKParams::exact_rest)
+// and redone by the exact-rest kernel (smskd_topk_exact_rest_kernel, kExactRest), which
+// also keeps the rest's largest logit in A, sums R again at it, and takes C's one
+// exponential per column there, where the rest's p~_j stay representable while q_j
+// underflows (q_j is its multiple). That code stays out of the main kernels, several of
+// which are at their register limit.
 // No PyTorch dependency; the per-thread arithmetic (TopKRowMath) is host and
 // device code, tested on the CPU by kernels/tests/topk_rows_host.cu.
 //
@@ -44,6 +52,21 @@ struct TopKParams {
   smskd_weighting weighting;
   int64_t ignore_index;
   bool vectorized;  // student, reference and grad rows start at the same offset modulo 16 bytes
+  uint8_t* exact_rest;  // rows flags: written by the main kernel, read by the exact-rest kernel
+};
+
+// A row whose rest sums to less than this at the row maximum is redone by the exact-rest kernel: from 2^-100 on,
+// the rest's largest terms (at least R / C, C < 2^24) are normal floats and R is exact to float's precision.
+constexpr float kExactRestBelow = 0x1p-100f;
+
+// The exact-rest kernel's threads per row (a block per row; no minimum of blocks per SM, so no register cap).
+constexpr int kExactRestThreads = 256;
+
+// The rest's sum R = sum_{j not kept} exp((s_j - shift)/T) and where it was taken: the row's maximum
+// (sweep A's s.dot) or, in the exact-rest kernel, the rest's own.
+struct RestSum {
+  float shift = 0.0f;
+  float sum = 0.0f;
 };
 
 // Sweep A: the student's statistics (s.dot is R, the rest's sum at T) and the reference's.
@@ -74,6 +97,11 @@ struct TopKRowResult {
   // p_rest / q_rest (0 without rest mass; +inf when R underflowed to 0): on the rest the teacher's p~_j =
   // q_j rest_scale, a multiply instead of an exponential per column, as the Triton kernel forms it.
   float rest_scale = 0.0f;
+  // The exact-rest kernel's dense sweep takes e_j = exp2((s_j - u_shift) kT - log2_sT) at the rest's maximum
+  // u_shift, with q_j = e_j q_scale and p~_j = e_j rest_scale on the rest (rest_scale = p_rest sumT / R at u_shift).
+  float u_shift = 0.0f, q_scale = 1.0f;
+  // The main kernel's flag: the row is left to the exact-rest kernel (rest mass, and R below kExactRestBelow).
+  bool exact_rest = false;
 };
 
 // a / b correctly rounded on the device too, whatever --use_fast_math makes of `/`: log p_c =
@@ -113,6 +141,26 @@ struct TopKRowStreams {
   SMSKD_HD static void each_plain(A&, B&, F&&) {}
 };
 
+// The exact-rest kernel's rest maximum (a stream of no sums), and its sum of the rest at it (added as it is).
+struct RestMaxStreams {
+#pragma nv_exec_check_disable
+  template <typename A, typename B, typename F>
+  SMSKD_HD static void each(A& a, B& b, F&& f) {
+    f(a, b, Sums<false, false, false>{});
+  }
+  template <typename A, typename B, typename F>
+  SMSKD_HD static void each_plain(A&, B&, F&&) {}
+};
+struct RestSumStreams {
+  template <typename A, typename B, typename F>
+  SMSKD_HD static void each(A&, B&, F&&) {}
+#pragma nv_exec_check_disable
+  template <typename A, typename B, typename F>
+  SMSKD_HD static void each_plain(A& a, B& b, F&& f) {
+    f(a.sum, b.sum);
+  }
+};
+
 // The log-sum-exp of the kept classes' log p (lse.max, lse.sum1), and kl and mass added as they are.
 struct KeptStreams {
 #pragma nv_exec_check_disable
@@ -130,10 +178,11 @@ struct KeptStreams {
 
 // The arithmetic of one row of the top-k form, independent of how threads share it. kPower: the
 // launch's temperature_power for rows with a target (softmax(s) and its sums from the exponentials
-// at T, as RowMath does), else 0.
-template <typename T, bool kTarget, bool kRef, int kPower = 0>
+// at T, as RowMath does), else 0. kExactRest: the exact-rest kernel's (the module comment).
+template <typename T, bool kTarget, bool kRef, int kPower = 0, bool kExactRest = false>
 struct TopKRowMath {
   static_assert(kPower == 0 || kTarget, "kPower needs a target");
+  static_assert(!kExactRest || kPower == 0, "the exact-rest kernel takes every exponential itself");
   const T* s_row;
   const T* r_row;
   const uint32_t* mask_row;
@@ -156,9 +205,10 @@ struct TopKRowMath {
         kT(kLog2e / prm.temperature),
         lse_t(prm.lse_t[row]) {}
 
-  // Sweep A over P packs of N columns, pack p starting at column c + p * stride.
+  // Sweep A over P packs of N columns, pack p starting at column c + p * stride; with kExactRest also the
+  // rest's largest logit (rest_max.max).
   template <int P, int N>
-  SMSKD_HD void accumulate(TopKRowStats& st, int64_t c, int64_t stride) const {
+  SMSKD_HD void accumulate(TopKRowStats& st, StreamStats& rest_max, int64_t c, int64_t stride) const {
     constexpr int M = P * N;
     float s[M], r[M], d[M];
     load_chunk<P, N>(s_row, c, stride, s);
@@ -166,7 +216,10 @@ struct TopKRowMath {
     for (int p = 0; p < P; ++p) {
       const uint32_t kept = kept_bits<N>(mask_row, c + p * stride);
 #pragma unroll
-      for (int e = 0; e < N; ++e) d[p * N + e] = (kept >> e) & 1u ? 0.0f : 1.0f;
+      for (int e = 0; e < N; ++e) {
+        d[p * N + e] = (kept >> e) & 1u ? 0.0f : 1.0f;
+        if constexpr (kExactRest) rest_max.max = fmaxf(rest_max.max, (kept >> e) & 1u ? -INFINITY : s[p * N + e]);
+      }
     }
     add_values<kTarget, true, true, kPower>(st.s, s, d, k1, kT);  // dot: the rest's sum R
     if (kRef) {
@@ -174,6 +227,20 @@ struct TopKRowMath {
 #pragma unroll
       for (int e = 0; e < M; ++e) d[e] = r[e] - s[e];  // scaled by 1/T in finish()
       add_values<false, true, true>(st.r, r, d, k1, kT);
+    }
+  }
+
+  // The exact-rest kernel's second sweep: the rest's sum at shift, over P packs of N columns.
+  template <int P, int N>
+  SMSKD_HD void accumulate_rest(RestSum& acc, int64_t c, int64_t stride) const {
+    constexpr int M = P * N;
+    float s[M];
+    load_chunk<P, N>(s_row, c, stride, s);
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const uint32_t kept = kept_bits<N>(mask_row, c + p * stride);
+#pragma unroll
+      for (int e = 0; e < N; ++e) acc.sum += (kept >> e) & 1u ? 0.0f : exp2f((s[p * N + e] - acc.shift) * kT);
     }
   }
 
@@ -196,9 +263,10 @@ struct TopKRowMath {
     }
   }
 
-  // The row's outputs from the merged statistics (csrc/cpu/loss_rows_topk.cpp's formulas).
-  SMSKD_HD TopKRowResult finish(const TopKRowStats& st, const KeptStats& ks, float s_y, float true_logit,
-                                float lse_teacher, const TopKParams& prm) const {
+  // The row's outputs from the merged statistics (csrc/cpu/loss_rows_topk.cpp's formulas); rest: R and its shift
+  // (the main kernel's: st.s.max and st.s.dot).
+  SMSKD_HD TopKRowResult finish(const TopKRowStats& st, const KeptStats& ks, const RestSum& rest, float s_y,
+                                float true_logit, float lse_teacher, const TopKParams& prm) const {
     TopKRowResult res;
     const float T2 = temperature * temperature;
     res.max_s = st.s.max;
@@ -213,8 +281,16 @@ struct TopKRowMath {
       const float log_kept = ks.lse.max + logf(ks.lse.sum1);
       res.p_rest = fmaxf(-expm1f(log_kept), 0.0f);
       if (res.p_rest > 0.0f) {
-        res.log2_rest = log2f(st.s.dot);  // R = sum_{j not kept} exp((s_j - max)/T); -inf if R = 0
-        rest_kl = res.p_rest * (logf(res.p_rest) - (res.log2_rest - res.log2_sT) * kLn2);  // log q_rest
+        res.log2_rest = log2f(rest.sum);  // R at rest.shift; -inf if R = 0
+        if constexpr (kExactRest) {  // log2 q_rest = (shift - max) kT + log2 R - log2 sumT
+          const float drop = (rest.shift - res.max_s) * kT;
+          rest_kl = res.p_rest * (logf(res.p_rest) - (drop + res.log2_rest - res.log2_sT) * kLn2);
+          res.u_shift = rest.shift;
+          res.q_scale = exp2f(drop);
+        } else {
+          rest_kl = res.p_rest * (logf(res.p_rest) - (res.log2_rest - res.log2_sT) * kLn2);  // log q_rest
+          res.exact_rest = rest.sum < kExactRestBelow;
+        }
         res.rest_scale = res.p_rest * exp2f(res.log2_sT - res.log2_rest);
       }
     }
@@ -238,12 +314,21 @@ struct TopKRowMath {
   }
 
   // d loss / d s_j given s_j, r_j and the teacher's p~_j = q_j teacher_scale + teacher_p (the rest:
-  // res.rest_scale and 0; a kept class: 0 and its p_j).
+  // res.rest_scale and 0; a kept class: 0 and its p_j). kShifted (the exact-rest kernel's dense sweep): from
+  // e_j at res.u_shift, q_j = e_j res.q_scale and p~_j = e_j teacher_scale + teacher_p.
+  template <bool kShifted = false>
   SMSKD_HD float gradient_at(const TopKRowResult& res, float s, float r, bool is_target, float teacher_scale,
                              float teacher_p) const {
     const float zs = s - res.max_s;
-    const float q = exp2f(fmaf(zs, kT, -res.log2_sT));
-    float v = res.b * (q * res.total_mass - (q * teacher_scale + teacher_p));
+    float q, v;
+    if constexpr (kShifted) {
+      const float e = exp2f(fmaf(s - res.u_shift, kT, -res.log2_sT));
+      q = e * res.q_scale;
+      v = res.b * (q * res.total_mass - (e * teacher_scale + teacher_p));
+    } else {
+      q = exp2f(fmaf(zs, kT, -res.log2_sT));
+      v = res.b * (q * res.total_mass - (q * teacher_scale + teacher_p));
+    }
     if (kTarget) v += res.a * (unit_softmax<kPower>(q, zs, k1, res.log2_s, res.unit_root) - (is_target ? 1.0f : 0.0f));
     if (kRef) v += res.g * (q - exp2f(fmaf(r - res.max_r, kT, -res.log2_rT)));
     return v;
@@ -259,7 +344,7 @@ struct TopKRowMath {
 #pragma unroll
     for (int e = 0; e < M; ++e) {
       const int64_t column = c + (e / N) * stride + (e % N);
-      out[e] = gradient_at(res, s[e], kRef ? r[e] : 0.0f, kTarget && column == y, res.rest_scale, 0.0f);
+      out[e] = gradient_at<kExactRest>(res, s[e], kRef ? r[e] : 0.0f, kTarget && column == y, res.rest_scale, 0.0f);
     }
     store_chunk<P, N>(g_row, c, stride, out);
   }
@@ -282,16 +367,18 @@ SMSKD_HD void store_topk_row(const TopKParams& prm, int64_t row, const TopKRowRe
 #undef SMSKD_STORE_OUTPUT
 }
 
-template <typename T, int kThreads, int kRowsPerBlock, bool kTarget, bool kRef, int kPower>
+template <typename T, int kThreads, int kRowsPerBlock, bool kTarget, bool kRef, int kPower, bool kExactRest = false>
 __device__ __forceinline__ void process_topk_rows(const TopKParams& prm, const T* __restrict__ student,
                                                   const T* __restrict__ reference, T* __restrict__ grad) {
-  using Math = TopKRowMath<T, kTarget, kRef, kPower>;
+  using Math = TopKRowMath<T, kTarget, kRef, kPower, kExactRest>;
   constexpr int kWarps = kThreads / 32;
   static_assert(kThreads <= 32 || kRowsPerBlock == 1, "rows of several warps own their block (merge_row_statistics)");
   constexpr int kLanes = kThreads < 32 ? kThreads : 32;
   constexpr int kShared = kWarps > 1 ? kWarps : 1;
   __shared__ TopKRowStats row_maxima[kShared], row_sums[kShared];
   __shared__ KeptStats kept_maxima[kShared], kept_sums[kShared];
+  __shared__ StreamStats rest_max_maxima[kShared], rest_max_sums[kShared];  // the exact-rest kernel's merges
+  __shared__ RestSum rest_sum_maxima[kShared], rest_sum_sums[kShared];
   const unsigned mask = row_lane_mask<kLanes>();
   const int lane = threadIdx.x % kThreads;
   const int64_t cols = prm.cols;
@@ -308,13 +395,17 @@ __device__ __forceinline__ void process_topk_rows(const TopKParams& prm, const T
 
   for (int64_t row = int64_t{blockIdx.x} * kRowsPerBlock + threadIdx.x / kThreads; row < prm.rows;
        row += int64_t{gridDim.x} * kRowsPerBlock) {
+    if (kExactRest && !prm.exact_rest[row]) continue;  // the main kernel's row (uniform: a block per row)
     T* g_row = grad ? grad + row * prm.grad_stride : nullptr;
     const RowSweep<T, kThreads> sweep(student + row * prm.student_stride, cols, prm.vectorized, lane);
     int64_t y = 0;
     if (kTarget) {
       y = prm.target[row * prm.target_stride];
       if (y == prm.ignore_index) {  // ignored row: zeros everywhere
-        if (lane == 0) store_topk_row(prm, row, TopKRowResult{});
+        if (lane == 0) {
+          store_topk_row(prm, row, TopKRowResult{});
+          if (!kExactRest) prm.exact_rest[row] = 0;
+        }
         if (g_row) {
           sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
             zero_chunk<decltype(packs)::value, decltype(n)::value>(g_row, c, stride);
@@ -332,20 +423,35 @@ __device__ __forceinline__ void process_topk_rows(const TopKParams& prm, const T
     const float s_y = kTarget ? to_float(math.s_row[y]) : 0.0f;
 
     TopKRowStats st;
+    StreamStats rest_max;  // kExactRest: the rest's largest logit
     sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
-      math.template accumulate<decltype(packs)::value, decltype(n)::value>(st, c, stride);
+      math.template accumulate<decltype(packs)::value, decltype(n)::value>(st, rest_max, c, stride);
     });
     // Each merge's two barriers also keep this row's shared entries apart from the next row's.
     merge_row_statistics<kLanes, kWarps, TopKRowStreams<kTarget, kRef>>(st, mask, Math::k1, math.kT, row_maxima,
                                                                         row_sums);
+    RestSum rest{st.s.max, st.s.dot};  // R at the row's maximum, or in the exact-rest kernel at the rest's own
+    if constexpr (kExactRest) {
+      merge_row_statistics<kLanes, kWarps, RestMaxStreams>(rest_max, mask, Math::k1, math.kT, rest_max_maxima,
+                                                           rest_max_sums);
+      rest = RestSum{rest_max.max == -INFINITY ? st.s.max : rest_max.max, 0.0f};  // a rest of -inf: R = 0 still
+      sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
+        math.template accumulate_rest<decltype(packs)::value, decltype(n)::value>(rest, c, stride);
+      });
+      merge_row_statistics<kLanes, kWarps, RestSumStreams>(rest, mask, Math::k1, math.kT, rest_sum_maxima,
+                                                           rest_sum_sums);
+    }
 
     KeptStats ks;
     math.gather(ks, st, lane, kThreads);
     merge_row_statistics<kLanes, kWarps, KeptStreams>(ks, mask, Math::k1, math.kT, kept_maxima, kept_sums);
 
-    const TopKRowResult res =
-        math.finish(st, ks, s_y, kTarget ? prm.true_logit[row] : 0.0f, kTarget ? prm.lse[row] : 0.0f, prm);
-    if (lane == 0) store_topk_row(prm, row, res);
+    const TopKRowResult res = math.finish(st, ks, rest, s_y, kTarget ? prm.true_logit[row] : 0.0f,
+                                          kTarget ? prm.lse[row] : 0.0f, prm);
+    if (lane == 0) {
+      store_topk_row(prm, row, res);
+      if (!kExactRest) prm.exact_rest[row] = res.exact_rest;
+    }
     if (!g_row) continue;
     const TopKRowResult scaled = with_gradient_scale(res, grad_scale);  // the rest's and kept classes' alike
     sweep.run(cols, [&](int64_t c, int64_t stride, auto packs, auto n) {
@@ -353,6 +459,18 @@ __device__ __forceinline__ void process_topk_rows(const TopKParams& prm, const T
     });
     row_barrier();  // the dense sweep's writes of kept columns land before their rewrite
     math.scatter_kept(scaled, g_row, y, lane, kThreads);
+  }
+}
+
+// The exact-rest kernel: the rows the main kernel flagged (TopKParams::exact_rest) again, a block of
+// kExactRestThreads per row, over a grid of any size; the others are skipped at once.
+template <typename T, bool kRef>
+__global__ void __launch_bounds__(kExactRestThreads)
+    smskd_topk_exact_rest_kernel(TopKParams prm, const T* student, const T* reference, T* grad) {
+  if (prm.target != nullptr) {
+    process_topk_rows<T, kExactRestThreads, 1, true, kRef, 0, true>(prm, student, reference, grad);
+  } else {
+    process_topk_rows<T, kExactRestThreads, 1, false, kRef, 0, true>(prm, student, reference, grad);
   }
 }
 

@@ -35,12 +35,6 @@ GPU_SCALE_GROUPS = ("ladder", "temperature_ladder", "topk_ladder")
 # R = 0 with p_rest > 0: KD = +inf, whose gradient is undefined (the reference's autograd gives NaN where
 # the kernels give numbers); test_infinite_rest_term_matches_the_cpu_kernel compares those with the cpu's.
 EDITS_WITH_INFINITE_LOSS = ("student_rest_masked",)
-# Known defects, by (backend, edit), expected to fail until fixed (strict: a fix turns them into failures that
-# ask for the mark to go). The CUDA top-k kernel still sums the rest at the row maximum, which underflows from
-# about 87 T (KD = inf, a NaN gradient); the CPU and Triton kernels sum it again at the rest's own maximum.
-KNOWN_DEFECTS = {
-    ("cuda", "student_rest_far_below"): "CUDA top-k kernel: the rest's sum at the row maximum underflows",
-}
 EDITS_WITH_FINITE_RESULTS = ("masked_blocks", "masked_every_third", "masked_teacher_reference", "all_equal",
                              "no_rest", "sure_teacher", "student_rest_far_below")
 
@@ -195,10 +189,7 @@ def test_dense_teacher_matches_reference(backend, case):
 
 @pytest.mark.parametrize("case", TOPK, ids=[case.id for case in TOPK])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_topk_teacher_matches_reference(backend, case, request):
-    defect = KNOWN_DEFECTS.get((backend, case.edit))
-    if defect:
-        request.applymarker(pytest.mark.xfail(reason=defect, strict=True))
+def test_topk_teacher_matches_reference(backend, case):
     assert_conforms(backend, case)
 
 

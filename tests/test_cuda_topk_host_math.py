@@ -22,6 +22,7 @@ import torch
 
 from smskd_fast.backends.base import LossOptions
 from smskd_fast.backends.topk import TopKTeacher
+from conformance_cases import Case, build
 from topk_cases import FIELDS, make_inputs, no_rest_mass_case, run_reference
 from topk_tolerance import assert_matches_reference
 
@@ -145,6 +146,27 @@ def test_host_math_matches_the_float64_reference(host_binary, tmp_path, dtype, s
     pad, vectorized = ((0, True), (1, True), (3, False))[index % 3]
     check_case(host_binary, tmp_path / "case", student, target, topk, reference, options, pad=pad,
                vectorized=vectorized)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 2.5])
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
+def test_a_rest_far_below_the_kept_classes_gives_the_exact_finite_kd(host_binary, tmp_path, dtype, temperature):
+    """The student's rest 50-1000 T below its kept classes (conformance_cases.FAR_REST_GAPS): the rest's sum at
+    the row maximum underflows from about 87 T (KD = inf, NaN gradient, before the rare sweep at the rest's own
+    maximum), the exact KD is finite and large; every layout matches the float64 reference, KD to 1e-5."""
+    case = Case("topk_far_rest", 5, 513, dtype, k=20, seed=21, temperature=temperature, weights=(0.5, 1.0, 0.7),
+                edit="student_rest_far_below")
+    inputs = build(case)
+    options = case.options()
+    expected, expected_grad = run_reference(inputs.student, inputs.target, inputs.topk, inputs.reference, options)
+    outputs = run_host(host_binary, tmp_path / "case", inputs.student, inputs.target, inputs.topk, inputs.reference,
+                       options, pad=1, vectorized=True)
+    for threads, (per_row, grad) in outputs.items():
+        what = f"{threads} threads/row:"
+        assert all(torch.isfinite(v).all() for v in per_row) and torch.isfinite(grad.float()).all(), what
+        assert_matches_reference(per_row, grad, expected, expected_grad, inputs.student, options, what=what)
+        torch.testing.assert_close(per_row[FIELDS.index("kd")].double(), expected.kd.detach(), rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{what} kd: {m}")
 
 
 # (dtype, (rows, C, k), target and reference, grad_scale): C = 1, the rest and no rest, every dtype;

@@ -104,6 +104,7 @@ LossRowsResult smskd_loss_rows_topk_cuda(const at::Tensor& student_in, const std
                               student.options().memory_format(at::MemoryFormat::Contiguous));
   if (args.rows > 0) {
     const at::Tensor mask = kept_class_mask(indices, args.cols);
+    const at::Tensor exact_rest = at::empty({args.rows}, student.options().dtype(at::kByte));  // kernel scratch
     set_input_rows(args, student, r, y);
     args.topk_values = values.const_data_ptr<float>();
     args.topk_indices = indices.const_data_ptr<int64_t>();
@@ -112,6 +113,7 @@ LossRowsResult smskd_loss_rows_topk_cuda(const at::Tensor& student_in, const std
     args.true_logit = true_values.const_data_ptr<float>();
     args.log_sum_exp = lse.const_data_ptr<float>();
     args.log_sum_exp_at_temperature = lse_t.const_data_ptr<float>();
+    args.exact_rest = exact_rest.data_ptr<uint8_t>();
     if (compute_grad) {
       args.grad = grad.data_ptr();
       args.grad_stride = grad.stride(0);

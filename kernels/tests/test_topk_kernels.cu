@@ -185,7 +185,7 @@ void run_gpu(const Case& k, Inputs& in, smskd_loss_rows_topk_args a) {
   const DeviceBuffer s(in.s_raw), r(in.r_raw), y(in.target), values(in.values), indices(in.indices), mask(in.mask),
       true_logit(in.true_logit), lse(in.lse), lse_t(in.lse_t), out(std::vector<float>(kPerRowOutputs * k.rows)),
       grad(std::vector<unsigned char>(in.span * elem, kUnwritten)),
-      scale(std::vector<float>{k.grad_scale.value_or(1.0f)});
+      scale(std::vector<float>{k.grad_scale.value_or(1.0f)}), flags(std::vector<uint8_t>(k.rows, 0xff));
   a.student = s.as<unsigned char>() + k.pad * elem;
   a.reference = k.reference ? r.as<unsigned char>() + k.pad * elem : nullptr;
   a.target = k.target ? y.as<int64_t>() : nullptr;
@@ -194,6 +194,7 @@ void run_gpu(const Case& k, Inputs& in, smskd_loss_rows_topk_args a) {
   a.log_sum_exp_at_temperature = lse_t.as<float>();
   a.grad = grad.as<unsigned char>() + k.pad * elem;
   a.grad_scale = k.grad_scale ? scale.as<float>() : nullptr;
+  a.exact_rest = flags.as<uint8_t>();
   float* o = out.as<float>();
   point_per_row_outputs(a, o, k.rows);
   CHECK_CUDA(smskd_loss_rows_topk_launch(&a, nullptr));
@@ -241,7 +242,7 @@ int run_bench() {
         mask[i * words + indices[i * k + c] / 32] |= 1u << (indices[i * k + c] % 32);
       }
     const DeviceBuffer di(indices), dm(mask), dy(target), dv(std::vector<float>(rows * k, 0.0f)),
-        drow(std::vector<float>(rows, 1.0f + std::log(float(k))));
+        drow(std::vector<float>(rows, 1.0f + std::log(float(k)))), flags(std::vector<uint8_t>(rows, 0));
     float* o = out.as<float>();
     smskd_loss_rows_args dense{};
     dense.rows = rows, dense.cols = cols, dense.dtype = SMSKD_BFLOAT16;
@@ -260,6 +261,7 @@ int run_bench() {
       a.student_stride = a.grad_stride = cols, a.target_stride = 1;
       a.topk_values = dv.as<float>(), a.topk_indices = di.as<int64_t>(), a.kept_mask = dm.as<uint32_t>();
       a.kept_mask_stride = words, a.true_logit = a.log_sum_exp = a.log_sum_exp_at_temperature = drow.as<float>();
+      a.exact_rest = flags.as<uint8_t>();
       point_per_row_outputs(a, o, rows);
       a.temperature = 4.0f, a.ce_weight = a.kd_weight = 1.0f;
       a.weighting = SMSKD_WEIGHT_CONSTANT, a.ignore_index = -100, a.threads_per_row = threads;

@@ -9,10 +9,11 @@
 //           cancellation) and of the reference;
 //   then the kept classes' p_c = exp(v_c/T - lse_T) and log q_c from a gather of
 //           s_c, giving KD = T^2 [sum_kept p_c log(p_c/q_c) + p_rest log(p_rest/q_rest)]
-//           with q_rest = R / sum u. R shares the row's maximum m, so a rest whose
-//           largest logit (pass 1 keeps it too) lies more than kRestDrop T below m
-//           would underflow (R = 0: KD = inf, a NaN gradient); such a row sums its
-//           rest once more at the rest's own maximum (a scalar sweep, rare);
+//           with q_rest = R / sum u. R shares the row's maximum m, so a rest lying
+//           far below m (a confident student at a low temperature) loses precision,
+//           then underflows (R = 0 from ~87 T: KD = inf, a NaN gradient); a row with
+//           R < kExactRestBelow finds the rest's own maximum and sums it again there
+//           (scalar sweeps, rare; nothing per element for the other rows);
 //   pass 2, when the gradient is wanted: dKD/ds_j = T (q_j M - p~_j) with M the
 //           teacher's total mass and p~_j = p_rest u_j / R on the rest, i.e. u_j
 //           times one coefficient on every column not kept (vectorised, with the
@@ -55,24 +56,18 @@ class TopKRowKernel {
     RunningStats<acc_t> student;  // every class
     RunningStats<acc_t> rest;     // the classes not kept; its maximum is the student's
     RunningStats<acc_t> reference;
-    acc_t rest_max = kNegInf<acc_t>;  // the largest logit not kept (NaN sticks)
 
     void merge(const Stats& other, acc_t inv_temperature) {
       student.merge(other.student, inv_temperature);
       rest.merge(other.rest, inv_temperature);
       reference.merge(other.reference, inv_temperature);
-      raise_rest_max(other.rest_max);
-    }
-
-    void raise_rest_max(acc_t value) {
-      if (std::isnan(value) || value > rest_max) rest_max = std::isnan(rest_max) ? rest_max : value;
     }
   };
 
-  // How far below the row's maximum (in units of T) the rest's largest logit may lie before
-  // its sum at that maximum loses precision: e^-64 leaves float's e^-87 underflow 23 e-folds,
-  // more than its 24 bits of mantissa span.
-  static constexpr double kRestDrop = 64.0;
+  // A rest summing to less than this at the row's maximum is summed again at its own: from 2^-100 on, its
+  // largest terms (at least R / C, C < 2^24) are normal floats and R is exact to the accumulator's precision
+  // (the GPU kernels' threshold too).
+  static constexpr double kExactRestBelow = 0x1p-100;
 
   struct Coefficients {
     acc_t s_shift = 0, r_shift = 0, inv_s_one = 0, inv_s_soft = 0, inv_r_soft = 0;
@@ -131,12 +126,15 @@ class TopKRowKernel {
     } else if (teacher_.k < args_.classes) {
       p_rest = 1;  // no kept class has any mass
     }
-    // R at the row's maximum, or, for a rest far below it, at the rest's own (the rare sweep).
+    // R at the row's maximum, or, for a rest far below it, at the rest's own (the rare sweeps; a rest of
+    // -inf logits keeps R = 0).
     acc_t rest_shift = stats.student.shift(), rest_sum = stats.rest.soft;
-    if (p_rest > 0 && stats.rest_max != kNegInf<acc_t> &&
-        (stats.student.max - stats.rest_max) * inv_temperature_ > acc_t(kRestDrop)) {
-      rest_shift = stats.rest_max;
-      rest_sum = rest_sum_at(row, rest_shift);
+    if (p_rest > 0 && rest_sum < acc_t(kExactRestBelow)) {
+      const acc_t rest_max = rest_max_of(row);
+      if (rest_max != kNegInf<acc_t>) {
+        rest_shift = rest_max;
+        rest_sum = rest_sum_at(row, rest_shift);
+      }
     }
     const acc_t log_q_rest = (rest_shift - stats.student.shift()) * inv_temperature_ + std::log(rest_sum) - log_soft;
     if (p_rest > 0) rest_kl = p_rest * (std::log(p_rest) - log_q_rest);
@@ -199,18 +197,31 @@ class TopKRowKernel {
     acc_t log_p(int64_t c) const { return value[c] / temperature - lse_t; }
   };
 
-  // The rare sweep: R = sum over the classes not kept of exp((s_j - shift)/T), scalar.
-  acc_t rest_sum_at(int64_t row, acc_t shift) const {
+  // Calls visit(s_j) for each class j of a row that is not kept, in order (scalar: the rare sweeps).
+  template <typename Visit>
+  void for_each_rest_logit(int64_t row, Visit visit) const {
     const int64_t* kept = teacher_.sorted_indices + row * teacher_.k;
     const int64_t* const kept_end = kept + teacher_.k;
-    acc_t sum = 0;
     for (int64_t j = 0; j < args_.classes; ++j) {
       if (kept != kept_end && *kept == j) {
         ++kept;
         continue;
       }
-      sum += std::exp((value_at<scalar_t, acc_t>(args_.student, row, j) - shift) * inv_temperature_);
+      visit(value_at<scalar_t, acc_t>(args_.student, row, j));
     }
+  }
+
+  // The largest logit not kept (-inf when there is none; a NaN among them is kept).
+  acc_t rest_max_of(int64_t row) const {
+    acc_t top = kNegInf<acc_t>;
+    for_each_rest_logit(row, [&](acc_t s) { top = std::isnan(s) || s > top ? s : top; });
+    return top;
+  }
+
+  // R = sum over the classes not kept of exp((s_j - shift)/T).
+  acc_t rest_sum_at(int64_t row, acc_t shift) const {
+    acc_t sum = 0;
+    for_each_rest_logit(row, [&](acc_t s) { sum += std::exp((s - shift) * inv_temperature_); });
     return sum;
   }
 
@@ -249,17 +260,15 @@ class TopKRowKernel {
     stats.rest.raise(s_max, inv_temperature_);
     if constexpr (kReference) stats.reference.raise(block_max(x.reference, n), inv_temperature_);
 
-    const Vec inv_t(inv_temperature_), zero(acc_t(0)), neg_inf(kNegInf<acc_t>);
+    const Vec inv_t(inv_temperature_), zero(acc_t(0));
     const Vec s_shift(stats.student.shift()), r_shift(stats.reference.shift());
-    Vec s_soft = zero, s_one = zero, rest = zero, r_soft = zero, r_cross = zero, rest_top = neg_inf;
+    Vec s_soft = zero, s_one = zero, rest = zero, r_soft = zero, r_cross = zero;
     for (int64_t i = 0; i < n; i += Vec::size()) {
       const Vec s = load_padded(x.student + i, n - i);
       const Vec ds = s - s_shift;
       const Vec us = vexp(ds * inv_t);
-      const Vec is_kept = Vec::loadu(kept + i) != zero;
       s_soft += us;
-      rest += Vec::blendv(us, zero, is_kept);
-      rest_top = at::vec::maximum(rest_top, Vec::blendv(s, neg_inf, is_kept));
+      rest += Vec::blendv(us, zero, Vec::loadu(kept + i) != zero);
       if constexpr (kTarget) s_one += integer_power_ ? vpow(us, integer_power_) : vexp(ds);
       if constexpr (kReference) {
         const Vec r = load_padded(x.reference + i, n - i);
@@ -271,7 +280,6 @@ class TopKRowKernel {
     stats.student.soft += hsum(s_soft);
     stats.student.one += hsum(s_one);
     stats.rest.soft += hsum(rest);
-    stats.raise_rest_max(at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, rest_top));
     stats.reference.soft += hsum(r_soft);
     stats.reference.cross += hsum(r_cross);
   }

@@ -15,7 +15,7 @@
 //      times the launch's grad_scale, folded into the coefficients once per row.
 // R shares the row maximum m, so a rest lying far below it (a confident student at a
 // low temperature) loses precision, then underflows to 0 from about 87 T (KD = inf, a
-// NaN gradient). Such a row (p_rest > 0, R < 2^-100) is flagged (TopKParams::exact_rest)
+// NaN gradient). Such a row (p_rest > 0, R < 2^-64) is flagged (TopKParams::exact_rest)
 // and redone by the exact-rest kernel (smskd_topk_exact_rest_kernel, kExactRest), which
 // also keeps the rest's largest logit in A, sums R again at it, and takes C's one
 // exponential per column there, where the rest's p~_j stay representable while q_j
@@ -55,9 +55,10 @@ struct TopKParams {
   uint8_t* exact_rest;  // rows flags: written by the main kernel, read by the exact-rest kernel
 };
 
-// A row whose rest sums to less than this at the row maximum is redone by the exact-rest kernel: from 2^-100 on,
-// the rest's largest terms (at least R / C, C < 2^24) are normal floats and R is exact to float's precision.
-constexpr float kExactRestBelow = 0x1p-100f;
+// A row whose rest sums to less than this at the row maximum is redone by the exact-rest kernel. From 2^-64 on,
+// the terms --use_fast_math flushes to zero (below 2^-126, at most C < 2^24 of them) change R by less than 2^-38
+// of itself, and the gradient's p~_j by less than 2^-62 absolute.
+constexpr float kExactRestBelow = 0x1p-64f;
 
 // The exact-rest kernel's threads per row (a block per row; no minimum of blocks per SM, so no register cap).
 constexpr int kExactRestThreads = 256;

@@ -271,9 +271,10 @@ def _student_rest_masked(student, teacher, target, case):
 
 
 # The rest's distance below the kept classes, in units of T, by row (row 1 is ignored): past fp32's underflow of
-# the rest's sum at the row maximum (about 87 T), just past the kernels' 64 T switch to the rest's own maximum,
-# past float64's underflow (about 708 T), and below the switch.
-FAR_REST_GAPS = (120.0, 0.0, 70.0, 1000.0, 50.0)
+# the rest's sum at the row maximum (about 87 T); where that sum is about e^-70, below the kernels' switch to the
+# rest's own maximum (2^-64, about e^-44) but still a normal float; past float64's underflow (about 708 T); and
+# above the switch (e^-30: the sum at the row maximum is kept).
+FAR_REST_GAPS = (120.0, 0.0, 70.0, 1000.0, 30.0)
 
 
 def _student_rest_far_below(student, teacher, target, case):

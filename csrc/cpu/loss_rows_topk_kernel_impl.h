@@ -64,10 +64,9 @@ class TopKRowKernel {
     }
   };
 
-  // A rest summing to less than this at the row's maximum is summed again at its own: from 2^-100 on, its
-  // largest terms (at least R / C, C < 2^24) are normal floats and R is exact to the accumulator's precision
-  // (the GPU kernels' threshold too).
-  static constexpr double kExactRestBelow = 0x1p-100;
+  // A rest summing to less than this at the row's maximum is summed again at its own (the GPU kernels' threshold,
+  // where a flush to zero of terms below 2^-126 would change R by less than 2^-38 of itself).
+  static constexpr double kExactRestBelow = 0x1p-64;
 
   struct Coefficients {
     acc_t s_shift = 0, r_shift = 0, inv_s_one = 0, inv_s_soft = 0, inv_r_soft = 0;

@@ -10,7 +10,7 @@ A. A dense sweep over the student row (and the reference row, when given):
    it has no cancellation; it shares the row maximum m, so a rest lying far below m
    (a confident student at a low temperature) makes it lose precision, then underflow
    to 0 from about 87 T (KD = inf, a NaN gradient). Such a row (p_rest > 0 and
-   R < 2^-100) is flagged and left to the exact-rest pass (below). With
+   R < 2^-64) is flagged and left to the exact-rest pass (below). With
    WHOLE_ROW (BLOCK_C >= C) the row is read once and kept in registers for the
    gradient; otherwise it is walked in column blocks with online statistics and
    read again, last block first, for the gradient.
@@ -58,9 +58,10 @@ from smskd_fast.backends.triton.kernels import (LOG2E, _aligned, _fp32_scalars, 
                                                 _weighted_diff, sixteen_byte_loads)
 
 
-# A row whose rest sums to less than this at the row maximum goes to the exact-rest pass: from 2^-100 on, the
-# rest's largest terms (at least R / C, C < 2^24) are normal floats and R is exact to fp32's precision.
-EXACT_REST_BELOW = tl.constexpr(2.0**-100)
+# A row whose rest sums to less than this at the row maximum goes to the exact-rest pass. From 2^-64 on, the terms
+# a flush to zero drops (below 2^-126, at most C < 2^24 of them) change R by less than 2^-38 of itself, and the
+# gradient's p~_j by less than 2^-62 absolute.
+EXACT_REST_BELOW = tl.constexpr(2.0**-64)
 
 
 @triton.jit

@@ -1,9 +1,13 @@
-"""after / before of the C++ top-k kernel's time (CPU time per call and wall min), over the rounds of run.sh."""
+"""after / before of the C++ top-k kernel's time (CPU time per call and wall min), over the rounds of run.sh.
+
+    python3 summarize.py RESULT_FOLDER      (e.g. rest_sum_d8861f0: the SUB that run.sh wrote)
+"""
 import json
 import statistics
+import sys
 from pathlib import Path
 
-here = Path(__file__).parent
+here = Path(__file__).parent / sys.argv[1]
 runs = {side: [json.loads((here / f"{side}_r{i}.json").read_text()) for i in (1, 2, 3)] for side in ("before", "after")}
 print("| N x C, k | dtype | mode | before cpu ms | after cpu ms | after / before (cpu, median of rounds) |"
       " after / before (wall min) |")

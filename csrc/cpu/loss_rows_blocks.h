@@ -173,9 +173,13 @@ struct RunningStats {
       *this = other;
       return;
     }
+    // The range holding the maximum keeps its sums as they are (factor 1, as in raise), so that a
+    // +inf maximum gives the same statistics split or not, not inf - inf = NaN.
     const acc_t top = max > other.max ? max : other.max;
-    const acc_t own_soft = std::exp((max - top) * inv_temperature), own_one = std::exp(max - top);
-    const acc_t other_soft = std::exp((other.max - top) * inv_temperature), other_one = std::exp(other.max - top);
+    const acc_t own_soft = max == top ? acc_t(1) : std::exp((max - top) * inv_temperature);
+    const acc_t own_one = max == top ? acc_t(1) : std::exp(max - top);
+    const acc_t other_soft = other.max == top ? acc_t(1) : std::exp((other.max - top) * inv_temperature);
+    const acc_t other_one = other.max == top ? acc_t(1) : std::exp(other.max - top);
     soft = soft * own_soft + other.soft * other_soft;
     cross = cross * own_soft + other.cross * other_soft;
     one = one * own_one + other.one * other_one;

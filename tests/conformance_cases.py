@@ -292,10 +292,28 @@ def _student_rest_far_below(student, teacher, target, case):
     return TopKTeacher.from_logits(teacher, target, case.k, case.temperature)
 
 
+# What a cache's padding rows (target ignore_index) may hold, in turn: zeros (every index 0: repeated, kept mass k),
+# index -1 with -inf values, an index past C with NaN values. (index, value) per ignored row.
+PADDING_FILLS = ((0, 0.0), (-1, float("-inf")), (None, float("nan")))
+
+
+def _padding_rows(student, teacher, target, case):
+    """The ignored rows' top-k fields hold PADDING_FILLS (no backend reads them; validation leaves them be)."""
+    topk = TopKTeacher.from_logits(teacher, target, case.k, case.temperature)
+    fields = {name: value.clone() for name, value in vars(topk).items()}
+    for j, row in enumerate(torch.nonzero(target == case.ignore_index).flatten().tolist()):
+        index, value = PADDING_FILLS[j % len(PADDING_FILLS)]
+        fields["indices"][row] = case.c + 7 if index is None else index
+        for name in ("values", "true_logit", "log_sum_exp", "log_sum_exp_at_temperature"):
+            fields[name][row] = value
+    return TopKTeacher(**fields)
+
+
 # edit -> (student, teacher, target, case) -> TopKTeacher; may edit student and target in place.
 TOPK_TEACHERS = {"no_rest": _no_rest, "student_rest_masked": _student_rest_masked,
                  "student_rest_far_below": _student_rest_far_below,
-                 "sure_teacher": _sure_teacher, "nan_kept_value": _nan_kept_value, "half_cache": _half_cache}
+                 "sure_teacher": _sure_teacher, "nan_kept_value": _nan_kept_value, "half_cache": _half_cache,
+                 "padding_rows": _padding_rows}
 
 
 # ---- layouts: views into larger tensors, as models hand them over (made on the tensors' device) ----
@@ -510,6 +528,11 @@ def topk_cases() -> list:
         for temperature in (1.0, 2.5):
             cases.append(Case("topk_far_rest", n, c, F32, k=k, seed=c, temperature=temperature,
                               weights=(0.5, 1.0, 0.7), edit="student_rest_far_below"))
+    # Padding rows (every fifth from the second, ignored) holding PADDING_FILLS; a whole row and column blocks.
+    for dtype in (F64, F32, BF16):
+        for n, c, k in ((12, 300, 5), (12, 2049, 37)):
+            cases.append(Case("topk_padding", n, c, dtype, k=k, seed=c + n, temperature=2.0, weights=(0.5, 1.0, 0.7),
+                              edit="padding_rows"))
     for c in (9, 300):
         cases.append(Case("topk_nan", 4, c, F32, "target", k=3, seed=6, temperature=2.0, weights=(0.5, 1.0, 0.0),
                           edit="nan_kept_value"))

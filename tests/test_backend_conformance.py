@@ -36,7 +36,7 @@ GPU_SCALE_GROUPS = ("ladder", "temperature_ladder", "topk_ladder")
 # the kernels give numbers); test_infinite_rest_term_matches_the_cpu_kernel compares those with the cpu's.
 EDITS_WITH_INFINITE_LOSS = ("student_rest_masked",)
 EDITS_WITH_FINITE_RESULTS = ("masked_blocks", "masked_every_third", "masked_teacher_reference", "all_equal",
-                             "no_rest", "sure_teacher", "student_rest_far_below")
+                             "no_rest", "sure_teacher", "student_rest_far_below", "padding_rows")
 
 
 def device_of(backend: str) -> str:
@@ -158,6 +158,10 @@ def assert_conforms(backend: str, case: Case) -> None:
         rest = torch.ones_like(s32, dtype=torch.bool).scatter(1, cpu_inputs.topk.indices.long(), False)
         at_max = ((s32 - s32.amax(1, keepdim=True)) / o.temperature).exp().masked_fill(~rest, 0).sum(1)
         assert (at_max < torch.finfo(torch.float32).tiny).any()
+    if case.edit == "padding_rows":  # the case is what it claims: ignored rows with repeated and outside indices
+        padding = cpu_inputs.topk.indices[cpu_inputs.target == case.ignore_index]
+        assert (padding[:, 0] == padding[:, -1]).any()
+        assert ((padding < 0) | (padding >= c)).any()
     if case.edit in EDITS_WITH_INFINITE_LOSS:
         assert torch.isinf(want["kd"][cpu_inputs.target != case.ignore_index]).all()  # the case is what it claims
     else:

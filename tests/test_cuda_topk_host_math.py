@@ -11,6 +11,7 @@ as nvcc does on the device. Skipped without nvcc.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -173,6 +174,25 @@ def test_a_rest_far_below_the_kept_classes_gives_the_exact_finite_kd(host_binary
         rounding = torch.finfo(dtype).eps if dtype != torch.float32 else 1e-5
         torch.testing.assert_close(grad.double(), expected_grad, rtol=rounding, atol=2e-6,
                                    msg=lambda m: f"{what} gradient entrywise: {m}")
+
+
+@pytest.mark.parametrize("c, k", [(300, 5), (2049, 37)])
+def test_ignored_rows_top_k_fields_are_not_read(host_binary, tmp_path, c, k):
+    """Padding rows (ignored) holding conformance_cases.PADDING_FILLS, indices clamped into [0, C) as the op
+    does: every layout gives the clean cache's outputs and gradient bit for bit, and zeros there."""
+    case = Case("topk_padding", 12, c, torch.float32, k=k, seed=c, temperature=2.0, weights=(0.5, 1.0, 0.7),
+                edit="padding_rows")
+    runs = []
+    for name, inputs in (("padded", build(case)), ("clean", build(dataclasses.replace(case, edit="")))):
+        runs.append(run_host(host_binary, tmp_path / name, inputs.student, inputs.target, inputs.topk,
+                             inputs.reference, case.options(), pad=1, vectorized=True))
+    ignored = inputs.target == case.ignore_index
+    assert ignored.sum() == 3
+    for threads, (per_row, grad) in runs[0].items():
+        clean_per_row, clean_grad = runs[1][threads]
+        assert all(torch.equal(a, b) for a, b in zip(per_row, clean_per_row)), f"{threads} threads/row"
+        assert torch.equal(bits(grad), bits(clean_grad)), f"{threads} threads/row"
+        assert (grad[ignored] == 0).all() and all((v[ignored] == 0).all() for v in per_row)
 
 
 # (dtype, (rows, C, k), target and reference, grad_scale): C = 1, the rest and no rest, every dtype;

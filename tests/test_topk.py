@@ -256,3 +256,88 @@ def test_a_kept_class_of_probability_zero_adds_nothing(backend):
     want, _ = topk_closed_form(student.numpy(), teacher.numpy(), None, 10, 2.0)
     assert torch.isfinite(out.kd).all()
     torch.testing.assert_close(out.kd.double(), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
+
+
+def _padded(topk, rows, index, value):
+    """topk with the given rows filled as a cache's padding might be: every index `index`, every float `value`."""
+    fields = {name: field.clone() for name, field in vars(topk).items()}
+    for name, field in fields.items():
+        field[rows] = index if name == "indices" else value
+    return TopKTeacher(**fields)
+
+
+PADDING = {"zeros": (0, 0.0), "minus_one": (-1, float("-inf")), "past_c": (10**6, float("nan"))}
+
+
+@pytest.mark.parametrize("backend", TOPK_CPU_BACKENDS)
+@pytest.mark.parametrize("padding", PADDING)
+def test_ignored_rows_top_k_fields_are_neither_read_nor_checked(backend, padding):
+    """Ignored rows (a batch's padding) count for nothing, so their top-k fields may hold anything, as their dense
+    teacher logits may: zero-filled (index 0 repeated, kept mass k), -1 indices, indices past C with NaN values.
+    The other rows' results and the gradient are bitwise those with the clean cache; the ignored rows' are 0."""
+    student, target, teacher, reference = make_logits((3, 4, 40), dtype=torch.float32, ignore_every=5)
+    topk = TopKTeacher.from_logits(teacher, target, 6, 2.0)
+    ignored = target == -100
+    dirty = _padded(topk, ignored, *PADDING[padding])
+
+    def run(cache):
+        s = student.clone().requires_grad_(True)
+        out = smskd_fast.smskd_loss(s, target, None, reference, teacher_topk=cache, temperature=2.0,
+                                    reduction="none", backend=backend)
+        out.loss.sum().backward()
+        return out, s.grad
+
+    (clean_out, clean_grad), (out, grad) = run(topk), run(dirty)
+    for name in ("loss", "ce", "kd", "ref", "tcp", "weight"):
+        assert torch.equal(getattr(out, name), getattr(clean_out, name)), name
+        assert (getattr(out, name)[ignored] == 0).all(), name
+    assert torch.equal(grad, clean_grad) and (grad[ignored] == 0).all()
+
+
+@pytest.mark.parametrize("backend", TOPK_CPU_BACKENDS)
+def test_bad_indices_in_a_counted_row_are_still_refused_beside_padding(backend):
+    student, target, teacher, _ = make_logits((6, 8), dtype=torch.float32, with_reference=False, ignore_every=3)
+    topk = _padded(TopKTeacher.from_logits(teacher, target, 3, 2.0), target == -100, 0, 0.0)
+    indices = topk.indices.clone()
+    indices[4, 2] = indices[4, 0]  # row 4 counts (rows 0 and 3 are ignored)
+    with pytest.raises(ValueError, match=r"distinct within a row .* row 4 repeats"):
+        smskd_fast.smskd_loss(student, target, teacher_topk=_with(topk, indices=indices), temperature=2.0,
+                              backend=backend)
+    indices[4, 2] = 8
+    with pytest.raises(ValueError, match=r"must be in \[0, 8\), found 8 in row 4"):
+        smskd_fast.smskd_loss(student, target, teacher_topk=_with(topk, indices=indices), temperature=2.0,
+                              backend=backend)
+    with pytest.raises(ValueError, match=r"kept probabilities .* in row 4 at temperature 2"):
+        lse = topk.log_sum_exp_at_temperature.clone()
+        lse[4] = -5.0
+        smskd_fast.smskd_loss(student, target, teacher_topk=_with(topk, log_sum_exp_at_temperature=lse),
+                              temperature=2.0, backend=backend)
+
+
+def test_device_side_index_checks_leave_ignored_rows_alone():
+    from smskd_fast.loss.validation import assert_topk_indices_async
+    padded = torch.tensor([[0, 0, 0], [1, 3, 0], [-1, -1, -1]])
+    counted = torch.tensor([False, True, False])
+    assert_topk_indices_async(padded, 5, counted)
+    with pytest.raises(RuntimeError, match=r"teacher_topk.indices must be in \[0, 5\)"):
+        assert_topk_indices_async(padded, 5, torch.tensor([False, True, True]))
+    with pytest.raises(RuntimeError, match="teacher_topk.indices must be distinct within a row"):
+        assert_topk_indices_async(padded, 5, torch.tensor([True, True, False]))
+
+
+@pytest.mark.parametrize("backend", TOPK_CPU_BACKENDS)
+def test_fused_linear_takes_a_cache_with_padding_rows(backend):
+    """fused_linear_smskd_loss (chunks of rows) with zero-filled padding rows: the clean cache's results."""
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(10, 6, generator=g), torch.randn(30, 6, generator=g)
+    target = torch.randint(0, 30, (10,), generator=g)
+    target[::4] = -100
+    topk = TopKTeacher.from_logits(torch.randn(10, 30, generator=g), target, 4, 2.0)
+    results = []
+    for cache in (topk, _padded(topk, target == -100, 0, 0.0)):
+        h = hidden.clone().requires_grad_(True)
+        out = smskd_fast.fused_linear_smskd_loss(h, weight, target, teacher_topk=cache, temperature=2.0,
+                                                 chunk_size=3, backend=backend)
+        out.loss.backward()
+        results.append((out.loss.detach(), h.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -45,11 +45,14 @@ void check_floating(const char* name, const at::Tensor& tensor) {
 
 // Each row's kept classes sorted by index, with their values alongside; refused unless
 // in [0, classes) and distinct (a repeated class would count its probability twice).
-// indices: int64, values: the accumulation type, both (rows, k) and contiguous. Serial:
-// O(N k log k) is small beside the kernel's O(N C), and a parallel region would cost
-// more than it saves (waiting for threads on a busy machine).
+// indices: int64, values: the accumulation type, both (rows, k) and contiguous. Rows
+// whose target (int64 per row, or null) is ignore_index are left unread, as the kernel
+// skips them: a cache's padding may hold anything. Serial: O(N k log k) is small beside
+// the kernel's O(N C), and a parallel region would cost more than it saves (waiting
+// for threads on a busy machine).
 std::pair<at::Tensor, at::Tensor> sorted_kept_classes(const at::Tensor& indices, const at::Tensor& values,
-                                                      int64_t classes) {
+                                                      int64_t classes, const int64_t* target,
+                                                      int64_t ignore_index) {
   const int64_t rows = indices.size(0), k = indices.size(1);
   at::Tensor sorted_indices = at::empty_like(indices), sorted_values = at::empty_like(values);
   std::vector<int64_t> order(k);
@@ -59,6 +62,7 @@ std::pair<at::Tensor, at::Tensor> sorted_kept_classes(const at::Tensor& indices,
     int64_t* out_index = sorted_indices.data_ptr<int64_t>();
     scalar_t* out_value = sorted_values.data_ptr<scalar_t>();
     for (int64_t i = 0; i < rows; ++i, index += k, value += k, out_index += k, out_value += k) {
+      if (target != nullptr && target[i] == ignore_index) continue;
       std::iota(order.begin(), order.end(), int64_t(0));
       std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return index[a] < index[b]; });
       for (int64_t c = 0; c < k; ++c) {
@@ -117,7 +121,8 @@ LossRowsResult smskd_loss_rows_topk_cpu(const at::Tensor& student, const std::op
   const auto accumulation = accumulation_type(student);
   const auto as_acc = [&](const at::Tensor& t) { return t.to(accumulation).contiguous(); };
   const auto [sorted_indices, sorted_values] =
-      sorted_kept_classes(topk_indices.to(at::kLong).contiguous(), as_acc(topk_values), args.classes);
+      sorted_kept_classes(topk_indices.to(at::kLong).contiguous(), as_acc(topk_values), args.classes, args.target,
+                          ignore_index);
   const at::Tensor true_values = as_acc(true_logit), lse = as_acc(log_sum_exp),
                    lse_t = as_acc(log_sum_exp_at_temperature);
   TopKTeacherView teacher;

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from smskd_fast.backends.topk import topk_kl, topk_tcp
+from smskd_fast.backends.topk import topk_kl, topk_tcp, with_uniform_rows
 from smskd_fast.backends.base import BackendStatus, LossOptions, RowInputs, RowOutputs
 from smskd_fast.ops.reduction import as_class_indices
 
@@ -79,9 +79,10 @@ class ReferenceBackend:
         kd = zeros
         tcp = zeros
         if inputs.teacher_topk is not None:
-            kd = T * T * topk_kl(inputs.teacher_topk, log_q, T)
+            topk = with_uniform_rows(inputs.teacher_topk, valid, student.shape[-1])
+            kd = T * T * topk_kl(topk, log_q, T)
             if inputs.target is not None:
-                tcp = topk_tcp(inputs.teacher_topk).to(acc)
+                tcp = topk_tcp(topk).to(acc)
         elif inputs.teacher is not None:
             teacher = masked(inputs.teacher).detach()
             kd = T * T * softened_kl(teacher, log_q, T)

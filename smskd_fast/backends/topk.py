@@ -16,6 +16,7 @@ measures the gap.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,20 @@ class TopKTeacher:
         k = self.k
         return TopKTeacher(self.values.reshape(-1, k), self.indices.reshape(-1, k), self.true_logit.reshape(-1),
                            self.log_sum_exp.reshape(-1), self.log_sum_exp_at_temperature.reshape(-1))
+
+
+def with_uniform_rows(teacher: TopKTeacher, keep: torch.Tensor, num_classes: int) -> TopKTeacher:
+    """The rows teacher (N, k) with those where keep (N,) is False replaced by the top k of a uniform
+    teacher over num_classes classes (values 0, classes 0..k-1): what an ignored row holds (a cache's
+    zero-filled padding, even indices outside [0, C)) then reaches no gather and no loss term."""
+    row_keep = keep.unsqueeze(-1)
+    first_classes = torch.arange(teacher.k, device=keep.device).expand_as(teacher.indices)
+    log_classes = math.log(num_classes)  # the log-sum-exp of C zeros, at any temperature
+    return TopKTeacher(torch.where(row_keep, teacher.values, 0.0),
+                       torch.where(row_keep, teacher.indices.long(), first_classes),
+                       torch.where(keep, teacher.true_logit, 0.0),
+                       torch.where(keep, teacher.log_sum_exp, log_classes),
+                       torch.where(keep, teacher.log_sum_exp_at_temperature, log_classes))
 
 
 def topk_tcp(teacher: TopKTeacher) -> torch.Tensor:

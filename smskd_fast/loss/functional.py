@@ -129,7 +129,8 @@ def smskd_loss(
         temperature, reduction, weighting,
         {"ce_weight": ce_weight, "kd_weight": kd_weight, "ref_weight": ref_weight},
     )
-    validation.check_teacher_topk(teacher_topk, teacher_logits, student_logits, temperature)
+    validation.check_teacher_topk(teacher_topk, teacher_logits, student_logits, temperature, target,
+                                  ignore_index)
     validation.check_weighting_has_tcp(weighting, teacher_logits if teacher_topk is None else teacher_topk,
                                        reference_logits)
     options = LossOptions(float(temperature), float(ce_weight), float(kd_weight), float(ref_weight),

@@ -331,7 +331,7 @@ def fused_linear_smskd_loss(
                              {"ce_weight": ce_weight, "kd_weight": kd_weight, "ref_weight": ref_weight})
     # A stand-in with the logits' shape and device (one element, broadcast): nothing of that size exists.
     logits_shape = torch.empty((), device=student_hidden.device).expand(rows_shape + (vocabulary,))
-    validation.check_teacher_topk(teacher_topk, None, logits_shape, temperature)
+    validation.check_teacher_topk(teacher_topk, None, logits_shape, temperature, target, ignore_index)
     has_teacher = teacher_logits is not None or teacher_hidden is not None or teacher_topk is not None
     has_reference = reference_hidden is not None or reference_logits is not None
     validation.check_weighting_has_tcp(weighting, True if has_teacher else None, True if has_reference else None)

@@ -13,6 +13,7 @@ import torch
 
 from smskd_fast.backends.base import check_target_range
 from smskd_fast.backends.topk import TopKTeacher
+from smskd_fast.ops.reduction import as_class_indices
 from smskd_fast.ops.schema import WEIGHTINGS
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -133,14 +134,17 @@ def check_options(temperature: float, reduction: str, weighting: str, weights: d
 
 
 def check_teacher_topk(teacher_topk, teacher_logits: Optional[torch.Tensor], student: torch.Tensor,
-                       temperature: Optional[float] = None) -> None:
+                       temperature: Optional[float] = None, target: Optional[torch.Tensor] = None,
+                       ignore_index: int = -100) -> None:
     """A top-k teacher replaces teacher_logits and must fit the student's rows and classes.
 
     Its indices must be distinct within a row (a repeated class would count its
     probability twice) and in [0, C): checked on the host for CPU tensors, by a
     device-side assertion (no host sync) elsewhere; compiled graphs skip both,
     like the target's range check. Given the loss temperature, CPU rows are also
-    checked to be a distribution's top k (see check_topk_kept_mass).
+    checked to be a distribution's top k (see check_topk_kept_mass). Rows whose
+    target is ignore_index are not read by any backend, so their contents (a cache's
+    zero-filled padding) are not checked.
     """
     if teacher_topk is None:
         return
@@ -171,12 +175,13 @@ def check_teacher_topk(teacher_topk, teacher_logits: Optional[torch.Tensor], stu
         raise TypeError(f"teacher_topk.indices must be an integer tensor, got {indices.dtype}")
     if torch.compiler.is_compiling() or indices.numel() == 0:
         return
+    checked = None if target is None else as_class_indices(target) != ignore_index
     if indices.device.type == "cpu":
-        check_topk_indices(indices, num_classes)
+        check_topk_indices(indices, num_classes, checked)
         if temperature is not None:
-            check_topk_kept_mass(teacher_topk, temperature)
+            check_topk_kept_mass(teacher_topk, temperature, checked)
     else:
-        assert_topk_indices_async(indices, num_classes)
+        assert_topk_indices_async(indices, num_classes, checked)
 
 
 def _row_name(bad_rows: torch.Tensor) -> str:
@@ -194,25 +199,36 @@ def _repeats(indices: torch.Tensor) -> torch.Tensor:
     return (ordered[..., 1:] == ordered[..., :-1]).any(dim=-1)
 
 
-def check_topk_indices(indices: torch.Tensor, num_classes: int) -> None:
-    """Top-k indices (..., k) in [0, num_classes) and distinct within each row (reads them on the host)."""
-    bad = (indices < 0) | (indices >= num_classes)
-    if bool(bad.any()):
-        # indices[bad] lists the bad values in row-major order: its first is in the first bad row.
-        raise ValueError(f"teacher_topk.indices must be in [0, {num_classes}), found {int(indices[bad][0])} "
-                         f"in {_row_name(bad.any(dim=-1))}")
+def _bad_indices(indices: torch.Tensor, num_classes: int, checked: Optional[torch.Tensor]):
+    """Per row (...): (an index outside [0, num_classes), a repeated index), False where checked is False."""
+    outside = ((indices < 0) | (indices >= num_classes)).any(dim=-1)
     repeated = _repeats(indices)
+    if checked is None:
+        return outside, repeated
+    return outside & checked, repeated & checked
+
+
+def check_topk_indices(indices: torch.Tensor, num_classes: int, checked: Optional[torch.Tensor] = None) -> None:
+    """Top-k indices (..., k) in [0, num_classes) and distinct within each row (reads them on the host);
+    checked (...), when given, names the rows to check."""
+    outside, repeated = _bad_indices(indices, num_classes, checked)
+    if bool(outside.any()):
+        row = indices[outside][0]  # the first bad row, in row-major order
+        found = row[(row < 0) | (row >= num_classes)][0]
+        raise ValueError(f"teacher_topk.indices must be in [0, {num_classes}), found {int(found)} "
+                         f"in {_row_name(outside)}")
     if bool(repeated.any()):
         raise ValueError(f"teacher_topk.indices must be distinct within a row (a repeated class counts its "
                          f"probability twice), {_row_name(repeated)} repeats a class")
 
 
-def assert_topk_indices_async(indices: torch.Tensor, num_classes: int) -> None:
+def assert_topk_indices_async(indices: torch.Tensor, num_classes: int, checked: Optional[torch.Tensor] = None
+                              ) -> None:
     """The same checks as check_topk_indices as device-side assertions: no host sync, the
     error surfaces at a later synchronisation (on CUDA, as a device-side assert)."""
-    torch._assert_async(((indices >= 0) & (indices < num_classes)).all(),
-                        f"teacher_topk.indices must be in [0, {num_classes})")
-    torch._assert_async(~_repeats(indices).any(), "teacher_topk.indices must be distinct within a row")
+    outside, repeated = _bad_indices(indices, num_classes, checked)
+    torch._assert_async(~outside.any(), f"teacher_topk.indices must be in [0, {num_classes})")
+    torch._assert_async(~repeated.any(), "teacher_topk.indices must be distinct within a row")
 
 
 # Allowed excess of log(sum of the kept probabilities) over 0, per unit of |value|/T: two
@@ -228,8 +244,9 @@ def _kept_mass_slack_per_logit(*stored: torch.Tensor) -> float:
                                                    if tensor.dtype.is_floating_point])
 
 
-def check_topk_kept_mass(teacher_topk, temperature: float) -> None:
-    """The kept probabilities exp(v/T - log_sum_exp_at_temperature) sum to at most 1.
+def check_topk_kept_mass(teacher_topk, temperature: float, checked: Optional[torch.Tensor] = None) -> None:
+    """The kept probabilities exp(v/T - log_sum_exp_at_temperature) sum to at most 1 (in the rows
+    checked names, when given).
 
     More than 1 (beyond what rounding of stored values explains) means the
     log-sum-exp does not belong to these values at this temperature, most often
@@ -241,6 +258,8 @@ def check_topk_kept_mass(teacher_topk, temperature: float) -> None:
     per_logit = _kept_mass_slack_per_logit(teacher_topk.values, teacher_topk.log_sum_exp_at_temperature)
     slack = KEPT_MASS_LOG_SLACK + per_logit * values.abs().amax(dim=-1)
     too_much = log_kept_mass > slack
+    if checked is not None:
+        too_much &= checked
     if bool(too_much.any()):
         mass = float(log_kept_mass[too_much][0].exp())
         raise ValueError(f"teacher_topk's kept probabilities exp(values/T - log_sum_exp_at_temperature) sum to "

@@ -1,5 +1,5 @@
-"""CPU top-k teacher benchmark: the C++ top-k kernel now vs at an earlier commit, the
-reference backend's top-k form, and the dense C++ kernel on the same rows.
+"""CPU top-k teacher benchmark: the C++ top-k kernel, the reference backend's top-k form,
+and the dense C++ kernel on the same rows.
 
 Every method computes the default SMSKD loss per row (CE + KD + inverse-TCP-weighted
 reference KL, T = 4) for the same student, target and reference; the teacher is in
@@ -7,14 +7,15 @@ the top-k form (k kept classes) except for the dense kernel, which reads the ful
 teacher row. Methods are called at the row level, without the public API's
 validation: the C++ operators directly (forward: compute_grad=False; forward+backward:
 compute_grad=True, which writes d loss_i / d s_i), the reference backend's rows()
-with autograd for the gradient. The "before" kernel is the file
-csrc/cpu/loss_rows_topk.cpp of --before COMMIT, built here into its own operator
-namespace (smskd_fast_before) so that both run in this one process. Rounds are
-interleaved (each round runs every method once). Writes benchmarks/results/<name>.json
-and .md.
+with autograd for the gradient. Rounds are interleaved (each round runs every method
+once). Writes benchmarks/results/<name>.json and .md.
 
-    PYTHONPATH=. python benchmarks/cpu_topk_table.py --before 47b88be
     PYTHONPATH=. python benchmarks/cpu_topk_table.py --shapes 4096x1000x10 --dtypes float32 --repeats 3
+
+To compare the kernel of two commits, run this script alternately in two built trees
+(each with PYTHONPATH at its own root), as benchmarks/results/cpu_topk_far_rest_2026-12-06/run.sh
+does: the kernel's headers change with it, so one commit's .cpp cannot be built beside
+another's. (An earlier --before COMMIT built only that file, with this tree's headers.)
 
 On a loaded machine, --threads 1 gives steadier figures: a parallel region waits for
 its slowest thread, and a thread may wait a whole time slice for a core.
@@ -25,15 +26,11 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
-from torch.utils import cpp_extension
 
 import smskd_fast  # noqa: F401  (loads the smskd_fast operators)
 from smskd_fast.bench import harness as benchmarking
@@ -49,28 +46,6 @@ from cpu_loss_table import machine  # noqa: E402
 SHAPES = ((4096, 1000, 10), (1024, 32000, 64))
 OPTIONS = LossOptions(temperature=benchmarking.TEMPERATURE, ce_weight=1.0, kd_weight=1.0, ref_weight=1.0,
                       weighting="inverse_tcp")
-
-
-def git_show(commit: str, path: str) -> str:
-    return subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, check=True, capture_output=True,
-                          text=True).stdout
-
-
-def build_before(commit: str) -> None:
-    """Builds the top-k CPU kernel of commit as smskd_fast_before::smskd_loss_rows_topk."""
-    source = git_show(commit, "csrc/cpu/loss_rows_topk.cpp")
-    schema = re.search(r'"(smskd_loss_rows_topk\(.*?)"\);', git_show(commit, "csrc/ops.cpp"), re.S).group(1)
-    schema = "".join(re.findall(r'"([^"]*)"', '"' + schema + '"'))  # join the C++ string pieces
-    source = source.replace("TORCH_LIBRARY_IMPL(smskd_fast,", "TORCH_LIBRARY_IMPL(smskd_fast_before,")
-    source += f'\nTORCH_LIBRARY(smskd_fast_before, m) {{ m.def("{schema}"); }}\n'
-    directory = os.path.join(tempfile.gettempdir(), f"smskd_topk_before_{commit}")
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "loss_rows_topk_before.cpp")
-    if not os.path.exists(path) or open(path).read() != source:
-        with open(path, "w") as out:
-            out.write(source)
-    cpp_extension.load(name=f"smskd_topk_before_{commit}", sources=[path], build_directory=directory,
-                       extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
 
 
 def make_inputs(n: int, c: int, k: int, dtype: torch.dtype, seed: int = 0):
@@ -92,8 +67,6 @@ def make_steps(inputs, mode: str, methods):
     topk_args = (student, target, topk.values, topk.indices, topk.true_logit, topk.log_sum_exp,
                  topk.log_sum_exp_at_temperature, reference, *scalars(OPTIONS), grad)
     steps = {}
-    if "before" in methods:
-        steps["before"] = lambda: torch.ops.smskd_fast_before.smskd_loss_rows_topk(*topk_args)
     if "after" in methods:
         steps["after"] = lambda: torch.ops.smskd_fast.smskd_loss_rows_topk(*topk_args)
     if "reference" in methods:
@@ -131,17 +104,17 @@ def markdown(meta: dict, rows: list, methods) -> str:
     ms_cols = " | ".join(f"{m} ms" for m in methods)
     ratio_cols = [m for m in methods if m != "after"]
     lines = [
-        "# CPU top-k teacher kernel: after vs before, the reference backend's top-k form, the dense kernel",
+        "# CPU top-k teacher kernel, the reference backend's top-k form, the dense kernel",
         "",
         f"- date (UTC): {meta['date']}",
-        f"- commit: {meta['commit']} (after); before: csrc/cpu/loss_rows_topk.cpp of {meta['before']}",
+        f"- commit: {meta['commit']}",
         f"- device: {meta['machine']['cpu']}, {meta['machine']['logical_cpus']} logical CPUs, "
         f"{meta['machine']['torch_threads']} torch threads, ATen capability {meta['machine']['aten_cpu_capability']}",
         f"- torch {meta['machine']['torch']}, Python {meta['machine']['python']}",
         f"- load average at start / end: {meta['machine']['load_average_at_start']} / {meta['load_average_at_end']}",
         f"- command: `{meta['command']}`",
         f"- loss: default SMSKD per row (CE + KD + inverse-TCP-weighted reference KL, T={OPTIONS.temperature}); "
-        "top-k teacher (float32 values) for before / after / reference, the full teacher row for dense; "
+        "top-k teacher (float32 values) for after (the kernel) and reference, the full teacher row for dense; "
         "row-level calls (no public-API validation); forward+backward = the per-row gradient "
         "(C++: compute_grad=True; reference: autograd)",
         "- wall times: median (min) over the rounds, methods interleaved; ratios: other / after, "
@@ -181,7 +154,6 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=list(SHAPES), help="NxCxK")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--modes", nargs="+", default=list(benchmarking.MODES), choices=benchmarking.MODES)
-    parser.add_argument("--before", default=None, help="commit whose top-k kernel is 'before' (omit: no before)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -190,11 +162,9 @@ def main(argv=None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = (["before"] if args.before else []) + ["after", "reference", "dense"]
-    if args.before:
-        build_before(args.before)
+    methods = ["after", "reference", "dense"]
     now = datetime.datetime.now(datetime.timezone.utc)
-    meta = {"date": now.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(), "before": args.before,
+    meta = {"date": now.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(),
             "machine": machine(),
             "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + (argv if argv is not None else sys.argv[1:]))}
     rows = []

@@ -143,6 +143,41 @@ def test_per_sample_gradients_with_vmap_of_grad(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+def test_linearize_runs_the_reference_under_auto(backend):
+    """torch.func.linearize traces jvp with make_fx (proxies hold no values: the host checks of the target and
+    of a top-k teacher step aside, as under torch.compile): its linear map is <gradient, tangent> of the fused
+    backend's own loss.backward(), dense and top-k."""
+    student, target, teacher, reference, tangent = case()
+    topk = smskd_fast.TopKTeacher.from_logits(teacher, target, 5, 2.0)
+    for teacher_args in (dict(teacher_logits=teacher), dict(teacher_topk=topk)):
+        def loss(x, chosen):
+            return smskd_fast.smskd_loss(x, target, reference_logits=reference, temperature=2.0, backend=chosen,
+                                         **teacher_args).loss
+        leaf = student.clone().requires_grad_()
+        loss(leaf, backend).backward()
+        value, linear = torch.func.linearize(lambda x: loss(x, "auto"), student)
+        torch.testing.assert_close(linear(tangent), (leaf.grad * tangent).sum(), **TOLERANCE)
+        torch.testing.assert_close(value, loss(student, backend), **TOLERANCE)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_jacobian_vectorized_over_backward(backend, reduction):
+    """torch.autograd.functional.jacobian(vectorize=True) runs the fused backend's backward once on a batch of
+    grad_outputs (autograd's own batched tensors): the saved gradient is scaled out of place (it failed reading
+    the batched factor on the host), and the Jacobian equals the row-by-row one (vectorize=False)."""
+    student, target, teacher, reference, _ = case()
+
+    def loss(x):
+        return smskd_fast.smskd_loss(x, target, teacher, reference, temperature=2.0, reduction=reduction,
+                                     backend=backend).loss
+
+    vectorized = torch.autograd.functional.jacobian(loss, student, vectorize=True)
+    torch.testing.assert_close(vectorized, torch.autograd.functional.jacobian(loss, student), rtol=0, atol=0)
+    assert vectorized.abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_vmap_runs_the_fused_backend_per_sample(backend):
     student, target, teacher, reference, _ = case()
     batch = torch.stack((student, -student, 0.5 * student))

@@ -10,6 +10,7 @@ import warnings
 from typing import Optional
 
 import torch
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from smskd_fast.backends.base import check_target_range
 from smskd_fast.backends.topk import TopKTeacher
@@ -86,13 +87,20 @@ def check_class_indices(target: torch.Tensor, leading: tuple, num_classes: int, 
         check_target_values(target, num_classes, ignore_index)
 
 
+def values_are_readable() -> bool:
+    """Whether a data-dependent check may read tensor values now: not while torch.compile or make_fx
+    traces (torch.func.linearize: proxies hold no values) nor under torch.func transforms (vmap's
+    batched values cannot be read)."""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+                or get_proxy_mode() is not None)
+
+
 def check_target_values(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Every value in [0, num_classes) or ignore_index. A data-dependent check needs the values on the
-    host: done eagerly on the CPU; CUDA kernels check on the device instead, and compiled graphs rely
-    on the kernels' own checks. Not under torch.func transforms either (vmap's batched values cannot be
-    read): the reference's gather refuses a class outside [0, C) there, the fused ops check each sample."""
-    if target.device.type == "cpu" and not torch.compiler.is_compiling() and target.numel() > 0 \
-            and not torch._C._are_functorch_transforms_active():
+    host: done eagerly on the CPU; CUDA kernels check on the device instead, and compiled or traced
+    graphs rely on the kernels' own checks (values_are_readable): the reference's gather refuses a
+    class outside [0, C) there, the fused ops check each sample."""
+    if target.device.type == "cpu" and target.numel() > 0 and values_are_readable():
         check_target_range(target, num_classes, ignore_index)
 
 
@@ -140,8 +148,8 @@ def check_teacher_topk(teacher_topk, teacher_logits: Optional[torch.Tensor], stu
 
     Its indices must be distinct within a row (a repeated class would count its
     probability twice) and in [0, C): checked on the host for CPU tensors, by a
-    device-side assertion (no host sync) elsewhere; compiled graphs skip both,
-    like the target's range check. Given the loss temperature, CPU rows are also
+    device-side assertion (no host sync) elsewhere; compiled and traced graphs and
+    torch.func transforms skip both, like the target's range check. Given the loss temperature, CPU rows are also
     checked to be a distribution's top k (see check_topk_kept_mass). Rows whose
     target is ignore_index are not read by any backend, so their contents (a cache's
     zero-filled padding) are not checked.
@@ -173,7 +181,7 @@ def check_teacher_topk(teacher_topk, teacher_logits: Optional[torch.Tensor], stu
     indices = teacher_topk.indices
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise TypeError(f"teacher_topk.indices must be an integer tensor, got {indices.dtype}")
-    if torch.compiler.is_compiling() or indices.numel() == 0:
+    if indices.numel() == 0 or not values_are_readable():
         return
     checked = None if target is None else as_class_indices(target) != ignore_index
     if indices.device.type == "cpu":

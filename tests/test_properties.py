@@ -222,3 +222,30 @@ def test_fused_linear_agrees_with_float64_logits_then_reference(backend, rows, h
 
 def scale_of(*tensors):
     return max(float(x.detach().abs().max()) if x.numel() else 0.0 for x in tensors)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("teacher_form", ["dense", "topk"])
+@pytest.mark.parametrize("far", [1e2, 1e4, 1e6])
+@pytest.mark.parametrize("shape", [(4, 1000), (1, 9000)], ids=["rows", "row split over columns"])
+def test_far_out_logits_keep_kd_and_reference_term_to_float32_rounding(two_threads, backend, teacher_form, far,
+                                                                       shape):
+    """A teacher (and reference) logit `far` above the rest, and a student that follows it on some rows: the KD
+    and reference terms (a few hundred here) as exact as float32 holds the result, as PyTorch's own fp32
+    composition is; the kernels summed p * (t - s), rounded to the spacing of `far` (2.5e-3 at 1e4)."""
+    n, c = shape
+    g = torch.Generator().manual_seed(int(far) + n)
+    s, t, r = (torch.randn(n, c, generator=g) * 3 for _ in range(3))
+    t[:, 7], r[:, c - 5] = far, far
+    s[: n // 2, 7] = far - 4.0  # the student follows the teacher on these rows
+    y = torch.randint(0, c, (n,), generator=g)
+    options = dict(reduction="none", weighting="constant", temperature=4.0)
+    teacher = t
+    if teacher_form == "topk":
+        options["teacher_topk"], teacher = smskd_fast.TopKTeacher.from_logits(t.double(), y, 20, 4.0), None
+    got = smskd_fast.smskd_loss(s, y, teacher, r, backend=backend, **options)
+    want = smskd_fast.smskd_loss(s.double(), y, None if teacher is None else t.double(), r.double(),
+                                 backend="reference", **options)
+    for name in ("kd", "ref"):
+        torch.testing.assert_close(getattr(got, name).double(), getattr(want, name), rtol=2e-6, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")

@@ -142,11 +142,17 @@ inline acc_t value_at(const LogitsView& view, int64_t row, int64_t col) {
 
 // Online softmax statistics of one input's row, relative to its running maximum:
 // soft = sum exp((x - max)/T), one = sum exp(x - max),
-// cross = sum exp((x - max)/T) * (x - s) with s the student's logits.
+// cross = sum exp((x - max)/T) * ((x - shift()) - (s - student_shift)) with s the
+// student's logits: each logit is taken relative to its own row's shift before the
+// two are subtracted, so that the p-weighted difference stays exact where both are
+// far out (x - s itself would round to the spacing of x: a teacher logit of 1e4
+// cost KD ~1e-3, PyTorch's composition does not lose it). student_shift is the
+// student's shift when the sums were last aligned with it (follow).
 template <typename acc_t>
 struct RunningStats {
   acc_t max = kNegInf<acc_t>;
   acc_t soft = 0, one = 0, cross = 0;
+  acc_t student_shift = 0;
 
   // Includes a block whose maximum is block_max, rescaling the sums so far.
   void raise(acc_t block_max, acc_t inv_temperature) {
@@ -155,50 +161,65 @@ struct RunningStats {
       return;
     }
     if (!(block_max > max)) return;
-    if (max != kNegInf<acc_t>) {
-      const acc_t drop = max - block_max;
-      const acc_t soft_scale = std::exp(drop * inv_temperature);
-      soft *= soft_scale;
-      cross *= soft_scale;
-      one *= std::exp(drop);
-    }
+    if (max != kNegInf<acc_t>) rebase(block_max, inv_temperature);
     max = block_max;
+  }
+
+  // Re-expresses cross for the student's shift new_student_shift (before the student's
+  // logits of the next block are taken relative to it).
+  void follow(acc_t new_student_shift) {
+    if (soft != 0 && new_student_shift != student_shift) cross += soft * (new_student_shift - student_shift);
+    student_shift = new_student_shift;
   }
 
   // Combines the statistics of another, disjoint, range of the same row's columns.
   void merge(const RunningStats& other, acc_t inv_temperature) {
     if (std::isnan(other.max)) max = other.max;
     if (std::isnan(max) || other.max == kNegInf<acc_t>) return;  // other's sums are all 0
+    RunningStats aligned = other;
+    aligned.follow(student_shift);
     if (max == kNegInf<acc_t>) {
-      *this = other;
+      *this = aligned;
       return;
     }
     // The range holding the maximum keeps its sums as they are (factor 1, as in raise), so that a
     // +inf maximum gives the same statistics split or not, not inf - inf = NaN.
     const acc_t top = max > other.max ? max : other.max;
-    const acc_t own_soft = max == top ? acc_t(1) : std::exp((max - top) * inv_temperature);
-    const acc_t own_one = max == top ? acc_t(1) : std::exp(max - top);
-    const acc_t other_soft = other.max == top ? acc_t(1) : std::exp((other.max - top) * inv_temperature);
-    const acc_t other_one = other.max == top ? acc_t(1) : std::exp(other.max - top);
-    soft = soft * own_soft + other.soft * other_soft;
-    cross = cross * own_soft + other.cross * other_soft;
-    one = one * own_one + other.one * other_one;
+    if (max != top) rebase(top, inv_temperature);
+    if (aligned.max != top) aligned.rebase(top, inv_temperature);
+    soft += aligned.soft;
+    cross += aligned.cross;
+    one += aligned.one;
     max = top;
   }
 
   // What exp's argument is shifted by: the maximum, or 0 while every value so
   // far is -inf (their exp is then 0, not NaN).
   acc_t shift() const { return max == kNegInf<acc_t> ? acc_t(0) : max; }
+
+ private:
+  // The sums at the larger maximum top instead of max (finite, below top): every
+  // term's x - max becomes x - top; a factor 0 (top = +inf) leaves sums of 0.
+  void rebase(acc_t top, acc_t inv_temperature) {
+    const acc_t drop = max - top;
+    const acc_t soft_scale = std::exp(drop * inv_temperature);
+    cross = soft_scale == 0 ? acc_t(0) : (cross + soft * drop) * soft_scale;
+    soft *= soft_scale;
+    one *= std::exp(drop);
+  }
 };
 
 // KL(softmax(x/T) || softmax(s/T)) from the running statistics of x and s, as
-// [sum_c p_c (x_c - s_c) - (max_x - max_s)] / T + log(soft_s) - log(soft_x): the
-// difference of maxima is taken before any scaling, so that a row with one class
-// (sums exactly 1, cross = x - s = max_x - max_s) gives exactly 0, fused
-// multiply-adds or not, as the CUDA kernel does.
+// [sum_c p_c ((x_c - m_x) - (s_c - m_s))] / T + log(soft_s) - log(soft_x) (cross
+// taken at s's final shift: its student_shift, or re-expressed here). A row with
+// one class (sums exactly 1, cross exactly 0) gives exactly 0, as the CUDA kernel does.
+// A NaN logit in either row (its maximum NaN) gives NaN whatever the sums hold.
 template <typename acc_t>
 inline acc_t softened_kl(const RunningStats<acc_t>& x, const RunningStats<acc_t>& s, acc_t inv_temperature) {
-  return (x.cross / x.soft - (x.max - s.max)) * inv_temperature + (std::log(s.soft) - std::log(x.soft));
+  if (std::isnan(x.max) || std::isnan(s.max)) return std::numeric_limits<acc_t>::quiet_NaN();
+  RunningStats<acc_t> aligned = x;
+  aligned.follow(s.shift());
+  return aligned.cross / aligned.soft * inv_temperature + (std::log(s.soft) - std::log(x.soft));
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

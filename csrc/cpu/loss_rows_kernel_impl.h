@@ -168,6 +168,8 @@ class RowKernel {
     stats.student.raise(block_max(x.student, n), inv_temperature_);
     if constexpr (Has::teacher) stats.teacher.raise(block_max(x.teacher, n), inv_temperature_);
     if constexpr (Has::reference) stats.reference.raise(block_max(x.reference, n), inv_temperature_);
+    stats.teacher.follow(stats.student.shift());
+    stats.reference.follow(stats.student.shift());
 
     const Vec inv_t(inv_temperature_);
     const Vec s_shift(stats.student.shift()), t_shift(stats.teacher.shift()), r_shift(stats.reference.shift());
@@ -188,14 +190,15 @@ class RowKernel {
         const Vec dt = t - t_shift;
         const Vec ut = vexp(dt * inv_t);
         t_soft += ut;
-        t_cross += weighted(ut, t - s);
+        t_cross += weighted(ut, dt - ds);
         if constexpr (Has::target) t_one += k ? vpow(ut, k) : vexp(dt);
       }
       if constexpr (Has::reference) {
         const Vec r = load_padded(x.reference + i, n - i);
-        const Vec ur = vexp((r - r_shift) * inv_t);
+        const Vec dr = r - r_shift;
+        const Vec ur = vexp(dr * inv_t);
         r_soft += ur;
-        r_cross += weighted(ur, r - s);
+        r_cross += weighted(ur, dr - ds);
       }
     }
     stats.student.soft += hsum(s_soft);

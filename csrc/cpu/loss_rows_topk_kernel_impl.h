@@ -258,6 +258,7 @@ class TopKRowKernel {
     stats.student.raise(s_max, inv_temperature_);
     stats.rest.raise(s_max, inv_temperature_);
     if constexpr (kReference) stats.reference.raise(block_max(x.reference, n), inv_temperature_);
+    stats.reference.follow(stats.student.shift());
 
     const Vec inv_t(inv_temperature_), zero(acc_t(0));
     const Vec s_shift(stats.student.shift()), r_shift(stats.reference.shift());
@@ -271,9 +272,10 @@ class TopKRowKernel {
       if constexpr (kTarget) s_one += integer_power_ ? vpow(us, integer_power_) : vexp(ds);
       if constexpr (kReference) {
         const Vec r = load_padded(x.reference + i, n - i);
-        const Vec ur = vexp((r - r_shift) * inv_t);
+        const Vec dr = r - r_shift;
+        const Vec ur = vexp(dr * inv_t);
         r_soft += ur;
-        r_cross += weighted(ur, r - s);
+        r_cross += weighted(ur, dr - ds);
       }
     }
     stats.student.soft += hsum(s_soft);

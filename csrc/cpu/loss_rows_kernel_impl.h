@@ -163,8 +163,10 @@ class RowKernel {
     return blocks;
   }
 
-  // Pass 1 over one block: raise the running maxima, then add the block's sums.
-  void accumulate_block(const Blocks& x, int64_t n, Stats& stats) const {
+  // Pass 1 over one block: raise the running maxima, then add the block's sums. Inlined
+  // into the sweep by force: a call per block kept the statistics in memory and cost the
+  // forward 5-10% (GCC 12 stopped inlining it once the sums followed the student's shift).
+  C10_ALWAYS_INLINE void accumulate_block(const Blocks& x, int64_t n, Stats& stats) const {
     stats.student.raise(block_max(x.student, n), inv_temperature_);
     if constexpr (Has::teacher) stats.teacher.raise(block_max(x.teacher, n), inv_temperature_);
     if constexpr (Has::reference) stats.reference.raise(block_max(x.reference, n), inv_temperature_);

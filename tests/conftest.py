@@ -32,6 +32,16 @@ def logits_factory():
 
 
 @pytest.fixture
+def two_threads():
+    """At least two torch threads, so that rows fewer than threads take the cpu kernel's column-split path
+    (one row of C >= 2 * threads * 1024 then has its columns split among them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, 2))
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def cuda_extension_binary():
     """Path of the loaded smskd_fast._C when it was built with the CUDA kernels (GPU or not), else None:
     the SASS checks read this binary, the one CI built, instead of compiling kernels/ again."""

@@ -98,15 +98,6 @@ def test_cpu_backend_is_available_and_auto_picks_it():
     assert resolve_backend("auto", torch.device("cpu"), torch.float32, 10).name == "cpu"
 
 
-@pytest.fixture
-def two_threads():
-    """At least two threads, so that rows fewer than threads take the column-split path."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(before, 2))
-    yield
-    torch.set_num_threads(before)
-
-
 # Fewer rows than threads and C >= 2 * threads * 1024: each row's columns are split among
 # the threads and the partial online-softmax statistics merged.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],

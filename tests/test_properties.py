@@ -139,15 +139,6 @@ def test_non_finite_inputs_give_what_the_reference_gives(backend, where, value):
     assert_non_finite_like_the_reference(out, grad, want, want_grad)
 
 
-@pytest.fixture
-def two_threads():
-    """At least two threads: a single row of 9000 classes then has its columns split among them (cpu)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(before, 2))
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 # (A top-k teacher's own non-finite values are test_topk.py's cases.)
 @pytest.mark.parametrize("teacher_form, where", [("dense", "student"), ("dense", "teacher"), ("dense", "reference"),

@@ -33,10 +33,10 @@ def logits_factory():
 
 @pytest.fixture
 def two_threads():
-    """At least two torch threads, so that rows fewer than threads take the cpu kernel's column-split path
-    (one row of C >= 2 * threads * 1024 then has its columns split among them)."""
+    """Two torch threads, so that rows fewer than threads take the cpu kernel's column-split path (a row of
+    C >= 2 * threads * 1024 = 4096 then has its columns split among them, on any machine)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(max(before, 2))
+    torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
 

@@ -218,17 +218,26 @@ def scale_of(*tensors):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("teacher_form", ["dense", "topk"])
 @pytest.mark.parametrize("far", [1e2, 1e4, 1e6])
+@pytest.mark.parametrize("layout", ["outliers", "shifted quarter"])
 @pytest.mark.parametrize("shape", [(4, 1000), (1, 9000)], ids=["rows", "row split over columns"])
 def test_far_out_logits_keep_kd_and_reference_term_to_float32_rounding(two_threads, backend, teacher_form, far,
-                                                                       shape):
-    """A teacher (and reference) logit `far` above the rest, and a student that follows it on some rows: the KD
-    and reference terms (a few hundred here) as exact as float32 holds the result, as PyTorch's own fp32
-    composition is; the kernels summed p * (t - s), rounded to the spacing of `far` (2.5e-3 at 1e4)."""
+                                                                       layout, shape):
+    """Far-out logits: "outliers", a teacher logit `far` up at column 7 and a reference one at C - 5, the student
+    up with the teacher on half of the rows and with the reference on the others (a lone row: its maximum in
+    the last part of the split, the teacher's in the first); "shifted quarter", the last quarter of every row of
+    the student, the reference and a dense teacher `far` up. The KD and reference terms as exact as float32 holds the result, as PyTorch's own fp32
+    composition is; the kernels summed p * (t - s), rounded to the spacing of `far` (2.5e-3 at 1e4), and the
+    split row's merge once took a correction of the shifts' gap back (6% at 1e6)."""
     n, c = shape
     g = torch.Generator().manual_seed(int(far) + n)
     s, t, r = (torch.randn(n, c, generator=g) * 3 for _ in range(3))
-    t[:, 7], r[:, c - 5] = far, far
-    s[: n // 2, 7] = far - 4.0  # the student follows the teacher on these rows
+    if layout == "outliers":
+        t[:, 7], r[:, c - 5] = far, far
+        s[: n // 2, 7] = far - 4.0
+        s[n // 2:, c - 5] = far - 4.0
+    else:  # (a top-k cache stores absolute values and log-sum-exps: a teacher shifted far is its own matter)
+        for x in (s, r) if teacher_form == "topk" else (s, t, r):
+            x[:, 3 * c // 4:] += far  # (a split row: all in its last part)
     y = torch.randint(0, c, (n,), generator=g)
     options = dict(reduction="none", weighting="constant", temperature=4.0)
     teacher = t

@@ -172,12 +172,12 @@ struct RunningStats {
     student_shift = new_student_shift;
   }
 
-  // Combines the statistics of another, disjoint, range of the same row's columns.
+  // Combines the statistics of another, disjoint, range of the same row's columns (cross of both
+  // taken at the same student shift: see merge_at).
   void merge(const RunningStats& other, acc_t inv_temperature) {
     if (std::isnan(other.max)) max = other.max;
     if (std::isnan(max) || other.max == kNegInf<acc_t>) return;  // other's sums are all 0
     RunningStats aligned = other;
-    aligned.follow(student_shift);
     if (max == kNegInf<acc_t>) {
       *this = aligned;
       return;
@@ -191,6 +191,16 @@ struct RunningStats {
     cross += aligned.cross;
     one += aligned.one;
     max = top;
+  }
+
+  // merge for a companion row (teacher, reference) whose ranges followed different student
+  // shifts: both re-expressed first at student_shift, the merged student's own, so that no
+  // correction is made and taken back (that cancellation cost the term eps times the shifts' gap).
+  void merge_at(const RunningStats& other, acc_t new_student_shift, acc_t inv_temperature) {
+    follow(new_student_shift);
+    RunningStats aligned = other;
+    aligned.follow(new_student_shift);
+    merge(aligned, inv_temperature);
   }
 
   // What exp's argument is shifted by: the maximum, or 0 while every value so

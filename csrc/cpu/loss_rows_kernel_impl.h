@@ -62,8 +62,8 @@ class RowKernel {
 
     void merge(const Stats& other, acc_t inv_temperature) {
       student.merge(other.student, inv_temperature);
-      teacher.merge(other.teacher, inv_temperature);
-      reference.merge(other.reference, inv_temperature);
+      teacher.merge_at(other.teacher, student.shift(), inv_temperature);
+      reference.merge_at(other.reference, student.shift(), inv_temperature);
     }
   };
 

@@ -60,7 +60,7 @@ class TopKRowKernel {
     void merge(const Stats& other, acc_t inv_temperature) {
       student.merge(other.student, inv_temperature);
       rest.merge(other.rest, inv_temperature);
-      reference.merge(other.reference, inv_temperature);
+      reference.merge_at(other.reference, student.shift(), inv_temperature);
     }
   };
 

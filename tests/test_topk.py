@@ -341,3 +341,20 @@ def test_fused_linear_takes_a_cache_with_padding_rows(backend):
         out.loss.backward()
         results.append((out.loss.detach(), h.grad))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_a_cache_captured_by_a_torch_func_transform_is_still_checked():
+    """Under torch.func.grad / jacrev / vmap the top-k fields a function only captures hold plain values: a
+    repeated class is refused as in eager (only batched fields, whose values cannot be read, skip the check)."""
+    student, target, teacher, _ = make_logits((3, 7), dtype=torch.float32, with_reference=False)
+    topk = TopKTeacher.from_logits(teacher, target, 3, 2.0)
+    indices = topk.indices.clone()
+    indices[1, 1] = indices[1, 0]
+    bad = _with(topk, indices=indices)
+
+    def loss(x):
+        return smskd_fast.smskd_loss(x, target, teacher_topk=bad, temperature=2.0).loss
+
+    for transform in (torch.func.grad, torch.func.jacrev, torch.func.vmap):
+        with pytest.raises(ValueError, match="row 1 repeats a class"):
+            transform(loss)(student.unsqueeze(0).expand(2, 3, 7) if transform is torch.func.vmap else student)

@@ -87,12 +87,15 @@ def check_class_indices(target: torch.Tensor, leading: tuple, num_classes: int, 
         check_target_values(target, num_classes, ignore_index)
 
 
-def values_are_readable() -> bool:
-    """Whether a data-dependent check may read tensor values now: not while torch.compile or make_fx
-    traces (torch.func.linearize: proxies hold no values) nor under torch.func transforms (vmap's
-    batched values cannot be read)."""
-    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-                or get_proxy_mode() is not None)
+def values_are_readable(*tensors: torch.Tensor) -> bool:
+    """Whether a data-dependent check may read these tensors' values now: not while torch.compile or
+    make_fx traces (torch.func.linearize: proxies hold no values), nor when one of them is batched or
+    wrapped by a torch.func transform (vmap's batched values cannot be read; a tensor the transformed
+    function only captures still can, and is checked)."""
+    if torch.compiler.is_compiling() or get_proxy_mode() is not None:
+        return False
+    return not any(torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+                   or torch._C._functorch.is_legacy_batchedtensor(tensor) for tensor in tensors)
 
 
 def check_target_values(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -100,7 +103,7 @@ def check_target_values(target: torch.Tensor, num_classes: int, ignore_index: in
     host: done eagerly on the CPU; CUDA kernels check on the device instead, and compiled or traced
     graphs rely on the kernels' own checks (values_are_readable): the reference's gather refuses a
     class outside [0, C) there, the fused ops check each sample."""
-    if target.device.type == "cpu" and target.numel() > 0 and values_are_readable():
+    if target.device.type == "cpu" and target.numel() > 0 and values_are_readable(target):
         check_target_range(target, num_classes, ignore_index)
 
 
@@ -148,8 +151,8 @@ def check_teacher_topk(teacher_topk, teacher_logits: Optional[torch.Tensor], stu
 
     Its indices must be distinct within a row (a repeated class would count its
     probability twice) and in [0, C): checked on the host for CPU tensors, by a
-    device-side assertion (no host sync) elsewhere; compiled and traced graphs and
-    torch.func transforms skip both, like the target's range check. Given the loss temperature, CPU rows are also
+    device-side assertion (no host sync) elsewhere; compiled and traced graphs, and
+    fields batched by a torch.func transform, skip both, like the target's range check. Given the loss temperature, CPU rows are also
     checked to be a distribution's top k (see check_topk_kept_mass). Rows whose
     target is ignore_index are not read by any backend, so their contents (a cache's
     zero-filled padding) are not checked.
@@ -181,7 +184,8 @@ def check_teacher_topk(teacher_topk, teacher_logits: Optional[torch.Tensor], stu
     indices = teacher_topk.indices
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise TypeError(f"teacher_topk.indices must be an integer tensor, got {indices.dtype}")
-    if indices.numel() == 0 or not values_are_readable():
+    read = [indices, teacher_topk.values, teacher_topk.log_sum_exp_at_temperature]
+    if indices.numel() == 0 or not values_are_readable(*read, *([] if target is None else [target])):
         return
     checked = None if target is None else as_class_indices(target) != ignore_index
     if indices.device.type == "cpu":

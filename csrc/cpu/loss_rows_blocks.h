@@ -177,19 +177,19 @@ struct RunningStats {
   void merge(const RunningStats& other, acc_t inv_temperature) {
     if (std::isnan(other.max)) max = other.max;
     if (std::isnan(max) || other.max == kNegInf<acc_t>) return;  // other's sums are all 0
-    RunningStats aligned = other;
     if (max == kNegInf<acc_t>) {
-      *this = aligned;
+      *this = other;
       return;
     }
     // The range holding the maximum keeps its sums as they are (factor 1, as in raise), so that a
     // +inf maximum gives the same statistics split or not, not inf - inf = NaN.
     const acc_t top = max > other.max ? max : other.max;
+    RunningStats part = other;
     if (max != top) rebase(top, inv_temperature);
-    if (aligned.max != top) aligned.rebase(top, inv_temperature);
-    soft += aligned.soft;
-    cross += aligned.cross;
-    one += aligned.one;
+    if (part.max != top) part.rebase(top, inv_temperature);
+    soft += part.soft;
+    cross += part.cross;
+    one += part.one;
     max = top;
   }
 

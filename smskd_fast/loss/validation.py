@@ -14,6 +14,7 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from smskd_fast.backends.base import check_target_range
 from smskd_fast.backends.topk import TopKTeacher
+from smskd_fast.ops.batching import vmap_batched
 from smskd_fast.ops.reduction import as_class_indices
 from smskd_fast.ops.schema import WEIGHTINGS
 
@@ -94,8 +95,7 @@ def values_are_readable(*tensors: torch.Tensor) -> bool:
     function only captures still can, and is checked)."""
     if torch.compiler.is_compiling() or get_proxy_mode() is not None:
         return False
-    return not any(torch._C._functorch.is_functorch_wrapped_tensor(tensor)
-                   or torch._C._functorch.is_legacy_batchedtensor(tensor) for tensor in tensors)
+    return not any(vmap_batched(tensor) for tensor in tensors)
 
 
 def check_target_values(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -152,9 +152,10 @@ def check_teacher_topk(teacher_topk, teacher_logits: Optional[torch.Tensor], stu
     Its indices must be distinct within a row (a repeated class would count its
     probability twice) and in [0, C): checked on the host for CPU tensors, by a
     device-side assertion (no host sync) elsewhere; compiled and traced graphs, and
-    fields batched by a torch.func transform, skip both, like the target's range check. Given the loss temperature, CPU rows are also
-    checked to be a distribution's top k (see check_topk_kept_mass). Rows whose
-    target is ignore_index are not read by any backend, so their contents (a cache's
+    fields batched by a torch.func transform, skip both, like the target's range
+    check. Given the loss temperature, CPU rows are also checked to be a
+    distribution's top k (see check_topk_kept_mass). Rows whose target is
+    ignore_index are not read by any backend, so their contents (a cache's
     zero-filled padding) are not checked.
     """
     if teacher_topk is None:

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from smskd_fast.ops import schema
+from smskd_fast.ops.batching import vmap_batched
 from smskd_fast.ops.extension import extension_loaded
 from smskd_fast.ops.scale_rows import scale_rows_
 
@@ -69,14 +70,6 @@ def _last_use_of_saved_tensors(saved: torch.Tensor) -> bool:
     return not keep_graph()
 
 
-def _batched(tensor: torch.Tensor) -> bool:
-    """Whether tensor is batched by vmap: torch.func's, or autograd's own (is_grads_batched, as
-    torch.autograd.functional.jacobian(vectorize=True) runs backward): an unbatched saved gradient
-    cannot be scaled by it in place, nor its values read."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(tensor) or \
-        torch._C._functorch.is_legacy_batchedtensor(tensor)
-
-
 def refuse_double_backward() -> None:
     """Called by backward before it returns a gradient that the kernels wrote in the forward pass.
     Under create_graph=True (grad mode on in backward) autograd would take that gradient for a constant,
@@ -120,7 +113,8 @@ def _student_gradient(ctx, grad_loss, num_inputs: int):
     # When nothing reads row_grad after this backward (it is the op's own buffer),
     # scale it in place: the gradient then costs one N x C buffer instead of two,
     # and rows whose factor is 1 are not touched at all.
-    in_place = _last_use_of_saved_tensors(row_grad) and not _batched(factor)
+    # (A batched factor, from a batched grad_output, cannot scale the unbatched row_grad in place.)
+    in_place = _last_use_of_saved_tensors(row_grad) and not vmap_batched(factor)
     grad_student = scale_rows_(row_grad, factor) if in_place else (row_grad * factor.unsqueeze(-1)).to(row_grad.dtype)
     return (grad_student,) + (None,) * (num_inputs - 1)
 

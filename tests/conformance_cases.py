@@ -292,21 +292,26 @@ def _student_rest_far_below(student, teacher, target, case):
     return TopKTeacher.from_logits(teacher, target, case.k, case.temperature)
 
 
-# What a cache's padding rows (target ignore_index) may hold, in turn: zeros (every index 0: repeated, kept mass k),
-# index -1 with -inf values, an index past C with NaN values. (index, value) per ignored row.
-PADDING_FILLS = ((0, 0.0), (-1, float("-inf")), (None, float("nan")))
+# What a cache's padding rows (target ignore_index) may hold: (every index, every float field) of such a row.
+PADDING_FILLS = {"zeros": (0, 0.0), "minus_one": (-1, float("-inf")), "past_c": (10**6, float("nan"))}
+
+
+def padded(topk: TopKTeacher, rows, index: int, value: float) -> TopKTeacher:
+    """topk with the given rows filled as a cache's padding might be: every index `index`, every float `value`."""
+    fields = {name: field.clone() for name, field in vars(topk).items()}
+    for name, field in fields.items():
+        field[rows] = index if name == "indices" else value
+    return TopKTeacher(**fields)
 
 
 def _padding_rows(student, teacher, target, case):
-    """The ignored rows' top-k fields hold PADDING_FILLS (no backend reads them; validation leaves them be)."""
+    """The ignored rows' top-k fields hold PADDING_FILLS in turn (zeros: index 0 repeated, kept mass k; -1 with
+    -inf; past C with NaN): no backend reads them, validation leaves them be."""
     topk = TopKTeacher.from_logits(teacher, target, case.k, case.temperature)
-    fields = {name: value.clone() for name, value in vars(topk).items()}
+    fills = list(PADDING_FILLS.values())
     for j, row in enumerate(torch.nonzero(target == case.ignore_index).flatten().tolist()):
-        index, value = PADDING_FILLS[j % len(PADDING_FILLS)]
-        fields["indices"][row] = case.c + 7 if index is None else index
-        for name in ("values", "true_logit", "log_sum_exp", "log_sum_exp_at_temperature"):
-            fields[name][row] = value
-    return TopKTeacher(**fields)
+        topk = padded(topk, row, *fills[j % len(fills)])
+    return topk
 
 
 # edit -> (student, teacher, target, case) -> TopKTeacher; may edit student and target in place.

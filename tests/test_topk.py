@@ -9,6 +9,7 @@ import torch
 
 import smskd_fast
 from closed_form import softmax
+from conformance_cases import PADDING_FILLS, padded
 from conftest import make_logits
 from gpu_child import assert_fails_loudly, run_child
 from smskd_fast.backends.topk import TopKTeacher
@@ -258,19 +259,8 @@ def test_a_kept_class_of_probability_zero_adds_nothing(backend):
     torch.testing.assert_close(out.kd.double(), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
 
 
-def _padded(topk, rows, index, value):
-    """topk with the given rows filled as a cache's padding might be: every index `index`, every float `value`."""
-    fields = {name: field.clone() for name, field in vars(topk).items()}
-    for name, field in fields.items():
-        field[rows] = index if name == "indices" else value
-    return TopKTeacher(**fields)
-
-
-PADDING = {"zeros": (0, 0.0), "minus_one": (-1, float("-inf")), "past_c": (10**6, float("nan"))}
-
-
 @pytest.mark.parametrize("backend", TOPK_CPU_BACKENDS)
-@pytest.mark.parametrize("padding", PADDING)
+@pytest.mark.parametrize("padding", PADDING_FILLS)
 def test_ignored_rows_top_k_fields_are_neither_read_nor_checked(backend, padding):
     """Ignored rows (a batch's padding) count for nothing, so their top-k fields may hold anything, as their dense
     teacher logits may: zero-filled (index 0 repeated, kept mass k), -1 indices, indices past C with NaN values.
@@ -278,7 +268,7 @@ def test_ignored_rows_top_k_fields_are_neither_read_nor_checked(backend, padding
     student, target, teacher, reference = make_logits((3, 4, 40), dtype=torch.float32, ignore_every=5)
     topk = TopKTeacher.from_logits(teacher, target, 6, 2.0)
     ignored = target == -100
-    dirty = _padded(topk, ignored, *PADDING[padding])
+    dirty = padded(topk, ignored, *PADDING_FILLS[padding])
 
     def run(cache):
         s = student.clone().requires_grad_(True)
@@ -297,7 +287,7 @@ def test_ignored_rows_top_k_fields_are_neither_read_nor_checked(backend, padding
 @pytest.mark.parametrize("backend", TOPK_CPU_BACKENDS)
 def test_bad_indices_in_a_counted_row_are_still_refused_beside_padding(backend):
     student, target, teacher, _ = make_logits((6, 8), dtype=torch.float32, with_reference=False, ignore_every=3)
-    topk = _padded(TopKTeacher.from_logits(teacher, target, 3, 2.0), target == -100, 0, 0.0)
+    topk = padded(TopKTeacher.from_logits(teacher, target, 3, 2.0), target == -100, 0, 0.0)
     indices = topk.indices.clone()
     indices[4, 2] = indices[4, 0]  # row 4 counts (rows 0 and 3 are ignored)
     with pytest.raises(ValueError, match=r"distinct within a row .* row 4 repeats"):
@@ -316,13 +306,13 @@ def test_bad_indices_in_a_counted_row_are_still_refused_beside_padding(backend):
 
 def test_device_side_index_checks_leave_ignored_rows_alone():
     from smskd_fast.loss.validation import assert_topk_indices_async
-    padded = torch.tensor([[0, 0, 0], [1, 3, 0], [-1, -1, -1]])
+    indices = torch.tensor([[0, 0, 0], [1, 3, 0], [-1, -1, -1]])
     counted = torch.tensor([False, True, False])
-    assert_topk_indices_async(padded, 5, counted)
+    assert_topk_indices_async(indices, 5, counted)
     with pytest.raises(RuntimeError, match=r"teacher_topk.indices must be in \[0, 5\)"):
-        assert_topk_indices_async(padded, 5, torch.tensor([False, True, True]))
+        assert_topk_indices_async(indices, 5, torch.tensor([False, True, True]))
     with pytest.raises(RuntimeError, match="teacher_topk.indices must be distinct within a row"):
-        assert_topk_indices_async(padded, 5, torch.tensor([True, True, False]))
+        assert_topk_indices_async(indices, 5, torch.tensor([True, True, False]))
 
 
 @pytest.mark.parametrize("backend", TOPK_CPU_BACKENDS)
@@ -334,7 +324,7 @@ def test_fused_linear_takes_a_cache_with_padding_rows(backend):
     target[::4] = -100
     topk = TopKTeacher.from_logits(torch.randn(10, 30, generator=g), target, 4, 2.0)
     results = []
-    for cache in (topk, _padded(topk, target == -100, 0, 0.0)):
+    for cache in (topk, padded(topk, target == -100, 0, 0.0)):
         h = hidden.clone().requires_grad_(True)
         out = smskd_fast.fused_linear_smskd_loss(h, weight, target, teacher_topk=cache, temperature=2.0,
                                                  chunk_size=3, backend=backend)

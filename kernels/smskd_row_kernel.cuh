@@ -72,8 +72,7 @@ SMSKD_HD void store_pack(T* p, const float (&in)[N]) {
 // Softmax statistics of one logits stream x over part of a row, at temperature
 // 1 and at T, sharing one running maximum (max(x/T) = max(x)/T since T > 0):
 //   sum1 = sum_c exp(x_c - max),  sumT = sum_c exp((x_c - max)/T),
-//   dot  = sum_c exp((x_c - max)/T) * d_c  for a companion d (here x_c - s_c, not yet
-//          divided by T: finish() scales once per row),
+//   dot  = sum_c exp((x_c - max)/T) * d_c  (Dot says what d_c is),
 // so lse(x) = max + log(sum1), lse(x/T) = max/T + log(sumT) and
 // sum_c softmax(x/T)_c d_c = dot / sumT. Exponentials are exp2 of pre-scaled
 // arguments (k1 = log2 e, kT = log2 e / T). Which sums are kept is a template
@@ -84,6 +83,31 @@ struct StreamStats {
   float sumT = 0.0f;
   float dot = 0.0f;
 };
+
+// What a stream's dot sums. kWeighted: given weights d_c (the top-k rest's indicator). kCross: the
+// KL terms' d_c = (x_c - shift(x)) - (s_c - shift(s)) against the student's logits s, each logit
+// taken relative to its own row's shift (its running maximum) before the two are subtracted, so that
+// the p-weighted difference stays exact where both are far out (x_c - s_c itself rounds to the spacing
+// of x_c: a teacher logit of 1e4 cost KD ~1e-3, 1e6 ~0.1). Not yet divided by T: finish() scales
+// once per row. A cross dot is re-expressed when either shift moves (follow_student, rescale_cross).
+enum class Dot { kNone, kWeighted, kCross };
+
+// What a stream's values are taken relative to: its maximum, or 0 while every value so far is
+// -inf (their exponentials are then 0, not NaN).
+SMSKD_HD float shift_of(const StreamStats& st) { return st.max == -INFINITY ? 0.0f : st.max; }
+
+// A cross dot re-expressed for the student's shift moving by `moved` (new minus old): every term's
+// s_c - shift(s) falls by moved. Sums of 0 stay 0, even for an infinite move.
+SMSKD_HD void follow_student(StreamStats& x, float moved) {
+  if (x.sumT != 0.0f && moved != 0.0f) x.dot = fmaf(x.sumT, moved, x.dot);
+}
+
+// A cross dot re-expressed at a maximum `drop` above the stream's finite one (drop < 0), its terms'
+// exponentials scaled by scale = exp2(drop kT): every x_c - shift(x) falls by -drop. A factor 0
+// (an old maximum of -inf, or a new one of +inf) leaves 0, not 0 x inf.
+SMSKD_HD float rescale_cross(float dot, float sumT, float drop, float scale) {
+  return scale == 0.0f ? 0.0f : fmaf(sumT, drop, dot) * scale;
+}
 
 // Temperatures at which exp(z) is a small power of exp(z/T), so that the T = 1 exponentials of a
 // stream kept at both temperatures cost a multiply instead of a MUFU op: kPower = T for T = 1
@@ -118,11 +142,14 @@ SMSKD_HD float unit_softmax(float q, float zs, float k1, float log2_s, float uni
   return exp2f(fmaf(zs, k1, -log2_s));
 }
 
-// kPower (temperature_power): sum1's exponentials are taken from sumT's when nonzero.
-template <bool kSum1, bool kSumT, bool kDot, int kPower = 0, int N>
+// kPower (temperature_power): sum1's exponentials are taken from sumT's when nonzero. d: the
+// weights for Dot::kWeighted; for Dot::kCross the student's s_c - shift(s), at the student's shift
+// that st's dot follows (follow_student first when it moved).
+template <bool kSum1, bool kSumT, Dot kDot, int kPower = 0, int N>
 SMSKD_HD void add_values(StreamStats& st, const float (&x)[N], const float (&d)[N], float k1,
                                            float kT) {
-  constexpr bool kSoftened = kSumT || kDot || (kSum1 && kPower != 0);  // exponentials at T taken
+  constexpr bool kHasDot = kDot != Dot::kNone;
+  constexpr bool kSoftened = kSumT || kHasDot || (kSum1 && kPower != 0);  // exponentials at T taken
   float m = x[0];
 #pragma unroll
   for (int k = 1; k < N; ++k) m = fmaxf(m, x[k]);
@@ -131,13 +158,14 @@ SMSKD_HD void add_values(StreamStats& st, const float (&x)[N], const float (&d)[
     const float scale = exp2f(shift * kT);
     if constexpr (kSum1 && kPower != 0) st.sum1 *= to_unit_temperature<kPower>(scale);
     if constexpr (kSum1 && kPower == 0) st.sum1 *= exp2f(shift * k1);
+    if constexpr (kDot == Dot::kCross) st.dot = rescale_cross(st.dot, st.sumT, shift, scale);
+    if constexpr (kDot == Dot::kWeighted) st.dot *= scale;
     if (kSumT) st.sumT *= scale;
-    if (kDot) st.dot *= scale;
     st.max = m;
   }
   // A chunk of only -inf (probability 0) and NaN values leaves max at -inf:
   // measure from 0 so that -inf adds 0 and NaN still poisons the sums.
-  const float base = st.max == -INFINITY ? 0.0f : st.max;
+  const float base = shift_of(st);
 #pragma unroll
   for (int k = 0; k < N; ++k) {
     const float z = x[k] - base;
@@ -145,8 +173,18 @@ SMSKD_HD void add_values(StreamStats& st, const float (&x)[N], const float (&d)[
     if constexpr (kSum1 && kPower != 0) st.sum1 += to_unit_temperature<kPower>(e);
     if constexpr (kSum1 && kPower == 0) st.sum1 += exp2f(z * k1);
     if (kSumT) st.sumT += e;
-    if (kDot) st.dot += e > 0.0f ? e * d[k] : 0.0f;  // p = 0 adds 0 even where d is infinite
+    // p = 0 adds 0 even where the difference is infinite
+    if constexpr (kDot == Dot::kCross) st.dot += e > 0.0f ? e * (z - d[k]) : 0.0f;
+    if constexpr (kDot == Dot::kWeighted) st.dot += e > 0.0f ? e * d[k] : 0.0f;
   }
+}
+
+// The student's chunk x relative to its shift: what add_values<..., Dot::kCross> takes as d.
+template <int N>
+SMSKD_HD void relative_to_shift(const StreamStats& student, const float (&x)[N], float (&out)[N]) {
+  const float base = shift_of(student);
+#pragma unroll
+  for (int k = 0; k < N; ++k) out[k] = x[k] - base;
 }
 
 // The lanes of the calling thread's warp that work on its row.
@@ -184,24 +222,33 @@ struct RowStats {
 // lists its StreamStats with the sums each keeps, and its plain sums (added as they are).
 
 // Which sums of a StreamStats a merge carries.
-template <bool Sum1, bool SumT, bool Dot>
+template <bool Sum1, bool SumT, Dot D>
 struct Sums {
-  static constexpr bool kSum1 = Sum1, kSumT = SumT, kDot = Dot;
+  static constexpr bool kSum1 = Sum1, kSumT = SumT, kDot = D != Dot::kNone;
+  static constexpr Dot kDotKind = D;
 };
 
-// RowStats' streams given which inputs exist: f(a.x, b.x, Sums) per present stream.
+// RowStats' streams given which inputs exist: f(a.x, b.x, Sums) per present stream. follow_student:
+// before a thread's sums are rescaled to the row's maxima (row), its cross dots follow the student's shift
+// from the thread's to the row's.
 template <bool kTarget, bool kTeacher, bool kRef>
 struct RowStreams {
   using N = Needs<kTarget, kTeacher, kRef>;
 #pragma nv_exec_check_disable
   template <typename A, typename B, typename F>
   SMSKD_HD static void each(A& a, B& b, F&& f) {
-    f(a.s, b.s, Sums<N::kStudent1, N::kStudentT, false>{});
-    if constexpr (kTeacher) f(a.t, b.t, Sums<N::kTeacher1, true, true>{});
-    if constexpr (kRef) f(a.r, b.r, Sums<false, true, true>{});
+    f(a.s, b.s, Sums<N::kStudent1, N::kStudentT, Dot::kNone>{});
+    if constexpr (kTeacher) f(a.t, b.t, Sums<N::kTeacher1, true, Dot::kCross>{});
+    if constexpr (kRef) f(a.r, b.r, Sums<false, true, Dot::kCross>{});
   }
   template <typename A, typename B, typename F>
   SMSKD_HD static void each_plain(A&, B&, F&&) {}
+  template <typename Stats>
+  SMSKD_HD static void follow_student(Stats& st, const Stats& row) {
+    const float moved = shift_of(row.s) - shift_of(st.s);
+    if constexpr (kTeacher) kernels::follow_student(st.t, moved);
+    if constexpr (kRef) kernels::follow_student(st.r, moved);
+  }
 };
 
 // a's maxima become the maxima of a's and b's.
@@ -212,24 +259,27 @@ SMSKD_HD void max_of_maxima(Stats& a, const Stats& b) {
 
 // One stream's sums rescaled from its own maximum to m >= it (equal maxima, even both -inf,
 // scale by 1; an empty share's -inf maximum scales its zero sums by 0).
-template <bool kSum1, bool kSumT, bool kDot>
+template <bool kSum1, bool kSumT, Dot kDot>
 SMSKD_HD void rescale_stream(StreamStats& x, float m, float k1, float kT) {
   const float shift = x.max == m ? 0.0f : x.max - m;
   if (kSum1) x.sum1 *= exp2f(shift * k1);
-  if (kSumT || kDot) {
+  if (kSumT || kDot != Dot::kNone) {
     const float scale = exp2f(shift * kT);
+    if constexpr (kDot == Dot::kCross) x.dot = rescale_cross(x.dot, x.sumT, shift, scale);
+    if constexpr (kDot == Dot::kWeighted) x.dot *= scale;
     if (kSumT) x.sumT *= scale;
-    if (kDot) x.dot *= scale;
   }
   x.max = m;
 }
 
-// A thread's sums rescaled to the row's maxima (the maxima of row_max).
+// A thread's sums rescaled to the row's maxima (the maxima of row_max), its cross dots first
+// following the student's shift to the row's (Streams::follow_student).
 template <typename Streams, typename Stats>
 SMSKD_HD void rescale_to_maxima(Stats& st, const Stats& row_max, float k1, float kT) {
+  Streams::follow_student(st, row_max);
   Streams::each(st, row_max, [&](StreamStats& x, const StreamStats& m, auto sums) {
     using S = decltype(sums);
-    rescale_stream<S::kSum1, S::kSumT, S::kDot>(x, m.max, k1, kT);
+    rescale_stream<S::kSum1, S::kSumT, S::kDotKind>(x, m.max, k1, kT);
   });
 }
 
@@ -517,20 +567,23 @@ struct RowMath {
   SMSKD_HD void accumulate(RowStats& st, int64_t c, int64_t stride, const RowCache<T>& cache = {},
                            int64_t pack = 0) const {
     constexpr int M = P * N;
-    float s[M], t[M], r[M], d[M];
+    float s[M], t[M], r[M], zs[M];
     load_chunk<P, N, kKeep>(s_row, c, stride, s, cache, 0, pack);
     if (kTeacher) load_chunk<P, N, kKeep>(t_row, c, stride, t, cache, kTeacherSlot, pack);
     if (kRef) load_chunk<P, N, kKeep>(r_row, c, stride, r, cache, kRefSlot, pack);
-    add_values<Need::kStudent1, Need::kStudentT, false, kPower>(st.s, s, d, k1, kT);
+    const float student_shift = shift_of(st.s);
+    add_values<Need::kStudent1, Need::kStudentT, Dot::kNone, kPower>(st.s, s, s, k1, kT);
+    if constexpr (!Need::kSoftened) return;
+    // The KL terms' cross dots, at the student's shift after this chunk (Dot::kCross).
+    relative_to_shift(st.s, s, zs);
+    const float moved = shift_of(st.s) - student_shift;
     if (kTeacher) {
-#pragma unroll
-      for (int k = 0; k < M; ++k) d[k] = t[k] - s[k];  // scaled by 1/T in finish()
-      add_values<Need::kTeacher1, true, true, kPower>(st.t, t, d, k1, kT);
+      follow_student(st.t, moved);
+      add_values<Need::kTeacher1, true, Dot::kCross, kPower>(st.t, t, zs, k1, kT);
     }
     if (kRef) {
-#pragma unroll
-      for (int k = 0; k < M; ++k) d[k] = r[k] - s[k];
-      add_values<false, true, true>(st.r, r, d, k1, kT);
+      follow_student(st.r, moved);
+      add_values<false, true, Dot::kCross>(st.r, r, zs, k1, kT);
     }
   }
 
@@ -539,10 +592,8 @@ struct RowMath {
   // maxima are formed before any scaling: the rounding then scales with |x - max| (not |x|),
   // and a row with one class (sums exactly 1, logits equal to their maxima) gives exactly 0
   // for every term and for the gradient, as softmax = 1 does in exact arithmetic. The KL
-  // terms add the unscaled sum_c p_c (x_c - s_c) to max_s - max_x before the one scaling by
-  // 1/T: with one class that sum is fl(x - s) + fl(s - x) = 0 whatever nvcc fuses into an
-  // FFMA (it contracts a + b * invT by default, which with a = fl((x - s) * invT) would leave
-  // the product's rounding error).
+  // terms' sum_c p_c ((x_c - max_x) - (s_c - max_s)) is the cross dot over sumT (Dot::kCross):
+  // with one class exactly 0, whatever nvcc fuses into an FFMA.
   SMSKD_HD RowResult finish(const RowStats& st, float s_y, float t_y, const Params& prm) const {
     RowResult res;
     const float T2 = temperature * temperature;
@@ -556,19 +607,15 @@ struct RowMath {
     res.ce = kTarget ? (res.max_s - s_y) + res.log2_s * kLn2 : 0.0f;
     res.unit_root = unit_temperature_root<kPower>(res.log2_sT, res.log2_s);
     res.tcp = Need::kTeacher1 ? exp2f(fmaf(t_y - res.max_t, k1, -log2f(st.t.sum1))) : 0.0f;
-    // KL(p||q) = [sum_c p_c (x_c - s_c) + max_s - max_x] / T + log(sumT_s) - log(sumT_x), the sum
+    // KL(p||q) = [sum_c p_c ((x_c - max_x) - (s_c - max_s))] / T + log(sumT_s) - log(sumT_x), the sum
     // being dot / sumT
-    res.kd = kTeacher ? T2 * ((st.t.dot / st.t.sumT + (res.max_s - res.max_t)) * invT +
-                              (res.log2_sT - res.log2_tT) * kLn2)
-                      : 0.0f;
+    res.kd = kTeacher ? T2 * ((st.t.dot / st.t.sumT) * invT + (res.log2_sT - res.log2_tT) * kLn2) : 0.0f;
     if (prm.weighting == SMSKD_WEIGHT_CONSTANT) {
       res.weight = 1.0f;
     } else if (Need::kTeacher1) {
       res.weight = prm.weighting == SMSKD_WEIGHT_TCP ? res.tcp : 1.0f - res.tcp;
     }
-    res.ref = kRef ? T2 * res.weight * ((st.r.dot / st.r.sumT + (res.max_s - res.max_r)) * invT +
-                                        (res.log2_sT - res.log2_rT) * kLn2)
-                   : 0.0f;
+    res.ref = kRef ? T2 * res.weight * ((st.r.dot / st.r.sumT) * invT + (res.log2_sT - res.log2_rT) * kLn2) : 0.0f;
     res.loss = prm.ce_weight * res.ce + prm.kd_weight * res.kd + prm.ref_weight * res.ref;
     res.a = kTarget ? prm.ce_weight : 0.0f;
     res.b = kTeacher ? temperature * prm.kd_weight : 0.0f;

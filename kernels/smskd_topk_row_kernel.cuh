@@ -135,11 +135,15 @@ struct TopKRowStreams {
 #pragma nv_exec_check_disable
   template <typename A, typename B, typename F>
   SMSKD_HD static void each(A& a, B& b, F&& f) {
-    f(a.s, b.s, Sums<kTarget, true, true>{});
-    if constexpr (kRef) f(a.r, b.r, Sums<false, true, true>{});
+    f(a.s, b.s, Sums<kTarget, true, Dot::kWeighted>{});
+    if constexpr (kRef) f(a.r, b.r, Sums<false, true, Dot::kCross>{});
   }
   template <typename A, typename B, typename F>
   SMSKD_HD static void each_plain(A&, B&, F&&) {}
+  template <typename Stats>
+  SMSKD_HD static void follow_student(Stats& st, const Stats& row) {
+    if constexpr (kRef) kernels::follow_student(st.r, shift_of(row.s) - shift_of(st.s));
+  }
 };
 
 // The exact-rest kernel's rest maximum (a stream of no sums), and its sum of the rest at it (added as it is).
@@ -147,10 +151,12 @@ struct RestMaxStreams {
 #pragma nv_exec_check_disable
   template <typename A, typename B, typename F>
   SMSKD_HD static void each(A& a, B& b, F&& f) {
-    f(a, b, Sums<false, false, false>{});
+    f(a, b, Sums<false, false, Dot::kNone>{});
   }
   template <typename A, typename B, typename F>
   SMSKD_HD static void each_plain(A&, B&, F&&) {}
+  template <typename Stats>
+  SMSKD_HD static void follow_student(Stats&, const Stats&) {}
 };
 struct RestSumStreams {
   template <typename A, typename B, typename F>
@@ -160,6 +166,8 @@ struct RestSumStreams {
   SMSKD_HD static void each_plain(A& a, B& b, F&& f) {
     f(a.sum, b.sum);
   }
+  template <typename Stats>
+  SMSKD_HD static void follow_student(Stats&, const Stats&) {}
 };
 
 // The log-sum-exp of the kept classes' log p (lse.max, lse.sum1), and kl and mass added as they are.
@@ -167,7 +175,7 @@ struct KeptStreams {
 #pragma nv_exec_check_disable
   template <typename A, typename B, typename F>
   SMSKD_HD static void each(A& a, B& b, F&& f) {
-    f(a.lse, b.lse, Sums<true, false, false>{});
+    f(a.lse, b.lse, Sums<true, false, Dot::kNone>{});
   }
 #pragma nv_exec_check_disable
   template <typename A, typename B, typename F>
@@ -175,6 +183,8 @@ struct KeptStreams {
     f(a.kl, b.kl);
     f(a.mass, b.mass);
   }
+  template <typename Stats>
+  SMSKD_HD static void follow_student(Stats&, const Stats&) {}
 };
 
 // The arithmetic of one row of the top-k form, independent of how threads share it. kPower: the
@@ -222,12 +232,13 @@ struct TopKRowMath {
         if constexpr (kExactRest) rest_max.max = fmaxf(rest_max.max, (kept >> e) & 1u ? -INFINITY : s[p * N + e]);
       }
     }
-    add_values<kTarget, true, true, kPower>(st.s, s, d, k1, kT);  // dot: the rest's sum R
-    if (kRef) {
+    const float student_shift = shift_of(st.s);
+    add_values<kTarget, true, Dot::kWeighted, kPower>(st.s, s, d, k1, kT);  // dot: the rest's sum R
+    if constexpr (kRef) {
       load_chunk<P, N>(r_row, c, stride, r);
-#pragma unroll
-      for (int e = 0; e < M; ++e) d[e] = r[e] - s[e];  // scaled by 1/T in finish()
-      add_values<false, true, true>(st.r, r, d, k1, kT);
+      relative_to_shift(st.s, s, d);  // the KL term's cross dot (Dot::kCross)
+      follow_student(st.r, shift_of(st.s) - student_shift);
+      add_values<false, true, Dot::kCross>(st.r, r, d, k1, kT);
     }
   }
 
@@ -254,7 +265,7 @@ struct TopKRowMath {
     const float log_sumT = logf(st.s.sumT);
     for (int64_t c = lane; c < k; c += threads) {
       const float lp[1] = {log_p(c)};
-      add_values<true, false, false>(ks.lse, lp, lp, k1, kT);
+      add_values<true, false, Dot::kNone>(ks.lse, lp, lp, k1, kT);
       const float p = expf(lp[0]);
       if (p != 0.0f) {  // p = 0 adds nothing; NaN propagates, as in topk.py
         const float log_q = (to_float(s_row[kept_class(c)]) - st.s.max) * invT - log_sumT;
@@ -302,10 +313,8 @@ struct TopKRowMath {
     } else if (kTarget) {
       res.weight = prm.weighting == SMSKD_WEIGHT_TCP ? res.tcp : 1.0f - res.tcp;
     }
-    // KL(p_r||q) = [sum_c p_r,c (r_c - s_c) + max_s - max_r] / T + log(sumT_s) - log(sumT_r)
-    res.ref = kRef ? T2 * res.weight * ((st.r.dot / st.r.sumT + (res.max_s - res.max_r)) * invT +
-                                        (res.log2_sT - res.log2_rT) * kLn2)
-                   : 0.0f;
+    // KL(p_r||q) = [sum_c p_r,c ((r_c - max_r) - (s_c - max_s))] / T + log(sumT_s) - log(sumT_r)
+    res.ref = kRef ? T2 * res.weight * ((st.r.dot / st.r.sumT) * invT + (res.log2_sT - res.log2_rT) * kLn2) : 0.0f;
     res.loss = prm.ce_weight * res.ce + prm.kd_weight * res.kd + prm.ref_weight * res.ref;
     res.a = kTarget ? prm.ce_weight : 0.0f;
     res.b = temperature * prm.kd_weight;

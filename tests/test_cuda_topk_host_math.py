@@ -176,6 +176,18 @@ def test_a_rest_far_below_the_kept_classes_gives_the_exact_finite_kd(host_binary
                                    msg=lambda m: f"{what} gradient entrywise: {m}")
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_a_reference_far_from_the_student_keeps_the_reference_term_exact(host_binary, tmp_path, temperature):
+    """The reference's rows 5e5 below the student's (softmax ignores a shift, so the term is that of the rows
+    unshifted): every layout matches the float64 reference to the usual tolerance, which follows the student's
+    logits. Summing p (r - s) instead of p ((r - max_r) - (s - max_s)) rounded to the spacing of 5e5 (0.03)."""
+    options = LossOptions(temperature=temperature, ce_weight=0.3, kd_weight=0.9, ref_weight=0.7, weighting="constant")
+    student, target, topk, reference = make_inputs(4, 513, 20, torch.float32, seed=5, temperature=temperature,
+                                                   with_target=True, with_reference=True)
+    check_case(host_binary, tmp_path / "case", student, target, topk, reference - 5e5, options, pad=1,
+               vectorized=True)
+
+
 @pytest.mark.parametrize("c, k", [(300, 5), (2049, 37)])
 def test_ignored_rows_top_k_fields_are_not_read(host_binary, tmp_path, c, k):
     """Padding rows (ignored) holding conformance_cases.PADDING_FILLS, indices clamped into [0, C) as the op

@@ -213,6 +213,13 @@ def _rising(s, y, t, r, case):
     return s + torch.linspace(0, 200, case.c, dtype=F64), y, t, r
 
 
+def _far_shifted(s, y, t, r, case):
+    """The reference's rows 5e5 below the student's and a dense teacher's 1e6 above (softmax ignores a shift:
+    the loss is that of the rows unshifted). A kernel that sums p (t - s) rounds it to the spacing of the
+    shift (0.03-0.06); a top-k teacher keeps its logits (its cache stores absolute values: docs/logit_cache.md)."""
+    return s, y, t if case.topk else t + 1e6, r - 5e5
+
+
 def _all_ignored(s, y, t, r, case):
     return s, torch.full_like(y, case.ignore_index), t, r
 
@@ -220,7 +227,7 @@ def _all_ignored(s, y, t, r, case):
 EDITS = {"": _no_edit, "masked_blocks": _masked_blocks, "masked_every_third": _masked_every_third,
          "masked_teacher_reference": _masked_teacher_and_reference, "nan_teacher": _nan_teacher,
          "nan_ignored_row": _nan_in_ignored_row, "all_equal": _all_equal, "late_maximum": _late_maximum,
-         "rising": _rising, "all_ignored": _all_ignored}
+         "rising": _rising, "all_ignored": _all_ignored, "far_shifted": _far_shifted}
 
 
 # ---- top-k teachers other than the top-k of random logits: (student, teacher, target, case) -> TopKTeacher ----
@@ -458,6 +465,10 @@ def dense_cases() -> list:
         cases.append(Case("masked", 4, 1030, dtype, edit="masked_blocks"))
     for c in (7, 4100):
         cases.append(Case("masked", 3, c, F32, temperature=2.0, seed=11, edit="masked_every_third"))
+    # Far-shifted teacher and reference rows: whole rows (Triton's tile kernel) and column blocks, T = 2's power path.
+    for dtype in (F64, F32):
+        for c, temperature in ((300, 4.0), (5000, 2.0)):
+            cases.append(Case("far_shifted", 4, c, dtype, temperature=temperature, seed=c, edit="far_shifted"))
     return cases
 
 
@@ -541,4 +552,8 @@ def topk_cases() -> list:
     for c in (9, 300):
         cases.append(Case("topk_nan", 4, c, F32, "target", k=3, seed=6, temperature=2.0, weights=(0.5, 1.0, 0.0),
                           edit="nan_kept_value"))
+    for dtype in (F64, F32):
+        for c, temperature in ((300, 4.0), (5000, 2.0)):
+            cases.append(Case("topk_far_shifted", 4, c, dtype, k=10, seed=c, temperature=temperature,
+                              weights=(0.5, 1.0, 0.7), edit="far_shifted"))
     return cases

@@ -22,6 +22,7 @@ from smskd_fast.backends.base import RowInputs
 from smskd_fast.backends.reference import ReferenceBackend
 from smskd_fast.backends.registry import get_backend
 from smskd_fast.backends.topk import TopKTeacher
+from smskd_fast.backends.triton.launch import TILE_MAX_C
 from conformance_cases import F64, FIELDS, Case, build, dense_cases, on_device, topk_cases
 from tolerances import backend_tolerance, cross_backend_tolerance
 from topk_cases import no_rest_mass_case
@@ -36,7 +37,16 @@ GPU_SCALE_GROUPS = ("ladder", "temperature_ladder", "topk_ladder")
 # the kernels give numbers); test_infinite_rest_term_matches_the_cpu_kernel compares those with the cpu's.
 EDITS_WITH_INFINITE_LOSS = ("student_rest_masked",)
 EDITS_WITH_FINITE_RESULTS = ("masked_blocks", "masked_every_third", "masked_teacher_reference", "all_equal",
-                             "no_rest", "sure_teacher", "student_rest_far_below", "padding_rows")
+                             "no_rest", "sure_teacher", "student_rest_far_below", "padding_rows", "far_shifted")
+
+
+def mark_known_defect(request, backend: str, case: Case) -> None:
+    """Marks the cases a backend is known to fail until fixed as expected failures (strict: a fix turns the
+    mark into a failure that asks for it to go). Triton's column-block (C > TILE_MAX_C) and top-k kernels sum
+    p (x - s) for the KL terms as is, which rounds to the spacing of a far shift (README; docs/perf_notes.md)."""
+    if backend == "triton" and case.edit == "far_shifted" and (case.topk or case.c > TILE_MAX_C):
+        request.applymarker(pytest.mark.xfail(reason="Triton column-block / top-k kernels: p (x - s) with far-out "
+                                                     "logits", strict=True))
 
 
 def device_of(backend: str) -> str:
@@ -187,13 +197,15 @@ TOPK = topk_cases()
 
 @pytest.mark.parametrize("case", DENSE, ids=[case.id for case in DENSE])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dense_teacher_matches_reference(backend, case):
+def test_dense_teacher_matches_reference(backend, case, request):
+    mark_known_defect(request, backend, case)
     assert_conforms(backend, case)
 
 
 @pytest.mark.parametrize("case", TOPK, ids=[case.id for case in TOPK])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_topk_teacher_matches_reference(backend, case):
+def test_topk_teacher_matches_reference(backend, case, request):
+    mark_known_defect(request, backend, case)
     assert_conforms(backend, case)
 
 

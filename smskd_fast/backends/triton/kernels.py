@@ -273,16 +273,19 @@ def _store_ignored_row(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_p
 
 
 @triton.jit
-def _row_terms(lse_s, s_y, kl_t, lse_t, t_y, kl_r,
+def _row_terms(ms_s, log_d_s, s_y, kl_t, ms_t, log_d_t, t_y, kl_r,
                temperature, ce_weight, kd_weight, ref_weight,
                HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_REFERENCE: tl.constexpr,
                WEIGHTING: tl.constexpr):
     """Per-row loss terms from the statistics; works on scalars and on [ROWS] vectors.
 
-    kl_x is KL(softmax(x/T) || softmax(s/T)) (the top-k kernel passes its coarsened
-    KL as kl_t); TCP is exp(t_y - lse_t). Returns (loss, ce, kd, ref, tcp, w).
+    ms_x, log_d_x: a row's maximum (0 when -inf) and the log of its sum of exp(x - ms_x), lse(x) being their
+    sum; CE = (ms_s - s_y) + log_d_s and TCP = exp((t_y - ms_t) - log_d_t), the logits' difference taken first
+    so that far-out logits (1e6) cost no more than near ones (lse - s_y rounds to the spacing of lse). The top-k
+    kernel passes its cache's lse(t) as ms_t with log_d_t = 0. kl_x is KL(softmax(x/T) || softmax(s/T)) (the
+    top-k kernel passes its coarsened KL as kl_t). Returns (loss, ce, kd, ref, tcp, w).
     """
-    zero = tl.zeros_like(lse_s)
+    zero = tl.zeros_like(ms_s)
     ce = zero
     kd = zero
     ref = zero
@@ -292,11 +295,11 @@ def _row_terms(lse_s, s_y, kl_t, lse_t, t_y, kl_r,
         w = zero + 1.0
     t2 = temperature * temperature
     if HAS_TARGET:
-        ce = lse_s - s_y
+        ce = (ms_s - s_y) + log_d_s
     if HAS_TEACHER:
         kd = t2 * kl_t
         if HAS_TARGET:
-            tcp = tl.exp(t_y - lse_t)
+            tcp = tl.exp((t_y - ms_t) - log_d_t)
             if WEIGHTING == WEIGHT_INVERSE_TCP:
                 w = 1.0 - tcp
             if WEIGHTING == WEIGHT_TCP:
@@ -411,8 +414,6 @@ def _smskd_rows_online_kernel(
         ms_t, D_t, D_tT, A_t = _row_sums(m_t, d_t, d_tT, a_t, scale_T)
         ms_r, _, D_rT, A_r = _row_sums(m_r, d_rT, d_rT, a_r, scale_T)
         log_D_sT = tl.log(D_sT)
-        lse_s = ms_s + tl.log(D_s)
-        lse_t = ms_t + tl.log(D_t)
         kl_t = _kl_from_sums(A_t, D_tT, ms_t, ms_s, log_D_sT, temperature)
         kl_r = _kl_from_sums(A_r, D_rT, ms_r, ms_s, log_D_sT, temperature)
         s_y = tl.zeros([], tl.float32)
@@ -422,7 +423,7 @@ def _smskd_rows_online_kernel(
             if HAS_TEACHER:
                 t_y = tl.load(t_row + y).to(tl.float32)
         loss, ce, kd, ref, tcp, w = _row_terms(
-            lse_s, s_y, kl_t, lse_t, t_y, kl_r, temperature, ce_weight, kd_weight, ref_weight,
+            ms_s, tl.log(D_s), s_y, kl_t, ms_t, tl.log(D_t), t_y, kl_r, temperature, ce_weight, kd_weight, ref_weight,
             HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING)
         _store_row_terms(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, loss, ce, kd, ref, tcp, w)
 
@@ -508,7 +509,7 @@ def _smskd_rows_tile_kernel(
     e_sT = tl.exp2(s_shifted * scale_T)
     D_sT = tl.sum(e_sT, 1)
     log_D_sT = tl.log(D_sT)
-    lse_s = ms_s / temperature + log_D_sT
+    log_D_s = log_D_sT
     D_s = D_sT
     zero_rows = tl.zeros_like(D_sT)
     s_y = zero_rows
@@ -519,13 +520,14 @@ def _smskd_rows_tile_kernel(
         else:
             e_s = tl.exp2(s_shifted * LOG2E)
         D_s = tl.sum(e_s, 1)
-        lse_s = ms_s + tl.log(D_s)
+        log_D_s = tl.log(D_s)
         s_y = tl.sum(tl.where(is_target, s, 0.0), 1)
 
     t = s
     e_tT = e_sT
     D_tT = D_sT
-    lse_t = lse_s
+    ms_t = ms_s
+    log_D_t = log_D_s
     kl_t = zero_rows
     t_y = zero_rows
     if HAS_TEACHER:
@@ -537,7 +539,7 @@ def _smskd_rows_tile_kernel(
                 e_t = _to_unit_temperature(e_tT, T_POWER)
             else:
                 e_t = tl.exp2((t - ms_t[:, None]) * LOG2E)
-            lse_t = ms_t + tl.log(tl.sum(e_t, 1))
+            log_D_t = tl.log(tl.sum(e_t, 1))
             t_y = tl.sum(tl.where(is_target, t, 0.0), 1)
 
     e_rT = e_sT
@@ -549,7 +551,7 @@ def _smskd_rows_tile_kernel(
         _, e_rT, D_rT, kl_r = _tile_softened_kl(r, s_shifted, log_D_sT, scale_T, temperature)
 
     loss, ce, kd, ref, tcp, w = _row_terms(
-        lse_s, s_y, kl_t, lse_t, t_y, kl_r,
+        ms_s, log_D_s, s_y, kl_t, ms_t, log_D_t, t_y, kl_r,
         temperature, ce_weight, kd_weight, ref_weight,
         HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING)
     tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_in)

@@ -259,8 +259,6 @@ def _smskd_topk_rows_kernel(
             ms_s, D_s, D_sT, rest_sum = _row_sums(m_s, d_s, d_sT, d_rest, scale_T)
             ms_r, _unit_sum_r, D_rT, A_r = _row_sums(m_r, d_rT, d_rT, a_r, scale_T)  # (no T = 1 sum of r)
         log_D_sT = tl.log(D_sT)
-        lse_sT = ms_s / temperature + log_D_sT
-        lse_s = ms_s + tl.log(D_s)
         if TILE_MAXIMA:
             A_r = _tile_sum(a_r)
         kl_r = _kl_from_sums(A_r, D_rT, ms_r, ms_s, log_D_sT, temperature)
@@ -279,7 +277,7 @@ def _smskd_topk_rows_kernel(
             s_c = tl.load(s_row + index, mask=k_mask, other=0.0).to(tl.float32)
             if COMPUTE_GRAD:  # for the scatter: the student's own column may be overwritten by then
                 tl.store(kept_logits_row + kk, s_c, mask=k_mask)
-            log_q = s_c / temperature - lse_sT
+            log_q = (s_c - ms_s) / temperature - log_D_sT  # relative to the maximum first, as for CE
             kept_kl += _weighted_diff(p, log_p, log_q)  # p = 0 (masked lane) adds 0; NaN propagates
             kept_mass += p
             m_new = tl.maximum(m_p, tl.max(log_p, 0))
@@ -316,8 +314,8 @@ def _smskd_topk_rows_kernel(
             s_y = tl.load(s_row + y).to(tl.float32)
             t_y = tl.load(true_logit_ptr + row)
             lse_t = tl.load(lse_ptr + row)
-        loss, ce, kd, ref, tcp, w = _row_terms(
-            lse_s, s_y, tl.sum(kept_kl, 0) + rest_kl, lse_t, t_y, kl_r,
+        loss, ce, kd, ref, tcp, w = _row_terms(  # the teacher's lse(t) from the cache (log_d_t 0)
+            ms_s, tl.log(D_s), s_y, tl.sum(kept_kl, 0) + rest_kl, lse_t, 0.0, t_y, kl_r,
             temperature, ce_weight, kd_weight, ref_weight,
             HAS_TARGET, True, HAS_REFERENCE, WEIGHTING)
         _store_row_terms(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, loss, ce, kd, ref, tcp, w)

@@ -39,10 +39,9 @@ COLUMN_BLOCK_CONFIG = TopKConfig(2048, 8, False)
 # The exact-rest pass: column blocks whatever C (rare rows; one configuration to compile and check).
 EXACT_REST_CONFIG = TopKConfig(1024, 4, False)
 # Whole-row widths where BLOCK_C / 256 warps made ptxas spill 4-8 bytes on sm_80 under
-# triton 3.6 (1024: smskd+grad fp32; 2048: smskd+grad bf16/fp16). 4096: 8 warps spill 4-12 bytes
-# under 3.6 since the exact-rest flag and the padding rows (smskd+grad fp32 on sm_80 and sm_90), 32
-# warps 4-8 under 3.8 (smskd, sm_80); 16 spill in no variant under 3.8 and in kd+grad fp32 on sm_80
-# only (4 bytes) under 3.6 (benchmarks/results/triton_aot_triton3.6_2026-12-06/).
+# triton 3.6 (1024: smskd+grad fp32; 2048: smskd+grad bf16/fp16). 4096: 8 warps spilled 4-12 bytes
+# under 3.6 (smskd+grad fp32 on sm_80 and sm_90), 32 warps 4-8 under 3.8 (smskd, sm_80); with 16
+# none of the 876 compiles spills under 3.6 or 3.8 (benchmarks/results/triton_aot_triton3.6_2026-12-06/).
 WHOLE_ROW_WARPS_OVERRIDE = {1024: 8, 2048: 16, 4096: 16}
 
 

@@ -102,8 +102,8 @@ SMSKD_HD void follow_student(StreamStats& x, float moved) {
   if (x.sumT != 0.0f && moved != 0.0f) x.dot = fmaf(x.sumT, moved, x.dot);
 }
 
-// A cross dot re-expressed at a maximum `drop` above the stream's finite one (drop < 0), its terms'
-// exponentials scaled by scale = exp2(drop kT): every x_c - shift(x) falls by -drop. A factor 0
+// A cross dot re-expressed at a maximum -drop above the stream's finite one (drop = old - new < 0), its
+// terms' exponentials scaled by scale = exp2(drop kT): every x_c - shift(x) falls by -drop. A factor 0
 // (an old maximum of -inf, or a new one of +inf) leaves 0, not 0 x inf.
 SMSKD_HD float rescale_cross(float dot, float sumT, float drop, float scale) {
   return scale == 0.0f ? 0.0f : fmaf(sumT, drop, dot) * scale;
@@ -179,12 +179,16 @@ SMSKD_HD void add_values(StreamStats& st, const float (&x)[N], const float (&d)[
   }
 }
 
-// The student's chunk x relative to its shift: what add_values<..., Dot::kCross> takes as d.
+// After the student's chunk s was added to its statistics (its shift then: shift_before): s relative to
+// the student's shift in zs, what add_values<..., Dot::kCross> takes as d, and how far that shift moved,
+// what the cross dots follow first (follow_student).
 template <int N>
-SMSKD_HD void relative_to_shift(const StreamStats& student, const float (&x)[N], float (&out)[N]) {
+SMSKD_HD float relative_to_student(const StreamStats& student, float shift_before, const float (&s)[N],
+                                   float (&zs)[N]) {
   const float base = shift_of(student);
 #pragma unroll
-  for (int k = 0; k < N; ++k) out[k] = x[k] - base;
+  for (int k = 0; k < N; ++k) zs[k] = s[k] - base;
+  return base - shift_before;
 }
 
 // The lanes of the calling thread's warp that work on its row.
@@ -204,7 +208,7 @@ struct Needs {
   static constexpr bool kSoftened = kTeacher || kRef;  // anything at temperature T
   // student: lse(s) for CE, lse(s/T) for both KL terms
   static constexpr bool kStudent1 = kTarget, kStudentT = kSoftened;
-  // teacher: lse(t) for TCP, lse(t/T) and the p_t-weighted (t - s)/T for KD
+  // teacher: lse(t) for TCP, lse(t/T) and the p_t-weighted cross dot for KD (Dot::kCross)
   static constexpr bool kTeacher1 = kTeacher && kTarget;
 };
 
@@ -226,6 +230,12 @@ template <bool Sum1, bool SumT, Dot D>
 struct Sums {
   static constexpr bool kSum1 = Sum1, kSumT = SumT, kDot = D != Dot::kNone;
   static constexpr Dot kDotKind = D;
+};
+
+// The statistics types without cross dots: nothing follows the student's shift in their merges.
+struct WithoutCrossDots {
+  template <typename Stats>
+  SMSKD_HD static void follow_student(Stats&, const Stats&) {}
 };
 
 // RowStats' streams given which inputs exist: f(a.x, b.x, Sums) per present stream. follow_student:
@@ -575,8 +585,7 @@ struct RowMath {
     add_values<Need::kStudent1, Need::kStudentT, Dot::kNone, kPower>(st.s, s, s, k1, kT);
     if constexpr (!Need::kSoftened) return;
     // The KL terms' cross dots, at the student's shift after this chunk (Dot::kCross).
-    relative_to_shift(st.s, s, zs);
-    const float moved = shift_of(st.s) - student_shift;
+    const float moved = relative_to_student(st.s, student_shift, s, zs);
     if (kTeacher) {
       follow_student(st.t, moved);
       add_values<Need::kTeacher1, true, Dot::kCross, kPower>(st.t, t, zs, k1, kT);

@@ -147,7 +147,7 @@ struct TopKRowStreams {
 };
 
 // The exact-rest kernel's rest maximum (a stream of no sums), and its sum of the rest at it (added as it is).
-struct RestMaxStreams {
+struct RestMaxStreams : WithoutCrossDots {
 #pragma nv_exec_check_disable
   template <typename A, typename B, typename F>
   SMSKD_HD static void each(A& a, B& b, F&& f) {
@@ -155,10 +155,8 @@ struct RestMaxStreams {
   }
   template <typename A, typename B, typename F>
   SMSKD_HD static void each_plain(A&, B&, F&&) {}
-  template <typename Stats>
-  SMSKD_HD static void follow_student(Stats&, const Stats&) {}
 };
-struct RestSumStreams {
+struct RestSumStreams : WithoutCrossDots {
   template <typename A, typename B, typename F>
   SMSKD_HD static void each(A&, B&, F&&) {}
 #pragma nv_exec_check_disable
@@ -166,12 +164,10 @@ struct RestSumStreams {
   SMSKD_HD static void each_plain(A& a, B& b, F&& f) {
     f(a.sum, b.sum);
   }
-  template <typename Stats>
-  SMSKD_HD static void follow_student(Stats&, const Stats&) {}
 };
 
 // The log-sum-exp of the kept classes' log p (lse.max, lse.sum1), and kl and mass added as they are.
-struct KeptStreams {
+struct KeptStreams : WithoutCrossDots {
 #pragma nv_exec_check_disable
   template <typename A, typename B, typename F>
   SMSKD_HD static void each(A& a, B& b, F&& f) {
@@ -183,8 +179,6 @@ struct KeptStreams {
     f(a.kl, b.kl);
     f(a.mass, b.mass);
   }
-  template <typename Stats>
-  SMSKD_HD static void follow_student(Stats&, const Stats&) {}
 };
 
 // The arithmetic of one row of the top-k form, independent of how threads share it. kPower: the
@@ -236,8 +230,7 @@ struct TopKRowMath {
     add_values<kTarget, true, Dot::kWeighted, kPower>(st.s, s, d, k1, kT);  // dot: the rest's sum R
     if constexpr (kRef) {
       load_chunk<P, N>(r_row, c, stride, r);
-      relative_to_shift(st.s, s, d);  // the KL term's cross dot (Dot::kCross)
-      follow_student(st.r, shift_of(st.s) - student_shift);
+      follow_student(st.r, relative_to_student(st.s, student_shift, s, d));  // d: for the cross dot (Dot::kCross)
       add_values<false, true, Dot::kCross>(st.r, r, d, k1, kT);
     }
   }

@@ -55,10 +55,11 @@ struct Case {
   int64_t cache_packs = 0;  // packs of each stream sweep 1 keeps for sweep 2 (RowCache); 0: none
   float temperature = 2.5f;  // 1 and 2 run the launcher's instantiations for them (temperature_power)
   // Far-out logits (float32 rows of 16 columns or more): kFarShifted, the teacher's row `far` up and the
-  // reference's far / 2 down (the KL terms do not change: softmax ignores a shift); kFarQuarter, the last
-  // quarter of every stream `far` up (each stream's maximum moves late, in some threads only). The KL terms
-  // are as exact as on other rows only if each logit is taken relative to its own stream's maximum before
-  // s is subtracted: a kernel that summed p (t - s) rounded it to the spacing of far (~0.06 at 1e6).
+  // reference's far / 2 down (the KL terms do not change: softmax ignores a shift), as exact as other rows
+  // only if each logit is taken relative to its own stream's maximum before s is subtracted (a kernel that
+  // summed p (t - s) rounded it to the spacing of far, ~0.06 at 1e6); kFarQuarter, the last quarter of every
+  // stream `far` up: each stream's maximum moves far and late, in some threads only, which the corrections of
+  // the cross dots follow (p (t - s) is exact there: t and s are close).
   enum FarLayout { kNotFar, kFarShifted, kFarQuarter } far_layout = kNotFar;
   float far = 1e6f;
 };

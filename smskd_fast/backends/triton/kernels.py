@@ -238,9 +238,10 @@ def _kl_from_sums(a_sum, d_sum, m_safe, ms_s, log_d_sT, temperature):
     """KL(softmax(x/T) || softmax(s/T)) = A / (D T) - lse(x/T) + lse(s/T), from the row sums of _online_kl_sums
     at the maximum m_safe (0 when it was -inf); lse(x/T) = m_safe / T + log D, lse(s/T) = ms_s / T + log_d_sT.
 
-    The maxima's difference is formed before the division by T and the logs' difference apart:
-    a one-class row (A / (D T) = (x - s)/T, both sums 1) gives exactly 0, and the rounding scales
-    with |m_x - m_s| rather than with |m_x| + |m_s|."""
+    The maxima's difference is formed before the division by T and the logs' difference apart, so that a
+    one-class row (A / (D T) = (x - s)/T, both sums 1) gives exactly 0. A itself sums e (x - s) as is, which
+    rounds to the spacing of x where x and s lie far apart (1e4 and more; README): the CUDA and CPU kernels
+    take each logit relative to its own maximum first (docs/perf_notes.md, stop 32)."""
     return a_sum / (d_sum * temperature) + (ms_s - m_safe) / temperature + (log_d_sT - tl.log(d_sum))
 
 

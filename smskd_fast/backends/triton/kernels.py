@@ -274,19 +274,25 @@ def _store_ignored_row(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_p
 
 
 @triton.jit
-def _row_terms(ms_s, log_d_s, s_y, kl_t, ms_t, log_d_t, t_y, kl_r,
+def _log_softmax_at(x_y, ms_x, log_d_x):
+    """log softmax(x)_y from the row's maximum ms_x (0 when -inf) and the log of its sum of exp(x - ms_x): the
+    logits' difference taken first, (x_y - ms_x) - log_d_x, so that far-out logits (1e6) cost no more than near
+    ones (x_y - lse(x) rounds to the spacing of lse). CE is its negative, TCP its exponential."""
+    return (x_y - ms_x) - log_d_x
+
+
+@triton.jit
+def _row_terms(ce_row, kl_t, log_tcp, kl_r,
                temperature, ce_weight, kd_weight, ref_weight,
                HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_REFERENCE: tl.constexpr,
                WEIGHTING: tl.constexpr):
     """Per-row loss terms from the statistics; works on scalars and on [ROWS] vectors.
 
-    ms_x, log_d_x: a row's maximum (0 when -inf) and the log of its sum of exp(x - ms_x), lse(x) being their
-    sum; CE = (ms_s - s_y) + log_d_s and TCP = exp((t_y - ms_t) - log_d_t), the logits' difference taken first
-    so that far-out logits (1e6) cost no more than near ones (lse - s_y rounds to the spacing of lse). The top-k
-    kernel passes its cache's lse(t) as ms_t with log_d_t = 0. kl_x is KL(softmax(x/T) || softmax(s/T)) (the
+    ce_row is the row's CE and log_tcp the log of the teacher's true-class probability (_log_softmax_at; the
+    top-k kernel's from its cache), each read only with a target; kl_x is KL(softmax(x/T) || softmax(s/T)) (the
     top-k kernel passes its coarsened KL as kl_t). Returns (loss, ce, kd, ref, tcp, w).
     """
-    zero = tl.zeros_like(ms_s)
+    zero = tl.zeros_like(kl_t)
     ce = zero
     kd = zero
     ref = zero
@@ -296,11 +302,11 @@ def _row_terms(ms_s, log_d_s, s_y, kl_t, ms_t, log_d_t, t_y, kl_r,
         w = zero + 1.0
     t2 = temperature * temperature
     if HAS_TARGET:
-        ce = (ms_s - s_y) + log_d_s
+        ce = ce_row
     if HAS_TEACHER:
         kd = t2 * kl_t
         if HAS_TARGET:
-            tcp = tl.exp((t_y - ms_t) - log_d_t)
+            tcp = tl.exp(log_tcp)
             if WEIGHTING == WEIGHT_INVERSE_TCP:
                 w = 1.0 - tcp
             if WEIGHTING == WEIGHT_TCP:
@@ -424,8 +430,8 @@ def _smskd_rows_online_kernel(
             if HAS_TEACHER:
                 t_y = tl.load(t_row + y).to(tl.float32)
         loss, ce, kd, ref, tcp, w = _row_terms(
-            ms_s, tl.log(D_s), s_y, kl_t, ms_t, tl.log(D_t), t_y, kl_r, temperature, ce_weight, kd_weight, ref_weight,
-            HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING)
+            -_log_softmax_at(s_y, ms_s, tl.log(D_s)), kl_t, _log_softmax_at(t_y, ms_t, tl.log(D_t)), kl_r,
+            temperature, ce_weight, kd_weight, ref_weight, HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING)
         _store_row_terms(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, loss, ce, kd, ref, tcp, w)
 
         if COMPUTE_GRAD:
@@ -510,7 +516,7 @@ def _smskd_rows_tile_kernel(
     e_sT = tl.exp2(s_shifted * scale_T)
     D_sT = tl.sum(e_sT, 1)
     log_D_sT = tl.log(D_sT)
-    log_D_s = log_D_sT
+    lse_s = ms_s / temperature + log_D_sT
     D_s = D_sT
     zero_rows = tl.zeros_like(D_sT)
     s_y = zero_rows
@@ -521,14 +527,13 @@ def _smskd_rows_tile_kernel(
         else:
             e_s = tl.exp2(s_shifted * LOG2E)
         D_s = tl.sum(e_s, 1)
-        log_D_s = tl.log(D_s)
+        lse_s = ms_s + tl.log(D_s)
         s_y = tl.sum(tl.where(is_target, s, 0.0), 1)
 
     t = s
     e_tT = e_sT
     D_tT = D_sT
-    ms_t = ms_s
-    log_D_t = log_D_s
+    lse_t = lse_s
     kl_t = zero_rows
     t_y = zero_rows
     if HAS_TEACHER:
@@ -540,7 +545,7 @@ def _smskd_rows_tile_kernel(
                 e_t = _to_unit_temperature(e_tT, T_POWER)
             else:
                 e_t = tl.exp2((t - ms_t[:, None]) * LOG2E)
-            log_D_t = tl.log(tl.sum(e_t, 1))
+            lse_t = ms_t + tl.log(tl.sum(e_t, 1))
             t_y = tl.sum(tl.where(is_target, t, 0.0), 1)
 
     e_rT = e_sT
@@ -551,8 +556,11 @@ def _smskd_rows_tile_kernel(
                     other=float("-inf")).to(tl.float32)
         _, e_rT, D_rT, kl_r = _tile_softened_kl(r, s_shifted, log_D_sT, scale_T, temperature)
 
+    # CE and TCP from lse, not _log_softmax_at: with the logits' difference taken first, ptxas spilled 4-8
+    # bytes in some tiles (ROWS=16 BLOCK_C=32 fp32, ROWS=1 BLOCK_C=4096 bf16; docs/perf_notes.md, stop 32), so
+    # that far-out logits (1e6) cost CE and TCP here the spacing of lse.
     loss, ce, kd, ref, tcp, w = _row_terms(
-        ms_s, log_D_s, s_y, kl_t, ms_t, log_D_t, t_y, kl_r,
+        lse_s - s_y, kl_t, t_y - lse_t, kl_r,
         temperature, ce_weight, kd_weight, ref_weight,
         HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING)
     tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_in)

@@ -53,9 +53,9 @@ import triton
 import triton.language as tl
 
 from smskd_fast.backends.triton.kernels import (LOG2E, _aligned, _fp32_scalars, _gradient_weights, _kl_from_sums,
-                                                _online_kl_sums, _online_unit_sum, _rescale, _row_sums, _row_terms,
-                                                _store_ignored_row, _store_row_terms, _unit_root, _unit_softmax,
-                                                _weighted_diff, sixteen_byte_loads)
+                                                _log_softmax_at, _online_kl_sums, _online_unit_sum, _rescale, _row_sums,
+                                                _row_terms, _store_ignored_row, _store_row_terms, _unit_root,
+                                                _unit_softmax, _weighted_diff, sixteen_byte_loads)
 
 
 # A row whose rest sums to less than this at the row maximum goes to the exact-rest pass. From 2^-64 on, the terms
@@ -314,8 +314,8 @@ def _smskd_topk_rows_kernel(
             s_y = tl.load(s_row + y).to(tl.float32)
             t_y = tl.load(true_logit_ptr + row)
             lse_t = tl.load(lse_ptr + row)
-        loss, ce, kd, ref, tcp, w = _row_terms(  # the teacher's lse(t) from the cache (log_d_t 0)
-            ms_s, tl.log(D_s), s_y, tl.sum(kept_kl, 0) + rest_kl, lse_t, 0.0, t_y, kl_r,
+        loss, ce, kd, ref, tcp, w = _row_terms(  # TCP from the cache's true-class logit and lse(t)
+            -_log_softmax_at(s_y, ms_s, tl.log(D_s)), tl.sum(kept_kl, 0) + rest_kl, t_y - lse_t, kl_r,
             temperature, ce_weight, kd_weight, ref_weight,
             HAS_TARGET, True, HAS_REFERENCE, WEIGHTING)
         _store_row_terms(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, loss, ce, kd, ref, tcp, w)

@@ -215,8 +215,9 @@ def _rising(s, y, t, r, case):
 
 def _far_shifted(s, y, t, r, case):
     """The reference's rows 5e5 below the student's and a dense teacher's 1e6 above (softmax ignores a shift:
-    the loss is that of the rows unshifted). A kernel that sums p (t - s) rounds it to the spacing of the
-    shift (0.03-0.06); a top-k teacher keeps its logits (its cache stores absolute values: docs/logit_cache.md)."""
+    the loss is that of the rows unshifted). A kernel that sums p (t - s), or forms CE or TCP from lse, rounds
+    them to the spacing of the shift (0.03-0.06); a top-k teacher keeps its logits (its cache stores absolute
+    values: README)."""
     return s, y, t if case.topk else t + 1e6, r - 5e5
 
 

@@ -39,16 +39,6 @@ EDITS_WITH_FINITE_RESULTS = ("masked_blocks", "masked_every_third", "masked_teac
                              "no_rest", "sure_teacher", "student_rest_far_below", "padding_rows", "far_shifted")
 
 
-def mark_known_defect(request, backend: str, case: Case) -> None:
-    """Marks the cases a backend is known to fail until fixed as expected failures (strict: a fix turns the
-    mark into a failure that asks for it to go). Triton's column-block (C > 4096) and top-k kernels sum p (x - s)
-    for the KL terms as is, which rounds to the spacing of a far shift, and its tile kernel (C <= 4096) forms TCP
-    as exp(t_y - lse(t)), which rounds to the spacing of lse (README; docs/perf_notes.md, stop 32)."""
-    if backend == "triton" and case.edit == "far_shifted":
-        request.applymarker(pytest.mark.xfail(reason="Triton kernels: p (x - s) and lse(t) with far-out logits",
-                                              strict=True))
-
-
 def device_of(backend: str) -> str:
     return {"cpu": "cpu", "triton": DEVICE, "cuda": "cuda"}[backend]
 
@@ -197,15 +187,13 @@ TOPK = topk_cases()
 
 @pytest.mark.parametrize("case", DENSE, ids=[case.id for case in DENSE])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dense_teacher_matches_reference(backend, case, request):
-    mark_known_defect(request, backend, case)
+def test_dense_teacher_matches_reference(backend, case):
     assert_conforms(backend, case)
 
 
 @pytest.mark.parametrize("case", TOPK, ids=[case.id for case in TOPK])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_topk_teacher_matches_reference(backend, case, request):
-    mark_known_defect(request, backend, case)
+def test_topk_teacher_matches_reference(backend, case):
     assert_conforms(backend, case)
 
 

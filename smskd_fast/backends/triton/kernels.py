@@ -21,8 +21,9 @@ elements, and not the per-row outputs.
 Statistics per row, from one read of s, t and r:
   lse(s), lse(s/T)    share the maximum of s (max(s/T) = max(s)/T for T > 0)
   lse(t), lse(t/T)    share the maximum of t; lse(t) only when TCP is needed
-  sum_c p_t,c (t_c - s_c)/T  and the same for r, as per-lane sums weighted by
-  exp((x - m)/T), so that KL(p_x || q_s) = A_x/D_x - lse(x/T) + lse(s/T).
+  sum_c p_t,c ((t_c - m_t) - (s_c - m_s))/T  and the same for r, as per-lane sums weighted by
+  exp((x - m_x)/T), each logit relative to its own stream's running maximum before the two meet (so
+  that far-out logits, 1e6, cost no precision): KL(p_x || q_s) = A_x/D_x + log D_s,T - log D_x,T.
 Inputs are fp32, bf16 or fp16; accumulation is fp32 (float64 inputs are refused
 by the backend: scalar kernel arguments are fp32, so a float64 result would not
 carry float64 accuracy). Exponentials are exp2 with log2(e) folded into the scale.
@@ -172,9 +173,16 @@ def _unit_softmax(s, q, ms_s, log2d_s, unit_root, T_POWER: tl.constexpr):
 
 
 @triton.jit
+def _shift(m):
+    """A running maximum as the shift its stream's values are taken relative to: 0 while it is -inf (their
+    exponentials are then 0, not NaN)."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def _rescale(m_old, m_new, scale):
-    """exp2((m_old - m_new) * scale), 0 when m_old is -inf, with a -inf m_new read as 0."""
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    """exp2((m_old - m_new) * scale), 0 when m_old is -inf, with a -inf m_new read as 0 (_shift)."""
+    m_safe = _shift(m_new)
     return tl.exp2((m_old - m_safe) * scale), m_safe
 
 
@@ -194,10 +202,12 @@ def _online_sum(d, m_old, m_new, x, scale):
 
 @triton.jit
 def _block_exponentials(x, m_old, m_new, scale_T):
-    """A block's exp2((x - m) * scale_T) against the row maximum m grown from m_old to m_new, and the
-    factor alpha_T that rescales the sums so far: (alpha_T, e_T)."""
+    """A block of x against its running maximum grown from m_old to m_new: the factor alpha_T that rescales
+    the sums so far, e_T = exp2(x_rel * scale_T) with x_rel = x - m (m read as 0 while -inf: _shift), and how
+    far that shift moved: (alpha_T, e_T, x_rel, moved)."""
     alpha_T, m_safe = _rescale(m_old, m_new, scale_T)
-    return alpha_T, tl.exp2((x - m_safe) * scale_T)
+    x_rel = x - m_safe
+    return alpha_T, tl.exp2(x_rel * scale_T), x_rel, m_safe - _shift(m_old)
 
 
 @triton.jit
@@ -212,14 +222,28 @@ def _online_unit_sum(d, m_old, m_new, x, alpha_T, e_T, T_POWER: tl.constexpr):
 
 
 @triton.jit
-def _online_kl_sums(x, s, m_old, m_new, d_T, a, scale_T):
-    """A block of x added to its per-lane sums at temperature T, the row maximum grown from m_old to m_new.
+def _cross_sum(a, d_T, alpha_T, e_T, x_rel, s_rel, drift):
+    """A KL's per-lane cross sums a of e ((x - m_x) - (s - m_s)) with a block added (e_T, x_rel and the
+    student's s_rel from _block_exponentials). Each logit is taken relative to its own stream's running
+    maximum before the two are subtracted, so that the sum stays exact where both lie far out (x - s itself
+    rounds to the spacing of x: 1e6 cost KD ~0.1). The sums so far are first re-expressed at the moved
+    shifts, every term's difference growing by drift (the student's move minus x's) times its e (their sums:
+    d_T, before this block), then rescaled by alpha_T. Summed in this order, two multiply-adds per element
+    (a alpha_T + the block's term, then + (drift alpha_T) d_T) where a alpha_T + the block's term took one;
+    other orders cost 2-3 instructions more per element or made ptxas spill (docs/perf_notes.md, stop 33)."""
+    return (a * alpha_T + _weighted_diff(e_T, x_rel, s_rel)) + (drift * alpha_T) * d_T
 
-    d_T sums e = exp2((x - m) * scale_T) and a sums e * (x - s): the parts of
+
+@triton.jit
+def _online_kl_sums(x, s_rel, student_moved, m_old, m_new, d_T, a, scale_T):
+    """A block of x added to its per-lane sums at temperature T, its running maximum grown from m_old to m_new
+    (s_rel, student_moved: the student's block and move, from _block_exponentials).
+
+    d_T sums e = exp2((x - m) * scale_T) and a the cross terms (_cross_sum): the parts of
     KL(softmax(x/T) || softmax(s/T)) that _kl_from_sums puts together.
     """
-    alpha_T, e_T = _block_exponentials(x, m_old, m_new, scale_T)
-    return d_T * alpha_T + e_T, a * alpha_T + _weighted_diff(e_T, x, s)
+    alpha_T, e_T, x_rel, moved = _block_exponentials(x, m_old, m_new, scale_T)
+    return d_T * alpha_T + e_T, _cross_sum(a, d_T, alpha_T, e_T, x_rel, s_rel, student_moved - moved)
 
 
 @triton.jit
@@ -234,15 +258,20 @@ def _row_sums(m_pack, d, d_T, a, scale_T):
 
 
 @triton.jit
-def _kl_from_sums(a_sum, d_sum, m_safe, ms_s, log_d_sT, temperature):
-    """KL(softmax(x/T) || softmax(s/T)) = A / (D T) - lse(x/T) + lse(s/T), from the row sums of _online_kl_sums
-    at the maximum m_safe (0 when it was -inf); lse(x/T) = m_safe / T + log D, lse(s/T) = ms_s / T + log_d_sT.
+def _row_cross_sum(m_pack, a, d_T, student_moved, scale_T):
+    """A KL stream's cross sum A over the row (_cross_sum's), from its per-pack maxima m_pack ([packs, 1]) and
+    the per-lane sums at them: each pack's re-expressed at the row's two shifts (student_moved: the student's
+    row shift minus the pack's), rescaled once to the row maximum and added."""
+    alpha_T, m_safe = _rescale(m_pack, tl.max(m_pack), scale_T)
+    return tl.sum((a + (student_moved - (m_safe - _shift(m_pack))) * d_T) * alpha_T)
 
-    The maxima's difference is formed before the division by T and the logs' difference apart, so that a
-    one-class row (A / (D T) = (x - s)/T, both sums 1) gives exactly 0. A itself sums e (x - s) as is, which
-    rounds to the spacing of x where x and s lie far apart (1e4 and more; README): the CUDA and CPU kernels
-    take each logit relative to its own maximum first (docs/perf_notes.md, stop 32)."""
-    return a_sum / (d_sum * temperature) + (ms_s - m_safe) / temperature + (log_d_sT - tl.log(d_sum))
+
+@triton.jit
+def _kl_from_sums(a_sum, d_sum, log_d_sT, temperature):
+    """KL(softmax(x/T) || softmax(s/T)) = A / (D T) + log D_s,T - log D, from the row's cross sum A
+    (_cross_sum: every logit relative to its stream's maximum, so the maxima cancel) and sums D of x and D_s,T
+    of s at T. A one-class row (A = 0, both sums 1) gives exactly 0."""
+    return a_sum / (d_sum * temperature) + (log_d_sT - tl.log(d_sum))
 
 
 @triton.jit
@@ -282,15 +311,16 @@ def _log_softmax_at(x_y, ms_x, log_d_x):
 
 
 @triton.jit
-def _row_terms(ce_row, kl_t, log_tcp, kl_r,
+def _row_terms(ce_row, kl_t, tcp_row, kl_r,
                temperature, ce_weight, kd_weight, ref_weight,
                HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_REFERENCE: tl.constexpr,
                WEIGHTING: tl.constexpr):
     """Per-row loss terms from the statistics; works on scalars and on [ROWS] vectors.
 
-    ce_row is the row's CE and log_tcp the log of the teacher's true-class probability (_log_softmax_at; the
-    top-k kernel's from its cache), each read only with a target; kl_x is KL(softmax(x/T) || softmax(s/T)) (the
-    top-k kernel passes its coarsened KL as kl_t). Returns (loss, ce, kd, ref, tcp, w).
+    ce_row is the row's CE and tcp_row the teacher's true-class probability (the column-block kernel's from
+    _log_softmax_at, the tile kernel's as exp(t_y - max) / D, the top-k kernel's from its cache), each read only
+    with a target; kl_x is KL(softmax(x/T) || softmax(s/T)) (the top-k kernel passes its coarsened KL as kl_t).
+    Returns (loss, ce, kd, ref, tcp, w).
     """
     zero = tl.zeros_like(kl_t)
     ce = zero
@@ -306,7 +336,7 @@ def _row_terms(ce_row, kl_t, log_tcp, kl_r,
     if HAS_TEACHER:
         kd = t2 * kl_t
         if HAS_TARGET:
-            tcp = tl.exp(log_tcp)
+            tcp = tcp_row
             if WEIGHTING == WEIGHT_INVERSE_TCP:
                 w = 1.0 - tcp
             if WEIGHTING == WEIGHT_TCP:
@@ -397,7 +427,7 @@ def _smskd_rows_online_kernel(
             mask = cols < num_classes
             s = tl.load(s_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
             m_new = tl.maximum(m_s, tl.max(s, 1, keep_dims=True))
-            alpha_T, e_T = _block_exponentials(s, m_s, m_new, scale_T)
+            alpha_T, e_T, s_rel, student_moved = _block_exponentials(s, m_s, m_new, scale_T)
             d_sT = d_sT * alpha_T + e_T
             if HAS_TARGET:
                 d_s = _online_unit_sum(d_s, m_s, m_new, s, alpha_T, e_T, T_POWER)
@@ -405,24 +435,25 @@ def _smskd_rows_online_kernel(
             if HAS_TEACHER:
                 t = tl.load(t_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
                 m_new = tl.maximum(m_t, tl.max(t, 1, keep_dims=True))
-                alpha_T, e_T = _block_exponentials(t, m_t, m_new, scale_T)
+                alpha_T, e_T, t_rel, moved = _block_exponentials(t, m_t, m_new, scale_T)
+                a_t = _cross_sum(a_t, d_tT, alpha_T, e_T, t_rel, s_rel, student_moved - moved)
                 d_tT = d_tT * alpha_T + e_T
-                a_t = a_t * alpha_T + _weighted_diff(e_T, t, s)
                 if NEED_TCP:
                     d_t = _online_unit_sum(d_t, m_t, m_new, t, alpha_T, e_T, T_POWER)
                 m_t = m_new
             if HAS_REFERENCE:
                 r = tl.load(r_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
                 m_new = tl.maximum(m_r, tl.max(r, 1, keep_dims=True))
-                d_rT, a_r = _online_kl_sums(r, s, m_r, m_new, d_rT, a_r, scale_T)
+                d_rT, a_r = _online_kl_sums(r, s_rel, student_moved, m_r, m_new, d_rT, a_r, scale_T)
                 m_r = m_new
 
         ms_s, D_s, D_sT, _ = _row_sums(m_s, d_s, d_sT, d_sT, scale_T)
-        ms_t, D_t, D_tT, A_t = _row_sums(m_t, d_t, d_tT, a_t, scale_T)
-        ms_r, _, D_rT, A_r = _row_sums(m_r, d_rT, d_rT, a_r, scale_T)
+        student_moved = ms_s - _shift(m_s)  # per pack: the row's shift of s against the pack's
+        ms_t, D_t, D_tT, _ = _row_sums(m_t, d_t, d_tT, d_tT, scale_T)
+        ms_r, _, D_rT, _ = _row_sums(m_r, d_rT, d_rT, d_rT, scale_T)
         log_D_sT = tl.log(D_sT)
-        kl_t = _kl_from_sums(A_t, D_tT, ms_t, ms_s, log_D_sT, temperature)
-        kl_r = _kl_from_sums(A_r, D_rT, ms_r, ms_s, log_D_sT, temperature)
+        kl_t = _kl_from_sums(_row_cross_sum(m_t, a_t, d_tT, student_moved, scale_T), D_tT, log_D_sT, temperature)
+        kl_r = _kl_from_sums(_row_cross_sum(m_r, a_r, d_rT, student_moved, scale_T), D_rT, log_D_sT, temperature)
         s_y = tl.zeros([], tl.float32)
         t_y = tl.zeros([], tl.float32)
         if HAS_TARGET:
@@ -430,7 +461,7 @@ def _smskd_rows_online_kernel(
             if HAS_TEACHER:
                 t_y = tl.load(t_row + y).to(tl.float32)
         loss, ce, kd, ref, tcp, w = _row_terms(
-            -_log_softmax_at(s_y, ms_s, tl.log(D_s)), kl_t, _log_softmax_at(t_y, ms_t, tl.log(D_t)), kl_r,
+            -_log_softmax_at(s_y, ms_s, tl.log(D_s)), kl_t, tl.exp(_log_softmax_at(t_y, ms_t, tl.log(D_t))), kl_r,
             temperature, ce_weight, kd_weight, ref_weight, HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING)
         _store_row_terms(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, loss, ce, kd, ref, tcp, w)
 
@@ -516,10 +547,9 @@ def _smskd_rows_tile_kernel(
     e_sT = tl.exp2(s_shifted * scale_T)
     D_sT = tl.sum(e_sT, 1)
     log_D_sT = tl.log(D_sT)
-    lse_s = ms_s / temperature + log_D_sT
     D_s = D_sT
     zero_rows = tl.zeros_like(D_sT)
-    s_y = zero_rows
+    ce_row = zero_rows
     e_s = e_sT
     if HAS_TARGET:
         if T_POWER != 0:
@@ -527,15 +557,13 @@ def _smskd_rows_tile_kernel(
         else:
             e_s = tl.exp2(s_shifted * LOG2E)
         D_s = tl.sum(e_s, 1)
-        lse_s = ms_s + tl.log(D_s)
-        s_y = tl.sum(tl.where(is_target, s, 0.0), 1)
+        # -log softmax(s)_y with the logits' difference taken first (s_y - max s): far-out logits cost nothing
+        ce_row = tl.log(D_s) - tl.sum(tl.where(is_target, s_shifted, 0.0), 1)
 
-    t = s
     e_tT = e_sT
     D_tT = D_sT
-    lse_t = lse_s
     kl_t = zero_rows
-    t_y = zero_rows
+    tcp_row = zero_rows
     if HAS_TEACHER:
         t = tl.load(teacher_ptr + rows[:, None] * teacher_stride + cols[None, :], mask=mask,
                     other=float("-inf")).to(tl.float32)
@@ -545,8 +573,8 @@ def _smskd_rows_tile_kernel(
                 e_t = _to_unit_temperature(e_tT, T_POWER)
             else:
                 e_t = tl.exp2((t - ms_t[:, None]) * LOG2E)
-            lse_t = ms_t + tl.log(tl.sum(e_t, 1))
-            t_y = tl.sum(tl.where(is_target, t, 0.0), 1)
+            # softmax(t)_y as its exponential over their sum: no log-sum-exp for a far-out teacher to round
+            tcp_row = tl.sum(tl.where(is_target, e_t, 0.0), 1) / tl.sum(e_t, 1)
 
     e_rT = e_sT
     D_rT = D_sT
@@ -556,11 +584,8 @@ def _smskd_rows_tile_kernel(
                     other=float("-inf")).to(tl.float32)
         _, e_rT, D_rT, kl_r = _tile_softened_kl(r, s_shifted, log_D_sT, scale_T, temperature)
 
-    # CE and TCP from lse, not _log_softmax_at: with the logits' difference taken first, ptxas spilled 4-8
-    # bytes in some tiles (ROWS=16 BLOCK_C=32 fp32, ROWS=1 BLOCK_C=4096 bf16; docs/perf_notes.md, stop 32), so
-    # that far-out logits (1e6) cost CE and TCP here the spacing of lse.
     loss, ce, kd, ref, tcp, w = _row_terms(
-        lse_s - s_y, kl_t, t_y - lse_t, kl_r,
+        ce_row, kl_t, tcp_row, kl_r,
         temperature, ce_weight, kd_weight, ref_weight,
         HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING)
     tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_in)

@@ -52,10 +52,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from smskd_fast.backends.triton.kernels import (LOG2E, _aligned, _fp32_scalars, _gradient_weights, _kl_from_sums,
-                                                _log_softmax_at, _online_kl_sums, _online_unit_sum, _rescale, _row_sums,
-                                                _row_terms, _store_ignored_row, _store_row_terms, _unit_root,
-                                                _unit_softmax, _weighted_diff, sixteen_byte_loads)
+from smskd_fast.backends.triton.kernels import (LOG2E, _aligned, _block_exponentials, _fp32_scalars, _gradient_weights,
+                                                _kl_from_sums, _log_softmax_at, _online_kl_sums, _online_unit_sum,
+                                                _rescale, _row_cross_sum, _row_sums, _row_terms, _shift,
+                                                _store_ignored_row, _store_row_terms, _unit_root, _unit_softmax,
+                                                _weighted_diff, sixteen_byte_loads)
 
 
 # A row whose rest sums to less than this at the row maximum goes to the exact-rest pass. From 2^-64 on, the terms
@@ -131,8 +132,7 @@ def _sweep_block(s, r, kept, m_s, d_s, d_sT, d_rest, m_rest, m_r, d_rT, a_r, sca
     if EXACT_REST:
         m_rest = tl.maximum(m_rest, _word_maxima(tl.where(kept, float("-inf"), s), TILE_MAXIMA))
     m_new = tl.maximum(m_s, _word_maxima(s, TILE_MAXIMA))
-    alpha_T, ms = _rescale(m_s, m_new, scale_T)
-    e_sT = tl.exp2((s - ms) * scale_T)
+    alpha_T, e_sT, s_rel, student_moved = _block_exponentials(s, m_s, m_new, scale_T)
     d_sT = d_sT * alpha_T + e_sT
     d_rest = d_rest * alpha_T + tl.where(kept, 0.0, e_sT)
     if HAS_TARGET:
@@ -140,7 +140,7 @@ def _sweep_block(s, r, kept, m_s, d_s, d_sT, d_rest, m_rest, m_r, d_rT, a_r, sca
     m_s = m_new
     if HAS_REFERENCE:
         m_new = tl.maximum(m_r, _word_maxima(r, TILE_MAXIMA))
-        d_rT, a_r = _online_kl_sums(r, s, m_r, m_new, d_rT, a_r, scale_T)
+        d_rT, a_r = _online_kl_sums(r, s_rel, student_moved, m_r, m_new, d_rT, a_r, scale_T)
         m_r = m_new
     return m_s, d_s, d_sT, d_rest, m_rest, m_r, d_rT, a_r
 
@@ -257,11 +257,12 @@ def _smskd_topk_rows_kernel(
             rest_sum = _tile_sum(d_rest)
         else:  # the words' sums rescaled to the row's maxima
             ms_s, D_s, D_sT, rest_sum = _row_sums(m_s, d_s, d_sT, d_rest, scale_T)
-            ms_r, _unit_sum_r, D_rT, A_r = _row_sums(m_r, d_rT, d_rT, a_r, scale_T)  # (no T = 1 sum of r)
+            ms_r, _unit_sum_r, D_rT, _same_D_rT = _row_sums(m_r, d_rT, d_rT, d_rT, scale_T)  # (r: only sums at T)
+            A_r = _row_cross_sum(m_r, a_r, d_rT, ms_s - _shift(m_s), scale_T)
         log_D_sT = tl.log(D_sT)
         if TILE_MAXIMA:
             A_r = _tile_sum(a_r)
-        kl_r = _kl_from_sums(A_r, D_rT, ms_r, ms_s, log_D_sT, temperature)
+        kl_r = _kl_from_sums(A_r, D_rT, log_D_sT, temperature)
 
         # Phase B: the kept classes.
         lse_T = tl.load(lse_T_ptr + row)
@@ -315,7 +316,7 @@ def _smskd_topk_rows_kernel(
             t_y = tl.load(true_logit_ptr + row)
             lse_t = tl.load(lse_ptr + row)
         loss, ce, kd, ref, tcp, w = _row_terms(  # TCP from the cache's true-class logit and lse(t)
-            -_log_softmax_at(s_y, ms_s, tl.log(D_s)), tl.sum(kept_kl, 0) + rest_kl, t_y - lse_t, kl_r,
+            -_log_softmax_at(s_y, ms_s, tl.log(D_s)), tl.sum(kept_kl, 0) + rest_kl, tl.exp(t_y - lse_t), kl_r,
             temperature, ce_weight, kd_weight, ref_weight,
             HAS_TARGET, True, HAS_REFERENCE, WEIGHTING)
         _store_row_terms(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, loss, ce, kd, ref, tcp, w)

@@ -221,6 +221,20 @@ def _far_shifted(s, y, t, r, case):
     return s, y, t if case.topk else t + 1e6, r - 5e5
 
 
+def _masked_with_lowest(s, y, t, r, case):
+    """Classes masked with float32's lowest finite value (-3.4e38, what masked_fill(mask, torch.finfo(dtype).min)
+    writes): the teacher's and reference's past the first 2%, the student's last fifth. Such a shift must not meet
+    a sum before it is scaled: Triton's column-block kernel summed 8 of them into -inf and scaled that by 0 into a
+    NaN KD until stop 33. Targets stay off the student's masked classes (CE there would be 3.4e38 and the weighted
+    loss overflow float32)."""
+    lowest = torch.finfo(torch.float32).min
+    kept = case.c - case.c // 5
+    s[:, kept:] = lowest
+    t[:, case.c // 50 + 1:] = lowest
+    r[:, case.c // 50 + 1:] = lowest
+    return s, torch.where((y >= kept) & (y != case.ignore_index), y % kept, y), t, r
+
+
 def _all_ignored(s, y, t, r, case):
     return s, torch.full_like(y, case.ignore_index), t, r
 
@@ -228,7 +242,8 @@ def _all_ignored(s, y, t, r, case):
 EDITS = {"": _no_edit, "masked_blocks": _masked_blocks, "masked_every_third": _masked_every_third,
          "masked_teacher_reference": _masked_teacher_and_reference, "nan_teacher": _nan_teacher,
          "nan_ignored_row": _nan_in_ignored_row, "all_equal": _all_equal, "late_maximum": _late_maximum,
-         "rising": _rising, "all_ignored": _all_ignored, "far_shifted": _far_shifted}
+         "rising": _rising, "all_ignored": _all_ignored, "far_shifted": _far_shifted,
+         "masked_with_lowest": _masked_with_lowest}
 
 
 # ---- top-k teachers other than the top-k of random logits: (student, teacher, target, case) -> TopKTeacher ----
@@ -470,6 +485,9 @@ def dense_cases() -> list:
     for dtype in (F64, F32):
         for c, temperature in ((300, 4.0), (5000, 2.0)):
             cases.append(Case("far_shifted", 4, c, dtype, temperature=temperature, seed=c, edit="far_shifted"))
+    # Float32's lowest as the mask value (float32 only: bfloat16 and float16 round it to -inf).
+    for c in (300, 5000):
+        cases.append(Case("lowest", 5, c, F32, temperature=2.0, seed=c, edit="masked_with_lowest"))
     return cases
 
 

@@ -36,7 +36,8 @@ GPU_SCALE_GROUPS = ("ladder", "temperature_ladder", "topk_ladder")
 # the kernels give numbers); test_infinite_rest_term_matches_the_cpu_kernel compares those with the cpu's.
 EDITS_WITH_INFINITE_LOSS = ("student_rest_masked",)
 EDITS_WITH_FINITE_RESULTS = ("masked_blocks", "masked_every_third", "masked_teacher_reference", "all_equal",
-                             "no_rest", "sure_teacher", "student_rest_far_below", "padding_rows", "far_shifted")
+                             "no_rest", "sure_teacher", "student_rest_far_below", "padding_rows", "far_shifted",
+                             "masked_with_lowest")
 
 
 def device_of(backend: str) -> str:

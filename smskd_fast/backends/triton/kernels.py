@@ -29,7 +29,7 @@ by the backend: scalar kernel arguments are fp32, so a float64 result would not
 carry float64 accuracy). Exponentials are exp2 with log2(e) folded into the scale.
 
 T_POWER (temperature_power below: 1 at T = 1, 2 at T = 2, else 0) lets the rows with a target and
-a teacher or reference take their T = 1 exponentials (softmax(s) and the teacher's lse(t) for TCP)
+a teacher or reference take their T = 1 exponentials (softmax(s) and the teacher's sum at T = 1 for TCP)
 from those at T by one or two multiplies, exp(z) = exp(z/T)^T, instead of exp2 on the
 special-function unit: 5 -> 3 exponentials per element in the statistics sweep, 4 -> 3 in the
 gradient sweep (the CUDA kernels do the same; docs/perf_notes.md).
@@ -240,7 +240,7 @@ def _online_kl_sums(x, s_rel, student_moved, m_old, m_new, d_T, a, scale_T):
     (s_rel, student_moved: the student's block and move, from _block_exponentials).
 
     d_T sums e = exp2((x - m) * scale_T) and a the cross terms (_cross_sum): the parts of
-    KL(softmax(x/T) || softmax(s/T)) that _kl_from_sums puts together.
+    KL(softmax(x/T) || softmax(s/T)) that _row_cross_sum merges over the row and _kl_from_sums puts together.
     """
     alpha_T, e_T, x_rel, moved = _block_exponentials(x, m_old, m_new, scale_T)
     return d_T * alpha_T + e_T, _cross_sum(a, d_T, alpha_T, e_T, x_rel, s_rel, student_moved - moved)
@@ -248,9 +248,10 @@ def _online_kl_sums(x, s_rel, student_moved, m_old, m_new, d_T, a, scale_T):
 
 @triton.jit
 def _row_sums(m_pack, d, d_T, a, scale_T):
-    """A row's maximum (0 when -inf, as _rescale's m_safe) and its sums at temperature 1 (d) and T (d_T,
-    a: _online_kl_sums'), from per-pack maxima m_pack ([packs, 1]) and the per-lane sums at them: each
-    pack's sums rescaled once to the row maximum (0 for a pack of -inf), then added."""
+    """A row's maximum (0 when -inf, as _rescale's m_safe) and its sums at temperature 1 (d) and T (d_T, and
+    a: another plain sum at T, the top-k kernel's rest), from per-pack maxima m_pack ([packs, 1]) and the
+    per-lane sums at them: each pack's sums rescaled once to the row maximum (0 for a pack of -inf), then
+    added. Not for the KL cross sums, which follow the student's shift too: _row_cross_sum."""
     m_row = tl.max(m_pack)
     alpha, m_safe = _rescale(m_pack, m_row, LOG2E)
     alpha_T, _ = _rescale(m_pack, m_row, scale_T)
@@ -261,9 +262,11 @@ def _row_sums(m_pack, d, d_T, a, scale_T):
 def _row_cross_sum(m_pack, a, d_T, student_moved, scale_T):
     """A KL stream's cross sum A over the row (_cross_sum's), from its per-pack maxima m_pack ([packs, 1]) and
     the per-lane sums at them: each pack's re-expressed at the row's two shifts (student_moved: the student's
-    row shift minus the pack's), rescaled once to the row maximum and added."""
+    row shift minus the pack's), rescaled once to the row maximum and added. The drift is scaled before it
+    meets the sums (as in _cross_sum), so that a pack far below the row's maximum (alpha_T = 0) adds 0 even
+    where the drift times its sum would overflow (logits masked with -3.4e38)."""
     alpha_T, m_safe = _rescale(m_pack, tl.max(m_pack), scale_T)
-    return tl.sum((a + (student_moved - (m_safe - _shift(m_pack))) * d_T) * alpha_T)
+    return tl.sum(a * alpha_T + ((student_moved - (m_safe - _shift(m_pack))) * alpha_T) * d_T)
 
 
 @triton.jit
@@ -569,12 +572,13 @@ def _smskd_rows_tile_kernel(
                     other=float("-inf")).to(tl.float32)
         ms_t, e_tT, D_tT, kl_t = _tile_softened_kl(t, s_shifted, log_D_sT, scale_T, temperature)
         if NEED_TCP:
+            # softmax(t)_y as its exponential over their sum: no log-sum-exp for a far-out teacher to round
             if T_POWER != 0:
-                e_t = _to_unit_temperature(e_tT, T_POWER)
+                e_t_at_target = _to_unit_temperature(tl.sum(tl.where(is_target, e_tT, 0.0), 1), T_POWER)
+                tcp_row = e_t_at_target / tl.sum(_to_unit_temperature(e_tT, T_POWER), 1)
             else:
                 e_t = tl.exp2((t - ms_t[:, None]) * LOG2E)
-            # softmax(t)_y as its exponential over their sum: no log-sum-exp for a far-out teacher to round
-            tcp_row = tl.sum(tl.where(is_target, e_t, 0.0), 1) / tl.sum(e_t, 1)
+                tcp_row = tl.sum(tl.where(is_target, e_t, 0.0), 1) / tl.sum(e_t, 1)
 
     e_rT = e_sT
     D_rT = D_sT

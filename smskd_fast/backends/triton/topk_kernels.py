@@ -4,7 +4,7 @@ One program per row, in three phases:
 
 A. A dense sweep over the student row (and the reference row, when given):
    lse(s) for CE, lse(s/T) for q = softmax(s/T), the reference's statistics as
-   in triton_kernels.py, and the rest's sum R = sum_{j not kept} exp((s_j - m)/T)
+   in kernels.py, and the rest's sum R = sum_{j not kept} exp((s_j - m)/T)
    over the classes the teacher left out, found from the kept-class bitmask
    (smskd_fast/backends/triton/topk_bitmask.py). R is summed directly, never as D - sum_kept, so
    it has no cancellation; it shares the row maximum m, so a rest lying far below m
@@ -174,7 +174,7 @@ def _gradient(s, r, is_target, teacher_scale, teacher_p, ms_s, log2d_s, log2d_sT
 def _load_block(s_row, r_row, cols, num_classes, HAS_REFERENCE: tl.constexpr, EVICT: tl.constexpr):
     """A tile of the student (and reference) row, -inf past C, and its mask.
 
-    EVICT as in triton_kernels.py: the first sweep's reads evict_last (the second
+    EVICT as in kernels.py: the first sweep's reads evict_last (the second
     sweep re-reads the row, last block first), the second sweep's evict_first.
     """
     mask = cols < num_classes

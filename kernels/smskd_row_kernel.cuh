@@ -518,6 +518,12 @@ __device__ __forceinline__ void fail_target_out_of_range() {
 
 constexpr float kLn2 = 0.6931471805599453f;
 
+// -log softmax(s)_y = (max_s - s_y) + ln(sum1) from log2_s = log2(sum1). A +inf logit makes sum1 NaN
+// (inf - inf in an exponent): CE is then +inf, or NaN with the +inf at the target, as PyTorch's.
+SMSKD_HD float cross_entropy(float max_s, float s_y, float log2_s) {
+  return max_s == INFINITY ? max_s - s_y : (max_s - s_y) + log2_s * kLn2;
+}
+
 // Per-row outputs, and what the gradient needs: its coefficients, each stream's maximum and
 // the log2 of its sums, so that softmax(x/T)_c = exp2((x_c - max) * kT - log2(sumT)).
 struct RowResult {
@@ -613,7 +619,7 @@ struct RowMath {
     res.log2_sT = Need::kSoftened ? log2f(st.s.sumT) : 0.0f;
     res.log2_tT = kTeacher ? log2f(st.t.sumT) : 0.0f;
     res.log2_rT = kRef ? log2f(st.r.sumT) : 0.0f;
-    res.ce = kTarget ? (res.max_s - s_y) + res.log2_s * kLn2 : 0.0f;
+    res.ce = kTarget ? cross_entropy(res.max_s, s_y, res.log2_s) : 0.0f;
     res.unit_root = unit_temperature_root<kPower>(res.log2_sT, res.log2_s);
     res.tcp = Need::kTeacher1 ? exp2f(fmaf(t_y - res.max_t, k1, -log2f(st.t.sum1))) : 0.0f;
     // KL(p||q) = [sum_c p_c ((x_c - max_x) - (s_c - max_s))] / T + log(sumT_s) - log(sumT_x), the sum

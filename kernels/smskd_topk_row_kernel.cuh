@@ -279,7 +279,7 @@ struct TopKRowMath {
     res.log2_s = kTarget ? log2f(st.s.sum1) : 0.0f;
     res.log2_sT = log2f(st.s.sumT);
     res.log2_rT = kRef ? log2f(st.r.sumT) : 0.0f;
-    res.ce = kTarget ? (res.max_s - s_y) + res.log2_s * kLn2 : 0.0f;
+    res.ce = kTarget ? cross_entropy(res.max_s, s_y, res.log2_s) : 0.0f;
     res.unit_root = unit_temperature_root<kPower>(res.log2_sT, res.log2_s);
     float rest_kl = 0.0f;
     if (k < cols) {

@@ -112,7 +112,11 @@ class RowKernel {
       kd = T * T * softened_kl(stats.teacher, stats.student, inv_temperature_);
       if constexpr (Has::target) {
         const acc_t t_y = value_at<scalar_t, acc_t>(args_.teacher, row, target);
-        tcp = std::exp(t_y - stats.teacher.max) / stats.teacher.one;
+        // A +inf teacher logit makes softmax(t) inf / inf, NaN, as PyTorch's (exp_u20 of that NaN
+        // argument is finite, so one alone would read the true class's probability as 0).
+        tcp = stats.teacher.max == std::numeric_limits<acc_t>::infinity()
+                  ? std::numeric_limits<acc_t>::quiet_NaN()
+                  : std::exp(t_y - stats.teacher.max) / stats.teacher.one;
       }
     }
     const acc_t weight = reference_weight(args_.weighting, Has::teacher && Has::target, tcp);

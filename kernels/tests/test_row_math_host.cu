@@ -7,7 +7,8 @@
 // compared with the float64 oracle. Also checked: every column is visited
 // exactly once per sweep, and every pack of more than one element is 16-byte
 // aligned. Warp shuffles, barriers and the launch itself need a GPU
-// (test_smskd_kernels.cu). Each row's gradient is also written with a grad_scale folded into
+// (test_smskd_kernels.cu). Rows with one NaN or +-inf logit give CE, TCP and KD as PyTorch does
+// (check_non_finite_rows). Each row's gradient is also written with a grad_scale folded into
 // its coefficients (with_gradient_scale, as the kernel does): it must be scale times the oracle's
 // gradient, bit for bit scale times the unscaled one for a power of two, and a launch without
 // one must read a scale of exactly 1. Built with -DSMSKD_EMULATE_FAST_MATH, the kernel's exp2f / log2f
@@ -333,6 +334,72 @@ void run_dtype(smskd_dtype dtype, std::mt19937& rng) {
       }
 }
 
+// One float32 row of 40 classes with `value` at `column` of stream `stream` (0 student, 1 teacher, 2 reference),
+// through sweep 1, the merge and finish(), target 13, inverse-TCP weighting.
+template <int kPower>
+RowResult non_finite_row(int stream, int64_t column, float value, float temperature) {
+  constexpr int kThreads = 8;
+  constexpr int64_t kCols = 40, kTargetColumn = 13;
+  using Math = RowMath<float, true, true, true, kPower>;
+  std::vector<float> x[3];
+  for (int i = 0; i < 3; ++i)
+    for (int64_t c = 0; c < kCols; ++c) x[i].push_back(2.0f * std::sin(0.7f * c * (i + 1)));
+  x[stream][column] = value;
+  const Math math(x[0].data(), x[1].data(), x[2].data(), temperature);
+  const RowCache<float> cache;
+  std::vector<RowStats> threads(kThreads);
+  for (int lane = 0; lane < kThreads; ++lane) {
+    const RowSweep<float, kThreads> sweep(x[0].data(), kCols, true, lane);
+    sweep.run_kept(kCols, cache.packs, [&](int64_t c, int64_t stride, auto packs, auto n, auto kept, int64_t pack) {
+      math.template accumulate<decltype(packs)::value, decltype(n)::value, decltype(kept)::value>(threads[lane], c,
+                                                                                                  stride, cache, pack);
+    });
+  }
+  const RowStats total =
+      smskd::emulation::merged<smskd::kernels::RowStreams<true, true, true>>(threads, Math::k1, math.kT);
+  Params prm{};
+  prm.temperature = temperature, prm.ce_weight = 0.7f, prm.kd_weight = 1.3f, prm.ref_weight = 0.9f;
+  prm.weighting = SMSKD_WEIGHT_INVERSE_TCP;
+  return math.finish(total, x[0][kTargetColumn], x[1][kTargetColumn], prm);
+}
+
+// Non-finite logits give CE, TCP and KD as PyTorch's log_softmax does (tests/test_non_finite.py holds
+// every backend to the float64 reference; the CUDA kernel runs only on a GPU, its row math here): a +inf
+// student logit CE +inf off the target and NaN at it (sum1 is then NaN: inf - inf in an exponent), a
+// +inf teacher logit TCP and KD NaN, a NaN student logit CE and KD NaN, a -inf student logit at the
+// target CE +inf and off it a finite CE, a -inf teacher logit at the target TCP 0.
+template <int kPower>
+void check_non_finite_rows(float temperature) {
+  constexpr int64_t kOff = 5, kAt = 13;
+  const float inf = INFINITY;
+  struct Expect {
+    const char* what;
+    RowResult res;
+    bool ok;
+  };
+  const RowResult s_inf_off = non_finite_row<kPower>(0, kOff, inf, temperature);
+  const RowResult s_inf_at = non_finite_row<kPower>(0, kAt, inf, temperature);
+  const RowResult t_inf_off = non_finite_row<kPower>(1, kOff, inf, temperature);
+  const RowResult s_nan_off = non_finite_row<kPower>(0, kOff, NAN, temperature);
+  const RowResult s_low_at = non_finite_row<kPower>(0, kAt, -inf, temperature);
+  const RowResult s_low_off = non_finite_row<kPower>(0, kOff, -inf, temperature);
+  const RowResult t_low_at = non_finite_row<kPower>(1, kAt, -inf, temperature);
+  const Expect cases[] = {
+      {"student +inf off the target: CE +inf", s_inf_off, s_inf_off.ce == inf},
+      {"student +inf at the target: CE NaN", s_inf_at, std::isnan(s_inf_at.ce)},
+      {"teacher +inf off the target: TCP and KD NaN", t_inf_off, std::isnan(t_inf_off.tcp) && std::isnan(t_inf_off.kd)},
+      {"student NaN off the target: CE and KD NaN", s_nan_off, std::isnan(s_nan_off.ce) && std::isnan(s_nan_off.kd)},
+      {"student -inf at the target: CE +inf", s_low_at, s_low_at.ce == inf},
+      {"student -inf off the target: CE finite", s_low_off, std::isfinite(s_low_off.ce)},
+      {"teacher -inf at the target: TCP 0", t_low_at, t_low_at.tcp == 0.0f},
+  };
+  for (const Expect& e : cases) {
+    std::printf("%s non-finite T=%g power=%d %s (ce %g tcp %g kd %g)\n", e.ok ? "ok  " : "FAIL", temperature, kPower,
+                e.what, e.res.ce, e.res.tcp, e.res.kd);
+    if (!e.ok) ++failures;
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -351,6 +418,9 @@ int main() {
   run_dtype<float>(SMSKD_FLOAT32, rng);
   run_dtype<__nv_bfloat16>(SMSKD_BFLOAT16, rng);
   run_dtype<__half>(SMSKD_FLOAT16, rng);
+  check_non_finite_rows<0>(2.5f);
+  check_non_finite_rows<1>(1.0f);
+  check_non_finite_rows<2>(2.0f);
 #define SMSKD_TEST_OUTPUT_NAME(name) #name,
   const char* names[kPerRowOutputs] = {SMSKD_PER_ROW_OUTPUTS(SMSKD_TEST_OUTPUT_NAME)};
 #undef SMSKD_TEST_OUTPUT_NAME

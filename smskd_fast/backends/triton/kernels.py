@@ -309,8 +309,18 @@ def _store_ignored_row(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_p
 def _log_softmax_at(x_y, ms_x, log_d_x):
     """log softmax(x)_y from the row's maximum ms_x (0 when -inf) and the log of its sum of exp(x - ms_x): the
     logits' difference taken first, (x_y - ms_x) - log_d_x, so that far-out logits (1e6) cost no more than near
-    ones (x_y - lse(x) rounds to the spacing of lse). CE is its negative, TCP its exponential."""
+    ones (x_y - lse(x) rounds to the spacing of lse). TCP is its exponential (CE: _cross_entropy)."""
     return (x_y - ms_x) - log_d_x
+
+
+@triton.jit
+def _cross_entropy(z_y, ms_s, d_s):
+    """-log softmax(s)_y = log d_s - z_y from z_y = s_y - ms_s (the logits' difference taken first), the row's
+    shift ms_s (or max s itself: the same where it is +inf) and its sum d_s of exp(s - ms_s). A +inf logit makes
+    that sum NaN (inf - inf in an exponent): CE is then -z_y, +inf, or NaN with the +inf at the target, as
+    PyTorch's. (The guard on d_s, not on the result: a select after the log spilled 4-8 bytes in the tile
+    kernel under triton 3.8.)"""
+    return tl.log(tl.where(ms_s == float("inf"), 1.0, d_s)) - z_y
 
 
 @triton.jit
@@ -320,7 +330,7 @@ def _row_terms(ce_row, kl_t, tcp_row, kl_r,
                WEIGHTING: tl.constexpr):
     """Per-row loss terms from the statistics; works on scalars and on [ROWS] vectors.
 
-    ce_row is the row's CE and tcp_row the teacher's true-class probability (the column-block kernel's from
+    ce_row is the row's CE (_cross_entropy) and tcp_row the teacher's true-class probability (the column-block kernel's from
     _log_softmax_at, the tile kernel's as exp(t_y - max) / D, the top-k kernel's from its cache), each read only
     with a target; kl_x is KL(softmax(x/T) || softmax(s/T)) (the top-k kernel passes its coarsened KL as kl_t).
     Returns (loss, ce, kd, ref, tcp, w).
@@ -464,7 +474,7 @@ def _smskd_rows_online_kernel(
             if HAS_TEACHER:
                 t_y = tl.load(t_row + y).to(tl.float32)
         loss, ce, kd, ref, tcp, w = _row_terms(
-            -_log_softmax_at(s_y, ms_s, tl.log(D_s)), kl_t, tl.exp(_log_softmax_at(t_y, ms_t, tl.log(D_t))), kl_r,
+            _cross_entropy(s_y - ms_s, ms_s, D_s), kl_t, tl.exp(_log_softmax_at(t_y, ms_t, tl.log(D_t))), kl_r,
             temperature, ce_weight, kd_weight, ref_weight, HAS_TARGET, HAS_TEACHER, HAS_REFERENCE, WEIGHTING)
         _store_row_terms(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, loss, ce, kd, ref, tcp, w)
 
@@ -560,8 +570,8 @@ def _smskd_rows_tile_kernel(
         else:
             e_s = tl.exp2(s_shifted * LOG2E)
         D_s = tl.sum(e_s, 1)
-        # -log softmax(s)_y with the logits' difference taken first (s_y - max s): far-out logits cost nothing
-        ce_row = tl.log(D_s) - tl.sum(tl.where(is_target, s_shifted, 0.0), 1)
+        # m_s, not ms_s: ms_s kept alive for the comparison spilled 4 bytes under triton 3.6
+        ce_row = _cross_entropy(tl.sum(tl.where(is_target, s_shifted, 0.0), 1), m_s, D_s)
 
     e_tT = e_sT
     D_tT = D_sT

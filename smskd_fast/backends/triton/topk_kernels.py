@@ -52,8 +52,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from smskd_fast.backends.triton.kernels import (LOG2E, _aligned, _block_exponentials, _fp32_scalars, _gradient_weights,
-                                                _kl_from_sums, _log_softmax_at, _online_kl_sums, _online_unit_sum,
+from smskd_fast.backends.triton.kernels import (LOG2E, _aligned, _block_exponentials, _cross_entropy, _fp32_scalars,
+                                                _gradient_weights, _kl_from_sums, _online_kl_sums, _online_unit_sum,
                                                 _rescale, _row_cross_sum, _row_sums, _row_terms, _shift,
                                                 _store_ignored_row, _store_row_terms, _unit_root, _unit_softmax,
                                                 _weighted_diff, sixteen_byte_loads)
@@ -316,7 +316,7 @@ def _smskd_topk_rows_kernel(
             t_y = tl.load(true_logit_ptr + row)
             lse_t = tl.load(lse_ptr + row)
         loss, ce, kd, ref, tcp, w = _row_terms(  # TCP from the cache's true-class logit and lse(t)
-            -_log_softmax_at(s_y, ms_s, tl.log(D_s)), tl.sum(kept_kl, 0) + rest_kl, tl.exp(t_y - lse_t), kl_r,
+            _cross_entropy(s_y - ms_s, ms_s, D_s), tl.sum(kept_kl, 0) + rest_kl, tl.exp(t_y - lse_t), kl_r,
             temperature, ce_weight, kd_weight, ref_weight,
             HAS_TARGET, True, HAS_REFERENCE, WEIGHTING)
         _store_row_terms(row, loss_ptr, ce_ptr, kd_ptr, ref_ptr, tcp_ptr, weight_ptr, loss, ce, kd, ref, tcp, w)

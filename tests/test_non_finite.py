@@ -1,0 +1,115 @@
+"""NaN and +-inf logits: every backend gives the float64 reference's NaN/inf pattern in every output.
+
+One non-finite value in the student, teacher or reference logits, off the target or at it, under each
+weighting of the reference term: loss, CE, KD, reference term, TCP and w_i have the reference's NaN and inf
+entries and its finite values; the gradient agrees wherever the reference's is finite and has a non-finite
+entry in every row where the reference's has one. No crash, and no finite number where the reference has
+none (a +inf teacher logit gave the cpu kernel TCP 0 and so a finite reference term, a +inf student logit
+gave Triton CE NaN for +inf). The cpu cases run here; the triton ones on CPU tensors under
+TRITON_INTERPRET=1 (tests/triton_interpreter.py) or on a GPU, beside the cuda ones.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+import torch
+
+import smskd_fast
+from smskd_fast.backends.topk import TopKTeacher
+from smskd_fast.ops.extension import extension_loaded
+from triton_interpreter import DEVICE, needs_kernels, reruns_under_interpreter, run_under_interpreter
+
+BACKEND_DEVICES = {"cpu": "cpu", "triton": DEVICE, "cuda": "cuda"}
+BACKENDS = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not extension_loaded(), reason="needs the compiled smskd_fast._C")),
+    pytest.param("triton", marks=needs_kernels),
+    pytest.param("cuda", marks=pytest.mark.skipif(not smskd_fast.available_backends()["cuda"],
+                                                  reason="needs a CUDA device and the CUDA kernels")),
+]
+VALUES = [float("nan"), float("inf"), float("-inf")]
+WEIGHTINGS = ["constant", "inverse_tcp", "tcp"]
+OUTPUTS = ("loss", "ce", "kd", "ref", "tcp", "weight")
+
+
+def run(backend, s, y, t, r, options):
+    """The backend's outputs and the student's gradient of the summed loss, on the backend's device."""
+    device = BACKEND_DEVICES.get(backend, "cpu")
+    s = s.detach().to(device).requires_grad_(True)
+    t, r = (None if x is None else x.to(device) for x in (t, r))
+    if "teacher_topk" in options:
+        topk = options["teacher_topk"]
+        options = dict(options, teacher_topk=TopKTeacher(*(getattr(topk, f.name).to(device) for f in fields(topk))))
+    out = smskd_fast.smskd_loss(s, y.to(device), t, r, backend=backend, **options)
+    out.loss.sum().backward()
+    return out, s.grad.cpu()
+
+
+def assert_non_finite_like_the_reference(out, grad, want, want_grad):
+    """The same NaN/inf pattern as the reference in every output, finite values equal within fp32 rounding."""
+    for key in OUTPUTS:
+        got_v, want_v = getattr(out, key).detach().cpu().double(), getattr(want, key).detach()
+        assert torch.equal(torch.isnan(got_v), torch.isnan(want_v)), (key, got_v, want_v)
+        assert torch.equal(torch.isinf(got_v), torch.isinf(want_v)), (key, got_v, want_v)
+        assert torch.equal(got_v[torch.isinf(got_v)], want_v[torch.isinf(want_v)]), (key, got_v, want_v)  # signs
+        finite = torch.isfinite(want_v)
+        torch.testing.assert_close(got_v[finite], want_v[finite], rtol=1e-5, atol=1e-5)
+    # Gradients: every entry where the reference's is finite agrees (an infinite loss can
+    # have a finite gradient, e.g. a -inf student logit where the teacher has mass); a row
+    # where the reference's has a NaN or inf has one too, so that an inf/NaN check on the
+    # gradients sees it. Which entries of such a row are non-finite depends on the
+    # formula (autograd through log_softmax or the closed form) and is not compared.
+    finite = torch.isfinite(want_grad)
+    torch.testing.assert_close(grad.double()[finite], want_grad[finite], rtol=0, atol=1e-5)
+    for row in torch.nonzero(~finite.all(dim=-1)).flatten():
+        assert not torch.isfinite(grad[row]).all(), f"row {row}: the reference's gradient is not finite, ours is"
+
+
+def against_the_reference(backend, s, y, t, r, options):
+    out, grad = run(backend, s, y, t, r, options)
+    upcast = [None if x is None else x.double() for x in (t, r)]
+    want, want_grad = run("reference", s.double(), y, *upcast, options)
+    assert_non_finite_like_the_reference(out, grad, want, want_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["student", "teacher", "reference"])
+@pytest.mark.parametrize("value", VALUES)
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+@pytest.mark.parametrize("column", [5, 2], ids=["off the target", "at the target"])
+def test_non_finite_inputs_give_what_the_reference_gives(backend, where, value, weighting, column):
+    """Rows of 9 classes (Triton's tile kernel); row 1's target is column 2."""
+    g = torch.Generator().manual_seed(0)
+    s, t, r = (torch.randn(4, 9, generator=g) for _ in range(3))
+    y = torch.tensor([1, 2, 3, 4])
+    {"student": s, "teacher": t, "reference": r}[where][1, column] = value
+    against_the_reference(backend, s, y, t, r, dict(reduction="none", weighting=weighting))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+# (A top-k teacher's own non-finite values are test_topk.py's cases.)
+@pytest.mark.parametrize("teacher_form, where", [("dense", "student"), ("dense", "teacher"), ("dense", "reference"),
+                                                 ("topk", "student"), ("topk", "reference")])
+@pytest.mark.parametrize("value", VALUES)
+@pytest.mark.parametrize("weighting", ["constant", "inverse_tcp"])
+@pytest.mark.parametrize("column", [5, 3000, 8500], ids=["first part", "the target", "last part"])
+def test_non_finite_inputs_in_a_row_split_over_columns(two_threads, backend, teacher_form, where, value, weighting,
+                                                       column):
+    """One row of 9000 classes: the cpu kernel splits its columns among threads and merges their statistics,
+    Triton takes it in column blocks; a non-finite logit in either part, or at the target, gives what the
+    reference gives (a +inf maximum gave NaN, not inf, in the cpu kernel's merge)."""
+    g = torch.Generator().manual_seed(1)
+    s, t, r = (torch.randn(1, 9000, generator=g) for _ in range(3))
+    y = torch.tensor([3000])
+    {"student": s, "teacher": t, "reference": r}[where][0, column] = value
+    options = dict(reduction="none", weighting=weighting, temperature=2.0)
+    if teacher_form == "topk":
+        options["teacher_topk"] = smskd_fast.TopKTeacher.from_logits(t, y, 20, 2.0)
+        t = None
+    against_the_reference(backend, s, y, t, r, options)
+
+
+@reruns_under_interpreter
+def test_cases_under_the_interpreter():
+    """Runs this file's Triton cases under TRITON_INTERPRET=1 in a fresh interpreter (tests/triton_interpreter.py)."""
+    run_under_interpreter(__file__, "-k", "triton")

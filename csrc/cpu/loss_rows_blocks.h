@@ -232,6 +232,23 @@ inline acc_t softened_kl(const RunningStats<acc_t>& x, const RunningStats<acc_t>
   return aligned.cross / aligned.soft * inv_temperature + (std::log(s.soft) - std::log(x.soft));
 }
 
+// -log softmax(s)_y = (max - s_y) + log(one) from the student's statistics. A +inf logit makes its term
+// of one exp(inf - inf): NaN, or a finite number through exp_u20's clamp (AVX2/AVX512), so that one says
+// nothing there; CE is then +inf, or NaN with the +inf at the target, as PyTorch's.
+template <typename acc_t>
+inline acc_t cross_entropy(const RunningStats<acc_t>& s, acc_t s_y) {
+  if (s.max == std::numeric_limits<acc_t>::infinity()) return s.max - s_y;
+  return (s.max - s_y) + std::log(s.one);
+}
+
+// softmax(t)_y from the teacher's statistics: NaN when a logit is +inf (inf / inf), as PyTorch's, where
+// exp_u20's clamp would leave one finite and the probability 0.
+template <typename acc_t>
+inline acc_t true_class_probability(const RunningStats<acc_t>& t, acc_t t_y) {
+  if (t.max == std::numeric_limits<acc_t>::infinity()) return std::numeric_limits<acc_t>::quiet_NaN();
+  return std::exp(t_y - t.max) / t.one;
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename acc_t>

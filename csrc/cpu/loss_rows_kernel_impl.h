@@ -106,17 +106,13 @@ class RowKernel {
     acc_t ce = 0, kd = 0, ref = 0, tcp = 0;
     if constexpr (Has::target) {
       const acc_t s_y = value_at<scalar_t, acc_t>(args_.student, row, target);
-      ce = (stats.student.max - s_y) + std::log(stats.student.one);
+      ce = cross_entropy(stats.student, s_y);
     }
     if constexpr (Has::teacher) {
       kd = T * T * softened_kl(stats.teacher, stats.student, inv_temperature_);
       if constexpr (Has::target) {
         const acc_t t_y = value_at<scalar_t, acc_t>(args_.teacher, row, target);
-        // A +inf teacher logit makes softmax(t) inf / inf, NaN, as PyTorch's (exp_u20 of that NaN
-        // argument is finite, so one alone would read the true class's probability as 0).
-        tcp = stats.teacher.max == std::numeric_limits<acc_t>::infinity()
-                  ? std::numeric_limits<acc_t>::quiet_NaN()
-                  : std::exp(t_y - stats.teacher.max) / stats.teacher.one;
+        tcp = true_class_probability(stats.teacher, t_y);
       }
     }
     const acc_t weight = reference_weight(args_.weighting, Has::teacher && Has::target, tcp);

@@ -99,7 +99,7 @@ class TopKRowKernel {
     const acc_t log_soft = std::log(stats.student.soft);
     acc_t ce = 0, tcp = 0;
     if constexpr (kTarget) {
-      ce = (stats.student.max - value_at<scalar_t, acc_t>(args_.student, row, target)) + std::log(stats.student.one);
+      ce = cross_entropy(stats.student, value_at<scalar_t, acc_t>(args_.student, row, target));
       tcp = std::exp(teacher_value(teacher_.true_logit, row) - teacher_value(teacher_.log_sum_exp, row));
     }
     // The kept classes: exact p_c, log q_c from the gathered student logits.

@@ -4,8 +4,9 @@ One non-finite value in the student, teacher or reference logits, off the target
 weighting of the reference term: loss, CE, KD, reference term, TCP and w_i have the reference's NaN and inf
 entries and its finite values; the gradient agrees wherever the reference's is finite and has a non-finite
 entry in every row where the reference's has one. No crash, and no finite number where the reference has
-none (a +inf teacher logit gave the cpu kernel TCP 0 and so a finite reference term, a +inf student logit
-gave Triton CE NaN for +inf). The cpu cases run here; the triton ones on CPU tensors under
+none (a +inf teacher logit gave the cpu kernel TCP 0 and so a finite reference term; a +inf student logit
+gave CE NaN for +inf in Triton and, on fp64 or ATen's DEFAULT instruction set, the cpu kernel). The cpu cases
+run here, and again under ATEN_CPU_CAPABILITY=default; the triton ones on CPU tensors under
 TRITON_INTERPRET=1 (tests/triton_interpreter.py) or on a GPU, beside the cuda ones.
 """
 from __future__ import annotations

@@ -330,9 +330,10 @@ def _row_terms(ce_row, kl_t, tcp_row, kl_r,
                WEIGHTING: tl.constexpr):
     """Per-row loss terms from the statistics; works on scalars and on [ROWS] vectors.
 
-    ce_row is the row's CE (_cross_entropy) and tcp_row the teacher's true-class probability (the column-block kernel's from
-    _log_softmax_at, the tile kernel's as exp(t_y - max) / D, the top-k kernel's from its cache), each read only
-    with a target; kl_x is KL(softmax(x/T) || softmax(s/T)) (the top-k kernel passes its coarsened KL as kl_t).
+    ce_row is the row's CE (_cross_entropy) and tcp_row the teacher's true-class probability (the column-block
+    kernel's from _log_softmax_at, the tile kernel's as exp(t_y - max) / D, the top-k kernel's from its cache),
+    each read only with a target; kl_x is KL(softmax(x/T) || softmax(s/T)) (the top-k kernel passes its
+    coarsened KL as kl_t).
     Returns (loss, ce, kd, ref, tcp, w).
     """
     zero = tl.zeros_like(kl_t)

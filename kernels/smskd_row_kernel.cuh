@@ -92,8 +92,22 @@ struct StreamStats {
 // once per row. A cross dot is re-expressed when either shift moves (follow_student, rescale_cross).
 enum class Dot { kNone, kWeighted, kCross };
 
+// max(a, b), NaN where either is NaN; fmaxf returns the other operand instead, so a row holding a NaN and
+// a +inf had the maximum +inf, and cross_entropy's guard for a +inf maximum then gave CE +inf where the NaN
+// must give NaN. On the device PTX max.NaN.f32 (sm_80 on, SASS FMNMX.NAN: the cost of fmaxf).
+SMSKD_HD float max_or_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float m;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(m) : "f"(a), "f"(b));
+  return m;
+#else
+  return a > b || a != a ? a : b;
+#endif
+}
+
 // What a stream's values are taken relative to: its maximum, or 0 while every value so far is
-// -inf (their exponentials are then 0, not NaN).
+// -inf (their exponentials are then 0, not NaN). A NaN maximum (max_or_nan) gives NaN, which
+// poisons every sum of the stream.
 SMSKD_HD float shift_of(const StreamStats& st) { return st.max == -INFINITY ? 0.0f : st.max; }
 
 // A cross dot re-expressed for the student's shift moving by `moved` (new minus old): every term's
@@ -152,16 +166,17 @@ SMSKD_HD void add_values(StreamStats& st, const float (&x)[N], const float (&d)[
   constexpr bool kSoftened = kSumT || kHasDot || (kSum1 && kPower != 0);  // exponentials at T taken
   float m = x[0];
 #pragma unroll
-  for (int k = 1; k < N; ++k) m = fmaxf(m, x[k]);
-  if (m > st.max) {  // rescale once per chunk, only when the maximum grows
-    const float shift = st.max - m;  // -inf while empty: the factors are then 0
+  for (int k = 1; k < N; ++k) m = max_or_nan(m, x[k]);
+  if (!(m <= st.max)) {  // rescale once per chunk, only when the maximum grows or meets a NaN
+    const float grown = max_or_nan(st.max, m);  // once NaN, NaN for the rest of the row
+    const float shift = st.max - grown;  // -inf while empty: the factors are then 0
     const float scale = exp2f(shift * kT);
     if constexpr (kSum1 && kPower != 0) st.sum1 *= to_unit_temperature<kPower>(scale);
     if constexpr (kSum1 && kPower == 0) st.sum1 *= exp2f(shift * k1);
     if constexpr (kDot == Dot::kCross) st.dot = rescale_cross(st.dot, st.sumT, shift, scale);
     if constexpr (kDot == Dot::kWeighted) st.dot *= scale;
     if (kSumT) st.sumT *= scale;
-    st.max = m;
+    st.max = grown;
   }
   // A chunk of only -inf (probability 0) and NaN values leaves max at -inf:
   // measure from 0 so that -inf adds 0 and NaN still poisons the sums.
@@ -264,7 +279,7 @@ struct RowStreams {
 // a's maxima become the maxima of a's and b's.
 template <typename Streams, typename Stats>
 SMSKD_HD void max_of_maxima(Stats& a, const Stats& b) {
-  Streams::each(a, b, [](StreamStats& x, const StreamStats& y, auto) { x.max = fmaxf(x.max, y.max); });
+  Streams::each(a, b, [](StreamStats& x, const StreamStats& y, auto) { x.max = max_or_nan(x.max, y.max); });
 }
 
 // One stream's sums rescaled from its own maximum to m >= it (equal maxima, even both -inf,

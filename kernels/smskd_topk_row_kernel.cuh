@@ -223,7 +223,7 @@ struct TopKRowMath {
 #pragma unroll
       for (int e = 0; e < N; ++e) {
         d[p * N + e] = (kept >> e) & 1u ? 0.0f : 1.0f;
-        if constexpr (kExactRest) rest_max.max = fmaxf(rest_max.max, (kept >> e) & 1u ? -INFINITY : s[p * N + e]);
+        if constexpr (kExactRest) rest_max.max = max_or_nan(rest_max.max, (kept >> e) & 1u ? -INFINITY : s[p * N + e]);
       }
     }
     const float student_shift = shift_of(st.s);

@@ -125,6 +125,28 @@ def test_non_finite_inputs_in_a_row_split_over_columns(two_threads, backend, tea
     against_the_reference(backend, s, y, t, r, options)
 
 
+PAIRS = [(float("nan"), float("inf")), (float("inf"), float("nan")), (float("nan"), float("-inf")),
+         (float("inf"), float("-inf")), (float("-inf"), float("inf")), (float("inf"), float("inf"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["student", "teacher", "reference"])
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda pair: f"{pair[0]}-{pair[1]}")
+@pytest.mark.parametrize("num_classes, columns", [(9, (5, 7)), (9, (7, 3)), (9000, (5, 8500)), (9000, (8500, 3000))],
+                         ids=["tile", "tile at the target", "column blocks", "column blocks at the target"])
+def test_two_non_finite_values_in_one_row(backend, where, pair, num_classes, columns):
+    """A NaN beside a +inf in one row gives NaN, as the reference does, in either order and whichever part of a
+    split row holds each: a GPU maximum that skips NaN (PTX max.f32, fmaxf) took the +inf, and the CE guard for a
+    +inf maximum then gave CE +inf. Also +inf beside -inf and two +inf."""
+    g = torch.Generator().manual_seed(2)
+    s, t, r = (torch.randn(2, num_classes, generator=g) for _ in range(3))
+    y = torch.tensor([3000 % num_classes, 3000 % num_classes])
+    logits = {"student": s, "teacher": t, "reference": r}[where]
+    for column, value in zip(columns, pair):
+        logits[1, column] = value
+    against_the_reference(backend, s, y, t, r, dict(reduction="none", weighting="inverse_tcp", temperature=2.0))
+
+
 @pytest.mark.skipif(not extension_loaded(), reason="needs the compiled smskd_fast._C")
 def test_cpu_cases_on_the_default_instruction_set():
     """The cpu cases again with ATen's DEFAULT copy of the kernel (std::exp: NaN for a NaN argument, where

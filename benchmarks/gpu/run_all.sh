@@ -83,7 +83,7 @@ GPU_FILES="tests/test_backend_conformance.py tests/test_cuda_backend.py tests/te
   tests/test_cuda_resources.py tests/test_cuda_row_math_host.py tests/test_cuda_topk_host_math.py
   tests/test_distributed.py tests/test_triton_aot.py tests/test_validation.py tests/test_properties.py
   tests/test_loss_sync.py tests/test_grad_scale.py tests/test_eager_autograd.py tests/test_op_reduction.py
-  tests/test_cuda_row_cache.py"
+  tests/test_cuda_row_cache.py tests/test_non_finite.py tests/test_triton_maximum.py"
 BUDGET=$(( $(left) - BENCH_SECONDS ))
 [ -z "$ARCH" ] && BUDGET=${DRY_RUN_TEST_SECONDS:-$BUDGET}
 if [ "$BUDGET" -gt 30 ]; then

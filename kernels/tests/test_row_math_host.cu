@@ -17,7 +17,9 @@
 // nvcc does on the device by default, which one-class rows must survive with exact zeros; the
 // binary then exits with 77 (skip) on a CPU without FMA instructions.
 #include <cstdio>
+#include <initializer_list>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "smskd_oracle.h"
@@ -334,17 +336,19 @@ void run_dtype(smskd_dtype dtype, std::mt19937& rng) {
       }
 }
 
-// One float32 row of 40 classes with `value` at `column` of stream `stream` (0 student, 1 teacher, 2 reference),
-// through sweep 1, the merge and finish(), target 13, inverse-TCP weighting.
+// One float32 row of 72 classes with `values` (column, value) in stream `stream` (0 student, 1 teacher,
+// 2 reference), through sweep 1, the merge and finish(), target 13, inverse-TCP weighting. Its 8 threads take
+// 16-byte packs (4 columns) in turn, packs p and p + 8 in one chunk while such pairs remain: columns 5 and 6
+// share a chunk, 5 and 69 are one thread's two chunks (packs 1 + 9, then 17), 5 and 30 lie in two threads.
 template <int kPower>
-RowResult non_finite_row(int stream, int64_t column, float value, float temperature) {
+RowResult non_finite_row(int stream, std::initializer_list<std::pair<int64_t, float>> values, float temperature) {
   constexpr int kThreads = 8;
-  constexpr int64_t kCols = 40, kTargetColumn = 13;
+  constexpr int64_t kCols = 72, kTargetColumn = 13;
   using Math = RowMath<float, true, true, true, kPower>;
   std::vector<float> x[3];
   for (int i = 0; i < 3; ++i)
     for (int64_t c = 0; c < kCols; ++c) x[i].push_back(2.0f * std::sin(0.7f * c * (i + 1)));
-  x[stream][column] = value;
+  for (const auto& [column, value] : values) x[stream][column] = value;
   const Math math(x[0].data(), x[1].data(), x[2].data(), temperature);
   const RowCache<float> cache;
   std::vector<RowStats> threads(kThreads);
@@ -367,7 +371,9 @@ RowResult non_finite_row(int stream, int64_t column, float value, float temperat
 // every backend to the float64 reference; the CUDA kernel runs only on a GPU, its row math here): a +inf
 // student logit CE +inf off the target and NaN at it (sum1 is then NaN: inf - inf in an exponent), a
 // +inf teacher logit TCP and KD NaN, a NaN student logit CE and KD NaN, a -inf student logit at the
-// target CE +inf and off it a finite CE, a -inf teacher logit at the target TCP 0.
+// target CE +inf and off it a finite CE, a -inf teacher logit at the target TCP 0. A NaN beside a +inf
+// gives NaN, in whichever chunk or thread each lies (a maximum that skipped the NaN, fmaxf's, took the +inf:
+// CE +inf); two +inf, or a +inf beside a -inf, CE +inf.
 template <int kPower>
 void check_non_finite_rows(float temperature) {
   constexpr int64_t kOff = 5, kAt = 13;
@@ -377,13 +383,21 @@ void check_non_finite_rows(float temperature) {
     RowResult res;
     bool ok;
   };
-  const RowResult s_inf_off = non_finite_row<kPower>(0, kOff, inf, temperature);
-  const RowResult s_inf_at = non_finite_row<kPower>(0, kAt, inf, temperature);
-  const RowResult t_inf_off = non_finite_row<kPower>(1, kOff, inf, temperature);
-  const RowResult s_nan_off = non_finite_row<kPower>(0, kOff, NAN, temperature);
-  const RowResult s_low_at = non_finite_row<kPower>(0, kAt, -inf, temperature);
-  const RowResult s_low_off = non_finite_row<kPower>(0, kOff, -inf, temperature);
-  const RowResult t_low_at = non_finite_row<kPower>(1, kAt, -inf, temperature);
+  const RowResult s_inf_off = non_finite_row<kPower>(0, {{kOff, inf}}, temperature);
+  const RowResult s_inf_at = non_finite_row<kPower>(0, {{kAt, inf}}, temperature);
+  const RowResult t_inf_off = non_finite_row<kPower>(1, {{kOff, inf}}, temperature);
+  const RowResult s_nan_off = non_finite_row<kPower>(0, {{kOff, NAN}}, temperature);
+  const RowResult s_low_at = non_finite_row<kPower>(0, {{kAt, -inf}}, temperature);
+  const RowResult s_low_off = non_finite_row<kPower>(0, {{kOff, -inf}}, temperature);
+  const RowResult t_low_at = non_finite_row<kPower>(1, {{kAt, -inf}}, temperature);
+  const RowResult s_nan_inf_chunk = non_finite_row<kPower>(0, {{kOff, NAN}, {6, inf}}, temperature);
+  const RowResult s_inf_nan_later = non_finite_row<kPower>(0, {{kOff, inf}, {69, NAN}}, temperature);
+  const RowResult s_nan_inf_later = non_finite_row<kPower>(0, {{kOff, NAN}, {69, inf}}, temperature);
+  const RowResult s_nan_inf_threads = non_finite_row<kPower>(0, {{kOff, NAN}, {30, inf}}, temperature);
+  const RowResult t_nan_inf_threads = non_finite_row<kPower>(1, {{30, inf}, {kOff, NAN}}, temperature);
+  const RowResult s_two_inf = non_finite_row<kPower>(0, {{kOff, inf}, {30, inf}}, temperature);
+  const RowResult s_inf_low = non_finite_row<kPower>(0, {{kOff, inf}, {30, -inf}}, temperature);
+  const auto ce_kd_nan = [](const RowResult& r) { return std::isnan(r.ce) && std::isnan(r.kd); };
   const Expect cases[] = {
       {"student +inf off the target: CE +inf", s_inf_off, s_inf_off.ce == inf},
       {"student +inf at the target: CE NaN", s_inf_at, std::isnan(s_inf_at.ce)},
@@ -392,6 +406,14 @@ void check_non_finite_rows(float temperature) {
       {"student -inf at the target: CE +inf", s_low_at, s_low_at.ce == inf},
       {"student -inf off the target: CE finite", s_low_off, std::isfinite(s_low_off.ce)},
       {"teacher -inf at the target: TCP 0", t_low_at, t_low_at.tcp == 0.0f},
+      {"student NaN and +inf in one chunk: CE and KD NaN", s_nan_inf_chunk, ce_kd_nan(s_nan_inf_chunk)},
+      {"student +inf, then NaN a chunk later: CE and KD NaN", s_inf_nan_later, ce_kd_nan(s_inf_nan_later)},
+      {"student NaN, then +inf a chunk later: CE and KD NaN", s_nan_inf_later, ce_kd_nan(s_nan_inf_later)},
+      {"student NaN and +inf in two threads: CE and KD NaN", s_nan_inf_threads, ce_kd_nan(s_nan_inf_threads)},
+      {"teacher +inf and NaN in two threads: TCP and KD NaN", t_nan_inf_threads,
+       std::isnan(t_nan_inf_threads.tcp) && std::isnan(t_nan_inf_threads.kd)},
+      {"student +inf twice: CE +inf", s_two_inf, s_two_inf.ce == inf},
+      {"student +inf and -inf: CE +inf", s_inf_low, s_inf_low.ce == inf},
   };
   for (const Expect& e : cases) {
     std::printf("%s non-finite T=%g power=%d %s (ce %g tcp %g kd %g)\n", e.ok ? "ok  " : "FAIL", temperature, kPower,

@@ -173,6 +173,20 @@ def _unit_softmax(s, q, ms_s, log2d_s, unit_root, T_POWER: tl.constexpr):
 
 
 @triton.jit
+def _maximum(a, b):
+    """max(a, b), NaN where either is NaN: PTX max.NaN.f32 (SASS FMNMX.NAN, as cheap as the plain maximum).
+    tl.maximum and tl.max skip a NaN on a GPU (max.f32), so a row holding a NaN and a +inf had the maximum +inf,
+    and _cross_entropy's guard for it then gave CE +inf where the row's NaN must give NaN."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max(x, axis: tl.constexpr = None, keep_dims: tl.constexpr = False):
+    """The maximum of x along axis (None: all of x), NaN if any element is NaN (_maximum)."""
+    return tl.reduce(x, axis, _maximum, keep_dims=keep_dims)
+
+
+@triton.jit
 def _shift(m):
     """A running maximum as the shift its stream's values are taken relative to: 0 while it is -inf (their
     exponentials are then 0, not NaN)."""
@@ -252,7 +266,7 @@ def _row_sums(m_pack, d, d_T, a, scale_T):
     a: another plain sum at T, the top-k kernel's rest), from per-pack maxima m_pack ([packs, 1]) and the
     per-lane sums at them: each pack's sums rescaled once to the row maximum (0 for a pack of -inf), then
     added. Not for the KL cross sums, which follow the student's shift too: _row_cross_sum."""
-    m_row = tl.max(m_pack)
+    m_row = _max(m_pack)
     alpha, m_safe = _rescale(m_pack, m_row, LOG2E)
     alpha_T, _ = _rescale(m_pack, m_row, scale_T)
     return m_safe, tl.sum(d * alpha), tl.sum(d_T * alpha_T), tl.sum(a * alpha_T)
@@ -265,7 +279,7 @@ def _row_cross_sum(m_pack, a, d_T, student_moved, scale_T):
     row shift minus the pack's), rescaled once to the row maximum and added. The drift is scaled before it
     meets the sums (as in _cross_sum), so that a pack far below the row's maximum (alpha_T = 0) adds 0 even
     where the drift times its sum would overflow (logits masked with -3.4e38)."""
-    alpha_T, m_safe = _rescale(m_pack, tl.max(m_pack), scale_T)
+    alpha_T, m_safe = _rescale(m_pack, _max(m_pack), scale_T)
     return tl.sum(a * alpha_T + ((student_moved - (m_safe - _shift(m_pack))) * alpha_T) * d_T)
 
 
@@ -440,7 +454,7 @@ def _smskd_rows_online_kernel(
             cols = start + pack_cols
             mask = cols < num_classes
             s = tl.load(s_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
-            m_new = tl.maximum(m_s, tl.max(s, 1, keep_dims=True))
+            m_new = _maximum(m_s, _max(s, 1, keep_dims=True))
             alpha_T, e_T, s_rel, student_moved = _block_exponentials(s, m_s, m_new, scale_T)
             d_sT = d_sT * alpha_T + e_T
             if HAS_TARGET:
@@ -448,7 +462,7 @@ def _smskd_rows_online_kernel(
             m_s = m_new
             if HAS_TEACHER:
                 t = tl.load(t_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
-                m_new = tl.maximum(m_t, tl.max(t, 1, keep_dims=True))
+                m_new = _maximum(m_t, _max(t, 1, keep_dims=True))
                 alpha_T, e_T, t_rel, moved = _block_exponentials(t, m_t, m_new, scale_T)
                 a_t = _cross_sum(a_t, d_tT, alpha_T, e_T, t_rel, s_rel, student_moved - moved)
                 d_tT = d_tT * alpha_T + e_T
@@ -457,7 +471,7 @@ def _smskd_rows_online_kernel(
                 m_t = m_new
             if HAS_REFERENCE:
                 r = tl.load(r_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
-                m_new = tl.maximum(m_r, tl.max(r, 1, keep_dims=True))
+                m_new = _maximum(m_r, _max(r, 1, keep_dims=True))
                 d_rT, a_r = _online_kl_sums(r, s_rel, student_moved, m_r, m_new, d_rT, a_r, scale_T)
                 m_r = m_new
 
@@ -515,7 +529,7 @@ def _tile_softened_kl(x, s_shifted, log_D_sT, scale_T, temperature):
     reference alike), as E_p[(x - max x) - (s - max s)] / T + log D_sT - log D. Both logits enter relative
     to their own maximum, so the maxima never meet in one sum: a one-class row gives exactly 0 and the
     rounding scales with |x - max x| rather than with |max x| + |max s|."""
-    m = tl.max(x, 1)
+    m = _max(x, 1)
     ms = tl.where(m == float("-inf"), 0.0, m)
     x_shifted = x - ms[:, None]
     e = tl.exp2(x_shifted * scale_T)
@@ -555,7 +569,7 @@ def _smskd_rows_tile_kernel(
 
     s = tl.load(student_ptr + rows[:, None] * student_stride + cols[None, :], mask=mask,
                 other=float("-inf")).to(tl.float32)
-    m_s = tl.max(s, 1)
+    m_s = _max(s, 1)
     ms_s = tl.where(m_s == float("-inf"), 0.0, m_s)
     s_shifted = s - ms_s[:, None]
     e_sT = tl.exp2(s_shifted * scale_T)

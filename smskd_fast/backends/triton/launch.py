@@ -19,7 +19,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 from smskd_fast.backends.base import check_target_range
 from smskd_fast.ops import schema
 from smskd_fast.ops.launch_device import on_device_of
-from smskd_fast.backends.triton import kernels
+from smskd_fast.backends.triton import interpreter_reductions, kernels
 
 # Largest C handled by the one-tile kernel (each row whole in registers).
 TILE_MAX_C = 4096
@@ -29,12 +29,15 @@ TILE_MAX_ROWS = 16
 CHECK_BLOCK = 1024
 # Tile widths where the default warps (about 8 elements per thread) made ptxas
 # spill 4-8 bytes in some variant, and 4 warps spill in none, under triton 3.8 and
-# 3.6 (128: ce+grad fp32 on sm_80 with 3.6; 256: smskd+grad bf16/fp16; 2048: kd+grad
-# on sm_80). 64: with the grad_scale load, smskd+grad with fp64 scalars (Inductor's)
-# on sm_80 spilled 4 bytes at 4 warps under triton 3.8; 2 warps (16 elements per
-# thread, at most 155 registers) and 8 spill in no variant, and 2 amortize the per-row
-# MUFU over more elements. benchmarks/results/triton_aot_report*.md list every configuration.
-TILE_WARPS_OVERRIDE = {64: 2, 128: 4, 256: 4, 2048: 4}
+# 3.6 (256: smskd+grad bf16/fp16; 2048: kd+grad on sm_80). 64: with the grad_scale
+# load, smskd+grad with fp64 scalars (Inductor's) on sm_80 spilled 4 bytes at 4 warps
+# under triton 3.8; 2 warps (16 elements per thread, at most 155 registers) and 8 spill
+# in no variant, and 2 amortize the per-row MUFU over more elements. 128 takes the
+# default 8 since the maxima propagate NaN (stop 35): at 4 warps, smskd bf16/fp16 on
+# sm_90 spilled 8 bytes under triton 3.6 (ptxas kept it to 64 registers), at 8 no
+# variant spills under 3.6 or 3.8 (the spill of 8 warps that had chosen 4, ce+grad fp32
+# on sm_80 under 3.6, is gone too). benchmarks/results/triton_aot_report*.md list every configuration.
+TILE_WARPS_OVERRIDE = {64: 2, 256: 4, 2048: 4}
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,10 @@ def kernels_interpreted() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(kernels._smskd_rows_online_kernel, InterpretedFunction)
+
+
+if kernels_interpreted():
+    interpreter_reductions.install()
 
 
 def check_targets_on_host(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:

@@ -53,10 +53,10 @@ import triton
 import triton.language as tl
 
 from smskd_fast.backends.triton.kernels import (LOG2E, _aligned, _block_exponentials, _cross_entropy, _fp32_scalars,
-                                                _gradient_weights, _kl_from_sums, _online_kl_sums, _online_unit_sum,
-                                                _rescale, _row_cross_sum, _row_sums, _row_terms, _shift,
-                                                _store_ignored_row, _store_row_terms, _unit_root, _unit_softmax,
-                                                _weighted_diff, sixteen_byte_loads)
+                                                _gradient_weights, _kl_from_sums, _max, _maximum, _online_kl_sums,
+                                                _online_unit_sum, _rescale, _row_cross_sum, _row_sums, _row_terms,
+                                                _shift, _store_ignored_row, _store_row_terms, _unit_root,
+                                                _unit_softmax, _weighted_diff, sixteen_byte_loads)
 
 
 # A row whose rest sums to less than this at the row maximum goes to the exact-rest pass. From 2^-64 on, the terms
@@ -81,9 +81,9 @@ def _word_maxima(x, TILE_MAXIMA: tl.constexpr):
     packs); with TILE_MAXIMA the tile's own (a scalar): a whole row has no later block to rescale for, and
     rows without 16-byte loads would spread each word over more threads than a block reduction costs."""
     if TILE_MAXIMA:
-        m = tl.max(tl.max(x, 1), 0)
+        m = _max(_max(x, 1), 0)
     else:
-        m = tl.max(x, 1, keep_dims=True)
+        m = _max(x, 1, keep_dims=True)
     return m
 
 
@@ -130,8 +130,8 @@ def _sweep_block(s, r, kept, m_s, d_s, d_sT, d_rest, m_rest, m_r, d_rT, a_r, sca
     lane); with T_POWER (kernels.temperature_power) the T = 1 sums d_s from the exponentials at T; with
     EXACT_REST the rest's maxima m_rest too."""
     if EXACT_REST:
-        m_rest = tl.maximum(m_rest, _word_maxima(tl.where(kept, float("-inf"), s), TILE_MAXIMA))
-    m_new = tl.maximum(m_s, _word_maxima(s, TILE_MAXIMA))
+        m_rest = _maximum(m_rest, _word_maxima(tl.where(kept, float("-inf"), s), TILE_MAXIMA))
+    m_new = _maximum(m_s, _word_maxima(s, TILE_MAXIMA))
     alpha_T, e_sT, s_rel, student_moved = _block_exponentials(s, m_s, m_new, scale_T)
     d_sT = d_sT * alpha_T + e_sT
     d_rest = d_rest * alpha_T + tl.where(kept, 0.0, e_sT)
@@ -139,7 +139,7 @@ def _sweep_block(s, r, kept, m_s, d_s, d_sT, d_rest, m_rest, m_r, d_rT, a_r, sca
         d_s = _online_unit_sum(d_s, m_s, m_new, s, alpha_T, e_sT, T_POWER)
     m_s = m_new
     if HAS_REFERENCE:
-        m_new = tl.maximum(m_r, _word_maxima(r, TILE_MAXIMA))
+        m_new = _maximum(m_r, _word_maxima(r, TILE_MAXIMA))
         d_rT, a_r = _online_kl_sums(r, s_rel, student_moved, m_r, m_new, d_rT, a_r, scale_T)
         m_r = m_new
     return m_s, d_s, d_sT, d_rest, m_rest, m_r, d_rT, a_r
@@ -281,7 +281,7 @@ def _smskd_topk_rows_kernel(
             log_q = (s_c - ms_s) / temperature - log_D_sT  # relative to the maximum first, as for CE
             kept_kl += _weighted_diff(p, log_p, log_q)  # p = 0 (masked lane) adds 0; NaN propagates
             kept_mass += p
-            m_new = tl.maximum(m_p, tl.max(log_p, 0))
+            m_new = _maximum(m_p, _max(log_p, 0))
             alpha, mp = _rescale(m_p, m_new, LOG2E)  # exp(m_p - m_new)
             d_p = d_p * alpha + tl.exp(log_p - mp)
             m_p = m_new
@@ -293,7 +293,7 @@ def _smskd_topk_rows_kernel(
         rest_shift = ms_s  # where R is summed: the row's maximum, or in the exact-rest pass the rest's own
         if EXACT_REST:
             if not TILE_MAXIMA:
-                m_rest = tl.max(m_rest)
+                m_rest = _max(m_rest)
             rest_shift = tl.where(m_rest == float("-inf"), ms_s, m_rest)  # a rest of -inf logits: R = 0 still
             rest_sum = _rest_sum_at(s_row, bits_row, num_classes, rest_shift, scale_T, BLOCK_C)
         else:

@@ -178,8 +178,8 @@ SMSKD_HD void add_values(StreamStats& st, const float (&x)[N], const float (&d)[
     if (kSumT) st.sumT *= scale;
     st.max = grown;
   }
-  // A chunk of only -inf (probability 0) and NaN values leaves max at -inf:
-  // measure from 0 so that -inf adds 0 and NaN still poisons the sums.
+  // A chunk of only -inf (probability 0) leaves max at -inf: measure from 0 so that -inf adds 0.
+  // A NaN makes max NaN (max_or_nan), and so every sum of the stream.
   const float base = shift_of(st);
 #pragma unroll
   for (int k = 0; k < N; ++k) {

@@ -130,21 +130,27 @@ PAIRS = [(float("nan"), float("inf")), (float("inf"), float("nan")), (float("nan
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("where", ["student", "teacher", "reference"])
+@pytest.mark.parametrize("teacher_form, where", [("dense", "student"), ("dense", "teacher"), ("dense", "reference"),
+                                                 ("topk", "student"), ("topk", "reference")])
 @pytest.mark.parametrize("pair", PAIRS, ids=lambda pair: f"{pair[0]}-{pair[1]}")
 @pytest.mark.parametrize("num_classes, columns", [(9, (5, 7)), (9, (7, 3)), (9000, (5, 8500)), (9000, (8500, 3000))],
                          ids=["tile", "tile at the target", "column blocks", "column blocks at the target"])
-def test_two_non_finite_values_in_one_row(backend, where, pair, num_classes, columns):
+def test_two_non_finite_values_in_one_row(backend, teacher_form, where, pair, num_classes, columns):
     """A NaN beside a +inf in one row gives NaN, as the reference does, in either order and whichever part of a
     split row holds each: a GPU maximum that skips NaN (PTX max.f32, fmaxf) took the +inf, and the CE guard for a
-    +inf maximum then gave CE +inf. Also +inf beside -inf and two +inf."""
+    +inf maximum then gave CE +inf. Also +inf beside -inf and two +inf. Dense and top-k teacher (4 of 9 or 20
+    of 9000 classes kept)."""
     g = torch.Generator().manual_seed(2)
     s, t, r = (torch.randn(2, num_classes, generator=g) for _ in range(3))
     y = torch.tensor([3000 % num_classes, 3000 % num_classes])
     logits = {"student": s, "teacher": t, "reference": r}[where]
     for column, value in zip(columns, pair):
         logits[1, column] = value
-    against_the_reference(backend, s, y, t, r, dict(reduction="none", weighting="inverse_tcp", temperature=2.0))
+    options = dict(reduction="none", weighting="inverse_tcp", temperature=2.0)
+    if teacher_form == "topk":
+        options["teacher_topk"] = smskd_fast.TopKTeacher.from_logits(t, y, 4 if num_classes == 9 else 20, 2.0)
+        t = None
+    against_the_reference(backend, s, y, t, r, options)
 
 
 @pytest.mark.skipif(not extension_loaded(), reason="needs the compiled smskd_fast._C")

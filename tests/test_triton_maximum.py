@@ -75,6 +75,7 @@ def test_maxima_propagate_nan_as_torch_amax_does(seed):
 def test_the_interpreter_shortcut_gives_what_its_own_fold_gives(monkeypatch):
     from triton.runtime.interpreter import ReduceOps
 
+    assert getattr(ReduceOps.apply_impl, "knows_nan_maximum", False), "the shortcut is not installed"
     x = tile_with_non_finite_values(2)
     shortcut = maxima(x)
     monkeypatch.setattr(ReduceOps, "apply_impl", ReduceOps.apply_impl.generic)

@@ -14,10 +14,15 @@ from smskd_fast.backends.triton import kernels
 
 
 def install() -> None:
-    """Makes the interpreter reduce with np.max where the combine function is kernels._maximum (once)."""
-    from triton.runtime.interpreter import ReduceOps
+    """Makes the interpreter reduce with np.max where the combine function is kernels._maximum (once). An
+    interpreter without the reduction class or method this patches keeps its own fold: slower, as right."""
+    try:
+        from triton.runtime.interpreter import ReduceOps
 
-    generic_apply = ReduceOps.apply_impl
+        generic_apply = ReduceOps.apply_impl
+        ReduceOps.min_max
+    except (ImportError, AttributeError):
+        return
     if getattr(generic_apply, "knows_nan_maximum", False):
         return
 

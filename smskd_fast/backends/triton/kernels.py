@@ -182,8 +182,9 @@ def _maximum(a, b):
 
 @triton.jit
 def _max(x, axis: tl.constexpr = None, keep_dims: tl.constexpr = False):
-    """The maximum of x along axis (None: all of x), NaN if any element is NaN (_maximum)."""
-    return tl.reduce(x, axis, _maximum, keep_dims=keep_dims)
+    """The maximum of x along axis (None: all of x) in fp32, NaN if any element is NaN (_maximum). fp32 as
+    tl.max takes 16-bit inputs (every caller passes fp32 already: the cast is then no instruction)."""
+    return tl.reduce(x.to(tl.float32), axis, _maximum, keep_dims=keep_dims)
 
 
 @triton.jit

@@ -354,9 +354,9 @@ def test_a_nan_teacher_value_gives_a_nan_row_not_a_dropped_class(host_binary, tm
 
 @pytest.mark.parametrize("columns", [(5, 2000), (2000, 5), (5, 6)], ids=["nan first", "inf first", "one pack"])
 def test_a_nan_beside_a_plus_inf_student_logit_gives_a_nan_row(host_binary, tmp_path, columns):
-    """A student row holding a NaN and a +inf: CE and loss NaN, as the reference gives, in every layout and
-    whichever part of the row each lies in (a maximum that skipped the NaN, fmaxf's, took the +inf and the
-    +inf guard gave CE +inf); the other rows match the reference."""
+    """A student row holding a NaN and a +inf: CE and loss NaN, as the reference gives, and a non-finite gradient
+    row, in every layout and whichever part of the row each lies in (a maximum that skipped the NaN, fmaxf's,
+    took the +inf and the +inf guard gave CE +inf); the other rows match the reference."""
     student, target, topk, reference = make_inputs(4, 2049, 40, torch.float32, seed=12, temperature=2.0)
     student[2, columns[0]], student[2, columns[1]] = float("nan"), float("inf")
     target[2] = 1000
@@ -369,6 +369,7 @@ def test_a_nan_beside_a_plus_inf_student_logit_gives_a_nan_row(host_binary, tmp_
     for threads, (per_row, grad) in outputs.items():
         ce, loss = per_row[FIELDS.index("ce")], per_row[FIELDS.index("loss")]
         assert torch.isnan(ce[2]) and torch.isnan(loss[2]), f"{threads} threads/row: ce {ce[2]}, loss {loss[2]}"
+        assert not torch.isfinite(grad[2]).all(), f"{threads} threads/row: a finite gradient row"
         for name, got in zip(FIELDS, per_row):
             torch.testing.assert_close(got[keep].double(), getattr(expected, name)[keep].double(), rtol=5e-5,
                                        atol=5e-5, msg=lambda m: f"{threads} threads/row {name}: {m}")

@@ -72,6 +72,14 @@ def assert_non_finite_like_the_reference(out, grad, want, want_grad, grad_atol):
         assert not torch.isfinite(grad[row]).all(), f"row {row}: the reference's gradient is not finite, ours is"
 
 
+def in_teacher_form(teacher_form, t, y, kept, options):
+    """(teacher, options) for the dense teacher t, or for its top-k form: t's `kept` largest classes as a cache
+    in options, and no dense teacher."""
+    if teacher_form == "dense":
+        return t, options
+    return None, dict(options, teacher_topk=TopKTeacher.from_logits(t, y, kept, options["temperature"]))
+
+
 def against_the_reference(backend, s, y, t, r, options):
     out, grad = run(backend, s, y, t, r, options)
     upcast = [None if x is None else x.double() for x in (t, r)]
@@ -118,10 +126,7 @@ def test_non_finite_inputs_in_a_row_split_over_columns(two_threads, backend, tea
     s, t, r = (torch.randn(1, 9000, generator=g) for _ in range(3))
     y = torch.tensor([3000])
     {"student": s, "teacher": t, "reference": r}[where][0, column] = value
-    options = dict(reduction="none", weighting=weighting, temperature=2.0)
-    if teacher_form == "topk":
-        options["teacher_topk"] = smskd_fast.TopKTeacher.from_logits(t, y, 20, 2.0)
-        t = None
+    t, options = in_teacher_form(teacher_form, t, y, 20, dict(reduction="none", weighting=weighting, temperature=2.0))
     against_the_reference(backend, s, y, t, r, options)
 
 
@@ -146,10 +151,8 @@ def test_two_non_finite_values_in_one_row(backend, teacher_form, where, pair, nu
     logits = {"student": s, "teacher": t, "reference": r}[where]
     for column, value in zip(columns, pair):
         logits[1, column] = value
-    options = dict(reduction="none", weighting="inverse_tcp", temperature=2.0)
-    if teacher_form == "topk":
-        options["teacher_topk"] = smskd_fast.TopKTeacher.from_logits(t, y, 4 if num_classes == 9 else 20, 2.0)
-        t = None
+    t, options = in_teacher_form(teacher_form, t, y, 4 if num_classes == 9 else 20,
+                                 dict(reduction="none", weighting="inverse_tcp", temperature=2.0))
     against_the_reference(backend, s, y, t, r, options)
 
 

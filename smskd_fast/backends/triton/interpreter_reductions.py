@@ -18,12 +18,10 @@ def install() -> None:
     interpreter without the reduction class or method this patches keeps its own fold: slower, as right."""
     try:
         from triton.runtime.interpreter import ReduceOps
-
-        generic_apply = ReduceOps.apply_impl
-        ReduceOps.min_max
-    except (ImportError, AttributeError):
+    except ImportError:
         return
-    if getattr(generic_apply, "knows_nan_maximum", False):
+    generic_apply = getattr(ReduceOps, "apply_impl", None)
+    if generic_apply is None or not hasattr(ReduceOps, "min_max") or getattr(generic_apply, "knows_nan_maximum", False):
         return
 
     def apply_impl(self, input):

@@ -235,6 +235,27 @@ def _masked_with_lowest(s, y, t, r, case):
     return s, torch.where((y >= kept) & (y != case.ignore_index), y % kept, y), t, r
 
 
+def _student_masked_where_frozen_lowest(s, y, t, r, case):
+    """The student masked with -inf (masked_fill(mask, -inf)) at the row's first 2% (at least 16 classes) and at
+    a stretch in its middle, where the teacher and reference hold their dtype's lowest finite value
+    (finfo(dtype).min: -3.4e38 in fp32 and bf16, -65504 in fp16) and -1e4 respectively: those classes have
+    probability 0 in float64, so KD and the reference term are finite. Triton's column-block kernel gave NaN
+    (a lane's +inf cross sum times a rescale of 0) until stop 36. Targets stay off the masked classes."""
+    first = max(16, case.c // 50)
+    middle = torch.arange(case.c // 2, min(case.c, case.c // 2 + first))
+    masked = torch.zeros(case.c, dtype=torch.bool)
+    masked[:first] = True
+    masked[middle] = True
+    masked[-1] = False  # one class left unmasked in any row
+    s[:, masked] = float("-inf")
+    for x in (t, r):
+        x[:, :first] = torch.finfo(case.dtype).min
+        x[:, middle] = -1e4
+    kept = torch.nonzero(~masked).flatten()
+    on_masked = (y >= 0) & (y != case.ignore_index) & masked[y.clamp(min=0)]
+    return s, torch.where(on_masked, kept[y.clamp(min=0) % kept.numel()], y), t, r
+
+
 def _all_ignored(s, y, t, r, case):
     return s, torch.full_like(y, case.ignore_index), t, r
 
@@ -243,7 +264,8 @@ EDITS = {"": _no_edit, "masked_blocks": _masked_blocks, "masked_every_third": _m
          "masked_teacher_reference": _masked_teacher_and_reference, "nan_teacher": _nan_teacher,
          "nan_ignored_row": _nan_in_ignored_row, "all_equal": _all_equal, "late_maximum": _late_maximum,
          "rising": _rising, "all_ignored": _all_ignored, "far_shifted": _far_shifted,
-         "masked_with_lowest": _masked_with_lowest}
+         "masked_with_lowest": _masked_with_lowest,
+         "student_masked_where_frozen_lowest": _student_masked_where_frozen_lowest}
 
 
 # ---- top-k teachers other than the top-k of random logits: (student, teacher, target, case) -> TopKTeacher ----
@@ -488,6 +510,12 @@ def dense_cases() -> list:
     # Float32's lowest as the mask value (float32 only: bfloat16 and float16 round it to -inf).
     for c in (300, 5000):
         cases.append(Case("lowest", 5, c, F32, temperature=2.0, seed=c, edit="masked_with_lowest"))
+    # The student's -inf where the teacher and reference hold their dtype's lowest (or -1e4): a whole row,
+    # column blocks (Triton) and the CPU's row split; T = 1 and 2 (power paths) and 4.
+    for dtype in (F32, BF16, F16):
+        for n, c, temperature in ((5, 300, 4.0), (5, 5000, 2.0), (5, 5000, 1.0), (1, 5000, 4.0)):
+            cases.append(Case("student_masked", n, c, dtype, temperature=temperature, seed=c + int(temperature),
+                              row_weights=True, edit="student_masked_where_frozen_lowest"))
     return cases
 
 
@@ -575,4 +603,9 @@ def topk_cases() -> list:
         for c, temperature in ((300, 4.0), (5000, 2.0)):
             cases.append(Case("topk_far_shifted", 4, c, dtype, k=10, seed=c, temperature=temperature,
                               weights=(0.5, 1.0, 0.7), edit="far_shifted"))
+    # The student's -inf where the dense reference holds its dtype's lowest (the top-k kernel's reference stream).
+    for dtype in (F32, BF16, F16):
+        for c, k, temperature in ((300, 5, 4.0), (5000, 37, 2.0)):
+            cases.append(Case("topk_student_masked", 5, c, dtype, k=k, seed=c, temperature=temperature,
+                              weights=(0.5, 1.0, 0.7), edit="student_masked_where_frozen_lowest"))
     return cases

@@ -37,7 +37,7 @@ GPU_SCALE_GROUPS = ("ladder", "temperature_ladder", "topk_ladder")
 EDITS_WITH_INFINITE_LOSS = ("student_rest_masked",)
 EDITS_WITH_FINITE_RESULTS = ("masked_blocks", "masked_every_third", "masked_teacher_reference", "all_equal",
                              "no_rest", "sure_teacher", "student_rest_far_below", "padding_rows", "far_shifted",
-                             "masked_with_lowest")
+                             "masked_with_lowest", "student_masked_where_frozen_lowest")
 
 
 def device_of(backend: str) -> str:
@@ -163,6 +163,9 @@ def assert_conforms(backend: str, case: Case) -> None:
         padding = cpu_inputs.topk.indices[cpu_inputs.target == case.ignore_index]
         assert (padding[:, 0] == padding[:, -1]).any()
         assert ((padding < 0) | (padding >= c)).any()
+    if case.edit == "student_masked_where_frozen_lowest":  # the case is what it claims: the student's -inf
+        # where the reference holds finite logits
+        assert (torch.isneginf(cpu_inputs.student) & torch.isfinite(cpu_inputs.reference)).any()
     if case.edit in EDITS_WITH_INFINITE_LOSS:
         assert torch.isinf(want["kd"][cpu_inputs.target != case.ignore_index]).all()  # the case is what it claims
     else:

@@ -188,6 +188,23 @@ def test_a_reference_far_from_the_student_keeps_the_reference_term_exact(host_bi
                vectorized=True)
 
 
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
+@pytest.mark.parametrize("c, k, temperature", [(300, 5, 4.0), (5000, 37, 2.0)])
+def test_a_student_masked_where_the_reference_holds_its_lowest_gives_finite_terms(host_binary, tmp_path, dtype, c, k,
+                                                                                  temperature):
+    """The student -inf where the dense reference holds its dtype's lowest finite value or -1e4
+    (conformance_cases' student_masked_where_frozen_lowest): those classes have probability 0, so every layout
+    gives the float64 reference's finite reference term (a +inf cross dot rescaled by 0 must give 0)."""
+    case = Case("topk_student_masked", 5, c, dtype, k=k, seed=c, temperature=temperature, weights=(0.5, 1.0, 0.7),
+                edit="student_masked_where_frozen_lowest")
+    inputs = build(case)
+    expected, _ = run_reference(inputs.student, inputs.target, inputs.topk, inputs.reference, case.options())
+    assert torch.isfinite(expected.ref).all()  # the case is what it claims: the student -inf where r is finite
+    assert (torch.isneginf(inputs.student) & torch.isfinite(inputs.reference)).any()
+    check_case(host_binary, tmp_path / "case", inputs.student, inputs.target, inputs.topk, inputs.reference,
+               case.options(), pad=1, vectorized=True)
+
+
 @pytest.mark.parametrize("c, k", [(300, 5), (2049, 37)])
 def test_ignored_rows_top_k_fields_are_not_read(host_binary, tmp_path, c, k):
     """Padding rows (ignored) holding conformance_cases.PADDING_FILLS, indices clamped into [0, C) as the op

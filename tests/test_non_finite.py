@@ -80,9 +80,11 @@ def in_teacher_form(teacher_form, t, y, kept, options):
     return None, dict(options, teacher_topk=TopKTeacher.from_logits(t, y, kept, options["temperature"]))
 
 
-def against_the_reference(backend, s, y, t, r, options):
+def against_the_reference(backend, s, y, t, r, options, oracle_frozen=None):
+    """The backend's outputs and gradient against the float64 reference's, on the same logits or with the
+    teacher and reference oracle_frozen (t, r) given for the reference."""
     out, grad = run(backend, s, y, t, r, options)
-    upcast = [None if x is None else x.double() for x in (t, r)]
+    upcast = [None if x is None else x.double() for x in (oracle_frozen or (t, r))]
     want, want_grad = run("reference", s.double(), y, *upcast, options)
     grad_atol = 1e-5
     if s.dtype in (torch.bfloat16, torch.float16):  # a gradient stored in 8 or 11 bits, entries up to 1 + 2 T
@@ -154,6 +156,38 @@ def test_two_non_finite_values_in_one_row(backend, teacher_form, where, pair, nu
     t, options = in_teacher_form(teacher_form, t, y, 4 if num_classes == 9 else 20,
                                  dict(reduction="none", weighting="inverse_tcp", temperature=2.0))
     against_the_reference(backend, s, y, t, r, options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("teacher_form, where", [("dense", "teacher"), ("dense", "reference"), ("topk", "reference")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("gap", [150.0, 400.0])
+@pytest.mark.parametrize("num_classes, masked", [(9, 3), (9000, 16)], ids=["tile", "column blocks"])
+def test_a_student_minus_inf_where_the_frozen_probability_underflows_float32(two_threads, backend, teacher_form,
+                                                                             where, dtype, gap, num_classes, masked):
+    """The student -inf at its first classes, where the teacher (or reference) is finite but `gap` T below that
+    row's maximum, which comes later: past float32's range of exp (~103 T), so those classes' probability is 0
+    and they add nothing. KD (the reference term) is finite, as the reference computes it in float32; the float64
+    reference gives +inf there up to ~745 T (checked: the case is what it claims). Oracle: the float64 reference
+    with those frozen logits at -inf. Triton's column-block kernel gave NaN (a +inf cross sum times a rescale of
+    0) until stop 36; the cpu and CUDA kernels drop a sum rescaled by 0."""
+    T = 2.0
+    g = torch.Generator().manual_seed(3)
+    s, t, r = (torch.randn(2, num_classes, generator=g) for _ in range(3))
+    y = torch.tensor([num_classes - 2, num_classes - 2])
+    frozen = {"teacher": t, "reference": r}[where]
+    s[1, :masked] = float("-inf")
+    frozen[1, :masked] = 0.0
+    frozen[1, num_classes - 3] = gap * T
+    s, t, r = (x.to(dtype) for x in (s, t, r))
+    oracle = [x.clone() for x in (t, r)]
+    oracle[where == "reference"][1, :masked] = float("-inf")
+    options = dict(reduction="none", weighting="constant", temperature=T)
+    as_is = run("reference", s.double(), y, t.double(), r.double(), options)[0]
+    assert torch.isinf(getattr(as_is, "kd" if where == "teacher" else "ref")[1])  # in float64: +inf
+    t, options = in_teacher_form(teacher_form, t, y, 4 if num_classes == 9 else 20, options)
+    oracle_teacher = None if teacher_form == "topk" else oracle[0]  # a top-k teacher: the cache in options
+    against_the_reference(backend, s, y, t, r, options, oracle_frozen=(oracle_teacher, oracle[1]))
 
 
 @pytest.mark.skipif(not extension_loaded(), reason="needs the compiled smskd_fast._C")

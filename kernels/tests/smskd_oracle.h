@@ -69,8 +69,10 @@ inline std::vector<double> log_softmax(const std::vector<double>& x, double scal
 
 inline double kl(const std::vector<double>& log_p, const std::vector<double>& log_q) {
   double acc = 0;
-  for (size_t c = 0; c < log_p.size(); ++c)
-    if (log_p[c] != -INFINITY) acc += std::exp(log_p[c]) * (log_p[c] - log_q[c]);  // p = 0 adds 0
+  for (size_t c = 0; c < log_p.size(); ++c) {
+    const double p = std::exp(log_p[c]);
+    if (p != 0.0) acc += p * (log_p[c] - log_q[c]);  // p = 0 (even underflowed) adds 0; a NaN p stays NaN
+  }
   return acc;
 }
 

@@ -336,19 +336,27 @@ void run_dtype(smskd_dtype dtype, std::mt19937& rng) {
       }
 }
 
-// One float32 row of 72 classes with `values` (column, value) in stream `stream` (0 student, 1 teacher,
-// 2 reference), through sweep 1, the merge and finish(), target 13, inverse-TCP weighting. Its 8 threads take
-// 16-byte packs (4 columns) in turn, packs p and p + 8 in one chunk while such pairs remain: columns 5 and 6
-// share a chunk, 5 and 69 are one thread's two chunks (packs 1 + 9, then 17), 5 and 30 lie in two threads.
+// One logit of a row: stream (0 student, 1 teacher, 2 reference), column, value.
+struct Edit {
+  int stream;
+  int64_t column;
+  float value;
+};
+
+// One float32 row of 72 classes with `edits`, through sweep 1, the merge and finish(), target 13,
+// inverse-TCP weighting; with `want`, also the float64 oracle's results for the same logits. Its 8 threads
+// take 16-byte packs (4 columns) in turn, packs p and p + 8 in one chunk while such pairs remain: columns 5
+// and 6 share a chunk, 5 and 69 are one thread's two chunks (packs 1 + 9, then 17), 5 and 30 lie in two
+// threads; threads 2 to 7 take two packs (one chunk) each.
 template <int kPower>
-RowResult non_finite_row(int stream, std::initializer_list<std::pair<int64_t, float>> values, float temperature) {
+RowResult non_finite_row(const std::vector<Edit>& edits, float temperature, RowWant* want = nullptr) {
   constexpr int kThreads = 8;
   constexpr int64_t kCols = 72, kTargetColumn = 13;
   using Math = RowMath<float, true, true, true, kPower>;
   std::vector<float> x[3];
   for (int i = 0; i < 3; ++i)
     for (int64_t c = 0; c < kCols; ++c) x[i].push_back(2.0f * std::sin(0.7f * c * (i + 1)));
-  for (const auto& [column, value] : values) x[stream][column] = value;
+  for (const Edit& e : edits) x[e.stream][e.column] = e.value;
   const Math math(x[0].data(), x[1].data(), x[2].data(), temperature);
   const RowCache<float> cache;
   std::vector<RowStats> threads(kThreads);
@@ -364,7 +372,30 @@ RowResult non_finite_row(int stream, std::initializer_list<std::pair<int64_t, fl
   Params prm{};
   prm.temperature = temperature, prm.ce_weight = 0.7f, prm.kd_weight = 1.3f, prm.ref_weight = 0.9f;
   prm.weighting = SMSKD_WEIGHT_INVERSE_TCP;
+  if (want) {
+    smskd_loss_rows_args a{};
+    a.temperature = temperature, a.ce_weight = prm.ce_weight, a.kd_weight = prm.kd_weight;
+    a.ref_weight = prm.ref_weight, a.weighting = prm.weighting, a.ignore_index = -100;
+    std::vector<double> d[3];
+    for (int i = 0; i < 3; ++i) d[i].assign(x[i].begin(), x[i].end());
+    *want = oracle(d[0], &d[1], &d[2], kTargetColumn, true, a);
+  }
   return math.finish(total, x[0][kTargetColumn], x[1][kTargetColumn], prm);
+}
+
+// The student masked with -inf at columns 0-11 and 32-43 (threads 0 and 1's first chunks, all of thread 2's),
+// where the teacher and reference hold float32's lowest finite value (masked_fill(mask, finfo.min)): those
+// classes have probability 0, so KD and the reference term are finite, as the oracle's. A cross dot is +inf
+// after such a class in a chunk of only those (p > 0 at that chunk's maximum) until its rescale by 0, which
+// must give 0 (rescale_cross), not inf x 0; thread 2's, at the merge.
+std::vector<Edit> student_masked_where_frozen_lowest() {
+  std::vector<Edit> edits;
+  for (int64_t c : {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43}) {
+    edits.push_back({0, c, -INFINITY});
+    edits.push_back({1, c, -3.4028234663852886e38f});
+    edits.push_back({2, c, -3.4028234663852886e38f});
+  }
+  return edits;
 }
 
 // Non-finite logits give CE, TCP and KD as PyTorch's log_softmax does (tests/test_non_finite.py holds
@@ -383,20 +414,20 @@ void check_non_finite_rows(float temperature) {
     RowResult res;
     bool ok;
   };
-  const RowResult s_inf_off = non_finite_row<kPower>(0, {{kOff, inf}}, temperature);
-  const RowResult s_inf_at = non_finite_row<kPower>(0, {{kAt, inf}}, temperature);
-  const RowResult t_inf_off = non_finite_row<kPower>(1, {{kOff, inf}}, temperature);
-  const RowResult s_nan_off = non_finite_row<kPower>(0, {{kOff, NAN}}, temperature);
-  const RowResult s_low_at = non_finite_row<kPower>(0, {{kAt, -inf}}, temperature);
-  const RowResult s_low_off = non_finite_row<kPower>(0, {{kOff, -inf}}, temperature);
-  const RowResult t_low_at = non_finite_row<kPower>(1, {{kAt, -inf}}, temperature);
-  const RowResult s_nan_inf_chunk = non_finite_row<kPower>(0, {{kOff, NAN}, {6, inf}}, temperature);
-  const RowResult s_inf_nan_later = non_finite_row<kPower>(0, {{kOff, inf}, {69, NAN}}, temperature);
-  const RowResult s_nan_inf_later = non_finite_row<kPower>(0, {{kOff, NAN}, {69, inf}}, temperature);
-  const RowResult s_nan_inf_threads = non_finite_row<kPower>(0, {{kOff, NAN}, {30, inf}}, temperature);
-  const RowResult t_nan_inf_threads = non_finite_row<kPower>(1, {{30, inf}, {kOff, NAN}}, temperature);
-  const RowResult s_two_inf = non_finite_row<kPower>(0, {{kOff, inf}, {30, inf}}, temperature);
-  const RowResult s_inf_low = non_finite_row<kPower>(0, {{kOff, inf}, {30, -inf}}, temperature);
+  const RowResult s_inf_off = non_finite_row<kPower>({{0, kOff, inf}}, temperature);
+  const RowResult s_inf_at = non_finite_row<kPower>({{0, kAt, inf}}, temperature);
+  const RowResult t_inf_off = non_finite_row<kPower>({{1, kOff, inf}}, temperature);
+  const RowResult s_nan_off = non_finite_row<kPower>({{0, kOff, NAN}}, temperature);
+  const RowResult s_low_at = non_finite_row<kPower>({{0, kAt, -inf}}, temperature);
+  const RowResult s_low_off = non_finite_row<kPower>({{0, kOff, -inf}}, temperature);
+  const RowResult t_low_at = non_finite_row<kPower>({{1, kAt, -inf}}, temperature);
+  const RowResult s_nan_inf_chunk = non_finite_row<kPower>({{0, kOff, NAN}, {0, 6, inf}}, temperature);
+  const RowResult s_inf_nan_later = non_finite_row<kPower>({{0, kOff, inf}, {0, 69, NAN}}, temperature);
+  const RowResult s_nan_inf_later = non_finite_row<kPower>({{0, kOff, NAN}, {0, 69, inf}}, temperature);
+  const RowResult s_nan_inf_threads = non_finite_row<kPower>({{0, kOff, NAN}, {0, 30, inf}}, temperature);
+  const RowResult t_nan_inf_threads = non_finite_row<kPower>({{1, 30, inf}, {1, kOff, NAN}}, temperature);
+  const RowResult s_two_inf = non_finite_row<kPower>({{0, kOff, inf}, {0, 30, inf}}, temperature);
+  const RowResult s_inf_low = non_finite_row<kPower>({{0, kOff, inf}, {0, 30, -inf}}, temperature);
   const auto ce_kd_nan = [](const RowResult& r) { return std::isnan(r.ce) && std::isnan(r.kd); };
   const Expect cases[] = {
       {"student +inf off the target: CE +inf", s_inf_off, s_inf_off.ce == inf},
@@ -420,6 +451,16 @@ void check_non_finite_rows(float temperature) {
                 e.what, e.res.ce, e.res.tcp, e.res.kd);
     if (!e.ok) ++failures;
   }
+  RowWant want;
+  const RowResult masked = non_finite_row<kPower>(student_masked_where_frozen_lowest(), temperature, &want);
+  const double T2 = double(temperature) * temperature, atol = 2e-5 * (1.0 + T2) * std::log(72.0 + 2.0);
+  const bool masked_ok = std::isfinite(want.kd) && std::isfinite(want.ref) && close(masked.ce, want.ce, atol, 1e-4) &&
+                         close(masked.kd, want.kd, atol, 1e-4) && close(masked.ref, want.ref, atol, 1e-4) &&
+                         close(masked.loss, want.loss, atol, 1e-4);
+  std::printf("%s non-finite T=%g power=%d student -inf where teacher and reference hold float32's lowest: the oracle's "
+              "finite terms (kd %g want %g, ref %g want %g)\n", masked_ok ? "ok  " : "FAIL", temperature, kPower,
+              masked.kd, want.kd, masked.ref, want.ref);
+  if (!masked_ok) ++failures;
 }
 
 }  // namespace

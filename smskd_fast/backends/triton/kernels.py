@@ -245,8 +245,15 @@ def _cross_sum(a, d_T, alpha_T, e_T, x_rel, s_rel, drift):
     shifts, every term's difference growing by drift (the student's move minus x's) times its e (their sums:
     d_T, before this block), then rescaled by alpha_T. Summed in this order, two multiply-adds per element
     (a alpha_T + the block's term, then + (drift alpha_T) d_T) where a alpha_T + the block's term took one;
-    other orders cost 2-3 instructions more per element or made ptxas spill (docs/perf_notes.md, stop 33)."""
-    return (a * alpha_T + _weighted_diff(e_T, x_rel, s_rel)) + (drift * alpha_T) * d_T
+    other orders cost 2-3 instructions more per element or made ptxas spill (docs/perf_notes.md, stop 33).
+
+    A student -inf where x has probability (e_T > 0) makes a lane's sum +inf. A rescale of 0 (x's maximum
+    grown more than ~103 T, past fp32's range of e) drops the sums so far, so it drops that +inf too rather than
+    give inf x 0 = NaN: that class's probability is then below fp32's range and adds 0, as in the reference at
+    fp32 and the cpu and CUDA kernels (a student masked with -inf where the teacher holds finfo(dtype).min).
+    The select costs one instruction per element and stream; a NaN it drops is also in d_T or the student's sums."""
+    block = _weighted_diff(e_T, x_rel, s_rel)
+    return tl.where(alpha_T == 0, block, a * alpha_T + block) + (drift * alpha_T) * d_T
 
 
 @triton.jit
@@ -279,9 +286,11 @@ def _row_cross_sum(m_pack, a, d_T, student_moved, scale_T):
     the per-lane sums at them: each pack's re-expressed at the row's two shifts (student_moved: the student's
     row shift minus the pack's), rescaled once to the row maximum and added. The drift is scaled before it
     meets the sums (as in _cross_sum), so that a pack far below the row's maximum (alpha_T = 0) adds 0 even
-    where the drift times its sum would overflow (logits masked with -3.4e38)."""
+    where the drift times its sum would overflow (logits masked with -3.4e38), and a +inf sum (_cross_sum) adds
+    0 there, not NaN."""
     alpha_T, m_safe = _rescale(m_pack, _max(m_pack), scale_T)
-    return tl.sum(a * alpha_T + ((student_moved - (m_safe - _shift(m_pack))) * alpha_T) * d_T)
+    drift = student_moved - (m_safe - _shift(m_pack))
+    return tl.sum(tl.where(alpha_T == 0, 0.0, a * alpha_T) + (drift * alpha_T) * d_T)
 
 
 @triton.jit

@@ -190,8 +190,8 @@ def test_a_reference_far_from_the_student_keeps_the_reference_term_exact(host_bi
 
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
 @pytest.mark.parametrize("c, k, temperature", [(300, 5, 4.0), (5000, 37, 2.0)])
-def test_a_student_masked_where_the_reference_holds_its_lowest_gives_finite_terms(host_binary, tmp_path, dtype, c, k,
-                                                                                  temperature):
+def test_a_student_masked_where_the_reference_holds_its_lowest_gives_finite_terms(host_binary, tmp_path, dtype, c,
+                                                                                  k, temperature):
     """The student -inf where the dense reference holds its dtype's lowest finite value or -1e4
     (conformance_cases' student_masked_where_frozen_lowest): those classes have probability 0, so every layout
     gives the float64 reference's finite reference term (a +inf cross dot rescaled by 0 must give 0)."""

@@ -166,11 +166,13 @@ def test_two_non_finite_values_in_one_row(backend, teacher_form, where, pair, nu
 def test_a_student_minus_inf_where_the_frozen_probability_underflows_float32(two_threads, backend, teacher_form,
                                                                              where, dtype, gap, num_classes, masked):
     """The student -inf at its first classes, where the teacher (or reference) is finite but `gap` T below that
-    row's maximum, which comes later: past float32's range of exp (~103 T), so those classes' probability is 0
-    and they add nothing. KD (the reference term) is finite, as the reference computes it in float32; the float64
-    reference gives +inf there up to ~745 T (checked: the case is what it claims). Oracle: the float64 reference
-    with those frozen logits at -inf. Triton's column-block kernel gave NaN (a +inf cross sum times a rescale of
-    0) until stop 36; the cpu and CUDA kernels drop a sum rescaled by 0."""
+    row's maximum, which comes later and in one step: the tile kernel takes it whole, the column-block and cpu
+    kernels meet it when they merge their lanes (or threads), so the factor that rescales those classes' sums is
+    past float32's range (0) at once, and they add nothing. KD (the reference term) is finite, as the reference
+    backend computes it in float32 (p == 0); the float64 reference gives +inf there up to ~745 T (checked: the
+    case is what it claims; a maximum reached in smaller steps can keep +inf, README). Oracle: the float64
+    reference with those frozen logits at -inf. Triton's column-block kernel gave NaN (a +inf cross sum times a
+    rescale of 0) until stop 36; the cpu and CUDA kernels drop a sum rescaled by 0."""
     T = 2.0
     g = torch.Generator().manual_seed(3)
     s, t, r = (torch.randn(2, num_classes, generator=g) for _ in range(3))
@@ -180,14 +182,14 @@ def test_a_student_minus_inf_where_the_frozen_probability_underflows_float32(two
     frozen[1, :masked] = 0.0
     frozen[1, num_classes - 3] = gap * T
     s, t, r = (x.to(dtype) for x in (s, t, r))
-    oracle = [x.clone() for x in (t, r)]
-    oracle[where == "reference"][1, :masked] = float("-inf")
+    oracle = {"teacher": t.clone(), "reference": r.clone()}
+    oracle[where][1, :masked] = float("-inf")
     options = dict(reduction="none", weighting="constant", temperature=T)
     as_is = run("reference", s.double(), y, t.double(), r.double(), options)[0]
     assert torch.isinf(getattr(as_is, "kd" if where == "teacher" else "ref")[1])  # in float64: +inf
     t, options = in_teacher_form(teacher_form, t, y, 4 if num_classes == 9 else 20, options)
-    oracle_teacher = None if teacher_form == "topk" else oracle[0]  # a top-k teacher: the cache in options
-    against_the_reference(backend, s, y, t, r, options, oracle_frozen=(oracle_teacher, oracle[1]))
+    oracle_teacher = None if teacher_form == "topk" else oracle["teacher"]  # a top-k teacher: the cache in options
+    against_the_reference(backend, s, y, t, r, options, oracle_frozen=(oracle_teacher, oracle["reference"]))
 
 
 @pytest.mark.skipif(not extension_loaded(), reason="needs the compiled smskd_fast._C")

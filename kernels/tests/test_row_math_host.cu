@@ -75,6 +75,11 @@ float case_logit(const Case& k, int i, int64_t c, float x) {
   return x;
 }
 
+// The per-row outputs' absolute tolerance against the oracle: float32 sums of `cols` terms at temperature T.
+double row_atol(double temperature, int64_t cols) {
+  return 2e-5 * (1.0 + temperature * temperature) * std::log(double(cols) + 2.0);
+}
+
 // The smallest normal magnitude of the gradient's dtype: a power-of-two scale is exact when the value
 // and its scaled value both exceed it (a stored value equal to it may be a rounded subnormal).
 double smallest_normal(smskd_dtype dtype) { return dtype == SMSKD_FLOAT16 ? std::ldexp(1.0, -14) : std::ldexp(1.0, -126); }
@@ -196,7 +201,7 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
     if (visits[c] != 2 && bad++ < 3) std::printf("  column %lld visited %d times (want 2)\n", (long long)c, visits[c]);
   if (k.vectorized && misaligned_pack && bad++ < 3) std::printf("  a pack was not 16-byte aligned\n");
   const double T2 = double(a.temperature) * a.temperature;
-  const double atol = 2e-5 * (1.0 + T2) * std::log(double(k.cols) + 2.0);
+  const double atol = row_atol(a.temperature, k.cols);
   const auto got = per_row_values(res), want = per_row_values(w);
   // The error figures printed at the end are those of the rows that are not far out (whose errors scale with far).
   double* worst = smskd::kernels::temperature_power(k.temperature) ? worst_at_12[kPower] : worst_other;
@@ -343,6 +348,9 @@ struct Edit {
   float value;
 };
 
+// The columns of non_finite_row's row.
+constexpr int64_t kNonFiniteRowCols = 72;
+
 // One float32 row of 72 classes with `edits`, through sweep 1, the merge and finish(), target 13,
 // inverse-TCP weighting; with `want`, also the float64 oracle's results for the same logits. Its 8 threads
 // take 16-byte packs (4 columns) in turn, packs p and p + 8 in one chunk while such pairs remain: columns 5
@@ -351,7 +359,7 @@ struct Edit {
 template <int kPower>
 RowResult non_finite_row(const std::vector<Edit>& edits, float temperature, RowWant* want = nullptr) {
   constexpr int kThreads = 8;
-  constexpr int64_t kCols = 72, kTargetColumn = 13;
+  constexpr int64_t kCols = kNonFiniteRowCols, kTargetColumn = 13;
   using Math = RowMath<float, true, true, true, kPower>;
   std::vector<float> x[3];
   for (int i = 0; i < 3; ++i)
@@ -404,7 +412,8 @@ std::vector<Edit> student_masked_where_frozen_lowest() {
 // +inf teacher logit TCP and KD NaN, a NaN student logit CE and KD NaN, a -inf student logit at the
 // target CE +inf and off it a finite CE, a -inf teacher logit at the target TCP 0. A NaN beside a +inf
 // gives NaN, in whichever chunk or thread each lies (a maximum that skipped the NaN, fmaxf's, took the +inf:
-// CE +inf); two +inf, or a +inf beside a -inf, CE +inf.
+// CE +inf); two +inf, or a +inf beside a -inf, CE +inf. A student -inf where the teacher and reference hold
+// float32's lowest (student_masked_where_frozen_lowest): the oracle's finite CE, KD, reference term and loss.
 template <int kPower>
 void check_non_finite_rows(float temperature) {
   constexpr int64_t kOff = 5, kAt = 13;
@@ -453,13 +462,13 @@ void check_non_finite_rows(float temperature) {
   }
   RowWant want;
   const RowResult masked = non_finite_row<kPower>(student_masked_where_frozen_lowest(), temperature, &want);
-  const double T2 = double(temperature) * temperature, atol = 2e-5 * (1.0 + T2) * std::log(72.0 + 2.0);
+  const double atol = row_atol(temperature, kNonFiniteRowCols);
   const bool masked_ok = std::isfinite(want.kd) && std::isfinite(want.ref) && close(masked.ce, want.ce, atol, 1e-4) &&
                          close(masked.kd, want.kd, atol, 1e-4) && close(masked.ref, want.ref, atol, 1e-4) &&
                          close(masked.loss, want.loss, atol, 1e-4);
-  std::printf("%s non-finite T=%g power=%d student -inf where teacher and reference hold float32's lowest: the oracle's "
-              "finite terms (kd %g want %g, ref %g want %g)\n", masked_ok ? "ok  " : "FAIL", temperature, kPower,
-              masked.kd, want.kd, masked.ref, want.ref);
+  std::printf("%s non-finite T=%g power=%d student -inf where teacher and reference hold float32's lowest: "
+              "the oracle's finite terms (kd %g want %g, ref %g want %g)\n", masked_ok ? "ok  " : "FAIL", temperature,
+              kPower, masked.kd, want.kd, masked.ref, want.ref);
   if (!masked_ok) ++failures;
 }
 

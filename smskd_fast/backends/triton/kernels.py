@@ -248,9 +248,9 @@ def _cross_sum(a, d_T, alpha_T, e_T, x_rel, s_rel, drift):
     other orders cost 2-3 instructions more per element or made ptxas spill (docs/perf_notes.md, stop 33).
 
     A student -inf where x has probability (e_T > 0) makes a lane's sum +inf. A rescale of 0 (x's maximum
-    grown more than ~103 T, past fp32's range of e) drops the sums so far, so it drops that +inf too rather than
-    give inf x 0 = NaN: that class's probability is then below fp32's range and adds 0, as in the reference at
-    fp32 and the cpu and CUDA kernels (a student masked with -inf where the teacher holds finfo(dtype).min).
+    grown in one step past fp32's range of e, ~87-103 T) drops the sums so far, so it drops that +inf too rather
+    than give inf x 0 = NaN: that class's probability is then below fp32's range and adds 0, as in the reference
+    at fp32 and the cpu and CUDA kernels (a student masked with -inf where the teacher holds finfo(dtype).min).
     The select costs one instruction per element and stream; a NaN it drops is also in d_T or the student's sums."""
     block = _weighted_diff(e_T, x_rel, s_rel)
     return tl.where(alpha_T == 0, block, a * alpha_T + block) + (drift * alpha_T) * d_T

@@ -16,6 +16,7 @@
 // with -Xcompiler -mfma -Xcompiler -ffp-contract=fast, the host compiler fuses multiply-adds as
 // nvcc does on the device by default, which one-class rows must survive with exact zeros; the
 // binary then exits with 77 (skip) on a CPU without FMA instructions.
+#include <cfloat>
 #include <cstdio>
 #include <initializer_list>
 #include <random>
@@ -28,12 +29,14 @@
 #include "fast_math_emulation.h"  // the device's ex2/lg2.approx.ftz error, in the kernel code below
 #endif
 #include "smskd_row_kernel.cuh"
+#include "smskd_launch.cuh"  // copy_shared_params: the args -> Params copy the launchers make
 #include "merge_emulation.h"  // after the kernel code (and its fast-math emulation)
 
 namespace {
 
 using namespace smskd::oracle;
 using smskd::kernels::Params;
+using smskd::kernels::copy_shared_params;
 using smskd::kernels::RowCache;
 using smskd::kernels::RowMath;
 using smskd::kernels::RowResult;
@@ -133,8 +136,7 @@ void run_row(smskd_dtype dtype, const Case& k, std::mt19937& rng) {
   a.temperature = k.temperature, a.ce_weight = 0.7f, a.kd_weight = 1.3f, a.ref_weight = 0.9f;
   a.weighting = k.weighting, a.ignore_index = -100;
   Params prm{};
-  prm.temperature = a.temperature, prm.ce_weight = a.ce_weight, prm.kd_weight = a.kd_weight;
-  prm.ref_weight = a.ref_weight, prm.weighting = a.weighting;
+  copy_shared_params(prm, a);
 
   const Math math(s, kTeacher ? t : nullptr, kRef ? r : nullptr, a.temperature);
   std::vector<int> visits(k.cols, 0);
@@ -377,13 +379,12 @@ RowResult non_finite_row(const std::vector<Edit>& edits, float temperature, RowW
   }
   const RowStats total =
       smskd::emulation::merged<smskd::kernels::RowStreams<true, true, true>>(threads, Math::k1, math.kT);
+  smskd_loss_rows_args a{};
+  a.temperature = temperature, a.ce_weight = 0.7f, a.kd_weight = 1.3f, a.ref_weight = 0.9f;
+  a.weighting = SMSKD_WEIGHT_INVERSE_TCP, a.ignore_index = -100;
   Params prm{};
-  prm.temperature = temperature, prm.ce_weight = 0.7f, prm.kd_weight = 1.3f, prm.ref_weight = 0.9f;
-  prm.weighting = SMSKD_WEIGHT_INVERSE_TCP;
+  copy_shared_params(prm, a);
   if (want) {
-    smskd_loss_rows_args a{};
-    a.temperature = temperature, a.ce_weight = prm.ce_weight, a.kd_weight = prm.kd_weight;
-    a.ref_weight = prm.ref_weight, a.weighting = prm.weighting, a.ignore_index = -100;
     std::vector<double> d[3];
     for (int i = 0; i < 3; ++i) d[i].assign(x[i].begin(), x[i].end());
     *want = oracle(d[0], &d[1], &d[2], kTargetColumn, true, a);
@@ -400,8 +401,8 @@ std::vector<Edit> student_masked_where_frozen_lowest() {
   std::vector<Edit> edits;
   for (int64_t c : {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43}) {
     edits.push_back({0, c, -INFINITY});
-    edits.push_back({1, c, -3.4028234663852886e38f});
-    edits.push_back({2, c, -3.4028234663852886e38f});
+    edits.push_back({1, c, -FLT_MAX});
+    edits.push_back({2, c, -FLT_MAX});
   }
   return edits;
 }

@@ -15,10 +15,12 @@ import glob
 import json
 import os
 import platform
+import re
 import shutil
 import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 
+import setuptools
 import torch
 from setuptools import setup
 from torch.utils import cpp_extension
@@ -26,6 +28,18 @@ from torch.utils import cpp_extension
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CUDA_ARCHS = ("80", "90")
 ISA_UNITS = "csrc/cpu/isa_units.json"
+# pyproject.toml's license is an SPDX string (PEP 639), which setuptools reads from 77.0.3 on; older ones
+# stop with a schema error about `project.license`. [build-system] asks for the same version.
+SETUPTOOLS_MIN = (77, 0, 3)
+
+
+def require_setuptools(version: str) -> None:
+    """Stops the build with what to install when setuptools `version` is older than SETUPTOOLS_MIN
+    (a build without isolation, --no-build-isolation, uses the environment's own setuptools)."""
+    if tuple(int(part) for part in re.findall(r"\d+", version)[:3]) < SETUPTOOLS_MIN:
+        wanted = ".".join(map(str, SETUPTOOLS_MIN))
+        raise SystemExit(f"smskd-fast needs setuptools >= {wanted} to build (pyproject.toml's SPDX license string); "
+                         f"this environment has setuptools {version}: pip install 'setuptools>={wanted}'")
 
 
 def sources(*patterns: str) -> list[str]:
@@ -142,8 +156,10 @@ def extension() -> cpp_extension.CppExtension:
     )
 
 
-setup(
-    ext_modules=[] if os.environ.get("SMSKD_FAST_SKIP_EXTENSION", "0") not in ("", "0") else [extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp310"}},
-)
+if __name__ == "__main__":  # setuptools runs this file as __main__ (python setup.py, pip's PEP 517 builds)
+    require_setuptools(setuptools.__version__)
+    setup(
+        ext_modules=[] if os.environ.get("SMSKD_FAST_SKIP_EXTENSION", "0") not in ("", "0") else [extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    )

@@ -19,7 +19,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 from smskd_fast.backends.base import check_target_range
 from smskd_fast.ops import schema
 from smskd_fast.ops.launch_device import on_device_of
-from smskd_fast.backends.triton import interpreter_reductions, kernels
+from smskd_fast.backends.triton import interpreter_index, interpreter_reductions, kernels
 
 # Largest C handled by the one-tile kernel (each row whole in registers).
 TILE_MAX_C = 4096
@@ -164,6 +164,7 @@ def kernels_interpreted() -> bool:
 
 if kernels_interpreted():
     interpreter_reductions.install()
+    interpreter_index.install()
 
 
 def check_targets_on_host(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:

@@ -247,29 +247,6 @@ def test_float64_is_refused_with_the_alternatives():
         smskd_fast.smskd_loss(student, target, teacher, reference, backend="triton")
 
 
-def assert_same_schema(triton_name: str, compiled_name: str) -> None:
-    """The triton op torch.ops.smskd_fast.<triton_name> has the schema of the compiled op <compiled_name>."""
-    if not hasattr(torch.ops.smskd_fast, triton_name):
-        pytest.skip(f"triton backend not importable: {smskd_fast.available_backends()['triton'].reason}")
-    if not hasattr(torch.ops.smskd_fast, compiled_name):
-        pytest.skip("smskd_fast._C is not built, so there is no compiled schema to compare with")
-    ours = getattr(torch.ops.smskd_fast, triton_name).default._schema
-    theirs = getattr(torch.ops.smskd_fast, compiled_name).default._schema
-    if torch.__version__ >= "2.14":  # verified: 2.14 honours schema=, 2.11 does not
-        assert str(ours).replace(triton_name, compiled_name) == str(theirs)
-    else:
-        # torch 2.11's triton_op ignores its schema argument and infers one from the
-        # type hints (int -> SymInt, unnamed outputs): same arguments, same types for callers.
-        def signature(schema):
-            return [(a.name, str(a.type).replace("SymInt", "int")) for a in schema.arguments], len(schema.returns)
-
-        assert signature(ours) == signature(theirs)
-
-
-def test_op_has_the_schema_of_the_compiled_op():
-    assert_same_schema("smskd_loss_rows_triton", "smskd_loss_rows")
-
-
 @needs_kernels
 @pytest.mark.parametrize("c", [20] if INTERPRETED else [20, 100, 5000])  # the GPU adds wider tiles, the online kernel
 def test_opcheck(c):

@@ -253,9 +253,12 @@ def _exit_code(error: BaseException) -> Optional[int]:
     from smskd_fast.training.logit_cache import CacheCorruptedError
     from smskd_fast.training.nonfinite import NonFiniteLossError
     from smskd_fast.training.atomic_io import CheckpointWriteError
+    from smskd_fast.training.optional_packages import MissingPackageError
 
     if isinstance(error, UsageError):
         return error.exit_code
+    if isinstance(error, MissingPackageError):  # a package to install, named in the message
+        return 2
     if isinstance(error, (NonFiniteLossError, CheckpointWriteError, CacheCorruptedError)):
         return 1
     if isinstance(error, (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,

@@ -190,9 +190,7 @@ def _started_run(files, tmp_path) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("case, argv, code, problem, way_out", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gives_one_clear_line(files, tmp_path, capsys, case, argv, code, problem, way_out):
-    arguments = argv(files, tmp_path)
+def assert_one_clear_line(arguments, capsys, code, problem, way_out) -> None:
     assert main(arguments) == code
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
@@ -201,6 +199,47 @@ def test_bad_input_gives_one_clear_line(files, tmp_path, capsys, case, argv, cod
     assert problem in lines[0] and way_out in lines[0], lines[0]
     with pytest.raises(BaseException):  # --debug lets the same error through, traceback and all
         main(["--debug", *arguments])
+
+
+NEEDS_TORCHVISION = {"imagefolder without train", "imagefolder without images"}  # torchvision's ImageFolder reads
+
+
+@pytest.mark.parametrize("case, argv, code, problem, way_out", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_clear_line(files, tmp_path, capsys, case, argv, code, problem, way_out):
+    if case in NEEDS_TORCHVISION:
+        pytest.importorskip("torchvision")
+    assert_one_clear_line(argv(files, tmp_path), capsys, code, problem, way_out)
+
+
+# Optional packages (smskd_fast/training/optional_packages.py), each made unimportable as if not installed.
+MISSING_PACKAGE_CASES = [
+    ("imagefolder without torchvision", "torchvision",
+     lambda f, t: ["train", "--config", str(f["good"]), "--set", "data.name=imagefolder", "--data-dir", str(t),
+                   "--out", str(t / "r")],
+     "data.name 'imagefolder' needs torchvision", f"the torchvision release built for torch {torch.__version__}"),
+    ("torchvision model without torchvision", "torchvision",
+     lambda f, t: ["train", "--config", str(f["config"]("torchvision_student", lambda raw: _set(
+         raw, "student", "name", "torchvision:resnet18"))), "--out", str(t / "r")],
+     "model 'torchvision:resnet18' needs torchvision", f"built for torch {torch.__version__}"),
+    ("plots without matplotlib", "matplotlib",
+     lambda f, t: ["train", "--config", str(f["good"]), "--set", "plots=true", "--out", str(t / "r")],
+     "plots: true (the run's PNG plots; plots: false goes without) needs matplotlib", "pip install matplotlib"),
+]
+
+
+@pytest.mark.parametrize("case, package, argv, problem, way_out", MISSING_PACKAGE_CASES,
+                         ids=[c[0] for c in MISSING_PACKAGE_CASES])
+def test_a_missing_optional_package_is_named_before_training(files, tmp_path, capsys, monkeypatch, case, package,
+                                                             argv, problem, way_out):
+    monkeypatch.setitem(sys.modules, package, None)  # import fails as for a package not installed
+    assert_one_clear_line(argv(files, tmp_path), capsys, 2, problem, way_out)
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()  # refused before the first epoch
+
+
+def test_a_run_without_plots_needs_no_matplotlib(files, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["train", "--config", str(files["good"]), "--set", "plots=false", "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "summary.json").is_file() and not list((tmp_path / "r").glob("*.png"))
 
 
 def test_cuda_device_without_cuda(files, tmp_path, capsys):

@@ -76,6 +76,7 @@ def test_trainer_runs_on_cifar100_files(tmp_path):
 
 
 def test_image_folder(tmp_path):
+    pytest.importorskip("torchvision")  # an optional package (tests/test_cli_errors.py: the error without it)
     from PIL import Image
 
     rng = np.random.default_rng(1)

@@ -29,6 +29,7 @@ def test_model_forward_and_feature_points(name):
 
 
 def test_torchvision_models_by_name():
+    pytest.importorskip("torchvision")  # an optional package (tests/test_cli_errors.py: the error without it)
     model = build_model("torchvision:resnet18", 7)
     assert model.fc.out_features == 7
     with pytest.raises(ValueError, match="torchvision has no model 'resnet19'"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,15 @@ def test_study_cli_names_its_outputs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "paired against" in printed and "study.png" in printed
     assert (tmp_path / "s" / "study.txt").read_text() in printed
+
+
+def test_study_without_matplotlib_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as for a package not installed
+    sets = [item for entry in ONE_EPOCH for item in ("--set", entry)]
+    code = main(["study", "--config", str(DEMO), "--out", str(tmp_path / "s"), "--seeds", "0", "1", *sets])
+    assert code == 2
+    assert capsys.readouterr().err.strip().startswith("error: the study's plot (study.png) needs matplotlib")
+    assert not (tmp_path / "s").exists()
 
 
 def test_run_schedule_scope_gives_the_stages_one_schedule_over_the_run():

@@ -18,6 +18,8 @@ from typing import Callable, ClassVar, Iterator, Optional, Sequence, Tuple, Unio
 import numpy as np
 import torch
 
+from smskd_fast.training.optional_packages import require_torchvision
+
 __all__ = ["ImageSet", "TokenSet", "DataSplits", "load_splits", "split_validation", "iterate_batches", "augment",
            "augmentation_draws", "AUGMENT_STREAMS", "DATASETS", "SEQUENCE_DATASETS"]
 
@@ -246,7 +248,7 @@ def _cifar100(root: Path) -> DataSplits:
 
 
 def _image_folder_split(folder: Path, image_size: int, classes: Optional[Sequence[str]]) -> ImageSet:
-    from torchvision import datasets, transforms
+    from torchvision import datasets, transforms  # _image_folder checked that it imports
 
     if not folder.is_dir():
         raise FileNotFoundError(f"ImageFolder split {folder} not found; data.root must hold train/ and test/ (or val/)")
@@ -266,6 +268,7 @@ def _image_folder_split(folder: Path, image_size: int, classes: Optional[Sequenc
 
 
 def _image_folder(root: Path, image_size: int) -> DataSplits:
+    require_torchvision("data.name 'imagefolder'")
     from torchvision import datasets
 
     train = _image_folder_split(root / "train", image_size, None)

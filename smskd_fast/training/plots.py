@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import List
 
+from smskd_fast.training.optional_packages import require_matplotlib
 from smskd_fast.training.run_files import read_jsonl
 
 __all__ = ["plot_run"]
@@ -18,8 +19,7 @@ def _stage_boundaries(axis, records) -> None:
 
 def plot_run(run_dir: Path) -> List[Path]:
     """Writes accuracy.png, loss.png and tcp_weights.png into run_dir; returns their paths."""
-    import matplotlib
-
+    matplotlib = require_matplotlib("the run's PNG plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

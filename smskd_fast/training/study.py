@@ -35,6 +35,7 @@ import yaml
 from smskd_fast.provenance import git_commit
 from smskd_fast.training.config import RunConfig, config_to_dict
 from smskd_fast.training.experiments import run_or_resume, single_method_variants, train_teacher, variant_configs
+from smskd_fast.training.optional_packages import require_matplotlib
 from smskd_fast.training.run_files import write_text_atomic
 from smskd_fast.training.stats import paired_comparison, summarize_values
 
@@ -137,6 +138,7 @@ def run_study(config: RunConfig, out: Path, seeds: Sequence[int], variants: Opti
         raise ValueError(f"seeds: need distinct seeds, got {list(seeds)}")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    require_matplotlib("the study's plot (study.png)")  # refused now, not after the last run
     out = Path(out)
     variants = list(variants or study_variants(config))
     resolved = variant_configs(_seeded(config, seeds[0], teacher_seed), "<seed<N>/teacher/student.pt>", variants)
@@ -259,8 +261,7 @@ def format_report(analysis: Dict[str, Any]) -> str:
 
 def plot_study(analysis: Dict[str, Any], path: Path) -> Path:
     """PNG: every seed's test accuracy (dots) and the mean with its 95% t-interval per variant."""
-    import matplotlib
-
+    matplotlib = require_matplotlib("the study's plot (study.png)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

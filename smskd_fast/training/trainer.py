@@ -45,6 +45,7 @@ from smskd_fast.training.frozen_models import FrozenModels
 from smskd_fast.training.models import build_model
 from smskd_fast.training.nonfinite import BufferSnapshot, NonFiniteLossError, describe_samples, stop_or_skip
 from smskd_fast.training.optim import stage_learning_rate
+from smskd_fast.training.optional_packages import require_matplotlib
 from smskd_fast.training.progress import Progress
 from smskd_fast.training.run_files import append_jsonl, read_jsonl, write_jsonl, write_text_atomic
 from smskd_fast.training.seeds import derive_seed
@@ -75,6 +76,8 @@ class SMSKDTrainer:
     def __init__(self, config: RunConfig, run_dir: Path, log: Callable[[str], None] = print):
         self.config, self.run_dir, self.log = config, Path(run_dir), log
         _check_device_and_backend(torch.device(config.device), config.backend)
+        if config.plots:  # refused now, not after the last epoch
+            require_matplotlib("plots: true (the run's PNG plots; plots: false goes without)")
         self.dist, self.device = DistributedContext.from_environment(torch.device(config.device))
         if not self.dist.is_main:  # one log, from rank 0
             self.log = lambda message: None

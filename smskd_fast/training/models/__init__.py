@@ -13,6 +13,7 @@ from smskd_fast.training.models.small import digits_cnn_large, digits_cnn_small
 from smskd_fast.training.models.transformer import tiny_lm_large, tiny_lm_small
 from smskd_fast.training.models.vgg import vgg8, vgg13
 from smskd_fast.training.models.wrn import wrn_16_2, wrn_40_2
+from smskd_fast.training.optional_packages import require_torchvision
 
 __all__ = ["MODELS", "SEQUENCE_MODELS", "build_model", "model_names", "feature_points"]
 
@@ -37,8 +38,7 @@ def model_names() -> list:
 def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     """A freshly initialised model; "torchvision:resnet18" builds torchvision's resnet18 (no weights)."""
     if name.startswith(TORCHVISION_PREFIX):
-        import torchvision
-
+        torchvision = require_torchvision(f"model {name!r}")
         tv_name = name[len(TORCHVISION_PREFIX):]
         if tv_name not in torchvision.models.list_models():
             raise ValueError(f"torchvision has no model {tv_name!r}; see torchvision.models.list_models()")

@@ -96,6 +96,33 @@ def test_sweep_rows_take_the_worst_packed_loop():
     assert "no budget stated" in mufu_report.check_budget(rows, {})[0]
 
 
+@pytest.mark.parametrize("version, expected", [("3.6.0", "mufu_budget_triton3.6.json"), ("3.6.1+git", "mufu_budget_triton3.6.json"),
+                                               ("3.8.0", None), ("3.10.0", None)])
+def test_each_triton_version_has_its_budget_file(version, expected):
+    found = mufu_report.triton_budget_file(version)
+    assert (found and found.name) == expected
+
+
+@pytest.mark.parametrize("version", sorted(mufu_report.TRITON_BUDGET_FILES))
+def test_a_triton_versions_budget_covers_every_triton_row_of_the_main_file(version):
+    """Every Triton sweep budgeted for CI's triton has a budget for each other version too (written under that
+    version with --write-budget), so that a run there reports figures, not missing budgets."""
+    main = {key for key in mufu_report.load_budget() if key.startswith("triton |")}
+    other = mufu_report.load_budget(mufu_report.TRITON_BUDGET_FILES[version])
+    assert set(other) == main
+
+
+def test_write_budget_merges_into_the_file(tmp_path):
+    (instructions,) = sass_loops.parse_functions(SASS).values()
+    rows = mufu_report.sweep_rows(sass_loops.find_loops(instructions), lambda loop: loop.widest_bytes() / 4, dict(
+        backend="triton", kernel="k", config="c", variant="v", dtype="float32", arch="sm_90"),
+        packed=mufu_report.is_packed)
+    path = tmp_path / "budget.json"
+    path.write_text(json.dumps({"kept": 1.0, rows[0].key: 9.0}))
+    mufu_report.write_budget(path, rows)
+    assert mufu_report.load_budget(path) == {"kept": 1.0, rows[0].key: 0.5}
+
+
 def plant_ex2(sass: str, function: str, address: int) -> str:
     """sass with one more MUFU.EX2 at address (inside function's listing)."""
     lines = sass.splitlines()

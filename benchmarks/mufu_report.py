@@ -249,15 +249,15 @@ def write_budget(path: Path, rows: List[SweepRow]) -> None:
     path.write_text(json.dumps(dict(sorted(budget.items())), indent=1) + "\n")
 
 
-def check_budget(rows: List[SweepRow], budget: Dict[str, float]) -> List[str]:
-    """A line per budgeted sweep above its budget or without one."""
+def check_budget(rows: List[SweepRow], budget: Dict[str, float], source: str = BUDGET_FILE.name) -> List[str]:
+    """A line per budgeted sweep above its budget or without one in source (the budget's file or files)."""
     problems = []
     for row in rows:
         if row.sweep not in BUDGETED:
             continue
         limit = budget.get(row.key)
         if limit is None:
-            problems.append(f"{row.key}: {row.per_element:.3f} MUFU/element, no budget stated")
+            problems.append(f"{row.key}: {row.per_element:.3f} MUFU/element, no budget stated in {source}")
         elif row.per_element > limit + TOLERANCE:
             problems.append(f"{row.key}: {row.per_element:.3f} MUFU/element > budget {limit:.3f}")
     return problems
@@ -320,16 +320,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                 rows += found
         header.append(f"triton: {triton.__version__}, {'CI' if args.ci else 'all'} variants and dtypes, sm_90")
 
-    triton_file = triton_budget_file(triton.__version__) if args.triton and args.budget == BUDGET_FILE else None
+    default_budget = args.budget.resolve() == BUDGET_FILE.resolve()
+    triton_file = triton_budget_file(triton.__version__) if args.triton and default_budget else None
     if args.write_budget:
         write_budget(args.budget, [r for r in rows if triton_file is None or r.backend != "triton"])
         if triton_file is not None:
             write_budget(triton_file, [r for r in rows if r.backend == "triton"])
-    budget = load_budget(args.budget)
+    budget, source = load_budget(args.budget), args.budget.name
     if triton_file is not None:
         budget.update(load_budget(triton_file))
+        source += f" or, for triton {triton.__version__}'s rows, {triton_file.name}"
         header.append(f"triton {triton.__version__}'s rows against {triton_file.relative_to(ROOT)}")
-    problems = check_budget(rows, budget)
+    problems = check_budget(rows, budget, source)
     header += ["", f"{len(rows)} rows; " + (f"{len(problems)} over budget or without one:" if problems else
                                            "every budgeted sweep within its budget")] + [f"- {p}" for p in problems]
     args.out.mkdir(parents=True, exist_ok=True)

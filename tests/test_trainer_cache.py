@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -103,6 +104,15 @@ def test_a_stage_that_needs_teacher_features_still_runs_the_teacher(teacher_file
 def _write_config(raw, path):
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def test_cache_build_needs_no_matplotlib(teacher_file, tmp_path, capsys, monkeypatch):
+    """Building a cache plots nothing, so plots: true (the default) does not ask for matplotlib there."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as for a package not installed
+    raw = _raw(teacher_file, tmp_path, teacher={"dtype": "float16"})
+    raw["plots"] = True
+    assert main(["cache", "build", "--config", str(_write_config(raw, tmp_path / "run.yaml"))]) == 0
+    assert "6 shards (6 written now, 0 reused)" in capsys.readouterr().out
 
 
 def test_cache_build_then_train_reuses_the_cache(teacher_file, tmp_path, capsys):

@@ -16,9 +16,16 @@ class ScalarArgument:
         self.handle = type("Handle", (), {"data": np.array([value], dtype=np.int32)})()
 
 
+def patch_lang_tensor_of_triton_3_6(tensor, scope) -> None:
+    """triton 3.6's conversion of an interpreted tensor to an index (3.8 squeezes the array first)."""
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+
 @pytest.fixture
-def patched_tensor_class():
-    """ScalarArgument with the interpreter's tensor methods, as _patch_lang sets them for one kernel call."""
+def patched_tensor_class(monkeypatch):
+    """ScalarArgument with the index conversion of triton 3.6's interpreter, then the shim, as _patch_lang sets
+    them for one kernel call (so the test means the same under CI's triton 3.8)."""
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_lang_tensor_of_triton_3_6)
     interpreter_index.install()
     scope = interpreter._LangPatchScope()
     interpreter._patch_lang_tensor(ScalarArgument, scope)

@@ -76,8 +76,6 @@ class SMSKDTrainer:
     def __init__(self, config: RunConfig, run_dir: Path, log: Callable[[str], None] = print):
         self.config, self.run_dir, self.log = config, Path(run_dir), log
         _check_device_and_backend(torch.device(config.device), config.backend)
-        if config.plots:  # refused now, not after the last epoch
-            require_matplotlib("plots: true (the run's PNG plots; plots: false goes without)")
         self.dist, self.device = DistributedContext.from_environment(torch.device(config.device))
         if not self.dist.is_main:  # one log, from rank 0
             self.log = lambda message: None
@@ -110,6 +108,8 @@ class SMSKDTrainer:
     def run(self, resume: bool = False, max_epochs: Optional[int] = None) -> Optional[Dict[str, Any]]:
         """Trains every stage; returns the summary, or None when stopped after max_epochs epochs
         (an interruption, for tests and time-boxed jobs; resume=True continues it)."""
+        if self.config.plots:  # refused now, not after the last epoch
+            require_matplotlib("plots: true (the run's PNG plots; plots: false goes without)")
         threads = torch.get_num_threads()
         if self.config.threads is not None:  # small models run faster on one thread than on a busy pool
             torch.set_num_threads(self.config.threads)

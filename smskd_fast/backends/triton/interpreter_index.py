@@ -3,8 +3,9 @@
 The interpreter holds a scalar as a one-element array and, in triton 3.6 (torch 2.11's), gives Python an
 index with int(array), which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python
 scalars"): every column-block kernel, whose loop is range(0, num_classes, BLOCK_C), then failed under
-TRITON_INTERPRET=1. Triton 3.8 squeezes the array first; this does the same where the interpreter does not.
-Nothing changes on a GPU, where the interpreter is not used.
+TRITON_INTERPRET=1. Triton 3.8 squeezes the array first; with NumPy >= 2.4 this makes every version do so
+(under 3.8 it sets the same conversion again, restored in order). Nothing changes on a GPU, where the
+interpreter is not used.
 """
 from __future__ import annotations
 

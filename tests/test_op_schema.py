@@ -27,14 +27,14 @@ HEADER = pathlib.Path(__file__).resolve().parents[1] / "kernels" / "smskd_schema
 needs_extension = pytest.mark.skipif(not extension_loaded(), reason="smskd_fast._C is not built")
 
 
-def _registered_schema(name: str) -> str:
-    return str(getattr(torch.ops.smskd_fast, name).default._schema)
+def _registered_schema(name: str) -> torch.FunctionSchema:
+    return getattr(torch.ops.smskd_fast, name).default._schema
 
 
 @needs_extension
 @pytest.mark.parametrize("op", schema.COMPILED_OPS, ids=lambda op: op.name)
 def test_compiled_library_registers_the_schema_py_signature(op):
-    assert _registered_schema(op.name) == f"{schema.NAMESPACE}::{op.definition()}"
+    assert str(_registered_schema(op.name)) == f"{schema.NAMESPACE}::{op.definition()}"
 
 
 def _callers_view(registered: torch.FunctionSchema) -> tuple[list[tuple[str, str]], int]:
@@ -49,12 +49,11 @@ def test_triton_ops_have_the_compiled_ops_signatures_under_their_names():
         pytest.skip(backend._IMPORT_ERROR)
     for op, compiled in ((backend.DENSE_SCHEMA, schema.DENSE), (backend.TOPK_SCHEMA, schema.TOPK)):
         assert op.schema() == compiled.schema()
-        registered = getattr(torch.ops.smskd_fast, op.name).default._schema
+        expected = f"{schema.NAMESPACE}::{op.definition()}"
         if torch.__version__ >= "2.14":  # verified: torch 2.14 registers triton_op's schema= as given
-            assert str(registered) == f"{schema.NAMESPACE}::{op.definition()}"
+            assert str(_registered_schema(op.name)) == expected
         else:  # verified on 2.11: triton_op ignores schema= and infers int -> SymInt, unnamed outputs
-            expected = torch._C.parse_schema(f"{schema.NAMESPACE}::{op.definition()}")
-            assert _callers_view(registered) == _callers_view(expected)
+            assert _callers_view(_registered_schema(op.name)) == _callers_view(torch._C.parse_schema(expected))
 
 
 def _header_macro(name: str) -> str:

@@ -43,6 +43,7 @@ __all__ = ["study_variants", "run_study", "analyse", "format_report", "plot_stud
            "SMSKD_VARIANTS", "train_variant"]
 
 SMSKD_VARIANTS = ("smskd_constant", "smskd_tcp", "smskd")
+STUDY_PLOT = "the study's plot (study.png)"  # the feature that needs matplotlib, in its error
 # Published CIFAR-100 top-1 (%) of single methods, (teacher, student) -> variant -> value:
 # CRD (Tian et al. 2020) Table 1 and DKD (Zhao et al. 2022) Table 1, resnet32x4 -> resnet8x4.
 PUBLISHED = {("resnet32x4", "resnet8x4"): {"student_alone": 72.50, "kd": 73.33, "only_fitnet": 73.50,
@@ -138,7 +139,7 @@ def run_study(config: RunConfig, out: Path, seeds: Sequence[int], variants: Opti
         raise ValueError(f"seeds: need distinct seeds, got {list(seeds)}")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    require_matplotlib("the study's plot (study.png)")  # refused now, not after the last run
+    require_matplotlib(STUDY_PLOT)  # refused now, not after the last run
     out = Path(out)
     variants = list(variants or study_variants(config))
     resolved = variant_configs(_seeded(config, seeds[0], teacher_seed), "<seed<N>/teacher/student.pt>", variants)
@@ -261,7 +262,7 @@ def format_report(analysis: Dict[str, Any]) -> str:
 
 def plot_study(analysis: Dict[str, Any], path: Path) -> Path:
     """PNG: every seed's test accuracy (dots) and the mean with its 95% t-interval per variant."""
-    matplotlib = require_matplotlib("the study's plot (study.png)")
+    matplotlib = require_matplotlib(STUDY_PLOT)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

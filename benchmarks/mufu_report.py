@@ -187,7 +187,7 @@ def triton_job_rows(job) -> List[SweepRow]:
     sig, attrs = aot.signature(fn, aot.DTYPES[job.dtype], constexprs.get("HAS_TARGET", True), align_ints=column_blocks,
                                has_grad_scale=constexprs.get("HAS_GRAD_SCALE", False))
     compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", job.arch, 32),
-                              options={"num_warps": job.num_warps})
+                              options=aot.compile_options(job.num_warps))
     return triton_rows_from_cubin(compiled.asm["cubin"], job)
 
 

@@ -44,6 +44,7 @@ from smskd_fast.provenance import git_commit  # noqa: E402
 from smskd_fast.backends.triton import kernels  # noqa: E402
 from smskd_fast.backends.triton import launch  # noqa: E402
 from smskd_fast.backends.triton import topk_kernels  # noqa: E402
+from smskd_fast.ops.launch_device import TRITON_COMPILE_OPTIONS  # noqa: E402
 from smskd_fast.backends.triton import topk_launch  # noqa: E402
 from smskd_fast.ops.schema import PER_ROW_OUTPUTS, WEIGHTING_CODES  # noqa: E402
 
@@ -122,6 +123,12 @@ def cuobjdump() -> str:
     if not path.exists():
         raise FileNotFoundError(f"cuobjdump not found at {path}")
     return str(path)
+
+
+def compile_options(num_warps: int) -> Dict[str, object]:
+    """triton.compile's options for a kernel launched with num_warps: the launchers' own
+    (TRITON_COMPILE_OPTIONS), so what is counted here is what runs."""
+    return {"num_warps": num_warps, **TRITON_COMPILE_OPTIONS}
 
 
 def signature(fn, dtype: str, has_target: bool, align_ints: bool, scalars: str = "fp32", has_grad_scale: bool = False):
@@ -212,7 +219,7 @@ def compile_job(job: Job) -> Row:
         column_blocks = job.kernel.endswith("online_kernel") or not constexprs.get("WHOLE_ROW", True)
         sig, attrs = signature(fn, DTYPES[job.dtype], has_target, align_ints=column_blocks, scalars=job.scalars,
                                has_grad_scale=constexprs.get("HAS_GRAD_SCALE", False))
-    options = {"num_warps": job.num_warps}
+    options = compile_options(job.num_warps)
     if job.kernel == "_check_targets_kernel":
         options["debug"] = job.variant == "debug"  # what @triton.jit(debug=True) gives eagerly
     try:

@@ -54,7 +54,7 @@ def sass_of(job: aot.Job) -> str:
     sig, attrs = aot.signature(fn, aot.DTYPES[job.dtype], True, align_ints=aligned, scalars=job.scalars,
                                has_grad_scale=dict(job.constexprs)["HAS_GRAD_SCALE"])
     compiled = triton.compile(ASTSource(fn, sig, dict(job.constexprs), attrs), target=GPUTarget("cuda", job.arch, 32),
-                              options={"num_warps": job.num_warps})
+                              options=aot.compile_options(job.num_warps))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()

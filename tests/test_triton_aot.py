@@ -71,7 +71,7 @@ def test_backward_scale_kernels_compile_without_spills(kernel, dtype, arch):
     from smskd_fast.ops import scale_rows
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from triton_aot_report import ptxas_spills
+    from triton_aot_report import compile_options, ptxas_spills
 
     signature = {"grad_ptr": f"*{dtype}", "factor_ptr": "*fp32", "row_stride": "i32"}
     if kernel == "_scale_all_rows_kernel":
@@ -79,5 +79,5 @@ def test_backward_scale_kernels_compile_without_spills(kernel, dtype, arch):
     signature.update(cols="i32", BLOCK="constexpr")
     source = ASTSource(getattr(scale_rows, kernel), signature, {"BLOCK": scale_rows._BLOCK_COLUMNS},
                        {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]})
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=compile_options(4))
     assert ptxas_spills(compiled.asm["ptx"]) == {"spill_stores": 0, "spill_loads": 0}

@@ -1,12 +1,20 @@
-"""The CUDA device a Triton kernel runs on: Triton launches on the current device and its current stream,
-not on its arguments' device, so every Triton launch of the package goes through on_device_of."""
+"""How the package launches a Triton kernel: on the CUDA device of its arguments (Triton launches on the
+current device and its current stream, not on its arguments' device, so every Triton launch goes through
+on_device_of), and with the compiler options TRITON_COMPILE_OPTIONS, stated rather than left to Triton's
+defaults."""
 from __future__ import annotations
 
 import contextlib
 
 import torch
 
-__all__ = ["on_device_of"]
+__all__ = ["TRITON_COMPILE_OPTIONS", "on_device_of"]
+
+# Fused multiply-add contraction on: the kernels' arithmetic, their MUFU/FMA budgets
+# (benchmarks/mufu_report.py), the AOT reports and the GPU timings all assume it. Triton <= 3.9
+# enables it by default, but 3.9 warns at every first compile that 3.10 turns it off
+# (TRITON_DEFAULT_FP_FUSION). Passed at each launch, so a user's own kernels keep Triton's default.
+TRITON_COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 _REAL_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from smskd_fast.ops.launch_device import on_device_of
+from smskd_fast.ops.launch_device import TRITON_COMPILE_OPTIONS, on_device_of
 
 try:
     import triton
@@ -63,9 +63,11 @@ def launch_scale_rows(grad: torch.Tensor, factor: torch.Tensor) -> None:
     with on_device_of(grad):
         if factor.dim() == 0:
             grid = (min(rows, _UNIFORM_PROGRAMS), column_blocks)
-            _scale_all_rows_kernel[grid](grad, factor, grad.stride(0), rows, cols, BLOCK=_BLOCK_COLUMNS)
+            _scale_all_rows_kernel[grid](grad, factor, grad.stride(0), rows, cols, BLOCK=_BLOCK_COLUMNS,
+                                         **TRITON_COMPILE_OPTIONS)
         else:
-            _scale_rows_kernel[(rows, column_blocks)](grad, factor, grad.stride(0), cols, BLOCK=_BLOCK_COLUMNS)
+            _scale_rows_kernel[(rows, column_blocks)](grad, factor, grad.stride(0), cols, BLOCK=_BLOCK_COLUMNS,
+                                                      **TRITON_COMPILE_OPTIONS)
 
 
 if triton is not None:

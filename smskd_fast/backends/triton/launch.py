@@ -18,7 +18,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from smskd_fast.backends.base import check_target_range
 from smskd_fast.ops import schema
-from smskd_fast.ops.launch_device import on_device_of
+from smskd_fast.ops.launch_device import TRITON_COMPILE_OPTIONS, on_device_of
 from smskd_fast.backends.triton import interpreter_index, interpreter_reductions, kernels
 
 # Largest C handled by the one-tile kernel (each row whole in registers).
@@ -193,7 +193,7 @@ def check_targets(target: Optional[torch.Tensor], num_classes: int, ignore_index
         check_targets_on_host(target, num_classes, ignore_index)
     else:
         wrap(kernels._check_targets_kernel)[(triton.cdiv(target.shape[0], CHECK_BLOCK),)](
-            target, target.shape[0], num_classes, ignore_index, BLOCK=CHECK_BLOCK,
+            target, target.shape[0], num_classes, ignore_index, BLOCK=CHECK_BLOCK, **TRITON_COMPILE_OPTIONS,
         )
 
 
@@ -263,12 +263,13 @@ def launch_rows(
             tile = tile_config(num_classes)
             wrap(kernels._smskd_rows_tile_kernel)[(triton.cdiv(num_rows, tile.rows),)](
                 *common, num_rows, num_classes, *strides, *scalars, **flags,
-                ROWS=tile.rows, BLOCK_C=tile.block_c, num_warps=tile.num_warps,
+                ROWS=tile.rows, BLOCK_C=tile.block_c, num_warps=tile.num_warps, **TRITON_COMPILE_OPTIONS,
             )
         else:
             online = config or online_config(num_classes)
             wrap(kernels._smskd_rows_online_kernel)[(num_rows,)](
                 *common, num_classes, *strides, *scalars, **flags,
                 BLOCK_C=online.block_c, MAXIMA_COLUMNS=online.maxima_columns, num_warps=online.num_warps,
+                **TRITON_COMPILE_OPTIONS,
             )
     return (*per_row, grad)

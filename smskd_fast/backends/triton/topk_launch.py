@@ -17,7 +17,7 @@ import torch
 from smskd_fast.backends.triton.topk_bitmask import kept_class_bitmask
 from smskd_fast.ops import schema
 from smskd_fast.backends.triton import kernels, topk_kernels
-from smskd_fast.ops.launch_device import on_device_of
+from smskd_fast.ops.launch_device import TRITON_COMPILE_OPTIONS, on_device_of
 from smskd_fast.backends.triton.launch import (allocate_outputs, check_targets, logits_row_alignment,
                                                power_of_two_at_least)
 
@@ -135,7 +135,7 @@ def launch_topk_rows(
         kernel = wrap(topk_kernels._smskd_topk_rows_kernel)
         kernel[(num_rows,)](*arguments, **flags, WHOLE_ROW=chosen.whole_row, BLOCK_C=chosen.block_c,
                             T_POWER=kernels.temperature_power(temperature, target is not None, True),
-                            EXACT_REST=False, num_warps=chosen.num_warps)
+                            EXACT_REST=False, num_warps=chosen.num_warps, **TRITON_COMPILE_OPTIONS)
         kernel[(num_rows,)](*arguments, **flags, WHOLE_ROW=False, BLOCK_C=EXACT_REST_CONFIG.block_c, T_POWER=0,
-                            EXACT_REST=True, num_warps=EXACT_REST_CONFIG.num_warps)
+                            EXACT_REST=True, num_warps=EXACT_REST_CONFIG.num_warps, **TRITON_COMPILE_OPTIONS)
     return (*per_row, grad)

@@ -4,6 +4,7 @@
 // with TORCH_LIBRARY_IMPL; the Python side (smskd_fast/ops/registration.py) adds the fake
 // (meta) kernels and the autograd formula. The math is SPEC.md section 2.
 #include <Python.h>
+#include <torch/headeronly/version.h>
 #include <torch/library.h>
 
 #include <string>
@@ -12,11 +13,18 @@
 
 extern "C" {
 // Importing smskd_fast._C loads this shared object, which runs the static
-// TORCH_LIBRARY registrations below; the module itself has no Python members.
+// TORCH_LIBRARY registrations below. The module's one member, BUILT_WITH_TORCH,
+// is the torch it was compiled against: smskd_fast/ops/extension.py refuses the
+// library under another minor release (PyTorch's C++ ABI changes between them).
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", "smskd_fast compiled operators", -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddStringConstant(module, "BUILT_WITH_TORCH", TORCH_VERSION) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 

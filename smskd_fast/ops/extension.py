@@ -2,27 +2,60 @@
 
 Importing _C runs its TORCH_LIBRARY registrations (the smskd_fast:: operators).
 A missing or broken build is not fatal: the reference backend still works, and
-available_backends() reports the reason.
+available_backends() reports the reason. A library compiled against another minor
+release of torch than the one running is refused: PyTorch keeps its C++ ABI within
+a minor release only, so such a library may load and then crash or compute wrong
+values. It happens when pip builds the package in an isolated environment, which
+installs the newest torch there, not the one in the user's environment.
 """
 from __future__ import annotations
 
 import importlib
+from typing import Optional, Tuple
 
-import torch  # noqa: F401  (loads libtorch and libc10, which _C links against)
+import torch  # loads libtorch and libc10, which _C links against
 
-_LOAD_ERROR: str | None = None
+REBUILD = ("rebuild it against the running torch: pip install --no-build-isolation --force-reinstall --no-deps "
+           "smskd-fast (in a checkout: pip install -e . --no-build-isolation)")
 
-try:
-    importlib.import_module("smskd_fast._C")
-except ImportError as error:  # not built, or built against another torch
-    _LOAD_ERROR = f"smskd_fast._C could not be imported: {error}"
+
+def minor_release(version: str) -> Tuple[int, int]:
+    """(major, minor) of a torch version string: "2.14.1+cu130" -> (2, 14)."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def abi_mismatch(built_with: Optional[str], running: str) -> Optional[str]:
+    """Why a _C compiled against torch built_with must not run under torch running, or None when both
+    are the same minor release. built_with is None for a library that does not record it (built before
+    it did)."""
+    if built_with is None:
+        return f"smskd_fast._C does not record the torch it was compiled against (an old build): {REBUILD}"
+    if minor_release(built_with) != minor_release(running):
+        return (f"smskd_fast._C was compiled against torch {built_with} but torch {running} is running "
+                f"(PyTorch's C++ ABI changes between minor releases): {REBUILD}")
+    return None
+
+
+def load_error() -> Optional[str]:
+    """Imports smskd_fast._C; why it cannot be used, or None when it can."""
+    try:
+        library = importlib.import_module("smskd_fast._C")
+    except ModuleNotFoundError as error:
+        return f"smskd_fast._C could not be imported: {error} (the package was installed without its compiled part)"
+    except ImportError as error:  # an undefined symbol: most often compiled against another torch
+        return f"smskd_fast._C could not be imported: {error}; if it was compiled against another torch, {REBUILD}"
+    return abi_mismatch(getattr(library, "BUILT_WITH_TORCH", None), torch.__version__)
+
+
+_LOAD_ERROR = load_error()
 
 
 def extension_loaded() -> bool:
-    """True when the compiled operator library is loaded."""
+    """True when the compiled operator library is loaded and was compiled against this torch's minor release."""
     return _LOAD_ERROR is None
 
 
 def extension_error() -> str | None:
-    """Why the compiled library is not loaded, or None when it is."""
+    """Why the compiled library is not usable, or None when it is."""
     return _LOAD_ERROR

@@ -18,7 +18,9 @@ import time
 import torch
 
 from smskd_fast.bench import harness as benchmarking
+from smskd_fast.ops.extension import require_extension
 
+require_extension()
 OP = torch.ops.smskd_fast.smskd_loss_rows
 
 

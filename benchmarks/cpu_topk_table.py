@@ -34,6 +34,7 @@ import torch
 
 import smskd_fast  # noqa: F401  (loads the smskd_fast operators)
 from smskd_fast.bench import harness as benchmarking
+from smskd_fast.ops.extension import require_extension
 from smskd_fast.provenance import git_commit
 from smskd_fast.backends.base import LossOptions, RowInputs
 from smskd_fast.backends.reference import ReferenceBackend
@@ -150,6 +151,7 @@ def parse_shape(text: str):
 
 
 def main(argv=None) -> None:
+    require_extension()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=list(SHAPES), help="NxCxK")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])

@@ -216,6 +216,7 @@ def test_triton_counter_is_calibrated(extra, expected):
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    import triton_aot_report  # the launchers' compile options (benchmarks/)
 
     fn = triton_calibration_kernel(extra)
     if not isinstance(fn, triton.JITFunction):
@@ -223,7 +224,7 @@ def test_triton_counter_is_calibrated(extra, expected):
     compiled = triton.compile(
         ASTSource(fn, {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "EXTRA": "constexpr", "BLOCK_C": "constexpr"},
                   {"EXTRA": extra, "BLOCK_C": 1024}, {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}),
-        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        target=GPUTarget("cuda", 90, 32), options=triton_aot_report.compile_options(4))
     rows = mufu_report.triton_rows_from_cubin(compiled.asm["cubin"], TRITON_CALIBRATION)
     (stats,) = [r for r in rows if r.sweep == "statistics"]
     assert (stats.elements, stats.per_element, stats.mufu) == (8, expected, {"EX2": int(8 * expected)})

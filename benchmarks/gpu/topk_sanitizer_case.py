@@ -19,7 +19,9 @@ import torch
 
 import smskd_fast  # noqa: F401  (loads the operators)
 from smskd_fast.backends.topk import TopKTeacher
+from smskd_fast.ops.extension import require_extension
 
+require_extension()
 OP = torch.ops.smskd_fast.smskd_loss_rows_topk
 
 

@@ -11,12 +11,15 @@ installs the newest torch there, not the one in the user's environment.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Optional, Tuple
 
 import torch  # loads libtorch and libc10, which _C links against
 
-REBUILD = ("rebuild it against the running torch: pip install --no-build-isolation --force-reinstall --no-deps "
-           "smskd-fast (in a checkout: pip install -e . --no-build-isolation)")
+# --no-binary and --no-cache-dir: neither a published wheel nor one pip cached from an earlier build.
+REBUILD = ("rebuild it against the running torch: pip install --no-build-isolation --no-binary smskd-fast "
+           "--no-cache-dir --force-reinstall --no-deps smskd-fast (in a checkout: pip install -e . "
+           "--no-build-isolation)")
 
 
 def minor_release(version: str) -> Tuple[int, int]:
@@ -31,7 +34,11 @@ def abi_mismatch(built_with: Optional[str], running: str) -> Optional[str]:
     it did)."""
     if built_with is None:
         return f"smskd_fast._C does not record the torch it was compiled against (an old build): {REBUILD}"
-    if minor_release(built_with) != minor_release(running):
+    try:
+        same = minor_release(built_with) == minor_release(running)
+    except ValueError:  # not MAJOR.MINOR...: nothing to vouch for the library
+        same = False
+    if not same:
         return (f"smskd_fast._C was compiled against torch {built_with} but torch {running} is running "
                 f"(PyTorch's C++ ABI changes between minor releases): {REBUILD}")
     return None
@@ -45,7 +52,10 @@ def load_error() -> Optional[str]:
         return f"smskd_fast._C could not be imported: {error} (the package was installed without its compiled part)"
     except ImportError as error:  # an undefined symbol: most often compiled against another torch
         return f"smskd_fast._C could not be imported: {error}; if it was compiled against another torch, {REBUILD}"
-    return abi_mismatch(getattr(library, "BUILT_WITH_TORCH", None), torch.__version__)
+    mismatch = abi_mismatch(getattr(library, "BUILT_WITH_TORCH", None), torch.__version__)
+    if mismatch:  # unlike a missing build, a refused one was meant to run: say so once, at import
+        warnings.warn(mismatch, RuntimeWarning, stacklevel=2)
+    return mismatch
 
 
 _LOAD_ERROR = load_error()
@@ -59,3 +69,10 @@ def extension_loaded() -> bool:
 def extension_error() -> str | None:
     """Why the compiled library is not usable, or None when it is."""
     return _LOAD_ERROR
+
+
+def require_extension() -> None:
+    """Raises RuntimeError(extension_error()) where the compiled library is not usable. For callers of its
+    operators outside the backends (benchmarks): a refused library is loaded, and its operators callable."""
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(_LOAD_ERROR)

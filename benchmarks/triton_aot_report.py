@@ -163,10 +163,19 @@ def signature(fn, dtype: str, has_target: bool, align_ints: bool, scalars: str =
     return sig, attrs
 
 
+def triton_ptxas(arch: int) -> str:
+    """The ptxas triton itself assembles for sm_<arch> with (its knobs, TRITON_PTXAS_PATH included). Not always
+    bin/ptxas: triton 3.9 writes PTX 9.4 and takes its CUDA 13 ptxas-blackwell from sm_90 up; its bin/ptxas
+    (CUDA 12.9) refuses that PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas  # noqa: PLC0415
+
+    return get_ptxas(arch).path
+
+
 def ptxas_spills(ptx: str) -> Dict[str, int]:
     """Spill stores and loads as ptxas -v reports them for the kernel's PTX (its own .target, e.g. sm_90a)."""
     arch = re.search(r"^\.target\s+(sm_\w+)", ptx, flags=re.MULTILINE).group(1)
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    ptxas = triton_ptxas(int(re.match(r"sm_(\d+)", arch).group(1)))
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "kernel.ptx"
         source.write_text(ptx)

@@ -309,6 +309,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not (args.cuda_source or args.cuda_binary or args.triton):
         parser.error("choose --cuda-source, --cuda-binary and/or --triton")
+    default_budget = args.budget.resolve() == BUDGET_FILE.resolve()
+    if args.triton and default_budget and args.write_budget:
+        import triton  # noqa: PLC0415
+
+        if not triton_is_budgeted(triton.__version__):  # BUDGET_FILE's Triton rows are triton 3.8's
+            parser.error(f"triton {triton.__version__} has no budget file: add mufu_budget_triton"
+                         f"{triton_minor(triton.__version__)}.json to TRITON_BUDGET_FILES first, or pass --budget")
 
     rows: List[SweepRow] = []
     header = ["# MUFU (special-function) instructions per element and sweep, from SASS (no GPU)", "",
@@ -333,7 +340,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                 rows += found
         header.append(f"triton: {triton.__version__}, {'CI' if args.ci else 'all'} variants and dtypes, sm_90")
 
-    default_budget = args.budget.resolve() == BUDGET_FILE.resolve()
     triton_file = triton_budget_file(triton.__version__) if args.triton and default_budget else None
     if args.write_budget:
         write_budget(args.budget, [r for r in rows if triton_file is None or r.backend != "triton"])
@@ -344,7 +350,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         budget.update(load_budget(triton_file))
         source += f" or, for triton {triton.__version__}'s rows, {triton_file.name}"
         header.append(f"triton {triton.__version__}'s rows against {triton_file.relative_to(ROOT)}")
-    elif args.triton and not triton_is_budgeted(triton.__version__):
+    elif args.triton and default_budget and not triton_is_budgeted(triton.__version__):
         header.append(f"triton {triton.__version__} has no budgets of its own: its rows are compared with triton "
                       f"{BUDGET_FILE_TRITON}'s")
     problems = check_budget(rows, budget, source)

@@ -115,6 +115,20 @@ def makefile_torch_pin() -> str:
         return re.search(r"^TORCH_PINS := torch==(\S+)", makefile.read(), re.MULTILINE).group(1)
 
 
+def test_the_makefile_pin_is_read():
+    """test_triton_kernels_within_budget compares the running torch with it (read only under other tritons)."""
+    assert re.fullmatch(r"\d+\.\d+\.\d+", makefile_torch_pin())
+
+
+def test_write_budget_is_refused_under_a_triton_without_budgets(monkeypatch, capsys):
+    """Writing would put that version's Triton rows over CI's (3.8's) in mufu_budget.json."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton, "__version__", "3.7.1")
+    with pytest.raises(SystemExit) as stopped:
+        mufu_report.main(["--triton", "--ci", "--write-budget"])
+    assert stopped.value.code == 2 and "triton 3.7.1 has no budget file" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("version", sorted(mufu_report.TRITON_BUDGET_FILES))
 def test_a_triton_versions_budget_covers_every_triton_row_of_the_main_file(version):
     """Every Triton sweep budgeted for CI's triton has a budget for each other version too (written under that
@@ -251,8 +265,8 @@ def test_triton_kernels_within_budget(tmp_path):
     if not mufu_report.triton_is_budgeted(triton.__version__):
         # Never for CI's triton: moving the Makefile's torch pin to a triton without budgets fails here.
         assert torch.__version__.split("+")[0] != makefile_torch_pin(), (
-            f"the Makefile's torch brings triton {triton.__version__}, which has no MUFU budgets: write them "
-            f"(mufu_report.py --triton --ci --write-budget) and set BUDGET_FILE_TRITON")
+            f"the Makefile's torch brings triton {triton.__version__}, which has no MUFU budgets: set "
+            f"mufu_report.BUDGET_FILE_TRITON to it, then mufu_report.py --triton --ci --write-budget")
         pytest.skip(f"no MUFU budgets were written under triton {triton.__version__} (3.6: the GPU machine's; "
                     f"{mufu_report.BUDGET_FILE_TRITON}: CI's); another compiler schedules the exponentials "
                     f"differently (benchmarks/mufu_report.py)")

@@ -12,8 +12,9 @@ __all__ = ["TRITON_COMPILE_OPTIONS", "on_device_of"]
 
 # Fused multiply-add contraction on: the kernels' arithmetic, their MUFU/FMA budgets
 # (benchmarks/mufu_report.py), the AOT reports and the GPU timings all assume it. Triton <= 3.9
-# enables it by default, but 3.9 warns at every first compile that 3.10 turns it off
-# (TRITON_DEFAULT_FP_FUSION). Passed at each launch, so a user's own kernels keep Triton's default.
+# enables it by default, but 3.9 warns (once per process, at the first compile of a kernel launched
+# without it) that 3.10 turns it off (TRITON_DEFAULT_FP_FUSION). Passed at each launch, so a user's
+# own kernels keep Triton's default; TRITON_FORCE_DISABLE_FP_FUSION=1 still overrides it.
 TRITON_COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 _REAL_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)

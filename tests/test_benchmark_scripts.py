@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import host_overhead  # noqa: E402
+import vmap_batching  # noqa: E402
 
 
 def test_operation_counter_counts_kernels_not_views():
@@ -32,6 +33,22 @@ def test_host_overhead_measures_the_fused_loss_against_eager():
     # The fused op is one operation where the composition has one per softmax, product and sum.
     assert rows["smskd_fast[cpu]"]["ops"].count("smskd_fast::smskd_loss_rows") == 1
     assert rows["smskd_fast[cpu]"]["ops_per_call"] < rows["eager"]["ops_per_call"]
+
+
+def test_vmap_batching_compares_equal_losses():
+    """vmap and the loop it is compared with compute the same per-sample means (shared and per-sample
+    teachers); each implementation's row has its times."""
+    steps = vmap_batching.implementations("cpu")
+    generator = torch.Generator().manual_seed(0)
+    students = torch.randn(3, 4, 9, generator=generator)
+    targets = torch.randint(0, 9, (3, 4), generator=generator)
+    for frozen_shape in ((4, 9), (3, 4, 9)):
+        teachers, references = torch.randn(frozen_shape, generator=generator), torch.randn(frozen_shape)
+        torch.testing.assert_close(steps["vmap"](students, targets, teachers, references),
+                                   steps["sample by sample"](students, targets, teachers, references))
+    for name, step in steps.items():
+        row = vmap_batching.measure(name, step, (3, 4, 9, True), torch.float32, "cpu", calls=2, batches=2)
+        assert row["case"] == "3 x 4 x 9 shared" and 0 < row["us_min"] <= row["us_per_call"] <= row["us_max"]
 
 
 def test_kernel_breakdown_dry_run(tmp_path):

@@ -89,7 +89,12 @@ class Backend(Protocol):
 
 
 def needs_student_grad(student: torch.Tensor) -> bool:
-    """Whether autograd will ask for d loss / d student (the kernels then write the gradient)."""
+    """Whether autograd will ask for d loss / d student (the kernels then write the gradient).
+
+    Seen through torch.func.vmap: a batched tensor reports requires_grad=False even when the tensor it
+    batches requires grad, and autograd then differentiates the op vmap calls on that tensor."""
+    while torch._C._functorch.is_batchedtensor(student):
+        student = torch._C._functorch.get_unwrapped(student)
     return student.requires_grad and torch.is_grad_enabled()
 
 

@@ -5,7 +5,7 @@ reverse-mode autograd (loss.backward(), torch.autograd.grad). Forward-mode AD (t
 torch.func.jvp) would get no tangent from them, a silent zero, and torch.func's reverse-mode transforms
 (grad, vjp, jacrev) cannot run their autograd. The reference backend is plain PyTorch and supports both:
 "auto" runs it for such calls, and a fused backend named explicitly refuses them with an error that says
-so. torch.func.vmap alone runs every backend (the fused ones through their ops' per-sample fallback).
+so. torch.func.vmap alone runs every backend (the fused ones through their ops' batching rule, ops/vmap_rules.py).
 fused_linear_smskd_loss is itself an autograd.Function that computes every gradient in its forward pass,
 whatever the backend: it refuses every torch.func transform and forward-mode tangent (check_reverse_mode_only).
 """

@@ -26,6 +26,7 @@ from smskd_fast.ops import schema
 from smskd_fast.ops.batching import vmap_batched
 from smskd_fast.ops.extension import extension_loaded
 from smskd_fast.ops.scale_rows import scale_rows_
+from smskd_fast.ops.vmap_rules import batching_rule
 
 OP_NAME = schema.DENSE.qualified_name
 TOPK_OP_NAME = schema.TOPK.qualified_name  # the teacher in top-k form (smskd_fast/backends/topk.py)
@@ -198,7 +199,7 @@ def plain_eager_call(arguments) -> bool:
     """Whether nothing but the op's own implementation could see this call: plain tensors (no subclass),
     no dispatch or function mode (fake tensors, functionalization, operation counters, torch.device(...),
     torch.set_default_device), no torch.func transform (vmap's batched tensors have no storage for the
-    kernels: the op has vmap's per-sample fallback), no JIT tracer, no profiler."""
+    kernels: the op's vmap rule unwraps them, ops/vmap_rules.py), no JIT tracer, no profiler."""
     return (torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
             and not torch._C._are_functorch_transforms_active()
             and torch._C._get_tracing_state() is None and not torch.autograd._profiler_enabled()
@@ -230,11 +231,12 @@ def _any_requires_grad(arguments) -> bool:
 
 
 def register() -> None:
-    """Adds fake and autograd implementations to the compiled operator."""
+    """Adds fake, autograd and vmap implementations to the compiled operators."""
     for op in schema.COMPILED_OPS:
         torch.library.register_fake(op.qualified_name)(op.fake)
     for op in (schema.DENSE, schema.TOPK):
         torch.library.register_autograd(op.qualified_name, backward_of(op), setup_context=setup_context)
+        torch.library.register_vmap(op.qualified_name, batching_rule(op))
 
 
 if extension_loaded():

@@ -34,6 +34,8 @@ from smskd_fast.ops import registration as ops
 from smskd_fast.ops import schema
 from smskd_fast.ops.reduction import reduce_per_row_outputs, reduction_grad_scale
 from smskd_fast.backends.base import BackendStatus, LossOptions, RowInputs, RowOutputs, needs_student_grad
+from smskd_fast.ops.batching import vmap_batched
+from smskd_fast.ops.vmap_rules import batching_rule
 
 # The signatures of smskd_loss_rows and smskd_loss_rows_topk under the Triton ops' own names.
 DENSE_SCHEMA = schema.DENSE.renamed("smskd_loss_rows_triton")
@@ -201,12 +203,13 @@ if _IMPORT_ERROR is None:
                           weighting, ignore_index, compute_grad, grad_scale, reduction, wrap=_traceable)
 
     def _register_fake_and_autograd() -> None:
-        # The shape functions and gradient formulas of smskd_fast::smskd_loss_rows(_topk).
+        # The shape functions, gradient formulas and vmap rules of smskd_fast::smskd_loss_rows(_topk).
         # The fakes replace triton_op's default (running the body on fake tensors),
         # which the interpreter's kernels cannot do.
         for op, op_schema in ((smskd_loss_rows_triton, DENSE_SCHEMA), (smskd_loss_rows_topk_triton, TOPK_SCHEMA)):
             op.register_fake(op_schema.fake)
             op.register_autograd(ops.backward_of(op_schema), setup_context=ops.setup_context)
+            op.register_vmap(batching_rule(op_schema))
 
     _register_fake_and_autograd()
 
@@ -252,12 +255,15 @@ class _OverwriteStudentRows(torch.autograd.Function):
 
 
 def _may_overwrite(inputs: RowInputs, options: LossOptions) -> bool:
+    """The in-place path: not under torch.compile, nor under vmap (its autograd.Function has no batching
+    rule; the functional op has one, ops/vmap_rules.py)."""
     student = inputs.student
     return (
         options.overwrite_student_logits
         and needs_student_grad(student)
         and student.is_contiguous()
         and not torch.compiler.is_compiling()
+        and not vmap_batched(student)
     )
 
 

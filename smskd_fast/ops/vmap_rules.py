@@ -1,0 +1,162 @@
+"""torch.func.vmap of the functional loss ops: B calls on (N, C) rows become one call on (B*N, C) rows.
+
+Without a rule, vmap runs an op once per sample (its fallback, with a warning about the performance
+drop), and backward then adds each sample's gradient into a zeroed (B, N, C) tensor: B passes. The
+loss is row-wise, so the batch only adds rows: the rule moves each batched row input's batch
+dimension first, broadcasts the unbatched ones to the batch, calls the op once with reduction "none"
+and gives back the per-row outputs as (B, N) and the gradient as (B, N, C). A "sum" or "mean" is then
+taken per sample, as the op takes it over its rows (csrc/reduction_arg.h, ops/reduction.py), so
+grad(vmap(op)) equals grad(map(op)).
+
+Broadcasting an unbatched input copies it to every sample's rows (the kernels take one row stride):
+a teacher shared by the samples, when an ensemble of students learns from it, is read B times from
+memory instead of once per sample from cache. Where that copy is more than SHARED_BYTES_PER_SAMPLE
+(measured on the CPU: benchmarks/vmap_batching.py), the rule calls the op sample by sample instead,
+on unbound slices (one stack in backward); as it does for calls it cannot flatten (a per-sample
+student that is not (N, C), arguments the op refuses), where the op's own error then reaches the
+caller. The op's grad_scale is one value per call, so a per-sample factor (a batched grad_scale, or a
+"mean" whose samples count different valid rows) is applied to the returned gradient after the call,
+one N x C multiply; its backward then scales the rows by grad_output as any unfolded call does.
+"""
+from __future__ import annotations
+
+import ast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from smskd_fast.ops import schema
+from smskd_fast.ops.reduction import reduction_grad_scale
+
+__all__ = ["batching_rule"]
+
+_SCALED_OUTPUTS = len(schema.REDUCED_OUTPUTS)
+# Above this many bytes of unbatched inputs per sample, the rule calls the op sample by sample: on the CPU
+# one call's host cost (~75 us) buys ~64 KiB of copying (benchmarks/results/vmap_batching_2026-12-07).
+SHARED_BYTES_PER_SAMPLE = 64 * 1024
+
+
+def _python_default(argument: schema.Argument) -> Any:
+    """An argument's default as a Python value ("None" -> None, '"none"' -> "none")."""
+    return None if argument.default == "None" else ast.literal_eval(argument.default)
+
+
+def _bound(op_schema: schema.OpSchema, args: Sequence[Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Every argument of a call by name: the dispatcher may leave trailing defaults out of args."""
+    values = dict(zip((argument.name for argument in op_schema.arguments), args))
+    for argument in op_schema.arguments[len(args):]:
+        values[argument.name] = kwargs[argument.name] if argument.name in kwargs else _python_default(argument)
+    return values
+
+
+def _batch_first(tensor: torch.Tensor, dim: Optional[int], batch_size: int) -> torch.Tensor:
+    """tensor with its batch dimension first; an unbatched one broadcast to the batch."""
+    if dim is None:
+        return tensor.expand(batch_size, *tensor.shape)
+    return tensor.movedim(dim, 0)
+
+
+def _per_sample_scale(bound: Dict[str, Any], rows: int, batch_size: int) -> torch.Tensor:
+    """The mean's 1 / max(valid rows, 1) of each sample, (B,) in the accumulation dtype, as
+    ops/reduction.mean_reduction_scale counts them for one call (the target already (B*N,))."""
+    valid = bound["target"].view(batch_size, rows) != bound["ignore_index"]
+    acc = schema.accumulation_dtype(bound["student"].dtype)
+    exact = rows <= 2 / torch.finfo(acc).eps
+    count = valid.sum(dim=1, dtype=acc) if exact else valid.sum(dim=1).to(acc)
+    return count.clamp(min=1).reciprocal()
+
+
+def _reduce_per_sample(outputs: List[torch.Tensor], scale: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    """loss, ce, kd and ref, (B, N) each, summed over each sample's rows (times its scale when given)."""
+    totals = torch.stack(outputs[:_SCALED_OUTPUTS]).sum(dim=-1)
+    if scale is not None:
+        totals = totals * scale
+    return [*totals.unbind(), *outputs[_SCALED_OUTPUTS:]]
+
+
+def _shared_bytes(op_schema: schema.OpSchema, in_dims: Dict[str, Optional[int]], bound: Dict[str, Any]) -> int:
+    """Bytes of the unbatched row inputs that one call on B*N rows would copy to each sample's rows."""
+    return sum(bound[argument.name].numel() * bound[argument.name].element_size()
+               for argument in op_schema.arguments
+               if isinstance(bound[argument.name], torch.Tensor) and argument.name != schema.GRAD_SCALE.name
+               and in_dims.get(argument.name) is None)
+
+
+def _flattens(op_schema: schema.OpSchema, in_dims: Dict[str, Optional[int]], bound: Dict[str, Any]) -> bool:
+    """Whether one call on B*N rows computes this batch, and at less cost than B calls: (N, C) students,
+    arguments the op accepts as to reduction and grad_scale (it refuses the others with its message, sample
+    by sample), and unbatched inputs of at most SHARED_BYTES_PER_SAMPLE."""
+    per_sample_dims = bound["student"].dim() - (in_dims.get("student") is not None)
+    reduction = bound[schema.REDUCTION.name]
+    return (per_sample_dims == 2 and reduction in schema.REDUCTIONS
+            and (reduction == "none" or bound[schema.GRAD_SCALE.name] is None)
+            and _shared_bytes(op_schema, in_dims, bound) <= SHARED_BYTES_PER_SAMPLE)
+
+
+def _one_call(op: Callable, op_schema: schema.OpSchema, batch_size: int, in_dims: Dict[str, Optional[int]],
+              bound: Dict[str, Any]) -> Tuple[tuple, tuple]:
+    """The batch as one call of op on B*N rows, and its outputs with their batch dimensions."""
+    shared_target = bound["target"]  # read when it is unbatched: one mean scale for every sample
+    bound = dict(bound)
+    student = _batch_first(bound["student"], in_dims.get("student"), batch_size)
+    rows, classes = student.shape[1:]
+    for argument in op_schema.arguments:
+        value = bound[argument.name]
+        if isinstance(value, torch.Tensor) and argument.name != schema.GRAD_SCALE.name:
+            value = _batch_first(value, in_dims.get(argument.name), batch_size)
+            bound[argument.name] = value.reshape(batch_size * rows, *value.shape[2:])
+    reduction = bound[schema.REDUCTION.name]
+    grad_scale = bound[schema.GRAD_SCALE.name]
+    sample_scale = None  # one factor per sample, applied to the returned gradient
+    if reduction == "mean" and in_dims.get("target") is not None:
+        sample_scale = _per_sample_scale(bound, rows, batch_size)
+    elif reduction == "mean":  # one target (or none) for every sample: one 1/n, folded in by the op
+        grad_scale = reduction_grad_scale("mean", None, shared_target, student[0], bound["ignore_index"],
+                                          op_schema.name)
+    elif in_dims.get(schema.GRAD_SCALE.name) is not None:
+        sample_scale = _batch_first(grad_scale, in_dims[schema.GRAD_SCALE.name], batch_size).reshape(batch_size)
+        grad_scale = None
+    bound[schema.GRAD_SCALE.name] = grad_scale
+    bound[schema.REDUCTION.name] = "none"
+    outputs = list(op(*(bound[argument.name] for argument in op_schema.arguments)))
+    has_grad_output = schema.GRAD_OUTPUT in op_schema.outputs
+    per_row = len(outputs) - has_grad_output
+    outputs[:per_row] = [output.view(batch_size, rows) for output in outputs[:per_row]]
+    if has_grad_output:
+        grad = outputs[-1]
+        if grad.shape[0] == 0:  # compute_grad=False: an empty gradient per sample
+            outputs[-1] = grad.new_empty((batch_size, 0, classes))
+        elif sample_scale is None:
+            outputs[-1] = grad.view(batch_size, rows, classes)
+        else:
+            outputs[-1] = (grad.view(batch_size, rows, classes) * sample_scale.view(batch_size, 1, 1)).to(grad.dtype)
+    if reduction != "none":
+        outputs = _reduce_per_sample(outputs, sample_scale if sample_scale is not None else grad_scale)
+    return tuple(outputs), (0,) * len(outputs)
+
+
+def _sample_by_sample(op: Callable, op_schema: schema.OpSchema, batch_size: int,
+                      in_dims: Dict[str, Optional[int]], bound: Dict[str, Any]) -> Tuple[tuple, tuple]:
+    """The batch as B calls of op, as vmap's fallback runs it, its outputs stacked."""
+    samples = {argument.name: bound[argument.name].unbind(in_dims[argument.name])
+               for argument in op_schema.arguments if in_dims.get(argument.name) is not None}
+    calls = [op(*(samples[argument.name][sample] if argument.name in samples else bound[argument.name]
+                  for argument in op_schema.arguments))
+             for sample in range(batch_size)]
+    outputs = tuple(torch.stack(column) for column in zip(*calls))
+    return outputs, (0,) * len(outputs)
+
+
+def batching_rule(op_schema: schema.OpSchema) -> Callable:
+    """The vmap rule (torch.library.register_vmap) of a functional op with this schema: schema.DENSE,
+    schema.TOPK or their Triton renamings; the op is looked up by name when the rule runs."""
+    names = [argument.name for argument in op_schema.arguments]
+
+    def rule(info, in_dims: Tuple[Optional[int], ...], *args, **kwargs) -> Tuple[tuple, tuple]:
+        op = getattr(torch.ops.smskd_fast, op_schema.name)
+        bound = _bound(op_schema, args, kwargs)
+        dims = dict(zip(names, in_dims))
+        run = _one_call if _flattens(op_schema, dims, bound) else _sample_by_sample
+        return run(op, op_schema, info.batch_size, dims, bound)
+
+    return rule

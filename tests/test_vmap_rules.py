@@ -42,6 +42,21 @@ class OpCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class RowPasses(TorchDispatchMode):
+    """The names of the operations, views left out, whose output has `elements` elements (a pass over every
+    gradient row)."""
+
+    def __init__(self, elements: int):
+        super().__init__()
+        self.elements, self.names = elements, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        if isinstance(output, torch.Tensor) and output.numel() == self.elements and not func.is_view:
+            self.names.append(func.name())
+        return output
+
+
 def samples(dtype=torch.float32):
     """B samples of (N, C) logits; sample 0 has an ignored row, sample 2 is all ignored (its mean is 0)."""
     generator = torch.Generator().manual_seed(11)
@@ -175,6 +190,24 @@ def test_a_large_shared_teacher_goes_sample_by_sample(backend, reduction):
             torch.testing.assert_close(output, wanted, rtol=0, atol=0)
         torch.testing.assert_close(outputs[-1], expected[-1], **(
             cross_backend_tolerance() if reduction == "mean" and expected_calls == 1 else dict(rtol=0, atol=0)))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_backward_of_per_sample_means_touches_no_row(backend):
+    """loss.backward() of per-sample means whose samples count different rows (an ignored row, an all-ignored
+    sample): the gradient written in forward, times each sample's 1/n, is d loss / d student already, and
+    backward hands it over as it is (RowScaledOpUnderAutograd; row_factor's 1 on ignored rows): no
+    operation over the rows on the CPU (on CUDA the scaling kernel reads no row whose factor is 1)."""
+    student, target, teacher, reference = samples()
+    leaf = student.clone().requires_grad_()
+    outputs = torch.func.vmap(op_call(backend, "dense", "mean"), in_dims=(0, 0, None, None))(
+        leaf, target, teacher[0], reference[0])
+    written = outputs[-1].detach().clone()
+    with RowPasses(student.numel()) as passes:
+        outputs[0].sum().backward()
+    if DEVICE == "cpu":
+        assert passes.names == [], passes.names
+    torch.testing.assert_close(leaf.grad, written, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", FUSED)

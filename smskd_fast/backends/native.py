@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from smskd_fast.ops import registration as ops
+from smskd_fast.ops import vmap_rules  # noqa: F401  (registers the ops' vmap rule)
 from smskd_fast.ops import schema
 from smskd_fast.ops.batching import vmap_batched
 from smskd_fast.ops.extension import extension_error, extension_loaded

@@ -26,7 +26,6 @@ from smskd_fast.ops import schema
 from smskd_fast.ops.batching import vmap_batched
 from smskd_fast.ops.extension import extension_loaded
 from smskd_fast.ops.scale_rows import scale_rows_
-from smskd_fast.ops.vmap_rules import batching_rule
 
 OP_NAME = schema.DENSE.qualified_name
 TOPK_OP_NAME = schema.TOPK.qualified_name  # the teacher in top-k form (smskd_fast/backends/topk.py)
@@ -123,10 +122,11 @@ def _student_gradient(ctx, grad_loss, num_inputs: int):
 def row_factor(grad_loss: torch.Tensor, grad_scale, target: Optional[torch.Tensor] = None,
                ignore_index: int = -100) -> torch.Tensor:
     """What each saved gradient row still needs: grad_output of the row over the op's grad_scale
-    (a reduced op's grad_output is 0-d and its grad_scale None: the factor of every row), and 0 on the
+    (a reduced op's grad_output is 0-d and its grad_scale None: the factor of every row), and 1 on the
     rows whose target is ignore_index: their gradient is 0 whatever grad_output holds there, as
-    cross_entropy's is (the kernels wrote zeros, and 0 * NaN is NaN: a per-sequence mean over a
-    sequence of padding alone sends 0 / 0 to its rows).
+    cross_entropy's is, and the kernels wrote zeros there (grad_output itself would not do: 0 * NaN is
+    NaN, and a per-sequence mean over a sequence of padding alone sends 0 / 0 to its rows). 1, not 0,
+    so that a factor of ones elsewhere leaves the pass out (scale_rows_).
 
     Stays in grad_loss's own (fp32) dtype: the product with the gradient is formed in
     fp32 and rounded once to the gradient's dtype; rounding it to bf16 first would add
@@ -135,7 +135,7 @@ def row_factor(grad_loss: torch.Tensor, grad_scale, target: Optional[torch.Tenso
     """
     factor = grad_loss if grad_scale is None else grad_loss / grad_scale
     if target is not None and factor.dim() == 1:
-        factor = torch.where(target != ignore_index, factor, 0.0)
+        factor = torch.where(target != ignore_index, factor, 1.0)
     return factor
 
 
@@ -192,6 +192,31 @@ class FunctionalOpUnderAutograd(torch.autograd.Function):
         return (None,) + _student_gradient(ctx, grad_loss, ctx.num_inputs)
 
 
+class RowScaledOpUnderAutograd(torch.autograd.Function):
+    """A functional op called with grad_scale None, its gradient output then scaled in place row by row by
+    row_scale (N,): a factor per row, which the op's one grad_scale cannot carry (ops/vmap_rules.py: the
+    samples' own means, or a batched grad_scale, in one call on all their rows). Backward is the registered
+    formula with row_scale as grad_scale: its factor grad_output / row_scale is exactly 1 where a sample's
+    loss is differentiated with grad_output 1, and touches no row there. Applied with no torch.func
+    transform active (an autograd.Function under one would need a vmap rule of its own)."""
+
+    @staticmethod
+    def forward(ctx, op, row_scale, *arguments):
+        with _below_autograd():
+            outputs = op(*arguments)
+        scale_rows_(outputs[-1], row_scale)
+        scaled = list(arguments)
+        scaled[_GRAD_SCALE] = row_scale
+        setup_context(ctx, scaled, outputs)
+        ctx.num_inputs = len(arguments)
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_grads):
+        return (None, None) + _student_gradient(ctx, grad_loss, ctx.num_inputs)
+
+
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -231,12 +256,11 @@ def _any_requires_grad(arguments) -> bool:
 
 
 def register() -> None:
-    """Adds fake, autograd and vmap implementations to the compiled operators."""
+    """Adds fake and autograd implementations to the compiled operators (their vmap rule: ops/vmap_rules.py)."""
     for op in schema.COMPILED_OPS:
         torch.library.register_fake(op.qualified_name)(op.fake)
     for op in (schema.DENSE, schema.TOPK):
         torch.library.register_autograd(op.qualified_name, backward_of(op), setup_context=setup_context)
-        torch.library.register_vmap(op.qualified_name, batching_rule(op))
 
 
 if extension_loaded():

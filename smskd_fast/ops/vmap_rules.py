@@ -15,8 +15,9 @@ memory instead of once per sample from cache. Where that copy is more than SHARE
 on unbound slices (one stack in backward); as it does for calls it cannot flatten (a per-sample
 student that is not (N, C), arguments the op refuses), where the op's own error then reaches the
 caller. The op's grad_scale is one value per call, so a per-sample factor (a batched grad_scale, or a
-"mean" whose samples count different valid rows) is applied to the returned gradient after the call,
-one N x C multiply; its backward then scales the rows by grad_output as any unfolded call does.
+"mean" whose samples count different valid rows) scales the returned gradient after the call, in place
+(one pass over the rows, which the op would have folded into its kernel), and backward divides it out
+of grad_output as the op's own grad_scale: loss.backward() of per-sample means then touches no row.
 """
 from __future__ import annotations
 
@@ -24,11 +25,13 @@ import ast
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch._functorch.pyfunctorch import temporarily_pop_interpreter_stack
 
-from smskd_fast.ops import schema
+from smskd_fast.ops import registration, schema
+from smskd_fast.ops.extension import extension_loaded
 from smskd_fast.ops.reduction import reduction_grad_scale
 
-__all__ = ["batching_rule"]
+__all__ = ["batching_rule", "SHARED_BYTES_PER_SAMPLE"]
 
 _SCALED_OUTPUTS = len(schema.REDUCED_OUTPUTS)
 # Above this many bytes of unbatched inputs per sample, the rule calls the op sample by sample: on the CPU
@@ -93,6 +96,21 @@ def _flattens(op_schema: schema.OpSchema, in_dims: Dict[str, Optional[int]], bou
             and _shared_bytes(op_schema, in_dims, bound) <= SHARED_BYTES_PER_SAMPLE)
 
 
+def _call_with_row_scale(op: Callable, arguments: List[Any], compute_grad: bool,
+                         row_scale: Optional[torch.Tensor]) -> tuple:
+    """op(*arguments) (grad_scale None when row_scale is given), its gradient output scaled row by row by
+    row_scale: in place, the registered backward dividing it out again (RowScaledOpUnderAutograd, applied
+    with this vmap level popped: its tensors are unwrapped already); out of place under an outer torch.func
+    transform (vmap in vmap), which that autograd.Function cannot run under."""
+    if row_scale is None or not compute_grad:
+        return op(*arguments)
+    with temporarily_pop_interpreter_stack():
+        if not torch._C._are_functorch_transforms_active():
+            return registration.RowScaledOpUnderAutograd.apply(op, row_scale, *arguments)
+    *outputs, grad = op(*arguments)
+    return (*outputs, (grad * row_scale.unsqueeze(-1)).to(grad.dtype))
+
+
 def _one_call(op: Callable, op_schema: schema.OpSchema, batch_size: int, in_dims: Dict[str, Optional[int]],
               bound: Dict[str, Any]) -> Tuple[tuple, tuple]:
     """The batch as one call of op on B*N rows, and its outputs with their batch dimensions."""
@@ -118,18 +136,12 @@ def _one_call(op: Callable, op_schema: schema.OpSchema, batch_size: int, in_dims
         grad_scale = None
     bound[schema.GRAD_SCALE.name] = grad_scale
     bound[schema.REDUCTION.name] = "none"
-    outputs = list(op(*(bound[argument.name] for argument in op_schema.arguments)))
-    has_grad_output = schema.GRAD_OUTPUT in op_schema.outputs
-    per_row = len(outputs) - has_grad_output
-    outputs[:per_row] = [output.view(batch_size, rows) for output in outputs[:per_row]]
-    if has_grad_output:
-        grad = outputs[-1]
-        if grad.shape[0] == 0:  # compute_grad=False: an empty gradient per sample
-            outputs[-1] = grad.new_empty((batch_size, 0, classes))
-        elif sample_scale is None:
-            outputs[-1] = grad.view(batch_size, rows, classes)
-        else:
-            outputs[-1] = (grad.view(batch_size, rows, classes) * sample_scale.view(batch_size, 1, 1)).to(grad.dtype)
+    row_scale = None if sample_scale is None else sample_scale.repeat_interleave(rows)
+    outputs = list(_call_with_row_scale(op, [bound[argument.name] for argument in op_schema.arguments],
+                                        bound[schema.COMPUTE_GRAD.name], row_scale))
+    outputs[:-1] = [output.view(batch_size, rows) for output in outputs[:-1]]
+    grad = outputs[-1]
+    outputs[-1] = grad.view(batch_size, rows if grad.shape[0] else 0, classes)  # compute_grad=False: (0, C) each
     if reduction != "none":
         outputs = _reduce_per_sample(outputs, sample_scale if sample_scale is not None else grad_scale)
     return tuple(outputs), (0,) * len(outputs)
@@ -160,3 +172,13 @@ def batching_rule(op_schema: schema.OpSchema) -> Callable:
         return run(op, op_schema, info.batch_size, dims, bound)
 
     return rule
+
+
+def register() -> None:
+    """Adds the rule to the compiled functional ops (the Triton ops add theirs: backends/triton/backend.py)."""
+    for op in (schema.DENSE, schema.TOPK):
+        torch.library.register_vmap(op.qualified_name, batching_rule(op))
+
+
+if extension_loaded():
+    register()

@@ -41,7 +41,7 @@ TEMPERATURE = 2.0
 # (samples B, rows N, classes C, teacher and reference shared by the samples)
 CASES: Tuple[Tuple[int, int, int, bool], ...] = (
     (64, 8, 100, True), (16, 16, 400, True), (16, 16, 1600, True), (16, 64, 1000, True), (16, 64, 1000, False),
-    (4, 64, 32000, True), (4, 64, 32000, False))
+    (8, 64, 2000, True), (8, 64, 4000, True), (4, 64, 32000, True), (4, 64, 32000, False))
 
 
 def implementations(backend: str) -> Dict[str, Callable]:

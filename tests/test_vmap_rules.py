@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import smskd_fast
-from smskd_fast.ops.vmap_rules import SHARED_BYTES_PER_SAMPLE
+from smskd_fast.ops import vmap_rules
 from smskd_fast.ops.extension import extension_loaded
 from tolerances import cross_backend_tolerance
 from triton_interpreter import DEVICE, needs_kernels, reruns_under_interpreter, run_under_interpreter
@@ -169,13 +169,17 @@ def test_a_factor_per_sample_scales_the_gradient_after_the_call(backend, dtype, 
     torch.testing.assert_close(outputs[-1].float(), expected[-1].float(), rtol=rtol, atol=1e-5)
 
 
+SMALL_LIMIT = 1024  # vmap_rules.SHARED_BYTES_PER_SAMPLE in the tests of its per-sample path (small shapes)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-def test_a_large_shared_teacher_goes_sample_by_sample(backend, reduction):
+def test_a_large_shared_teacher_goes_sample_by_sample(backend, reduction, monkeypatch):
     """A teacher and reference shared by the samples, of more than SHARED_BYTES_PER_SAMPLE each: B calls
     (copying them to every sample's rows costs more than the calls), the op's own bits per sample; the
     same logits batched: one call."""
-    rows, classes = 4, SHARED_BYTES_PER_SAMPLE // 16 + 8  # 4 rows of fp32: just over the limit
+    monkeypatch.setattr(vmap_rules, "SHARED_BYTES_PER_SAMPLE", SMALL_LIMIT)
+    rows, classes = 4, SMALL_LIMIT // 16 + 8  # 4 rows of fp32: just over the limit
     generator = torch.Generator().manual_seed(3)
     student, teacher, reference = (torch.randn(BATCH, rows, classes, generator=generator).to(DEVICE) for _ in range(3))
     target = torch.randint(0, classes, (BATCH, rows), generator=generator).to(DEVICE)
@@ -258,7 +262,7 @@ def test_backward_through_vmap_of_the_loss(backend, form, reduction, overwrite):
         return smskd_fast.smskd_loss(s, y, reference_logits=reference[0].to(s.dtype), temperature=TEMPERATURE,
                                      reduction=reduction, backend=chosen, **teacher_args, **options).loss
 
-    leaf = student.clone().requires_grad_()  # a shared teacher and reference of 52 bytes a sample: one call
+    leaf = student.clone().requires_grad_()  # a shared teacher and reference of 260 bytes each: one call
     with OpCalls() as calls:
         values = torch.func.vmap(lambda s, y: loss(backend, s, y, overwrite_student_logits=overwrite))(leaf, target)
     assert calls.count == 1
@@ -275,10 +279,11 @@ def test_backward_through_vmap_of_the_loss(backend, form, reduction, overwrite):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_backward_through_vmap_sample_by_sample(backend, reduction):
+def test_backward_through_vmap_sample_by_sample(backend, reduction, monkeypatch):
     """The large shared teacher's path: each sample's gradient through vmap and loss.backward() is the
     float64 reference's."""
-    rows, classes = 4, SHARED_BYTES_PER_SAMPLE // 16 + 8
+    monkeypatch.setattr(vmap_rules, "SHARED_BYTES_PER_SAMPLE", SMALL_LIMIT)
+    rows, classes = 4, SMALL_LIMIT // 16 + 8
     generator = torch.Generator().manual_seed(4)
     student, teacher, reference = (torch.randn(BATCH, rows, classes, generator=generator).to(DEVICE) for _ in range(3))
     target = torch.randint(0, classes, (BATCH, rows), generator=generator).to(DEVICE)

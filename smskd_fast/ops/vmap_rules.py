@@ -34,9 +34,11 @@ from smskd_fast.ops.reduction import reduction_grad_scale
 __all__ = ["batching_rule", "SHARED_BYTES_PER_SAMPLE"]
 
 _SCALED_OUTPUTS = len(schema.REDUCED_OUTPUTS)
-# Above this many bytes of unbatched inputs per sample, the rule calls the op sample by sample: on the CPU
-# one call's host cost (~75 us) buys ~64 KiB of copying (benchmarks/results/vmap_batching_2026-12-07).
-SHARED_BYTES_PER_SAMPLE = 64 * 1024
+# Above this many bytes of unbatched inputs per sample, the rule calls the op sample by sample. Measured on
+# the CPU (benchmarks/results/vmap_batching_2026-12-07, fwd+bwd of per-sample means, shared teacher and
+# reference): one call was 0.72-1.00x the time of per-sample calls up to 500 KB a sample, a tie at 1 MB,
+# 1.2-1.4x from 2 MB (per-sample calls read the shared rows from cache). Unmeasured on a GPU.
+SHARED_BYTES_PER_SAMPLE = 512 * 1024
 
 
 def _python_default(argument: schema.Argument) -> Any:

@@ -37,8 +37,9 @@ _SCALED_OUTPUTS = len(schema.REDUCED_OUTPUTS)
 # Above this many bytes of unbatched inputs per sample, the rule calls the op sample by sample. Measured on
 # the CPU (benchmarks/results/vmap_batching_2026-12-07, fwd+bwd of per-sample means, shared teacher and
 # reference, the two paths forced, as time ratios to a hand-written loop): up to 500 KB a sample one call
-# took 0.20-1.00x, per-sample calls 1.32-1.68x; from 1 MB one call 1.08-2.36x, per-sample calls 1.11-1.47x
-# (they read the shared rows from cache, one call copies them B times). Unmeasured on a GPU.
+# took 0.20-1.29x, per-sample calls 1.32-1.68x; at 1-2 MB the two were within noise; from 4 MB one call took
+# 1.42-2.36x, per-sample calls 1.13-1.47x (they read the shared rows from cache, one call copies them B
+# times). Unmeasured on a GPU.
 SHARED_BYTES_PER_SAMPLE = 512 * 1024
 
 

@@ -104,13 +104,15 @@ def _call_with_row_scale(op: Callable, arguments: List[Any], compute_grad: bool,
                          row_scale: Optional[torch.Tensor]) -> tuple:
     """op(*arguments) (grad_scale None when row_scale is given), its gradient output scaled row by row by
     row_scale: in place, the registered backward dividing it out again (RowScaledOpUnderAutograd, applied
-    with this vmap level popped: its tensors are unwrapped already); out of place under an outer torch.func
-    transform (vmap in vmap), which that autograd.Function cannot run under."""
+    with this vmap level popped: its tensors are unwrapped already). Out of place under an outer torch.func
+    transform (vmap in vmap), which that autograd.Function cannot run under, and under a Python dispatch
+    mode (a tracer, a counter), where torch 2.11 fails an internal TLS assert once the level is popped."""
     if row_scale is None or not compute_grad:
         return op(*arguments)
-    with temporarily_pop_interpreter_stack():
-        if not torch._C._are_functorch_transforms_active():
-            return registration.RowScaledOpUnderAutograd.apply(op, row_scale, *arguments)
+    if not torch._C._len_torch_dispatch_stack():
+        with temporarily_pop_interpreter_stack():
+            if not torch._C._are_functorch_transforms_active():
+                return registration.RowScaledOpUnderAutograd.apply(op, row_scale, *arguments)
     *outputs, grad = op(*arguments)
     return (*outputs, (grad * row_scale.unsqueeze(-1)).to(grad.dtype))
 

@@ -238,21 +238,48 @@ def test_without_the_gradient_each_sample_has_an_empty_one(backend, form):
         torch.testing.assert_close(output, wanted, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_arguments_the_op_refuses_are_refused_under_vmap(backend):
-    """The op's own messages: the rule sends such calls sample by sample instead of flattening them."""
-    args = arguments_for("student")
-    in_dims = BATCHINGS["student"]
-    with pytest.raises(ValueError, match="grad_scale must be None when reduction is 'sum' or 'mean'"):
-        torch.func.vmap(op_call(backend, "dense", "mean", grad_scale=torch.tensor(0.5, device=DEVICE)),
-                        in_dims=in_dims)(*args)
-    with pytest.raises(ValueError, match="reduction must be one of 'none', 'sum', 'mean', got 'avg'"):
-        torch.func.vmap(op_call(backend, "dense", "avg"), in_dims=in_dims)(*args)
-    bad_target = args[1].expand(BATCH, ROWS).clone()
+def refused_calls(backend):
+    """name -> (vmap'd call, the same call on the sample the op refuses): arguments the op refuses."""
+    student, target, teacher, reference = samples()
+    dense = op_call(backend, "dense", "none")
+    bad_target = target.clone()
     bad_target[2, 3] = CLASSES + 20
-    with pytest.raises((ValueError, RuntimeError), match=str(CLASSES + 20)):
-        torch.func.vmap(op_call(backend, "dense", "none"), in_dims=(0, 0, None, None))(args[0], bad_target,
-                                                                                      *args[2:])
+    wrong_rows = torch.randn(ROWS + 1, CLASSES, device=DEVICE)
+    float64_scale = torch.ones(BATCH, dtype=torch.float64, device=DEVICE)
+    mean_with_scale = op_call(backend, "dense", "mean", grad_scale=torch.tensor(0.5, device=DEVICE))
+    return {
+        "grad_scale with a mean": (lambda: torch.func.vmap(mean_with_scale, in_dims=(0, 0, None, None))(
+            student, target, teacher[0], reference[0]), lambda: mean_with_scale(student[0], target[0], teacher[0],
+                                                                                  reference[0])),
+        "unknown reduction": (lambda: torch.func.vmap(op_call(backend, "dense", "avg"), in_dims=(0, 0, None, None))(
+            student, target, teacher[0], reference[0]),
+            lambda: op_call(backend, "dense", "avg")(student[0], target[0], teacher[0], reference[0])),
+        "target out of range": (lambda: torch.func.vmap(dense, in_dims=(0, 0, None, None))(
+            student, bad_target, teacher[0], reference[0]), lambda: dense(student[2], bad_target[2], teacher[0],
+                                                                            reference[0])),
+        "teacher of other rows": (lambda: torch.func.vmap(dense, in_dims=(0, 0, None, None))(
+            student, target, wrong_rows, reference[0]), lambda: dense(student[0], target[0], wrong_rows, reference[0])),
+        "grad_scale in float64": (lambda: torch.func.vmap(dense, in_dims=(0, 0, None, None, 0))(
+            student, target, teacher[0], reference[0], float64_scale),
+            lambda: dense(student[0], target[0], teacher[0], reference[0], float64_scale[0])),
+        "0-d target of a one-row sample": (lambda: torch.func.vmap(dense, in_dims=(0, 0, None, None))(
+            student[:, :1], target[:, 0], teacher[0, :1], reference[0, :1]),
+            lambda: dense(student[0, :1], target[0, 0], teacher[0, :1], reference[0, :1])),
+    }
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("case", ["grad_scale with a mean", "unknown reduction", "target out of range",
+                                  "teacher of other rows", "grad_scale in float64", "0-d target of a one-row sample"])
+def test_arguments_the_op_refuses_get_its_own_message_under_vmap(backend, case):
+    """Such calls go sample by sample (the rule's checks, or its retry after the flattened call failed): the
+    error is the op's own for the sample at fault, with the sample's shapes and row positions."""
+    batched, alone = refused_calls(backend)[case]
+    with pytest.raises(Exception) as per_sample:
+        alone()
+    with pytest.raises(per_sample.type) as under_vmap:
+        batched()
+    assert str(under_vmap.value) == str(per_sample.value)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -264,6 +291,8 @@ def test_backward_through_vmap_of_the_loss(backend, form, reduction, overwrite):
     requires_grad=False, so the fused backends computed no gradient and backward failed. Now each sample's
     gradient is the float64 reference's; overwrite_student_logits=True takes the functional op under vmap
     (its autograd.Function has no batching rule) and leaves the students as they were."""
+    if overwrite and backend == "cpu":
+        pytest.skip("the cpu backend has no in-place path (CUDA and Triton only): nothing to step aside")
     student, target, teacher, reference = samples()
 
     def loss(chosen, s, y, **options):
@@ -340,6 +369,72 @@ def test_nested_vmap_is_one_call(backend):
     expected.sum().backward()
     torch.testing.assert_close(values.double(), expected.detach(), **TOLERANCE)
     torch.testing.assert_close(leaf.grad.double(), reference_leaf.grad, **TOLERANCE)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("overwrite", [False, True], ids=["functional", "overwrite_allowed"])
+def test_backward_through_vmap_over_teachers_of_one_student(backend, overwrite):
+    """One student (unbatched, requiring grad) against B teachers and references: vmap over the frozen
+    models, then backward: the student's gradient is the sum of the samples' (it failed: the backends
+    applied their autograd.Function under vmap)."""
+    student, target, teacher, reference = samples()
+
+    def loss(chosen, s, t, r, **options):
+        return smskd_fast.smskd_loss(s, target[0], t.to(s.dtype), r.to(s.dtype), temperature=TEMPERATURE,
+                                     backend=chosen, **options).loss
+
+    leaf = student[0].clone().requires_grad_()
+    values = torch.func.vmap(lambda t, r: loss(backend, leaf, t, r, overwrite_student_logits=overwrite))(
+        teacher, reference)
+    values.sum().backward()
+    torch.testing.assert_close(leaf.detach(), student[0], rtol=0, atol=0)
+    reference_leaf = student[0].double().requires_grad_()
+    expected = torch.stack([loss("reference", reference_leaf, teacher[b], reference[b]) for b in range(BATCH)])
+    expected.sum().backward()
+    torch.testing.assert_close(values.double(), expected.detach(), **TOLERANCE)
+    torch.testing.assert_close(leaf.grad.double(), reference_leaf.grad, **TOLERANCE)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_a_uint8_target_counts_its_ignored_rows_as_the_op_does(backend):
+    """A uint8 target: ignore_index -100 is compared as int64 (in uint8 it would wrap to 156, and a sample of
+    class 156 would count no valid row)."""
+    classes = 200
+    generator = torch.Generator().manual_seed(8)
+    student, teacher, reference = (torch.randn(BATCH, ROWS, classes, generator=generator).to(DEVICE) for _ in range(3))
+    target = torch.randint(0, classes, (BATCH, ROWS), generator=generator).to(DEVICE, torch.uint8)
+    target[1] = 156
+    call = op_call(backend, "dense", "mean")
+    in_dims = (0, 0, None, None)
+    outputs, _ = vmapped(call, in_dims, student, target, teacher[0], reference[0])
+    expected = per_sample(call, in_dims, student, target, teacher[0], reference[0])
+    for output, wanted in zip(outputs[:-1], expected[:-1]):
+        torch.testing.assert_close(output, wanted, rtol=0, atol=0)
+    torch.testing.assert_close(outputs[-1], expected[-1], **cross_backend_tolerance())
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_an_empty_batch_has_empty_outputs_of_the_samples_shapes(backend):
+    student, target, teacher, reference = samples()
+    for compute_grad, grad_rows in ((True, ROWS), (False, 0)):
+        outputs = torch.func.vmap(op_call(backend, "dense", "none", compute_grad=compute_grad),
+                                  in_dims=(0, 0, None, None))(student[:0], target[:0], teacher[0], reference[0])
+        assert [tuple(output.shape) for output in outputs] == [(0, ROWS)] * 6 + [(0, grad_rows, CLASSES)]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_an_infinite_grad_scale_leaves_ignored_rows_zero(backend):
+    """A batched grad_scale of inf: the ignored row of that sample is 0, as the op writes it whatever its
+    grad_scale (0 * inf would be NaN); the samples scaled by 1 are the op's bits."""
+    args = arguments_for("student_and_target")
+    scale = torch.tensor([float("inf"), 1.0, 1.0], device=DEVICE)
+    call = op_call(backend, "dense", "none")
+    in_dims = (0, 0, None, None, 0)
+    outputs, _ = vmapped(call, in_dims, *args, scale)
+    expected = per_sample(call, in_dims, *args, scale)
+    assert args[1][0, 1] == IGNORE and (expected[-1][0, 1] == 0).all()
+    assert (outputs[-1][0, 1] == 0).all()
+    torch.testing.assert_close(outputs[-1][1:], expected[-1][1:], rtol=0, atol=0)
 
 
 @reruns_under_interpreter

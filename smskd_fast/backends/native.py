@@ -13,7 +13,6 @@ import torch
 from smskd_fast.ops import registration as ops
 from smskd_fast.ops import vmap_rules  # noqa: F401  (registers the ops' vmap rule)
 from smskd_fast.ops import schema
-from smskd_fast.ops.batching import vmap_batched
 from smskd_fast.ops.extension import extension_error, extension_loaded
 from smskd_fast.backends.base import BackendStatus, LossOptions, RowInputs, RowOutputs, needs_student_grad
 
@@ -46,13 +45,13 @@ def can_overwrite_student(student: torch.Tensor, device_type: str) -> bool:
     """The in-place gradient runs eagerly on CUDA for (N, C) logits with contiguous columns.
 
     Under torch.compile the functional op is used instead: its graph then has
-    no mutation of an autograd input to reason about; under vmap too, whose
-    batched student GradientInStudent (an autograd.Function) cannot take.
+    no mutation of an autograd input to reason about; under vmap too, where
+    GradientInStudent (an autograd.Function without a vmap rule) cannot run.
     """
     return (
         device_type == "cuda"
         and not torch.compiler.is_compiling()
-        and not vmap_batched(student)
+        and not torch._C._are_functorch_transforms_active()
         and needs_student_grad(student)
         and student.dtype != torch.float64
         and (student.shape[-1] <= 1 or student.stride(-1) == 1)

@@ -233,7 +233,8 @@ def plain_eager_call(arguments) -> bool:
 
 def call_functional_op(op, *arguments, eager=None):
     """op(*arguments) for a functional loss op, every argument given (student first, schema.FUNCTIONAL_TAIL
-    last), under FunctionalOpUnderAutograd when it computes the gradient of a student that autograd will ask for.
+    last), under FunctionalOpUnderAutograd when it computes the gradient of a student that autograd will ask for
+    (not under a torch.func transform: there the op's registered autograd and vmap rule serve).
 
     eager, when given, is op's own implementation for the op's device, called in op's place there on a
     plain eager call (plain_eager_call), with the gradient or without (evaluation: no tensor argument
@@ -241,8 +242,8 @@ def call_functional_op(op, *arguments, eager=None):
     the dispatcher's Python layers before its body runs, and its body wraps each Triton launch for
     tracing (wrap_triton, ~9 us a launch); benchmarks/triton_host_overhead.py. Kernels registered over
     op (torch.library.register_kernel) are not used on that path."""
-    if torch.compiler.is_compiling():
-        return op(*arguments)
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return op(*arguments)  # traced, or under vmap (an autograd.Function would need a rule of its own)
     direct = eager is not None and plain_eager_call(arguments)
     if arguments[_COMPUTE_GRAD] and arguments[0].requires_grad and torch.is_grad_enabled():
         return FunctionalOpUnderAutograd.apply(eager if direct else op, *arguments)

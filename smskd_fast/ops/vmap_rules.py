@@ -12,9 +12,10 @@ Broadcasting an unbatched input copies it to every sample's rows (the kernels ta
 a teacher shared by the samples, when an ensemble of students learns from it, is read B times from
 memory instead of once per sample from cache. Where that copy is more than SHARED_BYTES_PER_SAMPLE
 (measured on the CPU: benchmarks/vmap_batching.py), the rule calls the op sample by sample instead,
-on unbound slices (one stack in backward); as it does for calls it cannot flatten (a per-sample
-student that is not (N, C), arguments the op refuses), where the op's own error then reaches the
-caller. The op's grad_scale is one value per call, so a per-sample factor (a batched grad_scale, or a
+on unbound slices (one stack in backward). So it does for arguments a sample's call would refuse
+(shapes that do not line up, a grad_scale of another dtype, an unknown reduction) and when the one call
+fails (a target out of range): the op's own error, with the sample's shapes and positions, then reaches
+the caller. The op's grad_scale is one value per call, so a per-sample factor (a batched grad_scale, or a
 "mean" whose samples count different valid rows) scales the returned gradient after the call, in place
 (one pass over the rows, which the op would have folded into its kernel), and backward divides it out
 of grad_output as the op's own grad_scale: loss.backward() of per-sample means then touches no row.
@@ -29,11 +30,14 @@ from torch._functorch.pyfunctorch import temporarily_pop_interpreter_stack
 
 from smskd_fast.ops import registration, schema
 from smskd_fast.ops.extension import extension_loaded
-from smskd_fast.ops.reduction import reduction_grad_scale
+from smskd_fast.ops.reduction import as_class_indices, reduction_grad_scale
 
 __all__ = ["batching_rule", "SHARED_BYTES_PER_SAMPLE"]
 
 _SCALED_OUTPUTS = len(schema.REDUCED_OUTPUTS)
+# Row inputs that are (N, C) or (N, K) a sample (the others are (N,)), and those of the student's shape.
+_MATRIX_INPUTS = frozenset({"student", "teacher", "reference", "topk_values", "topk_indices"})
+_SHAPED_AS_STUDENT = frozenset({"teacher", "reference"})
 # Above this many bytes of unbatched inputs per sample, the rule calls the op sample by sample. Measured on
 # the CPU (benchmarks/results/vmap_batching_2026-12-07, fwd+bwd of per-sample means, shared teacher and
 # reference, the two paths forced, as time ratios to a hand-written loop): up to 500 KB a sample one call
@@ -66,7 +70,7 @@ def _batch_first(tensor: torch.Tensor, dim: Optional[int], batch_size: int) -> t
 def _per_sample_scale(bound: Dict[str, Any], rows: int, batch_size: int) -> torch.Tensor:
     """The mean's 1 / max(valid rows, 1) of each sample, (B,) in the accumulation dtype, as
     ops/reduction.mean_reduction_scale counts them for one call (the target already (B*N,))."""
-    valid = bound["target"].view(batch_size, rows) != bound["ignore_index"]
+    valid = as_class_indices(bound["target"]).view(batch_size, rows) != bound["ignore_index"]
     acc = schema.accumulation_dtype(bound["student"].dtype)
     exact = rows <= 2 / torch.finfo(acc).eps
     count = valid.sum(dim=1, dtype=acc) if exact else valid.sum(dim=1).to(acc)
@@ -89,14 +93,52 @@ def _shared_bytes(op_schema: schema.OpSchema, in_dims: Dict[str, Optional[int]],
                and in_dims.get(argument.name) is None)
 
 
-def _flattens(op_schema: schema.OpSchema, in_dims: Dict[str, Optional[int]], bound: Dict[str, Any]) -> bool:
-    """Whether one call on B*N rows computes this batch, and at less cost than B calls: (N, C) students,
-    arguments the op accepts as to reduction and grad_scale (it refuses the others with its message, sample
-    by sample), and unbatched inputs of at most SHARED_BYTES_PER_SAMPLE."""
-    per_sample_dims = bound["student"].dim() - (in_dims.get("student") is not None)
+def _per_sample_shape(tensor: torch.Tensor, dim: Optional[int]) -> Tuple[int, ...]:
+    """tensor's shape without its batch dimension."""
+    return tuple(size for axis, size in enumerate(tensor.shape) if dim is None or axis != dim % tensor.dim())
+
+
+def _rows_line_up(op_schema: schema.OpSchema, in_dims: Dict[str, Optional[int]], bound: Dict[str, Any]) -> bool:
+    """Whether every sample's row inputs have the op's shapes: an (N, C) student, teacher and reference of
+    its shape, (N, K) top-k rows, (N,) per-row values; flattened, a mismatch could pass unnoticed (N = 1)
+    or be refused with the batch's sizes in the message."""
+    student = _per_sample_shape(bound["student"], in_dims.get("student"))
+    if len(student) != 2:
+        return False
+    for argument in op_schema.arguments:
+        value = bound[argument.name]
+        if not isinstance(value, torch.Tensor) or argument.name == schema.GRAD_SCALE.name:
+            continue
+        shape = _per_sample_shape(value, in_dims.get(argument.name))
+        if len(shape) != (2 if argument.name in _MATRIX_INPUTS else 1) or shape[0] != student[0]:
+            return False
+        if argument.name in _SHAPED_AS_STUDENT and shape != student:
+            return False
+    return True
+
+
+def _grad_scale_per_sample_is_valid(in_dims: Dict[str, Optional[int]], bound: Dict[str, Any],
+                                    batch_size: int) -> bool:
+    """A batched grad_scale the op would take from each sample: one value in the accumulation dtype on the
+    student's device (flattened, it never reaches the op's check)."""
+    grad_scale = bound[schema.GRAD_SCALE.name]
+    if grad_scale is None or in_dims.get(schema.GRAD_SCALE.name) is None:
+        return True
+    student = bound["student"]
+    return (grad_scale.numel() == batch_size and grad_scale.device == student.device
+            and grad_scale.dtype == schema.accumulation_dtype(student.dtype))
+
+
+def _flattens(op_schema: schema.OpSchema, in_dims: Dict[str, Optional[int]], bound: Dict[str, Any],
+              batch_size: int) -> bool:
+    """Whether one call on B*N rows computes this batch, and at less cost than B calls: arguments the op
+    takes from every sample (it refuses the others with its own message, sample by sample) and unbatched
+    inputs of at most SHARED_BYTES_PER_SAMPLE."""
     reduction = bound[schema.REDUCTION.name]
-    return (per_sample_dims == 2 and reduction in schema.REDUCTIONS
+    return (reduction in schema.REDUCTIONS
             and (reduction == "none" or bound[schema.GRAD_SCALE.name] is None)
+            and _rows_line_up(op_schema, in_dims, bound)
+            and _grad_scale_per_sample_is_valid(in_dims, bound, batch_size)
             and _shared_bytes(op_schema, in_dims, bound) <= SHARED_BYTES_PER_SAMPLE)
 
 
@@ -143,11 +185,13 @@ def _one_call(op: Callable, op_schema: schema.OpSchema, batch_size: int, in_dims
     bound[schema.GRAD_SCALE.name] = grad_scale
     bound[schema.REDUCTION.name] = "none"
     row_scale = None if sample_scale is None else sample_scale.repeat_interleave(rows)
+    if row_scale is not None and bound["target"] is not None:  # ignored rows stay 0, as the op leaves them
+        row_scale = torch.where(as_class_indices(bound["target"]) != bound["ignore_index"], row_scale, 1.0)
     outputs = list(_call_with_row_scale(op, [bound[argument.name] for argument in op_schema.arguments],
                                         bound[schema.COMPUTE_GRAD.name], row_scale))
     outputs[:-1] = [output.view(batch_size, rows) for output in outputs[:-1]]
-    grad = outputs[-1]
-    outputs[-1] = grad.view(batch_size, rows if grad.shape[0] else 0, classes)  # compute_grad=False: (0, C) each
+    compute_grad = bound[schema.COMPUTE_GRAD.name]
+    outputs[-1] = outputs[-1].view(batch_size, rows if compute_grad else 0, classes)  # without: (0, C) each
     if reduction != "none":
         outputs = _reduce_per_sample(outputs, sample_scale if sample_scale is not None else grad_scale)
     return tuple(outputs), (0,) * len(outputs)
@@ -174,8 +218,12 @@ def batching_rule(op_schema: schema.OpSchema) -> Callable:
         op = getattr(torch.ops.smskd_fast, op_schema.name)
         bound = _bound(op_schema, args, kwargs)
         dims = dict(zip(names, in_dims))
-        run = _one_call if _flattens(op_schema, dims, bound) else _sample_by_sample
-        return run(op, op_schema, info.batch_size, dims, bound)
+        if _flattens(op_schema, dims, bound, info.batch_size):
+            try:
+                return _one_call(op, op_schema, info.batch_size, dims, bound)
+            except (RuntimeError, ValueError, TypeError, IndexError):
+                pass  # e.g. a target out of range: per sample, the op's message names the sample's own row
+        return _sample_by_sample(op, op_schema, info.batch_size, dims, bound)
 
     return rule
 

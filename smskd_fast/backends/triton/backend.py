@@ -34,7 +34,7 @@ from smskd_fast.ops import registration as ops
 from smskd_fast.ops import schema
 from smskd_fast.ops.reduction import reduce_per_row_outputs, reduction_grad_scale
 from smskd_fast.backends.base import BackendStatus, LossOptions, RowInputs, RowOutputs, needs_student_grad
-from smskd_fast.ops.batching import vmap_batched
+from smskd_fast.backends.triton import op_checks
 from smskd_fast.ops.vmap_rules import batching_rule
 
 # The signatures of smskd_loss_rows and smskd_loss_rows_topk under the Triton ops' own names.
@@ -173,7 +173,10 @@ if _IMPORT_ERROR is None:
         grad_scale: Optional[torch.Tensor] = None,
         reduction: str = "none",
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The fused per-row loss of SPEC.md section 2 on (N, C) rows (see csrc/ops.cpp), reduced as reduction says."""
+        """The fused per-row loss of SPEC.md section 2 on (N, C) rows (see csrc/ops.cpp), reduced as reduction says.
+        Its arguments are checked here, for direct callers (the backend's eager calls, validated by the public
+        API, run _dense_rows without the checks' host cost)."""
+        op_checks.check_dense_arguments(DENSE_SCHEMA.name, student, target, teacher, reference, temperature)
         return _dense_rows(student, target, teacher, reference, temperature, ce_weight, kd_weight, ref_weight,
                            weighting, ignore_index, compute_grad, grad_scale, reduction, wrap=_traceable)
 
@@ -198,6 +201,8 @@ if _IMPORT_ERROR is None:
         reduction: str = "none",
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """smskd_loss_rows_triton with the teacher in top-k form (see csrc/ops.cpp, smskd_loss_rows_topk)."""
+        op_checks.check_topk_arguments(TOPK_SCHEMA.name, student, target, topk_values, topk_indices, true_logit,
+                                       log_sum_exp, log_sum_exp_at_temperature, reference, temperature)
         return _topk_rows(student, target, topk_values, topk_indices, true_logit, log_sum_exp,
                           log_sum_exp_at_temperature, reference, temperature, ce_weight, kd_weight, ref_weight,
                           weighting, ignore_index, compute_grad, grad_scale, reduction, wrap=_traceable)
@@ -256,14 +261,14 @@ class _OverwriteStudentRows(torch.autograd.Function):
 
 def _may_overwrite(inputs: RowInputs, options: LossOptions) -> bool:
     """The in-place path: not under torch.compile, nor under vmap (its autograd.Function has no batching
-    rule; the functional op has one, ops/vmap_rules.py)."""
+    rule, whether or not the student is batched; the functional op has one, ops/vmap_rules.py)."""
     student = inputs.student
     return (
         options.overwrite_student_logits
         and needs_student_grad(student)
         and student.is_contiguous()
         and not torch.compiler.is_compiling()
-        and not vmap_batched(student)
+        and not torch._C._are_functorch_transforms_active()
     )
 
 

@@ -2,7 +2,8 @@
 their own name (smskd_fast/backends/triton/op_checks.py). Before, a teacher of more rows than the
 student or a 0-d target passed unnoticed, and a shorter teacher was read past its end.
 
-Oracle: the compiled op on the same arguments (its messages: csrc/cpu/loss_rows.cpp, loss_rows_topk.cpp).
+Oracle: the compiled CPU op on the same arguments (its messages: csrc/cpu/loss_rows.cpp,
+loss_rows_topk.cpp); on a GPU the Triton op gets them on the GPU, the CPU op a copy on the CPU.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ SCALARS = (2.0, 1.0, 0.5, 0.7, "inverse_tcp", -100, True, None, "none")
 
 def dense_arguments():
     generator = torch.Generator().manual_seed(2)
-    student, teacher, reference = (torch.randn(ROWS, CLASSES, generator=generator).to(DEVICE) for _ in range(3))
-    return dict(student=student, target=torch.arange(ROWS, device=DEVICE), teacher=teacher, reference=reference)
+    student, teacher, reference = (torch.randn(ROWS, CLASSES, generator=generator) for _ in range(3))
+    return dict(student=student, target=torch.arange(ROWS), teacher=teacher, reference=reference)
 
 
 def topk_arguments():
@@ -48,7 +49,7 @@ CASES = {
     "target of floats": ("dense", "target", lambda a: a["target"].float(), "target must hold integer class indices"),
     "target of fewer rows": ("dense", "target", lambda a: a["target"][:-1], f"target must have shape ({ROWS},)"),
     "0-d target": ("dense", "target", lambda a: a["target"][0], f"target must have shape ({ROWS},), got []"),
-    "topk_values of k > C": ("topk", "topk_values", lambda a: torch.zeros(ROWS, CLASSES + 1, device=DEVICE),
+    "topk_values of k > C": ("topk", "topk_values", lambda a: torch.zeros(ROWS, CLASSES + 1),
                              f"topk_values must have shape ({ROWS}, k) with 1 <= k <= {CLASSES}"),
     "topk_indices of another k": ("topk", "topk_indices", lambda a: a["topk_indices"][:, :-1],
                                   f"topk_indices must have shape [{ROWS}, {K}], got [{ROWS}, {K - 1}]"),
@@ -66,19 +67,22 @@ CASES = {
 OPS = {"dense": "smskd_loss_rows", "topk": "smskd_loss_rows_topk"}
 
 
-def call(op_name: str, arguments: dict, temperature: float = 2.0):
+def call(op_name: str, arguments: dict, temperature: float = 2.0, weighting: str = "inverse_tcp"):
+    """The op on the arguments: the Triton op's on DEVICE, the compiled op's on the CPU."""
     op = getattr(torch.ops.smskd_fast, op_name)
-    return op(*arguments.values(), temperature, *SCALARS[1:])
+    device = DEVICE if op_name.endswith("_triton") else "cpu"
+    tensors = [value.to(device) for value in arguments.values()]
+    return op(*tensors, temperature, SCALARS[1], SCALARS[2], SCALARS[3], weighting, *SCALARS[5:])
 
 
-def refusal(op_name: str, arguments: dict, temperature: float = 2.0) -> BaseException:
+def refusal(op_name: str, arguments: dict, temperature: float = 2.0, weighting: str = "inverse_tcp") -> BaseException:
     with pytest.raises(Exception) as refused:
-        call(op_name, arguments, temperature)
+        call(op_name, arguments, temperature, weighting)
     return refused.value
 
 
 @needs_kernels
-@pytest.mark.skipif(not extension_loaded() or DEVICE != "cpu", reason="the oracle is the compiled CPU op")
+@pytest.mark.skipif(not extension_loaded(), reason="the oracle is the compiled CPU op")
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_triton_op_refuses_what_the_compiled_op_refuses(case):
     form, name, bad_value, words = CASES[case]
@@ -93,7 +97,7 @@ def test_the_triton_op_refuses_what_the_compiled_op_refuses(case):
 
 
 @needs_kernels
-@pytest.mark.skipif(not extension_loaded() or DEVICE != "cpu", reason="the oracle is the compiled CPU op")
+@pytest.mark.skipif(not extension_loaded(), reason="the oracle is the compiled CPU op")
 @pytest.mark.parametrize("form", ["dense", "topk"])
 @pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan")])
 def test_a_temperature_that_is_not_finite_and_positive_is_refused(form, temperature):
@@ -102,6 +106,28 @@ def test_a_temperature_that_is_not_finite_and_positive_is_refused(form, temperat
     triton = refusal(OPS[form] + "_triton", arguments, temperature)
     assert type(triton) is type(compiled) is ValueError
     assert str(triton).replace("_triton:", ":") == str(compiled)
+
+
+@needs_kernels
+@pytest.mark.skipif(not extension_loaded(), reason="the oracle is the compiled CPU op")
+@pytest.mark.parametrize("form", ["dense", "topk"])
+def test_an_unknown_weighting_is_refused_with_the_modes(form):
+    """(It reached the launcher's table as a bare KeyError.)"""
+    arguments = dense_arguments() if form == "dense" else topk_arguments()
+    compiled = refusal(OPS[form], arguments, weighting="bogus")
+    triton = refusal(OPS[form] + "_triton", arguments, weighting="bogus")
+    assert type(triton) is type(compiled) is ValueError
+    assert str(triton).replace("_triton:", ":") == str(compiled)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not extension_loaded(), reason="needs a CUDA device")
+@needs_kernels
+def test_logits_on_another_device_are_refused_as_the_compiled_op_refuses_them():
+    arguments = dense_arguments()
+    cuda = {name: value.cuda() for name, value in arguments.items()}
+    cuda["teacher"] = arguments["teacher"]  # on the CPU
+    with pytest.raises(RuntimeError, match="smskd_loss_rows_triton: teacher must be on the student's device"):
+        torch.ops.smskd_fast.smskd_loss_rows_triton(*cuda.values(), *SCALARS)
 
 
 @reruns_under_interpreter

@@ -246,6 +246,7 @@ def refused_calls(backend):
     bad_target[2, 3] = CLASSES + 20
     wrong_rows = torch.randn(ROWS + 1, CLASSES, device=DEVICE)
     float64_scale = torch.ones(BATCH, dtype=torch.float64, device=DEVICE)
+    matrix_scale = torch.ones(BATCH, 1, 1, device=DEVICE)
     mean_with_scale = op_call(backend, "dense", "mean", grad_scale=torch.tensor(0.5, device=DEVICE))
     return {
         "grad_scale with a mean": (lambda: torch.func.vmap(mean_with_scale, in_dims=(0, 0, None, None))(
@@ -262,6 +263,9 @@ def refused_calls(backend):
         "grad_scale in float64": (lambda: torch.func.vmap(dense, in_dims=(0, 0, None, None, 0))(
             student, target, teacher[0], reference[0], float64_scale),
             lambda: dense(student[0], target[0], teacher[0], reference[0], float64_scale[0])),
+        "grad_scale of a (1, 1) matrix": (lambda: torch.func.vmap(dense, in_dims=(0, 0, None, None, 0))(
+            student, target, teacher[0], reference[0], matrix_scale),
+            lambda: dense(student[0], target[0], teacher[0], reference[0], matrix_scale[0])),
         "0-d target of a one-row sample": (lambda: torch.func.vmap(dense, in_dims=(0, 0, None, None))(
             student[:, :1], target[:, 0], teacher[0, :1], reference[0, :1]),
             lambda: dense(student[0, :1], target[0, 0], teacher[0, :1], reference[0, :1])),
@@ -270,7 +274,8 @@ def refused_calls(backend):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("case", ["grad_scale with a mean", "unknown reduction", "target out of range",
-                                  "teacher of other rows", "grad_scale in float64", "0-d target of a one-row sample"])
+                                  "teacher of other rows", "grad_scale in float64", "grad_scale of a (1, 1) matrix",
+                                  "0-d target of a one-row sample"])
 def test_arguments_the_op_refuses_get_its_own_message_under_vmap(backend, case):
     """Such calls go sample by sample (the rule's checks, or its retry after the flattened call failed): the
     error is the op's own for the sample at fault, with the sample's shapes and row positions."""
@@ -414,12 +419,21 @@ def test_a_uint8_target_counts_its_ignored_rows_as_the_op_does(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_an_empty_batch_has_empty_outputs_of_the_samples_shapes(backend):
+@pytest.mark.parametrize("limit", ["default", "lowered"])
+def test_an_empty_batch_has_empty_outputs_of_the_samples_shapes(backend, limit, monkeypatch):
+    """An empty batch is one call of no rows, whatever the size of the shared inputs (per-sample calls would
+    be none, with nothing to stack); what the op refuses is still refused, in its words."""
+    if limit == "lowered":
+        monkeypatch.setattr(vmap_rules, "SHARED_BYTES_PER_SAMPLE", SMALL_LIMIT)
     student, target, teacher, reference = samples()
     for compute_grad, grad_rows in ((True, ROWS), (False, 0)):
         outputs = torch.func.vmap(op_call(backend, "dense", "none", compute_grad=compute_grad),
                                   in_dims=(0, 0, None, None))(student[:0], target[:0], teacher[0], reference[0])
         assert [tuple(output.shape) for output in outputs] == [(0, ROWS)] * 6 + [(0, grad_rows, CLASSES)]
+    for reduction, words in (("avg", "reduction must be one of"), ("mean", "grad_scale must be None when")):
+        scaled = op_call(backend, "dense", reduction, grad_scale=torch.tensor(0.5, device=DEVICE))
+        with pytest.raises(ValueError, match=words):
+            torch.func.vmap(scaled, in_dims=(0, 0, None, None))(student[:0], target[:0], teacher[0], reference[0])
 
 
 @pytest.mark.parametrize("backend", FUSED)

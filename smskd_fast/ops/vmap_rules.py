@@ -14,8 +14,9 @@ memory instead of once per sample from cache. Where that copy is more than SHARE
 (measured on the CPU: benchmarks/vmap_batching.py), the rule calls the op sample by sample instead,
 on unbound slices (one stack in backward). So it does for arguments a sample's call would refuse
 (shapes that do not line up, a grad_scale of another dtype, an unknown reduction) and when the one call
-fails (a target out of range): the op's own error, with the sample's shapes and positions, then reaches
-the caller. The op's grad_scale is one value per call, so a per-sample factor (a batched grad_scale, or a
+raises (a target out of range, on the CPU; on CUDA the kernels assert on the device instead): the op's
+own error, with the sample's shapes and positions, then reaches the caller. An empty batch is always one
+call (of no rows). The op's grad_scale is one value per call, so a per-sample factor (a batched grad_scale, or a
 "mean" whose samples count different valid rows) scales the returned gradient after the call, in place
 (one pass over the rows, which the op would have folded into its kernel), and backward divides it out
 of grad_output as the op's own grad_scale: loss.backward() of per-sample means then touches no row.
@@ -30,7 +31,7 @@ from torch._functorch.pyfunctorch import temporarily_pop_interpreter_stack
 
 from smskd_fast.ops import registration, schema
 from smskd_fast.ops.extension import extension_loaded
-from smskd_fast.ops.reduction import as_class_indices, reduction_grad_scale
+from smskd_fast.ops.reduction import as_class_indices, mean_reduction_scale, reduction_grad_scale
 
 __all__ = ["batching_rule", "SHARED_BYTES_PER_SAMPLE"]
 
@@ -119,14 +120,14 @@ def _rows_line_up(op_schema: schema.OpSchema, in_dims: Dict[str, Optional[int]],
 
 def _grad_scale_per_sample_is_valid(in_dims: Dict[str, Optional[int]], bound: Dict[str, Any],
                                     batch_size: int) -> bool:
-    """A batched grad_scale the op would take from each sample: one value in the accumulation dtype on the
-    student's device (flattened, it never reaches the op's check)."""
+    """A batched grad_scale the op would take from each sample: 0-d (or one element) in the accumulation dtype
+    on the student's device (flattened, it never reaches the op's check)."""
     grad_scale = bound[schema.GRAD_SCALE.name]
     if grad_scale is None or in_dims.get(schema.GRAD_SCALE.name) is None:
         return True
     student = bound["student"]
-    return (grad_scale.numel() == batch_size and grad_scale.device == student.device
-            and grad_scale.dtype == schema.accumulation_dtype(student.dtype))
+    return (_per_sample_shape(grad_scale, in_dims[schema.GRAD_SCALE.name]) in ((), (1,))
+            and grad_scale.device == student.device and grad_scale.dtype == schema.accumulation_dtype(student.dtype))
 
 
 def _flattens(op_schema: schema.OpSchema, in_dims: Dict[str, Optional[int]], bound: Dict[str, Any],
@@ -160,8 +161,12 @@ def _call_with_row_scale(op: Callable, arguments: List[Any], compute_grad: bool,
 
 
 def _one_call(op: Callable, op_schema: schema.OpSchema, batch_size: int, in_dims: Dict[str, Optional[int]],
-              bound: Dict[str, Any]) -> Tuple[tuple, tuple]:
-    """The batch as one call of op on B*N rows, and its outputs with their batch dimensions."""
+              bound: Dict[str, Any]) -> Optional[Tuple[tuple, tuple]]:
+    """The batch as one call of op on B*N rows, and its outputs with their batch dimensions; None when the op
+    refused that call (its arguments' values: the caller then asks each sample's call for the message)."""
+    if batch_size == 0:  # not filtered by _flattens: the op's rules for these two, in its words
+        reduction_grad_scale(bound[schema.REDUCTION.name], bound[schema.GRAD_SCALE.name], None, bound["student"],
+                             bound["ignore_index"], op_schema.name)
     shared_target = bound["target"]  # read when it is unbatched: one mean scale for every sample
     bound = dict(bound)
     student = _batch_first(bound["student"], in_dims.get("student"), batch_size)
@@ -177,8 +182,8 @@ def _one_call(op: Callable, op_schema: schema.OpSchema, batch_size: int, in_dims
     if reduction == "mean" and in_dims.get("target") is not None:
         sample_scale = _per_sample_scale(bound, rows, batch_size)
     elif reduction == "mean":  # one target (or none) for every sample: one 1/n, folded in by the op
-        grad_scale = reduction_grad_scale("mean", None, shared_target, student[0], bound["ignore_index"],
-                                          op_schema.name)
+        grad_scale = mean_reduction_scale(
+            rows if shared_target is None else as_class_indices(shared_target) != bound["ignore_index"], student)
     elif in_dims.get(schema.GRAD_SCALE.name) is not None:
         sample_scale = _batch_first(grad_scale, in_dims[schema.GRAD_SCALE.name], batch_size).reshape(batch_size)
         grad_scale = None
@@ -187,8 +192,15 @@ def _one_call(op: Callable, op_schema: schema.OpSchema, batch_size: int, in_dims
     row_scale = None if sample_scale is None else sample_scale.repeat_interleave(rows)
     if row_scale is not None and bound["target"] is not None:  # ignored rows stay 0, as the op leaves them
         row_scale = torch.where(as_class_indices(bound["target"]) != bound["ignore_index"], row_scale, 1.0)
-    outputs = list(_call_with_row_scale(op, [bound[argument.name] for argument in op_schema.arguments],
-                                        bound[schema.COMPUTE_GRAD.name], row_scale))
+    try:
+        outputs = list(_call_with_row_scale(op, [bound[argument.name] for argument in op_schema.arguments],
+                                            bound[schema.COMPUTE_GRAD.name], row_scale))
+    except torch.OutOfMemoryError:
+        raise  # B calls would need more memory, not less (B gradients, then their stack)
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        if batch_size == 0:
+            raise  # no sample to ask instead
+        return None  # e.g. a target out of range: a sample's own call names its row
     outputs[:-1] = [output.view(batch_size, rows) for output in outputs[:-1]]
     compute_grad = bound[schema.COMPUTE_GRAD.name]
     outputs[-1] = outputs[-1].view(batch_size, rows if compute_grad else 0, classes)  # without: (0, C) each
@@ -218,11 +230,10 @@ def batching_rule(op_schema: schema.OpSchema) -> Callable:
         op = getattr(torch.ops.smskd_fast, op_schema.name)
         bound = _bound(op_schema, args, kwargs)
         dims = dict(zip(names, in_dims))
-        if _flattens(op_schema, dims, bound, info.batch_size):
-            try:
-                return _one_call(op, op_schema, info.batch_size, dims, bound)
-            except (RuntimeError, ValueError, TypeError, IndexError):
-                pass  # e.g. a target out of range: per sample, the op's message names the sample's own row
+        if info.batch_size == 0 or _flattens(op_schema, dims, bound, info.batch_size):
+            batched = _one_call(op, op_schema, info.batch_size, dims, bound)
+            if batched is not None:
+                return batched
         return _sample_by_sample(op, op_schema, info.batch_size, dims, bound)
 
     return rule

@@ -176,7 +176,8 @@ if _IMPORT_ERROR is None:
         """The fused per-row loss of SPEC.md section 2 on (N, C) rows (see csrc/ops.cpp), reduced as reduction says.
         Its arguments are checked here, for direct callers (the backend's eager calls, validated by the public
         API, run _dense_rows without the checks' host cost)."""
-        op_checks.check_dense_arguments(DENSE_SCHEMA.name, student, target, teacher, reference, temperature)
+        op_checks.check_dense_arguments(DENSE_SCHEMA.name, student, target, teacher, reference, temperature,
+                                        weighting)
         return _dense_rows(student, target, teacher, reference, temperature, ce_weight, kd_weight, ref_weight,
                            weighting, ignore_index, compute_grad, grad_scale, reduction, wrap=_traceable)
 
@@ -202,7 +203,7 @@ if _IMPORT_ERROR is None:
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """smskd_loss_rows_triton with the teacher in top-k form (see csrc/ops.cpp, smskd_loss_rows_topk)."""
         op_checks.check_topk_arguments(TOPK_SCHEMA.name, student, target, topk_values, topk_indices, true_logit,
-                                       log_sum_exp, log_sum_exp_at_temperature, reference, temperature)
+                                       log_sum_exp, log_sum_exp_at_temperature, reference, temperature, weighting)
         return _topk_rows(student, target, topk_values, topk_indices, true_logit, log_sum_exp,
                           log_sum_exp_at_temperature, reference, temperature, ce_weight, kd_weight, ref_weight,
                           weighting, ignore_index, compute_grad, grad_scale, reduction, wrap=_traceable)

@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from smskd_fast.ops import schema
+
 __all__ = ["check_dense_arguments", "check_topk_arguments"]
 
 
@@ -34,8 +36,14 @@ def _check_student_and_temperature(op: str, student: torch.Tensor, temperature: 
 
 
 def _check_same_device(op: str, name: str, tensor: torch.Tensor, student: torch.Tensor) -> None:
-    if tensor.device != student.device:
-        raise ValueError(f"{op}: {name} must be on the student's device {student.device}, got {tensor.device}")
+    if tensor.device != student.device:  # TORCH_CHECK in the compiled ops: a RuntimeError
+        raise RuntimeError(f"{op}: {name} must be on the student's device {student.device}, got {tensor.device}")
+
+
+def _check_weighting(op: str, weighting: str) -> None:
+    if weighting not in schema.WEIGHTING_CODES:
+        known = ", ".join(f"'{name}'" for name in schema.WEIGHTINGS)
+        raise ValueError(f"{op}: weighting must be one of {known}, got '{weighting}'")
 
 
 def _check_companion(op: str, name: str, logits: Optional[torch.Tensor], student: torch.Tensor) -> None:
@@ -63,11 +71,12 @@ def _check_target(op: str, target: Optional[torch.Tensor], student: torch.Tensor
 
 def check_dense_arguments(op: str, student: torch.Tensor, target: Optional[torch.Tensor],
                           teacher: Optional[torch.Tensor], reference: Optional[torch.Tensor],
-                          temperature: float) -> None:
-    """smskd_loss_rows_triton's tensors and temperature, as smskd_loss_rows checks them."""
+                          temperature: float, weighting: str) -> None:
+    """smskd_loss_rows_triton's tensors, temperature and weighting, as smskd_loss_rows checks them."""
     _check_student_and_temperature(op, student, temperature)
     _check_companion(op, "teacher", teacher, student)
     _check_companion(op, "reference", reference, student)
+    _check_weighting(op, weighting)
     _check_target(op, target, student)
 
 
@@ -80,9 +89,11 @@ def _check_rows(op: str, name: str, tensor: torch.Tensor, shape: Tuple[int, ...]
 def check_topk_arguments(op: str, student: torch.Tensor, target: Optional[torch.Tensor],
                          topk_values: torch.Tensor, topk_indices: torch.Tensor, true_logit: torch.Tensor,
                          log_sum_exp: torch.Tensor, log_sum_exp_at_temperature: torch.Tensor,
-                         reference: Optional[torch.Tensor], temperature: float) -> None:
-    """smskd_loss_rows_topk_triton's tensors and temperature, as smskd_loss_rows_topk checks them (the
-    indices' range and distinctness: on the device, validation.assert_topk_indices_async)."""
+                         reference: Optional[torch.Tensor], temperature: float, weighting: str) -> None:
+    """smskd_loss_rows_topk_triton's tensors, temperature and weighting, as smskd_loss_rows_topk checks them.
+    Not the indices' range and distinctness, which the compiled CPU op checks on the host: the kernels clamp
+    the indices (no read out of bounds, as in the CUDA op), and the public API checks them first
+    (loss/validation.check_teacher_topk)."""
     _check_student_and_temperature(op, student, temperature)
     rows, classes = student.shape
     if not (topk_values.dim() == 2 and topk_values.shape[0] == rows and 1 <= topk_values.shape[1] <= classes):
@@ -104,4 +115,5 @@ def check_topk_arguments(op: str, student: torch.Tensor, target: Optional[torch.
         _check_rows(op, "reference", reference, tuple(student.shape), student)
         if reference.dtype != student.dtype:
             raise TypeError(f"{op}: reference must have the student's dtype {student.dtype}, got {reference.dtype}")
+    _check_weighting(op, weighting)
     _check_target(op, target, student)

@@ -1,8 +1,8 @@
 """torch.func.vmap of the functional loss ops: B calls on (N, C) rows become one call on (B*N, C) rows.
 
 Without a rule, vmap runs an op once per sample (its fallback, with a warning about the performance
-drop), and backward then adds each sample's gradient into a zeroed (B, N, C) tensor: B passes. The
-loss is row-wise, so the batch only adds rows: the rule moves each batched row input's batch
+drop: 1.7-3.8x the time of a hand-written loop on the CPU, benchmarks/vmap_batching.py). The loss is
+row-wise, so the batch only adds rows: the rule moves each batched row input's batch
 dimension first, broadcasts the unbatched ones to the batch, calls the op once with reduction "none"
 and gives back the per-row outputs as (B, N) and the gradient as (B, N, C). A "sum" or "mean" is then
 taken per sample, as the op takes it over its rows (csrc/reduction_arg.h, ops/reduction.py), so
@@ -42,7 +42,7 @@ _SHAPED_AS_STUDENT = frozenset({"teacher", "reference"})
 # Above this many bytes of unbatched inputs per sample, the rule calls the op sample by sample. Measured on
 # the CPU (benchmarks/results/vmap_batching_2026-12-07, fwd+bwd of per-sample means, shared teacher and
 # reference, the two paths forced, as time ratios to a hand-written loop): up to 500 KB a sample one call
-# took 0.20-1.29x, per-sample calls 1.32-1.68x; at 1-2 MB the two were within noise; from 4 MB one call took
+# took 0.20-1.29x, per-sample calls 1.32-1.68x; at 1-2 MB the result was mixed; from 4 MB one call took
 # 1.42-2.36x, per-sample calls 1.13-1.47x (they read the shared rows from cache, one call copies them B
 # times). Unmeasured on a GPU.
 SHARED_BYTES_PER_SAMPLE = 512 * 1024

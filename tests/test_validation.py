@@ -74,8 +74,19 @@ def test_target_out_of_range(inputs, bad, backend):
     target = inputs["target"].clone()
     target[2] = bad
     with pytest.raises(ValueError, match=rf"target values must be in \[0, 6\) or equal ignore_index=-100, "
-                                         rf"found {bad}"):
+                                         rf"found {bad} at target\[2\]"):
         call(inputs, target=target, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_target_out_of_range_is_named_at_its_row(backend):
+    """(B, T) targets: every CPU backend names the first bad value at its row of the (B*T, C) rows the
+    loss is computed on, as the compiled op does."""
+    student, target, teacher, reference = make_logits((2, 3, 6), dtype=torch.float32)
+    target = target.clone()
+    target[1, 0], target[1, 2] = 9, -7
+    with pytest.raises(ValueError, match=r"found 9 at target\[3\]$"):
+        smskd_fast.smskd_loss(student, target, teacher, reference, backend=backend)
 
 
 @pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])

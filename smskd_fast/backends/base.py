@@ -91,20 +91,25 @@ class Backend(Protocol):
 def needs_student_grad(student: torch.Tensor) -> bool:
     """Whether autograd will ask for d loss / d student (the kernels then write the gradient).
 
-    Seen through torch.func.vmap: a batched tensor reports requires_grad=False even when the tensor it
-    batches requires grad, and autograd then differentiates the op vmap calls on that tensor."""
-    while torch._C._functorch.is_batchedtensor(student):
+    Seen through torch.func.vmap and torch.func.functionalize: their wrappers report requires_grad=False
+    even when the tensor they wrap requires grad, and autograd then differentiates the op they call on
+    that tensor. (torch.func.grad's wrapper reports its own level's requires_grad: not unwrapped. Dynamo
+    cannot trace is_functionaltensor, and a traced call sees no functionalize wrapper: not asked there.)"""
+    while torch._C._functorch.is_batchedtensor(student) or (
+            not torch.compiler.is_compiling() and torch._C._functorch.is_functionaltensor(student)):
         student = torch._C._functorch.get_unwrapped(student)
     return student.requires_grad and torch.is_grad_enabled()
 
 
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Every target in [0, num_classes) or equal to ignore_index (reads the values on the host)."""
+    """Every target in [0, num_classes) or equal to ignore_index (reads the values on the host); the first
+    other value is named with its position, as the compiled ops name it."""
     target = as_class_indices(target)
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):
-        first = int(target[bad].flatten()[0])
+        position = bad.nonzero()[0].tolist()
+        where = f"target[{', '.join(map(str, position))}]" if position else "target"
         raise ValueError(
             f"target values must be in [0, {num_classes}) or equal ignore_index={ignore_index}, "
-            f"found {first}"
+            f"found {int(target[tuple(position)])} at {where}"
         )

@@ -40,6 +40,12 @@ class SMSKDLossOutput:
     weight: torch.Tensor
 
 
+# A pytree node: torch.func transforms (vmap, functionalize) and torch.export take it apart into its
+# tensors and put it back, so vmap(lambda s, t: smskd_loss(s, t, ...))(S, y) returns an SMSKDLossOutput
+# of batched fields (without this, vmap refuses the output: "must only return Tensors").
+torch.export.register_dataclass(SMSKDLossOutput, serialized_type_name="smskd_fast.SMSKDLossOutput")
+
+
 def _rows(logits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """(..., C) logits as (N, C) rows (2-D ones as they are)."""
     if logits is None or logits.dim() == 2:

@@ -23,7 +23,8 @@ def as_class_indices(target: torch.Tensor) -> torch.Tensor:
 
 
 def mean_reduction_scale(valid_rows: Union[torch.Tensor, int], student: torch.Tensor) -> torch.Tensor:
-    """1 / max(number of valid rows, 1) as a 0-d tensor in the accumulation dtype on the student's device.
+    """1 / max(number of valid rows, 1) in the accumulation dtype on the student's device: 0-d for one
+    call's (N,) mask or row count, (B,) for a (B, N) mask of B samples (ops/vmap_rules.py).
 
     valid_rows is the rows' boolean mask (counted on the device: no synchronisation) or their number.
     "mean" multiplies the sum by it, and the kernels fold the same tensor into the gradient they
@@ -34,8 +35,8 @@ def mean_reduction_scale(valid_rows: Union[torch.Tensor, int], student: torch.Te
         return torch.full((), 1.0 / max(valid_rows, 1), dtype=acc, device=student.device)
     # Counted in acc directly (one operation fewer per call) while every partial sum is an exact
     # integer: up to 2 / eps = 2^24 rows in float32.
-    exact = valid_rows.numel() <= 2 / torch.finfo(acc).eps
-    count = valid_rows.sum(dtype=acc) if exact else valid_rows.sum().to(acc)
+    exact = valid_rows.shape[-1] <= 2 / torch.finfo(acc).eps
+    count = valid_rows.sum(dim=-1, dtype=acc) if exact else valid_rows.sum(dim=-1).to(acc)
     return count.clamp(min=1).reciprocal_()  # clamp_ has no vmap batching rule
 
 
@@ -59,11 +60,13 @@ def reduction_grad_scale(reduction: str, grad_scale: Optional[torch.Tensor], tar
 
 
 def reduce_per_row_outputs(outputs: Sequence[torch.Tensor], scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
-    """outputs (the per-row ones first) with loss, ce, kd and ref summed over the rows, times scale when given."""
+    """outputs (the per-row ones first) with loss, ce, kd and ref summed over the rows (their last dimension:
+    each sample's, for B samples' (B, N) outputs), times scale when given (0-d, or (B,): one per sample)."""
     count = len(schema.REDUCED_OUTPUTS)
-    totals = list(torch.stack(tuple(outputs[:count])).sum(dim=1).unbind())
+    totals = list(torch.stack(tuple(outputs[:count])).sum(dim=-1).unbind())
     factor = 1.0 if scale is None else scale
-    if torch._C._are_functorch_transforms_active():  # vmap has no batching rule for _foreach_mul
+    # vmap has no batching rule for _foreach_mul, which takes one scalar (tensor) for the list
+    if torch._C._are_functorch_transforms_active() or (scale is not None and scale.dim() > 0):
         reduced = [total * factor for total in totals]
     else:
         reduced = torch._foreach_mul(totals, factor)

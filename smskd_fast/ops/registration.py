@@ -45,11 +45,14 @@ _IGNORE_INDEX = -len(schema.FUNCTIONAL_TAIL) - len(schema.SCALAR_ARGUMENTS) + [
 def setup_context(ctx, inputs, output) -> None:
     """Saves the op's grad output (its last), grad_scale and target, for the functional ops
     (..., compute_grad, grad_scale, reduction). With a reduction grad_scale is None: the
-    gradient written is already that of the reduced loss, and backward's factor is grad_output."""
+    gradient written is already that of the reduced loss, and backward's factor is grad_output.
+    Only the loss is differentiable: the other outputs are the loss's parts and the written gradient,
+    which backward returns as the student's (differentiable, it would carry this op's grad_fn)."""
     ctx.compute_grad = inputs[_COMPUTE_GRAD]
     # Only the loss output has a gradient; without this, autograd would hand
     # backward a materialised N x C zero tensor for the unused grad output.
     ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*output[1:])
     save_for_scaling(ctx, output[-1], inputs[_GRAD_SCALE], inputs[_TARGET], inputs[_IGNORE_INDEX])
 
 
@@ -163,6 +166,21 @@ def scale_gradient_in_student_once(ctx, grad_loss: torch.Tensor) -> torch.Tensor
 _below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
 
 
+def _forward_below_autograd(ctx, op, arguments: tuple, row_scale: Optional[torch.Tensor] = None) -> tuple:
+    """op(*arguments) run below autograd, ctx set up for the registered backward (_student_gradient). With row_scale, the gradient output is scaled by it in place row by row, and
+    backward reads row_scale as the op's grad_scale."""
+    with _below_autograd():
+        outputs = op(*arguments)
+    saved = arguments
+    if row_scale is not None:
+        scale_rows_(outputs[-1], row_scale)
+        saved = list(arguments)
+        saved[_GRAD_SCALE] = row_scale
+    setup_context(ctx, saved, outputs)
+    ctx.num_inputs = len(arguments)
+    return outputs
+
+
 class FunctionalOpUnderAutograd(torch.autograd.Function):
     """Eager twin of the autograd registered below, for the backends' own calls.
 
@@ -180,12 +198,7 @@ class FunctionalOpUnderAutograd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, *arguments):
-        with _below_autograd():
-            outputs = op(*arguments)
-        setup_context(ctx, arguments, outputs)
-        ctx.num_inputs = len(arguments)
-        ctx.mark_non_differentiable(*outputs[1:])
-        return outputs
+        return _forward_below_autograd(ctx, op, arguments)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_grads):
@@ -202,15 +215,7 @@ class RowScaledOpUnderAutograd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, row_scale, *arguments):
-        with _below_autograd():
-            outputs = op(*arguments)
-        scale_rows_(outputs[-1], row_scale)
-        scaled = list(arguments)
-        scaled[_GRAD_SCALE] = row_scale
-        setup_context(ctx, scaled, outputs)
-        ctx.num_inputs = len(arguments)
-        ctx.mark_non_differentiable(*outputs[1:])
-        return outputs
+        return _forward_below_autograd(ctx, op, arguments, row_scale)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_grads):

@@ -24,18 +24,18 @@ of grad_output as the op's own grad_scale: loss.backward() of per-sample means t
 from __future__ import annotations
 
 import ast
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch._functorch.pyfunctorch import temporarily_pop_interpreter_stack
 
 from smskd_fast.ops import registration, schema
 from smskd_fast.ops.extension import extension_loaded
-from smskd_fast.ops.reduction import as_class_indices, mean_reduction_scale, reduction_grad_scale
+from smskd_fast.ops.reduction import (as_class_indices, mean_reduction_scale, reduce_per_row_outputs,
+                                      reduction_grad_scale)
 
 __all__ = ["batching_rule", "SHARED_BYTES_PER_SAMPLE"]
 
-_SCALED_OUTPUTS = len(schema.REDUCED_OUTPUTS)
 # Row inputs that are (N, C) or (N, K) a sample (the others are (N,)), and those of the student's shape.
 _MATRIX_INPUTS = frozenset({"student", "teacher", "reference", "topk_values", "topk_indices"})
 _SHAPED_AS_STUDENT = frozenset({"teacher", "reference"})
@@ -68,30 +68,16 @@ def _batch_first(tensor: torch.Tensor, dim: Optional[int], batch_size: int) -> t
     return tensor.movedim(dim, 0)
 
 
-def _per_sample_scale(bound: Dict[str, Any], rows: int, batch_size: int) -> torch.Tensor:
-    """The mean's 1 / max(valid rows, 1) of each sample, (B,) in the accumulation dtype, as
-    ops/reduction.mean_reduction_scale counts them for one call (the target already (B*N,))."""
-    valid = as_class_indices(bound["target"]).view(batch_size, rows) != bound["ignore_index"]
-    acc = schema.accumulation_dtype(bound["student"].dtype)
-    exact = rows <= 2 / torch.finfo(acc).eps
-    count = valid.sum(dim=1, dtype=acc) if exact else valid.sum(dim=1).to(acc)
-    return count.clamp(min=1).reciprocal()
-
-
-def _reduce_per_sample(outputs: List[torch.Tensor], scale: Optional[torch.Tensor]) -> List[torch.Tensor]:
-    """loss, ce, kd and ref, (B, N) each, summed over each sample's rows (times its scale when given)."""
-    totals = torch.stack(outputs[:_SCALED_OUTPUTS]).sum(dim=-1)
-    if scale is not None:
-        totals = totals * scale
-    return [*totals.unbind(), *outputs[_SCALED_OUTPUTS:]]
+def _row_inputs(op_schema: schema.OpSchema, bound: Dict[str, Any]) -> Iterator[str]:
+    """Names of the call's row tensors, in schema order: every tensor argument given but grad_scale."""
+    return (argument.name for argument in op_schema.arguments
+            if isinstance(bound[argument.name], torch.Tensor) and argument.name != schema.GRAD_SCALE.name)
 
 
 def _shared_bytes(op_schema: schema.OpSchema, in_dims: Dict[str, Optional[int]], bound: Dict[str, Any]) -> int:
     """Bytes of the unbatched row inputs that one call on B*N rows would copy to each sample's rows."""
-    return sum(bound[argument.name].numel() * bound[argument.name].element_size()
-               for argument in op_schema.arguments
-               if isinstance(bound[argument.name], torch.Tensor) and argument.name != schema.GRAD_SCALE.name
-               and in_dims.get(argument.name) is None)
+    return sum(bound[name].numel() * bound[name].element_size()
+               for name in _row_inputs(op_schema, bound) if in_dims.get(name) is None)
 
 
 def _per_sample_shape(tensor: torch.Tensor, dim: Optional[int]) -> Tuple[int, ...]:
@@ -106,14 +92,11 @@ def _rows_line_up(op_schema: schema.OpSchema, in_dims: Dict[str, Optional[int]],
     student = _per_sample_shape(bound["student"], in_dims.get("student"))
     if len(student) != 2:
         return False
-    for argument in op_schema.arguments:
-        value = bound[argument.name]
-        if not isinstance(value, torch.Tensor) or argument.name == schema.GRAD_SCALE.name:
-            continue
-        shape = _per_sample_shape(value, in_dims.get(argument.name))
-        if len(shape) != (2 if argument.name in _MATRIX_INPUTS else 1) or shape[0] != student[0]:
+    for name in _row_inputs(op_schema, bound):
+        shape = _per_sample_shape(bound[name], in_dims.get(name))
+        if len(shape) != (2 if name in _MATRIX_INPUTS else 1) or shape[0] != student[0]:
             return False
-        if argument.name in _SHAPED_AS_STUDENT and shape != student:
+        if name in _SHAPED_AS_STUDENT and shape != student:
             return False
     return True
 
@@ -171,16 +154,15 @@ def _one_call(op: Callable, op_schema: schema.OpSchema, batch_size: int, in_dims
     bound = dict(bound)
     student = _batch_first(bound["student"], in_dims.get("student"), batch_size)
     rows, classes = student.shape[1:]
-    for argument in op_schema.arguments:
-        value = bound[argument.name]
-        if isinstance(value, torch.Tensor) and argument.name != schema.GRAD_SCALE.name:
-            value = _batch_first(value, in_dims.get(argument.name), batch_size)
-            bound[argument.name] = value.reshape(batch_size * rows, *value.shape[2:])
+    for name in _row_inputs(op_schema, bound):
+        value = _batch_first(bound[name], in_dims.get(name), batch_size)
+        bound[name] = value.reshape(batch_size * rows, *value.shape[2:])
     reduction = bound[schema.REDUCTION.name]
     grad_scale = bound[schema.GRAD_SCALE.name]
     sample_scale = None  # one factor per sample, applied to the returned gradient
     if reduction == "mean" and in_dims.get("target") is not None:
-        sample_scale = _per_sample_scale(bound, rows, batch_size)
+        sample_scale = mean_reduction_scale(
+            as_class_indices(bound["target"]).view(batch_size, rows) != bound["ignore_index"], student)
     elif reduction == "mean":  # one target (or none) for every sample: one 1/n, folded in by the op
         grad_scale = mean_reduction_scale(
             rows if shared_target is None else as_class_indices(shared_target) != bound["ignore_index"], student)
@@ -205,7 +187,7 @@ def _one_call(op: Callable, op_schema: schema.OpSchema, batch_size: int, in_dims
     compute_grad = bound[schema.COMPUTE_GRAD.name]
     outputs[-1] = outputs[-1].view(batch_size, rows if compute_grad else 0, classes)  # without: (0, C) each
     if reduction != "none":
-        outputs = _reduce_per_sample(outputs, sample_scale if sample_scale is not None else grad_scale)
+        outputs = reduce_per_row_outputs(outputs, sample_scale if sample_scale is not None else grad_scale)
     return tuple(outputs), (0,) * len(outputs)
 
 

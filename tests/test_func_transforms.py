@@ -80,19 +80,21 @@ def test_torch_export_returns_the_loss_output(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_backward_through_functionalize(backend, reduction):
-    """functionalize(loss) then autograd.grad: the float64 reference's gradient, itself not differentiable
-    (no grad_fn), as outside the transform."""
+    """functionalize(loss), returning the whole SMSKDLossOutput, then autograd.grad of its loss: the float64
+    reference's gradient, itself not differentiable (no grad_fn), as outside the transform."""
     student, target, teacher, reference = (value[0] for value in samples())
     leaf = student.clone().requires_grad_()
-    functional = torch.func.functionalize(lambda s: loss_of(backend, reduction)(s, target, teacher, reference).loss)
-    value = functional(leaf)
+    functional = torch.func.functionalize(lambda s: loss_of(backend, reduction)(s, target, teacher, reference))
+    output = functional(leaf)
+    assert isinstance(output, smskd_fast.SMSKDLossOutput)
+    value = output.loss.sum()
     (gradient,) = torch.autograd.grad(value, leaf)
     assert not gradient.requires_grad and gradient.grad_fn is None
 
     reference_leaf = student.double().requires_grad_()
-    expected = loss_of("reference", reduction)(reference_leaf, target, teacher.double(), reference).loss
+    expected = loss_of("reference", reduction)(reference_leaf, target, teacher.double(), reference).loss.sum()
     (expected_gradient,) = torch.autograd.grad(expected, reference_leaf)
     torch.testing.assert_close(value.double(), expected.detach(), **TOLERANCE)
     torch.testing.assert_close(gradient.double(), expected_gradient, **TOLERANCE)

@@ -265,7 +265,11 @@ def test_mean_reduction_scale_is_one_over_the_count(dtype):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     cases = [(torch.zeros(0, dtype=torch.bool), 1), (torch.tensor([True, False, True, True, False]), 3),
              (torch.zeros(4, dtype=torch.bool), 1), (torch.ones(2 ** 24 + 3, dtype=torch.bool), 2 ** 24 + 3), (7, 7)]
-    for valid, count in cases:
+    for valid, count in cases + [(torch.tensor(True), 1), (torch.tensor(False), 1)]:  # a 0-d mask: one row
         got = mean_reduction_scale(valid, student)
         assert got.dtype == acc and got.dim() == 0
         assert got.item() == torch.tensor(float(count), dtype=acc).reciprocal().item(), count
+    # B samples' (B, N) mask (the vmap rule's per-sample means): each sample's scale, as its own call gives it
+    masks = torch.tensor([[True, False, True, True, False], [False] * 5, [True] * 5])
+    torch.testing.assert_close(mean_reduction_scale(masks, student),
+                               torch.stack([mean_reduction_scale(mask, student) for mask in masks]), rtol=0, atol=0)

@@ -103,7 +103,9 @@ def needs_student_grad(student: torch.Tensor) -> bool:
 
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Every target in [0, num_classes) or equal to ignore_index (reads the values on the host); the first
-    other value is named with its position, as the compiled ops name it."""
+    other value is named at its position in the tensor checked: smskd_loss checks its flattened rows, as
+    the compiled ops do (target[i]), fused_linear_smskd_loss and true_class_probability the target as
+    given (target[b, t])."""
     target = as_class_indices(target)
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):

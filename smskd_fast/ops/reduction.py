@@ -35,7 +35,7 @@ def mean_reduction_scale(valid_rows: Union[torch.Tensor, int], student: torch.Te
         return torch.full((), 1.0 / max(valid_rows, 1), dtype=acc, device=student.device)
     # Counted in acc directly (one operation fewer per call) while every partial sum is an exact
     # integer: up to 2 / eps = 2^24 rows in float32.
-    exact = valid_rows.shape[-1] <= 2 / torch.finfo(acc).eps
+    exact = (valid_rows.shape[-1] if valid_rows.dim() else 1) <= 2 / torch.finfo(acc).eps
     count = valid_rows.sum(dim=-1, dtype=acc) if exact else valid_rows.sum(dim=-1).to(acc)
     return count.clamp(min=1).reciprocal_()  # clamp_ has no vmap batching rule
 

@@ -167,8 +167,9 @@ _below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nul
 
 
 def _forward_below_autograd(ctx, op, arguments: tuple, row_scale: Optional[torch.Tensor] = None) -> tuple:
-    """op(*arguments) run below autograd, ctx set up for the registered backward (_student_gradient). With row_scale, the gradient output is scaled by it in place row by row, and
-    backward reads row_scale as the op's grad_scale."""
+    """op(*arguments) run below autograd, ctx set up for the registered backward (_student_gradient).
+    With row_scale, the gradient output is scaled by it in place row by row, and backward reads row_scale
+    as the op's grad_scale."""
     with _below_autograd():
         outputs = op(*arguments)
     saved = arguments

@@ -120,6 +120,29 @@ def test_forward_mode_inside_torch_compile():
         jvp("cpu")(student)
 
 
+@pytest.mark.skipif(not extension_loaded() or DEVICE != "cpu", reason="needs the compiled smskd_fast._C")
+@pytest.mark.parametrize("transform", ["grad", "vmap_of_grad"])
+def test_func_grad_inside_torch_compile(transform):
+    """Dynamo traces torch.func.grad (and vmap of it) around the loss: fullgraph compiles, "auto" takes the
+    reference and the cpu backend refuses, as eagerly. The transform check read functorch's interpreter
+    stack, which Dynamo cannot trace: every such call failed under fullgraph=True."""
+    student, target, teacher, reference, _ = case()
+    students = torch.stack((student, 0.5 * student - 1))
+
+    def compiled(backend):
+        grad = torch.func.grad(loss_of(backend, target, teacher, reference))
+        if transform == "vmap_of_grad":
+            grad = torch.func.vmap(grad)
+        return torch.compile(grad, fullgraph=True, backend="aot_eager")
+
+    inputs = student if transform == "grad" else students
+    expected = (backward_gradient("cpu", student, target, teacher, reference) if transform == "grad" else
+                torch.stack([backward_gradient("cpu", x, target, teacher, reference) for x in students]))
+    torch.testing.assert_close(compiled("auto")(inputs), expected, **TOLERANCE)
+    with pytest.raises(Exception, match="backend='cpu' does not support torch.func's reverse mode"):
+        compiled("cpu")(inputs)
+
+
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_per_sample_gradients_with_vmap_of_grad(backend, reduction):

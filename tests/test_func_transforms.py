@@ -61,6 +61,31 @@ def test_vmap_returns_each_samples_loss_output(backend, reduction):
         torch.testing.assert_close(getattr(batched, name), expected, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.skipif(not extension_loaded() or DEVICE != "cpu", reason="needs the compiled smskd_fast._C and CPU tensors")
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+def test_vmap_inside_torch_compile(backend):
+    """torch.compile(fullgraph=True) of vmap(smskd_loss) (model ensembling in a compiled step): each sample's
+    values, and through backward the float64 reference's gradient; under no_grad the values alone. Dynamo
+    could trace neither the transform check nor the batched student's unwrapping: fullgraph failed."""
+    student, target, teacher, reference = samples()
+
+    def batched(s, y, t):
+        return torch.func.vmap(loss_of(backend), in_dims=(0, 0, 0, None))(s, y, t, reference[0]).loss
+
+    compiled = torch.compile(batched, fullgraph=True, backend="aot_eager")
+    leaf = student.clone().requires_grad_()
+    values = compiled(leaf, target, teacher)
+    values.sum().backward()
+    reference_leaf = student.double().requires_grad_()
+    expected = torch.stack([loss_of("reference")(reference_leaf[b], target[b], teacher[b].double(), reference[0])
+                            .loss for b in range(BATCH)])
+    expected.sum().backward()
+    torch.testing.assert_close(values.double(), expected.detach(), **TOLERANCE)
+    torch.testing.assert_close(leaf.grad.double(), reference_leaf.grad, **TOLERANCE)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(student, target, teacher), values.detach(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_export_returns_the_loss_output(backend):
     """A module returning smskd_loss's output exports, and the exported program returns the eager values."""

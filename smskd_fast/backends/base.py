@@ -93,10 +93,12 @@ def needs_student_grad(student: torch.Tensor) -> bool:
 
     Seen through torch.func.vmap and torch.func.functionalize: their wrappers report requires_grad=False
     even when the tensor they wrap requires grad, and autograd then differentiates the op they call on
-    that tensor. (torch.func.grad's wrapper reports its own level's requires_grad: not unwrapped. Dynamo
-    cannot trace is_functionaltensor, and a traced call sees no functionalize wrapper: not asked there.)"""
-    while torch._C._functorch.is_batchedtensor(student) or (
-            not torch.compiler.is_compiling() and torch._C._functorch.is_functionaltensor(student)):
+    that tensor. (torch.func.grad's wrapper reports its own level's requires_grad: not unwrapped.) Dynamo
+    can trace neither get_unwrapped nor is_functionaltensor: under torch.compile a batched student asks for
+    the gradient whenever grad mode is on (at worst one unused gradient, never a missing one)."""
+    if torch.compiler.is_compiling():
+        return torch.is_grad_enabled() and (student.requires_grad or torch._C._functorch.is_batchedtensor(student))
+    while torch._C._functorch.is_batchedtensor(student) or torch._C._functorch.is_functionaltensor(student):
         student = torch._C._functorch.get_unwrapped(student)
     return student.requires_grad and torch.is_grad_enabled()
 

@@ -33,18 +33,29 @@ def unsupported_derivative(*logits: Optional[torch.Tensor]) -> Optional[str]:
     kernels' autograd would fail), or a torch.func transform other than vmap around the call. Cheap
     when neither is in use (two flags read). Also while torch.compile traces: Dynamo traces jvp, grad
     and forward_ad inside a compiled function, and the kernels' tangent would be as missing there."""
-    forward_mode = "forward-mode AD (torch.func.jvp or jacfwd, torch.autograd.forward_ad)"
     if _has_forward_tangent(*logits):
-        return forward_mode
+        return _FORWARD_MODE
     if torch._C._are_functorch_transforms_active():
-        from torch._C._functorch import TransformType
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        return _transform_the_kernels_lack()
+    return None
 
-        transforms = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
-        if TransformType.Jvp in transforms:
-            return forward_mode
-        if TransformType.Grad in transforms:
-            return "torch.func's reverse mode (grad, vjp, jacrev)"
+
+_FORWARD_MODE = "forward-mode AD (torch.func.jvp or jacfwd, torch.autograd.forward_ad)"
+
+
+@torch.compiler.assume_constant_result
+def _transform_the_kernels_lack() -> Optional[str]:
+    """The torch.func transform around the call that the fused kernels lack (jvp, grad), or None (vmap
+    alone, or functionalize). A constant of the traced graph under torch.compile: Dynamo cannot trace the
+    interpreter stack, and the transforms around a traced call are fixed by the code it traces."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    transforms = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
+    if TransformType.Jvp in transforms:
+        return _FORWARD_MODE
+    if TransformType.Grad in transforms:
+        return "torch.func's reverse mode (grad, vjp, jacrev)"
     return None
 
 

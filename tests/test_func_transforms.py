@@ -16,7 +16,7 @@ import torch
 
 import smskd_fast
 from smskd_fast.ops.extension import extension_loaded
-from triton_interpreter import DEVICE, needs_kernels, reruns_under_interpreter, run_under_interpreter
+from triton_interpreter import DEVICE, gpu_only, needs_kernels, reruns_under_interpreter, run_under_interpreter
 
 FUSED = [pytest.param("cpu", marks=pytest.mark.skipif(not extension_loaded() or DEVICE != "cpu",
                                                       reason="needs the compiled smskd_fast._C and CPU tensors")),
@@ -61,8 +61,8 @@ def test_vmap_returns_each_samples_loss_output(backend, reduction):
         torch.testing.assert_close(getattr(batched, name), expected, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.skipif(not extension_loaded() or DEVICE != "cpu", reason="needs the compiled smskd_fast._C and CPU tensors")
-@pytest.mark.parametrize("backend", ["auto", "cpu"])
+@pytest.mark.parametrize("backend", [pytest.param("auto", marks=FUSED[0].marks), *FUSED[:1],
+                                     pytest.param("triton", marks=gpu_only)])
 def test_vmap_inside_torch_compile(backend):
     """torch.compile(fullgraph=True) of vmap(smskd_loss) (model ensembling in a compiled step): each sample's
     values, and through backward the float64 reference's gradient; under no_grad the values alone. Dynamo

@@ -11,16 +11,23 @@
 
 #include "op_outputs.h"
 
+#if __has_include("built_with_torch.h")
+#include "built_with_torch.h"  // torch.__version__ at build time, written by setup.py
+#else
+#define SMSKD_FAST_BUILT_WITH_TORCH TORCH_VERSION  // other builds (CMake): torch's MAJOR.MINOR.PATCH
+#endif
+
 extern "C" {
 // Importing smskd_fast._C loads this shared object, which runs the static
 // TORCH_LIBRARY registrations below. The module's one member, BUILT_WITH_TORCH,
 // is the torch it was compiled against: smskd_fast/ops/extension.py refuses the
-// library under another minor release (PyTorch's C++ ABI changes between them).
+// library under another minor release (PyTorch's C++ ABI changes between them),
+// and a pre-release (nightly, source build) under any other torch.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", "smskd_fast compiled operators", -1, nullptr};
   PyObject* module = PyModule_Create(&module_def);
-  if (module != nullptr && PyModule_AddStringConstant(module, "BUILT_WITH_TORCH", TORCH_VERSION) < 0) {
+  if (module != nullptr && PyModule_AddStringConstant(module, "BUILT_WITH_TORCH", SMSKD_FAST_BUILT_WITH_TORCH) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

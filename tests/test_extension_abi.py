@@ -40,6 +40,24 @@ def test_another_minor_release_is_refused_naming_both_and_the_rebuild(built, run
     assert "pip install --no-build-isolation" in message
 
 
+@pytest.mark.parametrize("built, running", [("2.15.0.dev20261201+cu130", "2.15.0.dev20261201+cu130"),
+                                            ("2.15.0a0+git1234567", "2.15.0a0+git1234567"), ("2.15.0rc1", "2.15.0rc1")])
+def test_the_very_same_pre_release_is_accepted(built, running):
+    assert extension.abi_mismatch(built, running) is None
+
+
+@pytest.mark.parametrize("built, running", [("2.15.0.dev20261201+cu130", "2.15.0.dev20261202+cu130"),
+                                            ("2.15.0a0+git1234567", "2.15.0a0+git89abcde"),
+                                            ("2.15.0", "2.15.0.dev20261202+cu130"),  # torch's header: 2.15.0 only
+                                            ("2.15.0rc1", "2.15.0"), ("2.15.0", "2.15.0rc1")])
+def test_another_build_of_a_pre_release_is_refused(built, running):
+    """Two nightlies (or source builds) of one release may differ in ABI, and a library that records only
+    MAJOR.MINOR.PATCH (built before the whole version was recorded, or by CMake) cannot say which it was."""
+    message = extension.abi_mismatch(built, running)
+    assert f"compiled against torch {built} but torch {running} is running" in message
+    assert "has a C++ ABI of its own" in message and "pip install --no-build-isolation" in message
+
+
 def test_a_library_that_does_not_record_its_torch_is_refused():
     assert "does not record the torch" in extension.abi_mismatch(None, "2.14.1")
 
@@ -50,13 +68,28 @@ def test_an_unreadable_version_is_refused_not_raised():
 
 @built_here
 def test_the_build_records_the_torch_it_was_compiled_against():
-    """This checkout's build is accepted, and what it records is the running torch's release (its header gives
-    MAJOR.MINOR.PATCH only; a source build of torch runs as e.g. 2.11.0a0+git...)."""
+    """This checkout's build is accepted, and what it records is the running torch's whole version (setup.py
+    writes torch.__version__ into csrc/built_with_torch.h; torch's own header gives MAJOR.MINOR.PATCH only)."""
     assert extension.extension_error() is None
     extension.require_extension()
-    built_with = importlib.import_module("smskd_fast._C").BUILT_WITH_TORCH
-    assert extension.minor_release(built_with) == extension.minor_release(torch.__version__)
-    assert torch.__version__.startswith(built_with)
+    assert importlib.import_module("smskd_fast._C").BUILT_WITH_TORCH == torch.__version__
+
+
+def test_setup_writes_the_whole_torch_version_and_leaves_an_unchanged_header_alone(tmp_path):
+    """The header _C's BUILT_WITH_TORCH is read from: rewritten only when the version changes, so that an
+    incremental build does not recompile ops.cpp."""
+    spec = importlib.util.spec_from_file_location("smskd_setup", os.path.join(ROOT, "setup.py"))
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)  # setup() runs under __main__ only
+    header = tmp_path / "built_with_torch.h"
+    setup.record_torch_version(str(header))
+    assert f'#define SMSKD_FAST_BUILT_WITH_TORCH "{torch.__version__}"' in header.read_text()
+    os.utime(header, (1, 1))
+    setup.record_torch_version(str(header))
+    assert header.stat().st_mtime == 1
+    header.write_text('#define SMSKD_FAST_BUILT_WITH_TORCH "2.0.0"\n')
+    setup.record_torch_version(str(header))
+    assert torch.__version__ in header.read_text()
 
 
 @built_here

@@ -5,12 +5,13 @@ A missing or broken build is not fatal: the reference backend still works, and
 available_backends() reports the reason. A library compiled against another minor
 release of torch than the one running is refused: PyTorch keeps its C++ ABI within
 a minor release only, so such a library may load and then crash or compute wrong
-values. It happens when pip builds the package in an isolated environment, which
+values (and one compiled against a nightly or a source build, under any other torch). It happens when pip builds the package in an isolated environment, which
 installs the newest torch there, not the one in the user's environment.
 """
 from __future__ import annotations
 
 import importlib
+import re
 import warnings
 from typing import Optional, Tuple
 
@@ -28,12 +29,24 @@ def minor_release(version: str) -> Tuple[int, int]:
     return int(major), int(minor)
 
 
+def is_release(version: str) -> bool:
+    """Whether a torch version is a release ("2.14.1", "2.14.1+cu130"), not a nightly ("2.15.0.dev20261201"),
+    a release candidate or a source build ("2.15.0a0+git1234567")."""
+    return re.fullmatch(r"\d+(\.\d+)*", version.split("+")[0]) is not None
+
+
 def abi_mismatch(built_with: Optional[str], running: str) -> Optional[str]:
     """Why a _C compiled against torch built_with must not run under torch running, or None when both
-    are the same minor release. built_with is None for a library that does not record it (built before
-    it did)."""
+    are the same minor release, or the very same pre-release: two nightlies or source builds of one
+    release may differ in ABI. built_with is None for a library that does not record it (built before
+    it did); builds before stop 40, and CMake's, record MAJOR.MINOR.PATCH only (a release)."""
     if built_with is None:
         return f"smskd_fast._C does not record the torch it was compiled against (an old build): {REBUILD}"
+    if not (is_release(built_with) and is_release(running)):
+        if built_with != running:
+            return (f"smskd_fast._C was compiled against torch {built_with} but torch {running} is running "
+                    f"(a nightly, release candidate or source build of torch has a C++ ABI of its own): {REBUILD}")
+        return None
     try:
         same = minor_release(built_with) == minor_release(running)
     except ValueError:  # not MAJOR.MINOR...: nothing to vouch for the library

@@ -11,8 +11,8 @@
 
 #include "op_outputs.h"
 
-#if __has_include("built_with_torch.h")
-#include "built_with_torch.h"  // torch.__version__ at build time, written by setup.py
+#if __has_include(<smskd_fast_built_with_torch.h>)
+#include <smskd_fast_built_with_torch.h>  // torch.__version__ at build time: setup.py writes it under build/
 #else
 #define SMSKD_FAST_BUILT_WITH_TORCH TORCH_VERSION  // other builds (CMake): torch's MAJOR.MINOR.PATCH
 #endif

@@ -6,8 +6,11 @@ an undefined symbol. Here the running release is faked instead."""
 import importlib
 import importlib.util
 import os
+import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 import torch
@@ -41,15 +44,14 @@ def test_another_minor_release_is_refused_naming_both_and_the_rebuild(built, run
 
 
 @pytest.mark.parametrize("built, running", [("2.15.0.dev20261201+cu130", "2.15.0.dev20261201+cu130"),
-                                            ("2.15.0a0+git1234567", "2.15.0a0+git1234567"), ("2.15.0rc1", "2.15.0rc1")])
+                                            ("2.15.0a0+git1234567", "2.15.0a0+git1234567")])
 def test_the_very_same_pre_release_is_accepted(built, running):
     assert extension.abi_mismatch(built, running) is None
 
 
 @pytest.mark.parametrize("built, running", [("2.15.0.dev20261201+cu130", "2.15.0.dev20261202+cu130"),
                                             ("2.15.0a0+git1234567", "2.15.0a0+git89abcde"),
-                                            ("2.15.0", "2.15.0.dev20261202+cu130"),  # torch's header: 2.15.0 only
-                                            ("2.15.0rc1", "2.15.0"), ("2.15.0", "2.15.0rc1")])
+                                            ("2.15.0", "2.15.0.dev20261202+cu130")])  # torch's header: 2.15.0 only
 def test_another_build_of_a_pre_release_is_refused(built, running):
     """Two nightlies (or source builds) of one release may differ in ABI, and a library that records only
     MAJOR.MINOR.PATCH (built before the whole version was recorded, or by CMake) cannot say which it was."""
@@ -69,7 +71,7 @@ def test_an_unreadable_version_is_refused_not_raised():
 @built_here
 def test_the_build_records_the_torch_it_was_compiled_against():
     """This checkout's build is accepted, and what it records is the running torch's whole version (setup.py
-    writes torch.__version__ into csrc/built_with_torch.h; torch's own header gives MAJOR.MINOR.PATCH only)."""
+    writes torch.__version__ into build/generated/smskd_fast_built_with_torch.h; torch's own header gives MAJOR.MINOR.PATCH only)."""
     assert extension.extension_error() is None
     extension.require_extension()
     assert importlib.import_module("smskd_fast._C").BUILT_WITH_TORCH == torch.__version__
@@ -81,7 +83,7 @@ def test_setup_writes_the_whole_torch_version_and_leaves_an_unchanged_header_alo
     spec = importlib.util.spec_from_file_location("smskd_setup", os.path.join(ROOT, "setup.py"))
     setup = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(setup)  # setup() runs under __main__ only
-    header = tmp_path / "built_with_torch.h"
+    header = tmp_path / "generated" / "smskd_fast_built_with_torch.h"  # the folder made too
     setup.record_torch_version(str(header))
     assert f'#define SMSKD_FAST_BUILT_WITH_TORCH "{torch.__version__}"' in header.read_text()
     os.utime(header, (1, 1))
@@ -121,3 +123,28 @@ def test_under_another_torch_the_compiled_backends_are_refused_and_the_reference
     built_with = importlib.import_module("smskd_fast._C").BUILT_WITH_TORCH
     assert f"compiled against torch {built_with} but torch 2.99.0 is running" in reason
     assert "pip install --no-build-isolation" in reason
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to preprocess csrc/ops.cpp with")
+@pytest.mark.parametrize("with_generated_header", [True, False], ids=["setup.py", "cmake"])
+def test_only_setup_py_builds_read_the_generated_header(tmp_path, with_generated_header):
+    """ops.cpp includes the header with <>: a compile without its folder on the include path (CMake's) records
+    torch's TORCH_VERSION, even where setup.py has written the header for another torch (a "" include would
+    find one beside ops.cpp first)."""
+    from torch.utils import cpp_extension
+
+    folder, source = tmp_path / "generated", tmp_path / "csrc"
+    folder.mkdir()
+    source.mkdir()
+    (folder / "smskd_fast_built_with_torch.h").write_text('#define SMSKD_FAST_BUILT_WITH_TORCH "9.9.9.dev0+x"\n')
+    # a stale copy beside ops.cpp, where a "" include would look first: never read
+    shutil.copy(os.path.join(ROOT, "csrc", "ops.cpp"), source / "ops.cpp")
+    (source / "smskd_fast_built_with_torch.h").write_text('#define SMSKD_FAST_BUILT_WITH_TORCH "8.8.8.dev0+y"\n')
+    include = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], os.path.join(ROOT, "csrc"),
+               os.path.join(ROOT, "kernels"), *([str(folder)] if with_generated_header else [])]
+    result = subprocess.run(["c++", "-std=c++20", "-E", "-P", str(source / "ops.cpp"),
+                             *(f"-I{path}" for path in include)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    recorded = re.search(r'"BUILT_WITH_TORCH",\s*"([^"]*)"', result.stdout).group(1)
+    torch_header_version = re.match(r"\d+\.\d+\.\d+", torch.__version__).group(0)  # TORCH_VERSION
+    assert recorded == ("9.9.9.dev0+x" if with_generated_header else torch_header_version)

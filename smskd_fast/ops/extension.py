@@ -30,8 +30,8 @@ def minor_release(version: str) -> Tuple[int, int]:
 
 
 def is_release(version: str) -> bool:
-    """Whether a torch version is a release ("2.14.1", "2.14.1+cu130"), not a nightly ("2.15.0.dev20261201"),
-    a release candidate or a source build ("2.15.0a0+git1234567")."""
+    """Whether a torch version is a release ("2.14.1", "2.14.1+cu130"), not a nightly ("2.15.0.dev20261201")
+    or a source build ("2.15.0a0+git1234567"). (PyTorch's release candidates carry the release's version.)"""
     return re.fullmatch(r"\d+(\.\d+)*", version.split("+")[0]) is not None
 
 
@@ -45,7 +45,7 @@ def abi_mismatch(built_with: Optional[str], running: str) -> Optional[str]:
     if not (is_release(built_with) and is_release(running)):
         if built_with != running:
             return (f"smskd_fast._C was compiled against torch {built_with} but torch {running} is running "
-                    f"(a nightly, release candidate or source build of torch has a C++ ABI of its own): {REBUILD}")
+                    f"(a nightly or source build of torch has a C++ ABI of its own): {REBUILD}")
         return None
     try:
         same = minor_release(built_with) == minor_release(running)

@@ -97,14 +97,15 @@ def test_sweep_rows_take_the_worst_packed_loop():
 
 
 @pytest.mark.parametrize("version, expected", [("3.6.0", "mufu_budget_triton3.6.json"), ("3.6.1+git", "mufu_budget_triton3.6.json"),
-                                               ("3.8.0", None), ("3.10.0", None)])
+                                               ("3.7.1", "mufu_budget_triton3.7.json"), ("3.8.0", None),
+                                               ("3.9.0", "mufu_budget_triton3.9.json"), ("3.10.0", None)])
 def test_each_triton_version_has_its_budget_file(version, expected):
     found = mufu_report.triton_budget_file(version)
     assert (found and found.name) == expected
 
 
-@pytest.mark.parametrize("version, budgeted", [("3.6.0", True), ("3.8.0", True), ("3.8.1+git", True),
-                                               ("3.7.1", False), ("3.9.0", False)])
+@pytest.mark.parametrize("version, budgeted", [("3.6.0", True), ("3.7.1", True), ("3.8.0", True), ("3.8.1+git", True),
+                                               ("3.9.0", True), ("3.5.0", False), ("3.10.0", False)])
 def test_which_triton_versions_are_budgeted(version, budgeted):
     assert mufu_report.triton_is_budgeted(version) == budgeted
 
@@ -123,10 +124,10 @@ def test_the_makefile_pin_is_read():
 def test_write_budget_is_refused_under_a_triton_without_budgets(monkeypatch, capsys):
     """Writing would put that version's Triton rows over CI's (3.8's) in mufu_budget.json."""
     triton = pytest.importorskip("triton")
-    monkeypatch.setattr(triton, "__version__", "3.7.1")
+    monkeypatch.setattr(triton, "__version__", "3.10.0")
     with pytest.raises(SystemExit) as stopped:
         mufu_report.main(["--triton", "--ci", "--write-budget"])
-    assert stopped.value.code == 2 and "triton 3.7.1 has no budget file" in capsys.readouterr().err
+    assert stopped.value.code == 2 and "triton 3.10.0 has no budget file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("version", sorted(mufu_report.TRITON_BUDGET_FILES))

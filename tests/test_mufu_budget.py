@@ -268,8 +268,9 @@ def test_triton_kernels_within_budget(tmp_path):
         assert torch.__version__.split("+")[0] != makefile_torch_pin(), (
             f"the Makefile's torch brings triton {triton.__version__}, which has no MUFU budgets: set "
             f"mufu_report.BUDGET_FILE_TRITON to it, then mufu_report.py --triton --ci --write-budget")
-        pytest.skip(f"no MUFU budgets were written under triton {triton.__version__} (3.6: the GPU machine's; "
-                    f"{mufu_report.BUDGET_FILE_TRITON}: CI's); another compiler schedules the exponentials "
+        pytest.skip(f"no MUFU budgets were written under triton {triton.__version__} (written: "
+                    f"{', '.join(sorted([*mufu_report.TRITON_BUDGET_FILES, mufu_report.BUDGET_FILE_TRITON]))}, "
+                    f"{mufu_report.BUDGET_FILE_TRITON} CI's); another compiler schedules the exponentials "
                     f"differently (benchmarks/mufu_report.py)")
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "mufu_report.py"), "--triton", "--ci", "--jobs", "2",

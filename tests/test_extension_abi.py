@@ -71,7 +71,8 @@ def test_an_unreadable_version_is_refused_not_raised():
 @built_here
 def test_the_build_records_the_torch_it_was_compiled_against():
     """This checkout's build is accepted, and what it records is the running torch's whole version (setup.py
-    writes torch.__version__ into build/generated/smskd_fast_built_with_torch.h; torch's own header gives MAJOR.MINOR.PATCH only)."""
+    writes torch.__version__ into build/generated/smskd_fast_built_with_torch.h; torch's own header gives
+    MAJOR.MINOR.PATCH only)."""
     assert extension.extension_error() is None
     extension.require_extension()
     assert importlib.import_module("smskd_fast._C").BUILT_WITH_TORCH == torch.__version__

@@ -18,9 +18,9 @@ import smskd_fast
 from smskd_fast.ops.extension import extension_loaded
 from triton_interpreter import DEVICE, gpu_only, needs_kernels, reruns_under_interpreter, run_under_interpreter
 
-FUSED = [pytest.param("cpu", marks=pytest.mark.skipif(not extension_loaded() or DEVICE != "cpu",
-                                                      reason="needs the compiled smskd_fast._C and CPU tensors")),
-         pytest.param("triton", marks=needs_kernels)]
+needs_compiled_cpu = pytest.mark.skipif(not extension_loaded() or DEVICE != "cpu",
+                                        reason="needs the compiled smskd_fast._C and CPU tensors")
+FUSED = [pytest.param("cpu", marks=needs_compiled_cpu), pytest.param("triton", marks=needs_kernels)]
 BACKENDS = [pytest.param("reference"), *FUSED]
 BATCH, ROWS, CLASSES = 3, 5, 11
 TEMPERATURE = 2.0
@@ -61,7 +61,7 @@ def test_vmap_returns_each_samples_loss_output(backend, reduction):
         torch.testing.assert_close(getattr(batched, name), expected, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("auto", marks=FUSED[0].marks), *FUSED[:1],
+@pytest.mark.parametrize("backend", [pytest.param("auto", marks=needs_compiled_cpu), *FUSED[:1],
                                      pytest.param("triton", marks=gpu_only)])
 def test_vmap_inside_torch_compile(backend):
     """torch.compile(fullgraph=True) of vmap(smskd_loss) (model ensembling in a compiled step): each sample's
@@ -126,7 +126,7 @@ def test_backward_through_functionalize(backend, reduction):
     assert gradient.abs().sum() > 0
 
 
-@pytest.mark.skipif(not extension_loaded() or DEVICE != "cpu", reason="needs the compiled smskd_fast._C and CPU tensors")
+@needs_compiled_cpu
 def test_the_op_called_directly_differentiates_its_loss_only():
     """The compiled op under its registered autograd: only the loss requires grad; the per-row parts and the
     gradient output do not, and the gradient backward returns is not differentiable."""

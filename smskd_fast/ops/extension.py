@@ -5,8 +5,9 @@ A missing or broken build is not fatal: the reference backend still works, and
 available_backends() reports the reason. A library compiled against another minor
 release of torch than the one running is refused: PyTorch keeps its C++ ABI within
 a minor release only, so such a library may load and then crash or compute wrong
-values (and one compiled against a nightly or a source build, under any other torch). It happens when pip builds the package in an isolated environment, which
-installs the newest torch there, not the one in the user's environment.
+values; one compiled against a nightly or a source build of torch is refused under
+any other torch. A mismatch happens when pip builds the package in an isolated
+environment, which installs the newest torch there, not the one in the user's.
 """
 from __future__ import annotations
 

@@ -93,3 +93,45 @@ def test_two_stage_training_updates_only_the_student(tmp_path):
     assert moved, "stage 2 did not update the student"
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("fused_linear", [True, False])
+def test_num_items_in_batch_divides_the_sum(fused_linear, tmp_path):
+    """As the model's own loss: with Trainer's num_items_in_batch, the sum over real tokens divided by it."""
+    recipe = load_recipe()
+    student, teacher = tiny_llama(16, 0), tiny_llama(24, 1)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no")
+    trainer = recipe.SMSKDTrainer(model=student, teacher=teacher, args=args, fused_linear=fused_linear,
+                                  loss_options={"temperature": 2.0, "backend": "reference"})
+    inputs = batch()
+    real_tokens = int((inputs["labels"][:, 1:] != -100).sum())
+    got = trainer.compute_loss(student, inputs, num_items_in_batch=torch.tensor(3 * real_tokens))
+    want = trainer.compute_loss(student, inputs) * real_tokens / (3 * real_tokens)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_gradient_accumulation_takes_the_same_step(tmp_path):
+    """One optimizer step over 8 sequences: one batch of 8, or 2 accumulated batches of 4 whose real tokens
+    differ, moves the student by the same update (Trainer divides by nothing when num_items_in_batch is given)."""
+    recipe = load_recipe()
+    teacher = tiny_llama(24, 1)
+    data = [{k: v[i] for k, v in batch(seed, size=2).items()} for seed in range(4) for i in range(2)]
+    data[5]["labels"][3:] = -100  # the second micro-batch holds fewer real tokens than the first
+
+    def one_step(batch_size: int, accumulation: int) -> dict:
+        student = tiny_llama(16, 0)
+        before = copy.deepcopy(student.state_dict())
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no",
+                                 max_steps=1, per_device_train_batch_size=batch_size,
+                                 gradient_accumulation_steps=accumulation, learning_rate=1.0, optim="sgd",
+                                 weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=0.0,
+                                 disable_tqdm=True, seed=0)
+        trainer = recipe.SMSKDTrainer(model=student, teacher=teacher, args=args, train_dataset=data,
+                                      loss_options={"temperature": 2.0, "backend": "reference"})
+        trainer.train()
+        return {name: value - before[name] for name, value in student.state_dict().items()}
+
+    whole, accumulated = one_step(8, 1), one_step(4, 2)
+    assert any(update.abs().max() > 0 for update in whole.values())
+    for name, update in whole.items():
+        torch.testing.assert_close(accumulated[name], update, rtol=1e-9, atol=1e-12, msg=name)

@@ -5,6 +5,12 @@ the second SMSKD stage on, the frozen reference) without gradients, then call
 either smskd_fast.smskd_loss on the shifted logits, or
 smskd_fast.fused_linear_smskd_loss on the last hidden states and the LM heads so
 that the vocabulary-sized logits are never materialised all at once.
+
+When Trainer passes num_items_in_batch (the real tokens of all the micro-batches
+of one optimizer step, and of all ranks), the loss is the sum over this
+micro-batch's tokens divided by it, as the model's own loss is: Trainer then
+does not divide by the gradient accumulation steps, and a step's gradient is the
+mean over its tokens whatever the accumulation.
 """
 from __future__ import annotations
 
@@ -30,22 +36,24 @@ class SMSKDTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"][:, 1:]  # token t predicts token t+1; padding is -100 = ignore_index
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        reduction = "mean" if num_items_in_batch is None else "sum"
         if self.fused_linear:
-            out = self._fused_linear_loss(model, model_inputs, labels)
+            out = self._fused_linear_loss(model, model_inputs, labels, reduction)
         else:
-            out = self._logits_loss(model, model_inputs, labels)
-        return (out.loss, out) if return_outputs else out.loss
+            out = self._logits_loss(model, model_inputs, labels, reduction)
+        loss = out.loss if num_items_in_batch is None else out.loss / num_items_in_batch
+        return (loss, out) if return_outputs else loss
 
-    def _logits_loss(self, model, model_inputs, labels):
+    def _logits_loss(self, model, model_inputs, labels, reduction):
         student = model(**model_inputs).logits[:, :-1]
         with torch.no_grad():
             teacher = self.teacher(**model_inputs).logits[:, :-1].to(student.dtype)
             reference = None
             if self.reference is not None:
                 reference = self.reference(**model_inputs).logits[:, :-1].to(student.dtype)
-        return smskd_fast.smskd_loss(student, labels, teacher, reference, **self.loss_options)
+        return smskd_fast.smskd_loss(student, labels, teacher, reference, reduction=reduction, **self.loss_options)
 
-    def _fused_linear_loss(self, model, model_inputs, labels):
+    def _fused_linear_loss(self, model, model_inputs, labels, reduction):
         hidden = model.model(**model_inputs).last_hidden_state[:, :-1]
         with torch.no_grad():
             teacher_hidden = self.teacher.model(**model_inputs).last_hidden_state[:, :-1]
@@ -59,4 +67,4 @@ class SMSKDTrainer(Trainer):
             reference_hidden=reference_hidden, reference_head_weight=reference_weight,
             student_head_bias=model.lm_head.bias, teacher_head_bias=self.teacher.lm_head.bias,
             reference_head_bias=None if self.reference is None else self.reference.lm_head.bias,
-            **self.loss_options)
+            reduction=reduction, **self.loss_options)

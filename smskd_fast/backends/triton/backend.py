@@ -69,7 +69,7 @@ def _check_dtype(student: torch.Tensor) -> None:
         raise TypeError(
             f"the triton backend takes float32, bfloat16 or float16 logits, got {student.dtype}; "
             "its kernels accumulate in float32 with float32 scalar arguments, so they cannot give "
-            "float64 accuracy: use backend='cuda', 'cpu' or 'reference' for float64"
+            "float64 accuracy: use backend='reference' for float64 (or 'cpu' for CPU tensors)"
         )
 
 

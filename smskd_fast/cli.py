@@ -19,9 +19,9 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "glyphs_demo.yaml"  
 # smoke is --config configs/digits_demo.yaml
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
+def _add_config_options(parser: argparse.ArgumentParser, default_out: str = "runs/<config name>") -> None:
     parser.add_argument("--config", type=Path, help="YAML run config")
-    parser.add_argument("--out", type=Path, help="run directory (default: runs/<config name>)")
+    parser.add_argument("--out", type=Path, help=f"run directory (default: {default_out})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override any config value (repeatable), e.g. --set stages.0.epochs=3")
     parser.add_argument("--seed", type=int, help="shorthand for --set seed=N")
@@ -137,7 +137,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     config_file = args.config or DEMO_CONFIG
     config = load_config(config_file, _overrides(args))
-    out = args.out or Path("runs") / "demo"
+    out = args.out or Path("runs") / "demo" / Path(config_file).stem  # one folder per config: runs are reused
     names = ALL_VARIANTS if args.all_variants else DEMO_VARIANTS
     seeds = args.seeds or [config.seed]
     rows = run_variants(config, out, names, seeds)
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from latest.pt")
     teacher = commands.add_parser("train-teacher", help="train the config's teacher alone (CE only)",
                                   parents=[common])
-    _add_config_options(teacher)
+    _add_config_options(teacher, default_out="runs/<config name>_teacher")
     evaluation = commands.add_parser("eval", help="test accuracy of a run's final student (or --model-file)",
                                      parents=[common])
     evaluation.add_argument("run_dir", type=Path)
@@ -219,13 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="glyphs demo: teacher, student alone, KD, SMSKD; prints a table "
                                             "(--config configs/digits_demo.yaml: the quick digits one)",
                                parents=[common])
-    _add_config_options(demo)
+    _add_config_options(demo, default_out="runs/demo/<config name>")
     demo.add_argument("--seeds", type=int, nargs="+", help="seeds to average over (default: the config's)")
     demo.add_argument("--all-variants", action="store_true",
                       help="also summed methods, sequential without reference, short KD and every weighting")
     study = commands.add_parser("study", help="every baseline and SMSKD variant over seeds, with statistics "
                                               "(resumable; see smskd_fast/training/study.py)", parents=[common])
-    _add_config_options(study)
+    _add_config_options(study, default_out="runs/<config name>_study")
     study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds (default: 0 1 2 3 4)")
     study.add_argument("--jobs", type=int, default=1, help="parallel training processes (default 1)")
     study.add_argument("--variants", nargs="+", help="a subset of the variants (default: all of them)")

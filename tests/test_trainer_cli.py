@@ -49,6 +49,20 @@ def test_resume_from_the_command_line(config_file, tmp_path):
     assert (out / "student.pt").is_file()
 
 
+def test_resume_with_set_records_the_values_it_trains_with(config_file, tmp_path):
+    """config.yaml is what eval and a later --resume read: it must hold the values given on resume."""
+    from smskd_fast.training.config import load_config
+    from smskd_fast.training.trainer import SMSKDTrainer
+
+    out = tmp_path / "run"
+    SMSKDTrainer(load_config(config_file), out, log=lambda _: None).run(max_epochs=1)
+    assert main(["train", "--resume", str(out), "--set", "stages.1.epochs=2"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["stages"][1]["epochs"] == 2
+    assert read_jsonl(out / "config_changes.jsonl") == [
+        {"from_global_epoch": 2, "changes": ["stages.1.epochs: 1 -> 2"]}]
+    assert [r["global_epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_train_teacher_writes_a_model_file(config_file, tmp_path, capsys):
     out = tmp_path / "teacher"
     assert main(["train-teacher", "--config", str(config_file), "--out", str(out)]) == 0

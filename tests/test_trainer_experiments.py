@@ -50,3 +50,22 @@ def test_single_method_baselines_keep_their_own_stage_settings():
     assert variants["student_alone"].stages[0].ce_weight == 1.0
     assert all(v.stages[0].epochs == 720 for v in variants.values())
 
+
+
+def test_demo_reuses_only_runs_of_its_own_config(tmp_path, monkeypatch, capsys):
+    """Each config gets its own default folder; a folder holding runs of other values is refused,
+    not reported as this config's results."""
+    from smskd_fast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    quick = ["teacher_training.epochs=1", "stages.0.epochs=1", "stages.1.epochs=1", "stages.2.epochs=1",
+             "data.train_subset=300", "data.test_subset=100", "plots=false"]
+    sets = [item for entry in quick for item in ("--set", entry)]
+    assert main(["demo", "--config", str(DEMO), *sets]) == 0
+    table = (tmp_path / "runs" / "demo" / "digits_demo" / "table.txt").read_text()
+    assert main(["demo", "--config", str(DEMO), *sets]) == 0  # the same config: its runs are read back
+    assert (tmp_path / "runs" / "demo" / "digits_demo" / "table.txt").read_text() == table
+    capsys.readouterr()
+    assert main(["demo", "--config", str(DEMO), *sets, "--set", "teacher_training.epochs=2"]) == 2
+    assert ("error: runs/demo/digits_demo/seed0/teacher holds a run of another config "
+            "(stages.0.epochs: 1 -> 2)") in capsys.readouterr().err

@@ -169,3 +169,35 @@ def test_parallel_seeds_give_the_serial_results(tmp_path):
     assert parallel["computed"] == 2
     for row in ("teacher", "kd"):
         assert parallel["summaries"][row]["values"] == serial["summaries"][row]["values"]
+
+
+def test_a_rerun_of_another_config_is_refused_before_anything_is_written(tmp_path):
+    """Stored results of other values (here the learning rate) must not pass for this config's."""
+    from smskd_fast.training.config import ConfigError
+
+    out = tmp_path / "study"
+    study_module.run_study(load_config(DEMO, ONE_EPOCH), out, [0], ["kd"], log=lambda _: None)
+    recorded = (out / "configs" / "kd.yaml").read_bytes()
+    changed = load_config(DEMO, ONE_EPOCH + ["defaults.optimizer.lr=0.5"])
+    with pytest.raises(ConfigError, match=r"seed0/kd holds a run of another config \(stages\.0\.optimizer\.lr: "
+                                          r"0\.05 -> 0\.5.*choose another --out"):
+        study_module.run_study(changed, out, [0], ["kd"], log=lambda _: None)
+    assert (out / "configs" / "kd.yaml").read_bytes() == recorded
+    # Values that change how a run reports or how fast it goes are not another config.
+    again = study_module.run_study(load_config(DEMO, ONE_EPOCH + ["threads=1", "plots=false"]), out, [0], ["kd"],
+                                   log=lambda _: None)
+    assert again["computed"] == 0
+
+
+def test_a_shared_teacher_serves_every_seed_through_the_cache_when_views_are_augmented(tmp_path):
+    """With augmentation the cached teacher logits depend on the student seed's views: each
+    student seed gets its own cache of the one teacher, and the runs match runs without a cache."""
+    sets = ONE_EPOCH + ["data.augment=crop", "data.validation_fraction=0.0"]
+    cached = load_config(DEMO, sets + [f"cache={{teacher: {{dir: {tmp_path / 'cache'}, format: dense, "
+                                       f"dtype: float32}}}}"])
+    with_cache = study_module.run_study(cached, tmp_path / "cached", [0, 1], ["kd"], teacher_seed=0,
+                                        log=lambda _: None)
+    without = study_module.run_study(load_config(DEMO, sets), tmp_path / "plain", [0, 1], ["kd"], teacher_seed=0,
+                                     log=lambda _: None)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["seed0_student0", "seed0_student1"]
+    assert with_cache["summaries"]["kd"]["values"] == without["summaries"]["kd"]["values"]

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
 
-from smskd_fast.training.config import MethodConfig, RunConfig, StageConfig
+from smskd_fast.training.config import ConfigError, MethodConfig, RunConfig, StageConfig
+from smskd_fast.training.config_record import changes_since_written
 from smskd_fast.training.trainer import SMSKDTrainer
 
 __all__ = ["teacher_config", "variant_configs", "single_method_variants", "train_teacher", "run_variants", "format_table",
-           "DEMO_VARIANTS", "ALL_VARIANTS", "run_or_resume"]
+           "DEMO_VARIANTS", "ALL_VARIANTS", "run_or_resume", "refuse_another_config"]
 
 DEMO_VARIANTS = ("student_alone", "kd", "smskd")
 ALL_VARIANTS = ("student_alone", "kd_short", "kd", "summed", "sequential_no_reference",
@@ -110,16 +111,30 @@ def _quiet(_: str) -> None:
     pass
 
 
+def refuse_another_config(config: RunConfig, run_dir: Path) -> None:
+    """Raises ConfigError when run_dir holds a run (finished or not) of other values than config's:
+    its results must not pass for this config's, nor its checkpoints be resumed under it."""
+    changes = changes_since_written(run_dir, config)
+    if changes:
+        shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
+        raise ConfigError(f"{run_dir} holds a run of another config ({shown}): choose another --out, "
+                          f"or remove {run_dir} to train it with this config")
+
+
 def train_teacher(config: RunConfig, out: Path, log: Callable[[str], None] = print) -> Path:
-    """Trains the teacher into out (reusing a finished one there); returns its model file."""
+    """Trains the teacher into out (reusing a finished one of the same config there); returns its model file."""
     model_file = Path(out) / "student.pt"
+    teacher = teacher_config(config)
+    refuse_another_config(teacher, Path(out))
     if not model_file.is_file():
-        run_or_resume(teacher_config(config), Path(out), log)
+        run_or_resume(teacher, Path(out), log)
     return model_file
 
 
 def run_or_resume(config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> Dict[str, Any]:
-    """The run's summary: read when finished, resumed when interrupted, trained otherwise."""
+    """The run's summary: read when finished, resumed when interrupted, trained otherwise; refused
+    when run_dir holds a run of another config."""
+    refuse_another_config(config, run_dir)
     summary_file = run_dir / "summary.json"
     if summary_file.is_file():
         return json.loads(summary_file.read_text())

@@ -13,7 +13,8 @@ whenever there is one, so that no choice is made on the test split; the report s
 which split chose it.
 
 Resumable: each finished (variant, seed) is stored as results/<variant>/seed<N>.json and
-skipped on a rerun; an interrupted run resumes from its latest epoch. Seeds and variants
+skipped on a rerun; an interrupted run resumes from its latest epoch. A rerun whose config
+differs from a stored run's config.yaml is refused before anything is trained or written. Seeds and variants
 run in parallel processes with jobs > 1 (the teachers first, one per seed).
 """
 from __future__ import annotations
@@ -34,7 +35,9 @@ import yaml
 
 from smskd_fast.provenance import git_commit
 from smskd_fast.training.config import RunConfig, config_to_dict
-from smskd_fast.training.experiments import run_or_resume, single_method_variants, train_teacher, variant_configs
+from smskd_fast.training.experiments import (refuse_another_config, run_or_resume, single_method_variants,
+                                              teacher_config, train_teacher, variant_configs)
+from smskd_fast.training.frozen_logits import views_depend_on_epoch
 from smskd_fast.training.optional_packages import require_matplotlib
 from smskd_fast.training.run_files import write_text_atomic
 from smskd_fast.training.stats import paired_comparison, summarize_values
@@ -73,13 +76,18 @@ def _teacher_dir(out: Path, seed: int) -> Path:
 
 
 def _seeded(config: RunConfig, seed: int, teacher_seed: Optional[int] = None) -> RunConfig:
-    """The config of one seed; its teacher cache (if any) is that of the teacher it uses."""
+    """The config of one seed. Its teacher cache (if any) is that of the teacher it uses, and of the
+    seed's own training views where augmentation makes them depend on the seed (a shared teacher's
+    cache then holds one per student seed)."""
     import copy
 
     seeded = copy.deepcopy(config)
     seeded.seed, seeded.progress, seeded.plots = seed, False, False
-    if seeded.cache is not None and seeded.cache.teacher is not None:  # each seed trains its own teacher
-        seeded.cache.teacher.dir = str(Path(seeded.cache.teacher.dir) / f"seed{seed if teacher_seed is None else teacher_seed}")
+    if seeded.cache is not None and seeded.cache.teacher is not None:
+        folder = f"seed{seed}"
+        if teacher_seed is not None:
+            folder = f"seed{teacher_seed}_student{seed}" if views_depend_on_epoch(seeded) else f"seed{teacher_seed}"
+        seeded.cache.teacher.dir = str(Path(seeded.cache.teacher.dir) / folder)
     return seeded
 
 
@@ -95,14 +103,21 @@ def train_seed_teacher(config: RunConfig, out: Path, seed: int) -> Dict[str, Any
     return _row("teacher", seed, summary, time.monotonic() - started)
 
 
-def train_variant(config: RunConfig, out: Path, variant: str, seed: int,
-                  teacher_seed: Optional[int] = None) -> Dict[str, Any]:
-    """Trains (or resumes) one (variant, seed) run and stores its result row; the teacher is the
-    seed's own, or teacher_seed's when every seed shares one."""
-    started = time.monotonic()
+def _variant_run(config: RunConfig, out: Path, variant: str, seed: int,
+                 teacher_seed: Optional[int]) -> Tuple[RunConfig, Path]:
+    """The config and directory of one (variant, seed) run; the teacher is the seed's own, or
+    teacher_seed's when every seed shares one."""
     teacher_file = _teacher_dir(out, seed if teacher_seed is None else teacher_seed) / "student.pt"
     run_config = variant_configs(_seeded(config, seed, teacher_seed), str(teacher_file), [variant])[variant]
-    summary = run_or_resume(run_config, out / f"seed{seed}" / variant, _quiet)
+    return run_config, out / f"seed{seed}" / variant
+
+
+def train_variant(config: RunConfig, out: Path, variant: str, seed: int,
+                  teacher_seed: Optional[int] = None) -> Dict[str, Any]:
+    """Trains (or resumes) one (variant, seed) run and stores its result row."""
+    started = time.monotonic()
+    run_config, run_dir = _variant_run(config, out, variant, seed, teacher_seed)
+    summary = run_or_resume(run_config, run_dir, _quiet)
     row = _row(variant, seed, summary, time.monotonic() - started)
     write_text_atomic(_result_path(out, variant, seed), json.dumps(row, indent=1))
     return row
@@ -142,10 +157,15 @@ def run_study(config: RunConfig, out: Path, seeds: Sequence[int], variants: Opti
     require_matplotlib(STUDY_PLOT)  # refused now, not after the last run
     out = Path(out)
     variants = list(variants or study_variants(config))
+    teacher_seeds = list(seeds) if teacher_seed is None else [teacher_seed]
+    for seed in teacher_seeds:  # before anything is written: stored runs must be this config's
+        refuse_another_config(teacher_config(_seeded(config, seed)), _teacher_dir(out, seed))
+    for variant in variants:
+        for seed in seeds:
+            refuse_another_config(*_variant_run(config, out, variant, seed, teacher_seed))
     resolved = variant_configs(_seeded(config, seeds[0], teacher_seed), "<seed<N>/teacher/student.pt>", variants)
     for name, variant in resolved.items():  # the seed and teacher checkpoint vary per seed; the rest is this
         write_text_atomic(out / "configs" / f"{name}.yaml", yaml.safe_dump(config_to_dict(variant), sort_keys=False))
-    teacher_seeds = list(seeds) if teacher_seed is None else [teacher_seed]
     teachers = [seed for seed in teacher_seeds if not (_teacher_dir(out, seed) / "summary.json").is_file()]
     _execute([(train_seed_teacher, (config, out, seed)) for seed in teachers], jobs, log)
     pending = [(variant, seed) for seed in seeds for variant in variants

@@ -37,6 +37,7 @@ from torch import nn
 
 from smskd_fast.training.checkpoint import ResumePoint, RunCheckpoints, load_model_file, load_weights, save_model_file
 from smskd_fast.training.config import RunConfig, config_to_dict
+from smskd_fast.training.config_record import changes_since_written
 from smskd_fast.training.data import DataSplits, ImageSet, TokenSet, load_splits, split_validation
 from smskd_fast.training.distributed import DistributedContext
 from smskd_fast.training.evaluation import evaluate, summarize
@@ -168,6 +169,7 @@ class SMSKDTrainer:
             if self.dist.is_main:
                 write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path)
                                            if r["global_epoch"] <= point.global_epoch])
+                self._record_config_changes(point.global_epoch)
         else:
             if metrics_path.exists() or latest_path.exists():
                 raise FileExistsError(f"{self.run_dir} already holds a run; use --resume or another --out")
@@ -178,6 +180,18 @@ class SMSKDTrainer:
             point = ResumePoint()
         self.dist.barrier()  # rank 0's resume repairs (metrics, stage file) are on disk
         return point
+
+    def _record_config_changes(self, epochs_done: int) -> None:
+        """A run resumed with other values (`--resume --set ...`): config.yaml is rewritten to the values
+        the rest of it trains with (eval and a later --resume read it), and config_changes.jsonl says
+        from which epoch (written first: a kill in between repeats the record, never loses it)."""
+        changes = changes_since_written(self.run_dir, self.config, ignore=())
+        if not changes:
+            return
+        append_jsonl(self.run_dir / "config_changes.jsonl", {"from_global_epoch": epochs_done + 1, "changes": changes})
+        write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+        self.log(f"resumed with values other than config.yaml's, which now holds them (config_changes.jsonl): "
+                 f"{'; '.join(changes)}")
 
     def _evaluate(self, model: nn.Module, dataset: Union[ImageSet, TokenSet]) -> Dict[str, float]:
         return self.dist.evaluate(evaluate, model, dataset, self.config.data.eval_batch_size, self.device)

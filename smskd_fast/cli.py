@@ -60,6 +60,8 @@ def _train(args: argparse.Namespace) -> int:
         if args.config is not None:
             raise UsageError("--resume continues a run with the config saved in its directory; drop --config "
                              "(change values with --set)")
+        if args.out is not None and args.out != run_dir:
+            raise UsageError(f"--resume continues the run in its own directory {run_dir}; drop --out {args.out}")
         config_file = run_dir / "config.yaml"
         if not config_file.is_file():
             raise UsageError(f"{config_file} not found: --resume needs a run directory that a started run wrote; "
@@ -99,9 +101,20 @@ def _train_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _device_here(name: str):
+    """torch.device(name), refused with a UsageError when it is no device name or not on this machine."""
     import torch
 
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r}: expected a device such as cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def _eval(args: argparse.Namespace) -> int:
     from smskd_fast.training.config import load_config
     from smskd_fast.training.data import load_splits
     from smskd_fast.training.models import build_model
@@ -111,8 +124,12 @@ def _eval(args: argparse.Namespace) -> int:
     if not (args.run_dir / "config.yaml").is_file():
         raise UsageError(f"{args.run_dir / 'config.yaml'} not found: eval needs the directory of a run "
                          "(written by `smskd-fast train`)")
+    device = _device_here(args.device or "cpu")
     config = load_config(args.run_dir / "config.yaml")
     model_file = args.model_file or args.run_dir / "student.pt"
+    if args.model_file is None and not model_file.is_file():
+        raise UsageError(f"{model_file} not found: a run writes it when it finishes; continue this one with "
+                         f"`smskd-fast train --resume {args.run_dir}`")
     entry = load_model_file(model_file)
     test = load_splits(config.data.name, args.data_dir or config.data.root, config.data.image_size,
                        config.data.context_length).test
@@ -122,7 +139,6 @@ def _eval(args: argparse.Namespace) -> int:
                          f"{test.num_classes}; give a model file trained on {config.data.name}")
     model = build_model(entry["model"], entry["num_classes"], entry["in_channels"])
     load_weights(model, entry["state_dict"], str(model_file))
-    device = torch.device(args.device or "cpu")
     result = evaluate(model.to(device), test, config.data.eval_batch_size, device)
     report = {"model_file": str(model_file), "test_acc": result["acc"], "test_loss": result["loss"]}
     if "perplexity" in result:

@@ -161,6 +161,12 @@ CASES = [
                                                   "--set", "student.name=digits_cnn_large"],
      2, "latest.pt do not fit", "resume with the run's own config"),
     ("eval of a non-run", lambda f, t: ["eval", str(t)], 2, "config.yaml not found", "eval needs the directory of a run"),
+    ("eval of an unfinished run", lambda f, t: ["eval", str(_started_run(f, t))],
+     2, "student.pt not found: a run writes it when it finishes", "smskd-fast train --resume"),
+    ("eval on no device", lambda f, t: ["eval", str(_started_run(f, t)), "--device", "banana"],
+     2, "--device 'banana'", "expected a device such as cpu, cuda or cuda:1"),
+    ("resume into another --out", lambda f, t: ["train", "--resume", str(_started_run(f, t)), "--out", str(t / "b")],
+     2, "--resume continues the run in its own directory", "drop --out"),
     ("eval of another model", lambda f, t: ["eval", str(_started_run(f, t)), "--model-file", str(
         f["model_file"]("eval100", "digits_cnn_small", 100, 1))],
      2, "predicts 100 classes, the run's test data has 10", "trained on digits"),
@@ -247,6 +253,14 @@ def test_cuda_device_without_cuda(files, tmp_path, capsys):
         pytest.skip("this machine has CUDA: the error cannot happen here")
     assert main(["train", "--config", str(files["good"]), "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.strip() == ("error: device 'cuda': CUDA is not available on this machine; "
+                                               "use --device cpu")
+
+
+def test_eval_on_cuda_without_cuda(files, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the error cannot happen here")
+    assert main(["eval", str(_started_run(files, tmp_path)), "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --device 'cuda': CUDA is not available on this machine; "
                                                "use --device cpu")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +157,46 @@ def test_a_wrong_layer_name_in_a_later_stage_fails_before_training(teacher_file,
     with pytest.raises(KeyError, match="student has no layer named 'stage7'; available layer names: stage1"):
         SMSKDTrainer(tiny_config(teacher_file, stages), tmp_path / "run", log=lambda _: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_while_plotting_leaves_no_broken_png_and_resume_plots(teacher_file, tmp_path, monkeypatch):
+    """The plots are run files too: written atomically, a failed write named as for a checkpoint."""
+    import errno
+    import os
+
+    from smskd_fast.training import atomic_io
+
+    config = tiny_config(teacher_file, TWO_STAGES, plots=True)
+    run = tmp_path / "run"
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    def full_disk_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        return FullDisk(handle) if Path(file).name.startswith("accuracy.png") else handle
+
+    monkeypatch.setattr(atomic_io, "open", full_disk_open, raising=False)
+    with pytest.raises(atomic_io.CheckpointWriteError,
+                       match=f"could not write {run / 'accuracy.png'} \\(No space left on device\\); "
+                             "no earlier accuracy.png existed"):
+        SMSKDTrainer(config, run, log=lambda _: None).run()
+    assert not (run / "accuracy.png").exists() and not list(run.rglob("*.tmp"))
+    monkeypatch.undo()
+    SMSKDTrainer(config, run, log=lambda _: None).run(resume=True)
+    for name in ("accuracy.png", "loss.png", "tcp_weights.png"):
+        assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

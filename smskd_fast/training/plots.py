@@ -1,10 +1,12 @@
 """PNG plots of a finished run: accuracy and loss over all stages, and the TCP weight distribution."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import List
 
+from smskd_fast.training.atomic_io import write_atomic_reported
 from smskd_fast.training.optional_packages import require_matplotlib
 from smskd_fast.training.run_files import read_jsonl
 
@@ -15,6 +17,18 @@ def _stage_boundaries(axis, records) -> None:
     for previous, record in zip(records, records[1:]):
         if record["stage"] != previous["stage"]:
             axis.axvline(previous["global_epoch"] + 0.5, color="grey", linestyle=":", linewidth=1)
+
+
+def _save_png(figure, path: Path) -> Path:
+    """The figure as path, written atomically: a full disk leaves no truncated PNG and is reported
+    as a CheckpointWriteError naming the file, as for every other run file."""
+    import matplotlib.pyplot as plt
+
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=100)
+    plt.close(figure)
+    write_atomic_reported(path, lambda handle: handle.write(image.getvalue()))
+    return path
 
 
 def plot_run(run_dir: Path) -> List[Path]:
@@ -38,10 +52,7 @@ def plot_run(run_dir: Path) -> List[Path]:
         axis.set_ylabel("accuracy (%)" if name == "accuracy" else "loss")
         axis.legend()
         figure.tight_layout()
-        path = run_dir / f"{name}.png"
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        written.append(path)
+        written.append(_save_png(figure, run_dir / f"{name}.png"))
     weights_file = run_dir / "tcp_weights.json"
     if weights_file.is_file():
         weights = json.loads(weights_file.read_text())
@@ -58,8 +69,5 @@ def plot_run(run_dir: Path) -> List[Path]:
             axis.set_ylabel("fraction of samples")
             axis.legend()
             figure.tight_layout()
-            path = run_dir / "tcp_weights.png"
-            figure.savefig(path, dpi=100)
-            plt.close(figure)
-            written.append(path)
+            written.append(_save_png(figure, run_dir / "tcp_weights.png"))
     return written

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from smskd_fast.training.config import MethodConfig, StageConfig
-from smskd_fast.training.methods import FeatureTaps, MethodInputs, build_method
+from smskd_fast.training.methods import METHODS, FeatureTaps, MethodInputs, build_method
 from smskd_fast.training.methods.feature import AttentionTransfer, FitNet
 from smskd_fast.training.methods.relation import CRD, PKT, RKD, SimilarityPreserving
 from smskd_fast.training.methods.response import dkd_loss
@@ -321,6 +321,47 @@ def test_crd_nce_loss_and_memory_update_match_the_formulas():
             assert torch.allclose(memory[index], mixed / mixed.norm(), rtol=1e-10)
         untouched = [i for i in range(10) if i not in indices.tolist()]
         assert torch.equal(memory[untouched], before[untouched])
+
+
+# ----- small batches: one sample (a last batch, a rank's shard), two, or coinciding samples -------
+
+FEATURE_SHAPES = {"fitnet": ((2, 3, 3), (4, 3, 3)), "at": ((2, 3, 3), (4, 3, 3)), "sp": ((2, 3, 3), (4, 3, 3)),
+                  "rkd": ((5,), (6,)), "pkt": ((5,), (6,)), "crd": ((5,), (6,)), "dkd": ((5,), (6,))}
+
+
+@pytest.mark.parametrize("batch", ["one", "two", "three equal"])
+@pytest.mark.parametrize("name", sorted(FEATURE_SHAPES))
+def test_every_method_is_finite_with_finite_gradients_on_tiny_batches(name, batch):
+    rows = {"one": 1, "two": 2, "three equal": 3}[batch]
+    g = _gen(14)
+    student_shape, teacher_shape = FEATURE_SHAPES[name]
+    repeat = (lambda x: x[:1].expand_as(x).clone()) if batch == "three equal" else (lambda x: x)
+    student = repeat(torch.randn(rows, *student_shape, generator=g)).requires_grad_(True)
+    teacher = repeat(torch.randn(rows, *teacher_shape, generator=g))
+    inputs = _inputs(student, teacher, rows)
+    inputs.student_logits = torch.randn(rows, 3, generator=g).requires_grad_(True)  # what DKD reads
+    inputs.teacher_logits = torch.randn(rows, 3, generator=g)
+    method = _method(METHODS[name], **({"nce_k": 4} if name == "crd" else {}))
+    method.build(inputs, num_samples=10)
+    loss = method.loss(inputs)
+    grads = torch.autograd.grad(loss, [student, inputs.student_logits], allow_unused=True)
+    assert torch.isfinite(loss), loss
+    assert any(grad is not None for grad in grads)
+    assert all(torch.isfinite(grad).all() for grad in grads if grad is not None), grads
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_rkd_of_fewer_than_three_samples_is_zero_with_zero_gradient(rows):
+    """One sample has no distance (exactly 0); two have one, which normalises to 1 up to rounding;
+    angles need three samples."""
+    g = _gen(15)
+    student = torch.randn(rows, 3, generator=g, requires_grad=True)
+    teacher = torch.randn(rows, 5, generator=g)
+    loss = _method(RKD).loss(_inputs(student, teacher, rows))
+    (grad,) = torch.autograd.grad(loss, student)
+    atol = 0.0 if rows == 1 else 1e-12  # float64 rounding of d_01 and d_10 (summed in different orders)
+    assert torch.allclose(loss, torch.zeros(()), rtol=0, atol=atol), loss
+    assert torch.allclose(grad, torch.zeros_like(grad), rtol=0, atol=atol), grad
 
 
 # ----- layer lookup -----------------------------------------------------------------------------

@@ -2,14 +2,15 @@
 
 Errors name the offending key by its full path (e.g. "stages[1].optimizer.lr").
 Two conveniences are expanded before validation: a `defaults:` mapping is merged
-into every stage, and a stage may say `method: kd` (or a mapping) instead of a
-`methods:` list. `--set key.path=value` overrides (apply_overrides) act on the raw
-mapping, so they are validated like the file.
+into every stage (errors say when a value came from it), and a stage may say
+`method: kd` (or a mapping) instead of a `methods:` list. `--set key.path=value`
+overrides (apply_overrides) act on the raw mapping, so they are validated like the file.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -32,7 +33,11 @@ SEQUENCE_METHODS = ("none", "kd")  # the methods computed from logits alone, by 
 
 
 class ConfigError(ValueError):
-    """A configuration value is missing, unknown or invalid; the message names its key."""
+    """A configuration value is missing, unknown or invalid; the message names its key (`key`, when known)."""
+
+    def __init__(self, message: str, key: Optional[str] = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
@@ -44,7 +49,7 @@ class DataConfig:
     augment: str = "none"
     crop_padding: int = 4
     image_size: int = 224
-    train_subset: Optional[int] = None
+    train_subset: Optional[int] = None  # the first N samples; all when None or when N exceeds the split
     test_subset: Optional[int] = None
     context_length: int = 64  # tokens per sequence (sequence data sets only)
     validation_fraction: float = 0.0  # share of the training data held out for choices (never the test split)
@@ -194,13 +199,23 @@ def _build(kind: Any, value: Any, path: str) -> Any:
     raise ConfigError(f"{path}: expected {_type_name(kind)}, got {type(value).__name__} {value!r}")
 
 
+METHOD_FORMS = ("method", "methods")  # `method: X` is short for `methods: [X]`
+
+
 def _expand_stage(stage: Any, defaults: Dict[str, Any], path: str) -> Any:
+    """The stage merged over the defaults (a stage's own method or methods replaces the defaults'
+    in either form), with `method: X` rewritten as `methods: [X]`."""
     if not isinstance(stage, dict):
         raise ConfigError(f"{path}: expected a mapping, got {type(stage).__name__} {stage!r}")
-    merged = _deep_merge(copy.deepcopy(defaults), stage)
+    if "method" in stage and "methods" in stage:
+        raise ConfigError(f"{path}: has both 'method' and 'methods'; give one ('method: X' is short for "
+                          f"'methods: [X]')")
+    base = copy.deepcopy(defaults)
+    if any(form in stage for form in METHOD_FORMS):
+        for form in METHOD_FORMS:
+            base.pop(form, None)
+    merged = _deep_merge(base, stage)
     if "method" in merged:
-        if "methods" in merged:
-            raise ConfigError(f"{path}: give either 'method' or 'methods', not both")
         merged["methods"] = [merged.pop("method")]
     if isinstance(merged.get("methods"), list):
         merged["methods"] = [{"name": m} if isinstance(m, str) else m for m in merged["methods"]]
@@ -218,7 +233,13 @@ def _deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
 
 def _check(condition: bool, path: str, message: str) -> None:
     if not condition:
-        raise ConfigError(f"{path}: {message}")
+        raise ConfigError(f"{path}: {message}", key=path)
+
+
+def _check_at_least(value: float, path: str, low: float, strict: bool = False) -> None:
+    """value is finite and >= low (> low when strict); NaN and inf are refused."""
+    _check(value > low if strict else value >= low, path, f"must be {'>' if strict else '>='} {low:g}, got {value}")
+    _check(math.isfinite(value), path, f"must be finite, got {value}")
 
 
 def _is_device(name: str) -> bool:
@@ -233,10 +254,11 @@ def _is_device(name: str) -> bool:
 
 def _validate(config: RunConfig) -> None:
     from smskd_fast.training.data import DATASETS
-    from smskd_fast.training.methods import METHODS
-    from smskd_fast.training.optim import OPTIMIZERS, SCHEDULES
 
     _check(config.data.name in DATASETS, "data.name", f"must be one of {list(DATASETS)}, got {config.data.name!r}")
+    for name in ("train_subset", "test_subset"):  # None: the whole split
+        count = getattr(config.data, name)
+        _check(count is None or count >= 1, f"data.{name}", f"must be a sample count >= 1 or null (all), got {count}")
     _check(config.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {config.data.batch_size}")
     _check(config.data.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
     _check(config.data.augment in ("none", "crop", "crop_flip"), "data.augment",
@@ -252,32 +274,67 @@ def _validate(config: RunConfig) -> None:
            f"must be one of {list(SCHEDULE_SCOPES)}, got {config.schedule_scope!r}")
     for index, stage in enumerate(config.stages):
         path = f"stages[{index}]"
-        _check(stage.epochs >= 1, f"{path}.epochs", f"must be >= 1, got {stage.epochs}")
-        _check(len(stage.methods) >= 1, f"{path}.methods", "needs at least one method (use 'none' for CE only)")
-        _check(stage.weighting in WEIGHTINGS, f"{path}.weighting", f"must be one of {list(WEIGHTINGS)}, got {stage.weighting!r}")
-        _check(stage.nonfinite in NONFINITE_POLICIES, f"{path}.nonfinite",
-               f"must be one of {list(NONFINITE_POLICIES)}, got {stage.nonfinite!r}")
-        _check(stage.temperature > 0, f"{path}.temperature", f"must be > 0, got {stage.temperature}")
-        for name in ("ce_weight", "ref_weight"):
-            _check(getattr(stage, name) >= 0, f"{path}.{name}", f"must be >= 0, got {getattr(stage, name)}")
-        _check(stage.optimizer.name in OPTIMIZERS, f"{path}.optimizer.name",
-               f"must be one of {list(OPTIMIZERS)}, got {stage.optimizer.name!r}")
-        _check(stage.optimizer.lr > 0, f"{path}.optimizer.lr", f"must be > 0, got {stage.optimizer.lr}")
-        _check(stage.schedule.name in SCHEDULES, f"{path}.schedule.name",
-               f"must be one of {list(SCHEDULES)}, got {stage.schedule.name!r}")
-        for m_index, method in enumerate(stage.methods):
-            _check(method.name in METHODS, f"{path}.methods[{m_index}].name",
-                   f"unknown method {method.name!r}; choose one of {sorted(METHODS)}")
+        _validate_stage(stage, path)
+        for method in stage.methods:
             if method.name != "none":
                 _check(config.teacher is not None, "teacher", f"is required: {path} uses method {method.name!r}")
         if uses_reference(stage, index) and stage.weighting != "constant":
             _check(config.teacher is not None, "teacher",
                    f"is required: {path} weights its reference term by the teacher's TCP ({stage.weighting!r})")
+    if config.teacher_training is not None:
+        _validate_stage(config.teacher_training, "teacher_training")
+        for m_index, method in enumerate(config.teacher_training.methods):
+            _check(method.name == "none", f"teacher_training.methods[{m_index}].name",
+                   f"must be 'none': the teacher trains alone, with cross-entropy; got {method.name!r}")
     if config.cache is not None:
         _validate_cache(config)
     names = config.stage_names()
     _check(len(set(names)) == len(names), "stages", f"stage names must be unique, got {names}")
     _validate_sequence_task(config)
+
+
+def _validate_stage(stage: StageConfig, path: str) -> None:
+    """A stage's values, every stage at load time (a later stage's mistake must not wait for it to start)."""
+    from smskd_fast.training.methods import METHODS
+
+    _check(stage.epochs >= 1, f"{path}.epochs", f"must be >= 1, got {stage.epochs}")
+    _check(len(stage.methods) >= 1, f"{path}.methods", "needs at least one method (use 'none' for CE only)")
+    _check(stage.weighting in WEIGHTINGS, f"{path}.weighting", f"must be one of {list(WEIGHTINGS)}, got {stage.weighting!r}")
+    _check(stage.nonfinite in NONFINITE_POLICIES, f"{path}.nonfinite",
+           f"must be one of {list(NONFINITE_POLICIES)}, got {stage.nonfinite!r}")
+    _check_at_least(stage.temperature, f"{path}.temperature", 0, strict=True)
+    for name in ("ce_weight", "ref_weight"):
+        _check_at_least(getattr(stage, name), f"{path}.{name}", 0)
+    _validate_optimizer(stage.optimizer, f"{path}.optimizer")
+    _validate_schedule(stage.schedule, f"{path}.schedule")
+    for m_index, method in enumerate(stage.methods):
+        _check(method.name in METHODS, f"{path}.methods[{m_index}].name",
+               f"unknown method {method.name!r}; choose one of {sorted(METHODS)}")
+        if method.weight is not None:  # None: the method's customary weight
+            _check_at_least(method.weight, f"{path}.methods[{m_index}].weight", 0)
+
+
+def _validate_optimizer(spec: OptimizerConfig, path: str) -> None:
+    """What torch refuses only when the optimizer is built, and a momentum that never decays."""
+    from smskd_fast.training.optim import OPTIMIZERS
+
+    _check(spec.name in OPTIMIZERS, f"{path}.name", f"must be one of {list(OPTIMIZERS)}, got {spec.name!r}")
+    _check_at_least(spec.lr, f"{path}.lr", 0, strict=True)
+    _check_at_least(spec.weight_decay, f"{path}.weight_decay", 0)
+    _check(0 <= spec.momentum < 1, f"{path}.momentum", f"must be in [0, 1), got {spec.momentum}")
+    _check(not spec.nesterov or spec.momentum > 0, f"{path}.nesterov",
+           f"needs a momentum > 0, got momentum {spec.momentum}")
+
+
+def _validate_schedule(spec: ScheduleConfig, path: str) -> None:
+    """gamma scales the learning rate at each milestone: a factor <= 0 would make it 0 or negative."""
+    from smskd_fast.training.optim import SCHEDULES
+
+    _check(spec.name in SCHEDULES, f"{path}.name", f"must be one of {list(SCHEDULES)}, got {spec.name!r}")
+    _check_at_least(spec.gamma, f"{path}.gamma", 0, strict=True)
+    increasing = all(a < b for a, b in zip(spec.milestones, spec.milestones[1:]))
+    _check(increasing and all(m >= 0 for m in spec.milestones), f"{path}.milestones",
+           f"must be strictly increasing epochs >= 0, got {spec.milestones}")
 
 
 def _validate_sequence_task(config: RunConfig) -> None:
@@ -325,6 +382,36 @@ def _validate_cache(config: RunConfig) -> None:
                f"must be 'dense' (the reference term needs every logit), got {config.cache.reference.format!r}")
 
 
+def _check_defaults_keys(defaults: Dict[str, Any]) -> None:
+    """Builds `defaults:` as a stage (placeholders for the keys only a stage must give), so that an
+    unknown key or a wrong type there is named defaults.KEY rather than stages[0].KEY."""
+    placeholders = {"methods": [{"name": "none"}], "epochs": 1}
+    _build(StageConfig, {**placeholders, **_expand_stage(defaults, {}, "defaults")}, "defaults")
+
+
+_STAGE_KEY = re.compile(r"^(?:stages\[(\d+)\]|teacher_training)\.(\w+)(?:\[\d+\])?((?:\.\w+)*)$")
+
+
+def _name_defaults_origin(error: ConfigError, stages: Any, teacher_stage: Any, defaults: Dict[str, Any]) -> ConfigError:
+    """The error, saying "(from defaults.KEY)" when its stage value came from `defaults:`."""
+    match = _STAGE_KEY.match(error.key or "")
+    if not match or not defaults:
+        return error
+    index, first, rest = match.groups()
+    own = teacher_stage if index is None else (stages[int(index)] if int(index) < len(stages) else None)
+    keys = [first, *rest.split(".")[1:]]
+    if first == "methods":  # given in either form
+        keys = [next((form for form in METHOD_FORMS if isinstance(own, dict) and form in own), None)
+                or next((form for form in METHOD_FORMS if form in defaults), first)]
+    given, default = own, defaults
+    for key in keys:
+        given = given.get(key) if isinstance(given, dict) else None
+        default = default.get(key) if isinstance(default, dict) else None
+    if given is not None or default is None:
+        return error
+    return ConfigError(f"{error} (from defaults.{'.'.join(keys)})", key=error.key)
+
+
 def parse_config(raw: Dict[str, Any]) -> RunConfig:
     """Validates a raw mapping (as read from YAML) into a RunConfig."""
     if not isinstance(raw, dict):
@@ -333,15 +420,20 @@ def parse_config(raw: Dict[str, Any]) -> RunConfig:
     defaults = raw.pop("defaults", {}) or {}
     if not isinstance(defaults, dict):
         raise ConfigError(f"defaults: expected a mapping, got {type(defaults).__name__}")
-    if isinstance(raw.get("stages"), list):
-        raw["stages"] = [_expand_stage(stage, defaults, f"stages[{i}]") for i, stage in enumerate(raw["stages"])]
+    _check_defaults_keys(defaults)
+    stages, teacher_stage = raw.get("stages"), None
+    if isinstance(stages, list):
+        raw["stages"] = [_expand_stage(stage, defaults, f"stages[{i}]") for i, stage in enumerate(stages)]
     if isinstance(raw.get("teacher_training"), dict):  # the teacher trains alone (CE only)
         teacher_stage = dict(raw["teacher_training"])
         if "method" not in teacher_stage and "methods" not in teacher_stage:
             teacher_stage["method"] = "none"
         raw["teacher_training"] = _expand_stage(teacher_stage, defaults, "teacher_training")
     config = _build(RunConfig, raw, "")
-    _validate(config)
+    try:
+        _validate(config)
+    except ConfigError as error:
+        raise _name_defaults_origin(error, stages if isinstance(stages, list) else [], teacher_stage, defaults) from None
     return config
 
 
@@ -353,8 +445,14 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
-    """Applies "a.b.c=value" overrides (value parsed as YAML; list items by index: stages.1.epochs=3)."""
+    """Applies "a.b.c=value" overrides (value parsed as YAML; list items by index: stages.1.epochs=3).
+
+    A stage gives its methods as `method` or `methods` (METHOD_FORMS): setting one form whole
+    replaces the other; a path into the form the stage does not use is refused, with the same
+    setting in the form it uses.
+    """
     raw = copy.deepcopy(raw)
+    applied: List[str] = []  # the overrides so far, to say where a method form came from
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
@@ -370,13 +468,46 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
                 key = int(key)
             elif not isinstance(node, dict):
                 raise ConfigError(f"--set {key_path}: {'.'.join(keys[:depth])} is not a mapping or list")
+            elif key in METHOD_FORMS and key not in node:
+                other = METHOD_FORMS[1 - METHOD_FORMS.index(key)]
+                if other in node and last:
+                    del node[other]
+                elif other in node:
+                    raise _other_form_error(item, keys, depth, node[other], applied)
             if last:
                 node[key] = _parse_value(text)
             else:
                 if isinstance(node, dict) and node.get(key) is None:
                     node[key] = {}
+                if isinstance(node[key], str) and (key == "method" or depth and keys[depth - 1] == "methods"):
+                    node[key] = {"name": node[key]}  # `method: kd` is short for `method: {name: kd}`
                 node = node[key]
+        applied.append(item)
     return raw
+
+
+def _other_form_error(item: str, keys: List[str], depth: int, given: Any, applied: List[str]) -> ConfigError:
+    """The error for a --set path into keys[depth] (`method` or `methods`) of a stage that gives its
+    methods in the other form (`given`), naming where that came from and the path that works."""
+    key_path, text = item.split("=", 1)
+    stage, key, rest = ".".join(keys[:depth]), keys[depth], keys[depth + 1:]
+    other = METHOD_FORMS[1 - METHOD_FORMS.index(key)]
+    earlier = [a for a in applied if f"{a.split('=', 1)[0].strip()}.".startswith(f"{stage}.{other}.")]
+    origin = f"from --set {earlier[-1]}" if earlier else "in the config file"
+    field_path = ".".join(rest[1:] if key == "methods" else rest)
+    if key == "method" and isinstance(given, list) and len(given) == 1:
+        way = f"use {stage}.methods.0.{field_path}={text}"
+    elif key == "method":
+        names = [m.get("name") if isinstance(m, dict) else m for m in given] if isinstance(given, list) else given
+        way = f"use {stage}.methods.I.{field_path}={text}, I the method's place in the list {names} from 0"
+    elif rest == ["0"]:
+        way = f"use {stage}.method={text}"
+    elif rest[0] == "0":
+        way = f"use {stage}.method.{field_path}={text}"
+    else:
+        way = f"set {stage}.method (the stage's one method), or the whole list with {stage}.methods=[...]"
+    return ConfigError(f"--set {key_path}: {stage} gives its methods by '{other}' ({origin}), not by '{key}' "
+                       f"('method: X' is short for 'methods: [X]'); {way}")
 
 
 def load_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> RunConfig:

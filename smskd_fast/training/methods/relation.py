@@ -19,8 +19,14 @@ def pairwise_distances(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 def normalized_distances(x: torch.Tensor) -> torch.Tensor:
+    """Pairwise distances over their mean off-diagonal value (RKD's scale-free distances).
+
+    One row has no pair: its distances stay 0 (the mean would be 0 / 0), so the RKD distance
+    term of such a batch is 0 with a zero gradient instead of NaN.
+    """
     distances = pairwise_distances(x)
-    return distances / distances[distances > 0].mean()
+    mean = distances.sum() / (distances > 0).sum().clamp(min=1)
+    return distances / torch.where(mean > 0, mean, torch.ones_like(mean))
 
 
 def angles(x: torch.Tensor) -> torch.Tensor:
@@ -31,7 +37,11 @@ def angles(x: torch.Tensor) -> torch.Tensor:
 
 class RKD(DistillMethod):
     """Relational KD (Park et al. 2019): smooth-L1 between normalised pairwise distances
-    (weight distance_weight) and between triplet angles (angle_weight) of the embeddings."""
+    (weight distance_weight) and between triplet angles (angle_weight) of the embeddings.
+
+    The distance term needs two samples and the angle term three: with fewer, each is 0 with a
+    zero gradient (a last batch of one sample, or a rank's one-sample shard under DDP).
+    """
 
     name = "rkd"
     layer_kind = "embedding"

@@ -8,6 +8,11 @@ a killed build leaves either a whole shard or none, and building resumes with
 the shards that are missing. A reader refuses a cache whose header does not
 match its run (naming the field) and a shard whose checksum is wrong.
 
+Builders may run at once (two runs sharing a teacher cache, DDP ranks): each file
+is written under an exclusive lock (flock) on its own lock file, so one writer
+makes a shard while the others write other shards or wait for it, and a builder
+deletes only the temporary files of a killed writer (whose lock the kernel released).
+
 Two formats: "dense" keeps every logit (fp16 or fp32); "topk" keeps the k
 largest logits and their class indices plus, per row, the true-class logit and
 the row's log-sum-exp at temperature 1 and at each temperature of the run, so
@@ -21,9 +26,12 @@ epoch (epoch_invariant) whose rows serve every epoch of any run.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -158,6 +166,51 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _acquire(lock: Path, wait: bool) -> Optional[int]:
+    """A descriptor of the file `lock` (made if missing) that holds its exclusive flock; None at once if
+    another process holds it and not `wait`."""
+    while True:
+        descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            if os.path.samestat(os.fstat(descriptor), os.stat(lock)):
+                return descriptor
+        except BlockingIOError:
+            os.close(descriptor)
+            return None
+        except FileNotFoundError:
+            pass
+        except OSError as error:  # a file system without flock (e.g. Lustre mounted without it)
+            os.close(descriptor)
+            raise OSError(error.errno, f"cannot lock {lock} to build the logit cache ({error.strerror}); the "
+                          "cache directory must be on a file system that supports flock") from error
+        except BaseException:
+            os.close(descriptor)
+            raise
+        os.close(descriptor)  # its previous holder deleted the file we locked: lock the one now at the path
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path, *, wait: bool = True) -> Iterator[bool]:
+    """Holds an exclusive flock on the file `lock` and yields True, or yields False (see _acquire). The
+    holder deletes the file on release, so a finished cache keeps no lock files; a killed holder's lock
+    is released by the kernel and its file taken over."""
+    descriptor = _acquire(lock, wait)
+    if descriptor is None:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(descriptor)
+
+
+def _lock_path(file: Path) -> Path:
+    """The lock of a cache file and its temporary files: header.lock, shard-e…-s….lock (the .npy and .sha256)."""
+    return file.with_name(file.name.split(".")[0] + ".lock")
+
+
 class LogitCache:
     """A cache directory for one CacheSpec: build it shard by shard, then read rows."""
 
@@ -171,18 +224,28 @@ class LogitCache:
 
     @classmethod
     def create_or_resume(cls, path: Path, spec: CacheSpec) -> "LogitCache":
-        """Opens a cache for building: new, or one begun earlier for the same spec."""
+        """Opens a cache for building: new, or one begun earlier for the same spec (also by a builder
+        still running); removes what killed builders left."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         header = path / HEADER_NAME
-        if header.exists():
-            cls._check_spec(path, spec)
-        else:
-            write_bytes_atomic(header, json.dumps({"spec": spec.to_json()}, indent=1).encode())
-        cache = cls(path, spec)
-        for leftover in path.glob("*.tmp"):
-            leftover.unlink()  # a shard or header a killed build did not finish
-        return cache
+        if not header.exists():  # a finished cache is opened without writing (it may be read-only)
+            with _exclusive(_lock_path(header)):  # builders starting at once write the header once
+                if not header.exists():
+                    write_bytes_atomic(header, json.dumps({"spec": spec.to_json()}, indent=1).encode())
+        cls._check_spec(path, spec)
+        cls._remove_leftovers(path)
+        return cls(path, spec)
+
+    @staticmethod
+    def _remove_leftovers(path: Path) -> None:
+        """Deletes the temporary files (a shard or header not finished) and lock files of killed writers:
+        those of files whose lock no live writer holds."""
+        for stem in sorted({file.name.split(".")[0] for file in (*path.glob("*.tmp"), *path.glob("*.lock"))}):
+            with _exclusive(path / f"{stem}.lock", wait=False) as held:
+                if held:
+                    for leftover in path.glob(f"{stem}.*.tmp"):
+                        leftover.unlink(missing_ok=True)
 
     @classmethod
     def attach(cls, path: Path, spec: CacheSpec) -> "LogitCache":
@@ -244,8 +307,7 @@ class LogitCache:
 
     def missing_shards(self) -> List[Tuple[int, int]]:
         """Shards not yet written (a shard without its checksum counts as missing)."""
-        return [(e, f) for e, f in self.spec.shards()
-                if not (self._shard_path(e, f).exists() and self._checksum_path(e, f).exists())]
+        return [(e, f) for e, f in self.spec.shards() if self._is_missing(e, f)]
 
     def _checksum_path(self, epoch: int, first: int) -> Path:
         return self._shard_path(epoch, first).with_suffix(".sha256")
@@ -271,8 +333,20 @@ class LogitCache:
         records["log_sum_exp"] = torch.stack(lse, -1).numpy()
         return records
 
+    def _is_missing(self, epoch: int, first: int) -> bool:
+        return not (self._shard_path(epoch, first).exists() and self._checksum_path(epoch, first).exists())
+
+    def _shard_lock(self, epoch: int, first: int, *, wait: bool = True):
+        """The shard's exclusive lock (see _exclusive): held while it is computed and written."""
+        return _exclusive(_lock_path(self._shard_path(epoch, first)), wait=wait)
+
     def write_shard(self, epoch: int, first: int, logits: torch.Tensor, target: Optional[torch.Tensor] = None) -> None:
-        """Writes the shard of samples [first, first + shard_rows) of epoch, atomically."""
+        """Writes the shard of samples [first, first + shard_rows) of epoch, atomically, under its lock."""
+        with self._shard_lock(epoch, first):
+            self._write_shard(epoch, first, logits, target)
+
+    def _write_shard(self, epoch: int, first: int, logits: torch.Tensor, target: Optional[torch.Tensor]) -> None:
+        """write_shard for a caller that holds the shard's lock."""
         if (epoch, first) not in set(self.spec.shards()):
             raise ValueError(f"no shard starts at sample {first} of epoch {epoch} in this cache")
         shape = (self._shard_rows(first),) + self._sample_shape()
@@ -347,16 +421,24 @@ def build(cache: LogitCache, compute_shard, *, rank: int = 0, world_size: int = 
     in spec.shards() is r modulo world_size, so that ranks build one cache in
     parallel without touching each other's files. Returns the number of shards this
     caller wrote. Safe to call again after a kill: shards already on disk are kept,
-    a half-written one never counts.
+    a half-written one never counts. Safe beside other builders of the cache: a shard
+    another one is writing is skipped first, then waited for, and written here only if
+    that builder died before finishing it.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     mine = {shard for index, shard in enumerate(cache.spec.shards()) if index % world_size == rank}
+    pending = [shard for shard in cache.missing_shards() if shard in mine]
     written = 0
-    for epoch, first in cache.missing_shards():
-        if (epoch, first) not in mine:
-            continue
-        logits, target = compute_shard(epoch, first, cache._shard_rows(first))
-        cache.write_shard(epoch, first, logits, target)
-        written += 1
+    for wait in (False, True):
+        busy = []
+        for epoch, first in pending:
+            with cache._shard_lock(epoch, first, wait=wait) as held:
+                if not held:
+                    busy.append((epoch, first))
+                elif cache._is_missing(epoch, first):
+                    logits, target = compute_shard(epoch, first, cache._shard_rows(first))
+                    cache._write_shard(epoch, first, logits, target)
+                    written += 1
+        pending = busy
     return written

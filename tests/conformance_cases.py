@@ -343,7 +343,7 @@ PADDING_FILLS = {"zeros": (0, 0.0), "minus_one": (-1, float("-inf")), "past_c": 
 
 def padded(topk: TopKTeacher, rows, index: int, value: float) -> TopKTeacher:
     """topk with the given rows filled as a cache's padding might be: every index `index`, every float `value`."""
-    fields = {name: field.clone() for name, field in vars(topk).items()}
+    fields = {name: getattr(topk, name).clone() for name in TopKTeacher.TENSOR_FIELDS}
     for name, field in fields.items():
         field[rows] = index if name == "indices" else value
     return TopKTeacher(**fields)
@@ -391,7 +391,7 @@ def _column_strided(x):
 
 
 def _strided_topk(topk):
-    return None if topk is None else TopKTeacher(*(torch.stack([t, t], dim=-1)[..., 1] for t in vars(topk).values()))
+    return None if topk is None else topk.map_tensors(lambda t: torch.stack([t, t], dim=-1)[..., 1])
 
 
 def _same(x):
@@ -419,7 +419,7 @@ def on_device(inputs: Inputs, case: Case, device) -> Inputs:
     def move(x):
         return None if x is None else x.to(device)
 
-    topk = None if inputs.topk is None else TopKTeacher(*(move(t) for t in vars(inputs.topk).values()))
+    topk = None if inputs.topk is None else inputs.topk.map_tensors(move)
     student, teacher, reference, target, topk_layout = LAYOUTS[case.layout]
     laid = Inputs(student(move(inputs.student)), None if inputs.target is None else target(move(inputs.target)),
                   teacher(move(inputs.teacher)), reference(move(inputs.reference)),

@@ -85,7 +85,7 @@ def run(backend: str, inputs, case: Case, student_dtype=None):
         student = up(student)
         teacher, reference, target = up(inputs.teacher), up(inputs.reference), inputs.target
         topk = None if inputs.topk is None else TopKTeacher(*(
-            up(t) if t.is_floating_point() else t for t in vars(inputs.topk).values()))
+            up(t) if t.is_floating_point() else t for t in inputs.topk.tensors()))
     else:
         teacher, reference, target, topk = inputs.teacher, inputs.reference, inputs.target, inputs.topk
     student = student.requires_grad_(True)
@@ -244,7 +244,7 @@ def test_reductions_over_leading_dimensions(backend, dtype, reduction, topk):
 
         s = cast(inputs.student).detach().clone().requires_grad_(True)
         topk_teacher = inputs.topk if name == backend or not topk else TopKTeacher(*(
-            cast(t) if t.is_floating_point() else t.cpu() for t in vars(inputs.topk).values()))
+            cast(t) if t.is_floating_point() else t.cpu() for t in inputs.topk.tensors()))
         target = inputs.target if name == backend else inputs.target.cpu()
         out = smskd_fast.smskd_loss(s, target, cast(inputs.teacher), cast(inputs.reference), teacher_topk=topk_teacher,
                                     temperature=case.temperature, reduction=reduction, backend=name)
@@ -309,7 +309,7 @@ def test_infinite_rest_term_matches_the_cpu_kernel(backend):
         device = "cpu" if name == "cpu" else device_of(backend)
         s = student.to(device).requires_grad_(True)
         rows = get_backend(name, s.device, topk=True).rows(RowInputs(
-            s, target.to(device), None, None, TopKTeacher(*(t.to(device) for t in vars(topk).values()))), options)
+            s, target.to(device), None, None, topk.map_tensors(lambda t: t.to(device))), options)
         (grad,) = torch.autograd.grad(rows.loss.sum(), s)
         results[name] = [getattr(rows, f).detach().cpu() for f in FIELDS] + [grad.cpu()]
     assert torch.isinf(results["cpu"][FIELDS.index("kd")][0])  # the case is what it claims

@@ -105,8 +105,8 @@ def test_strided_inputs_give_the_contiguous_results_bitwise(dtype):
     assert not strided[0].is_contiguous() and strided[0].stride(1) == 6
     columns = torch.zeros(6, 3000, dtype=dtype)
     columns[:, ::2] = student  # column stride 2
-    topk_strided = TopKTeacher(*(torch.stack([t, t], dim=-1)[..., 1] for t in vars(topk).values()))
-    assert all(not t.is_contiguous() for t in vars(topk_strided).values())
+    topk_strided = topk.map_tensors(lambda t: torch.stack([t, t], dim=-1)[..., 1])
+    assert all(not t.is_contiguous() for t in topk_strided.tensors())
     expected = run_op(student, target, topk, reference, options)
     for s, r, t in ((strided[0], strided[1], topk), (columns[:, ::2], reference, topk_strided)):
         for got, want in zip(run_op(s, target, t, r, options), expected):
@@ -121,5 +121,5 @@ def test_the_op_refuses_repeated_indices_naming_the_row():
     with pytest.raises(ValueError, match="topk_indices must be distinct within a row, row 3 repeats class"):
         run_op(student, target, repeated, reference, LossOptions())
     with pytest.raises(TypeError, match="topk_values must be a floating tensor"):
-        run_op(student, target, TopKTeacher(topk.values.long(), *list(vars(topk).values())[1:]), reference,
+        run_op(student, target, TopKTeacher(topk.values.long(), *topk.tensors()[1:]), reference,
                LossOptions())

@@ -12,7 +12,6 @@ A patched fill_defaults shows which path ran.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import warnings
 
 import pytest
@@ -22,7 +21,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import smskd_fast
 from smskd_fast.backends.base import LossOptions
-from smskd_fast.backends.topk import TopKTeacher
 from smskd_fast.ops import registration, schema
 from smskd_fast.ops.extension import extension_loaded
 from topk_cases import make_inputs as make_topk_inputs
@@ -40,8 +38,8 @@ def rows_case(topk: bool, dtype: torch.dtype, device: str):
     if topk:
         student, target, teacher, reference = make_topk_inputs(6, 40, 5, dtype, temperature=OPTIONS.temperature)
         student, target, reference = (x.to(device) for x in (student, target, reference))
-        teacher = TopKTeacher(*(x.to(device) for x in dataclasses.astuple(teacher.rows())))
-        tensors = (target, *dataclasses.astuple(teacher), reference)
+        teacher = teacher.rows().map_tensors(lambda x: x.to(device))
+        tensors = (target, *teacher.tensors(), reference)
         api_teacher = {"teacher_topk": teacher}
     else:
         student, teacher, reference = ((torch.randn(6, 40, generator=generator) * 3).to(dtype).to(device)
@@ -283,7 +281,8 @@ def test_triton_api_top_k_runs_its_body_directly(monkeypatch):
     ran = []
     body = triton_backend._eager_topk_rows
     monkeypatch.setattr(triton_backend, "_eager_topk_rows", lambda *args: ran.append(1) or body(*args))
-    out = smskd_fast.smskd_loss(student, tensors[0], reference_logits=tensors[-1], backend="triton", **api_teacher)
+    out = smskd_fast.smskd_loss(student, tensors[0], reference_logits=tensors[-1], backend="triton",
+                                temperature=OPTIONS.temperature, **api_teacher)
     out.loss.backward()
     assert ran == [1] and student.grad.abs().max() > 0
 

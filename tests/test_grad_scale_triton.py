@@ -51,7 +51,7 @@ def topk_on_device(student, target, topk, reference):
     def move(t):
         return None if t is None else t.to(DEVICE)
 
-    return move(student), move(target), TopKTeacher(*(move(t) for t in vars(topk).values())), move(reference)
+    return move(student), move(target), topk.map_tensors(move), move(reference)
 
 
 def check_scaled(run, expected_grad: torch.Tensor, dtype: torch.dtype) -> None:
@@ -219,7 +219,7 @@ def test_public_api_gradient_matches_the_reference(topk, reduction, grad_output,
 
     leaf64 = student.detach().cpu().double().requires_grad_()
     topk64 = None if topk_teacher is None else TopKTeacher(*(
-        t.double() if t.is_floating_point() else t for t in vars(topk_teacher).values()))
+        t.double() if t.is_floating_point() else t for t in topk_teacher.tensors()))
     want = public_loss(leaf64, target.cpu(), teacher.cpu().double(), reference.cpu().double(), topk64, reduction,
                        "reference")
     want.loss.backward(weights)

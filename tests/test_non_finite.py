@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import fields
 
 import pytest
 import torch
@@ -45,7 +44,7 @@ def run(backend, s, y, t, r, options):
     t, r = (None if x is None else x.to(device) for x in (t, r))
     if "teacher_topk" in options:
         topk = options["teacher_topk"]
-        options = dict(options, teacher_topk=TopKTeacher(*(getattr(topk, f.name).to(device) for f in fields(topk))))
+        options = dict(options, teacher_topk=topk.map_tensors(lambda field: field.to(device)))
     out = smskd_fast.smskd_loss(s, y.to(device), t, r, backend=backend, **options)
     out.loss.sum().backward()
     return out, s.grad.cpu()

@@ -13,6 +13,7 @@ from conformance_cases import PADDING_FILLS, padded
 from conftest import make_logits
 from gpu_child import assert_fails_loudly, run_child
 from smskd_fast.backends.topk import TopKTeacher
+from smskd_fast.ops.extension import extension_loaded
 
 
 def topk_closed_form(s, t, y, k, T):
@@ -93,7 +94,7 @@ def test_bad_topk_arguments():
                       topk.log_sum_exp_at_temperature)
     with pytest.raises(ValueError, match=r"teacher_topk.true_logit must have shape \(3,\)"):
         smskd_fast.smskd_loss(student, target, teacher_topk=bad)
-    bad = TopKTeacher(topk.values, topk.indices + 5, *list(vars(topk).values())[2:])
+    bad = TopKTeacher(topk.values, topk.indices + 5, *topk.tensors()[2:])
     with pytest.raises(ValueError, match=r"teacher_topk.indices must be in \[0, 5\)"):
         smskd_fast.smskd_loss(student, target, teacher_topk=bad)
     with pytest.raises(ValueError, match=r"k must be in \[1, 5\], got 6"):
@@ -101,7 +102,7 @@ def test_bad_topk_arguments():
 
 
 def _with(topk, **fields):
-    return TopKTeacher(**{**vars(topk), **fields})
+    return dataclasses.replace(topk, **fields)
 
 
 def test_repeated_or_out_of_range_indices_are_refused_naming_the_first_bad_row():
@@ -117,14 +118,15 @@ def test_repeated_or_out_of_range_indices_are_refused_naming_the_first_bad_row()
     with pytest.raises(ValueError, match=r"teacher_topk.indices must be in \[0, 6\), found -1 in row 1"):
         smskd_fast.smskd_loss(student, target, teacher_topk=_with(topk, indices=negative))
     # Leading dimensions (B, L): the row is named by its index in them.
-    batched = _with(topk, **{name: t.reshape(2, 2, *t.shape[1:]) for name, t in vars(topk).items()})
+    batched = _with(topk, **{name: getattr(topk, name).reshape(2, 2, *getattr(topk, name).shape[1:])
+                                  for name in TopKTeacher.TENSOR_FIELDS})
     batched_repeat = batched.indices.clone()
     batched_repeat[1, 0, 1] = batched_repeat[1, 0, 2]
     with pytest.raises(ValueError, match=r"row \(1, 0\) repeats"):
         smskd_fast.smskd_loss(student.reshape(2, 2, 6), target.reshape(2, 2),
                               teacher_topk=_with(batched, indices=batched_repeat))
     # A single row of shape (C,).
-    single = _with(topk, **{name: t[0] for name, t in vars(topk).items()})
+    single = _with(topk, **{name: getattr(topk, name)[0] for name in TopKTeacher.TENSOR_FIELDS})
     with pytest.raises(ValueError, match="in the row"):
         smskd_fast.smskd_loss(student[0], target[0], teacher_topk=_with(single, indices=single.indices - 7))
 
@@ -151,10 +153,28 @@ def test_teacher_topk_dtypes_are_checked():
         smskd_fast.smskd_loss(student, target, teacher_topk=_with(topk, indices=topk.indices.bool()))
 
 
-def test_a_cache_built_for_another_temperature_is_refused():
-    """lse(t/4) with the loss at T = 1: the kept probabilities would sum to far more than 1."""
+@pytest.mark.parametrize("built_at, used_at", [(4.0, 1.0), (1.0, 2.0), (0.5, 2.0)])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_teacher_built_for_another_temperature_is_refused(backend, built_at, used_at):
+    """from_logits records its temperature: any other loss temperature is refused, a lower one too
+    (its kept probabilities then sum to less than 1, which the kept-mass check cannot see)."""
+    if backend == "cpu" and not extension_loaded():
+        pytest.skip("needs the compiled smskd_fast._C")
     student, target, teacher, _ = make_logits((4, 10), dtype=torch.float32, with_reference=False)
-    topk = TopKTeacher.from_logits(teacher * 3, target, 3, 4.0)
+    topk = TopKTeacher.from_logits(teacher * 3, target, 3, built_at)
+    assert topk.temperature == built_at and topk.rows().temperature == built_at
+    smskd_fast.smskd_loss(student, target, teacher_topk=topk, temperature=built_at, backend=backend)
+    with pytest.raises(ValueError, match=f"teacher_topk was built for temperature {built_at:g} .* the loss's "
+                                         f"temperature is {used_at:g}"):
+        smskd_fast.smskd_loss(student, target, teacher_topk=topk, temperature=used_at, backend=backend)
+
+
+def test_a_teacher_of_unknown_temperature_is_checked_by_its_kept_mass():
+    """A TopKTeacher built by hand (its temperature unknown) with lse(t/4) and the loss at T = 1:
+    the kept probabilities would sum to far more than 1."""
+    student, target, teacher, _ = make_logits((4, 10), dtype=torch.float32, with_reference=False)
+    topk = TopKTeacher(*TopKTeacher.from_logits(teacher * 3, target, 3, 4.0).tensors())
+    assert topk.temperature is None
     smskd_fast.smskd_loss(student, target, teacher_topk=topk, temperature=4.0)  # its own temperature
     with pytest.raises(ValueError, match=r"kept probabilities .* sum to [0-9.]+ > 1 in row 0 at temperature 1"):
         smskd_fast.smskd_loss(student, target, teacher_topk=topk, temperature=1.0)
@@ -178,13 +198,12 @@ def test_bfloat16_storage_passes_the_kept_mass_check_and_another_temperature_doe
     student, target, teacher, _ = make_logits((64, 50), dtype=torch.float32, with_reference=False)
     teacher = teacher * 8 + 60
     topk = TopKTeacher.from_logits(teacher, target, 5, 1.0)
-    stored = TopKTeacher(*(field.bfloat16() if field.is_floating_point() else field
-                           for field in dataclasses.astuple(topk)))
+    stored = topk.map_tensors(lambda field: field.bfloat16() if field.is_floating_point() else field)
     kept_mass = torch.exp(stored.values.double() - stored.log_sum_exp_at_temperature.double()[:, None]).sum(-1)
     assert float(kept_mass.max()) > 1  # the case this guards
     smskd_fast.smskd_loss(student, target, teacher_topk=stored, temperature=1.0)
-    other = TopKTeacher(*(field.bfloat16() if field.is_floating_point() else field
-                          for field in dataclasses.astuple(TopKTeacher.from_logits(teacher / 20, target, 5, 4.0))))
+    other = TopKTeacher(*(field.bfloat16() if field.is_floating_point() else field  # its temperature unknown
+                          for field in TopKTeacher.from_logits(teacher / 20, target, 5, 4.0).tensors()))
     with pytest.raises(ValueError, match=r"kept probabilities .* > 1 .* at temperature 1"):
         smskd_fast.smskd_loss(student, target, teacher_topk=other, temperature=1.0)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, ClassVar, Optional, Tuple
 
 import torch
 
@@ -26,13 +27,19 @@ __all__ = ["TopKTeacher"]
 
 @dataclass(frozen=True)
 class TopKTeacher:
-    """A teacher given by its top-k logits. Shapes: values and indices (..., k); the rest (...)."""
+    """A teacher given by its top-k logits. Shapes: values and indices (..., k); the rest (...).
+
+    temperature, when known (from_logits and the trainer's caches record it), is the one
+    log_sum_exp_at_temperature was taken at: the loss refuses the teacher at any other."""
 
     values: torch.Tensor
     indices: torch.Tensor
     true_logit: torch.Tensor
     log_sum_exp: torch.Tensor
     log_sum_exp_at_temperature: torch.Tensor
+    temperature: Optional[float] = None
+    TENSOR_FIELDS: ClassVar[Tuple[str, ...]] = ("values", "indices", "true_logit", "log_sum_exp",
+                                                "log_sum_exp_at_temperature")
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, target: torch.Tensor, k: int, temperature: float) -> "TopKTeacher":
@@ -43,7 +50,16 @@ class TopKTeacher:
         values, indices = logits.topk(k, dim=-1)
         safe_target = target.clamp(0, logits.shape[-1] - 1).long().unsqueeze(-1)
         return cls(values, indices, logits.gather(-1, safe_target).squeeze(-1), torch.logsumexp(logits, -1),
-                   torch.logsumexp(logits / temperature, -1))
+                   torch.logsumexp(logits / temperature, -1), float(temperature))
+
+    def tensors(self) -> Tuple[torch.Tensor, ...]:
+        """The tensor fields, in TENSOR_FIELDS order."""
+        return tuple(getattr(self, name) for name in self.TENSOR_FIELDS)
+
+    def map_tensors(self, function: Callable[[torch.Tensor], torch.Tensor]) -> "TopKTeacher":
+        """The same teacher with `function` applied to each tensor field (to move, slice or cast them),
+        its temperature kept."""
+        return TopKTeacher(*(function(tensor) for tensor in self.tensors()), self.temperature)
 
     @property
     def k(self) -> int:
@@ -53,7 +69,7 @@ class TopKTeacher:
         """The same teacher flattened to rows: (N, k) and (N,)."""
         k = self.k
         return TopKTeacher(self.values.reshape(-1, k), self.indices.reshape(-1, k), self.true_logit.reshape(-1),
-                           self.log_sum_exp.reshape(-1), self.log_sum_exp_at_temperature.reshape(-1))
+                           self.log_sum_exp.reshape(-1), self.log_sum_exp_at_temperature.reshape(-1), self.temperature)
 
 
 def with_uniform_rows(teacher: TopKTeacher, keep: torch.Tensor, num_classes: int) -> TopKTeacher:
@@ -67,7 +83,7 @@ def with_uniform_rows(teacher: TopKTeacher, keep: torch.Tensor, num_classes: int
                        torch.where(row_keep, teacher.indices.long(), first_classes),
                        torch.where(keep, teacher.true_logit, 0.0),
                        torch.where(keep, teacher.log_sum_exp, log_classes),
-                       torch.where(keep, teacher.log_sum_exp_at_temperature, log_classes))
+                       torch.where(keep, teacher.log_sum_exp_at_temperature, log_classes), teacher.temperature)
 
 
 def topk_tcp(teacher: TopKTeacher) -> torch.Tensor:

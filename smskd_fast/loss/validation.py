@@ -53,12 +53,17 @@ def check_companion_logits(name: str, logits: Optional[torch.Tensor], student: t
         raise ValueError(
             f"{name} must be on the student_logits' device {student.device}, got {logits.device}"
         )
-    if logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # Python shows a warning once per place: a teacher trained jointly would otherwise silently get
-        # no gradient from this loss, and a teacher's forward run with grad builds a graph for nothing.
-        warnings.warn(f"{name} requires grad, but the loss is differentiable with respect to student_logits "
-                      f"only: no gradient reaches {name}; compute it under torch.no_grad() or pass "
-                      f"{name}.detach() to silence this warning", UserWarning, stacklevel=3)
+    warn_if_frozen_requires_grad(name, logits, "student_logits", stacklevel=3)
+
+
+def warn_if_frozen_requires_grad(name: str, tensor: Optional[torch.Tensor], trained: str, stacklevel: int) -> None:
+    """Warns (once per place, as Python does) when a frozen model's input requires grad: a teacher trained
+    jointly would otherwise silently get no gradient from the loss, and a teacher's forward run with grad
+    builds a graph for nothing. stacklevel counts from the caller of this function."""
+    if tensor is not None and tensor.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        warnings.warn(f"{name} requires grad, but the loss is differentiable with respect to {trained} only: no "
+                      f"gradient reaches {name}; compute it under torch.no_grad() or pass {name}.detach() to "
+                      f"silence this warning", UserWarning, stacklevel=stacklevel + 1)
 
 
 def check_target(target: torch.Tensor, student: torch.Tensor, ignore_index: int, *, values: bool = True) -> None:
@@ -153,8 +158,9 @@ def check_teacher_topk(teacher_topk, teacher_logits: Optional[torch.Tensor], stu
     probability twice) and in [0, C): checked on the host for CPU tensors, by a
     device-side assertion (no host sync) elsewhere; compiled and traced graphs, and
     fields batched by a torch.func transform, skip both, like the target's range
-    check. Given the loss temperature, CPU rows are also checked to be a
-    distribution's top k (see check_topk_kept_mass). Rows whose target is
+    check. Given the loss temperature, a teacher that records the temperature it was
+    built for (TopKTeacher.temperature) must have that one, on every device, and CPU
+    rows are also checked to be a distribution's top k (see check_topk_kept_mass). Rows whose target is
     ignore_index are not read by any backend, so their contents (a cache's
     zero-filled padding) are not checked.
     """
@@ -165,6 +171,10 @@ def check_teacher_topk(teacher_topk, teacher_logits: Optional[torch.Tensor], stu
                         f"got {type(teacher_topk).__name__}")
     if teacher_logits is not None:
         raise ValueError("give the teacher either as teacher_logits or as teacher_topk, not both")
+    if temperature is not None and teacher_topk.temperature is not None and teacher_topk.temperature != temperature:
+        raise ValueError(f"teacher_topk was built for temperature {teacher_topk.temperature:g} (its "
+                         f"log_sum_exp_at_temperature is taken there), the loss's temperature is {temperature:g}: "
+                         f"build it with TopKTeacher.from_logits(..., temperature={temperature:g})")
     leading, num_classes = tuple(student.shape[:-1]), student.shape[-1]
     k = teacher_topk.values.shape[-1] if teacher_topk.values.dim() else 0
     for name, tensor, shape in (("values", teacher_topk.values, leading + (k,)),

@@ -133,7 +133,7 @@ class CachedLogits:
     """Reads one stage's rows of a cache: dense logits, or the top-k teacher at the stage temperature."""
 
     def __init__(self, cache: LogitCache, temperature: float, device: torch.device):
-        self.cache, self.device = cache, device
+        self.cache, self.device, self.temperature = cache, device, float(temperature)
         self._temperature_column = (1 + cache.spec.temperatures.index(float(temperature))
                                     if cache.spec.format == "topk" else None)
 
@@ -146,4 +146,5 @@ class CachedLogits:
             return rows.to(self.device), None
         lse = rows.log_sum_exp.to(self.device)
         return None, TopKTeacher(rows.values.to(self.device), rows.indices.to(self.device),
-                                 rows.true_logit.to(self.device), lse[..., 0], lse[..., self._temperature_column])
+                                 rows.true_logit.to(self.device), lse[..., 0], lse[..., self._temperature_column],
+                                 self.temperature)

@@ -1,6 +1,9 @@
 """fused_linear_smskd_loss against the unfused composition: logits = hidden @ W.T + b, then smskd_loss."""
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 import torch
 
@@ -310,16 +313,19 @@ def test_topk_teacher_matches_smskd_loss_on_full_logits(k):
 
 
 def test_a_topk_teacher_stored_for_another_temperature_is_refused():
-    """The kept-mass check of smskd_loss holds here too: top-k rows built at T = 4 are not a
-    distribution's top k at T = 1 (their kept probabilities would sum to more than 1)."""
+    """smskd_loss's checks hold here too: a teacher built at T = 4 by from_logits (which records it) is
+    refused at T = 1, and one of unknown temperature is not a distribution's top k at T = 1 (its kept
+    probabilities would sum to more than 1)."""
     from smskd_fast.backends.topk import TopKTeacher
 
     p = make_problem()
     teacher_logits = logits_of(p["teacher_hidden"], p["teacher_head_weight"], p["teacher_head_bias"])
     topk = TopKTeacher.from_logits(teacher_logits * 3, p["target"], 4, 4.0)
-    with pytest.raises(ValueError, match=r"kept probabilities .* > 1 .* at temperature 1"):
-        fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], teacher_topk=topk,
-                                temperature=1.0, backend="reference")
+    for teacher, message in ((topk, "teacher_topk was built for temperature 4 .* the loss's temperature is 1"),
+                             (TopKTeacher(*topk.tensors()), r"kept probabilities .* > 1 .* at temperature 1")):
+        with pytest.raises(ValueError, match=message):
+            fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"],
+                                    teacher_topk=teacher, temperature=1.0, backend="reference")
 
 
 @pytest.mark.parametrize("cached_dtype", [torch.float64, torch.float16])
@@ -381,3 +387,68 @@ def test_the_default_chunk_counts_the_dense_heads(monkeypatch):
     fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"], teacher_logits=teacher_logits,
                             backend="reference")
     assert asked == [(("cpu", 15, 11, 8, torch.float64), {"heads": heads}) for heads in (3, 1, 2)]
+
+
+@pytest.mark.parametrize("names", [("teacher_hidden",), ("teacher_head_weight",), ("teacher_head_bias",),
+                                   ("teacher_hidden", "teacher_head_weight"), ("reference_hidden",),
+                                   ("reference_head_weight",), ("reference_hidden", "reference_head_weight")])
+def test_frozen_inputs_on_another_device_are_refused(names):
+    """A CPU kernel would read a meta (or another GPU's) tensor's address as its own memory (a teacher's
+    hidden states and head on meta, without bias, gave a loss that changed from run to run)."""
+    p = make_problem(bias="teacher_head_bias" in names)
+    for name in names:
+        p[name] = p[name].to("meta")
+    with pytest.raises(ValueError, match=f"{names[0]} must be on student_hidden's device cpu, got meta"):
+        fused(p)  # "auto": the CPU kernel where it is built
+
+
+@pytest.mark.parametrize("name, dtype, expected", [
+    ("student_head_bias", torch.float32, "student_head_bias must have student_hidden's dtype torch.float64, "
+                                         "got torch.float32"),
+    ("teacher_hidden", torch.float32, "teacher_head_weight must have teacher_hidden's dtype torch.float32, "
+                                      "got torch.float64"),
+    ("teacher_head_bias", torch.bfloat16, "teacher_head_bias must have teacher_hidden's dtype torch.float64, "
+                                          "got torch.bfloat16"),
+    ("reference_head_weight", torch.float32, "reference_head_weight must have reference_hidden's dtype "
+                                             "torch.float64, got torch.float32"),
+])
+def test_head_dtype_mismatches_name_the_argument(name, dtype, expected):
+    p = make_problem()
+    p[name] = p[name].detach().to(dtype)
+    with pytest.raises(TypeError, match=expected):
+        fused(p, backend="reference")
+
+
+def test_chunk_size_takes_any_integer_but_bool():
+    np = pytest.importorskip("numpy")
+    p = make_problem()
+    want = fused(p, chunk_size=4, backend="reference").loss
+    torch.testing.assert_close(fused(p, chunk_size=np.int64(4), backend="reference").loss, want, rtol=0, atol=0)
+    for bad in (True, 4.0, torch.tensor(4)):
+        with pytest.raises(ValueError, match=re.escape(f"chunk_size must be a positive integer, got {bad!r}")):
+            fused(p, chunk_size=bad, backend="reference")
+
+
+@pytest.mark.parametrize("name", ["teacher_hidden", "teacher_head_weight", "teacher_head_bias", "reference_hidden",
+                                  "reference_head_weight", "teacher_logits"])
+def test_frozen_inputs_that_require_grad_warn_as_smskd_loss_does(name):
+    """README: teacher and reference are constants, a warning says so when they require grad; under
+    torch.no_grad (no gradient asked for) and for detached inputs nothing is said."""
+    p = make_problem()
+    if name == "teacher_logits":
+        p["teacher_logits"] = logits_of(p.pop("teacher_hidden"), p.pop("teacher_head_weight"),
+                                        p.pop("teacher_head_bias"))
+
+    def call():
+        return fused_linear_smskd_loss(**p, backend="reference")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call()
+        p[name] = p[name].detach().requires_grad_()
+        with torch.no_grad():
+            call()
+    with pytest.warns(UserWarning, match=f"{name} requires grad, but the loss is differentiable with respect to "
+                                         f"student_hidden, student_head_weight and student_head_bias only"):
+        call().loss.backward()
+    assert p[name].grad is None

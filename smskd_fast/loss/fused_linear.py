@@ -26,6 +26,7 @@ chunk's kernels without waiting (tests/test_fused_linear_sync.py).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -33,10 +34,11 @@ import torch
 from smskd_fast.loss import validation
 from smskd_fast.loss.derivative_modes import check_reverse_mode_only
 from smskd_fast.backends import resolve_backend
-from smskd_fast.backends.base import LossOptions, RowInputs
+from smskd_fast.backends.base import LossOptions, RowInputs, needs_student_grad
 from smskd_fast.loss.functional import SMSKDLossOutput
 from smskd_fast.ops import schema
 from smskd_fast.ops.registration import refuse_double_backward, row_factor
+from smskd_fast.ops.scale_rows import scale_rows_
 from smskd_fast.ops.reduction import as_class_indices, mean_reduction_scale
 from smskd_fast.backends.topk import TopKTeacher
 
@@ -95,16 +97,27 @@ def chunk_rows(device_type: str, rows: int, vocabulary: int, hidden: int, dtype:
 class _Head:
     """A frozen or trainable projection hidden -> logits, or precomputed logits."""
 
+    WIDTH = 4 + len(TopKTeacher.TENSOR_FIELDS)  # len(tensors())
+
     def __init__(self, hidden=None, weight=None, bias=None, logits=None, topk: Optional[TopKTeacher] = None):
         self.hidden, self.weight, self.bias, self.logits, self.topk = hidden, weight, bias, logits, topk
+
+    def tensors(self) -> Tuple[Optional[torch.Tensor], ...]:
+        """Every tensor the loss reads (None where absent): what backward saves to recompute from."""
+        topk = (None,) * len(TopKTeacher.TENSOR_FIELDS) if self.topk is None else self.topk.tensors()
+        return (self.hidden, self.weight, self.bias, self.logits, *topk)
+
+    @classmethod
+    def of(cls, tensors) -> "_Head":
+        """The head whose tensors() these are."""
+        hidden, weight, bias, logits, *topk = tensors
+        return cls(hidden, weight, bias, logits, None if topk[0] is None else TopKTeacher(*topk))
 
     def chunk_topk(self, start: int, end: int) -> Optional[TopKTeacher]:
         """The rows [start, end) of a teacher given in top-k form."""
         if self.topk is None:
             return None
-        return TopKTeacher(*(field[start:end] for field in (
-            self.topk.values, self.topk.indices, self.topk.true_logit, self.topk.log_sum_exp,
-            self.topk.log_sum_exp_at_temperature)))
+        return self.topk.map_tensors(lambda field: field[start:end])
 
     def present(self) -> bool:
         return self.logits is not None or self.hidden is not None
@@ -179,18 +192,43 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
     return per_row, grad_hidden, grad_weight, grad_bias
 
 
+def _scale_(gradient: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """gradient *= factor (0-d, on the device: no host sync) in place, the product formed in float32
+    (float64 for float64) and rounded once: factor in an fp16 gradient's dtype would be rounded first
+    (GradScaler's 65536 is inf in fp16, 1/3 is 0.2% high in bf16). ops/scale_rows: on CUDA a factor
+    of exactly 1 (loss.backward() of the loss itself) reads and writes nothing."""
+    accumulate = torch.float64 if gradient.dtype == torch.float64 else torch.float32
+    scale_rows_(gradient.view(-1, gradient.shape[-1]), factor.to(accumulate))
+    return gradient
+
+
+def _refuse_double_backward() -> None:
+    """refuse_double_backward's check, with this API's remedy: every backend here computes its
+    gradients in the forward pass, backend='reference' included."""
+    try:
+        refuse_double_backward()
+    except NotImplementedError:
+        raise NotImplementedError(
+            "fused_linear_smskd_loss computes its gradients in the forward pass on every backend (backend="
+            "'reference' included), so they cannot be differentiated again: backward with create_graph=True "
+            "(double backward: a gradient penalty, MAML, Hessian-vector products) is not supported; materialise "
+            "the logits and call smskd_loss(..., backend='reference') instead") from None
+
+
 class _FusedLinearSMSKD(torch.autograd.Function):
     """Autograd wrapper: gradients are computed in forward for "mean"/"sum", in backward for "none".
 
-    The first backward scales the gradients from forward in place and hands them over, so
-    autograd takes them as .grad without a copy (a V x H weight gradient is the largest
-    buffer of the fused path). A second backward through the same graph (retain_graph,
-    gradcheck) finds them gone and recomputes them chunk by chunk, like "none".
+    need says which of (hidden, weight, bias) get a gradient: the caller decides, as forward
+    runs with grad mode off. The first backward scales the gradients from forward in place and
+    hands them over, so autograd takes them as .grad without a copy (a V x H weight gradient is
+    the largest buffer of the fused path). A second backward through the same graph
+    (retain_graph, gradcheck) finds them gone and recomputes them chunk by chunk, like "none",
+    from the saved inputs (autograd refuses them if modified in place since forward).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher, reference, target, options, backend, chunk_size, reduction):
-        need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    def forward(ctx, hidden, weight, bias, teacher, reference, target, options, backend, chunk_size, reduction,
+                need):
         target = as_class_indices(target)
         valid = target != options.ignore_index
         student = _Head(hidden, weight, bias)
@@ -204,7 +242,9 @@ class _FusedLinearSMSKD(torch.autograd.Function):
         per_row, grad_hidden, grad_weight, grad_bias = _chunk_pass(
             student, teacher, reference, target, options, backend, chunk_size, row_scale, need, mean_scale)
         ctx.reduction, ctx.need, ctx.row_scale = reduction, need, row_scale
-        ctx.replay = (student, teacher, reference, target, options, backend, chunk_size)
+        ctx.save_for_backward(*student.tensors(), *teacher.tensors(), *reference.tensors(), target)
+        ctx.replay = (options, backend, chunk_size)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.grads = (grad_hidden, grad_weight, grad_bias) if grads else None
         loss, ce, kd, ref, tcp, w = (per_row[name] for name in ("loss", "ce", "kd", "ref", "tcp", "weight"))
         if reduction == "none":
@@ -217,27 +257,27 @@ class _FusedLinearSMSKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        refuse_double_backward()
+        _refuse_double_backward()
         if ctx.grads is not None:
-            grad_hidden, grad_weight, grad_bias = (
-                None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads)
+            grad_hidden, grad_weight, grad_bias = (None if g is None else _scale_(g, grad_loss) for g in ctx.grads)
             ctx.grads = None
         else:
-            student, teacher, reference, target, options, backend, chunk_size = ctx.replay
+            saved, width = ctx.saved_tensors, _Head.WIDTH
+            student, teacher, reference = (_Head.of(saved[i * width:(i + 1) * width]) for i in range(3))
+            target, (options, backend, chunk_size) = saved[-1], ctx.replay
             if ctx.reduction == "none":  # an ignored row's gradient is 0 whatever grad_output holds
                 row_scale = row_factor(grad_loss, None, target, options.ignore_index)
             else:
                 row_scale = ctx.row_scale * grad_loss.to(ctx.row_scale.dtype)
             _, grad_hidden, grad_weight, grad_bias = _chunk_pass(
                 student, teacher, reference, target, options, backend, chunk_size, row_scale, ctx.need)
-        student = ctx.replay[0]
-        grad_hidden = None if grad_hidden is None else grad_hidden.to(student.hidden.dtype)
-        grad_weight = None if grad_weight is None else grad_weight.to(student.weight.dtype)
-        grad_bias = None if grad_bias is None else grad_bias.to(student.bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+        grad_bias = None if grad_bias is None else grad_bias.to(ctx.bias_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
-def _check_head(prefix: str, hidden, weight, bias, rows_shape, vocabulary: Optional[int]) -> None:
+def _check_head(prefix: str, hidden, weight, bias, rows_shape, vocabulary: Optional[int],
+                device: torch.device) -> None:
+    """A head's hidden states, weight and bias: shapes, one dtype (F.linear's), the student's device."""
     if (hidden is None) != (weight is None):
         raise ValueError(f"{prefix}_hidden and {prefix}_head_weight must be given together")
     if hidden is None:
@@ -258,8 +298,17 @@ def _check_head(prefix: str, hidden, weight, bias, rows_shape, vocabulary: Optio
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{prefix}_head_bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     for name, tensor in ((f"{prefix}_head_weight", weight), (f"{prefix}_head_bias", bias)):
-        if tensor is not None and tensor.device != hidden.device:
-            raise ValueError(f"{name} must be on {prefix}_hidden's device {hidden.device}, got {tensor.device}")
+        if tensor is not None and tensor.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have {prefix}_hidden's dtype {hidden.dtype}, got {tensor.dtype}")
+    for name, tensor in ((f"{prefix}_hidden", hidden), (f"{prefix}_head_weight", weight),
+                         (f"{prefix}_head_bias", bias)):
+        _check_device(name, tensor, device)
+
+
+def _check_device(name: str, tensor: Optional[torch.Tensor], device: torch.device) -> None:
+    """Every input on student_hidden's device: a kernel would read another device's memory as its own."""
+    if tensor is not None and tensor.device != device:
+        raise ValueError(f"{name} must be on student_hidden's device {device}, got {tensor.device}")
 
 
 def fused_linear_smskd_loss(
@@ -297,23 +346,24 @@ def fused_linear_smskd_loss(
     head or as logits (..., V), e.g. read from a dense logit cache. Logits given
     whole may have any floating dtype: each chunk is converted to student_hidden's
     dtype when it is used (an fp16 cache's rows stay fp16 until then). Gradients
-    flow to the student's hidden states, head weight and bias only. chunk_size (rows per chunk)
+    flow to the student's hidden states, head weight and bias only, computed in forward where grad mode
+    is on (not under torch.no_grad or torch.inference_mode); frozen inputs that require grad get a
+    warning, as in smskd_loss. Every input must be on student_hidden's device, each head's weight and
+    bias in its hidden states' dtype. chunk_size (rows per chunk)
     defaults to chunk_rows: 2^24 / V on the CPU; on a GPU whole 256-row tiles within 1 GiB of chunk
     buffers and a quarter of the unfused path's peak.
     """
     validation.check_logits("student_hidden", student_hidden)
     rows_shape = tuple(student_hidden.shape[:-1])
-    _check_head("student", student_hidden, student_head_weight, student_head_bias, rows_shape, None)
+    device = student_hidden.device
+    _check_head("student", student_hidden, student_head_weight, student_head_bias, rows_shape, None, device)
     vocabulary = student_head_weight.shape[0]
-    if student_head_weight.dtype != student_hidden.dtype:
-        raise TypeError(f"student_head_weight must have student_hidden's dtype {student_hidden.dtype}, "
-                        f"got {student_head_weight.dtype}")
     if sum(x is not None for x in (teacher_logits, teacher_hidden, teacher_topk)) > 1:
         raise ValueError("give the teacher either as teacher_hidden with teacher_head_weight, as "
                          "teacher_logits or as teacher_topk, not more than one")
-    _check_head("teacher", teacher_hidden, teacher_head_weight, teacher_head_bias, rows_shape, vocabulary)
+    _check_head("teacher", teacher_hidden, teacher_head_weight, teacher_head_bias, rows_shape, vocabulary, device)
     _check_head("reference", reference_hidden, reference_head_weight, reference_head_bias, rows_shape,
-                vocabulary)
+                vocabulary, device)
     if reference_logits is not None and reference_hidden is not None:
         raise ValueError("give the reference either as reference_hidden with reference_head_weight or as "
                          "reference_logits, not both")
@@ -323,8 +373,7 @@ def fused_linear_smskd_loss(
         validation.check_logits(name, logits)
         if tuple(logits.shape) != rows_shape + (vocabulary,):
             raise ValueError(f"{name} must have shape {rows_shape + (vocabulary,)}, got {tuple(logits.shape)}")
-        if logits.device != student_hidden.device:
-            raise ValueError(f"{name} must be on student_hidden's device {student_hidden.device}, got {logits.device}")
+        _check_device(name, logits, device)
     validation.check_class_indices(target, rows_shape, vocabulary, student_hidden.device, ignore_index,
                                    owner="student_hidden")
     validation.check_options(temperature, reduction, weighting,
@@ -339,9 +388,18 @@ def fused_linear_smskd_loss(
         dense_heads = 1 + (teacher_logits is not None or teacher_hidden is not None) + has_reference
         chunk_size = chunk_rows(student_hidden.device.type, target.numel(), vocabulary, student_hidden.shape[-1],
                                 student_hidden.dtype, heads=dense_heads)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     check_reverse_mode_only("fused_linear_smskd_loss", student_hidden, student_head_weight, student_head_bias)
+    for name, tensor in (("teacher_hidden", teacher_hidden), ("teacher_head_weight", teacher_head_weight),
+                         ("teacher_head_bias", teacher_head_bias), ("teacher_logits", teacher_logits),
+                         ("reference_hidden", reference_hidden), ("reference_head_weight", reference_head_weight),
+                         ("reference_head_bias", reference_head_bias), ("reference_logits", reference_logits)):
+        validation.warn_if_frozen_requires_grad(name, tensor, "student_hidden, student_head_weight and "
+                                                "student_head_bias", stacklevel=2)
+    # Gradients only where autograd will ask for them (grad mode on: not under no_grad or inference_mode).
+    need = (needs_student_grad(student_hidden), needs_student_grad(student_head_weight),
+            student_head_bias is not None and needs_student_grad(student_head_bias))
 
     def flat(tensor):
         return None if tensor is None else tensor.reshape(-1, tensor.shape[-1])
@@ -353,7 +411,7 @@ def fused_linear_smskd_loss(
     reference = _Head(flat(reference_hidden), reference_head_weight, reference_head_bias, flat(reference_logits))
     loss, ce, kd, ref, tcp, w = _FusedLinearSMSKD.apply(
         flat(student_hidden), student_head_weight, student_head_bias, teacher, reference, target.reshape(-1),
-        options, backend, chunk_size, reduction)
+        options, backend, int(chunk_size), reduction, need)
     if reduction == "none":
         loss, ce, kd, ref = (values.reshape(rows_shape) for values in (loss, ce, kd, ref))
     return SMSKDLossOutput(loss, ce, kd, ref, tcp.reshape(rows_shape), w.reshape(rows_shape))

@@ -135,3 +135,32 @@ def test_gradient_accumulation_takes_the_same_step(tmp_path):
     assert any(update.abs().max() > 0 for update in whole.values())
     for name, update in whole.items():
         torch.testing.assert_close(accumulated[name], update, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_across_ranks_the_loss_is_multiplied_back_as_trainer_does(tmp_path, monkeypatch):
+    """num_items_in_batch counts every rank's tokens (average_tokens_across_devices) and DDP averages the
+    ranks' gradients: like transformers' own compute_loss, the loss is multiplied by the number of ranks."""
+    recipe = load_recipe()
+    student, teacher = tiny_llama(16, 0), tiny_llama(24, 1)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no",
+                             average_tokens_across_devices=True)
+    trainer = recipe.SMSKDTrainer(model=student, teacher=teacher, args=args, fused_linear=False,
+                                  loss_options={"temperature": 2.0, "backend": "reference"})
+    inputs, items = batch(), torch.tensor(50)
+    one_rank = trainer.compute_loss(student, inputs, num_items_in_batch=items)
+    monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 2))
+    torch.testing.assert_close(trainer.compute_loss(student, inputs, num_items_in_batch=items), 2 * one_rank,
+                               rtol=1e-15, atol=0)
+
+
+def test_the_fused_loss_refuses_a_wrapped_model(tmp_path):
+    """Past a DDP wrapper, model.model would run without its gradient synchronisation."""
+    recipe = load_recipe()
+    student, teacher = tiny_llama(16, 0), tiny_llama(24, 1)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no")
+    trainer = recipe.SMSKDTrainer(model=student, teacher=teacher, args=args)
+    wrapped = torch.nn.parallel.DistributedDataParallel.__new__(torch.nn.parallel.DistributedDataParallel)
+    torch.nn.Module.__init__(wrapped)
+    wrapped.module = student
+    with pytest.raises(ValueError, match="fused_linear=True calls model.model and model.lm_head, which a DDP"):
+        trainer.compute_loss(wrapped, batch())

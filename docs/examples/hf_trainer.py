@@ -8,9 +8,11 @@ that the vocabulary-sized logits are never materialised all at once.
 
 When Trainer passes num_items_in_batch (the real tokens of all the micro-batches
 of one optimizer step, and of all ranks), the loss is the sum over this
-micro-batch's tokens divided by it, as the model's own loss is: Trainer then
-does not divide by the gradient accumulation steps, and a step's gradient is the
-mean over its tokens whatever the accumulation.
+micro-batch's tokens divided by it (times the ranks, whose gradients DDP
+averages), as the model's own loss is: Trainer then does not divide by the
+gradient accumulation steps, and a step's gradient is the mean over its tokens
+whatever the accumulation and the ranks. Under DDP use fused_linear=False, or
+apply_smskd_loss (smskd_fast.huggingface) for the fused loss.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ class SMSKDTrainer(Trainer):
         else:
             out = self._logits_loss(model, model_inputs, labels, reduction)
         loss = out.loss if num_items_in_batch is None else out.loss / num_items_in_batch
+        if num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False):
+            loss = loss * self.accelerator.num_processes  # DDP averages the ranks' gradients, as Trainer's own loss
         return (loss, out) if return_outputs else loss
 
     def _logits_loss(self, model, model_inputs, labels, reduction):
@@ -54,6 +58,11 @@ class SMSKDTrainer(Trainer):
         return smskd_fast.smskd_loss(student, labels, teacher, reference, reduction=reduction, **self.loss_options)
 
     def _fused_linear_loss(self, model, model_inputs, labels, reduction):
+        if model is not self.accelerator.unwrap_model(model):
+            raise ValueError("fused_linear=True calls model.model and model.lm_head, which a DDP or FSDP wrapper "
+                             "hides (calling them past it would skip its gradient synchronisation): use "
+                             "smskd_fast.huggingface.apply_smskd_loss, whose loss runs inside the model's "
+                             "forward, or fused_linear=False")
         hidden = model.model(**model_inputs).last_hidden_state[:, :-1]
         with torch.no_grad():
             teacher_hidden = self.teacher.model(**model_inputs).last_hidden_state[:, :-1]

@@ -108,9 +108,14 @@ def _device_here(name: str):
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name!r}: expected a device such as cpu, cuda or cuda:1") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: expected a device such as cpu, cuda or cuda:1")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

@@ -165,6 +165,8 @@ CASES = [
      2, "student.pt not found: a run writes it when it finishes", "smskd-fast train --resume"),
     ("eval on no device", lambda f, t: ["eval", str(_started_run(f, t)), "--device", "banana"],
      2, "--device 'banana'", "expected a device such as cpu, cuda or cuda:1"),
+    ("eval on a device kind it cannot use", lambda f, t: ["eval", str(_started_run(f, t)), "--device", "meta"],
+     2, "--device 'meta'", "expected a device such as cpu, cuda or cuda:1"),
     ("resume into another --out", lambda f, t: ["train", "--resume", str(_started_run(f, t)), "--out", str(t / "b")],
      2, "--resume continues the run in its own directory", "drop --out"),
     ("eval of another model", lambda f, t: ["eval", str(_started_run(f, t)), "--model-file", str(

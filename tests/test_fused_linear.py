@@ -321,7 +321,7 @@ def test_a_topk_teacher_stored_for_another_temperature_is_refused():
     p = make_problem()
     teacher_logits = logits_of(p["teacher_hidden"], p["teacher_head_weight"], p["teacher_head_bias"])
     topk = TopKTeacher.from_logits(teacher_logits * 3, p["target"], 4, 4.0)
-    for teacher, message in ((topk, "teacher_topk was built for temperature 4 .* the loss's temperature is 1"),
+    for teacher, message in ((topk, r"teacher_topk was built for temperature 4\.0 .* the loss's temperature is 1\.0"),
                              (TopKTeacher(*topk.tensors()), r"kept probabilities .* > 1 .* at temperature 1")):
         with pytest.raises(ValueError, match=message):
             fused_linear_smskd_loss(p["student_hidden"], p["student_head_weight"], p["target"],

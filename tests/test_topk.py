@@ -164,9 +164,17 @@ def test_a_teacher_built_for_another_temperature_is_refused(backend, built_at, u
     topk = TopKTeacher.from_logits(teacher * 3, target, 3, built_at)
     assert topk.temperature == built_at and topk.rows().temperature == built_at
     smskd_fast.smskd_loss(student, target, teacher_topk=topk, temperature=built_at, backend=backend)
-    with pytest.raises(ValueError, match=f"teacher_topk was built for temperature {built_at:g} .* the loss's "
-                                         f"temperature is {used_at:g}"):
+    with pytest.raises(ValueError, match=f"teacher_topk was built for temperature {built_at!r} .* the loss's "
+                                         f"temperature is {used_at!r}"):
         smskd_fast.smskd_loss(student, target, teacher_topk=topk, temperature=used_at, backend=backend)
+
+
+def test_a_temperature_read_back_from_float32_is_the_same_temperature():
+    """0.1 stored as float32 (a tensor's .item(), a cache header) and 0.1 given to the loss are one temperature."""
+    student, target, teacher, _ = make_logits((4, 10), dtype=torch.float32, with_reference=False)
+    topk = TopKTeacher.from_logits(teacher, target, 3, torch.tensor(0.1).item())
+    assert topk.temperature != 0.1
+    smskd_fast.smskd_loss(student, target, teacher_topk=topk, temperature=0.1, backend="reference")
 
 
 def test_a_teacher_of_unknown_temperature_is_checked_by_its_kept_mass():

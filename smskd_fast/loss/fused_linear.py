@@ -204,15 +204,15 @@ def _scale_(gradient: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 def _refuse_double_backward() -> None:
     """refuse_double_backward's check, with this API's remedy: every backend here computes its
-    gradients in the forward pass, backend='reference' included."""
+    gradients outside autograd, chunk by chunk, backend='reference' included."""
     try:
         refuse_double_backward()
     except NotImplementedError:
         raise NotImplementedError(
-            "fused_linear_smskd_loss computes its gradients in the forward pass on every backend (backend="
-            "'reference' included), so they cannot be differentiated again: backward with create_graph=True "
-            "(double backward: a gradient penalty, MAML, Hessian-vector products) is not supported; materialise "
-            "the logits and call smskd_loss(..., backend='reference') instead") from None
+            "fused_linear_smskd_loss computes its gradients outside autograd, chunk by chunk, on every backend "
+            "(backend='reference' included), so they cannot be differentiated again: backward with "
+            "create_graph=True (double backward: a gradient penalty, MAML, Hessian-vector products) is not "
+            "supported; materialise the logits and call smskd_loss(..., backend='reference') instead") from None
 
 
 class _FusedLinearSMSKD(torch.autograd.Function):

@@ -5,6 +5,7 @@ to fix without reading a kernel's stack trace.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from typing import Optional
@@ -171,10 +172,11 @@ def check_teacher_topk(teacher_topk, teacher_logits: Optional[torch.Tensor], stu
                         f"got {type(teacher_topk).__name__}")
     if teacher_logits is not None:
         raise ValueError("give the teacher either as teacher_logits or as teacher_topk, not both")
-    if temperature is not None and teacher_topk.temperature is not None and teacher_topk.temperature != temperature:
-        raise ValueError(f"teacher_topk was built for temperature {teacher_topk.temperature:g} (its "
-                         f"log_sum_exp_at_temperature is taken there), the loss's temperature is {temperature:g}: "
-                         f"build it with TopKTeacher.from_logits(..., temperature={temperature:g})")
+    built_at = teacher_topk.temperature
+    if temperature is not None and built_at is not None and not math.isclose(built_at, temperature, rel_tol=1e-6):
+        raise ValueError(f"teacher_topk was built for temperature {built_at!r} (its log_sum_exp_at_temperature is "
+                         f"taken there), the loss's temperature is {temperature!r}: build it with "
+                         f"TopKTeacher.from_logits(..., temperature={temperature!r})")
     leading, num_classes = tuple(student.shape[:-1]), student.shape[-1]
     k = teacher_topk.values.shape[-1] if teacher_topk.values.dim() else 0
     for name, tensor, shape in (("values", teacher_topk.values, leading + (k,)),

@@ -12,12 +12,15 @@ from typing import Any, List, Sequence
 
 import yaml
 
-from smskd_fast.training.config import RunConfig, config_to_dict
+from smskd_fast.training.config import ConfigError, RunConfig, config_to_dict, parse_config
 
 __all__ = ["RESULT_NEUTRAL_KEYS", "config_differences", "changes_since_written"]
 
-# Top-level keys that change how a run reports or how fast it goes, not what it trains.
-RESULT_NEUTRAL_KEYS = ("progress", "plots", "threads")
+# Keys (dotted paths) that change how a run reports, where it finds its files or how fast it goes, not
+# what it trains: the data folder, the evaluation batch, a cache's folder and layout.
+RESULT_NEUTRAL_KEYS = ("progress", "plots", "threads", "data.root", "data.eval_batch_size",
+                       *(f"cache.{model}.{key}" for model in ("teacher", "reference")
+                         for key in ("dir", "shard_rows", "batch_size")))
 
 
 def _same_path(old: Any, new: Any) -> bool:
@@ -43,15 +46,28 @@ def config_differences(old: Any, new: Any, path: str = "") -> List[str]:
     return [f"{path}: {old!r} -> {new!r}"]
 
 
+def _plain(config: RunConfig, ignore: Sequence[str]) -> Any:
+    """config as plain data (as config.yaml holds it) without the dotted paths in `ignore`."""
+    plain = yaml.safe_load(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    for path in ignore:
+        *parents, last = path.split(".")
+        node = plain
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return plain
+
+
 def changes_since_written(run_dir: Path, config: RunConfig, ignore: Sequence[str] = RESULT_NEUTRAL_KEYS) -> List[str]:
-    """How `config` differs from run_dir/config.yaml (none when the run has not written one yet),
-    leaving out the top-level keys in `ignore`."""
+    """How `config` differs from run_dir/config.yaml (none when the run has not written one yet), leaving
+    out the dotted paths in `ignore`. The stored config is read as a config first, so that a key it lacks
+    (written before the key existed) counts as its default."""
     stored_file = Path(run_dir) / "config.yaml"
     if not stored_file.is_file():
         return []
-    stored = yaml.safe_load(stored_file.read_text()) or {}
-    current = yaml.safe_load(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    for key in ignore:
-        stored.pop(key, None)
-        current.pop(key, None)
-    return config_differences(stored, current)
+    try:
+        stored = parse_config(yaml.safe_load(stored_file.read_text()) or {})
+    except ConfigError as error:
+        raise ConfigError(f"{stored_file} is not a config this version reads ({error})") from None
+    return config_differences(_plain(stored, ignore), _plain(config, ignore))

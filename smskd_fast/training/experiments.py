@@ -125,8 +125,9 @@ def train_teacher(config: RunConfig, out: Path, log: Callable[[str], None] = pri
     """Trains the teacher into out (reusing a finished one of the same config there); returns its model file."""
     model_file = Path(out) / "student.pt"
     teacher = teacher_config(config)
-    refuse_another_config(teacher, Path(out))
-    if not model_file.is_file():
+    if model_file.is_file():
+        refuse_another_config(teacher, Path(out))
+    else:
         run_or_resume(teacher, Path(out), log)
     return model_file
 

@@ -195,10 +195,16 @@ def _chunk_pass(student: _Head, teacher: _Head, reference: _Head, target: torch.
 def _scale_(gradient: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """gradient *= factor (0-d, on the device: no host sync) in place, the product formed in float32
     (float64 for float64) and rounded once: factor in an fp16 gradient's dtype would be rounded first
-    (GradScaler's 65536 is inf in fp16, 1/3 is 0.2% high in bf16). ops/scale_rows: on CUDA a factor
-    of exactly 1 (loss.backward() of the loss itself) reads and writes nothing."""
-    accumulate = torch.float64 if gradient.dtype == torch.float64 else torch.float32
-    scale_rows_(gradient.view(-1, gradient.shape[-1]), factor.to(accumulate))
+    (GradScaler's 65536 is inf in fp16, 1/3 is 0.2% high in bf16). On CUDA through ops/scale_rows: a
+    factor of exactly 1 (loss.backward() of the loss itself) reads and writes nothing. Elsewhere one
+    multiply by the factor as a (1, 1) tensor (a 0-d one ATen would round to the gradient's dtype
+    first), without reading it on the host (tests/test_fused_linear_sync.py)."""
+    factor = factor.to(torch.float64 if gradient.dtype == torch.float64 else torch.float32)
+    rows = gradient.view(-1, gradient.shape[-1])
+    if gradient.device.type == "cuda":
+        scale_rows_(rows, factor)
+    else:
+        rows.mul_(factor.reshape(1, 1))
     return gradient
 
 

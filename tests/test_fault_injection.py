@@ -7,7 +7,6 @@ SMSKD_FAULT_KILLS sets the number of random kills (default 6; the reliability ta
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -27,7 +26,7 @@ from smskd_fast.cli import main
 from smskd_fast.training.config import load_config
 from smskd_fast.training.run_files import read_jsonl
 from smskd_fast.training.trainer import SMSKDTrainer
-from trainer_helpers import tiny_raw, write_teacher
+from trainer_helpers import DiskFullAfter, tiny_raw, write_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = [{"method": "kd", "epochs": 3}, {"method": "sp", "epochs": 3}]  # stage 2 has a reference
@@ -229,30 +228,6 @@ def test_kill_9_of_the_real_command_then_resume(setup, tmp_path):
     _check_final(run_dir, expected, losses)
 
 
-class _DiskFullAfter:
-    """A file whose writes fail with ENOSPC once `budget` bytes were written (some bytes do land)."""
-
-    def __init__(self, handle, budget: int):
-        self.handle, self.budget, self.name = handle, budget, handle.name
-
-    def write(self, data) -> int:
-        if len(data) > self.budget:
-            self.handle.write(bytes(data[: self.budget]))
-            self.budget = 0
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.budget -= len(data)
-        return self.handle.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.handle, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.close()
-
-
 @pytest.mark.parametrize("target, after_epochs, budget, previous", [
     ("checkpoints/latest.pt", 1, 4096, True),   # the per-epoch checkpoint
     ("checkpoints/stage1.pt", 2, 4096, False),  # the stage checkpoint at the stage boundary
@@ -270,7 +245,7 @@ def test_full_disk_keeps_the_previous_file_and_resume_finishes(setup, tmp_path, 
 
     def full_disk_open(file, mode="r", *args, **kwargs):
         handle = real_open(file, mode, *args, **kwargs)
-        return _DiskFullAfter(handle, budget) if str(file) == str(path) + ".tmp" else handle
+        return DiskFullAfter(handle, budget) if str(file) == str(path) + ".tmp" else handle
 
     monkeypatch.setattr(atomic_io, "open", full_disk_open, raising=False)  # where the .tmp file is opened
     assert main(["train", "--resume", str(run_dir)]) == 1

@@ -12,7 +12,7 @@ from smskd_fast.training.checkpoint import load_model_file
 from smskd_fast.training.run_files import read_jsonl
 from smskd_fast.training.logit_cache import model_hash
 from smskd_fast.training.trainer import SMSKDTrainer
-from trainer_helpers import record_frozen_checks, tiny_config, write_teacher
+from trainer_helpers import DiskFullAfter, record_frozen_checks, tiny_config, write_teacher
 
 TWO_STAGES = [{"method": "kd", "epochs": 2}, {"method": "fitnet", "epochs": 2}]
 
@@ -161,34 +161,15 @@ def test_a_wrong_layer_name_in_a_later_stage_fails_before_training(teacher_file,
 
 def test_a_full_disk_while_plotting_leaves_no_broken_png_and_resume_plots(teacher_file, tmp_path, monkeypatch):
     """The plots are run files too: written atomically, a failed write named as for a checkpoint."""
-    import errno
-    import os
-
     from smskd_fast.training import atomic_io
 
     config = tiny_config(teacher_file, TWO_STAGES, plots=True)
     run = tmp_path / "run"
     real_open = open
 
-    class FullDisk:
-        def __init__(self, handle):
-            self.handle = handle
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def __getattr__(self, name):
-            return getattr(self.handle, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.handle.close()
-
     def full_disk_open(file, mode="r", *args, **kwargs):
         handle = real_open(file, mode, *args, **kwargs)
-        return FullDisk(handle) if Path(file).name.startswith("accuracy.png") else handle
+        return DiskFullAfter(handle, 0) if Path(file).name.startswith("accuracy.png") else handle
 
     monkeypatch.setattr(atomic_io, "open", full_disk_open, raising=False)
     with pytest.raises(atomic_io.CheckpointWriteError,

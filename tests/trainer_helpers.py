@@ -1,6 +1,8 @@
 """Tiny digits runs shared by the trainer tests (a few batches per epoch, seconds per run)."""
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -94,3 +96,27 @@ def record_frozen_checks(monkeypatch) -> List[tuple]:
 
     monkeypatch.setattr(frozen_models_module.StageFrozenModels, "check_unchanged", spy)
     return seen
+
+
+class DiskFullAfter:
+    """A file whose writes fail with ENOSPC once `budget` bytes were written (some bytes do land)."""
+
+    def __init__(self, handle, budget: int):
+        self.handle, self.budget, self.name = handle, budget, handle.name
+
+    def write(self, data) -> int:
+        if len(data) > self.budget:
+            self.handle.write(bytes(data[: self.budget]))
+            self.budget = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.budget -= len(data)
+        return self.handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()

@@ -108,6 +108,26 @@ def _later_stage(**changes):
     ({"defaults": {"optimizer": {"lr": 0.1}}, "stages": [{"method": "kd", "epochs": 1, "optimizer": {"lr": -1}}]},
      r"^stages\[0\]\.optimizer\.lr: must be > 0, got -1\.0$"),
     ({"defaults": {"epochs": "ten"}}, r"^defaults\.epochs: expected int, got str 'ten'"),
+    ({"data": {"image_size": 0}}, r"^data\.image_size: must be >= 1 pixel, got 0"),
+    (_later_stage(method={"name": "crd", "params": {"nce_kk": 5}}),
+     r"^stages\[1\]\.methods\[0\]\.params: .*unexpected keyword argument 'nce_kk'"),
+    (_later_stage(method={"name": "rkd", "params": {"distance_weight": "far"}}),
+     r"^stages\[1\]\.methods\[0\]\.params: could not convert string to float: 'far'"),
+    (_later_stage(optimizer={"name": "adam", "momentum": 0.5}),
+     r"^stages\[1\]\.optimizer\.momentum: applies to sgd only \(adam keeps betas \(0\.9, 0\.999\)\); "
+     r"leave it out or give 0\.9, got 0\.5$"),
+    (_later_stage(optimizer={"name": "adamw", "nesterov": True}),
+     r"^stages\[1\]\.optimizer\.nesterov: applies to sgd only, not adamw$"),
+    (_later_stage(schedule={"name": "cosine", "milestones": [3]}),
+     r"^stages\[1\]\.schedule\.milestones: apply to the multistep schedule only, not cosine; "
+     r"leave them out or give \[\], got \[3\]$"),
+    (_later_stage(schedule={"name": "constant", "gamma": 0.5}),
+     r"^stages\[1\]\.schedule\.gamma: applies to the multistep schedule only, not constant; "
+     r"leave it out or give 0\.1, got 0\.5$"),
+    ({"defaults": {"schedule": {"milestones": [5]}}, "stages": [{"method": "kd", "epochs": 9,
+                                                                  "schedule": {"name": "cosine"}}]},
+     r"^stages\[0\]\.schedule\.milestones: apply to the multistep schedule only, not cosine; leave them out or "
+     r"give \[\], got \[5\] \(from defaults\.schedule\.milestones\)$"),
 ])
 def test_every_stage_teacher_training_data_and_defaults_are_checked_at_load_time(changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -122,6 +142,11 @@ def test_accepted_edges_of_the_new_checks():
                  "schedule": {"milestones": [0, 5], "gamma": 2.0}, "optimizer": {"nesterov": True}}]))
     assert config.stages[0].methods[0].weight == 0 and config.stages[0].schedule.milestones == [0, 5]
     assert config.teacher_training.optimizer.momentum == 0
+    config = parse_config(_raw(stages=[  # the defaults, given explicitly, are what adam and cosine do anyway
+        {"method": {"name": "crd", "params": {"nce_k": 8}}, "epochs": 1,
+         "optimizer": {"name": "adam", "momentum": 0.9, "nesterov": False},
+         "schedule": {"name": "cosine", "milestones": [], "gamma": 0.1}}]))
+    assert config.stages[0].optimizer.name == "adam" and config.stages[0].methods[0].params == {"nce_k": 8}
 
 
 def test_a_stage_method_in_either_form_replaces_the_defaults_method():

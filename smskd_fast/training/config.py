@@ -30,6 +30,8 @@ __all__ = [
 SCHEDULE_SCOPES = ("stage", "run")
 NONFINITE_POLICIES = ("stop", "skip")  # what a stage does with a batch whose loss is NaN or inf
 SEQUENCE_METHODS = ("none", "kd")  # the methods computed from logits alone, by the fused loss
+SGD_MOMENTUM = 0.9  # optimizer.momentum's default; adam and adamw refuse any other value (they do not read it)
+MULTISTEP_GAMMA = 0.1  # schedule.gamma's default; schedules other than multistep refuse any other value
 
 
 class ConfigError(ValueError):
@@ -65,7 +67,7 @@ class ModelConfig:
 class OptimizerConfig:
     name: str = "sgd"
     lr: float = 0.05
-    momentum: float = 0.9
+    momentum: float = SGD_MOMENTUM
     weight_decay: float = 5e-4
     nesterov: bool = False
 
@@ -74,7 +76,7 @@ class OptimizerConfig:
 class ScheduleConfig:
     name: str = "multistep"
     milestones: List[int] = field(default_factory=list)
-    gamma: float = 0.1
+    gamma: float = MULTISTEP_GAMMA
 
 
 @dataclass
@@ -266,6 +268,7 @@ def _validate(config: RunConfig) -> None:
     _check(0.0 <= config.data.validation_fraction < 1.0, "data.validation_fraction",
            f"must be in [0, 1), got {config.data.validation_fraction}")
     _check(config.data.crop_padding >= 0, "data.crop_padding", f"must be >= 0, got {config.data.crop_padding}")
+    _check(config.data.image_size >= 1, "data.image_size", f"must be >= 1 pixel, got {config.data.image_size}")
     _check(_is_device(config.device), "device",
            f"expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got {config.device!r}")
     _check(config.threads is None or config.threads >= 1, "threads", f"must be >= 1, got {config.threads}")
@@ -312,6 +315,16 @@ def _validate_stage(stage: StageConfig, path: str) -> None:
                f"unknown method {method.name!r}; choose one of {sorted(METHODS)}")
         if method.weight is not None:  # None: the method's customary weight
             _check_at_least(method.weight, f"{path}.methods[{m_index}].weight", 0)
+        _check_method_params(METHODS[method.name], method, f"{path}.methods[{m_index}].params")
+
+
+def _check_method_params(cls: type, method: MethodConfig, path: str) -> None:
+    """Build the method (cheap: its layers and heads come later) so that a bad parameter is refused
+    at load time, not when its stage starts."""
+    try:
+        cls(method.weight, **method.params)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{path}: {error}", key=path) from None
 
 
 def _validate_optimizer(spec: OptimizerConfig, path: str) -> None:
@@ -324,6 +337,11 @@ def _validate_optimizer(spec: OptimizerConfig, path: str) -> None:
     _check(0 <= spec.momentum < 1, f"{path}.momentum", f"must be in [0, 1), got {spec.momentum}")
     _check(not spec.nesterov or spec.momentum > 0, f"{path}.nesterov",
            f"needs a momentum > 0, got momentum {spec.momentum}")
+    if spec.name != "sgd":  # Adam's first moment is its beta1 (0.9, the momentum's default): nothing reads these
+        _check(spec.momentum == SGD_MOMENTUM, f"{path}.momentum",
+               f"applies to sgd only ({spec.name} keeps betas (0.9, 0.999)); leave it out or give "
+               f"{SGD_MOMENTUM}, got {spec.momentum}")
+        _check(not spec.nesterov, f"{path}.nesterov", f"applies to sgd only, not {spec.name}")
 
 
 def _validate_schedule(spec: ScheduleConfig, path: str) -> None:
@@ -332,6 +350,13 @@ def _validate_schedule(spec: ScheduleConfig, path: str) -> None:
 
     _check(spec.name in SCHEDULES, f"{path}.name", f"must be one of {list(SCHEDULES)}, got {spec.name!r}")
     _check_at_least(spec.gamma, f"{path}.gamma", 0, strict=True)
+    if spec.name != "multistep":  # only the multistep schedule reads them
+        _check(not spec.milestones, f"{path}.milestones",
+               f"apply to the multistep schedule only, not {spec.name}; leave them out or give [], "
+               f"got {spec.milestones}")
+        _check(spec.gamma == MULTISTEP_GAMMA, f"{path}.gamma",
+               f"applies to the multistep schedule only, not {spec.name}; leave it out or give "
+               f"{MULTISTEP_GAMMA}, got {spec.gamma}")
     increasing = all(a < b for a, b in zip(spec.milestones, spec.milestones[1:]))
     _check(increasing and all(m >= 0 for m in spec.milestones), f"{path}.milestones",
            f"must be strictly increasing epochs >= 0, got {spec.milestones}")

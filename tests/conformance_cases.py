@@ -344,9 +344,9 @@ PADDING_FILLS = {"zeros": (0, 0.0), "minus_one": (-1, float("-inf")), "past_c": 
 def padded(topk: TopKTeacher, rows, index: int, value: float) -> TopKTeacher:
     """topk with the given rows filled as a cache's padding might be: every index `index`, every float `value`."""
     fields = {name: getattr(topk, name).clone() for name in TopKTeacher.TENSOR_FIELDS}
-    for name, field in fields.items():
-        field[rows] = index if name == "indices" else value
-    return TopKTeacher(**fields)
+    for name, values in fields.items():
+        values[rows] = index if name == "indices" else value
+    return TopKTeacher(**fields, temperature=topk.temperature)
 
 
 def _padding_rows(student, teacher, target, case):

@@ -19,6 +19,7 @@ import re
 import shutil
 import sysconfig
 from concurrent.futures import ThreadPoolExecutor
+from typing import List, Optional
 
 import setuptools
 import torch
@@ -151,6 +152,25 @@ def record_torch_version(path: str = TORCH_VERSION_HEADER) -> None:
             header.write(text)
 
 
+def cuda_gencode_flags(arch_list: Optional[str]) -> List[str]:
+    """nvcc's -gencode flags for TORCH_CUDA_ARCH_LIST (e.g. "9.0", "8.0;9.0+PTX", "9.0a"), CUDA_ARCHS when
+    unset. Ours are explicit, and torch's cpp_extension then adds none of its own (it leaves the list to
+    any nvcc flag naming an arch), so the list is read here: without it a build for one GPU compiled
+    every default architecture (twice the device compile time of run_all.sh's build)."""
+    entries = (arch_list or "").replace(";", " ").split() or [f"{a[0]}.{a[1]}" for a in CUDA_ARCHS]
+    flags = []
+    for entry in entries:
+        match = re.fullmatch(r"(\d+)\.(\d)([af]?)(\+PTX)?", entry)
+        if match is None:
+            raise SystemExit(f"TORCH_CUDA_ARCH_LIST: expected compute capabilities such as '9.0' or '8.0+PTX' "
+                             f"separated by ';' or spaces, got {entry!r} in {arch_list!r}")
+        arch = match.group(1) + match.group(2) + match.group(3)
+        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+        if match.group(4):
+            flags.append(f"-gencode=arch=compute_{arch},code=compute_{arch}")
+    return flags
+
+
 def extension() -> cpp_extension.CppExtension:
     record_torch_version()
     # py_limited_api=True defines Py_LIMITED_API; the generated header's folder for the C++ compiles only
@@ -165,10 +185,10 @@ def extension() -> cpp_extension.CppExtension:
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"], py_limited_api=True,
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(f"{a[0]}.{a[1]}" for a in CUDA_ARCHS))
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
+    gencode = cuda_gencode_flags(os.environ["TORCH_CUDA_ARCH_LIST"])
     nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "-Xptxas=-warn-spills", *gencode]
     cuda_sources = sources("csrc/cuda/*.cpp", "csrc/cuda/*.cu", "kernels/*.cu")
-    print(f"smskd_fast: building CPU and CUDA operators for sm_{', sm_'.join(CUDA_ARCHS)}")
+    print(f"smskd_fast: building CPU and CUDA operators for {', '.join(flag.split('code=')[1] for flag in gencode)}")
     return cpp_extension.CUDAExtension(
         "smskd_fast._C", cpu_sources + cuda_sources,
         include_dirs=include_dirs + pip_cuda_include_dirs(),

@@ -59,3 +59,22 @@ def test_setup_py_checks_setuptools_before_reading_pyproject():
     assert current.returncode == 0, current.stderr[-2000:]
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         assert current.stdout.split()[-1] == tomllib.load(f)["project"]["version"]
+
+
+@pytest.mark.parametrize("arch_list, flags", [
+    (None, ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]),
+    ("", ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]),
+    ("9.0", ["-gencode=arch=compute_90,code=sm_90"]),
+    ("8.0 9.0a", ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]),
+    ("8.6;10.0+PTX", ["-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_100,code=sm_100",
+                      "-gencode=arch=compute_100,code=compute_100"]),
+])
+def test_the_cuda_build_compiles_the_architectures_torch_cuda_arch_list_names(setup_module_namespace, arch_list, flags):
+    """run_all.sh builds for the GPU it runs on (TORCH_CUDA_ARCH_LIST=9.0); torch's cpp_extension adds no arch
+    flags when any nvcc flag names one, so setup.py's own must follow the list (it always gave 8.0 and 9.0)."""
+    assert setup_module_namespace["cuda_gencode_flags"](arch_list) == flags
+
+
+def test_a_malformed_cuda_arch_list_names_the_variable(setup_module_namespace):
+    with pytest.raises(SystemExit, match=r"TORCH_CUDA_ARCH_LIST: expected compute capabilities .* got 'sm_90'"):
+        setup_module_namespace["cuda_gencode_flags"]("sm_90")

@@ -125,3 +125,22 @@ def test_the_row_cache_is_asked_for_during_each_call_only(monkeypatch, before):
     with pytest.raises(RuntimeError):
         cached("fails")
     assert seen == ["max", "max"] and os.environ.get(speed_of_light.ROW_CACHE_VARIABLE) == before
+
+
+def test_the_plan_measures_what_the_targets_need_first():
+    """A deadline cuts the end of the plan: every dtype and shape of cuda, triton and torch.compile comes before
+    any Liger or eager point, those before top-k, top-k before the candidates (the run of 2026-12-04 measured
+    eager and compile first, implementation by implementation, and a short deadline left no fused column)."""
+    shapes = speed_of_light.SHAPES
+    plan = speed_of_light.measurement_plan(shapes)
+    phase_of = {impl: index for index, phase in enumerate(speed_of_light.PHASES) for impl in phase}
+    assert [phase_of[impl] for impl, *_ in plan] == sorted(phase_of[impl] for impl, *_ in plan)
+    first = [(impl, dtype, n, c) for impl, dtype, n, c in plan if phase_of[impl] == 0]
+    assert len(first) == 3 * len(speed_of_light.DTYPES) * len(shapes)
+    assert first[:3] == [(impl, torch.bfloat16, *shapes[0]) for impl in ("cuda", "triton", "compiled")]
+    # every point of the table's columns and of top-k is planned once; candidates only from their fewest classes
+    for impl in speed_of_light.FUSED + speed_of_light.BASELINES + speed_of_light.TOPK:
+        assert sorted((str(d), n, c) for i, d, n, c in plan if i == impl) == sorted(
+            (str(d), n, c) for d in speed_of_light.DTYPES for n, c in shapes)
+    assert {c for impl, _, _, c in plan if impl == "cuda_anyT"} == {32000, 128256, 262144}
+    assert {c for impl, _, _, c in plan if impl == "cuda_rowcache"} == {32000, 128256, 262144}

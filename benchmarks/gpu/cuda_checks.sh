@@ -92,4 +92,4 @@ timeout "$LEFT" $PY benchmarks/gpu/measure_backend_choice.py --out-dir "$OUT" \
   || echo "measurement did not finish"
 
 step "done: exit status $STATUS"
-exit $STATUS
+finish $STATUS

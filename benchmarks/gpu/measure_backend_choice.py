@@ -10,15 +10,17 @@ per input) with each available GPU backend, and records the faster one per
 Writes <out-dir>/backend_choice.json (every timing, device, versions, commit,
 date) and <out-dir>/gpu_choice_table.json (the table: commit it as
 smskd_fast/backends/gpu_choice_table.json; measurements of other GPUs already
-there are kept). Needs a CUDA device, except with --from-bench FILE, which
-derives the table from the cuda and triton rows of a bench_grid.py JSON file
-(benchmarks/gpu/bench_grid.py's bench_results.json) instead of measuring.
+there are kept, and so are this GPU's entries that this run does not decide). Needs a CUDA device,
+except with --from-bench FILE, which derives the table from the cuda and triton rows of a results
+file of benchmarks/gpu/speed_of_light.py (speed_of_light.json) or bench_grid.py (bench_results.json)
+instead of measuring: only the (dtype, C) where both backends were timed.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -139,12 +141,19 @@ def main() -> int:
 
 
 def write_table(out_dir: str, device: str, winners: dict, meta: dict) -> None:
-    """<out_dir>/gpu_choice_table.json: the shipped table with this device's winners replaced."""
+    """<out_dir>/gpu_choice_table.json: the shipped table with this run's winners merged into the device's
+    (a (dtype, C) this run did not decide keeps its earlier winner; the earlier run's date and commit are kept
+    in meta["earlier"])."""
     table = {"devices": {}, "measured": {}}
     if os.path.exists(gpu_choice.TABLE_PATH):
         with open(gpu_choice.TABLE_PATH) as f:
             table.update(json.load(f))
-    table["devices"][device] = winners
+    merged = table["devices"].setdefault(device, {})
+    for dtype, by_c in winners.items():
+        merged.setdefault(dtype, {}).update(by_c)
+    earlier = table["measured"].get(device)
+    if earlier:
+        meta = {**meta, "earlier": {key: earlier.get(key) for key in ("date", "commit", "source")}}
     table["measured"][device] = meta
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "gpu_choice_table.json"), "w") as f:
@@ -153,20 +162,42 @@ def write_table(out_dir: str, device: str, winners: dict, meta: dict) -> None:
     print(f"written: {out_dir}/gpu_choice_table.json")
 
 
+def bench_timings(rows: list) -> dict:
+    """{dtype: {C: {backend: ms}}} for each (dtype, C) where every GPU backend was tried at every N: ms summed
+    over the N (bench_grid's grid has several), a backend that failed (an error row) at inf so that it loses.
+    A (dtype, C) that a backend did not reach (a deadline, not installed) is left out: nothing was compared."""
+    tried: dict = {}
+    for row in rows:
+        if row["impl"] in gpu_choice.GPU_BACKENDS:
+            ms = row.get("ms", math.inf if "error" in row else None)
+            if ms is not None:
+                tried.setdefault((row["dtype"], str(row["C"])), {}).setdefault(row["N"], {})[row["impl"]] = ms
+    timings: dict = {}
+    for (dtype, c), by_n in tried.items():
+        if all(len(by_backend) == len(gpu_choice.GPU_BACKENDS) for by_backend in by_n.values()):
+            totals = {b: sum(by_backend[b] for by_backend in by_n.values()) for b in gpu_choice.GPU_BACKENDS}
+            if any(math.isfinite(ms) for ms in totals.values()):
+                timings.setdefault(dtype, {})[c] = totals
+    return timings
+
+
 def table_from_bench(path: str, out_dir: str) -> int:
-    """The choice table from the cuda and triton timings of a bench_grid.py results file."""
+    """The choice table from the cuda and triton timings of a speed_of_light.py or bench_grid.py results file."""
     with open(path) as f:
         bench = json.load(f)
-    timings: dict = {}
-    for row in bench["rows"]:
-        if row["impl"] in gpu_choice.GPU_BACKENDS and "ms" in row:
-            timings.setdefault(row["dtype"], {}).setdefault(str(row["C"]), {})[row["impl"]] = row["ms"]
+    timings = bench_timings(bench["rows"] if "rows" in bench else bench["grid"])
+    if not timings:
+        print(f"measure_backend_choice: {path} has no (dtype, C) with both GPU backends timed; nothing written",
+              file=sys.stderr)
+        return 1
     winners = {dtype: {c: gpu_choice.pick_winner(t) for c, t in by_c.items()} for dtype, by_c in timings.items()}
     for dtype, by_c in sorted(timings.items()):
         for c, t in sorted(by_c.items(), key=lambda item: int(item[0])):
             print(f"{dtype:9s} {c:>7s} " + " ".join(f"{b} {ms:.4f} ms" for b, ms in sorted(t.items()))
                   + f"  -> {winners[dtype][c]}")
+    environment = bench.get("environment", {})
     meta = {"device": bench["device"], "torch": bench.get("torch"), "copy_GBps": bench.get("copy_GBps"),
+            "commit": environment.get("commit"), "triton": environment.get("triton"),
             "command": " ".join(sys.argv), "source": os.path.basename(path),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     write_table(out_dir, bench["device"], winners, meta)

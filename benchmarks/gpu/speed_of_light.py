@@ -193,8 +193,7 @@ def implementations(dry_run: bool) -> Dict[str, Callable[[], Callable]]:
 
 
 def candidates() -> Dict[str, Tuple[int, Callable[[], Callable]]]:
-    """CANDIDATES: the fewest classes each is measured at, and its loss factory. Measured after everything
-    held to the targets, so that a deadline cuts them first."""
+    """CANDIDATES: the fewest classes each is measured at, and its loss factory (measured last: PHASES)."""
     return {
         "cuda_rowcache": (2049, lambda: with_row_cache(bench_grid.smskd_fast_loss("cuda"))),
         "cuda_anyT": (32000, lambda: bench_grid.smskd_fast_loss("cuda", temperature=ANY_TEMPERATURE)),
@@ -204,6 +203,20 @@ def candidates() -> Dict[str, Tuple[int, Callable[[], Callable]]]:
     }
 
 
+# The order of measurement, so that a deadline cuts the least needed last: the fused backends and
+# torch.compile (the targets' ratios) at every dtype and shape first, then Liger and eager, then the
+# top-k forms, then the candidates. Within a phase, dtype by dtype and shape by shape.
+PHASES: Tuple[Tuple[str, ...], ...] = (FUSED + ("compiled",), ("liger", "eager"), TOPK, CANDIDATES)
+
+
+def measurement_plan(shapes: Sequence[Tuple[int, int]]) -> List[Tuple[str, torch.dtype, int, int]]:
+    """(implementation, dtype, N, C) in the order they are measured (PHASES); a candidate only from its
+    fewest classes on."""
+    least = {impl: min_classes for impl, (min_classes, _) in candidates().items()}
+    return [(impl, dtype, n, c) for phase in PHASES for dtype in DTYPES for n, c in shapes for impl in phase
+            if c >= least.get(impl, 1)]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.monotonic()
     started = bench_grid.start_run(__doc__.splitlines()[0], 290.0, argv)
@@ -211,47 +224,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     args, device, timer, results = started
     available = smskd_fast.available_backends()
-    shapes = DRY_RUN_SHAPES if args.dry_run else SHAPES
     if os.environ.pop(ROW_CACHE_VARIABLE, None) is not None:  # the cuda column is the default's
         results["skipped"].append(f"{ROW_CACHE_VARIABLE} from the environment (unset for this run)")
+    factories = {**implementations(args.dry_run), **{impl: factory for impl, (_, factory) in candidates().items()}}
+    loss_fns: Dict[str, Callable] = {}  # dense implementations, built once (torch.compile compiles once per dtype)
+    usable: Dict[str, bool] = {}  # whether each implementation runs here, decided at its first point
 
-    def out_of_time(what: str) -> bool:
+    def prepare(impl: str) -> bool:
+        backend = impl.split("_")[0]
+        if impl in TOPK:
+            reason = None if bench_grid.accepts_topk(backend, device) else "backend unavailable or without top-k"
+        elif backend in FUSED and not available[backend]:
+            reason = available[backend].reason
+        else:
+            try:
+                loss_fns[impl], reason = factories[impl](), None
+            except ImportError as error:
+                reason = str(error)
+        if reason is not None:
+            results["skipped"].append(f"{impl} ({reason})")
+        return reason is None
+
+    for impl, dtype, n, c in measurement_plan(DRY_RUN_SHAPES if args.dry_run else SHAPES):
+        if impl not in usable:
+            usable[impl] = prepare(impl)
+        if not usable[impl]:
+            continue
         if time.monotonic() - start > args.deadline:
-            results["skipped"].append(f"{what} (deadline)")
-            return True
-        return False
-
-    def record(row: Dict) -> None:
+            results["skipped"].append(f"{impl} {dtype} {n}x{c} (deadline)")
+            continue
+        row = (bench_grid.measure_topk(impl, n, c, dtype, device, timer) if impl in TOPK
+               else bench_grid.measure(impl, loss_fns[impl], n, c, dtype, device, timer))
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
         write(results, args.out)
-
-    def measure_dense(impls: Dict[str, Tuple[int, Callable[[], Callable]]]) -> None:
-        for impl, (min_classes, factory) in impls.items():
-            backend = impl.split("_")[0]
-            if backend in FUSED and not available[backend]:
-                results["skipped"].append(f"{impl} ({available[backend].reason})")
-                continue
-            try:
-                loss_fn = factory()
-            except ImportError as error:
-                results["skipped"].append(f"{impl} ({error})")
-                continue
-            for dtype in DTYPES:
-                for n, c in shapes:
-                    if c >= min_classes and not out_of_time(f"{impl} {dtype} {n}x{c}"):
-                        record(bench_grid.measure(impl, loss_fn, n, c, dtype, device, timer))
-
-    measure_dense({impl: (1, factory) for impl, factory in implementations(args.dry_run).items()})
-    for impl in TOPK:
-        if not bench_grid.accepts_topk(impl.split("_")[0], device):
-            results["skipped"].append(f"{impl} (backend unavailable or without top-k)")
-            continue
-        for dtype in DTYPES:
-            for n, c in shapes:
-                if not out_of_time(f"{impl} {dtype} {n}x{c}"):
-                    record(bench_grid.measure_topk(impl, n, c, dtype, device, timer))
-    measure_dense(candidates())
     write(results, args.out)
     print(report(results))
     return 0

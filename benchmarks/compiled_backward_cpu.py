@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import smskd_fast  # noqa: E402
+from smskd_fast.bench import harness as benchmarking  # noqa: E402
 from smskd_fast.provenance import git_commit  # noqa: E402
 from host_overhead import write_outputs  # noqa: E402
 
@@ -35,9 +36,10 @@ def loss(student, target, teacher, reference):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=benchmarking.positive_int, default=10)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    benchmarking.refuse_existing_outputs(parser, args.out)
     torch.set_num_threads(1)
     compiled = torch.compile(loss, fullgraph=True)
     rows = []

@@ -25,6 +25,9 @@ import torch
 from smskd_fast.bench import harness as benchmarking
 from smskd_fast.provenance import git_commit
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu_loss_table import positive_int, refuse_existing, write_new_files  # noqa: E402
+
 
 def cpu_model() -> str:
     with open("/proc/cpuinfo") as info:
@@ -38,8 +41,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--name", required=True)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=positive_int, default=15)
     args = parser.parse_args()
+    path = os.path.join(args.out_dir, args.name + ".json")
+    refuse_existing([path])  # at once, not after the run
     torch.set_num_threads(1)
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = {"date": now.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(),
@@ -66,9 +71,7 @@ def main() -> None:
                 print(f"{n}x{c} {m['dtype']} {mode:16} {m['min_ms']:9.2f} ms (median {m['median_ms']:.2f})",
                       file=sys.stderr, flush=True)
     meta["load_average_at_end"] = os.getloadavg()
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, args.name + ".json"), "w") as out:
-        json.dump({"meta": meta, "measurements": measurements}, out, indent=1)
+    write_new_files({path: json.dumps({"meta": meta, "measurements": measurements}, indent=1)})
 
 
 if __name__ == "__main__":

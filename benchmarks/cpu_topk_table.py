@@ -42,7 +42,8 @@ from smskd_fast.backends.topk import TopKTeacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from cpu_loss_table import machine  # noqa: E402
+from cpu_loss_table import (DTYPE_NAMES, machine, parse_dims, positive_int, refuse_existing,  # noqa: E402
+                            write_new_files)
 
 SHAPES = ((4096, 1000, 10), (1024, 32000, 64))
 OPTIONS = LossOptions(temperature=benchmarking.TEMPERATURE, ce_weight=1.0, kd_weight=1.0, ref_weight=1.0,
@@ -146,18 +147,21 @@ def markdown(meta: dict, rows: list, methods) -> str:
 
 
 def parse_shape(text: str):
-    n, c, k = text.lower().split("x")
-    return int(n), int(c), int(k)
+    """NxCxK, all positive, K <= C."""
+    n, c, k = parse_dims(text, "NCK")
+    if k > c:
+        raise argparse.ArgumentTypeError(f"K (kept classes) must be at most C, got {text!r}")
+    return n, c, k
 
 
 def main(argv=None) -> None:
     require_extension()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=list(SHAPES), help="NxCxK")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=DTYPE_NAMES)
     parser.add_argument("--modes", nargs="+", default=list(benchmarking.MODES), choices=benchmarking.MODES)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--name", default=None, help="file name stem (default cpu_topk_<UTC stamp>)")
     args = parser.parse_args(argv)
@@ -166,6 +170,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     methods = ["after", "reference", "dense"]
     now = datetime.datetime.now(datetime.timezone.utc)
+    stem = os.path.join(args.out_dir, args.name or f"cpu_topk_{now.strftime('%Y%m%d-%H%M%S')}")
+    refuse_existing([stem + ".json", stem + ".md"])  # at once, not after the run
     meta = {"date": now.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(),
             "machine": machine(),
             "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + (argv if argv is not None else sys.argv[1:]))}
@@ -186,13 +192,8 @@ def main(argv=None) -> None:
                     file=sys.stderr, flush=True)
                 rows.append(row)
     meta["load_average_at_end"] = os.getloadavg()
-    stem = args.name or f"cpu_topk_{now.strftime('%Y%m%d-%H%M%S')}"
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, stem + ".json"), "w") as out:
-        json.dump({"meta": meta, "rows": rows}, out, indent=1)
     table = markdown(meta, rows, methods)
-    with open(os.path.join(args.out_dir, stem + ".md"), "w") as out:
-        out.write(table)
+    write_new_files({stem + ".json": json.dumps({"meta": meta, "rows": rows}, indent=1), stem + ".md": table})
     print(table)
 
 

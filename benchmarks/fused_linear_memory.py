@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from smskd_fast.backends import available_backends
 from smskd_fast.bench import harness as benchmarking
 from smskd_fast.provenance import git_commit
 
@@ -115,8 +116,8 @@ def measure(variant: str, tokens: int, hidden: int, vocab: int, dtype: str, devi
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    else:
-        base = read_status_kib("VmRSS") * 1024
+    else:  # the peak from here on: creating the inputs (float32 draws, then a cast) peaked above them
+        base = benchmarking.reset_peak_resident()
     step()  # warm-up; its peak counts (the first step allocates the .grad buffers too)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else read_status_kib("VmHWM") * 1024
     times = []
@@ -141,24 +142,28 @@ def liger_available() -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[512])
-    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--backend", default="auto", help="row backend of smskd_loss and the fused path")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--tokens", type=benchmarking.positive_int, default=2048)
+    parser.add_argument("--hidden", type=benchmarking.positive_int, nargs="+", default=[512])
+    parser.add_argument("--vocab", type=benchmarking.positive_int, nargs="+", default=[32000, 128256])
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--repeats", type=benchmarking.positive_int, default=3)
+    parser.add_argument("--backend", default="auto", choices=("auto", *available_backends()),
+                        help="row backend of smskd_loss and the fused path")
     parser.add_argument("--chunk-size", type=int, default=0, help="rows per chunk of the fused variants (0: default)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS,
                         help="default: unfused fused unfused_kd fused_kd, and liger_jsd on CUDA when it imports")
     parser.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.chunk_size < 0:
+        parser.error(f"argument --chunk-size: expected 0 (the default) or a positive integer, got {args.chunk_size}")
     if args.child:
         variant, tokens, hidden, vocab, dtype, repeats = args.child
         print(json.dumps(measure(variant, int(tokens), int(hidden), int(vocab), dtype, args.device, int(repeats),
                                  args.backend, args.chunk_size)))
         return
+    benchmarking.refuse_existing_outputs(parser, args.out)
     requested = args.variants or list(DEFAULT_VARIANTS) + (
         ["liger_jsd"] if args.device == "cuda" and liger_available() else [])
     variants = list(dict.fromkeys([BASELINE[v] for v in requested] + requested))  # every ratio needs its baseline
@@ -200,7 +205,7 @@ def main() -> None:
                 lines.append(f"| {hidden} | {vocab} | {variant} | {r['backend']} | {r.get('chunk_rows') or ''} | "
                              f"{r['median_s'] * 1e3:.1f} | {r['peak_extra_bytes'] / 2**20:.0f} | {memory} | {speed} | "
                              f"{BASELINE[variant]} | {versus_liger} |")
-    benchmarking.write_results(args.out, header, "\n".join(lines), results)
+    benchmarking.write_results(args.out, header, "\n".join(lines), results, device=args.device)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ per ATen operation). Issue 17's targets at those shapes (>= 1.2x torch.compile) 
 cost, and it can be measured without a GPU: the Python and dispatch layers are the same on
 every device. Two figures per implementation, side by side in one run:
   us/call   wall time of one forward + backward (median over batches of --calls calls;
-            on CUDA the batch ends with a synchronisation)
+            on CUDA the batch ends with a synchronisation; the implementations' batches
+            interleaved, one of each per round)
   ops/call  operations dispatched per call below autograd, views excluded: each is a kernel
             launch on a GPU (our fused op counts as one, although with reduction "mean" it
             issues from C++ the mean's count and the sums of its outputs too: on CUDA 7
@@ -28,9 +29,7 @@ and are not counted).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -45,8 +44,8 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from smskd_fast.backends.registry import available_backends  # noqa: E402
+from smskd_fast.bench import harness as benchmarking  # noqa: E402
 from smskd_fast.ops import registration  # noqa: E402
-from smskd_fast.provenance import git_commit  # noqa: E402
 from bench_grid import (TEMPERATURE, eager_smskd, make_inputs, smskd_fast_loss,  # noqa: E402
                         with_attribute_during_each_call)
 
@@ -85,43 +84,66 @@ def implementations(device: str) -> Dict[str, Callable]:
     return chosen
 
 
+def synchronize(device: str) -> None:
+    """Waits for the device's queued work (CUDA); nothing on the CPU."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def per_call_us(step: Callable[[], None], device: str, calls: int, batches: int) -> Dict[str, float]:
-    """Median and spread of the wall time of one step, in microseconds, over batches of calls (each
-    ended by a synchronisation on CUDA), after a warm-up."""
-    def synchronize():
-        if device == "cuda":
-            torch.cuda.synchronize()
+    """interleaved_per_call_us of one step (benchmarks/gpu/kernel_breakdown.py's wall time)."""
+    return interleaved_per_call_us({"step": step}, device, calls, batches)["step"]
 
-    for _ in range(max(calls // 4, 10)):
-        step()
-    synchronize()
-    times = []
-    for _ in range(batches):
-        start = time.perf_counter()
-        for _ in range(calls):
+
+def interleaved_per_call_us(steps: Dict[str, Callable[[], None]], device: str, calls: int,
+                            batches: int) -> Dict[str, Dict[str, float]]:
+    """name -> median and spread of the wall time of one call of its step, in microseconds, over batches
+    of calls (each ended by a synchronisation on CUDA), after a warm-up. The batches are interleaved,
+    each round one batch of every step in turn, so that a change of the machine's load hits all alike."""
+    for step in steps.values():
+        for _ in range(max(calls // 4, 10)):
             step()
-        synchronize()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return {"us_per_call": statistics.median(times), "us_min": min(times), "us_max": max(times)}
+    synchronize(device)
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    for _ in range(batches):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                step()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: {"us_per_call": statistics.median(values), "us_min": min(values), "us_max": max(values)}
+            for name, values in times.items()}
 
 
-def measure(name: str, loss_fn: Callable, n: int, c: int, dtype: torch.dtype, device: str,
-            calls: int, batches: int) -> Dict:
+def loss_step(loss_fn: Callable, n: int, c: int, dtype: torch.dtype, device: str) -> Callable[[], None]:
+    """One forward + backward of loss_fn on inputs of its own, the gradient reset before it."""
     student, target, teacher, reference = make_inputs(n, c, dtype, device)
     student.requires_grad_()
 
     def step():
         student.grad = None
         loss_fn(student, target, teacher, reference).backward()
+    return step
 
-    row = {"impl": name, **per_call_us(step, device, calls, batches)}
-    if name != "compiled":
-        counter = OperationCounter()
-        with counter:
-            step()
-        row["ops_per_call"] = len(counter.names)
-        row["ops"] = counter.names
-    return row
+
+def measure(implementations: Dict[str, Callable], n: int, c: int, dtype: torch.dtype, device: str,
+            calls: int, batches: int) -> List[Dict]:
+    """One row per implementation: its time per call (batches interleaved) and, but for the compiled one,
+    the operations one call dispatches."""
+    steps = {name: loss_step(loss_fn, n, c, dtype, device) for name, loss_fn in implementations.items()}
+    timing = interleaved_per_call_us(steps, device, calls, batches)
+    rows = []
+    for name, step in steps.items():
+        row = {"impl": name, **timing[name]}
+        if name != "compiled":
+            counter = OperationCounter()
+            with counter:
+                step()
+            row["ops_per_call"] = len(counter.names)
+            row["ops"] = counter.names
+        rows.append(row)
+    return rows
 
 
 def table(rows: List[Dict], baseline: str) -> str:
@@ -135,33 +157,34 @@ def table(rows: List[Dict], baseline: str) -> str:
 
 
 def write_outputs(out: Path, text: str, data: Dict) -> None:
-    """OUT.md (the printed table) and OUT.json (the raw figures)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    """OUT.md (the printed table) and OUT.json (the raw figures): new files (existing ones are refused),
+    written all or none."""
+    json_path, md_path = benchmarking.result_paths(out)
+    benchmarking.write_files_new({md_path: text, json_path: json.dumps(data, indent=1)})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--rows", type=int, default=8)
-    parser.add_argument("--classes", type=int, default=16)
+    parser.add_argument("--rows", type=benchmarking.positive_int, default=8)
+    parser.add_argument("--classes", type=benchmarking.positive_int, default=16)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--calls", type=int, default=200, help="calls per timed batch")
-    parser.add_argument("--batches", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--calls", type=benchmarking.positive_int, default=200, help="calls per timed batch")
+    parser.add_argument("--batches", type=benchmarking.positive_int, default=15)
+    parser.add_argument("--threads", type=benchmarking.positive_int, default=1, help="torch.set_num_threads (CPU)")
     parser.add_argument("--out", type=Path, help="writes OUT.json and OUT.md")
     args = parser.parse_args()
+    benchmarking.refuse_existing_outputs(parser, args.out)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    rows = []
-    for name, fn in implementations(args.device).items():  # compiled last: its first call compiles
-        rows.append(measure(name, fn, args.rows, args.classes, dtype, args.device, args.calls, args.batches))
-        print(json.dumps({key: value for key, value in rows[-1].items() if key != "ops"}), flush=True)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    rows = measure(implementations(args.device), args.rows, args.classes, dtype, args.device, args.calls,
+                   args.batches)
+    for row in rows:
+        print(json.dumps({key: value for key, value in row.items() if key != "ops"}), flush=True)
+    where = benchmarking.environment(args.device)
     header = (f"host cost per forward+backward, {args.rows} x {args.classes} {args.dtype}, T = {TEMPERATURE}, "
-              f"device {args.device} ({device_name}), torch {torch.__version__}, threads {args.threads}, "
-              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}\n"
+              f"device {args.device} ({where['device_name']}), torch {where['torch']}, triton {where['triton']}, "
+              f"threads {args.threads}, {where['date']}, commit {where['commit']}\n"
               f"command: python {' '.join(sys.argv)}")
     text = header + "\n\n" + table(rows, "compiled") + "\n"
     print(text)
@@ -169,7 +192,7 @@ def main() -> None:
         if "ops" in row:
             print(f"{row['impl']}: {' '.join(row['ops'])}")
     if args.out:
-        write_outputs(args.out, text, {"header": header, "rows": rows})
+        write_outputs(args.out, text, {"header": header, "environment": where, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 4.0])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    benchmarking.refuse_existing_outputs(parser, args.out)
     if args.logits:
         data = torch.load(args.logits)
         sets = [(data["student"].double(), data["teacher"].double(), data["target"])]

@@ -17,9 +17,7 @@ before ops/vmap_rules.py with the needs_student_grad fix applied (benchmarks/res
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -32,10 +30,10 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
 import torch  # noqa: E402
 
 import smskd_fast  # noqa: E402
+from smskd_fast.bench import harness as benchmarking  # noqa: E402
 from smskd_fast.ops import vmap_rules  # noqa: E402
-from smskd_fast.provenance import git_commit  # noqa: E402
 from bench_grid import with_attribute_during_each_call  # noqa: E402
-from host_overhead import per_call_us, write_outputs  # noqa: E402
+from host_overhead import interleaved_per_call_us, write_outputs  # noqa: E402
 
 TEMPERATURE = 2.0
 # (samples B, rows N, classes C, teacher and reference shared by the samples)
@@ -76,8 +74,9 @@ def implementations(backend: str) -> Dict[str, Callable]:
             "vmap, always per sample": vmapped_with_limit(-1), "flat rows": flat_rows}
 
 
-def measure(name: str, step_loss: Callable, case: Tuple[int, int, int, bool], dtype: torch.dtype, device: str,
-            calls: int, batches: int) -> Dict:
+def case_step(step_loss: Callable, case: Tuple[int, int, int, bool], dtype: torch.dtype,
+              device: str) -> Callable[[], None]:
+    """One forward + backward of step_loss on the case's inputs (its own, seed 0), the gradient reset before it."""
     samples, rows, classes, shared = case
     generator = torch.Generator().manual_seed(0)
     students = torch.randn(samples, rows, classes, generator=generator).to(device, dtype).requires_grad_()
@@ -88,9 +87,17 @@ def measure(name: str, step_loss: Callable, case: Tuple[int, int, int, bool], dt
     def step():
         students.grad = None
         step_loss(students, targets, teachers, references).backward()
+    return step
 
-    return {"impl": name, "case": f"{samples} x {rows} x {classes} {'shared' if shared else 'per sample'}",
-            **per_call_us(step, device, calls, batches)}
+
+def measure(implementations_of_case: Dict[str, Callable], case: Tuple[int, int, int, bool], dtype: torch.dtype,
+            device: str, calls: int, batches: int) -> List[Dict]:
+    """One row per implementation on one case, their timed batches interleaved."""
+    samples, rows, classes, shared = case
+    steps = {name: case_step(step_loss, case, dtype, device) for name, step_loss in implementations_of_case.items()}
+    label = f"{samples} x {rows} x {classes} {'shared' if shared else 'per sample'}"
+    return [{"impl": name, "case": label, **timing}
+            for name, timing in interleaved_per_call_us(steps, device, calls, batches).items()]
 
 
 def table(rows: List[Dict], baseline: str) -> str:
@@ -107,30 +114,33 @@ def table(rows: List[Dict], baseline: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--backend", help="default: cpu on the CPU, cuda on CUDA")
+    parser.add_argument("--backend", choices=tuple(smskd_fast.available_backends()),
+                        help="default: cpu on the CPU, cuda on CUDA")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--calls", type=int, default=20, help="calls per timed batch")
-    parser.add_argument("--batches", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--calls", type=benchmarking.positive_int, default=20, help="calls per timed batch")
+    parser.add_argument("--batches", type=benchmarking.positive_int, default=9)
+    parser.add_argument("--threads", type=benchmarking.positive_int, default=1, help="torch.set_num_threads (CPU)")
     parser.add_argument("--out", type=Path, help="writes OUT.json and OUT.md")
     args = parser.parse_args()
+    benchmarking.refuse_existing_outputs(parser, args.out)
     torch.set_num_threads(args.threads)
     backend = args.backend or args.device
     dtype = getattr(torch, args.dtype)
     rows = []
     for case in CASES:
-        for name, step_loss in implementations(backend).items():
-            rows.append(measure(name, step_loss, case, dtype, args.device, args.calls, args.batches))
-            print(json.dumps(rows[-1]), flush=True)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+        case_rows = measure(implementations(backend), case, dtype, args.device, args.calls, args.batches)
+        for row in case_rows:
+            print(json.dumps(row), flush=True)
+        rows += case_rows
+    where = benchmarking.environment(args.device)
     header = (f"vmap of the loss, forward + backward of the B per-sample means, {args.dtype}, T = {TEMPERATURE}, "
-              f"backend {backend}, device {args.device} ({device_name}), torch {torch.__version__}, "
-              f"threads {args.threads}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-              f"commit {git_commit()}\ncommand: python {' '.join(sys.argv)}")
+              f"backend {backend}, device {args.device} ({where['device_name']}), torch {where['torch']}, "
+              f"triton {where['triton']}, threads {args.threads}, {where['date']}, "
+              f"commit {where['commit']}\ncommand: python {' '.join(sys.argv)}")
     text = header + "\n\n" + table(rows, "sample by sample") + "\n"
     print(text)
     if args.out:
-        write_outputs(args.out, text, {"header": header, "rows": rows})
+        write_outputs(args.out, text, {"header": header, "environment": where, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ def test_operation_counter_counts_kernels_not_views():
 
 
 def test_host_overhead_measures_the_fused_loss_against_eager():
-    rows = {name: host_overhead.measure(name, fn, 4, 8, torch.float32, "cpu", calls=3, batches=2)
-            for name, fn in host_overhead.implementations("cpu").items() if name != "compiled"}
+    chosen = {name: fn for name, fn in host_overhead.implementations("cpu").items() if name != "compiled"}
+    rows = {row["impl"]: row for row in host_overhead.measure(chosen, 4, 8, torch.float32, "cpu", calls=3, batches=2)}
     assert set(rows) == {"smskd_fast[cpu]", "eager"}
     for row in rows.values():
         assert 0 < row["us_min"] <= row["us_per_call"] <= row["us_max"]
@@ -46,8 +46,9 @@ def test_vmap_batching_compares_equal_losses():
         teachers, references = torch.randn(frozen_shape, generator=generator), torch.randn(frozen_shape)
         torch.testing.assert_close(steps["vmap"](students, targets, teachers, references),
                                    steps["sample by sample"](students, targets, teachers, references))
-    for name, step in steps.items():
-        row = vmap_batching.measure(name, step, (3, 4, 9, True), torch.float32, "cpu", calls=2, batches=2)
+    rows = vmap_batching.measure(steps, (3, 4, 9, True), torch.float32, "cpu", calls=2, batches=2)
+    assert [row["impl"] for row in rows] == list(steps)
+    for row in rows:
         assert row["case"] == "3 x 4 x 9 shared" and 0 < row["us_min"] <= row["us_per_call"] <= row["us_max"]
 
 

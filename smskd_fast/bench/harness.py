@@ -7,9 +7,14 @@ calls that computes the same loss and gradient, eagerly and under torch.compile.
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
+import datetime
 import gc
+import importlib.metadata
 import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -21,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from smskd_fast.loss.functional import smskd_loss
+from smskd_fast.provenance import git_commit
 
 SHAPES: Tuple[Tuple[int, int], ...] = ((4096, 100), (4096, 1000), (1024, 32000), (256, 128256))
 DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
@@ -55,6 +61,14 @@ def fused_smskd_loss(student: torch.Tensor, target: torch.Tensor, teacher: torch
 
 
 _COMPILED: Dict[str, Callable] = {}
+
+
+def reset_compilation() -> None:
+    """Forgets every torch.compile'd graph, so that the next "torch.compile" step compiles afresh:
+    dynamo's per-function recompile limit (8) is otherwise reached after 8 shapes, dtypes or modes,
+    and fullgraph=True then fails."""
+    torch._dynamo.reset()
+    _COMPILED.clear()
 
 
 def loss_function(method: str, backend: str = "auto") -> Callable[..., torch.Tensor]:
@@ -139,14 +153,20 @@ def peak_memory_supported() -> bool:
     return sys.platform.startswith("linux")
 
 
+def reset_peak_resident() -> int:
+    """Resets Linux's peak resident size (VmHWM) to the current resident size, which it returns
+    (bytes): a peak read after it is one of what ran since, not of what the process did before."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return _status_bytes("VmRSS:")
+
+
 def peak_extra_bytes(step: Callable[[], object]) -> int:
     """Peak resident memory of one step() beyond what was resident before it (inputs),
     counting what it returns (e.g. the gradient). Linux only; call step() once before."""
     prepare_memory_measurement()
     gc.collect()
-    before = _status_bytes("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM to the current resident size
+    before = reset_peak_resident()
     result = step()
     peak = _status_bytes("VmHWM:")
     del result
@@ -175,10 +195,7 @@ def measure_group(n: int, c: int, dtype: torch.dtype, mode: str, methods: Sequen
     if with_memory and peak_memory_supported():
         prepare_memory_measurement()  # before any allocation, so that memory is comparable
     if "torch.compile" in methods:
-        # A fresh compilation per shape: dynamo's per-function recompile limit is
-        # otherwise reached on a long grid (fullgraph=True then fails).
-        torch._dynamo.reset()
-        _COMPILED.clear()
+        reset_compilation()  # one per shape, dtype and mode: a long grid would reach the recompile limit
     inputs = make_inputs(n, c, dtype)
     steps = {method: make_step(method, mode, inputs, backend) for method in methods}
     times = interleaved_seconds(steps, repeats)
@@ -233,13 +250,99 @@ def speedups(results: Sequence[Measurement], method: str = "smskd_fast") -> List
     return rows
 
 
-def write_results(out: Optional[Path], header: str, table: str, results: List[dict]) -> None:
-    """Prints the Markdown table and, given out, writes out.json (header, command, results) and
-    out.md (the command and the table) beside each other, as benchmarks/results/ keeps them."""
+def positive_int(text: str) -> int:
+    """argparse type of a count or size: an integer >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def device_name(device: str) -> str:
+    """The GPU's name for a CUDA device, else the CPU's model name (/proc/cpuinfo where it exists)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def package_version(name: str) -> Optional[str]:
+    """The installed version of a distribution, None when it is not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: str = "cpu") -> dict:
+    """Where and when a result was measured: UTC date, commit, device, torch/triton/Python versions."""
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "commit": git_commit(), "device": device, "device_name": device_name(device),
+            "torch": torch.__version__, "triton": package_version("triton"),
+            "python": platform.python_version(), "torch_threads": torch.get_num_threads()}
+
+
+def result_paths(out: Path) -> Tuple[Path, Path]:
+    """out.json and out.md."""
+    return out.with_suffix(".json"), out.with_suffix(".md")
+
+
+def refuse_existing(paths: Iterable[Path]) -> None:
+    """Raises FileExistsError naming the first path that exists: results are never replaced silently.
+    Call it before measuring too, so that a run is refused at once, not at its end."""
+    for path in paths:
+        if Path(path).exists():
+            raise FileExistsError(f"{path} exists: choose another output name or remove the old results")
+
+
+def refuse_existing_outputs(parser: argparse.ArgumentParser, out: Optional[Path]) -> None:
+    """A usage error naming --out when OUT.json or OUT.md exists: checked before a run, not at its end."""
+    if out is not None:
+        try:
+            refuse_existing(result_paths(out))
+        except FileExistsError as error:
+            parser.error(f"argument --out: {error}")
+
+
+def write_files_new(files: Dict[Path, str]) -> None:
+    """Writes path -> text as new files, all or none: existing paths are refused (FileExistsError); each
+    text goes to a temporary file beside its path, and all are renamed into place once all are written."""
+    refuse_existing(files)
+    temporaries: Dict[Path, Path] = {}
+    try:
+        for path, text in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            with open(temporary, "x") as stream:  # the umask's permissions, as a plain write's
+                temporaries[path] = temporary
+                stream.write(text)
+    except BaseException:
+        for temporary in temporaries.values():
+            os.unlink(temporary)
+        raise
+    for path, temporary in temporaries.items():
+        os.replace(temporary, path)
+
+
+def write_results(out: Optional[Path], header: str, table: str, results: List[dict],
+                  device: str = "cpu") -> None:
+    """Prints the Markdown table and, given out, writes out.json (header, command, environment, results)
+    and out.md (the command and the table) beside each other, as benchmarks/results/ keeps them; existing
+    files are refused (FileExistsError), and the two are written all or none (write_files_new)."""
     print(table)
     if out is None:
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"header": header, "command": sys.argv, "results": results},
-                                                   indent=1))
-    out.with_suffix(".md").write_text(f"Command: `python {' '.join(sys.argv)}`\n\n{table}\n")
+    json_path, md_path = result_paths(out)
+    write_files_new({json_path: json.dumps({"header": header, "command": sys.argv, "environment": environment(device),
+                                            "results": results}, indent=1),
+                     md_path: f"Command: `python {' '.join(sys.argv)}`\n\n{table}\n"})

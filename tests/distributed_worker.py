@@ -1,6 +1,7 @@
 """One rank of the distributed trainer tests, started by torchrun (tests/test_distributed.py).
 
-    torchrun --nproc_per_node=N tests/distributed_worker.py RANKS_DIR [--kill-rank R --kill-epoch E] -- CLI ARGS
+    torchrun --nproc_per_node=N tests/distributed_worker.py RANKS_DIR [--kill-rank R --kill-epoch E]
+        [--nan-rank R --nan-step S] -- CLI ARGS
 
 Runs `smskd-fast CLI ARGS` (e.g. `train --config F --out D`) with two test-only additions:
 a BatchNorm-free student "digits_mlp" (BatchNorm normalises each rank's shard by its own
@@ -8,7 +9,8 @@ statistics, so only a model without it can match a single-process run to roundin
 RANKS_DIR holding each rank's final student and per-stage method states, so that the
 test can check that the ranks agree. --kill-rank R --kill-epoch E makes rank R SIGKILL
 itself when it starts its E-th epoch (1-based, counted in this process): a rank dying
-mid-stage.
+mid-stage. --nan-rank R --nan-step S makes the student's input NaN on rank R's S-th training
+step (1-based, counted in this process): a non-finite loss on one rank only.
 """
 from __future__ import annotations
 
@@ -47,11 +49,26 @@ def register_test_models() -> None:
     MODELS["digits_mlp"] = DigitsMLP
 
 
+def poison_training_step(student: nn.Module, step: int) -> None:
+    """Makes the student's input NaN on its `step`-th forward pass in training mode (1-based)."""
+    calls = [0]
+
+    def hook(module, inputs):
+        if not module.training:  # probe batches and evaluation
+            return None
+        calls[0] += 1
+        return (inputs[0] * float("nan"),) if calls[0] == step else None
+
+    student.register_forward_pre_hook(hook)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("ranks_dir", type=Path)
     parser.add_argument("--kill-rank", type=int)
     parser.add_argument("--kill-epoch", type=int)
+    parser.add_argument("--nan-rank", type=int)
+    parser.add_argument("--nan-step", type=int)
     separator = sys.argv.index("--")
     args, cli_args = parser.parse_args(sys.argv[1:separator]), sys.argv[separator + 1:]
     register_test_models()
@@ -73,6 +90,8 @@ def main() -> int:
         return finish_stage(self, index, state)
 
     def run_and_dump(self, *inputs, **options):
+        if rank == args.nan_rank:
+            poison_training_step(self.student, args.nan_step)
         summary = run(self, *inputs, **options)
         torch.save(self.student.state_dict(), args.ranks_dir / f"rank{rank}_student.pt")
         return summary

@@ -303,9 +303,10 @@ def test_fused_loss_does_not_synchronise_the_host_on_cuda():
 
 
 def test_two_ranks_with_logit_caches_train_like_two_ranks_without(workdir, teacher_file):
-    """Rank 0 alone builds the teacher cache and each stage's reference cache (the other rank
-    waits, then reads them); fp32 caches hold exactly the logits the models would compute, so
-    the 2-rank run with caches ends with the weights of the 2-rank run without."""
+    """Rank 0 creates the teacher cache and each stage's reference cache, both ranks write their
+    round-robin share of the shards, then each reads its rows; fp32 caches hold exactly the logits
+    the models would compute, so the 2-rank run with caches ends with the weights of the 2-rank
+    run without."""
     stages = [{"method": "kd", "epochs": 1}, {"method": "kd", "epochs": 2}]
     runs = {}
     for name, cache in (("plain", None), ("cached", {"teacher": {"dir": str(workdir / "ddp_teacher_cache"),

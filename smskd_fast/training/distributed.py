@@ -32,6 +32,7 @@ from __future__ import annotations
 import atexit
 import gc
 import inspect
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Tuple
@@ -171,6 +172,11 @@ class ShardedBatches:
         return local_rows * self.shards / self.global_size
 
 
+def _items_per_sample(dataset) -> int:
+    """How many items evaluation counts per sample: 1 (an image's label) or L (a window's tokens)."""
+    return int(dataset.batch(torch.arange(1))[1].numel()) if len(dataset) else 0
+
+
 class DatasetShard:
     """Rows [start, stop) of a data set, with the data set's interface (batch, len, normalize, ...)."""
 
@@ -289,14 +295,21 @@ class DistributedContext:
 
     def evaluate(self, evaluate_fn: Callable[..., Dict[str, float]], model: nn.Module, dataset, batch_size: int,
                  device: torch.device) -> Dict[str, float]:
-        """evaluate_fn (per-sample means) on this rank's contiguous shard of `dataset`, combined
-        over ranks weighted by the shards' sizes: the whole data set's means."""
+        """evaluate_fn (evaluation.evaluate: mean loss, accuracy in %, and perplexity for sequence data)
+        on this rank's contiguous shard of `dataset`, combined over ranks into the whole data set's
+        figures as one process computes them: accuracy from the total count of correct items,
+        perplexity as exp of the whole data set's mean loss."""
         if not self.enabled:
             return evaluate_fn(model, dataset, batch_size, device)
         start, stop = shard_bounds(len(dataset), self.rank, self.world_size)
         local = evaluate_fn(model, DatasetShard(dataset, start, stop), batch_size, device)  # an empty shard gives 0s
-        totals, count = self.reduce_totals({key: value * (stop - start) for key, value in local.items()}, stop - start)
-        return {key: value / max(count, 1) for key, value in totals.items()}
+        items = (stop - start) * _items_per_sample(dataset)
+        totals, correct, count = self.reduce_totals({"loss": local["loss"] * items},
+                                                    round(local["acc"] * items / 100.0), items)
+        result = {"loss": totals["loss"] / max(count, 1), "acc": 100.0 * correct / max(count, 1)}
+        if "perplexity" in local:
+            result["perplexity"] = math.exp(result["loss"])
+        return result
 
     def average_batchnorm_statistics(self, *modules: nn.Module) -> None:
         """Running means and variances of every BatchNorm layer averaged over ranks: each rank

@@ -39,7 +39,7 @@ from smskd_fast.training.checkpoint import ResumePoint, RunCheckpoints, load_mod
 from smskd_fast.training.config import RunConfig, config_to_dict
 from smskd_fast.training.config_record import changes_since_written
 from smskd_fast.training.data import DataSplits, ImageSet, TokenSet, load_splits, split_validation
-from smskd_fast.training.distributed import DistributedContext
+from smskd_fast.training.distributed import DistributedContext, all_gather_rows
 from smskd_fast.training.evaluation import evaluate, summarize
 from smskd_fast.training.config import uses_reference
 from smskd_fast.training.frozen_models import FrozenModels
@@ -292,10 +292,16 @@ class SMSKDTrainer:
     def _nonfinite_where(self, index: int, epoch: int, step: str, result: StepResult, indices: torch.Tensor) -> str:
         """Where a non-finite loss happened, with its parts and the batch's samples."""
         parts = result.parts
+        values = torch.tensor([[float(value.detach()) for value in (result.loss, parts.ce, parts.kd, parts.ref,
+                                                                    parts.method)]], dtype=torch.float64, device=self.device)
+        # Under torchrun every rank stops here together: report the rank whose loss is not finite, and the
+        # whole global batch (one process's report of the same step).
+        ranks, = all_gather_rows(values)
+        loss, ce, kd, ref, method = ranks[(~torch.isfinite(ranks[:, 0])).nonzero()[0, 0]].tolist()
+        indices, = all_gather_rows(indices.to(self.device))
         return (f"{self.stage_names[index]} (stage {index + 1} of {len(self.config.stages)}), epoch "
-                f"{epoch + 1}/{self.config.stages[index].epochs}, {step}: the loss is {float(result.loss.detach())} "
-                f"(ce {float(parts.ce)}, kd {float(parts.kd)}, ref {float(parts.ref)}, "
-                f"method {float(parts.method.detach())}) on the batch of training samples "
+                f"{epoch + 1}/{self.config.stages[index].epochs}, {step}: the loss is {loss} "
+                f"(ce {ce}, kd {kd}, ref {ref}, method {method}) on the batch of training samples "
                 f"{describe_samples(indices)}")
 
     def _finish(self, histograms: Dict[str, Any]) -> Dict[str, Any]:

@@ -1,0 +1,79 @@
+"""Distributed evaluation and training against one process (2 gloo ranks on the CPU).
+
+The evaluation tests run DistributedContext.evaluate on 2 spawned ranks
+(distributed_review_worker.py) and compare it with evaluation.evaluate on the whole
+data set in this process; the non-finite test runs `smskd-fast train` under torchrun
+(distributed_worker.py) against a trainer in this process.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+import yaml
+
+from smskd_fast.training.config import parse_config
+from smskd_fast.training.evaluation import evaluate
+from smskd_fast.training.models import MODELS
+from smskd_fast.training.nonfinite import NonFiniteLossError
+from smskd_fast.training.trainer import SMSKDTrainer
+
+from distributed_review_worker import accuracy_case, perplexity_case, run_ranks
+from distributed_worker import DigitsMLP, poison_training_step
+from test_distributed import WORKER, torchrun
+from trainer_helpers import tiny_raw, write_teacher
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+CPU = torch.device("cpu")
+LOSS_RTOL = 1e-6  # evaluate sums each batch's losses in float32 (6e-8); the ranks' batches start elsewhere
+
+
+def test_two_rank_test_accuracy_is_exactly_the_one_process_accuracy(tmp_path):
+    """78 of 119 right, 40 of them on rank 0's 60 images: every rank reports 100 * 78 / 119, the float
+    one process computes (docs/distributed.md: accuracy identical), not a re-weighted mean of the
+    ranks' percentages that differs from it in the last bit."""
+    model, data = accuracy_case()
+    expected = evaluate(model, data, 16, CPU)
+    assert expected["acc"] == 100.0 * 78 / 119
+    for result in run_ranks("evaluate_accuracy_case", tmp_path):
+        assert result["acc"] == expected["acc"]
+        assert result["loss"] == pytest.approx(expected["loss"], rel=LOSS_RTOL)
+
+
+def test_two_rank_test_perplexity_is_exp_of_the_whole_test_loss(tmp_path):
+    """Perplexity is exp of the mean token loss over the whole test set; the shards' perplexities
+    averaged (what each rank would report otherwise) are far above it when the shards' losses differ."""
+    model, data = perplexity_case()
+    expected = evaluate(model, data, 2, CPU)
+    for result in run_ranks("evaluate_perplexity_case", tmp_path):
+        assert result["loss"] == pytest.approx(expected["loss"], rel=LOSS_RTOL)
+        assert result["acc"] == expected["acc"]
+        assert result["perplexity"] == pytest.approx(expected["perplexity"], rel=LOSS_RTOL)
+        assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-12)
+
+
+def test_a_non_finite_loss_on_one_rank_is_reported_like_one_process(tmp_path):
+    """Rank 1's input turns NaN on stage 2's step 2 (91 samples, global batches of 32): the run stops
+    on both ranks, and every rank's error names what one process names, the NaN loss and the 32
+    samples of the global batch, not a rank's own finite loss and its half of the batch."""
+    raw = tiny_raw(write_teacher(tmp_path / "teacher.pt"), [{"method": "kd", "epochs": 1},
+                                                             {"method": "kd", "epochs": 1}])
+    raw["student"], raw["data"]["train_subset"] = {"name": "digits_mlp"}, 91
+    config = tmp_path / "nan.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(MODELS, "digits_mlp", DigitsMLP)
+        trainer = SMSKDTrainer(parse_config(raw), tmp_path / "one_rank", log=lambda _: None)
+        poison_training_step(trainer.student, 5)
+        with pytest.raises(NonFiniteLossError) as caught:
+            trainer.run()
+    samples = re.search(r"on the batch of training samples (\[[^]]*\])", str(caught.value)).group(1)
+    assert "step 2/3: the loss is nan" in str(caught.value) and len(samples.split(",")) == 32
+    result = torchrun(2, str(WORKER), str(tmp_path / "ranks"), "--nan-rank", "1", "--nan-step", "5", "--",
+                      "train", "--config", str(config), "--out", str(tmp_path / "two_ranks"), check=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(errors) == 2, result.stderr
+    for error in errors:
+        assert "step 2/3: the loss is nan" in error and f"training samples {samples}." in error, error

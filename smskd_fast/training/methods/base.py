@@ -14,7 +14,7 @@ from typing import ClassVar, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["MethodInputs", "DistillMethod", "FeatureTaps", "INPUT_SUFFIX"]
+__all__ = ["MethodInputs", "DistillMethod", "FeatureTaps", "INPUT_SUFFIX", "check_parameter"]
 
 INPUT_SUFFIX = ":input"
 
@@ -79,6 +79,13 @@ class DistillMethod(nn.Module):
     def loss(self, inputs: MethodInputs) -> torch.Tensor:
         """The method's weighted loss for the batch (a scalar with gradient)."""
         raise NotImplementedError
+
+
+def check_parameter(method: str, name: str, value: float, valid: bool, rule: str) -> None:
+    """Refuses a method parameter out of its range with an error naming it (the config's load-time
+    check builds every method, so the message reaches the user with the config path)."""
+    if not valid:
+        raise ValueError(f"{method} parameter {name} must be {rule}, got {value!r}")
 
 
 class FeatureTaps:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smskd_fast.training.methods.base import DistillMethod, MethodInputs
+from smskd_fast.training.methods.base import DistillMethod, MethodInputs, check_parameter
 
 
 def match_spatial(student: torch.Tensor, teacher: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +65,7 @@ class AttentionTransfer(DistillMethod):
     def __init__(self, weight=None, power: float = 2.0):
         super().__init__(weight)
         self.power = float(power)
+        check_parameter("at", "power", self.power, self.power > 0, "> 0")
 
     def loss(self, inputs: MethodInputs) -> torch.Tensor:
         total = inputs.student_logits.new_zeros(())

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smskd_fast.training.distributed import all_gather_rows, global_mean, rank, shard_sizes
-from smskd_fast.training.methods.base import DistillMethod, MethodInputs
+from smskd_fast.training.methods.base import DistillMethod, MethodInputs, check_parameter
 
 
 def pairwise_distances(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -49,6 +49,8 @@ class RKD(DistillMethod):
     def __init__(self, weight=None, distance_weight: float = 25.0, angle_weight: float = 50.0):
         super().__init__(weight)
         self.distance_weight, self.angle_weight = float(distance_weight), float(angle_weight)
+        check_parameter("rkd", "distance_weight", self.distance_weight, self.distance_weight >= 0, ">= 0")
+        check_parameter("rkd", "angle_weight", self.angle_weight, self.angle_weight >= 0, ">= 0")
 
     def loss(self, inputs: MethodInputs) -> torch.Tensor:
         total = inputs.student_logits.new_zeros(())
@@ -112,7 +114,10 @@ class CRD(DistillMethod):
     side holds a momentum average of every training sample's embedding. Each sample is
     contrasted against `nce_k` random samples of the other side's bank with the NCE loss,
     in both directions. The banks and the normalising constants are buffers, so they
-    are saved and restored with the method's state.
+    are saved and restored with the method's state. Like BatchNorm's statistics, they
+    change in training mode only: in eval mode the loss reads them as they are (an
+    unset Z is estimated from the batch for that call), so scoring other data (e.g.
+    a validation split, whose indices name other samples) leaves them untouched.
 
     Under torch.distributed every rank draws the negatives of the whole global batch and
     uses its own rows, fixes Z from the global first batch, and applies every rank's
@@ -128,6 +133,10 @@ class CRD(DistillMethod):
                  nce_m: float = 0.5):
         super().__init__(weight)
         self.feat_dim, self.nce_k, self.nce_t, self.nce_m = int(feat_dim), int(nce_k), float(nce_t), float(nce_m)
+        check_parameter("crd", "feat_dim", self.feat_dim, self.feat_dim >= 1, ">= 1")
+        check_parameter("crd", "nce_k", self.nce_k, self.nce_k >= 1, ">= 1 (negatives per sample)")
+        check_parameter("crd", "nce_t", self.nce_t, self.nce_t > 0, "> 0")
+        check_parameter("crd", "nce_m", self.nce_m, 0 <= self.nce_m < 1, "in [0, 1) (1 never updates the banks)")
 
     def build(self, inputs: MethodInputs, num_samples: int) -> None:
         if len(self.student_layers) != 1:
@@ -156,14 +165,18 @@ class CRD(DistillMethod):
         # Student embedding against the teacher bank, and the teacher embedding against the student bank.
         scores_student = self._scores(self.memory_teacher[contrast], v_student, 0)
         scores_teacher = self._scores(self.memory_student[contrast], v_teacher, 1)
-        self._update_memory(indices, v_student.detach(), v_teacher.detach())
+        if self.training:
+            self._update_memory(indices, v_student.detach(), v_teacher.detach())
         return self.weight * (self._nce(scores_student) + self._nce(scores_teacher))
 
     def _scores(self, bank_rows: torch.Tensor, query: torch.Tensor, side: int) -> torch.Tensor:
         scores = torch.exp(torch.bmm(bank_rows.detach(), query.unsqueeze(2)).squeeze(2) / self.nce_t)
-        if self.normalizer[side] < 0:  # fixed once, from the first batch, as in CRD
-            self.normalizer[side] = global_mean(scores.detach()) * self.num_samples
-        return scores / float(self.normalizer[side])
+        normalizer = self.normalizer[side]
+        if normalizer < 0:  # fixed once, from the first training batch, as in CRD
+            normalizer = global_mean(scores.detach()) * self.num_samples
+            if self.training:
+                self.normalizer[side] = normalizer
+        return scores / float(normalizer)
 
     def _nce(self, scores: torch.Tensor) -> torch.Tensor:
         """-(log D(positive) + sum log(1 - D(negatives))) averaged over the batch, with

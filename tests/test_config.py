@@ -111,6 +111,8 @@ def _later_stage(**changes):
     ({"data": {"image_size": 0}}, r"^data\.image_size: must be >= 1 pixel, got 0"),
     (_later_stage(method={"name": "crd", "params": {"nce_kk": 5}}),
      r"^stages\[1\]\.methods\[0\]\.params: .*unexpected keyword argument 'nce_kk'"),
+    (_later_stage(method={"name": "crd", "params": {"nce_k": 0}}),
+     r"^stages\[1\]\.methods\[0\]\.params: crd parameter nce_k must be >= 1 .*got 0$"),
     (_later_stage(method={"name": "rkd", "params": {"distance_weight": "far"}}),
      r"^stages\[1\]\.methods\[0\]\.params: could not convert string to float: 'far'"),
     (_later_stage(optimizer={"name": "adam", "momentum": 0.5}),

@@ -44,17 +44,19 @@ def fresh_dynamo():
     harness.reset_compilation()
 
 
-def test_pytest_benchmark_suite_compiles_each_case_afresh(monkeypatch, fresh_dynamo):
+def test_pytest_benchmark_suite_compiles_each_case_afresh(fresh_dynamo):
     """bench_cpu_loss's torch.compile cases: the default grid has 16 (shape, dtype, mode) cases and
     dynamo's recompile limit is 8, so from the 9th on fullgraph=True failed. With the limit lowered to 1
     a second case shows it."""
     bench_cpu_loss = importlib.import_module("bench_cpu_loss")
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    for shape in ((4, 6), (4, 7)):
-        for mode in MODES:
-            benchmark = FakeBenchmark()
-            bench_cpu_loss.test_cpu_loss(benchmark, shape, torch.float32, mode, "torch.compile")
-            assert benchmark.calls == 11 and benchmark.group == f"4x{shape[1]}-float32-{mode}"
+    # config.patch, not monkeypatch: monkeypatch's undo deleted the option from dynamo's config module
+    # (torch.compile in every later test of the process then failed: "recompile_limit does not exist")
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for shape in ((4, 6), (4, 7)):
+            for mode in MODES:
+                benchmark = FakeBenchmark()
+                bench_cpu_loss.test_cpu_loss(benchmark, shape, torch.float32, mode, "torch.compile")
+                assert benchmark.calls == 11 and benchmark.group == f"4x{shape[1]}-float32-{mode}"
 
 
 @pytest.mark.parametrize("argv, argument", [

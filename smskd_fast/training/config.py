@@ -51,7 +51,7 @@ class DataConfig:
     augment: str = "none"
     crop_padding: int = 4
     image_size: int = 224
-    train_subset: Optional[int] = None  # the first N samples; all when None or when N exceeds the split
+    train_subset: Optional[int] = None  # the first N samples (ImageFolder: classes in turn); all when None or more
     test_subset: Optional[int] = None
     context_length: int = 64  # tokens per sequence (sequence data sets only)
     validation_fraction: float = 0.0  # share of the training data held out for choices (never the test split)

@@ -6,6 +6,11 @@ augmentation is replayable: each sample's crop and flip come from uniforms that 
 a pure function of (seed, epoch, sample index) (see augmentation_draws), not of the
 stage, the batch or the order. A resumed run, a later stage with the same epoch
 index, and the logit cache's builder therefore all see the same view of a sample.
+
+A subset (data.train_subset / data.test_subset) is the first N items of a split. Digits,
+glyphs and CIFAR-100 store their items in no class order; ImageFolder's files, which
+torchvision lists class by class, are taken class by class in turn (_class_interleaved), so
+the first N items of every data set cover its classes.
 """
 from __future__ import annotations
 
@@ -126,11 +131,11 @@ class TokenSet:
     def from_bytes(data: bytes, context_length: int) -> "TokenSet":
         """Non-overlapping windows of context_length + 1 bytes, stride context_length (the last
         byte of one window is the first of the next, so every byte is a target once)."""
-        stream = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        count = (stream.numel() - 1) // context_length
-        if count < 1:
-            raise ValueError(f"the text has {stream.numel()} bytes, too few for one window of "
+        count = (len(data) - 1) // context_length
+        if count < 1:  # (checked before torch.frombuffer, which refuses an empty buffer with its own message)
+            raise ValueError(f"the text has {len(data)} bytes, too few for one window of "
                              f"data.context_length + 1 = {context_length + 1}")
+        stream = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         starts = torch.arange(count) * context_length
         return TokenSet(stream[starts[:, None] + torch.arange(context_length + 1)])
 
@@ -155,7 +160,8 @@ def _take(dataset: Union[ImageSet, TokenSet], keep: torch.Tensor) -> Union[Image
 
 def split_validation(train: Union[ImageSet, TokenSet], fraction: float) -> Tuple[Union[ImageSet, TokenSet],
                                                                              Optional[Union[ImageSet, TokenSet]]]:
-    """(train, validation): `fraction` of the training items held out, the same for every run seed.
+    """(train, validation): `fraction` of the training items held out, the same for every run seed
+    (none for fraction 0; a fraction > 0 that rounds to no item is refused).
 
     Text keeps its last windows (a contiguous tail, so no window of the validation text is
     also trained on); images a fixed pseudo-random draw (seeded by a constant, not the run
@@ -163,9 +169,12 @@ def split_validation(train: Union[ImageSet, TokenSet], fraction: float) -> Tuple
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"data.validation_fraction must be in [0, 1), got {fraction}")
-    held = int(round(len(train) * fraction))
-    if held == 0:
+    if fraction == 0.0:
         return train, None
+    held = int(round(len(train) * fraction))
+    if held == 0:  # asked for a validation split, but it would be empty: say so rather than silently omit it
+        raise ValueError(f"data.validation_fraction {fraction} of {len(train)} training items holds out none; "
+                         f"use at least {1 / len(train):.3g} (one item) or 0 for no validation split")
     if held >= len(train):
         raise ValueError(f"data.validation_fraction {fraction} leaves no training data of {len(train)} items")
     if isinstance(train, TokenSet):
@@ -176,6 +185,14 @@ def split_validation(train: Union[ImageSet, TokenSet], fraction: float) -> Tuple
     return _take(train, keep), _take(train, held_out)
 
 
+def _smallest_text_file(window: int) -> int:
+    """The fewest bytes whose training and test splits (_text's) both hold a window of `window` bytes."""
+    size = window
+    while min(int(size * (1 - TEXT_TEST_FRACTION)), size - int(size * (1 - TEXT_TEST_FRACTION))) < window:
+        size += 1
+    return size
+
+
 def _text(root: Optional[str], context_length: int) -> DataSplits:
     """A UTF-8 text file as bytes (root, or the shipped generated stories); the last
     TEXT_TEST_FRACTION of it is the test split."""
@@ -184,6 +201,15 @@ def _text(root: Optional[str], context_length: int) -> DataSplits:
         raise FileNotFoundError(f"text file {path} not found; data.root must name a text file for data set 'text'")
     data = path.read_bytes()
     split = int(len(data) * (1 - TEXT_TEST_FRACTION))
+    need = context_length + 1  # bytes in one window
+    parts = {"training": data[:split], "test": data[split:]}
+    short = [name for name, part in parts.items() if len(part) < need]
+    if short:
+        raise ValueError(
+            f"text file {path} has {len(data)} bytes: its {short[0]} split ({len(parts[short[0]])} bytes; the test "
+            f"split is the last {TEXT_TEST_FRACTION:.0%} of the file) is too short for one window of "
+            f"data.context_length + 1 = {need} bytes; give a text file of at least {_smallest_text_file(need)} bytes in "
+            "data.root or a smaller data.context_length")
     return DataSplits(train=TokenSet.from_bytes(data[:split], context_length),
                       test=TokenSet.from_bytes(data[split:], context_length))
 
@@ -233,6 +259,11 @@ def _read_cifar_file(path: Path) -> Tuple[torch.Tensor, torch.Tensor]:
     if labels.shape[0] != data.shape[0]:
         raise ValueError(f"CIFAR-100 file {path} has {data.shape[0]} images but {labels.shape[0]} labels; "
                          f"it must be {expected}")
+    if data.shape[0] == 0:
+        raise ValueError(f"CIFAR-100 file {path} holds no images; it must be {expected}")
+    if labels.min() < 0 or labels.max() >= 100:
+        raise ValueError(f"CIFAR-100 file {path} has 'fine_labels' from {int(labels.min())} to {int(labels.max())}, "
+                         f"outside the 100 classes 0..99; it must be {expected}")
     return torch.from_numpy(data.copy()), labels
 
 
@@ -247,7 +278,23 @@ def _cifar100(root: Path) -> DataSplits:
     )
 
 
-def _image_folder_split(folder: Path, image_size: int, classes: Optional[Sequence[str]]) -> ImageSet:
+def _class_interleaved(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """An order of ImageFolder's samples (which it sorts by class) that takes the classes in turn:
+    the first sample of every class, then the second, and so on, each class in its own file order.
+    So the first N samples (data.train_subset / data.test_subset) cover the classes evenly, not
+    only the first class."""
+    by_class = torch.sort(targets, stable=True).indices
+    sorted_targets = targets[by_class]
+    counts = torch.bincount(sorted_targets, minlength=num_classes)
+    first_of_class = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(targets.numel()) - first_of_class[sorted_targets]  # place within its class
+    return by_class[torch.sort(rank * num_classes + sorted_targets, stable=True).indices]
+
+
+def _image_folder_split(folder: Path, image_size: int,
+                        classes: Optional[Sequence[str]]) -> Tuple[ImageSet, Sequence[str]]:
+    """One ImageFolder split and its class names (torchvision's sorted class folders)."""
+    from PIL import Image
     from torchvision import datasets, transforms  # _image_folder checked that it imports
 
     if not folder.is_dir():
@@ -262,19 +309,28 @@ def _image_folder_split(folder: Path, image_size: int, classes: Optional[Sequenc
                                 "class (e.g. train/cat/1.png)") from None
     if classes is not None and list(folder_set.classes) != list(classes):
         raise ValueError(f"{folder} has classes {folder_set.classes}, but the train split has {list(classes)}")
-    labels = torch.as_tensor(folder_set.targets, dtype=torch.int64)
-    return ImageSet(labels=labels, num_classes=len(folder_set.classes), mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                    load_item=lambda index: folder_set[index][0])
+    num_classes = len(folder_set.classes)
+    order = _class_interleaved(torch.as_tensor(folder_set.targets, dtype=torch.int64), num_classes)
+    labels = torch.as_tensor(folder_set.targets, dtype=torch.int64)[order]
+
+    def load_item(index: int) -> torch.Tensor:
+        position = int(order[index])
+        try:
+            return folder_set[position][0]
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:  # PIL's errors
+            raise ValueError(f"ImageFolder image {folder_set.samples[position][0]} could not be read "
+                             f"({type(error).__name__}: {error}); replace or remove the file") from error
+
+    return ImageSet(labels=labels, num_classes=num_classes, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                    load_item=load_item), folder_set.classes
 
 
 def _image_folder(root: Path, image_size: int) -> DataSplits:
     require_torchvision("data.name 'imagefolder'")
-    from torchvision import datasets
-
-    train = _image_folder_split(root / "train", image_size, None)
-    classes = datasets.ImageFolder(str(root / "train")).classes
+    train, classes = _image_folder_split(root / "train", image_size, None)  # (one scan of train/)
     test_dir = root / "test" if (root / "test").is_dir() else root / "val"
-    return DataSplits(train=train, test=_image_folder_split(test_dir, image_size, classes))
+    test, _ = _image_folder_split(test_dir, image_size, classes)
+    return DataSplits(train=train, test=test)
 
 
 def load_splits(name: str, root: Optional[str] = None, image_size: int = 224,

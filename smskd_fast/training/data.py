@@ -208,8 +208,8 @@ def _text(root: Optional[str], context_length: int) -> DataSplits:
         raise ValueError(
             f"text file {path} has {len(data)} bytes: its {short[0]} split ({len(parts[short[0]])} bytes; the test "
             f"split is the last {TEXT_TEST_FRACTION:.0%} of the file) is too short for one window of "
-            f"data.context_length + 1 = {need} bytes; give a text file of at least {_smallest_text_file(need)} bytes in "
-            "data.root or a smaller data.context_length")
+            f"data.context_length + 1 = {need} bytes; give a text file of at least {_smallest_text_file(need)} "
+            "bytes in data.root or a smaller data.context_length")
     return DataSplits(train=TokenSet.from_bytes(data[:split], context_length),
                       test=TokenSet.from_bytes(data[split:], context_length))
 

@@ -18,7 +18,9 @@ repeats=${REPEATS:-5}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if ! python -c "import smskd_fast._C" 2>/dev/null; then  # a bare machine: build in place (CUDA, else CPU-only)
-  MAX_JOBS=${MAX_JOBS:-16} timeout 240 python setup.py -q build_ext --inplace \
+  arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || true)
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${arch:-8.0;9.0}} MAX_JOBS=${MAX_JOBS:-16} timeout 240 \
+    python setup.py -q build_ext --inplace \
     || SMSKD_FAST_NO_CUDA=1 python setup.py -q build_ext --inplace || echo "no build: the cuda/cpu backends are off"
 fi
 { date -u; git rev-parse HEAD 2>/dev/null || echo "commit ${SMSKD_COMMIT:-unknown}"

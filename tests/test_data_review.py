@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from smskd_fast.training.data import TEXT_TEST_FRACTION, load_splits, split_validation
+from smskd_fast.training.data import (TEXT_TEST_FRACTION, augment, augmentation_draws, load_splits,
+                                      split_validation)
 
 
 def _text_file(tmp_path, size: int):
@@ -136,3 +137,13 @@ def test_image_folder_scans_the_train_folder_once(tmp_path, monkeypatch):
     splits = load_splits("imagefolder", str(tmp_path), image_size=4)
     assert (len(splits.train), len(splits.test)) == (2, 2)
     assert sorted(scanned) == ["test", "train"]  # (a second scan of train/ costs minutes on ImageNet)
+
+
+def test_augment_works_where_the_images_are():
+    """augment is public and its draws are CPU tensors (augmentation_draws): on images elsewhere (a GPU; here
+    the meta device stands for one) the flip's condition was a CPU tensor beside them and torch.where refused."""
+    images = torch.rand(3, 3, 8, 8)
+    draws = augmentation_draws(0, 0, torch.arange(3))
+    for kind in ("crop", "crop_flip"):
+        moved = augment(images.to("meta"), kind, draws)
+        assert moved.device.type == "meta" and moved.shape == images.shape

@@ -400,13 +400,15 @@ def augment(images: torch.Tensor, kind: str, draws: torch.Tensor, padding: int =
     count, channels, height, width = images.shape
     if draws.shape != (count, AUGMENT_STREAMS):
         raise ValueError(f"augment: draws must have shape {(count, AUGMENT_STREAMS)}, got {tuple(draws.shape)}")
+    device = images.device  # the draws come from the CPU (augmentation_draws); the images may be anywhere
+    draws = draws.to(device)
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
     offset_y = (draws[:, 0] * (2 * padding + 1)).long()
     offset_x = (draws[:, 1] * (2 * padding + 1)).long()
-    rows = (offset_y[:, None] + torch.arange(height)).view(count, 1, height, 1)
-    cols = (offset_x[:, None] + torch.arange(width)).view(count, 1, 1, width)
-    batch_index = torch.arange(count).view(count, 1, 1, 1)
-    channel_index = torch.arange(channels).view(1, channels, 1, 1)
+    rows = (offset_y[:, None] + torch.arange(height, device=device)).view(count, 1, height, 1)
+    cols = (offset_x[:, None] + torch.arange(width, device=device)).view(count, 1, 1, width)
+    batch_index = torch.arange(count, device=device).view(count, 1, 1, 1)
+    channel_index = torch.arange(channels, device=device).view(1, channels, 1, 1)
     cropped = padded[batch_index, channel_index, rows, cols]
     if kind == "crop_flip":
         flip = draws[:, 2] < 0.5

@@ -10,7 +10,7 @@ RANKS_DIR holding each rank's final student and per-stage method states, so that
 test can check that the ranks agree. --kill-rank R --kill-epoch E makes rank R SIGKILL
 itself when it starts its E-th epoch (1-based, counted in this process): a rank dying
 mid-stage. --nan-rank R --nan-step S makes the student's input NaN on rank R's S-th training
-step (1-based, counted in this process): a non-finite loss on one rank only.
+step (1-based, counted in this process; 0: every step): a non-finite loss on one rank only.
 """
 from __future__ import annotations
 
@@ -50,14 +50,14 @@ def register_test_models() -> None:
 
 
 def poison_training_step(student: nn.Module, step: int) -> None:
-    """Makes the student's input NaN on its `step`-th forward pass in training mode (1-based)."""
+    """Makes the student's input NaN on its `step`-th forward pass in training mode (1-based; 0: every one)."""
     calls = [0]
 
     def hook(module, inputs):
         if not module.training:  # probe batches and evaluation
             return None
         calls[0] += 1
-        return (inputs[0] * float("nan"),) if calls[0] == step else None
+        return (inputs[0] * float("nan"),) if step in (0, calls[0]) else None
 
     student.register_forward_pre_hook(hook)
 

@@ -77,3 +77,26 @@ def test_a_non_finite_loss_on_one_rank_is_reported_like_one_process(tmp_path):
     assert result.returncode != 0 and len(errors) == 2, result.stderr
     for error in errors:
         assert "step 2/3: the loss is nan" in error and f"training samples {samples}." in error, error
+
+
+def test_an_epoch_whose_every_step_is_skipped_stops_with_two_ranks_as_with_one(tmp_path):
+    """65 samples in global batches of 32: the last global batch (1 sample) is fewer than the 2 ranks and is not
+    run. With rank 1's input NaN on every step and `nonfinite: skip`, every step run is skipped: the model has
+    diverged, as one process says (which skips its 3 steps). The check counted the 3 planned steps, not the 2
+    run, so two ranks went on with an untrained student."""
+    raw = tiny_raw(write_teacher(tmp_path / "teacher.pt"), [{"method": "kd", "epochs": 1, "nonfinite": "skip"}])
+    raw["student"], raw["data"]["train_subset"] = {"name": "digits_mlp"}, 65
+    config = tmp_path / "skip.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(MODELS, "digits_mlp", DigitsMLP)
+        trainer = SMSKDTrainer(parse_config(raw), tmp_path / "one_rank", log=lambda _: None)
+        poison_training_step(trainer.student, 0)
+        with pytest.raises(NonFiniteLossError, match="non-finite on every one of the 3 steps"):
+            trainer.run()
+    result = torchrun(2, str(WORKER), str(tmp_path / "ranks"), "--nan-rank", "1", "--nan-step", "0", "--",
+                      "train", "--config", str(config), "--out", str(tmp_path / "two_ranks"), check=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(errors) == 2, result.stderr
+    for error in errors:
+        assert "non-finite on every one of the 2 steps" in error, error

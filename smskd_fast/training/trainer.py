@@ -240,7 +240,7 @@ class SMSKDTrainer:
         self.student.train()
         state.methods.train()
         sums = dict(loss=0.0, ce=0.0, kd=0.0, ref=0.0, method=0.0, weight=0.0)
-        correct = count = skipped = 0
+        correct = count = skipped = taken = 0  # taken: steps run (under torchrun a tiny last global batch is not)
         train, step_loss = self.data.train, step_for(stage)
         steps = math.ceil(len(train) / config.data.batch_size)
         progress = Progress(steps, f"{self.stage_names[index]} epoch {epoch + 1}/{stage.epochs}",
@@ -248,6 +248,7 @@ class SMSKDTrainer:
         batches = self.dist.batches(train, config.data.batch_size, generator, config.data.augment,  # this rank's
                                     config.data.crop_padding, config.seed, epoch)  # shard of each global batch
         for step, (images, labels, indices) in enumerate(batches, start=1):
+            taken = step
             snapshot = BufferSnapshot([self.student, state.methods]) if stage.nonfinite == "skip" else None
             images, labels = train.normalize(images).to(self.device), labels.to(self.device)
             result = step_loss(self.student, state, stage, config.backend, epoch, images, labels, indices)
@@ -271,9 +272,9 @@ class SMSKDTrainer:
             count += size
             progress.step(f"loss {float(result.loss.detach()):.4f}")
         progress.close()
-        if skipped == steps:
+        if taken and skipped == taken:
             raise NonFiniteLossError(f"{self.stage_names[index]}, epoch {epoch + 1}: the loss was non-finite on every "
-                                     f"one of the {steps} steps (all skipped): the model has diverged; lower the "
+                                     f"one of the {taken} steps (all skipped): the model has diverged; lower the "
                                      "learning rate or the method weights and start again")
         sums, correct, count = self.dist.reduce_totals(sums, correct, count)
         self.dist.all_reduce_(histogram)

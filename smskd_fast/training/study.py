@@ -6,11 +6,15 @@ multi-method loss, the stages in sequence without a reference, and SMSKD with
 constant, tcp and inverse_tcp ("smskd") weighting. Per variant the report gives the
 mean, the sample standard deviation and the 95% t-interval of the last-epoch
 accuracy; each variant is compared seed by seed with the best baseline (paired
-differences, their 95% t-interval and the paired t-test p-value).
+differences, their 95% t-interval, the two-sided paired t-test p-value, and that p-value
+Holm-adjusted over all the comparisons with the best baseline on the same split, since
+several variants are tested against one baseline). Where a test is undefined (one seed;
+every seed's difference the same) the report says so instead of printing a p-value.
 
 The best baseline is chosen on the validation split (data.validation_fraction > 0)
 whenever there is one, so that no choice is made on the test split; the report says
-which split chose it.
+which split chose it. The comparisons on the split that chose the baseline favour it (it was
+picked as the maximum there); those on the other split (test) are the unbiased ones.
 
 Resumable: each finished (variant, seed) is stored as results/<variant>/seed<N>.json and
 skipped on a rerun; an interrupted run resumes from its latest epoch. A rerun whose config
@@ -40,7 +44,7 @@ from smskd_fast.training.experiments import (refuse_another_config, run_or_resum
 from smskd_fast.training.frozen_logits import views_depend_on_epoch
 from smskd_fast.training.optional_packages import require_matplotlib
 from smskd_fast.training.run_files import write_text_atomic
-from smskd_fast.training.stats import paired_comparison, summarize_values
+from smskd_fast.training.stats import format_p, holm, paired_comparison, summarize_values
 
 __all__ = ["study_variants", "run_study", "analyse", "format_report", "plot_study", "PUBLISHED",
            "SMSKD_VARIANTS", "train_variant"]
@@ -176,7 +180,7 @@ def run_study(config: RunConfig, out: Path, seeds: Sequence[int], variants: Opti
     rows = [{**train_seed_teacher(config, out, seed if teacher_seed is None else teacher_seed), "seed": seed}
             for seed in seeds]  # finished: read back (a shared teacher counts once per student seed)
     rows += [json.loads(_result_path(out, variant, seed).read_text()) for variant in variants for seed in seeds]
-    analysis = analyse(rows, variants, seeds, published_for(config))
+    analysis = analyse(rows, variants, seeds, published_for(config), teacher_seed=teacher_seed)
     analysis["environment"] = environment(config, command)
     analysis["computed"] = len(pending)
     analysis["teacher_seed"] = teacher_seed
@@ -204,44 +208,68 @@ def environment(config: RunConfig, command: str) -> Dict[str, Any]:
 
 
 def analyse(rows: List[Dict[str, Any]], variants: Sequence[str], seeds: Sequence[int],
-            published: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
-    """Per-variant summaries and the paired comparison of every variant with the best baseline."""
+            published: Optional[Dict[str, float]] = None, teacher_seed: Optional[int] = None) -> Dict[str, Any]:
+    """Per-variant summaries and the paired comparison of every variant with the best baseline.
+
+    Every variant needs a row for every seed (the comparisons are paired by seed); a missing
+    one is refused. With teacher_seed (one teacher shared by every seed) the teacher is one
+    model, summarised as one value (no interval), however many seeds' rows repeat it."""
     by_variant: Dict[str, Dict[int, Dict[str, Any]]] = {}
     for row in rows:
         by_variant.setdefault(row["variant"], {})[row["seed"]] = row
+    missing = [f"{variant} seed {seed}" for variant in variants for seed in seeds
+               if seed not in by_variant.get(variant, {})]
+    if "teacher" in by_variant and teacher_seed is None:
+        missing += [f"teacher seed {seed}" for seed in seeds if seed not in by_variant["teacher"]]
+    if missing:
+        raise ValueError(f"the paired comparisons need every variant at every seed; no result for: "
+                         f"{', '.join(missing)}")
     has_val = all("last_val_acc" in by_variant[v][s] for v in variants for s in seeds)
     selection = "last_val_acc" if has_val else "last_test_acc"
     metrics = ["last_test_acc"] + (["last_val_acc"] if has_val else [])
 
+    def seeds_of(variant: str) -> List[int]:
+        if variant == "teacher" and teacher_seed is not None:  # one shared model, counted once
+            return [teacher_seed if teacher_seed in by_variant["teacher"] else next(iter(by_variant["teacher"]))]
+        return list(seeds)
+
     def values(variant: str, metric: str) -> List[float]:
-        return [by_variant[variant][seed][metric] for seed in seeds]
+        return [by_variant[variant][seed][metric] for seed in seeds_of(variant)]
 
     summaries = {}
     for variant in ["teacher", *variants]:
         if variant not in by_variant:
             continue
-        summaries[variant] = {metric: summarize_values(values(variant, metric)).as_dict() for metric in metrics
-                              if all(metric in by_variant[variant][seed] for seed in seeds)}
-        summaries[variant]["epochs"] = by_variant[variant][seeds[0]].get("epochs")
-        summaries[variant]["values"] = {metric: values(variant, metric) for metric in metrics
-                                        if all(metric in by_variant[variant][seed] for seed in seeds)}
+        present = [metric for metric in metrics if all(metric in by_variant[variant][seed]
+                                                       for seed in seeds_of(variant))]
+        summaries[variant] = {metric: summarize_values(values(variant, metric)).as_dict() for metric in present}
+        summaries[variant]["epochs"] = by_variant[variant][seeds_of(variant)[0]].get("epochs")
+        summaries[variant]["values"] = {metric: values(variant, metric) for metric in present}
         if published and variant in published:
             summaries[variant]["published_test_acc"] = published[variant]
     baselines = [v for v in variants if v not in SMSKD_VARIANTS]
     best = max(baselines, key=lambda v: summaries[v][selection]["mean"]) if baselines else None
     best_smskd = max((v for v in variants if v in SMSKD_VARIANTS), key=lambda v: summaries[v][selection]["mean"],
                      default=None)
-    paired = {}
+    paired: Dict[str, Dict[str, Dict[str, Any]]] = {}
     if best is not None:
         for variant in variants:
             if variant != best:
                 paired[variant] = {metric: paired_comparison(values(variant, metric), values(best, metric)).as_dict()
                                    for metric in metrics}
+        for metric in metrics:  # one family per split: every comparison with the best baseline
+            adjusted = holm([paired[variant][metric]["p_value"] for variant in paired])
+            for variant, p_holm in zip(paired, adjusted):
+                paired[variant][metric]["p_holm"] = p_holm
     return {"seeds": list(seeds), "variants": list(variants), "selection_metric": selection,
-            "best_baseline": best, "best_smskd": best_smskd, "summaries": summaries, "paired": paired, "rows": rows}
+            "best_baseline": best, "best_smskd": best_smskd, "summaries": summaries, "paired": paired,
+            "multiple_comparisons": "holm over the comparisons with the best baseline, per split",
+            "rows": rows}
 
 
 def _cell(summary: Dict[str, float]) -> str:
+    if summary.get("low") is None:  # one value: no spread, no interval
+        return f"{summary['mean']:6.2f} (n={summary['n']}, no interval)"
     return f"{summary['mean']:6.2f} +- {summary['std']:4.2f} [{summary['low']:6.2f}, {summary['high']:6.2f}]"
 
 
@@ -268,15 +296,32 @@ def format_report(analysis: Dict[str, Any]) -> str:
         if "published_test_acc" in summary:
             line += f"{summary['published_test_acc']:.2f}"
         lines.append(line.rstrip())
+    if best is None:
+        return "\n".join(lines + ["", "no baseline among the variants: no paired comparisons"]) + "\n"
+    chosen = "val" if has_val else "test"
     lines += ["", f"paired against {best}, seed by seed: mean difference (points) [95% t-interval], "
-              "paired t-test p (two-sided)"]
+              "paired t-test p (two-sided, unadjusted), Holm: p adjusted for the "
+              f"{len(analysis['paired'])} comparisons with {best} on the same split",
+              f"({chosen}: {best} was chosen as the best there, which favours it; "
+              + ("test is the unbiased comparison)" if has_val else "no split is free of that choice)")]
+    notes = []
     for variant, comparison in analysis["paired"].items():
         parts = []
         for metric, label in (("last_test_acc", "test"), ("last_val_acc", "val")):
             if metric in comparison:
                 c = comparison[metric]
-                parts.append(f"{label} {c['mean']:+6.2f} [{c['low']:+6.2f}, {c['high']:+6.2f}] p={c['p_value']:.3f}")
+                if c["low"] is None:  # one seed
+                    parts.append(f"{label} {c['mean']:+6.2f} (one seed: no interval, no test)")
+                    continue
+                part = f"{label} {c['mean']:+6.2f} [{c['low']:+6.2f}, {c['high']:+6.2f}] {format_p(c['p_value'])}"
+                if c["p_value"] is not None:
+                    holm_p = c.get("p_holm")
+                    part += f" Holm {format_p(holm_p)[1:].lstrip('=')}" if holm_p is not None else ""
+                else:
+                    notes.append(f"{variant}, {label}: {c['note']}")
+                parts.append(part)
         lines.append(f"{variant:<26}" + "   ".join(parts))
+    lines += [f"note: {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -295,8 +340,12 @@ def plot_study(analysis: Dict[str, Any], path: Path) -> Path:
                                                            else "tab:blue")
         axis.scatter([position] * len(summary["values"]["last_test_acc"]), summary["values"]["last_test_acc"],
                      s=12, color=color, alpha=0.5)
-        axis.errorbar(position + 0.15, test["mean"], yerr=[[test["mean"] - test["low"]], [test["high"] - test["mean"]]],
-                      fmt="o", color=color, capsize=4)
+        if test["low"] is None:  # one value: no interval to draw
+            axis.plot([position + 0.15], [test["mean"]], "o", color=color)
+        else:
+            axis.errorbar(position + 0.15, test["mean"], yerr=[[test["mean"] - test["low"]],
+                                                               [test["high"] - test["mean"]]],
+                          fmt="o", color=color, capsize=4)
     if "teacher" in analysis["summaries"]:
         axis.axhline(analysis["summaries"]["teacher"]["last_test_acc"]["mean"], color="grey", linestyle="--",
                      label="teacher (mean)")

@@ -106,3 +106,14 @@ def test_choice_traces_without_graph_breaks(measured_table, dynamic):
         x = torch.ones(2, num_classes, dtype=torch.bfloat16)
         expected = 1.0 if gpu_choice.choose_gpu_backend(candidates, torch.bfloat16, num_classes) == "cuda" else 2.0
         assert compiled(x)[0, 0].item() == expected, num_classes
+
+
+def test_the_choice_follows_the_gpu_the_inputs_are_on(measured_table, monkeypatch):
+    """A machine with two GPU models: a tensor on cuda:1 gets cuda:1's measured winner, whatever the current
+    device is (the current device's name was looked up, so cuda:1's inputs got cuda:0's table)."""
+    monkeypatch.setattr(gpu_choice, "_device_name", lambda index: {0: "an unmeasured GPU", 1: GPU}[index])
+    candidates = ["cuda", "triton", "reference"]
+    assert gpu_choice.choose_gpu_backend(candidates, torch.bfloat16, 65536, torch.device("cuda", 1)) == "triton"
+    assert gpu_choice.choose_gpu_backend(candidates, torch.bfloat16, 65536, torch.device("cuda", 0)) == "cuda"
+    assert gpu_choice.choose_gpu_backend(candidates, torch.bfloat16, 65536, torch.device("cuda")) == "cuda"
+    assert registry._CHOOSERS["cuda"](candidates, torch.bfloat16, 65536, torch.device("cuda", 1)) == "triton"

@@ -72,25 +72,28 @@ def _device_name(index: int) -> str:
 
 
 @torch.compiler.assume_constant_result
-def _forced_and_measured(dtype: torch.dtype) -> Tuple[Optional[str], Tuple[Tuple[int, str], ...]]:
-    """SMSKD_FAST_GPU_BACKEND and this GPU's measured (C, winner) pairs for dtype, sorted by C.
+def _forced_and_measured(dtype: torch.dtype, index: Optional[int]) -> Tuple[Optional[str], Tuple[Tuple[int, str], ...]]:
+    """SMSKD_FAST_GPU_BACKEND and the measured (C, winner) pairs for dtype of GPU `index` (None: the
+    current one, as for a tensor on "cuda"), sorted by C.
 
     Constants for torch.compile: when a traced call of the loss resolves backend="auto",
     dynamo runs this eagerly (it reads a file and asks the driver for the GPU's name, which
     it could not trace), so the chooser adds no graph break."""
-    table = load_table(table_path()).get(_device_name(torch.cuda.current_device()), {})
+    table = load_table(table_path()).get(_device_name(torch.cuda.current_device() if index is None else index), {})
     entries = table.get(dtype_name(dtype), {})
     return os.environ.get("SMSKD_FAST_GPU_BACKEND"), tuple(sorted((int(c), w) for c, w in entries.items()))
 
 
-def choose_gpu_backend(candidates: List[str], dtype: torch.dtype, num_classes: int) -> str:
-    """The AutoChooser for device type "cuda" (see registry.register_auto_chooser)."""
+def choose_gpu_backend(candidates: List[str], dtype: torch.dtype, num_classes: int,
+                       device: Optional[torch.device] = None) -> str:
+    """The AutoChooser for device type "cuda" (see registry.register_auto_chooser): the winner measured on
+    the GPU the inputs are on (a machine may hold GPUs of several models), at the nearest measured C."""
     gpu = [name for name in candidates if name in GPU_BACKENDS]
     if not gpu:
         return candidates[0]
     if len(gpu) == 1:
         return gpu[0]
-    forced, measured = _forced_and_measured(dtype)
+    forced, measured = _forced_and_measured(dtype, None if device is None else device.index)
     if forced in gpu:
         return forced
     winner = nearest_measured(measured, num_classes)

@@ -15,7 +15,7 @@ import torch
 from smskd_fast.backends.base import Backend, BackendStatus
 
 # A chooser gets (candidate names, dtype, number of classes) and returns one name.
-AutoChooser = Callable[[List[str], torch.dtype, int], str]
+AutoChooser = Callable[[List[str], torch.dtype, int, torch.device], str]  # (candidates, dtype, C, device)
 
 _BACKENDS: Dict[str, Tuple[int, Backend]] = {}
 _CHOOSERS: Dict[str, AutoChooser] = {}
@@ -108,7 +108,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, num_cla
         if candidates is None:
             candidates = _AUTO_CANDIDATES[key] = _auto_candidates(device, dtype, topk)
     chooser: Optional[AutoChooser] = _CHOOSERS.get(device.type)
-    chosen = chooser(candidates, dtype, num_classes) if chooser and len(candidates) > 1 else candidates[0]
+    chosen = chooser(candidates, dtype, num_classes, device) if chooser and len(candidates) > 1 else candidates[0]
     return _BACKENDS[chosen][1]
 
 

@@ -54,28 +54,44 @@ def test_two_rank_test_perplexity_is_exp_of_the_whole_test_loss(tmp_path):
         assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-12)
 
 
+def _nan_config(tmp_path, stages, samples: int):
+    """The tiny run (digits_mlp student, `samples` training samples) as a parsed raw config and its YAML file."""
+    raw = tiny_raw(write_teacher(tmp_path / "teacher.pt"), stages)
+    raw["student"], raw["data"]["train_subset"] = {"name": "digits_mlp"}, samples
+    config = tmp_path / "nan.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    return raw, config
+
+
+def _one_process_error(raw, tmp_path, nan_step: int) -> str:
+    """The NonFiniteLossError of one process whose input is NaN on training step `nan_step` (0: every step)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(MODELS, "digits_mlp", DigitsMLP)
+        trainer = SMSKDTrainer(parse_config(raw), tmp_path / "one_rank", log=lambda _: None)
+        poison_training_step(trainer.student, nan_step)
+        with pytest.raises(NonFiniteLossError) as caught:
+            trainer.run()
+    return str(caught.value)
+
+
+def _two_rank_errors(config, tmp_path, nan_step: int) -> list:
+    """Both ranks' error lines when rank 1's input is NaN on step `nan_step` (0: every step); the run must fail."""
+    result = torchrun(2, str(WORKER), str(tmp_path / "ranks"), "--nan-rank", "1", "--nan-step", str(nan_step), "--",
+                      "train", "--config", str(config), "--out", str(tmp_path / "two_ranks"), check=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(errors) == 2, result.stderr
+    return errors
+
+
 def test_a_non_finite_loss_on_one_rank_is_reported_like_one_process(tmp_path):
     """Rank 1's input turns NaN on stage 2's step 2 (91 samples, global batches of 32): the run stops
     on both ranks, and every rank's error names what one process names, the NaN loss and the 32
     samples of the global batch, not a rank's own finite loss and its half of the batch."""
-    raw = tiny_raw(write_teacher(tmp_path / "teacher.pt"), [{"method": "kd", "epochs": 1},
-                                                             {"method": "kd", "epochs": 1}])
-    raw["student"], raw["data"]["train_subset"] = {"name": "digits_mlp"}, 91
-    config = tmp_path / "nan.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(MODELS, "digits_mlp", DigitsMLP)
-        trainer = SMSKDTrainer(parse_config(raw), tmp_path / "one_rank", log=lambda _: None)
-        poison_training_step(trainer.student, 5)
-        with pytest.raises(NonFiniteLossError) as caught:
-            trainer.run()
-    samples = re.search(r"on the batch of training samples (\[[^]]*\])", str(caught.value)).group(1)
-    assert "step 2/3: the loss is nan" in str(caught.value) and len(samples.split(",")) == 32
-    result = torchrun(2, str(WORKER), str(tmp_path / "ranks"), "--nan-rank", "1", "--nan-step", "5", "--",
-                      "train", "--config", str(config), "--out", str(tmp_path / "two_ranks"), check=False)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode != 0 and len(errors) == 2, result.stderr
-    for error in errors:
+    raw, config = _nan_config(tmp_path, [{"method": "kd", "epochs": 1}, {"method": "kd", "epochs": 1}], 91)
+    error = _one_process_error(raw, tmp_path, 5)
+    samples = re.search(r"on the batch of training samples (\[[^]]*\])", error).group(1)
+    assert "step 2/3: the loss is nan" in error and len(samples.split(",")) == 32
+    for error in _two_rank_errors(config, tmp_path, 5):
         assert "step 2/3: the loss is nan" in error and f"training samples {samples}." in error, error
 
 
@@ -84,19 +100,7 @@ def test_an_epoch_whose_every_step_is_skipped_stops_with_two_ranks_as_with_one(t
     run. With rank 1's input NaN on every step and `nonfinite: skip`, every step run is skipped: the model has
     diverged, as one process says (which skips its 3 steps). The check counted the 3 planned steps, not the 2
     run, so two ranks went on with an untrained student."""
-    raw = tiny_raw(write_teacher(tmp_path / "teacher.pt"), [{"method": "kd", "epochs": 1, "nonfinite": "skip"}])
-    raw["student"], raw["data"]["train_subset"] = {"name": "digits_mlp"}, 65
-    config = tmp_path / "skip.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(MODELS, "digits_mlp", DigitsMLP)
-        trainer = SMSKDTrainer(parse_config(raw), tmp_path / "one_rank", log=lambda _: None)
-        poison_training_step(trainer.student, 0)
-        with pytest.raises(NonFiniteLossError, match="non-finite on every one of the 3 steps"):
-            trainer.run()
-    result = torchrun(2, str(WORKER), str(tmp_path / "ranks"), "--nan-rank", "1", "--nan-step", "0", "--",
-                      "train", "--config", str(config), "--out", str(tmp_path / "two_ranks"), check=False)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode != 0 and len(errors) == 2, result.stderr
-    for error in errors:
+    raw, config = _nan_config(tmp_path, [{"method": "kd", "epochs": 1, "nonfinite": "skip"}], 65)
+    assert "non-finite on every one of the 3 steps" in _one_process_error(raw, tmp_path, 0)
+    for error in _two_rank_errors(config, tmp_path, 0):
         assert "non-finite on every one of the 2 steps" in error, error
